@@ -1,0 +1,171 @@
+// Batch normalisation over N x H x W per channel (NCHW), PyTorch semantics: training
+// normalises with the biased batch variance and moves the running statistics by
+// `momentum` towards the batch mean and the unbiased variance; eval uses the running
+// statistics.
+//
+// Training forward: bn_stats_partials -> bn_stats_finalize -> bn_normalize_train.
+// Training backward: bn_backward_partials -> bn_backward_finalize -> bn_backward_input.
+// Channel reductions are split into chunks of samples (one invocation per channel and
+// chunk, summed in order, then the chunks in order): no atomics, bit-reproducible.
+
+struct Params {
+    n: u32, c: u32, hw: u32, chunk_len: u32,
+    flags: u32, eps: f32, momentum: f32, _pad: u32,
+}
+
+const ACCUMULATE: u32 = 1u;
+
+override WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> gamma: array<f32>;
+@group(0) @binding(3) var<storage, read> beta: array<f32>;
+@group(0) @binding(4) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(5) var<storage, read_write> running_var: array<f32>;
+// per channel: (batch mean, 1 / sqrt(biased variance + eps))
+@group(0) @binding(6) var<storage, read_write> saved: array<vec2<f32>>;
+@group(0) @binding(7) var<storage, read_write> y: array<f32>;
+// per (chunk, channel) partial sums
+@group(0) @binding(8) var<storage, read_write> partials: array<vec2<f32>>;
+@group(0) @binding(9) var<storage, read> grad_y: array<f32>;
+@group(0) @binding(10) var<storage, read_write> grad_x: array<f32>;
+@group(0) @binding(11) var<storage, read_write> grad_gamma: array<f32>;
+@group(0) @binding(12) var<storage, read_write> grad_beta: array<f32>;
+// per channel: (sum of grad_y, sum of grad_y * x_hat)
+@group(0) @binding(13) var<storage, read_write> grad_sums: array<vec2<f32>>;
+
+fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+fn chunk_count() -> u32 {
+    return (p.n * p.hw + p.chunk_len - 1u) / p.chunk_len;
+}
+
+fn accumulate(old: f32, v: f32) -> f32 {
+    return select(0.0, old, (p.flags & ACCUMULATE) != 0u) + v;
+}
+
+// The sample range [e0, e1) of a chunk, e = n * hw + s, visited as (plane start, s range).
+struct Span { n0: u32, e0: u32, e1: u32 }
+
+fn chunk_span(chunk: u32) -> Span {
+    let e0 = chunk * p.chunk_len;
+    return Span(e0 / p.hw, e0, min(p.n * p.hw, e0 + p.chunk_len));
+}
+
+// Sums of (x - shift) and (x - shift)^2 per (chunk, channel). Shifting by the channel's
+// first value keeps the one-pass variance accurate when the mean is far from zero.
+@compute @workgroup_size(WG)
+fn bn_stats_partials(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = linear_index(gid, nwg);
+    if idx >= chunk_count() * p.c { return; }
+    let ch = idx % p.c;
+    let span = chunk_span(idx / p.c);
+    let shift = x[ch * p.hw];
+    var sums = vec2<f32>(0.0);
+    for (var n = span.n0; n * p.hw < span.e1; n++) {
+        let plane = (n * p.c + ch) * p.hw;
+        for (var s = max(span.e0, n * p.hw) - n * p.hw; s < min(p.hw, span.e1 - n * p.hw); s++) {
+            let d = x[plane + s] - shift;
+            sums += vec2<f32>(d, d * d);
+        }
+    }
+    partials[idx] = sums;
+}
+
+// Per channel: the batch mean and inverse deviation, and the running statistics update.
+@compute @workgroup_size(WG)
+fn bn_stats_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let ch = linear_index(gid, nwg);
+    if ch >= p.c { return; }
+    var sums = vec2<f32>(0.0);
+    for (var k = 0u; k < chunk_count(); k++) {
+        sums += partials[k * p.c + ch];
+    }
+    let count = f32(p.n * p.hw);
+    let mean_shifted = sums.x / count;
+    let variance = max(sums.y / count - mean_shifted * mean_shifted, 0.0);
+    let mean = x[ch * p.hw] + mean_shifted;
+    saved[ch] = vec2<f32>(mean, inverseSqrt(variance + p.eps));
+    let unbiased = variance * count / (count - 1.0);
+    running_mean[ch] = (1.0 - p.momentum) * running_mean[ch] + p.momentum * mean;
+    running_var[ch] = (1.0 - p.momentum) * running_var[ch] + p.momentum * unbiased;
+}
+
+fn normalize_element(i: u32, stats: vec2<f32>, ch: u32) {
+    y[i] = (x[i] - stats.x) * stats.y * gamma[ch] + beta[ch];
+}
+
+// y = (x - mean) * inv_std * gamma + beta with the batch statistics.
+@compute @workgroup_size(WG)
+fn bn_normalize_train(@builtin(global_invocation_id) gid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.n * p.c * p.hw { return; }
+    let ch = (i / p.hw) % p.c;
+    normalize_element(i, saved[ch], ch);
+}
+
+// y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta.
+@compute @workgroup_size(WG)
+fn bn_normalize_eval(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.n * p.c * p.hw { return; }
+    let ch = (i / p.hw) % p.c;
+    normalize_element(i, vec2<f32>(running_mean[ch], inverseSqrt(running_var[ch] + p.eps)), ch);
+}
+
+// Sums of grad_y and grad_y * x_hat per (chunk, channel).
+@compute @workgroup_size(WG)
+fn bn_backward_partials(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = linear_index(gid, nwg);
+    if idx >= chunk_count() * p.c { return; }
+    let ch = idx % p.c;
+    let span = chunk_span(idx / p.c);
+    let stats = saved[ch];
+    var sums = vec2<f32>(0.0);
+    for (var n = span.n0; n * p.hw < span.e1; n++) {
+        let plane = (n * p.c + ch) * p.hw;
+        for (var s = max(span.e0, n * p.hw) - n * p.hw; s < min(p.hw, span.e1 - n * p.hw); s++) {
+            let g = grad_y[plane + s];
+            sums += vec2<f32>(g, g * (x[plane + s] - stats.x) * stats.y);
+        }
+    }
+    partials[idx] = sums;
+}
+
+// Per channel: grad_beta = sum(grad_y), grad_gamma = sum(grad_y * x_hat); both kept for
+// bn_backward_input.
+@compute @workgroup_size(WG)
+fn bn_backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let ch = linear_index(gid, nwg);
+    if ch >= p.c { return; }
+    var sums = vec2<f32>(0.0);
+    for (var k = 0u; k < chunk_count(); k++) {
+        sums += partials[k * p.c + ch];
+    }
+    grad_sums[ch] = sums;
+    grad_beta[ch] = accumulate(grad_beta[ch], sums.x);
+    grad_gamma[ch] = accumulate(grad_gamma[ch], sums.y);
+}
+
+// grad_x = gamma * inv_std * (grad_y - mean(grad_y) - x_hat * mean(grad_y * x_hat)).
+@compute @workgroup_size(WG)
+fn bn_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.n * p.c * p.hw { return; }
+    let ch = (i / p.hw) % p.c;
+    let stats = saved[ch];
+    let sums = grad_sums[ch] / f32(p.n * p.hw);
+    let x_hat = (x[i] - stats.x) * stats.y;
+    let g = gamma[ch] * stats.y * (grad_y[i] - sums.x - x_hat * sums.y);
+    grad_x[i] = accumulate(grad_x[i], g);
+}

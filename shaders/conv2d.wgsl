@@ -1,0 +1,237 @@
+// 2-D convolution (NCHW input, OIHW weight, groups = 1) and its backward passes.
+//
+// Every invocation owns a 4 x 4 register tile and no workgroup memory is used: CPU drivers
+// such as lavapipe pay dearly for workgroupBarrier, and the tile already reuses each
+// loaded value four times. Reductions run in a fixed order, so results are bit-reproducible.
+
+struct Params {
+    n: u32, ci: u32, h: u32, w: u32,
+    co: u32, kh: u32, kw: u32, ho: u32,
+    wo: u32, stride_h: u32, stride_w: u32, pad_h: u32,
+    pad_w: u32, dil_h: u32, dil_w: u32, flags: u32,
+    // backward_weight only: output rows (n, oy) per chunk of the pixel reduction
+    chunk_rows: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+}
+
+const HAS_BIAS: u32 = 1u;
+const ACCUMULATE: u32 = 2u;
+
+override WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> grad_y: array<f32>;
+@group(0) @binding(6) var<storage, read_write> grad_x: array<f32>;
+// grad_weight, or per-chunk partial sums [chunk][co][ci][kh][kw] when the reduction is split
+@group(0) @binding(7) var<storage, read_write> grad_weight: array<f32>;
+
+fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+// Element `i` of `row` if 0 <= i < len, else 0 (the padding).
+fn load_x(row: u32, i: i32, len: u32) -> f32 {
+    let inside = i >= 0 && i < i32(len);
+    return select(0.0, x[row + u32(clamp(i, 0, i32(len) - 1))], inside);
+}
+
+// y[n, co0..co0+4, oy, ox0..ox0+4] = bias + sum over ci, ky, kx of weight * x.
+@compute @workgroup_size(WG)
+fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let x_tiles = (p.wo + 3u) / 4u;
+    let co_tiles = (p.co + 3u) / 4u;
+    let idx = linear_index(gid, nwg);
+    if idx >= p.n * co_tiles * p.ho * x_tiles { return; }
+    let ox0 = (idx % x_tiles) * 4u;
+    let oy = (idx / x_tiles) % p.ho;
+    let co0 = ((idx / (x_tiles * p.ho)) % co_tiles) * 4u;
+    let n = idx / (x_tiles * p.ho * co_tiles);
+
+    let ksize = p.kh * p.kw;
+    let w_co = p.ci * ksize;
+    // Rows past the last channel re-read the last one; their sums are never stored.
+    let w0 = co0 * w_co;
+    let w1 = min(co0 + 1u, p.co - 1u) * w_co;
+    let w2 = min(co0 + 2u, p.co - 1u) * w_co;
+    let w3 = min(co0 + 3u, p.co - 1u) * w_co;
+    let sw = i32(p.stride_w);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var c = 0u; c < p.ci; c++) {
+        let plane = (n * p.ci + c) * p.h * p.w;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let iy = i32(oy * p.stride_h + ky * p.dil_h) - i32(p.pad_h);
+            if iy < 0 || iy >= i32(p.h) { continue; }
+            let row = plane + u32(iy) * p.w;
+            for (var kx = 0u; kx < p.kw; kx++) {
+                let ix = i32(ox0 * p.stride_w + kx * p.dil_w) - i32(p.pad_w);
+                let xs = vec4<f32>(load_x(row, ix, p.w), load_x(row, ix + sw, p.w),
+                                   load_x(row, ix + 2 * sw, p.w), load_x(row, ix + 3 * sw, p.w));
+                let k = c * ksize + ky * p.kw + kx;
+                acc0 += weight[w0 + k] * xs;
+                acc1 += weight[w1 + k] * xs;
+                acc2 += weight[w2 + k] * xs;
+                acc3 += weight[w3 + k] * xs;
+            }
+        }
+    }
+    store_y(n, co0, oy, ox0, acc0);
+    store_y(n, co0 + 1u, oy, ox0, acc1);
+    store_y(n, co0 + 2u, oy, ox0, acc2);
+    store_y(n, co0 + 3u, oy, ox0, acc3);
+}
+
+fn store_y(n: u32, co: u32, oy: u32, ox0: u32, v: vec4<f32>) {
+    if co >= p.co { return; }
+    let b = select(0.0, bias[co], (p.flags & HAS_BIAS) != 0u);
+    let row = ((n * p.co + co) * p.ho + oy) * p.wo;
+    for (var j = 0u; j < 4u && ox0 + j < p.wo; j++) {
+        y[row + ox0 + j] = v[j] + b;
+    }
+}
+
+// grad_x[n, ci0..ci0+4, iy, ix0..ix0+4] = sum over co, ky, kx of weight * grad_y at the
+// output pixel that read this input pixel through (ky, kx), if any.
+@compute @workgroup_size(WG)
+fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let x_tiles = (p.w + 3u) / 4u;
+    let ci_tiles = (p.ci + 3u) / 4u;
+    let idx = linear_index(gid, nwg);
+    if idx >= p.n * ci_tiles * p.h * x_tiles { return; }
+    let ix0 = (idx % x_tiles) * 4u;
+    let iy = (idx / x_tiles) % p.h;
+    let ci0 = ((idx / (x_tiles * p.h)) % ci_tiles) * 4u;
+    let n = idx / (x_tiles * p.h * ci_tiles);
+
+    let ksize = p.kh * p.kw;
+    let w_co = p.ci * ksize;
+    let w0 = ci0 * ksize;
+    let w1 = min(ci0 + 1u, p.ci - 1u) * ksize;
+    let w2 = min(ci0 + 2u, p.ci - 1u) * ksize;
+    let w3 = min(ci0 + 3u, p.ci - 1u) * ksize;
+    let sh = i32(p.stride_h);
+    let sw = i32(p.stride_w);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let ty = i32(iy + p.pad_h) - i32(ky * p.dil_h);
+        if ty < 0 || ty % sh != 0 || ty / sh >= i32(p.ho) { continue; }
+        let oy = u32(ty / sh);
+        for (var kx = 0u; kx < p.kw; kx++) {
+            // The output column each of the four input columns maps to, and whether it exists.
+            let tx = vec4<i32>(i32(ix0 + p.pad_w) - i32(kx * p.dil_w)) + vec4<i32>(0, 1, 2, 3);
+            let hit = (tx >= vec4<i32>(0)) & (tx % vec4<i32>(sw) == vec4<i32>(0))
+                & (tx / vec4<i32>(sw) < vec4<i32>(i32(p.wo)))
+                & (vec4<u32>(ix0) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.w));
+            if !any(hit) { continue; }
+            let ox = vec4<u32>(clamp(tx / vec4<i32>(sw), vec4<i32>(0), vec4<i32>(i32(p.wo) - 1)));
+            let k = ky * p.kw + kx;
+            for (var co = 0u; co < p.co; co++) {
+                let row = ((n * p.co + co) * p.ho + oy) * p.wo;
+                let g = select(vec4<f32>(0.0),
+                               vec4<f32>(grad_y[row + ox.x], grad_y[row + ox.y],
+                                         grad_y[row + ox.z], grad_y[row + ox.w]), hit);
+                let wk = co * w_co + k;
+                acc0 += weight[wk + w0] * g;
+                acc1 += weight[wk + w1] * g;
+                acc2 += weight[wk + w2] * g;
+                acc3 += weight[wk + w3] * g;
+            }
+        }
+    }
+    store_grad_x(n, ci0, iy, ix0, acc0);
+    store_grad_x(n, ci0 + 1u, iy, ix0, acc1);
+    store_grad_x(n, ci0 + 2u, iy, ix0, acc2);
+    store_grad_x(n, ci0 + 3u, iy, ix0, acc3);
+}
+
+fn store_grad_x(n: u32, ci: u32, iy: u32, ix0: u32, v: vec4<f32>) {
+    if ci >= p.ci { return; }
+    let row = ((n * p.ci + ci) * p.h + iy) * p.w;
+    let keep = (p.flags & ACCUMULATE) != 0u;
+    for (var j = 0u; j < 4u && ix0 + j < p.w; j++) {
+        let i = row + ix0 + j;
+        grad_x[i] = select(0.0, grad_x[i], keep) + v[j];
+    }
+}
+
+// grad_weight[co0..co0+4, ci0..ci0+4, ky, kx] = sum over the chunk's output pixels of
+// grad_y * x at the input pixel (ky, kx) reads. Chunks cover whole output rows.
+@compute @workgroup_size(WG)
+fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
+                          @builtin(num_workgroups) nwg: vec3<u32>) {
+    let ci_tiles = (p.ci + 3u) / 4u;
+    let co_tiles = (p.co + 3u) / 4u;
+    let ksize = p.kh * p.kw;
+    let rows = p.n * p.ho;
+    let chunks = (rows + p.chunk_rows - 1u) / p.chunk_rows;
+    let idx = linear_index(gid, nwg);
+    if idx >= chunks * ksize * co_tiles * ci_tiles { return; }
+    let ci0 = (idx % ci_tiles) * 4u;
+    let co0 = ((idx / ci_tiles) % co_tiles) * 4u;
+    let k = (idx / (ci_tiles * co_tiles)) % ksize;
+    let chunk = idx / (ci_tiles * co_tiles * ksize);
+    let ky = k / p.kw;
+    let kx = k % p.kw;
+
+    // Output columns whose input column (ox * stride + kx * dil - pad) lies inside the image.
+    let off_x = i32(kx * p.dil_w) - i32(p.pad_w);
+    let sw = i32(p.stride_w);
+    let ox_lo = u32(max(0, (-off_x + sw - 1) / sw));
+    let span = i32(p.w) - 1 - off_x;
+    let ox_hi = select(0u, u32(min(span / sw + 1, i32(p.wo))), span >= 0);
+    let hw = p.h * p.w;
+    let c1 = min(ci0 + 1u, p.ci - 1u) - ci0;
+    let c2 = min(ci0 + 2u, p.ci - 1u) - ci0;
+    let c3 = min(ci0 + 3u, p.ci - 1u) - ci0;
+    let g1 = min(co0 + 1u, p.co - 1u) - co0;
+    let g2 = min(co0 + 2u, p.co - 1u) - co0;
+    let g3 = min(co0 + 3u, p.co - 1u) - co0;
+    let ohw = p.ho * p.wo;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    let row_end = min(rows, (chunk + 1u) * p.chunk_rows);
+    for (var r = chunk * p.chunk_rows; r < row_end; r++) {
+        let n = r / p.ho;
+        let oy = r % p.ho;
+        let iy = i32(oy * p.stride_h + ky * p.dil_h) - i32(p.pad_h);
+        if iy < 0 || iy >= i32(p.h) { continue; }
+        let xb = (n * p.ci + ci0) * hw + u32(iy) * p.w;
+        let gb = (n * p.co + co0) * ohw + oy * p.wo;
+        for (var ox = ox_lo; ox < ox_hi; ox++) {
+            let xi = xb + u32(i32(ox) * sw + off_x);
+            let xs = vec4<f32>(x[xi], x[xi + c1 * hw], x[xi + c2 * hw], x[xi + c3 * hw]);
+            let gi = gb + ox;
+            acc0 += grad_y[gi] * xs;
+            acc1 += grad_y[gi + g1 * ohw] * xs;
+            acc2 += grad_y[gi + g2 * ohw] * xs;
+            acc3 += grad_y[gi + g3 * ohw] * xs;
+        }
+    }
+    let base = chunk * p.co * p.ci * ksize;
+    store_grad_weight(base, co0, ci0, k, acc0);
+    store_grad_weight(base, co0 + 1u, ci0, k, acc1);
+    store_grad_weight(base, co0 + 2u, ci0, k, acc2);
+    store_grad_weight(base, co0 + 3u, ci0, k, acc3);
+}
+
+fn store_grad_weight(base: u32, co: u32, ci0: u32, k: u32, v: vec4<f32>) {
+    if co >= p.co { return; }
+    let ksize = p.kh * p.kw;
+    let keep = (p.flags & ACCUMULATE) != 0u;
+    for (var j = 0u; j < 4u && ci0 + j < p.ci; j++) {
+        let i = base + (co * p.ci + ci0 + j) * ksize + k;
+        grad_weight[i] = select(0.0, grad_weight[i], keep) + v[j];
+    }
+}

@@ -1,0 +1,91 @@
+// Elementwise ReLU, add and fused add + ReLU, with their backward passes. Backward entries
+// either overwrite or accumulate into the gradient (flag bits), so a tensor read by
+// several nodes sums its gradients without extra add kernels.
+
+struct Params {
+    len: u32, flags: u32, _pad0: u32, _pad1: u32,
+}
+
+// Accumulate into grad_a / grad_b instead of overwriting.
+const ACCUMULATE_A: u32 = 1u;
+const ACCUMULATE_B: u32 = 2u;
+
+override WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> grad_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> grad_a: array<f32>;
+@group(0) @binding(6) var<storage, read_write> grad_b: array<f32>;
+
+fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+fn store_grad_a(i: u32, g: f32) {
+    grad_a[i] = select(0.0, grad_a[i], (p.flags & ACCUMULATE_A) != 0u) + g;
+}
+
+fn store_grad_b(i: u32, g: f32) {
+    grad_b[i] = select(0.0, grad_b[i], (p.flags & ACCUMULATE_B) != 0u) + g;
+}
+
+// out = max(a, 0)
+@compute @workgroup_size(WG)
+fn relu_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    out[i] = max(a[i], 0.0);
+}
+
+// grad_a = grad_out where a > 0, else 0. `a` may be the ReLU's input or its output: both
+// are positive at the same places.
+@compute @workgroup_size(WG)
+fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    store_grad_a(i, select(0.0, grad_out[i], a[i] > 0.0));
+}
+
+// out = a + b
+@compute @workgroup_size(WG)
+fn add_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    out[i] = a[i] + b[i];
+}
+
+// grad_a = grad_b = grad_out
+@compute @workgroup_size(WG)
+fn add_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    store_grad_a(i, grad_out[i]);
+    store_grad_b(i, grad_out[i]);
+}
+
+// out = max(a + b, 0)
+@compute @workgroup_size(WG)
+fn add_relu_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    out[i] = max(a[i] + b[i], 0.0);
+}
+
+// grad_a = grad_b = grad_out where the output (bound as `a`) is positive, else 0.
+@compute @workgroup_size(WG)
+fn add_relu_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    let g = select(0.0, grad_out[i], a[i] > 0.0);
+    store_grad_a(i, g);
+    store_grad_b(i, g);
+}

@@ -1,0 +1,143 @@
+//! A recorded dispatch: pipeline, bind group and grid, built once and encoded as often as
+//! needed. Kernel launchers return these; the executor strings them into command buffers.
+
+use super::Gpu;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use std::sync::Arc;
+use wgpu::util::DeviceExt;
+
+/// One buffer bound at a binding index of a kernel's bind group (group 0; binding 0 is always
+/// the kernel's uniform `Params`).
+pub struct Binding<'a> {
+    pub index: u32,
+    pub tensor: &'a Tensor,
+    /// Whether the kernel writes it (a `read_write` storage binding).
+    pub writes: bool,
+}
+
+impl<'a> Binding<'a> {
+    pub fn read(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: false }
+    }
+
+    pub fn write(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: true }
+    }
+}
+
+/// A dispatch grid. WebGPU caps each dimension (65535 by default), so a long 1-D range of
+/// workgroups is folded into x and y; shaders rebuild the linear index from
+/// `num_workgroups` (see `linear_index` in the shaders).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workgroups(pub [u32; 3]);
+
+impl Workgroups {
+    /// Enough workgroups of `workgroup_size` invocations to cover `invocations`.
+    pub fn cover(gpu: &Gpu, invocations: usize, workgroup_size: u32) -> Result<Self> {
+        let groups = invocations.div_ceil(workgroup_size as usize).max(1) as u64;
+        let max = u64::from(gpu.limits().max_compute_workgroups_per_dimension);
+        let x = groups.min(max);
+        let y = groups.div_ceil(x);
+        if y > max {
+            return Err(Error::Invalid(format!(
+                "{invocations} invocations need {groups} workgroups, more than {max} x {max}"
+            )));
+        }
+        Ok(Workgroups([x as u32, y as u32, 1]))
+    }
+}
+
+/// Work counted for throughput figures: FLOPs as 2 x multiply-adds, bytes as the minimum
+/// traffic (each input read once, each output written once).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub flops: u64,
+    pub bytes: u64,
+}
+
+/// A kernel launch ready to encode.
+pub struct Dispatch {
+    label: &'static str,
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: Workgroups,
+    cost: Cost,
+    /// The bound tensors, kept alive so the pool cannot hand their buffers out again while
+    /// this dispatch may still run.
+    _bound: Vec<Tensor>,
+}
+
+/// What a kernel launcher asks for.
+pub(crate) struct DispatchSpec<'a, P: bytemuck::Pod> {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub constants: &'a [(&'static str, f64)],
+    pub params: &'a P,
+    pub bindings: &'a [Binding<'a>],
+    pub workgroups: Workgroups,
+    pub cost: Cost,
+}
+
+impl Dispatch {
+    pub(crate) fn new<P: bytemuck::Pod>(gpu: &Gpu, spec: DispatchSpec<'_, P>) -> Result<Self> {
+        let pipeline = gpu.pipeline(spec.shader, spec.entry, spec.constants)?;
+        let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(spec.entry),
+            contents: bytemuck::bytes_of(spec.params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() }];
+        entries.extend(spec.bindings.iter().map(|b| wgpu::BindGroupEntry {
+            binding: b.index,
+            resource: b.tensor.binding(),
+        }));
+        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(spec.entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device(format!("binding {}.wgsl:{}: {e}", spec.shader, spec.entry)));
+        }
+        Ok(Dispatch {
+            label: spec.entry,
+            pipeline,
+            bind_group,
+            workgroups: spec.workgroups,
+            cost: spec.cost,
+            _bound: spec.bindings.iter().map(|b| b.tensor.clone()).collect(),
+        })
+    }
+
+    /// The entry point's name, e.g. `conv2d_forward`.
+    pub fn label(&self) -> &'static str {
+        self.label
+    }
+
+    /// FLOPs and bytes this dispatch does, for throughput figures.
+    pub fn cost(&self) -> Cost {
+        self.cost
+    }
+
+    pub fn workgroups(&self) -> Workgroups {
+        self.workgroups
+    }
+
+    /// Records this dispatch into a compute pass.
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups.0;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// The summed cost of several dispatches.
+pub fn total_cost<'a>(dispatches: impl IntoIterator<Item = &'a Dispatch>) -> Cost {
+    dispatches.into_iter().fold(Cost::default(), |acc, d| Cost {
+        flops: acc.flops + d.cost.flops,
+        bytes: acc.bytes + d.cost.bytes,
+    })
+}

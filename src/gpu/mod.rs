@@ -1,0 +1,260 @@
+//! The GPU runtime: instance, adapter, device and queue; the shader registry and pipeline
+//! cache; the buffer pool; recorded dispatches and the timestamp profiler.
+
+mod dispatch;
+mod pool;
+mod profiler;
+mod registry;
+
+pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
+pub(crate) use dispatch::DispatchSpec;
+pub use pool::PooledBuffer;
+pub use profiler::KernelTiming;
+pub use registry::SHADERS;
+
+use crate::error::{Error, Result};
+use pool::BufferPool;
+use registry::PipelineCache;
+use std::sync::{Arc, Mutex};
+
+/// Features the engine uses when the adapter has them; none is required.
+const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::SUBGROUP);
+
+/// Which adapter to open. [`GpuOptions::from_env`] reads wgpu's standard variables.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Backends to search (`WGPU_BACKEND`, e.g. `vulkan`, `metal`, `dx12`, `gl`); all when unset.
+    pub backends: Option<wgpu::Backends>,
+    /// Case-insensitive substring of the adapter's name (`WGPU_ADAPTER_NAME`).
+    pub adapter_name: Option<String>,
+}
+
+impl GpuOptions {
+    /// Options from `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`.
+    pub fn from_env() -> Self {
+        GpuOptions {
+            backends: wgpu::Backends::from_env(),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// An open device with everything kernels need to record work on it.
+pub struct Gpu {
+    adapter: wgpu::Adapter,
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    pipelines: PipelineCache,
+    pool: Arc<BufferPool>,
+    /// The first error the device reported outside an error scope, kept instead of panicking.
+    device_error: Arc<Mutex<Option<String>>>,
+}
+
+impl Gpu {
+    /// Opens the adapter chosen by `WGPU_BACKEND` / `WGPU_ADAPTER_NAME`, or the best one found.
+    pub fn new() -> Result<Self> {
+        Self::with_options(&GpuOptions::from_env())
+    }
+
+    /// Opens an adapter: the first whose name contains `adapter_name` if given, else the
+    /// most capable (discrete GPU, integrated, virtual, CPU; native backends before GL).
+    pub fn with_options(options: &GpuOptions) -> Result<Self> {
+        let backends = options.backends.unwrap_or(wgpu::Backends::all());
+        let adapters = enumerate(backends);
+        let adapter = choose_adapter(adapters, backends, options.adapter_name.as_deref())?;
+        let info = adapter.get_info();
+        let features = adapter.features() & OPTIONAL_FEATURES;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("hrnet-ocr"),
+            required_features: features,
+            // The adapter's own limits: HRNet's tensors outgrow the WebGPU defaults.
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::RequestDevice(format!("{} ({:?}): {e}", info.name, info.backend)))?;
+
+        let device_error = Arc::new(Mutex::new(None));
+        let sink = Arc::clone(&device_error);
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| e.to_string());
+        }));
+
+        Ok(Gpu {
+            pipelines: PipelineCache::default(),
+            pool: Arc::new(BufferPool::default()),
+            adapter,
+            device,
+            queue,
+            info,
+            device_error,
+        })
+    }
+
+    /// The chosen adapter's name, backend, device type and driver.
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// A one-line description such as `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    /// The limits the device was opened with (the adapter's own).
+    pub fn limits(&self) -> wgpu::Limits {
+        self.device.limits()
+    }
+
+    /// The optional features the device was opened with.
+    pub fn features(&self) -> wgpu::Features {
+        self.device.features()
+    }
+
+    /// Everything the adapter supports, whether or not the engine asked for it.
+    pub fn adapter_features(&self) -> wgpu::Features {
+        self.adapter.features()
+    }
+
+    /// The raw device, for callers that record their own work beside the engine's.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The raw queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Records `dispatches` into one command buffer (one compute pass) and submits it.
+    /// Does not wait; see [`Gpu::wait`].
+    pub fn submit<'a>(&self, dispatches: impl IntoIterator<Item = &'a Dispatch>) -> Result<()> {
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for d in dispatches {
+                d.encode(&mut pass);
+            }
+        }
+        self.queue.submit([encoder.finish()]);
+        self.check_device_error()
+    }
+
+    /// Submits `dispatches` and waits until the device has finished them.
+    pub fn run<'a>(&self, dispatches: impl IntoIterator<Item = &'a Dispatch>) -> Result<()> {
+        self.submit(dispatches)?;
+        self.wait()
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("waiting for the device: {e}")))?;
+        self.check_device_error()
+    }
+
+    /// Returns (and clears) an error the device reported asynchronously.
+    pub fn check_device_error(&self) -> Result<()> {
+        let mut slot = self.device_error.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(msg) => Err(Error::Device(msg)),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+
+    pub(crate) fn pipeline(
+        &self,
+        shader: &'static str,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipelines.get(&self.device, shader, entry, constants)
+    }
+
+    /// Bytes held by the buffer pool for reuse (not counting buffers in use).
+    pub fn pooled_bytes(&self) -> u64 {
+        self.pool.idle_bytes()
+    }
+}
+
+/// Every adapter on the given backends.
+pub fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    pollster::block_on(instance.enumerate_adapters(backends))
+}
+
+/// Adapter information for `hrnet-ocr info`: every adapter on the given backends.
+pub fn list_adapters(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
+    enumerate(backends).iter().map(|a| a.get_info()).collect()
+}
+
+fn no_adapter_hint() -> &'static str {
+    if cfg!(target_os = "linux") {
+        "Install a Vulkan driver: on Debian/Ubuntu `apt-get install mesa-vulkan-drivers` gives \
+         Mesa's software driver lavapipe, which needs no GPU; with a GPU install its vendor driver."
+    } else if cfg!(target_os = "macos") {
+        "Metal should always be present on macOS; check WGPU_BACKEND."
+    } else {
+        "Install your GPU's driver (Vulkan or DX12), or check WGPU_BACKEND."
+    }
+}
+
+fn choose_adapter(
+    adapters: Vec<wgpu::Adapter>,
+    backends: wgpu::Backends,
+    wanted: Option<&str>,
+) -> Result<wgpu::Adapter> {
+    let none_found = || Error::NoAdapter { backends: format!("{backends:?}"), hint: no_adapter_hint() };
+    if adapters.is_empty() {
+        return Err(none_found());
+    }
+    if let Some(wanted) = wanted {
+        let needle = wanted.to_lowercase();
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?})", i.name, i.backend)
+            })
+            .collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+            .ok_or(Error::AdapterNotFound { wanted: wanted.to_string(), available: names });
+    }
+    adapters
+        .into_iter()
+        .min_by_key(|a| {
+            let i = a.get_info();
+            (device_type_rank(i.device_type), backend_rank(i.backend))
+        })
+        .ok_or_else(none_found)
+}
+
+fn device_type_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn backend_rank(b: wgpu::Backend) -> u8 {
+    match b {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        wgpu::Backend::Gl => 1,
+        _ => 2,
+    }
+}

@@ -1,0 +1,104 @@
+//! A pool of storage buffers. Tensors come and go by the thousand in tests and benchmarks;
+//! creating a device buffer is slow on every backend, so freed buffers are kept by size
+//! class and handed out again.
+
+use super::registry::lock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Idle buffers beyond this many bytes are released to the driver instead of kept.
+const MAX_IDLE_BYTES: u64 = 1 << 30;
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    idle: Mutex<Idle>,
+}
+
+#[derive(Default)]
+struct Idle {
+    by_class: HashMap<u64, Vec<wgpu::Buffer>>,
+    bytes: u64,
+}
+
+/// Rounds a request up to its size class: at most 1/8 above the request, at least 256 bytes,
+/// a multiple of 16 (so any f32 tensor can also be read as vec4).
+fn size_class(bytes: u64) -> u64 {
+    let bytes = bytes.max(256);
+    let step = (bytes.next_power_of_two() / 8).max(16);
+    bytes.div_ceil(step) * step
+}
+
+impl BufferPool {
+    pub(crate) fn acquire(self: &Arc<Self>, device: &wgpu::Device, bytes: u64) -> PooledBuffer {
+        let class = size_class(bytes);
+        let reused = {
+            let mut idle = lock(&self.idle);
+            let buffer = idle.by_class.get_mut(&class).and_then(Vec::pop);
+            if buffer.is_some() {
+                idle.bytes -= class;
+            }
+            buffer
+        };
+        let buffer = reused.unwrap_or_else(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("hrnet-ocr tensor"),
+                size: class,
+                usage: USAGE,
+                mapped_at_creation: false,
+            })
+        });
+        PooledBuffer { buffer: Some(buffer), class, pool: Arc::downgrade(self) }
+    }
+
+    fn release(&self, buffer: wgpu::Buffer, class: u64) {
+        let mut idle = lock(&self.idle);
+        if idle.bytes + class <= MAX_IDLE_BYTES {
+            idle.bytes += class;
+            idle.by_class.entry(class).or_default().push(buffer);
+        }
+    }
+
+    pub(crate) fn idle_bytes(&self) -> u64 {
+        lock(&self.idle).bytes
+    }
+}
+
+/// A device buffer on loan from the pool; it goes back when dropped.
+pub struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    class: u64,
+    pool: Weak<BufferPool>,
+}
+
+impl PooledBuffer {
+    /// The device buffer (its size is the size class, at least the bytes asked for).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("a pooled buffer holds its buffer until dropped")
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let (Some(buffer), Some(pool)) = (self.buffer.take(), self.pool.upgrade()) {
+            pool.release(buffer, self.class);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_the_request_with_little_waste() {
+        for bytes in [1u64, 255, 256, 257, 1000, 4096, 4097, 123_457, 1 << 20, (1 << 20) + 1] {
+            let c = size_class(bytes);
+            assert!(c >= bytes && c % 16 == 0, "{bytes} -> {c}");
+            assert!(c <= (bytes.max(256) * 9).div_ceil(8) + 16, "{bytes} -> {c} wastes too much");
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The shader registry: every `shaders/*.wgsl` embedded in the binary, and a cache that
+//! builds each (shader, entry point, override constants) pipeline once.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Every shader file, by the name kernels use for it.
+pub const SHADERS: &[(&str, &str)] = &[
+    ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
+    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("reduce", include_str!("../../shaders/reduce.wgsl")),
+];
+
+/// Override constants are part of a pipeline's identity; f64 bits make them hashable.
+type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
+
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl PipelineCache {
+    pub(crate) fn get(
+        &self,
+        device: &wgpu::Device,
+        shader: &'static str,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = (shader, entry, constants.iter().map(|&(k, v)| (k, v.to_bits())).collect());
+        if let Some(p) = lock(&self.pipelines).get(&key) {
+            return Ok(Arc::clone(p));
+        }
+        let module = self.module(device, shader)?;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device(format!("building pipeline {shader}.wgsl:{entry}: {e}")));
+        }
+        let pipeline = Arc::new(pipeline);
+        lock(&self.pipelines).insert(key, Arc::clone(&pipeline));
+        Ok(pipeline)
+    }
+
+    fn module(&self, device: &wgpu::Device, shader: &'static str) -> Result<Arc<wgpu::ShaderModule>> {
+        if let Some(m) = lock(&self.modules).get(shader) {
+            return Ok(Arc::clone(m));
+        }
+        let source = SHADERS
+            .iter()
+            .find(|(name, _)| *name == shader)
+            .map(|(_, src)| *src)
+            .ok_or_else(|| Error::Invalid(format!("no shader named {shader:?} is registered")))?;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Device(format!("compiling shaders/{shader}.wgsl: {e}")));
+        }
+        let module = Arc::new(module);
+        lock(&self.modules).insert(shader, Arc::clone(&module));
+        Ok(module)
+    }
+}
+
+/// Locks a mutex, recovering the data if another thread panicked while holding it (the
+/// caches stay valid: entries are inserted whole).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,246 @@
+//! 2-D convolution, NCHW input, OIHW weight, groups = 1 (`conv2d.wgsl`).
+
+use super::{f32_bytes, launch, reduce, reduction_chunks, scratch, to_u32};
+use crate::error::{check_shape, Error, Result};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::tensor::Tensor;
+
+/// Stride, padding and dilation, each as (vertical, horizontal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dSpec {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+impl Conv2dSpec {
+    /// The same stride, padding and dilation in both directions.
+    pub fn square(stride: usize, padding: usize, dilation: usize) -> Self {
+        Conv2dSpec { stride: [stride; 2], padding: [padding; 2], dilation: [dilation; 2] }
+    }
+
+    /// Output height and width for an `h x w` input and a `kh x kw` kernel.
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Result<[usize; 2]> {
+        if self.stride.contains(&0) || self.dilation.contains(&0) {
+            return Err(Error::Invalid(format!("conv2d: stride and dilation must be positive, got {self:?}")));
+        }
+        let out = |len: usize, k: usize, axis: usize| {
+            let span = self.dilation[axis] * (k - 1) + 1;
+            let padded = len + 2 * self.padding[axis];
+            (padded >= span).then(|| (padded - span) / self.stride[axis] + 1)
+        };
+        match (out(h, kh, 0), out(w, kw, 1)) {
+            (Some(ho), Some(wo)) => Ok([ho, wo]),
+            _ => Err(Error::Invalid(format!(
+                "conv2d: a {kh}x{kw} kernel with {self:?} does not fit a {h}x{w} input"
+            ))),
+        }
+    }
+}
+
+/// All sizes of one convolution, resolved from the input and weight shapes.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    n: usize,
+    ci: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Dims {
+    fn resolve(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Result<Self> {
+        let [n, ci, h, w] = <[usize; 4]>::try_from(x_shape).map_err(|_| Error::Shape {
+            what: "conv2d input".into(),
+            expected: "[N, C, H, W]".into(),
+            actual: format!("{x_shape:?}"),
+        })?;
+        let [co, wci, kh, kw] = weight.dims4("conv2d weight")?;
+        if wci != ci {
+            return Err(Error::Shape {
+                what: "conv2d weight (input channels must match the input's C)".into(),
+                expected: format!("[{co}, {ci}, {kh}, {kw}]"),
+                actual: format!("{:?}", weight.shape()),
+            });
+        }
+        let [ho, wo] = spec.output_size(h, w, kh, kw)?;
+        Ok(Dims { n, ci, h, w, co, kh, kw, ho, wo })
+    }
+
+    fn y_shape(&self) -> [usize; 4] {
+        [self.n, self.co, self.ho, self.wo]
+    }
+
+    fn macs(&self) -> u64 {
+        (self.n * self.co * self.ho * self.wo * self.ci * self.kh * self.kw) as u64
+    }
+
+    fn weight_len(&self) -> usize {
+        self.co * self.ci * self.kh * self.kw
+    }
+
+    fn params(&self, spec: &Conv2dSpec, flags: u32, chunk_rows: usize) -> Result<Params> {
+        let u = to_u32;
+        // Every flat index the shader forms must fit in u32.
+        for (what, len) in [
+            ("input elements", self.n * self.ci * self.h * self.w),
+            ("output elements", self.n * self.co * self.ho * self.wo),
+        ] {
+            u(what, len)?;
+        }
+        Ok(Params {
+            n: u("N", self.n)?,
+            ci: u("input channels", self.ci)?,
+            h: u("H", self.h)?,
+            w: u("W", self.w)?,
+            co: u("output channels", self.co)?,
+            kh: u("kernel height", self.kh)?,
+            kw: u("kernel width", self.kw)?,
+            ho: u("output H", self.ho)?,
+            wo: u("output W", self.wo)?,
+            stride_h: u("stride", spec.stride[0])?,
+            stride_w: u("stride", spec.stride[1])?,
+            pad_h: u("padding", spec.padding[0])?,
+            pad_w: u("padding", spec.padding[1])?,
+            dil_h: u("dilation", spec.dilation[0])?,
+            dil_w: u("dilation", spec.dilation[1])?,
+            flags,
+            chunk_rows: u("chunk rows", chunk_rows)?,
+            _pad: [0; 3],
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    ci: u32,
+    h: u32,
+    w: u32,
+    co: u32,
+    kh: u32,
+    kw: u32,
+    ho: u32,
+    wo: u32,
+    stride_h: u32,
+    stride_w: u32,
+    pad_h: u32,
+    pad_w: u32,
+    dil_h: u32,
+    dil_w: u32,
+    flags: u32,
+    chunk_rows: u32,
+    _pad: [u32; 3],
+}
+
+const HAS_BIAS: u32 = 1;
+const ACCUMULATE: u32 = 2;
+
+/// The output shape `[N, Co, Ho, Wo]` of a convolution of `x_shape` by `weight`.
+pub fn output_shape(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Result<[usize; 4]> {
+    Ok(Dims::resolve(spec, x_shape, weight)?.y_shape())
+}
+
+/// `y = conv2d(x, weight) + bias`.
+pub fn forward(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<Dispatch> {
+    let d = Dims::resolve(spec, x.shape(), weight)?;
+    check_shape("conv2d output", &d.y_shape(), y.shape())?;
+    if let Some(b) = bias {
+        check_shape("conv2d bias", &[d.co], b.shape())?;
+    }
+    let params = d.params(spec, if bias.is_some() { HAS_BIAS } else { 0 }, 1)?;
+    // Without a bias the weight stands in at the bias binding; the shader never reads it.
+    let bindings = [
+        Binding::read(1, x),
+        Binding::read(2, weight),
+        Binding::read(3, bias.unwrap_or(weight)),
+        Binding::write(4, y),
+    ];
+    let cost = Cost {
+        flops: 2 * d.macs(),
+        bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + bias.map_or(0, |_| d.co)),
+    };
+    let tiles = d.n * d.co.div_ceil(4) * d.ho * d.wo.div_ceil(4);
+    launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)
+}
+
+/// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input.
+pub fn backward_input(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    grad_y: &Tensor,
+    weight: &Tensor,
+    grad_x: &Tensor,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let d = Dims::resolve(spec, grad_x.shape(), weight)?;
+    check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
+    let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
+    let bindings = [
+        Binding::read(2, weight),
+        Binding::read(5, grad_y),
+        Binding::write(6, grad_x),
+    ];
+    let cost = Cost {
+        flops: 2 * d.macs(),
+        bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()),
+    };
+    let tiles = d.n * d.ci.div_ceil(4) * d.h * d.w.div_ceil(4);
+    launch(gpu, "conv2d", "conv2d_backward_input", &params, &bindings, tiles, cost)
+}
+
+/// `grad_weight (+)= sum over pixels of grad_y * x`: the gradient with respect to the weight.
+/// The pixel reduction is split into chunks of whole output rows when the weight alone
+/// gives too little parallel work; the chunks are then summed in order.
+pub fn backward_weight(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    x: &Tensor,
+    grad_y: &Tensor,
+    grad_weight: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    let d = Dims::resolve(spec, x.shape(), grad_weight)?;
+    check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
+    let tiles = d.co.div_ceil(4) * d.ci.div_ceil(4) * d.kh * d.kw;
+    let rows = d.n * d.ho;
+    let chunks = reduction_chunks(tiles, rows * d.wo);
+    let chunk_rows = rows.div_ceil(chunks);
+    let chunks = rows.div_ceil(chunk_rows);
+    let cost = Cost {
+        flops: 2 * d.macs(),
+        bytes: f32_bytes(x.numel() + grad_y.numel() + grad_weight.numel()),
+    };
+    let direct = chunks == 1;
+    let flags = if direct && accumulate { ACCUMULATE } else { 0 };
+    let params = d.params(spec, flags, chunk_rows)?;
+    let partials = if direct { grad_weight.clone() } else { scratch(gpu, chunks * d.weight_len())? };
+    let bindings = [
+        Binding::read(1, x),
+        Binding::read(5, grad_y),
+        Binding::write(7, &partials),
+    ];
+    let reduce_rows =
+        launch(gpu, "conv2d", "conv2d_backward_weight", &params, &bindings, chunks * tiles, cost)?;
+    if direct {
+        return Ok(vec![reduce_rows]);
+    }
+    Ok(vec![reduce_rows, reduce::sum_chunks(gpu, &partials, chunks, grad_weight, accumulate)?])
+}
+
+/// `grad_bias (+)= sum over n, h, w of grad_y`.
+pub fn backward_bias(gpu: &Gpu, grad_y: &Tensor, grad_bias: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
+    reduce::channel_sum(gpu, grad_y, grad_bias, accumulate)
+}

@@ -1,0 +1,91 @@
+//! ReLU, add and fused add + ReLU, with their backward passes (`elementwise.wgsl`).
+
+use super::{f32_bytes, launch, to_u32};
+use crate::error::{check_shape, Result};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    len: u32,
+    flags: u32,
+    _pad: [u32; 2],
+}
+
+const ACCUMULATE_A: u32 = 1;
+const ACCUMULATE_B: u32 = 2;
+
+fn elementwise(
+    gpu: &Gpu,
+    entry: &'static str,
+    flags: u32,
+    reads: &[(u32, &Tensor)],
+    writes: &[(u32, &Tensor)],
+    flops_per_element: u64,
+) -> Result<Dispatch> {
+    let first = reads.first().map(|r| r.1).unwrap_or(writes[0].1);
+    for (_, t) in reads.iter().chain(writes) {
+        check_shape(entry, first.shape(), t.shape())?;
+    }
+    let len = first.numel();
+    let params = Params { len: to_u32("elements", len)?, flags, _pad: [0; 2] };
+    let bindings: Vec<Binding<'_>> = reads
+        .iter()
+        .map(|&(i, t)| Binding::read(i, t))
+        .chain(writes.iter().map(|&(i, t)| Binding::write(i, t)))
+        .collect();
+    let accumulated = writes.len() * usize::from(flags != 0);
+    let cost = Cost {
+        flops: flops_per_element * len as u64,
+        bytes: f32_bytes(len * (reads.len() + writes.len() + accumulated)),
+    };
+    launch(gpu, "elementwise", entry, &params, &bindings, len, cost)
+}
+
+fn flags(accumulate_a: bool, accumulate_b: bool) -> u32 {
+    (if accumulate_a { ACCUMULATE_A } else { 0 }) | (if accumulate_b { ACCUMULATE_B } else { 0 })
+}
+
+/// `y = max(x, 0)`.
+pub fn relu_forward(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
+    elementwise(gpu, "relu_forward", 0, &[(1, x)], &[(3, y)], 1)
+}
+
+/// `grad_x (+)= grad_y where y > 0`. `y` may be the ReLU's output or its input.
+pub fn relu_backward(gpu: &Gpu, y: &Tensor, grad_y: &Tensor, grad_x: &Tensor, accumulate: bool) -> Result<Dispatch> {
+    elementwise(gpu, "relu_backward", flags(accumulate, false), &[(1, y), (4, grad_y)], &[(5, grad_x)], 1)
+}
+
+/// `y = a + b`.
+pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Dispatch> {
+    elementwise(gpu, "add_forward", 0, &[(1, a), (2, b)], &[(3, y)], 1)
+}
+
+/// `grad_a (+)= grad_y`, `grad_b (+)= grad_y`.
+pub fn add_backward(
+    gpu: &Gpu,
+    grad_y: &Tensor,
+    (grad_a, accumulate_a): (&Tensor, bool),
+    (grad_b, accumulate_b): (&Tensor, bool),
+) -> Result<Dispatch> {
+    let f = flags(accumulate_a, accumulate_b);
+    elementwise(gpu, "add_backward", f, &[(4, grad_y)], &[(5, grad_a), (6, grad_b)], 0)
+}
+
+/// `y = max(a + b, 0)`.
+pub fn add_relu_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Dispatch> {
+    elementwise(gpu, "add_relu_forward", 0, &[(1, a), (2, b)], &[(3, y)], 2)
+}
+
+/// `grad_a (+)= grad_y where y > 0`, and the same into `grad_b`; `y` is the forward output.
+pub fn add_relu_backward(
+    gpu: &Gpu,
+    y: &Tensor,
+    grad_y: &Tensor,
+    (grad_a, accumulate_a): (&Tensor, bool),
+    (grad_b, accumulate_b): (&Tensor, bool),
+) -> Result<Dispatch> {
+    let f = flags(accumulate_a, accumulate_b);
+    elementwise(gpu, "add_relu_backward", f, &[(1, y), (4, grad_y)], &[(5, grad_a), (6, grad_b)], 1)
+}

@@ -1,0 +1,78 @@
+//! Deterministic per-channel sums and ordered sums of partial results (`reduce.wgsl`).
+
+use super::{f32_bytes, launch, reduction_chunks, scratch, to_u32};
+use crate::error::{check_shape, Result};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    hw: u32,
+    chunk_len: u32,
+    len: u32,
+    chunks: u32,
+    flags: u32,
+    _pad: u32,
+}
+
+const ACCUMULATE: u32 = 1;
+
+/// `out[c] (+)= sum over n, h, w of x[n, c, h, w]`; overwrites unless `accumulate`.
+/// Used for the bias gradient of a convolution.
+pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
+    let [n, c, h, w] = x.dims4("channel_sum input")?;
+    check_shape("channel_sum output", &[c], out.shape())?;
+    let samples = n * h * w;
+    let chunks = reduction_chunks(c, samples);
+    let chunk_len = samples.div_ceil(chunks);
+    let chunks = samples.div_ceil(chunk_len);
+    let mut params = Params {
+        n: to_u32("N", n)?,
+        c: to_u32("C", c)?,
+        hw: to_u32("H x W", h * w)?,
+        chunk_len: to_u32("chunk length", chunk_len)?,
+        len: to_u32("C", c)?,
+        chunks: to_u32("chunks", chunks)?,
+        flags: if accumulate { ACCUMULATE } else { 0 },
+        _pad: 0,
+    };
+    let cost = Cost { flops: (n * c * h * w) as u64, bytes: f32_bytes(n * c * h * w + c) };
+    if chunks == 1 {
+        let bindings = [Binding::read(1, x), Binding::write(2, out)];
+        return Ok(vec![launch(gpu, "reduce", "channel_sum", &params, &bindings, c, cost)?]);
+    }
+    let partials = scratch(gpu, chunks * c)?;
+    params.flags = 0;
+    let bindings = [Binding::read(1, x), Binding::write(2, &partials)];
+    let first = launch(gpu, "reduce", "channel_sum", &params, &bindings, chunks * c, cost)?;
+    Ok(vec![first, sum_chunks(gpu, &partials, chunks, out, accumulate)?])
+}
+
+/// `out[i] (+)= sum over k of partials[k * len + i]` for `chunks` partial arrays of
+/// `out.numel()` values, summed in chunk order.
+pub fn sum_chunks(
+    gpu: &Gpu,
+    partials: &Tensor,
+    chunks: usize,
+    out: &Tensor,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let len = out.numel();
+    check_shape("sum_chunks partials", &[chunks * len], &[partials.numel()])?;
+    let params = Params {
+        n: 0,
+        c: 0,
+        hw: 0,
+        chunk_len: 0,
+        len: to_u32("length", len)?,
+        chunks: to_u32("chunks", chunks)?,
+        flags: if accumulate { ACCUMULATE } else { 0 },
+        _pad: 0,
+    };
+    let bindings = [Binding::read(1, partials), Binding::write(2, out)];
+    let cost = Cost { flops: (chunks * len) as u64, bytes: f32_bytes(chunks * len + len) };
+    launch(gpu, "reduce", "sum_chunks", &params, &bindings, len, cost)
+}

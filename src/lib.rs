@@ -1,0 +1,15 @@
+//! HRNet-OCR semantic segmentation on hand-written WGSL compute shaders.
+//!
+//! Layers, each using only those before it: [`gpu`] (device, pipelines, buffers, dispatches,
+//! profiler), [`tensor`], [`kernels`] (one launcher module per shader file) and [`graph`]
+//! (the executor that records whole forward and backward passes).
+
+pub mod error;
+pub mod gpu;
+pub mod graph;
+pub mod kernels;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use gpu::{Gpu, GpuOptions};
+pub use tensor::Tensor;
