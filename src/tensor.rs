@@ -23,13 +23,19 @@ impl Tensor {
     pub fn empty(gpu: &Gpu, shape: &[usize]) -> Result<Self> {
         let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let bytes = numel.and_then(|n| n.checked_mul(4)).ok_or_else(|| {
-            Error::Invalid(format!("tensor of shape {} overflows the address space", fmt_shape(shape)))
+            Error::Invalid(format!(
+                "tensor of shape {} overflows the address space",
+                fmt_shape(shape)
+            ))
         })? as u64;
         if bytes == 0 {
-            return Err(Error::Invalid(format!("tensor of shape {} has no elements", fmt_shape(shape))));
+            return Err(Error::Invalid(format!(
+                "tensor of shape {} has no elements",
+                fmt_shape(shape)
+            )));
         }
         let limits = gpu.limits();
-        let binding_limit = u64::from(limits.max_storage_buffer_binding_size);
+        let binding_limit = limits.max_storage_buffer_binding_size;
         if bytes > binding_limit.min(limits.max_buffer_size) {
             let (limit, limit_name) = if binding_limit <= limits.max_buffer_size {
                 (binding_limit, "max_storage_buffer_binding_size")
@@ -43,7 +49,10 @@ impl Tensor {
                 limit_name,
             });
         }
-        Ok(Tensor { buffer: Arc::new(gpu.pool().acquire(&gpu.device, bytes)), shape: shape.to_vec() })
+        Ok(Tensor {
+            buffer: Arc::new(gpu.pool().acquire(&gpu.device, bytes)),
+            shape: shape.to_vec(),
+        })
     }
 
     /// A tensor holding `data` (row-major NCHW); `data.len()` must match the shape.
@@ -74,14 +83,16 @@ impl Tensor {
                 self.numel()
             )));
         }
-        gpu.queue.write_buffer(self.buffer(), 0, bytemuck::cast_slice(data));
+        gpu.queue
+            .write_buffer(self.buffer(), 0, bytemuck::cast_slice(data));
         Ok(())
     }
 
     /// Sets every element to `value` (tests poison outputs with NaN this way).
     pub fn fill(&self, gpu: &Gpu, value: f32) {
         let data = vec![value; self.numel()];
-        gpu.queue.write_buffer(self.buffer(), 0, bytemuck::cast_slice(&data));
+        gpu.queue
+            .write_buffer(self.buffer(), 0, bytemuck::cast_slice(&data));
     }
 
     /// Copies the contents back to the host (waits for all submitted work).
@@ -151,7 +162,10 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result
         .map_err(|_| Error::Readback("the map callback never ran".into()))?
         .map_err(|e| Error::Readback(e.to_string()))?;
     let data = {
-        let view = staging.slice(..).get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Readback(e.to_string()))?;
         view.to_vec()
     };
     staging.unmap();

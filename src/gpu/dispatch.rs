@@ -18,11 +18,19 @@ pub struct Binding<'a> {
 
 impl<'a> Binding<'a> {
     pub fn read(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: false }
+        Binding {
+            index,
+            tensor,
+            writes: false,
+        }
     }
 
     pub fn write(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: true }
+        Binding {
+            index,
+            tensor,
+            writes: true,
+        }
     }
 }
 
@@ -79,15 +87,26 @@ pub(crate) struct DispatchSpec<'a, P: bytemuck::Pod> {
     pub cost: Cost,
 }
 
+impl std::fmt::Debug for Dispatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dispatch({}, {:?})", self.label, self.workgroups.0)
+    }
+}
+
 impl Dispatch {
     pub(crate) fn new<P: bytemuck::Pod>(gpu: &Gpu, spec: DispatchSpec<'_, P>) -> Result<Self> {
         let pipeline = gpu.pipeline(spec.shader, spec.entry, spec.constants)?;
-        let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(spec.entry),
-            contents: bytemuck::bytes_of(spec.params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() }];
+        let params = gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(spec.entry),
+                contents: bytemuck::bytes_of(spec.params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params.as_entire_binding(),
+        }];
         entries.extend(spec.bindings.iter().map(|b| wgpu::BindGroupEntry {
             binding: b.index,
             resource: b.tensor.binding(),
@@ -99,7 +118,10 @@ impl Dispatch {
             entries: &entries,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!("binding {}.wgsl:{}: {e}", spec.shader, spec.entry)));
+            return Err(Error::Device(format!(
+                "binding {}.wgsl:{}: {e}",
+                spec.shader, spec.entry
+            )));
         }
         Ok(Dispatch {
             label: spec.entry,

@@ -6,8 +6,8 @@ mod pool;
 mod profiler;
 mod registry;
 
-pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
 pub(crate) use dispatch::DispatchSpec;
+pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
 pub use registry::SHADERS;
@@ -36,7 +36,9 @@ impl GpuOptions {
     pub fn from_env() -> Self {
         GpuOptions {
             backends: wgpu::Backends::from_env(),
-            adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME")
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 }
@@ -101,7 +103,10 @@ impl Gpu {
 
     /// A one-line description such as `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
     pub fn describe(&self) -> String {
-        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+        format!(
+            "{} ({:?}, {:?})",
+            self.info.name, self.info.backend, self.info.device_type
+        )
     }
 
     /// The limits the device was opened with (the adapter's own).
@@ -214,7 +219,10 @@ fn choose_adapter(
     backends: wgpu::Backends,
     wanted: Option<&str>,
 ) -> Result<wgpu::Adapter> {
-    let none_found = || Error::NoAdapter { backends: format!("{backends:?}"), hint: no_adapter_hint() };
+    let none_found = || Error::NoAdapter {
+        backends: format!("{backends:?}"),
+        hint: no_adapter_hint(),
+    };
     if adapters.is_empty() {
         return Err(none_found());
     }
@@ -230,7 +238,10 @@ fn choose_adapter(
         return adapters
             .into_iter()
             .find(|a| a.get_info().name.to_lowercase().contains(&needle))
-            .ok_or(Error::AdapterNotFound { wanted: wanted.to_string(), available: names });
+            .ok_or(Error::AdapterNotFound {
+                wanted: wanted.to_string(),
+                available: names,
+            });
     }
     adapters
         .into_iter()

@@ -28,7 +28,8 @@ struct Idle {
 /// a multiple of 16 (so any f32 tensor can also be read as vec4).
 fn size_class(bytes: u64) -> u64 {
     let bytes = bytes.max(256);
-    let step = (bytes.next_power_of_two() / 8).max(16);
+    let highest_bit = 1u64 << (63 - bytes.leading_zeros());
+    let step = (highest_bit / 8).max(16);
     bytes.div_ceil(step) * step
 }
 
@@ -51,7 +52,11 @@ impl BufferPool {
                 mapped_at_creation: false,
             })
         });
-        PooledBuffer { buffer: Some(buffer), class, pool: Arc::downgrade(self) }
+        PooledBuffer {
+            buffer: Some(buffer),
+            class,
+            pool: Arc::downgrade(self),
+        }
     }
 
     fn release(&self, buffer: wgpu::Buffer, class: u64) {
@@ -77,7 +82,9 @@ pub struct PooledBuffer {
 impl PooledBuffer {
     /// The device buffer (its size is the size class, at least the bytes asked for).
     pub fn buffer(&self) -> &wgpu::Buffer {
-        self.buffer.as_ref().expect("a pooled buffer holds its buffer until dropped")
+        self.buffer
+            .as_ref()
+            .expect("a pooled buffer holds its buffer until dropped")
     }
 }
 
@@ -95,10 +102,24 @@ mod tests {
 
     #[test]
     fn size_classes_cover_the_request_with_little_waste() {
-        for bytes in [1u64, 255, 256, 257, 1000, 4096, 4097, 123_457, 1 << 20, (1 << 20) + 1] {
+        for bytes in [
+            1u64,
+            255,
+            256,
+            257,
+            1000,
+            4096,
+            4097,
+            123_457,
+            1 << 20,
+            (1 << 20) + 1,
+        ] {
             let c = size_class(bytes);
             assert!(c >= bytes && c % 16 == 0, "{bytes} -> {c}");
-            assert!(c <= (bytes.max(256) * 9).div_ceil(8) + 16, "{bytes} -> {c} wastes too much");
+            assert!(
+                c <= (bytes.max(256) * 9).div_ceil(8) + 16,
+                "{bytes} -> {c} wastes too much"
+            );
         }
     }
 }

@@ -16,13 +16,19 @@ pub struct Conv2dSpec {
 impl Conv2dSpec {
     /// The same stride, padding and dilation in both directions.
     pub fn square(stride: usize, padding: usize, dilation: usize) -> Self {
-        Conv2dSpec { stride: [stride; 2], padding: [padding; 2], dilation: [dilation; 2] }
+        Conv2dSpec {
+            stride: [stride; 2],
+            padding: [padding; 2],
+            dilation: [dilation; 2],
+        }
     }
 
     /// Output height and width for an `h x w` input and a `kh x kw` kernel.
     pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Result<[usize; 2]> {
         if self.stride.contains(&0) || self.dilation.contains(&0) {
-            return Err(Error::Invalid(format!("conv2d: stride and dilation must be positive, got {self:?}")));
+            return Err(Error::Invalid(format!(
+                "conv2d: stride and dilation must be positive, got {self:?}"
+            )));
         }
         let out = |len: usize, k: usize, axis: usize| {
             let span = self.dilation[axis] * (k - 1) + 1;
@@ -68,7 +74,17 @@ impl Dims {
             });
         }
         let [ho, wo] = spec.output_size(h, w, kh, kw)?;
-        Ok(Dims { n, ci, h, w, co, kh, kw, ho, wo })
+        Ok(Dims {
+            n,
+            ci,
+            h,
+            w,
+            co,
+            kh,
+            kw,
+            ho,
+            wo,
+        })
     }
 
     fn y_shape(&self) -> [usize; 4] {
@@ -173,7 +189,15 @@ pub fn forward(
         bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + bias.map_or(0, |_| d.co)),
     };
     let tiles = d.n * d.co.div_ceil(4) * d.ho * d.wo.div_ceil(4);
-    launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)
+    launch(
+        gpu,
+        "conv2d",
+        "conv2d_forward",
+        &params,
+        &bindings,
+        tiles,
+        cost,
+    )
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input.
@@ -198,7 +222,15 @@ pub fn backward_input(
         bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()),
     };
     let tiles = d.n * d.ci.div_ceil(4) * d.h * d.w.div_ceil(4);
-    launch(gpu, "conv2d", "conv2d_backward_input", &params, &bindings, tiles, cost)
+    launch(
+        gpu,
+        "conv2d",
+        "conv2d_backward_input",
+        &params,
+        &bindings,
+        tiles,
+        cost,
+    )
 }
 
 /// `grad_weight (+)= sum over pixels of grad_y * x`: the gradient with respect to the weight.
@@ -226,21 +258,40 @@ pub fn backward_weight(
     let direct = chunks == 1;
     let flags = if direct && accumulate { ACCUMULATE } else { 0 };
     let params = d.params(spec, flags, chunk_rows)?;
-    let partials = if direct { grad_weight.clone() } else { scratch(gpu, chunks * d.weight_len())? };
+    let partials = if direct {
+        grad_weight.clone()
+    } else {
+        scratch(gpu, chunks * d.weight_len())?
+    };
     let bindings = [
         Binding::read(1, x),
         Binding::read(5, grad_y),
         Binding::write(7, &partials),
     ];
-    let reduce_rows =
-        launch(gpu, "conv2d", "conv2d_backward_weight", &params, &bindings, chunks * tiles, cost)?;
+    let reduce_rows = launch(
+        gpu,
+        "conv2d",
+        "conv2d_backward_weight",
+        &params,
+        &bindings,
+        chunks * tiles,
+        cost,
+    )?;
     if direct {
         return Ok(vec![reduce_rows]);
     }
-    Ok(vec![reduce_rows, reduce::sum_chunks(gpu, &partials, chunks, grad_weight, accumulate)?])
+    Ok(vec![
+        reduce_rows,
+        reduce::sum_chunks(gpu, &partials, chunks, grad_weight, accumulate)?,
+    ])
 }
 
 /// `grad_bias (+)= sum over n, h, w of grad_y`.
-pub fn backward_bias(gpu: &Gpu, grad_y: &Tensor, grad_bias: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
+pub fn backward_bias(
+    gpu: &Gpu,
+    grad_y: &Tensor,
+    grad_bias: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
     reduce::channel_sum(gpu, grad_y, grad_bias, accumulate)
 }

@@ -29,7 +29,11 @@ fn elementwise(
         check_shape(entry, first.shape(), t.shape())?;
     }
     let len = first.numel();
-    let params = Params { len: to_u32("elements", len)?, flags, _pad: [0; 2] };
+    let params = Params {
+        len: to_u32("elements", len)?,
+        flags,
+        _pad: [0; 2],
+    };
     let bindings: Vec<Binding<'_>> = reads
         .iter()
         .map(|&(i, t)| Binding::read(i, t))
@@ -53,8 +57,21 @@ pub fn relu_forward(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
 }
 
 /// `grad_x (+)= grad_y where y > 0`. `y` may be the ReLU's output or its input.
-pub fn relu_backward(gpu: &Gpu, y: &Tensor, grad_y: &Tensor, grad_x: &Tensor, accumulate: bool) -> Result<Dispatch> {
-    elementwise(gpu, "relu_backward", flags(accumulate, false), &[(1, y), (4, grad_y)], &[(5, grad_x)], 1)
+pub fn relu_backward(
+    gpu: &Gpu,
+    y: &Tensor,
+    grad_y: &Tensor,
+    grad_x: &Tensor,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    elementwise(
+        gpu,
+        "relu_backward",
+        flags(accumulate, false),
+        &[(1, y), (4, grad_y)],
+        &[(5, grad_x)],
+        1,
+    )
 }
 
 /// `y = a + b`.
@@ -70,7 +87,14 @@ pub fn add_backward(
     (grad_b, accumulate_b): (&Tensor, bool),
 ) -> Result<Dispatch> {
     let f = flags(accumulate_a, accumulate_b);
-    elementwise(gpu, "add_backward", f, &[(4, grad_y)], &[(5, grad_a), (6, grad_b)], 0)
+    elementwise(
+        gpu,
+        "add_backward",
+        f,
+        &[(4, grad_y)],
+        &[(5, grad_a), (6, grad_b)],
+        0,
+    )
 }
 
 /// `y = max(a + b, 0)`.
@@ -87,5 +111,12 @@ pub fn add_relu_backward(
     (grad_b, accumulate_b): (&Tensor, bool),
 ) -> Result<Dispatch> {
     let f = flags(accumulate_a, accumulate_b);
-    elementwise(gpu, "add_relu_backward", f, &[(1, y), (4, grad_y)], &[(5, grad_a), (6, grad_b)], 1)
+    elementwise(
+        gpu,
+        "add_relu_backward",
+        f,
+        &[(1, y), (4, grad_y)],
+        &[(5, grad_a), (6, grad_b)],
+        1,
+    )
 }

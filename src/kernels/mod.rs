@@ -69,7 +69,8 @@ pub(crate) fn reduction_chunks(outputs: usize, terms: usize) -> usize {
 
 /// Converts a size to the u32 the shaders index with, or names it in an error.
 pub(crate) fn to_u32(what: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::Invalid(format!("{what} = {v} exceeds the 32-bit index range")))
+    u32::try_from(v)
+        .map_err(|_| Error::Invalid(format!("{what} = {v} exceeds the 32-bit index range")))
 }
 
 /// Bytes of f32 data in `elements` elements.

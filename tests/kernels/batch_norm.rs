@@ -1,0 +1,155 @@
+use crate::common::*;
+use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, EPS, MOMENTUM};
+use hrnet_ocr::Tensor;
+
+const TOL: f64 = 1e-5;
+
+struct Layer {
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    var: Tensor,
+}
+
+impl Layer {
+    fn new(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32]) -> Self {
+        let c = gamma.len();
+        Layer {
+            gamma: upload(&[c], gamma),
+            beta: upload(&[c], beta),
+            mean: upload(&[c], mean),
+            var: upload(&[c], var),
+        }
+    }
+
+    fn params(&self) -> BatchNormParams<'_> {
+        BatchNormParams {
+            gamma: &self.gamma,
+            beta: &self.beta,
+            running_mean: &self.mean,
+            running_var: &self.var,
+            eps: EPS,
+            momentum: MOMENTUM,
+        }
+    }
+}
+
+struct Results {
+    y: Vec<f32>,
+    running_mean: Vec<f32>,
+    running_var: Vec<f32>,
+    gx: Vec<f32>,
+    ggamma: Vec<f32>,
+    gbeta: Vec<f32>,
+    y_eval: Vec<f32>,
+}
+
+/// Eval forward (with the initial running statistics), then training forward and backward.
+fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32]) -> Results {
+    let gpu = gpu();
+    let c = dims[1];
+    let (xt, gyt) = (upload(&dims, x), upload(&dims, gy));
+    let (y, y_eval, gx) = (poisoned(&dims), poisoned(&dims), poisoned(&dims));
+    let (ggamma, gbeta) = (poisoned(&[c]), poisoned(&[c]));
+    let saved = poisoned(&batch_norm::saved_shape(c));
+    let bn = layer.params();
+    let mut ds = vec![batch_norm::forward_eval(gpu, &xt, &bn, &y_eval).unwrap()];
+    ds.extend(batch_norm::forward_train(gpu, &xt, &bn, &saved, &y).unwrap());
+    let grads = BatchNormGrads {
+        grad_x: &gx,
+        grad_gamma: &ggamma,
+        grad_beta: &gbeta,
+        accumulate_x: false,
+        accumulate_params: false,
+    };
+    ds.extend(batch_norm::backward(gpu, &xt, &bn, &saved, &gyt, &grads).unwrap());
+    gpu.run(&ds).unwrap();
+    Results {
+        y: download(&y),
+        running_mean: download(&layer.mean),
+        running_var: download(&layer.var),
+        gx: download(&gx),
+        ggamma: download(&ggamma),
+        gbeta: download(&gbeta),
+        y_eval: download(&y_eval),
+    }
+}
+
+#[test]
+fn batch_norm_matches_pytorch_fixtures() {
+    let f = Fixture::load("batch_norm.safetensors");
+    for (case, p) in f.cases() {
+        let dims: [usize; 4] = p[..].try_into().expect("n c h w");
+        let g = |t: &str| f.get(&format!("{case}.{t}"));
+        let layer = Layer::new(g("weight"), g("bias"), g("running_mean"), g("running_var"));
+        let r = run(dims, g("x"), &layer, g("grad_out"));
+        let what = |t: &str| format!("{case} {dims:?} {t}");
+        assert_close(&what("out"), &r.y, g("out"), TOL);
+        assert_close(&what("out_eval"), &r.y_eval, g("out_eval"), TOL);
+        assert_close(
+            &what("running_mean"),
+            &r.running_mean,
+            g("running_mean_new"),
+            TOL,
+        );
+        assert_close(
+            &what("running_var"),
+            &r.running_var,
+            g("running_var_new"),
+            TOL,
+        );
+        assert_close(&what("grad_x"), &r.gx, g("grad_x"), TOL);
+        assert_close(&what("grad_weight"), &r.ggamma, g("grad_weight"), TOL);
+        assert_close(&what("grad_bias"), &r.gbeta, g("grad_bias"), TOL);
+    }
+}
+
+#[test]
+fn batch_norm_matches_cpu_on_random_shapes() {
+    let mut rng = Rng::new(seed("batch_norm_matches_cpu_on_random_shapes"));
+    for i in 0..60 {
+        // Every tenth shape is large enough that the channel reductions are split.
+        let big = i % 10 == 0;
+        let dims = [
+            rng.range(1, 4),
+            rng.range(1, 12),
+            rng.range(1, if big { 80 } else { 17 }),
+            rng.range(1, 23),
+        ];
+        let [n, c, h, w] = dims;
+        if n * h * w < 2 {
+            continue;
+        }
+        // Channels with means far from zero test the variance's accuracy.
+        let offsets: Vec<f32> = (0..c).map(|_| 20.0 * rng.normal()).collect();
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|i| offsets[(i / (h * w)) % c] + 3.0 * rng.normal())
+            .collect();
+        let gamma = rng.normals(c);
+        let beta = rng.normals(c);
+        let mean = rng.normals(c);
+        let var: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform() as f32).collect();
+        let gy = rng.normals(x.len());
+        let r = run(dims, &x, &Layer::new(&gamma, &beta, &mean, &var), &gy);
+        let want = bn_train(&x, dims, &gamma, &beta, &mean, &var);
+        let (gx, ggamma, gbeta) = bn_backward(&x, dims, &gamma, &gy);
+        let what = |t: &str| format!("{dims:?} {t}");
+        assert_close(&what("out"), &r.y, &want.y, TOL);
+        assert_close(
+            &what("out_eval"),
+            &r.y_eval,
+            &bn_eval(&x, dims, &gamma, &beta, &mean, &var),
+            TOL,
+        );
+        assert_close(
+            &what("running_mean"),
+            &r.running_mean,
+            &want.running_mean,
+            TOL,
+        );
+        assert_close(&what("running_var"), &r.running_var, &want.running_var, TOL);
+        assert_close(&what("grad_x"), &r.gx, &gx, TOL);
+        assert_close(&what("grad_weight"), &r.ggamma, &ggamma, TOL);
+        assert_close(&what("grad_bias"), &r.gbeta, &gbeta, TOL);
+    }
+}

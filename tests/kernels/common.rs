@@ -1,0 +1,449 @@
+//! Test support: the shared device, a seeded RNG, fixture loading, comparison with
+//! diagnostics, and plain CPU references of every kernel (accumulating in f64).
+
+use hrnet_ocr::kernels::conv2d::Conv2dSpec;
+use hrnet_ocr::{Gpu, Tensor};
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+/// One device for the whole test process: every lavapipe device starts its own threads.
+/// No adapter is a failure (with the install hint), never a skip.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| match Gpu::new() {
+        Ok(g) => {
+            eprintln!("testing on {}", g.describe());
+            g
+        }
+        Err(e) => panic!("{e}"),
+    })
+}
+
+/// A fresh seed per run (printed, so a failure can be replayed with HRNET_TEST_SEED).
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("HRNET_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("{test}: seed {seed} (HRNET_TEST_SEED={seed} replays it)");
+    seed
+}
+
+/// SplitMix64: small, fast and good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [lo, hi] (inclusive).
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+
+    pub fn coin(&mut self) -> bool {
+        self.next_u64() & 1 == 1
+    }
+}
+
+/// A tensor holding `data`, with the shape's element count checked.
+pub fn upload(shape: &[usize], data: &[f32]) -> Tensor {
+    Tensor::from_slice(gpu(), shape, data).expect("upload")
+}
+
+/// An output tensor filled with NaN, so any element a kernel fails to write fails the test.
+pub fn poisoned(shape: &[usize]) -> Tensor {
+    Tensor::full(gpu(), shape, f32::NAN).expect("allocate output")
+}
+
+pub fn download(t: &Tensor) -> Vec<f32> {
+    t.to_vec(gpu()).expect("download")
+}
+
+/// Relative L2 error ||got - want|| / ||want|| (absolute when `want` is all zeros).
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        diff += (f64::from(g) - f64::from(w)).powi(2);
+        norm += f64::from(w).powi(2);
+    }
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// Asserts `got` matches `want` within `tol` relative L2 error; on failure prints the max
+/// absolute difference and the first differing values.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: {} values, expected {}",
+        got.len(),
+        want.len()
+    );
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!(
+            "{what}: element {i} is {} (expected {}): unwritten or overflowed",
+            got[i], want[i]
+        );
+    }
+    let err = rel_l2(got, want);
+    if err <= tol {
+        return;
+    }
+    let (imax, dmax) = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .enumerate()
+        .fold(
+            (0, 0.0f32),
+            |best, (i, d)| if d > best.1 { (i, d) } else { best },
+        );
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let first: Vec<String> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (g, w))| (*g - *w).abs() > 1e-6 * scale.max(1e-30))
+        .take(6)
+        .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+        .collect();
+    panic!(
+        "{what}: relative L2 error {err:.3e} > {tol:.0e}; max |diff| {dmax:.3e} at {imax} \
+         (got {}, want {}); first differences: {}",
+        got[imax],
+        want[imax],
+        first.join(", ")
+    );
+}
+
+/// Tensors and per-case metadata of one fixture file under `tests/fixtures/`.
+pub struct Fixture {
+    name: String,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl Fixture {
+    pub fn load(file: &str) -> Self {
+        let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                assert_eq!(
+                    view.dtype(),
+                    safetensors::Dtype::F32,
+                    "{path}: {name} is not f32"
+                );
+                let data = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                (name, (view.shape().to_vec(), data))
+            })
+            .collect();
+        Fixture {
+            name: file.to_string(),
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> &[f32] {
+        &self.entry(name).1
+    }
+
+    pub fn shape(&self, name: &str) -> &[usize] {
+        &self.entry(name).0
+    }
+
+    fn entry(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no tensor {name}", self.name))
+    }
+
+    /// Case names (`case0`, `case1`, ...) with their integer parameters, in order.
+    pub fn cases(&self) -> Vec<(String, Vec<usize>)> {
+        let mut cases: Vec<(String, Vec<usize>)> = self
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("case"))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.split_whitespace()
+                        .map(|s| s.parse().expect("integer metadata"))
+                        .collect(),
+                )
+            })
+            .collect();
+        cases.sort_by_key(|(k, _)| k[4..].parse::<usize>().unwrap_or(usize::MAX));
+        assert!(!cases.is_empty(), "{}: no cases", self.name);
+        cases
+    }
+}
+
+// ---------------------------------------------------------------- CPU references
+
+/// Sizes of one convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvDims {
+    pub n: usize,
+    pub ci: usize,
+    pub h: usize,
+    pub w: usize,
+    pub co: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub spec: Conv2dSpec,
+}
+
+impl ConvDims {
+    pub fn out(&self) -> [usize; 2] {
+        self.spec
+            .output_size(self.h, self.w, self.kh, self.kw)
+            .expect("valid convolution")
+    }
+    pub fn x_shape(&self) -> [usize; 4] {
+        [self.n, self.ci, self.h, self.w]
+    }
+    pub fn w_shape(&self) -> [usize; 4] {
+        [self.co, self.ci, self.kh, self.kw]
+    }
+    pub fn y_shape(&self) -> [usize; 4] {
+        let [ho, wo] = self.out();
+        [self.n, self.co, ho, wo]
+    }
+
+    /// Calls `f(n, co, ci, oy, ox, ky, kx, iy, ix)` for every multiply-add of the convolution.
+    fn each_tap(&self, mut f: impl FnMut([usize; 9])) {
+        let [ho, wo] = self.out();
+        let s = self.spec;
+        for n in 0..self.n {
+            for co in 0..self.co {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        for ci in 0..self.ci {
+                            for ky in 0..self.kh {
+                                let iy = (oy * s.stride[0] + ky * s.dilation[0]) as isize
+                                    - s.padding[0] as isize;
+                                if iy < 0 || iy >= self.h as isize {
+                                    continue;
+                                }
+                                for kx in 0..self.kw {
+                                    let ix = (ox * s.stride[1] + kx * s.dilation[1]) as isize
+                                        - s.padding[1] as isize;
+                                    if ix < 0 || ix >= self.w as isize {
+                                        continue;
+                                    }
+                                    f([n, co, ci, oy, ox, ky, kx, iy as usize, ix as usize]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn xi(&self, n: usize, c: usize, y: usize, x: usize) -> usize {
+        ((n * self.ci + c) * self.h + y) * self.w + x
+    }
+    fn yi(&self, n: usize, c: usize, y: usize, x: usize) -> usize {
+        let [ho, wo] = self.out();
+        ((n * self.co + c) * ho + y) * wo + x
+    }
+    fn wi(&self, co: usize, ci: usize, ky: usize, kx: usize) -> usize {
+        ((co * self.ci + ci) * self.kh + ky) * self.kw + kx
+    }
+
+    pub fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let mut y = vec![0f64; self.y_shape().iter().product()];
+        self.each_tap(|[n, co, ci, oy, ox, ky, kx, iy, ix]| {
+            y[self.yi(n, co, oy, ox)] +=
+                f64::from(w[self.wi(co, ci, ky, kx)]) * f64::from(x[self.xi(n, ci, iy, ix)]);
+        });
+        let hw = y.len() / (self.n * self.co);
+        y.iter()
+            .enumerate()
+            .map(|(i, v)| (v + bias.map_or(0.0, |b| f64::from(b[(i / hw) % self.co]))) as f32)
+            .collect()
+    }
+
+    pub fn backward_input(&self, gy: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut gx = vec![0f64; self.x_shape().iter().product()];
+        self.each_tap(|[n, co, ci, oy, ox, ky, kx, iy, ix]| {
+            gx[self.xi(n, ci, iy, ix)] +=
+                f64::from(w[self.wi(co, ci, ky, kx)]) * f64::from(gy[self.yi(n, co, oy, ox)]);
+        });
+        gx.into_iter().map(|v| v as f32).collect()
+    }
+
+    pub fn backward_weight(&self, x: &[f32], gy: &[f32]) -> Vec<f32> {
+        let mut gw = vec![0f64; self.w_shape().iter().product()];
+        self.each_tap(|[n, co, ci, oy, ox, ky, kx, iy, ix]| {
+            gw[self.wi(co, ci, ky, kx)] +=
+                f64::from(x[self.xi(n, ci, iy, ix)]) * f64::from(gy[self.yi(n, co, oy, ox)]);
+        });
+        gw.into_iter().map(|v| v as f32).collect()
+    }
+}
+
+/// Per-channel sums over N x H x W.
+pub fn channel_sums(
+    x: &[f32],
+    [n, c, h, w]: [usize; 4],
+    f: impl Fn(usize, f64) -> f64,
+) -> Vec<f64> {
+    let hw = h * w;
+    let mut sums = vec![0f64; c];
+    for (i, &v) in x.iter().enumerate().take(n * c * hw) {
+        sums[(i / hw) % c] += f(i, f64::from(v));
+    }
+    sums
+}
+
+/// Training-mode batch norm: (y, new running mean, new running var, mean, inv std).
+pub struct BnTrain {
+    pub y: Vec<f32>,
+    pub running_mean: Vec<f32>,
+    pub running_var: Vec<f32>,
+    pub mean: Vec<f64>,
+    pub inv_std: Vec<f64>,
+}
+
+pub fn bn_train(
+    x: &[f32],
+    dims: [usize; 4],
+    gamma: &[f32],
+    beta: &[f32],
+    rm: &[f32],
+    rv: &[f32],
+) -> BnTrain {
+    let [n, c, h, w] = dims;
+    let count = (n * h * w) as f64;
+    let mean: Vec<f64> = channel_sums(x, dims, |_, v| v)
+        .iter()
+        .map(|s| s / count)
+        .collect();
+    let hw = h * w;
+    let var: Vec<f64> = channel_sums(x, dims, |i, v| (v - mean[(i / hw) % c]).powi(2))
+        .iter()
+        .map(|s| s / count)
+        .collect();
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+    let y = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / hw) % c;
+            ((f64::from(v) - mean[ch]) * inv_std[ch] * f64::from(gamma[ch]) + f64::from(beta[ch]))
+                as f32
+        })
+        .collect();
+    let running_mean = (0..c)
+        .map(|ch| (0.9 * f64::from(rm[ch]) + 0.1 * mean[ch]) as f32)
+        .collect();
+    let running_var = (0..c)
+        .map(|ch| (0.9 * f64::from(rv[ch]) + 0.1 * var[ch] * count / (count - 1.0)) as f32)
+        .collect();
+    BnTrain {
+        y,
+        running_mean,
+        running_var,
+        mean,
+        inv_std,
+    }
+}
+
+pub fn bn_eval(
+    x: &[f32],
+    dims: [usize; 4],
+    gamma: &[f32],
+    beta: &[f32],
+    rm: &[f32],
+    rv: &[f32],
+) -> Vec<f32> {
+    let [_, c, h, w] = dims;
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / (h * w)) % c;
+            let inv = 1.0 / (f64::from(rv[ch]) + 1e-5).sqrt();
+            ((f64::from(v) - f64::from(rm[ch])) * inv * f64::from(gamma[ch]) + f64::from(beta[ch]))
+                as f32
+        })
+        .collect()
+}
+
+/// Training-mode batch-norm backward: (grad_x, grad_gamma, grad_beta).
+pub fn bn_backward(
+    x: &[f32],
+    dims: [usize; 4],
+    gamma: &[f32],
+    gy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let [n, c, h, w] = dims;
+    let hw = h * w;
+    let count = (n * hw) as f64;
+    let dummy = vec![0.0; c];
+    let BnTrain { mean, inv_std, .. } = bn_train(x, dims, gamma, &dummy, &dummy, &dummy);
+    let x_hat = |i: usize| (f64::from(x[i]) - mean[(i / hw) % c]) * inv_std[(i / hw) % c];
+    let sum_g = channel_sums(gy, dims, |_, g| g);
+    let sum_gx = channel_sums(gy, dims, |i, g| g * x_hat(i));
+    let gx = gy
+        .iter()
+        .enumerate()
+        .map(|(i, &g)| {
+            let ch = (i / hw) % c;
+            (f64::from(gamma[ch])
+                * inv_std[ch]
+                * (f64::from(g) - sum_g[ch] / count - x_hat(i) * sum_gx[ch] / count))
+                as f32
+        })
+        .collect();
+    (
+        gx,
+        sum_gx.iter().map(|&v| v as f32).collect(),
+        sum_g.iter().map(|&v| v as f32).collect(),
+    )
+}

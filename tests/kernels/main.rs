@@ -1,0 +1,9 @@
+//! Kernel tests on the device: against PyTorch fixtures and CPU references.
+
+mod batch_norm;
+mod common;
+mod conv2d;
+mod determinism;
+mod elementwise;
+mod errors;
+mod graph;
