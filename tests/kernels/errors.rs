@@ -91,8 +91,10 @@ fn training_batch_norm_needs_two_values_per_channel() {
 #[test]
 fn tensors_beyond_the_binding_limit_are_refused_with_the_limit() {
     let gpu = gpu();
-    let limit =
-        gpu.limits().max_storage_buffer_binding_size.min(gpu.limits().max_buffer_size);
+    let limit = gpu
+        .limits()
+        .max_storage_buffer_binding_size
+        .min(gpu.limits().max_buffer_size);
     let elements = (limit / 4 + 1) as usize;
     let e = message(Tensor::empty(gpu, &[elements]).unwrap_err());
     assert!(
