@@ -32,15 +32,7 @@ fn conv_cases() -> Vec<ConvCase> {
         for (b, &c) in widths.iter().enumerate() {
             let (h, w) = (64 >> b, 128 >> b);
             let name = format!("3x3 {c}->{c} {h}x{w}");
-            cases.push(ConvCase {
-                name,
-                ci: c,
-                co: c,
-                h,
-                w,
-                k: 3,
-                spec: same3,
-            });
+            cases.push(ConvCase { name, ci: c, co: c, h, w, k: 3, spec: same3 });
         }
         let (c0, c1) = (widths[0], widths[1]);
         cases.push(ConvCase {
@@ -78,36 +70,18 @@ fn filled(gpu: &Gpu, shape: &[usize], seed: u32) -> Tensor {
     let n: usize = shape.iter().product();
     // Cheap deterministic values in [-1, 1]; the data does not change the timing.
     let data: Vec<f32> = (0..n)
-        .map(|i| {
-            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 8_388_608.0
-                - 1.0
-        })
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 8_388_608.0 - 1.0)
         .collect();
     Tensor::from_slice(gpu, shape, &data).expect("allocate benchmark tensor")
 }
 
 /// Times `dispatches` submitted together and waited for, per iteration.
-fn bench(
-    c: &mut Criterion,
-    gpu: &Gpu,
-    group: &str,
-    id: &str,
-    dispatches: &[Dispatch],
-    bytes_only: bool,
-) {
+fn bench(c: &mut Criterion, gpu: &Gpu, group: &str, id: &str, dispatches: &[Dispatch], bytes_only: bool) {
     let cost = total_cost(dispatches);
     let mut g = c.benchmark_group(format!("{group} [{}]", gpu.info().name));
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2));
-    g.throughput(if bytes_only {
-        Throughput::Bytes(cost.bytes)
-    } else {
-        Throughput::Elements(cost.flops)
-    });
-    g.bench_function(BenchmarkId::from_parameter(id), |b| {
-        b.iter(|| gpu.run(dispatches).expect("run"))
-    });
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    g.throughput(if bytes_only { Throughput::Bytes(cost.bytes) } else { Throughput::Elements(cost.flops) });
+    g.bench_function(BenchmarkId::from_parameter(id), |b| b.iter(|| gpu.run(dispatches).expect("run")));
     g.finish();
 }
 
@@ -144,10 +118,7 @@ fn memory_bound(c: &mut Criterion) {
         let other = filled(&gpu, &shape, 2);
         let gy = filled(&gpu, &shape, 3);
         let y = Tensor::empty(&gpu, &shape).unwrap();
-        let (gx, gb) = (
-            Tensor::empty(&gpu, &shape).unwrap(),
-            Tensor::empty(&gpu, &shape).unwrap(),
-        );
+        let (gx, gb) = (Tensor::empty(&gpu, &shape).unwrap(), Tensor::empty(&gpu, &shape).unwrap());
         let params: Vec<Tensor> = (0..4).map(|i| filled(&gpu, &[ch], 10 + i)).collect();
         let var = Tensor::full(&gpu, &[ch], 1.0).unwrap();
         let bn = BatchNormParams {
@@ -159,10 +130,7 @@ fn memory_bound(c: &mut Criterion) {
             momentum: MOMENTUM,
         };
         let saved = Tensor::empty(&gpu, &batch_norm::saved_shape(ch)).unwrap();
-        let (gg, gbeta) = (
-            Tensor::empty(&gpu, &[ch]).unwrap(),
-            Tensor::empty(&gpu, &[ch]).unwrap(),
-        );
+        let (gg, gbeta) = (Tensor::empty(&gpu, &[ch]).unwrap(), Tensor::empty(&gpu, &[ch]).unwrap());
         let train = batch_norm::forward_train(&gpu, &x, &bn, &saved, &y).unwrap();
         bench(c, &gpu, "batch_norm_train_forward", &id, &train, true);
         bench(
@@ -182,14 +150,7 @@ fn memory_bound(c: &mut Criterion) {
         };
         let backward = batch_norm::backward(&gpu, &x, &bn, &saved, &gy, &grads).unwrap();
         bench(c, &gpu, "batch_norm_backward", &id, &backward, true);
-        bench(
-            c,
-            &gpu,
-            "relu_forward",
-            &id,
-            &[elementwise::relu_forward(&gpu, &x, &y).unwrap()],
-            true,
-        );
+        bench(c, &gpu, "relu_forward", &id, &[elementwise::relu_forward(&gpu, &x, &y).unwrap()], true);
         bench(
             c,
             &gpu,
@@ -198,14 +159,7 @@ fn memory_bound(c: &mut Criterion) {
             &[elementwise::relu_backward(&gpu, &x, &gy, &gx, false).unwrap()],
             true,
         );
-        bench(
-            c,
-            &gpu,
-            "add_forward",
-            &id,
-            &[elementwise::add_forward(&gpu, &x, &other, &y).unwrap()],
-            true,
-        );
+        bench(c, &gpu, "add_forward", &id, &[elementwise::add_forward(&gpu, &x, &other, &y).unwrap()], true);
         let add_bwd = elementwise::add_backward(&gpu, &gy, (&gx, false), (&gb, false)).unwrap();
         bench(c, &gpu, "add_backward", &id, &[add_bwd], true);
         bench(
@@ -216,8 +170,7 @@ fn memory_bound(c: &mut Criterion) {
             &[elementwise::add_relu_forward(&gpu, &x, &other, &y).unwrap()],
             true,
         );
-        let add_relu_bwd =
-            elementwise::add_relu_backward(&gpu, &x, &gy, (&gx, false), (&gb, true)).unwrap();
+        let add_relu_bwd = elementwise::add_relu_backward(&gpu, &x, &gy, (&gx, false), (&gb, true)).unwrap();
         bench(c, &gpu, "add_relu_backward", &id, &[add_relu_bwd], true);
     }
 }

@@ -7,30 +7,15 @@ use std::fmt;
 #[derive(Debug)]
 pub enum Error {
     /// No adapter was found at all (or none for the requested backends).
-    NoAdapter {
-        backends: String,
-        hint: &'static str,
-    },
+    NoAdapter { backends: String, hint: &'static str },
     /// `WGPU_ADAPTER_NAME` (or an explicit name) matched none of the adapters found.
-    AdapterNotFound {
-        wanted: String,
-        available: Vec<String>,
-    },
+    AdapterNotFound { wanted: String, available: Vec<String> },
     /// The adapter refused to create a device.
     RequestDevice(String),
     /// A tensor's shape is not what an operation needs.
-    Shape {
-        what: String,
-        expected: String,
-        actual: String,
-    },
+    Shape { what: String, expected: String, actual: String },
     /// A size exceeds a device limit.
-    Limit {
-        what: String,
-        bytes: u64,
-        limit: u64,
-        limit_name: &'static str,
-    },
+    Limit { what: String, bytes: u64, limit: u64, limit_name: &'static str },
     /// An invalid argument (a zero stride, an empty tensor, a bad option).
     Invalid(String),
     /// Reading a buffer back from the device failed.
@@ -50,29 +35,15 @@ impl fmt::Display for Error {
             Error::AdapterNotFound { wanted, available } => write!(
                 f,
                 "no adapter name contains {wanted:?}; adapters found: {}",
-                if available.is_empty() {
-                    "none".to_string()
-                } else {
-                    available.join(", ")
-                }
+                if available.is_empty() { "none".to_string() } else { available.join(", ") }
             ),
             Error::RequestDevice(msg) => write!(f, "the adapter refused to create a device: {msg}"),
-            Error::Shape {
-                what,
-                expected,
-                actual,
-            } => {
+            Error::Shape { what, expected, actual } => {
                 write!(f, "{what}: expected shape {expected}, got {actual}")
             }
-            Error::Limit {
-                what,
-                bytes,
-                limit,
-                limit_name,
-            } => write!(
-                f,
-                "{what} needs {bytes} bytes, above the adapter's {limit_name} of {limit} bytes"
-            ),
+            Error::Limit { what, bytes, limit, limit_name } => {
+                write!(f, "{what} needs {bytes} bytes, above the adapter's {limit_name} of {limit} bytes")
+            }
             Error::Invalid(msg) => f.write_str(msg),
             Error::Readback(msg) => {
                 write!(f, "reading a buffer back from the device failed: {msg}")
@@ -91,11 +62,7 @@ pub fn fmt_shape(shape: &[usize]) -> String {
 
 /// An error for a tensor whose shape differs from the expected one; names both shapes.
 pub fn shape_error(what: impl Into<String>, expected: &[usize], actual: &[usize]) -> Error {
-    Error::Shape {
-        what: what.into(),
-        expected: fmt_shape(expected),
-        actual: fmt_shape(actual),
-    }
+    Error::Shape { what: what.into(), expected: fmt_shape(expected), actual: fmt_shape(actual) }
 }
 
 /// Checks `actual == expected`, or returns an error naming `what` and both shapes.

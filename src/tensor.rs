@@ -1,38 +1,48 @@
-//! A tensor: a device buffer and an NCHW shape, f32 elements.
+//! A tensor: a range of a device buffer and an NCHW shape, with 32-bit elements (f32 for
+//! data, u32 for labels and counts).
 
 use crate::error::{fmt_shape, Error, Result};
 use crate::gpu::{Gpu, PooledBuffer};
 use std::num::NonZeroU64;
 use std::sync::Arc;
 
-/// An f32 tensor on the device. Cloning shares the buffer.
+/// The element type. Both are 4 bytes; kernels check which one they were given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    U32,
+}
+
+/// A tensor on the device. Cloning shares the buffer.
 #[derive(Clone)]
 pub struct Tensor {
     buffer: Arc<PooledBuffer>,
+    /// Byte offset of the first element in the buffer (non-zero for views).
+    offset: u64,
     shape: Vec<usize>,
+    dtype: DType,
 }
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor{}", fmt_shape(&self.shape))
+        write!(f, "Tensor<{:?}>{}", self.dtype, fmt_shape(&self.shape))
     }
 }
 
 impl Tensor {
-    /// A tensor whose contents are unspecified (a reused buffer keeps old data).
+    /// An f32 tensor whose contents are unspecified (a reused buffer keeps old data).
     pub fn empty(gpu: &Gpu, shape: &[usize]) -> Result<Self> {
+        Self::empty_of(gpu, shape, DType::F32)
+    }
+
+    /// A tensor of `dtype` whose contents are unspecified.
+    pub fn empty_of(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Self> {
         let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let bytes = numel.and_then(|n| n.checked_mul(4)).ok_or_else(|| {
-            Error::Invalid(format!(
-                "tensor of shape {} overflows the address space",
-                fmt_shape(shape)
-            ))
+            Error::Invalid(format!("tensor of shape {} overflows the address space", fmt_shape(shape)))
         })? as u64;
         if bytes == 0 {
-            return Err(Error::Invalid(format!(
-                "tensor of shape {} has no elements",
-                fmt_shape(shape)
-            )));
+            return Err(Error::Invalid(format!("tensor of shape {} has no elements", fmt_shape(shape))));
         }
         let limits = gpu.limits();
         let binding_limit = limits.max_storage_buffer_binding_size;
@@ -42,27 +52,29 @@ impl Tensor {
             } else {
                 (limits.max_buffer_size, "max_buffer_size")
             };
-            return Err(Error::Limit {
-                what: format!("tensor of shape {}", fmt_shape(shape)),
-                bytes,
-                limit,
-                limit_name,
-            });
+            let what = format!("tensor of shape {}", fmt_shape(shape));
+            return Err(Error::Limit { what, bytes, limit, limit_name });
         }
-        Ok(Tensor {
-            buffer: Arc::new(gpu.pool().acquire(&gpu.device, bytes)),
-            shape: shape.to_vec(),
-        })
+        let buffer = Arc::new(gpu.pool().acquire(&gpu.device, bytes));
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype })
     }
 
-    /// A tensor holding `data` (row-major NCHW); `data.len()` must match the shape.
+    /// An f32 tensor holding `data` (row-major NCHW); `data.len()` must match the shape.
     pub fn from_slice(gpu: &Gpu, shape: &[usize], data: &[f32]) -> Result<Self> {
         let t = Self::empty(gpu, shape)?;
         t.write(gpu, data)?;
         Ok(t)
     }
 
-    /// A tensor with every element `value`.
+    /// A u32 tensor holding `data` (labels, counts).
+    pub fn from_u32(gpu: &Gpu, shape: &[usize], data: &[u32]) -> Result<Self> {
+        let t = Self::empty_of(gpu, shape, DType::U32)?;
+        t.check_len(data.len())?;
+        gpu.queue.write_buffer(t.buffer(), t.offset, bytemuck::cast_slice(data));
+        Ok(t)
+    }
+
+    /// An f32 tensor with every element `value`.
     pub fn full(gpu: &Gpu, shape: &[usize], value: f32) -> Result<Self> {
         let t = Self::empty(gpu, shape)?;
         t.fill(gpu, value);
@@ -73,32 +85,78 @@ impl Tensor {
         Self::full(gpu, shape, 0.0)
     }
 
-    /// Overwrites the contents with `data`.
-    pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
-        if data.len() != self.numel() {
+    /// A view of `shape` starting `start` elements into this tensor, sharing its buffer.
+    /// The start must meet the adapter's storage offset alignment.
+    pub fn view(&self, gpu: &Gpu, start: usize, shape: &[usize]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if numel == 0 || start + numel > self.numel() {
             return Err(Error::Invalid(format!(
-                "{} values given for a tensor of shape {} ({} elements)",
-                data.len(),
-                fmt_shape(&self.shape),
-                self.numel()
+                "a view of shape {} at element {start} does not fit in a tensor of shape {}",
+                fmt_shape(shape),
+                fmt_shape(&self.shape)
             )));
         }
-        gpu.queue
-            .write_buffer(self.buffer(), 0, bytemuck::cast_slice(data));
+        let offset = self.offset + start as u64 * 4;
+        let align = u64::from(gpu.limits().min_storage_buffer_offset_alignment);
+        if offset % align != 0 {
+            return Err(Error::Invalid(format!(
+                "a view at byte offset {offset} breaks the adapter's storage offset alignment of {align} bytes"
+            )));
+        }
+        Ok(Tensor { buffer: Arc::clone(&self.buffer), offset, shape: shape.to_vec(), dtype: self.dtype })
+    }
+
+    /// Overwrites the contents of an f32 tensor with `data`.
+    pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        self.check_dtype("write", DType::F32)?;
+        self.check_len(data.len())?;
+        gpu.queue.write_buffer(self.buffer(), self.offset, bytemuck::cast_slice(data));
         Ok(())
     }
 
     /// Sets every element to `value` (tests poison outputs with NaN this way).
     pub fn fill(&self, gpu: &Gpu, value: f32) {
         let data = vec![value; self.numel()];
-        gpu.queue
-            .write_buffer(self.buffer(), 0, bytemuck::cast_slice(&data));
+        gpu.queue.write_buffer(self.buffer(), self.offset, bytemuck::cast_slice(&data));
     }
 
-    /// Copies the contents back to the host (waits for all submitted work).
+    /// Copies an f32 tensor back to the host (waits for all submitted work).
     pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        let bytes = read_buffer(gpu, self.buffer(), self.bytes())?;
-        Ok(bytemuck::cast_slice(&bytes).to_vec())
+        self.check_dtype("to_vec", DType::F32)?;
+        Ok(bytemuck::cast_slice(&self.read_bytes(gpu)?).to_vec())
+    }
+
+    /// Copies a u32 tensor back to the host.
+    pub fn to_vec_u32(&self, gpu: &Gpu) -> Result<Vec<u32>> {
+        self.check_dtype("to_vec_u32", DType::U32)?;
+        Ok(bytemuck::cast_slice(&self.read_bytes(gpu)?).to_vec())
+    }
+
+    fn read_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
+        read_buffer(gpu, self.buffer(), self.offset, self.bytes())
+    }
+
+    fn check_len(&self, len: usize) -> Result<()> {
+        if len == self.numel() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "{len} values given for a tensor of shape {} ({} elements)",
+            fmt_shape(&self.shape),
+            self.numel()
+        )))
+    }
+
+    /// An error naming `what` unless the elements are of `dtype`.
+    pub fn check_dtype(&self, what: &str, dtype: DType) -> Result<()> {
+        if self.dtype == dtype {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!("{what}: expected a {dtype:?} tensor, got {self:?}")))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -123,7 +181,7 @@ impl Tensor {
         })
     }
 
-    /// Whether both tensors are views of the same device buffer.
+    /// Whether both tensors live in the same device buffer (views included).
     pub fn same_buffer(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.buffer, &other.buffer)
     }
@@ -136,14 +194,14 @@ impl Tensor {
     pub(crate) fn binding(&self) -> wgpu::BindingResource<'_> {
         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: self.buffer(),
-            offset: 0,
+            offset: self.offset,
             size: NonZeroU64::new(self.bytes()),
         })
     }
 }
 
-/// Copies `size` bytes of `buffer` to the host through a staging buffer.
-pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+/// Copies `size` bytes of `buffer` from `offset` to the host through a staging buffer.
+pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
     let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
         size,
@@ -151,7 +209,7 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result
         mapped_at_creation: false,
     });
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     gpu.queue.submit([encoder.finish()]);
     let (tx, rx) = std::sync::mpsc::channel();
     staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
@@ -162,10 +220,7 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result
         .map_err(|_| Error::Readback("the map callback never ran".into()))?
         .map_err(|e| Error::Readback(e.to_string()))?;
     let data = {
-        let view = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| Error::Readback(e.to_string()))?;
+        let view = staging.slice(..).get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
         view.to_vec()
     };
     staging.unmap();

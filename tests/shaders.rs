@@ -15,11 +15,7 @@ fn every_shader_file_validates_with_naga() {
     let mut errors = Vec::new();
     for path in &files {
         let source = std::fs::read_to_string(path).unwrap();
-        let shown = path
-            .strip_prefix(env!("CARGO_MANIFEST_DIR"))
-            .unwrap_or(path)
-            .display()
-            .to_string();
+        let shown = path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(path).display().to_string();
         let module = match naga::front::wgsl::parse_str(&source) {
             Ok(m) => m,
             Err(e) => {
@@ -45,18 +41,11 @@ fn every_shader_file_is_registered() {
         .unwrap()
         .filter_map(|e| {
             let p = e.unwrap().path();
-            (p.extension()? == "wgsl")
-                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+            (p.extension()? == "wgsl").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
         })
         .collect();
     on_disk.sort();
-    let mut registered: Vec<String> = hrnet_ocr::gpu::SHADERS
-        .iter()
-        .map(|(n, _)| n.to_string())
-        .collect();
+    let mut registered: Vec<String> = hrnet_ocr::gpu::SHADERS.iter().map(|(n, _)| n.to_string()).collect();
     registered.sort();
-    assert_eq!(
-        on_disk, registered,
-        "shaders/ and the registry in src/gpu/registry.rs differ"
-    );
+    assert_eq!(on_disk, registered, "shaders/ and the registry in src/gpu/registry.rs differ");
 }

@@ -55,30 +55,12 @@ fn info() -> Result<()> {
     println!("limits:");
     for (name, value) in [
         ("max_buffer_size", l.max_buffer_size),
-        (
-            "max_storage_buffer_binding_size",
-            l.max_storage_buffer_binding_size,
-        ),
-        (
-            "max_storage_buffers_per_shader_stage",
-            u64::from(l.max_storage_buffers_per_shader_stage),
-        ),
-        (
-            "max_compute_workgroup_storage_size",
-            u64::from(l.max_compute_workgroup_storage_size),
-        ),
-        (
-            "max_compute_invocations_per_workgroup",
-            u64::from(l.max_compute_invocations_per_workgroup),
-        ),
-        (
-            "max_compute_workgroup_size_x",
-            u64::from(l.max_compute_workgroup_size_x),
-        ),
-        (
-            "max_compute_workgroups_per_dimension",
-            u64::from(l.max_compute_workgroups_per_dimension),
-        ),
+        ("max_storage_buffer_binding_size", l.max_storage_buffer_binding_size),
+        ("max_storage_buffers_per_shader_stage", u64::from(l.max_storage_buffers_per_shader_stage)),
+        ("max_compute_workgroup_storage_size", u64::from(l.max_compute_workgroup_storage_size)),
+        ("max_compute_invocations_per_workgroup", u64::from(l.max_compute_invocations_per_workgroup)),
+        ("max_compute_workgroup_size_x", u64::from(l.max_compute_workgroup_size_x)),
+        ("max_compute_workgroups_per_dimension", u64::from(l.max_compute_workgroups_per_dimension)),
     ] {
         println!("  {name:<40} {value}");
     }

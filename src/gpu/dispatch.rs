@@ -3,34 +3,41 @@
 
 use super::Gpu;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
 use wgpu::util::DeviceExt;
 
 /// One buffer bound at a binding index of a kernel's bind group (group 0; binding 0 is always
 /// the kernel's uniform `Params`).
+#[derive(Clone, Copy)]
 pub struct Binding<'a> {
     pub index: u32,
     pub tensor: &'a Tensor,
     /// Whether the kernel writes it (a `read_write` storage binding).
     pub writes: bool,
+    /// The element type the shader declares there.
+    pub dtype: DType,
 }
 
 impl<'a> Binding<'a> {
+    /// An f32 tensor the kernel reads.
     pub fn read(index: u32, tensor: &'a Tensor) -> Self {
-        Binding {
-            index,
-            tensor,
-            writes: false,
-        }
+        Binding { index, tensor, writes: false, dtype: DType::F32 }
     }
 
+    /// An f32 tensor the kernel writes (and may read).
     pub fn write(index: u32, tensor: &'a Tensor) -> Self {
-        Binding {
-            index,
-            tensor,
-            writes: true,
-        }
+        Binding { index, tensor, writes: true, dtype: DType::F32 }
+    }
+
+    /// A u32 tensor the kernel reads.
+    pub fn read_u32(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: false, dtype: DType::U32 }
+    }
+
+    /// A u32 tensor the kernel writes.
+    pub fn write_u32(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: true, dtype: DType::U32 }
     }
 }
 
@@ -69,6 +76,8 @@ pub struct Dispatch {
     label: &'static str,
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
+    /// The uniform `Params`, rewritable between submissions (a step's learning rate or seed).
+    params: wgpu::Buffer,
     workgroups: Workgroups,
     cost: Cost,
     /// The bound tensors, kept alive so the pool cannot hand their buffers out again while
@@ -96,21 +105,17 @@ impl std::fmt::Debug for Dispatch {
 impl Dispatch {
     pub(crate) fn new<P: bytemuck::Pod>(gpu: &Gpu, spec: DispatchSpec<'_, P>) -> Result<Self> {
         let pipeline = gpu.pipeline(spec.shader, spec.entry, spec.constants)?;
-        let params = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(spec.entry),
-                contents: bytemuck::bytes_of(spec.params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: params.as_entire_binding(),
-        }];
-        entries.extend(spec.bindings.iter().map(|b| wgpu::BindGroupEntry {
-            binding: b.index,
-            resource: b.tensor.binding(),
-        }));
+        let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(spec.entry),
+            contents: bytemuck::bytes_of(spec.params),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() }];
+        entries.extend(
+            spec.bindings
+                .iter()
+                .map(|b| wgpu::BindGroupEntry { binding: b.index, resource: b.tensor.binding() }),
+        );
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(spec.entry),
@@ -118,19 +123,23 @@ impl Dispatch {
             entries: &entries,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!(
-                "binding {}.wgsl:{}: {e}",
-                spec.shader, spec.entry
-            )));
+            return Err(Error::Device(format!("binding {}.wgsl:{}: {e}", spec.shader, spec.entry)));
         }
         Ok(Dispatch {
             label: spec.entry,
             pipeline,
             bind_group,
+            params,
             workgroups: spec.workgroups,
             cost: spec.cost,
             _bound: spec.bindings.iter().map(|b| b.tensor.clone()).collect(),
         })
+    }
+
+    /// Replaces the uniform parameters for the next submission. Only launchers that document
+    /// it offer this (the layout must be the kernel's own `Params`).
+    pub(crate) fn write_params<P: bytemuck::Pod>(&self, gpu: &Gpu, params: &P) {
+        gpu.queue.write_buffer(&self.params, 0, bytemuck::bytes_of(params));
     }
 
     /// The entry point's name, e.g. `conv2d_forward`.

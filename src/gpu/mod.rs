@@ -18,9 +18,8 @@ use registry::PipelineCache;
 use std::sync::{Arc, Mutex};
 
 /// Features the engine uses when the adapter has them; none is required.
-const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
-    .union(wgpu::Features::SHADER_F16)
-    .union(wgpu::Features::SUBGROUP);
+const OPTIONAL_FEATURES: wgpu::Features =
+    wgpu::Features::TIMESTAMP_QUERY.union(wgpu::Features::SHADER_F16).union(wgpu::Features::SUBGROUP);
 
 /// Which adapter to open. [`GpuOptions::from_env`] reads wgpu's standard variables.
 #[derive(Clone, Debug, Default)]
@@ -36,9 +35,7 @@ impl GpuOptions {
     pub fn from_env() -> Self {
         GpuOptions {
             backends: wgpu::Backends::from_env(),
-            adapter_name: std::env::var("WGPU_ADAPTER_NAME")
-                .ok()
-                .filter(|s| !s.is_empty()),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
         }
     }
 }
@@ -103,10 +100,7 @@ impl Gpu {
 
     /// A one-line description such as `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
     pub fn describe(&self) -> String {
-        format!(
-            "{} ({:?}, {:?})",
-            self.info.name, self.info.backend, self.info.device_type
-        )
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
     }
 
     /// The limits the device was opened with (the adapter's own).
@@ -219,10 +213,7 @@ fn choose_adapter(
     backends: wgpu::Backends,
     wanted: Option<&str>,
 ) -> Result<wgpu::Adapter> {
-    let none_found = || Error::NoAdapter {
-        backends: format!("{backends:?}"),
-        hint: no_adapter_hint(),
-    };
+    let none_found = || Error::NoAdapter { backends: format!("{backends:?}"), hint: no_adapter_hint() };
     if adapters.is_empty() {
         return Err(none_found());
     }
@@ -238,10 +229,7 @@ fn choose_adapter(
         return adapters
             .into_iter()
             .find(|a| a.get_info().name.to_lowercase().contains(&needle))
-            .ok_or(Error::AdapterNotFound {
-                wanted: wanted.to_string(),
-                available: names,
-            });
+            .ok_or(Error::AdapterNotFound { wanted: wanted.to_string(), available: names });
     }
     adapters
         .into_iter()

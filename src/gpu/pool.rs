@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex, Weak};
 /// Idle buffers beyond this many bytes are released to the driver instead of kept.
 const MAX_IDLE_BYTES: u64 = 1 << 30;
 
-const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
+const USAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 
 #[derive(Default)]
 pub(crate) struct BufferPool {
@@ -52,11 +51,7 @@ impl BufferPool {
                 mapped_at_creation: false,
             })
         });
-        PooledBuffer {
-            buffer: Some(buffer),
-            class,
-            pool: Arc::downgrade(self),
-        }
+        PooledBuffer { buffer: Some(buffer), class, pool: Arc::downgrade(self) }
     }
 
     fn release(&self, buffer: wgpu::Buffer, class: u64) {
@@ -82,9 +77,7 @@ pub struct PooledBuffer {
 impl PooledBuffer {
     /// The device buffer (its size is the size class, at least the bytes asked for).
     pub fn buffer(&self) -> &wgpu::Buffer {
-        self.buffer
-            .as_ref()
-            .expect("a pooled buffer holds its buffer until dropped")
+        self.buffer.as_ref().expect("a pooled buffer holds its buffer until dropped")
     }
 }
 
@@ -102,24 +95,10 @@ mod tests {
 
     #[test]
     fn size_classes_cover_the_request_with_little_waste() {
-        for bytes in [
-            1u64,
-            255,
-            256,
-            257,
-            1000,
-            4096,
-            4097,
-            123_457,
-            1 << 20,
-            (1 << 20) + 1,
-        ] {
+        for bytes in [1u64, 255, 256, 257, 1000, 4096, 4097, 123_457, 1 << 20, (1 << 20) + 1] {
             let c = size_class(bytes);
             assert!(c >= bytes && c % 16 == 0, "{bytes} -> {c}");
-            assert!(
-                c <= (bytes.max(256) * 9).div_ceil(8) + 16,
-                "{bytes} -> {c} wastes too much"
-            );
+            assert!(c <= (bytes.max(256) * 9).div_ceil(8) + 16, "{bytes} -> {c} wastes too much");
         }
     }
 }

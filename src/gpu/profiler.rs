@@ -57,18 +57,13 @@ impl Gpu {
             }
             encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
             self.queue.submit([encoder.finish()]);
-            let bytes = read_buffer(self, &resolved, u64::from(count) * 8)?;
+            let bytes = read_buffer(self, &resolved, 0, u64::from(count) * 8)?;
             let ticks: &[u64] = bytemuck::cast_slice(&bytes);
             let period = f64::from(self.queue.get_timestamp_period());
-            timings.extend(
-                chunk
-                    .iter()
-                    .zip(ticks.chunks_exact(2))
-                    .map(|(d, t)| KernelTiming {
-                        label: d.label(),
-                        nanoseconds: t[1].saturating_sub(t[0]) as f64 * period,
-                    }),
-            );
+            timings.extend(chunk.iter().zip(ticks.chunks_exact(2)).map(|(d, t)| KernelTiming {
+                label: d.label(),
+                nanoseconds: t[1].saturating_sub(t[0]) as f64 * period,
+            }));
         }
         Ok(timings)
     }

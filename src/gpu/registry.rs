@@ -8,12 +8,17 @@ use std::sync::{Arc, Mutex};
 /// Every shader file, by the name kernels use for it.
 pub const SHADERS: &[(&str, &str)] = &[
     ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
+    ("concat", include_str!("../../shaders/concat.wgsl")),
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
-    (
-        "elementwise",
-        include_str!("../../shaders/elementwise.wgsl"),
-    ),
+    ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("loss", include_str!("../../shaders/loss.wgsl")),
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("metrics", include_str!("../../shaders/metrics.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    ("resize", include_str!("../../shaders/resize.wgsl")),
+    ("sgd", include_str!("../../shaders/sgd.wgsl")),
+    ("softmax", include_str!("../../shaders/softmax.wgsl")),
 ];
 
 /// Override constants are part of a pipeline's identity; f64 bits make them hashable.
@@ -33,11 +38,7 @@ impl PipelineCache {
         entry: &'static str,
         constants: &[(&'static str, f64)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = (
-            shader,
-            entry,
-            constants.iter().map(|&(k, v)| (k, v.to_bits())).collect(),
-        );
+        let key = (shader, entry, constants.iter().map(|&(k, v)| (k, v.to_bits())).collect());
         if let Some(p) = lock(&self.pipelines).get(&key) {
             return Ok(Arc::clone(p));
         }
@@ -55,20 +56,14 @@ impl PipelineCache {
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!(
-                "building pipeline {shader}.wgsl:{entry}: {e}"
-            )));
+            return Err(Error::Device(format!("building pipeline {shader}.wgsl:{entry}: {e}")));
         }
         let pipeline = Arc::new(pipeline);
         lock(&self.pipelines).insert(key, Arc::clone(&pipeline));
         Ok(pipeline)
     }
 
-    fn module(
-        &self,
-        device: &wgpu::Device,
-        shader: &'static str,
-    ) -> Result<Arc<wgpu::ShaderModule>> {
+    fn module(&self, device: &wgpu::Device, shader: &'static str) -> Result<Arc<wgpu::ShaderModule>> {
         if let Some(m) = lock(&self.modules).get(shader) {
             return Ok(Arc::clone(m));
         }
@@ -83,9 +78,7 @@ impl PipelineCache {
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!(
-                "compiling shaders/{shader}.wgsl: {e}"
-            )));
+            return Err(Error::Device(format!("compiling shaders/{shader}.wgsl: {e}")));
         }
         let module = Arc::new(module);
         lock(&self.modules).insert(shader, Arc::clone(&module));

@@ -35,35 +35,11 @@ struct Value {
 }
 
 enum Op {
-    Conv2d {
-        spec: Conv2dSpec,
-        x: ValueId,
-        weight: ValueId,
-        bias: Option<ValueId>,
-        y: ValueId,
-    },
-    BatchNorm {
-        x: ValueId,
-        gamma: ValueId,
-        beta: ValueId,
-        mean: ValueId,
-        var: ValueId,
-        y: ValueId,
-    },
-    Relu {
-        x: ValueId,
-        y: ValueId,
-    },
-    Add {
-        a: ValueId,
-        b: ValueId,
-        y: ValueId,
-    },
-    AddRelu {
-        a: ValueId,
-        b: ValueId,
-        y: ValueId,
-    },
+    Conv2d { spec: Conv2dSpec, x: ValueId, weight: ValueId, bias: Option<ValueId>, y: ValueId },
+    BatchNorm { x: ValueId, gamma: ValueId, beta: ValueId, mean: ValueId, var: ValueId, y: ValueId },
+    Relu { x: ValueId, y: ValueId },
+    Add { a: ValueId, b: ValueId, y: ValueId },
+    AddRelu { a: ValueId, b: ValueId, y: ValueId },
 }
 
 /// Whether batch norm uses batch statistics (and a backward pass is recorded) or the
@@ -87,11 +63,7 @@ impl GraphBuilder {
     }
 
     fn add_value(&mut self, name: String, shape: &[usize], role: Role) -> ValueId {
-        self.values.push(Value {
-            name,
-            shape: shape.to_vec(),
-            role,
-        });
+        self.values.push(Value { name, shape: shape.to_vec(), role });
         ValueId(self.values.len() - 1)
     }
 
@@ -128,19 +100,10 @@ impl GraphBuilder {
         let [_, ci, h, w] = dims4(&self.values[x.0])?;
         let [ho, wo] = spec.output_size(h, w, kernel[0], kernel[1])?;
         let n = self.shape(x)[0];
-        let weight = self.param(
-            &format!("{name}.weight"),
-            &[out_channels, ci, kernel[0], kernel[1]],
-        );
+        let weight = self.param(&format!("{name}.weight"), &[out_channels, ci, kernel[0], kernel[1]]);
         let bias = bias.then(|| self.param(&format!("{name}.bias"), &[out_channels]));
         let y = self.activation(name, &[n, out_channels, ho, wo]);
-        self.ops.push(Op::Conv2d {
-            spec,
-            x,
-            weight,
-            bias,
-            y,
-        });
+        self.ops.push(Op::Conv2d { spec, x, weight, bias, y });
         Ok(y)
     }
 
@@ -154,14 +117,7 @@ impl GraphBuilder {
         let var = self.add_value(format!("{name}.running_var"), &[c], Role::State);
         let shape = self.shape(x).to_vec();
         let y = self.activation(name, &shape);
-        self.ops.push(Op::BatchNorm {
-            x,
-            gamma,
-            beta,
-            mean,
-            var,
-            y,
-        });
+        self.ops.push(Op::BatchNorm { x, gamma, beta, mean, var, y });
         Ok(y)
     }
 
@@ -186,16 +142,9 @@ impl GraphBuilder {
     }
 
     fn binary(&mut self, kind: &str, a: ValueId, b: ValueId) -> Result<ValueId> {
-        crate::error::check_shape(
-            &format!("{kind}: second operand"),
-            self.shape(a),
-            self.shape(b),
-        )?;
+        crate::error::check_shape(&format!("{kind}: second operand"), self.shape(a), self.shape(b))?;
         if a == b {
-            return Err(Error::Invalid(format!(
-                "{kind}: both operands are {}",
-                self.values[a.0].name
-            )));
+            return Err(Error::Invalid(format!("{kind}: both operands are {}", self.values[a.0].name)));
         }
         let shape = self.shape(a).to_vec();
         Ok(self.activation(kind, &shape))
@@ -206,17 +155,10 @@ impl GraphBuilder {
         let mut by_name = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
             if by_name.insert(v.name.clone(), ValueId(i)).is_some() {
-                return Err(Error::Invalid(format!(
-                    "two tensors of the graph are named {:?}",
-                    v.name
-                )));
+                return Err(Error::Invalid(format!("two tensors of the graph are named {:?}", v.name)));
             }
         }
-        let tensors = self
-            .values
-            .iter()
-            .map(|v| Tensor::empty(gpu, &v.shape))
-            .collect::<Result<Vec<_>>>()?;
+        let tensors = self.values.iter().map(|v| Tensor::empty(gpu, &v.shape)).collect::<Result<Vec<_>>>()?;
         let mut graph = Graph {
             values: self.values,
             tensors,
@@ -266,13 +208,7 @@ impl Graph {
     fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
         for op in ops {
             let mut dispatches = match *op {
-                Op::Conv2d {
-                    spec,
-                    x,
-                    weight,
-                    bias,
-                    y,
-                } => {
+                Op::Conv2d { spec, x, weight, bias, y } => {
                     vec![conv2d::forward(
                         gpu,
                         &spec,
@@ -289,29 +225,17 @@ impl Graph {
                             vec![batch_norm::forward_eval(gpu, self.t(x), &bn, self.t(y))?]
                         }
                         Mode::Train => {
-                            let saved =
-                                Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
-                            let d =
-                                batch_norm::forward_train(gpu, self.t(x), &bn, &saved, self.t(y))?;
+                            let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
+                            let d = batch_norm::forward_train(gpu, self.t(x), &bn, &saved, self.t(y))?;
                             self.saved.insert(y, saved);
                             d
                         }
                     }
                 }
                 Op::Relu { x, y } => vec![elementwise::relu_forward(gpu, self.t(x), self.t(y))?],
-                Op::Add { a, b, y } => vec![elementwise::add_forward(
-                    gpu,
-                    self.t(a),
-                    self.t(b),
-                    self.t(y),
-                )?],
+                Op::Add { a, b, y } => vec![elementwise::add_forward(gpu, self.t(a), self.t(b), self.t(y))?],
                 Op::AddRelu { a, b, y } => {
-                    vec![elementwise::add_relu_forward(
-                        gpu,
-                        self.t(a),
-                        self.t(b),
-                        self.t(y),
-                    )?]
+                    vec![elementwise::add_relu_forward(gpu, self.t(a), self.t(b), self.t(y))?]
                 }
             };
             self.forward.append(&mut dispatches);
@@ -320,14 +244,7 @@ impl Graph {
     }
 
     fn bn_params(&self, op: &Op) -> BatchNormParams<'_> {
-        let Op::BatchNorm {
-            gamma,
-            beta,
-            mean,
-            var,
-            ..
-        } = *op
-        else {
+        let Op::BatchNorm { gamma, beta, mean, var, .. } = *op else {
             unreachable!("bn_params is only called for batch-norm nodes")
         };
         BatchNormParams {
@@ -346,30 +263,14 @@ impl Graph {
         let mut needs: Vec<bool> = self
             .values
             .iter()
-            .map(|v| {
-                matches!(
-                    v.role,
-                    Role::Param
-                        | Role::Input {
-                            requires_grad: true
-                        }
-                )
-            })
+            .map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true }))
             .collect();
         for op in ops {
             let (ins, y): (Vec<ValueId>, ValueId) = match *op {
-                Op::Conv2d {
-                    x, weight, bias, y, ..
-                } => (
-                    [Some(x), Some(weight), bias]
-                        .into_iter()
-                        .flatten()
-                        .collect(),
-                    y,
-                ),
-                Op::BatchNorm {
-                    x, gamma, beta, y, ..
-                } => (vec![x, gamma, beta], y),
+                Op::Conv2d { x, weight, bias, y, .. } => {
+                    ([Some(x), Some(weight), bias].into_iter().flatten().collect(), y)
+                }
+                Op::BatchNorm { x, gamma, beta, y, .. } => (vec![x, gamma, beta], y),
                 Op::Relu { x, y } => (vec![x], y),
                 Op::Add { a, b, y } | Op::AddRelu { a, b, y } => (vec![a, b], y),
             };
@@ -415,43 +316,21 @@ impl Graph {
                 continue;
             };
             let mut dispatches = match *op {
-                Op::Conv2d {
-                    spec,
-                    x,
-                    weight,
-                    bias,
-                    ..
-                } => {
+                Op::Conv2d { spec, x, weight, bias, .. } => {
                     let mut d = Vec::new();
                     if needs[x.0] {
                         let (gx, acc) = target(x, &self.grads)?;
-                        d.push(conv2d::backward_input(
-                            gpu,
-                            &spec,
-                            &gy,
-                            self.t(weight),
-                            &gx,
-                            acc,
-                        )?);
+                        d.push(conv2d::backward_input(gpu, &spec, &gy, self.t(weight), &gx, acc)?);
                     }
                     let (gw, acc) = target(weight, &self.grads)?;
-                    d.extend(conv2d::backward_weight(
-                        gpu,
-                        &spec,
-                        self.t(x),
-                        &gy,
-                        &gw,
-                        acc,
-                    )?);
+                    d.extend(conv2d::backward_weight(gpu, &spec, self.t(x), &gy, &gw, acc)?);
                     if let Some(b) = bias {
                         let (gb, acc) = target(b, &self.grads)?;
                         d.extend(conv2d::backward_bias(gpu, &gy, &gb, acc)?);
                     }
                     d
                 }
-                Op::BatchNorm {
-                    x, gamma, beta, y, ..
-                } => {
+                Op::BatchNorm { x, gamma, beta, y, .. } => {
                     let (gx, accumulate_x) = target(x, &self.grads)?;
                     let (grad_gamma, accumulate_params) = target(gamma, &self.grads)?;
                     let (grad_beta, _) = target(beta, &self.grads)?;
@@ -462,14 +341,7 @@ impl Graph {
                         accumulate_x,
                         accumulate_params,
                     };
-                    batch_norm::backward(
-                        gpu,
-                        self.t(x),
-                        &self.bn_params(op),
-                        &self.saved[&y],
-                        &gy,
-                        &grads,
-                    )?
+                    batch_norm::backward(gpu, self.t(x), &self.bn_params(op), &self.saved[&y], &gy, &grads)?
                 }
                 Op::Relu { x, y } => {
                     if !needs[x.0] {
@@ -481,23 +353,12 @@ impl Graph {
                 Op::Add { a, b, .. } => {
                     let ga = target(a, &self.grads)?;
                     let gb = target(b, &self.grads)?;
-                    vec![elementwise::add_backward(
-                        gpu,
-                        &gy,
-                        (&ga.0, ga.1),
-                        (&gb.0, gb.1),
-                    )?]
+                    vec![elementwise::add_backward(gpu, &gy, (&ga.0, ga.1), (&gb.0, gb.1))?]
                 }
                 Op::AddRelu { a, b, y } => {
                     let ga = target(a, &self.grads)?;
                     let gb = target(b, &self.grads)?;
-                    vec![elementwise::add_relu_backward(
-                        gpu,
-                        self.t(y),
-                        &gy,
-                        (&ga.0, ga.1),
-                        (&gb.0, gb.1),
-                    )?]
+                    vec![elementwise::add_relu_backward(gpu, self.t(y), &gy, (&ga.0, ga.1), (&gb.0, gb.1))?]
                 }
             };
             self.backward.append(&mut dispatches);
@@ -509,10 +370,7 @@ impl Graph {
         self.by_name.get(name).copied().ok_or_else(|| {
             let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
             names.sort_unstable();
-            Error::Invalid(format!(
-                "the graph has no tensor named {name:?}; it has: {}",
-                names.join(", ")
-            ))
+            Error::Invalid(format!("the graph has no tensor named {name:?}; it has: {}", names.join(", ")))
         })
     }
 
@@ -524,14 +382,9 @@ impl Graph {
     /// The gradient of the tensor named `name` (after [`Graph::backward`]).
     pub fn grad(&self, name: &str) -> Result<&Tensor> {
         let id = self.id(name)?;
-        self.grads
-            .get(id.0)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{name:?} has no gradient (eval graph, or nothing it feeds is trained)"
-                ))
-            })
+        self.grads.get(id.0).and_then(Option::as_ref).ok_or_else(|| {
+            Error::Invalid(format!("{name:?} has no gradient (eval graph, or nothing it feeds is trained)"))
+        })
     }
 
     /// Uploads `data` into the tensor named `name`.
@@ -546,10 +399,7 @@ impl Graph {
 
     /// Names of the trainable parameters, in the order they were added.
     pub fn parameters(&self) -> impl Iterator<Item = &str> {
-        self.values
-            .iter()
-            .filter(|v| v.role == Role::Param)
-            .map(|v| v.name.as_str())
+        self.values.iter().filter(|v| v.role == Role::Param).map(|v| v.name.as_str())
     }
 
     /// Runs the forward pass: one command buffer.
@@ -560,16 +410,9 @@ impl Graph {
     /// Runs the backward pass from `grad_output` (the gradient of the output): one command
     /// buffer. Parameter gradients are added to what they hold.
     pub fn backward(&self, gpu: &Gpu, grad_output: &[f32]) -> Result<()> {
-        let g = self
-            .grads
-            .get(self.output.0)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| {
-                Error::Invalid(
-                    "backward: the graph was built for eval, or its output needs no gradient"
-                        .into(),
-                )
-            })?;
+        let g = self.grads.get(self.output.0).and_then(Option::as_ref).ok_or_else(|| {
+            Error::Invalid("backward: the graph was built for eval, or its output needs no gradient".into())
+        })?;
         g.write(gpu, grad_output)?;
         gpu.submit(&self.backward)
     }

@@ -102,11 +102,7 @@ pub fn forward_train(
 ) -> Result<Vec<Dispatch>> {
     let l = Layout::new("batch_norm input", x, bn, 0)?;
     check_shape("batch_norm output", x.shape(), y.shape())?;
-    check_shape(
-        "batch_norm saved statistics",
-        &saved_shape(l.channels()),
-        saved.shape(),
-    )?;
+    check_shape("batch_norm saved statistics", &saved_shape(l.channels()), saved.shape())?;
     if l.samples_per_channel() < 2 {
         return Err(Error::Invalid(format!(
             "batch_norm in training mode needs more than one value per channel; input shape {:?}",
@@ -122,10 +118,7 @@ pub fn forward_train(
         &l.params,
         &[Binding::read(1, x), Binding::write(8, &partials)],
         l.chunks * c,
-        Cost {
-            flops: 3 * numel as u64,
-            bytes: f32_bytes(numel + 2 * l.chunks * c),
-        },
+        Cost { flops: 3 * numel as u64, bytes: f32_bytes(numel + 2 * l.chunks * c) },
     )?;
     let finalize = launch(
         gpu,
@@ -140,10 +133,7 @@ pub fn forward_train(
             Binding::read(8, &partials),
         ],
         c,
-        Cost {
-            flops: (2 * l.chunks * c + 10 * c) as u64,
-            bytes: f32_bytes(2 * l.chunks * c + 6 * c),
-        },
+        Cost { flops: (2 * l.chunks * c + 10 * c) as u64, bytes: f32_bytes(2 * l.chunks * c + 6 * c) },
     )?;
     let normalize = launch(
         gpu,
@@ -158,21 +148,13 @@ pub fn forward_train(
             Binding::write(7, y),
         ],
         numel,
-        Cost {
-            flops: 4 * numel as u64,
-            bytes: f32_bytes(2 * numel + 4 * c),
-        },
+        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * c) },
     )?;
     Ok(vec![stats, finalize, normalize])
 }
 
 /// Eval-mode forward with the running statistics.
-pub fn forward_eval(
-    gpu: &Gpu,
-    x: &Tensor,
-    bn: &BatchNormParams<'_>,
-    y: &Tensor,
-) -> Result<Dispatch> {
+pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor) -> Result<Dispatch> {
     let l = Layout::new("batch_norm input", x, bn, 0)?;
     check_shape("batch_norm output", x.shape(), y.shape())?;
     let numel = l.numel();
@@ -190,10 +172,7 @@ pub fn forward_eval(
             Binding::write(7, y),
         ],
         numel,
-        Cost {
-            flops: 4 * numel as u64,
-            bytes: f32_bytes(2 * numel + 4 * l.channels()),
-        },
+        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * l.channels()) },
     )
 }
 
@@ -218,11 +197,7 @@ pub fn backward(
 ) -> Result<Vec<Dispatch>> {
     let mut l = Layout::new("batch_norm input", x, bn, 0)?;
     let c = l.channels();
-    check_shape(
-        "batch_norm saved statistics",
-        &saved_shape(c),
-        saved.shape(),
-    )?;
+    check_shape("batch_norm saved statistics", &saved_shape(c), saved.shape())?;
     check_shape("batch_norm output gradient", x.shape(), grad_y.shape())?;
     check_shape("batch_norm input gradient", x.shape(), grads.grad_x.shape())?;
     check_shape("batch_norm weight gradient", &[c], grads.grad_gamma.shape())?;
@@ -242,16 +217,9 @@ pub fn backward(
             Binding::read(9, grad_y),
         ],
         l.chunks * c,
-        Cost {
-            flops: 4 * numel as u64,
-            bytes: f32_bytes(2 * numel + 2 * l.chunks * c),
-        },
+        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 2 * l.chunks * c) },
     )?;
-    l.params.flags = if grads.accumulate_params {
-        ACCUMULATE
-    } else {
-        0
-    };
+    l.params.flags = if grads.accumulate_params { ACCUMULATE } else { 0 };
     let finalize = launch(
         gpu,
         "batch_norm",
@@ -264,10 +232,7 @@ pub fn backward(
             Binding::write(13, &grad_sums),
         ],
         c,
-        Cost {
-            flops: (2 * l.chunks * c) as u64,
-            bytes: f32_bytes(2 * l.chunks * c + 4 * c),
-        },
+        Cost { flops: (2 * l.chunks * c) as u64, bytes: f32_bytes(2 * l.chunks * c + 4 * c) },
     )?;
     l.params.flags = if grads.accumulate_x { ACCUMULATE } else { 0 };
     let input = launch(
@@ -284,10 +249,7 @@ pub fn backward(
             Binding::write(13, &grad_sums),
         ],
         numel,
-        Cost {
-            flops: 8 * numel as u64,
-            bytes: f32_bytes(3 * numel + 5 * c),
-        },
+        Cost { flops: 8 * numel as u64, bytes: f32_bytes(3 * numel + 5 * c) },
     )?;
     Ok(vec![sums, finalize, input])
 }

@@ -16,11 +16,7 @@ pub struct Conv2dSpec {
 impl Conv2dSpec {
     /// The same stride, padding and dilation in both directions.
     pub fn square(stride: usize, padding: usize, dilation: usize) -> Self {
-        Conv2dSpec {
-            stride: [stride; 2],
-            padding: [padding; 2],
-            dilation: [dilation; 2],
-        }
+        Conv2dSpec { stride: [stride; 2], padding: [padding; 2], dilation: [dilation; 2] }
     }
 
     /// Output height and width for an `h x w` input and a `kh x kw` kernel.
@@ -74,17 +70,7 @@ impl Dims {
             });
         }
         let [ho, wo] = spec.output_size(h, w, kh, kw)?;
-        Ok(Dims {
-            n,
-            ci,
-            h,
-            w,
-            co,
-            kh,
-            kw,
-            ho,
-            wo,
-        })
+        Ok(Dims { n, ci, h, w, co, kh, kw, ho, wo })
     }
 
     fn y_shape(&self) -> [usize; 4] {
@@ -189,15 +175,7 @@ pub fn forward(
         bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + bias.map_or(0, |_| d.co)),
     };
     let tiles = d.n * d.co.div_ceil(4) * d.ho * d.wo.div_ceil(4);
-    launch(
-        gpu,
-        "conv2d",
-        "conv2d_forward",
-        &params,
-        &bindings,
-        tiles,
-        cost,
-    )
+    launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input.
@@ -212,25 +190,11 @@ pub fn backward_input(
     let d = Dims::resolve(spec, grad_x.shape(), weight)?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
     let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
-    let bindings = [
-        Binding::read(2, weight),
-        Binding::read(5, grad_y),
-        Binding::write(6, grad_x),
-    ];
-    let cost = Cost {
-        flops: 2 * d.macs(),
-        bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()),
-    };
+    let bindings = [Binding::read(2, weight), Binding::read(5, grad_y), Binding::write(6, grad_x)];
+    let cost =
+        Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
     let tiles = d.n * d.ci.div_ceil(4) * d.h * d.w.div_ceil(4);
-    launch(
-        gpu,
-        "conv2d",
-        "conv2d_backward_input",
-        &params,
-        &bindings,
-        tiles,
-        cost,
-    )
+    launch(gpu, "conv2d", "conv2d_backward_input", &params, &bindings, tiles, cost)
 }
 
 /// `grad_weight (+)= sum over pixels of grad_y * x`: the gradient with respect to the weight.
@@ -251,39 +215,19 @@ pub fn backward_weight(
     let chunks = reduction_chunks(tiles, rows * d.wo);
     let chunk_rows = rows.div_ceil(chunks);
     let chunks = rows.div_ceil(chunk_rows);
-    let cost = Cost {
-        flops: 2 * d.macs(),
-        bytes: f32_bytes(x.numel() + grad_y.numel() + grad_weight.numel()),
-    };
+    let cost =
+        Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + grad_y.numel() + grad_weight.numel()) };
     let direct = chunks == 1;
     let flags = if direct && accumulate { ACCUMULATE } else { 0 };
     let params = d.params(spec, flags, chunk_rows)?;
-    let partials = if direct {
-        grad_weight.clone()
-    } else {
-        scratch(gpu, chunks * d.weight_len())?
-    };
-    let bindings = [
-        Binding::read(1, x),
-        Binding::read(5, grad_y),
-        Binding::write(7, &partials),
-    ];
-    let reduce_rows = launch(
-        gpu,
-        "conv2d",
-        "conv2d_backward_weight",
-        &params,
-        &bindings,
-        chunks * tiles,
-        cost,
-    )?;
+    let partials = if direct { grad_weight.clone() } else { scratch(gpu, chunks * d.weight_len())? };
+    let bindings = [Binding::read(1, x), Binding::read(5, grad_y), Binding::write(7, &partials)];
+    let reduce_rows =
+        launch(gpu, "conv2d", "conv2d_backward_weight", &params, &bindings, chunks * tiles, cost)?;
     if direct {
         return Ok(vec![reduce_rows]);
     }
-    Ok(vec![
-        reduce_rows,
-        reduce::sum_chunks(gpu, &partials, chunks, grad_weight, accumulate)?,
-    ])
+    Ok(vec![reduce_rows, reduce::sum_chunks(gpu, &partials, chunks, grad_weight, accumulate)?])
 }
 
 /// `grad_bias (+)= sum over n, h, w of grad_y`.

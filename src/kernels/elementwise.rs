@@ -29,11 +29,7 @@ fn elementwise(
         check_shape(entry, first.shape(), t.shape())?;
     }
     let len = first.numel();
-    let params = Params {
-        len: to_u32("elements", len)?,
-        flags,
-        _pad: [0; 2],
-    };
+    let params = Params { len: to_u32("elements", len)?, flags, _pad: [0; 2] };
     let bindings: Vec<Binding<'_>> = reads
         .iter()
         .map(|&(i, t)| Binding::read(i, t))
@@ -64,14 +60,7 @@ pub fn relu_backward(
     grad_x: &Tensor,
     accumulate: bool,
 ) -> Result<Dispatch> {
-    elementwise(
-        gpu,
-        "relu_backward",
-        flags(accumulate, false),
-        &[(1, y), (4, grad_y)],
-        &[(5, grad_x)],
-        1,
-    )
+    elementwise(gpu, "relu_backward", flags(accumulate, false), &[(1, y), (4, grad_y)], &[(5, grad_x)], 1)
 }
 
 /// `y = a + b`.
@@ -87,14 +76,7 @@ pub fn add_backward(
     (grad_b, accumulate_b): (&Tensor, bool),
 ) -> Result<Dispatch> {
     let f = flags(accumulate_a, accumulate_b);
-    elementwise(
-        gpu,
-        "add_backward",
-        f,
-        &[(4, grad_y)],
-        &[(5, grad_a), (6, grad_b)],
-        0,
-    )
+    elementwise(gpu, "add_backward", f, &[(4, grad_y)], &[(5, grad_a), (6, grad_b)], 0)
 }
 
 /// `y = max(a + b, 0)`.
@@ -111,12 +93,5 @@ pub fn add_relu_backward(
     (grad_b, accumulate_b): (&Tensor, bool),
 ) -> Result<Dispatch> {
     let f = flags(accumulate_a, accumulate_b);
-    elementwise(
-        gpu,
-        "add_relu_backward",
-        f,
-        &[(1, y), (4, grad_y)],
-        &[(5, grad_a), (6, grad_b)],
-        1,
-    )
+    elementwise(gpu, "add_relu_backward", f, &[(1, y), (4, grad_y)], &[(5, grad_a), (6, grad_b)], 1)
 }

@@ -2,9 +2,18 @@
 //! returns recorded [`Dispatch`]es; `*_forward` and `*_backward_*` sit side by side.
 
 pub mod batch_norm;
+pub mod concat;
 pub mod conv2d;
+pub mod dropout;
 pub mod elementwise;
+pub mod loss;
+pub mod matmul;
+pub mod metrics;
+pub mod ocr;
 pub mod reduce;
+pub mod resize;
+pub mod sgd;
+pub mod softmax;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, Workgroups};
@@ -28,7 +37,7 @@ pub(crate) fn launch<P: bytemuck::Pod>(
     invocations: usize,
     cost: Cost,
 ) -> Result<Dispatch> {
-    check_distinct(entry, bindings)?;
+    check_bindings(entry, bindings)?;
     Dispatch::new(
         gpu,
         DispatchSpec {
@@ -43,10 +52,12 @@ pub(crate) fn launch<P: bytemuck::Pod>(
     )
 }
 
-/// A buffer bound twice in one dispatch, once for writing, is a data race (and a wgpu
-/// validation error); refuse it, naming both bindings.
-fn check_distinct(entry: &str, bindings: &[Binding<'_>]) -> Result<()> {
+/// Element types must match what the shader declares; a buffer bound twice in one
+/// dispatch, once for writing, is a data race (and a wgpu validation error). Both are
+/// refused with the binding named.
+fn check_bindings(entry: &str, bindings: &[Binding<'_>]) -> Result<()> {
     for (i, a) in bindings.iter().enumerate() {
+        a.tensor.check_dtype(&format!("{entry} binding {}", a.index), a.dtype)?;
         for b in &bindings[i + 1..] {
             if (a.writes || b.writes) && a.tensor.same_buffer(b.tensor) {
                 return Err(Error::Invalid(format!(
@@ -69,8 +80,7 @@ pub(crate) fn reduction_chunks(outputs: usize, terms: usize) -> usize {
 
 /// Converts a size to the u32 the shaders index with, or names it in an error.
 pub(crate) fn to_u32(what: &str, v: usize) -> Result<u32> {
-    u32::try_from(v)
-        .map_err(|_| Error::Invalid(format!("{what} = {v} exceeds the 32-bit index range")))
+    u32::try_from(v).map_err(|_| Error::Invalid(format!("{what} = {v} exceeds the 32-bit index range")))
 }
 
 /// Bytes of f32 data in `elements` elements.

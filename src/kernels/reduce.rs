@@ -39,38 +39,16 @@ pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Res
         flags: if accumulate { ACCUMULATE } else { 0 },
         _pad: 0,
     };
-    let cost = Cost {
-        flops: (n * c * h * w) as u64,
-        bytes: f32_bytes(n * c * h * w + c),
-    };
+    let cost = Cost { flops: (n * c * h * w) as u64, bytes: f32_bytes(n * c * h * w + c) };
     if chunks == 1 {
         let bindings = [Binding::read(1, x), Binding::write(2, out)];
-        return Ok(vec![launch(
-            gpu,
-            "reduce",
-            "channel_sum",
-            &params,
-            &bindings,
-            c,
-            cost,
-        )?]);
+        return Ok(vec![launch(gpu, "reduce", "channel_sum", &params, &bindings, c, cost)?]);
     }
     let partials = scratch(gpu, chunks * c)?;
     params.flags = 0;
     let bindings = [Binding::read(1, x), Binding::write(2, &partials)];
-    let first = launch(
-        gpu,
-        "reduce",
-        "channel_sum",
-        &params,
-        &bindings,
-        chunks * c,
-        cost,
-    )?;
-    Ok(vec![
-        first,
-        sum_chunks(gpu, &partials, chunks, out, accumulate)?,
-    ])
+    let first = launch(gpu, "reduce", "channel_sum", &params, &bindings, chunks * c, cost)?;
+    Ok(vec![first, sum_chunks(gpu, &partials, chunks, out, accumulate)?])
 }
 
 /// `out[i] (+)= sum over k of partials[k * len + i]` for `chunks` partial arrays of
@@ -95,9 +73,6 @@ pub fn sum_chunks(
         _pad: 0,
     };
     let bindings = [Binding::read(1, partials), Binding::write(2, out)];
-    let cost = Cost {
-        flops: (chunks * len) as u64,
-        bytes: f32_bytes(chunks * len + len),
-    };
+    let cost = Cost { flops: (chunks * len) as u64, bytes: f32_bytes(chunks * len + len) };
     launch(gpu, "reduce", "sum_chunks", &params, &bindings, len, cost)
 }

@@ -86,18 +86,8 @@ fn batch_norm_matches_pytorch_fixtures() {
         let what = |t: &str| format!("{case} {dims:?} {t}");
         assert_close(&what("out"), &r.y, g("out"), TOL);
         assert_close(&what("out_eval"), &r.y_eval, g("out_eval"), TOL);
-        assert_close(
-            &what("running_mean"),
-            &r.running_mean,
-            g("running_mean_new"),
-            TOL,
-        );
-        assert_close(
-            &what("running_var"),
-            &r.running_var,
-            g("running_var_new"),
-            TOL,
-        );
+        assert_close(&what("running_mean"), &r.running_mean, g("running_mean_new"), TOL);
+        assert_close(&what("running_var"), &r.running_var, g("running_var_new"), TOL);
         assert_close(&what("grad_x"), &r.gx, g("grad_x"), TOL);
         assert_close(&what("grad_weight"), &r.ggamma, g("grad_weight"), TOL);
         assert_close(&what("grad_bias"), &r.gbeta, g("grad_bias"), TOL);
@@ -110,21 +100,16 @@ fn batch_norm_matches_cpu_on_random_shapes() {
     for i in 0..60 {
         // Every tenth shape is large enough that the channel reductions are split.
         let big = i % 10 == 0;
-        let dims = [
-            rng.range(1, 4),
-            rng.range(1, 12),
-            rng.range(1, if big { 80 } else { 17 }),
-            rng.range(1, 23),
-        ];
+        let dims =
+            [rng.range(1, 4), rng.range(1, 12), rng.range(1, if big { 80 } else { 17 }), rng.range(1, 23)];
         let [n, c, h, w] = dims;
         if n * h * w < 2 {
             continue;
         }
         // Channels with means far from zero test the variance's accuracy.
         let offsets: Vec<f32> = (0..c).map(|_| 20.0 * rng.normal()).collect();
-        let x: Vec<f32> = (0..n * c * h * w)
-            .map(|i| offsets[(i / (h * w)) % c] + 3.0 * rng.normal())
-            .collect();
+        let x: Vec<f32> =
+            (0..n * c * h * w).map(|i| offsets[(i / (h * w)) % c] + 3.0 * rng.normal()).collect();
         let gamma = rng.normals(c);
         let beta = rng.normals(c);
         let mean = rng.normals(c);
@@ -135,18 +120,8 @@ fn batch_norm_matches_cpu_on_random_shapes() {
         let (gx, ggamma, gbeta) = bn_backward(&x, dims, &gamma, &gy);
         let what = |t: &str| format!("{dims:?} {t}");
         assert_close(&what("out"), &r.y, &want.y, TOL);
-        assert_close(
-            &what("out_eval"),
-            &r.y_eval,
-            &bn_eval(&x, dims, &gamma, &beta, &mean, &var),
-            TOL,
-        );
-        assert_close(
-            &what("running_mean"),
-            &r.running_mean,
-            &want.running_mean,
-            TOL,
-        );
+        assert_close(&what("out_eval"), &r.y_eval, &bn_eval(&x, dims, &gamma, &beta, &mean, &var), TOL);
+        assert_close(&what("running_mean"), &r.running_mean, &want.running_mean, TOL);
         assert_close(&what("running_var"), &r.running_var, &want.running_var, TOL);
         assert_close(&what("grad_x"), &r.gx, &gx, TOL);
         assert_close(&what("grad_weight"), &r.ggamma, &ggamma, TOL);

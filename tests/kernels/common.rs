@@ -21,14 +21,9 @@ pub fn gpu() -> &'static Gpu {
 
 /// A fresh seed per run (printed, so a failure can be replayed with HRNET_TEST_SEED).
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("HRNET_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let seed = std::env::var("HRNET_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
     eprintln!("{test}: seed {seed} (HRNET_TEST_SEED={seed} replays it)");
     seed
 }
@@ -104,18 +99,9 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 /// Asserts `got` matches `want` within `tol` relative L2 error; on failure prints the max
 /// absolute difference and the first differing values.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: {} values, expected {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: {} values, expected {}", got.len(), want.len());
     if let Some(i) = got.iter().position(|v| !v.is_finite()) {
-        panic!(
-            "{what}: element {i} is {} (expected {}): unwritten or overflowed",
-            got[i], want[i]
-        );
+        panic!("{what}: element {i} is {} (expected {}): unwritten or overflowed", got[i], want[i]);
     }
     let err = rel_l2(got, want);
     if err <= tol {
@@ -126,10 +112,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
         .zip(want)
         .map(|(g, w)| (g - w).abs())
         .enumerate()
-        .fold(
-            (0, 0.0f32),
-            |best, (i, d)| if d > best.1 { (i, d) } else { best },
-        );
+        .fold((0, 0.0f32), |best, (i, d)| if d > best.1 { (i, d) } else { best });
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let first: Vec<String> = got
         .iter()
@@ -159,19 +142,14 @@ impl Fixture {
     pub fn load(file: &str) -> Self {
         let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
-        let st =
-            safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
         let tensors = st
             .tensors()
             .into_iter()
             .map(|(name, view)| {
-                assert_eq!(
-                    view.dtype(),
-                    safetensors::Dtype::F32,
-                    "{path}: {name} is not f32"
-                );
+                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{path}: {name} is not f32");
                 let data = view
                     .data()
                     .chunks_exact(4)
@@ -180,11 +158,7 @@ impl Fixture {
                 (name, (view.shape().to_vec(), data))
             })
             .collect();
-        Fixture {
-            name: file.to_string(),
-            tensors,
-            metadata: meta.metadata().clone().unwrap_or_default(),
-        }
+        Fixture { name: file.to_string(), tensors, metadata: meta.metadata().clone().unwrap_or_default() }
     }
 
     pub fn get(&self, name: &str) -> &[f32] {
@@ -196,9 +170,7 @@ impl Fixture {
     }
 
     fn entry(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
-        self.tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("{}: no tensor {name}", self.name))
+        self.tensors.get(name).unwrap_or_else(|| panic!("{}: no tensor {name}", self.name))
     }
 
     /// Case names (`case0`, `case1`, ...) with their integer parameters, in order.
@@ -208,12 +180,7 @@ impl Fixture {
             .iter()
             .filter(|(k, _)| k.starts_with("case"))
             .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.split_whitespace()
-                        .map(|s| s.parse().expect("integer metadata"))
-                        .collect(),
-                )
+                (k.clone(), v.split_whitespace().map(|s| s.parse().expect("integer metadata")).collect())
             })
             .collect();
         cases.sort_by_key(|(k, _)| k[4..].parse::<usize>().unwrap_or(usize::MAX));
@@ -239,9 +206,7 @@ pub struct ConvDims {
 
 impl ConvDims {
     pub fn out(&self) -> [usize; 2] {
-        self.spec
-            .output_size(self.h, self.w, self.kh, self.kw)
-            .expect("valid convolution")
+        self.spec.output_size(self.h, self.w, self.kh, self.kw).expect("valid convolution")
     }
     pub fn x_shape(&self) -> [usize; 4] {
         [self.n, self.ci, self.h, self.w]
@@ -264,8 +229,8 @@ impl ConvDims {
                     for ox in 0..wo {
                         for ci in 0..self.ci {
                             for ky in 0..self.kh {
-                                let iy = (oy * s.stride[0] + ky * s.dilation[0]) as isize
-                                    - s.padding[0] as isize;
+                                let iy =
+                                    (oy * s.stride[0] + ky * s.dilation[0]) as isize - s.padding[0] as isize;
                                 if iy < 0 || iy >= self.h as isize {
                                     continue;
                                 }
@@ -329,11 +294,7 @@ impl ConvDims {
 }
 
 /// Per-channel sums over N x H x W.
-pub fn channel_sums(
-    x: &[f32],
-    [n, c, h, w]: [usize; 4],
-    f: impl Fn(usize, f64) -> f64,
-) -> Vec<f64> {
+pub fn channel_sums(x: &[f32], [n, c, h, w]: [usize; 4], f: impl Fn(usize, f64) -> f64) -> Vec<f64> {
     let hw = h * w;
     let mut sums = vec![0f64; c];
     for (i, &v) in x.iter().enumerate().take(n * c * hw) {
@@ -351,77 +312,42 @@ pub struct BnTrain {
     pub inv_std: Vec<f64>,
 }
 
-pub fn bn_train(
-    x: &[f32],
-    dims: [usize; 4],
-    gamma: &[f32],
-    beta: &[f32],
-    rm: &[f32],
-    rv: &[f32],
-) -> BnTrain {
+pub fn bn_train(x: &[f32], dims: [usize; 4], gamma: &[f32], beta: &[f32], rm: &[f32], rv: &[f32]) -> BnTrain {
     let [n, c, h, w] = dims;
     let count = (n * h * w) as f64;
-    let mean: Vec<f64> = channel_sums(x, dims, |_, v| v)
-        .iter()
-        .map(|s| s / count)
-        .collect();
+    let mean: Vec<f64> = channel_sums(x, dims, |_, v| v).iter().map(|s| s / count).collect();
     let hw = h * w;
-    let var: Vec<f64> = channel_sums(x, dims, |i, v| (v - mean[(i / hw) % c]).powi(2))
-        .iter()
-        .map(|s| s / count)
-        .collect();
+    let var: Vec<f64> =
+        channel_sums(x, dims, |i, v| (v - mean[(i / hw) % c]).powi(2)).iter().map(|s| s / count).collect();
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
     let y = x
         .iter()
         .enumerate()
         .map(|(i, &v)| {
             let ch = (i / hw) % c;
-            ((f64::from(v) - mean[ch]) * inv_std[ch] * f64::from(gamma[ch]) + f64::from(beta[ch]))
-                as f32
+            ((f64::from(v) - mean[ch]) * inv_std[ch] * f64::from(gamma[ch]) + f64::from(beta[ch])) as f32
         })
         .collect();
-    let running_mean = (0..c)
-        .map(|ch| (0.9 * f64::from(rm[ch]) + 0.1 * mean[ch]) as f32)
-        .collect();
-    let running_var = (0..c)
-        .map(|ch| (0.9 * f64::from(rv[ch]) + 0.1 * var[ch] * count / (count - 1.0)) as f32)
-        .collect();
-    BnTrain {
-        y,
-        running_mean,
-        running_var,
-        mean,
-        inv_std,
-    }
+    let running_mean = (0..c).map(|ch| (0.9 * f64::from(rm[ch]) + 0.1 * mean[ch]) as f32).collect();
+    let running_var =
+        (0..c).map(|ch| (0.9 * f64::from(rv[ch]) + 0.1 * var[ch] * count / (count - 1.0)) as f32).collect();
+    BnTrain { y, running_mean, running_var, mean, inv_std }
 }
 
-pub fn bn_eval(
-    x: &[f32],
-    dims: [usize; 4],
-    gamma: &[f32],
-    beta: &[f32],
-    rm: &[f32],
-    rv: &[f32],
-) -> Vec<f32> {
+pub fn bn_eval(x: &[f32], dims: [usize; 4], gamma: &[f32], beta: &[f32], rm: &[f32], rv: &[f32]) -> Vec<f32> {
     let [_, c, h, w] = dims;
     x.iter()
         .enumerate()
         .map(|(i, &v)| {
             let ch = (i / (h * w)) % c;
             let inv = 1.0 / (f64::from(rv[ch]) + 1e-5).sqrt();
-            ((f64::from(v) - f64::from(rm[ch])) * inv * f64::from(gamma[ch]) + f64::from(beta[ch]))
-                as f32
+            ((f64::from(v) - f64::from(rm[ch])) * inv * f64::from(gamma[ch]) + f64::from(beta[ch])) as f32
         })
         .collect()
 }
 
 /// Training-mode batch-norm backward: (grad_x, grad_gamma, grad_beta).
-pub fn bn_backward(
-    x: &[f32],
-    dims: [usize; 4],
-    gamma: &[f32],
-    gy: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn bn_backward(x: &[f32], dims: [usize; 4], gamma: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let [n, c, h, w] = dims;
     let hw = h * w;
     let count = (n * hw) as f64;
@@ -437,13 +363,8 @@ pub fn bn_backward(
             let ch = (i / hw) % c;
             (f64::from(gamma[ch])
                 * inv_std[ch]
-                * (f64::from(g) - sum_g[ch] / count - x_hat(i) * sum_gx[ch] / count))
-                as f32
+                * (f64::from(g) - sum_g[ch] / count - x_hat(i) * sum_gx[ch] / count)) as f32
         })
         .collect();
-    (
-        gx,
-        sum_gx.iter().map(|&v| v as f32).collect(),
-        sum_g.iter().map(|&v| v as f32).collect(),
-    )
+    (gx, sum_gx.iter().map(|&v| v as f32).collect(), sum_g.iter().map(|&v| v as f32).collect())
 }

@@ -14,17 +14,9 @@ struct Run {
 /// Runs forward and all three backward kernels, each into a NaN-poisoned output.
 fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32]) -> Run {
     let gpu = gpu();
-    let (xt, wt, gyt) = (
-        upload(&d.x_shape(), x),
-        upload(&d.w_shape(), w),
-        upload(&d.y_shape(), gy),
-    );
+    let (xt, wt, gyt) = (upload(&d.x_shape(), x), upload(&d.w_shape(), w), upload(&d.y_shape(), gy));
     let bt = b.map(|b| upload(&[d.co], b));
-    let (y, gx, gw) = (
-        poisoned(&d.y_shape()),
-        poisoned(&d.x_shape()),
-        poisoned(&d.w_shape()),
-    );
+    let (y, gx, gw) = (poisoned(&d.y_shape()), poisoned(&d.x_shape()), poisoned(&d.w_shape()));
     let gb = poisoned(&[d.co]);
     let mut ds = vec![conv2d::forward(gpu, &d.spec, &xt, &wt, bt.as_ref(), &y).unwrap()];
     ds.push(conv2d::backward_input(gpu, &d.spec, &gyt, &wt, &gx, false).unwrap());
@@ -33,55 +25,23 @@ fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32]) ->
         ds.extend(conv2d::backward_bias(gpu, &gyt, &gb, false).unwrap());
     }
     gpu.run(&ds).unwrap();
-    Run {
-        y: download(&y),
-        gx: download(&gx),
-        gw: download(&gw),
-        gb: b.map(|_| download(&gb)),
-    }
+    Run { y: download(&y), gx: download(&gx), gw: download(&gw), gb: b.map(|_| download(&gb)) }
 }
 
 #[test]
 fn conv2d_matches_pytorch_fixtures() {
     let f = Fixture::load("conv2d.safetensors");
     for (case, p) in f.cases() {
-        let [n, ci, h, w, co, kh, kw, stride, pad, dil, bias] = p[..] else {
-            panic!("{case}: bad metadata")
-        };
-        let d = ConvDims {
-            n,
-            ci,
-            h,
-            w,
-            co,
-            kh,
-            kw,
-            spec: Conv2dSpec::square(stride, pad, dil),
-        };
+        let [n, ci, h, w, co, kh, kw, stride, pad, dil, bias] = p[..] else { panic!("{case}: bad metadata") };
+        let d = ConvDims { n, ci, h, w, co, kh, kw, spec: Conv2dSpec::square(stride, pad, dil) };
         let key = |t: &str| format!("{case}.{t}");
         let b = (bias == 1).then(|| f.get(&key("bias")));
-        let r = run_all(
-            &d,
-            f.get(&key("x")),
-            f.get(&key("weight")),
-            b,
-            f.get(&key("grad_out")),
-        );
+        let r = run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")));
         assert_close(&format!("{case} {d:?} out"), &r.y, f.get(&key("out")), TOL);
         assert_close(&format!("{case} grad_x"), &r.gx, f.get(&key("grad_x")), TOL);
-        assert_close(
-            &format!("{case} grad_weight"),
-            &r.gw,
-            f.get(&key("grad_weight")),
-            TOL,
-        );
+        assert_close(&format!("{case} grad_weight"), &r.gw, f.get(&key("grad_weight")), TOL);
         if let Some(gb) = r.gb {
-            assert_close(
-                &format!("{case} grad_bias"),
-                &gb,
-                f.get(&key("grad_bias")),
-                TOL,
-            );
+            assert_close(&format!("{case} grad_bias"), &gb, f.get(&key("grad_bias")), TOL);
         }
     }
 }
@@ -118,29 +78,11 @@ fn check_against_cpu(test: &str, shapes: usize, max_hw: usize) {
         let b = rng.coin().then(|| rng.normals(d.co));
         let gy = rng.normals(d.y_shape().iter().product());
         let r = run_all(&d, &x, &w, b.as_deref(), &gy);
-        assert_close(
-            &format!("{d:?} out"),
-            &r.y,
-            &d.forward(&x, &w, b.as_deref()),
-            TOL,
-        );
-        assert_close(
-            &format!("{d:?} grad_x"),
-            &r.gx,
-            &d.backward_input(&gy, &w),
-            TOL,
-        );
-        assert_close(
-            &format!("{d:?} grad_weight"),
-            &r.gw,
-            &d.backward_weight(&x, &gy),
-            TOL,
-        );
+        assert_close(&format!("{d:?} out"), &r.y, &d.forward(&x, &w, b.as_deref()), TOL);
+        assert_close(&format!("{d:?} grad_x"), &r.gx, &d.backward_input(&gy, &w), TOL);
+        assert_close(&format!("{d:?} grad_weight"), &r.gw, &d.backward_weight(&x, &gy), TOL);
         if let Some(gb) = r.gb {
-            let want: Vec<f32> = channel_sums(&gy, d.y_shape(), |_, g| g)
-                .iter()
-                .map(|&v| v as f32)
-                .collect();
+            let want: Vec<f32> = channel_sums(&gy, d.y_shape(), |_, g| g).iter().map(|&v| v as f32).collect();
             assert_close(&format!("{d:?} grad_bias"), &gb, &want, TOL);
         }
     }
@@ -166,16 +108,8 @@ fn conv2d_backward_accumulates_into_existing_gradients() {
         let x = rng.normals(d.x_shape().iter().product());
         let w = rng.normals(d.w_shape().iter().product());
         let gy = rng.normals(d.y_shape().iter().product());
-        let (old_gx, old_gw, old_gb) = (
-            rng.normals(x.len()),
-            rng.normals(w.len()),
-            rng.normals(d.co),
-        );
-        let (xt, wt, gyt) = (
-            upload(&d.x_shape(), &x),
-            upload(&d.w_shape(), &w),
-            upload(&d.y_shape(), &gy),
-        );
+        let (old_gx, old_gw, old_gb) = (rng.normals(x.len()), rng.normals(w.len()), rng.normals(d.co));
+        let (xt, wt, gyt) = (upload(&d.x_shape(), &x), upload(&d.w_shape(), &w), upload(&d.y_shape(), &gy));
         let gx = upload(&d.x_shape(), &old_gx);
         let gw = upload(&d.w_shape(), &old_gw);
         let gb = upload(&[d.co], &old_gb);
@@ -183,29 +117,15 @@ fn conv2d_backward_accumulates_into_existing_gradients() {
         ds.extend(conv2d::backward_weight(gpu, &d.spec, &xt, &gyt, &gw, true).unwrap());
         ds.extend(conv2d::backward_bias(gpu, &gyt, &gb, true).unwrap());
         gpu.run(&ds).unwrap();
-        let plus =
-            |a: &[f32], b: Vec<f32>| a.iter().zip(b).map(|(a, b)| a + b).collect::<Vec<f32>>();
-        assert_close(
-            "accumulated grad_x",
-            &download(&gx),
-            &plus(&old_gx, d.backward_input(&gy, &w)),
-            TOL,
-        );
+        let plus = |a: &[f32], b: Vec<f32>| a.iter().zip(b).map(|(a, b)| a + b).collect::<Vec<f32>>();
+        assert_close("accumulated grad_x", &download(&gx), &plus(&old_gx, d.backward_input(&gy, &w)), TOL);
         assert_close(
             "accumulated grad_weight",
             &download(&gw),
             &plus(&old_gw, d.backward_weight(&x, &gy)),
             TOL,
         );
-        let sums = channel_sums(&gy, d.y_shape(), |_, g| g)
-            .iter()
-            .map(|&v| v as f32)
-            .collect();
-        assert_close(
-            "accumulated grad_bias",
-            &download(&gb),
-            &plus(&old_gb, sums),
-            TOL,
-        );
+        let sums = channel_sums(&gy, d.y_shape(), |_, g| g).iter().map(|&v| v as f32).collect();
+        assert_close("accumulated grad_bias", &download(&gb), &plus(&old_gb, sums), TOL);
     }
 }

@@ -12,9 +12,7 @@ fn training_step_is_bit_reproducible() {
     let shape = [2, 8, 96, 80];
     let mut g = GraphBuilder::new();
     let x = g.input("x", &shape, true);
-    let h = g
-        .conv2d("conv", x, [3, 3], 8, true, Conv2dSpec::square(1, 1, 1))
-        .unwrap();
+    let h = g.conv2d("conv", x, [3, 3], 8, true, Conv2dSpec::square(1, 1, 1)).unwrap();
     let h = g.batch_norm("bn", h).unwrap();
     let out = g.add_relu(h, x).unwrap();
     let graph = g.build(gpu, Mode::Train, out).unwrap();
@@ -38,37 +36,17 @@ fn training_step_is_bit_reproducible() {
         graph.zero_grads(gpu);
         graph.forward(gpu).unwrap();
         graph.backward(gpu, &grad_out).unwrap();
-        [
-            "x",
-            "conv.weight",
-            "conv.bias",
-            "bn.weight",
-            "bn.bias",
-            "bn.running_var",
-        ]
-        .map(|name| {
-            let t = if name.starts_with("bn.running") {
-                graph.tensor(name)
-            } else {
-                graph.grad(name)
-            };
-            download(t.unwrap())
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<u32>>()
-        })
-        .into_iter()
-        .chain([download(graph.output())
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()])
-        .collect::<Vec<_>>()
+        ["x", "conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_var"]
+            .map(|name| {
+                let t = if name.starts_with("bn.running") { graph.tensor(name) } else { graph.grad(name) };
+                download(t.unwrap()).iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            })
+            .into_iter()
+            .chain([download(graph.output()).iter().map(|v| v.to_bits()).collect()])
+            .collect::<Vec<_>>()
     });
     for (i, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
-        assert!(
-            a.iter().all(|&v| f32::from_bits(v).is_finite()),
-            "result {i} has non-finite values"
-        );
+        assert!(a.iter().all(|&v| f32::from_bits(v).is_finite()), "result {i} has non-finite values");
         assert_eq!(a, b, "result {i} differs between two identical runs");
     }
 }

@@ -9,8 +9,7 @@ fn check(shape: &[usize], a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec
     let gpu = gpu();
     let (at, bt, gyt) = (upload(shape, a), upload(shape, b), upload(shape, gy));
     let out: Vec<_> = (0..5).map(|_| poisoned(shape)).collect();
-    let (relu_y, add_y, add_relu_y, relu_ga, add_relu_ga) =
-        (&out[0], &out[1], &out[2], &out[3], &out[4]);
+    let (relu_y, add_y, add_relu_y, relu_ga, add_relu_ga) = (&out[0], &out[1], &out[2], &out[3], &out[4]);
     let add_relu_gb = upload(shape, old);
     let (add_ga, add_gb) = (poisoned(shape), upload(shape, old));
     let ds = [
@@ -18,38 +17,18 @@ fn check(shape: &[usize], a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec
         elementwise::add_forward(gpu, &at, &bt, add_y).unwrap(),
         elementwise::add_relu_forward(gpu, &at, &bt, add_relu_y).unwrap(),
         elementwise::relu_backward(gpu, relu_y, &gyt, relu_ga, false).unwrap(),
-        elementwise::add_relu_backward(
-            gpu,
-            add_relu_y,
-            &gyt,
-            (add_relu_ga, false),
-            (&add_relu_gb, true),
-        )
-        .unwrap(),
+        elementwise::add_relu_backward(gpu, add_relu_y, &gyt, (add_relu_ga, false), (&add_relu_gb, true))
+            .unwrap(),
         elementwise::add_backward(gpu, &gyt, (&add_ga, false), (&add_gb, true)).unwrap(),
     ];
     gpu.run(&ds).unwrap();
-    [
-        relu_y,
-        add_y,
-        add_relu_y,
-        relu_ga,
-        add_relu_ga,
-        &add_relu_gb,
-        &add_ga,
-        &add_gb,
-    ]
-    .map(download)
+    [relu_y, add_y, add_relu_y, relu_ga, add_relu_ga, &add_relu_gb, &add_ga, &add_gb].map(download)
 }
 
 fn expected(a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec<f32>; 8] {
     let sum: Vec<f32> = a.iter().zip(b).map(|(a, b)| a + b).collect();
-    let masked = |x: &[f32]| {
-        x.iter()
-            .zip(gy)
-            .map(|(&x, &g)| if x > 0.0 { g } else { 0.0 })
-            .collect::<Vec<f32>>()
-    };
+    let masked =
+        |x: &[f32]| x.iter().zip(gy).map(|(&x, &g)| if x > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>();
     let plus = |x: &[f32]| x.iter().zip(old).map(|(x, o)| x + o).collect::<Vec<f32>>();
     [
         a.iter().map(|v| v.max(0.0)).collect(),
@@ -101,19 +80,9 @@ fn elementwise_matches_pytorch_fixtures() {
 fn elementwise_matches_cpu_on_random_shapes() {
     let mut rng = Rng::new(seed("elementwise_matches_cpu_on_random_shapes"));
     for _ in 0..50 {
-        let shape = [
-            rng.range(1, 3),
-            rng.range(1, 9),
-            rng.range(1, 33),
-            rng.range(1, 33),
-        ];
+        let shape = [rng.range(1, 3), rng.range(1, 9), rng.range(1, 33), rng.range(1, 33)];
         let len = shape.iter().product();
-        let (a, b, gy, old) = (
-            rng.normals(len),
-            rng.normals(len),
-            rng.normals(len),
-            rng.normals(len),
-        );
+        let (a, b, gy, old) = (rng.normals(len), rng.normals(len), rng.normals(len), rng.normals(len));
         let got = check(&shape, &a, &b, &gy, &old);
         for ((name, got), want) in NAMES.iter().zip(&got).zip(expected(&a, &b, &gy, &old)) {
             assert_close(&format!("{shape:?} {name}"), got, &want, TOL);

@@ -16,40 +16,23 @@ fn shape_errors_name_both_shapes() {
     let x = poisoned(&[1, 3, 8, 8]);
     let w = poisoned(&[4, 5, 3, 3]);
     let y = poisoned(&[1, 4, 8, 8]);
-    let e =
-        message(conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &w, None, &y).unwrap_err());
-    assert!(
-        e.contains("[4, 3, 3, 3]") && e.contains("[4, 5, 3, 3]"),
-        "{e}"
-    );
+    let e = message(conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &w, None, &y).unwrap_err());
+    assert!(e.contains("[4, 3, 3, 3]") && e.contains("[4, 5, 3, 3]"), "{e}");
     let w = poisoned(&[4, 3, 3, 3]);
     let wrong_y = poisoned(&[1, 4, 7, 8]);
+    let e = message(conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &w, None, &wrong_y).unwrap_err());
+    assert!(e.contains("conv2d output") && e.contains("[1, 4, 8, 8]") && e.contains("[1, 4, 7, 8]"), "{e}");
     let e = message(
-        conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &w, None, &wrong_y).unwrap_err(),
+        elementwise::add_forward(gpu, &x, &poisoned(&[1, 3, 8, 9]), &poisoned(&[1, 3, 8, 8])).unwrap_err(),
     );
-    assert!(
-        e.contains("conv2d output") && e.contains("[1, 4, 8, 8]") && e.contains("[1, 4, 7, 8]"),
-        "{e}"
-    );
-    let e = message(
-        elementwise::add_forward(gpu, &x, &poisoned(&[1, 3, 8, 9]), &poisoned(&[1, 3, 8, 8]))
-            .unwrap_err(),
-    );
-    assert!(
-        e.contains("[1, 3, 8, 8]") && e.contains("[1, 3, 8, 9]"),
-        "{e}"
-    );
+    assert!(e.contains("[1, 3, 8, 8]") && e.contains("[1, 3, 8, 9]"), "{e}");
 }
 
 #[test]
 fn impossible_convolutions_are_refused() {
     let spec = Conv2dSpec::square(0, 0, 1);
     assert!(message(spec.output_size(8, 8, 3, 3).unwrap_err()).contains("stride"));
-    let e = message(
-        Conv2dSpec::square(1, 0, 1)
-            .output_size(2, 8, 3, 3)
-            .unwrap_err(),
-    );
+    let e = message(Conv2dSpec::square(1, 0, 1).output_size(2, 8, 3, 3).unwrap_err());
     assert!(e.contains("3x3") && e.contains("2x8"), "{e}");
 }
 
@@ -58,10 +41,7 @@ fn in_place_kernels_are_refused() {
     let gpu = gpu();
     let x = poisoned(&[1, 2, 4, 4]);
     let e = message(elementwise::relu_forward(gpu, &x, &x).unwrap_err());
-    assert!(
-        e.contains("relu_forward") && e.contains("same tensor"),
-        "{e}"
-    );
+    assert!(e.contains("relu_forward") && e.contains("same tensor"), "{e}");
 }
 
 #[test]
@@ -79,28 +59,17 @@ fn training_batch_norm_needs_two_values_per_channel() {
     };
     let x = poisoned(&[1, c, 1, 1]);
     let saved = poisoned(&batch_norm::saved_shape(c));
-    let e = message(
-        batch_norm::forward_train(gpu, &x, &bn, &saved, &poisoned(&[1, c, 1, 1])).unwrap_err(),
-    );
-    assert!(
-        e.contains("more than one value per channel") && e.contains("[1, 3, 1, 1]"),
-        "{e}"
-    );
+    let e = message(batch_norm::forward_train(gpu, &x, &bn, &saved, &poisoned(&[1, c, 1, 1])).unwrap_err());
+    assert!(e.contains("more than one value per channel") && e.contains("[1, 3, 1, 1]"), "{e}");
 }
 
 #[test]
 fn tensors_beyond_the_binding_limit_are_refused_with_the_limit() {
     let gpu = gpu();
-    let limit = gpu
-        .limits()
-        .max_storage_buffer_binding_size
-        .min(gpu.limits().max_buffer_size);
+    let limit = gpu.limits().max_storage_buffer_binding_size.min(gpu.limits().max_buffer_size);
     let elements = (limit / 4 + 1) as usize;
     let e = message(Tensor::empty(gpu, &[elements]).unwrap_err());
-    assert!(
-        e.contains(&limit.to_string()) && e.contains(&format!("[{elements}]")),
-        "{e}"
-    );
+    assert!(e.contains(&limit.to_string()) && e.contains(&format!("[{elements}]")), "{e}");
     let e = message(Tensor::from_slice(gpu, &[2, 3], &[1.0; 5]).unwrap_err());
     assert!(e.contains("5 values") && e.contains("[2, 3]"), "{e}");
     assert!(message(Tensor::empty(gpu, &[0, 3]).unwrap_err()).contains("no elements"));

@@ -50,15 +50,7 @@ fn residual_block_matches_pytorch_forward_and_every_gradient() {
     graph.forward(gpu).unwrap();
     graph.backward(gpu, f.get("grad_out")).unwrap();
     assert_close("out", &download(graph.output()), f.get("out"), TOL);
-    for name in [
-        "x",
-        "conv1.weight",
-        "bn1.weight",
-        "bn1.bias",
-        "conv2.weight",
-        "bn2.weight",
-        "bn2.bias",
-    ] {
+    for name in ["x", "conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"] {
         assert_close(
             &format!("grad {name}"),
             &download(graph.grad(name).unwrap()),
@@ -66,30 +58,12 @@ fn residual_block_matches_pytorch_forward_and_every_gradient() {
             TOL,
         );
     }
-    for name in ["bn1.running_mean", "bn1.running_var"]
-        .iter()
-        .chain(&BN2_STATS)
-    {
-        assert_close(
-            name,
-            &download(graph.tensor(name).unwrap()),
-            f.get(&format!("new.{name}")),
-            TOL,
-        );
+    for name in ["bn1.running_mean", "bn1.running_var"].iter().chain(&BN2_STATS) {
+        assert_close(name, &download(graph.tensor(name).unwrap()), f.get(&format!("new.{name}")), TOL);
     }
     let mut params: Vec<&str> = graph.parameters().collect();
     params.sort_unstable();
-    assert_eq!(
-        params,
-        [
-            "bn1.bias",
-            "bn1.weight",
-            "bn2.bias",
-            "bn2.weight",
-            "conv1.weight",
-            "conv2.weight"
-        ]
-    );
+    assert_eq!(params, ["bn1.bias", "bn1.weight", "bn2.bias", "bn2.weight", "conv1.weight", "conv2.weight"]);
 }
 
 #[test]
@@ -101,27 +75,12 @@ fn parameter_gradients_accumulate_until_zeroed() {
     graph.forward(gpu).unwrap();
     graph.backward(gpu, f.get("grad_out")).unwrap();
     graph.backward(gpu, f.get("grad_out")).unwrap();
-    let twice = |name: &str| {
-        f.get(&format!("grad.{name}"))
-            .iter()
-            .map(|v| 2.0 * v)
-            .collect::<Vec<f32>>()
-    };
+    let twice = |name: &str| f.get(&format!("grad.{name}")).iter().map(|v| 2.0 * v).collect::<Vec<f32>>();
     for name in ["conv1.weight", "bn2.bias"] {
-        assert_close(
-            &format!("twice grad {name}"),
-            &download(graph.grad(name).unwrap()),
-            &twice(name),
-            TOL,
-        );
+        assert_close(&format!("twice grad {name}"), &download(graph.grad(name).unwrap()), &twice(name), TOL);
     }
     // The input's gradient is not a parameter's: each pass overwrites it.
-    assert_close(
-        "grad x",
-        &download(graph.grad("x").unwrap()),
-        f.get("grad.x"),
-        TOL,
-    );
+    assert_close("grad x", &download(graph.grad("x").unwrap()), f.get("grad.x"), TOL);
     graph.zero_grads(gpu);
     graph.backward(gpu, f.get("grad_out")).unwrap();
     assert_close(
@@ -153,29 +112,12 @@ fn eval_graph_uses_running_statistics() {
     };
     let bn = |x: &[f32], p: &str| {
         let g = |t: &str| f.get(&format!("{p}.{t}"));
-        bn_eval(
-            x,
-            shape,
-            g("weight"),
-            g("bias"),
-            g("running_mean"),
-            g("running_var"),
-        )
+        bn_eval(x, shape, g("weight"), g("bias"), g("running_mean"), g("running_var"))
     };
-    let h = bn(
-        &conv.forward(f.get("x"), f.get("conv1.weight"), None),
-        "bn1",
-    );
+    let h = bn(&conv.forward(f.get("x"), f.get("conv1.weight"), None), "bn1");
     let h: Vec<f32> = h.iter().map(|v| v.max(0.0)).collect();
     let h = bn(&conv.forward(&h, f.get("conv2.weight"), None), "bn2");
-    let want: Vec<f32> = h
-        .iter()
-        .zip(f.get("x"))
-        .map(|(a, b)| (a + b).max(0.0))
-        .collect();
+    let want: Vec<f32> = h.iter().zip(f.get("x")).map(|(a, b)| (a + b).max(0.0)).collect();
     assert_close("eval out", &download(graph.output()), &want, TOL);
-    assert!(
-        graph.grad("conv1.weight").is_err(),
-        "an eval graph has no gradients"
-    );
+    assert!(graph.grad("conv1.weight").is_err(), "an eval graph has no gradients");
 }

@@ -60,6 +60,98 @@ ELEMENTWISE_CASES = [
 
 RESIDUAL_SHAPE = (2, 6, 11, 9)
 
+# resize cases: n c h w ho wo align_corners (bilinear)
+RESIZE_CASES = [
+    (1, 3, 9, 13, 18, 26, 1),    # upsample x2
+    (1, 2, 5, 7, 18, 25, 1),     # odd upsample
+    (1, 2, 18, 25, 9, 13, 1),    # downsample
+    (1, 2, 6, 5, 1, 1, 1),       # output 1x1
+    (1, 2, 6, 5, 1, 7, 1),       # output 1 in one dim only
+    (1, 2, 1, 1, 5, 4, 1),       # input 1x1
+    (2, 3, 7, 9, 16, 20, 0),     # align_corners=False upsample
+    (1, 2, 20, 17, 7, 6, 0),     # align_corners=False downsample
+    (1, 2, 9, 13, 13, 29, 0),    # align_corners=False, non-integer ratios
+    (2, 4, 8, 16, 32, 64, 1),    # batch 2, x4
+]
+
+# softmax cases: outer len inner scale, x multiplier (not in the metadata)
+SOFTMAX_CASES = [
+    (1, 131072, 1, 1.0, 3.0),    # one spatial row as long as 256x512
+    (2, 19, 256, 1.0, 1.0),      # over the channels of NCHW (inner = h*w)
+    (64, 19, 1, 0.0625, 1.0),    # rows of K regions, scaled
+    (3, 1, 5, 1.0, 1.0),         # length 1: out = 1, grad = 0
+    (2, 777, 1, 2.0, 1.0),
+    (1, 7, 9, 1.0, 1e4),         # |x| ~ 1e4: needs the max subtraction
+]
+
+# matmul cases: batch m k n trans_a trans_b
+MATMUL_CASES = [
+    (2, 13, 17, 11, 0, 0),
+    (2, 13, 17, 11, 1, 0),
+    (2, 13, 17, 11, 0, 1),
+    (2, 13, 17, 11, 1, 1),
+    (1, 1, 1, 1, 0, 0),
+    (1, 64, 270, 19, 0, 0),
+    (2, 320, 19, 32, 1, 0),     # OCR-like: pixels x regions, A stored [k, m]
+    (2, 33, 5, 129, 0, 1),
+]
+
+# spatial gather cases: n k c h w, aux multiplier (not in the metadata)
+SPATIAL_GATHER_CASES = [
+    (1, 19, 32, 16, 24, 1.0),
+    (2, 5, 12, 9, 13, 1.0),
+    (1, 3, 7, 35, 49, 1.0),
+    (1, 19, 16, 24, 40, 4.0),   # sharper softmax over more pixels
+]
+
+# object attention cases: n key k h w
+OBJECT_ATTENTION_CASES = [
+    (1, 16, 19, 9, 13),
+    (2, 32, 5, 8, 8),
+    (1, 256, 19, 6, 8),     # OCR's key_channels = 256, softmax not saturated
+    (1, 8, 1, 5, 7),        # a single region: softmax over k is 1
+]
+
+IGNORE_LABEL = 255
+CITYSCAPES_CLASS_WEIGHTS = [
+    0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
+    0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507,
+]
+
+# cross entropy cases: n k h w weighted, logits multiplier, ignored fraction
+CE_CASES = [
+    (1, 19, 16, 24, 1, 2.0, 0.2),
+    (2, 5, 9, 13, 0, 2.0, 0.2),
+    (1, 3, 7, 5, 1, 2.0, 0.2),
+    (1, 4, 3, 3, 0, 2.0, 1.0),   # every pixel ignored
+]
+
+# OHEM cases: n k h w thresh min_kept weighted, logits multiplier, and which
+# term sets the threshold (checked): "thresh", "min_kept" or "all" (min_kept
+# > number of valid pixels, so the largest probability is the candidate).
+OHEM_CASES = [
+    (2, 19, 16, 16, 0.7, 100, 0, 2.0, "thresh"),
+    (1, 19, 16, 16, 0.05, 200, 1, 2.0, "min_kept"),
+    (1, 5, 9, 13, 0.9, 1000, 0, 2.0, "all"),
+    (1, 4, 8, 8, 0.7, 50, 0, 4.0, "min_kept"),  # saturated probabilities
+]
+
+# SGD cases: len steps momentum weight_decay nesterov
+SGD_CASES = [
+    (1000, 3, 0.9, 5e-4, 0),
+    (257, 4, 0.9, 1e-4, 1),
+    (5, 2, 0.0, 0.0, 0),
+]
+SGD_BASE_LR = 0.1
+SGD_POLY_POWER = 0.9
+SGD_MAX_ITERS = 6      # short poly schedule so the lr visibly changes per step
+
+# metrics cases: n k h w
+METRICS_CASES = [
+    (1, 19, 16, 24),
+    (2, 5, 9, 13),
+]
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -74,6 +166,12 @@ class Sampler:
 
     def uniform(self, lo, hi, *shape):
         return torch.rand(*shape, generator=self.gen, dtype=torch.float32) * (hi - lo) + lo
+
+    def labels(self, k, ignored, *shape):
+        """int32 class labels in [0, k), a fraction `ignored` set to IGNORE_LABEL."""
+        label = torch.randint(0, k, shape, generator=self.gen, dtype=torch.int32)
+        drop = torch.rand(*shape, generator=self.gen) < ignored
+        return label.masked_fill(drop, IGNORE_LABEL)
 
 
 def f64(t, grad=False):
@@ -144,15 +242,16 @@ def canonicalize_header(path):
 def save(tensors, metadata, out_dir, name):
     path = os.path.join(out_dir, name)
     for key, t in tensors.items():
-        assert t.dtype == torch.float32 and t.is_contiguous(), key
+        assert t.dtype in (torch.float32, torch.int32) and t.is_contiguous(), key
     save_file(tensors, path, metadata=metadata)
     canonicalize_header(path)
     print(f"  wrote {path}: {len(tensors)} tensors, {os.path.getsize(path)} bytes")
     return os.path.getsize(path)
 
 
-def ints(values):
-    return " ".join(str(v) for v in values)
+def nums(values):
+    """Metadata string: ints as is, floats as their shortest round-trip literal (0.0625)."""
+    return " ".join(repr(float(v)) if isinstance(v, float) else str(int(v)) for v in values)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -188,7 +287,7 @@ def make_conv2d(s):
         if has_bias:
             tensors[f"{c}.bias"] = bias
             tensors[f"{c}.grad_bias"] = f32(b64.grad)
-        meta[c] = ints(case)
+        meta[c] = nums(case)
         print(f"  conv2d {c}: x[{n},{ci},{h},{w}] w[{co},{ci},{kh},{kw}] "
               f"stride={stride} pad={pad} dil={dil} bias={has_bias} -> out[{n},{co},{ho},{wo}]")
     return tensors, meta
@@ -223,7 +322,7 @@ def make_batch_norm(s):
         tensors[f"{c}.grad_weight"] = f32(g64.grad)
         tensors[f"{c}.grad_bias"] = f32(b64.grad)
         tensors[f"{c}.out_eval"] = f32(out_eval)
-        meta[c] = ints((n, ch, h, w))
+        meta[c] = nums((n, ch, h, w))
         print(f"  batch_norm {c}: [{n},{ch},{h},{w}]")
     return tensors, meta
 
@@ -256,7 +355,7 @@ def make_elementwise(s):
         tensors[f"{c}.add_out"] = f32(add_out)
         tensors[f"{c}.add_relu_out"] = f32(add_relu_out)
         tensors[f"{c}.add_relu_grad"] = f32(a64.grad)
-        meta[c] = ints(shape)
+        meta[c] = nums(shape)
         print(f"  elementwise {c}: [{','.join(map(str, shape))}]")
     return tensors, meta
 
@@ -307,17 +406,332 @@ def make_residual_block(s):
         for k, v in p.items():
             tensors[f"{name}.{k}"] = v
     print(f"  residual_block: [{n},{ch},{h},{w}]")
-    return tensors, {"shape": ints(RESIDUAL_SHAPE)}
+    return tensors, {"shape": nums(RESIDUAL_SHAPE)}
 
 
-# Each file gets its own generator (seed + index) so that editing the cases
-# of one file does not change the random data of the others.
+def make_resize(s):
+    tensors, meta = {}, {}
+    for i, case in enumerate(RESIZE_CASES):
+        n, ch, h, w, ho, wo, align = case
+        c = f"case{i}"
+        x = s.randn(n, ch, h, w)
+        grad_out = s.randn(n, ch, ho, wo)
+
+        x64 = f64(x, True)
+        out = F.interpolate(x64, size=(ho, wo), mode="bilinear", align_corners=bool(align))
+        out.backward(f64(grad_out))
+
+        tensors[f"{c}.x"] = x
+        tensors[f"{c}.grad_out"] = grad_out
+        tensors[f"{c}.out"] = f32(out)
+        tensors[f"{c}.grad_x"] = f32(x64.grad)
+        meta[c] = nums(case)
+        print(f"  resize {c}: [{n},{ch},{h},{w}] -> [{ho},{wo}] align_corners={align}")
+    return tensors, meta
+
+
+def make_softmax(s):
+    tensors, meta = {}, {}
+    for i, (outer, length, inner, scale, mult) in enumerate(SOFTMAX_CASES):
+        c = f"case{i}"
+        x = s.randn(outer, length, inner) * mult
+        grad_out = s.randn(outer, length, inner)
+
+        x64 = f64(x, True)
+        out = torch.softmax(scale * x64, dim=1)
+        out.backward(f64(grad_out))
+
+        tensors[f"{c}.x"] = x
+        tensors[f"{c}.grad_out"] = grad_out
+        tensors[f"{c}.out"] = f32(out)
+        tensors[f"{c}.grad_x"] = f32(x64.grad)
+        meta[c] = nums((outer, length, inner, scale))
+        print(f"  softmax {c}: [{outer},{length},{inner}] scale={scale} |x|~{mult}")
+    return tensors, meta
+
+
+def make_matmul(s):
+    tensors, meta = {}, {}
+    for i, case in enumerate(MATMUL_CASES):
+        batch, m, k, n, trans_a, trans_b = case
+        c = f"case{i}"
+        a = s.randn(batch, *((k, m) if trans_a else (m, k)))
+        b = s.randn(batch, *((n, k) if trans_b else (k, n)))
+        grad_out = s.randn(batch, m, n)
+
+        a64, b64 = f64(a, True), f64(b, True)
+        op_a = a64.transpose(1, 2) if trans_a else a64
+        op_b = b64.transpose(1, 2) if trans_b else b64
+        out = torch.bmm(op_a, op_b)
+        out.backward(f64(grad_out))
+
+        tensors[f"{c}.a"] = a
+        tensors[f"{c}.b"] = b
+        tensors[f"{c}.grad_out"] = grad_out
+        tensors[f"{c}.out"] = f32(out)
+        tensors[f"{c}.grad_a"] = f32(a64.grad)
+        tensors[f"{c}.grad_b"] = f32(b64.grad)
+        meta[c] = nums(case)
+        print(f"  matmul {c}: {batch} x [{m},{k}] @ [{k},{n}] "
+              f"trans_a={trans_a} trans_b={trans_b}")
+    return tensors, meta
+
+
+def make_spatial_gather(s):
+    tensors, meta = {}, {}
+    for i, (n, k, ch, h, w, mult) in enumerate(SPATIAL_GATHER_CASES):
+        c = f"case{i}"
+        aux = s.randn(n, k, h, w) * mult
+        feats = s.randn(n, ch, h, w)
+        grad_out = s.randn(n, ch, k, 1)
+
+        aux64, feats64 = f64(aux, True), f64(feats, True)
+        probs = torch.softmax(aux64.view(n, k, h * w), dim=2)          # over pixels
+        context = torch.bmm(probs, feats64.view(n, ch, h * w).transpose(1, 2))  # [n,k,c]
+        out = context.permute(0, 2, 1).unsqueeze(3)                     # [n,c,k,1]
+        out.backward(f64(grad_out))
+
+        tensors[f"{c}.aux"] = aux
+        tensors[f"{c}.feats"] = feats
+        tensors[f"{c}.grad_out"] = grad_out
+        tensors[f"{c}.out"] = f32(out)
+        tensors[f"{c}.grad_aux"] = f32(aux64.grad)
+        tensors[f"{c}.grad_feats"] = f32(feats64.grad)
+        meta[c] = nums((n, k, ch, h, w))
+        print(f"  spatial_gather {c}: aux[{n},{k},{h},{w}] feats[{n},{ch},{h},{w}] |aux|~{mult}")
+    return tensors, meta
+
+
+def make_object_attention(s):
+    tensors, meta = {}, {}
+    for i, case in enumerate(OBJECT_ATTENTION_CASES):
+        n, kc, k, h, w = case  # kc = key channels, k = number of regions
+        c = f"case{i}"
+        query = s.randn(n, kc, h, w)
+        key = s.randn(n, kc, k, 1)
+        value = s.randn(n, kc, k, 1)
+        grad_out = s.randn(n, kc, h, w)
+
+        q64, k64, v64 = f64(query, True), f64(key, True), f64(value, True)
+        q = q64.view(n, kc, h * w).permute(0, 2, 1)   # [n, hw, kc]
+        kk = k64.view(n, kc, k)                       # [n, kc, k]
+        v = v64.view(n, kc, k).permute(0, 2, 1)       # [n, k, kc]
+        sim = torch.softmax(torch.bmm(q, kk) * kc ** -0.5, dim=-1)  # over regions
+        out = torch.bmm(sim, v).permute(0, 2, 1).reshape(n, kc, h, w)
+        out.backward(f64(grad_out))
+
+        tensors[f"{c}.query"] = query
+        tensors[f"{c}.key"] = key
+        tensors[f"{c}.value"] = value
+        tensors[f"{c}.grad_out"] = grad_out
+        tensors[f"{c}.out"] = f32(out)
+        tensors[f"{c}.grad_query"] = f32(q64.grad)
+        tensors[f"{c}.grad_key"] = f32(k64.grad)
+        tensors[f"{c}.grad_value"] = f32(v64.grad)
+        meta[c] = nums(case)
+        print(f"  object_attention {c}: query[{n},{kc},{h},{w}] key/value[{n},{kc},{k},1] "
+              f"max sim {sim.max().item():.3f}")
+    return tensors, meta
+
+
+def class_weights(s, k):
+    """Cityscapes class weights for 19 classes, random in [0.5, 1.5) otherwise."""
+    if k == len(CITYSCAPES_CLASS_WEIGHTS):
+        return torch.tensor(CITYSCAPES_CLASS_WEIGHTS, dtype=torch.float32)
+    return s.uniform(0.5, 1.5, k)
+
+
+def ohem_cross_entropy(logits, label, weight, thresh, min_kept):
+    """HRNet-OCR's OhemCrossEntropy on float64 logits.
+
+    Returns (loss, kept mask, threshold, sorted target probabilities of the
+    valid pixels). Pixels are kept when valid and their target probability is
+    strictly below max(p_sorted[min(min_kept, valid - 1)], thresh).
+    """
+    target = label.long()
+    pixel_losses = F.cross_entropy(logits, target, weight=weight,
+                                   ignore_index=IGNORE_LABEL, reduction="none")
+    valid = target != IGNORE_LABEL
+    with torch.no_grad():
+        index = target.masked_fill(~valid, 0).unsqueeze(1)  # ignored: class 0, masked anyway
+        prob = torch.softmax(logits, dim=1).gather(1, index).squeeze(1)
+        p_sorted = prob[valid].sort().values
+        threshold = max(p_sorted[min(min_kept, p_sorted.numel() - 1)].item(), thresh)
+        kept = valid & (prob < threshold)
+    return pixel_losses[kept].mean(), kept, threshold, p_sorted
+
+
+def make_losses(s):
+    tensors, meta = {}, {}
+    for i, case in enumerate(CE_CASES):
+        n, k, h, w, weighted, mult, ignored = case
+        c = f"ce{i}"
+        logits = s.randn(n, k, h, w) * mult
+        label = s.labels(k, ignored, n, h, w)
+        weight = class_weights(s, k) if weighted else None
+
+        x64 = f64(logits, True)
+        loss = F.cross_entropy(x64, label.long(), weight=f64(weight) if weighted else None,
+                               ignore_index=IGNORE_LABEL)
+        if (label == IGNORE_LABEL).all():
+            # PyTorch's mean over zero pixels is 0/0 = NaN. Our documented
+            # semantics: no valid pixel gives loss 0 and a zero gradient.
+            assert torch.isnan(loss), case
+            loss_value, grad = torch.zeros(1), torch.zeros_like(logits)
+        else:
+            loss.backward()
+            loss_value, grad = f32(loss.view(1)), f32(x64.grad)
+
+        tensors[f"{c}.logits"] = logits
+        tensors[f"{c}.label"] = label
+        if weighted:
+            tensors[f"{c}.weight"] = weight
+        tensors[f"{c}.loss"] = loss_value
+        tensors[f"{c}.grad_logits"] = grad
+        meta[c] = nums((n, k, h, w, weighted))
+        print(f"  cross_entropy {c}: [{n},{k},{h},{w}] weighted={weighted} "
+              f"valid={(label != IGNORE_LABEL).sum().item()} loss={loss_value.item():.6f}")
+
+    for i, case in enumerate(OHEM_CASES):
+        n, k, h, w, thresh, min_kept, weighted, mult, regime = case
+        c = f"ohem{i}"
+        logits = s.randn(n, k, h, w) * mult
+        label = s.labels(k, 0.2, n, h, w)
+        weight = class_weights(s, k) if weighted else None
+
+        x64 = f64(logits, True)
+        loss, kept, threshold, p_sorted = ohem_cross_entropy(
+            x64, label, f64(weight) if weighted else None, thresh, min_kept)
+        loss.backward()
+
+        # Check that each case exercises the intended branch, and that no other
+        # target probability sits so close to the threshold that float32
+        # kernels could keep a different set of pixels.
+        valid = p_sorted.numel()
+        candidate = p_sorted[min(min_kept, valid - 1)].item()
+        assert {"thresh": candidate < thresh,
+                "min_kept": min_kept < valid and candidate > thresh,
+                "all": min_kept > valid}[regime], (case, candidate, valid)
+        others = p_sorted[p_sorted != threshold]
+        gap = (others - threshold).abs().min().item()
+        assert gap > 1e-5 * threshold, (case, gap)
+        assert kept.any(), case
+
+        tensors[f"{c}.logits"] = logits
+        tensors[f"{c}.label"] = label
+        if weighted:
+            tensors[f"{c}.weight"] = weight
+        tensors[f"{c}.loss"] = f32(loss.view(1))
+        tensors[f"{c}.grad_logits"] = f32(x64.grad)
+        tensors[f"{c}.kept"] = f32(kept)
+        tensors[f"{c}.threshold"] = torch.tensor([threshold], dtype=torch.float32)
+        meta[c] = nums((n, k, h, w, thresh, min_kept, weighted))
+        print(f"  ohem {c}: [{n},{k},{h},{w}] thresh={thresh} min_kept={min_kept} "
+              f"weighted={weighted} valid={valid} kept={kept.sum().item()} "
+              f"threshold={threshold:.6f} ({regime}) gap={gap:.2e} loss={loss.item():.6f}")
+    return tensors, meta
+
+
+def sgd_by_hand(param, grads, lr, momentum, weight_decay, nesterov):
+    """The update rule of torch.optim.SGD (dampening 0), written out."""
+    p, buf = param.clone(), None
+    for g, step_lr in zip(grads, lr.tolist()):
+        d = g + weight_decay * p
+        if momentum != 0:
+            buf = d.clone() if buf is None else momentum * buf + d
+            d = d + momentum * buf if nesterov else buf
+        p = p - step_lr * d
+    return p, buf
+
+
+def make_sgd(s):
+    tensors, meta = {}, {}
+    for i, case in enumerate(SGD_CASES):
+        length, steps, momentum, weight_decay, nesterov = case
+        c = f"case{i}"
+        param = s.randn(length)
+        grads = s.randn(steps, length)
+        # Poly schedule, rounded to float32 first: the stored lr is the one used.
+        lr = torch.tensor([SGD_BASE_LR * (1 - t / SGD_MAX_ITERS) ** SGD_POLY_POWER
+                           for t in range(steps)], dtype=torch.float32)
+
+        p64 = f64(param, True)
+        opt = torch.optim.SGD([p64], lr=lr[0].item(), momentum=momentum,
+                              weight_decay=weight_decay, nesterov=bool(nesterov),
+                              foreach=False)
+        for t in range(steps):
+            opt.param_groups[0]["lr"] = lr[t].item()
+            p64.grad = f64(grads[t])
+            opt.step()
+        # With momentum 0 PyTorch keeps no buffer; store zeros.
+        buf = opt.state[p64].get("momentum_buffer")
+        buf = torch.zeros(length, dtype=torch.float64) if buf is None else buf
+
+        p_ref, buf_ref = sgd_by_hand(f64(param), f64(grads), lr, momentum,
+                                     weight_decay, nesterov)
+        assert torch.allclose(p64.detach(), p_ref, rtol=0, atol=1e-12), case
+        assert buf_ref is None or torch.allclose(buf, buf_ref, rtol=0, atol=1e-12), case
+
+        tensors[f"{c}.param"] = param
+        tensors[f"{c}.grads"] = grads
+        tensors[f"{c}.lr"] = lr
+        tensors[f"{c}.param_final"] = f32(p64)
+        tensors[f"{c}.momentum_final"] = f32(buf)
+        meta[c] = nums(case)
+        print(f"  sgd {c}: len={length} steps={steps} momentum={momentum} "
+              f"weight_decay={weight_decay} nesterov={nesterov} lr={lr.tolist()}")
+    return tensors, meta
+
+
+def make_metrics(s):
+    tensors, meta = {}, {}
+    for i, case in enumerate(METRICS_CASES):
+        n, k, h, w = case
+        c = f"case{i}"
+        logits = s.randn(n, k, h, w)
+        label = s.labels(k, 0.1, n, h, w)
+
+        top2 = logits.topk(2, dim=1).values
+        assert (top2[:, 0] > top2[:, 1]).all(), "argmax tie"
+        pred = logits.argmax(dim=1).to(torch.int32)
+        # get_confusion_matrix convention: row = ground truth, column = prediction.
+        valid = label != IGNORE_LABEL
+        index = label[valid].long() * k + pred[valid].long()
+        confusion = torch.bincount(index, minlength=k * k).view(k, k).to(torch.int32)
+
+        tensors[f"{c}.logits"] = logits
+        tensors[f"{c}.label"] = label
+        tensors[f"{c}.pred"] = pred
+        tensors[f"{c}.confusion"] = confusion
+        meta[c] = nums(case)
+        print(f"  metrics {c}: [{n},{k},{h},{w}] valid={valid.sum().item()} "
+              f"correct={confusion.diagonal().sum().item()}")
+    return tensors, meta
+
+
+# Each file gets its own generator (seed + index in this list) so that editing
+# the cases of one file does not change the random data of the others. Only
+# append: inserting a file would renumber the streams of the files after it.
 FIXTURES = [
     ("conv2d.safetensors", make_conv2d),
     ("batch_norm.safetensors", make_batch_norm),
     ("elementwise.safetensors", make_elementwise),
     ("residual_block.safetensors", make_residual_block),
+    ("resize.safetensors", make_resize),
+    ("softmax.safetensors", make_softmax),
+    ("matmul.safetensors", make_matmul),
+    ("spatial_gather.safetensors", make_spatial_gather),
+    ("object_attention.safetensors", make_object_attention),
+    ("losses.safetensors", make_losses),
+    ("sgd.safetensors", make_sgd),
+    ("metrics.safetensors", make_metrics),
 ]
+
+# Size budgets in bytes: the layer fixtures (the first four files) and the
+# OCR/training fixtures after them are capped separately.
+LAYER_FIXTURES = 4
+LAYER_BUDGET = 5 * 10**6
+OCR_BUDGET = 4.5 * 10**6
 
 
 def main():
@@ -335,12 +749,15 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     print(f"seed = {args.seed}, torch {torch.__version__}, out = {args.out}")
 
-    total = 0
+    sizes = []
     for index, (name, make) in enumerate(FIXTURES):
         tensors, meta = make(Sampler(args.seed + index))
-        total += save(tensors, meta, args.out, name)
-    print(f"total {total} bytes ({total / 2**20:.2f} MiB)")
-    assert total < 5 * 10**6, "fixtures must stay under 5 MB"
+        sizes.append(save(tensors, meta, args.out, name))
+    layer, ocr = sum(sizes[:LAYER_FIXTURES]), sum(sizes[LAYER_FIXTURES:])
+    for what, total in (("layer", layer), ("ocr/training", ocr), ("total", layer + ocr)):
+        print(f"{what}: {total} bytes ({total / 2**20:.2f} MiB)")
+    assert layer < LAYER_BUDGET, "layer fixtures must stay under 5 MB"
+    assert ocr < OCR_BUDGET, "ocr/training fixtures must stay under 4.5 MB"
 
 
 if __name__ == "__main__":

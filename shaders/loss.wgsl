@@ -1,0 +1,190 @@
+// Pixel-wise cross entropy over the class axis of NCHW logits, with an ignore label and
+// optional class weights (PyTorch's mean: sum(w * nll) / sum(w) over pixels not ignored),
+// and OHEM cross entropy (HRNet-OCR's OhemCrossEntropy: keep the pixels whose target-class
+// probability is below max(the min_kept-th smallest, thresh); mean of w * nll over them).
+//
+// Cross entropy: ce_partials -> ce_finalize; backward: ce_backward.
+// OHEM first finds the min_kept-th smallest target probability exactly, by a 4-pass radix
+// select over its float bits (non-negative floats order like their bits): ohem_probs, then
+// 4 x (ohem_histogram, ohem_select). Counting uses integer atomics, which are exact and
+// order-independent; every float sum runs in a fixed order. A batch with no pixel left
+// gives loss 0 and gradient 0.
+
+struct Params {
+    n: u32, classes: u32, hw: u32, chunk_len: u32,
+    ignore_label: u32, flags: u32, grad_scale: f32, thresh: f32,
+    min_kept: u32, radix_pass: u32, _pad0: u32, _pad1: u32,
+}
+
+const WEIGHTED: u32 = 1u;
+const OHEM: u32 = 2u;
+const ACCUMULATE: u32 = 4u;
+// Written as the target probability of an ignored pixel: above every probability, so the
+// selection never picks it.
+const IGNORED_PROB: f32 = 2.0;
+
+override WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> labels: array<u32>;
+@group(0) @binding(3) var<storage, read> class_weight: array<f32>;
+// per chunk of pixels: (sum of coefficient * nll, sum of denominators)
+@group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;
+@group(0) @binding(5) var<storage, read_write> loss: array<f32>;
+// (loss numerator's denominator, 0): what the backward divides by
+@group(0) @binding(6) var<storage, read_write> denom: array<f32>;
+@group(0) @binding(7) var<storage, read_write> grad_logits: array<f32>;
+@group(0) @binding(8) var<storage, read_write> target_prob: array<f32>;
+@group(0) @binding(9) var<storage, read_write> histogram: array<atomic<u32>, 256>;
+// radix select state: (prefix bits found so far, rank still sought, valid pixels, none valid)
+@group(0) @binding(10) var<storage, read_write> select_state: array<u32, 4>;
+
+fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+fn pixels() -> u32 {
+    return p.n * p.hw;
+}
+
+// Index of class `k` at pixel `px` (= n * hw + s) in the NCHW logits.
+fn logit_index(px: u32, k: u32) -> u32 {
+    return ((px / p.hw) * p.classes + k) * p.hw + px % p.hw;
+}
+
+fn is_valid(label: u32) -> bool {
+    return label != p.ignore_label && label < p.classes;
+}
+
+// (max logit, log-sum-exp) over the classes of one pixel.
+fn log_sum_exp(px: u32) -> vec2<f32> {
+    var m = -3.4e38;
+    for (var k = 0u; k < p.classes; k++) {
+        m = max(m, logits[logit_index(px, k)]);
+    }
+    var s = 0.0;
+    for (var k = 0u; k < p.classes; k++) {
+        s += exp(logits[logit_index(px, k)] - m);
+    }
+    return vec2<f32>(m, m + log(s));
+}
+
+fn weight_of(label: u32) -> f32 {
+    return select(1.0, class_weight[label], (p.flags & WEIGHTED) != 0u);
+}
+
+fn ohem_threshold() -> f32 {
+    return max(bitcast<f32>(select_state[0]), p.thresh);
+}
+
+// (coefficient of the pixel's nll in the numerator, its share of the denominator).
+fn pixel_terms(px: u32) -> vec2<f32> {
+    let label = labels[px];
+    if !is_valid(label) { return vec2<f32>(0.0); }
+    let w = weight_of(label);
+    if (p.flags & OHEM) == 0u { return vec2<f32>(w, w); }
+    let kept = select_state[3] == 0u && target_prob[px] < ohem_threshold();
+    return select(vec2<f32>(0.0), vec2<f32>(w, 1.0), kept);
+}
+
+@compute @workgroup_size(WG)
+fn ce_partials(@builtin(global_invocation_id) gid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let chunk = linear_index(gid, nwg);
+    let px0 = chunk * p.chunk_len;
+    if px0 >= pixels() { return; }
+    var sums = vec2<f32>(0.0);
+    for (var px = px0; px < min(pixels(), px0 + p.chunk_len); px++) {
+        let terms = pixel_terms(px);
+        if terms.y == 0.0 && terms.x == 0.0 { continue; }
+        let nll = log_sum_exp(px).y - logits[logit_index(px, labels[px])];
+        sums += vec2<f32>(terms.x * nll, terms.y);
+    }
+    partials[chunk] = sums;
+}
+
+@compute @workgroup_size(1)
+fn ce_finalize() {
+    let chunks = (pixels() + p.chunk_len - 1u) / p.chunk_len;
+    var sums = vec2<f32>(0.0);
+    for (var c = 0u; c < chunks; c++) {
+        sums += partials[c];
+    }
+    loss[0] = select(0.0, sums.x / sums.y, sums.y > 0.0);
+    denom[0] = sums.y;
+}
+
+// grad = grad_scale * coefficient / denominator * (softmax - one_hot(label)).
+@compute @workgroup_size(WG)
+fn ce_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let px = linear_index(gid, nwg);
+    if px >= pixels() { return; }
+    let terms = pixel_terms(px);
+    let g = select(0.0, p.grad_scale * terms.x / denom[0], terms.x != 0.0 && denom[0] > 0.0);
+    let label = labels[px];
+    let lse = select(vec2<f32>(0.0), log_sum_exp(px), g != 0.0);
+    let keep = (p.flags & ACCUMULATE) != 0u;
+    for (var k = 0u; k < p.classes; k++) {
+        let i = logit_index(px, k);
+        let d = g * (exp(logits[i] - lse.y) - select(0.0, 1.0, k == label));
+        grad_logits[i] = select(0.0, grad_logits[i], keep) + d;
+    }
+}
+
+// The target class's probability per pixel (IGNORED_PROB where ignored); clears the histogram.
+@compute @workgroup_size(WG)
+fn ohem_probs(@builtin(global_invocation_id) gid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let px = linear_index(gid, nwg);
+    if px < 256u { atomicStore(&histogram[px], 0u); }
+    if px >= pixels() { return; }
+    let label = labels[px];
+    if !is_valid(label) {
+        target_prob[px] = IGNORED_PROB;
+        return;
+    }
+    target_prob[px] = exp(logits[logit_index(px, label)] - log_sum_exp(px).y);
+}
+
+// Counts the next 8 bits of the probabilities whose higher bits match the prefix so far.
+@compute @workgroup_size(WG)
+fn ohem_histogram(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let px = linear_index(gid, nwg);
+    if px >= pixels() { return; }
+    let bits = bitcast<u32>(target_prob[px]);
+    let shift = 24u - 8u * p.radix_pass;
+    if p.radix_pass == 0u || (bits >> (shift + 8u)) == select_state[0] {
+        atomicAdd(&histogram[(bits >> shift) & 255u], 1u);
+    }
+}
+
+// Finds the bin holding the sought rank, extends the prefix by it and clears the histogram.
+@compute @workgroup_size(1)
+fn ohem_select() {
+    if p.radix_pass == 0u {
+        // Valid probabilities are at most 1.0 (top byte 0x3f); IGNORED_PROB's is 0x40.
+        var valid = 0u;
+        for (var b = 0u; b < 0x40u; b++) {
+            valid += atomicLoad(&histogram[b]);
+        }
+        select_state[0] = 0u;
+        select_state[1] = min(p.min_kept, max(valid, 1u) - 1u);
+        select_state[2] = valid;
+        select_state[3] = select(0u, 1u, valid == 0u);
+    }
+    var rank = select_state[1];
+    var bin = 0u;
+    for (; bin < 255u; bin++) {
+        let count = atomicLoad(&histogram[bin]);
+        if rank < count { break; }
+        rank -= count;
+    }
+    select_state[0] = (select_state[0] << 8u) | bin;
+    select_state[1] = rank;
+    for (var b = 0u; b < 256u; b++) {
+        atomicStore(&histogram[b], 0u);
+    }
+}

@@ -1,0 +1,114 @@
+// Bilinear resize of NCHW maps to an explicit output size, align_corners true or false
+// (PyTorch's source-index rules). The output may be a channel slice of a wider tensor, so
+// HRNet's final concat is written in place by the resizes. The backward is a gather over
+// the output pixels that read each input pixel: deterministic, no atomics.
+
+struct Params {
+    n: u32, c: u32, h: u32, w: u32,
+    ho: u32, wo: u32, align_corners: u32, flags: u32,
+    // the output (and its gradient) has `out_channels` channels; this map is [out_offset, +c)
+    out_offset: u32, out_channels: u32, _pad0: u32, _pad1: u32,
+}
+
+const ACCUMULATE: u32 = 1u;
+
+override WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> grad_y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> grad_x: array<f32>;
+
+fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+// Input length per output step: (in - 1) / (out - 1) aligned (0 for one output), in / out otherwise.
+fn ratio(len_in: u32, len_out: u32) -> f32 {
+    if p.align_corners != 0u {
+        return select(0.0, f32(len_in - 1u) / f32(len_out - 1u), len_out > 1u);
+    }
+    return f32(len_in) / f32(len_out);
+}
+
+// The two source indices an output index reads and the weight of the second.
+struct Taps { i0: u32, i1: u32, t: f32 }
+
+fn taps(dst: u32, len_in: u32, len_out: u32) -> Taps {
+    var src: f32;
+    if p.align_corners != 0u {
+        src = f32(dst) * ratio(len_in, len_out);
+    } else {
+        src = max((f32(dst) + 0.5) * ratio(len_in, len_out) - 0.5, 0.0);
+    }
+    let i0 = min(u32(src), len_in - 1u);
+    let i1 = min(i0 + 1u, len_in - 1u);
+    return Taps(i0, i1, src - f32(i0));
+}
+
+// Output indices whose taps may include input index `i`, widened by one on each side
+// against rounding; exact membership is tested with `taps` itself.
+fn readers(i: u32, len_in: u32, len_out: u32) -> vec2<u32> {
+    let r = ratio(len_in, len_out);
+    if r == 0.0 || len_in == 1u { return vec2<u32>(0u, len_out); }
+    var lo: f32;
+    var hi: f32;
+    if p.align_corners != 0u {
+        lo = (f32(i) - 1.0) / r;
+        hi = (f32(i) + 1.0) / r;
+    } else {
+        lo = (f32(i) - 0.5) / r - 0.5;
+        hi = (f32(i) + 1.5) / r - 0.5;
+    }
+    let first = u32(max(floor(lo) - 1.0, 0.0));
+    return vec2<u32>(min(first, len_out), min(u32(max(ceil(hi) + 2.0, 0.0)), len_out));
+}
+
+// Weight with which output index `o` reads input index `i`.
+fn weight(o: u32, i: u32, len_in: u32, len_out: u32) -> f32 {
+    let k = taps(o, len_in, len_out);
+    return select(0.0, 1.0 - k.t, k.i0 == i) + select(0.0, k.t, k.i1 == i);
+}
+
+fn out_plane(n: u32, ch: u32) -> u32 {
+    return ((n * p.out_channels + p.out_offset + ch) * p.ho) * p.wo;
+}
+
+@compute @workgroup_size(WG)
+fn resize_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = linear_index(gid, nwg);
+    if idx >= p.n * p.c * p.ho * p.wo { return; }
+    let ox = idx % p.wo;
+    let oy = (idx / p.wo) % p.ho;
+    let nc = idx / (p.wo * p.ho);
+    let ky = taps(oy, p.h, p.ho);
+    let kx = taps(ox, p.w, p.wo);
+    let plane = nc * p.h * p.w;
+    let top = mix(x[plane + ky.i0 * p.w + kx.i0], x[plane + ky.i0 * p.w + kx.i1], kx.t);
+    let bottom = mix(x[plane + ky.i1 * p.w + kx.i0], x[plane + ky.i1 * p.w + kx.i1], kx.t);
+    y[out_plane(nc / p.c, nc % p.c) + oy * p.wo + ox] = mix(top, bottom, ky.t);
+}
+
+@compute @workgroup_size(WG)
+fn resize_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = linear_index(gid, nwg);
+    if idx >= p.n * p.c * p.h * p.w { return; }
+    let ix = idx % p.w;
+    let iy = (idx / p.w) % p.h;
+    let nc = idx / (p.w * p.h);
+    let plane = out_plane(nc / p.c, nc % p.c);
+    let rows = readers(iy, p.h, p.ho);
+    let cols = readers(ix, p.w, p.wo);
+    var sum = 0.0;
+    for (var oy = rows.x; oy < rows.y; oy++) {
+        let wy = weight(oy, iy, p.h, p.ho);
+        if wy == 0.0 { continue; }
+        for (var ox = cols.x; ox < cols.y; ox++) {
+            sum += wy * weight(ox, ix, p.w, p.wo) * grad_y[plane + oy * p.wo + ox];
+        }
+    }
+    grad_x[idx] = select(0.0, grad_x[idx], (p.flags & ACCUMULATE) != 0u) + sum;
+}

@@ -1,0 +1,110 @@
+//! Dropout2d: whole channels dropped with probability `p` in training (`dropout.wgsl`).
+//! The mask is a hash of (seed, n * C + c), so a step replays exactly from its seed and
+//! the backward needs nothing stored. [`keep`] computes the same mask on the host.
+
+use super::{f32_bytes, launch, to_u32};
+use crate::error::{check_shape, Error, Result};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    len: u32,
+    channels: u32,
+    hw: u32,
+    seed: u32,
+    drop: f32,
+    flags: u32,
+    _pad: [u32; 2],
+}
+
+const ACCUMULATE: u32 = 1;
+
+/// The 32-bit hash the shader uses.
+fn hash(v: u32) -> u32 {
+    let mut h = v;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^ (h >> 16)
+}
+
+/// Whether channel `c` of sample `n` (of `channels` per sample) is kept under `seed`.
+pub fn keep(seed: u32, drop: f32, n: usize, channels: usize, c: usize) -> bool {
+    let unit = (n * channels + c) as u32;
+    let u = (hash(hash(seed) ^ unit) >> 8) as f32 / 16_777_216.0;
+    u >= drop
+}
+
+/// A dropout layer's sizes and drop probability; its dispatches can be reseeded per step.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout2d {
+    pub drop: f32,
+}
+
+impl Dropout2d {
+    fn params(&self, x: &Tensor, seed: u32, accumulate: bool) -> Result<Params> {
+        if !(0.0..1.0).contains(&self.drop) {
+            return Err(Error::Invalid(format!("dropout probability {} is not in [0, 1)", self.drop)));
+        }
+        let [_, c, h, w] = x.dims4("dropout input")?;
+        Ok(Params {
+            len: to_u32("dropout elements", x.numel())?,
+            channels: c as u32,
+            hw: (h * w) as u32,
+            seed,
+            drop: self.drop,
+            flags: if accumulate { ACCUMULATE } else { 0 },
+            _pad: [0; 2],
+        })
+    }
+
+    /// `y = x * mask / (1 - p)`.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, y: &Tensor, seed: u32) -> Result<Dispatch> {
+        check_shape("dropout output", x.shape(), y.shape())?;
+        let p = self.params(x, seed, false)?;
+        let cost = Cost { flops: x.numel() as u64, bytes: f32_bytes(2 * x.numel()) };
+        launch(
+            gpu,
+            "dropout",
+            "dropout_forward",
+            &p,
+            &[Binding::read(1, x), Binding::write(2, y)],
+            x.numel(),
+            cost,
+        )
+    }
+
+    /// `grad_x (+)= grad_y * mask / (1 - p)` with the forward's seed.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        grad_y: &Tensor,
+        grad_x: &Tensor,
+        seed: u32,
+        accumulate: bool,
+    ) -> Result<Dispatch> {
+        check_shape("dropout input gradient", grad_y.shape(), grad_x.shape())?;
+        let p = self.params(grad_y, seed, accumulate)?;
+        let n = grad_y.numel();
+        let cost = Cost { flops: n as u64, bytes: f32_bytes((2 + usize::from(accumulate)) * n) };
+        let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
+        launch(gpu, "dropout", "dropout_backward", &p, &bindings, n, cost)
+    }
+
+    /// Sets the seed of a recorded forward or backward dispatch of this layer for the next
+    /// submission (the executor calls this once per step).
+    pub fn reseed(
+        &self,
+        gpu: &Gpu,
+        dispatch: &Dispatch,
+        x: &Tensor,
+        seed: u32,
+        accumulate: bool,
+    ) -> Result<()> {
+        dispatch.write_params(gpu, &self.params(x, seed, accumulate)?);
+        Ok(())
+    }
+}

@@ -1,0 +1,187 @@
+//! Batched matrix products with either operand transposed, and their backward
+//! (`matmul.wgsl`). Every product, transposes included, is one strided kernel.
+
+use super::{f32_bytes, launch, to_u32};
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    batch: u32,
+    m: u32,
+    n: u32,
+    k: u32,
+    a_batch: u32,
+    a_row: u32,
+    a_col: u32,
+    flags: u32,
+    b_batch: u32,
+    b_row: u32,
+    b_col: u32,
+    _pad: u32,
+}
+
+const ACCUMULATE: u32 = 1;
+
+/// How a kernel operand reads a stored tensor as a batch of `rows x cols` matrices:
+/// element (i, j) of matrix b is at `b * batch + i * row + j * col`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strided {
+    pub rows: usize,
+    pub cols: usize,
+    pub batch: usize,
+    pub row: usize,
+    pub col: usize,
+}
+
+impl Strided {
+    /// A row-major `[rows, cols]` matrix per batch entry.
+    pub fn row_major(rows: usize, cols: usize) -> Self {
+        Strided { rows, cols, batch: rows * cols, row: cols, col: 1 }
+    }
+
+    /// The same storage read as the transpose.
+    pub fn t(self) -> Self {
+        Strided { rows: self.cols, cols: self.rows, batch: self.batch, row: self.col, col: self.row }
+    }
+
+    /// The largest element index read across `batches` matrices, plus one.
+    fn extent(&self, batches: usize) -> usize {
+        (batches - 1) * self.batch + (self.rows - 1) * self.row + (self.cols - 1) * self.col + 1
+    }
+}
+
+/// `c[b] (+)= a[b] @ b[b]` for the strided views `a` (m x k) and `b` (k x n); `c` is
+/// row-major `[batch, m, n]` (any shape with that many elements).
+pub fn product(
+    gpu: &Gpu,
+    batch: usize,
+    (a, av): (&Tensor, Strided),
+    (b, bv): (&Tensor, Strided),
+    c: &Tensor,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let (m, k, n) = (av.rows, av.cols, bv.cols);
+    if bv.rows != k {
+        return Err(Error::Invalid(format!("matmul: a is {m}x{k} but b is {}x{n}", bv.rows)));
+    }
+    if batch == 0 || m == 0 || n == 0 || k == 0 {
+        return Err(Error::Invalid(format!("matmul: empty product {batch} x ({m}x{k}) @ ({k}x{n})")));
+    }
+    for (name, t, view) in [("a", a, av), ("b", b, bv)] {
+        if view.extent(batch) > t.numel() {
+            return Err(Error::Invalid(format!(
+                "matmul operand {name} of shape {:?} is too small for {batch} matrices of {}x{}",
+                t.shape(),
+                view.rows,
+                view.cols
+            )));
+        }
+    }
+    if c.numel() != batch * m * n {
+        return Err(Error::Shape {
+            what: "matmul output".into(),
+            expected: format!("{batch} x {m} x {n} elements"),
+            actual: format!("{:?}", c.shape()),
+        });
+    }
+    let u = to_u32;
+    let p = Params {
+        batch: u("batch", batch)?,
+        m: u("m", m)?,
+        n: u("n", n)?,
+        k: u("k", k)?,
+        a_batch: u("a batch stride", av.batch)?,
+        a_row: u("a row stride", av.row)?,
+        a_col: u("a column stride", av.col)?,
+        flags: if accumulate { ACCUMULATE } else { 0 },
+        b_batch: u("b batch stride", bv.batch)?,
+        b_row: u("b row stride", bv.row)?,
+        b_col: u("b column stride", bv.col)?,
+        _pad: 0,
+    };
+    u("a extent", av.extent(batch))?;
+    u("b extent", bv.extent(batch))?;
+    let cost = Cost {
+        flops: 2 * (batch * m * n * k) as u64,
+        bytes: f32_bytes(batch * (m * k + k * n + m * n * (1 + usize::from(accumulate)))),
+    };
+    let tiles = batch * m.div_ceil(4) * n.div_ceil(4);
+    let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
+    launch(gpu, "matmul", "matmul", &p, &bindings, tiles, cost)
+}
+
+/// A batched product of row-major tensors: `a` is `[batch, m, k]` (`[batch, k, m]` if
+/// `trans_a`), `b` is `[batch, k, n]` (`[batch, n, k]` if `trans_b`), `c` is `[batch, m, n]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Matmul {
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl Matmul {
+    fn a(&self) -> Strided {
+        if self.trans_a {
+            Strided::row_major(self.k, self.m).t()
+        } else {
+            Strided::row_major(self.m, self.k)
+        }
+    }
+
+    fn b(&self) -> Strided {
+        if self.trans_b {
+            Strided::row_major(self.n, self.k).t()
+        } else {
+            Strided::row_major(self.k, self.n)
+        }
+    }
+
+    fn c(&self) -> Strided {
+        Strided::row_major(self.m, self.n)
+    }
+
+    /// `c = op(a) @ op(b)`.
+    pub fn forward(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Dispatch> {
+        product(gpu, self.batch, (a, self.a()), (b, self.b()), c, false)
+    }
+
+    /// `grad_a (+)= grad_c @ op(b)^T`, written in a's stored layout: when a is stored
+    /// transposed, the product is formed transposed instead (`op(b) @ grad_c^T`).
+    pub fn backward_a(
+        &self,
+        gpu: &Gpu,
+        grad_c: &Tensor,
+        b: &Tensor,
+        grad_a: &Tensor,
+        accumulate: bool,
+    ) -> Result<Dispatch> {
+        if self.trans_a {
+            product(gpu, self.batch, (b, self.b()), (grad_c, self.c().t()), grad_a, accumulate)
+        } else {
+            product(gpu, self.batch, (grad_c, self.c()), (b, self.b().t()), grad_a, accumulate)
+        }
+    }
+
+    /// `grad_b (+)= op(a)^T @ grad_c`, in b's stored layout (`grad_c^T @ op(a)` when b is
+    /// stored transposed).
+    pub fn backward_b(
+        &self,
+        gpu: &Gpu,
+        a: &Tensor,
+        grad_c: &Tensor,
+        grad_b: &Tensor,
+        accumulate: bool,
+    ) -> Result<Dispatch> {
+        if self.trans_b {
+            product(gpu, self.batch, (grad_c, self.c().t()), (a, self.a()), grad_b, accumulate)
+        } else {
+            product(gpu, self.batch, (a, self.a().t()), (grad_c, self.c()), grad_b, accumulate)
+        }
+    }
+}

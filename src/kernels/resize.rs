@@ -1,0 +1,84 @@
+//! Bilinear resize to an explicit size, align_corners true or false (`resize.wgsl`).
+
+use super::{f32_bytes, launch, to_u32};
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    ho: u32,
+    wo: u32,
+    align_corners: u32,
+    flags: u32,
+    out_offset: u32,
+    out_channels: u32,
+    _pad: [u32; 2],
+}
+
+const ACCUMULATE: u32 = 1;
+
+/// Where a resize writes: `channel_offset..channel_offset + C` of a tensor whose shape is
+/// `[N, out_channels, Ho, Wo]` (the whole tensor when the channel counts agree).
+fn params(x_shape: [usize; 4], out: &Tensor, channel_offset: usize, align_corners: bool) -> Result<Params> {
+    let [n, c, h, w] = x_shape;
+    let [on, oc, ho, wo] = out.dims4("resize output")?;
+    if on != n || channel_offset + c > oc {
+        return Err(Error::Shape {
+            what: format!("resize output (channels {channel_offset}..{} of it)", channel_offset + c),
+            expected: format!("[{n}, >= {}, Ho, Wo]", channel_offset + c),
+            actual: format!("{:?}", out.shape()),
+        });
+    }
+    to_u32("resize elements", (n * oc * ho * wo).max(n * c * h * w))?;
+    Ok(Params {
+        n: n as u32,
+        c: c as u32,
+        h: h as u32,
+        w: w as u32,
+        ho: ho as u32,
+        wo: wo as u32,
+        align_corners: u32::from(align_corners),
+        flags: 0,
+        out_offset: channel_offset as u32,
+        out_channels: oc as u32,
+        _pad: [0; 2],
+    })
+}
+
+/// `y[:, offset..offset + C] = resize(x)` to y's height and width.
+pub fn forward(
+    gpu: &Gpu,
+    x: &Tensor,
+    y: &Tensor,
+    channel_offset: usize,
+    align_corners: bool,
+) -> Result<Dispatch> {
+    let p = params(x.dims4("resize input")?, y, channel_offset, align_corners)?;
+    let out = (p.n * p.c * p.ho * p.wo) as usize;
+    let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(x.numel() + out) };
+    let bindings = [Binding::read(1, x), Binding::write(2, y)];
+    launch(gpu, "resize", "resize_forward", &p, &bindings, out, cost)
+}
+
+/// `grad_x (+)= resize_backward(grad_y[:, offset..offset + C])`, a gather per input pixel.
+pub fn backward(
+    gpu: &Gpu,
+    grad_y: &Tensor,
+    channel_offset: usize,
+    grad_x: &Tensor,
+    align_corners: bool,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let mut p = params(grad_x.dims4("resize input gradient")?, grad_y, channel_offset, align_corners)?;
+    p.flags = if accumulate { ACCUMULATE } else { 0 };
+    let out = (p.n * p.c * p.ho * p.wo) as usize;
+    let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(grad_x.numel() + out) };
+    let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
+    launch(gpu, "resize", "resize_backward", &p, &bindings, grad_x.numel(), cost)
+}

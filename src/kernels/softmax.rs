@@ -1,0 +1,156 @@
+//! Softmax of `scale * x` along the middle axis of `[outer, len, inner]`, numerically stable
+//! for inputs of any magnitude, with its backward (`softmax.wgsl`).
+
+use super::{f32_bytes, launch, reduce, reduction_chunks, scratch, to_u32};
+use crate::error::{check_shape, Error, Result};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::tensor::Tensor;
+
+/// Rows at most this long are done by one invocation each, in one dispatch.
+const SHORT_ROW: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    outer: u32,
+    len: u32,
+    inner: u32,
+    chunk_len: u32,
+    scale: f32,
+    flags: u32,
+    _pad: [u32; 2],
+}
+
+const ACCUMULATE: u32 = 1;
+
+/// The axis a softmax runs along: the tensor is viewed as `[outer, len, inner]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Axis {
+    pub outer: usize,
+    pub len: usize,
+    pub inner: usize,
+}
+
+impl Axis {
+    /// Softmax along dimension `dim` of `shape`.
+    pub fn of(shape: &[usize], dim: usize) -> Result<Self> {
+        if dim >= shape.len() {
+            return Err(Error::Invalid(format!("softmax axis {dim} of a {}-D tensor", shape.len())));
+        }
+        Ok(Axis {
+            outer: shape[..dim].iter().product(),
+            len: shape[dim],
+            inner: shape[dim + 1..].iter().product(),
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.outer * self.inner
+    }
+
+    fn numel(&self) -> usize {
+        self.rows() * self.len
+    }
+
+    /// (chunks, chunk length): one chunk for short rows.
+    fn split(&self) -> (usize, usize) {
+        if self.len <= SHORT_ROW {
+            return (1, self.len);
+        }
+        let chunk_len = self.len.div_ceil(reduction_chunks(self.rows(), self.len));
+        (self.len.div_ceil(chunk_len), chunk_len)
+    }
+
+    fn params(&self, scale: f32, flags: u32) -> Result<Params> {
+        to_u32("softmax elements", self.numel())?;
+        Ok(Params {
+            outer: self.outer as u32,
+            len: self.len as u32,
+            inner: self.inner as u32,
+            chunk_len: self.split().1 as u32,
+            scale,
+            flags,
+            _pad: [0; 2],
+        })
+    }
+}
+
+/// `y = softmax(scale * x)` along `axis`.
+pub fn forward(gpu: &Gpu, x: &Tensor, axis: Axis, scale: f32, y: &Tensor) -> Result<Vec<Dispatch>> {
+    check_shape("softmax input (as [outer, len, inner])", &[axis.numel()], &[x.numel()])?;
+    check_shape("softmax output", x.shape(), y.shape())?;
+    let p = axis.params(scale, 0)?;
+    let n = axis.numel();
+    let cost = Cost { flops: 5 * n as u64, bytes: f32_bytes(2 * n) };
+    let (chunks, _) = axis.split();
+    if chunks == 1 {
+        let bindings = [Binding::read(1, x), Binding::write(2, y)];
+        return Ok(vec![launch(gpu, "softmax", "softmax_rows", &p, &bindings, axis.rows(), cost)?]);
+    }
+    let stats = scratch(gpu, 2 * chunks * axis.rows())?;
+    let partial_cost = Cost { flops: 4 * n as u64, bytes: f32_bytes(n) };
+    let partials = launch(
+        gpu,
+        "softmax",
+        "softmax_partials",
+        &p,
+        &[Binding::read(1, x), Binding::write(3, &stats)],
+        chunks * axis.rows(),
+        partial_cost,
+    )?;
+    let combine_cost =
+        Cost { flops: (4 * chunks * axis.rows()) as u64, bytes: f32_bytes(2 * chunks * axis.rows()) };
+    let combine = launch(
+        gpu,
+        "softmax",
+        "softmax_combine",
+        &p,
+        &[Binding::write(3, &stats)],
+        axis.rows(),
+        combine_cost,
+    )?;
+    let normalize = launch(
+        gpu,
+        "softmax",
+        "softmax_normalize",
+        &p,
+        &[Binding::read(1, x), Binding::write(2, y), Binding::write(3, &stats)],
+        n,
+        cost,
+    )?;
+    Ok(vec![partials, combine, normalize])
+}
+
+/// `grad_x (+)= scale * y * (grad_y - sum(grad_y * y))` along `axis`, from the forward's `y`.
+pub fn backward(
+    gpu: &Gpu,
+    y: &Tensor,
+    grad_y: &Tensor,
+    axis: Axis,
+    scale: f32,
+    grad_x: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    check_shape("softmax output (as [outer, len, inner])", &[axis.numel()], &[y.numel()])?;
+    check_shape("softmax output gradient", y.shape(), grad_y.shape())?;
+    check_shape("softmax input gradient", y.shape(), grad_x.shape())?;
+    let p = axis.params(scale, if accumulate { ACCUMULATE } else { 0 })?;
+    let n = axis.numel();
+    let cost = Cost { flops: 5 * n as u64, bytes: f32_bytes(3 * n) };
+    let (chunks, _) = axis.split();
+    let io = [Binding::write(2, y), Binding::read(4, grad_y)];
+    if chunks == 1 {
+        let bindings = [&io[..], &[Binding::write(5, grad_x)]].concat();
+        return Ok(vec![launch(gpu, "softmax", "softmax_backward_rows", &p, &bindings, axis.rows(), cost)?]);
+    }
+    let partial_dots = scratch(gpu, chunks * axis.rows())?;
+    let dots = scratch(gpu, axis.rows())?;
+    let bindings = [&io[..], &[Binding::write(6, &partial_dots)]].concat();
+    let dot_cost = Cost { flops: 2 * n as u64, bytes: f32_bytes(2 * n) };
+    let partials =
+        launch(gpu, "softmax", "softmax_backward_partials", &p, &bindings, chunks * axis.rows(), dot_cost)?;
+    let sum = reduce::sum_chunks(gpu, &partial_dots, chunks, &dots, false)?;
+    let bindings = [&io[..], &[Binding::write(5, grad_x), Binding::write(6, &dots)]].concat();
+    let apply = launch(gpu, "softmax", "softmax_backward_apply", &p, &bindings, n, cost)?;
+    Ok(vec![partials, sum, apply])
+}
