@@ -135,6 +135,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 pub struct Fixture {
     name: String,
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    labels: HashMap<String, Vec<u32>>,
     pub metadata: HashMap<String, String>,
 }
 
@@ -145,20 +146,26 @@ impl Fixture {
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let tensors = st
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{path}: {name} is not f32");
-                let data = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                (name, (view.shape().to_vec(), data))
-            })
-            .collect();
-        Fixture { name: file.to_string(), tensors, metadata: meta.metadata().clone().unwrap_or_default() }
+        let (mut tensors, mut labels) = (HashMap::new(), HashMap::new());
+        for (name, view) in st.tensors() {
+            let words = view.data().chunks_exact(4).map(|b| [b[0], b[1], b[2], b[3]]);
+            match view.dtype() {
+                safetensors::Dtype::F32 => {
+                    tensors.insert(name, (view.shape().to_vec(), words.map(f32::from_le_bytes).collect()));
+                }
+                safetensors::Dtype::I32 => {
+                    let values = words.map(|w| u32::try_from(i32::from_le_bytes(w)).expect("label >= 0"));
+                    labels.insert(name, values.collect());
+                }
+                other => panic!("{path}: {name} is {other:?}"),
+            }
+        }
+        Fixture {
+            name: file.to_string(),
+            tensors,
+            labels,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        }
     }
 
     pub fn get(&self, name: &str) -> &[f32] {
@@ -173,18 +180,31 @@ impl Fixture {
         self.tensors.get(name).unwrap_or_else(|| panic!("{}: no tensor {name}", self.name))
     }
 
+    /// An int32 tensor (labels) as u32.
+    pub fn labels(&self, name: &str) -> &[u32] {
+        self.labels.get(name).unwrap_or_else(|| panic!("{}: no int32 tensor {name}", self.name))
+    }
+
     /// Case names (`case0`, `case1`, ...) with their integer parameters, in order.
     pub fn cases(&self) -> Vec<(String, Vec<usize>)> {
-        let mut cases: Vec<(String, Vec<usize>)> = self
+        self.cases_with("case")
+            .into_iter()
+            .map(|(k, v)| (k, v.iter().map(|&x| x as usize).collect()))
+            .collect()
+    }
+
+    /// Cases named `{prefix}0`, `{prefix}1`, ... with their numeric parameters, in order.
+    pub fn cases_with(&self, prefix: &str) -> Vec<(String, Vec<f64>)> {
+        let mut cases: Vec<(String, Vec<f64>)> = self
             .metadata
             .iter()
-            .filter(|(k, _)| k.starts_with("case"))
+            .filter(|(k, _)| k.strip_prefix(prefix).is_some_and(|n| n.parse::<usize>().is_ok()))
             .map(|(k, v)| {
-                (k.clone(), v.split_whitespace().map(|s| s.parse().expect("integer metadata")).collect())
+                (k.clone(), v.split_whitespace().map(|s| s.parse().expect("numeric metadata")).collect())
             })
             .collect();
-        cases.sort_by_key(|(k, _)| k[4..].parse::<usize>().unwrap_or(usize::MAX));
-        assert!(!cases.is_empty(), "{}: no cases", self.name);
+        cases.sort_by_key(|(k, _)| k[prefix.len()..].parse::<usize>().unwrap_or(usize::MAX));
+        assert!(!cases.is_empty(), "{}: no {prefix} cases", self.name);
         cases
     }
 }
@@ -367,4 +387,54 @@ pub fn bn_backward(x: &[f32], dims: [usize; 4], gamma: &[f32], gy: &[f32]) -> (V
         })
         .collect();
     (gx, sum_gx.iter().map(|&v| v as f32).collect(), sum_g.iter().map(|&v| v as f32).collect())
+}
+
+/// `[outer, len, inner]` softmax of `scale * x` along the middle axis, in f64.
+pub fn softmax_ref(x: &[f32], [outer, len, inner]: [usize; 3], scale: f64) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| (o * len + j) * inner + i;
+            let m = (0..len).map(|j| scale * f64::from(x[at(j)])).fold(f64::MIN, f64::max);
+            let s: f64 = (0..len).map(|j| (scale * f64::from(x[at(j)]) - m).exp()).sum();
+            for j in 0..len {
+                y[at(j)] = ((scale * f64::from(x[at(j)]) - m).exp() / s) as f32;
+            }
+        }
+    }
+    y
+}
+
+/// Softmax backward from the output `y`.
+pub fn softmax_backward_ref(y: &[f32], gy: &[f32], [outer, len, inner]: [usize; 3], scale: f64) -> Vec<f32> {
+    let mut gx = vec![0f32; y.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| (o * len + j) * inner + i;
+            let dot: f64 = (0..len).map(|j| f64::from(gy[at(j)]) * f64::from(y[at(j)])).sum();
+            for j in 0..len {
+                gx[at(j)] = (scale * f64::from(y[at(j)]) * (f64::from(gy[at(j)]) - dot)) as f32;
+            }
+        }
+    }
+    gx
+}
+
+/// Row-major batched product `[b, m, k] @ [b, k, n]`, operands given as closures over
+/// (batch, row, col) so transposes need no copies.
+pub fn matmul_ref(
+    (b, m, k, n): (usize, usize, usize, usize),
+    a: impl Fn(usize, usize, usize) -> f32,
+    bm: impl Fn(usize, usize, usize) -> f32,
+) -> Vec<f32> {
+    let mut c = vec![0f32; b * m * n];
+    for t in 0..b {
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|kk| f64::from(a(t, i, kk)) * f64::from(bm(t, kk, j))).sum();
+                c[(t * m + i) * n + j] = s as f32;
+            }
+        }
+    }
+    c
 }

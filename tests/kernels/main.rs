@@ -7,3 +7,6 @@ mod determinism;
 mod elementwise;
 mod errors;
 mod graph;
+mod matmul;
+mod resize;
+mod softmax;

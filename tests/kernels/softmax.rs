@@ -1,0 +1,68 @@
+use crate::common::*;
+use hrnet_ocr::kernels::softmax::{self, Axis};
+
+const TOL: f64 = 1e-5;
+
+fn run(x: &[f32], gy: &[f32], axis: Axis, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let gpu = gpu();
+    let shape = [axis.outer, axis.len, axis.inner];
+    let (xt, gyt, y, gx) = (upload(&shape, x), upload(&shape, gy), poisoned(&shape), poisoned(&shape));
+    let mut ds = softmax::forward(gpu, &xt, axis, scale, &y).unwrap();
+    ds.extend(softmax::backward(gpu, &y, &gyt, axis, scale, &gx, false).unwrap());
+    gpu.run(&ds).unwrap();
+    (download(&y), download(&gx))
+}
+
+#[test]
+fn softmax_matches_pytorch_fixtures() {
+    let f = Fixture::load("softmax.safetensors");
+    for (case, p) in f.cases_with("case") {
+        let axis = Axis { outer: p[0] as usize, len: p[1] as usize, inner: p[2] as usize };
+        let g = |t: &str| f.get(&format!("{case}.{t}"));
+        let (y, gx) = run(g("x"), g("grad_out"), axis, p[3] as f32);
+        assert_close(&format!("{case} {axis:?} out"), &y, g("out"), TOL);
+        assert_close(&format!("{case} {axis:?} grad_x"), &gx, g("grad_x"), TOL);
+    }
+}
+
+#[test]
+fn softmax_matches_cpu_on_random_shapes_both_axes() {
+    let mut rng = Rng::new(seed("softmax_matches_cpu_on_random_shapes"));
+    for i in 0..50 {
+        // Alternate short rows (over K regions) and long rows (over pixels, split in chunks).
+        let axis = if i % 2 == 0 {
+            Axis { outer: rng.range(1, 40), len: rng.range(1, 30), inner: rng.range(1, 6) }
+        } else {
+            Axis { outer: rng.range(1, 4), len: rng.range(200, 9000), inner: rng.range(1, 2) }
+        };
+        let scale = [1.0, 0.0625, 2.5][i % 3];
+        let n = axis.outer * axis.len * axis.inner;
+        let x: Vec<f32> = rng.normals(n).iter().map(|v| 4.0 * v).collect();
+        let gy = rng.normals(n);
+        let (y, gx) = run(&x, &gy, axis, scale);
+        let dims = [axis.outer, axis.len, axis.inner];
+        assert_close(&format!("{axis:?} out"), &y, &softmax_ref(&x, dims, f64::from(scale)), TOL);
+        assert_close(
+            &format!("{axis:?} grad_x"),
+            &gx,
+            &softmax_backward_ref(&y, &gy, dims, f64::from(scale)),
+            TOL,
+        );
+    }
+}
+
+/// Inputs of magnitude 1e4 give no inf or NaN, for short rows and chunked long rows.
+#[test]
+fn softmax_is_stable_for_huge_inputs() {
+    let mut rng = Rng::new(seed("softmax_is_stable_for_huge_inputs"));
+    for axis in [Axis { outer: 3, len: 19, inner: 7 }, Axis { outer: 2, len: 131_072, inner: 1 }] {
+        let n = axis.outer * axis.len * axis.inner;
+        let x: Vec<f32> =
+            (0..n).map(|_| if rng.coin() { 1e4 } else { -1e4 } * rng.uniform() as f32).collect();
+        let gy = rng.normals(n);
+        let (y, gx) = run(&x, &gy, axis, 1.0);
+        let dims = [axis.outer, axis.len, axis.inner];
+        assert_close(&format!("{axis:?} huge out"), &y, &softmax_ref(&x, dims, 1.0), TOL);
+        assert_close(&format!("{axis:?} huge grad"), &gx, &softmax_backward_ref(&y, &gy, dims, 1.0), TOL);
+    }
+}
