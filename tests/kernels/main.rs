@@ -8,5 +8,6 @@ mod elementwise;
 mod errors;
 mod graph;
 mod matmul;
+mod ocr;
 mod resize;
 mod softmax;
