@@ -121,9 +121,12 @@ impl CrossEntropy<'_> {
             Cost { flops: 4 * logits.numel() as u64, bytes: f32_bytes(logits.numel() + 2 * pixels) };
         let mut forward = Vec::new();
         if self.ohem.is_some() {
-            let probs =
-                [&common[..], &[Binding::write(8, &pass.target_prob), Binding::write_u32(9, &histogram)]]
-                    .concat();
+            let probs = [
+                common[0],
+                common[1],
+                Binding::write(8, &pass.target_prob),
+                Binding::write_u32(9, &histogram),
+            ];
             forward.push(launch(gpu, "loss", "ohem_probs", &p, &probs, pixels.max(256), pixel_cost)?);
             for radix_pass in 0..4 {
                 p.radix_pass = radix_pass;
@@ -166,8 +169,7 @@ impl CrossEntropy<'_> {
         logits: &Tensor,
         labels: &Tensor,
         grad_scale: f32,
-        grad_logits: &Tensor,
-        accumulate: bool,
+        (grad_logits, accumulate): (&Tensor, bool),
     ) -> Result<Dispatch> {
         let mut p = self.params(logits, labels, if accumulate { ACCUMULATE } else { 0 })?;
         p.grad_scale = grad_scale;

@@ -1,0 +1,167 @@
+use crate::common::*;
+use hrnet_ocr::kernels::loss::{self, CrossEntropy, Ohem};
+use hrnet_ocr::Tensor;
+
+const TOL: f64 = 1e-5;
+const IGNORE: u32 = 255;
+
+/// (loss, grad_logits) on the device; the gradient is scaled by `grad_scale`.
+fn run(
+    dims: [usize; 4],
+    logits: &[f32],
+    labels: &[u32],
+    weight: Option<&[f32]>,
+    ohem: Option<Ohem>,
+    grad_scale: f32,
+) -> (f32, Vec<f32>) {
+    let gpu = gpu();
+    let [n, k, h, w] = dims;
+    let lt = upload(&dims, logits);
+    let yt = Tensor::from_u32(gpu, &[n, h, w], labels).unwrap();
+    let wt = weight.map(|w| upload(&[k], w));
+    let ce = CrossEntropy { ignore_label: IGNORE, class_weight: wt.as_ref(), ohem };
+    let pass = ce.forward(gpu, &lt, &yt).unwrap();
+    pass.loss.fill(gpu, f32::NAN);
+    let grad = poisoned(&dims);
+    let backward = ce.backward(gpu, &pass, &lt, &yt, grad_scale, (&grad, false)).unwrap();
+    gpu.run(pass.forward.iter().chain([&backward])).unwrap();
+    (download(&pass.loss)[0], download(&grad))
+}
+
+/// The CPU reference: (loss, grad) for plain or OHEM cross entropy, in f64.
+fn reference(
+    dims: [usize; 4],
+    logits: &[f32],
+    labels: &[u32],
+    weight: Option<&[f32]>,
+    ohem: Option<Ohem>,
+    grad_scale: f64,
+) -> (f32, Vec<f32>) {
+    let [n, k, h, w] = dims;
+    let hw = h * w;
+    let at = |px: usize, c: usize| f64::from(logits[((px / hw) * k + c) * hw + px % hw]);
+    let softmax = |px: usize| {
+        let m = (0..k).map(|c| at(px, c)).fold(f64::MIN, f64::max);
+        let s: f64 = (0..k).map(|c| (at(px, c) - m).exp()).sum();
+        (0..k).map(|c| (at(px, c) - m).exp() / s).collect::<Vec<f64>>()
+    };
+    let valid: Vec<usize> = (0..n * hw).filter(|&px| labels[px] != IGNORE).collect();
+    let wt = |px: usize| weight.map_or(1.0, |w| f64::from(w[labels[px] as usize]));
+    // (pixel, coefficient) pairs and the denominator.
+    let (terms, denom): (Vec<(usize, f64)>, f64) = match ohem {
+        None => (valid.iter().map(|&px| (px, wt(px))).collect(), valid.iter().map(|&px| wt(px)).sum()),
+        Some(o) => {
+            let prob = |px: usize| softmax(px)[labels[px] as usize] as f32;
+            let mut sorted: Vec<f32> = valid.iter().map(|&px| prob(px)).collect();
+            sorted.sort_by(f32::total_cmp);
+            let kept: Vec<(usize, f64)> = if sorted.is_empty() {
+                Vec::new()
+            } else {
+                let threshold = sorted[o.min_kept.min(sorted.len() - 1)].max(o.thresh);
+                valid.iter().filter(|&&px| prob(px) < threshold).map(|&px| (px, wt(px))).collect()
+            };
+            let count = kept.len() as f64;
+            (kept, count)
+        }
+    };
+    let mut grad = vec![0f32; logits.len()];
+    if denom == 0.0 {
+        return (0.0, grad);
+    }
+    let mut total = 0.0;
+    for &(px, coef) in &terms {
+        let p = softmax(px);
+        let y = labels[px] as usize;
+        total += coef * -p[y].ln();
+        for (c, pc) in p.iter().enumerate() {
+            let onehot = if c == y { 1.0 } else { 0.0 };
+            grad[((px / hw) * k + c) * hw + px % hw] = (grad_scale * coef / denom * (pc - onehot)) as f32;
+        }
+    }
+    ((total / denom) as f32, grad)
+}
+
+fn check(what: &str, got: (f32, Vec<f32>), want: (f32, &[f32])) {
+    assert_close(&format!("{what} loss"), &[got.0], &[want.0], TOL);
+    assert_close(&format!("{what} grad"), &got.1, want.1, TOL);
+}
+
+#[test]
+fn cross_entropy_matches_pytorch_fixtures() {
+    let f = Fixture::load("losses.safetensors");
+    for (case, p) in f.cases_with("ce") {
+        let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
+        let g = |t: &str| format!("{case}.{t}");
+        let weight = (p[4] == 1.0).then(|| f.get(&g("weight")));
+        let got = run(dims, f.get(&g("logits")), f.labels(&g("label")), weight, None, 1.0);
+        check(&format!("{case} {dims:?}"), got, (f.get(&g("loss"))[0], f.get(&g("grad_logits"))));
+    }
+}
+
+#[test]
+fn ohem_matches_pytorch_fixtures() {
+    let f = Fixture::load("losses.safetensors");
+    for (case, p) in f.cases_with("ohem") {
+        let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
+        let ohem = Ohem { thresh: p[4] as f32, min_kept: p[5] as usize };
+        let g = |t: &str| format!("{case}.{t}");
+        let weight = (p[6] == 1.0).then(|| f.get(&g("weight")));
+        let labels = f.labels(&g("label"));
+        let (l, grad) = run(dims, f.get(&g("logits")), labels, weight, Some(ohem), 1.0);
+        // The kept set is exactly PyTorch's: the gradient is non-zero at kept pixels only.
+        let [_, k, h, w] = dims;
+        for (px, &kept) in f.get(&g("kept")).iter().enumerate() {
+            let base = (px / (h * w)) * k * h * w + px % (h * w);
+            let touched = (0..k).any(|c| grad[base + c * h * w] != 0.0);
+            assert_eq!(touched, kept == 1.0, "{case}: pixel {px} kept {kept} but gradient touched {touched}");
+        }
+        check(
+            &format!("{case} {dims:?} {ohem:?}"),
+            (l, grad),
+            (f.get(&g("loss"))[0], f.get(&g("grad_logits"))),
+        );
+    }
+}
+
+#[test]
+fn losses_match_cpu_on_random_shapes() {
+    let mut rng = Rng::new(seed("losses_match_cpu_on_random_shapes"));
+    for i in 0..40 {
+        let dims = [rng.range(1, 2), rng.range(2, 20), rng.range(1, 30), rng.range(1, 30)];
+        let [n, k, h, w] = dims;
+        let logits: Vec<f32> = rng.normals(n * k * h * w).iter().map(|v| 3.0 * v).collect();
+        let ignored = rng.uniform();
+        let labels: Vec<u32> = (0..n * h * w)
+            .map(|_| if rng.uniform() < ignored * 0.5 { IGNORE } else { rng.range(0, k - 1) as u32 })
+            .collect();
+        loss::check_labels(&labels, k, IGNORE).unwrap();
+        let weight: Option<Vec<f32>> =
+            (i % 2 == 0).then(|| (0..k).map(|_| 0.5 + rng.uniform() as f32).collect());
+        let ohem =
+            (i % 3 != 0).then(|| Ohem { thresh: rng.uniform() as f32, min_kept: rng.range(0, n * h * w) });
+        let scale = [1.0, 0.4][i % 2];
+        let got = run(dims, &logits, &labels, weight.as_deref(), ohem, scale);
+        let want = reference(dims, &logits, &labels, weight.as_deref(), ohem, f64::from(scale));
+        check(&format!("{dims:?} {ohem:?} weighted {}", weight.is_some()), got, (want.0, &want.1));
+    }
+}
+
+/// Every pixel ignored: loss 0 and gradient 0, never NaN, for both losses.
+#[test]
+fn all_ignored_gives_zero_loss_and_gradient() {
+    let mut rng = Rng::new(seed("all_ignored"));
+    let dims = [2, 5, 7, 3];
+    let logits = rng.normals(dims.iter().product());
+    let labels = vec![IGNORE; 2 * 7 * 3];
+    for ohem in [None, Some(Ohem { thresh: 0.7, min_kept: 10 })] {
+        let (l, grad) = run(dims, &logits, &labels, None, ohem, 1.0);
+        assert_eq!(l, 0.0, "{ohem:?}");
+        assert!(grad.iter().all(|&g| g == 0.0), "{ohem:?}: non-zero gradient");
+    }
+}
+
+#[test]
+fn out_of_range_labels_are_refused_on_the_host() {
+    let e = loss::check_labels(&[0, 3, 19, 255], 19, IGNORE).unwrap_err().to_string();
+    assert!(e.contains("label 19") && e.contains("pixel 2"), "{e}");
+}

@@ -1,0 +1,195 @@
+//! Dropout2d, SGD and the evaluation kernels (argmax, confusion matrix).
+
+use crate::common::*;
+use hrnet_ocr::kernels::dropout::{self, Dropout2d};
+use hrnet_ocr::kernels::metrics;
+use hrnet_ocr::kernels::sgd::{Arena, SgdConfig};
+use hrnet_ocr::tensor::DType;
+use hrnet_ocr::Tensor;
+
+const TOL: f64 = 1e-5;
+
+fn dropout_run(dims: [usize; 4], drop: f32, seed: u32, x: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let gpu = gpu();
+    let layer = Dropout2d { drop };
+    let (xt, gyt, y, gx) = (upload(&dims, x), upload(&dims, gy), poisoned(&dims), poisoned(&dims));
+    let ds =
+        [layer.forward(gpu, &xt, &y, seed).unwrap(), layer.backward(gpu, &gyt, &gx, seed, false).unwrap()];
+    gpu.run(&ds).unwrap();
+    (download(&y), download(&gx))
+}
+
+#[test]
+fn dropout_drops_whole_channels_reproducibly_and_matches_cpu() {
+    let mut rng = Rng::new(seed("dropout"));
+    for _ in 0..30 {
+        let dims = [rng.range(1, 3), rng.range(1, 40), rng.range(1, 9), rng.range(1, 9)];
+        let [n, c, h, w] = dims;
+        let drop = [0.05, 0.5, 0.0][rng.range(0, 2)];
+        let seed = rng.next_u64() as u32;
+        let (x, gy) = (rng.normals(n * c * h * w), rng.normals(n * c * h * w));
+        let (y, gx) = dropout_run(dims, drop, seed, &x, &gy);
+        let scale = 1.0 / (1.0 - drop);
+        let factor = |i: usize| {
+            if dropout::keep(seed, drop, i / (c * h * w), c, (i / (h * w)) % c) {
+                scale
+            } else {
+                0.0
+            }
+        };
+        let want_y: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * factor(i)).collect();
+        let want_gx: Vec<f32> = gy.iter().enumerate().map(|(i, g)| g * factor(i)).collect();
+        assert_close(&format!("{dims:?} p {drop} forward"), &y, &want_y, TOL);
+        assert_close(&format!("{dims:?} p {drop} backward"), &gx, &want_gx, TOL);
+        let again = dropout_run(dims, drop, seed, &x, &gy);
+        assert_eq!(again.0, y, "same seed, same mask");
+    }
+}
+
+#[test]
+fn dropout_rate_is_close_to_p_and_seeds_differ() {
+    let dims = [4, 2000, 1, 1];
+    let x = vec![1.0f32; 8000];
+    let (y, _) = dropout_run(dims, 0.05, 7, &x, &x);
+    let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
+    // 8000 Bernoulli(0.05) draws: standard deviation 0.0024; 5 sigma either way.
+    assert!((dropped - 0.05).abs() < 0.012, "dropped fraction {dropped}");
+    let (y2, _) = dropout_run(dims, 0.05, 8, &x, &x);
+    assert_ne!(y, y2, "a different seed gives a different mask");
+    assert!(Dropout2d { drop: 1.0 }.forward(gpu(), &upload(&dims, &x), &poisoned(&dims), 1).is_err());
+}
+
+/// PyTorch's SGD on the CPU in f64, one parameter tensor.
+fn sgd_ref(p: &mut [f64], buf: &mut [f64], g: &[f32], lr: f64, c: &SgdConfig) {
+    for i in 0..p.len() {
+        let d = f64::from(g[i]) + f64::from(c.weight_decay) * p[i];
+        buf[i] = f64::from(c.momentum) * buf[i] + d;
+        let step = if c.nesterov { d + f64::from(c.momentum) * buf[i] } else { buf[i] };
+        p[i] -= lr * step;
+    }
+}
+
+#[test]
+fn sgd_matches_pytorch_fixtures() {
+    let gpu = gpu();
+    let f = Fixture::load("sgd.safetensors");
+    for (case, p) in f.cases_with("case") {
+        let (len, steps) = (p[0] as usize, p[1] as usize);
+        let config = SgdConfig { momentum: p[2] as f32, weight_decay: p[3] as f32, nesterov: p[4] == 1.0 };
+        let g = |t: &str| f.get(&format!("{case}.{t}"));
+        let arena = Arena::new(gpu, &[(&[len], 1.0)]).unwrap();
+        let (param, grad) = &arena.views[0];
+        param.write(gpu, g("param")).unwrap();
+        let step = arena.step(gpu, &config, 0.0).unwrap();
+        for t in 0..steps {
+            grad.write(gpu, &g("grads")[t * len..(t + 1) * len]).unwrap();
+            arena.set_lr(gpu, &step, &config, g("lr")[t]);
+            gpu.run([&step]).unwrap();
+        }
+        assert_close(&format!("{case} param"), &download(param), g("param_final"), TOL);
+        // With momentum 0 PyTorch keeps no buffer (the fixture stores zeros); ours is unused.
+        if config.momentum != 0.0 {
+            let momentum = download(&arena.momentum);
+            assert_close(&format!("{case} momentum"), &momentum[..len], g("momentum_final"), TOL);
+        }
+    }
+}
+
+/// Many parameters with different learning-rate multipliers in one dispatch per step.
+#[test]
+fn sgd_updates_every_parameter_of_an_arena_in_one_dispatch() {
+    let gpu = gpu();
+    let mut rng = Rng::new(seed("sgd_arena"));
+    for nesterov in [false, true] {
+        let shapes: Vec<Vec<usize>> = (0..12).map(|_| vec![rng.range(1, 9), rng.range(1, 40)]).collect();
+        let mults: Vec<f32> = (0..12).map(|i| if i % 3 == 0 { 10.0 } else { 1.0 }).collect();
+        let spec: Vec<(&[usize], f32)> = shapes.iter().zip(&mults).map(|(s, &m)| (s.as_slice(), m)).collect();
+        let arena = Arena::new(gpu, &spec).unwrap();
+        let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, nesterov };
+        let mut params: Vec<Vec<f64>> = Vec::new();
+        let mut bufs: Vec<Vec<f64>> = Vec::new();
+        for (p, _) in &arena.views {
+            let init = rng.normals(p.numel());
+            p.write(gpu, &init).unwrap();
+            params.push(init.iter().map(|&v| f64::from(v)).collect());
+            bufs.push(vec![0.0; p.numel()]);
+        }
+        let step = arena.step(gpu, &config, 0.01).unwrap();
+        for t in 0..3 {
+            let lr = 0.01 * (1.0 - t as f32 / 10.0f32).powf(0.9);
+            arena.set_lr(gpu, &step, &config, lr);
+            for (i, (_, g)) in arena.views.iter().enumerate() {
+                let grads = rng.normals(g.numel());
+                g.write(gpu, &grads).unwrap();
+                sgd_ref(&mut params[i], &mut bufs[i], &grads, f64::from(lr) * f64::from(mults[i]), &config);
+            }
+            gpu.run([&step]).unwrap();
+        }
+        for (i, (p, _)) in arena.views.iter().enumerate() {
+            let want: Vec<f32> = params[i].iter().map(|&v| v as f32).collect();
+            assert_close(
+                &format!("parameter {i} (x{}) nesterov {nesterov}", mults[i]),
+                &download(p),
+                &want,
+                TOL,
+            );
+        }
+    }
+}
+
+fn argmax_and_confusion(dims: [usize; 4], scores: &[f32], labels: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let gpu = gpu();
+    let [n, k, h, w] = dims;
+    let st = upload(&dims, scores);
+    let yt = Tensor::from_u32(gpu, &[n, h, w], labels).unwrap();
+    let pred = Tensor::from_u32(gpu, &[n, h, w], &vec![u32::MAX; n * h * w]).unwrap();
+    let conf = Tensor::from_u32(gpu, &[k, k], &vec![0; k * k]).unwrap();
+    let ds = [
+        metrics::argmax(gpu, &st, &pred).unwrap(),
+        metrics::confusion(gpu, &pred, &yt, k, 255, &conf).unwrap(),
+        metrics::confusion(gpu, &pred, &yt, k, 255, &conf).unwrap(),
+    ];
+    gpu.run(&ds).unwrap();
+    assert_eq!(pred.dtype(), DType::U32);
+    (pred.to_vec_u32(gpu).unwrap(), conf.to_vec_u32(gpu).unwrap())
+}
+
+#[test]
+fn argmax_and_confusion_match_pytorch_fixtures_exactly() {
+    let f = Fixture::load("metrics.safetensors");
+    for (case, p) in f.cases() {
+        let dims: [usize; 4] = p[..].try_into().unwrap();
+        let (pred, conf) =
+            argmax_and_confusion(dims, f.get(&format!("{case}.logits")), f.labels(&format!("{case}.label")));
+        assert_eq!(pred, f.labels(&format!("{case}.pred")), "{case} argmax");
+        // Accumulated twice: every count doubles.
+        let want: Vec<u32> = f.labels(&format!("{case}.confusion")).iter().map(|c| 2 * c).collect();
+        assert_eq!(conf, want, "{case} confusion");
+    }
+}
+
+#[test]
+fn argmax_and_confusion_match_cpu_on_random_shapes() {
+    let mut rng = Rng::new(seed("argmax_and_confusion"));
+    for _ in 0..30 {
+        let dims = [rng.range(1, 3), rng.range(1, 20), rng.range(1, 30), rng.range(1, 30)];
+        let [n, k, h, w] = dims;
+        let scores = rng.normals(n * k * h * w);
+        let labels: Vec<u32> = (0..n * h * w)
+            .map(|_| if rng.range(0, 9) == 0 { 255 } else { rng.range(0, k - 1) as u32 })
+            .collect();
+        let (pred, conf) = argmax_and_confusion(dims, &scores, &labels);
+        let mut want_conf = vec![0u32; k * k];
+        for px in 0..n * h * w {
+            let base = (px / (h * w)) * k * h * w + px % (h * w);
+            let best =
+                (0..k)
+                    .fold(0, |b, c| if scores[base + c * h * w] > scores[base + b * h * w] { c } else { b });
+            assert_eq!(pred[px], best as u32, "{dims:?} pixel {px}");
+            if labels[px] != 255 {
+                want_conf[labels[px] as usize * k + best] += 2;
+            }
+        }
+        assert_eq!(conf, want_conf, "{dims:?} confusion");
+    }
+}
