@@ -23,7 +23,8 @@ override WG: u32 = 64u;
 @group(0) @binding(3) var<storage, read> beta: array<f32>;
 @group(0) @binding(4) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(5) var<storage, read_write> running_var: array<f32>;
-// per channel: (batch mean, 1 / sqrt(biased variance + eps))
+// per channel: (batch mean minus the channel's first value, 1 / sqrt(biased variance + eps)).
+// Keeping the mean relative to that shift keeps x_hat accurate when |mean| >> std.
 @group(0) @binding(6) var<storage, read_write> saved: array<vec2<f32>>;
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;
 // per (chunk, channel) partial sums
@@ -47,6 +48,17 @@ fn accumulate(old: f32, v: f32) -> f32 {
     return select(0.0, old, (p.flags & ACCUMULATE) != 0u) + v;
 }
 
+// Compensated (Kahan) summation of pairs: per-channel sums cancel heavily (sum of grad_y *
+// x_hat is far smaller than its terms), and plain f32 accumulation would lose ~1e-5 of it.
+struct Sum2 { total: vec2<f32>, carry: vec2<f32> }
+
+fn add(acc: ptr<function, Sum2>, v: vec2<f32>) {
+    let y = v - (*acc).carry;
+    let t = (*acc).total + y;
+    (*acc).carry = (t - (*acc).total) - y;
+    (*acc).total = t;
+}
+
 // The sample range [e0, e1) of a chunk, e = n * hw + s, visited as (plane start, s range).
 struct Span { n0: u32, e0: u32, e1: u32 }
 
@@ -65,15 +77,15 @@ fn bn_stats_partials(@builtin(global_invocation_id) gid: vec3<u32>,
     let ch = idx % p.c;
     let span = chunk_span(idx / p.c);
     let shift = x[ch * p.hw];
-    var sums = vec2<f32>(0.0);
+    var sums = Sum2(vec2<f32>(0.0), vec2<f32>(0.0));
     for (var n = span.n0; n * p.hw < span.e1; n++) {
         let plane = (n * p.c + ch) * p.hw;
         for (var s = max(span.e0, n * p.hw) - n * p.hw; s < min(p.hw, span.e1 - n * p.hw); s++) {
             let d = x[plane + s] - shift;
-            sums += vec2<f32>(d, d * d);
+            add(&sums, vec2<f32>(d, d * d));
         }
     }
-    partials[idx] = sums;
+    partials[idx] = sums.total;
 }
 
 // Per channel: the batch mean and inverse deviation, and the running statistics update.
@@ -90,14 +102,16 @@ fn bn_stats_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
     let mean_shifted = sums.x / count;
     let variance = max(sums.y / count - mean_shifted * mean_shifted, 0.0);
     let mean = x[ch * p.hw] + mean_shifted;
-    saved[ch] = vec2<f32>(mean, inverseSqrt(variance + p.eps));
+    saved[ch] = vec2<f32>(mean_shifted, inverseSqrt(variance + p.eps));
     let unbiased = variance * count / (count - 1.0);
     running_mean[ch] = (1.0 - p.momentum) * running_mean[ch] + p.momentum * mean;
     running_var[ch] = (1.0 - p.momentum) * running_var[ch] + p.momentum * unbiased;
 }
 
-fn normalize_element(i: u32, stats: vec2<f32>, ch: u32) {
-    y[i] = (x[i] - stats.x) * stats.y * gamma[ch] + beta[ch];
+// The normalised value of element i of channel ch, with the batch statistics.
+fn x_hat_train(i: u32, ch: u32) -> f32 {
+    let stats = saved[ch];
+    return ((x[i] - x[ch * p.hw]) - stats.x) * stats.y;
 }
 
 // y = (x - mean) * inv_std * gamma + beta with the batch statistics.
@@ -107,7 +121,7 @@ fn bn_normalize_train(@builtin(global_invocation_id) gid: vec3<u32>,
     let i = linear_index(gid, nwg);
     if i >= p.n * p.c * p.hw { return; }
     let ch = (i / p.hw) % p.c;
-    normalize_element(i, saved[ch], ch);
+    y[i] = x_hat_train(i, ch) * gamma[ch] + beta[ch];
 }
 
 // y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta.
@@ -117,7 +131,7 @@ fn bn_normalize_eval(@builtin(global_invocation_id) gid: vec3<u32>,
     let i = linear_index(gid, nwg);
     if i >= p.n * p.c * p.hw { return; }
     let ch = (i / p.hw) % p.c;
-    normalize_element(i, vec2<f32>(running_mean[ch], inverseSqrt(running_var[ch] + p.eps)), ch);
+    y[i] = (x[i] - running_mean[ch]) * inverseSqrt(running_var[ch] + p.eps) * gamma[ch] + beta[ch];
 }
 
 // Sums of grad_y and grad_y * x_hat per (chunk, channel).
@@ -128,16 +142,15 @@ fn bn_backward_partials(@builtin(global_invocation_id) gid: vec3<u32>,
     if idx >= chunk_count() * p.c { return; }
     let ch = idx % p.c;
     let span = chunk_span(idx / p.c);
-    let stats = saved[ch];
-    var sums = vec2<f32>(0.0);
+    var sums = Sum2(vec2<f32>(0.0), vec2<f32>(0.0));
     for (var n = span.n0; n * p.hw < span.e1; n++) {
         let plane = (n * p.c + ch) * p.hw;
         for (var s = max(span.e0, n * p.hw) - n * p.hw; s < min(p.hw, span.e1 - n * p.hw); s++) {
             let g = grad_y[plane + s];
-            sums += vec2<f32>(g, g * (x[plane + s] - stats.x) * stats.y);
+            add(&sums, vec2<f32>(g, g * x_hat_train(plane + s, ch)));
         }
     }
-    partials[idx] = sums;
+    partials[idx] = sums.total;
 }
 
 // Per channel: grad_beta = sum(grad_y), grad_gamma = sum(grad_y * x_hat); both kept for
@@ -163,9 +176,7 @@ fn bn_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
     let i = linear_index(gid, nwg);
     if i >= p.n * p.c * p.hw { return; }
     let ch = (i / p.hw) % p.c;
-    let stats = saved[ch];
     let sums = grad_sums[ch] / f32(p.n * p.hw);
-    let x_hat = (x[i] - stats.x) * stats.y;
-    let g = gamma[ch] * stats.y * (grad_y[i] - sums.x - x_hat * sums.y);
+    let g = gamma[ch] * saved[ch].y * (grad_y[i] - sums.x - x_hat_train(i, ch) * sums.y);
     grad_x[i] = accumulate(grad_x[i], g);
 }

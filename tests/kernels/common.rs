@@ -303,6 +303,15 @@ impl ConvDims {
         gx.into_iter().map(|v| v as f32).collect()
     }
 
+    /// The L2 norm of every term the weight gradient sums.
+    pub fn backward_weight_terms(&self, x: &[f32], gy: &[f32]) -> f64 {
+        let mut sq = 0f64;
+        self.each_tap(|[n, co, ci, oy, ox, _, _, iy, ix]| {
+            sq += (f64::from(x[self.xi(n, ci, iy, ix)]) * f64::from(gy[self.yi(n, co, oy, ox)])).powi(2);
+        });
+        sq.sqrt()
+    }
+
     pub fn backward_weight(&self, x: &[f32], gy: &[f32]) -> Vec<f32> {
         let mut gw = vec![0f64; self.w_shape().iter().product()];
         self.each_tap(|[n, co, ci, oy, ox, ky, kx, iy, ix]| {
@@ -437,4 +446,24 @@ pub fn matmul_ref(
         }
     }
     c
+}
+
+/// Like [`assert_close`] for results that are sums of terms whose norm is `terms_norm`: a
+/// sum that cancels far below its terms carries f32 rounding of the terms' size, which no
+/// f32 kernel avoids, so the error is measured against the larger of the two norms.
+pub fn assert_close_to_terms(what: &str, got: &[f32], want: &[f32], terms_norm: f64, tol: f64) {
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite values");
+    let diff: f64 = got.iter().zip(want).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = want.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+    let scale = norm.max(terms_norm);
+    assert!(
+        diff <= tol * scale,
+        "{what}: error {diff:.3e} > {tol:.0e} x {scale:.3e} (result norm {norm:.3e}, terms {terms_norm:.3e})"
+    );
+}
+
+/// The L2 norm of `f(i, v)` over every element, summed per channel then combined: the size
+/// of the terms a per-channel reduction adds up.
+pub fn channel_terms_norm(x: &[f32], dims: [usize; 4], f: impl Fn(usize, f64) -> f64) -> f64 {
+    channel_sums(x, dims, |i, v| f(i, v).powi(2)).iter().sum::<f64>().sqrt()
 }

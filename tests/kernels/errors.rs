@@ -74,3 +74,43 @@ fn tensors_beyond_the_binding_limit_are_refused_with_the_limit() {
     assert!(e.contains("5 values") && e.contains("[2, 3]"), "{e}");
     assert!(message(Tensor::empty(gpu, &[0, 3]).unwrap_err()).contains("no elements"));
 }
+
+/// The profiler times each dispatch on the device, or says why it cannot.
+#[test]
+fn profiler_times_every_dispatch_or_explains() {
+    let gpu = gpu();
+    let x = upload(&[1, 8, 32, 32], &vec![0.5; 8 * 32 * 32]);
+    let w = upload(&[8, 8, 3, 3], &vec![0.1; 8 * 8 * 9]);
+    let y = poisoned(&[1, 8, 32, 32]);
+    let spec = Conv2dSpec::square(1, 1, 1);
+    let d = [
+        conv2d::forward(gpu, &spec, &x, &w, None, &y).unwrap(),
+        elementwise::relu_forward(gpu, &y, &x).unwrap(),
+    ];
+    match gpu.profile(&[&d[0], &d[1]]) {
+        Ok(t) => {
+            assert_eq!(t.iter().map(|k| k.label).collect::<Vec<_>>(), ["conv2d_forward", "relu_forward"]);
+            assert!(t.iter().all(|k| k.nanoseconds.is_finite() && k.nanoseconds >= 0.0), "{t:?}");
+            assert!(t[0].nanoseconds > 0.0, "a 8x8x3x3 convolution took no time: {t:?}");
+        }
+        Err(e) => {
+            assert!(!gpu.has_timestamps());
+            assert!(e.to_string().contains("TIMESTAMP_QUERY"), "{e}");
+        }
+    }
+    assert!(download(&y).iter().all(|v| v.is_finite()), "the profiled run computed the convolution");
+}
+
+#[test]
+fn adapter_errors_name_the_cause() {
+    use hrnet_ocr::GpuOptions;
+    let missing = GpuOptions { backends: None, adapter_name: Some("no-such-adapter-xyz".into()) };
+    let e = message(hrnet_ocr::Gpu::with_options(&missing).err().expect("no adapter has that name"));
+    assert!(e.contains("no-such-adapter-xyz") && e.contains(&gpu().info().name), "{e}");
+    if cfg!(target_os = "linux") {
+        // Linux has no Metal adapter: the error says how to get a driver.
+        let none = GpuOptions { backends: Some(wgpu::Backends::METAL), adapter_name: None };
+        let e = message(hrnet_ocr::Gpu::with_options(&none).err().expect("no Metal on Linux"));
+        assert!(e.contains("mesa-vulkan-drivers"), "{e}");
+    }
+}

@@ -42,16 +42,18 @@ fn softmax_matches_cpu_on_random_shapes_both_axes() {
         let (y, gx) = run(&x, &gy, axis, scale);
         let dims = [axis.outer, axis.len, axis.inner];
         assert_close(&format!("{axis:?} out"), &y, &softmax_ref(&x, dims, f64::from(scale)), TOL);
-        assert_close(
-            &format!("{axis:?} grad_x"),
-            &gx,
-            &softmax_backward_ref(&y, &gy, dims, f64::from(scale)),
-            TOL,
-        );
+        // The gradient is a difference of terms of size |scale * y * grad_y|; when the softmax
+        // is peaked it cancels far below them.
+        let want = softmax_backward_ref(&y, &gy, dims, f64::from(scale));
+        let terms = y.iter().zip(&gy).map(|(y, g)| f64::from(scale * y * g).powi(2)).sum::<f64>().sqrt();
+        assert_close_to_terms(&format!("{axis:?} grad_x"), &gx, &want, terms, TOL);
     }
 }
 
-/// Inputs of magnitude 1e4 give no inf or NaN, for short rows and chunked long rows.
+/// Inputs of magnitude 1e4 give no inf or NaN, for short rows and chunked long rows. Such
+/// rows are one-hot to f32 precision, so the exact gradient is ~0 and an f32 result is
+/// rounding of O(|grad_y|) terms: the backward is held to an absolute bound of a few ulps
+/// of |grad_y|, the forward to the usual relative one.
 #[test]
 fn softmax_is_stable_for_huge_inputs() {
     let mut rng = Rng::new(seed("softmax_is_stable_for_huge_inputs"));
@@ -63,6 +65,10 @@ fn softmax_is_stable_for_huge_inputs() {
         let (y, gx) = run(&x, &gy, axis, 1.0);
         let dims = [axis.outer, axis.len, axis.inner];
         assert_close(&format!("{axis:?} huge out"), &y, &softmax_ref(&x, dims, 1.0), TOL);
-        assert_close(&format!("{axis:?} huge grad"), &gx, &softmax_backward_ref(&y, &gy, dims, 1.0), TOL);
+        assert!(gx.iter().all(|g| g.is_finite()), "{axis:?}: non-finite gradient");
+        let want = softmax_backward_ref(&y, &gy, dims, 1.0);
+        let bound = 1e-6 * gy.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let worst = gx.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= bound, "{axis:?}: gradient off by {worst:e}, bound {bound:e}");
     }
 }

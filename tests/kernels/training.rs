@@ -193,3 +193,18 @@ fn argmax_and_confusion_match_cpu_on_random_shapes() {
         assert_eq!(conf, want_conf, "{dims:?} confusion");
     }
 }
+
+/// A recorded dispatch reseeded for the next step gives that seed's mask.
+#[test]
+fn dropout_reseed_changes_the_recorded_mask() {
+    let gpu = gpu();
+    let dims = [2, 64, 3, 3];
+    let x = vec![1.0f32; 2 * 64 * 9];
+    let layer = Dropout2d { drop: 0.5 };
+    let (xt, y) = (upload(&dims, &x), poisoned(&dims));
+    let forward = layer.forward(gpu, &xt, &y, 1).unwrap();
+    layer.reseed(gpu, &forward, &xt, 2, false).unwrap();
+    gpu.run([&forward]).unwrap();
+    assert_eq!(download(&y), dropout_run(dims, 0.5, 2, &x, &x).0);
+    assert_ne!(download(&y), dropout_run(dims, 0.5, 1, &x, &x).0);
+}
