@@ -59,6 +59,15 @@ fn add(acc: ptr<function, Sum2>, v: vec2<f32>) {
     (*acc).total = t;
 }
 
+// A channel's partial sums over its chunks, in chunk order.
+fn chunk_total(ch: u32) -> vec2<f32> {
+    var sums = Sum2(vec2<f32>(0.0), vec2<f32>(0.0));
+    for (var k = 0u; k < chunk_count(); k++) {
+        add(&sums, partials[k * p.c + ch]);
+    }
+    return sums.total;
+}
+
 // The sample range [e0, e1) of a chunk, e = n * hw + s, visited as (plane start, s range).
 struct Span { n0: u32, e0: u32, e1: u32 }
 
@@ -91,13 +100,10 @@ fn bn_stats_partials(@builtin(global_invocation_id) gid: vec3<u32>,
 // Per channel: the batch mean and inverse deviation, and the running statistics update.
 @compute @workgroup_size(WG)
 fn bn_stats_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
-                  @builtin(num_workgroups) nwg: vec3<u32>) {
+                     @builtin(num_workgroups) nwg: vec3<u32>) {
     let ch = linear_index(gid, nwg);
     if ch >= p.c { return; }
-    var sums = vec2<f32>(0.0);
-    for (var k = 0u; k < chunk_count(); k++) {
-        sums += partials[k * p.c + ch];
-    }
+    let sums = chunk_total(ch);
     let count = f32(p.n * p.hw);
     let mean_shifted = sums.x / count;
     let variance = max(sums.y / count - mean_shifted * mean_shifted, 0.0);
@@ -157,13 +163,10 @@ fn bn_backward_partials(@builtin(global_invocation_id) gid: vec3<u32>,
 // bn_backward_input.
 @compute @workgroup_size(WG)
 fn bn_backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
-                     @builtin(num_workgroups) nwg: vec3<u32>) {
+                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let ch = linear_index(gid, nwg);
     if ch >= p.c { return; }
-    var sums = vec2<f32>(0.0);
-    for (var k = 0u; k < chunk_count(); k++) {
-        sums += partials[k * p.c + ch];
-    }
+    let sums = chunk_total(ch);
     grad_sums[ch] = sums;
     grad_beta[ch] = accumulate(grad_beta[ch], sums.x);
     grad_gamma[ch] = accumulate(grad_gamma[ch], sums.y);

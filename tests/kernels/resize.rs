@@ -174,3 +174,27 @@ fn concat_and_split_round_trip() {
         }
     }
 }
+
+#[test]
+fn concat_matches_pytorch_fixtures() {
+    let gpu = gpu();
+    let f = Fixture::load("concat.safetensors");
+    for (case, p) in f.cases() {
+        let (n, h, w, widths) = (p[0], p[1], p[2], &p[3..]);
+        let g = |t: String| f.get(&format!("{case}.{t}")).to_vec();
+        let ins: Vec<_> =
+            widths.iter().enumerate().map(|(i, &c)| upload(&[n, c, h, w], &g(format!("in{i}")))).collect();
+        let total: usize = widths.iter().sum();
+        let (y, gy) = (poisoned(&[n, total, h, w]), upload(&[n, total, h, w], &g("grad_out".into())));
+        let grads: Vec<_> = widths.iter().map(|&c| poisoned(&[n, c, h, w])).collect();
+        let mut ds = concat::concat_forward(gpu, &ins.iter().collect::<Vec<_>>(), &y).unwrap();
+        ds.extend(
+            concat::concat_backward(gpu, &gy, &grads.iter().map(|t| (t, false)).collect::<Vec<_>>()).unwrap(),
+        );
+        gpu.run(&ds).unwrap();
+        assert_close(&format!("{case} out"), &download(&y), &g("out".into()), 0.0);
+        for (i, grad) in grads.iter().enumerate() {
+            assert_close(&format!("{case} grad_in{i}"), &download(grad), &g(format!("grad_in{i}")), 0.0);
+        }
+    }
+}

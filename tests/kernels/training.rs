@@ -208,3 +208,25 @@ fn dropout_reseed_changes_the_recorded_mask() {
     assert_eq!(download(&y), dropout_run(dims, 0.5, 2, &x, &x).0);
     assert_ne!(download(&y), dropout_run(dims, 0.5, 1, &x, &x).0);
 }
+
+/// The fixture builds the same counter-based mask in Python from the documented hash.
+#[test]
+fn dropout_matches_pytorch_fixtures() {
+    let f = Fixture::load("dropout.safetensors");
+    for (case, p) in f.cases_with("case") {
+        let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
+        let (seed, drop) = (p[4] as u32, p[5] as f32);
+        let g = |t: &str| f.get(&format!("{case}.{t}"));
+        let (y, gx) = dropout_run(dims, drop, seed, g("x"), g("grad_out"));
+        assert_close(&format!("{case} out"), &y, g("out"), TOL);
+        assert_close(&format!("{case} grad_x"), &gx, g("grad_x"), TOL);
+        let [n, c, _, _] = dims;
+        for (i, &kept) in g("keep").iter().enumerate() {
+            assert_eq!(
+                dropout::keep(seed, drop, i / c, c, i % c),
+                kept == 1.0,
+                "{case}: channel {i} of {n}x{c}"
+            );
+        }
+    }
+}

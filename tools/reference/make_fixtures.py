@@ -19,6 +19,7 @@ import json
 import os
 import struct
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -150,6 +151,20 @@ SGD_MAX_ITERS = 6      # short poly schedule so the lr visibly changes per step
 METRICS_CASES = [
     (1, 19, 16, 24),
     (2, 5, 9, 13),
+]
+
+# concat cases: n h w, then the channel counts of the inputs
+CONCAT_CASES = [
+    (2, 5, 7, [3, 4, 1]),
+    (1, 4, 6, [18, 36, 72, 144]),   # HRNet's four branches (w18) at one size
+    (3, 1, 1, [2, 2]),
+]
+
+# dropout2d cases: n c h w seed p
+DROPOUT_CASES = [
+    (2, 64, 3, 5, 12345, 0.05),
+    (1, 512, 2, 2, 7, 0.5),
+    (3, 8, 1, 1, 4000000000, 0.2),   # seed above 2^31
 ]
 
 
@@ -709,6 +724,83 @@ def make_metrics(s):
     return tensors, meta
 
 
+def make_concat(s):
+    tensors, meta = {}, {}
+    for i, (n, h, w, chans) in enumerate(CONCAT_CASES):
+        c = f"case{i}"
+        inputs = [s.randn(n, ci, h, w) for ci in chans]
+        grad_out = s.randn(n, sum(chans), h, w)
+
+        in64 = [f64(x, True) for x in inputs]
+        out = torch.cat(in64, dim=1)
+        out.backward(f64(grad_out))
+
+        for j, (x, x64) in enumerate(zip(inputs, in64)):
+            tensors[f"{c}.in{j}"] = x
+            tensors[f"{c}.grad_in{j}"] = f32(x64.grad)
+        tensors[f"{c}.grad_out"] = grad_out
+        tensors[f"{c}.out"] = f32(out)
+        meta[c] = nums((n, h, w, *chans))
+        print(f"  concat {c}: [{n},{'+'.join(map(str, chans))},{h},{w}] -> "
+              f"[{n},{sum(chans)},{h},{w}]")
+    return tensors, meta
+
+
+def hash32(v):
+    """32-bit integer hash (all arithmetic modulo 2^32) of the dropout mask."""
+    h = v & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
+
+
+def dropout_keep(n, ch, seed, p):
+    """Counter-based Dropout2d mask [n, ch]: unit n*ch + c is kept when u >= p.
+
+    u = top 24 bits of hash32(hash32(seed) ^ unit) / 2^24, exact in float32;
+    the comparison is done in float32 against float32(p).
+    """
+    base = hash32(seed)
+    keep = np.zeros((n, ch), dtype=bool)
+    for b in range(n):
+        for k in range(ch):
+            u = np.float32((hash32(base ^ (b * ch + k)) >> 8) / 16777216.0)
+            keep[b, k] = u >= np.float32(p)
+    return keep
+
+
+def make_dropout(s):
+    tensors, meta = {}, {}
+    for i, case in enumerate(DROPOUT_CASES):
+        n, ch, h, w, seed, p = case
+        c = f"case{i}"
+        x = s.randn(n, ch, h, w)
+        grad_out = s.randn(n, ch, h, w)
+
+        keep = dropout_keep(n, ch, seed, p)
+        assert keep.any() and not keep.all(), case
+        # float32 scale and float32 product, so the reference is bit-exact:
+        # x * scale where kept, +0.0 where dropped.
+        scale = np.float32(1.0) / (np.float32(1.0) - np.float32(p))
+        mask = keep[:, :, None, None]
+        zero = np.float32(0.0)
+        out = np.where(mask, x.numpy() * scale, zero).astype(np.float32)
+        grad_x = np.where(mask, grad_out.numpy() * scale, zero).astype(np.float32)
+
+        tensors[f"{c}.x"] = x
+        tensors[f"{c}.out"] = torch.from_numpy(np.ascontiguousarray(out))
+        tensors[f"{c}.grad_out"] = grad_out
+        tensors[f"{c}.grad_x"] = torch.from_numpy(np.ascontiguousarray(grad_x))
+        tensors[f"{c}.keep"] = torch.from_numpy(keep.astype(np.float32))
+        meta[c] = nums(case)
+        print(f"  dropout {c}: [{n},{ch},{h},{w}] seed={seed} p={p} scale={float(scale)!r} "
+              f"kept={int(keep.sum())}/{keep.size}")
+    return tensors, meta
+
+
 # Each file gets its own generator (seed + index in this list) so that editing
 # the cases of one file does not change the random data of the others. Only
 # append: inserting a file would renumber the streams of the files after it.
@@ -725,13 +817,18 @@ FIXTURES = [
     ("losses.safetensors", make_losses),
     ("sgd.safetensors", make_sgd),
     ("metrics.safetensors", make_metrics),
+    ("concat.safetensors", make_concat),
+    ("dropout.safetensors", make_dropout),
 ]
 
-# Size budgets in bytes: the layer fixtures (the first four files) and the
-# OCR/training fixtures after them are capped separately.
+# Size budgets in bytes: the layer fixtures (the first four files), the
+# OCR/training fixtures after them and the extra layers (concat, dropout)
+# at the end are capped separately.
 LAYER_FIXTURES = 4
+OCR_FIXTURES = 12      # files [LAYER_FIXTURES, OCR_FIXTURES) of FIXTURES
 LAYER_BUDGET = 5 * 10**6
 OCR_BUDGET = 4.5 * 10**6
+EXTRA_BUDGET = 300 * 10**3
 
 
 def main():
@@ -753,11 +850,15 @@ def main():
     for index, (name, make) in enumerate(FIXTURES):
         tensors, meta = make(Sampler(args.seed + index))
         sizes.append(save(tensors, meta, args.out, name))
-    layer, ocr = sum(sizes[:LAYER_FIXTURES]), sum(sizes[LAYER_FIXTURES:])
-    for what, total in (("layer", layer), ("ocr/training", ocr), ("total", layer + ocr)):
+    layer = sum(sizes[:LAYER_FIXTURES])
+    ocr = sum(sizes[LAYER_FIXTURES:OCR_FIXTURES])
+    extra = sum(sizes[OCR_FIXTURES:])
+    for what, total in (("layer", layer), ("ocr/training", ocr), ("extra", extra),
+                        ("total", layer + ocr + extra)):
         print(f"{what}: {total} bytes ({total / 2**20:.2f} MiB)")
     assert layer < LAYER_BUDGET, "layer fixtures must stay under 5 MB"
     assert ocr < OCR_BUDGET, "ocr/training fixtures must stay under 4.5 MB"
+    assert extra < EXTRA_BUDGET, "concat/dropout fixtures must stay under 300 KB"
 
 
 if __name__ == "__main__":
