@@ -18,6 +18,10 @@ pub enum Error {
     Limit { what: String, bytes: u64, limit: u64, limit_name: &'static str },
     /// An invalid argument (a zero stride, an empty tensor, a bad option).
     Invalid(String),
+    /// A file could not be read or written.
+    Io { path: String, source: std::io::Error },
+    /// A file's contents are malformed or unsupported: names the file and what is wrong.
+    Format { path: String, what: String },
     /// Reading a buffer back from the device failed.
     Readback(String),
     /// The device reported an error (validation, out of memory, device lost).
@@ -45,6 +49,8 @@ impl fmt::Display for Error {
                 write!(f, "{what} needs {bytes} bytes, above the adapter's {limit_name} of {limit} bytes")
             }
             Error::Invalid(msg) => f.write_str(msg),
+            Error::Io { path, source } => write!(f, "{path}: {source}"),
+            Error::Format { path, what } => write!(f, "{path}: {what}"),
             Error::Readback(msg) => {
                 write!(f, "reading a buffer back from the device failed: {msg}")
             }

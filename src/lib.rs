@@ -8,6 +8,7 @@ pub mod error;
 pub mod gpu;
 pub mod graph;
 pub mod kernels;
+pub mod model;
 pub mod tensor;
 
 pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! The HRNet-OCR model: configuration, weights and the graph built from them.
+
+pub mod pth;
