@@ -1,3 +1,7 @@
 //! The HRNet-OCR model: configuration, weights and the graph built from them.
 
+pub mod config;
 pub mod pth;
+pub mod yaml;
+
+pub use config::Config;

@@ -1,0 +1,302 @@
+//! Model and training configuration: presets, and the official experiment YAML files read
+//! as they are. Keys the engine does not use are ignored (the official files carry many,
+//! and a misspelt `NUM_RANCHES`); a key it uses with a wrong type or value is an error
+//! naming the key.
+
+use super::yaml::{self, Yaml};
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// A residual block type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    Basic,
+    Bottleneck,
+}
+
+impl Block {
+    /// Output channels per `planes`.
+    pub fn expansion(self) -> usize {
+        match self {
+            Block::Basic => 1,
+            Block::Bottleneck => 4,
+        }
+    }
+}
+
+/// One HRNet stage: `modules` HighResolutionModules of `blocks[b]` blocks per branch b.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stage {
+    pub modules: usize,
+    pub block: Block,
+    pub blocks: Vec<usize>,
+    pub channels: Vec<usize>,
+}
+
+impl Stage {
+    pub fn branches(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Each branch's output channels (`channels * expansion`).
+    pub fn out_channels(&self) -> Vec<usize> {
+        self.channels.iter().map(|c| c * self.block.expansion()).collect()
+    }
+}
+
+/// OHEM settings (`LOSS.OHEMTHRES`, `LOSS.OHEMKEEP`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OhemConfig {
+    pub thresh: f32,
+    pub min_kept: usize,
+}
+
+/// Everything the engine reads from a config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub stages: [Stage; 4],
+    pub num_classes: usize,
+    pub mid_channels: usize,
+    pub key_channels: usize,
+    pub align_corners: bool,
+    pub ignore_label: i64,
+    pub ohem: Option<OhemConfig>,
+    /// Loss weights of [aux, main].
+    pub balance_weights: [f32; 2],
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub momentum: f32,
+    pub nesterov: bool,
+}
+
+fn stage(modules: usize, block: Block, blocks: &[usize], channels: &[usize]) -> Stage {
+    Stage { modules, block, blocks: blocks.to_vec(), channels: channels.to_vec() }
+}
+
+impl Config {
+    /// The names [`Config::preset`] knows.
+    pub const PRESETS: [&'static str; 4] = ["w18-small-v2", "w18", "w32", "w48"];
+
+    /// A preset (spec table 2.6) with the official OCR head (MID 512, KEY 256), 19 classes.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (s1_blocks, s2, s3, s4, widths): (usize, (usize, usize), (usize, usize), (usize, usize), usize) =
+            match name {
+                "w18-small-v2" => (2, (1, 2), (3, 2), (2, 2), 18),
+                "w18" => (4, (1, 4), (4, 4), (3, 4), 18),
+                "w32" => (4, (1, 4), (4, 4), (3, 4), 32),
+                "w48" => (4, (1, 4), (4, 4), (3, 4), 48),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "unknown preset {name:?}; presets: {}",
+                        Self::PRESETS.join(", ")
+                    )))
+                }
+            };
+        let c: Vec<usize> = (0..4).map(|b| widths << b).collect();
+        Ok(Config {
+            stages: [
+                stage(1, Block::Bottleneck, &[s1_blocks], &[64]),
+                stage(s2.0, Block::Basic, &[s2.1; 2], &c[..2]),
+                stage(s3.0, Block::Basic, &[s3.1; 3], &c[..3]),
+                stage(s4.0, Block::Basic, &[s4.1; 4], &c[..4]),
+            ],
+            num_classes: 19,
+            mid_channels: 512,
+            key_channels: 256,
+            align_corners: true,
+            ignore_label: 255,
+            ohem: None,
+            balance_weights: [0.4, 1.0],
+            lr: 0.01,
+            weight_decay: 5e-4,
+            momentum: 0.9,
+            nesterov: false,
+        })
+    }
+
+    /// A preset name, or the path of an official-style experiment YAML file.
+    pub fn load(name_or_path: &str) -> Result<Self> {
+        if Self::PRESETS.contains(&name_or_path) {
+            return Self::preset(name_or_path);
+        }
+        let path = Path::new(name_or_path);
+        if !path.exists() {
+            return Err(Error::Invalid(format!(
+                "{name_or_path:?} is neither a preset ({}) nor an existing YAML file",
+                Self::PRESETS.join(", ")
+            )));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Io { path: name_or_path.to_string(), source })?;
+        Self::from_yaml(&text, name_or_path)
+    }
+
+    /// Reads an experiment file's text; `source` names it in errors.
+    pub fn from_yaml(text: &str, source: &str) -> Result<Self> {
+        let doc = yaml::parse(text, source)?;
+        let r = Reader { doc: &doc, source };
+        let stages = [1, 2, 3, 4].map(|s| r.stage(s));
+        let [s1, s2, s3, s4] = stages;
+        let stages = [s1?, s2?, s3?, s4?];
+        for (i, s) in stages.iter().enumerate() {
+            let want = if i == 0 { 1 } else { stages[i - 1].branches() + 1 };
+            if s.branches() != want {
+                return Err(r.error(
+                    &format!("MODEL.EXTRA.STAGE{}.NUM_CHANNELS", i + 1),
+                    &format!("stage {} must have {want} branches, has {}", i + 1, s.branches()),
+                ));
+            }
+        }
+        let use_ohem = r.opt_bool("LOSS.USE_OHEM")?.unwrap_or(false);
+        let ohem = if use_ohem {
+            Some(OhemConfig {
+                thresh: r.opt_f32("LOSS.OHEMTHRES")?.unwrap_or(0.7),
+                min_kept: r.opt_usize("LOSS.OHEMKEEP")?.unwrap_or(100_000),
+            })
+        } else {
+            None
+        };
+        let balance = match r.opt_f32_list("LOSS.BALANCE_WEIGHTS")? {
+            None => [0.4, 1.0],
+            Some(w) if w.len() == 2 => [w[0], w[1]],
+            Some(w) => {
+                return Err(r.error("LOSS.BALANCE_WEIGHTS", &format!("expected 2 weights, got {}", w.len())))
+            }
+        };
+        Ok(Config {
+            stages,
+            num_classes: r.positive("DATASET.NUM_CLASSES", None)?,
+            mid_channels: r.positive("MODEL.OCR.MID_CHANNELS", Some(512))?,
+            key_channels: r.positive("MODEL.OCR.KEY_CHANNELS", Some(256))?,
+            align_corners: r.opt_bool("MODEL.ALIGN_CORNERS")?.unwrap_or(true),
+            ignore_label: r.opt_i64("TRAIN.IGNORE_LABEL")?.unwrap_or(255),
+            ohem,
+            balance_weights: balance,
+            lr: r.opt_f32("TRAIN.LR")?.unwrap_or(0.01),
+            weight_decay: r.opt_f32("TRAIN.WD")?.unwrap_or(5e-4),
+            momentum: r.opt_f32("TRAIN.MOMENTUM")?.unwrap_or(0.9),
+            nesterov: r.opt_bool("TRAIN.NESTEROV")?.unwrap_or(false),
+        })
+    }
+
+    /// The backbone's output channels: the sum of stage 4's branch widths.
+    pub fn concat_channels(&self) -> usize {
+        self.stages[3].out_channels().iter().sum()
+    }
+}
+
+/// Typed access to the parsed document, with errors naming the key.
+struct Reader<'a> {
+    doc: &'a Yaml,
+    source: &'a str,
+}
+
+impl Reader<'_> {
+    fn error(&self, key: &str, what: &str) -> Error {
+        Error::Format { path: self.source.to_string(), what: format!("{key}: {what}") }
+    }
+
+    fn scalar(&self, key: &str) -> Result<Option<&str>> {
+        match self.doc.get(key) {
+            None => Ok(None),
+            Some(Yaml::Scalar(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(self.error(key, "expected a single value")),
+        }
+    }
+
+    fn parsed<T: std::str::FromStr>(&self, key: &str, kind: &str) -> Result<Option<T>> {
+        self.scalar(key)?
+            .map(|s| s.parse().map_err(|_| self.error(key, &format!("expected {kind}, got {s:?}"))))
+            .transpose()
+    }
+
+    fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        self.parsed(key, "a number")
+    }
+
+    fn opt_i64(&self, key: &str) -> Result<Option<i64>> {
+        self.parsed(key, "an integer")
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.parsed(key, "a non-negative integer")
+    }
+
+    fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        match (self.opt_usize(key)?, default) {
+            (Some(0), _) => Err(self.error(key, "must be positive")),
+            (Some(v), _) | (None, Some(v)) => Ok(v),
+            (None, None) => Err(self.error(key, "missing")),
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.scalar(key)?
+            .map(|s| match s.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" => Ok(true),
+                "false" | "no" | "off" => Ok(false),
+                _ => Err(self.error(key, &format!("expected true or false, got {s:?}"))),
+            })
+            .transpose()
+    }
+
+    fn list<T: std::str::FromStr>(&self, key: &str, kind: &str) -> Result<Option<Vec<T>>> {
+        match self.doc.get(key) {
+            None => Ok(None),
+            Some(Yaml::List(items)) => items
+                .iter()
+                .map(|item| match item {
+                    Yaml::Scalar(s) => s
+                        .parse()
+                        .map_err(|_| self.error(key, &format!("expected a list of {kind}, found {s:?}"))),
+                    _ => Err(self.error(key, &format!("expected a list of {kind}"))),
+                })
+                .collect::<Result<Vec<T>>>()
+                .map(Some),
+            Some(_) => Err(self.error(key, &format!("expected a list of {kind}"))),
+        }
+    }
+
+    fn opt_f32_list(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        self.list(key, "numbers")
+    }
+
+    fn stage(&self, s: usize) -> Result<Stage> {
+        let key = |k: &str| format!("MODEL.EXTRA.STAGE{s}.{k}");
+        let modules = self.positive(&key("NUM_MODULES"), None)?;
+        let block = match self.scalar(&key("BLOCK"))? {
+            Some("BASIC") => Block::Basic,
+            Some("BOTTLENECK") => Block::Bottleneck,
+            Some(other) => {
+                return Err(self.error(&key("BLOCK"), &format!("expected BASIC or BOTTLENECK, got {other:?}")))
+            }
+            None => return Err(self.error(&key("BLOCK"), "missing")),
+        };
+        let blocks: Vec<usize> = self
+            .list(&key("NUM_BLOCKS"), "block counts")?
+            .ok_or_else(|| self.error(&key("NUM_BLOCKS"), "missing"))?;
+        let channels: Vec<usize> = self
+            .list(&key("NUM_CHANNELS"), "channel counts")?
+            .ok_or_else(|| self.error(&key("NUM_CHANNELS"), "missing"))?;
+        if blocks.len() != channels.len() || channels.is_empty() {
+            return Err(self.error(
+                &key("NUM_BLOCKS"),
+                &format!("{} block counts for {} branches", blocks.len(), channels.len()),
+            ));
+        }
+        if blocks.contains(&0) || channels.contains(&0) {
+            return Err(self.error(&key("NUM_CHANNELS"), "block and channel counts must be positive"));
+        }
+        // NUM_BRANCHES is implied by the lists; when given (STAGE1 of the official files
+        // misspells it NUM_RANCHES, which is ignored) it must agree.
+        if let Some(n) = self.opt_usize(&key("NUM_BRANCHES"))? {
+            if n != channels.len() {
+                return Err(self.error(
+                    &key("NUM_BRANCHES"),
+                    &format!("{n}, but NUM_CHANNELS lists {}", channels.len()),
+                ));
+            }
+        }
+        Ok(Stage { modules, block, blocks, channels })
+    }
+}
