@@ -1,15 +1,21 @@
-//! The executor, first form: a sequence of kernel nodes recorded once. A whole forward pass
-//! is one command buffer, a whole backward pass another; nothing is read back in between.
-//! The backward pass walks the nodes in reverse: a tensor read by several nodes gets the
-//! sum of their gradients (the first writes, the rest accumulate), and parameter gradients
-//! accumulate across backward passes until [`Graph::zero_grads`].
+//! The executor: a graph of kernel nodes recorded once. A whole forward pass is one command
+//! buffer, a whole backward pass another; nothing is read back in between (but the loss,
+//! when asked). The backward pass walks the nodes in reverse: a tensor read by several
+//! nodes gets the sum of their gradients (the first writes, the rest accumulate), and
+//! parameter gradients accumulate across backward passes until [`Graph::zero_grads`].
+//!
+//! Training starts the backward pass from the graph's loss nodes; a graph without one
+//! starts from the output gradients the caller writes (see [`Graph::backward`]).
 
-use crate::error::{Error, Result};
+mod ops;
+
+use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
-use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
-use crate::kernels::conv2d::{self, Conv2dSpec};
-use crate::kernels::elementwise;
-use crate::tensor::Tensor;
+use crate::kernels::conv2d::Conv2dSpec;
+use crate::kernels::dropout::Dropout2d;
+use crate::kernels::loss::Ohem;
+use crate::tensor::{DType, Tensor};
+use ops::{Op, Recorded};
 use std::collections::HashMap;
 
 /// A tensor of the graph, by position.
@@ -32,14 +38,7 @@ struct Value {
     name: String,
     shape: Vec<usize>,
     role: Role,
-}
-
-enum Op {
-    Conv2d { spec: Conv2dSpec, x: ValueId, weight: ValueId, bias: Option<ValueId>, y: ValueId },
-    BatchNorm { x: ValueId, gamma: ValueId, beta: ValueId, mean: ValueId, var: ValueId, y: ValueId },
-    Relu { x: ValueId, y: ValueId },
-    Add { a: ValueId, b: ValueId, y: ValueId },
-    AddRelu { a: ValueId, b: ValueId, y: ValueId },
+    dtype: DType,
 }
 
 /// Whether batch norm uses batch statistics (and a backward pass is recorded) or the
@@ -63,22 +62,39 @@ impl GraphBuilder {
     }
 
     fn add_value(&mut self, name: String, shape: &[usize], role: Role) -> ValueId {
-        self.values.push(Value { name, shape: shape.to_vec(), role });
+        self.values.push(Value { name, shape: shape.to_vec(), role, dtype: DType::F32 });
         ValueId(self.values.len() - 1)
     }
 
-    fn activation(&mut self, kind: &str, shape: &[usize]) -> ValueId {
-        let name = format!("{kind}.{}", self.ops.len());
+    fn activation(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        let name = format!("{name}#{}", self.ops.len());
         self.add_value(name, shape, Role::Activation)
     }
 
-    fn shape(&self, v: ValueId) -> &[usize] {
+    /// The shape of a value.
+    pub fn shape(&self, v: ValueId) -> &[usize] {
         &self.values[v.0].shape
+    }
+
+    fn dims4(&self, v: ValueId) -> Result<[usize; 4]> {
+        let value = &self.values[v.0];
+        <[usize; 4]>::try_from(value.shape.as_slice()).map_err(|_| Error::Shape {
+            what: value.name.clone(),
+            expected: "[N, C, H, W]".into(),
+            actual: format!("{:?}", value.shape),
+        })
     }
 
     /// A tensor the caller fills before each forward pass.
     pub fn input(&mut self, name: &str, shape: &[usize], requires_grad: bool) -> ValueId {
         self.add_value(name.to_string(), shape, Role::Input { requires_grad })
+    }
+
+    /// A u32 label map `[N, H, W]` the caller fills before each forward pass.
+    pub fn labels(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        let v = self.add_value(name.to_string(), shape, Role::Input { requires_grad: false });
+        self.values[v.0].dtype = DType::U32;
+        v
     }
 
     /// A trainable tensor.
@@ -97,9 +113,8 @@ impl GraphBuilder {
         bias: bool,
         spec: Conv2dSpec,
     ) -> Result<ValueId> {
-        let [_, ci, h, w] = dims4(&self.values[x.0])?;
+        let [n, ci, h, w] = self.dims4(x)?;
         let [ho, wo] = spec.output_size(h, w, kernel[0], kernel[1])?;
-        let n = self.shape(x)[0];
         let weight = self.param(&format!("{name}.weight"), &[out_channels, ci, kernel[0], kernel[1]]);
         let bias = bias.then(|| self.param(&format!("{name}.bias"), &[out_channels]));
         let y = self.activation(name, &[n, out_channels, ho, wo]);
@@ -110,7 +125,7 @@ impl GraphBuilder {
     /// Batch norm with parameters `{name}.weight`, `{name}.bias` and running statistics
     /// `{name}.running_mean`, `{name}.running_var` (PyTorch's eps and momentum).
     pub fn batch_norm(&mut self, name: &str, x: ValueId) -> Result<ValueId> {
-        let [_, c, _, _] = dims4(&self.values[x.0])?;
+        let [_, c, _, _] = self.dims4(x)?;
         let gamma = self.param(&format!("{name}.weight"), &[c]);
         let beta = self.param(&format!("{name}.bias"), &[c]);
         let mean = self.add_value(format!("{name}.running_mean"), &[c], Role::State);
@@ -142,7 +157,7 @@ impl GraphBuilder {
     }
 
     fn binary(&mut self, kind: &str, a: ValueId, b: ValueId) -> Result<ValueId> {
-        crate::error::check_shape(&format!("{kind}: second operand"), self.shape(a), self.shape(b))?;
+        check_shape(&format!("{kind}: second operand"), self.shape(a), self.shape(b))?;
         if a == b {
             return Err(Error::Invalid(format!("{kind}: both operands are {}", self.values[a.0].name)));
         }
@@ -150,24 +165,108 @@ impl GraphBuilder {
         Ok(self.activation(kind, &shape))
     }
 
+    /// Bilinear resize to `size` (height, width).
+    pub fn resize(&mut self, x: ValueId, size: [usize; 2], align_corners: bool) -> Result<ValueId> {
+        let [n, c, _, _] = self.dims4(x)?;
+        let y = self.activation("resize", &[n, c, size[0], size[1]]);
+        self.ops.push(Op::Resize { x, y, align_corners });
+        Ok(y)
+    }
+
+    /// Channel concat; inputs of another height and width than the first are resized to it
+    /// straight into their slice (HRNet's final representation).
+    pub fn concat(&mut self, inputs: &[ValueId], align_corners: bool) -> Result<ValueId> {
+        let first = *inputs.first().ok_or_else(|| Error::Invalid("concat of no tensors".into()))?;
+        let [n, _, h, w] = self.dims4(first)?;
+        let mut channels = 0;
+        for &x in inputs {
+            let [xn, c, _, _] = self.dims4(x)?;
+            if xn != n {
+                return Err(Error::Invalid(format!(
+                    "concat: {} has batch {xn}, not {n}",
+                    self.values[x.0].name
+                )));
+            }
+            channels += c;
+        }
+        let y = self.activation("concat", &[n, channels, h, w]);
+        self.ops.push(Op::Concat { inputs: inputs.to_vec(), y, align_corners });
+        Ok(y)
+    }
+
+    /// OCR's spatial gather: the region representations `[N, C, K, 1]` of features `feats`
+    /// `[N, C, h, w]` weighted by the softmax over pixels of `regions` `[N, K, h, w]`.
+    pub fn spatial_gather(&mut self, regions: ValueId, feats: ValueId) -> Result<ValueId> {
+        let [n, k, h, w] = self.dims4(regions)?;
+        let [_, c, _, _] = self.dims4(feats)?;
+        check_shape("spatial gather features", &[n, c, h, w], self.shape(feats))?;
+        let probs = self.activation("region_probs", &[n, k, h, w]);
+        let y = self.activation("context", &[n, c, k, 1]);
+        self.ops.push(Op::SpatialGather { regions, feats, probs, y });
+        Ok(y)
+    }
+
+    /// OCR's pixel-region attention: `value @ softmax_K(query^T @ key / sqrt(KEY))^T`.
+    pub fn object_attention(&mut self, query: ValueId, key: ValueId, value: ValueId) -> Result<ValueId> {
+        let [n, ch, h, w] = self.dims4(query)?;
+        let [_, _, k, _] = self.dims4(key)?;
+        check_shape("object attention key", &[n, ch, k, 1], self.shape(key))?;
+        check_shape("object attention value", &[n, ch, k, 1], self.shape(value))?;
+        let sim = self.activation("attention_map", &[n, h * w, k]);
+        let y = self.activation("object_context", &[n, ch, h, w]);
+        self.ops.push(Op::ObjectAttention { query, key, value, sim, y });
+        Ok(y)
+    }
+
+    /// Dropout2d, active in training only (and left out entirely when `drop` is 0).
+    pub fn dropout2d(&mut self, x: ValueId, drop: f32) -> ValueId {
+        if drop == 0.0 {
+            return x;
+        }
+        let shape = self.shape(x).to_vec();
+        let y = self.activation("dropout", &shape);
+        self.ops.push(Op::Dropout { x, y, layer: Dropout2d { drop } });
+        y
+    }
+
+    /// A cross-entropy loss term `weight * CE(logits, labels)`, resized to the labels' size
+    /// first when it differs; training starts the backward pass from these.
+    pub fn cross_entropy(&mut self, spec: LossSpec, logits: ValueId, labels: ValueId) -> Result<()> {
+        let [n, _, h, w] = self.dims4(logits)?;
+        let label_shape = self.shape(labels).to_vec();
+        let [ln, lh, lw] = <[usize; 3]>::try_from(label_shape.as_slice())
+            .map_err(|_| Error::Invalid(format!("labels must be [N, H, W], got {label_shape:?}")))?;
+        if ln != n {
+            return Err(Error::Invalid(format!("labels have batch {ln}, logits {n}")));
+        }
+        let logits =
+            if [h, w] == [lh, lw] { logits } else { self.resize(logits, [lh, lw], spec.align_corners)? };
+        self.ops.push(Op::Loss { logits, labels, spec });
+        Ok(())
+    }
+
     /// Allocates every tensor and records the forward (and, in training, backward) pass.
-    pub fn build(self, gpu: &Gpu, mode: Mode, output: ValueId) -> Result<Graph> {
+    pub fn build(self, gpu: &Gpu, mode: Mode, outputs: &[ValueId]) -> Result<Graph> {
         let mut by_name = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
             if by_name.insert(v.name.clone(), ValueId(i)).is_some() {
                 return Err(Error::Invalid(format!("two tensors of the graph are named {:?}", v.name)));
             }
         }
-        let tensors = self.values.iter().map(|v| Tensor::empty(gpu, &v.shape)).collect::<Result<Vec<_>>>()?;
+        let tensors = self
+            .values
+            .iter()
+            .map(|v| Tensor::empty_of(gpu, &v.shape, v.dtype))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| Error::Invalid(format!("allocating the graph's tensors: {e}")))?;
         let mut graph = Graph {
             values: self.values,
             tensors,
             grads: Vec::new(),
-            saved: HashMap::new(),
-            forward: Vec::new(),
-            backward: Vec::new(),
-            output,
+            recorded: Recorded::default(),
+            outputs: outputs.to_vec(),
             by_name,
+            seed: 0,
         };
         graph.record_forward(gpu, &self.ops, mode)?;
         if mode == Mode::Train {
@@ -178,12 +277,15 @@ impl GraphBuilder {
     }
 }
 
-fn dims4(v: &Value) -> Result<[usize; 4]> {
-    <[usize; 4]>::try_from(v.shape.as_slice()).map_err(|_| Error::Shape {
-        what: v.name.clone(),
-        expected: "[N, C, H, W]".into(),
-        actual: format!("{:?}", v.shape),
-    })
+/// What a loss term computes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossSpec {
+    /// The term's weight in the total (HRNet-OCR: 0.4 for aux, 1 for the main output).
+    pub weight: f32,
+    pub ignore_label: u32,
+    pub ohem: Option<Ohem>,
+    /// How logits are resized to the label size.
+    pub align_corners: bool,
 }
 
 /// A recorded graph with its tensors.
@@ -192,12 +294,10 @@ pub struct Graph {
     tensors: Vec<Tensor>,
     /// Gradient of each value that has one (training only).
     grads: Vec<Option<Tensor>>,
-    /// Batch statistics a training forward keeps for the backward, by the node's output.
-    saved: HashMap<ValueId, Tensor>,
-    forward: Vec<Dispatch>,
-    backward: Vec<Dispatch>,
-    output: ValueId,
+    recorded: Recorded,
+    outputs: Vec<ValueId>,
     by_name: HashMap<String, ValueId>,
+    seed: u32,
 }
 
 impl Graph {
@@ -205,176 +305,17 @@ impl Graph {
         &self.tensors[v.0]
     }
 
-    fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
-        for op in ops {
-            let mut dispatches = match *op {
-                Op::Conv2d { spec, x, weight, bias, y } => {
-                    vec![conv2d::forward(
-                        gpu,
-                        &spec,
-                        self.t(x),
-                        self.t(weight),
-                        bias.map(|b| self.t(b)),
-                        self.t(y),
-                    )?]
-                }
-                Op::BatchNorm { x, y, .. } => {
-                    let bn = self.bn_params(op);
-                    match mode {
-                        Mode::Eval => {
-                            vec![batch_norm::forward_eval(gpu, self.t(x), &bn, self.t(y))?]
-                        }
-                        Mode::Train => {
-                            let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
-                            let d = batch_norm::forward_train(gpu, self.t(x), &bn, &saved, self.t(y))?;
-                            self.saved.insert(y, saved);
-                            d
-                        }
-                    }
-                }
-                Op::Relu { x, y } => vec![elementwise::relu_forward(gpu, self.t(x), self.t(y))?],
-                Op::Add { a, b, y } => vec![elementwise::add_forward(gpu, self.t(a), self.t(b), self.t(y))?],
-                Op::AddRelu { a, b, y } => {
-                    vec![elementwise::add_relu_forward(gpu, self.t(a), self.t(b), self.t(y))?]
-                }
-            };
-            self.forward.append(&mut dispatches);
-        }
-        Ok(())
-    }
-
-    fn bn_params(&self, op: &Op) -> BatchNormParams<'_> {
-        let Op::BatchNorm { gamma, beta, mean, var, .. } = *op else {
-            unreachable!("bn_params is only called for batch-norm nodes")
-        };
-        BatchNormParams {
-            gamma: self.t(gamma),
-            beta: self.t(beta),
-            running_mean: self.t(mean),
-            running_var: self.t(var),
-            eps: batch_norm::EPS,
-            momentum: batch_norm::MOMENTUM,
-        }
-    }
-
-    /// Which values need a gradient: parameters, inputs that ask for one, and every
-    /// activation computed from one of those.
-    fn requires_grad(&self, ops: &[Op]) -> Vec<bool> {
-        let mut needs: Vec<bool> = self
-            .values
-            .iter()
-            .map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true }))
-            .collect();
-        for op in ops {
-            let (ins, y): (Vec<ValueId>, ValueId) = match *op {
-                Op::Conv2d { x, weight, bias, y, .. } => {
-                    ([Some(x), Some(weight), bias].into_iter().flatten().collect(), y)
-                }
-                Op::BatchNorm { x, gamma, beta, y, .. } => (vec![x, gamma, beta], y),
-                Op::Relu { x, y } => (vec![x], y),
-                Op::Add { a, b, y } | Op::AddRelu { a, b, y } => (vec![a, b], y),
-            };
-            needs[y.0] = ins.iter().any(|v| needs[v.0]);
-        }
-        needs
-    }
-
-    fn record_backward(&mut self, gpu: &Gpu, ops: &[Op]) -> Result<()> {
-        let needs = self.requires_grad(ops);
-        self.grads = needs
-            .iter()
-            .zip(&self.values)
-            .map(|(&n, v)| n.then(|| Tensor::empty(gpu, &v.shape)).transpose())
-            .collect::<Result<_>>()?;
-        // Whether a value's gradient already holds a contribution in this pass: the output's
-        // is given by the caller, parameters' accumulate across passes.
-        let mut written: Vec<bool> = self.values.iter().map(|v| v.role == Role::Param).collect();
-        written[self.output.0] = true;
-        // Gradients of values that need none still have to land somewhere in fused kernels.
-        let mut discard: HashMap<Vec<usize>, Tensor> = HashMap::new();
-        let mut target = |v: ValueId, grads: &[Option<Tensor>]| -> Result<(Tensor, bool)> {
-            let acc = std::mem::replace(&mut written[v.0], true);
-            match &grads[v.0] {
-                Some(g) => Ok((g.clone(), acc)),
-                None => {
-                    let shape = self.values[v.0].shape.clone();
-                    let t = match discard.get(&shape) {
-                        Some(t) => t.clone(),
-                        None => Tensor::empty(gpu, &shape)?,
-                    };
-                    discard.insert(shape, t.clone());
-                    Ok((t, false))
-                }
-            }
-        };
-        for op in ops.iter().rev() {
-            let out = match *op {
-                Op::Conv2d { y, .. } | Op::BatchNorm { y, .. } | Op::Relu { y, .. } => y,
-                Op::Add { y, .. } | Op::AddRelu { y, .. } => y,
-            };
-            let Some(gy) = self.grads[out.0].clone() else {
-                continue;
-            };
-            let mut dispatches = match *op {
-                Op::Conv2d { spec, x, weight, bias, .. } => {
-                    let mut d = Vec::new();
-                    if needs[x.0] {
-                        let (gx, acc) = target(x, &self.grads)?;
-                        d.push(conv2d::backward_input(gpu, &spec, &gy, self.t(weight), &gx, acc)?);
-                    }
-                    let (gw, acc) = target(weight, &self.grads)?;
-                    d.extend(conv2d::backward_weight(gpu, &spec, self.t(x), &gy, &gw, acc)?);
-                    if let Some(b) = bias {
-                        let (gb, acc) = target(b, &self.grads)?;
-                        d.extend(conv2d::backward_bias(gpu, &gy, &gb, acc)?);
-                    }
-                    d
-                }
-                Op::BatchNorm { x, gamma, beta, y, .. } => {
-                    let (gx, accumulate_x) = target(x, &self.grads)?;
-                    let (grad_gamma, accumulate_params) = target(gamma, &self.grads)?;
-                    let (grad_beta, _) = target(beta, &self.grads)?;
-                    let grads = BatchNormGrads {
-                        grad_x: &gx,
-                        grad_gamma: &grad_gamma,
-                        grad_beta: &grad_beta,
-                        accumulate_x,
-                        accumulate_params,
-                    };
-                    batch_norm::backward(gpu, self.t(x), &self.bn_params(op), &self.saved[&y], &gy, &grads)?
-                }
-                Op::Relu { x, y } => {
-                    if !needs[x.0] {
-                        continue;
-                    }
-                    let (gx, acc) = target(x, &self.grads)?;
-                    vec![elementwise::relu_backward(gpu, self.t(y), &gy, &gx, acc)?]
-                }
-                Op::Add { a, b, .. } => {
-                    let ga = target(a, &self.grads)?;
-                    let gb = target(b, &self.grads)?;
-                    vec![elementwise::add_backward(gpu, &gy, (&ga.0, ga.1), (&gb.0, gb.1))?]
-                }
-                Op::AddRelu { a, b, y } => {
-                    let ga = target(a, &self.grads)?;
-                    let gb = target(b, &self.grads)?;
-                    vec![elementwise::add_relu_backward(gpu, self.t(y), &gy, (&ga.0, ga.1), (&gb.0, gb.1))?]
-                }
-            };
-            self.backward.append(&mut dispatches);
-        }
-        Ok(())
-    }
-
     fn id(&self, name: &str) -> Result<ValueId> {
         self.by_name.get(name).copied().ok_or_else(|| {
-            let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+            let mut names: Vec<&str> =
+                self.values.iter().filter(|v| v.role != Role::Activation).map(|v| v.name.as_str()).collect();
             names.sort_unstable();
-            Error::Invalid(format!("the graph has no tensor named {name:?}; it has: {}", names.join(", ")))
+            let shown = names.iter().take(12).copied().collect::<Vec<_>>().join(", ");
+            Error::Invalid(format!("the graph has no tensor named {name:?} (it has {shown}, ...)"))
         })
     }
 
-    /// The tensor named `name` (an input, parameter, running statistic or activation).
+    /// The tensor named `name` (an input, parameter or running statistic).
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
         Ok(self.t(self.id(name)?))
     }
@@ -387,34 +328,68 @@ impl Graph {
         })
     }
 
-    /// Uploads `data` into the tensor named `name`.
+    /// Uploads `data` into the f32 tensor named `name`.
     pub fn set(&self, gpu: &Gpu, name: &str, data: &[f32]) -> Result<()> {
         self.tensor(name)?.write(gpu, data)
     }
 
-    /// The graph's output.
-    pub fn output(&self) -> &Tensor {
-        self.t(self.output)
+    /// The graph's `i`-th output.
+    pub fn output(&self, i: usize) -> &Tensor {
+        self.t(self.outputs[i])
     }
 
-    /// Names of the trainable parameters, in the order they were added.
-    pub fn parameters(&self) -> impl Iterator<Item = &str> {
-        self.values.iter().filter(|v| v.role == Role::Param).map(|v| v.name.as_str())
+    /// Names and shapes of the trainable parameters, in the order they were added.
+    pub fn parameters(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.values.iter().filter(|v| v.role == Role::Param).map(|v| (v.name.as_str(), v.shape.as_slice()))
+    }
+
+    /// Names of the running statistics.
+    pub fn buffers(&self) -> impl Iterator<Item = &str> {
+        self.values.iter().filter(|v| v.role == Role::State).map(|v| v.name.as_str())
     }
 
     /// Runs the forward pass: one command buffer.
     pub fn forward(&self, gpu: &Gpu) -> Result<()> {
-        gpu.submit(&self.forward)
+        gpu.submit(&self.recorded.forward)
     }
 
-    /// Runs the backward pass from `grad_output` (the gradient of the output): one command
-    /// buffer. Parameter gradients are added to what they hold.
-    pub fn backward(&self, gpu: &Gpu, grad_output: &[f32]) -> Result<()> {
-        let g = self.grads.get(self.output.0).and_then(Option::as_ref).ok_or_else(|| {
-            Error::Invalid("backward: the graph was built for eval, or its output needs no gradient".into())
-        })?;
-        g.write(gpu, grad_output)?;
-        gpu.submit(&self.backward)
+    /// Runs the backward pass: one command buffer. Without loss nodes it starts from the
+    /// outputs' gradients, which the caller writes first (`graph.grad(output)?.write(..)`).
+    /// Parameter gradients are added to what they hold.
+    pub fn backward(&self, gpu: &Gpu) -> Result<()> {
+        if self.grads.is_empty() {
+            return Err(Error::Invalid("backward: the graph was built for eval".into()));
+        }
+        gpu.submit(&self.recorded.backward)
+    }
+
+    /// The gradient tensor of output `i`, for graphs without loss nodes.
+    pub fn output_grad(&self, i: usize) -> Result<&Tensor> {
+        self.grads.get(self.outputs[i].0).and_then(Option::as_ref).ok_or_else(|| {
+            Error::Invalid("the graph was built for eval, or its output needs no gradient".into())
+        })
+    }
+
+    /// The total loss (sum of weight x term) after a forward pass; reads back one float per term.
+    pub fn loss(&self, gpu: &Gpu) -> Result<f32> {
+        if self.recorded.losses.is_empty() {
+            return Err(Error::Invalid("the graph has no loss".into()));
+        }
+        let mut total = 0.0;
+        for (tensor, weight) in &self.recorded.losses {
+            total += weight * tensor.to_vec(gpu)?[0];
+        }
+        Ok(total)
+    }
+
+    /// Sets the dropout seed of the next step (forward and backward use the same masks).
+    pub fn set_seed(&mut self, gpu: &Gpu, seed: u32) -> Result<()> {
+        self.seed = seed;
+        for r in &self.recorded.dropouts {
+            let list = if r.backward { &self.recorded.backward } else { &self.recorded.forward };
+            r.layer.reseed(gpu, &list[r.index], &self.tensors[r.x.0], seed, r.accumulate)?;
+        }
+        Ok(())
     }
 
     /// Sets every parameter gradient to zero.
@@ -428,11 +403,16 @@ impl Graph {
 
     /// The recorded forward dispatches (for profiling and benchmarks).
     pub fn forward_dispatches(&self) -> &[Dispatch] {
-        &self.forward
+        &self.recorded.forward
     }
 
     /// The recorded backward dispatches.
     pub fn backward_dispatches(&self) -> &[Dispatch] {
-        &self.backward
+        &self.recorded.backward
+    }
+
+    /// Bytes of every tensor the graph holds (activations, parameters, gradients).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().chain(self.grads.iter().flatten()).map(Tensor::bytes).sum()
     }
 }

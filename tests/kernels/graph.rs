@@ -14,7 +14,7 @@ fn residual_block(shape: [usize; 4], mode: Mode) -> Graph {
     let h = g.conv2d("conv2", h, [3, 3], c, false, same).unwrap();
     let h = g.batch_norm("bn2", h).unwrap();
     let out = g.add_relu(h, x).unwrap();
-    g.build(gpu(), mode, out).unwrap()
+    g.build(gpu(), mode, &[out]).unwrap()
 }
 
 const STATE: [&str; 9] = [
@@ -46,10 +46,11 @@ fn residual_block_matches_pytorch_forward_and_every_gradient() {
     let shape: [usize; 4] = f.shape("x").try_into().unwrap();
     let graph = residual_block(shape, Mode::Train);
     load(&graph, &f);
-    graph.output().fill(gpu, f32::NAN);
+    graph.output(0).fill(gpu, f32::NAN);
     graph.forward(gpu).unwrap();
-    graph.backward(gpu, f.get("grad_out")).unwrap();
-    assert_close("out", &download(graph.output()), f.get("out"), TOL);
+    graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
+    graph.backward(gpu).unwrap();
+    assert_close("out", &download(graph.output(0)), f.get("out"), TOL);
     for name in ["x", "conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"] {
         assert_close(
             &format!("grad {name}"),
@@ -61,7 +62,7 @@ fn residual_block_matches_pytorch_forward_and_every_gradient() {
     for name in ["bn1.running_mean", "bn1.running_var"].iter().chain(&BN2_STATS) {
         assert_close(name, &download(graph.tensor(name).unwrap()), f.get(&format!("new.{name}")), TOL);
     }
-    let mut params: Vec<&str> = graph.parameters().collect();
+    let mut params: Vec<&str> = graph.parameters().map(|(name, _)| name).collect();
     params.sort_unstable();
     assert_eq!(params, ["bn1.bias", "bn1.weight", "bn2.bias", "bn2.weight", "conv1.weight", "conv2.weight"]);
 }
@@ -73,8 +74,10 @@ fn parameter_gradients_accumulate_until_zeroed() {
     let graph = residual_block(f.shape("x").try_into().unwrap(), Mode::Train);
     load(&graph, &f);
     graph.forward(gpu).unwrap();
-    graph.backward(gpu, f.get("grad_out")).unwrap();
-    graph.backward(gpu, f.get("grad_out")).unwrap();
+    graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
+    graph.backward(gpu).unwrap();
+    graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
+    graph.backward(gpu).unwrap();
     let twice = |name: &str| f.get(&format!("grad.{name}")).iter().map(|v| 2.0 * v).collect::<Vec<f32>>();
     for name in ["conv1.weight", "bn2.bias"] {
         assert_close(&format!("twice grad {name}"), &download(graph.grad(name).unwrap()), &twice(name), TOL);
@@ -82,7 +85,8 @@ fn parameter_gradients_accumulate_until_zeroed() {
     // The input's gradient is not a parameter's: each pass overwrites it.
     assert_close("grad x", &download(graph.grad("x").unwrap()), f.get("grad.x"), TOL);
     graph.zero_grads(gpu);
-    graph.backward(gpu, f.get("grad_out")).unwrap();
+    graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
+    graph.backward(gpu).unwrap();
     assert_close(
         "grad after zeroing",
         &download(graph.grad("conv1.weight").unwrap()),
@@ -118,6 +122,6 @@ fn eval_graph_uses_running_statistics() {
     let h: Vec<f32> = h.iter().map(|v| v.max(0.0)).collect();
     let h = bn(&conv.forward(&h, f.get("conv2.weight"), None), "bn2");
     let want: Vec<f32> = h.iter().zip(f.get("x")).map(|(a, b)| (a + b).max(0.0)).collect();
-    assert_close("eval out", &download(graph.output()), &want, TOL);
+    assert_close("eval out", &download(graph.output(0)), &want, TOL);
     assert!(graph.grad("conv1.weight").is_err(), "an eval graph has no gradients");
 }

@@ -1,0 +1,376 @@
+//! The graph's node types and how each records its forward and backward dispatches.
+
+use super::{Graph, LossSpec, Mode, Role, ValueId};
+use crate::error::Result;
+use crate::gpu::{Dispatch, Gpu};
+use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
+use crate::kernels::conv2d::{self, Conv2dSpec};
+use crate::kernels::dropout::Dropout2d;
+use crate::kernels::loss::{CrossEntropy, LossPass};
+use crate::kernels::ocr::{self, AttentionGrads};
+use crate::kernels::{concat, elementwise, resize};
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+
+pub(super) enum Op {
+    Conv2d { spec: Conv2dSpec, x: ValueId, weight: ValueId, bias: Option<ValueId>, y: ValueId },
+    BatchNorm { x: ValueId, gamma: ValueId, beta: ValueId, mean: ValueId, var: ValueId, y: ValueId },
+    Relu { x: ValueId, y: ValueId },
+    Add { a: ValueId, b: ValueId, y: ValueId },
+    AddRelu { a: ValueId, b: ValueId, y: ValueId },
+    Resize { x: ValueId, y: ValueId, align_corners: bool },
+    Concat { inputs: Vec<ValueId>, y: ValueId, align_corners: bool },
+    SpatialGather { regions: ValueId, feats: ValueId, probs: ValueId, y: ValueId },
+    ObjectAttention { query: ValueId, key: ValueId, value: ValueId, sim: ValueId, y: ValueId },
+    Dropout { x: ValueId, y: ValueId, layer: Dropout2d },
+    Loss { logits: ValueId, labels: ValueId, spec: LossSpec },
+}
+
+impl Op {
+    /// The values a node reads (and may pass gradients to), and the one it writes.
+    fn io(&self) -> (Vec<ValueId>, Option<ValueId>) {
+        match self {
+            Op::Conv2d { x, weight, bias, y, .. } => {
+                ([Some(*x), Some(*weight), *bias].into_iter().flatten().collect(), Some(*y))
+            }
+            Op::BatchNorm { x, gamma, beta, y, .. } => (vec![*x, *gamma, *beta], Some(*y)),
+            Op::Relu { x, y } | Op::Resize { x, y, .. } | Op::Dropout { x, y, .. } => (vec![*x], Some(*y)),
+            Op::Add { a, b, y } | Op::AddRelu { a, b, y } => (vec![*a, *b], Some(*y)),
+            Op::Concat { inputs, y, .. } => (inputs.clone(), Some(*y)),
+            Op::SpatialGather { regions, feats, y, .. } => (vec![*regions, *feats], Some(*y)),
+            Op::ObjectAttention { query, key, value, y, .. } => (vec![*query, *key, *value], Some(*y)),
+            Op::Loss { logits, labels, .. } => (vec![*logits, *labels], None),
+        }
+    }
+}
+
+/// A dropout dispatch to reseed each step.
+pub(super) struct DropoutRecord {
+    pub layer: Dropout2d,
+    pub backward: bool,
+    pub index: usize,
+    pub x: ValueId,
+    pub accumulate: bool,
+}
+
+/// Everything recorded at build time.
+#[derive(Default)]
+pub(super) struct Recorded {
+    pub forward: Vec<Dispatch>,
+    pub backward: Vec<Dispatch>,
+    /// Each loss term's one-element tensor and weight.
+    pub losses: Vec<(Tensor, f32)>,
+    pub dropouts: Vec<DropoutRecord>,
+    /// Batch statistics a training forward keeps for the backward, by the node's output.
+    saved: HashMap<ValueId, Tensor>,
+    /// Each loss node's recorded pass, in node order.
+    loss_passes: Vec<LossPass>,
+}
+
+fn cross_entropy(spec: &LossSpec) -> CrossEntropy<'static> {
+    CrossEntropy { ignore_label: spec.ignore_label, class_weight: None, ohem: spec.ohem }
+}
+
+impl Graph {
+    fn bn_params(&self, op: &Op) -> BatchNormParams<'_> {
+        let Op::BatchNorm { gamma, beta, mean, var, .. } = *op else {
+            unreachable!("bn_params is only called for batch-norm nodes")
+        };
+        BatchNormParams {
+            gamma: self.t(gamma),
+            beta: self.t(beta),
+            running_mean: self.t(mean),
+            running_var: self.t(var),
+            eps: batch_norm::EPS,
+            momentum: batch_norm::MOMENTUM,
+        }
+    }
+
+    pub(super) fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
+        for op in ops {
+            let mut d = match op {
+                &Op::Conv2d { spec, x, weight, bias, y } => {
+                    vec![conv2d::forward(
+                        gpu,
+                        &spec,
+                        self.t(x),
+                        self.t(weight),
+                        bias.map(|b| self.t(b)),
+                        self.t(y),
+                    )?]
+                }
+                &Op::BatchNorm { x, y, .. } => {
+                    let bn = self.bn_params(op);
+                    match mode {
+                        Mode::Eval => vec![batch_norm::forward_eval(gpu, self.t(x), &bn, self.t(y))?],
+                        Mode::Train => {
+                            let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
+                            let d = batch_norm::forward_train(gpu, self.t(x), &bn, &saved, self.t(y))?;
+                            self.recorded.saved.insert(y, saved);
+                            d
+                        }
+                    }
+                }
+                &Op::Relu { x, y } => vec![elementwise::relu_forward(gpu, self.t(x), self.t(y))?],
+                &Op::Add { a, b, y } => vec![elementwise::add_forward(gpu, self.t(a), self.t(b), self.t(y))?],
+                &Op::AddRelu { a, b, y } => {
+                    vec![elementwise::add_relu_forward(gpu, self.t(a), self.t(b), self.t(y))?]
+                }
+                &Op::Resize { x, y, align_corners } => {
+                    vec![resize::forward(gpu, self.t(x), self.t(y), 0, align_corners)?]
+                }
+                Op::Concat { inputs, y, align_corners } => {
+                    let mut d = Vec::new();
+                    let mut offset = 0;
+                    for &x in inputs {
+                        let (xt, yt) = (self.t(x), self.t(*y));
+                        let c = xt.shape()[1];
+                        d.push(if xt.shape()[2..] == yt.shape()[2..] {
+                            concat::copy_channels(gpu, (xt, 0), (yt, offset), c, false)?
+                        } else {
+                            resize::forward(gpu, xt, yt, offset, *align_corners)?
+                        });
+                        offset += c;
+                    }
+                    d
+                }
+                &Op::SpatialGather { regions, feats, probs, y } => ocr::spatial_gather_forward(
+                    gpu,
+                    self.t(regions),
+                    self.t(feats),
+                    self.t(probs),
+                    self.t(y),
+                )?,
+                &Op::ObjectAttention { query, key, value, sim, y } => ocr::object_attention_forward(
+                    gpu,
+                    self.t(query),
+                    self.t(key),
+                    self.t(value),
+                    self.t(sim),
+                    self.t(y),
+                )?,
+                &Op::Dropout { x, y, layer } => {
+                    // In eval, dropout is the identity: a drop probability of 0 multiplies by 1.
+                    let layer = if mode == Mode::Train { layer } else { Dropout2d { drop: 0.0 } };
+                    let index = self.recorded.forward.len();
+                    let record = DropoutRecord { layer, backward: false, index, x, accumulate: false };
+                    self.recorded.dropouts.push(record);
+                    vec![layer.forward(gpu, self.t(x), self.t(y), self.seed)?]
+                }
+                &Op::Loss { logits, labels, spec } => {
+                    let mut pass = cross_entropy(&spec).forward(gpu, self.t(logits), self.t(labels))?;
+                    let d = std::mem::take(&mut pass.forward);
+                    self.recorded.losses.push((pass.loss.clone(), spec.weight));
+                    self.recorded.loss_passes.push(pass);
+                    d
+                }
+            };
+            self.recorded.forward.append(&mut d);
+        }
+        Ok(())
+    }
+
+    /// Which values need a gradient: parameters, inputs that ask for one, and every
+    /// activation computed from one of those.
+    fn requires_grad(&self, ops: &[Op]) -> Vec<bool> {
+        let mut needs: Vec<bool> = self
+            .values
+            .iter()
+            .map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true }))
+            .collect();
+        for op in ops {
+            if let (ins, Some(y)) = op.io() {
+                needs[y.0] = ins.iter().any(|v| needs[v.0]);
+            }
+        }
+        needs
+    }
+
+    pub(super) fn record_backward(&mut self, gpu: &Gpu, ops: &[Op]) -> Result<()> {
+        let needs = self.requires_grad(ops);
+        self.grads = needs
+            .iter()
+            .zip(&self.values)
+            .map(|(&n, v)| n.then(|| Tensor::empty(gpu, &v.shape)).transpose())
+            .collect::<Result<_>>()?;
+        // Whether a value's gradient already holds a contribution in this pass: parameters'
+        // accumulate across passes; without loss nodes the caller gives the outputs'.
+        let mut written: Vec<bool> = self.values.iter().map(|v| v.role == Role::Param).collect();
+        if !ops.iter().any(|op| matches!(op, Op::Loss { .. })) {
+            for o in &self.outputs {
+                written[o.0] = true;
+            }
+        }
+        let mut targets = Targets { needs: &needs, written, discard: HashMap::new() };
+        let mut loss_index = self.recorded.loss_passes.len();
+        for op in ops.iter().rev() {
+            if let Op::Loss { .. } = op {
+                loss_index -= 1;
+            }
+            let (_, out) = op.io();
+            let gy = match out {
+                // A node whose output got no gradient passes none on.
+                Some(y) if !targets.written[y.0] => continue,
+                Some(y) => self.grads[y.0].clone(),
+                None => None,
+            };
+            let mut d = self.backward_of(gpu, op, gy, &mut targets, loss_index)?;
+            self.recorded.backward.append(&mut d);
+        }
+        Ok(())
+    }
+
+    fn backward_of(
+        &mut self,
+        gpu: &Gpu,
+        op: &Op,
+        gy: Option<Tensor>,
+        tg: &mut Targets<'_>,
+        loss_index: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let grads = self.grads.clone();
+        let mut target = |v: ValueId| tg.target(gpu, v, &grads[v.0], &self.values[v.0].shape);
+        let gy = || gy.clone().expect("nodes with an output have its gradient");
+        Ok(match op {
+            &Op::Conv2d { spec, x, weight, bias, .. } => {
+                let gy = gy();
+                let mut d = Vec::new();
+                if tg_needs(&grads, x) {
+                    let (gx, acc) = target(x)?;
+                    d.push(conv2d::backward_input(gpu, &spec, &gy, self.t(weight), &gx, acc)?);
+                }
+                let (gw, acc) = target(weight)?;
+                d.extend(conv2d::backward_weight(gpu, &spec, self.t(x), &gy, &gw, acc)?);
+                if let Some(b) = bias {
+                    let (gb, acc) = target(b)?;
+                    d.extend(conv2d::backward_bias(gpu, &gy, &gb, acc)?);
+                }
+                d
+            }
+            &Op::BatchNorm { x, gamma, beta, y, .. } => {
+                let (gx, accumulate_x) = target(x)?;
+                let (grad_gamma, accumulate_params) = target(gamma)?;
+                let (grad_beta, _) = target(beta)?;
+                let g = BatchNormGrads {
+                    grad_x: &gx,
+                    grad_gamma: &grad_gamma,
+                    grad_beta: &grad_beta,
+                    accumulate_x,
+                    accumulate_params,
+                };
+                batch_norm::backward(
+                    gpu,
+                    self.t(x),
+                    &self.bn_params(op),
+                    &self.recorded.saved[&y],
+                    &gy(),
+                    &g,
+                )?
+            }
+            &Op::Relu { x, y } => {
+                if !tg_needs(&grads, x) {
+                    return Ok(Vec::new());
+                }
+                let (gx, acc) = target(x)?;
+                vec![elementwise::relu_backward(gpu, self.t(y), &gy(), &gx, acc)?]
+            }
+            &Op::Add { a, b, .. } => {
+                let (ga, gb) = (target(a)?, target(b)?);
+                vec![elementwise::add_backward(gpu, &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?]
+            }
+            &Op::AddRelu { a, b, y } => {
+                let (ga, gb) = (target(a)?, target(b)?);
+                vec![elementwise::add_relu_backward(gpu, self.t(y), &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?]
+            }
+            &Op::Resize { x, align_corners, .. } => {
+                if !tg_needs(&grads, x) {
+                    return Ok(Vec::new());
+                }
+                let (gx, acc) = target(x)?;
+                vec![resize::backward(gpu, &gy(), 0, &gx, align_corners, acc)?]
+            }
+            Op::Concat { inputs, y, align_corners } => {
+                let gy = gy();
+                let mut d = Vec::new();
+                let mut offset = 0;
+                for &x in inputs {
+                    let c = self.t(x).shape()[1];
+                    if tg_needs(&grads, x) {
+                        let (gx, acc) = target(x)?;
+                        d.push(if self.t(x).shape()[2..] == self.t(*y).shape()[2..] {
+                            concat::copy_channels(gpu, (&gy, offset), (&gx, 0), c, acc)?
+                        } else {
+                            resize::backward(gpu, &gy, offset, &gx, *align_corners, acc)?
+                        });
+                    }
+                    offset += c;
+                }
+                d
+            }
+            &Op::SpatialGather { regions, feats, probs, .. } => {
+                let (gr, gf) = (target(regions)?, target(feats)?);
+                ocr::spatial_gather_backward(
+                    gpu,
+                    self.t(feats),
+                    self.t(probs),
+                    &gy(),
+                    (&gr.0, gr.1),
+                    (&gf.0, gf.1),
+                )?
+            }
+            &Op::ObjectAttention { query, key, value, sim, .. } => {
+                let (gq, gk, gv) = (target(query)?, target(key)?, target(value)?);
+                let g = AttentionGrads { query: (&gq.0, gq.1), key: (&gk.0, gk.1), value: (&gv.0, gv.1) };
+                let inputs = (self.t(query), self.t(key), self.t(value));
+                ocr::object_attention_backward(gpu, inputs, self.t(sim), &gy(), &g)?
+            }
+            &Op::Dropout { x, layer, .. } => {
+                let (gx, accumulate) = target(x)?;
+                let index = self.recorded.backward.len();
+                self.recorded.dropouts.push(DropoutRecord { layer, backward: true, index, x, accumulate });
+                vec![layer.backward(gpu, &gy(), &gx, self.seed, accumulate)?]
+            }
+            &Op::Loss { logits, labels, spec } => {
+                let (gl, acc) = target(logits)?;
+                let pass = &self.recorded.loss_passes[loss_index];
+                let ce = cross_entropy(&spec);
+                vec![ce.backward(gpu, pass, self.t(logits), self.t(labels), spec.weight, (&gl, acc))?]
+            }
+        })
+    }
+}
+
+fn tg_needs(grads: &[Option<Tensor>], v: ValueId) -> bool {
+    grads[v.0].is_some()
+}
+
+/// Where each backward kernel writes a value's gradient, and whether it accumulates.
+struct Targets<'a> {
+    needs: &'a [bool],
+    written: Vec<bool>,
+    /// Gradients of values that need none still land somewhere in fused kernels.
+    discard: HashMap<Vec<usize>, Tensor>,
+}
+
+impl Targets<'_> {
+    fn target(
+        &mut self,
+        gpu: &Gpu,
+        v: ValueId,
+        grad: &Option<Tensor>,
+        shape: &[usize],
+    ) -> Result<(Tensor, bool)> {
+        let acc = std::mem::replace(&mut self.written[v.0], true);
+        match grad {
+            Some(g) if self.needs[v.0] => Ok((g.clone(), acc)),
+            _ => {
+                if let Some(t) = self.discard.get(shape) {
+                    return Ok((t.clone(), false));
+                }
+                let t = Tensor::empty(gpu, shape)?;
+                self.discard.insert(shape.to_vec(), t.clone());
+                Ok((t, false))
+            }
+        }
+    }
+}
