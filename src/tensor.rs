@@ -69,8 +69,7 @@ impl Tensor {
     /// A u32 tensor holding `data` (labels, counts).
     pub fn from_u32(gpu: &Gpu, shape: &[usize], data: &[u32]) -> Result<Self> {
         let t = Self::empty_of(gpu, shape, DType::U32)?;
-        t.check_len(data.len())?;
-        gpu.queue.write_buffer(t.buffer(), t.offset, bytemuck::cast_slice(data));
+        t.write_u32(gpu, data)?;
         Ok(t)
     }
 
@@ -134,6 +133,14 @@ impl Tensor {
 
     fn read_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
         read_buffer(gpu, self.buffer(), self.offset, self.bytes())
+    }
+
+    /// Overwrites the contents of a u32 tensor with `data`.
+    pub fn write_u32(&self, gpu: &Gpu, data: &[u32]) -> Result<()> {
+        self.check_dtype("write_u32", DType::U32)?;
+        self.check_len(data.len())?;
+        gpu.queue.write_buffer(self.buffer(), self.offset, bytemuck::cast_slice(data));
+        Ok(())
     }
 
     fn check_len(&self, len: usize) -> Result<()> {

@@ -8,6 +8,7 @@
 //! starts from the output gradients the caller writes (see [`Graph::backward`]).
 
 mod ops;
+mod plan;
 
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
@@ -245,6 +246,21 @@ impl GraphBuilder {
         Ok(())
     }
 
+    /// The device memory an eval graph of these nodes takes, from the shapes alone (nothing
+    /// is allocated): activations planned by liveness against each tensor on its own.
+    /// Kernels' small scratch buffers are not counted.
+    pub fn plan_memory(&self, outputs: &[ValueId]) -> MemoryReport {
+        let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
+        let plan = plan::plan(&self.values, &self.ops, outputs);
+        let fixed: u64 = self.values.iter().filter(|v| v.role != Role::Activation).map(bytes).sum();
+        let largest = self.values.iter().max_by_key(|v| bytes(v)).map(|v| (v.name.clone(), bytes(v)));
+        MemoryReport {
+            planned: fixed + plan.slot_elems.iter().map(|&n| n as u64 * 4).sum::<u64>(),
+            unshared: self.values.iter().map(bytes).sum(),
+            largest: largest.unwrap_or_default(),
+        }
+    }
+
     /// Allocates every tensor and records the forward (and, in training, backward) pass.
     pub fn build(self, gpu: &Gpu, mode: Mode, outputs: &[ValueId]) -> Result<Graph> {
         let mut by_name = HashMap::new();
@@ -253,11 +269,7 @@ impl GraphBuilder {
                 return Err(Error::Invalid(format!("two tensors of the graph are named {:?}", v.name)));
             }
         }
-        let tensors = self
-            .values
-            .iter()
-            .map(|v| Tensor::empty_of(gpu, &v.shape, v.dtype))
-            .collect::<Result<Vec<_>>>()
+        let tensors = allocate(gpu, &self.values, &self.ops, mode, outputs)
             .map_err(|e| Error::Invalid(format!("allocating the graph's tensors: {e}")))?;
         let mut graph = Graph {
             values: self.values,
@@ -275,6 +287,50 @@ impl GraphBuilder {
         }
         Ok(graph)
     }
+}
+
+/// The graph's tensors: in eval, activations share buffers by liveness ([`plan`]).
+fn allocate(gpu: &Gpu, values: &[Value], ops: &[Op], mode: Mode, outputs: &[ValueId]) -> Result<Vec<Tensor>> {
+    let own = |v: &Value| Tensor::empty_of(gpu, &v.shape, v.dtype);
+    if mode == Mode::Train {
+        return values.iter().map(own).collect();
+    }
+    let plan = plan::plan(values, ops, outputs);
+    let slots = plan
+        .slot_elems
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            Tensor::empty(gpu, &[n]).map_err(|e| {
+                // Name the largest activation the slot holds rather than the slot itself.
+                let holders = values.iter().zip(&plan.slot_of).filter(|(_, slot)| **slot == Some(s));
+                let v = holders.max_by_key(|(v, _)| v.shape.iter().product::<usize>()).map(|(v, _)| v);
+                match v {
+                    Some(v) => Error::Invalid(format!("activation {} {:?}: {e}", v.name, v.shape)),
+                    None => e,
+                }
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    values
+        .iter()
+        .zip(&plan.slot_of)
+        .map(|(v, slot)| match slot {
+            Some(s) => slots[*s].view(gpu, 0, &v.shape),
+            None => own(v),
+        })
+        .collect()
+}
+
+/// Device memory of an eval graph.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Bytes of the buffers the graph holds (shared activation slots counted once).
+    pub planned: u64,
+    /// Bytes every tensor would take with a buffer of its own.
+    pub unshared: u64,
+    /// The largest single tensor (name, bytes): what must fit one storage binding.
+    pub largest: (String, u64),
 }
 
 /// What a loss term computes.
@@ -409,10 +465,5 @@ impl Graph {
     /// The recorded backward dispatches.
     pub fn backward_dispatches(&self) -> &[Dispatch] {
         &self.recorded.backward
-    }
-
-    /// Bytes of every tensor the graph holds (activations, parameters, gradients).
-    pub fn tensor_bytes(&self) -> u64 {
-        self.tensors.iter().chain(self.grads.iter().flatten()).map(Tensor::bytes).sum()
     }
 }

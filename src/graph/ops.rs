@@ -42,6 +42,20 @@ impl Op {
             Op::Loss { logits, labels, .. } => (vec![*logits, *labels], None),
         }
     }
+
+    /// Every value a node writes: its output and what it keeps for the backward.
+    pub(super) fn writes(&self) -> Vec<ValueId> {
+        match self {
+            Op::SpatialGather { probs, y, .. } => vec![*probs, *y],
+            Op::ObjectAttention { sim, y, .. } => vec![*sim, *y],
+            op => op.io().1.into_iter().collect(),
+        }
+    }
+
+    /// Every value a node reads.
+    pub(super) fn reads(&self) -> Vec<ValueId> {
+        self.io().0
+    }
 }
 
 /// A dropout dispatch to reseed each step.

@@ -79,19 +79,20 @@ impl Config {
 
     /// A preset (spec table 2.6) with the official OCR head (MID 512, KEY 256), 19 classes.
     pub fn preset(name: &str) -> Result<Self> {
-        let (s1_blocks, s2, s3, s4, widths): (usize, (usize, usize), (usize, usize), (usize, usize), usize) =
-            match name {
-                "w18-small-v2" => (2, (1, 2), (3, 2), (2, 2), 18),
-                "w18" => (4, (1, 4), (4, 4), (3, 4), 18),
-                "w32" => (4, (1, 4), (4, 4), (3, 4), 32),
-                "w48" => (4, (1, 4), (4, 4), (3, 4), 48),
-                _ => {
-                    return Err(Error::Invalid(format!(
-                        "unknown preset {name:?}; presets: {}",
-                        Self::PRESETS.join(", ")
-                    )))
-                }
-            };
+        // (stage-1 blocks, (modules, blocks per branch) of stages 2 to 4, base width)
+        type Layout = (usize, [(usize, usize); 3], usize);
+        let (s1_blocks, [s2, s3, s4], widths): Layout = match name {
+            "w18-small-v2" => (2, [(1, 2), (3, 2), (2, 2)], 18),
+            "w18" => (4, [(1, 4), (4, 4), (3, 4)], 18),
+            "w32" => (4, [(1, 4), (4, 4), (3, 4)], 32),
+            "w48" => (4, [(1, 4), (4, 4), (3, 4)], 48),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "unknown preset {name:?}; presets: {}",
+                    Self::PRESETS.join(", ")
+                )))
+            }
+        };
         let c: Vec<usize> = (0..4).map(|b| widths << b).collect();
         Ok(Config {
             stages: [

@@ -1,7 +1,9 @@
 //! The HRNet-OCR model: configuration, weights and the graph built from them.
 
 pub mod config;
+pub mod hrnet;
 pub mod pth;
+pub mod weights;
 pub mod yaml;
 
 pub use config::Config;

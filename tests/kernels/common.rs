@@ -157,6 +157,12 @@ impl Fixture {
                     let values = words.map(|w| u32::try_from(i32::from_le_bytes(w)).expect("label >= 0"));
                     labels.insert(name, values.collect());
                 }
+                safetensors::Dtype::I64 => {
+                    let values = view.data().chunks_exact(8).map(|b| {
+                        u32::try_from(i64::from_le_bytes(b.try_into().expect("8 bytes"))).expect("label >= 0")
+                    });
+                    labels.insert(name, values.collect());
+                }
                 other => panic!("{path}: {name} is {other:?}"),
             }
         }

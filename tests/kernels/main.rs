@@ -9,6 +9,7 @@ mod errors;
 mod graph;
 mod loss;
 mod matmul;
+mod model;
 mod ocr;
 mod resize;
 mod softmax;

@@ -1,0 +1,218 @@
+//! HRNet-OCR (spec sections 2 and 3) built on the executor, with the official state-dict
+//! names as parameter names.
+
+use super::config::{Block, Config};
+use crate::error::Result;
+use crate::graph::{GraphBuilder, ValueId};
+use crate::kernels::conv2d::Conv2dSpec;
+
+/// The model's dropout before cls_head (hard-coded in the official model).
+pub const OCR_DROPOUT: f32 = 0.05;
+
+/// The values a built model exposes.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelValues {
+    /// Soft object regions `[N, K, H/4, W/4]`.
+    pub aux: ValueId,
+    /// The main logits `[N, K, H/4, W/4]`.
+    pub out: ValueId,
+    /// The backbone's concat `[N, Ccat, H/4, W/4]`.
+    pub feats: ValueId,
+    /// The gathered region representations `[N, MID, K, 1]`.
+    pub context: ValueId,
+    /// The OCR distribution head's output, before cls_head `[N, MID, H/4, W/4]`.
+    pub ocr_feats: ValueId,
+}
+
+const SAME3: Conv2dSpec = Conv2dSpec { stride: [1, 1], padding: [1, 1], dilation: [1, 1] };
+const DOWN3: Conv2dSpec = Conv2dSpec { stride: [2, 2], padding: [1, 1], dilation: [1, 1] };
+const POINT: Conv2dSpec = Conv2dSpec { stride: [1, 1], padding: [0, 0], dilation: [1, 1] };
+
+struct Builder<'a> {
+    g: &'a mut GraphBuilder,
+    cfg: &'a Config,
+}
+
+impl Builder<'_> {
+    fn channels(&self, x: ValueId) -> usize {
+        self.g.shape(x)[1]
+    }
+
+    /// conv (no bias) -> BN [-> ReLU], named `{conv}` and `{bn}`.
+    fn conv_bn(
+        &mut self,
+        x: ValueId,
+        (conv, bn): (&str, &str),
+        k: usize,
+        out: usize,
+        spec: Conv2dSpec,
+        relu: bool,
+    ) -> Result<ValueId> {
+        let y = self.g.conv2d(conv, x, [k, k], out, false, spec)?;
+        let y = self.g.batch_norm(bn, y)?;
+        Ok(if relu { self.g.relu(y) } else { y })
+    }
+
+    /// A residual block (BasicBlock or Bottleneck) named `{p}.conv1` etc.
+    fn block(&mut self, p: &str, x: ValueId, block: Block, planes: usize) -> Result<ValueId> {
+        let c = |n: &str| format!("{p}.{n}");
+        let inplanes = self.channels(x);
+        let out_planes = planes * block.expansion();
+        let y = match block {
+            Block::Basic => {
+                let y = self.conv_bn(x, (&c("conv1"), &c("bn1")), 3, planes, SAME3, true)?;
+                self.conv_bn(y, (&c("conv2"), &c("bn2")), 3, planes, SAME3, false)?
+            }
+            Block::Bottleneck => {
+                let y = self.conv_bn(x, (&c("conv1"), &c("bn1")), 1, planes, POINT, true)?;
+                let y = self.conv_bn(y, (&c("conv2"), &c("bn2")), 3, planes, SAME3, true)?;
+                self.conv_bn(y, (&c("conv3"), &c("bn3")), 1, out_planes, POINT, false)?
+            }
+        };
+        let residual = if inplanes == out_planes {
+            x
+        } else {
+            self.conv_bn(x, (&c("downsample.0"), &c("downsample.1")), 1, out_planes, POINT, false)?
+        };
+        self.g.add_relu(y, residual)
+    }
+
+    /// The transition from one stage's branches to the next stage's (spec 2.3).
+    fn transition(&mut self, t: usize, xs: &[ValueId], cur: &[usize]) -> Result<Vec<ValueId>> {
+        let mut out = Vec::with_capacity(cur.len());
+        for (i, &c) in cur.iter().enumerate() {
+            if i < xs.len() {
+                if self.channels(xs[i]) == c {
+                    out.push(xs[i]);
+                } else {
+                    let p = format!("transition{t}.{i}");
+                    out.push(self.conv_bn(
+                        xs[i],
+                        (&format!("{p}.0"), &format!("{p}.1")),
+                        3,
+                        c,
+                        SAME3,
+                        true,
+                    )?);
+                }
+                continue;
+            }
+            // A new branch: stride-2 units from the lowest-resolution branch, all with ReLU.
+            let mut y = *xs.last().expect("a stage has branches");
+            let units = i + 1 - xs.len();
+            for u in 0..units {
+                let width = if u + 1 == units { c } else { self.channels(y) };
+                let p = format!("transition{t}.{i}.{u}");
+                y = self.conv_bn(y, (&format!("{p}.0"), &format!("{p}.1")), 3, width, DOWN3, true)?;
+            }
+            out.push(y);
+        }
+        Ok(out)
+    }
+
+    /// One HighResolutionModule: branches of blocks, then the fuse layers (spec 2.4).
+    fn module(&mut self, p: &str, xs: &[ValueId], s: usize) -> Result<Vec<ValueId>> {
+        let stage = &self.cfg.stages[s];
+        let (block, channels, blocks) = (stage.block, stage.channels.clone(), stage.blocks.clone());
+        let mut ys = Vec::with_capacity(xs.len());
+        for (b, &x) in xs.iter().enumerate() {
+            let mut y = x;
+            for k in 0..blocks[b] {
+                y = self.block(&format!("{p}.branches.{b}.{k}"), y, block, channels[b])?;
+            }
+            ys.push(y);
+        }
+        if ys.len() == 1 {
+            return Ok(ys);
+        }
+        let mut fused = Vec::with_capacity(ys.len());
+        for i in 0..ys.len() {
+            let size = [self.g.shape(ys[i])[2], self.g.shape(ys[i])[3]];
+            let ci = self.channels(ys[i]);
+            let mut sum: Option<ValueId> = None;
+            for (j, &yj) in ys.iter().enumerate() {
+                let q = |t: String| format!("{p}.fuse_layers.{i}.{j}{t}");
+                let term = if j == i {
+                    yj
+                } else if j > i {
+                    let y = self.conv_bn(yj, (&q(".0".into()), &q(".1".into())), 1, ci, POINT, false)?;
+                    self.g.resize(y, size, self.cfg.align_corners)?
+                } else {
+                    let mut y = yj;
+                    for t in 0..i - j {
+                        let last = t + 1 == i - j;
+                        let width = if last { ci } else { self.channels(yj) };
+                        let names = (q(format!(".{t}.0")), q(format!(".{t}.1")));
+                        y = self.conv_bn(y, (&names.0, &names.1), 3, width, DOWN3, !last)?;
+                    }
+                    y
+                };
+                let last = j + 1 == ys.len();
+                sum = Some(match sum {
+                    None => term,
+                    Some(acc) if last => self.g.add_relu(acc, term)?,
+                    Some(acc) => self.g.add(acc, term)?,
+                });
+            }
+            fused.push(sum.expect("at least two branches"));
+        }
+        Ok(fused)
+    }
+
+    fn backbone(&mut self, input: ValueId) -> Result<ValueId> {
+        let x = self.conv_bn(input, ("conv1", "bn1"), 3, 64, DOWN3, true)?;
+        let mut x = self.conv_bn(x, ("conv2", "bn2"), 3, 64, DOWN3, true)?;
+        let s1 = self.cfg.stages[0].clone();
+        for k in 0..s1.blocks[0] {
+            x = self.block(&format!("layer1.{k}"), x, s1.block, s1.channels[0])?;
+        }
+        let mut xs = vec![x];
+        for s in 1..4 {
+            let cur = self.cfg.stages[s].out_channels();
+            xs = self.transition(s, &xs, &cur)?;
+            for m in 0..self.cfg.stages[s].modules {
+                xs = self.module(&format!("stage{}.{m}", s + 1), &xs, s)?;
+            }
+        }
+        self.g.concat(&xs, self.cfg.align_corners)
+    }
+
+    /// conv1x1 (no bias) -> BN -> ReLU with the OCR head's `{p}.{i}` / `{p}.{i+1}.0` names.
+    fn conv_bn_relu(&mut self, x: ValueId, p: &str, i: usize, out: usize) -> Result<ValueId> {
+        self.conv_bn(x, (&format!("{p}.{i}"), &format!("{p}.{}.0", i + 1)), 1, out, POINT, true)
+    }
+
+    fn head(&mut self, feats: ValueId, dropout: f32) -> Result<ModelValues> {
+        let (k, mid, key, ccat) =
+            (self.cfg.num_classes, self.cfg.mid_channels, self.cfg.key_channels, self.channels(feats));
+        let f = self.g.conv2d("conv3x3_ocr.0", feats, [3, 3], mid, true, SAME3)?;
+        let f = self.g.batch_norm("conv3x3_ocr.1", f)?;
+        let f = self.g.relu(f);
+        let a = self.g.conv2d("aux_head.0", feats, [1, 1], ccat, true, POINT)?;
+        let a = self.g.batch_norm("aux_head.1", a)?;
+        let a = self.g.relu(a);
+        let aux = self.g.conv2d("aux_head.3", a, [1, 1], k, true, POINT)?;
+        let context = self.g.spatial_gather(aux, f)?;
+        let ocb = "ocr_distri_head.object_context_block";
+        let q = self.conv_bn_relu(f, &format!("{ocb}.f_pixel"), 0, key)?;
+        let q = self.conv_bn_relu(q, &format!("{ocb}.f_pixel"), 2, key)?;
+        let kk = self.conv_bn_relu(context, &format!("{ocb}.f_object"), 0, key)?;
+        let kk = self.conv_bn_relu(kk, &format!("{ocb}.f_object"), 2, key)?;
+        let v = self.conv_bn_relu(context, &format!("{ocb}.f_down"), 0, key)?;
+        let ctx = self.g.object_attention(q, kk, v)?;
+        let object_context = self.conv_bn_relu(ctx, &format!("{ocb}.f_up"), 0, mid)?;
+        let both = self.g.concat(&[object_context, f], self.cfg.align_corners)?;
+        let y = self.conv_bn_relu(both, "ocr_distri_head.conv_bn_dropout", 0, mid)?;
+        let ocr_feats = self.g.dropout2d(y, dropout);
+        let out = self.g.conv2d("cls_head", ocr_feats, [1, 1], k, true, POINT)?;
+        Ok(ModelValues { aux, out, feats, context, ocr_feats })
+    }
+}
+
+/// Adds HRNet-OCR to `g` reading `input` `[N, 3, H, W]`; `dropout` is the training dropout
+/// before cls_head ([`OCR_DROPOUT`] officially, 0 to leave it out).
+pub fn build(g: &mut GraphBuilder, cfg: &Config, input: ValueId, dropout: f32) -> Result<ModelValues> {
+    let mut b = Builder { g, cfg };
+    let feats = b.backbone(input)?;
+    b.head(feats, dropout)
+}

@@ -1,0 +1,156 @@
+//! Model weights: the native format is safetensors with the official state-dict names; the
+//! released PyTorch checkpoints (`.pth`, legacy or zip) load directly. Names are
+//! normalised as the official test script does: a `state_dict` wrapper is unwrapped, a
+//! leading `model.` or `module.` is stripped, `loss.*` is ignored and
+//! `num_batches_tracked` is optional.
+
+use super::pth;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::Graph;
+use std::path::Path;
+
+/// One named tensor, f32, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Reads a `.safetensors` or `.pth` file (by extension), names normalised.
+pub fn read(path: &Path) -> Result<Vec<NamedTensor>> {
+    let shown = path.display().to_string();
+    let tensors = match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => read_safetensors(path)?,
+        Some("pth" | "pt" | "tar") => pth::read_pth(path)?
+            .into_iter()
+            .map(|t| NamedTensor { name: t.name, shape: t.shape, data: t.data })
+            .collect(),
+        _ => return Err(Error::Format { path: shown, what: "expected a .safetensors or .pth file".into() }),
+    };
+    Ok(tensors.into_iter().filter_map(normalise).collect())
+}
+
+/// Strips wrapper prefixes and drops what a model does not hold.
+fn normalise(mut t: NamedTensor) -> Option<NamedTensor> {
+    for prefix in ["model.", "module."] {
+        if let Some(rest) = t.name.strip_prefix(prefix) {
+            t.name = rest.to_string();
+        }
+    }
+    let skip = t.name.starts_with("loss.") || t.name.ends_with(".num_batches_tracked");
+    (!skip).then_some(t)
+}
+
+fn read_safetensors(path: &Path) -> Result<Vec<NamedTensor>> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: shown.clone(), source })?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Format { path: shown.clone(), what: e.to_string() })?;
+    let mut out = Vec::new();
+    for (name, view) in file.iter() {
+        let words = view.data().chunks_exact(view.dtype().bitsize() / 8);
+        let data: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => words.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            // Counters such as num_batches_tracked; kept so normalise() decides.
+            safetensors::Dtype::I64 => {
+                words.map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect()
+            }
+            other => {
+                return Err(Error::Format {
+                    path: shown,
+                    what: format!("tensor {name} is {other:?}; only F32 weights are supported"),
+                })
+            }
+        };
+        out.push(NamedTensor { name: name.to_string(), shape: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+/// Writes tensors as safetensors, atomically (a temporary file renamed over `path`).
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
+    let shown = path.display().to_string();
+    let views = tensors
+        .iter()
+        .map(|t| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice(&t.data),
+            )
+            .map(|v| (t.name.clone(), v))
+            .map_err(|e| Error::Format { path: shown.clone(), what: format!("tensor {}: {e}", t.name) })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::tensor::serialize(views, None)
+        .map_err(|e| Error::Format { path: shown.clone(), what: e.to_string() })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`, so a
+/// failure never leaves a half-written file where the old one was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let shown = path.display().to_string();
+    let io = |source| Error::Io { path: shown.clone(), source };
+    let file_name = path.file_name().ok_or_else(|| Error::Invalid(format!("{shown} is not a file path")))?;
+    let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Loads `tensors` into the graph's parameters and running statistics. Every missing,
+/// unexpected and mis-shaped key is reported, with the expected shape, in one error.
+pub fn load_into(gpu: &Gpu, graph: &Graph, tensors: &[NamedTensor], source: &str) -> Result<()> {
+    let expected: Vec<(String, Vec<usize>)> = graph
+        .parameters()
+        .map(|(n, s)| (n.to_string(), s.to_vec()))
+        .chain(
+            graph
+                .buffers()
+                .map(|n| (n.to_string(), graph.tensor(n).map(|t| t.shape().to_vec()).unwrap_or_default())),
+        )
+        .collect();
+    let mut problems = Vec::new();
+    for (name, shape) in &expected {
+        match tensors.iter().find(|t| &t.name == name) {
+            None => problems.push(format!("missing {name} {shape:?}")),
+            Some(t) if &t.shape != shape => {
+                problems.push(format!("{name}: shape {:?}, expected {shape:?}", t.shape))
+            }
+            Some(_) => {}
+        }
+    }
+    for t in tensors {
+        if !expected.iter().any(|(n, _)| n == &t.name) {
+            problems.push(format!("unexpected {} {:?}", t.name, t.shape));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Format {
+            path: source.to_string(),
+            what: format!("{} key problem(s) against the model: {}", problems.len(), problems.join("; ")),
+        });
+    }
+    for t in tensors {
+        graph.set(gpu, &t.name, &t.data)?;
+    }
+    Ok(())
+}
+
+/// Reads the graph's parameters and running statistics back, with their official names.
+pub fn state_dict(gpu: &Gpu, graph: &Graph) -> Result<Vec<NamedTensor>> {
+    let names: Vec<String> =
+        graph.parameters().map(|(n, _)| n.to_string()).chain(graph.buffers().map(str::to_string)).collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let t = graph.tensor(&name)?;
+            Ok(NamedTensor { shape: t.shape().to_vec(), data: t.to_vec(gpu)?, name })
+        })
+        .collect()
+}

@@ -1,0 +1,156 @@
+//! The command line end to end on the tiny model: forward, backward, convert, and the
+//! errors a user sees for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/model/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hrnet-ocr-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Runs the binary; returns (success, stdout + stderr).
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hrnet-ocr")).args(args).output().expect("run hrnet-ocr");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn read(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let data =
+                v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            (n, v.shape().to_vec(), data)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn tensor(file: &[(String, Vec<usize>, Vec<f32>)], name: &str) -> Vec<f32> {
+    file.iter().find(|t| t.0 == name).unwrap_or_else(|| panic!("no {name}")).2.clone()
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+/// Writes one tensor of the eval fixture as the CLI's `input`.
+fn write_input(case: &str, path: &Path) {
+    let eval = read(Path::new(&fixture("tiny_eval.safetensors")));
+    let (_, shape, data) = eval.iter().find(|t| t.0 == format!("{case}.input")).unwrap().clone();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytemuck::cast_slice(&data))
+            .unwrap();
+    std::fs::write(path, safetensors::tensor::serialize([("input", view)], None).unwrap()).unwrap();
+}
+
+#[test]
+fn forward_with_dump_matches_pytorch_and_convert_round_trips() {
+    let input = scratch("input.safetensors");
+    write_input("b", &input);
+    let out = scratch("out.safetensors");
+    let (ok, text) = run(&[
+        "forward",
+        "--config",
+        &fixture("tiny_ocr.yaml"),
+        "--weights",
+        &fixture("tiny_legacy.pth"),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--dump",
+        "--report-memory",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("MiB planned"), "{text}");
+    let got = read(&out);
+    let want = read(Path::new(&fixture("tiny_eval.safetensors")));
+    for name in ["aux", "out", "feats", "context", "ocr_feats"] {
+        let err = rel_l2(&tensor(&got, name), &tensor(&want, &format!("b.{name}")));
+        assert!(err <= 1e-4, "{name}: relative L2 error {err:e}");
+    }
+    let converted = scratch("converted.safetensors");
+    let (ok, text) = run(&["convert", &fixture("tiny_zip.pth"), converted.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let a = read(&converted);
+    let b: Vec<_> = read(Path::new(&fixture("tiny_weights.safetensors")))
+        .into_iter()
+        .filter(|t| !t.0.ends_with("num_batches_tracked"))
+        .collect();
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.0, &x.1, &x.2), (&y.0, &y.1, &y.2));
+    }
+}
+
+#[test]
+fn backward_writes_loss_gradients_and_statistics() {
+    let train = fixture("tiny_train.safetensors");
+    let out = scratch("grads.safetensors");
+    let (ok, text) = run(&[
+        "backward",
+        "--config",
+        &fixture("tiny_ocr.yaml"),
+        "--weights",
+        &fixture("tiny_weights.safetensors"),
+        "--input",
+        &train,
+        "--label",
+        &train,
+        "--output",
+        out.to_str().unwrap(),
+        "--no-dropout",
+    ]);
+    assert!(ok, "{text}");
+    let got = read(&out);
+    let want = read(Path::new(&train));
+    let err = rel_l2(&tensor(&got, "loss"), &tensor(&want, "loss"));
+    assert!(err <= 1e-4, "loss: {err:e}");
+    let grads = got.iter().filter(|t| t.0.starts_with("grad/")).count();
+    assert_eq!(grads, 192);
+    let err = rel_l2(&tensor(&got, "grad/cls_head.weight"), &tensor(&want, "grad/cls_head.weight"));
+    assert!(err <= 1e-3, "grad/cls_head.weight: {err:e}");
+    assert_eq!(got.iter().filter(|t| t.0.starts_with("buffer/")).count(), 124);
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let input = scratch("bad_input.safetensors");
+    write_input("a", &input);
+    let base = ["--config", &fixture("tiny_ocr.yaml"), "--weights", &fixture("tiny_weights.safetensors")];
+    let out = scratch("never.safetensors");
+    // The input file holds `input`, not `label`.
+    let mut args = vec!["backward"];
+    args.extend(base);
+    args.extend([
+        "--input",
+        input.to_str().unwrap(),
+        "--label",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let (ok, text) = run(&args);
+    assert!(!ok && text.contains("no tensor named \"label\""), "{text}");
+    let (ok, text) = run(&["forward", "--config", "w99", "--weights", "x", "--input", "y", "--output", "z"]);
+    assert!(!ok && text.contains("w99") && text.contains("w18-small-v2"), "{text}");
+    let (ok, text) = run(&["convert", &fixture("tiny_ocr.yaml"), out.to_str().unwrap()]);
+    assert!(!ok && text.contains(".safetensors or .pth"), "{text}");
+    assert!(!out.exists(), "no output is written on failure");
+    let (ok, text) = run(&["forward", "--config"]);
+    assert!(!ok && text.contains("--config needs a value"), "{text}");
+}

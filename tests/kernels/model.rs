@@ -1,0 +1,191 @@
+//! The whole model against the PyTorch reference (tools/reference/hrnet_ocr.py) on the tiny
+//! configuration: eval logits and intermediates within 1e-4, a training step's loss,
+//! logits, every parameter gradient (1e-3) and the updated running statistics.
+
+use crate::common::*;
+use hrnet_ocr::graph::{Graph, GraphBuilder, LossSpec, Mode};
+use hrnet_ocr::model::hrnet::{self, ModelValues};
+use hrnet_ocr::model::weights::{self, NamedTensor};
+use hrnet_ocr::model::Config;
+use std::path::Path;
+
+const LOGITS_TOL: f64 = 1e-4;
+const GRAD_TOL: f64 = 1e-3;
+
+fn fixture_path(name: &str) -> String {
+    format!("{}/tests/fixtures/model/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn config() -> Config {
+    Config::load(&fixture_path("tiny_ocr.yaml")).unwrap()
+}
+
+fn tiny_weights() -> Vec<NamedTensor> {
+    weights::read(Path::new(&fixture_path("tiny_weights.safetensors"))).unwrap()
+}
+
+fn build(shape: [usize; 4], mode: Mode, labels: Option<[usize; 3]>) -> (Graph, ModelValues) {
+    let cfg = config();
+    let mut g = GraphBuilder::new();
+    let input = g.input("input", &shape, false);
+    let m = hrnet::build(&mut g, &cfg, input, 0.0).unwrap();
+    if let Some(ls) = labels {
+        let labels = g.labels("label", &ls);
+        for (logits, weight) in [(m.aux, cfg.balance_weights[0]), (m.out, cfg.balance_weights[1])] {
+            let spec = LossSpec { weight, ignore_label: 255, ohem: None, align_corners: cfg.align_corners };
+            g.cross_entropy(spec, logits, labels).unwrap();
+        }
+    }
+    let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
+    let memory = g.plan_memory(&outputs);
+    assert!(memory.planned < memory.unshared, "{memory:?}");
+    let graph = g.build(gpu(), mode, &outputs).unwrap();
+    weights::load_into(gpu(), &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
+    (graph, m)
+}
+
+const DUMPS: [&str; 5] = ["aux", "out", "feats", "context", "ocr_feats"];
+
+#[test]
+fn eval_forward_matches_pytorch_on_even_and_odd_sizes() {
+    let f = Fixture::load("model/tiny_eval.safetensors");
+    for case in ["a", "b"] {
+        let shape: [usize; 4] = f.shape(&format!("{case}.input")).try_into().unwrap();
+        let (graph, _) = build(shape, Mode::Eval, None);
+        graph.set(gpu(), "input", f.get(&format!("{case}.input"))).unwrap();
+        for i in 0..5 {
+            graph.output(i).fill(gpu(), f32::NAN);
+        }
+        graph.forward(gpu()).unwrap();
+        for (i, name) in DUMPS.iter().enumerate() {
+            let want = f.get(&format!("{case}.{name}"));
+            let err = rel_l2(&download(graph.output(i)), want);
+            eprintln!("eval {case} {shape:?} {name}: relative L2 error {err:.2e}");
+            assert_close(&format!("eval {case} {name}"), &download(graph.output(i)), want, LOGITS_TOL);
+        }
+    }
+}
+
+#[test]
+fn training_step_matches_pytorch_loss_logits_gradients_and_statistics() {
+    let gpu = gpu();
+    let f = Fixture::load("model/tiny_train.safetensors");
+    let shape: [usize; 4] = f.shape("input").try_into().unwrap();
+    let label_shape = [shape[0], shape[2], shape[3]];
+    let (graph, _) = build(shape, Mode::Train, Some(label_shape));
+    graph.set(gpu, "input", f.get("input")).unwrap();
+    graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+    graph.forward(gpu).unwrap();
+    graph.backward(gpu).unwrap();
+    let loss = graph.loss(gpu).unwrap();
+    eprintln!("train loss {loss} (PyTorch {})", f.get("loss")[0]);
+    assert_close("loss", &[loss], f.get("loss"), LOGITS_TOL);
+    assert_close("train aux", &download(graph.output(0)), f.get("aux"), LOGITS_TOL);
+    assert_close("train out", &download(graph.output(1)), f.get("out"), LOGITS_TOL);
+    let mut worst = (0.0f64, String::new());
+    let params: Vec<(String, Vec<usize>)> =
+        graph.parameters().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
+    assert_eq!(params.len(), 192, "the tiny model's parameter tensors");
+    for (name, _) in &params {
+        let got = download(graph.grad(name).unwrap());
+        let want = f.get(&format!("grad/{name}"));
+        // Biases feeding a training-mode BN have a true gradient of exactly zero.
+        if name == "conv3x3_ocr.0.bias" || name == "aux_head.0.bias" {
+            let scale = download(graph.grad(name.replace(".0.bias", ".0.weight").as_str()).unwrap())
+                .iter()
+                .fold(0.0f32, |m, v| m.max(v.abs()));
+            let max = got.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(max <= 1e-4 * scale.max(1.0), "{name}: gradient {max:e} should be ~0");
+            continue;
+        }
+        let err = rel_l2(&got, want);
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+        assert_close(&format!("grad {name}"), &got, want, GRAD_TOL);
+    }
+    eprintln!("worst parameter gradient: {:.2e} ({})", worst.0, worst.1);
+    for name in graph.buffers() {
+        assert_close(
+            &format!("buffer {name}"),
+            &download(graph.tensor(name).unwrap()),
+            f.get(&format!("buffer/{name}")),
+            LOGITS_TOL,
+        );
+    }
+}
+
+#[test]
+fn weights_round_trip_through_safetensors_and_report_every_bad_key() {
+    let gpu = gpu();
+    let (graph, _) = build([1, 3, 32, 32], Mode::Eval, None);
+    let state = weights::state_dict(gpu, &graph).unwrap();
+    let dir = std::env::temp_dir().join(format!("hrnet-ocr-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("round_trip.safetensors");
+    weights::write_safetensors(&path, &state).unwrap();
+    let back = weights::read(&path).unwrap();
+    assert_eq!(back.len(), state.len());
+    for t in &state {
+        assert_eq!(back.iter().find(|b| b.name == t.name).expect("saved"), t);
+    }
+    // A missing key, an unexpected key and a mis-shaped key are all named.
+    let mut bad: Vec<NamedTensor> = back.into_iter().filter(|t| t.name != "cls_head.bias").collect();
+    bad.push(NamedTensor { name: "extra.weight".into(), shape: vec![2], data: vec![0.0; 2] });
+    let conv1 = bad.iter_mut().find(|t| t.name == "conv1.weight").unwrap();
+    conv1.shape = vec![64, 3, 3, 2];
+    conv1.data.truncate(64 * 3 * 3 * 2);
+    let e = weights::load_into(gpu, &graph, &bad, "bad.safetensors").unwrap_err().to_string();
+    for needle in [
+        "bad.safetensors",
+        "missing cls_head.bias [5]",
+        "unexpected extra.weight",
+        "conv1.weight: shape [64, 3, 3, 2], expected [64, 3, 3, 3]",
+    ] {
+        assert!(e.contains(needle), "{needle:?} not in {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn official_prefixes_and_loss_buffers_are_normalised() {
+    let dir = std::env::temp_dir().join(format!("hrnet-ocr-prefix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("prefixed.safetensors");
+    let t = |name: &str| NamedTensor { name: name.into(), shape: vec![2], data: vec![1.0, 2.0] };
+    weights::write_safetensors(
+        &path,
+        &[
+            t("model.conv1.weight"),
+            t("module.bn1.bias"),
+            t("loss.criterion.weight"),
+            t("model.bn1.num_batches_tracked"),
+        ],
+    )
+    .unwrap();
+    let mut names: Vec<String> = weights::read(&path).unwrap().into_iter().map(|t| t.name).collect();
+    names.sort();
+    assert_eq!(names, ["bn1.bias", "conv1.weight"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The same weights saved by PyTorch in the legacy format (`model.` prefix, a loss buffer)
+/// and the zip format (`state_dict` wrapper, `module.` prefix) load to the same tensors and
+/// give the same outputs.
+#[test]
+fn legacy_and_zip_checkpoints_load_and_give_identical_outputs() {
+    let mut want = tiny_weights();
+    want.sort_by(|a, b| a.name.cmp(&b.name));
+    let f = Fixture::load("model/tiny_eval.safetensors");
+    let shape: [usize; 4] = f.shape("a.input").try_into().unwrap();
+    for file in ["tiny_legacy.pth", "tiny_zip.pth"] {
+        let mut got = weights::read(Path::new(&fixture_path(file))).unwrap();
+        got.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(got, want, "{file}: tensors differ from tiny_weights.safetensors");
+        let (graph, _) = build(shape, Mode::Eval, None);
+        weights::load_into(gpu(), &graph, &got, file).unwrap();
+        graph.set(gpu(), "input", f.get("a.input")).unwrap();
+        graph.forward(gpu()).unwrap();
+        assert_close(&format!("{file} out"), &download(graph.output(1)), f.get("a.out"), LOGITS_TOL);
+    }
+}
