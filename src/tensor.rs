@@ -193,6 +193,13 @@ impl Tensor {
         Arc::ptr_eq(&self.buffer, &other.buffer)
     }
 
+    /// Whether both tensors share bytes of one buffer.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        self.same_buffer(other)
+            && self.offset < other.offset + other.bytes()
+            && other.offset < self.offset + self.bytes()
+    }
+
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
         self.buffer.buffer()
     }

@@ -15,6 +15,7 @@ use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::conv2d::Conv2dSpec;
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::Ohem;
+use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::tensor::{DType, Tensor};
 use ops::{Op, Recorded};
 use std::collections::HashMap;
@@ -55,6 +56,8 @@ pub enum Mode {
 pub struct GraphBuilder {
     values: Vec<Value>,
     ops: Vec<Op>,
+    /// (name substring, learning-rate multiplier) for the optimizer's parameter groups.
+    lr_multipliers: Vec<(String, f32)>,
 }
 
 impl GraphBuilder {
@@ -96,6 +99,12 @@ impl GraphBuilder {
         let v = self.add_value(name.to_string(), shape, Role::Input { requires_grad: false });
         self.values[v.0].dtype = DType::U32;
         v
+    }
+
+    /// Parameters whose name contains `keyword` train at `multiplier` times the learning
+    /// rate (HRNet-OCR's `NONBACKBONE_KEYWORDS` / `NONBACKBONE_MULT`).
+    pub fn lr_multiplier(&mut self, keyword: &str, multiplier: f32) {
+        self.lr_multipliers.push((keyword.to_string(), multiplier));
     }
 
     /// A trainable tensor.
@@ -269,8 +278,12 @@ impl GraphBuilder {
                 return Err(Error::Invalid(format!("two tensors of the graph are named {:?}", v.name)));
             }
         }
-        let tensors = allocate(gpu, &self.values, &self.ops, mode, outputs)
-            .map_err(|e| Error::Invalid(format!("allocating the graph's tensors: {e}")))?;
+        let (tensors, optimizer) = if mode == Mode::Train {
+            let (tensors, arena) = allocate_for_training(gpu, &self.values, &self.lr_multipliers)?;
+            (tensors, Some(Optimizer { arena, step: None }))
+        } else {
+            (allocate_for_inference(gpu, &self.values, &self.ops, outputs)?, None)
+        };
         let mut graph = Graph {
             values: self.values,
             tensors,
@@ -279,6 +292,7 @@ impl GraphBuilder {
             outputs: outputs.to_vec(),
             by_name,
             seed: 0,
+            optimizer,
         };
         graph.record_forward(gpu, &self.ops, mode)?;
         if mode == Mode::Train {
@@ -289,12 +303,42 @@ impl GraphBuilder {
     }
 }
 
-/// The graph's tensors: in eval, activations share buffers by liveness ([`plan`]).
-fn allocate(gpu: &Gpu, values: &[Value], ops: &[Op], mode: Mode, outputs: &[ValueId]) -> Result<Vec<Tensor>> {
+/// The graph's tensors for training: every activation kept for the backward pass, and the
+/// parameters as views of one optimizer arena (so one dispatch updates them all).
+fn allocate_for_training(
+    gpu: &Gpu,
+    values: &[Value],
+    multipliers: &[(String, f32)],
+) -> Result<(Vec<Tensor>, Arena)> {
+    let params: Vec<(&[usize], f32)> = values
+        .iter()
+        .filter(|v| v.role == Role::Param)
+        .map(|v| {
+            let m = multipliers.iter().find(|(k, _)| v.name.contains(k.as_str())).map_or(1.0, |(_, m)| *m);
+            (v.shape.as_slice(), m)
+        })
+        .collect();
+    let arena = Arena::new(gpu, &params)?;
+    let mut views = arena.views.iter();
+    let tensors = values
+        .iter()
+        .map(|v| match v.role {
+            Role::Param => Ok(views.next().expect("a view per parameter").0.clone()),
+            _ => Tensor::empty_of(gpu, &v.shape, v.dtype),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| Error::Invalid(format!("allocating the graph's tensors: {e}")))?;
+    Ok((tensors, arena))
+}
+
+/// The graph's tensors for inference: activations share buffers by liveness ([`plan`]).
+fn allocate_for_inference(
+    gpu: &Gpu,
+    values: &[Value],
+    ops: &[Op],
+    outputs: &[ValueId],
+) -> Result<Vec<Tensor>> {
     let own = |v: &Value| Tensor::empty_of(gpu, &v.shape, v.dtype);
-    if mode == Mode::Train {
-        return values.iter().map(own).collect();
-    }
     let plan = plan::plan(values, ops, outputs);
     let slots = plan
         .slot_elems
@@ -306,7 +350,7 @@ fn allocate(gpu: &Gpu, values: &[Value], ops: &[Op], mode: Mode, outputs: &[Valu
                 let holders = values.iter().zip(&plan.slot_of).filter(|(_, slot)| **slot == Some(s));
                 let v = holders.max_by_key(|(v, _)| v.shape.iter().product::<usize>()).map(|(v, _)| v);
                 match v {
-                    Some(v) => Error::Invalid(format!("activation {} {:?}: {e}", v.name, v.shape)),
+                    Some(v) => Error::Invalid(format!("allocating activation {} {:?}: {e}", v.name, v.shape)),
                     None => e,
                 }
             })
@@ -354,6 +398,13 @@ pub struct Graph {
     outputs: Vec<ValueId>,
     by_name: HashMap<String, ValueId>,
     seed: u32,
+    /// Training only: the parameter arena and its recorded SGD step.
+    optimizer: Option<Optimizer>,
+}
+
+struct Optimizer {
+    arena: Arena,
+    step: Option<(SgdConfig, Dispatch)>,
 }
 
 impl Graph {
@@ -446,6 +497,28 @@ impl Graph {
             r.layer.reseed(gpu, &list[r.index], &self.tensors[r.x.0], seed, r.accumulate)?;
         }
         Ok(())
+    }
+
+    /// One SGD step over every parameter at learning rate `lr` (times each parameter's
+    /// multiplier): one dispatch, recorded on first use.
+    pub fn sgd_step(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<()> {
+        let opt = self
+            .optimizer
+            .as_mut()
+            .ok_or_else(|| Error::Invalid("sgd_step: the graph was built for eval".into()))?;
+        match &opt.step {
+            Some((c, step)) if c == config => opt.arena.set_lr(gpu, step, config, lr),
+            _ => opt.step = Some((*config, opt.arena.step(gpu, config, lr)?)),
+        }
+        let (_, step) = opt.step.as_ref().expect("recorded above");
+        gpu.submit([step])
+    }
+
+    /// The parameter gradient of `v` in the optimizer arena, for training graphs.
+    pub(crate) fn arena_grad(&self, v: ValueId) -> Option<Tensor> {
+        let opt = self.optimizer.as_ref()?;
+        let index = self.values[..v.0].iter().filter(|x| x.role == Role::Param).count();
+        (self.values[v.0].role == Role::Param).then(|| opt.arena.views[index].1.clone())
     }
 
     /// Sets every parameter gradient to zero.

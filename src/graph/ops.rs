@@ -202,10 +202,12 @@ impl Graph {
 
     pub(super) fn record_backward(&mut self, gpu: &Gpu, ops: &[Op]) -> Result<()> {
         let needs = self.requires_grad(ops);
-        self.grads = needs
-            .iter()
-            .zip(&self.values)
-            .map(|(&n, v)| n.then(|| Tensor::empty(gpu, &v.shape)).transpose())
+        self.grads = (0..self.values.len())
+            .map(|i| match (needs[i], self.arena_grad(ValueId(i))) {
+                (true, Some(arena_view)) => Ok(Some(arena_view)),
+                (true, None) => Tensor::empty(gpu, &self.values[i].shape).map(Some),
+                (false, _) => Ok(None),
+            })
             .collect::<Result<_>>()?;
         // Whether a value's gradient already holds a contribution in this pass: parameters'
         // accumulate across passes; without loss nodes the caller gives the outputs'.

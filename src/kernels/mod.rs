@@ -52,14 +52,18 @@ pub(crate) fn launch<P: bytemuck::Pod>(
     )
 }
 
-/// Element types must match what the shader declares; a buffer bound twice in one
-/// dispatch, once for writing, is a data race (and a wgpu validation error). Both are
-/// refused with the binding named.
+/// Element types must match what the shader declares. One buffer may be bound twice only
+/// as two writable, disjoint views (parameter gradients in one arena): a read-only and a
+/// writable binding of one buffer is a wgpu usage conflict, and overlapping writable views
+/// are a data race. Both are refused, naming the bindings.
 fn check_bindings(entry: &str, bindings: &[Binding<'_>]) -> Result<()> {
     for (i, a) in bindings.iter().enumerate() {
         a.tensor.check_dtype(&format!("{entry} binding {}", a.index), a.dtype)?;
         for b in &bindings[i + 1..] {
-            if (a.writes || b.writes) && a.tensor.same_buffer(b.tensor) {
+            if !(a.writes || b.writes) || !a.tensor.same_buffer(b.tensor) {
+                continue;
+            }
+            if !(a.writes && b.writes) || a.tensor.overlaps(b.tensor) {
                 return Err(Error::Invalid(format!(
                     "{entry}: bindings {} and {} are the same tensor; a kernel cannot read and \
                      write one buffer in place",

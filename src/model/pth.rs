@@ -28,12 +28,7 @@ use std::rc::Rc;
 use crate::{Error, Result};
 
 /// One tensor of a checkpoint, converted to f32, row-major (contiguous) in `shape` order.
-#[derive(Debug, Clone)]
-pub struct PthTensor {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
+pub use super::weights::NamedTensor as PthTensor;
 
 /// Reads every tensor of a PyTorch checkpoint at `path`.
 ///
