@@ -18,9 +18,10 @@ usage:
   hrnet-ocr info
       every adapter found, and the limits and features of the one chosen
   hrnet-ocr forward --config C --weights W --input in.safetensors --output out.safetensors
-                    [--dump] [--report-memory]
+                    [--dump] [--report-memory] [--profile]
       eval-mode forward of the tensor `input` [N, 3, H, W]; writes `aux` and `out`
-      (with --dump also `feats`, `context` and `ocr_feats`)
+      (with --dump also `feats`, `context` and `ocr_feats`); prints the forward time,
+      and with --profile each kernel's share of the device time
   hrnet-ocr backward --config C --weights W --input in.safetensors --label label.safetensors
                      --output out.safetensors [--no-dropout] [--seed S]
       one training-mode forward and backward; writes `loss`, `aux`, `out`,
@@ -40,7 +41,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("info") if args.len() == 1 => info(),
-        Some("forward") => Flags::parse(&args[1..], &["dump", "report-memory"]).and_then(|f| forward(&f)),
+        Some("forward") => {
+            Flags::parse(&args[1..], &["dump", "report-memory", "profile"]).and_then(|f| forward(&f))
+        }
         Some("backward") => Flags::parse(&args[1..], &["no-dropout"]).and_then(|f| backward(&f)),
         Some("convert") if args.len() == 3 => convert(&args[1], &args[2]),
         Some("-h" | "--help" | "help") => {
@@ -237,12 +240,52 @@ fn forward(flags: &Flags) -> Result<()> {
     let (shape, data) = read_input(flags.get("input")?)?;
     let graph = model_graph(&gpu, &cfg, flags, &shape, None)?;
     graph.set(&gpu, "input", &data)?;
+    gpu.wait()?;
+    let start = std::time::Instant::now();
     graph.forward(&gpu)?;
+    gpu.wait()?;
+    let dispatches = graph.forward_dispatches();
+    println!(
+        "forward: {:.1} ms, {} dispatches in one command buffer",
+        start.elapsed().as_secs_f64() * 1e3,
+        dispatches.len()
+    );
+    if flags.has("profile") {
+        print_profile(&gpu, dispatches)?;
+    }
     let names: &[&str] =
         if flags.has("dump") { &["aux", "out", "feats", "context", "ocr_feats"] } else { &["aux", "out"] };
     let out = output(&gpu, &graph, names)?;
     weights::write_safetensors(Path::new(flags.get("output")?), &out)?;
     println!("wrote {} on {}", names.join(", "), gpu.describe());
+    Ok(())
+}
+
+/// Device time per kernel (entry point), largest first, from timestamp queries.
+fn print_profile(gpu: &Gpu, dispatches: &[hrnet_ocr::gpu::Dispatch]) -> Result<()> {
+    let timings = gpu.profile(&dispatches.iter().collect::<Vec<_>>())?;
+    let total: f64 = timings.iter().map(|t| t.nanoseconds).sum();
+    let mut by_kernel: Vec<(&str, f64, usize, u64)> = Vec::new();
+    for (t, d) in timings.iter().zip(dispatches) {
+        match by_kernel.iter_mut().find(|k| k.0 == t.label) {
+            Some(k) => {
+                k.1 += t.nanoseconds;
+                k.2 += 1;
+                k.3 += d.cost().flops;
+            }
+            None => by_kernel.push((t.label, t.nanoseconds, 1, d.cost().flops)),
+        }
+    }
+    by_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("device time {:.1} ms; by kernel:", total / 1e6);
+    for (label, ns, count, flops) in by_kernel.iter().take(12) {
+        println!(
+            "  {label:<28} {:>9.1} ms {:>5.1}% {count:>5} dispatches {:>7.2} GFLOP/s",
+            ns / 1e6,
+            100.0 * ns / total,
+            *flops as f64 / ns
+        );
+    }
     Ok(())
 }
 
