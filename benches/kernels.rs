@@ -107,7 +107,7 @@ fn convolutions(c: &mut Criterion) {
         let gw = Tensor::empty(&gpu, w.shape()).unwrap();
         let gb = Tensor::empty(&gpu, b.shape()).unwrap();
         let s = &case.spec;
-        let fwd = [conv2d::forward(&gpu, s, &x, &w, Some(&b), &y).unwrap()];
+        let fwd = conv2d::forward(&gpu, s, &x, &w, Some(&b), &y).unwrap();
         bench(c, &gpu, "conv2d_forward", &case.name, &fwd, false);
         let bwd_x = [conv2d::backward_input(&gpu, s, &gy, &w, &gx, false).unwrap()];
         bench(c, &gpu, "conv2d_backward_input", &case.name, &bwd_x, false);

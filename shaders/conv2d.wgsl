@@ -27,6 +27,9 @@ override WG: u32 = 64u;
 @group(0) @binding(6) var<storage, read_write> grad_x: array<f32>;
 // grad_weight, or per-chunk partial sums [chunk][co][ci][kh][kw] when the reduction is split
 @group(0) @binding(7) var<storage, read_write> grad_weight: array<f32>;
+// The weight repacked for the forward: [ci][kh][kw][co / 4] vec4s of 4 output channels
+// (zero past the last), so one load fetches the weights of a whole register-tile row.
+@group(0) @binding(8) var<storage, read_write> packed_weight: array<vec4<f32>>;
 
 fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
@@ -52,12 +55,6 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
     let n = idx / (x_tiles * p.ho * co_tiles);
 
     let ksize = p.kh * p.kw;
-    let w_co = p.ci * ksize;
-    // Rows past the last channel re-read the last one; their sums are never stored.
-    let w0 = co0 * w_co;
-    let w1 = min(co0 + 1u, p.co - 1u) * w_co;
-    let w2 = min(co0 + 2u, p.co - 1u) * w_co;
-    let w3 = min(co0 + 3u, p.co - 1u) * w_co;
     let sw = i32(p.stride_w);
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
@@ -73,11 +70,11 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                 let ix = i32(ox0 * p.stride_w + kx * p.dil_w) - i32(p.pad_w);
                 let xs = vec4<f32>(load_x(row, ix, p.w), load_x(row, ix + sw, p.w),
                                    load_x(row, ix + 2 * sw, p.w), load_x(row, ix + 3 * sw, p.w));
-                let k = c * ksize + ky * p.kw + kx;
-                acc0 += weight[w0 + k] * xs;
-                acc1 += weight[w1 + k] * xs;
-                acc2 += weight[w2 + k] * xs;
-                acc3 += weight[w3 + k] * xs;
+                let wv = packed_weight[(c * ksize + ky * p.kw + kx) * co_tiles + co0 / 4u];
+                acc0 += wv.x * xs;
+                acc1 += wv.y * xs;
+                acc2 += wv.z * xs;
+                acc3 += wv.w * xs;
             }
         }
     }
@@ -85,6 +82,23 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
     store_y(n, co0 + 1u, oy, ox0, acc1);
     store_y(n, co0 + 2u, oy, ox0, acc2);
     store_y(n, co0 + 3u, oy, ox0, acc3);
+}
+
+// packed_weight[(ci * kh * kw + k) * co_tiles + t] = weight[4t..4t+4, ci, k], zero-padded.
+@compute @workgroup_size(WG)
+fn conv2d_pack_weight(@builtin(global_invocation_id) gid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let co_tiles = (p.co + 3u) / 4u;
+    let idx = linear_index(gid, nwg);
+    let ksize = p.kh * p.kw;
+    if idx >= p.ci * ksize * co_tiles { return; }
+    let t = idx % co_tiles;
+    let ck = idx / co_tiles;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u && 4u * t + j < p.co; j++) {
+        v[j] = weight[(4u * t + j) * p.ci * ksize + ck];
+    }
+    packed_weight[idx] = v;
 }
 
 fn store_y(n: u32, co: u32, oy: u32, ox0: u32, v: vec4<f32>) {

@@ -104,14 +104,7 @@ impl Graph {
         for op in ops {
             let mut d = match op {
                 &Op::Conv2d { spec, x, weight, bias, y } => {
-                    vec![conv2d::forward(
-                        gpu,
-                        &spec,
-                        self.t(x),
-                        self.t(weight),
-                        bias.map(|b| self.t(b)),
-                        self.t(y),
-                    )?]
+                    conv2d::forward(gpu, &spec, self.t(x), self.t(weight), bias.map(|b| self.t(b)), self.t(y))?
                 }
                 &Op::BatchNorm { x, y, .. } => {
                     let bn = self.bn_params(op);

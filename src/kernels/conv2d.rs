@@ -148,7 +148,8 @@ pub fn output_shape(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Re
     Ok(Dims::resolve(spec, x_shape, weight)?.y_shape())
 }
 
-/// `y = conv2d(x, weight) + bias`.
+/// `y = conv2d(x, weight) + bias`: the weight is repacked (one small dispatch), then the
+/// convolution runs.
 pub fn forward(
     gpu: &Gpu,
     spec: &Conv2dSpec,
@@ -156,26 +157,37 @@ pub fn forward(
     weight: &Tensor,
     bias: Option<&Tensor>,
     y: &Tensor,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), weight)?;
     check_shape("conv2d output", &d.y_shape(), y.shape())?;
     if let Some(b) = bias {
         check_shape("conv2d bias", &[d.co], b.shape())?;
     }
     let params = d.params(spec, if bias.is_some() { HAS_BIAS } else { 0 }, 1)?;
-    // Without a bias the weight stands in at the bias binding; the shader never reads it.
+    let co_tiles = d.co.div_ceil(4);
+    let packed = scratch(gpu, 4 * d.ci * d.kh * d.kw * co_tiles)?;
+    let pack = launch(
+        gpu,
+        "conv2d",
+        "conv2d_pack_weight",
+        &params,
+        &[Binding::read(2, weight), Binding::write(8, &packed)],
+        d.ci * d.kh * d.kw * co_tiles,
+        Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) },
+    )?;
+    // Without a bias the input stands in at the bias binding; the shader never reads it.
     let bindings = [
         Binding::read(1, x),
-        Binding::read(2, weight),
-        Binding::read(3, bias.unwrap_or(weight)),
+        Binding::read(3, bias.unwrap_or(x)),
         Binding::write(4, y),
+        Binding::write(8, &packed),
     ];
     let cost = Cost {
         flops: 2 * d.macs(),
         bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + bias.map_or(0, |_| d.co)),
     };
-    let tiles = d.n * d.co.div_ceil(4) * d.ho * d.wo.div_ceil(4);
-    launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)
+    let tiles = d.n * co_tiles * d.ho * d.wo.div_ceil(4);
+    Ok(vec![pack, launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)?])
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input.
