@@ -1,8 +1,11 @@
 // 2-D convolution (NCHW input, OIHW weight, groups = 1) and its backward passes.
 //
-// Every invocation owns a 4 x 4 register tile and no workgroup memory is used: CPU drivers
-// such as lavapipe pay dearly for workgroupBarrier, and the tile already reuses each
-// loaded value four times. Reductions run in a fixed order, so results are bit-reproducible.
+// Every invocation owns a register tile and no workgroup memory is used: CPU drivers such
+// as lavapipe pay dearly for workgroupBarrier. The forward's tile is 16 output channels x 4
+// columns (each input value loaded feeds 16 multiply-adds; on lavapipe this ran 2.4x faster
+// than 4 x 4 at 48 channels); the backward kernels use 4 x 4. The accumulators are named
+// variables, not arrays: dynamically indexed arrays spill on lavapipe. Reductions run in a
+// fixed order, so results are bit-reproducible.
 
 struct Params {
     n: u32, ci: u32, h: u32, w: u32,
@@ -41,25 +44,39 @@ fn load_x(row: u32, i: i32, len: u32) -> f32 {
     return select(0.0, x[row + u32(clamp(i, 0, i32(len) - 1))], inside);
 }
 
-// y[n, co0..co0+4, oy, ox0..ox0+4] = bias + sum over ci, ky, kx of weight * x.
+// y[n, co0..co0+16, oy, ox0..ox0+4] = bias + sum over ci, ky, kx of weight * x; a<g><j>
+// accumulates output channel co0 + 4g + j. Channel groups past the last re-read the last
+// packed group; their sums are never stored.
 @compute @workgroup_size(WG)
 fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>) {
     let x_tiles = (p.wo + 3u) / 4u;
     let co_tiles = (p.co + 3u) / 4u;
+    let groups = (co_tiles + 3u) / 4u;
     let idx = linear_index(gid, nwg);
-    if idx >= p.n * co_tiles * p.ho * x_tiles { return; }
+    if idx >= p.n * groups * p.ho * x_tiles { return; }
     let ox0 = (idx % x_tiles) * 4u;
     let oy = (idx / x_tiles) % p.ho;
-    let co0 = ((idx / (x_tiles * p.ho)) % co_tiles) * 4u;
-    let n = idx / (x_tiles * p.ho * co_tiles);
-
+    let t0 = ((idx / (x_tiles * p.ho)) % groups) * 4u;
+    let n = idx / (x_tiles * p.ho * groups);
     let ksize = p.kh * p.kw;
     let sw = i32(p.stride_w);
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var a00 = vec4<f32>(0.0);
+    var a01 = vec4<f32>(0.0);
+    var a02 = vec4<f32>(0.0);
+    var a03 = vec4<f32>(0.0);
+    var a10 = vec4<f32>(0.0);
+    var a11 = vec4<f32>(0.0);
+    var a12 = vec4<f32>(0.0);
+    var a13 = vec4<f32>(0.0);
+    var a20 = vec4<f32>(0.0);
+    var a21 = vec4<f32>(0.0);
+    var a22 = vec4<f32>(0.0);
+    var a23 = vec4<f32>(0.0);
+    var a30 = vec4<f32>(0.0);
+    var a31 = vec4<f32>(0.0);
+    var a32 = vec4<f32>(0.0);
+    var a33 = vec4<f32>(0.0);
     for (var c = 0u; c < p.ci; c++) {
         let plane = (n * p.ci + c) * p.h * p.w;
         for (var ky = 0u; ky < p.kh; ky++) {
@@ -70,18 +87,47 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                 let ix = i32(ox0 * p.stride_w + kx * p.dil_w) - i32(p.pad_w);
                 let xs = vec4<f32>(load_x(row, ix, p.w), load_x(row, ix + sw, p.w),
                                    load_x(row, ix + 2 * sw, p.w), load_x(row, ix + 3 * sw, p.w));
-                let wv = packed_weight[(c * ksize + ky * p.kw + kx) * co_tiles + co0 / 4u];
-                acc0 += wv.x * xs;
-                acc1 += wv.y * xs;
-                acc2 += wv.z * xs;
-                acc3 += wv.w * xs;
+                let tap = (c * ksize + ky * p.kw + kx) * co_tiles;
+                let w0 = packed_weight[tap + min(t0 + 0u, co_tiles - 1u)];
+                let w1 = packed_weight[tap + min(t0 + 1u, co_tiles - 1u)];
+                let w2 = packed_weight[tap + min(t0 + 2u, co_tiles - 1u)];
+                let w3 = packed_weight[tap + min(t0 + 3u, co_tiles - 1u)];
+                a00 += w0.x * xs;
+                a01 += w0.y * xs;
+                a02 += w0.z * xs;
+                a03 += w0.w * xs;
+                a10 += w1.x * xs;
+                a11 += w1.y * xs;
+                a12 += w1.z * xs;
+                a13 += w1.w * xs;
+                a20 += w2.x * xs;
+                a21 += w2.y * xs;
+                a22 += w2.z * xs;
+                a23 += w2.w * xs;
+                a30 += w3.x * xs;
+                a31 += w3.y * xs;
+                a32 += w3.z * xs;
+                a33 += w3.w * xs;
             }
         }
     }
-    store_y(n, co0, oy, ox0, acc0);
-    store_y(n, co0 + 1u, oy, ox0, acc1);
-    store_y(n, co0 + 2u, oy, ox0, acc2);
-    store_y(n, co0 + 3u, oy, ox0, acc3);
+    let co0 = t0 * 4u;
+    store_y(n, co0 + 0u, oy, ox0, a00);
+    store_y(n, co0 + 1u, oy, ox0, a01);
+    store_y(n, co0 + 2u, oy, ox0, a02);
+    store_y(n, co0 + 3u, oy, ox0, a03);
+    store_y(n, co0 + 4u, oy, ox0, a10);
+    store_y(n, co0 + 5u, oy, ox0, a11);
+    store_y(n, co0 + 6u, oy, ox0, a12);
+    store_y(n, co0 + 7u, oy, ox0, a13);
+    store_y(n, co0 + 8u, oy, ox0, a20);
+    store_y(n, co0 + 9u, oy, ox0, a21);
+    store_y(n, co0 + 10u, oy, ox0, a22);
+    store_y(n, co0 + 11u, oy, ox0, a23);
+    store_y(n, co0 + 12u, oy, ox0, a30);
+    store_y(n, co0 + 13u, oy, ox0, a31);
+    store_y(n, co0 + 14u, oy, ox0, a32);
+    store_y(n, co0 + 15u, oy, ox0, a33);
 }
 
 // packed_weight[(ci * kh * kw + k) * co_tiles + t] = weight[4t..4t+4, ci, k], zero-padded.

@@ -186,7 +186,7 @@ pub fn forward(
         flops: 2 * d.macs(),
         bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + bias.map_or(0, |_| d.co)),
     };
-    let tiles = d.n * co_tiles * d.ho * d.wo.div_ceil(4);
+    let tiles = d.n * co_tiles.div_ceil(4) * d.ho * d.wo.div_ceil(4);
     Ok(vec![pack, launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)?])
 }
 
