@@ -109,7 +109,7 @@ fn convolutions(c: &mut Criterion) {
         let s = &case.spec;
         let fwd = conv2d::forward(&gpu, s, &x, &w, Some(&b), &y).unwrap();
         bench(c, &gpu, "conv2d_forward", &case.name, &fwd, false);
-        let bwd_x = [conv2d::backward_input(&gpu, s, &gy, &w, &gx, false).unwrap()];
+        let bwd_x = conv2d::backward_input(&gpu, s, &gy, &w, &gx, false).unwrap();
         bench(c, &gpu, "conv2d_backward_input", &case.name, &bwd_x, false);
         let bwd_w = conv2d::backward_weight(&gpu, s, &x, &gy, &gw, false).unwrap();
         bench(c, &gpu, "conv2d_backward_weight", &case.name, &bwd_w, false);

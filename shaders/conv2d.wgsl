@@ -3,7 +3,8 @@
 // Every invocation owns a register tile and no workgroup memory is used: CPU drivers such
 // as lavapipe pay dearly for workgroupBarrier. The forward's tile is 16 output channels x 4
 // columns (each input value loaded feeds 16 multiply-adds; on lavapipe this ran 2.4x faster
-// than 4 x 4 at 48 channels); the backward kernels use 4 x 4. The accumulators are named
+// than 4 x 4 at 48 channels); the input gradient's tile is 16 input channels x 4 columns, the
+// weight gradient's 4 x 4. The accumulators are named
 // variables, not arrays: dynamically indexed arrays spill on lavapipe. Reductions run in a
 // fixed order, so results are bit-reproducible.
 
@@ -18,6 +19,7 @@ struct Params {
 
 const HAS_BIAS: u32 = 1u;
 const ACCUMULATE: u32 = 2u;
+const PACK_OVER_CI: u32 = 4u;
 
 override WG: u32 = 64u;
 
@@ -130,19 +132,29 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
     store_y(n, co0 + 15u, oy, ox0, a33);
 }
 
-// packed_weight[(ci * kh * kw + k) * co_tiles + t] = weight[4t..4t+4, ci, k], zero-padded.
+// The weight as vec4s of 4 channels of one axis: for the forward (flag PACK_OVER_CI off)
+// packed_weight[(ci * kh * kw + k) * co_tiles + t] = weight[4t..4t+4, ci, k]; for the
+// input gradient (on) packed_weight[(co * kh * kw + k) * ci_tiles + t] = weight[co, 4t..4t+4, k].
+// Channels past the last are zero.
 @compute @workgroup_size(WG)
 fn conv2d_pack_weight(@builtin(global_invocation_id) gid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>) {
-    let co_tiles = (p.co + 3u) / 4u;
-    let idx = linear_index(gid, nwg);
+    let over_ci = (p.flags & PACK_OVER_CI) != 0u;
+    let tiled = select(p.co, p.ci, over_ci);
+    let outer = select(p.ci, p.co, over_ci);
+    let tiles = (tiled + 3u) / 4u;
     let ksize = p.kh * p.kw;
-    if idx >= p.ci * ksize * co_tiles { return; }
-    let t = idx % co_tiles;
-    let ck = idx / co_tiles;
+    let idx = linear_index(gid, nwg);
+    if idx >= outer * ksize * tiles { return; }
+    let t = idx % tiles;
+    let o = (idx / tiles) / ksize;
+    let k = (idx / tiles) % ksize;
     var v = vec4<f32>(0.0);
-    for (var j = 0u; j < 4u && 4u * t + j < p.co; j++) {
-        v[j] = weight[(4u * t + j) * p.ci * ksize + ck];
+    for (var j = 0u; j < 4u && 4u * t + j < tiled; j++) {
+        let c = 4u * t + j;
+        let co = select(c, o, over_ci);
+        let ci = select(o, c, over_ci);
+        v[j] = weight[(co * p.ci + ci) * ksize + k];
     }
     packed_weight[idx] = v;
 }
@@ -156,32 +168,41 @@ fn store_y(n: u32, co: u32, oy: u32, ox0: u32, v: vec4<f32>) {
     }
 }
 
-// grad_x[n, ci0..ci0+4, iy, ix0..ix0+4] = sum over co, ky, kx of weight * grad_y at the
-// output pixel that read this input pixel through (ky, kx), if any.
+// grad_x[n, ci0..ci0+16, iy, ix0..ix0+4] = sum over co, ky, kx of weight * grad_y at the
+// output pixel that read this input pixel through (ky, kx), if any; a<g><j> accumulates
+// input channel ci0 + 4g + j, from the weight packed over input channels.
 @compute @workgroup_size(WG)
 fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>) {
     let x_tiles = (p.w + 3u) / 4u;
     let ci_tiles = (p.ci + 3u) / 4u;
+    let groups = (ci_tiles + 3u) / 4u;
     let idx = linear_index(gid, nwg);
-    if idx >= p.n * ci_tiles * p.h * x_tiles { return; }
+    if idx >= p.n * groups * p.h * x_tiles { return; }
     let ix0 = (idx % x_tiles) * 4u;
     let iy = (idx / x_tiles) % p.h;
-    let ci0 = ((idx / (x_tiles * p.h)) % ci_tiles) * 4u;
-    let n = idx / (x_tiles * p.h * ci_tiles);
+    let t0 = ((idx / (x_tiles * p.h)) % groups) * 4u;
+    let n = idx / (x_tiles * p.h * groups);
 
     let ksize = p.kh * p.kw;
-    let w_co = p.ci * ksize;
-    let w0 = ci0 * ksize;
-    let w1 = min(ci0 + 1u, p.ci - 1u) * ksize;
-    let w2 = min(ci0 + 2u, p.ci - 1u) * ksize;
-    let w3 = min(ci0 + 3u, p.ci - 1u) * ksize;
     let sh = i32(p.stride_h);
     let sw = i32(p.stride_w);
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var a00 = vec4<f32>(0.0);
+    var a01 = vec4<f32>(0.0);
+    var a02 = vec4<f32>(0.0);
+    var a03 = vec4<f32>(0.0);
+    var a10 = vec4<f32>(0.0);
+    var a11 = vec4<f32>(0.0);
+    var a12 = vec4<f32>(0.0);
+    var a13 = vec4<f32>(0.0);
+    var a20 = vec4<f32>(0.0);
+    var a21 = vec4<f32>(0.0);
+    var a22 = vec4<f32>(0.0);
+    var a23 = vec4<f32>(0.0);
+    var a30 = vec4<f32>(0.0);
+    var a31 = vec4<f32>(0.0);
+    var a32 = vec4<f32>(0.0);
+    var a33 = vec4<f32>(0.0);
     for (var ky = 0u; ky < p.kh; ky++) {
         let ty = i32(iy + p.pad_h) - i32(ky * p.dil_h);
         if ty < 0 || ty % sh != 0 || ty / sh >= i32(p.ho) { continue; }
@@ -197,21 +218,50 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
             let k = ky * p.kw + kx;
             for (var co = 0u; co < p.co; co++) {
                 let row = ((n * p.co + co) * p.ho + oy) * p.wo;
-                let g = select(vec4<f32>(0.0),
-                               vec4<f32>(grad_y[row + ox.x], grad_y[row + ox.y],
-                                         grad_y[row + ox.z], grad_y[row + ox.w]), hit);
-                let wk = co * w_co + k;
-                acc0 += weight[wk + w0] * g;
-                acc1 += weight[wk + w1] * g;
-                acc2 += weight[wk + w2] * g;
-                acc3 += weight[wk + w3] * g;
+                let gv = select(vec4<f32>(0.0),
+                                vec4<f32>(grad_y[row + ox.x], grad_y[row + ox.y],
+                                          grad_y[row + ox.z], grad_y[row + ox.w]), hit);
+                let tap = (co * ksize + k) * ci_tiles;
+                let w0 = packed_weight[tap + min(t0 + 0u, ci_tiles - 1u)];
+                let w1 = packed_weight[tap + min(t0 + 1u, ci_tiles - 1u)];
+                let w2 = packed_weight[tap + min(t0 + 2u, ci_tiles - 1u)];
+                let w3 = packed_weight[tap + min(t0 + 3u, ci_tiles - 1u)];
+                a00 += w0.x * gv;
+                a01 += w0.y * gv;
+                a02 += w0.z * gv;
+                a03 += w0.w * gv;
+                a10 += w1.x * gv;
+                a11 += w1.y * gv;
+                a12 += w1.z * gv;
+                a13 += w1.w * gv;
+                a20 += w2.x * gv;
+                a21 += w2.y * gv;
+                a22 += w2.z * gv;
+                a23 += w2.w * gv;
+                a30 += w3.x * gv;
+                a31 += w3.y * gv;
+                a32 += w3.z * gv;
+                a33 += w3.w * gv;
             }
         }
     }
-    store_grad_x(n, ci0, iy, ix0, acc0);
-    store_grad_x(n, ci0 + 1u, iy, ix0, acc1);
-    store_grad_x(n, ci0 + 2u, iy, ix0, acc2);
-    store_grad_x(n, ci0 + 3u, iy, ix0, acc3);
+    let ci0 = t0 * 4u;
+    store_grad_x(n, ci0 + 0u, iy, ix0, a00);
+    store_grad_x(n, ci0 + 1u, iy, ix0, a01);
+    store_grad_x(n, ci0 + 2u, iy, ix0, a02);
+    store_grad_x(n, ci0 + 3u, iy, ix0, a03);
+    store_grad_x(n, ci0 + 4u, iy, ix0, a10);
+    store_grad_x(n, ci0 + 5u, iy, ix0, a11);
+    store_grad_x(n, ci0 + 6u, iy, ix0, a12);
+    store_grad_x(n, ci0 + 7u, iy, ix0, a13);
+    store_grad_x(n, ci0 + 8u, iy, ix0, a20);
+    store_grad_x(n, ci0 + 9u, iy, ix0, a21);
+    store_grad_x(n, ci0 + 10u, iy, ix0, a22);
+    store_grad_x(n, ci0 + 11u, iy, ix0, a23);
+    store_grad_x(n, ci0 + 12u, iy, ix0, a30);
+    store_grad_x(n, ci0 + 13u, iy, ix0, a31);
+    store_grad_x(n, ci0 + 14u, iy, ix0, a32);
+    store_grad_x(n, ci0 + 15u, iy, ix0, a33);
 }
 
 fn store_grad_x(n: u32, ci: u32, iy: u32, ix0: u32, v: vec4<f32>) {

@@ -246,7 +246,7 @@ impl Graph {
                 let mut d = Vec::new();
                 if tg_needs(&grads, x) {
                     let (gx, acc) = target(x)?;
-                    d.push(conv2d::backward_input(gpu, &spec, &gy, self.t(weight), &gx, acc)?);
+                    d.extend(conv2d::backward_input(gpu, &spec, &gy, self.t(weight), &gx, acc)?);
                 }
                 let (gw, acc) = target(weight)?;
                 d.extend(conv2d::backward_weight(gpu, &spec, self.t(x), &gy, &gw, acc)?);

@@ -141,6 +141,7 @@ struct Params {
 }
 
 const HAS_BIAS: u32 = 1;
+const PACK_OVER_CI: u32 = 4;
 const ACCUMULATE: u32 = 2;
 
 /// The output shape `[N, Co, Ho, Wo]` of a convolution of `x_shape` by `weight`.
@@ -165,16 +166,7 @@ pub fn forward(
     }
     let params = d.params(spec, if bias.is_some() { HAS_BIAS } else { 0 }, 1)?;
     let co_tiles = d.co.div_ceil(4);
-    let packed = scratch(gpu, 4 * d.ci * d.kh * d.kw * co_tiles)?;
-    let pack = launch(
-        gpu,
-        "conv2d",
-        "conv2d_pack_weight",
-        &params,
-        &[Binding::read(2, weight), Binding::write(8, &packed)],
-        d.ci * d.kh * d.kw * co_tiles,
-        Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) },
-    )?;
+    let (pack, packed) = pack_weight(gpu, &d, spec, weight, 0)?;
     // Without a bias the input stands in at the bias binding; the shader never reads it.
     let bindings = [
         Binding::read(1, x),
@@ -190,7 +182,8 @@ pub fn forward(
     Ok(vec![pack, launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)?])
 }
 
-/// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input.
+/// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input
+/// (the weight is repacked over input channels first, one small dispatch).
 pub fn backward_input(
     gpu: &Gpu,
     spec: &Conv2dSpec,
@@ -198,15 +191,34 @@ pub fn backward_input(
     weight: &Tensor,
     grad_x: &Tensor,
     accumulate: bool,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, grad_x.shape(), weight)?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
     let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
-    let bindings = [Binding::read(2, weight), Binding::read(5, grad_y), Binding::write(6, grad_x)];
+    let (pack, packed) = pack_weight(gpu, &d, spec, weight, PACK_OVER_CI)?;
+    let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::write(8, &packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
-    let tiles = d.n * d.ci.div_ceil(4) * d.h * d.w.div_ceil(4);
-    launch(gpu, "conv2d", "conv2d_backward_input", &params, &bindings, tiles, cost)
+    let tiles = d.n * d.ci.div_ceil(4).div_ceil(4) * d.h * d.w.div_ceil(4);
+    Ok(vec![pack, launch(gpu, "conv2d", "conv2d_backward_input", &params, &bindings, tiles, cost)?])
+}
+
+/// Repacks the weight as vec4s over output channels (`flag` 0) or input channels
+/// (`PACK_OVER_CI`), one small dispatch; returns it with the packed tensor.
+fn pack_weight(gpu: &Gpu, d: &Dims, spec: &Conv2dSpec, weight: &Tensor, flag: u32) -> Result<(Dispatch, Tensor)> {
+    let (outer, tiled) = if flag == PACK_OVER_CI { (d.co, d.ci) } else { (d.ci, d.co) };
+    let len = outer * d.kh * d.kw * tiled.div_ceil(4);
+    let packed = scratch(gpu, 4 * len)?;
+    let pack = launch(
+        gpu,
+        "conv2d",
+        "conv2d_pack_weight",
+        &d.params(spec, flag, 1)?,
+        &[Binding::read(2, weight), Binding::write(8, &packed)],
+        len,
+        Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) },
+    )?;
+    Ok((pack, packed))
 }
 
 /// `grad_weight (+)= sum over pixels of grad_y * x`: the gradient with respect to the weight.

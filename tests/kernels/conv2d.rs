@@ -19,7 +19,7 @@ fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32]) ->
     let (y, gx, gw) = (poisoned(&d.y_shape()), poisoned(&d.x_shape()), poisoned(&d.w_shape()));
     let gb = poisoned(&[d.co]);
     let mut ds = conv2d::forward(gpu, &d.spec, &xt, &wt, bt.as_ref(), &y).unwrap();
-    ds.push(conv2d::backward_input(gpu, &d.spec, &gyt, &wt, &gx, false).unwrap());
+    ds.extend(conv2d::backward_input(gpu, &d.spec, &gyt, &wt, &gx, false).unwrap());
     ds.extend(conv2d::backward_weight(gpu, &d.spec, &xt, &gyt, &gw, false).unwrap());
     if b.is_some() {
         ds.extend(conv2d::backward_bias(gpu, &gyt, &gb, false).unwrap());
@@ -116,7 +116,7 @@ fn conv2d_backward_accumulates_into_existing_gradients() {
         let gx = upload(&d.x_shape(), &old_gx);
         let gw = upload(&d.w_shape(), &old_gw);
         let gb = upload(&[d.co], &old_gb);
-        let mut ds = vec![conv2d::backward_input(gpu, &d.spec, &gyt, &wt, &gx, true).unwrap()];
+        let mut ds = conv2d::backward_input(gpu, &d.spec, &gyt, &wt, &gx, true).unwrap();
         ds.extend(conv2d::backward_weight(gpu, &d.spec, &xt, &gyt, &gw, true).unwrap());
         ds.extend(conv2d::backward_bias(gpu, &gyt, &gb, true).unwrap());
         gpu.run(&ds).unwrap();
