@@ -103,9 +103,14 @@ impl Graph {
     pub(super) fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
         for op in ops {
             let mut d = match op {
-                &Op::Conv2d { spec, x, weight, bias, y } => {
-                    conv2d::forward(gpu, &spec, self.t(x), self.t(weight), bias.map(|b| self.t(b)), self.t(y))?
-                }
+                &Op::Conv2d { spec, x, weight, bias, y } => conv2d::forward(
+                    gpu,
+                    &spec,
+                    self.t(x),
+                    self.t(weight),
+                    bias.map(|b| self.t(b)),
+                    self.t(y),
+                )?,
                 &Op::BatchNorm { x, y, .. } => {
                     let bn = self.bn_params(op);
                     match mode {

@@ -205,7 +205,13 @@ pub fn backward_input(
 
 /// Repacks the weight as vec4s over output channels (`flag` 0) or input channels
 /// (`PACK_OVER_CI`), one small dispatch; returns it with the packed tensor.
-fn pack_weight(gpu: &Gpu, d: &Dims, spec: &Conv2dSpec, weight: &Tensor, flag: u32) -> Result<(Dispatch, Tensor)> {
+fn pack_weight(
+    gpu: &Gpu,
+    d: &Dims,
+    spec: &Conv2dSpec,
+    weight: &Tensor,
+    flag: u32,
+) -> Result<(Dispatch, Tensor)> {
     let (outer, tiled) = if flag == PACK_OVER_CI { (d.co, d.ci) } else { (d.ci, d.co) };
     let len = outer * d.kh * d.kw * tiled.div_ceil(4);
     let packed = scratch(gpu, 4 * len)?;
@@ -234,7 +240,7 @@ pub fn backward_weight(
 ) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), grad_weight)?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
-    let tiles = d.co.div_ceil(4) * d.ci.div_ceil(4) * d.kh * d.kw;
+    let tiles = d.co.div_ceil(16) * d.ci.div_ceil(4) * d.kh * d.kw;
     let rows = d.n * d.ho;
     let chunks = reduction_chunks(tiles, rows * d.wo);
     let chunk_rows = rows.div_ceil(chunks);
