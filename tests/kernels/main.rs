@@ -7,6 +7,7 @@ mod determinism;
 mod elementwise;
 mod errors;
 mod graph;
+mod infer;
 mod loss;
 mod matmul;
 mod model;

@@ -1,0 +1,285 @@
+//! Inference on images: whole image, sliding windows, and multi-scale with flip, as the
+//! official test recipe does it (spec section 6).
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{Graph, GraphBuilder, Mode};
+use crate::kernels::resize;
+use crate::model::weights::{self, NamedTensor};
+use crate::model::{hrnet, Config};
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+
+/// The ImageNet normalisation the official models were trained with (RGB order).
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// An 8-bit RGB image, row-major, `3 * width * height` bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl Image {
+    pub fn new(width: usize, height: usize, rgb: Vec<u8>) -> Result<Self> {
+        if width == 0 || height == 0 || rgb.len() != 3 * width * height {
+            return Err(Error::Invalid(format!(
+                "an RGB image of {width}x{height} needs {} bytes, got {}",
+                3 * width * height,
+                rgb.len()
+            )));
+        }
+        Ok(Image { width, height, rgb })
+    }
+
+    /// The normalised planes `[3, H, W]` the network reads.
+    fn normalised(&self) -> Vec<f32> {
+        let hw = self.width * self.height;
+        let mut out = vec![0.0; 3 * hw];
+        for (i, px) in self.rgb.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * hw + i] = (f32::from(px[c]) / 255.0 - MEAN[c]) / STD[c];
+            }
+        }
+        out
+    }
+}
+
+/// How an image is covered.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Strategy {
+    /// One pass over the whole image.
+    Whole,
+    /// Windows of `crop` (height, width) every `stride`; the last window of each row and
+    /// column is shifted back to end at the border; overlaps are averaged.
+    Slide { crop: [usize; 2], stride: [usize; 2] },
+    /// For each scale, the resized image whole (scale <= 1) or in sliding windows (> 1), with
+    /// its horizontal flip averaged in; exp() of the logits, resized back and summed.
+    MultiScaleFlip { scales: Vec<f32>, crop: [usize; 2], stride: [usize; 2] },
+}
+
+/// A segmentation: per-pixel classes and the scores they are the argmax of.
+pub struct Segmentation {
+    pub width: usize,
+    pub height: usize,
+    /// `height * width` class indices.
+    pub classes: Vec<u32>,
+    /// `[K, H, W]`: logits (whole, slide) or summed exp-logits (multi-scale).
+    pub scores: Vec<f32>,
+}
+
+/// A model ready to segment images; graphs are built once per input size and kept.
+pub struct Segmenter<'g> {
+    gpu: &'g Gpu,
+    config: Config,
+    weights: Vec<NamedTensor>,
+    graphs: HashMap<[usize; 2], Graph>,
+}
+
+impl<'g> Segmenter<'g> {
+    pub fn new(gpu: &'g Gpu, config: Config, weights: Vec<NamedTensor>) -> Self {
+        Segmenter { gpu, config, weights, graphs: HashMap::new() }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Segments `image`.
+    pub fn segment(&mut self, image: &Image, strategy: &Strategy) -> Result<Segmentation> {
+        let scores = self.logits_with(&image.normalised(), [image.height, image.width], strategy)?;
+        Ok(Segmentation {
+            width: image.width,
+            height: image.height,
+            classes: argmax(&scores, self.config.num_classes, image.width * image.height),
+            scores,
+        })
+    }
+
+    /// The scores `[K, H, W]` of normalised planes `[3, H, W]` under `strategy`.
+    pub fn logits_with(&mut self, planes: &[f32], size: [usize; 2], strategy: &Strategy) -> Result<Vec<f32>> {
+        if planes.len() != 3 * size[0] * size[1] {
+            return Err(Error::Invalid(format!("{} values for 3 planes of {size:?}", planes.len())));
+        }
+        match strategy {
+            Strategy::Whole => self.logits(planes, size),
+            Strategy::Slide { crop, stride } => self.slide(planes, size, *crop, *stride),
+            Strategy::MultiScaleFlip { scales, crop, stride } => {
+                self.multi_scale_flip(planes, size, scales, *crop, *stride)
+            }
+        }
+    }
+
+    /// The main logits `[K, H, W]` of normalised planes `[3, H, W]`, at the input size.
+    pub fn logits(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
+        let (gpu, k, align) = (self.gpu, self.config.num_classes, self.config.align_corners);
+        let graph = self.graph([h, w])?;
+        graph.set(gpu, "input", planes)?;
+        graph.forward(gpu)?;
+        // Logits come at 1/4 resolution; resized on the device (align_corners as the model).
+        let full = Tensor::empty(gpu, &[1, k, h, w])?;
+        let up = resize::forward(gpu, graph.output(0), &full, 0, align)?;
+        gpu.run([&up])?;
+        full.to_vec(gpu)
+    }
+
+    fn graph(&mut self, size: [usize; 2]) -> Result<&Graph> {
+        if !self.graphs.contains_key(&size) {
+            let mut g = GraphBuilder::new();
+            let x = g.input("input", &[1, 3, size[0], size[1]], false);
+            let m = hrnet::build(&mut g, &self.config, x, 0.0)?;
+            let graph = g.build(self.gpu, Mode::Eval, &[m.out])?;
+            weights::load_into(self.gpu, &graph, &self.weights, "the segmenter's weights")?;
+            self.graphs.insert(size, graph);
+        }
+        Ok(&self.graphs[&size])
+    }
+
+    fn slide(
+        &mut self,
+        planes: &[f32],
+        [h, w]: [usize; 2],
+        crop: [usize; 2],
+        stride: [usize; 2],
+    ) -> Result<Vec<f32>> {
+        if crop.contains(&0) || stride.contains(&0) {
+            return Err(Error::Invalid(format!(
+                "sliding windows need a positive crop and stride, got {crop:?} / {stride:?}"
+            )));
+        }
+        let k = self.config.num_classes;
+        let mut sum = vec![0.0f32; k * h * w];
+        let mut count = vec![0u32; h * w];
+        for y0 in window_starts(h, crop[0], stride[0]) {
+            for x0 in window_starts(w, crop[1], stride[1]) {
+                let (ch, cw) = (crop[0].min(h), crop[1].min(w));
+                let window = crop_planes(planes, 3, [h, w], [y0, x0], [ch, cw]);
+                let logits = self.logits(&window, [ch, cw])?;
+                for c in 0..k {
+                    for y in 0..ch {
+                        for x in 0..cw {
+                            sum[(c * h + y0 + y) * w + x0 + x] += logits[(c * ch + y) * cw + x];
+                        }
+                    }
+                }
+                for y in 0..ch {
+                    for x in 0..cw {
+                        count[(y0 + y) * w + x0 + x] += 1;
+                    }
+                }
+            }
+        }
+        for (i, v) in sum.iter_mut().enumerate() {
+            *v /= count[i % (h * w)] as f32;
+        }
+        Ok(sum)
+    }
+
+    fn multi_scale_flip(
+        &mut self,
+        planes: &[f32],
+        [h, w]: [usize; 2],
+        scales: &[f32],
+        crop: [usize; 2],
+        stride: [usize; 2],
+    ) -> Result<Vec<f32>> {
+        if scales.is_empty() || scales.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
+            return Err(Error::Invalid(format!("scales must be positive, got {scales:?}")));
+        }
+        let k = self.config.num_classes;
+        let mut total = vec![0.0f32; k * h * w];
+        for &s in scales {
+            let size = [((h as f32 * s).round() as usize).max(1), ((w as f32 * s).round() as usize).max(1)];
+            let scaled = self.resize_planes(planes, 3, [h, w], size)?;
+            let run = |this: &mut Self, p: &[f32]| -> Result<Vec<f32>> {
+                if s <= 1.0 {
+                    this.logits(p, size)
+                } else {
+                    this.slide(p, size, crop, stride)
+                }
+            };
+            let plain = run(self, &scaled)?;
+            let flipped = flip(&run(self, &flip(&scaled, 3, size))?, k, size);
+            let averaged: Vec<f32> = plain.iter().zip(&flipped).map(|(a, b)| ((a + b) / 2.0).exp()).collect();
+            let back = self.resize_planes(&averaged, k, size, [h, w])?;
+            total.iter_mut().zip(back).for_each(|(t, v)| *t += v);
+        }
+        Ok(total)
+    }
+
+    /// Bilinear resize of `c` planes on the device (align_corners as the model).
+    fn resize_planes(&self, planes: &[f32], c: usize, from: [usize; 2], to: [usize; 2]) -> Result<Vec<f32>> {
+        if from == to {
+            return Ok(planes.to_vec());
+        }
+        let gpu = self.gpu;
+        let src = Tensor::from_slice(gpu, &[1, c, from[0], from[1]], planes)?;
+        let dst = Tensor::empty(gpu, &[1, c, to[0], to[1]])?;
+        gpu.run([&resize::forward(gpu, &src, &dst, 0, self.config.align_corners)?])?;
+        dst.to_vec(gpu)
+    }
+}
+
+/// Window starts along an axis: every `stride`, the last shifted back to end at the border.
+pub fn window_starts(len: usize, crop: usize, stride: usize) -> Vec<usize> {
+    if len <= crop {
+        return vec![0];
+    }
+    let mut starts: Vec<usize> = (0..).map(|i| i * stride).take_while(|&s| s + crop < len).collect();
+    starts.push(len - crop);
+    starts.dedup();
+    starts
+}
+
+fn crop_planes(
+    planes: &[f32],
+    c: usize,
+    [h, w]: [usize; 2],
+    [y0, x0]: [usize; 2],
+    [ch, cw]: [usize; 2],
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(c * ch * cw);
+    for p in 0..c {
+        for y in 0..ch {
+            let row = (p * h + y0 + y) * w + x0;
+            out.extend_from_slice(&planes[row..row + cw]);
+        }
+    }
+    out
+}
+
+/// Mirrors `c` planes of `[h, w]` left to right.
+fn flip(planes: &[f32], c: usize, [h, w]: [usize; 2]) -> Vec<f32> {
+    let mut out = planes.to_vec();
+    for row in out.chunks_exact_mut(w).take(c * h) {
+        row.reverse();
+    }
+    out
+}
+
+/// The first class with the highest score at each pixel.
+fn argmax(scores: &[f32], k: usize, pixels: usize) -> Vec<u32> {
+    (0..pixels)
+        .map(|i| {
+            (0..k)
+                .fold(0, |best, c| if scores[c * pixels + i] > scores[best * pixels + i] { c } else { best })
+                as u32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window_starts;
+
+    #[test]
+    fn windows_cover_the_axis_and_end_at_the_border() {
+        assert_eq!(window_starts(100, 100, 100), [0]);
+        assert_eq!(window_starts(80, 100, 50), [0]);
+        assert_eq!(window_starts(250, 100, 100), [0, 100, 150]);
+        assert_eq!(window_starts(200, 100, 100), [0, 100]);
+        assert_eq!(window_starts(130, 100, 20), [0, 20, 30]);
+    }
+}

@@ -1,0 +1,151 @@
+//! The segmenter on the tiny model: whole image against the model's logits resized as the
+//! official test does, sliding windows stitched and averaged, flip averaged, and images.
+
+use crate::common::*;
+use hrnet_ocr::infer::{window_starts, Image, Segmenter, Strategy};
+use hrnet_ocr::model::weights;
+use hrnet_ocr::model::Config;
+use std::path::Path;
+
+fn segmenter() -> Segmenter<'static> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
+    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
+    let w = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    Segmenter::new(gpu(), cfg, w)
+}
+
+/// Bilinear, align_corners = true, on the CPU.
+fn upsample(x: &[f32], c: usize, [h, w]: [usize; 2], [ho, wo]: [usize; 2]) -> Vec<f32> {
+    let tap = |o: usize, n_in: usize, n_out: usize| {
+        let s = if n_out > 1 { o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64 } else { 0.0 };
+        let i0 = (s.floor() as usize).min(n_in - 1);
+        (i0, (i0 + 1).min(n_in - 1), s - i0 as f64)
+    };
+    let mut y = vec![0f32; c * ho * wo];
+    for p in 0..c {
+        for oy in 0..ho {
+            let (y0, y1, ty) = tap(oy, h, ho);
+            for ox in 0..wo {
+                let (x0, x1, tx) = tap(ox, w, wo);
+                let at = |yy: usize, xx: usize| f64::from(x[(p * h + yy) * w + xx]);
+                let v = (1.0 - ty) * ((1.0 - tx) * at(y0, x0) + tx * at(y0, x1))
+                    + ty * ((1.0 - tx) * at(y1, x0) + tx * at(y1, x1));
+                y[(p * ho + oy) * wo + ox] = v as f32;
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn whole_image_logits_are_the_model_output_resized_to_the_input() {
+    let f = Fixture::load("model/tiny_eval.safetensors");
+    let mut s = segmenter();
+    for case in ["a", "b"] {
+        let [_, _, h, w]: [usize; 4] = f.shape(&format!("{case}.input")).try_into().unwrap();
+        let got = s.logits(f.get(&format!("{case}.input")), [h, w]).unwrap();
+        let [_, k, oh, ow]: [usize; 4] = f.shape(&format!("{case}.out")).try_into().unwrap();
+        let want = upsample(f.get(&format!("{case}.out")), k, [oh, ow], [h, w]);
+        assert_close(&format!("{case} whole-image logits"), &got, &want, 1e-4);
+    }
+}
+
+#[test]
+fn sliding_windows_are_stitched_and_averaged() {
+    let mut s = segmenter();
+    let mut rng = Rng::new(seed("sliding_windows"));
+    let (h, w, k) = (40, 56, 5);
+    let planes = rng.normals(3 * h * w);
+    // A crop as large as the image is the whole image.
+    let whole = s.logits(&planes, [h, w]).unwrap();
+    let stitched = |s: &mut Segmenter<'_>, crop: [usize; 2], stride: [usize; 2]| -> Vec<f32> {
+        // Expected: each window's logits added where it lies, divided by the cover count.
+        let (mut sum, mut count) = (vec![0f64; k * h * w], vec![0f64; h * w]);
+        for y0 in window_starts(h, crop[0], stride[0]) {
+            for x0 in window_starts(w, crop[1], stride[1]) {
+                let (ch, cw) = (crop[0].min(h), crop[1].min(w));
+                let window: Vec<f32> = (0..3)
+                    .flat_map(|c| (0..ch).flat_map(move |y| (0..cw).map(move |x| (c, y, x))))
+                    .map(|(c, y, x)| planes[(c * h + y0 + y) * w + x0 + x])
+                    .collect();
+                let l = s.logits(&window, [ch, cw]).unwrap();
+                for c in 0..k {
+                    for y in 0..ch {
+                        for x in 0..cw {
+                            sum[(c * h + y0 + y) * w + x0 + x] += f64::from(l[(c * ch + y) * cw + x]);
+                            if c == 0 {
+                                count[(y0 + y) * w + x0 + x] += 1.0;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        sum.iter().enumerate().map(|(i, v)| (v / count[i % (h * w)]) as f32).collect()
+    };
+    for (crop, stride) in [([64, 64], [64, 64]), ([24, 32], [16, 24]), ([20, 20], [20, 20])] {
+        let got = slide(&mut s, &planes, [h, w], crop, stride);
+        let want = if crop[0] >= h && crop[1] >= w { whole.clone() } else { stitched(&mut s, crop, stride) };
+        assert_close(&format!("slide crop {crop:?} stride {stride:?}"), &got, &want, 1e-5);
+    }
+}
+
+/// The segmenter's sliding strategy on normalised planes (through an image would quantise).
+fn slide(
+    s: &mut Segmenter<'_>,
+    planes: &[f32],
+    size: [usize; 2],
+    crop: [usize; 2],
+    stride: [usize; 2],
+) -> Vec<f32> {
+    s.logits_with(planes, size, &Strategy::Slide { crop, stride }).unwrap()
+}
+
+#[test]
+fn flip_is_averaged_and_exponentiated_at_scale_one() {
+    let mut s = segmenter();
+    let mut rng = Rng::new(seed("flip"));
+    let (h, w, k) = (32, 48, 5);
+    let planes = rng.normals(3 * h * w);
+    let mirror = |x: &[f32], c: usize| -> Vec<f32> {
+        let mut y = x.to_vec();
+        for p in 0..c * h {
+            y[p * w..(p + 1) * w].reverse();
+        }
+        y
+    };
+    let plain = s.logits(&planes, [h, w]).unwrap();
+    let flipped = mirror(&s.logits(&mirror(&planes, 3), [h, w]).unwrap(), k);
+    let want: Vec<f32> = plain.iter().zip(&flipped).map(|(a, b)| ((a + b) / 2.0).exp()).collect();
+    let strategy = Strategy::MultiScaleFlip { scales: vec![1.0], crop: [64, 64], stride: [64, 64] };
+    let got = s.logits_with(&planes, [h, w], &strategy).unwrap();
+    assert_close("flip-averaged exp logits", &got, &want, 1e-5);
+    // Two scales sum their (resized) scores.
+    let two = Strategy::MultiScaleFlip { scales: vec![1.0, 0.5], crop: [64, 64], stride: [64, 64] };
+    let summed = s.logits_with(&planes, [h, w], &two).unwrap();
+    assert!(summed.iter().zip(&got).all(|(a, b)| a > b), "the half scale adds positive scores");
+}
+
+#[test]
+fn images_are_normalised_and_classes_are_the_argmax() {
+    let mut s = segmenter();
+    let mut rng = Rng::new(seed("images"));
+    let (w, h) = (36, 28);
+    let rgb: Vec<u8> = (0..3 * w * h).map(|_| rng.range(0, 255) as u8).collect();
+    let image = Image::new(w, h, rgb.clone()).unwrap();
+    let seg = s.segment(&image, &Strategy::Whole).unwrap();
+    assert_eq!((seg.width, seg.height, seg.classes.len(), seg.scores.len()), (w, h, w * h, 5 * w * h));
+    for i in 0..w * h {
+        let best =
+            (0..5).fold(0, |b, c| if seg.scores[c * w * h + i] > seg.scores[b * w * h + i] { c } else { b });
+        assert_eq!(seg.classes[i], best as u32);
+    }
+    let mean = [0.485f32, 0.456, 0.406];
+    let std = [0.229f32, 0.224, 0.225];
+    let planes: Vec<f32> = (0..3)
+        .flat_map(|c| rgb.chunks_exact(3).map(move |p| (f32::from(p[c]) / 255.0 - mean[c]) / std[c]))
+        .collect();
+    assert_close("image path = planes path", &seg.scores, &s.logits(&planes, [h, w]).unwrap(), 0.0);
+    let e = Image::new(4, 4, vec![0; 47]).unwrap_err().to_string();
+    assert!(e.contains("4x4") && e.contains("48") && e.contains("47"), "{e}");
+}
