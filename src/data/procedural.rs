@@ -2,6 +2,7 @@
 //! and colours, overlapping, on cluttered backgrounds. Deterministic by (seed, index), any
 //! image size; needs no files.
 
+use super::SplitMix;
 use crate::infer::Image;
 
 /// The classes, in label order.
@@ -11,34 +12,6 @@ pub const CLASSES: [&str; 5] = ["background", "disc", "box", "triangle", "ring"]
 pub struct Scene {
     pub image: Image,
     pub labels: Vec<u32>,
-}
-
-/// SplitMix64, seeded from (seed, index): the same scene every time.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64, index: u64) -> Self {
-        let mut r = Rng(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        r.next();
-        r
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * self.unit()
-    }
 }
 
 /// A shape instance: class, centre, size, rotation, colour and texture phase.
@@ -96,7 +69,9 @@ const COLOURS: [[f32; 3]; 4] = [[0.85, 0.2, 0.15], [0.15, 0.35, 0.85], [0.2, 0.7
 
 /// Scene `index` of the dataset `seed`, at `width x height`.
 pub fn scene(seed: u64, index: u64, width: usize, height: usize) -> Scene {
-    let mut rng = Rng::new(seed, index);
+    // Seeded from (seed, index): the same scene every time.
+    let mut rng = SplitMix::new(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    rng.next_u64();
     let scale = width.min(height) as f32;
     // Cluttered background: a colour gradient, soft blotches and thin strokes of every colour.
     let base = [rng.range(0.3, 0.6), rng.range(0.3, 0.6), rng.range(0.3, 0.6)];
@@ -113,13 +88,13 @@ pub fn scene(seed: u64, index: u64, width: usize, height: usize) -> Scene {
         .collect();
     let strokes: Vec<(f32, f32, f32, [f32; 3])> = (0..4)
         .map(|_| {
-            let c = COLOURS[(rng.next() % 4) as usize];
+            let c = COLOURS[(rng.next_u64() % 4) as usize];
             (rng.range(0.0, std::f32::consts::PI), rng.range(-1.0, 1.0) * scale, rng.range(0.5, 1.5), c)
         })
         .collect();
-    let shapes: Vec<Shape> = (0..(3 + rng.next() % 5))
+    let shapes: Vec<Shape> = (0..(3 + rng.next_u64() % 5))
         .map(|_| {
-            let class = 1 + (rng.next() % 4) as u32;
+            let class = 1 + (rng.next_u64() % 4) as u32;
             let c = COLOURS[class as usize - 1];
             Shape {
                 class,

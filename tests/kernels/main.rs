@@ -14,4 +14,5 @@ mod model;
 mod ocr;
 mod resize;
 mod softmax;
+mod train;
 mod training;

@@ -1,0 +1,93 @@
+//! Training augmentation as HRNet-OCR's `gen_sample`: random rescale by a factor from a set
+//! of tenths, pad bottom/right to the crop size (black image, ignore label), random crop,
+//! random horizontal flip, then mean/std normalisation in RGB order.
+
+use super::SplitMix;
+use crate::infer::{Image, MEAN, STD};
+
+/// A sample ready for the network: planes `[3, h, w]` and labels `[h, w]`.
+pub struct Sample {
+    pub planes: Vec<f32>,
+    pub labels: Vec<u32>,
+}
+
+/// What [`augment`] does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Augment {
+    /// Crop (height, width).
+    pub crop: [usize; 2],
+    /// Scale factors drawn uniformly: `min + k / 10` for k in 0..=steps (official: 0.5, 16).
+    pub min_scale: f32,
+    pub scale_steps: u32,
+    pub flip: bool,
+    pub ignore_label: u32,
+}
+
+/// One augmented sample of `image` with `labels` (`height * width`).
+pub fn augment(image: &Image, labels: &[u32], a: &Augment, rng: &mut SplitMix) -> Sample {
+    let s = a.min_scale + rng.below(u64::from(a.scale_steps) + 1) as f32 / 10.0;
+    let (w, h) = (
+        ((image.width as f32 * s).round() as usize).max(1),
+        ((image.height as f32 * s).round() as usize).max(1),
+    );
+    let (rgb, lbl) =
+        (resize_bilinear(image, w, h), resize_nearest(labels, [image.height, image.width], [h, w]));
+    let [ch, cw] = a.crop;
+    let y0 = rng.below(h.saturating_sub(ch) as u64 + 1) as usize;
+    let x0 = rng.below(w.saturating_sub(cw) as u64 + 1) as usize;
+    let flip = a.flip && rng.below(2) == 1;
+    let mut planes = vec![0.0; 3 * ch * cw];
+    let mut out = vec![a.ignore_label; ch * cw];
+    for y in 0..ch {
+        for x in 0..cw {
+            let (sy, sx) = (y0 + y, x0 + if flip { cw - 1 - x } else { x });
+            // Outside the rescaled image is padding: black, and the ignore label.
+            let inside = sy < h && sx < w;
+            for c in 0..3 {
+                let v = if inside { f32::from(rgb[(sy * w + sx) * 3 + c]) } else { 0.0 };
+                planes[(c * ch + y) * cw + x] = (v / 255.0 - MEAN[c]) / STD[c];
+            }
+            if inside {
+                out[y * cw + x] = lbl[sy * w + sx];
+            }
+        }
+    }
+    Sample { planes, labels: out }
+}
+
+/// Bilinear resize of an RGB image (pixel centres aligned, as OpenCV's INTER_LINEAR).
+fn resize_bilinear(image: &Image, w: usize, h: usize) -> Vec<u8> {
+    let (iw, ih) = (image.width, image.height);
+    let tap = |o: usize, n_in: usize, n_out: usize| {
+        let src = ((o as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).max(0.0);
+        let i0 = (src as usize).min(n_in - 1);
+        (i0, (i0 + 1).min(n_in - 1), src - i0 as f32)
+    };
+    let mut out = vec![0u8; 3 * w * h];
+    for y in 0..h {
+        let (y0, y1, ty) = tap(y, ih, h);
+        for x in 0..w {
+            let (x0, x1, tx) = tap(x, iw, w);
+            for c in 0..3 {
+                let at = |yy: usize, xx: usize| f32::from(image.rgb[(yy * iw + xx) * 3 + c]);
+                let top = at(y0, x0) * (1.0 - tx) + at(y0, x1) * tx;
+                let bottom = at(y1, x0) * (1.0 - tx) + at(y1, x1) * tx;
+                out[(y * w + x) * 3 + c] = (top * (1.0 - ty) + bottom * ty).round() as u8;
+            }
+        }
+    }
+    out
+}
+
+/// Nearest-neighbour resize of a label map.
+fn resize_nearest(labels: &[u32], [ih, iw]: [usize; 2], [h, w]: [usize; 2]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        let sy = ((y as f32 + 0.5) * ih as f32 / h as f32) as usize;
+        for x in 0..w {
+            let sx = ((x as f32 + 0.5) * iw as f32 / w as f32) as usize;
+            out.push(labels[sy.min(ih - 1) * iw + sx.min(iw - 1)]);
+        }
+    }
+    out
+}
