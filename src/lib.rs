@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod gpu;
 pub mod graph;
 pub mod infer;

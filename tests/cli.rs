@@ -154,3 +154,45 @@ fn bad_input_gives_clear_errors() {
     let (ok, text) = run(&["forward", "--config"]);
     assert!(!ok && text.contains("--config needs a value"), "{text}");
 }
+
+#[test]
+fn train_then_eval_on_procedural_scenes() {
+    let dir = scratch("run");
+    let (ok, text) = run(&[
+        "train",
+        "--config",
+        &fixture("tiny_ocr.yaml"),
+        "--synthetic",
+        "--out",
+        dir.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--size",
+        "48",
+        "--crop",
+        "32",
+        "--save-every",
+        "2",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("step 3/3") && text.contains("images/s"), "{text}");
+    let weights = dir.join("weights.safetensors");
+    let (ok, text) = run(&[
+        "eval",
+        "--config",
+        &fixture("tiny_ocr.yaml"),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--synthetic",
+        "--count",
+        "2",
+        "--size",
+        "48",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("mIoU") && text.contains("triangle"), "{text}");
+    let (ok, text) = run(&["train", "--config", &fixture("tiny_ocr.yaml"), "--out", dir.to_str().unwrap()]);
+    assert!(!ok && text.contains("--synthetic"), "{text}");
+}

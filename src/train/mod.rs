@@ -138,7 +138,7 @@ fn initialise(gpu: &Gpu, graph: &Graph) -> Result<()> {
         let data: Vec<f32> = if shape.len() == 4 {
             let std = (2.0 / (n / shape[0]) as f32).sqrt();
             (0..n).map(|_| std * rng.normal()).collect()
-        } else if name.ends_with(".weight") && !name.contains("conv") {
+        } else if name.ends_with(".weight") {
             vec![1.0; n]
         } else {
             vec![0.0; n]

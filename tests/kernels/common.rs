@@ -1,6 +1,7 @@
 //! Test support: the shared device, a seeded RNG, fixture loading, comparison with
 //! diagnostics, and plain CPU references of every kernel (accumulating in f64).
 
+use hrnet_ocr::data::SplitMix;
 use hrnet_ocr::kernels::conv2d::Conv2dSpec;
 use hrnet_ocr::{Gpu, Tensor};
 use std::collections::HashMap;
@@ -28,20 +29,16 @@ pub fn seed(test: &str) -> u64 {
     seed
 }
 
-/// SplitMix64: small, fast and good enough for test data.
-pub struct Rng(u64);
+/// Test data from the library's SplitMix64 generator.
+pub struct Rng(SplitMix);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(SplitMix::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [lo, hi] (inclusive).

@@ -46,6 +46,19 @@ fn a_tiny_model_learns_the_procedural_scenes() {
         head_lr_mult: 1.0,
     };
     let mut trainer = Trainer::new(gpu(), cfg, None, options).unwrap();
+    // Fresh weights: every batch-norm scale 1 (a zero scale before a ReLU would leave that
+    // path dead), biases 0, convolutions N(0, 2 / fan_in).
+    for t in trainer.weights().unwrap() {
+        if t.shape.len() == 1 && t.name.ends_with(".weight") {
+            assert!(t.data.iter().all(|&v| v == 1.0), "{} not initialised to 1", t.name);
+        } else if t.name.ends_with(".bias") || t.name.ends_with("running_mean") {
+            assert!(t.data.iter().all(|&v| v == 0.0), "{} not initialised to 0", t.name);
+        } else if t.shape.len() == 4 && t.data.len() >= 1000 {
+            let var = t.data.iter().map(|v| v * v).sum::<f32>() / t.data.len() as f32;
+            let want = 2.0 / (t.data.len() / t.shape[0]) as f32;
+            assert!((var / want - 1.0).abs() < 0.2, "{}: variance {var}, expected {want}", t.name);
+        }
+    }
     let mut rng = SplitMix::new(11);
     let mut losses = Vec::new();
     for step in 0..40u64 {
@@ -64,4 +77,35 @@ fn a_tiny_model_learns_the_procedural_scenes() {
     eprintln!("losses {losses:?}");
     assert!(last < 0.7 * first, "loss fell only from {first} to {last}");
     assert_eq!(trainer.weights().unwrap().len(), 192 + 124);
+}
+
+#[test]
+fn evaluation_scores_follow_the_official_formulas() {
+    use hrnet_ocr::eval::Evaluation;
+    let mut rng = Rng::new(seed("evaluation_scores"));
+    let k = 4;
+    let mut eval = Evaluation::new(gpu(), k, 255).unwrap();
+    let mut confusion = vec![0u64; k * k];
+    for _ in 0..3 {
+        let n = rng.range(10, 300);
+        let labels: Vec<u32> =
+            (0..n).map(|_| if rng.range(0, 9) == 0 { 255 } else { rng.range(0, k - 1) as u32 }).collect();
+        let pred: Vec<u32> = (0..n).map(|_| rng.range(0, k - 1) as u32).collect();
+        for (&l, &p) in labels.iter().zip(&pred) {
+            if l != 255 {
+                confusion[l as usize * k + p as usize] += 1;
+            }
+        }
+        eval.add(gpu(), &pred, &labels).unwrap();
+    }
+    let s = eval.scores(gpu()).unwrap();
+    assert_eq!(s.confusion, confusion);
+    for c in 0..k {
+        let tp = confusion[c * k + c] as f64;
+        let gt: u64 = (0..k).map(|p| confusion[c * k + p]).sum();
+        let pr: u64 = (0..k).map(|g| confusion[g * k + c]).sum();
+        assert!((s.iou[c] - tp / (gt + pr - tp as u64).max(1) as f64).abs() < 1e-12);
+    }
+    assert!((s.mean_iou - s.iou.iter().sum::<f64>() / k as f64).abs() < 1e-12);
+    assert!(eval.add(gpu(), &[0, 1], &[0]).is_err());
 }
