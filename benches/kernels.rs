@@ -228,6 +228,7 @@ fn ocr_head(c: &mut Criterion) {
         let name = format!("512^3 trans_a {ta} trans_b {tb}");
         bench(c, &gpu, "matmul_forward", &name, &[mm.forward(&gpu, &a, &b, &m).unwrap()], false);
         bench(c, &gpu, "matmul_backward_a", &name, &[mm.backward_a(&gpu, &m, &b, &a, false).unwrap()], false);
+        bench(c, &gpu, "matmul_backward_b", &name, &[mm.backward_b(&gpu, &a, &m, &b, false).unwrap()], false);
     }
 
     // Spatial gather and object attention.
