@@ -514,13 +514,6 @@ impl Graph {
         gpu.submit([step])
     }
 
-    /// The parameter gradient of `v` in the optimizer arena, for training graphs.
-    pub(crate) fn arena_grad(&self, v: ValueId) -> Option<Tensor> {
-        let opt = self.optimizer.as_ref()?;
-        let index = self.values[..v.0].iter().filter(|x| x.role == Role::Param).count();
-        (self.values[v.0].role == Role::Param).then(|| opt.arena.views[index].1.clone())
-    }
-
     /// Sets every parameter gradient to zero.
     pub fn zero_grads(&self, gpu: &Gpu) {
         for (v, g) in self.values.iter().zip(&self.grads) {

@@ -200,13 +200,24 @@ impl Graph {
 
     pub(super) fn record_backward(&mut self, gpu: &Gpu, ops: &[Op]) -> Result<()> {
         let needs = self.requires_grad(ops);
-        self.grads = (0..self.values.len())
-            .map(|i| match (needs[i], self.arena_grad(ValueId(i))) {
-                (true, Some(arena_view)) => Ok(Some(arena_view)),
-                (true, None) => Tensor::empty(gpu, &self.values[i].shape).map(Some),
-                (false, _) => Ok(None),
+        // Parameter gradients are the optimizer arena's views, in parameter order.
+        let mut arena_grads = self.optimizer.as_ref().map(|o| o.arena.views.iter().map(|(_, g)| g.clone()));
+        let grads = self
+            .values
+            .iter()
+            .zip(&needs)
+            .map(|(v, &need)| {
+                let arena_view = match (v.role, arena_grads.as_mut()) {
+                    (Role::Param, Some(views)) => views.next(),
+                    _ => None,
+                };
+                match (need, arena_view) {
+                    (true, Some(view)) => Ok(Some(view)),
+                    (true, None) => Tensor::empty(gpu, &v.shape).map(Some),
+                    (false, _) => Ok(None),
+                }
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
         // Whether a value's gradient already holds a contribution in this pass: parameters'
         // accumulate across passes; without loss nodes the caller gives the outputs'.
         let mut written: Vec<bool> = self.values.iter().map(|v| v.role == Role::Param).collect();
@@ -225,12 +236,13 @@ impl Graph {
             let gy = match out {
                 // A node whose output got no gradient passes none on.
                 Some(y) if !targets.written[y.0] => continue,
-                Some(y) => self.grads[y.0].clone(),
+                Some(y) => grads[y.0].clone(),
                 None => None,
             };
-            let mut d = self.backward_of(gpu, op, gy, &mut targets, loss_index)?;
+            let mut d = self.backward_of(gpu, op, gy, &grads, &mut targets, loss_index)?;
             self.recorded.backward.append(&mut d);
         }
+        self.grads = grads;
         Ok(())
     }
 
@@ -239,17 +251,17 @@ impl Graph {
         gpu: &Gpu,
         op: &Op,
         gy: Option<Tensor>,
+        grads: &[Option<Tensor>],
         tg: &mut Targets<'_>,
         loss_index: usize,
     ) -> Result<Vec<Dispatch>> {
-        let grads = self.grads.clone();
         let mut target = |v: ValueId| tg.target(gpu, v, &grads[v.0], &self.values[v.0].shape);
         let gy = || gy.clone().expect("nodes with an output have its gradient");
         Ok(match op {
             &Op::Conv2d { spec, x, weight, bias, .. } => {
                 let gy = gy();
                 let mut d = Vec::new();
-                if tg_needs(&grads, x) {
+                if tg_needs(grads, x) {
                     let (gx, acc) = target(x)?;
                     d.extend(conv2d::backward_input(gpu, &spec, &gy, self.t(weight), &gx, acc)?);
                 }
@@ -282,7 +294,7 @@ impl Graph {
                 )?
             }
             &Op::Relu { x, y } => {
-                if !tg_needs(&grads, x) {
+                if !tg_needs(grads, x) {
                     return Ok(Vec::new());
                 }
                 let (gx, acc) = target(x)?;
@@ -297,7 +309,7 @@ impl Graph {
                 vec![elementwise::add_relu_backward(gpu, self.t(y), &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?]
             }
             &Op::Resize { x, align_corners, .. } => {
-                if !tg_needs(&grads, x) {
+                if !tg_needs(grads, x) {
                     return Ok(Vec::new());
                 }
                 let (gx, acc) = target(x)?;
@@ -309,7 +321,7 @@ impl Graph {
                 let mut offset = 0;
                 for &x in inputs {
                     let c = self.t(x).shape()[1];
-                    if tg_needs(&grads, x) {
+                    if tg_needs(grads, x) {
                         let (gx, acc) = target(x)?;
                         d.push(if self.t(x).shape()[2..] == self.t(*y).shape()[2..] {
                             concat::copy_channels(gpu, (&gy, offset), (&gx, 0), c, acc)?
