@@ -5,7 +5,7 @@
 //! `HRNET_BENCH_CONFIG=w48 cargo bench --bench model` picks another preset.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use hrnet_ocr::graph::{Graph, GraphBuilder, LossSpec, Mode};
+use hrnet_ocr::graph::{Graph, GraphBuilder, Mode};
 use hrnet_ocr::kernels::sgd::SgdConfig;
 use hrnet_ocr::model::{hrnet, Config};
 use hrnet_ocr::{Gpu, Tensor};
@@ -15,17 +15,14 @@ fn preset() -> String {
     std::env::var("HRNET_BENCH_CONFIG").unwrap_or_else(|_| "w18-small-v2".into())
 }
 
-/// The model with deterministic pseudo-random parameters and unit running variances.
+/// The model with a fresh (deterministic) initialisation.
 fn model(gpu: &Gpu, cfg: &Config, shape: [usize; 4], train: bool) -> Graph {
     let mut g = GraphBuilder::new();
     let x = g.input("input", &shape, false);
     let m = hrnet::build(&mut g, cfg, x, if train { hrnet::OCR_DROPOUT } else { 0.0 }).unwrap();
     if train {
         let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
-        for (logits, weight) in [(m.aux, 0.4), (m.out, 1.0)] {
-            let spec = LossSpec { weight, ignore_label: 255, ohem: None, align_corners: true };
-            g.cross_entropy(spec, logits, labels).unwrap();
-        }
+        hrnet::add_losses(&mut g, cfg, &m, labels).unwrap();
     } else {
         let r = g.plan_memory(&[m.aux, m.out]);
         eprintln!(
@@ -36,23 +33,7 @@ fn model(gpu: &Gpu, cfg: &Config, shape: [usize; 4], train: bool) -> Graph {
         );
     }
     let graph = g.build(gpu, if train { Mode::Train } else { Mode::Eval }, &[m.aux, m.out]).unwrap();
-    let names: Vec<(String, Vec<usize>)> =
-        graph.parameters().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
-    for (i, (name, shape)) in names.iter().enumerate() {
-        let n: usize = shape.iter().product();
-        let fan_in = (n / shape[0]).max(1) as f32;
-        let data: Vec<f32> = (0..n)
-            .map(|j| {
-                let h = (j as u32 ^ (i as u32).wrapping_mul(0x9e37_79b9)).wrapping_mul(2_654_435_761);
-                ((h >> 8) as f32 / 8_388_608.0 - 1.0) / fan_in.sqrt()
-            })
-            .collect();
-        graph.set(gpu, name, &data).unwrap();
-    }
-    for name in graph.buffers().map(str::to_string).collect::<Vec<_>>() {
-        let t = graph.tensor(&name).unwrap();
-        t.fill(gpu, if name.ends_with("running_var") { 1.0 } else { 0.0 });
-    }
+    hrnet_ocr::train::initialise(gpu, &graph).unwrap();
     let input = Tensor::full(gpu, &shape, 0.5).unwrap();
     graph.set(gpu, "input", &input.to_vec(gpu).unwrap()).unwrap();
     if train {

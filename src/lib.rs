@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval;
 pub mod gpu;
 pub mod graph;
+pub mod images;
 pub mod infer;
 pub mod kernels;
 pub mod model;

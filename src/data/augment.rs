@@ -2,7 +2,8 @@
 //! of tenths, pad bottom/right to the crop size (black image, ignore label), random crop,
 //! random horizontal flip, then mean/std normalisation in RGB order.
 
-use super::SplitMix;
+use super::{Dataset, SplitMix};
+use crate::error::Result;
 use crate::infer::{Image, MEAN, STD};
 
 /// A sample ready for the network: planes `[3, h, w]` and labels `[h, w]`.
@@ -53,6 +54,48 @@ pub fn augment(image: &Image, labels: &[u32], a: &Augment, rng: &mut SplitMix) -
         }
     }
     Sample { planes, labels: out }
+}
+
+/// The training batches of a run over a dataset. Batch `step` is a function of (seed,
+/// step) alone, so a resumed run sees exactly the batches an uninterrupted run would have.
+pub struct Batches<'d> {
+    pub dataset: &'d dyn Dataset,
+    pub recipe: Augment,
+    pub seed: u64,
+    pub batch: usize,
+}
+
+impl Batches<'_> {
+    /// The augmented samples of step `step`: the next `batch` images of the epoch's order.
+    pub fn get(&self, step: usize) -> Result<Vec<Sample>> {
+        let n = self.dataset.len().max(1);
+        let order = |epoch: usize| -> Vec<usize> {
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut rng = SplitMix::new(self.seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            for i in (1..n).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            order
+        };
+        let mut epoch_order: Option<(usize, Vec<usize>)> = None;
+        (0..self.batch)
+            .map(|i| {
+                let at = step * self.batch + i;
+                let (epoch, pos) = (at / n, at % n);
+                let index = if self.dataset.shuffle() {
+                    if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                        epoch_order = Some((epoch, order(epoch)));
+                    }
+                    epoch_order.as_ref().map_or(pos, |(_, o)| o[pos])
+                } else {
+                    pos
+                };
+                let scene = self.dataset.get(index)?;
+                let mut rng = SplitMix::new(self.seed ^ (at as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                Ok(augment(&scene.image, &scene.labels, &self.recipe, &mut rng))
+            })
+            .collect()
+    }
 }
 
 /// Bilinear resize of an RGB image (pixel centres aligned, as OpenCV's INTER_LINEAR).

@@ -1,7 +1,40 @@
 //! Datasets and training augmentation.
 
 pub mod augment;
+pub mod folder;
 pub mod procedural;
+
+use crate::error::Result;
+use crate::infer::Image;
+
+/// One labelled image: the image and its per-pixel class labels (`height * width`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scene {
+    pub image: Image,
+    pub labels: Vec<u32>,
+}
+
+/// A finite, indexable set of labelled images.
+pub trait Dataset {
+    /// How many images it holds.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `index` with its labels (train ids; the ignore label where unlabelled).
+    fn get(&self, index: usize) -> Result<Scene>;
+
+    /// What image `index` is, for messages (a file name, or a seed and index).
+    fn describe(&self, index: usize) -> String;
+
+    /// Whether training should visit it in a fresh random order every epoch (files sorted
+    /// by name), or in index order (images that are already independent random draws).
+    fn shuffle(&self) -> bool {
+        true
+    }
+}
 
 /// SplitMix64: a small, fast generator for deterministic data, augmentation and
 /// initialisation (not for anything that needs unpredictability).

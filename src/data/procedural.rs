@@ -2,16 +2,39 @@
 //! and colours, overlapping, on cluttered backgrounds. Deterministic by (seed, index), any
 //! image size; needs no files.
 
-use super::SplitMix;
+use super::{Dataset, Scene, SplitMix};
+use crate::error::Result;
 use crate::infer::Image;
 
 /// The classes, in label order.
 pub const CLASSES: [&str; 5] = ["background", "disc", "box", "triangle", "ring"];
 
-/// One scene: the image and its per-pixel class labels (`height * width`).
-pub struct Scene {
-    pub image: Image,
-    pub labels: Vec<u32>,
+/// `count` scenes of the dataset `seed`, at `width x height`: a [`Dataset`]. Different
+/// seeds give disjoint splits (training on one seed, evaluating on another).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scenes {
+    pub seed: u64,
+    pub count: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Dataset for Scenes {
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn get(&self, index: usize) -> Result<Scene> {
+        Ok(scene(self.seed, index as u64, self.width, self.height))
+    }
+
+    fn describe(&self, index: usize) -> String {
+        format!("procedural scene {index} of seed {}", self.seed)
+    }
+
+    fn shuffle(&self) -> bool {
+        false
+    }
 }
 
 /// A shape instance: class, centre, size, rotation, colour and texture phase.

@@ -58,6 +58,8 @@ pub struct GraphBuilder {
     ops: Vec<Op>,
     /// (name substring, learning-rate multiplier) for the optimizer's parameter groups.
     lr_multipliers: Vec<(String, f32)>,
+    /// Inputs whose data is known at build time, uploaded by `build`.
+    constants: Vec<(ValueId, Vec<f32>)>,
 }
 
 impl GraphBuilder {
@@ -92,6 +94,13 @@ impl GraphBuilder {
     /// A tensor the caller fills before each forward pass.
     pub fn input(&mut self, name: &str, shape: &[usize], requires_grad: bool) -> ValueId {
         self.add_value(name.to_string(), shape, Role::Input { requires_grad })
+    }
+
+    /// An f32 input `[data.len()]` that holds `data` from the start (class weights).
+    pub fn constant(&mut self, name: &str, data: &[f32]) -> ValueId {
+        let v = self.input(name, &[data.len()], false);
+        self.constants.push((v, data.to_vec()));
+        v
     }
 
     /// A u32 label map `[N, H, W]` the caller fills before each forward pass.
@@ -294,6 +303,9 @@ impl GraphBuilder {
             seed: 0,
             optimizer,
         };
+        for (v, data) in &self.constants {
+            graph.t(*v).write(gpu, data)?;
+        }
         graph.record_forward(gpu, &self.ops, mode)?;
         if mode == Mode::Train {
             graph.record_backward(gpu, &self.ops)?;
@@ -386,6 +398,8 @@ pub struct LossSpec {
     pub ohem: Option<Ohem>,
     /// How logits are resized to the label size.
     pub align_corners: bool,
+    /// A `[K]` input of per-class weights (PyTorch's `weight=`), or none.
+    pub class_weight: Option<ValueId>,
 }
 
 /// A recorded graph with its tensors.
@@ -479,14 +493,16 @@ impl Graph {
 
     /// The total loss (sum of weight x term) after a forward pass; reads back one float per term.
     pub fn loss(&self, gpu: &Gpu) -> Result<f32> {
+        let terms = self.loss_terms(gpu)?;
+        Ok(terms.iter().zip(&self.recorded.losses).map(|(t, (_, weight))| weight * t).sum())
+    }
+
+    /// Each loss term's value before its weight, in the order the terms were added.
+    pub fn loss_terms(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         if self.recorded.losses.is_empty() {
             return Err(Error::Invalid("the graph has no loss".into()));
         }
-        let mut total = 0.0;
-        for (tensor, weight) in &self.recorded.losses {
-            total += weight * tensor.to_vec(gpu)?[0];
-        }
-        Ok(total)
+        self.recorded.losses.iter().map(|(tensor, _)| Ok(tensor.to_vec(gpu)?[0])).collect()
     }
 
     /// Sets the dropout seed of the next step (forward and backward use the same masks).
@@ -512,6 +528,15 @@ impl Graph {
         }
         let (_, step) = opt.step.as_ref().expect("recorded above");
         gpu.submit([step])
+    }
+
+    /// The optimizer's momentum buffer of each parameter, by parameter name (training only).
+    pub fn momentum(&self) -> Result<Vec<(&str, &Tensor)>> {
+        let opt = self
+            .optimizer
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("momentum: the graph was built for eval".into()))?;
+        Ok(self.parameters().map(|(name, _)| name).zip(&opt.arena.momentum_views).collect())
     }
 
     /// Sets every parameter gradient to zero.

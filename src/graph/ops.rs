@@ -81,11 +81,12 @@ pub(super) struct Recorded {
     loss_passes: Vec<LossPass>,
 }
 
-fn cross_entropy(spec: &LossSpec) -> CrossEntropy<'static> {
-    CrossEntropy { ignore_label: spec.ignore_label, class_weight: None, ohem: spec.ohem }
-}
-
 impl Graph {
+    fn cross_entropy(&self, spec: &LossSpec) -> CrossEntropy<'_> {
+        let class_weight = spec.class_weight.map(|v| self.t(v));
+        CrossEntropy { ignore_label: spec.ignore_label, class_weight, ohem: spec.ohem }
+    }
+
     fn bn_params(&self, op: &Op) -> BatchNormParams<'_> {
         let Op::BatchNorm { gamma, beta, mean, var, .. } = *op else {
             unreachable!("bn_params is only called for batch-norm nodes")
@@ -170,7 +171,7 @@ impl Graph {
                     vec![layer.forward(gpu, self.t(x), self.t(y), self.seed)?]
                 }
                 &Op::Loss { logits, labels, spec } => {
-                    let mut pass = cross_entropy(&spec).forward(gpu, self.t(logits), self.t(labels))?;
+                    let mut pass = self.cross_entropy(&spec).forward(gpu, self.t(logits), self.t(labels))?;
                     let d = std::mem::take(&mut pass.forward);
                     self.recorded.losses.push((pass.loss.clone(), spec.weight));
                     self.recorded.loss_passes.push(pass);
@@ -359,7 +360,7 @@ impl Graph {
             &Op::Loss { logits, labels, spec } => {
                 let (gl, acc) = target(logits)?;
                 let pass = &self.recorded.loss_passes[loss_index];
-                let ce = cross_entropy(&spec);
+                let ce = self.cross_entropy(&spec);
                 vec![ce.backward(gpu, pass, self.t(logits), self.t(labels), spec.weight, (&gl, acc))?]
             }
         })

@@ -34,6 +34,8 @@ pub struct Arena {
     pub momentum: Tensor,
     /// (parameter view, gradient view) per parameter, in the order given.
     pub views: Vec<(Tensor, Tensor)>,
+    /// The momentum buffer's view per parameter (saved in checkpoints for an exact resume).
+    pub momentum_views: Vec<Tensor>,
     segment_end: Tensor,
     segment_lr: Tensor,
 }
@@ -62,6 +64,11 @@ impl Arena {
             .zip(&starts)
             .map(|((shape, _), &start)| Ok((p.view(gpu, start, shape)?, g.view(gpu, start, shape)?)))
             .collect::<Result<Vec<_>>>()?;
+        let momentum_views = params
+            .iter()
+            .zip(&starts)
+            .map(|((shape, _), &start)| m.view(gpu, start, shape))
+            .collect::<Result<_>>()?;
         // Segment i runs to the next view's start (or the end), so gaps share its multiplier.
         let ends: Vec<u32> = starts[1..].iter().map(|&s| s as u32).chain([len as u32]).collect();
         let lrs: Vec<f32> = params.iter().map(|&(_, m)| m).collect();
@@ -72,6 +79,7 @@ impl Arena {
             grads: g,
             momentum: m,
             views,
+            momentum_views,
         })
     }
 

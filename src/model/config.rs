@@ -67,7 +67,15 @@ pub struct Config {
     pub weight_decay: f32,
     pub momentum: f32,
     pub nesterov: bool,
+    /// Per-class loss weights: the official Cityscapes weights when the dataset is Cityscapes.
+    pub class_weights: Option<Vec<f32>>,
 }
+
+/// The class weights the official Cityscapes dataset class hands to the loss (spec section 4).
+pub const CITYSCAPES_CLASS_WEIGHTS: [f32; 19] = [
+    0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539, 0.9843, 1.1116,
+    0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507,
+];
 
 fn stage(modules: usize, block: Block, blocks: &[usize], channels: &[usize]) -> Stage {
     Stage { modules, block, blocks: blocks.to_vec(), channels: channels.to_vec() }
@@ -112,6 +120,7 @@ impl Config {
             weight_decay: 5e-4,
             momentum: 0.9,
             nesterov: false,
+            class_weights: Some(CITYSCAPES_CLASS_WEIGHTS.to_vec()),
         })
     }
 
@@ -164,20 +173,36 @@ impl Config {
                 return Err(r.error("LOSS.BALANCE_WEIGHTS", &format!("expected 2 weights, got {}", w.len())))
             }
         };
+        let ignore_label = r.opt_i64("TRAIN.IGNORE_LABEL")?.unwrap_or(255);
+        if ignore_label != -1 && u32::try_from(ignore_label).is_err() {
+            return Err(
+                r.error("TRAIN.IGNORE_LABEL", &format!("{ignore_label} is neither -1 nor a label value"))
+            );
+        }
+        let num_classes = r.positive("DATASET.NUM_CLASSES", None)?;
+        let dataset = r.scalar("DATASET.DATASET")?.unwrap_or("").to_ascii_lowercase();
+        let class_weights = (dataset == "cityscapes" && num_classes == CITYSCAPES_CLASS_WEIGHTS.len())
+            .then(|| CITYSCAPES_CLASS_WEIGHTS.to_vec());
         Ok(Config {
             stages,
-            num_classes: r.positive("DATASET.NUM_CLASSES", None)?,
+            num_classes,
             mid_channels: r.positive("MODEL.OCR.MID_CHANNELS", Some(512))?,
             key_channels: r.positive("MODEL.OCR.KEY_CHANNELS", Some(256))?,
             align_corners: r.opt_bool("MODEL.ALIGN_CORNERS")?.unwrap_or(true),
-            ignore_label: r.opt_i64("TRAIN.IGNORE_LABEL")?.unwrap_or(255),
+            ignore_label,
             ohem,
             balance_weights: balance,
             lr: r.opt_f32("TRAIN.LR")?.unwrap_or(0.01),
             weight_decay: r.opt_f32("TRAIN.WD")?.unwrap_or(5e-4),
             momentum: r.opt_f32("TRAIN.MOMENTUM")?.unwrap_or(0.9),
             nesterov: r.opt_bool("TRAIN.NESTEROV")?.unwrap_or(false),
+            class_weights,
         })
+    }
+
+    /// The ignore label as the u32 label maps hold it (-1 is `u32::MAX`: never a pixel value).
+    pub fn ignore_index(&self) -> u32 {
+        u32::try_from(self.ignore_label).unwrap_or(u32::MAX)
     }
 
     /// The backbone's output channels: the sum of stage 4's branch widths.

@@ -3,8 +3,9 @@
 
 use super::config::{Block, Config};
 use crate::error::Result;
-use crate::graph::{GraphBuilder, ValueId};
+use crate::graph::{GraphBuilder, LossSpec, ValueId};
 use crate::kernels::conv2d::Conv2dSpec;
+use crate::kernels::loss::Ohem;
 
 /// The model's dropout before cls_head (hard-coded in the official model).
 pub const OCR_DROPOUT: f32 = 0.05;
@@ -211,6 +212,25 @@ impl Builder<'_> {
 
 /// Adds HRNet-OCR to `g` reading `input` `[N, 3, H, W]`; `dropout` is the training dropout
 /// before cls_head ([`OCR_DROPOUT`] officially, 0 to leave it out).
+/// The official training loss on the model's outputs: `BALANCE_WEIGHTS[0] * L(aux) +
+/// BALANCE_WEIGHTS[1] * L(out)`, L cross entropy (OHEM when configured) with the config's
+/// ignore label and class weights, each output resized to the labels first.
+pub fn add_losses(g: &mut GraphBuilder, cfg: &Config, m: &ModelValues, labels: ValueId) -> Result<()> {
+    let class_weight = cfg.class_weights.as_deref().map(|w| g.constant("class_weight", w));
+    let ohem = cfg.ohem.map(|o| Ohem { thresh: o.thresh, min_kept: o.min_kept });
+    for (logits, weight) in [(m.aux, cfg.balance_weights[0]), (m.out, cfg.balance_weights[1])] {
+        let spec = LossSpec {
+            weight,
+            ignore_label: cfg.ignore_index(),
+            ohem,
+            align_corners: cfg.align_corners,
+            class_weight,
+        };
+        g.cross_entropy(spec, logits, labels)?;
+    }
+    Ok(())
+}
+
 pub fn build(g: &mut GraphBuilder, cfg: &Config, input: ValueId, dropout: f32) -> Result<ModelValues> {
     let mut b = Builder { g, cfg };
     let feats = b.backbone(input)?;

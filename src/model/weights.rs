@@ -8,6 +8,7 @@ use super::pth;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::Graph;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// One named tensor, f32, row-major.
@@ -36,15 +37,39 @@ fn normalise(mut t: NamedTensor) -> Option<NamedTensor> {
             t.name = rest.to_string();
         }
     }
-    let skip = t.name.starts_with("loss.") || t.name.ends_with(".num_batches_tracked");
+    // Training checkpoints also hold the optimizer's state, which a model does not.
+    let skip = t.name.starts_with("loss.")
+        || t.name.starts_with(OPTIMIZER_PREFIX)
+        || t.name.ends_with(".num_batches_tracked");
     (!skip).then_some(t)
 }
 
+/// Names starting with this are optimizer state in a training checkpoint.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
 fn read_safetensors(path: &Path) -> Result<Vec<NamedTensor>> {
+    Ok(read_safetensors_raw(path)?.0)
+}
+
+/// A safetensors file as it is stored: tensors with their names unchanged, and the
+/// header's string metadata.
+pub fn read_safetensors_raw(path: &Path) -> Result<(Vec<NamedTensor>, HashMap<String, String>)> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: shown.clone(), source })?;
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Format { path: shown.clone(), what: e.to_string() })?;
+    parse_safetensors(&bytes, &shown)
+}
+
+/// Weights from safetensors bytes already in memory (a model built into a program), names
+/// normalised; `source` names them in errors.
+pub fn from_safetensors_bytes(bytes: &[u8], source: &str) -> Result<Vec<NamedTensor>> {
+    Ok(parse_safetensors(bytes, source)?.0.into_iter().filter_map(normalise).collect())
+}
+
+fn parse_safetensors(bytes: &[u8], shown: &str) -> Result<(Vec<NamedTensor>, HashMap<String, String>)> {
+    let format = |what: String| Error::Format { path: shown.to_string(), what };
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
     let mut out = Vec::new();
     for (name, view) in file.iter() {
         let words = view.data().chunks_exact(view.dtype().bitsize() / 8);
@@ -55,19 +80,25 @@ fn read_safetensors(path: &Path) -> Result<Vec<NamedTensor>> {
                 words.map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect()
             }
             other => {
-                return Err(Error::Format {
-                    path: shown,
-                    what: format!("tensor {name} is {other:?}; only F32 weights are supported"),
-                })
+                return Err(format(format!("tensor {name} is {other:?}; only F32 weights are supported")))
             }
         };
         out.push(NamedTensor { name: name.to_string(), shape: view.shape().to_vec(), data });
     }
-    Ok(out)
+    Ok((out, metadata))
 }
 
 /// Writes tensors as safetensors, atomically (a temporary file renamed over `path`).
 pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
+    write_safetensors_with(path, tensors, None)
+}
+
+/// Writes tensors and string metadata as safetensors, atomically.
+pub fn write_safetensors_with(
+    path: &Path,
+    tensors: &[NamedTensor],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let shown = path.display().to_string();
     let views = tensors
         .iter()
@@ -81,7 +112,7 @@ pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
             .map_err(|e| Error::Format { path: shown.clone(), what: format!("tensor {}: {e}", t.name) })
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::tensor::serialize(views, None)
+    let bytes = safetensors::tensor::serialize(views, metadata)
         .map_err(|e| Error::Format { path: shown.clone(), what: e.to_string() })?;
     write_atomic(path, &bytes)
 }
@@ -93,7 +124,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| Error::Io { path: shown.clone(), source };
     let file_name = path.file_name().ok_or_else(|| Error::Invalid(format!("{shown} is not a file path")))?;
     let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
+    // Flushed to the disk before the rename, so a crash leaves the old file or the new one.
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(e)

@@ -5,11 +5,12 @@ use crate::data::augment::Sample;
 use crate::data::SplitMix;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{Graph, GraphBuilder, LossSpec, Mode};
-use crate::kernels::loss::Ohem;
+use crate::graph::{Graph, GraphBuilder, Mode};
 use crate::kernels::sgd::SgdConfig;
 use crate::model::weights::{self, NamedTensor};
 use crate::model::{hrnet, Config};
+use std::collections::HashMap;
+use std::path::Path;
 
 /// The poly learning rate step `step` (0-based) runs with: HRNet-OCR updates the rate after
 /// each optimizer step from the index of the step just taken, so steps 0 and 1 both run at
@@ -37,9 +38,60 @@ pub struct TrainOptions {
 /// One optimizer step's figures.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
+    /// The step's 0-based index.
     pub step: usize,
+    /// The weighted total that was minimised.
     pub loss: f32,
+    /// The aux (soft object regions) and main loss terms, before their weights.
+    pub aux_loss: f32,
+    pub main_loss: f32,
     pub lr: f32,
+}
+
+/// Everything an exact resume needs: weights and running statistics (official names),
+/// each parameter's momentum, the number of steps taken, and the caller's own notes (the
+/// run's settings). Saved as one safetensors file whose weights any command can load.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub weights: Vec<NamedTensor>,
+    pub momentum: Vec<NamedTensor>,
+    pub steps: usize,
+    pub notes: HashMap<String, String>,
+}
+
+const MOMENTUM_PREFIX: &str = "optimizer.momentum.";
+const STEPS_KEY: &str = "hrnet_ocr.steps";
+
+impl Checkpoint {
+    /// Writes the checkpoint atomically: a crash while saving leaves the previous file whole.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let momentum = self
+            .momentum
+            .iter()
+            .map(|m| NamedTensor { name: format!("{MOMENTUM_PREFIX}{}", m.name), ..m.clone() });
+        let tensors: Vec<NamedTensor> = self.weights.iter().cloned().chain(momentum).collect();
+        let mut meta = self.notes.clone();
+        meta.insert(STEPS_KEY.into(), self.steps.to_string());
+        weights::write_safetensors_with(path, &tensors, Some(meta))
+    }
+
+    /// Reads a checkpoint [`Checkpoint::save`] wrote.
+    pub fn load(path: &Path) -> Result<Self> {
+        let (tensors, mut notes) = weights::read_safetensors_raw(path)?;
+        let format = |what: String| Error::Format { path: path.display().to_string(), what };
+        let steps = notes
+            .remove(STEPS_KEY)
+            .ok_or_else(|| format(format!("not a training checkpoint: its metadata has no {STEPS_KEY}")))?;
+        let steps =
+            steps.parse().map_err(|_| format(format!("{STEPS_KEY} is {steps:?}, not a step count")))?;
+        let (momentum, weights): (Vec<_>, Vec<_>) =
+            tensors.into_iter().partition(|t| t.name.starts_with(MOMENTUM_PREFIX));
+        let momentum = momentum
+            .into_iter()
+            .map(|t| NamedTensor { name: t.name[MOMENTUM_PREFIX.len()..].to_string(), ..t })
+            .collect();
+        Ok(Checkpoint { weights, momentum, steps, notes })
+    }
 }
 
 /// A model being trained: its training graph, optimizer state and step count.
@@ -70,12 +122,7 @@ impl<'g> Trainer<'g> {
         let x = g.input("input", &[options.batch, 3, h, w], false);
         let m = hrnet::build(&mut g, &config, x, options.dropout)?;
         let labels = g.labels("label", &[options.batch, h, w]);
-        let ignore = u32::try_from(config.ignore_label).unwrap_or(u32::MAX);
-        let ohem = config.ohem.map(|o| Ohem { thresh: o.thresh, min_kept: o.min_kept });
-        for (logits, weight) in [(m.aux, config.balance_weights[0]), (m.out, config.balance_weights[1])] {
-            let spec = LossSpec { weight, ignore_label: ignore, ohem, align_corners: config.align_corners };
-            g.cross_entropy(spec, logits, labels)?;
-        }
+        hrnet::add_losses(&mut g, &config, &m, labels)?;
         for k in &options.head_keywords {
             g.lr_multiplier(k, options.head_lr_mult);
         }
@@ -101,8 +148,7 @@ impl<'g> Trainer<'g> {
         }
         let planes: Vec<f32> = batch.iter().flat_map(|s| s.planes.iter().copied()).collect();
         let labels: Vec<u32> = batch.iter().flat_map(|s| s.labels.iter().copied()).collect();
-        let ignore = u32::try_from(self.config.ignore_label).unwrap_or(u32::MAX);
-        crate::kernels::loss::check_labels(&labels, self.config.num_classes, ignore)?;
+        crate::kernels::loss::check_labels(&labels, self.config.num_classes, self.config.ignore_index())?;
         let gpu = self.gpu;
         self.graph.set(gpu, "input", &planes)?;
         self.graph.tensor("label")?.write_u32(gpu, &labels)?;
@@ -117,9 +163,79 @@ impl<'g> Trainer<'g> {
             nesterov: self.config.nesterov,
         };
         self.graph.sgd_step(gpu, &sgd, lr)?;
-        let stats = StepStats { step: self.step, loss: self.graph.loss(gpu)?, lr };
+        let terms = self.graph.loss_terms(gpu)?;
+        let stats = StepStats {
+            step: self.step,
+            loss: self.graph.loss(gpu)?,
+            aux_loss: terms[0],
+            main_loss: terms[1],
+            lr,
+        };
         self.step += 1;
         Ok(stats)
+    }
+
+    /// How many steps have been taken (including those before a resume).
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// The state to resume from, with `notes` stored alongside.
+    pub fn checkpoint(&self, notes: HashMap<String, String>) -> Result<Checkpoint> {
+        let momentum = self
+            .graph
+            .momentum()?
+            .into_iter()
+            .map(|(name, t)| {
+                Ok(NamedTensor {
+                    name: name.to_string(),
+                    shape: t.shape().to_vec(),
+                    data: t.to_vec(self.gpu)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Checkpoint { weights: self.weights()?, momentum, steps: self.step, notes })
+    }
+
+    /// A trainer that continues from `checkpoint` exactly as the run that saved it would
+    /// have gone on (same weights, momentum and schedule position). A checkpoint of another
+    /// model configuration is refused with every mismatched key named.
+    pub fn resume(
+        gpu: &'g Gpu,
+        config: Config,
+        checkpoint: &Checkpoint,
+        options: TrainOptions,
+    ) -> Result<Self> {
+        if checkpoint.steps > options.max_iter {
+            return Err(Error::Invalid(format!(
+                "the checkpoint has taken {} steps, more than the run's {} (max_iter)",
+                checkpoint.steps, options.max_iter
+            )));
+        }
+        let mut trainer = Trainer::new(gpu, config, Some(&checkpoint.weights), options)?;
+        let momentum = trainer.graph.momentum()?;
+        if momentum.len() != checkpoint.momentum.len() {
+            return Err(Error::Invalid(format!(
+                "the checkpoint holds momentum for {} parameters; the model has {}",
+                checkpoint.momentum.len(),
+                momentum.len()
+            )));
+        }
+        for (name, t) in momentum {
+            let saved = checkpoint.momentum.iter().find(|m| m.name == name).ok_or_else(|| {
+                Error::Invalid(format!("the checkpoint has no momentum for parameter {name}"))
+            })?;
+            if saved.shape != t.shape() {
+                return Err(Error::Shape {
+                    what: format!("momentum of {name} in the checkpoint"),
+                    expected: format!("{:?}", t.shape()),
+                    actual: format!("{:?}", saved.shape),
+                });
+            }
+            t.write(gpu, &saved.data)?;
+        }
+        trainer.step = checkpoint.steps;
+        Ok(trainer)
     }
 
     /// The current weights and running statistics, with their official names.
@@ -128,8 +244,8 @@ impl<'g> Trainer<'g> {
     }
 }
 
-/// A fresh initialisation for training from scratch.
-fn initialise(gpu: &Gpu, graph: &Graph) -> Result<()> {
+/// A fresh initialisation for training from scratch (also what benchmarks run on).
+pub fn initialise(gpu: &Gpu, graph: &Graph) -> Result<()> {
     let params: Vec<(String, Vec<usize>)> =
         graph.parameters().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
     let mut rng = SplitMix::new(0x5EED);

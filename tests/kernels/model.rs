@@ -3,7 +3,7 @@
 //! logits, every parameter gradient (1e-3) and the updated running statistics.
 
 use crate::common::*;
-use hrnet_ocr::graph::{Graph, GraphBuilder, LossSpec, Mode};
+use hrnet_ocr::graph::{Graph, GraphBuilder, Mode};
 use hrnet_ocr::model::hrnet::{self, ModelValues};
 use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
@@ -31,10 +31,7 @@ fn build(shape: [usize; 4], mode: Mode, labels: Option<[usize; 3]>) -> (Graph, M
     let m = hrnet::build(&mut g, &cfg, input, 0.0).unwrap();
     if let Some(ls) = labels {
         let labels = g.labels("label", &ls);
-        for (logits, weight) in [(m.aux, cfg.balance_weights[0]), (m.out, cfg.balance_weights[1])] {
-            let spec = LossSpec { weight, ignore_label: 255, ohem: None, align_corners: cfg.align_corners };
-            g.cross_entropy(spec, logits, labels).unwrap();
-        }
+        hrnet::add_losses(&mut g, &cfg, &m, labels).unwrap();
     }
     let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
     let memory = g.plan_memory(&outputs);

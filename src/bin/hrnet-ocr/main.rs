@@ -1,0 +1,104 @@
+//! The `hrnet-ocr` command line.
+
+mod bench;
+mod model;
+mod segment;
+mod tensors;
+mod train;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const ENVIRONMENT: &str = "\
+Environment:
+  WGPU_BACKEND        backends to search: vulkan, metal, dx12, gl (comma-separated)
+  WGPU_ADAPTER_NAME   use the first adapter whose name contains this text
+
+Without --config and --weights, commands use the bundled model (models/procedural.yaml),
+trained on the built-in procedural scenes.";
+
+#[derive(Parser)]
+#[command(
+    name = "hrnet-ocr",
+    version,
+    about = "HRNet-OCR semantic segmentation on hand-written WGSL compute shaders",
+    after_help = ENVIRONMENT
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lists every adapter found, and the limits and features of the one chosen.
+    Info,
+    /// Segments images: writes a label PNG and a colour overlay PNG per image.
+    Segment(segment::SegmentArgs),
+    /// Trains a model (SGD, poly schedule, the official augmentation), with checkpoints.
+    Train(train::TrainArgs),
+    /// Per-class IoU, mIoU, pixel accuracy and time per image on a labelled set.
+    Eval(segment::EvalArgs),
+    /// Times the forward pass and the training step at a given size and batch.
+    Bench(bench::BenchArgs),
+    /// Eval-mode forward of a tensor file; writes the model's outputs.
+    Forward(tensors::ForwardArgs),
+    /// One training-mode forward and backward; writes the loss, outputs and gradients.
+    Backward(tensors::BackwardArgs),
+    /// Converts a PyTorch checkpoint (legacy or zip .pth) to safetensors.
+    Convert(tensors::ConvertArgs),
+}
+
+/// Which model to run: the bundled one unless both are given.
+#[derive(Args, Clone, Debug)]
+struct ModelArgs {
+    /// A preset (w18-small-v2, w18, w32, w48) or an experiment YAML file [default: the bundled model's]
+    #[arg(long, value_name = "C")]
+    config: Option<String>,
+    /// Weights: .safetensors, .pth, or a training checkpoint [default: the bundled model's]
+    #[arg(long, value_name = "W")]
+    weights: Option<PathBuf>,
+}
+
+/// How images are covered at inference (spec section 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// The whole image in one pass.
+    Whole,
+    /// Sliding windows of --crop every --stride, overlaps averaged.
+    Slide,
+    /// Every scale of --scales (whole or sliding) with its flip; exp-logits summed.
+    MsFlip,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => tensors::info(),
+        Command::Segment(a) => segment::segment(&a),
+        Command::Train(a) => train::train(&a),
+        Command::Eval(a) => segment::eval(&a),
+        Command::Bench(a) => bench::bench(&a),
+        Command::Forward(a) => tensors::forward(&a),
+        Command::Backward(a) => tensors::backward(&a),
+        Command::Convert(a) => tensors::convert(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `H` or `HxW`, as (height, width).
+fn parse_size(s: &str) -> Result<[usize; 2], String> {
+    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| n > 0);
+    match s.split_once(['x', 'X']) {
+        None => parse(s).map(|n| [n, n]),
+        Some((h, w)) => parse(h).zip(parse(w)).map(|(h, w)| [h, w]),
+    }
+    .ok_or_else(|| format!("expected a positive size N or HxW, got {s:?}"))
+}

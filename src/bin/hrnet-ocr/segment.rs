@@ -1,0 +1,203 @@
+//! `segment` and `eval`: inference on image files and on labelled sets.
+
+use crate::{model, parse_size, Mode, ModelArgs};
+use clap::Args;
+use hrnet_ocr::data::folder::Folder;
+use hrnet_ocr::data::procedural::Scenes;
+use hrnet_ocr::data::Dataset;
+use hrnet_ocr::eval::Evaluation;
+use hrnet_ocr::images::{self, LabelMap};
+use hrnet_ocr::infer::{Segmenter, Strategy};
+use hrnet_ocr::kernels::loss::check_labels;
+use hrnet_ocr::{Error, Gpu, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// How images are covered.
+#[derive(Args, Clone, Debug)]
+pub struct InferArgs {
+    /// Inference mode
+    #[arg(long, value_enum, default_value = "whole")]
+    mode: Mode,
+    /// Sliding-window size, N or HxW (slide, ms-flip)
+    #[arg(long, value_parser = parse_size, default_value = "512x1024")]
+    crop: [usize; 2],
+    /// Window stride, N or HxW [default: two thirds of --crop, as the official test]
+    #[arg(long, value_parser = parse_size)]
+    stride: Option<[usize; 2]>,
+    /// Scales of ms-flip, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,1,1.25,1.5,1.75")]
+    scales: Vec<f32>,
+}
+
+impl InferArgs {
+    fn strategy(&self) -> Result<Strategy> {
+        let stride = self.stride.unwrap_or(self.crop.map(|c| (c * 2 / 3).max(1)));
+        if let Some(s) = self.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(Error::Invalid(format!("--scales: {s} is not a positive scale")));
+        }
+        Ok(match self.mode {
+            Mode::Whole => Strategy::Whole,
+            Mode::Slide => Strategy::Slide { crop: self.crop, stride },
+            Mode::MsFlip => Strategy::MultiScaleFlip { scales: self.scales.clone(), crop: self.crop, stride },
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct SegmentArgs {
+    /// Images to segment (PNG or JPEG)
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Folder for the outputs: NAME_labels.png (class indices) and NAME_overlay.png
+    #[arg(long, default_value = "segmented")]
+    out: PathBuf,
+    #[command(flatten)]
+    infer: InferArgs,
+    /// Opacity of the class colours over the image, 0 to 1
+    #[arg(long, default_value_t = 0.5)]
+    opacity: f32,
+}
+
+pub fn segment(args: &SegmentArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.opacity) {
+        return Err(Error::Invalid(format!("--opacity {} is outside 0 to 1", args.opacity)));
+    }
+    let strategy = args.infer.strategy()?;
+    // Read every image first: a bad file fails the command before any work.
+    let inputs = args.images.iter().map(|p| images::read_rgb(p)).collect::<Result<Vec<_>>>()?;
+    let (cfg, weights, bundled) = model::load(&args.model)?;
+    let gpu = Gpu::new()?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
+    let names = model::class_names(cfg.num_classes, bundled);
+    let palette = images::palette(cfg.num_classes);
+    let mut segmenter = Segmenter::new(&gpu, cfg, weights);
+    for (path, image) in args.images.iter().zip(&inputs) {
+        let start = Instant::now();
+        let seg = segmenter.segment(image, &strategy)?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let labels_path = args.out.join(format!("{stem}_labels.png"));
+        let overlay_path = args.out.join(format!("{stem}_overlay.png"));
+        let map = LabelMap { width: seg.width, height: seg.height, labels: seg.classes };
+        images::write_labels(&labels_path, &map)?;
+        images::write_rgb(&overlay_path, &images::overlay(image, &map.labels, &palette, args.opacity)?)?;
+        println!(
+            "{}: {}x{} in {ms:.0} ms -> {}, {}",
+            path.display(),
+            seg.width,
+            seg.height,
+            labels_path.display(),
+            overlay_path.display()
+        );
+        println!("  {}", class_shares(&map.labels, &names));
+    }
+    println!("on {}", gpu.describe());
+    Ok(())
+}
+
+/// "class 61.0%, ..." for the classes present, largest first.
+fn class_shares(labels: &[u32], names: &[String]) -> String {
+    let mut counts = vec![0usize; names.len()];
+    for &l in labels {
+        counts[l as usize] += 1;
+    }
+    let mut present: Vec<(usize, usize)> = counts.into_iter().enumerate().filter(|&(_, n)| n > 0).collect();
+    present.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    let share = |n: usize| 100.0 * n as f64 / labels.len().max(1) as f64;
+    present.iter().map(|&(c, n)| format!("{} {:.1}%", names[c], share(n))).collect::<Vec<_>>().join(", ")
+}
+
+/// The labelled images a command reads: a folder dataset or procedural scenes.
+#[derive(Args, Clone, Debug)]
+pub struct DataArgs {
+    /// A dataset folder: Cityscapes layout (leftImg8bit/, gtFine/) or images/ + masks/
+    #[arg(long, value_name = "DIR", conflicts_with = "synthetic")]
+    pub data: Option<PathBuf>,
+    /// The built-in procedural scenes instead of files
+    #[arg(long)]
+    pub synthetic: bool,
+    /// A list file of `image mask` lines, relative to --data
+    #[arg(long, value_name = "FILE", requires = "data")]
+    pub list: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The dataset: `split` of the folder, or `count` scenes of `seed` at `size`.
+    pub fn open(
+        &self,
+        split: &str,
+        ignore_label: u32,
+        seed: u64,
+        count: usize,
+        size: [usize; 2],
+    ) -> Result<Box<dyn Dataset>> {
+        Ok(match &self.data {
+            Some(dir) => Box::new(Folder::open(dir, split, self.list.as_deref(), ignore_label)?),
+            None if self.synthetic => Box::new(Scenes { seed, count, width: size[1], height: size[0] }),
+            None => return Err(Error::Invalid("no data: give --data DIR or --synthetic".into())),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Split of a Cityscapes folder, or list file SPLIT.lst / SPLIT.txt of an images/ + masks/ folder
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Procedural scenes: the held-out seed (training uses seed 1)
+    #[arg(long, default_value_t = 2)]
+    seed: u64,
+    /// Procedural scenes: how many
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// Procedural scenes: size, N or HxW
+    #[arg(long, value_parser = parse_size, default_value = "128")]
+    size: [usize; 2],
+    #[command(flatten)]
+    infer: InferArgs,
+}
+
+pub fn eval(args: &EvalArgs) -> Result<()> {
+    let strategy = args.infer.strategy()?;
+    let (cfg, weights, bundled) = model::load(&args.model)?;
+    let ignore = cfg.ignore_index();
+    let dataset = args.data.open(&args.split, ignore, args.seed, args.count, args.size)?;
+    let gpu = Gpu::new()?;
+    let (classes, names) =
+        (cfg.num_classes, model::class_names(cfg.num_classes, bundled || args.data.synthetic));
+    let mut segmenter = Segmenter::new(&gpu, cfg, weights);
+    let mut evaluation = Evaluation::new(&gpu, classes, ignore)?;
+    let mut seconds = 0.0;
+    for i in 0..dataset.len() {
+        let scene = dataset.get(i)?;
+        check_labels(&scene.labels, classes, ignore)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", dataset.describe(i))))?;
+        let start = Instant::now();
+        let seg = segmenter.segment(&scene.image, &strategy)?;
+        seconds += start.elapsed().as_secs_f64();
+        evaluation.add(&gpu, &seg.classes, &scene.labels)?;
+    }
+    let scores = evaluation.scores(&gpu)?;
+    println!("{:>5}  {:<16} {:>7}", "class", "name", "IoU");
+    for (c, iou) in scores.iou.iter().enumerate() {
+        println!("{c:>5}  {:<16} {iou:>7.4}", names[c]);
+    }
+    println!("mIoU {:.4}", scores.mean_iou);
+    println!("pixel accuracy {:.4}", scores.pixel_accuracy);
+    println!(
+        "{} images, {:.1} ms per image ({:?} mode) on {}",
+        dataset.len(),
+        1e3 * seconds / dataset.len().max(1) as f64,
+        args.infer.mode,
+        gpu.describe()
+    );
+    Ok(())
+}

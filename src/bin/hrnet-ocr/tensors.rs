@@ -1,0 +1,299 @@
+//! `info`, `forward`, `backward` and `convert`: the commands that work on tensor files
+//! (for checking the engine against a reference) and on checkpoints.
+
+use clap::Args;
+use hrnet_ocr::gpu::{list_adapters, GpuOptions};
+use hrnet_ocr::graph::{Graph, GraphBuilder, Mode};
+use hrnet_ocr::kernels::loss;
+use hrnet_ocr::model::hrnet::{self, OCR_DROPOUT};
+use hrnet_ocr::model::weights::{self, NamedTensor};
+use hrnet_ocr::model::Config;
+use hrnet_ocr::{Error, Gpu, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    /// A preset or experiment YAML file
+    #[arg(long, value_name = "C")]
+    config: String,
+    /// Weights: .safetensors or .pth
+    #[arg(long, value_name = "W")]
+    weights: PathBuf,
+    /// A safetensors file with the tensor `input` [N, 3, H, W] (normalised planes)
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+    /// Where to write `aux` and `out` (safetensors)
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+    /// Also write `feats`, `context` and `ocr_feats`
+    #[arg(long)]
+    dump: bool,
+    /// Print the planned device memory
+    #[arg(long)]
+    report_memory: bool,
+    /// Print each kernel's share of the device time (timestamp queries)
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Args)]
+pub struct BackwardArgs {
+    /// A preset or experiment YAML file
+    #[arg(long, value_name = "C")]
+    config: String,
+    /// Weights: .safetensors or .pth
+    #[arg(long, value_name = "W")]
+    weights: PathBuf,
+    /// A safetensors file with the tensor `input` [N, 3, H, W]
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+    /// A safetensors file with the tensor `label` [N, H, W] (integers; negative = ignore)
+    #[arg(long, value_name = "FILE")]
+    label: PathBuf,
+    /// Where to write `loss`, `aux`, `out`, `grad/<key>` and `buffer/<key>`
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+    /// Turn the head's Dropout2d off
+    #[arg(long)]
+    no_dropout: bool,
+    /// Dropout seed
+    #[arg(long, default_value_t = 304)]
+    seed: u32,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A PyTorch checkpoint (.pth, legacy or zip) or safetensors file
+    input: PathBuf,
+    /// The safetensors file to write, with the official names
+    output: PathBuf,
+}
+
+pub fn info() -> Result<()> {
+    let options = GpuOptions::from_env();
+    let adapters = list_adapters(options.backends.unwrap_or(wgpu::Backends::all()));
+    println!("adapters found: {}", adapters.len());
+    for a in &adapters {
+        println!(
+            "  {} | backend {:?} | {:?} | driver {} {}",
+            a.name, a.backend, a.device_type, a.driver, a.driver_info
+        );
+    }
+    let gpu = Gpu::with_options(&options)?;
+    println!("\nchosen: {}", gpu.describe());
+    let l = gpu.limits();
+    println!("limits:");
+    for (name, value) in [
+        ("max_buffer_size", l.max_buffer_size),
+        ("max_storage_buffer_binding_size", l.max_storage_buffer_binding_size),
+        ("max_storage_buffers_per_shader_stage", u64::from(l.max_storage_buffers_per_shader_stage)),
+        ("max_compute_workgroup_storage_size", u64::from(l.max_compute_workgroup_storage_size)),
+        ("max_compute_invocations_per_workgroup", u64::from(l.max_compute_invocations_per_workgroup)),
+        ("max_compute_workgroup_size_x", u64::from(l.max_compute_workgroup_size_x)),
+        ("max_compute_workgroups_per_dimension", u64::from(l.max_compute_workgroups_per_dimension)),
+        ("min_storage_buffer_offset_alignment", u64::from(l.min_storage_buffer_offset_alignment)),
+    ] {
+        println!("  {name:<40} {value}");
+    }
+    println!("features used: {:?}", gpu.features());
+    println!("adapter features: {:?}", gpu.adapter_features());
+    Ok(())
+}
+
+/// Reads one tensor of a safetensors file, converted to f32 (labels: i64, i32 or u8 to u32).
+fn read_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: shown.clone(), source })?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Format { path: shown.clone(), what: e.to_string() })?;
+    let view = file.tensor(name).map_err(|_| Error::Format {
+        path: shown.clone(),
+        what: format!("no tensor named {name:?} (it has: {})", file.names().join(", ")),
+    })?;
+    let d = view.data();
+    let values: Vec<f64> = match view.dtype() {
+        safetensors::Dtype::F32 => {
+            d.chunks_exact(4).map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+        }
+        safetensors::Dtype::I64 => {
+            d.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f64).collect()
+        }
+        safetensors::Dtype::I32 => {
+            d.chunks_exact(4).map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+        }
+        safetensors::Dtype::U8 => d.iter().map(|&b| f64::from(b)).collect(),
+        other => return Err(Error::Format { path: shown, what: format!("tensor {name} is {other:?}") }),
+    };
+    Ok((view.shape().to_vec(), values))
+}
+
+fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let (shape, values) = read_tensor(path, "input")?;
+    if shape.len() != 4 || shape[1] != 3 {
+        return Err(Error::Format {
+            path: path.display().to_string(),
+            what: format!("tensor input must be [N, 3, H, W], got {shape:?}"),
+        });
+    }
+    Ok((shape, values.into_iter().map(|v| v as f32).collect()))
+}
+
+/// The model's graph with `weights` loaded; outputs [aux, out, feats, context, ocr_feats].
+/// With `train` (label shape, dropout) the graph also holds the official loss.
+fn model_graph(
+    gpu: &Gpu,
+    cfg: &Config,
+    weights_path: &Path,
+    input: &[usize],
+    train: Option<(&[usize], f32)>,
+    report_memory: bool,
+) -> Result<Graph> {
+    let mut g = GraphBuilder::new();
+    let x = g.input("input", input, false);
+    let dropout = train.map_or(0.0, |(_, d)| d);
+    let m = hrnet::build(&mut g, cfg, x, dropout)?;
+    if let Some((label_shape, _)) = train {
+        let labels = g.labels("label", label_shape);
+        hrnet::add_losses(&mut g, cfg, &m, labels)?;
+    }
+    let mode = if train.is_some() { Mode::Train } else { Mode::Eval };
+    let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
+    if report_memory {
+        let r = g.plan_memory(&outputs);
+        let mib = |b: u64| b as f64 / 1_048_576.0;
+        println!(
+            "device memory: {:.1} MiB planned (activations share buffers by liveness), {:.1} MiB with a \
+             buffer per tensor; largest tensor {} at {:.1} MiB (the adapter binds up to {:.1} MiB)",
+            mib(r.planned),
+            mib(r.unshared),
+            r.largest.0,
+            mib(r.largest.1),
+            mib(gpu.limits().max_storage_buffer_binding_size)
+        );
+    }
+    let graph = g.build(gpu, mode, &outputs)?;
+    let shown = weights_path.display().to_string();
+    weights::load_into(gpu, &graph, &weights::read(weights_path)?, &shown)?;
+    Ok(graph)
+}
+
+fn output(gpu: &Gpu, graph: &Graph, names: &[&str]) -> Result<Vec<NamedTensor>> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let t = graph.output(i);
+            Ok(NamedTensor { name: name.to_string(), shape: t.shape().to_vec(), data: t.to_vec(gpu)? })
+        })
+        .collect()
+}
+
+pub fn forward(args: &ForwardArgs) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let (shape, data) = read_input(&args.input)?;
+    let gpu = Gpu::new()?;
+    let graph = model_graph(&gpu, &cfg, &args.weights, &shape, None, args.report_memory)?;
+    graph.set(&gpu, "input", &data)?;
+    gpu.wait()?;
+    let start = std::time::Instant::now();
+    graph.forward(&gpu)?;
+    gpu.wait()?;
+    let dispatches = graph.forward_dispatches();
+    println!(
+        "forward: {:.1} ms, {} dispatches in one command buffer",
+        start.elapsed().as_secs_f64() * 1e3,
+        dispatches.len()
+    );
+    if args.profile {
+        print_profile(&gpu, dispatches)?;
+    }
+    let names: &[&str] =
+        if args.dump { &["aux", "out", "feats", "context", "ocr_feats"] } else { &["aux", "out"] };
+    let out = output(&gpu, &graph, names)?;
+    weights::write_safetensors(&args.output, &out)?;
+    println!("wrote {} on {}", names.join(", "), gpu.describe());
+    Ok(())
+}
+
+/// Device time per kernel (entry point), largest first, from timestamp queries.
+fn print_profile(gpu: &Gpu, dispatches: &[hrnet_ocr::gpu::Dispatch]) -> Result<()> {
+    let timings = gpu.profile(&dispatches.iter().collect::<Vec<_>>())?;
+    let total: f64 = timings.iter().map(|t| t.nanoseconds).sum();
+    let mut by_kernel: Vec<(&str, f64, usize, u64)> = Vec::new();
+    for (t, d) in timings.iter().zip(dispatches) {
+        match by_kernel.iter_mut().find(|k| k.0 == t.label) {
+            Some(k) => {
+                k.1 += t.nanoseconds;
+                k.2 += 1;
+                k.3 += d.cost().flops;
+            }
+            None => by_kernel.push((t.label, t.nanoseconds, 1, d.cost().flops)),
+        }
+    }
+    by_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("device time {:.1} ms; by kernel:", total / 1e6);
+    for (label, ns, count, flops) in by_kernel.iter().take(12) {
+        println!(
+            "  {label:<28} {:>9.1} ms {:>5.1}% {count:>5} dispatches {:>7.2} GFLOP/s",
+            ns / 1e6,
+            100.0 * ns / total,
+            *flops as f64 / ns
+        );
+    }
+    Ok(())
+}
+
+pub fn backward(args: &BackwardArgs) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let (shape, data) = read_input(&args.input)?;
+    let label_path = &args.label;
+    let shown = label_path.display().to_string();
+    let (label_shape, values) = read_tensor(label_path, "label")?;
+    if label_shape.len() != 3 || label_shape[0] != shape[0] {
+        return Err(Error::Format {
+            path: shown,
+            what: format!("label must be [N, H, W] with N = {}, got {label_shape:?}", shape[0]),
+        });
+    }
+    let ignore = cfg.ignore_index();
+    let labels: Vec<u32> = values.iter().map(|&v| if v < 0.0 { ignore } else { v as u32 }).collect();
+    loss::check_labels(&labels, cfg.num_classes, ignore)
+        .map_err(|e| Error::Format { path: shown, what: e.to_string() })?;
+    let dropout = if args.no_dropout { 0.0 } else { OCR_DROPOUT };
+    let gpu = Gpu::new()?;
+    let mut graph = model_graph(&gpu, &cfg, &args.weights, &shape, Some((&label_shape, dropout)), false)?;
+    graph.set_seed(&gpu, args.seed)?;
+    graph.set(&gpu, "input", &data)?;
+    graph.tensor("label")?.write_u32(&gpu, &labels)?;
+    graph.forward(&gpu)?;
+    graph.backward(&gpu)?;
+    let mut out = vec![NamedTensor { name: "loss".into(), shape: vec![1], data: vec![graph.loss(&gpu)?] }];
+    out.extend(output(&gpu, &graph, &["aux", "out"])?);
+    let params: Vec<String> = graph.parameters().map(|(n, _)| n.to_string()).collect();
+    for name in params {
+        let g = graph.grad(&name)?;
+        out.push(NamedTensor {
+            name: format!("grad/{name}"),
+            shape: g.shape().to_vec(),
+            data: g.to_vec(&gpu)?,
+        });
+    }
+    for name in graph.buffers() {
+        let t = graph.tensor(name)?;
+        out.push(NamedTensor {
+            name: format!("buffer/{name}"),
+            shape: t.shape().to_vec(),
+            data: t.to_vec(&gpu)?,
+        });
+    }
+    weights::write_safetensors(&args.output, &out)?;
+    println!("loss {} on {}", out[0].data[0], gpu.describe());
+    Ok(())
+}
+
+pub fn convert(args: &ConvertArgs) -> Result<()> {
+    let tensors = weights::read(&args.input)?;
+    weights::write_safetensors(&args.output, &tensors)?;
+    println!("wrote {} tensors to {}", tensors.len(), args.output.display());
+    Ok(())
+}

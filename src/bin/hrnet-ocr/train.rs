@@ -1,0 +1,266 @@
+//! `train`: the official recipe on a folder dataset or the procedural scenes, with atomic
+//! checkpoints and exact resume.
+
+use crate::segment::DataArgs;
+use crate::{model, parse_size};
+use clap::Args;
+use hrnet_ocr::data::augment::{Augment, Batches};
+use hrnet_ocr::model::hrnet::OCR_DROPOUT;
+use hrnet_ocr::model::weights;
+use hrnet_ocr::model::Config;
+use hrnet_ocr::train::{Checkpoint, TrainOptions, Trainer};
+use hrnet_ocr::{Error, Gpu, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A preset or experiment YAML file [default: the bundled model's config]
+    #[arg(long, value_name = "C")]
+    config: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output folder: checkpoint.safetensors, weights.safetensors and train_log.csv
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Continue the run that wrote this checkpoint, exactly as it would have gone on
+    #[arg(long, value_name = "CKPT")]
+    resume: Option<PathBuf>,
+    /// Start from these weights instead of a fresh initialisation
+    #[arg(long, value_name = "W", conflicts_with = "resume")]
+    weights: Option<PathBuf>,
+    /// Steps of the run (the poly schedule's max_iter) [default: 1000]
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per step [default: 4]
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Training crop, N or HxW [default: 64]
+    #[arg(long, value_parser = parse_size)]
+    crop: Option<[usize; 2]>,
+    /// Procedural scenes' size, N or HxW [default: 128]
+    #[arg(long, value_parser = parse_size)]
+    size: Option<[usize; 2]>,
+    /// Seed of the data order, augmentation, dropout and procedural scenes [default: 1]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Split of a Cityscapes folder, or list file SPLIT.lst / SPLIT.txt [default: train]
+    #[arg(long)]
+    split: Option<String>,
+    /// Learning-rate multiplier of the head (parameters named cls, aux or ocr) [default: 1]
+    #[arg(long)]
+    head_lr_mult: Option<f32>,
+    /// Write the checkpoint every N steps (and at the end)
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    /// End this invocation after step N (a later --resume goes on from there)
+    #[arg(long, value_name = "N")]
+    stop_after: Option<usize>,
+}
+
+/// The settings that define a run, stored in its checkpoints as strings.
+fn settings(args: &TrainArgs) -> Vec<(&'static str, Option<String>, String)> {
+    let size = |s: [usize; 2]| format!("{}x{}", s[0], s[1]);
+    let data = match &args.data.data {
+        Some(dir) => Some(dir.display().to_string()),
+        None => args.data.synthetic.then(|| "synthetic".to_string()),
+    };
+    vec![
+        ("config", args.config.clone(), "bundled".into()),
+        ("data", data, "synthetic".into()),
+        ("list", args.data.list.as_ref().map(|l| l.display().to_string()), String::new()),
+        ("split", args.split.clone(), "train".into()),
+        ("steps", args.steps.map(|v| v.to_string()), "1000".into()),
+        ("batch", args.batch.map(|v| v.to_string()), "4".into()),
+        ("crop", args.crop.map(size), "64x64".into()),
+        ("size", args.size.map(size), "128x128".into()),
+        ("seed", args.seed.map(|v| v.to_string()), "1".into()),
+        ("head_lr_mult", args.head_lr_mult.map(|v| v.to_string()), "1".into()),
+    ]
+}
+
+/// The run's settings: the flags (or defaults) for a new run; the checkpoint's for a
+/// resumed one, where a flag that disagrees is an error rather than silently ignored.
+fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for (key, given, default) in settings(args) {
+        let value = match (checkpoint, given) {
+            (None, given) => given.unwrap_or(default),
+            (Some(c), given) => {
+                let stored = c.notes.get(key).cloned().unwrap_or(default);
+                if let Some(g) = given.filter(|g| *g != stored) {
+                    return Err(Error::Invalid(format!(
+                        "--{} {g} differs from the resumed run's {stored}; a resumed run keeps its settings",
+                        key.replace('_', "-")
+                    )));
+                }
+                stored
+            }
+        };
+        out.insert(key.to_string(), value);
+    }
+    Ok(out)
+}
+
+fn get<T: std::str::FromStr>(s: &HashMap<String, String>, key: &str) -> Result<T> {
+    let v = &s[key];
+    v.parse().map_err(|_| Error::Invalid(format!("training setting {key} = {v:?} is not valid")))
+}
+
+fn size_of(s: &HashMap<String, String>, key: &str) -> Result<[usize; 2]> {
+    parse_size(&s[key]).map_err(|e| Error::Invalid(format!("training setting {key}: {e}")))
+}
+
+pub fn train(args: &TrainArgs) -> Result<()> {
+    let checkpoint = args.resume.as_deref().map(Checkpoint::load).transpose()?;
+    let s = resolve(args, checkpoint.as_ref())?;
+    let cfg = match s["config"].as_str() {
+        "bundled" => model::bundled_config()?,
+        c => Config::load(c)?,
+    };
+    let (steps, batch, crop, size, seed) = (
+        get::<usize>(&s, "steps")?,
+        get::<usize>(&s, "batch")?,
+        size_of(&s, "crop")?,
+        size_of(&s, "size")?,
+        get::<u64>(&s, "seed")?,
+    );
+    let synthetic = s["data"] == "synthetic";
+    if synthetic && cfg.num_classes != hrnet_ocr::data::procedural::CLASSES.len() {
+        return Err(Error::Invalid(format!(
+            "the procedural scenes have {} classes; the config says DATASET.NUM_CLASSES {}",
+            hrnet_ocr::data::procedural::CLASSES.len(),
+            cfg.num_classes
+        )));
+    }
+    let data = DataArgs {
+        data: (!synthetic).then(|| PathBuf::from(&s["data"])),
+        synthetic,
+        list: (!s["list"].is_empty()).then(|| PathBuf::from(&s["list"])),
+    };
+    let dataset = data.open(&s["split"], cfg.ignore_index(), seed, steps.saturating_mul(batch), size)?;
+    let options = TrainOptions {
+        batch,
+        crop,
+        max_iter: steps,
+        dropout: OCR_DROPOUT,
+        head_keywords: vec!["cls".into(), "aux".into(), "ocr".into()],
+        head_lr_mult: get(&s, "head_lr_mult")?,
+    };
+    let stop = args.stop_after.unwrap_or(steps).min(steps);
+    std::fs::create_dir_all(&args.out)
+        .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
+    let gpu = Gpu::new()?;
+    let mut trainer = match &checkpoint {
+        Some(c) => Trainer::resume(&gpu, cfg.clone(), c, options)?,
+        None => {
+            let initial = args.weights.as_deref().map(weights::read).transpose()?;
+            Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?
+        }
+    };
+    let recipe =
+        Augment { crop, min_scale: 0.5, scale_steps: 16, flip: true, ignore_label: cfg.ignore_index() };
+    let batches = Batches { dataset: dataset.as_ref(), recipe, seed, batch };
+    let first = trainer.steps();
+    let mut log = TrainLog::open(&args.out.join("train_log.csv"), first)?;
+    let checkpoint_path = args.out.join("checkpoint.safetensors");
+    let progress = progress_bar(steps, first);
+    println!(
+        "training on {} from step {first} to {stop} of {steps}: batch {batch} of {}x{} crops",
+        gpu.describe(),
+        crop[0],
+        crop[1]
+    );
+    let start = Instant::now();
+    for step in first..stop {
+        let samples = batches.get(step)?;
+        let stats = trainer.step(&samples, (seed as u32) ^ (step as u32).wrapping_mul(0x9E37_79B1))?;
+        if !stats.loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "the loss became {} at step {}; the last checkpoint is kept. Try a lower TRAIN.LR",
+                stats.loss,
+                step + 1
+            )));
+        }
+        let done = step + 1;
+        let rate = ((done - first) * batch) as f64 / start.elapsed().as_secs_f64();
+        log.append(done, stats.loss, stats.aux_loss, stats.main_loss, stats.lr, rate)?;
+        let message = format!(
+            "loss {:.4} (aux {:.4}, main {:.4})  lr {:.5}  {rate:.2} images/s",
+            stats.loss, stats.aux_loss, stats.main_loss, stats.lr
+        );
+        progress.set_position(done as u64);
+        progress.set_message(message.clone());
+        let saving = done % args.save_every.max(1) == 0 || done == stop;
+        if progress.is_hidden() && (done % 10 == 0 || saving) {
+            let eta = start.elapsed().as_secs_f64() / (done - first) as f64 * (stop - done) as f64;
+            println!("step {done}/{steps}  {message}  ETA {eta:.0} s");
+        }
+        if saving {
+            trainer.checkpoint(s.clone())?.save(&checkpoint_path)?;
+        }
+    }
+    progress.finish_and_clear();
+    if trainer.steps() == steps {
+        let path = args.out.join("weights.safetensors");
+        weights::write_safetensors(&path, &trainer.weights()?)?;
+        println!("wrote {} after {:.0} s", path.display(), start.elapsed().as_secs_f64());
+    } else {
+        println!(
+            "stopped after step {}; resume with --resume {}",
+            trainer.steps(),
+            checkpoint_path.display()
+        );
+    }
+    Ok(())
+}
+
+fn progress_bar(steps: usize, first: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64).with_position(first as u64);
+    let style = ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg}  ETA {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+/// `train_log.csv`: one line per step. A resumed run keeps the lines up to its checkpoint.
+struct TrainLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl TrainLog {
+    const HEADER: &'static str = "step,loss,aux_loss,main_loss,lr,images_per_second";
+
+    fn open(path: &Path, resumed_at: usize) -> Result<Self> {
+        let io = |source| Error::Io { path: path.display().to_string(), source };
+        let kept: Vec<String> = match std::fs::read_to_string(path) {
+            Ok(text) if resumed_at > 0 => text
+                .lines()
+                .skip(1)
+                .filter(|l| {
+                    l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= resumed_at)
+                })
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut text = format!("{}\n", Self::HEADER);
+        for line in kept {
+            text += &line;
+            text.push('\n');
+        }
+        weights::write_atomic(path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(io)?;
+        Ok(TrainLog { file, path: path.to_path_buf() })
+    }
+
+    fn append(&mut self, step: usize, loss: f32, aux: f32, main: f32, lr: f32, rate: f64) -> Result<()> {
+        writeln!(self.file, "{step},{loss},{aux},{main},{lr},{rate:.3}")
+            .map_err(|source| Error::Io { path: self.path.display().to_string(), source })
+    }
+}

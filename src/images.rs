@@ -1,0 +1,171 @@
+//! Image files: RGB images and label maps in (PNG, JPEG) through the `image` crate, label
+//! and colour-overlay PNGs out (written atomically), and the class palettes.
+
+use crate::error::{Error, Result};
+use crate::infer::Image;
+use crate::model::weights::write_atomic;
+use std::path::Path;
+
+fn format_error(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Format { path: path.display().to_string(), what: what.to_string() }
+}
+
+fn open(path: &Path) -> Result<image::DynamicImage> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|source| Error::Io { path: path.display().to_string(), source })?
+        .with_guessed_format()
+        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
+    if reader.format().is_none() {
+        return Err(format_error(path, "not an image this build reads (PNG or JPEG)"));
+    }
+    reader.decode().map_err(|e| format_error(path, format!("cannot decode the image: {e}")))
+}
+
+/// Reads an image file as 8-bit RGB (grey and alpha are converted).
+pub fn read_rgb(path: &Path) -> Result<Image> {
+    let rgb = open(path)?.into_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    Image::new(w, h, rgb.into_raw())
+}
+
+/// A label map: `height * width` class indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelMap {
+    pub width: usize,
+    pub height: usize,
+    pub labels: Vec<u32>,
+}
+
+/// Reads a single-channel label PNG (8 or 16 bits per pixel; each value is a label). Colour
+/// label images are refused: their colours are not class indices.
+pub fn read_labels(path: &Path) -> Result<LabelMap> {
+    let img = open(path)?;
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let labels = match img {
+        image::DynamicImage::ImageLuma8(g) => g.into_raw().into_iter().map(u32::from).collect(),
+        image::DynamicImage::ImageLuma16(g) => g.into_raw().into_iter().map(u32::from).collect(),
+        other => {
+            return Err(format_error(
+                path,
+                format!(
+                    "a label map must be single-channel (8 or 16 bit grey); this one is {:?}",
+                    other.color()
+                ),
+            ))
+        }
+    };
+    Ok(LabelMap { width, height, labels })
+}
+
+fn encode_png(
+    path: &Path,
+    width: usize,
+    height: usize,
+    colour: image::ExtendedColorType,
+    data: &[u8],
+) -> Result<()> {
+    let mut bytes = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new(&mut bytes);
+    image::ImageEncoder::write_image(encoder, data, width as u32, height as u32, colour)
+        .map_err(|e| format_error(path, format!("cannot encode the PNG: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes class indices as a grey PNG (8 bit when every label fits, else 16 bit), atomically.
+pub fn write_labels(path: &Path, map: &LabelMap) -> Result<()> {
+    if map.labels.len() != map.width * map.height {
+        return Err(Error::Shape {
+            what: format!("labels of a {}x{} map for {}", map.width, map.height, path.display()),
+            expected: format!("{} values", map.width * map.height),
+            actual: format!("{} values", map.labels.len()),
+        });
+    }
+    match map.labels.iter().max().copied().unwrap_or(0) {
+        0..=255 => {
+            let data: Vec<u8> = map.labels.iter().map(|&l| l as u8).collect();
+            encode_png(path, map.width, map.height, image::ExtendedColorType::L8, &data)
+        }
+        256..=65535 => {
+            let data: Vec<u8> = map.labels.iter().flat_map(|&l| (l as u16).to_be_bytes()).collect();
+            encode_png(path, map.width, map.height, image::ExtendedColorType::L16, &data)
+        }
+        big => Err(format_error(path, format!("label {big} does not fit a 16-bit PNG"))),
+    }
+}
+
+/// Writes an RGB image as PNG, atomically.
+pub fn write_rgb(path: &Path, image: &Image) -> Result<()> {
+    encode_png(path, image.width, image.height, image::ExtendedColorType::Rgb8, &image.rgb)
+}
+
+/// The official Cityscapes colours of the 19 training classes, in train-id order.
+pub const CITYSCAPES_PALETTE: [[u8; 3]; 19] = [
+    [128, 64, 128],
+    [244, 35, 232],
+    [70, 70, 70],
+    [102, 102, 156],
+    [190, 153, 153],
+    [153, 153, 153],
+    [250, 170, 30],
+    [220, 220, 0],
+    [107, 142, 35],
+    [152, 251, 152],
+    [70, 130, 180],
+    [220, 20, 60],
+    [255, 0, 0],
+    [0, 0, 142],
+    [0, 0, 70],
+    [0, 60, 100],
+    [0, 80, 100],
+    [0, 0, 230],
+    [119, 11, 32],
+];
+
+/// One colour per class: the Cityscapes palette for 19 classes; otherwise colours spread
+/// around the hue circle by the golden angle, so neighbouring classes differ, with class 0
+/// black (the background of most label sets).
+pub fn palette(classes: usize) -> Vec<[u8; 3]> {
+    if classes == CITYSCAPES_PALETTE.len() {
+        return CITYSCAPES_PALETTE.to_vec();
+    }
+    (0..classes)
+        .map(|c| {
+            if c == 0 {
+                return [0, 0, 0];
+            }
+            let hue = (c as f32 * 0.618_034).fract() * 6.0;
+            let value = if c % 2 == 0 { 0.75 } else { 1.0 };
+            let x = 1.0 - (hue % 2.0 - 1.0).abs();
+            let (r, g, b) = match hue as u32 {
+                0 => (1.0, x, 0.0),
+                1 => (x, 1.0, 0.0),
+                2 => (0.0, 1.0, x),
+                3 => (0.0, x, 1.0),
+                4 => (x, 0.0, 1.0),
+                _ => (1.0, 0.0, x),
+            };
+            [r, g, b].map(|v: f32| (v * value * 255.0).round() as u8)
+        })
+        .collect()
+}
+
+/// `image` blended with the colour of each pixel's class at `opacity` (0: the image, 1:
+/// the colours). Labels outside the palette (an ignore label) keep the image's pixel.
+pub fn overlay(image: &Image, labels: &[u32], palette: &[[u8; 3]], opacity: f32) -> Result<Image> {
+    if labels.len() != image.width * image.height {
+        return Err(Error::Shape {
+            what: format!("overlay labels for a {}x{} image", image.width, image.height),
+            expected: format!("{} values", image.width * image.height),
+            actual: format!("{} values", labels.len()),
+        });
+    }
+    let mut rgb = image.rgb.clone();
+    for (px, &l) in rgb.chunks_exact_mut(3).zip(labels) {
+        if let Some(colour) = palette.get(l as usize) {
+            for (v, &c) in px.iter_mut().zip(colour) {
+                *v = (f32::from(*v) * (1.0 - opacity) + f32::from(c) * opacity).round() as u8;
+            }
+        }
+    }
+    Ok(Image { rgb, ..*image })
+}
