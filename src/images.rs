@@ -16,9 +16,9 @@ fn open(path: &Path) -> Result<image::DynamicImage> {
         .with_guessed_format()
         .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
     if reader.format().is_none() {
-        return Err(format_error(path, "not an image this build reads (PNG or JPEG)"));
+        return Err(format_error(path, "not an image this build can read (PNG or JPEG)"));
     }
-    reader.decode().map_err(|e| format_error(path, format!("cannot decode the image: {e}")))
+    reader.decode().map_err(|e| format_error(path, format!("not an image this build can read (PNG or JPEG): {e}")))
 }
 
 /// Reads an image file as 8-bit RGB (grey and alpha are converted).

@@ -3,7 +3,8 @@
 //! random horizontal flip, then mean/std normalisation in RGB order.
 
 use super::{Dataset, SplitMix};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kernels::loss::check_labels;
 use crate::infer::{Image, MEAN, STD};
 
 /// A sample ready for the network: planes `[3, h, w]` and labels `[h, w]`.
@@ -63,6 +64,8 @@ pub struct Batches<'d> {
     pub recipe: Augment,
     pub seed: u64,
     pub batch: usize,
+    /// Labels must be below this or the recipe's ignore label; others are refused by file.
+    pub classes: usize,
 }
 
 impl Batches<'_> {
@@ -91,6 +94,8 @@ impl Batches<'_> {
                     pos
                 };
                 let scene = self.dataset.get(index)?;
+                check_labels(&scene.labels, self.classes, self.recipe.ignore_label)
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", self.dataset.describe(index))))?;
                 let mut rng = SplitMix::new(self.seed ^ (at as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 Ok(augment(&scene.image, &scene.labels, &self.recipe, &mut rng))
             })

@@ -196,7 +196,7 @@ impl Dataset for Folder {
             return Err(Error::Shape {
                 what: format!("label map {}", label_path.display()),
                 expected: format!(
-                    "{}x{}, the size of its image {}",
+                    "{}x{} (width x height) like its image {}",
                     image.width,
                     image.height,
                     image_path.display()

@@ -163,7 +163,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     };
     let recipe =
         Augment { crop, min_scale: 0.5, scale_steps: 16, flip: true, ignore_label: cfg.ignore_index() };
-    let batches = Batches { dataset: dataset.as_ref(), recipe, seed, batch };
+    let batches = Batches { dataset: dataset.as_ref(), recipe, seed, batch, classes: cfg.num_classes };
     let first = trainer.steps();
     let mut log = TrainLog::open(&args.out.join("train_log.csv"), first)?;
     let checkpoint_path = args.out.join("checkpoint.safetensors");

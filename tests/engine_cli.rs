@@ -1,0 +1,226 @@
+//! The engine's commands end to end: segment with the bundled model, eval on folder
+//! datasets, train with checkpoints and exact resume, bench, and the errors a user sees.
+
+use hrnet_ocr::data::procedural::scene;
+use hrnet_ocr::images::{self, LabelMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/model/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn asset(name: &str) -> String {
+    format!("{}/assets/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hrnet-ocr-engine-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs the binary; returns (success, stdout + stderr).
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hrnet-ocr")).args(args).output().expect("run hrnet-ocr");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// An images/ + masks/ dataset of `count` procedural scenes of `seed`.
+fn write_folder(root: &Path, seed: u64, count: u64, size: usize) {
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    std::fs::create_dir_all(root.join("masks")).unwrap();
+    for i in 0..count {
+        let sc = scene(seed, i, size, size);
+        images::write_rgb(&root.join(format!("images/{i}.png")), &sc.image).unwrap();
+        let map = LabelMap { width: size, height: size, labels: sc.labels };
+        images::write_labels(&root.join(format!("masks/{i}.png")), &map).unwrap();
+    }
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in ["info", "segment", "train", "eval", "bench", "forward", "backward", "convert"] {
+        let (ok, text) = run(&[cmd, "--help"]);
+        assert!(ok && text.contains("Usage: hrnet-ocr"), "{cmd}: {text}");
+    }
+}
+
+#[test]
+fn segment_with_the_bundled_model_matches_the_example_labels() {
+    let out = scratch("segment");
+    let (ok, text) = run(&["segment", &asset("scene.png"), "--out", s(&out)]);
+    assert!(ok, "{text}");
+    let labels = images::read_labels(&out.join("scene_labels.png")).unwrap();
+    let truth = images::read_labels(Path::new(&asset("scene_labels.png"))).unwrap();
+    assert_eq!((labels.width, labels.height), (truth.width, truth.height));
+    let right = labels.labels.iter().zip(&truth.labels).filter(|(a, b)| a == b).count();
+    let accuracy = right as f64 / truth.labels.len() as f64;
+    assert!(accuracy >= 0.9, "pixel accuracy of the bundled model on the example: {accuracy}");
+    let overlay = images::read_rgb(&out.join("scene_overlay.png")).unwrap();
+    let image = images::read_rgb(Path::new(&asset("scene.png"))).unwrap();
+    assert_eq!((overlay.width, overlay.height), (image.width, image.height));
+    // Opacity 0.5: every pixel is halfway between the image and its class colour.
+    let palette = images::palette(5);
+    for (i, (o, p)) in overlay.rgb.chunks_exact(3).zip(image.rgb.chunks_exact(3)).enumerate().step_by(97) {
+        let c = palette[labels.labels[i] as usize];
+        for k in 0..3 {
+            let want = (f32::from(p[k]) + f32::from(c[k])) / 2.0;
+            assert!((f32::from(o[k]) - want).abs() <= 1.0, "pixel {i}: {o:?} from {p:?} and {c:?}");
+        }
+    }
+}
+
+#[test]
+fn segment_sliding_windows_and_multi_scale_write_outputs() {
+    let out = scratch("segment-modes");
+    for mode in ["slide", "ms-flip"] {
+        let (ok, text) = run(&[
+            "segment",
+            &asset("scene.png"),
+            "--out",
+            s(&out),
+            "--mode",
+            mode,
+            "--crop",
+            "160",
+            "--scales",
+            "0.75,1.25",
+        ]);
+        assert!(ok, "{mode}: {text}");
+        let labels = images::read_labels(&out.join("scene_labels.png")).unwrap();
+        assert!(labels.labels.iter().all(|&l| l < 5), "{mode}");
+    }
+}
+
+#[test]
+fn segment_reports_bad_files_by_name() {
+    let dir = scratch("segment-errors");
+    let missing = dir.join("missing.png");
+    let (ok, text) = run(&["segment", s(&missing), "--out", s(&dir)]);
+    assert!(!ok && text.contains("missing.png"), "{text}");
+    let not_image = dir.join("notes.png");
+    std::fs::write(&not_image, "these are words, not pixels").unwrap();
+    let (ok, text) = run(&["segment", s(&not_image), "--out", s(&dir)]);
+    assert!(!ok && text.contains("notes.png") && text.contains("not an image"), "{text}");
+    // The tiny test model's weights under the bundled model's config: another OCR width.
+    let (ok, text) = run(&[
+        "segment",
+        &asset("scene.png"),
+        "--out",
+        s(&dir),
+        "--config",
+        &format!("{}/models/procedural.yaml", env!("CARGO_MANIFEST_DIR")),
+        "--weights",
+        &fixture("tiny_weights.safetensors"),
+    ]);
+    assert!(!ok && text.contains("ocr_distri_head") && text.contains("expected"), "{text}");
+    let (ok, text) = run(&["segment", &asset("scene.png"), "--weights", &fixture("tiny_weights.safetensors")]);
+    assert!(!ok && text.contains("needs --config"), "{text}");
+    assert!(!dir.join("scene_labels.png").exists(), "nothing is written for a failed command");
+}
+
+#[test]
+fn eval_on_an_images_and_masks_folder() {
+    let root = scratch("eval-folder");
+    write_folder(&root, 9, 2, 96);
+    let (ok, text) = run(&["eval", "--data", s(&root)]);
+    assert!(ok, "{text}");
+    for want in ["mIoU", "pixel accuracy", "ms per image", "ring"] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    // A list file picks and pairs the files.
+    std::fs::write(root.join("val.lst"), "images/1.png masks/1.png\n").unwrap();
+    let (ok, text) = run(&["eval", "--data", s(&root)]);
+    assert!(ok && text.contains("1 images"), "{text}");
+    // A mask of the wrong size is named, with both sizes.
+    let small = LabelMap { width: 10, height: 12, labels: vec![0; 120] };
+    images::write_labels(&root.join("masks/1.png"), &small).unwrap();
+    let (ok, text) = run(&["eval", "--data", s(&root)]);
+    assert!(!ok && text.contains("masks/1.png") && text.contains("96x96") && text.contains("got 10x12"), "{text}");
+}
+
+fn log_losses(dir: &Path) -> Vec<(usize, String)> {
+    let text = std::fs::read_to_string(dir.join("train_log.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("step,loss,aux_loss,main_loss,lr,images_per_second"));
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].parse().unwrap(), f[1..5].join(","))
+        })
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
+    let (whole, parts) = (scratch("train-whole"), scratch("train-parts"));
+    let common =
+        ["train", "--config", &fixture("tiny_ocr.yaml"), "--synthetic", "--steps", "4", "--batch", "2"];
+    let small = ["--size", "48", "--crop", "32", "--save-every", "1"];
+    let mut args = common.to_vec();
+    args.extend(small);
+    args.extend(["--out", s(&whole)]);
+    let (ok, text) = run(&args);
+    assert!(ok, "{text}");
+    let mut args = common.to_vec();
+    args.extend(small);
+    args.extend(["--out", s(&parts), "--stop-after", "2"]);
+    let (ok, text) = run(&args);
+    assert!(ok && text.contains("stopped after step 2"), "{text}");
+    assert!(!parts.join("weights.safetensors").exists());
+    let checkpoint = parts.join("checkpoint.safetensors");
+    // Changing a setting of the run is refused, not silently applied.
+    let (ok, text) = run(&["train", "--resume", s(&checkpoint), "--out", s(&parts), "--batch", "3"]);
+    assert!(!ok && text.contains("--batch 3") && text.contains("resumed run"), "{text}");
+    let (ok, text) = run(&["train", "--resume", s(&checkpoint), "--out", s(&parts)]);
+    assert!(ok, "{text}");
+    let (a, b) = (log_losses(&whole), log_losses(&parts));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b, "losses, aux and main terms and LR of every step");
+    let read = |d: &Path| std::fs::read(d.join("weights.safetensors")).unwrap();
+    assert!(read(&whole) == read(&parts), "the final weights are identical");
+}
+
+#[test]
+fn train_on_a_folder_then_bench() {
+    let root = scratch("train-folder");
+    write_folder(&root, 5, 3, 64);
+    let out = root.join("run");
+    let (ok, text) = run(&[
+        "train",
+        "--config",
+        &fixture("tiny_ocr.yaml"),
+        "--data",
+        s(&root),
+        "--out",
+        s(&out),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--crop",
+        "32",
+    ]);
+    assert!(ok, "{text}");
+    assert_eq!(log_losses(&out).len(), 2);
+    // A label outside the classes is refused before any step.
+    let bad = LabelMap { width: 64, height: 64, labels: vec![7; 64 * 64] };
+    images::write_labels(&root.join("masks/0.png"), &bad).unwrap();
+    images::write_labels(&root.join("masks/1.png"), &bad).unwrap();
+    images::write_labels(&root.join("masks/2.png"), &bad).unwrap();
+    let (ok, text) =
+        run(&["train", "--config", &fixture("tiny_ocr.yaml"), "--data", s(&root), "--out", s(&out), "--crop", "32"]);
+    assert!(!ok && text.contains("label 7"), "{text}");
+    let (ok, text) =
+        run(&["bench", "--config", &fixture("tiny_ocr.yaml"), "--size", "64", "--batch", "2", "--iters", "1"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("forward") && text.contains("training step") && text.contains("images/s"), "{text}");
+}
