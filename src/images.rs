@@ -18,7 +18,9 @@ fn open(path: &Path) -> Result<image::DynamicImage> {
     if reader.format().is_none() {
         return Err(format_error(path, "not an image this build can read (PNG or JPEG)"));
     }
-    reader.decode().map_err(|e| format_error(path, format!("not an image this build can read (PNG or JPEG): {e}")))
+    reader
+        .decode()
+        .map_err(|e| format_error(path, format!("not an image this build can read (PNG or JPEG): {e}")))
 }
 
 /// Reads an image file as 8-bit RGB (grey and alpha are converted).
@@ -85,8 +87,9 @@ pub fn write_labels(path: &Path, map: &LabelMap) -> Result<()> {
             let data: Vec<u8> = map.labels.iter().map(|&l| l as u8).collect();
             encode_png(path, map.width, map.height, image::ExtendedColorType::L8, &data)
         }
+        // The encoder takes 16-bit samples in native byte order.
         256..=65535 => {
-            let data: Vec<u8> = map.labels.iter().flat_map(|&l| (l as u16).to_be_bytes()).collect();
+            let data: Vec<u8> = map.labels.iter().flat_map(|&l| (l as u16).to_ne_bytes()).collect();
             encode_png(path, map.width, map.height, image::ExtendedColorType::L16, &data)
         }
         big => Err(format_error(path, format!("label {big} does not fit a 16-bit PNG"))),

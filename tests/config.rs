@@ -1,5 +1,6 @@
 //! Configs: every official experiment file loads, presets, and errors that name the key.
 
+use hrnet_ocr::model::config::CITYSCAPES_CLASS_WEIGHTS;
 use hrnet_ocr::model::Config;
 use std::path::PathBuf;
 
@@ -38,6 +39,10 @@ fn every_official_config_loads_as_w48_ocr() {
         assert_eq!(c.num_classes, classes, "{name}");
         assert_eq!(c.ohem.is_some(), name.contains("ohem"), "{name}");
         assert_eq!(c.balance_weights, [0.4, 1.0], "{name}");
+        // Only the Cityscapes dataset class hands class weights to the loss (spec section 4).
+        let cityscapes = f.to_string_lossy().contains("cityscapes");
+        let want = cityscapes.then(|| CITYSCAPES_CLASS_WEIGHTS.to_vec());
+        assert_eq!(c.class_weights, want, "{name}");
     }
 }
 

@@ -122,7 +122,8 @@ fn segment_reports_bad_files_by_name() {
         &fixture("tiny_weights.safetensors"),
     ]);
     assert!(!ok && text.contains("ocr_distri_head") && text.contains("expected"), "{text}");
-    let (ok, text) = run(&["segment", &asset("scene.png"), "--weights", &fixture("tiny_weights.safetensors")]);
+    let (ok, text) =
+        run(&["segment", &asset("scene.png"), "--weights", &fixture("tiny_weights.safetensors")]);
     assert!(!ok && text.contains("needs --config"), "{text}");
     assert!(!dir.join("scene_labels.png").exists(), "nothing is written for a failed command");
 }
@@ -144,7 +145,10 @@ fn eval_on_an_images_and_masks_folder() {
     let small = LabelMap { width: 10, height: 12, labels: vec![0; 120] };
     images::write_labels(&root.join("masks/1.png"), &small).unwrap();
     let (ok, text) = run(&["eval", "--data", s(&root)]);
-    assert!(!ok && text.contains("masks/1.png") && text.contains("96x96") && text.contains("got 10x12"), "{text}");
+    assert!(
+        !ok && text.contains("masks/1.png") && text.contains("96x96") && text.contains("got 10x12"),
+        "{text}"
+    );
 }
 
 fn log_losses(dir: &Path) -> Vec<(usize, String)> {
@@ -216,11 +220,32 @@ fn train_on_a_folder_then_bench() {
     images::write_labels(&root.join("masks/0.png"), &bad).unwrap();
     images::write_labels(&root.join("masks/1.png"), &bad).unwrap();
     images::write_labels(&root.join("masks/2.png"), &bad).unwrap();
-    let (ok, text) =
-        run(&["train", "--config", &fixture("tiny_ocr.yaml"), "--data", s(&root), "--out", s(&out), "--crop", "32"]);
+    let (ok, text) = run(&[
+        "train",
+        "--config",
+        &fixture("tiny_ocr.yaml"),
+        "--data",
+        s(&root),
+        "--out",
+        s(&out),
+        "--crop",
+        "32",
+    ]);
     assert!(!ok && text.contains("label 7"), "{text}");
-    let (ok, text) =
-        run(&["bench", "--config", &fixture("tiny_ocr.yaml"), "--size", "64", "--batch", "2", "--iters", "1"]);
+    let (ok, text) = run(&[
+        "bench",
+        "--config",
+        &fixture("tiny_ocr.yaml"),
+        "--size",
+        "64",
+        "--batch",
+        "2",
+        "--iters",
+        "1",
+    ]);
     assert!(ok, "{text}");
-    assert!(text.contains("forward") && text.contains("training step") && text.contains("images/s"), "{text}");
+    assert!(
+        text.contains("forward") && text.contains("training step") && text.contains("images/s"),
+        "{text}"
+    );
 }

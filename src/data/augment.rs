@@ -4,10 +4,11 @@
 
 use super::{Dataset, SplitMix};
 use crate::error::{Error, Result};
-use crate::kernels::loss::check_labels;
 use crate::infer::{Image, MEAN, STD};
+use crate::kernels::loss::check_labels;
 
 /// A sample ready for the network: planes `[3, h, w]` and labels `[h, w]`.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub planes: Vec<f32>,
     pub labels: Vec<u32>,

@@ -235,3 +235,47 @@ fn five_training_steps_match_pytorch() {
         assert_close(&format!("final {name}"), &download(graph.tensor(name).unwrap()), want, GRAD_TOL);
     }
 }
+
+/// Both loss terms of a training graph with `class_weights`, on fixed input and labels.
+fn loss_terms(class_weights: Option<Vec<f32>>, input: &[f32], labels: &[u32]) -> Vec<f32> {
+    let cfg = Config { class_weights, ..config() };
+    let mut g = GraphBuilder::new();
+    let x = g.input("input", &[1, 3, 32, 48], false);
+    let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
+    let l = g.labels("label", &[1, 32, 48]);
+    hrnet::add_losses(&mut g, &cfg, &m, l).unwrap();
+    let graph = g.build(gpu(), Mode::Train, &[m.aux, m.out]).unwrap();
+    weights::load_into(gpu(), &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
+    graph.set(gpu(), "input", input).unwrap();
+    graph.tensor("label").unwrap().write_u32(gpu(), labels).unwrap();
+    graph.forward(gpu()).unwrap();
+    graph.loss_terms(gpu()).unwrap()
+}
+
+#[test]
+fn class_weights_reach_both_loss_terms() {
+    // With weights w the loss is sum_c w_c S_c / sum_c w_c N_c (S_c: the summed NLL of the
+    // N_c pixels of class c), so one-hot weights give each class's mean NLL, and any weights
+    // must be the N_c w_c-weighted mean of those.
+    let mut rng = Rng::new(seed("class_weights_reach_both_loss_terms"));
+    let input = rng.normals(3 * 32 * 48);
+    let labels: Vec<u32> =
+        (0..32 * 48).map(|_| if rng.range(0, 10) == 0 { 255 } else { rng.range(0, 5) as u32 }).collect();
+    let count: Vec<f64> = (0..5u32).map(|c| labels.iter().filter(|&&l| l == c).count() as f64).collect();
+    let per_class: Vec<Vec<f32>> = (0..5)
+        .map(|c| loss_terms(Some((0..5).map(|k| f32::from(u8::from(k == c))).collect()), &input, &labels))
+        .collect();
+    let weights: Vec<f32> = (0..5).map(|_| 0.2 + rng.uniform() as f32).collect();
+    let got = loss_terms(Some(weights.clone()), &input, &labels);
+    let unweighted = loss_terms(None, &input, &labels);
+    for term in 0..2 {
+        let num: f64 = (0..5).map(|c| f64::from(weights[c]) * count[c] * f64::from(per_class[c][term])).sum();
+        let den: f64 = (0..5).map(|c| f64::from(weights[c]) * count[c]).sum();
+        let want = num / den;
+        assert!((f64::from(got[term]) - want).abs() <= 1e-5 * want, "term {term}: {} vs {want}", got[term]);
+        assert!((got[term] - unweighted[term]).abs() > 1e-6, "the weights changed nothing");
+        let total: f64 =
+            (0..5).map(|c| count[c] * f64::from(per_class[c][term])).sum::<f64>() / count.iter().sum::<f64>();
+        assert!((f64::from(unweighted[term]) - total).abs() <= 1e-5 * total, "term {term} unweighted");
+    }
+}

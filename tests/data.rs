@@ -1,0 +1,179 @@
+//! Datasets on disk (Cityscapes and images/masks layouts), image and label files, palettes,
+//! and the deterministic training batches.
+
+use hrnet_ocr::data::augment::{Augment, Batches};
+use hrnet_ocr::data::folder::{cityscapes_train_id, Folder};
+use hrnet_ocr::data::procedural::Scenes;
+use hrnet_ocr::data::{Dataset, SplitMix};
+use hrnet_ocr::images::{self, LabelMap, CITYSCAPES_PALETTE};
+use hrnet_ocr::infer::Image;
+use std::path::{Path, PathBuf};
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hrnet-ocr-data-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn seed() -> u64 {
+    let s = std::env::var("HRNET_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("HRNET_TEST_SEED={s}");
+    s
+}
+
+fn random_image(rng: &mut SplitMix, w: usize, h: usize) -> Image {
+    Image::new(w, h, (0..3 * w * h).map(|_| rng.below(256) as u8).collect()).unwrap()
+}
+
+fn write_map(path: &Path, w: usize, h: usize, labels: Vec<u32>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    images::write_labels(path, &LabelMap { width: w, height: h, labels }).unwrap();
+}
+
+#[test]
+fn label_pngs_round_trip_at_8_and_16_bits_and_colour_is_refused() {
+    let mut rng = SplitMix::new(seed());
+    let dir = scratch("labels");
+    for max in [255u64, 3000] {
+        let (w, h) = (1 + rng.below(40) as usize, 1 + rng.below(40) as usize);
+        let labels: Vec<u32> = (0..w * h).map(|_| rng.below(max + 1) as u32).collect();
+        let path = dir.join(format!("l{max}.png"));
+        write_map(&path, w, h, labels.clone());
+        assert_eq!(images::read_labels(&path).unwrap(), LabelMap { width: w, height: h, labels });
+    }
+    let rgb = dir.join("rgb.png");
+    let image = random_image(&mut rng, 7, 5);
+    images::write_rgb(&rgb, &image).unwrap();
+    assert_eq!(images::read_rgb(&rgb).unwrap(), image);
+    let err = images::read_labels(&rgb).unwrap_err().to_string();
+    assert!(err.contains("rgb.png") && err.contains("single-channel"), "{err}");
+}
+
+#[test]
+fn palettes_and_overlay() {
+    assert_eq!(images::palette(19), CITYSCAPES_PALETTE.to_vec());
+    for k in [2, 5, 21, 150] {
+        let p = images::palette(k);
+        assert_eq!(p.len(), k);
+        assert_eq!(p[0], [0, 0, 0]);
+        for (a, b) in p.iter().zip(&p[1..]) {
+            assert_ne!(a, b, "neighbouring classes of {k} share a colour");
+        }
+    }
+    let image = Image::new(2, 1, vec![100, 100, 100, 10, 20, 30]).unwrap();
+    let palette = [[200, 0, 50], [0, 0, 0]];
+    // Label 7 is outside the palette (an ignore label): the pixel is kept.
+    let out = images::overlay(&image, &[0, 7], &palette, 0.5).unwrap();
+    assert_eq!(out.rgb, vec![150, 50, 75, 10, 20, 30]);
+    assert!(images::overlay(&image, &[0], &palette, 0.5).is_err());
+}
+
+#[test]
+fn cityscapes_layout_maps_label_ids_and_prefers_train_ids() {
+    let mut rng = SplitMix::new(seed());
+    let root = scratch("cityscapes");
+    let (w, h) = (12, 8);
+    let ids: Vec<u32> = (0..w * h).map(|_| rng.below(34) as u32).collect();
+    for (city, name) in [("aachen", "aachen_000000_000019"), ("bremen", "bremen_000001_000019")] {
+        let image = root.join(format!("leftImg8bit/train/{city}/{name}_leftImg8bit.png"));
+        std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+        images::write_rgb(&image, &random_image(&mut rng, w, h)).unwrap();
+        write_map(&root.join(format!("gtFine/train/{city}/{name}_gtFine_labelIds.png")), w, h, ids.clone());
+    }
+    // bremen also has train ids: those win over mapping its label ids.
+    let train_ids: Vec<u32> = (0..w * h).map(|_| rng.below(19) as u32).collect();
+    write_map(
+        &root.join("gtFine/train/bremen/bremen_000001_000019_gtFine_labelTrainIds.png"),
+        w,
+        h,
+        train_ids.clone(),
+    );
+    let set = Folder::open(&root, "train", None, 255).unwrap();
+    assert_eq!(set.len(), 2);
+    assert!(set.describe(0).contains("aachen"));
+    let mapped: Vec<u32> = ids.iter().map(|&id| cityscapes_train_id(id, 255)).collect();
+    assert_eq!(set.get(0).unwrap().labels, mapped);
+    assert_eq!(set.get(1).unwrap().labels, train_ids);
+    // road (7), car (26), bicycle (33); the unlabelled id 0 and the guard rail (14) are ignored.
+    assert_eq!([7, 26, 33, 0, 14].map(|id| cityscapes_train_id(id, 255)), [0, 13, 18, 255, 255]);
+    let err = Folder::open(&root, "val", None, 255).unwrap_err().to_string();
+    assert!(err.contains("leftImg8bit/val"), "{err}");
+    std::fs::remove_file(root.join("gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png")).unwrap();
+    let err = Folder::open(&root, "train", None, 255).unwrap_err().to_string();
+    assert!(err.contains("aachen_000000_000019_gtFine_labelTrainIds.png"), "{err}");
+}
+
+#[test]
+fn images_and_masks_layout_pairs_by_stem_or_list() {
+    let mut rng = SplitMix::new(seed());
+    let root = scratch("masks");
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    for name in ["b", "a"] {
+        images::write_rgb(&root.join(format!("images/{name}.png")), &random_image(&mut rng, 4, 3)).unwrap();
+        write_map(&root.join(format!("masks/{name}.png")), 4, 3, vec![name.len() as u32; 12]);
+    }
+    let set = Folder::open(&root, "train", None, 255).unwrap();
+    assert_eq!(set.len(), 2);
+    assert!(set.describe(0).ends_with("a.png"), "sorted by name");
+    std::fs::write(root.join("train.txt"), "images/b.png masks/a.png\n\nimages/a.png masks/b.png\n").unwrap();
+    let set = Folder::open(&root, "train", None, 255).unwrap();
+    let pairs: Vec<_> = set.files().map(|(i, l)| (i.to_path_buf(), l.to_path_buf())).collect();
+    assert_eq!(pairs[0], (root.join("images/b.png"), root.join("masks/a.png")));
+    std::fs::write(root.join("bad.lst"), "images/a.png masks/a.png\nimages/b.png\n").unwrap();
+    let err = Folder::open(&root, "train", Some(&root.join("bad.lst")), 255).unwrap_err().to_string();
+    assert!(err.contains("bad.lst") && err.contains("line 2"), "{err}");
+    std::fs::remove_file(root.join("masks/b.png")).unwrap();
+    std::fs::remove_file(root.join("train.txt")).unwrap();
+    let err = Folder::open(&root, "train", None, 255).unwrap_err().to_string();
+    assert!(err.contains("images/b.png") && err.contains("masks/b.png"), "{err}");
+    let err = Folder::open(&root.join("nowhere"), "train", None, 255).unwrap_err().to_string();
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+#[test]
+fn batches_depend_on_seed_and_step_only_and_visit_every_image_once_an_epoch() {
+    let root = scratch("batches");
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    let n = 5;
+    for i in 0..n {
+        // Each image is one flat grey level: the sample's first value tells which it was.
+        let image = Image::new(8, 8, vec![(40 * i) as u8; 192]).unwrap();
+        images::write_rgb(&root.join(format!("images/{i}.png")), &image).unwrap();
+        write_map(&root.join(format!("masks/{i}.png")), 8, 8, vec![1; 64]);
+    }
+    let set = Folder::open(&root, "train", None, 255).unwrap();
+    let recipe = Augment { crop: [8, 8], min_scale: 1.0, scale_steps: 0, flip: true, ignore_label: 255 };
+    let batches = |seed| Batches { dataset: &set, recipe: recipe.clone(), seed, batch: 1, classes: 2 };
+    let which = |seed: u64, step: usize| {
+        let v = batches(seed).get(step).unwrap()[0].planes[0];
+        (0..n).find(|&i| ((40 * i) as f32 / 255.0 - 0.485) / 0.229 == v).unwrap()
+    };
+    let s = seed();
+    for epoch in 0..3 {
+        let mut seen: Vec<usize> = (0..n).map(|i| which(s, epoch * n + i)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>(), "epoch {epoch}");
+    }
+    let first = batches(s).get(3).unwrap();
+    let again = batches(s).get(3).unwrap();
+    assert_eq!(first[0].planes, again[0].planes);
+    let orders: Vec<Vec<usize>> = (0..4).map(|k| (0..n).map(|i| which(s + k, i)).collect()).collect();
+    assert!(orders.windows(2).any(|w| w[0] != w[1]), "the seed changes the order: {orders:?}");
+    // Labels outside the classes are refused, naming the file.
+    let bad = Batches { dataset: &set, recipe, seed: s, batch: 1, classes: 1 };
+    let err = bad.get(0).unwrap_err().to_string();
+    assert!(err.contains("images/") && err.contains("label 1"), "{err}");
+}
+
+#[test]
+fn procedural_scenes_are_a_dataset_in_index_order() {
+    let set = Scenes { seed: 4, count: 3, width: 40, height: 30 };
+    assert_eq!(set.len(), 3);
+    let a = set.get(2).unwrap();
+    assert_eq!((a.image.width, a.image.height, a.labels.len()), (40, 30, 1200));
+    assert_eq!(a, hrnet_ocr::data::procedural::scene(4, 2, 40, 30));
+    assert!(!set.shuffle());
+}
