@@ -85,6 +85,8 @@ fn parse_safetensors(bytes: &[u8], shown: &str) -> Result<(Vec<NamedTensor>, Has
         };
         out.push(NamedTensor { name: name.to_string(), shape: view.shape().to_vec(), data });
     }
+    // The header is a map: give its tensors in a fixed order (by name).
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok((out, metadata))
 }
 

@@ -5,8 +5,9 @@ use crate::common::*;
 use hrnet_ocr::data::augment::{augment, Augment, Sample};
 use hrnet_ocr::data::procedural::scene;
 use hrnet_ocr::data::SplitMix;
+use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
-use hrnet_ocr::train::{TrainOptions, Trainer};
+use hrnet_ocr::train::{Checkpoint, TrainOptions, Trainer};
 
 fn recipe(crop: [usize; 2]) -> Augment {
     Augment { crop, min_scale: 0.5, scale_steps: 16, flip: true, ignore_label: 255 }
@@ -108,4 +109,65 @@ fn evaluation_scores_follow_the_official_formulas() {
     }
     assert!((s.mean_iou - s.iou.iter().sum::<f64>() / k as f64).abs() < 1e-12);
     assert!(eval.add(gpu(), &[0, 1], &[0]).is_err());
+}
+
+#[test]
+fn checkpoints_round_trip_and_resume_exactly() {
+    let cfg =
+        Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/tiny_ocr.yaml")).unwrap();
+    let options = TrainOptions {
+        batch: 2,
+        crop: [32, 32],
+        max_iter: 3,
+        dropout: 0.05,
+        head_keywords: vec!["cls".into()],
+        head_lr_mult: 10.0,
+    };
+    let mut rng = Rng::new(seed("checkpoints_round_trip_and_resume_exactly"));
+    let batches: Vec<Vec<Sample>> = (0..3)
+        .map(|_| {
+            (0..2)
+                .map(|_| Sample {
+                    planes: rng.normals(3 * 32 * 32),
+                    labels: (0..32 * 32).map(|_| rng.range(0, 4) as u32).collect(),
+                })
+                .collect()
+        })
+        .collect();
+    let mut whole = Trainer::new(gpu(), cfg.clone(), None, options.clone()).unwrap();
+    let want: Vec<f32> = (0..3).map(|s| whole.step(&batches[s], s as u32).unwrap().loss).collect();
+
+    let mut first = Trainer::new(gpu(), cfg.clone(), None, options.clone()).unwrap();
+    assert_eq!(first.step(&batches[0], 0).unwrap().loss, want[0]);
+    let notes = [("run".to_string(), "test".to_string())].into_iter().collect();
+    let path = std::env::temp_dir().join(format!("hrnet-ocr-ckpt-{}.safetensors", std::process::id()));
+    first.checkpoint(notes).unwrap().save(&path).unwrap();
+    let loaded = Checkpoint::load(&path).unwrap();
+    let by_name = |mut v: Vec<NamedTensor>| {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
+    let saved = first.checkpoint(loaded.notes.clone()).unwrap();
+    assert!(by_name(loaded.weights.clone()) == by_name(saved.weights), "weights differ after the round trip");
+    assert!(
+        by_name(loaded.momentum.clone()) == by_name(saved.momentum),
+        "momentum differs after the round trip"
+    );
+    assert_eq!((loaded.steps, loaded.notes["run"].as_str()), (1, "test"));
+    assert!(loaded.momentum.iter().any(|m| m.data.iter().any(|&v| v != 0.0)), "momentum was saved");
+    // As plain weights the checkpoint is the model's state dict, optimizer state dropped.
+    let plain = weights::read(&path).unwrap();
+    assert!(plain == loaded.weights, "the checkpoint read as weights");
+
+    let mut resumed = Trainer::resume(gpu(), cfg.clone(), &loaded, options.clone()).unwrap();
+    assert_eq!(resumed.steps(), 1);
+    let got: Vec<f32> = (1..3).map(|s| resumed.step(&batches[s], s as u32).unwrap().loss).collect();
+    assert_eq!(got, want[1..], "the resumed run repeats the uninterrupted losses bit for bit");
+    assert!(resumed.weights().unwrap() == whole.weights().unwrap(), "the final weights differ");
+
+    // A checkpoint of another configuration is refused, naming what differs.
+    let other = Config { mid_channels: 16, ..cfg };
+    let err = Trainer::resume(gpu(), other, &loaded, options).err().expect("another config").to_string();
+    assert!(err.contains("ocr_distri_head") && err.contains("expected"), "{err}");
+    std::fs::remove_file(&path).unwrap();
 }
