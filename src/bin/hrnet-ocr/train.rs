@@ -116,6 +116,9 @@ fn size_of(s: &HashMap<String, String>, key: &str) -> Result<[usize; 2]> {
 
 pub fn train(args: &TrainArgs) -> Result<()> {
     let checkpoint = args.resume.as_deref().map(Checkpoint::load).transpose()?;
+    if checkpoint.is_none() && args.data.data.is_none() && !args.data.synthetic {
+        return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
+    }
     let s = resolve(args, checkpoint.as_ref())?;
     let cfg = match s["config"].as_str() {
         "bundled" => model::bundled_config()?,
