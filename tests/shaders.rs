@@ -49,3 +49,79 @@ fn every_shader_file_is_registered() {
     registered.sort();
     assert_eq!(on_disk, registered, "shaders/ and the registry in src/gpu/registry.rs differ");
 }
+
+/// Every compute entry point of every registered shader, with the override constants the
+/// engine's pipelines set, translates to MSL (Metal), HLSL (DX12), SPIR-V (Vulkan) and
+/// GLSL ES 3.1 (GL): a kernel another backend would reject fails here, on any machine.
+#[test]
+fn every_entry_point_translates_for_every_backend() {
+    use naga::back::{glsl, hlsl, msl, spv};
+    let mut constants = naga::back::PipelineConstants::default();
+    for (name, value) in hrnet_ocr::kernels::PIPELINE_CONSTANTS {
+        constants.insert(name.to_string(), value);
+    }
+    let (mut errors, mut translated) = (Vec::new(), 0);
+    for (shader, source) in hrnet_ocr::gpu::SHADERS {
+        let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{shader}: {e}"));
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{shader}: {e}"));
+        for entry in &module.entry_points {
+            let stage = entry.stage;
+            let ep = entry.name.clone();
+            let mut fail =
+                |backend: &str, e: String| errors.push(format!("{shader}.wgsl {ep} ({backend}): {e}"));
+            let (module, info) = match naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((stage, ep.as_str())),
+                &constants,
+            ) {
+                Ok(done) => done,
+                Err(e) => {
+                    fail("override constants", e.to_string());
+                    continue;
+                }
+            };
+            let msl_pipeline =
+                msl::PipelineOptions { entry_point: Some((stage, ep.clone())), ..Default::default() };
+            if let Err(e) = msl::write_string(&module, &info, &msl::Options::default(), &msl_pipeline) {
+                fail("MSL", e.to_string());
+            }
+            let hlsl_options = hlsl::Options { shader_model: hlsl::ShaderModel::V6_0, ..Default::default() };
+            let hlsl_pipeline = hlsl::PipelineOptions { entry_point: Some((stage, ep.clone())) };
+            let mut text = String::new();
+            if let Err(e) =
+                hlsl::Writer::new(&mut text, &hlsl_options, &hlsl_pipeline).write(&module, &info, None)
+            {
+                fail("HLSL", e.to_string());
+            }
+            let spv_pipeline = spv::PipelineOptions { shader_stage: stage, entry_point: ep.clone() };
+            if let Err(e) = spv::write_vec(&module, &info, &spv::Options::default(), Some(&spv_pipeline)) {
+                fail("SPIR-V", e.to_string());
+            }
+            let glsl_pipeline =
+                glsl::PipelineOptions { shader_stage: stage, entry_point: ep.clone(), multiview: None };
+            let mut text = String::new();
+            let written = glsl::Writer::new(
+                &mut text,
+                &module,
+                &info,
+                &glsl::Options::default(),
+                &glsl_pipeline,
+                naga::proc::BoundsCheckPolicies::default(),
+            )
+            .and_then(|mut w| w.write().map(|_| ()));
+            if let Err(e) = written {
+                fail("GLSL ES 3.1", e.to_string());
+            }
+            translated += 1;
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    assert!(translated >= 40, "only {translated} entry points found");
+    eprintln!("{translated} entry points translated to MSL, HLSL, SPIR-V and GLSL");
+}

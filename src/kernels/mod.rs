@@ -22,6 +22,10 @@ use crate::tensor::Tensor;
 /// Invocations per workgroup for every kernel (the `WG` override constant).
 pub const WORKGROUP_SIZE: u32 = 64;
 
+/// The override constants every pipeline is built with (the shader translation test
+/// applies the same).
+pub const PIPELINE_CONSTANTS: [(&str, f64); 1] = [("WG", WORKGROUP_SIZE as f64)];
+
 /// Enough parallel invocations to fill a large GPU; reductions are split until they reach it.
 const TARGET_INVOCATIONS: usize = 8192;
 /// A chunk of a split reduction sums at least this many terms, so the extra pass stays cheap.
@@ -43,7 +47,7 @@ pub(crate) fn launch<P: bytemuck::Pod>(
         DispatchSpec {
             shader,
             entry,
-            constants: &[("WG", f64::from(WORKGROUP_SIZE))],
+            constants: &PIPELINE_CONSTANTS,
             params,
             bindings,
             workgroups: Workgroups::cover(gpu, invocations, WORKGROUP_SIZE)?,
