@@ -50,6 +50,18 @@ fn every_shader_file_is_registered() {
     assert_eq!(on_disk, registered, "shaders/ and the registry in src/gpu/registry.rs differ");
 }
 
+/// Runs a naga back end, turning its error or its panic (some back ends panic on input
+/// they do not support) into a message.
+fn guarded<E: std::fmt::Display>(write: impl FnOnce() -> Result<(), E>) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(write)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => Err(format!(
+            "the back end panicked: {}",
+            panic.downcast_ref::<String>().map_or("(no message)", String::as_str)
+        )),
+    }
+}
+
 /// Every compute entry point of every registered shader, with the override constants the
 /// engine's pipelines set, translates to MSL (Metal), HLSL (DX12), SPIR-V (Vulkan) and
 /// GLSL ES 3.1 (GL): a kernel another backend would reject fails here, on any machine.
@@ -88,8 +100,10 @@ fn every_entry_point_translates_for_every_backend() {
             };
             let msl_pipeline =
                 msl::PipelineOptions { entry_point: Some((stage, ep.clone())), ..Default::default() };
-            if let Err(e) = msl::write_string(&module, &info, &msl::Options::default(), &msl_pipeline) {
-                fail("MSL", e.to_string());
+            if let Err(e) = guarded(|| {
+                msl::write_string(&module, &info, &msl::Options::default(), &msl_pipeline).map(|_| ())
+            }) {
+                fail("MSL", e);
             }
             let hlsl_options = hlsl::Options { shader_model: hlsl::ShaderModel::V6_0, ..Default::default() };
             let hlsl_pipeline = hlsl::PipelineOptions { entry_point: Some((stage, ep.clone())) };
@@ -100,23 +114,27 @@ fn every_entry_point_translates_for_every_backend() {
                 fail("HLSL", e.to_string());
             }
             let spv_pipeline = spv::PipelineOptions { shader_stage: stage, entry_point: ep.clone() };
-            if let Err(e) = spv::write_vec(&module, &info, &spv::Options::default(), Some(&spv_pipeline)) {
-                fail("SPIR-V", e.to_string());
+            if let Err(e) = guarded(|| {
+                spv::write_vec(&module, &info, &spv::Options::default(), Some(&spv_pipeline)).map(|_| ())
+            }) {
+                fail("SPIR-V", e);
             }
             let glsl_pipeline =
                 glsl::PipelineOptions { shader_stage: stage, entry_point: ep.clone(), multiview: None };
             let mut text = String::new();
-            let written = glsl::Writer::new(
-                &mut text,
-                &module,
-                &info,
-                &glsl::Options::default(),
-                &glsl_pipeline,
-                naga::proc::BoundsCheckPolicies::default(),
-            )
-            .and_then(|mut w| w.write().map(|_| ()));
+            let written = guarded(|| {
+                glsl::Writer::new(
+                    &mut text,
+                    &module,
+                    &info,
+                    &glsl::Options::default(),
+                    &glsl_pipeline,
+                    naga::proc::BoundsCheckPolicies::default(),
+                )
+                .and_then(|mut w| w.write().map(|_| ()))
+            });
             if let Err(e) = written {
-                fail("GLSL ES 3.1", e.to_string());
+                fail("GLSL ES 3.1", e);
             }
             translated += 1;
         }
