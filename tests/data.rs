@@ -177,3 +177,21 @@ fn procedural_scenes_are_a_dataset_in_index_order() {
     assert_eq!(a, hrnet_ocr::data::procedural::scene(4, 2, 40, 30));
     assert!(!set.shuffle());
 }
+
+#[test]
+fn jpeg_images_load_as_rgb() {
+    let mut rng = SplitMix::new(seed());
+    let dir = scratch("jpeg");
+    // A smooth image survives JPEG's loss closely; noise would not.
+    let (w, h) = (48, 32);
+    let base = [rng.below(200) as u8, rng.below(200) as u8, rng.below(200) as u8];
+    let rgb: Vec<u8> = (0..w * h).flat_map(|i| base.map(|b| b + (i % w) as u8)).collect();
+    let path = dir.join("photo.jpg");
+    image::save_buffer(&path, &rgb, w as u32, h as u32, image::ExtendedColorType::Rgb8).unwrap();
+    let got = images::read_rgb(&path).unwrap();
+    assert_eq!((got.width, got.height), (w, h));
+    let worst = got.rgb.iter().zip(&rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 8, "JPEG round trip differs by {worst}");
+    // A JPEG is not a label map: three channels.
+    assert!(images::read_labels(&path).unwrap_err().to_string().contains("single-channel"));
+}
