@@ -113,7 +113,13 @@ impl<'g> Segmenter<'g> {
     }
 
     /// The main logits `[K, H, W]` of normalised planes `[3, H, W]`, at the input size.
+    /// An image whose tensors would exceed the device's largest storage binding is covered
+    /// by the largest sliding windows that fit (stride two thirds of a window) instead.
     pub fn logits(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
+        if !self.fits([h, w])? {
+            let crop = self.fitting_window([h, w])?;
+            return self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)));
+        }
         let (gpu, k, align) = (self.gpu, self.config.num_classes, self.config.align_corners);
         let graph = self.graph([h, w])?;
         graph.set(gpu, "input", planes)?;
@@ -123,6 +129,36 @@ impl<'g> Segmenter<'g> {
         let up = resize::forward(gpu, graph.output(0), &full, 0, align)?;
         gpu.run([&up])?;
         full.to_vec(gpu)
+    }
+
+    /// Whether every tensor of a whole pass at `size` fits the device's largest binding.
+    fn fits(&self, [h, w]: [usize; 2]) -> Result<bool> {
+        if self.graphs.contains_key(&[h, w]) {
+            return Ok(true);
+        }
+        let mut g = GraphBuilder::new();
+        let x = g.input("input", &[1, 3, h, w], false);
+        let m = hrnet::build(&mut g, &self.config, x, 0.0)?;
+        let graph_largest = g.plan_memory(&[m.out]).largest.1;
+        let full_logits = (4 * self.config.num_classes * h * w) as u64;
+        Ok(graph_largest.max(full_logits) <= self.gpu.limits().max_storage_buffer_binding_size)
+    }
+
+    /// The largest window, halving the longer side, whose pass fits the device.
+    fn fitting_window(&self, mut crop: [usize; 2]) -> Result<[usize; 2]> {
+        while !self.fits(crop)? {
+            let longer = usize::from(crop[1] > crop[0]);
+            if crop[longer] <= 32 {
+                return Err(Error::Invalid(format!(
+                    "even a {}x{} window of this model exceeds the device's storage binding limit of {} bytes",
+                    crop[0],
+                    crop[1],
+                    self.gpu.limits().max_storage_buffer_binding_size
+                )));
+            }
+            crop[longer] = crop[longer].div_ceil(2);
+        }
+        Ok(crop)
     }
 
     fn graph(&mut self, size: [usize; 2]) -> Result<&Graph> {

@@ -28,6 +28,9 @@ pub struct GpuOptions {
     pub backends: Option<wgpu::Backends>,
     /// Case-insensitive substring of the adapter's name (`WGPU_ADAPTER_NAME`).
     pub adapter_name: Option<String>,
+    /// Caps the storage-buffer binding size below the adapter's (to leave memory to other
+    /// work, or to exercise the limit handling on a device with a large limit).
+    pub max_storage_binding: Option<u64>,
 }
 
 impl GpuOptions {
@@ -36,6 +39,7 @@ impl GpuOptions {
         GpuOptions {
             backends: wgpu::Backends::from_env(),
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+            max_storage_binding: None,
         }
     }
 }
@@ -66,11 +70,15 @@ impl Gpu {
         let adapter = choose_adapter(adapters, backends, options.adapter_name.as_deref())?;
         let info = adapter.get_info();
         let features = adapter.features() & OPTIONAL_FEATURES;
+        let mut limits = adapter.limits();
+        if let Some(cap) = options.max_storage_binding {
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("hrnet-ocr"),
             required_features: features,
             // The adapter's own limits: HRNet's tensors outgrow the WebGPU defaults.
-            required_limits: adapter.limits(),
+            required_limits: limits,
             ..Default::default()
         }))
         .map_err(|e| Error::RequestDevice(format!("{} ({:?}): {e}", info.name, info.backend)))?;

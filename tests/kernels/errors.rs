@@ -103,12 +103,12 @@ fn profiler_times_every_dispatch_or_explains() {
 #[test]
 fn adapter_errors_name_the_cause() {
     use hrnet_ocr::GpuOptions;
-    let missing = GpuOptions { backends: None, adapter_name: Some("no-such-adapter-xyz".into()) };
+    let missing = GpuOptions { adapter_name: Some("no-such-adapter-xyz".into()), ..GpuOptions::default() };
     let e = message(hrnet_ocr::Gpu::with_options(&missing).err().expect("no adapter has that name"));
     assert!(e.contains("no-such-adapter-xyz") && e.contains(&gpu().info().name), "{e}");
     if cfg!(target_os = "linux") {
         // Linux has no Metal adapter: the error says how to get a driver.
-        let none = GpuOptions { backends: Some(wgpu::Backends::METAL), adapter_name: None };
+        let none = GpuOptions { backends: Some(wgpu::Backends::METAL), ..GpuOptions::default() };
         let e = message(hrnet_ocr::Gpu::with_options(&none).err().expect("no Metal on Linux"));
         assert!(e.contains("mesa-vulkan-drivers"), "{e}");
     }

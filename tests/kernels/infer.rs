@@ -149,3 +149,32 @@ fn images_are_normalised_and_classes_are_the_argmax() {
     let e = Image::new(4, 4, vec![0; 47]).unwrap_err().to_string();
     assert!(e.contains("4x4") && e.contains("48") && e.contains("47"), "{e}");
 }
+
+#[test]
+fn an_image_too_large_for_the_device_is_covered_by_windows_that_fit() {
+    use hrnet_ocr::{Gpu, GpuOptions};
+    // The tiny model's largest weight is 729 KiB; at 112x128 its largest activation (the
+    // concat, 270 x 28 x 32 floats) is 945 KiB. A 768 KiB binding limit refuses the whole
+    // image; 112x64 windows (473 KiB) fit.
+    let limited =
+        Gpu::with_options(&GpuOptions { max_storage_binding: Some(768 << 10), ..GpuOptions::from_env() })
+            .unwrap();
+    assert_eq!(limited.limits().max_storage_buffer_binding_size, 768 << 10);
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
+    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
+    let w = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    let mut small = Segmenter::new(&limited, cfg, w);
+    let mut rng = Rng::new(seed("an_image_too_large_for_the_device"));
+    let planes = rng.normals(3 * 112 * 128);
+    let got = small.logits_with(&planes, [112, 128], &Strategy::Whole).unwrap();
+    let want = segmenter()
+        .logits_with(&planes, [112, 128], &Strategy::Slide { crop: [112, 64], stride: [74, 42] })
+        .unwrap();
+    assert_close("whole image through fitting windows", &got, &want, 1e-5);
+    // Building the whole-image graph itself on that device is refused, naming the tensor.
+    let mut g = hrnet_ocr::graph::GraphBuilder::new();
+    let x = g.input("input", &[1, 3, 112, 128], false);
+    let m = hrnet_ocr::model::hrnet::build(&mut g, small.config(), x, 0.0).unwrap();
+    let err = g.build(&limited, hrnet_ocr::graph::Mode::Eval, &[m.out]).err().expect("too large").to_string();
+    assert!(err.contains("activation") && err.contains("786432"), "{err}");
+}
