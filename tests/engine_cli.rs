@@ -198,40 +198,23 @@ fn train_on_a_folder_then_bench() {
     let root = scratch("train-folder");
     write_folder(&root, 5, 3, 64);
     let out = root.join("run");
-    let (ok, text) = run(&[
-        "train",
-        "--config",
-        &fixture("tiny_ocr.yaml"),
-        "--data",
-        s(&root),
-        "--out",
-        s(&out),
-        "--steps",
-        "2",
-        "--batch",
-        "2",
-        "--crop",
-        "32",
-    ]);
+    let config = fixture("tiny_ocr.yaml");
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--config", &config, "--data", s(&root), "--out", s(&out)];
+        args.extend(["--steps", "2", "--batch", "2", "--crop", "32"]);
+        args.extend(extra);
+        run(&args)
+    };
+    let (ok, text) = train(&[]);
     assert!(ok, "{text}");
     assert_eq!(log_losses(&out).len(), 2);
-    // A label outside the classes is refused before any step.
+    // A label outside the classes is refused before any step, naming the file.
     let bad = LabelMap { width: 64, height: 64, labels: vec![7; 64 * 64] };
-    images::write_labels(&root.join("masks/0.png"), &bad).unwrap();
-    images::write_labels(&root.join("masks/1.png"), &bad).unwrap();
-    images::write_labels(&root.join("masks/2.png"), &bad).unwrap();
-    let (ok, text) = run(&[
-        "train",
-        "--config",
-        &fixture("tiny_ocr.yaml"),
-        "--data",
-        s(&root),
-        "--out",
-        s(&out),
-        "--crop",
-        "32",
-    ]);
-    assert!(!ok && text.contains("label 7"), "{text}");
+    for i in 0..3 {
+        images::write_labels(&root.join(format!("masks/{i}.png")), &bad).unwrap();
+    }
+    let (ok, text) = train(&["--seed", "3"]);
+    assert!(!ok && text.contains("label 7") && text.contains("images/"), "{text}");
     let (ok, text) = run(&[
         "bench",
         "--config",

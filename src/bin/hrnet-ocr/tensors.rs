@@ -11,8 +11,9 @@ use hrnet_ocr::model::Config;
 use hrnet_ocr::{Error, Gpu, Result};
 use std::path::{Path, PathBuf};
 
+/// The model and input of `forward` and `backward`.
 #[derive(Args)]
-pub struct ForwardArgs {
+pub struct TensorModelArgs {
     /// A preset or experiment YAML file
     #[arg(long, value_name = "C")]
     config: String,
@@ -22,6 +23,12 @@ pub struct ForwardArgs {
     /// A safetensors file with the tensor `input` [N, 3, H, W] (normalised planes)
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    model: TensorModelArgs,
     /// Where to write `aux` and `out` (safetensors)
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
@@ -38,15 +45,8 @@ pub struct ForwardArgs {
 
 #[derive(Args)]
 pub struct BackwardArgs {
-    /// A preset or experiment YAML file
-    #[arg(long, value_name = "C")]
-    config: String,
-    /// Weights: .safetensors or .pth
-    #[arg(long, value_name = "W")]
-    weights: PathBuf,
-    /// A safetensors file with the tensor `input` [N, 3, H, W]
-    #[arg(long, value_name = "FILE")]
-    input: PathBuf,
+    #[command(flatten)]
+    model: TensorModelArgs,
     /// A safetensors file with the tensor `label` [N, H, W] (integers; negative = ignore)
     #[arg(long, value_name = "FILE")]
     label: PathBuf,
@@ -189,10 +189,10 @@ fn output(gpu: &Gpu, graph: &Graph, names: &[&str]) -> Result<Vec<NamedTensor>> 
 }
 
 pub fn forward(args: &ForwardArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
-    let (shape, data) = read_input(&args.input)?;
+    let cfg = Config::load(&args.model.config)?;
+    let (shape, data) = read_input(&args.model.input)?;
     let gpu = Gpu::new()?;
-    let graph = model_graph(&gpu, &cfg, &args.weights, &shape, None, args.report_memory)?;
+    let graph = model_graph(&gpu, &cfg, &args.model.weights, &shape, None, args.report_memory)?;
     graph.set(&gpu, "input", &data)?;
     gpu.wait()?;
     let start = std::time::Instant::now();
@@ -244,8 +244,8 @@ fn print_profile(gpu: &Gpu, dispatches: &[hrnet_ocr::gpu::Dispatch]) -> Result<(
 }
 
 pub fn backward(args: &BackwardArgs) -> Result<()> {
-    let cfg = Config::load(&args.config)?;
-    let (shape, data) = read_input(&args.input)?;
+    let cfg = Config::load(&args.model.config)?;
+    let (shape, data) = read_input(&args.model.input)?;
     let label_path = &args.label;
     let shown = label_path.display().to_string();
     let (label_shape, values) = read_tensor(label_path, "label")?;
@@ -261,7 +261,8 @@ pub fn backward(args: &BackwardArgs) -> Result<()> {
         .map_err(|e| Error::Format { path: shown, what: e.to_string() })?;
     let dropout = if args.no_dropout { 0.0 } else { OCR_DROPOUT };
     let gpu = Gpu::new()?;
-    let mut graph = model_graph(&gpu, &cfg, &args.weights, &shape, Some((&label_shape, dropout)), false)?;
+    let mut graph =
+        model_graph(&gpu, &cfg, &args.model.weights, &shape, Some((&label_shape, dropout)), false)?;
     graph.set_seed(&gpu, args.seed)?;
     graph.set(&gpu, "input", &data)?;
     graph.tensor("label")?.write_u32(&gpu, &labels)?;
