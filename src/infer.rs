@@ -71,6 +71,10 @@ pub struct Segmentation {
 }
 
 /// A model ready to segment images; graphs are built once per input size and kept.
+///
+/// Segmenting takes `&mut self` (the graphs hold the activations). For several threads,
+/// give each its own `Segmenter` over one shared [`Gpu`]: they share its pipeline cache and
+/// buffer pool, and their results are bit-identical to one segmenter's (tested).
 pub struct Segmenter<'g> {
     gpu: &'g Gpu,
     config: Config,

@@ -178,3 +178,34 @@ fn an_image_too_large_for_the_device_is_covered_by_windows_that_fit() {
     let err = g.build(&limited, hrnet_ocr::graph::Mode::Eval, &[m.out]).err().expect("too large").to_string();
     assert!(err.contains("activation") && err.contains("786432"), "{err}");
 }
+
+#[test]
+fn segmenters_on_several_threads_agree_with_one() {
+    fn is_send<T: Send>(_: &T) {}
+    let mut rng = Rng::new(seed("segmenters_on_several_threads"));
+    let images: Vec<Image> = (0..6)
+        .map(|_| Image::new(40, 32, (0..3 * 40 * 32).map(|_| rng.range(0, 255) as u8).collect()).unwrap())
+        .collect();
+    let mut one = segmenter();
+    is_send(&one);
+    let want: Vec<Vec<f32>> =
+        images.iter().map(|im| one.segment(im, &Strategy::Whole).unwrap().scores).collect();
+    // One segmenter per thread over the one device, all at once.
+    let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut s = segmenter();
+                    images
+                        .iter()
+                        .map(|im| s.segment(im, &Strategy::Whole).unwrap().scores)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for scores in got {
+        assert!(scores == want, "a thread's results differ from one segmenter's");
+    }
+}
