@@ -80,11 +80,18 @@ pub struct Segmenter<'g> {
     config: Config,
     weights: Vec<NamedTensor>,
     graphs: HashMap<[usize; 2], Graph>,
+    check_numerics: bool,
 }
 
 impl<'g> Segmenter<'g> {
     pub fn new(gpu: &'g Gpu, config: Config, weights: Vec<NamedTensor>) -> Self {
-        Segmenter { gpu, config, weights, graphs: HashMap::new() }
+        Segmenter { gpu, config, weights, graphs: HashMap::new(), check_numerics: false }
+    }
+
+    /// With `on`, every pass runs node by node and stops at the first NaN or infinity,
+    /// naming the input, weight or layer output that holds it ([`Graph::forward_checked`]).
+    pub fn check_numerics(&mut self, on: bool) {
+        self.check_numerics = on;
     }
 
     pub fn config(&self) -> &Config {
@@ -125,9 +132,14 @@ impl<'g> Segmenter<'g> {
             return self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)));
         }
         let (gpu, k, align) = (self.gpu, self.config.num_classes, self.config.align_corners);
+        let checked = self.check_numerics;
         let graph = self.graph([h, w])?;
         graph.set(gpu, "input", planes)?;
-        graph.forward(gpu)?;
+        if checked {
+            graph.forward_checked(gpu)?;
+        } else {
+            graph.forward(gpu)?;
+        }
         // Logits come at 1/4 resolution; resized on the device (align_corners as the model).
         let full = Tensor::empty(gpu, &[1, k, h, w])?;
         let up = resize::forward(gpu, graph.output(0), &full, 0, align)?;

@@ -378,6 +378,17 @@ fn allocate_for_inference(
         .collect()
 }
 
+/// An error naming `what` and the first element of `t` that is NaN or infinite.
+fn check_finite(gpu: &Gpu, t: &Tensor, what: &str) -> Result<()> {
+    match t.to_vec(gpu)?.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        None => Ok(()),
+        Some((i, v)) => Err(Error::Invalid(format!(
+            "non-finite value {v} at element {i} of {what} (shape {:?})",
+            t.shape()
+        ))),
+    }
+}
+
 /// Device memory of an eval graph.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryReport {
@@ -472,6 +483,33 @@ impl Graph {
     /// Runs the forward pass: one command buffer.
     pub fn forward(&self, gpu: &Gpu) -> Result<()> {
         gpu.submit(&self.recorded.forward)
+    }
+
+    /// Runs the forward pass node by node and reads every value back: the first input,
+    /// parameter or statistic that holds a NaN or infinity, or else the first node that
+    /// produces one, is named in the error. Slow (a readback per node); for finding where
+    /// a model goes wrong.
+    pub fn forward_checked(&self, gpu: &Gpu) -> Result<()> {
+        let name = |v: ValueId| self.values[v.0].name.as_str();
+        for (i, v) in self.values.iter().enumerate() {
+            if v.role != Role::Activation && v.dtype == DType::F32 {
+                let what = match v.role {
+                    Role::Param => "parameter",
+                    Role::State => "running statistic",
+                    _ => "input",
+                };
+                check_finite(gpu, &self.tensors[i], &format!("{what} {}", v.name))?;
+            }
+        }
+        for node in &self.recorded.nodes {
+            gpu.submit(&self.recorded.forward[node.dispatches.clone()])?;
+            for &y in &node.writes {
+                let reads: Vec<&str> = node.reads.iter().map(|&r| name(r)).collect();
+                let what = format!("{}, the output of the node reading {}", name(y), reads.join(", "));
+                check_finite(gpu, self.t(y), &what)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs the backward pass: one command buffer. Without loss nodes it starts from the

@@ -58,6 +58,13 @@ impl Op {
     }
 }
 
+/// Where a node's forward dispatches sit, and its values.
+pub(super) struct NodeRecord {
+    pub dispatches: std::ops::Range<usize>,
+    pub reads: Vec<ValueId>,
+    pub writes: Vec<ValueId>,
+}
+
 /// A dropout dispatch to reseed each step.
 pub(super) struct DropoutRecord {
     pub layer: Dropout2d,
@@ -79,6 +86,9 @@ pub(super) struct Recorded {
     saved: HashMap<ValueId, Tensor>,
     /// Each loss node's recorded pass, in node order.
     loss_passes: Vec<LossPass>,
+    /// Each node's forward dispatches (a range of `forward`) with what it reads and writes,
+    /// for the checked forward.
+    pub nodes: Vec<NodeRecord>,
 }
 
 impl Graph {
@@ -178,7 +188,10 @@ impl Graph {
                     d
                 }
             };
+            let start = self.recorded.forward.len();
             self.recorded.forward.append(&mut d);
+            let dispatches = start..self.recorded.forward.len();
+            self.recorded.nodes.push(NodeRecord { dispatches, reads: op.reads(), writes: op.writes() });
         }
         Ok(())
     }

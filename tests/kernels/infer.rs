@@ -209,3 +209,39 @@ fn segmenters_on_several_threads_agree_with_one() {
         assert!(scores == want, "a thread's results differ from one segmenter's");
     }
 }
+
+#[test]
+fn the_numerics_check_names_the_first_bad_input_weight_or_layer() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
+    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
+    let good = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    let mut rng = Rng::new(seed("the_numerics_check"));
+    let planes = rng.normals(3 * 32 * 48);
+    let run = |w: Vec<weights::NamedTensor>, planes: &[f32], check: bool| {
+        let mut s = Segmenter::new(gpu(), cfg.clone(), w);
+        s.check_numerics(check);
+        s.logits(planes, [32, 48])
+    };
+    let want = run(good.clone(), &planes, false).unwrap();
+    assert!(run(good.clone(), &planes, true).unwrap() == want, "the checked pass computes the same");
+    // A NaN in a weight.
+    let mut nan_weight = good.clone();
+    let t = nan_weight.iter_mut().find(|t| t.name == "stage3.0.branches.1.0.conv1.weight").unwrap();
+    let at = rng.range(0, t.data.len() - 1);
+    t.data[at] = f32::NAN;
+    let err = run(nan_weight.clone(), &planes, true).unwrap_err().to_string();
+    assert!(err.contains("parameter stage3.0.branches.1.0.conv1.weight"), "{err}");
+    // Without the check nothing is reported: a ReLU's max(NaN, 0) may well hide it.
+    assert!(run(nan_weight, &planes, false).is_ok());
+    // An infinite input.
+    let mut bad = planes.clone();
+    let at = rng.range(0, bad.len() - 1);
+    bad[at] = f32::INFINITY;
+    let err = run(good.clone(), &bad, true).unwrap_err().to_string();
+    assert!(err.contains("input input"), "{err}");
+    // Finite weights so large that a convolution overflows: that layer's output is named.
+    let mut huge = good;
+    huge.iter_mut().find(|t| t.name == "stage2.0.branches.0.0.conv2.weight").unwrap().data.fill(3e38);
+    let err = run(huge, &planes, true).unwrap_err().to_string();
+    assert!(err.contains("stage2.0.branches.0.0.conv2#") && err.contains("the node reading"), "{err}");
+}

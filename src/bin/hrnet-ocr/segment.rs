@@ -28,6 +28,9 @@ pub struct InferArgs {
     /// Scales of ms-flip, comma-separated
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.75,1,1.25,1.5,1.75")]
     scales: Vec<f32>,
+    /// Run layer by layer and stop at the first NaN or infinity, naming the input, weight or layer (slow)
+    #[arg(long)]
+    check_numerics: bool,
 }
 
 impl InferArgs {
@@ -75,6 +78,7 @@ pub fn segment(args: &SegmentArgs) -> Result<()> {
     let names = model::class_names(cfg.num_classes, bundled);
     let palette = images::palette(cfg.num_classes);
     let mut segmenter = Segmenter::new(&gpu, cfg, weights);
+    segmenter.check_numerics(args.infer.check_numerics);
     for (path, image) in args.images.iter().zip(&inputs) {
         let start = Instant::now();
         let seg = segmenter.segment(image, &strategy)?;
@@ -174,6 +178,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let (classes, names) =
         (cfg.num_classes, model::class_names(cfg.num_classes, bundled || args.data.synthetic));
     let mut segmenter = Segmenter::new(&gpu, cfg, weights);
+    segmenter.check_numerics(args.infer.check_numerics);
     let mut evaluation = Evaluation::new(&gpu, classes, ignore)?;
     let mut seconds = 0.0;
     for i in 0..dataset.len() {
