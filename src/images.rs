@@ -6,26 +6,57 @@ use crate::infer::Image;
 use crate::model::weights::write_atomic;
 use std::path::Path;
 
-fn format_error(path: &Path, what: impl std::fmt::Display) -> Error {
-    Error::Format { path: path.display().to_string(), what: what.to_string() }
+fn format_error(source: &str, what: impl std::fmt::Display) -> Error {
+    Error::Format { path: source.to_string(), what: what.to_string() }
 }
 
-fn open(path: &Path) -> Result<image::DynamicImage> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|source| Error::Io { path: path.display().to_string(), source })?
-        .with_guessed_format()
-        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-    if reader.format().is_none() {
-        return Err(format_error(path, "not an image this build can read (PNG or JPEG)"));
+/// The most memory one decoded image may take, and the most pixels it may have (16K x
+/// 16K): a small file whose header claims more is refused before anything is allocated.
+const MAX_DECODED_BYTES: u64 = 1 << 30;
+const MAX_PIXELS: u64 = 1 << 28;
+
+fn decode(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::Io { path: source.to_string(), source: e })
+    };
+    let mut image_reader = reader()?;
+    if image_reader.format().is_none() {
+        return Err(format_error(source, "not an image this build can read (PNG or JPEG)"));
     }
-    reader
-        .decode()
-        .map_err(|e| format_error(path, format!("not an image this build can read (PNG or JPEG): {e}")))
+    let unreadable = |e: image::ImageError| {
+        format_error(source, format!("not an image this build can read (PNG or JPEG): {e}"))
+    };
+    // The header alone first: its size is checked before the decoder allocates.
+    let (w, h) = reader()?.into_dimensions().map_err(unreadable)?;
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(format_error(
+            source,
+            format!("{w}x{h} pixels is above the limit of {MAX_PIXELS} pixels"),
+        ));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    image_reader.limits(limits);
+    image_reader.decode().map_err(unreadable)
+}
+
+fn read(path: &Path) -> Result<(Vec<u8>, String)> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: shown.clone(), source })?;
+    Ok((bytes, shown))
 }
 
 /// Reads an image file as 8-bit RGB (grey and alpha are converted).
 pub fn read_rgb(path: &Path) -> Result<Image> {
-    let rgb = open(path)?.into_rgb8();
+    let (bytes, shown) = read(path)?;
+    decode_rgb(&bytes, &shown)
+}
+
+/// Decodes PNG or JPEG bytes as 8-bit RGB; `source` names them in errors.
+pub fn decode_rgb(bytes: &[u8], source: &str) -> Result<Image> {
+    let rgb = decode(bytes, source)?.into_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     Image::new(w, h, rgb.into_raw())
 }
@@ -41,14 +72,20 @@ pub struct LabelMap {
 /// Reads a single-channel label PNG (8 or 16 bits per pixel; each value is a label). Colour
 /// label images are refused: their colours are not class indices.
 pub fn read_labels(path: &Path) -> Result<LabelMap> {
-    let img = open(path)?;
+    let (bytes, shown) = read(path)?;
+    decode_labels(&bytes, &shown)
+}
+
+/// Decodes a single-channel label PNG from bytes; `source` names them in errors.
+pub fn decode_labels(bytes: &[u8], source: &str) -> Result<LabelMap> {
+    let img = decode(bytes, source)?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let labels = match img {
         image::DynamicImage::ImageLuma8(g) => g.into_raw().into_iter().map(u32::from).collect(),
         image::DynamicImage::ImageLuma16(g) => g.into_raw().into_iter().map(u32::from).collect(),
         other => {
             return Err(format_error(
-                path,
+                source,
                 format!(
                     "a label map must be single-channel (8 or 16 bit grey); this one is {:?}",
                     other.color()
@@ -69,7 +106,7 @@ fn encode_png(
     let mut bytes = Vec::new();
     let encoder = image::codecs::png::PngEncoder::new(&mut bytes);
     image::ImageEncoder::write_image(encoder, data, width as u32, height as u32, colour)
-        .map_err(|e| format_error(path, format!("cannot encode the PNG: {e}")))?;
+        .map_err(|e| format_error(&path.display().to_string(), format!("cannot encode the PNG: {e}")))?;
     write_atomic(path, &bytes)
 }
 
@@ -92,7 +129,9 @@ pub fn write_labels(path: &Path, map: &LabelMap) -> Result<()> {
             let data: Vec<u8> = map.labels.iter().flat_map(|&l| (l as u16).to_ne_bytes()).collect();
             encode_png(path, map.width, map.height, image::ExtendedColorType::L16, &data)
         }
-        big => Err(format_error(path, format!("label {big} does not fit a 16-bit PNG"))),
+        big => {
+            Err(format_error(&path.display().to_string(), format!("label {big} does not fit a 16-bit PNG")))
+        }
     }
 }
 
