@@ -245,3 +245,21 @@ fn the_numerics_check_names_the_first_bad_input_weight_or_layer() {
     let err = run(huge, &planes, true).unwrap_err().to_string();
     assert!(err.contains("stage2.0.branches.0.0.conv2#") && err.contains("the node reading"), "{err}");
 }
+
+#[test]
+fn a_segmenter_that_failed_serves_the_next_call() {
+    let mut rng = Rng::new(seed("a_segmenter_that_failed"));
+    let planes = rng.normals(3 * 24 * 40);
+    let want = segmenter().logits(&planes, [24, 40]).unwrap();
+    let mut s = segmenter();
+    // Too few values, a zero window, a NaN found by the numerics check: each an error.
+    assert!(s.logits_with(&planes[1..], [24, 40], &Strategy::Whole).is_err());
+    let zero = Strategy::Slide { crop: [0, 8], stride: [4, 4] };
+    assert!(s.logits_with(&planes, [24, 40], &zero).unwrap_err().to_string().contains("positive crop"));
+    let mut nan = planes.clone();
+    nan[7] = f32::NAN;
+    s.check_numerics(true);
+    assert!(s.logits(&nan, [24, 40]).unwrap_err().to_string().contains("input input"));
+    s.check_numerics(false);
+    assert!(s.logits(&planes, [24, 40]).unwrap() == want, "the next call computes as a fresh segmenter");
+}
