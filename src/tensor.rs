@@ -55,7 +55,10 @@ impl Tensor {
             let what = format!("tensor of shape {}", fmt_shape(shape));
             return Err(Error::Limit { what, bytes, limit, limit_name });
         }
-        let buffer = Arc::new(gpu.pool().acquire(&gpu.device, bytes));
+        let buffer = gpu.pool().acquire(&gpu.device, bytes).map_err(|e| {
+            Error::Device(format!("allocating a tensor of shape {} ({bytes} bytes): {e}", fmt_shape(shape)))
+        })?;
+        let buffer = Arc::new(buffer);
         Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype })
     }
 

@@ -33,7 +33,9 @@ fn size_class(bytes: u64) -> u64 {
 }
 
 impl BufferPool {
-    pub(crate) fn acquire(self: &Arc<Self>, device: &wgpu::Device, bytes: u64) -> PooledBuffer {
+    /// A buffer of at least `bytes`: an idle one of its size class, or a new one. A device
+    /// out of memory is an error (caught by an error scope), not a later panic.
+    pub(crate) fn acquire(self: &Arc<Self>, device: &wgpu::Device, bytes: u64) -> Result<PooledBuffer, String> {
         let class = size_class(bytes);
         let reused = {
             let mut idle = lock(&self.idle);
@@ -43,15 +45,23 @@ impl BufferPool {
             }
             buffer
         };
-        let buffer = reused.unwrap_or_else(|| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("hrnet-ocr tensor"),
-                size: class,
-                usage: USAGE,
-                mapped_at_creation: false,
-            })
-        });
-        PooledBuffer { buffer: Some(buffer), class, pool: Arc::downgrade(self) }
+        let buffer = match reused {
+            Some(buffer) => buffer,
+            None => {
+                let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("hrnet-ocr tensor"),
+                    size: class,
+                    usage: USAGE,
+                    mapped_at_creation: false,
+                });
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    return Err(e.to_string());
+                }
+                buffer
+            }
+        };
+        Ok(PooledBuffer { buffer: Some(buffer), class, pool: Arc::downgrade(self) })
     }
 
     fn release(&self, buffer: wgpu::Buffer, class: u64) {
