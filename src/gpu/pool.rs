@@ -35,7 +35,11 @@ fn size_class(bytes: u64) -> u64 {
 impl BufferPool {
     /// A buffer of at least `bytes`: an idle one of its size class, or a new one. A device
     /// out of memory is an error (caught by an error scope), not a later panic.
-    pub(crate) fn acquire(self: &Arc<Self>, device: &wgpu::Device, bytes: u64) -> Result<PooledBuffer, String> {
+    pub(crate) fn acquire(
+        self: &Arc<Self>,
+        device: &wgpu::Device,
+        bytes: u64,
+    ) -> Result<PooledBuffer, String> {
         let class = size_class(bytes);
         let reused = {
             let mut idle = lock(&self.idle);
