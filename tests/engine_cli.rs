@@ -231,4 +231,17 @@ fn train_on_a_folder_then_bench() {
         text.contains("forward") && text.contains("training step") && text.contains("images/s"),
         "{text}"
     );
+    // Every adapter found (lavapipe on Vulkan at least) gets a column of one table.
+    let args =
+        ["bench", "--config", &config, "--size", "64", "--batch", "2", "--iters", "1", "--all-adapters"];
+    let (ok, text) = run(&args);
+    assert!(ok, "{text}");
+    let rows: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("forward") || l.starts_with("training step")).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(text.contains("/ Vulkan |") || text.contains("/ Vulkan\n"), "{text}");
+    assert!(
+        rows.iter().all(|r| r.split('|').count() == text.lines().nth(1).unwrap().split('|').count()),
+        "{text}"
+    );
 }
