@@ -531,8 +531,13 @@ impl Graph {
 
     /// The total loss (sum of weight x term) after a forward pass; reads back one float per term.
     pub fn loss(&self, gpu: &Gpu) -> Result<f32> {
-        let terms = self.loss_terms(gpu)?;
-        Ok(terms.iter().zip(&self.recorded.losses).map(|(t, (_, weight))| weight * t).sum())
+        Ok(self.weighted_total(&self.loss_terms(gpu)?))
+    }
+
+    /// The total loss from terms [`Graph::loss_terms`] read (sum of weight x term), so a
+    /// caller who wants both reads the device once.
+    pub fn weighted_total(&self, terms: &[f32]) -> f32 {
+        terms.iter().zip(&self.recorded.losses).map(|(t, (_, weight))| weight * t).sum()
     }
 
     /// Each loss term's value before its weight, in the order the terms were added.

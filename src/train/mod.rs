@@ -166,7 +166,7 @@ impl<'g> Trainer<'g> {
         let terms = self.graph.loss_terms(gpu)?;
         let stats = StepStats {
             step: self.step,
-            loss: self.graph.loss(gpu)?,
+            loss: self.graph.weighted_total(&terms),
             aux_loss: terms[0],
             main_loss: terms[1],
             lr,
