@@ -245,3 +245,75 @@ fn train_on_a_folder_then_bench() {
         "{text}"
     );
 }
+
+/// The value of a numeric field in a JSON line (the bench writes flat objects).
+fn json_number(line: &str, key: &str) -> Option<f64> {
+    let rest = &line[line.find(&format!("\"{key}\":"))? + key.len() + 3..];
+    rest[..rest.find([',', '}'])?].parse().ok()
+}
+
+#[test]
+fn bench_kernels_reports_throughput_against_a_measured_roofline() {
+    let (ok, text) = run(&["bench", "--kernels", "--filter", "relu", "--json", "--budget-ms", "20"]);
+    assert!(ok, "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
+    // relu and add_relu at four shapes, forward and backward.
+    assert_eq!(lines.len(), 16, "{text}");
+    for line in &lines {
+        assert!(line.ends_with('}') && line.contains("relu\",\"pass\":"), "{line}");
+        for key in ["ms", "best_ms", "gbps", "roofline_fraction", "roofline_gbps", "roofline_gflops"] {
+            let v = json_number(line, key).unwrap_or_else(|| panic!("{key} in {line}"));
+            assert!(v > 0.0 && v.is_finite(), "{key} = {v} in {line}");
+        }
+        // The fraction is the binding bound's time over the time taken, so it is at least
+        // the bandwidth's share of the roofline's.
+        let share = json_number(line, "gbps").unwrap() / json_number(line, "roofline_gbps").unwrap();
+        let fraction = json_number(line, "roofline_fraction").unwrap();
+        assert!(fraction >= share * (1.0 - 1e-4), "{fraction} < {share}: {line}");
+    }
+
+    // A shape file: every line two cases, named as every peer names them.
+    let dir = scratch("bench-shapes");
+    let shapes = dir.join("shapes.txt");
+    std::fs::write(&shapes, "# a comment\nconv 8 16 12 20 3 2 1\nmatmul 32 16 8\n").unwrap();
+    let (ok, text) = run(&["bench", "--shapes", s(&shapes), "--budget-ms", "10"]);
+    assert!(ok, "{text}");
+    for case in ["conv 8->16 3x3 s2 12x20", "matmul 32x16x8"] {
+        for pass in ["forward ", "forward+backward "] {
+            assert!(text.lines().any(|l| l.contains(case) && l.contains(pass)), "{case} {pass}: {text}");
+        }
+    }
+    std::fs::write(&shapes, "conv 8 16 12 20 3 2 1\nconv 8 16 12\n").unwrap();
+    let (ok, text) = run(&["bench", "--shapes", s(&shapes)]);
+    assert!(!ok && text.contains("shapes.txt") && text.contains("line 2"), "{text}");
+}
+
+#[test]
+fn bench_end_to_end_profiles_the_kernels_of_a_step() {
+    let config = fixture("tiny_ocr.yaml");
+    let args = ["bench", "--config", &config, "--size", "64", "--batch", "1", "--iters", "1", "--json"];
+    let (ok, text) = run(&args);
+    assert!(ok, "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for (line, pass) in lines.iter().zip(["forward", "training step"]) {
+        assert!(line.contains(&format!("\"pass\":\"{pass}\"")), "{line}");
+        let dispatches = json_number(line, "dispatches").unwrap();
+        assert!(dispatches > 10.0, "{line}");
+        if line.contains("\"backend\":\"Vulkan\"") {
+            assert!(line.contains("\"profile\":{"), "lavapipe has timestamp queries: {line}");
+        }
+        if let Some(at) = line.find("\"profile\":{") {
+            let profile = &line[at..];
+            // Each kernel's dispatches add up to the pass's, its shares to one.
+            let sum = |key: &str| -> f64 {
+                profile
+                    .match_indices(&format!("\"{key}\":"))
+                    .filter_map(|(i, _)| json_number(&profile[i..], key))
+                    .sum()
+            };
+            assert_eq!(sum("dispatches"), dispatches, "{line}");
+            assert!((sum("share") - 1.0).abs() < 1e-3, "{line}");
+        }
+    }
+}

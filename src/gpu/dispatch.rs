@@ -71,7 +71,9 @@ pub struct Cost {
     pub bytes: u64,
 }
 
-/// A kernel launch ready to encode.
+/// A kernel launch ready to encode. A clone shares the pipeline, bindings and `Params`
+/// buffer (handles are reference counted), so it runs the same launch.
+#[derive(Clone)]
 pub struct Dispatch {
     label: &'static str,
     pipeline: Arc<wgpu::ComputePipeline>,

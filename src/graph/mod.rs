@@ -600,4 +600,11 @@ impl Graph {
     pub fn backward_dispatches(&self) -> &[Dispatch] {
         &self.recorded.backward
     }
+
+    /// A training step's dispatches in order: forward, backward and, once a step has
+    /// recorded it, the optimizer's.
+    pub fn step_dispatches(&self) -> Vec<&Dispatch> {
+        let optimizer = self.optimizer.as_ref().and_then(|o| o.step.as_ref()).map(|(_, d)| d);
+        self.recorded.forward.iter().chain(&self.recorded.backward).chain(optimizer).collect()
+    }
 }

@@ -175,6 +175,11 @@ impl<'g> Trainer<'g> {
         Ok(stats)
     }
 
+    /// The training graph (for profiling its dispatches).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
     /// How many steps have been taken (including those before a resume).
     pub fn steps(&self) -> usize {
         self.step

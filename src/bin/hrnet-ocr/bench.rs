@@ -1,8 +1,11 @@
-//! `bench`: forward and training-step wall time of the whole model at a size and batch,
-//! with freshly initialised weights (speed does not depend on their values).
+//! `bench`: per kernel (`--kernels`, `--shapes`), each case's time, throughput and fraction
+//! of a roofline measured on the adapter; or end to end, the forward and training step of
+//! a whole model with a per-kernel profile from GPU timestamps. Text or JSON lines, on one
+//! adapter or every adapter found.
 
 use crate::{model, parse_size};
 use clap::Args;
+use hrnet_ocr::bench::{self, KernelCase, Profile, Roofline, Timing};
 use hrnet_ocr::data::augment::Sample;
 use hrnet_ocr::data::SplitMix;
 use hrnet_ocr::gpu::list_adapters;
@@ -10,8 +13,9 @@ use hrnet_ocr::graph::{GraphBuilder, Mode};
 use hrnet_ocr::model::hrnet::{self, OCR_DROPOUT};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{initialise, TrainOptions, Trainer};
-use hrnet_ocr::{Gpu, GpuOptions, Result};
-use std::time::Instant;
+use hrnet_ocr::{Error, Gpu, GpuOptions, Result};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -30,17 +34,220 @@ pub struct BenchArgs {
     /// Time the forward pass only
     #[arg(long)]
     forward_only: bool,
-    /// Run on every adapter of every backend found and print one table, a column per adapter
+    /// Every kernel alone at HRNet's shapes instead of the whole model
+    #[arg(long)]
+    kernels: bool,
+    /// With --kernels: only the cases whose kernel, pass or shape contains this text
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
+    /// Per-kernel cases from a shape file (as benches/peers/shapes.txt) instead of HRNet's
+    #[arg(long, value_name = "FILE")]
+    shapes: Option<PathBuf>,
+    /// With --kernels: timing budget per case, in milliseconds
+    #[arg(long, default_value_t = 300)]
+    budget_ms: u64,
+    /// End to end: how many kernels of the profile to list
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Print JSON lines (one object per case or pass) instead of tables
+    #[arg(long)]
+    json: bool,
+    /// Run on every adapter of every backend found; tables get a column per adapter
     #[arg(long)]
     all_adapters: bool,
 }
 
-/// What one adapter measured: (mean, best) milliseconds of the forward and of a training
-/// step, and the forward's planned device memory.
-struct Measured {
-    forward: (f64, f64),
-    step: Option<(f64, f64)>,
-    memory_mib: f64,
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let gpus = if args.all_adapters {
+        list_adapters(wgpu::Backends::all())
+            .into_iter()
+            .map(|info| {
+                Gpu::with_options(&GpuOptions {
+                    backends: Some(info.backend.into()),
+                    adapter_name: Some(info.name.clone()),
+                    ..GpuOptions::default()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        vec![Gpu::new()?]
+    };
+    if args.kernels || args.shapes.is_some() {
+        kernels(args, &gpus)
+    } else {
+        end_to_end(args, &gpus)
+    }
+}
+
+/// A short name for an adapter: its name and backend.
+fn adapter_name(gpu: &Gpu) -> String {
+    format!("{} / {:?}", gpu.info().name, gpu.info().backend)
+}
+
+/// A JSON string literal.
+fn js(s: &str) -> String {
+    let mut out = String::from('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A JSON number (`null` for a missing or non-finite value).
+fn jn(v: Option<f64>) -> String {
+    v.filter(|v| v.is_finite()).map_or("null".into(), |v| format!("{v:.6}"))
+}
+
+/// What one case measured on one adapter.
+struct CaseResult {
+    kernel: String,
+    pass: String,
+    case: String,
+    memory_bound: bool,
+    timing: Timing,
+    gflops: f64,
+    gbps: f64,
+    roofline: f64,
+}
+
+impl CaseResult {
+    fn new(c: &KernelCase, timing: Timing, roofline: &Roofline) -> Self {
+        let cost = c.cost();
+        let ms = timing.mean_ms;
+        CaseResult {
+            kernel: c.kernel.clone(),
+            pass: c.pass.clone(),
+            case: c.case.clone(),
+            memory_bound: c.memory_bound,
+            gflops: cost.flops as f64 / (ms * 1e6),
+            gbps: cost.bytes as f64 / (ms * 1e6),
+            roofline: roofline.fraction(cost, ms),
+            timing,
+        }
+    }
+
+    /// The throughput that matters for this kernel, with its unit.
+    fn throughput(&self) -> String {
+        if self.memory_bound {
+            format!("{:.2} GB/s", self.gbps)
+        } else {
+            format!("{:.2} GFLOP/s", self.gflops)
+        }
+    }
+}
+
+fn kernels(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
+    let shapes = match &args.shapes {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+            Some(bench::parse_peer_shapes(&text, &path.display().to_string())?)
+        }
+        None => None,
+    };
+    let filter = args.filter.as_deref().unwrap_or("");
+    let budget = Duration::from_millis(args.budget_ms);
+    let mut columns = Vec::new();
+    for gpu in gpus {
+        let roofline = bench::roofline(gpu)?;
+        let cases = match &shapes {
+            Some(s) => bench::peer_suite(gpu, s)?,
+            None => bench::hrnet_suite(gpu, filter)?,
+        };
+        if cases.is_empty() {
+            return Err(Error::Invalid(format!("no kernel case matches the filter {filter:?}")));
+        }
+        if !args.json {
+            println!(
+                "{}: roofline {:.2} GB/s (copy), {:.2} GFLOP/s (matmul 1024^3); {} cases",
+                adapter_name(gpu),
+                roofline.gbytes_per_s,
+                roofline.gflops,
+                cases.len()
+            );
+            println!(
+                "{:<20} {:<16} {:<40} {:>9} {:>9} {:>9} {:>17} {:>8} {:>9}",
+                "kernel", "pass", "case", "ms", "best", "device", "throughput", "roofline", "first ms"
+            );
+        }
+        let mut results = Vec::new();
+        for c in &cases {
+            let r = CaseResult::new(c, bench::time(gpu, &c.dispatches, c.setup, budget)?, &roofline);
+            if args.json {
+                print_case_json(gpu, &roofline, &r);
+            } else {
+                let t = &r.timing;
+                println!(
+                    "{:<20} {:<16} {:<40} {:>9.3} {:>9.3} {:>9} {:>17} {:>7.1}% {:>9.1}",
+                    r.kernel,
+                    r.pass,
+                    r.case,
+                    t.mean_ms,
+                    t.best_ms,
+                    t.device_ms.map_or("-".into(), |d| format!("{d:.3}")),
+                    r.throughput(),
+                    100.0 * r.roofline,
+                    t.first_ms
+                );
+            }
+            results.push(r);
+        }
+        columns.push((adapter_name(gpu), results));
+    }
+    if args.all_adapters && !args.json {
+        print_adapter_table(&columns);
+    }
+    Ok(())
+}
+
+fn print_case_json(gpu: &Gpu, roofline: &Roofline, r: &CaseResult) {
+    let t = &r.timing;
+    println!(
+        "{{\"peer\":\"hrnet-ocr\",\"adapter\":{},\"backend\":{},\"kernel\":{},\"pass\":{},\"case\":{},\
+         \"ms\":{},\"best_ms\":{},\"device_ms\":{},\"first_ms\":{},\"runs\":{},\"gflops\":{},\"gbps\":{},\
+         \"roofline_fraction\":{},\"roofline_gflops\":{},\"roofline_gbps\":{}}}",
+        js(&gpu.info().name),
+        js(&format!("{:?}", gpu.info().backend)),
+        js(&r.kernel),
+        js(&r.pass),
+        js(&r.case),
+        jn(Some(t.mean_ms)),
+        jn(Some(t.best_ms)),
+        jn(t.device_ms),
+        jn(Some(t.first_ms)),
+        t.runs,
+        jn(Some(r.gflops)),
+        jn(Some(r.gbps)),
+        jn(Some(r.roofline)),
+        jn(Some(roofline.gflops)),
+        jn(Some(roofline.gbytes_per_s)),
+    );
+}
+
+/// One row per case, a column per adapter: mean ms and throughput.
+fn print_adapter_table(columns: &[(String, Vec<CaseResult>)]) {
+    let width = columns.iter().map(|(c, _)| c.len()).max().unwrap_or(0).max(28);
+    print!("\n{:<70}", "case (mean ms, throughput)");
+    for (name, _) in columns {
+        print!(" | {name:>width$}");
+    }
+    println!();
+    for (i, r) in columns[0].1.iter().enumerate() {
+        print!("{:<70}", format!("{} {} {}", r.kernel, r.pass, r.case));
+        for (_, results) in columns {
+            let cell = results
+                .get(i)
+                .map_or("-".into(), |r| format!("{:.3} ms {}", r.timing.mean_ms, r.throughput()));
+            print!(" | {cell:>width$}");
+        }
+        println!();
+    }
 }
 
 /// Mean and fastest of `iters` timed runs of `f`, in milliseconds, after one warm-up.
@@ -56,14 +263,16 @@ fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     Ok((mean, times.iter().copied().fold(f64::INFINITY, f64::min)))
 }
 
-fn report(what: &str, batch: usize, (mean, min): (f64, f64)) {
-    println!(
-        "{what:<14} {mean:>10.1} ms mean {min:>10.1} ms best {:>8.2} images/s",
-        1e3 * batch as f64 / mean
-    );
+/// One pass of the whole model on one adapter: (mean, best) ms, dispatches, and the
+/// per-kernel profile where the adapter has timestamps.
+struct Pass {
+    name: &'static str,
+    times: (f64, f64),
+    dispatches: usize,
+    profile: Option<Profile>,
 }
 
-pub fn bench(args: &BenchArgs) -> Result<()> {
+fn end_to_end(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
     let cfg = match &args.config {
         Some(c) => Config::load(c)?,
         None => model::bundled_config()?,
@@ -71,56 +280,118 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let [h, w] = args.size;
     let n = args.batch.max(1);
     let name = args.config.as_deref().unwrap_or("the bundled model");
-    if args.all_adapters {
-        return bench_all(args, &cfg, name);
-    }
-    let gpu = Gpu::new()?;
-    println!("{name} at {n}x3x{h}x{w} on {}", gpu.describe());
-    let m = measure(&gpu, &cfg, args)?;
-    report("forward", n, m.forward);
-    println!("{:<14} {:>10.1} MiB planned device memory", "", m.memory_mib);
-    if let Some(step) = m.step {
-        report("training step", n, step);
-    }
-    Ok(())
-}
-
-/// The same measurements on every adapter found, as one table.
-fn bench_all(args: &BenchArgs, cfg: &Config, name: &str) -> Result<()> {
-    let [h, w] = args.size;
-    let n = args.batch.max(1);
     let mut columns = Vec::new();
-    for info in list_adapters(wgpu::Backends::all()) {
-        let options = GpuOptions {
-            backends: Some(info.backend.into()),
-            adapter_name: Some(info.name.clone()),
-            ..GpuOptions::default()
-        };
-        let gpu = Gpu::with_options(&options)?;
-        eprintln!("measuring on {}", gpu.describe());
-        columns.push((format!("{} / {:?}", info.name, info.backend), measure(&gpu, cfg, args)?));
+    for gpu in gpus {
+        if args.all_adapters {
+            eprintln!("measuring on {}", gpu.describe());
+        }
+        let (passes, memory_mib) = measure(gpu, &cfg, args)?;
+        for p in &passes {
+            if args.json {
+                print_pass_json(gpu, name, args, memory_mib, p);
+            } else if !args.all_adapters {
+                print_pass(gpu, name, args, p, args.top);
+            }
+        }
+        if !args.json && !args.all_adapters {
+            println!("{:<14} {:>10.1} MiB planned device memory (forward)", "", memory_mib);
+        }
+        columns.push((adapter_name(gpu), passes));
     }
-    println!("{name} at {n}x3x{h}x{w}, ms (mean / best)");
-    let width = columns.iter().map(|(c, _)| c.len()).max().unwrap_or(0).max(18);
-    print!("{:<16}", "");
-    for (c, _) in &columns {
-        print!(" | {c:>width$}");
-    }
-    println!();
-    let cell =
-        |t: Option<(f64, f64)>| t.map_or("-".to_string(), |(mean, best)| format!("{mean:.1} / {best:.1}"));
-    for (row, pick) in [("forward", 0), ("training step", 1)] {
-        print!("{row:<16}");
-        for (_, m) in &columns {
-            print!(" | {:>width$}", cell(if pick == 0 { Some(m.forward) } else { m.step }));
+    if args.all_adapters && !args.json {
+        println!("{name} at {n}x3x{h}x{w}, ms (mean / best)");
+        let width = columns.iter().map(|(c, _)| c.len()).max().unwrap_or(0).max(18);
+        print!("{:<16}", "");
+        for (c, _) in &columns {
+            print!(" | {c:>width$}");
         }
         println!();
+        for (i, row) in ["forward", "training step"].iter().enumerate() {
+            print!("{row:<16}");
+            for (_, passes) in &columns {
+                let cell =
+                    passes.get(i).map_or("-".into(), |p| format!("{:.1} / {:.1}", p.times.0, p.times.1));
+                print!(" | {cell:>width$}");
+            }
+            println!();
+        }
     }
     Ok(())
 }
 
-/// Forward (and unless `--forward-only`, training-step) times on `gpu`.
-fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<Measured> {
+fn print_pass(gpu: &Gpu, name: &str, args: &BenchArgs, p: &Pass, top: usize) {
+    let [h, w] = args.size;
+    let n = args.batch.max(1);
+    let (mean, best) = p.times;
+    println!(
+        "{name} {} at {n}x3x{h}x{w} on {}: {mean:.1} ms mean, {best:.1} ms best, {:.2} images/s, \
+         {} dispatches in one command buffer",
+        p.name,
+        gpu.describe(),
+        1e3 * n as f64 / mean,
+        p.dispatches
+    );
+    match &p.profile {
+        Some(profile) => print_profile(profile, top),
+        None => println!("  (no per-kernel profile: the adapter has no timestamp queries)"),
+    }
+}
+
+/// The `top` kernels of a profile: device time, share, dispatches and throughput.
+pub fn print_profile(profile: &Profile, top: usize) {
+    println!("  device time {:.1} ms; top kernels:", profile.device_ms);
+    for k in profile.kernels.iter().take(top) {
+        println!(
+            "  {:<30} {:>9.2} ms {:>5.1}% {:>5} dispatches {:>8.2} GFLOP/s {:>8.2} GB/s",
+            k.kernel,
+            k.ms,
+            100.0 * k.share,
+            k.dispatches,
+            k.cost.flops as f64 / (k.ms * 1e6),
+            k.cost.bytes as f64 / (k.ms * 1e6)
+        );
+    }
+}
+
+fn print_pass_json(gpu: &Gpu, name: &str, args: &BenchArgs, memory_mib: f64, p: &Pass) {
+    let [h, w] = args.size;
+    let profile = p.profile.as_ref().map_or("null".into(), |profile| {
+        let kernels: Vec<String> = profile
+            .kernels
+            .iter()
+            .map(|k| {
+                format!(
+                    "{{\"kernel\":{},\"ms\":{},\"share\":{},\"dispatches\":{},\"flops\":{},\"bytes\":{}}}",
+                    js(k.kernel),
+                    jn(Some(k.ms)),
+                    jn(Some(k.share)),
+                    k.dispatches,
+                    k.cost.flops,
+                    k.cost.bytes
+                )
+            })
+            .collect();
+        format!("{{\"device_ms\":{},\"kernels\":[{}]}}", jn(Some(profile.device_ms)), kernels.join(","))
+    });
+    println!(
+        "{{\"peer\":\"hrnet-ocr\",\"adapter\":{},\"backend\":{},\"model\":{},\"pass\":{},\"batch\":{},\
+         \"height\":{h},\"width\":{w},\"ms\":{},\"best_ms\":{},\"dispatches\":{},\"memory_mib\":{},\"profile\":{}}}",
+        js(&gpu.info().name),
+        js(&format!("{:?}", gpu.info().backend)),
+        js(name),
+        js(p.name),
+        args.batch.max(1),
+        jn(Some(p.times.0)),
+        jn(Some(p.times.1)),
+        p.dispatches,
+        jn(Some(memory_mib)),
+        profile
+    );
+}
+
+/// The forward (and unless `--forward-only`, the training step) on `gpu`, with the
+/// forward's planned device memory in MiB.
+fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)> {
     let [h, w] = args.size;
     let n = args.batch.max(1);
     let mut rng = SplitMix::new(7);
@@ -128,18 +399,20 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<Measured> {
     let mut g = GraphBuilder::new();
     let x = g.input("input", &[n, 3, h, w], false);
     let m = hrnet::build(&mut g, cfg, x, 0.0)?;
-    let memory = g.plan_memory(&[m.out]);
+    let memory_mib = g.plan_memory(&[m.out]).planned as f64 / 1_048_576.0;
     let eval = g.build(gpu, Mode::Eval, &[m.out])?;
     initialise(gpu, &eval)?;
     eval.set(gpu, "input", &planes)?;
-    let forward = time(args.iters, || {
+    let times = time(args.iters, || {
         eval.forward(gpu)?;
         gpu.wait()
     })?;
+    let forward: Vec<_> = eval.forward_dispatches().iter().collect();
+    let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &forward)).transpose()?;
+    let mut passes = vec![Pass { name: "forward", times, dispatches: forward.len(), profile }];
     drop(eval);
-    let memory_mib = memory.planned as f64 / 1_048_576.0;
     if args.forward_only {
-        return Ok(Measured { forward, step: None, memory_mib });
+        return Ok((passes, memory_mib));
     }
     let options = TrainOptions {
         batch: n,
@@ -158,9 +431,12 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<Measured> {
         })
         .collect();
     let mut seed = 0;
-    let step = time(args.iters, || {
+    let times = time(args.iters, || {
         seed += 1;
         trainer.step(&samples, seed).map(|_| ())
     })?;
-    Ok(Measured { forward, step: Some(step), memory_mib })
+    let step = trainer.graph().step_dispatches();
+    let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &step)).transpose()?;
+    passes.push(Pass { name: "training step", times, dispatches: step.len(), profile });
+    Ok((passes, memory_mib))
 }

@@ -205,41 +205,14 @@ pub fn forward(args: &ForwardArgs) -> Result<()> {
         dispatches.len()
     );
     if args.profile {
-        print_profile(&gpu, dispatches)?;
+        let profile = hrnet_ocr::bench::profile(&gpu, &dispatches.iter().collect::<Vec<_>>())?;
+        crate::bench::print_profile(&profile, 12);
     }
     let names: &[&str] =
         if args.dump { &["aux", "out", "feats", "context", "ocr_feats"] } else { &["aux", "out"] };
     let out = output(&gpu, &graph, names)?;
     weights::write_safetensors(&args.output, &out)?;
     println!("wrote {} on {}", names.join(", "), gpu.describe());
-    Ok(())
-}
-
-/// Device time per kernel (entry point), largest first, from timestamp queries.
-fn print_profile(gpu: &Gpu, dispatches: &[hrnet_ocr::gpu::Dispatch]) -> Result<()> {
-    let timings = gpu.profile(&dispatches.iter().collect::<Vec<_>>())?;
-    let total: f64 = timings.iter().map(|t| t.nanoseconds).sum();
-    let mut by_kernel: Vec<(&str, f64, usize, u64)> = Vec::new();
-    for (t, d) in timings.iter().zip(dispatches) {
-        match by_kernel.iter_mut().find(|k| k.0 == t.label) {
-            Some(k) => {
-                k.1 += t.nanoseconds;
-                k.2 += 1;
-                k.3 += d.cost().flops;
-            }
-            None => by_kernel.push((t.label, t.nanoseconds, 1, d.cost().flops)),
-        }
-    }
-    by_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
-    println!("device time {:.1} ms; by kernel:", total / 1e6);
-    for (label, ns, count, flops) in by_kernel.iter().take(12) {
-        println!(
-            "  {label:<28} {:>9.1} ms {:>5.1}% {count:>5} dispatches {:>7.2} GFLOP/s",
-            ns / 1e6,
-            100.0 * ns / total,
-            *flops as f64 / ns
-        );
-    }
     Ok(())
 }
 

@@ -1,0 +1,556 @@
+//! Kernel benchmarks: every kernel alone at HRNet's shapes (or at the shapes of a peer
+//! comparison file), timed on the adapter at hand against a roofline measured there.
+//!
+//! Throughput counts FLOPs as 2 x multiply-adds and bytes as the minimum traffic (each
+//! input read once, each output written once). The roofline is two numbers measured on
+//! the same adapter: the bandwidth of a plain copy kernel and the arithmetic rate of the
+//! matmul kernel at 1024^3. A case's roofline fraction is the time the binding one of the
+//! two would allow, `max(flops / peak_flops, bytes / peak_bytes)`, over the time measured.
+//!
+//! Used by `hrnet-ocr bench --kernels` and by the criterion benchmark `benches/kernels.rs`.
+
+use crate::error::{Error, Result};
+use crate::gpu::{total_cost, Cost, Dispatch, Gpu};
+use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, EPS, MOMENTUM};
+use crate::kernels::conv2d::{self, Conv2dSpec};
+use crate::kernels::dropout::Dropout2d;
+use crate::kernels::loss::{CrossEntropy, Ohem};
+use crate::kernels::matmul::Matmul;
+use crate::kernels::ocr::{self, AttentionGrads};
+use crate::kernels::sgd::{Arena, SgdConfig};
+use crate::kernels::softmax::{self, Axis};
+use crate::kernels::{concat, elementwise, metrics, resize};
+use crate::tensor::{DType, Tensor};
+use std::time::{Duration, Instant};
+
+/// One benchmark: a kernel family, the pass (`forward`, `backward_input`, ...) and the
+/// shape, with the dispatches that run it.
+pub struct KernelCase {
+    pub kernel: String,
+    pub pass: String,
+    pub case: String,
+    pub dispatches: Vec<Dispatch>,
+    /// Memory-bound kernels report bytes/s as their throughput, the others FLOP/s.
+    pub memory_bound: bool,
+    /// Wall time to record the case (pipeline compilation the first time a kernel is met).
+    pub setup: Duration,
+}
+
+impl KernelCase {
+    pub fn cost(&self) -> Cost {
+        total_cost(&self.dispatches)
+    }
+}
+
+/// What one case measured.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// Wall time of the first run (submit and wait), plus the case's setup.
+    pub first_ms: f64,
+    /// Mean and fastest wall time of a run (one submission, waited for).
+    pub mean_ms: f64,
+    pub best_ms: f64,
+    /// Device time of one run from timestamp queries, where the adapter has them.
+    pub device_ms: Option<f64>,
+    pub runs: usize,
+}
+
+/// The two ceilings measured on an adapter.
+#[derive(Clone, Copy, Debug)]
+pub struct Roofline {
+    pub gbytes_per_s: f64,
+    pub gflops: f64,
+}
+
+impl Roofline {
+    /// The fraction of the roofline that `cost` done in `ms` reaches.
+    pub fn fraction(&self, cost: Cost, ms: f64) -> f64 {
+        let bound_s =
+            (cost.flops as f64 / (self.gflops * 1e9)).max(cost.bytes as f64 / (self.gbytes_per_s * 1e9));
+        bound_s / (ms * 1e-3)
+    }
+}
+
+/// Runs `dispatches` once untimed, then repeatedly for about `budget` (at least 3 and at
+/// most 200 runs), each run one submission waited for.
+pub fn time(gpu: &Gpu, dispatches: &[Dispatch], setup: Duration, budget: Duration) -> Result<Timing> {
+    let start = Instant::now();
+    gpu.run(dispatches)?;
+    let first_ms = (start.elapsed() + setup).as_secs_f64() * 1e3;
+    let mut times = Vec::new();
+    let begun = Instant::now();
+    while times.len() < 3 || (begun.elapsed() < budget && times.len() < 200) {
+        let t = Instant::now();
+        gpu.run(dispatches)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let device_ms = if gpu.has_timestamps() {
+        let refs: Vec<&Dispatch> = dispatches.iter().collect();
+        let ns: f64 = gpu.profile(&refs)?.iter().map(|t| t.nanoseconds).sum();
+        Some(ns / 1e6)
+    } else {
+        None
+    };
+    Ok(Timing {
+        first_ms,
+        mean_ms: times.iter().sum::<f64>() / times.len() as f64,
+        best_ms: times.iter().copied().fold(f64::INFINITY, f64::min),
+        device_ms,
+        runs: times.len(),
+    })
+}
+
+/// Measures the adapter's roofline: a 64 MiB copy and a 1024^3 matmul, best of several runs.
+pub fn roofline(gpu: &Gpu) -> Result<Roofline> {
+    let budget = Duration::from_millis(500);
+    let src = filled(gpu, &[1, 64, 512, 512], 1)?;
+    let dst = Tensor::empty(gpu, src.shape())?;
+    let copy = concat::copy_channels(gpu, (&src, 0), (&dst, 0), 64, false)?;
+    let copy_cost = copy.cost();
+    let copy_ms = time(gpu, &[copy], Duration::ZERO, budget)?.best_ms;
+    let (a, b) = (filled(gpu, &[1024, 1024], 2)?, filled(gpu, &[1024, 1024], 3)?);
+    let c = Tensor::empty(gpu, &[1024, 1024])?;
+    let mm = Matmul { batch: 1, m: 1024, k: 1024, n: 1024, trans_a: false, trans_b: false };
+    let product = mm.forward(gpu, &a, &b, &c)?;
+    let flops = product.cost().flops;
+    let mm_ms = time(gpu, &[product], Duration::ZERO, budget)?.best_ms;
+    Ok(Roofline {
+        gbytes_per_s: copy_cost.bytes as f64 / (copy_ms * 1e6),
+        gflops: flops as f64 / (mm_ms * 1e6),
+    })
+}
+
+/// Cheap deterministic values in [-1, 1]; the data does not change the timing.
+fn filled(gpu: &Gpu, shape: &[usize], seed: u32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 8_388_608.0 - 1.0)
+        .collect();
+    Tensor::from_slice(gpu, shape, &data)
+}
+
+/// Collects cases, timing each one's recording.
+/// Collects the cases whose kernel, pass or shape contains `filter`.
+struct Suite<'g> {
+    gpu: &'g Gpu,
+    filter: &'g str,
+    cases: Vec<KernelCase>,
+    since: Instant,
+}
+
+impl<'g> Suite<'g> {
+    fn new(gpu: &'g Gpu, filter: &'g str) -> Self {
+        Suite { gpu, filter, cases: Vec::new(), since: Instant::now() }
+    }
+
+    /// Whether a group of cases named by any of `names` may hold a wanted case (so its
+    /// tensors are worth allocating).
+    fn wants(&self, names: &[&str]) -> bool {
+        self.filter.is_empty() || names.iter().any(|n| n.contains(self.filter))
+    }
+
+    fn t(&self, shape: &[usize], seed: u32) -> Result<Tensor> {
+        filled(self.gpu, shape, seed)
+    }
+
+    fn e(&self, shape: &[usize]) -> Result<Tensor> {
+        Tensor::empty(self.gpu, shape)
+    }
+
+    /// Adds a case if the filter wants it; its setup time is the time since the previous
+    /// one was added.
+    fn add(&mut self, kernel: &str, pass: &str, case: &str, dispatches: Vec<Dispatch>, memory_bound: bool) {
+        if ![kernel, pass, case].iter().any(|n| n.contains(self.filter)) {
+            return;
+        }
+        self.cases.push(KernelCase {
+            kernel: kernel.into(),
+            pass: pass.into(),
+            case: case.into(),
+            dispatches,
+            memory_bound,
+            setup: self.since.elapsed(),
+        });
+        self.since = Instant::now();
+    }
+}
+
+/// Every kernel, forward and each backward, at HRNet's shapes: the stage-2..4 branch
+/// widths of W18 (18/36/72/144) and W48 (48/96/192/384) for a 256 x 512 input (branches at
+/// 64x128 .. 8x16), the fuse-layer convolutions, and the OCR head at its real sizes for
+/// that input (a 64x128 feature map, 19 classes, MID 512, KEY 256), the losses and metrics
+/// at the 256x512 label size. `filter` keeps the cases whose kernel, pass or shape contains it.
+pub fn hrnet_suite(gpu: &Gpu, filter: &str) -> Result<Vec<KernelCase>> {
+    let mut s = Suite::new(gpu, filter);
+    convolutions(&mut s)?;
+    memory_bound(&mut s)?;
+    ocr_head(&mut s)?;
+    losses_and_training(&mut s)?;
+    Ok(s.cases)
+}
+
+fn convolutions(s: &mut Suite) -> Result<()> {
+    let same3 = Conv2dSpec::square(1, 1, 1);
+    let mut cases: Vec<(String, [usize; 5], Conv2dSpec)> = Vec::new();
+    for widths in [[18, 36, 72, 144], [48, 96, 192, 384]] {
+        for (b, &c) in widths.iter().enumerate() {
+            let (h, w) = (64 >> b, 128 >> b);
+            cases.push((format!("3x3 {c}->{c} {h}x{w}"), [c, c, h, w, 3], same3));
+        }
+        let (c0, c1) = (widths[0], widths[1]);
+        cases.push((format!("3x3/2 {c0}->{c1} 64x128"), [c0, c1, 64, 128, 3], Conv2dSpec::square(2, 1, 1)));
+        cases.push((format!("1x1 {c1}->{c0} 32x64"), [c1, c0, 32, 64, 1], Conv2dSpec::square(1, 0, 1)));
+    }
+    cases.push(("1x1 270->512 64x64 (OCR)".into(), [270, 512, 64, 64, 1], Conv2dSpec::square(1, 0, 1)));
+    for (name, [ci, co, h, w, k], spec) in cases {
+        if !s.wants(&["conv2d", &name]) {
+            continue;
+        }
+        let x = s.t(&[1, ci, h, w], 1)?;
+        let weight = s.t(&[co, ci, k, k], 2)?;
+        let bias = s.t(&[co], 3)?;
+        let y_shape = conv2d::output_shape(&spec, x.shape(), &weight)?;
+        let y = s.e(&y_shape)?;
+        let gy = s.t(&y_shape, 4)?;
+        let (gx, gw, gb) = (s.e(x.shape())?, s.e(weight.shape())?, s.e(bias.shape())?);
+        let gpu = s.gpu;
+        s.add("conv2d", "forward", &name, conv2d::forward(gpu, &spec, &x, &weight, Some(&bias), &y)?, false);
+        let bwd_x = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
+        s.add("conv2d", "backward_input", &name, bwd_x, false);
+        let bwd_w = conv2d::backward_weight(gpu, &spec, &x, &gy, &gw, false)?;
+        s.add("conv2d", "backward_weight", &name, bwd_w, false);
+        s.add("conv2d", "backward_bias", &name, conv2d::backward_bias(gpu, &gy, &gb, false)?, true);
+    }
+    Ok(())
+}
+
+fn memory_bound(s: &mut Suite) -> Result<()> {
+    let gpu = s.gpu;
+    for (ch, h, w) in [(18, 128, 256), (48, 128, 256), (144, 16, 32), (720, 64, 64)] {
+        let id = format!("{ch}x{h}x{w}");
+        if !s.wants(&["batch_norm", "relu", "add", &id]) {
+            continue;
+        }
+        let shape = [1, ch, h, w];
+        let (x, other, gy) = (s.t(&shape, 1)?, s.t(&shape, 2)?, s.t(&shape, 3)?);
+        let (y, gx, gb) = (s.e(&shape)?, s.e(&shape)?, s.e(&shape)?);
+        let (gamma, beta, mean) = (s.t(&[ch], 10)?, s.t(&[ch], 11)?, s.t(&[ch], 12)?);
+        let var = Tensor::full(gpu, &[ch], 1.0)?;
+        let bn = BatchNormParams {
+            gamma: &gamma,
+            beta: &beta,
+            running_mean: &mean,
+            running_var: &var,
+            eps: EPS,
+            momentum: MOMENTUM,
+        };
+        let saved = s.e(&batch_norm::saved_shape(ch))?;
+        let (gg, gbeta) = (s.e(&[ch])?, s.e(&[ch])?);
+        s.add("batch_norm", "train_forward", &id, batch_norm::forward_train(gpu, &x, &bn, &saved, &y)?, true);
+        s.add("batch_norm", "eval_forward", &id, vec![batch_norm::forward_eval(gpu, &x, &bn, &y)?], true);
+        let grads = BatchNormGrads {
+            grad_x: &gx,
+            grad_gamma: &gg,
+            grad_beta: &gbeta,
+            accumulate_x: false,
+            accumulate_params: false,
+        };
+        s.add("batch_norm", "backward", &id, batch_norm::backward(gpu, &x, &bn, &saved, &gy, &grads)?, true);
+        s.add("relu", "forward", &id, vec![elementwise::relu_forward(gpu, &x, &y)?], true);
+        s.add("relu", "backward", &id, vec![elementwise::relu_backward(gpu, &x, &gy, &gx, false)?], true);
+        s.add("add", "forward", &id, vec![elementwise::add_forward(gpu, &x, &other, &y)?], true);
+        let add_bwd = elementwise::add_backward(gpu, &gy, (&gx, false), (&gb, false))?;
+        s.add("add", "backward", &id, vec![add_bwd], true);
+        s.add("add_relu", "forward", &id, vec![elementwise::add_relu_forward(gpu, &x, &other, &y)?], true);
+        let add_relu_bwd = elementwise::add_relu_backward(gpu, &x, &gy, (&gx, false), (&gb, true))?;
+        s.add("add_relu", "backward", &id, vec![add_relu_bwd], true);
+    }
+    Ok(())
+}
+
+fn ocr_head(s: &mut Suite) -> Result<()> {
+    let gpu = s.gpu;
+    let (k, mid, key, h, w) = (19, 512, 256, 64, 128);
+    let id = format!("K{k} MID{mid} KEY{key} {h}x{w}");
+
+    // Bilinear resize into the backbone's concat: 36 channels 32x64 -> 64x128 (W18's x1).
+    if s.wants(&["resize", "concat"]) {
+        let (x1, cat, g1) = (s.t(&[1, 36, 32, 64], 1)?, s.e(&[1, 270, 64, 128])?, s.e(&[1, 36, 32, 64])?);
+        let rid = "36x32x64 -> 64x128 into 270 channels";
+        s.add("resize", "forward", rid, vec![resize::forward(gpu, &x1, &cat, 18, true)?], true);
+        s.add("resize", "backward", rid, vec![resize::backward(gpu, &cat, 18, &g1, true, false)?], true);
+        let x0 = s.t(&[1, 18, 64, 128], 2)?;
+        let copy = concat::copy_channels(gpu, (&x0, 0), (&cat, 0), 18, false)?;
+        s.add("concat", "copy_channels", "18x64x128 into 270 channels", vec![copy], true);
+    }
+
+    let (logits, probs, gp) = (s.t(&[1, k, h, w], 3)?, s.e(&[1, k, h, w])?, s.e(&[1, k, h, w])?);
+    if s.wants(&["softmax"]) {
+        for (name, axis) in [
+            ("over pixels", Axis { outer: k, len: h * w, inner: 1 }),
+            ("over regions", Axis { outer: h * w, len: k, inner: 1 }),
+        ] {
+            s.add("softmax", "forward", name, softmax::forward(gpu, &logits, axis, 1.0, &probs)?, true);
+            let bwd = softmax::backward(gpu, &probs, &logits, axis, 1.0, &gp, false)?;
+            s.add("softmax", "backward", name, bwd, true);
+        }
+    }
+
+    if s.wants(&["matmul"]) {
+        let (a, b, m) = (s.t(&[512, 512], 4)?, s.t(&[512, 512], 5)?, s.e(&[512, 512])?);
+        for (ta, tb) in [(false, false), (true, true)] {
+            let mm = Matmul { batch: 1, m: 512, k: 512, n: 512, trans_a: ta, trans_b: tb };
+            let name = format!("512^3 trans_a {ta} trans_b {tb}");
+            s.add("matmul", "forward", &name, vec![mm.forward(gpu, &a, &b, &m)?], false);
+            s.add("matmul", "backward_a", &name, vec![mm.backward_a(gpu, &m, &b, &a, false)?], false);
+            s.add("matmul", "backward_b", &name, vec![mm.backward_b(gpu, &a, &m, &b, false)?], false);
+        }
+    }
+
+    let feats = s.t(&[1, mid, h, w], 6)?;
+    let gfeats = s.e(&[1, mid, h, w])?;
+    if s.wants(&["spatial_gather", "object_attention", "ocr"]) {
+        let (context, gctx, gaux) = (s.e(&[1, mid, k, 1])?, s.t(&[1, mid, k, 1], 7)?, s.e(&[1, k, h, w])?);
+        let fwd = ocr::spatial_gather_forward(gpu, &logits, &feats, &probs, &context)?;
+        s.add("spatial_gather", "forward", &id, fwd, false);
+        let bwd = ocr::spatial_gather_backward(gpu, &feats, &probs, &gctx, (&gaux, false), (&gfeats, false))?;
+        s.add("spatial_gather", "backward", &id, bwd, false);
+        let (query, keys, values) =
+            (s.t(&[1, key, h, w], 8)?, s.t(&[1, key, k, 1], 9)?, s.t(&[1, key, k, 1], 10)?);
+        let sim = s.e(&ocr::attention_map_shape(&query, &keys, &values)?)?;
+        let (out, gout) = (s.e(&[1, key, h, w])?, s.t(&[1, key, h, w], 11)?);
+        let (gq, gk, gv) = (s.e(&[1, key, h, w])?, s.e(&[1, key, k, 1])?, s.e(&[1, key, k, 1])?);
+        let fwd = ocr::object_attention_forward(gpu, &query, &keys, &values, &sim, &out)?;
+        s.add("object_attention", "forward", &id, fwd, false);
+        let grads = AttentionGrads { query: (&gq, false), key: (&gk, false), value: (&gv, false) };
+        let bwd = ocr::object_attention_backward(gpu, (&query, &keys, &values), &sim, &gout, &grads)?;
+        s.add("object_attention", "backward", &id, bwd, false);
+    }
+
+    if s.wants(&["dropout"]) {
+        let drop = Dropout2d { drop: 0.05 };
+        let did = "512x64x128";
+        s.add("dropout2d", "forward", did, vec![drop.forward(gpu, &feats, &gfeats, 3)?], true);
+        s.add("dropout2d", "backward", did, vec![drop.backward(gpu, &feats, &gfeats, 3, false)?], true);
+    }
+    Ok(())
+}
+
+fn losses_and_training(s: &mut Suite) -> Result<()> {
+    let gpu = s.gpu;
+    let (n, k, h, w) = (2, 19, 256, 512);
+    let id = format!("{n}x{k}x{h}x{w}");
+    if s.wants(&["cross_entropy", "argmax", "confusion"]) {
+        let logits = s.t(&[n, k, h, w], 1)?;
+        let labels: Vec<u32> =
+            (0..n * h * w).map(|i| if i % 10 == 0 { 255 } else { (i % k) as u32 }).collect();
+        let labels = Tensor::from_u32(gpu, &[n, h, w], &labels)?;
+        let grad = s.e(&[n, k, h, w])?;
+        for (name, ohem) in
+            [("cross_entropy", None), ("ohem_cross_entropy", Some(Ohem { thresh: 0.7, min_kept: 100_000 }))]
+        {
+            let ce = CrossEntropy { ignore_label: 255, class_weight: None, ohem };
+            let pass = ce.forward(gpu, &logits, &labels)?;
+            let bwd = ce.backward(gpu, &pass, &logits, &labels, 1.0, (&grad, false))?;
+            s.add(name, "forward", &id, pass.forward, true);
+            s.add(name, "backward", &id, vec![bwd], true);
+        }
+        let prediction = Tensor::empty_of(gpu, &[n, h, w], DType::U32)?;
+        let confusion = Tensor::from_u32(gpu, &[k, k], &vec![0; k * k])?;
+        s.add("argmax", "forward", &id, vec![metrics::argmax(gpu, &logits, &prediction)?], true);
+        let conf = metrics::confusion(gpu, &prediction, &labels, k, 255, &confusion)?;
+        s.add("confusion_matrix", "forward", &id, vec![conf], true);
+    }
+
+    // One SGD step over 4 M parameters in 200 tensors, a tenth of them at 10x the rate.
+    if s.wants(&["sgd"]) {
+        let shapes: Vec<[usize; 1]> = (0..200).map(|i| [10_000 + 100 * i]).collect();
+        let spec: Vec<(&[usize], f32)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.as_slice(), if i % 10 == 0 { 10.0 } else { 1.0 }))
+            .collect();
+        let arena = Arena::new(gpu, &spec)?;
+        let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
+        let step = arena.step(gpu, &config, 0.01)?;
+        let name = format!("{} parameters in 200 tensors", arena.params.numel());
+        s.add("sgd", "step", &name, vec![step], true);
+    }
+    Ok(())
+}
+
+/// One line of a peer-comparison shape file (see `benches/peers/shapes.txt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerShape {
+    /// Batch 1, no bias, dilation 1.
+    Conv {
+        ci: usize,
+        co: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    Matmul {
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+    /// Softmax along the last axis of a `[rows, len]` tensor.
+    Softmax {
+        rows: usize,
+        len: usize,
+    },
+}
+
+impl PeerShape {
+    /// The name every peer uses for this case.
+    pub fn name(&self) -> String {
+        match *self {
+            PeerShape::Conv { ci, co, h, w, k, stride, .. } => {
+                format!("conv {ci}->{co} {k}x{k} s{stride} {h}x{w}")
+            }
+            PeerShape::Matmul { m, k, n } => format!("matmul {m}x{k}x{n}"),
+            PeerShape::Softmax { rows, len } => format!("softmax {rows}x{len}"),
+        }
+    }
+}
+
+/// Parses a shape file: `conv CI CO H W K STRIDE PAD`, `matmul M K N`, `softmax ROWS LEN`,
+/// one per line, `#` starts a comment. Errors name `source` and the line.
+pub fn parse_peer_shapes(text: &str, source: &str) -> Result<Vec<PeerShape>> {
+    let mut shapes = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |what: &str| Error::Format {
+            path: source.into(),
+            what: format!("line {}: {what}: {line:?}", i + 1),
+        };
+        let mut words = line.split_whitespace();
+        let op = words.next().unwrap_or("");
+        let numbers: Vec<usize> = words
+            .map(|w| w.parse::<usize>().ok().filter(|&v| v <= 1 << 16))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("sizes must be integers from 0 to 65536"))?;
+        // Every number but a convolution's padding (the last) must be positive.
+        let sizes = if op == "conv" { &numbers[..numbers.len().saturating_sub(1)] } else { &numbers[..] };
+        if sizes.contains(&0) {
+            return Err(bad("sizes must be positive"));
+        }
+        let shape = match (op, numbers.as_slice()) {
+            ("conv", &[ci, co, h, w, k, stride, pad]) => PeerShape::Conv { ci, co, h, w, k, stride, pad },
+            ("matmul", &[m, k, n]) => PeerShape::Matmul { m, k, n },
+            ("softmax", &[rows, len]) => PeerShape::Softmax { rows, len },
+            _ => {
+                return Err(bad(
+                    "expected `conv CI CO H W K STRIDE PAD`, `matmul M K N` or `softmax ROWS LEN`",
+                ))
+            }
+        };
+        shapes.push(shape);
+    }
+    if shapes.is_empty() {
+        return Err(Error::Format { path: source.into(), what: "no shapes".into() });
+    }
+    Ok(shapes)
+}
+
+/// Each peer shape as two cases: `forward`, and `forward+backward` (the forward and the
+/// gradients of every input, in one submission).
+pub fn peer_suite(gpu: &Gpu, shapes: &[PeerShape]) -> Result<Vec<KernelCase>> {
+    let mut s = Suite::new(gpu, "");
+    for shape in shapes {
+        let name = shape.name();
+        let (forward, backward, memory_bound) = match *shape {
+            PeerShape::Conv { ci, co, h, w, k, stride, pad } => {
+                let spec = Conv2dSpec { stride: [stride; 2], padding: [pad; 2], dilation: [1; 2] };
+                let (x, weight) = (s.t(&[1, ci, h, w], 1)?, s.t(&[co, ci, k, k], 2)?);
+                let y_shape = conv2d::output_shape(&spec, x.shape(), &weight)?;
+                let (y, gy) = (s.e(&y_shape)?, s.t(&y_shape, 3)?);
+                let (gx, gw) = (s.e(x.shape())?, s.e(weight.shape())?);
+                let forward = conv2d::forward(gpu, &spec, &x, &weight, None, &y)?;
+                let mut backward = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
+                backward.extend(conv2d::backward_weight(gpu, &spec, &x, &gy, &gw, false)?);
+                (forward, backward, false)
+            }
+            PeerShape::Matmul { m, k, n } => {
+                let mm = Matmul { batch: 1, m, k, n, trans_a: false, trans_b: false };
+                let (a, b, c) = (s.t(&[m, k], 1)?, s.t(&[k, n], 2)?, s.e(&[m, n])?);
+                let (ga, gb) = (s.e(&[m, k])?, s.e(&[k, n])?);
+                let forward = vec![mm.forward(gpu, &a, &b, &c)?];
+                let backward =
+                    vec![mm.backward_a(gpu, &c, &b, &ga, false)?, mm.backward_b(gpu, &a, &c, &gb, false)?];
+                (forward, backward, false)
+            }
+            PeerShape::Softmax { rows, len } => {
+                let axis = Axis { outer: rows, len, inner: 1 };
+                let (x, y, gx) = (s.t(&[rows, len], 1)?, s.e(&[rows, len])?, s.e(&[rows, len])?);
+                let forward = softmax::forward(gpu, &x, axis, 1.0, &y)?;
+                let backward = softmax::backward(gpu, &y, &x, axis, 1.0, &gx, false)?;
+                (forward, backward, true)
+            }
+        };
+        let kernel = name.split(' ').next().unwrap_or("").to_string();
+        let mut both = forward.clone();
+        both.extend(backward);
+        s.add(&kernel, "forward", &name, forward, memory_bound);
+        s.add(&kernel, "forward+backward", &name, both, memory_bound);
+    }
+    Ok(s.cases)
+}
+
+/// Device time of one kernel (entry point) summed over its dispatches in a profiled run.
+#[derive(Clone, Debug)]
+pub struct KernelShare {
+    pub kernel: &'static str,
+    pub ms: f64,
+    /// Of the run's total device time.
+    pub share: f64,
+    pub dispatches: usize,
+    pub cost: Cost,
+}
+
+/// A profiled run: total device time and each kernel's share, largest first.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub device_ms: f64,
+    pub dispatches: usize,
+    pub kernels: Vec<KernelShare>,
+}
+
+/// Runs `dispatches` once with a timestamp around each and sums the times per kernel.
+pub fn profile(gpu: &Gpu, dispatches: &[&Dispatch]) -> Result<Profile> {
+    let timings = gpu.profile(dispatches)?;
+    let total_ns: f64 = timings.iter().map(|t| t.nanoseconds).sum();
+    let mut kernels: Vec<KernelShare> = Vec::new();
+    for (t, d) in timings.iter().zip(dispatches) {
+        let i = match kernels.iter().position(|k| k.kernel == t.label) {
+            Some(i) => i,
+            None => {
+                let share = KernelShare {
+                    kernel: t.label,
+                    ms: 0.0,
+                    share: 0.0,
+                    dispatches: 0,
+                    cost: Cost::default(),
+                };
+                kernels.push(share);
+                kernels.len() - 1
+            }
+        };
+        let k = &mut kernels[i];
+        k.ms += t.nanoseconds / 1e6;
+        k.dispatches += 1;
+        k.cost.flops += d.cost().flops;
+        k.cost.bytes += d.cost().bytes;
+    }
+    for k in &mut kernels {
+        k.share = k.ms * 1e6 / total_ns.max(1.0);
+    }
+    kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(Profile { device_ms: total_ns / 1e6, dispatches: dispatches.len(), kernels })
+}
