@@ -14,12 +14,19 @@ struct Params {
     wo: u32, stride_h: u32, stride_w: u32, pad_h: u32,
     pad_w: u32, dil_h: u32, dil_w: u32, flags: u32,
     // backward_weight only: output rows (n, oy) per chunk of the pixel reduction
-    chunk_rows: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    chunk_rows: u32,
+    // the folded batch norm's epsilon
+    eps: f32, _pad1: u32, _pad2: u32,
 }
 
 const HAS_BIAS: u32 = 1u;
 const ACCUMULATE: u32 = 2u;
 const PACK_OVER_CI: u32 = 4u;
+// Inference epilogue: y = relu(conv(x, w * s) + shift + residual), where s and shift fold
+// an eval-mode batch norm (s = gamma / sqrt(var + eps), shift = beta + (bias - mean) * s).
+const FOLD_BATCH_NORM: u32 = 8u;
+const ADD_RESIDUAL: u32 = 16u;
+const RELU: u32 = 32u;
 
 override WG: u32 = 64u;
 
@@ -32,9 +39,18 @@ override WG: u32 = 64u;
 @group(0) @binding(6) var<storage, read_write> grad_x: array<f32>;
 // grad_weight, or per-chunk partial sums [chunk][co][ci][kh][kw] when the reduction is split
 @group(0) @binding(7) var<storage, read_write> grad_weight: array<f32>;
-// The weight repacked for the forward: [ci][kh][kw][co / 4] vec4s of 4 output channels
-// (zero past the last), so one load fetches the weights of a whole register-tile row.
+// The weight repacked as vec4s of 4 channels (see conv2d_pack_weight), so one load
+// fetches the weights of a whole register-tile row.
 @group(0) @binding(8) var<storage, read_write> packed_weight: array<vec4<f32>>;
+// Each output channel's additive term (bias and folded batch norm): written by the
+// forward's weight packing, read by the forward's epilogue.
+@group(0) @binding(9) var<storage, read_write> shift_out: array<f32>;
+@group(0) @binding(10) var<storage, read> shift: array<f32>;
+@group(0) @binding(11) var<storage, read> bn_gamma: array<f32>;
+@group(0) @binding(12) var<storage, read> bn_beta: array<f32>;
+@group(0) @binding(13) var<storage, read> bn_mean: array<f32>;
+@group(0) @binding(14) var<storage, read> bn_var: array<f32>;
+@group(0) @binding(15) var<storage, read> residual: array<f32>;
 
 fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
@@ -46,23 +62,33 @@ fn load_x(row: u32, i: i32, len: u32) -> f32 {
     return select(0.0, x[row + u32(clamp(i, 0, i32(len) - 1))], inside);
 }
 
-// y[n, co0..co0+16, oy, ox0..ox0+4] = bias + sum over ci, ky, kx of weight * x; a<g><j>
-// accumulates output channel co0 + 4g + j. Channel groups past the last re-read the last
-// packed group; their sums are never stored.
+// y[n, co0..co0+16, pixels q0..q3] = bias + sum over ky, kx, ci of weight * x; a<g><j>
+// accumulates output channel co0 + 4g + j at the four pixels. A workgroup shares one
+// channel group: the weight indices are uniform, so a CPU driver loads each weight once
+// for the whole SIMD batch instead of once per invocation; only the input is gathered,
+// and each value gathered feeds 16 multiply-adds. The tap loop is outside the channel
+// loop, so padding and addresses are worked out once per tap. Channel groups past the
+// last re-read the last packed group; their sums are never stored.
 @compute @workgroup_size(WG)
-fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
-                  @builtin(num_workgroups) nwg: vec3<u32>) {
-    let x_tiles = (p.wo + 3u) / 4u;
+fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
     let co_tiles = (p.co + 3u) / 4u;
     let groups = (co_tiles + 3u) / 4u;
-    let idx = linear_index(gid, nwg);
-    if idx >= p.n * groups * p.ho * x_tiles { return; }
-    let ox0 = (idx % x_tiles) * 4u;
-    let oy = (idx / x_tiles) % p.ho;
-    let t0 = ((idx / (x_tiles * p.ho)) % groups) * 4u;
-    let n = idx / (x_tiles * p.ho * groups);
-    let ksize = p.kh * p.kw;
-    let sw = i32(p.stride_w);
+    let pixels = p.ho * p.wo;
+    let blocks = (pixels + 4u * WG - 1u) / (4u * WG);
+    let wg = wid.x + wid.y * nwg.x;
+    if wg >= p.n * groups * blocks { return; }
+    let block = wg % blocks;
+    let t0 = ((wg / blocks) % groups) * 4u;
+    let n = wg / (blocks * groups);
+    let q = vec4<u32>(block * 4u * WG + lid) + vec4<u32>(0u, 1u, 2u, 3u) * WG;
+    let qc = min(q, vec4<u32>(pixels - 1u));
+    let iy0 = vec4<i32>((qc / p.wo) * p.stride_h) - i32(p.pad_h);
+    let ix0 = vec4<i32>((qc % p.wo) * p.stride_w) - i32(p.pad_w);
+    let hw = p.h * p.w;
+    let top = vec4<i32>(i32(p.h) - 1);
+    let right = vec4<i32>(i32(p.w) - 1);
     var a00 = vec4<f32>(0.0);
     var a01 = vec4<f32>(0.0);
     var a02 = vec4<f32>(0.0);
@@ -79,17 +105,16 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
     var a31 = vec4<f32>(0.0);
     var a32 = vec4<f32>(0.0);
     var a33 = vec4<f32>(0.0);
-    for (var c = 0u; c < p.ci; c++) {
-        let plane = (n * p.ci + c) * p.h * p.w;
-        for (var ky = 0u; ky < p.kh; ky++) {
-            let iy = i32(oy * p.stride_h + ky * p.dil_h) - i32(p.pad_h);
-            if iy < 0 || iy >= i32(p.h) { continue; }
-            let row = plane + u32(iy) * p.w;
-            for (var kx = 0u; kx < p.kw; kx++) {
-                let ix = i32(ox0 * p.stride_w + kx * p.dil_w) - i32(p.pad_w);
-                let xs = vec4<f32>(load_x(row, ix, p.w), load_x(row, ix + sw, p.w),
-                                   load_x(row, ix + 2 * sw, p.w), load_x(row, ix + 3 * sw, p.w));
-                let tap = (c * ksize + ky * p.kw + kx) * co_tiles;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let iy = iy0 + vec4<i32>(i32(ky * p.dil_h));
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let ix = ix0 + vec4<i32>(i32(kx * p.dil_w));
+            let inside = (iy >= vec4<i32>(0)) & (iy <= top) & (ix >= vec4<i32>(0)) & (ix <= right);
+            var at = vec4<u32>(clamp(iy, vec4<i32>(0), top) * i32(p.w) + clamp(ix, vec4<i32>(0), right))
+                + vec4<u32>(n * p.ci * hw);
+            var tap = (ky * p.kw + kx) * p.ci * co_tiles;
+            for (var c = 0u; c < p.ci; c++) {
+                let xs = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
                 let w0 = packed_weight[tap + min(t0 + 0u, co_tiles - 1u)];
                 let w1 = packed_weight[tap + min(t0 + 1u, co_tiles - 1u)];
                 let w2 = packed_weight[tap + min(t0 + 2u, co_tiles - 1u)];
@@ -110,31 +135,34 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                 a31 += w3.y * xs;
                 a32 += w3.z * xs;
                 a33 += w3.w * xs;
+                at += vec4<u32>(hw);
+                tap += co_tiles;
             }
         }
     }
     let co0 = t0 * 4u;
-    store_y(n, co0 + 0u, oy, ox0, a00);
-    store_y(n, co0 + 1u, oy, ox0, a01);
-    store_y(n, co0 + 2u, oy, ox0, a02);
-    store_y(n, co0 + 3u, oy, ox0, a03);
-    store_y(n, co0 + 4u, oy, ox0, a10);
-    store_y(n, co0 + 5u, oy, ox0, a11);
-    store_y(n, co0 + 6u, oy, ox0, a12);
-    store_y(n, co0 + 7u, oy, ox0, a13);
-    store_y(n, co0 + 8u, oy, ox0, a20);
-    store_y(n, co0 + 9u, oy, ox0, a21);
-    store_y(n, co0 + 10u, oy, ox0, a22);
-    store_y(n, co0 + 11u, oy, ox0, a23);
-    store_y(n, co0 + 12u, oy, ox0, a30);
-    store_y(n, co0 + 13u, oy, ox0, a31);
-    store_y(n, co0 + 14u, oy, ox0, a32);
-    store_y(n, co0 + 15u, oy, ox0, a33);
+    store_y(n, co0 + 0u, q, a00);
+    store_y(n, co0 + 1u, q, a01);
+    store_y(n, co0 + 2u, q, a02);
+    store_y(n, co0 + 3u, q, a03);
+    store_y(n, co0 + 4u, q, a10);
+    store_y(n, co0 + 5u, q, a11);
+    store_y(n, co0 + 6u, q, a12);
+    store_y(n, co0 + 7u, q, a13);
+    store_y(n, co0 + 8u, q, a20);
+    store_y(n, co0 + 9u, q, a21);
+    store_y(n, co0 + 10u, q, a22);
+    store_y(n, co0 + 11u, q, a23);
+    store_y(n, co0 + 12u, q, a30);
+    store_y(n, co0 + 13u, q, a31);
+    store_y(n, co0 + 14u, q, a32);
+    store_y(n, co0 + 15u, q, a33);
 }
 
 // The weight as vec4s of 4 channels of one axis: for the forward (flag PACK_OVER_CI off)
-// packed_weight[(ci * kh * kw + k) * co_tiles + t] = weight[4t..4t+4, ci, k]; for the
-// input gradient (on) packed_weight[(co * kh * kw + k) * ci_tiles + t] = weight[co, 4t..4t+4, k].
+// packed_weight[(k * ci + c) * co_tiles + t] = weight[4t..4t+4, c, k] (times the folded
+// batch norm's scale), and shift_out holds each output channel's additive term; for the
+// input gradient (on) packed_weight[(k * co + o) * ci_tiles + t] = weight[o, 4t..4t+4, k].
 // Channels past the last are zero.
 @compute @workgroup_size(WG)
 fn conv2d_pack_weight(@builtin(global_invocation_id) gid: vec3<u32>,
@@ -144,27 +172,52 @@ fn conv2d_pack_weight(@builtin(global_invocation_id) gid: vec3<u32>,
     let outer = select(p.ci, p.co, over_ci);
     let tiles = (tiled + 3u) / 4u;
     let ksize = p.kh * p.kw;
+    let total = outer * ksize * tiles;
     let idx = linear_index(gid, nwg);
-    if idx >= outer * ksize * tiles { return; }
+    if idx >= total { return; }
+    if !over_ci {
+        for (var co = idx; co < p.co; co += total) {
+            shift_out[co] = channel_shift(co);
+        }
+    }
     let t = idx % tiles;
-    let o = (idx / tiles) / ksize;
-    let k = (idx / tiles) % ksize;
+    let o = (idx / tiles) % outer;
+    let k = (idx / tiles) / outer;
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u && 4u * t + j < tiled; j++) {
         let c = 4u * t + j;
         let co = select(c, o, over_ci);
         let ci = select(o, c, over_ci);
-        v[j] = weight[(co * p.ci + ci) * ksize + k];
+        let scale = select(1.0, channel_scale(co), !over_ci);
+        v[j] = weight[(co * p.ci + ci) * ksize + k] * scale;
     }
     packed_weight[idx] = v;
 }
 
-fn store_y(n: u32, co: u32, oy: u32, ox0: u32, v: vec4<f32>) {
-    if co >= p.co { return; }
+// The folded batch norm's multiplier of output channel `co` (1 without one).
+fn channel_scale(co: u32) -> f32 {
+    if (p.flags & FOLD_BATCH_NORM) == 0u { return 1.0; }
+    return bn_gamma[co] / sqrt(bn_var[co] + p.eps);
+}
+
+// The bias of output channel `co`, through the folded batch norm if there is one.
+fn channel_shift(co: u32) -> f32 {
     let b = select(0.0, bias[co], (p.flags & HAS_BIAS) != 0u);
-    let row = ((n * p.co + co) * p.ho + oy) * p.wo;
-    for (var j = 0u; j < 4u && ox0 + j < p.wo; j++) {
-        y[row + ox0 + j] = v[j] + b;
+    if (p.flags & FOLD_BATCH_NORM) == 0u { return b; }
+    return bn_beta[co] + (b - bn_mean[co]) * channel_scale(co);
+}
+
+fn store_y(n: u32, co: u32, q: vec4<u32>, v: vec4<f32>) {
+    if co >= p.co { return; }
+    let pixels = p.ho * p.wo;
+    let plane = (n * p.co + co) * pixels;
+    for (var j = 0u; j < 4u; j++) {
+        if q[j] >= pixels { continue; }
+        let i = plane + q[j];
+        var out = v[j] + shift[co];
+        if (p.flags & ADD_RESIDUAL) != 0u { out += residual[i]; }
+        if (p.flags & RELU) != 0u { out = max(out, 0.0); }
+        y[i] = out;
     }
 }
 
@@ -221,7 +274,7 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
                 let gv = select(vec4<f32>(0.0),
                                 vec4<f32>(grad_y[row + ox.x], grad_y[row + ox.y],
                                           grad_y[row + ox.z], grad_y[row + ox.w]), hit);
-                let tap = (co * ksize + k) * ci_tiles;
+                let tap = (k * p.co + co) * ci_tiles;
                 let w0 = packed_weight[tap + min(t0 + 0u, ci_tiles - 1u)];
                 let w1 = packed_weight[tap + min(t0 + 1u, ci_tiles - 1u)];
                 let w2 = packed_weight[tap + min(t0 + 2u, ci_tiles - 1u)];

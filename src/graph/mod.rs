@@ -7,6 +7,7 @@
 //! Training starts the backward pass from the graph's loss nodes; a graph without one
 //! starts from the output gradients the caller writes (see [`Graph::backward`]).
 
+mod fuse;
 mod ops;
 mod plan;
 
@@ -34,6 +35,16 @@ enum Role {
     State,
     /// Produced by a node.
     Activation,
+    /// Computed inside a fused inference kernel and never stored.
+    Fused,
+}
+
+impl Role {
+    /// Inputs, parameters and running statistics: values the caller or the graph sets,
+    /// rather than nodes computing them.
+    fn is_set(self) -> bool {
+        matches!(self, Role::Input { .. } | Role::Param | Role::State)
+    }
 }
 
 struct Value {
@@ -60,6 +71,8 @@ pub struct GraphBuilder {
     lr_multipliers: Vec<(String, f32)>,
     /// Inputs whose data is known at build time, uploaded by `build`.
     constants: Vec<(ValueId, Vec<f32>)>,
+    /// Eval graphs fuse conv-BN-(add)-(ReLU) chains unless this is set.
+    unfused: bool,
 }
 
 impl GraphBuilder {
@@ -270,7 +283,7 @@ impl GraphBuilder {
     pub fn plan_memory(&self, outputs: &[ValueId]) -> MemoryReport {
         let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
         let plan = plan::plan(&self.values, &self.ops, outputs);
-        let fixed: u64 = self.values.iter().filter(|v| v.role != Role::Activation).map(bytes).sum();
+        let fixed: u64 = self.values.iter().filter(|v| v.role.is_set()).map(bytes).sum();
         let largest = self.values.iter().max_by_key(|v| bytes(v)).map(|v| (v.name.clone(), bytes(v)));
         MemoryReport {
             planned: fixed + plan.slot_elems.iter().map(|&n| n as u64 * 4).sum::<u64>(),
@@ -279,8 +292,18 @@ impl GraphBuilder {
         }
     }
 
+    /// Keeps every node of an eval graph separate (for checking the fused kernels against
+    /// the unfused ones, or reading intermediate values).
+    pub fn disable_fusion(&mut self) {
+        self.unfused = true;
+    }
+
     /// Allocates every tensor and records the forward (and, in training, backward) pass.
-    pub fn build(self, gpu: &Gpu, mode: Mode, outputs: &[ValueId]) -> Result<Graph> {
+    /// Eval graphs fuse each conv-BN-(add)-(ReLU) chain into one kernel (see `fuse.rs`).
+    pub fn build(mut self, gpu: &Gpu, mode: Mode, outputs: &[ValueId]) -> Result<Graph> {
+        if mode == Mode::Eval && !self.unfused {
+            self.ops = fuse::fuse_for_inference(std::mem::take(&mut self.ops), &mut self.values, outputs);
+        }
         let mut by_name = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
             if by_name.insert(v.name.clone(), ValueId(i)).is_some() {
@@ -371,9 +394,11 @@ fn allocate_for_inference(
     values
         .iter()
         .zip(&plan.slot_of)
-        .map(|(v, slot)| match slot {
-            Some(s) => slots[*s].view(gpu, 0, &v.shape),
-            None => own(v),
+        .map(|(v, slot)| match (slot, v.role) {
+            (Some(s), _) => slots[*s].view(gpu, 0, &v.shape),
+            // Never stored: a one-element placeholder that `Graph::tensor` refuses to hand out.
+            (None, Role::Fused) => Tensor::empty_of(gpu, &[1], v.dtype),
+            (None, _) => own(v),
         })
         .collect()
 }
@@ -440,7 +465,7 @@ impl Graph {
     fn id(&self, name: &str) -> Result<ValueId> {
         self.by_name.get(name).copied().ok_or_else(|| {
             let mut names: Vec<&str> =
-                self.values.iter().filter(|v| v.role != Role::Activation).map(|v| v.name.as_str()).collect();
+                self.values.iter().filter(|v| v.role.is_set()).map(|v| v.name.as_str()).collect();
             names.sort_unstable();
             let shown = names.iter().take(12).copied().collect::<Vec<_>>().join(", ");
             Error::Invalid(format!("the graph has no tensor named {name:?} (it has {shown}, ...)"))
@@ -449,7 +474,13 @@ impl Graph {
 
     /// The tensor named `name` (an input, parameter or running statistic).
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        Ok(self.t(self.id(name)?))
+        let id = self.id(name)?;
+        if self.values[id.0].role == Role::Fused {
+            return Err(Error::Invalid(format!(
+                "{name:?} is computed inside a fused kernel and not stored (build with fusion disabled to read it)"
+            )));
+        }
+        Ok(self.t(id))
     }
 
     /// The gradient of the tensor named `name` (after [`Graph::backward`]).
@@ -492,7 +523,7 @@ impl Graph {
     pub fn forward_checked(&self, gpu: &Gpu) -> Result<()> {
         let name = |v: ValueId| self.values[v.0].name.as_str();
         for (i, v) in self.values.iter().enumerate() {
-            if v.role != Role::Activation && v.dtype == DType::F32 {
+            if v.role.is_set() && v.dtype == DType::F32 {
                 let what = match v.role {
                     Role::Param => "parameter",
                     Role::State => "running statistic",

@@ -1,10 +1,10 @@
 //! The graph's node types and how each records its forward and backward dispatches.
 
 use super::{Graph, LossSpec, Mode, Role, ValueId};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
-use crate::kernels::conv2d::{self, Conv2dSpec};
+use crate::kernels::conv2d::{self, Conv2dSpec, FoldedBatchNorm};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, LossPass};
 use crate::kernels::ocr::{self, AttentionGrads};
@@ -13,17 +13,80 @@ use crate::tensor::Tensor;
 use std::collections::HashMap;
 
 pub(super) enum Op {
-    Conv2d { spec: Conv2dSpec, x: ValueId, weight: ValueId, bias: Option<ValueId>, y: ValueId },
-    BatchNorm { x: ValueId, gamma: ValueId, beta: ValueId, mean: ValueId, var: ValueId, y: ValueId },
-    Relu { x: ValueId, y: ValueId },
-    Add { a: ValueId, b: ValueId, y: ValueId },
-    AddRelu { a: ValueId, b: ValueId, y: ValueId },
-    Resize { x: ValueId, y: ValueId, align_corners: bool },
-    Concat { inputs: Vec<ValueId>, y: ValueId, align_corners: bool },
-    SpatialGather { regions: ValueId, feats: ValueId, probs: ValueId, y: ValueId },
-    ObjectAttention { query: ValueId, key: ValueId, value: ValueId, sim: ValueId, y: ValueId },
-    Dropout { x: ValueId, y: ValueId, layer: Dropout2d },
-    Loss { logits: ValueId, labels: ValueId, spec: LossSpec },
+    Conv2d {
+        spec: Conv2dSpec,
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        y: ValueId,
+    },
+    /// Inference only: a convolution with its batch norm (gamma, beta, mean, var) folded
+    /// in, then an optional residual add and ReLU (see `fuse.rs`).
+    ConvFused {
+        spec: Conv2dSpec,
+        x: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        bn: [ValueId; 4],
+        residual: Option<ValueId>,
+        relu: bool,
+        y: ValueId,
+    },
+    BatchNorm {
+        x: ValueId,
+        gamma: ValueId,
+        beta: ValueId,
+        mean: ValueId,
+        var: ValueId,
+        y: ValueId,
+    },
+    Relu {
+        x: ValueId,
+        y: ValueId,
+    },
+    Add {
+        a: ValueId,
+        b: ValueId,
+        y: ValueId,
+    },
+    AddRelu {
+        a: ValueId,
+        b: ValueId,
+        y: ValueId,
+    },
+    Resize {
+        x: ValueId,
+        y: ValueId,
+        align_corners: bool,
+    },
+    Concat {
+        inputs: Vec<ValueId>,
+        y: ValueId,
+        align_corners: bool,
+    },
+    SpatialGather {
+        regions: ValueId,
+        feats: ValueId,
+        probs: ValueId,
+        y: ValueId,
+    },
+    ObjectAttention {
+        query: ValueId,
+        key: ValueId,
+        value: ValueId,
+        sim: ValueId,
+        y: ValueId,
+    },
+    Dropout {
+        x: ValueId,
+        y: ValueId,
+        layer: Dropout2d,
+    },
+    Loss {
+        logits: ValueId,
+        labels: ValueId,
+        spec: LossSpec,
+    },
 }
 
 impl Op {
@@ -32,6 +95,10 @@ impl Op {
         match self {
             Op::Conv2d { x, weight, bias, y, .. } => {
                 ([Some(*x), Some(*weight), *bias].into_iter().flatten().collect(), Some(*y))
+            }
+            Op::ConvFused { x, weight, bias, bn, residual, y, .. } => {
+                let ins = [Some(*x), Some(*weight), *bias, Some(bn[0]), Some(bn[1]), *residual];
+                (ins.into_iter().flatten().collect(), Some(*y))
             }
             Op::BatchNorm { x, gamma, beta, y, .. } => (vec![*x, *gamma, *beta], Some(*y)),
             Op::Relu { x, y } | Op::Resize { x, y, .. } | Op::Dropout { x, y, .. } => (vec![*x], Some(*y)),
@@ -122,6 +189,16 @@ impl Graph {
                     bias.map(|b| self.t(b)),
                     self.t(y),
                 )?,
+                &Op::ConvFused { spec, x, weight, bias, bn: [gamma, beta, mean, var], residual, relu, y } => {
+                    let (gamma, beta, mean, var) = (self.t(gamma), self.t(beta), self.t(mean), self.t(var));
+                    let epilogue = conv2d::Epilogue {
+                        bias: bias.map(|b| self.t(b)),
+                        batch_norm: Some(FoldedBatchNorm { gamma, beta, mean, var, eps: batch_norm::EPS }),
+                        residual: residual.map(|r| self.t(r)),
+                        relu,
+                    };
+                    conv2d::forward_fused(gpu, &spec, self.t(x), self.t(weight), &epilogue, self.t(y))?
+                }
                 &Op::BatchNorm { x, y, .. } => {
                     let bn = self.bn_params(op);
                     match mode {
@@ -272,6 +349,11 @@ impl Graph {
         let mut target = |v: ValueId| tg.target(gpu, v, &grads[v.0], &self.values[v.0].shape);
         let gy = || gy.clone().expect("nodes with an output have its gradient");
         Ok(match op {
+            Op::ConvFused { .. } => {
+                return Err(Error::Invalid(
+                    "fused convolutions exist only in eval graphs, which have no backward".into(),
+                ))
+            }
             &Op::Conv2d { spec, x, weight, bias, .. } => {
                 let gy = gy();
                 let mut d = Vec::new();

@@ -112,7 +112,8 @@ impl Dims {
             dil_w: u("dilation", spec.dilation[1])?,
             flags,
             chunk_rows: u("chunk rows", chunk_rows)?,
-            _pad: [0; 3],
+            eps: 0.0,
+            _pad: [0; 2],
         })
     }
 }
@@ -137,12 +138,50 @@ struct Params {
     dil_w: u32,
     flags: u32,
     chunk_rows: u32,
-    _pad: [u32; 3],
+    eps: f32,
+    _pad: [u32; 2],
 }
 
 const HAS_BIAS: u32 = 1;
-const PACK_OVER_CI: u32 = 4;
 const ACCUMULATE: u32 = 2;
+const PACK_OVER_CI: u32 = 4;
+const FOLD_BATCH_NORM: u32 = 8;
+const ADD_RESIDUAL: u32 = 16;
+const RELU: u32 = 32;
+
+/// An eval-mode batch norm folded into the convolution before it: the weight is scaled
+/// by `gamma / sqrt(var + eps)` per output channel as it is packed, and the shift is
+/// added in the epilogue.
+#[derive(Clone, Copy)]
+pub struct FoldedBatchNorm<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub mean: &'a Tensor,
+    pub var: &'a Tensor,
+    pub eps: f32,
+}
+
+/// What the forward does to each output value after the convolution, in order: add the
+/// bias, apply the folded batch norm, add the residual, ReLU. Inference fuses a whole
+/// conv-BN-(add)-(ReLU) chain into one kernel this way.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a Tensor>,
+    pub batch_norm: Option<FoldedBatchNorm<'a>>,
+    /// Same shape as the output.
+    pub residual: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    fn flags(&self) -> u32 {
+        let flag = |on: bool, f: u32| if on { f } else { 0 };
+        flag(self.bias.is_some(), HAS_BIAS)
+            | flag(self.batch_norm.is_some(), FOLD_BATCH_NORM)
+            | flag(self.residual.is_some(), ADD_RESIDUAL)
+            | flag(self.relu, RELU)
+    }
+}
 
 /// The output shape `[N, Co, Ho, Wo]` of a convolution of `x_shape` by `weight`.
 pub fn output_shape(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Result<[usize; 4]> {
@@ -159,27 +198,51 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    forward_fused(gpu, spec, x, weight, &Epilogue { bias, ..Epilogue::default() }, y)
+}
+
+/// `y = epilogue(conv2d(x, weight))`: the weight is repacked (one small dispatch, which
+/// also folds the batch norm), then the convolution runs with the epilogue in its stores.
+pub fn forward_fused(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    x: &Tensor,
+    weight: &Tensor,
+    epilogue: &Epilogue,
+    y: &Tensor,
+) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), weight)?;
     check_shape("conv2d output", &d.y_shape(), y.shape())?;
-    if let Some(b) = bias {
+    if let Some(b) = epilogue.bias {
         check_shape("conv2d bias", &[d.co], b.shape())?;
     }
-    let params = d.params(spec, if bias.is_some() { HAS_BIAS } else { 0 }, 1)?;
-    let co_tiles = d.co.div_ceil(4);
-    let (pack, packed) = pack_weight(gpu, &d, spec, weight, 0)?;
-    // Without a bias the input stands in at the bias binding; the shader never reads it.
+    if let Some(bn) = &epilogue.batch_norm {
+        for (what, t) in [("gamma", bn.gamma), ("beta", bn.beta), ("mean", bn.mean), ("var", bn.var)] {
+            check_shape(&format!("conv2d folded batch norm {what}"), &[d.co], t.shape())?;
+        }
+    }
+    if let Some(r) = epilogue.residual {
+        check_shape("conv2d residual", &d.y_shape(), r.shape())?;
+    }
+    let mut params = d.params(spec, epilogue.flags(), 1)?;
+    params.eps = epilogue.batch_norm.map_or(0.0, |bn| bn.eps);
+    let groups = d.co.div_ceil(16);
+    let shift = scratch(gpu, d.co)?;
+    let (pack, packed) = pack_weight(gpu, &d, &params, weight, epilogue, &shift)?;
+    // Without a residual the input stands in at its binding; the shader never reads it.
     let bindings = [
         Binding::read(1, x),
-        Binding::read(3, bias.unwrap_or(x)),
         Binding::write(4, y),
         Binding::write(8, &packed),
+        Binding::read(10, &shift),
+        Binding::read(15, epilogue.residual.unwrap_or(x)),
     ];
-    let cost = Cost {
-        flops: 2 * d.macs(),
-        bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + bias.map_or(0, |_| d.co)),
-    };
-    let tiles = d.n * co_tiles.div_ceil(4) * d.ho * d.wo.div_ceil(4);
-    Ok(vec![pack, launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, tiles, cost)?])
+    let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);
+    let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + extra) };
+    // A workgroup per (image, group of 16 channels, block of 4 x WG pixels).
+    let blocks = (d.ho * d.wo).div_ceil(4 * super::WORKGROUP_SIZE as usize);
+    let invocations = d.n * groups * blocks * super::WORKGROUP_SIZE as usize;
+    Ok(vec![pack, launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, invocations, cost)?])
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input
@@ -195,7 +258,9 @@ pub fn backward_input(
     let d = Dims::resolve(spec, grad_x.shape(), weight)?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
     let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
-    let (pack, packed) = pack_weight(gpu, &d, spec, weight, PACK_OVER_CI)?;
+    let pack_params = d.params(spec, PACK_OVER_CI, 1)?;
+    let unused_shift = scratch(gpu, 1)?;
+    let (pack, packed) = pack_weight(gpu, &d, &pack_params, weight, &Epilogue::default(), &unused_shift)?;
     let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::write(8, &packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
@@ -203,27 +268,36 @@ pub fn backward_input(
     Ok(vec![pack, launch(gpu, "conv2d", "conv2d_backward_input", &params, &bindings, tiles, cost)?])
 }
 
-/// Repacks the weight as vec4s over output channels (`flag` 0) or input channels
-/// (`PACK_OVER_CI`), one small dispatch; returns it with the packed tensor.
+/// Repacks the weight as vec4s over output channels (for the forward: scaled by the folded
+/// batch norm, with each channel's shift written to `shift`) or over input channels (flag
+/// `PACK_OVER_CI`, for the input gradient), one small dispatch; returns it with the packed
+/// tensor.
 fn pack_weight(
     gpu: &Gpu,
     d: &Dims,
-    spec: &Conv2dSpec,
+    params: &Params,
     weight: &Tensor,
-    flag: u32,
+    epilogue: &Epilogue,
+    shift: &Tensor,
 ) -> Result<(Dispatch, Tensor)> {
-    let (outer, tiled) = if flag == PACK_OVER_CI { (d.co, d.ci) } else { (d.ci, d.co) };
+    let over_ci = params.flags & PACK_OVER_CI != 0;
+    let (outer, tiled) = if over_ci { (d.co, d.ci) } else { (d.ci, d.co) };
     let len = outer * d.kh * d.kw * tiled.div_ceil(4);
     let packed = scratch(gpu, 4 * len)?;
-    let pack = launch(
-        gpu,
-        "conv2d",
-        "conv2d_pack_weight",
-        &d.params(spec, flag, 1)?,
-        &[Binding::read(2, weight), Binding::write(8, &packed)],
-        len,
-        Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) },
-    )?;
+    // Absent terms are bound to the weight; the flags keep the shader from reading them.
+    let bn = epilogue.batch_norm;
+    let bindings = [
+        Binding::read(2, weight),
+        Binding::read(3, epilogue.bias.unwrap_or(weight)),
+        Binding::read(11, bn.map_or(weight, |b| b.gamma)),
+        Binding::read(12, bn.map_or(weight, |b| b.beta)),
+        Binding::read(13, bn.map_or(weight, |b| b.mean)),
+        Binding::read(14, bn.map_or(weight, |b| b.var)),
+        Binding::write(8, &packed),
+        Binding::write(9, shift),
+    ];
+    let cost = Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) };
+    let pack = launch(gpu, "conv2d", "conv2d_pack_weight", params, &bindings, len, cost)?;
     Ok((pack, packed))
 }
 

@@ -132,3 +132,59 @@ fn conv2d_backward_accumulates_into_existing_gradients() {
         assert_close("accumulated grad_bias", &download(&gb), &plus(&old_gb, sums), TOL);
     }
 }
+
+/// The inference epilogue against the CPU composition: conv (+ bias), eval batch norm,
+/// (+ residual), (ReLU), on random shapes with every combination of the optional terms.
+#[test]
+fn conv2d_fused_epilogue_matches_cpu_composition() {
+    let gpu = gpu();
+    let mut rng = Rng::new(seed("conv2d_fused_epilogue"));
+    for i in 0..24 {
+        let d = random_dims(&mut rng, 24);
+        let (x, w) = (rng.normals(d.x_shape().iter().product()), rng.normals(d.w_shape().iter().product()));
+        let b = (i % 2 == 0).then(|| rng.normals(d.co));
+        let (fold, with_residual, relu) = (i % 3 != 0, i % 4 < 2, (i / 4) % 2 == 0);
+        let gamma = rng.normals(d.co);
+        let beta = rng.normals(d.co);
+        let mean = rng.normals(d.co);
+        let var: Vec<f32> = (0..d.co).map(|_| 0.2 + rng.uniform() as f32).collect();
+        let residual = rng.normals(d.y_shape().iter().product());
+        let eps = 1e-5;
+
+        let plane = d.out()[0] * d.out()[1];
+        let mut want = d.forward(&x, &w, b.as_deref());
+        for (j, v) in want.iter_mut().enumerate() {
+            let c = (j / plane) % d.co;
+            if fold {
+                *v = (*v - mean[c]) / (var[c] + eps).sqrt() * gamma[c] + beta[c];
+            }
+            if with_residual {
+                *v += residual[j];
+            }
+            if relu {
+                *v = v.max(0.0);
+            }
+        }
+
+        let (xt, wt) = (upload(&d.x_shape(), &x), upload(&d.w_shape(), &w));
+        let bt = b.as_ref().map(|b| upload(&[d.co], b));
+        let [gt, bet, mt, vt] = [&gamma, &beta, &mean, &var].map(|v| upload(&[d.co], v));
+        let rt = upload(&d.y_shape(), &residual);
+        let epilogue = conv2d::Epilogue {
+            bias: bt.as_ref(),
+            batch_norm: fold.then_some(conv2d::FoldedBatchNorm {
+                gamma: &gt,
+                beta: &bet,
+                mean: &mt,
+                var: &vt,
+                eps,
+            }),
+            residual: with_residual.then_some(&rt),
+            relu,
+        };
+        let y = poisoned(&d.y_shape());
+        gpu.run(&conv2d::forward_fused(gpu, &d.spec, &xt, &wt, &epilogue, &y).unwrap()).unwrap();
+        let what = format!("{d:?} bias {} fold {fold} residual {with_residual} relu {relu}", b.is_some());
+        assert_close(&what, &download(&y), &want, TOL);
+    }
+}

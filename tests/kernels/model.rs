@@ -279,3 +279,35 @@ fn class_weights_reach_both_loss_terms() {
         assert!((f64::from(unweighted[term]) - total).abs() <= 1e-5 * total, "term {term} unweighted");
     }
 }
+
+/// Eval graphs fold each batch norm into its convolution and fuse the residual add and
+/// ReLU into the stores: the logits must stay within 1e-4 of the unfused graph's, with
+/// far fewer dispatches.
+#[test]
+fn fused_inference_matches_the_unfused_graph() {
+    let cfg = config();
+    let shape = [2, 3, 48, 80];
+    let mut rng = Rng::new(seed("fused_inference_matches_the_unfused_graph"));
+    let input = rng.normals(shape.iter().product());
+    let run = |fuse: bool| {
+        let mut g = GraphBuilder::new();
+        let x = g.input("input", &shape, false);
+        let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
+        if !fuse {
+            g.disable_fusion();
+        }
+        let graph = g.build(gpu(), Mode::Eval, &[m.aux, m.out]).unwrap();
+        weights::load_into(gpu(), &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
+        graph.set(gpu(), "input", &input).unwrap();
+        graph.output(0).fill(gpu(), f32::NAN);
+        graph.output(1).fill(gpu(), f32::NAN);
+        graph.forward(gpu()).unwrap();
+        (download(graph.output(0)), download(graph.output(1)), graph.forward_dispatches().len())
+    };
+    let (aux, out, unfused) = run(false);
+    let (fused_aux, fused_out, fused) = run(true);
+    eprintln!("dispatches: {unfused} unfused, {fused} fused");
+    assert!(fused * 10 < unfused * 8, "fusion removed too few dispatches: {fused} of {unfused}");
+    assert_close("fused aux logits", &fused_aux, &aux, LOGITS_TOL);
+    assert_close("fused logits", &fused_out, &out, LOGITS_TOL);
+}
