@@ -69,7 +69,7 @@ fn guarded<E: std::fmt::Display>(write: impl FnOnce() -> Result<(), E>) -> Resul
 fn every_entry_point_translates_for_every_backend() {
     use naga::back::{glsl, hlsl, msl, spv};
     let mut constants = naga::back::PipelineConstants::default();
-    for (name, value) in hrnet_ocr::kernels::PIPELINE_CONSTANTS {
+    for (name, value) in hrnet_ocr::kernels::pipeline_constants(hrnet_ocr::gpu::DEFAULT_WORKGROUP_SIZE) {
         constants.insert(name.to_string(), value);
     }
     let (mut errors, mut translated) = (Vec::new(), 0);

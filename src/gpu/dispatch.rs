@@ -106,6 +106,16 @@ impl std::fmt::Debug for Dispatch {
 
 impl Dispatch {
     pub(crate) fn new<P: bytemuck::Pod>(gpu: &Gpu, spec: DispatchSpec<'_, P>) -> Result<Self> {
+        let allowed = gpu.limits().max_storage_buffers_per_shader_stage as usize;
+        if spec.bindings.len() > allowed {
+            return Err(Error::Invalid(format!(
+                "{}.wgsl:{} binds {} storage buffers; adapter {} allows {allowed} per shader stage",
+                spec.shader,
+                spec.entry,
+                spec.bindings.len(),
+                gpu.describe()
+            )));
+        }
         let pipeline = gpu.pipeline(spec.shader, spec.entry, spec.constants)?;
         let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(spec.entry),

@@ -31,6 +31,9 @@ pub struct GpuOptions {
     /// Caps the storage-buffer binding size below the adapter's (to leave memory to other
     /// work, or to exercise the limit handling on a device with a large limit).
     pub max_storage_binding: Option<u64>,
+    /// Caps the invocations per workgroup below the adapter's (to exercise the fallback
+    /// to smaller workgroups on a device that allows the default).
+    pub max_workgroup_size: Option<u32>,
 }
 
 impl GpuOptions {
@@ -40,6 +43,7 @@ impl GpuOptions {
             backends: wgpu::Backends::from_env(),
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
             max_storage_binding: None,
+            max_workgroup_size: None,
         }
     }
 }
@@ -54,6 +58,8 @@ pub struct Gpu {
     pool: Arc<BufferPool>,
     /// The first error the device reported outside an error scope, kept instead of panicking.
     device_error: Arc<Mutex<Option<String>>>,
+    /// Invocations per workgroup of every kernel (the shaders' `WG`).
+    workgroup_size: u32,
 }
 
 impl Gpu {
@@ -74,6 +80,12 @@ impl Gpu {
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
+        if let Some(cap) = options.max_workgroup_size {
+            limits.max_compute_invocations_per_workgroup =
+                limits.max_compute_invocations_per_workgroup.min(cap);
+            limits.max_compute_workgroup_size_x = limits.max_compute_workgroup_size_x.min(cap);
+        }
+        let workgroup_size = workgroup_size_for(&limits);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("hrnet-ocr"),
             required_features: features,
@@ -98,7 +110,14 @@ impl Gpu {
             queue,
             info,
             device_error,
+            workgroup_size,
         })
+    }
+
+    /// Invocations per workgroup of every kernel: [`DEFAULT_WORKGROUP_SIZE`], or the largest
+    /// power of two the adapter allows when that is less.
+    pub fn workgroup_size(&self) -> u32 {
+        self.workgroup_size
     }
 
     /// The chosen adapter's name, backend, device type and driver.
@@ -264,4 +283,19 @@ fn backend_rank(b: wgpu::Backend) -> u8 {
         wgpu::Backend::Gl => 1,
         _ => 2,
     }
+}
+
+/// The workgroup size the kernels are designed for: 64 invocations, a multiple of every
+/// GPU's SIMD width and of lavapipe's 8 lanes.
+pub const DEFAULT_WORKGROUP_SIZE: u32 = 64;
+
+/// [`DEFAULT_WORKGROUP_SIZE`], halved until the adapter's limits allow it.
+fn workgroup_size_for(limits: &wgpu::Limits) -> u32 {
+    let allowed =
+        limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x).max(1);
+    let mut size = DEFAULT_WORKGROUP_SIZE;
+    while size > allowed {
+        size /= 2;
+    }
+    size
 }

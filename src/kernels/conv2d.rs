@@ -240,8 +240,9 @@ pub fn forward_fused(
     let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);
     let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + extra) };
     // A workgroup per (image, group of 16 channels, block of 4 x WG pixels).
-    let blocks = (d.ho * d.wo).div_ceil(4 * super::WORKGROUP_SIZE as usize);
-    let invocations = d.n * groups * blocks * super::WORKGROUP_SIZE as usize;
+    let wg = gpu.workgroup_size() as usize;
+    let blocks = (d.ho * d.wo).div_ceil(4 * wg);
+    let invocations = d.n * groups * blocks * wg;
     Ok(vec![pack, launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, invocations, cost)?])
 }
 

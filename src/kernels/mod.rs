@@ -19,12 +19,12 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, Workgroups};
 use crate::tensor::Tensor;
 
-/// Invocations per workgroup for every kernel (the `WG` override constant).
-pub const WORKGROUP_SIZE: u32 = 64;
-
-/// The override constants every pipeline is built with (the shader translation test
-/// applies the same).
-pub const PIPELINE_CONSTANTS: [(&str, f64); 1] = [("WG", WORKGROUP_SIZE as f64)];
+/// The override constants a pipeline is built with on an adapter whose workgroup size
+/// ([`Gpu::workgroup_size`]) is `workgroup_size` (the shader translation test applies the
+/// same).
+pub fn pipeline_constants(workgroup_size: u32) -> [(&'static str, f64); 1] {
+    [("WG", f64::from(workgroup_size))]
+}
 
 /// Enough parallel invocations to fill a large GPU; reductions are split until they reach it.
 const TARGET_INVOCATIONS: usize = 8192;
@@ -47,10 +47,10 @@ pub(crate) fn launch<P: bytemuck::Pod>(
         DispatchSpec {
             shader,
             entry,
-            constants: &PIPELINE_CONSTANTS,
+            constants: &pipeline_constants(gpu.workgroup_size()),
             params,
             bindings,
-            workgroups: Workgroups::cover(gpu, invocations, WORKGROUP_SIZE)?,
+            workgroups: Workgroups::cover(gpu, invocations, gpu.workgroup_size())?,
             cost,
         },
     )
@@ -99,4 +99,77 @@ pub(crate) fn f32_bytes(elements: usize) -> u64 {
 /// A scratch tensor for partial results, owned by the dispatches that use it.
 pub(crate) fn scratch(gpu: &Gpu, elements: usize) -> Result<Tensor> {
     Tensor::empty(gpu, &[elements])
+}
+
+/// Which implementation of a kernel family runs on an adapter, and why.
+#[derive(Clone, Debug)]
+pub struct KernelVariant {
+    pub kernel: &'static str,
+    pub variant: String,
+    pub why: String,
+}
+
+/// The variant of every kernel family on `gpu`, decided from its device type, limits and
+/// features when it was opened (`hrnet-ocr info` prints this).
+pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
+    let limits = gpu.limits();
+    let features = gpu.adapter_features();
+    let cpu = gpu.info().device_type == wgpu::DeviceType::Cpu;
+    let wg = gpu.workgroup_size();
+    let allowed = limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x);
+    let v = |kernel, variant: &str, why: String| KernelVariant { kernel, variant: variant.into(), why };
+    let tiles_why = if cpu {
+        "CPU driver: workgroupBarrier is costly there, so register tiles without workgroup memory".to_string()
+    } else {
+        "the only variant built so far (a shared-memory tiling for GPUs is not yet written)".to_string()
+    };
+    let has = |f: wgpu::Features| if features.contains(f) { "has" } else { "lacks" };
+    vec![
+        v(
+            "every kernel",
+            &format!("{wg} invocations per workgroup"),
+            if wg == crate::gpu::DEFAULT_WORKGROUP_SIZE {
+                format!("the design size; the adapter allows {allowed}")
+            } else {
+                format!("fallback: the adapter allows only {allowed}")
+            },
+        ),
+        v(
+            "conv2d_forward",
+            "16 output channels x 4 pixels per invocation, a channel group per workgroup (uniform weight loads)",
+            tiles_why.clone(),
+        ),
+        v("conv2d_backward_input", "16 input channels x 4 columns per invocation", tiles_why.clone()),
+        v(
+            "conv2d_backward_weight",
+            "16 x 4 channels per invocation, rows split into chunks summed in order",
+            tiles_why.clone(),
+        ),
+        v("matmul", "4 x 4 tile per invocation, operands read through strides", tiles_why),
+        v(
+            "batch_norm, softmax, reductions",
+            "chunked two-pass sums, blocked and compensated",
+            "WGSL has no float atomics; a fixed order keeps results bit-reproducible".into(),
+        ),
+        v(
+            "conv2d_pack_weight",
+            "folds eval batch norm while packing (8 storage buffers)",
+            format!("the adapter allows {} storage buffers per stage", limits.max_storage_buffers_per_shader_stage),
+        ),
+        v(
+            "profiler",
+            if gpu.has_timestamps() { "GPU timestamps around each dispatch" } else { "wall clock only" },
+            format!("the adapter {} TIMESTAMP_QUERY", has(wgpu::Features::TIMESTAMP_QUERY)),
+        ),
+        v(
+            "precision",
+            "f32 everywhere",
+            format!("f16 kernels are not built yet; the adapter {} SHADER_F16", has(wgpu::Features::SHADER_F16)),
+        ),
+        v(
+            "subgroups",
+            "not used",
+            format!("no kernel uses subgroup operations yet; the adapter {} SUBGROUP", has(wgpu::Features::SUBGROUP)),
+        ),
+    ]
 }

@@ -265,3 +265,27 @@ fn a_segmenter_that_failed_serves_the_next_call() {
     s.check_numerics(false);
     assert!(s.logits(&planes, [24, 40]).unwrap() == want, "the next call computes as a fresh segmenter");
 }
+
+/// An adapter that allows fewer invocations per workgroup than the kernels' design size
+/// gets the largest power of two it allows, and the model computes the same logits.
+#[test]
+fn smaller_workgroups_give_the_same_segmentation() {
+    use hrnet_ocr::{Gpu, GpuOptions};
+    let options = GpuOptions { max_workgroup_size: Some(16), ..GpuOptions::from_env() };
+    let small = Gpu::with_options(&options).unwrap();
+    assert_eq!(small.workgroup_size(), 16);
+    assert_eq!(gpu().workgroup_size(), hrnet_ocr::gpu::DEFAULT_WORKGROUP_SIZE);
+    let listed = hrnet_ocr::kernels::variants(&small);
+    assert!(
+        listed[0].variant.starts_with("16 invocations") && listed[0].why.contains("fallback"),
+        "{listed:?}"
+    );
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
+    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
+    let w = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    let mut rng = Rng::new(seed("smaller_workgroups_give_the_same_segmentation"));
+    let planes = rng.normals(3 * 40 * 56);
+    let got = Segmenter::new(&small, cfg, w).logits(&planes, [40, 56]).unwrap();
+    let want = segmenter().logits(&planes, [40, 56]).unwrap();
+    assert_close("logits with 16-invocation workgroups", &got, &want, 1e-6);
+}

@@ -97,6 +97,10 @@ pub fn info() -> Result<()> {
     }
     println!("features used: {:?}", gpu.features());
     println!("adapter features: {:?}", gpu.adapter_features());
+    println!("\nkernel variants on this adapter:");
+    for v in hrnet_ocr::kernels::variants(&gpu) {
+        println!("  {:<32} {}\n  {:<32}   (why: {})", v.kernel, v.variant, "", v.why);
+    }
     Ok(())
 }
 
