@@ -8,6 +8,7 @@ mod elementwise;
 mod errors;
 mod graph;
 mod infer;
+mod limits;
 mod loss;
 mod matmul;
 mod model;

@@ -1,0 +1,40 @@
+//! Shapes that cross the device's dispatch limits: more workgroups than one grid
+//! dimension takes (65535) are folded into two dimensions, and every element is still
+//! computed exactly once.
+
+use crate::common::*;
+use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec};
+use hrnet_ocr::kernels::elementwise;
+
+#[test]
+fn grids_beyond_one_dimension_are_folded() {
+    let gpu = gpu();
+    let max = gpu.limits().max_compute_workgroups_per_dimension as usize;
+    let wg = gpu.workgroup_size() as usize;
+    let mut rng = Rng::new(seed("grids_beyond_one_dimension_are_folded"));
+
+    // ReLU over more elements than max x workgroup-size invocations.
+    let len = (max + 1000) * wg + 7;
+    let x = rng.normals(len);
+    let (xt, y) = (upload(&[len], &x), poisoned(&[len]));
+    let d = elementwise::relu_forward(gpu, &xt, &y).unwrap();
+    assert!(d.workgroups().0[1] > 1, "{:?} should be folded", d.workgroups());
+    gpu.run([&d]).unwrap();
+    let got = download(&y);
+    let wrong = got.iter().zip(&x).position(|(g, v)| *g != v.max(0.0));
+    assert_eq!(wrong, None, "relu over {len} elements in {:?}", d.workgroups());
+
+    // A 1x1 convolution whose pixel blocks (4 x workgroup size pixels each) outnumber a
+    // grid dimension.
+    let (h, w) = (4 * wg, max + 500);
+    let x = rng.normals(h * w);
+    let (weight, bias) = ([rng.normal()], [rng.normal()]);
+    let (xt, wt, bt) = (upload(&[1, 1, h, w], &x), upload(&[1, 1, 1, 1], &weight), upload(&[1], &bias));
+    let y = poisoned(&[1, 1, h, w]);
+    let ds = conv2d::forward(gpu, &Conv2dSpec::square(1, 0, 1), &xt, &wt, Some(&bt), &y).unwrap();
+    assert!(ds.iter().any(|d| d.workgroups().0[1] > 1), "{ds:?} should be folded");
+    gpu.run(&ds).unwrap();
+    let got = download(&y);
+    let want: Vec<f32> = x.iter().map(|v| weight[0] * v + bias[0]).collect();
+    assert_close(&format!("1x1 conv over {h}x{w} in {ds:?}"), &got, &want, 1e-6);
+}
