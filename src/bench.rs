@@ -52,7 +52,20 @@ pub struct Timing {
     pub best_ms: f64,
     /// Device time of one run from timestamp queries, where the adapter has them.
     pub device_ms: Option<f64>,
+    /// CPU time the whole process spent per run (Linux): on a CPU driver such as lavapipe
+    /// this is the kernel's real cost, unaffected by other load on the machine.
+    pub cpu_ms: Option<f64>,
     pub runs: usize,
+}
+
+/// User + system CPU time of this process so far, in milliseconds (Linux only).
+fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // The kernel's clock tick is 100 Hz on every mainstream Linux configuration.
+    Some(ticks * 10.0)
 }
 
 /// The two ceilings measured on an adapter.
@@ -79,11 +92,18 @@ pub fn time(gpu: &Gpu, dispatches: &[Dispatch], setup: Duration, budget: Duratio
     let first_ms = (start.elapsed() + setup).as_secs_f64() * 1e3;
     let mut times = Vec::new();
     let begun = Instant::now();
+    let cpu_before = process_cpu_ms();
     while times.len() < 3 || (begun.elapsed() < budget && times.len() < 200) {
         let t = Instant::now();
         gpu.run(dispatches)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let cpu_ms = match (cpu_before, process_cpu_ms()) {
+        (Some(a), Some(b)) if gpu.info().device_type == wgpu::DeviceType::Cpu => {
+            Some((b - a) / times.len() as f64)
+        }
+        _ => None,
+    };
     let device_ms = if gpu.has_timestamps() {
         let refs: Vec<&Dispatch> = dispatches.iter().collect();
         let ns: f64 = gpu.profile(&refs)?.iter().map(|t| t.nanoseconds).sum();
@@ -96,6 +116,7 @@ pub fn time(gpu: &Gpu, dispatches: &[Dispatch], setup: Duration, budget: Duratio
         mean_ms: times.iter().sum::<f64>() / times.len() as f64,
         best_ms: times.iter().copied().fold(f64::INFINITY, f64::min),
         device_ms,
+        cpu_ms,
         runs: times.len(),
     })
 }

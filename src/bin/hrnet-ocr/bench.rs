@@ -172,8 +172,8 @@ fn kernels(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
                 cases.len()
             );
             println!(
-                "{:<20} {:<16} {:<40} {:>9} {:>9} {:>9} {:>17} {:>8} {:>9}",
-                "kernel", "pass", "case", "ms", "best", "device", "throughput", "roofline", "first ms"
+                "{:<20} {:<16} {:<40} {:>9} {:>9} {:>9} {:>9} {:>17} {:>8} {:>9}",
+                "kernel", "pass", "case", "ms", "best", "device", "cpu", "throughput", "roofline", "first ms"
             );
         }
         let mut results = Vec::new();
@@ -184,13 +184,14 @@ fn kernels(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
             } else {
                 let t = &r.timing;
                 println!(
-                    "{:<20} {:<16} {:<40} {:>9.3} {:>9.3} {:>9} {:>17} {:>7.1}% {:>9.1}",
+                    "{:<20} {:<16} {:<40} {:>9.3} {:>9.3} {:>9} {:>9} {:>17} {:>7.1}% {:>9.1}",
                     r.kernel,
                     r.pass,
                     r.case,
                     t.mean_ms,
                     t.best_ms,
                     t.device_ms.map_or("-".into(), |d| format!("{d:.3}")),
+                    t.cpu_ms.map_or("-".into(), |d| format!("{d:.1}")),
                     r.throughput(),
                     100.0 * r.roofline,
                     t.first_ms
@@ -210,7 +211,7 @@ fn print_case_json(gpu: &Gpu, roofline: &Roofline, r: &CaseResult) {
     let t = &r.timing;
     println!(
         "{{\"peer\":\"hrnet-ocr\",\"adapter\":{},\"backend\":{},\"kernel\":{},\"pass\":{},\"case\":{},\
-         \"ms\":{},\"best_ms\":{},\"device_ms\":{},\"first_ms\":{},\"runs\":{},\"gflops\":{},\"gbps\":{},\
+         \"ms\":{},\"best_ms\":{},\"device_ms\":{},\"cpu_ms\":{},\"first_ms\":{},\"runs\":{},\"gflops\":{},\"gbps\":{},\
          \"roofline_fraction\":{},\"roofline_gflops\":{},\"roofline_gbps\":{}}}",
         js(&gpu.info().name),
         js(&format!("{:?}", gpu.info().backend)),
@@ -220,6 +221,7 @@ fn print_case_json(gpu: &Gpu, roofline: &Roofline, r: &CaseResult) {
         jn(Some(t.mean_ms)),
         jn(Some(t.best_ms)),
         jn(t.device_ms),
+        jn(t.cpu_ms),
         jn(Some(t.first_ms)),
         t.runs,
         jn(Some(r.gflops)),
