@@ -14,6 +14,14 @@ fn format_error(source: &str, what: impl std::fmt::Display) -> Error {
 /// 16K): a small file whose header claims more is refused before anything is allocated.
 const MAX_DECODED_BYTES: u64 = 1 << 30;
 const MAX_PIXELS: u64 = 1 << 28;
+/// The most pixels one byte of a complete file can code. PNG: at least 1 bit per pixel
+/// before compression, and deflate expands at most 1032:1. JPEG (Huffman-coded; arithmetic
+/// coding is not supported by the decoder): at least 1 bit per 8x8 block of the
+/// full-resolution component, even in a progressive file's first DC scan. A header claiming
+/// more is truncated or forged, and refused: the decoder would otherwise allocate (and, for
+/// JPEG, grey-fill) the whole image, 800 MB for a 600-byte file.
+const PNG_PIXELS_PER_BYTE: u64 = 8 * 1032;
+const JPEG_PIXELS_PER_BYTE: u64 = 64 * 8;
 
 fn decode(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
     let reader = || {
@@ -22,9 +30,9 @@ fn decode(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
             .map_err(|e| Error::Io { path: source.to_string(), source: e })
     };
     let mut image_reader = reader()?;
-    if image_reader.format().is_none() {
+    let Some(format) = image_reader.format() else {
         return Err(format_error(source, "not an image this build can read (PNG or JPEG)"));
-    }
+    };
     let unreadable = |e: image::ImageError| {
         format_error(source, format!("not an image this build can read (PNG or JPEG): {e}"))
     };
@@ -36,10 +44,34 @@ fn decode(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
             format!("{w}x{h} pixels is above the limit of {MAX_PIXELS} pixels"),
         ));
     }
+    let per_byte = match format {
+        image::ImageFormat::Png => PNG_PIXELS_PER_BYTE,
+        image::ImageFormat::Jpeg => JPEG_PIXELS_PER_BYTE,
+        _ => u64::MAX,
+    };
+    let len = bytes.len() as u64;
+    if u64::from(w) * u64::from(h) > len.saturating_mul(per_byte) {
+        return Err(format_error(
+            source,
+            format!(
+                "the {format:?} header claims {w}x{h} pixels, more than a complete file of {len} bytes \
+                 can hold (at most {per_byte} pixels per byte): truncated or corrupt"
+            ),
+        ));
+    }
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_DECODED_BYTES);
     image_reader.limits(limits);
-    image_reader.decode().map_err(unreadable)
+    // The JPEG decoder (zune-jpeg 0.5) panics on some corrupt files (an unwrap in its
+    // IDCT, found by fuzzing): a panic there is a file it cannot read, not a crash.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| image_reader.decode()))
+        .unwrap_or_else(|_| {
+            Err(image::ImageError::Decoding(image::error::DecodingError::new(
+                format.into(),
+                "the decoder failed (panicked) on corrupt data",
+            )))
+        })
+        .map_err(unreadable)
 }
 
 fn read(path: &Path) -> Result<(Vec<u8>, String)> {
@@ -210,4 +242,55 @@ pub fn overlay(image: &Image, labels: &[u32], palette: &[[u8; 3]], opacity: f32)
         }
     }
     Ok(Image { rgb, ..*image })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png_chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        // CRC-32 of kind and data, which the decoder checks.
+        let mut crc = !0u32;
+        for &b in &c[4..] {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        c.extend((!crc).to_be_bytes());
+        c
+    }
+
+    /// Found by fuzzing: tiny files whose headers claim a 16384 x 16384 image (under the
+    /// pixel limit) made the decoder reserve 1 GiB, or grey-fill 800 MB for seconds (JPEG).
+    #[test]
+    fn small_files_claiming_large_images_are_refused() {
+        let mut header = 16384u32.to_be_bytes().repeat(2);
+        header.extend([8, 6, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(png_chunk(b"IHDR", &header));
+        png.extend(png_chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+        png.extend(png_chunk(b"IEND", &[]));
+        let err = decode_rgb(&png, "big.png").unwrap_err().to_string();
+        assert!(err.contains("big.png") && err.contains("16384x16384") && err.contains("truncated"), "{err}");
+
+        let mut jpeg = Vec::new();
+        let rgb: Vec<u8> = (0..24 * 16 * 3).map(|i| (i * 7 % 251) as u8).collect();
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
+            .encode(&rgb, 24, 16, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert!(decode_rgb(&jpeg, "small.jpg").is_ok());
+        // The frame header (SOF0) holds the height and width; cut the file after the scan header.
+        let sof = jpeg.windows(2).position(|w| w == [0xff, 0xc0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]);
+        let sos = jpeg.windows(2).position(|w| w == [0xff, 0xda]).unwrap();
+        let sos_len = usize::from(u16::from_be_bytes([jpeg[sos + 2], jpeg[sos + 3]]));
+        jpeg.truncate(sos + 2 + sos_len);
+        jpeg.extend([0xff, 0xd9]);
+        let err = decode_rgb(&jpeg, "big.jpg").unwrap_err().to_string();
+        assert!(err.contains("big.jpg") && err.contains("16384x16384") && err.contains("truncated"), "{err}");
+    }
 }

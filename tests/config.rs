@@ -85,6 +85,9 @@ fn wrong_types_and_values_name_the_key() {
         ("BLOCK: BOTTLENECK", "BLOCK: RESNEXT", "STAGE1.BLOCK"),
         ("BALANCE_WEIGHTS: [0.4, 1]", "BALANCE_WEIGHTS: [1]", "LOSS.BALANCE_WEIGHTS"),
         ("NUM_CHANNELS: [18, 36, 72, 144]", "NUM_CHANNELS: [18, 36, 72]", "STAGE4"),
+        // Counts a model could never be built from are refused before any size is computed.
+        ("NUM_CHANNELS: [18, 36, 72, 144]", "NUM_CHANNELS: [18, 36, 72, 1000000000000000]", "limit of 65536"),
+        ("MID_CHANNELS: 32", "MID_CHANNELS: 65537", "MODEL.OCR.MID_CHANNELS"),
     ] {
         let text = tiny();
         assert!(text.contains(from), "{from:?} not in the tiny config");

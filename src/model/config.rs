@@ -7,6 +7,11 @@ use super::yaml::{self, Yaml};
 use crate::error::{Error, Result};
 use std::path::Path;
 
+/// The largest channel, block, module or class count a config may give: far above any
+/// real model (W48 has 384 channels), and small enough that no size computed from the
+/// counts can overflow.
+pub const MAX_COUNT: usize = 1 << 16;
+
 /// A residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Block {
@@ -248,9 +253,13 @@ impl Reader<'_> {
         self.parsed(key, "a non-negative integer")
     }
 
+    /// A positive count of at most [`MAX_COUNT`].
     fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match (self.opt_usize(key)?, default) {
             (Some(0), _) => Err(self.error(key, "must be positive")),
+            (Some(v), _) if v > MAX_COUNT => {
+                Err(self.error(key, &format!("{v} is above the limit of {MAX_COUNT}")))
+            }
             (Some(v), _) | (None, Some(v)) => Ok(v),
             (None, None) => Err(self.error(key, "missing")),
         }
@@ -312,6 +321,11 @@ impl Reader<'_> {
         }
         if blocks.contains(&0) || channels.contains(&0) {
             return Err(self.error(&key("NUM_CHANNELS"), "block and channel counts must be positive"));
+        }
+        for (k, list) in [("NUM_BLOCKS", &blocks), ("NUM_CHANNELS", &channels)] {
+            if let Some(v) = list.iter().find(|&&v| v > MAX_COUNT) {
+                return Err(self.error(&key(k), &format!("{v} is above the limit of {MAX_COUNT}")));
+            }
         }
         // NUM_BRANCHES is implied by the lists; when given (STAGE1 of the official files
         // misspells it NUM_RANCHES, which is ignored) it must agree.
