@@ -1,6 +1,6 @@
 //! 2-D convolution, NCHW input, OIHW weight, groups = 1 (`conv2d.wgsl`).
 
-use super::{f32_bytes, launch, reduce, reduction_chunks, scratch, to_u32};
+use super::{f32_bytes, launch, launch_sized, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
@@ -239,11 +239,15 @@ pub fn forward_fused(
     ];
     let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);
     let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + extra) };
-    // A workgroup per (image, group of 16 channels, block of 4 x WG pixels).
-    let wg = gpu.workgroup_size() as usize;
-    let blocks = (d.ho * d.wo).div_ceil(4 * wg);
+    // A workgroup per (image, group of 16 channels, block of 4 x WG pixels). Small maps
+    // (HRNet's deepest branches) get smaller workgroups, down to 8 (a CPU driver's SIMD
+    // width), rather than idle invocations.
+    let pixels = d.ho * d.wo;
+    let wg = pixels.div_ceil(4).next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
+    let blocks = pixels.div_ceil(4 * wg);
     let invocations = d.n * groups * blocks * wg;
-    Ok(vec![pack, launch(gpu, "conv2d", "conv2d_forward", &params, &bindings, invocations, cost)?])
+    let entry = ("conv2d", "conv2d_forward");
+    Ok(vec![pack, launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?])
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input

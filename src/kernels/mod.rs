@@ -41,16 +41,31 @@ pub(crate) fn launch<P: bytemuck::Pod>(
     invocations: usize,
     cost: Cost,
 ) -> Result<Dispatch> {
+    launch_sized(gpu, (shader, entry), gpu.workgroup_size(), params, bindings, invocations, cost)
+}
+
+/// [`launch`] with workgroups of `workgroup_size` invocations (at most the adapter's
+/// [`Gpu::workgroup_size`]), for kernels that size their workgroups to the problem.
+pub(crate) fn launch_sized<P: bytemuck::Pod>(
+    gpu: &Gpu,
+    (shader, entry): (&'static str, &'static str),
+    workgroup_size: u32,
+    params: &P,
+    bindings: &[Binding<'_>],
+    invocations: usize,
+    cost: Cost,
+) -> Result<Dispatch> {
     check_bindings(entry, bindings)?;
+    let workgroup_size = workgroup_size.min(gpu.workgroup_size());
     Dispatch::new(
         gpu,
         DispatchSpec {
             shader,
             entry,
-            constants: &pipeline_constants(gpu.workgroup_size()),
+            constants: &pipeline_constants(workgroup_size),
             params,
             bindings,
-            workgroups: Workgroups::cover(gpu, invocations, gpu.workgroup_size())?,
+            workgroups: Workgroups::cover(gpu, invocations, workgroup_size)?,
             cost,
         },
     )
