@@ -376,11 +376,12 @@ fn print_pass_json(gpu: &Gpu, name: &str, args: &BenchArgs, memory_mib: f64, p: 
         format!("{{\"device_ms\":{},\"kernels\":[{}]}}", jn(Some(profile.device_ms)), kernels.join(","))
     });
     println!(
-        "{{\"peer\":\"hrnet-ocr\",\"adapter\":{},\"backend\":{},\"model\":{},\"pass\":{},\"batch\":{},\
+        "{{\"peer\":\"hrnet-ocr\",\"adapter\":{},\"backend\":{},\"model\":{},\"case\":{},\"pass\":{},\"batch\":{},\
          \"height\":{h},\"width\":{w},\"ms\":{},\"best_ms\":{},\"dispatches\":{},\"memory_mib\":{},\"profile\":{}}}",
         js(&gpu.info().name),
         js(&format!("{:?}", gpu.info().backend)),
         js(name),
+        js(&format!("{name}+ocr {}x3x{h}x{w}", args.batch.max(1))),
         js(p.name),
         args.batch.max(1),
         jn(Some(p.times.0)),
