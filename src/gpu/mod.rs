@@ -60,6 +60,8 @@ pub struct Gpu {
     device_error: Arc<Mutex<Option<String>>>,
     /// Invocations per workgroup of every kernel (the shaders' `WG`).
     workgroup_size: u32,
+    /// Command buffers submitted so far.
+    submissions: std::sync::atomic::AtomicU64,
 }
 
 impl Gpu {
@@ -111,7 +113,14 @@ impl Gpu {
             info,
             device_error,
             workgroup_size,
+            submissions: Default::default(),
         })
+    }
+
+    /// How many command buffers this device has been given so far (a training step or a
+    /// forward pass is one).
+    pub fn submissions(&self) -> u64 {
+        self.submissions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Invocations per workgroup of every kernel: [`DEFAULT_WORKGROUP_SIZE`], or the largest
@@ -166,6 +175,7 @@ impl Gpu {
             }
         }
         self.queue.submit([encoder.finish()]);
+        self.submissions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.check_device_error()
     }
 

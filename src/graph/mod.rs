@@ -592,6 +592,22 @@ impl Graph {
     /// One SGD step over every parameter at learning rate `lr` (times each parameter's
     /// multiplier): one dispatch, recorded on first use.
     pub fn sgd_step(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<()> {
+        let step = self.prepare_sgd(gpu, config, lr)?;
+        gpu.submit([step])
+    }
+
+    /// A whole training step in one command buffer: forward, backward and the SGD step
+    /// at `lr` (the caller zeroes the gradients and sets the inputs first).
+    pub fn train_step(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<()> {
+        if self.grads.is_empty() {
+            return Err(Error::Invalid("train_step: the graph was built for eval".into()));
+        }
+        self.prepare_sgd(gpu, config, lr)?;
+        gpu.submit(self.step_dispatches())
+    }
+
+    /// The optimizer's dispatch, recorded on first use and set to `lr`.
+    fn prepare_sgd(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<&Dispatch> {
         let opt = self
             .optimizer
             .as_mut()
@@ -600,8 +616,7 @@ impl Graph {
             Some((c, step)) if c == config => opt.arena.set_lr(gpu, step, config, lr),
             _ => opt.step = Some((*config, opt.arena.step(gpu, config, lr)?)),
         }
-        let (_, step) = opt.step.as_ref().expect("recorded above");
-        gpu.submit([step])
+        Ok(&opt.step.as_ref().expect("recorded above").1)
     }
 
     /// The optimizer's momentum buffer of each parameter, by parameter name (training only).

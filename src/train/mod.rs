@@ -154,15 +154,13 @@ impl<'g> Trainer<'g> {
         self.graph.tensor("label")?.write_u32(gpu, &labels)?;
         self.graph.set_seed(gpu, seed)?;
         self.graph.zero_grads(gpu);
-        self.graph.forward(gpu)?;
-        self.graph.backward(gpu)?;
         let lr = poly_lr(self.config.lr, self.step, self.options.max_iter, 0.9);
         let sgd = SgdConfig {
             momentum: self.config.momentum,
             weight_decay: self.config.weight_decay,
             nesterov: self.config.nesterov,
         };
-        self.graph.sgd_step(gpu, &sgd, lr)?;
+        self.graph.train_step(gpu, &sgd, lr)?;
         let terms = self.graph.loss_terms(gpu)?;
         let stats = StepStats {
             step: self.step,

@@ -171,3 +171,33 @@ fn checkpoints_round_trip_and_resume_exactly() {
     assert!(err.contains("ocr_distri_head") && err.contains("expected"), "{err}");
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A training step (forward, backward and SGD) is one command buffer; an eval forward too.
+#[test]
+fn a_training_step_is_one_command_buffer() {
+    // A device of its own: other tests submit to the shared one concurrently.
+    let gpu = hrnet_ocr::Gpu::new().unwrap();
+    let cfg =
+        Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/tiny_ocr.yaml")).unwrap();
+    let options = TrainOptions {
+        batch: 1,
+        crop: [32, 48],
+        max_iter: 10,
+        dropout: 0.05,
+        head_keywords: Vec::new(),
+        head_lr_mult: 1.0,
+    };
+    let mut trainer = Trainer::new(&gpu, cfg, None, options).unwrap();
+    let mut rng = Rng::new(seed("a_training_step_is_one_command_buffer"));
+    let sample = Sample { planes: rng.normals(3 * 32 * 48), labels: (0..32 * 48).map(|i| i % 5).collect() };
+    for step in 0..3 {
+        let before = gpu.submissions();
+        let stats = trainer.step(std::slice::from_ref(&sample), step).unwrap();
+        assert!(stats.loss.is_finite());
+        assert_eq!(gpu.submissions() - before, 1, "command buffers in training step {step}");
+    }
+    let graph = trainer.graph();
+    let before = gpu.submissions();
+    graph.forward(&gpu).unwrap();
+    assert_eq!(gpu.submissions() - before, 1);
+}
