@@ -3,9 +3,12 @@
 //!
 //! Throughput counts FLOPs as 2 x multiply-adds and bytes as the minimum traffic (each
 //! input read once, each output written once). The roofline is two numbers measured on
-//! the same adapter: the bandwidth of a plain copy kernel and the arithmetic rate of the
-//! matmul kernel at 1024^3. A case's roofline fraction is the time the binding one of the
-//! two would allow, `max(flops / peak_flops, bytes / peak_bytes)`, over the time measured.
+//! the same adapter with the engine's own kernels: the bandwidth of the faster of a
+//! channel copy and a ReLU over 64 MiB, and the arithmetic rate of the faster of the
+//! matmul at 1024^3 and a 3x3 convolution 64->64 at 128x128 (both are GEMMs, the
+//! convolution an implicit one). A case's roofline fraction is the time the binding one
+//! of the two would allow, `max(flops / peak_flops, bytes / peak_bytes)`, over the time
+//! measured: how close a kernel comes to the best this engine shows on that adapter.
 //!
 //! Used by `hrnet-ocr bench --kernels` and by the criterion benchmark `benches/kernels.rs`.
 
@@ -121,24 +124,35 @@ pub fn time(gpu: &Gpu, dispatches: &[Dispatch], setup: Duration, budget: Duratio
     })
 }
 
-/// Measures the adapter's roofline: a 64 MiB copy and a 1024^3 matmul, best of several runs.
+/// Measures the adapter's roofline (see the module docs), best of several runs each.
 pub fn roofline(gpu: &Gpu) -> Result<Roofline> {
     let budget = Duration::from_millis(500);
+    // The best rate (cost units per second / 1e9) of any of `candidates`.
+    let best = |candidates: Vec<Vec<Dispatch>>, units: fn(Cost) -> u64| -> Result<f64> {
+        let mut rate = 0.0f64;
+        for dispatches in candidates {
+            let amount = units(total_cost(&dispatches)) as f64;
+            rate = rate.max(amount / (time(gpu, &dispatches, Duration::ZERO, budget)?.best_ms * 1e6));
+        }
+        Ok(rate)
+    };
     let src = filled(gpu, &[1, 64, 512, 512], 1)?;
     let dst = Tensor::empty(gpu, src.shape())?;
-    let copy = concat::copy_channels(gpu, (&src, 0), (&dst, 0), 64, false)?;
-    let copy_cost = copy.cost();
-    let copy_ms = time(gpu, &[copy], Duration::ZERO, budget)?.best_ms;
+    let copies = vec![
+        vec![concat::copy_channels(gpu, (&src, 0), (&dst, 0), 64, false)?],
+        vec![elementwise::relu_forward(gpu, &src, &dst)?],
+    ];
+    let gbytes_per_s = best(copies, |c| c.bytes)?;
     let (a, b) = (filled(gpu, &[1024, 1024], 2)?, filled(gpu, &[1024, 1024], 3)?);
     let c = Tensor::empty(gpu, &[1024, 1024])?;
     let mm = Matmul { batch: 1, m: 1024, k: 1024, n: 1024, trans_a: false, trans_b: false };
-    let product = mm.forward(gpu, &a, &b, &c)?;
-    let flops = product.cost().flops;
-    let mm_ms = time(gpu, &[product], Duration::ZERO, budget)?.best_ms;
-    Ok(Roofline {
-        gbytes_per_s: copy_cost.bytes as f64 / (copy_ms * 1e6),
-        gflops: flops as f64 / (mm_ms * 1e6),
-    })
+    let (x, weight) = (filled(gpu, &[1, 64, 128, 128], 4)?, filled(gpu, &[64, 64, 3, 3], 5)?);
+    let y = Tensor::empty(gpu, x.shape())?;
+    let gemms = vec![
+        vec![mm.forward(gpu, &a, &b, &c)?],
+        conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &weight, None, &y)?,
+    ];
+    Ok(Roofline { gbytes_per_s, gflops: best(gemms, |c| c.flops)? })
 }
 
 /// Cheap deterministic values in [-1, 1]; the data does not change the timing.

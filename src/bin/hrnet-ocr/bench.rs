@@ -165,7 +165,7 @@ fn kernels(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
         }
         if !args.json {
             println!(
-                "{}: roofline {:.2} GB/s (copy), {:.2} GFLOP/s (matmul 1024^3); {} cases",
+                "{}: roofline {:.2} GB/s (best copy), {:.2} GFLOP/s (best GEMM); {} cases",
                 adapter_name(gpu),
                 roofline.gbytes_per_s,
                 roofline.gflops,
