@@ -55,6 +55,7 @@ impl Tensor {
             let what = format!("tensor of shape {}", fmt_shape(shape));
             return Err(Error::Limit { what, bytes, limit, limit_name });
         }
+        gpu.check_lost()?;
         let buffer = gpu.pool().acquire(&gpu.device, bytes).map_err(|e| {
             Error::Device(format!("allocating a tensor of shape {} ({bytes} bytes): {e}", fmt_shape(shape)))
         })?;
@@ -219,6 +220,7 @@ impl Tensor {
 
 /// Copies `size` bytes of `buffer` from `offset` to the host through a staging buffer.
 pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+    gpu.check_lost()?;
     let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
         size,

@@ -58,6 +58,8 @@ pub struct Gpu {
     pool: Arc<BufferPool>,
     /// The first error the device reported outside an error scope, kept instead of panicking.
     device_error: Arc<Mutex<Option<String>>>,
+    /// Why the device was lost, once it is: every later call fails with it.
+    lost: Arc<Mutex<Option<String>>>,
     /// Invocations per workgroup of every kernel (the shaders' `WG`).
     workgroup_size: u32,
     /// Command buffers submitted so far.
@@ -97,6 +99,12 @@ impl Gpu {
         }))
         .map_err(|e| Error::RequestDevice(format!("{} ({:?}): {e}", info.name, info.backend)))?;
 
+        let lost = Arc::new(Mutex::new(None));
+        let lost_sink = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            let mut slot = lost_sink.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(format!("{reason:?}: {message}"));
+        });
         let device_error = Arc::new(Mutex::new(None));
         let sink = Arc::clone(&device_error);
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -112,6 +120,7 @@ impl Gpu {
             queue,
             info,
             device_error,
+            lost,
             workgroup_size,
             submissions: Default::default(),
         })
@@ -167,16 +176,25 @@ impl Gpu {
     /// Records `dispatches` into one command buffer (one compute pass) and submits it.
     /// Does not wait; see [`Gpu::wait`].
     pub fn submit<'a>(&self, dispatches: impl IntoIterator<Item = &'a Dispatch>) -> Result<()> {
+        self.check_lost()?;
         let mut encoder = self.device.create_command_encoder(&Default::default());
+        let mut labels: (Option<&str>, Option<&str>, usize) = (None, None, 0);
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             for d in dispatches {
                 d.encode(&mut pass);
+                labels = (labels.0.or(Some(d.label())), Some(d.label()), labels.2 + 1);
             }
         }
         self.queue.submit([encoder.finish()]);
         self.submissions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.check_device_error()
+        // An error raised by this submission names the kernels it held.
+        self.check_device_error().map_err(|e| match (e, labels) {
+            (Error::Device(msg), (Some(first), Some(last), n)) => {
+                Error::Device(format!("{msg} (in a submission of {n} dispatches, {first} .. {last})"))
+            }
+            (e, _) => e,
+        })
     }
 
     /// Submits `dispatches` and waits until the device has finished them.
@@ -193,8 +211,22 @@ impl Gpu {
         self.check_device_error()
     }
 
-    /// Returns (and clears) an error the device reported asynchronously.
+    /// Fails, saying why, once the device is lost (a driver reset, a removed GPU, or
+    /// `device().destroy()`): a lost device does no more work, so open a new `Gpu`.
+    pub fn check_lost(&self) -> Result<()> {
+        match self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(why) => Err(Error::Device(format!(
+                "the device {} was lost ({why}); open a new Gpu to go on",
+                self.describe()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Returns (and clears) an error the device reported asynchronously; a lost device
+    /// is reported as lost whatever error its last work raised.
     pub fn check_device_error(&self) -> Result<()> {
+        self.check_lost()?;
         let mut slot = self.device_error.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
             Some(msg) => Err(Error::Device(msg)),

@@ -113,3 +113,25 @@ fn adapter_errors_name_the_cause() {
         assert!(e.contains("mesa-vulkan-drivers"), "{e}");
     }
 }
+
+/// A lost device (destroyed here; a driver reset or a removed GPU look the same to wgpu)
+/// makes every later call an error that says so, never a panic.
+#[test]
+fn a_lost_device_gives_errors_not_panics() {
+    let gpu = hrnet_ocr::Gpu::new().unwrap();
+    let x = Tensor::from_slice(&gpu, &[4, 8], &[1.0; 32]).unwrap();
+    let y = Tensor::empty(&gpu, &[4, 8]).unwrap();
+    let relu = elementwise::relu_forward(&gpu, &x, &y).unwrap();
+    gpu.run([&relu]).unwrap();
+    gpu.device().destroy();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let run = gpu.run([&relu]).and_then(|_| y.to_vec(&gpu));
+        let fresh = Tensor::from_slice(&gpu, &[4, 8], &[2.0; 32]).and_then(|t| t.to_vec(&gpu));
+        (run.map(|_| ()), fresh.map(|_| ()))
+    }));
+    let (run, fresh) = outcome.expect("no panic after the device is lost");
+    for (what, r) in [("running a kernel", run), ("a new tensor", fresh)] {
+        let e = message(r.expect_err(what));
+        assert!(e.to_lowercase().contains("lost"), "{what}: {e}");
+    }
+}
