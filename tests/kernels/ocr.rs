@@ -29,6 +29,26 @@ fn gather_cpu(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32]) -> [Vec<
     [ctx, softmax_backward_ref(&p, &gp, [n * k, hw, 1], 1.0), gf]
 }
 
+/// The L2 norm of the magnitudes summed into grad_aux: p * (|g| + sum_q p_q |g_q|), with
+/// |g| the sum of the absolute terms of each c-term dot product.
+fn grad_aux_terms_norm(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32]) -> f64 {
+    let [n, k, c, h, w] = dims;
+    let hw = h * w;
+    let p = softmax_ref(aux, [n * k, hw, 1], 1.0);
+    let g_abs = matmul_ref(
+        (n, k, c, hw),
+        |t, j, i| gc[(t * c + i) * k + j].abs(),
+        |t, i, q| feats[(t * c + i) * hw + q].abs(),
+    );
+    let mut sum = 0.0f64;
+    for row in 0..n * k {
+        let (p, g) = (&p[row * hw..(row + 1) * hw], &g_abs[row * hw..(row + 1) * hw]);
+        let dot: f64 = p.iter().zip(g).map(|(&p, &g)| f64::from(p) * f64::from(g)).sum();
+        sum += p.iter().zip(g).map(|(&p, &g)| (f64::from(p) * (f64::from(g) + dot)).powi(2)).sum::<f64>();
+    }
+    sum.sqrt()
+}
+
 #[test]
 fn spatial_gather_matches_pytorch_fixtures() {
     let f = Fixture::load("spatial_gather.safetensors");
@@ -55,9 +75,13 @@ fn spatial_gather_matches_cpu_on_random_shapes() {
         let (feats, gc) = (rng.normals(n * c * h * w), rng.normals(n * c * k));
         let got = gather_gpu(dims, &aux, &feats, &gc);
         let want = gather_cpu(dims, &aux, &feats, &gc);
-        for (name, (got, want)) in ["context", "grad_aux", "grad_feats"].iter().zip(got.iter().zip(&want)) {
-            assert_close(&format!("{dims:?} {name}"), got, want, TOL);
-        }
+        assert_close(&format!("{dims:?} context"), &got[0], &want[0], TOL);
+        assert_close(&format!("{dims:?} grad_feats"), &got[2], &want[2], TOL);
+        // grad_aux = p * (g - sum_q p_q g_q) with g a c-term dot product: where the
+        // difference cancels, f32 can only promise an error relative to the terms, as for
+        // any reduction (the PyTorch fixtures above hold the result itself to 1e-5).
+        let terms = grad_aux_terms_norm(dims, &aux, &feats, &gc);
+        assert_close_to_terms(&format!("{dims:?} grad_aux"), &got[1], &want[1], terms, TOL);
     }
 }
 
