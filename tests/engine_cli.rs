@@ -317,3 +317,28 @@ fn bench_end_to_end_profiles_the_kernels_of_a_step() {
         }
     }
 }
+
+/// A run whose loss or weights stop being finite stops with a message, and the checkpoint
+/// on disk is the last one with finite weights.
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = scratch("diverge");
+    let config = dir.join("huge_lr.yaml");
+    let tiny = std::fs::read_to_string(fixture("tiny_ocr.yaml")).unwrap();
+    assert!(tiny.contains("TRAIN:\n"));
+    std::fs::write(&config, tiny.replacen("TRAIN:\n", "TRAIN:\n  LR: 1.0e+30\n", 1)).unwrap();
+    let out = dir.join("run");
+    let args = ["train", "--config", s(&config), "--synthetic", "--out", s(&out)];
+    let (ok, text) =
+        run(&[&args[..], &["--steps", "6", "--batch", "2", "--crop", "64", "--save-every", "1"]].concat());
+    assert!(!ok, "{text}");
+    assert!(text.contains("diverged") || text.contains("the loss became"), "{text}");
+    let checkpoint = out.join("checkpoint.safetensors");
+    if checkpoint.exists() {
+        let c = hrnet_ocr::train::Checkpoint::load(&checkpoint).unwrap();
+        assert!(c.steps < 6, "the run should have stopped early: {text}");
+        for t in c.weights.iter().chain(&c.momentum) {
+            assert!(t.data.iter().all(|v| v.is_finite()), "{} in the kept checkpoint is not finite", t.name);
+        }
+    }
+}

@@ -197,7 +197,19 @@ impl<'g> Trainer<'g> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Checkpoint { weights: self.weights()?, momentum, steps: self.step, notes })
+        let weights = self.weights()?;
+        // A step that overflowed leaves inf or NaN weights: refuse to save them over a good
+        // checkpoint.
+        for t in weights.iter().chain(&momentum) {
+            if let Some(v) = t.data.iter().find(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "after step {}, {} holds {v}: training diverged (try a lower TRAIN.LR); \
+                     the checkpoint is not written",
+                    self.step, t.name
+                )));
+            }
+        }
+        Ok(Checkpoint { weights, momentum, steps: self.step, notes })
     }
 
     /// A trainer that continues from `checkpoint` exactly as the run that saved it would
