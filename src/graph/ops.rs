@@ -4,7 +4,7 @@ use super::{Graph, LossSpec, Mode, Role, ValueId};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
-use crate::kernels::conv2d::{self, Conv2dSpec, FoldedBatchNorm};
+use crate::kernels::conv2d::{self, Conv2dSpec};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, LossPass};
 use crate::kernels::ocr::{self, AttentionGrads};
@@ -168,6 +168,11 @@ impl Graph {
         let Op::BatchNorm { gamma, beta, mean, var, .. } = *op else {
             unreachable!("bn_params is only called for batch-norm nodes")
         };
+        self.bn_of([gamma, beta, mean, var])
+    }
+
+    /// A batch norm's parameters from its (gamma, beta, running mean, running var) values.
+    fn bn_of(&self, [gamma, beta, mean, var]: [ValueId; 4]) -> BatchNormParams<'_> {
         BatchNormParams {
             gamma: self.t(gamma),
             beta: self.t(beta),
@@ -189,11 +194,10 @@ impl Graph {
                     bias.map(|b| self.t(b)),
                     self.t(y),
                 )?,
-                &Op::ConvFused { spec, x, weight, bias, bn: [gamma, beta, mean, var], residual, relu, y } => {
-                    let (gamma, beta, mean, var) = (self.t(gamma), self.t(beta), self.t(mean), self.t(var));
+                &Op::ConvFused { spec, x, weight, bias, bn, residual, relu, y } => {
                     let epilogue = conv2d::Epilogue {
                         bias: bias.map(|b| self.t(b)),
-                        batch_norm: Some(FoldedBatchNorm { gamma, beta, mean, var, eps: batch_norm::EPS }),
+                        batch_norm: Some(self.bn_of(bn)),
                         residual: residual.map(|r| self.t(r)),
                         relu,
                     };

@@ -1,5 +1,6 @@
 //! 2-D convolution, NCHW input, OIHW weight, groups = 1 (`conv2d.wgsl`).
 
+use super::batch_norm::BatchNormParams;
 use super::{f32_bytes, launch, launch_sized, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
@@ -149,25 +150,16 @@ const FOLD_BATCH_NORM: u32 = 8;
 const ADD_RESIDUAL: u32 = 16;
 const RELU: u32 = 32;
 
-/// An eval-mode batch norm folded into the convolution before it: the weight is scaled
-/// by `gamma / sqrt(var + eps)` per output channel as it is packed, and the shift is
-/// added in the epilogue.
-#[derive(Clone, Copy)]
-pub struct FoldedBatchNorm<'a> {
-    pub gamma: &'a Tensor,
-    pub beta: &'a Tensor,
-    pub mean: &'a Tensor,
-    pub var: &'a Tensor,
-    pub eps: f32,
-}
-
 /// What the forward does to each output value after the convolution, in order: add the
 /// bias, apply the folded batch norm, add the residual, ReLU. Inference fuses a whole
 /// conv-BN-(add)-(ReLU) chain into one kernel this way.
 #[derive(Clone, Copy, Default)]
 pub struct Epilogue<'a> {
     pub bias: Option<&'a Tensor>,
-    pub batch_norm: Option<FoldedBatchNorm<'a>>,
+    /// An eval-mode batch norm (its running statistics; `momentum` is unused) folded into
+    /// the convolution: the weight is scaled by `gamma / sqrt(var + eps)` per output
+    /// channel as it is packed, and the shift is added in the stores.
+    pub batch_norm: Option<BatchNormParams<'a>>,
     /// Same shape as the output.
     pub residual: Option<&'a Tensor>,
     pub relu: bool,
@@ -217,7 +209,9 @@ pub fn forward_fused(
         check_shape("conv2d bias", &[d.co], b.shape())?;
     }
     if let Some(bn) = &epilogue.batch_norm {
-        for (what, t) in [("gamma", bn.gamma), ("beta", bn.beta), ("mean", bn.mean), ("var", bn.var)] {
+        let terms =
+            [("gamma", bn.gamma), ("beta", bn.beta), ("mean", bn.running_mean), ("var", bn.running_var)];
+        for (what, t) in terms {
             check_shape(&format!("conv2d folded batch norm {what}"), &[d.co], t.shape())?;
         }
     }
@@ -296,8 +290,8 @@ fn pack_weight(
         Binding::read(3, epilogue.bias.unwrap_or(weight)),
         Binding::read(11, bn.map_or(weight, |b| b.gamma)),
         Binding::read(12, bn.map_or(weight, |b| b.beta)),
-        Binding::read(13, bn.map_or(weight, |b| b.mean)),
-        Binding::read(14, bn.map_or(weight, |b| b.var)),
+        Binding::read(13, bn.map_or(weight, |b| b.running_mean)),
+        Binding::read(14, bn.map_or(weight, |b| b.running_var)),
         Binding::write(8, &packed),
         Binding::write(9, shift),
     ];

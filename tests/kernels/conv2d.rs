@@ -1,4 +1,5 @@
 use crate::common::*;
+use hrnet_ocr::kernels::batch_norm::BatchNormParams;
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec};
 
 /// Relative L2 tolerance for a single kernel in f32 (DESIGN.md).
@@ -172,12 +173,13 @@ fn conv2d_fused_epilogue_matches_cpu_composition() {
         let rt = upload(&d.y_shape(), &residual);
         let epilogue = conv2d::Epilogue {
             bias: bt.as_ref(),
-            batch_norm: fold.then_some(conv2d::FoldedBatchNorm {
+            batch_norm: fold.then_some(BatchNormParams {
                 gamma: &gt,
                 beta: &bet,
-                mean: &mt,
-                var: &vt,
+                running_mean: &mt,
+                running_var: &vt,
                 eps,
+                momentum: 0.1,
             }),
             residual: with_residual.then_some(&rt),
             relu,
