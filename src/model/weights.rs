@@ -72,13 +72,18 @@ fn parse_safetensors(bytes: &[u8], shown: &str) -> Result<(Vec<NamedTensor>, Has
     let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
     let mut out = Vec::new();
     for (name, view) in file.iter() {
-        let words = view.data().chunks_exact(view.dtype().bitsize() / 8);
+        // Element sizes are fixed per dtype here: the header's own sizes include sub-byte
+        // types (F4), which a byte-chunking decoder must never see (found by fuzzing).
         let data: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => words.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            // Counters such as num_batches_tracked; kept so normalise() decides.
-            safetensors::Dtype::I64 => {
-                words.map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32).collect()
+            safetensors::Dtype::F32 => {
+                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
             }
+            // Counters such as num_batches_tracked; kept so normalise() decides.
+            safetensors::Dtype::I64 => view
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as f32)
+                .collect(),
             other => {
                 return Err(format(format!("tensor {name} is {other:?}; only F32 weights are supported")))
             }
