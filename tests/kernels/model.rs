@@ -190,7 +190,9 @@ fn legacy_and_zip_checkpoints_load_and_give_identical_outputs() {
 /// Five SGD steps (base LR 0.001, momentum 0.9, weight decay 5e-4, poly schedule) from
 /// fixed weights on fixed batches, dropout off: the loss of every step and the final weights
 /// and running statistics match PyTorch's within 1e-3. (At LR 0.01 these random weights
-/// train chaotically: PyTorch's own f32 run leaves its f64 run by 1.6e-3 in four steps.)
+/// train chaotically: PyTorch's own f32 run leaves its f64 run by 1.6e-3 in four steps. At
+/// 0.001 they still amplify: `make_train_fixture.py --sensitivity` shows a 2e-7 relative
+/// jitter of the weights after step 0 moving the final tensors by 2.7e-4.)
 #[test]
 fn five_training_steps_match_pytorch() {
     use hrnet_ocr::kernels::sgd::SgdConfig;
@@ -230,9 +232,18 @@ fn five_training_steps_match_pytorch() {
         assert_close(&format!("final {name}"), &got, want, GRAD_TOL);
     }
     eprintln!("worst final weight: {:.2e} ({})", worst.0, worst.1);
+    // A running mean is a mean of activations that mostly cancel, so its own norm says
+    // little; its error is measured against the channel's spread, sqrt(running_var), too.
     for name in graph.buffers() {
-        let want = f.get(&format!("final_buffer/{name}"));
-        assert_close(&format!("final {name}"), &download(graph.tensor(name).unwrap()), want, GRAD_TOL);
+        let (got, want) = (download(graph.tensor(name).unwrap()), f.get(&format!("final_buffer/{name}")));
+        match name.strip_suffix("running_mean") {
+            Some(stem) => {
+                let var = f.get(&format!("final_buffer/{stem}running_var"));
+                let spread = var.iter().map(|&v| f64::from(v)).sum::<f64>().sqrt();
+                assert_close_to_terms(&format!("final {name}"), &got, want, spread, GRAD_TOL);
+            }
+            None => assert_close(&format!("final {name}"), &got, want, GRAD_TOL),
+        }
     }
 }
 

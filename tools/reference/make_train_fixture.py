@@ -82,18 +82,20 @@ def make_batches(seed, num_classes):
     return torch.stack(xs), torch.stack(labels)
 
 
-def build(seed, cfg, weights_path):
+def train(seed, cfg, weights_path, dtype=torch.float64, jitter=0.0, noise_seed=0):
+    """The five steps; `jitter` scales random relative noise (drawn from `noise_seed`) put on
+    every parameter after step 0, for `--sensitivity`. Returns the model, the batches, the lrs and the losses."""
     torch.manual_seed(seed)
     weights = load_file(weights_path)
 
     model = HRNetOCR(cfg)
     model.load_state_dict(weights, strict=True)
     set_dropout(model, 0.0)
-    model.double().train()
-    # the float64 model starts from exactly the stored float32 values
+    model.to(dtype).train()
+    # the model starts from exactly the stored float32 values
     for k, v in model.state_dict().items():
         if not k.endswith("num_batches_tracked"):
-            assert torch.equal(v, weights[k].double()), k
+            assert torch.equal(v, weights[k].to(dtype)), k
 
     xs, labels = make_batches(seed, model.num_classes)
 
@@ -103,29 +105,56 @@ def build(seed, cfg, weights_path):
     for t in range(STEPS):
         lrs.append(opt.param_groups[0]["lr"])
         opt.zero_grad()
-        aux, out = model(xs[t].double())
+        aux, out = model(xs[t].to(dtype))
         loss = hrnet_ocr_loss(aux, out, labels[t], cfg)
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if t == 0 and jitter:
+            noise = torch.Generator().manual_seed(noise_seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1 + jitter * torch.randn(p.shape, generator=noise, dtype=dtype))
         # as HRNet-OCR's train loop: adjust_learning_rate(..., i_iter + cur_iters)
         # after the step
         new_lr = poly_lr(BASE_LR, MAX_ITER, t)
         for g in opt.param_groups:
             g["lr"] = new_lr
+    return model, xs, labels, lrs, losses
 
+
+def final_state(model):
+    tensors = {f"final/{name}": f32(p) for name, p in model.named_parameters()}
+    for name, b in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            tensors[f"final_buffer/{name}"] = f32(b)
+    return tensors
+
+
+def sensitivity(seed, cfg, weights_path):
+    """How far float32 rounding alone moves the five-step result: PyTorch's own float32 run,
+    and float64 runs with every parameter jittered by 2e-7 (relative) after step 0, against
+    the float64 run. Prints the worst relative L2 deviation of a final tensor."""
+    want = final_state(train(seed, cfg, weights_path)[0])
+    runs = [("PyTorch float32", torch.float32, 0.0)]
+    runs += [(f"float64, jitter 2e-7 #{k}", torch.float64, 2e-7) for k in range(3)]
+    for k, (what, dtype, jitter) in enumerate(runs):
+        got = final_state(train(seed, cfg, weights_path, dtype, jitter, noise_seed=k)[0])
+        err = {n: ((got[n].double() - want[n].double()).norm() / want[n].double().norm()).item()
+               for n in want}
+        worst = max(err, key=err.get)
+        print(f"{what}: worst final tensor {worst} off by {err[worst]:.2e}")
+
+
+def build(seed, cfg, weights_path):
+    model, xs, labels, lrs, losses = train(seed, cfg, weights_path)
     tensors = {
         "input": f32(xs),
         "label": labels.contiguous(),
         "lr": torch.tensor(lrs, dtype=torch.float64).to(torch.float32),
         "loss": torch.tensor(losses, dtype=torch.float64).to(torch.float32),
+        **final_state(model),
     }
-    for name, p in model.named_parameters():
-        tensors[f"final/{name}"] = f32(p)
-    for name, b in model.named_buffers():
-        if name.endswith(("running_mean", "running_var")):
-            tensors[f"final_buffer/{name}"] = f32(b)
-
     meta = {
         "seed": str(seed), "config": "tests/fixtures/model/tiny_ocr.yaml",
         "weights": "tests/fixtures/model/tiny_weights.safetensors",
@@ -147,11 +176,16 @@ def main():
     ap.add_argument("--weights", default=WEIGHTS)
     ap.add_argument("--check", action="store_true",
                     help="build twice in memory and require byte-identical files")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="print how far float32 rounding alone moves the result, write nothing")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     cfg = load_cfg(args.config)
+    if args.sensitivity:
+        sensitivity(args.seed, cfg, args.weights)
+        return
 
     data, stats = build(args.seed, cfg, args.weights)
     if args.check:
