@@ -40,8 +40,15 @@ override WG: u32 = 64u;
 // grad_weight, or per-chunk partial sums [chunk][co][ci][kh][kw] when the reduction is split
 @group(0) @binding(7) var<storage, read_write> grad_weight: array<f32>;
 // The weight repacked as vec4s of 4 channels (see conv2d_pack_weight), so one load
-// fetches the weights of a whole register-tile row.
-@group(0) @binding(8) var<storage, read_write> packed_weight: array<vec4<f32>>;
+// fetches the weights of a whole register-tile row. The registry also builds this file as
+// "conv2d_f16", with f16 enabled and this alias made vec4<f16>: half the weight traffic,
+// each weight rounded to half once as it is packed, products and sums still f32.
+alias PackedWeights = vec4<f32>;
+@group(0) @binding(8) var<storage, read_write> packed_weight: array<PackedWeights>;
+
+fn packed(i: u32) -> vec4<f32> {
+    return vec4<f32>(packed_weight[i]);
+}
 // Each output channel's additive term (bias and folded batch norm): written by the
 // forward's weight packing, read by the forward's epilogue.
 @group(0) @binding(9) var<storage, read_write> shift_out: array<f32>;
@@ -115,10 +122,10 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
             var tap = (ky * p.kw + kx) * p.ci * co_tiles;
             for (var c = 0u; c < p.ci; c++) {
                 let xs = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
-                let w0 = packed_weight[tap + min(t0 + 0u, co_tiles - 1u)];
-                let w1 = packed_weight[tap + min(t0 + 1u, co_tiles - 1u)];
-                let w2 = packed_weight[tap + min(t0 + 2u, co_tiles - 1u)];
-                let w3 = packed_weight[tap + min(t0 + 3u, co_tiles - 1u)];
+                let w0 = packed(tap + min(t0 + 0u, co_tiles - 1u));
+                let w1 = packed(tap + min(t0 + 1u, co_tiles - 1u));
+                let w2 = packed(tap + min(t0 + 2u, co_tiles - 1u));
+                let w3 = packed(tap + min(t0 + 3u, co_tiles - 1u));
                 a00 += w0.x * xs;
                 a01 += w0.y * xs;
                 a02 += w0.z * xs;
@@ -191,7 +198,7 @@ fn conv2d_pack_weight(@builtin(global_invocation_id) gid: vec3<u32>,
         let scale = select(1.0, channel_scale(co), !over_ci);
         v[j] = weight[(co * p.ci + ci) * ksize + k] * scale;
     }
-    packed_weight[idx] = v;
+    packed_weight[idx] = PackedWeights(v);
 }
 
 // The folded batch norm's multiplier of output channel `co` (1 without one).
@@ -275,10 +282,10 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
                                 vec4<f32>(grad_y[row + ox.x], grad_y[row + ox.y],
                                           grad_y[row + ox.z], grad_y[row + ox.w]), hit);
                 let tap = (k * p.co + co) * ci_tiles;
-                let w0 = packed_weight[tap + min(t0 + 0u, ci_tiles - 1u)];
-                let w1 = packed_weight[tap + min(t0 + 1u, ci_tiles - 1u)];
-                let w2 = packed_weight[tap + min(t0 + 2u, ci_tiles - 1u)];
-                let w3 = packed_weight[tap + min(t0 + 3u, ci_tiles - 1u)];
+                let w0 = packed(tap + min(t0 + 0u, ci_tiles - 1u));
+                let w1 = packed(tap + min(t0 + 1u, ci_tiles - 1u));
+                let w2 = packed(tap + min(t0 + 2u, ci_tiles - 1u));
+                let w3 = packed(tap + min(t0 + 3u, ci_tiles - 1u));
                 a00 += w0.x * gv;
                 a01 += w0.y * gv;
                 a02 += w0.z * gv;

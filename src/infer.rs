@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, GraphBuilder, Mode};
+use crate::kernels::conv2d::Precision;
 use crate::kernels::resize;
 use crate::model::weights::{self, NamedTensor};
 use crate::model::{hrnet, Config};
@@ -81,11 +82,30 @@ pub struct Segmenter<'g> {
     weights: Vec<NamedTensor>,
     graphs: HashMap<[usize; 2], Graph>,
     check_numerics: bool,
+    precision: Precision,
 }
 
 impl<'g> Segmenter<'g> {
     pub fn new(gpu: &'g Gpu, config: Config, weights: Vec<NamedTensor>) -> Self {
-        Segmenter { gpu, config, weights, graphs: HashMap::new(), check_numerics: false }
+        Segmenter {
+            gpu,
+            config,
+            weights,
+            graphs: HashMap::new(),
+            check_numerics: false,
+            precision: Precision::F32,
+        }
+    }
+
+    /// Keeps the convolution weights at `precision` (see [`Precision`]) and returns the
+    /// precision that runs: `F16` falls back to `F32` on an adapter without `SHADER_F16`.
+    pub fn set_precision(&mut self, precision: Precision) -> Precision {
+        let runs = if self.gpu.supports_f16() { precision } else { Precision::F32 };
+        if runs != self.precision {
+            self.graphs.clear();
+            self.precision = runs;
+        }
+        runs
     }
 
     /// With `on`, every pass runs node by node and stops at the first NaN or infinity,
@@ -182,6 +202,7 @@ impl<'g> Segmenter<'g> {
             let mut g = GraphBuilder::new();
             let x = g.input("input", &[1, 3, size[0], size[1]], false);
             let m = hrnet::build(&mut g, &self.config, x, 0.0)?;
+            g.set_precision(self.precision);
             let graph = g.build(self.gpu, Mode::Eval, &[m.out])?;
             weights::load_into(self.gpu, &graph, &self.weights, "the segmenter's weights")?;
             self.graphs.insert(size, graph);

@@ -10,7 +10,7 @@ pub(crate) use dispatch::DispatchSpec;
 pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
-pub use registry::SHADERS;
+pub use registry::{shader_names, shader_source, F16_VARIANTS, SHADERS};
 
 use crate::error::{Error, Result};
 use pool::BufferPool;
@@ -156,6 +156,11 @@ impl Gpu {
     /// The optional features the device was opened with.
     pub fn features(&self) -> wgpu::Features {
         self.device.features()
+    }
+
+    /// Whether the device can run the f16 shader variants (`SHADER_F16`).
+    pub fn supports_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
     }
 
     /// Everything the adapter supports, whether or not the engine asked for it.

@@ -21,6 +21,28 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
 ];
 
+/// A shader built from another file's source with f16 enabled and one alias retyped:
+/// (name, base shader, the alias line as written, the line in the f16 build). Pipelines
+/// from these need the adapter's `SHADER_F16`.
+pub const F16_VARIANTS: &[(&str, &str, &str, &str)] =
+    &[("conv2d_f16", "conv2d", "alias PackedWeights = vec4<f32>;", "alias PackedWeights = vec4<f16>;")];
+
+/// The WGSL source of a registered shader or f16 variant.
+pub fn shader_source(name: &str) -> Option<std::borrow::Cow<'static, str>> {
+    if let Some((_, src)) = SHADERS.iter().find(|(n, _)| *n == name) {
+        return Some((*src).into());
+    }
+    let &(_, base, line, f16_line) = F16_VARIANTS.iter().find(|v| v.0 == name)?;
+    let src = SHADERS.iter().find(|(n, _)| *n == base)?.1;
+    // An alias line that went missing must fail loudly, not build an f32 "variant".
+    src.contains(line).then(|| format!("enable f16;\n{}", src.replace(line, f16_line)).into())
+}
+
+/// Every shader the engine builds pipelines from: the files, then the f16 variants.
+pub fn shader_names() -> impl Iterator<Item = &'static str> {
+    SHADERS.iter().map(|s| s.0).chain(F16_VARIANTS.iter().map(|v| v.0))
+}
+
 /// Override constants are part of a pipeline's identity; f64 bits make them hashable.
 type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
 
@@ -67,15 +89,12 @@ impl PipelineCache {
         if let Some(m) = lock(&self.modules).get(shader) {
             return Ok(Arc::clone(m));
         }
-        let source = SHADERS
-            .iter()
-            .find(|(name, _)| *name == shader)
-            .map(|(_, src)| *src)
+        let source = shader_source(shader)
             .ok_or_else(|| Error::Invalid(format!("no shader named {shader:?} is registered")))?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
+            source: wgpu::ShaderSource::Wgsl(source),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Device(format!("compiling shaders/{shader}.wgsl: {e}")));

@@ -13,7 +13,7 @@ mod plan;
 
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
-use crate::kernels::conv2d::Conv2dSpec;
+use crate::kernels::conv2d::{Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::Ohem;
 use crate::kernels::sgd::{Arena, SgdConfig};
@@ -73,6 +73,8 @@ pub struct GraphBuilder {
     constants: Vec<(ValueId, Vec<f32>)>,
     /// Eval graphs fuse conv-BN-(add)-(ReLU) chains unless this is set.
     unfused: bool,
+    /// The precision eval graphs keep convolution weights at.
+    precision: Precision,
 }
 
 impl GraphBuilder {
@@ -298,9 +300,23 @@ impl GraphBuilder {
         self.unfused = true;
     }
 
+    /// Asks an eval graph to keep its convolution weights at `precision`. `F16` falls back
+    /// to `F32` on an adapter without `SHADER_F16` ([`Graph::precision`] tells which runs);
+    /// a training graph refuses it.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
     /// Allocates every tensor and records the forward (and, in training, backward) pass.
     /// Eval graphs fuse each conv-BN-(add)-(ReLU) chain into one kernel (see `fuse.rs`).
     pub fn build(mut self, gpu: &Gpu, mode: Mode, outputs: &[ValueId]) -> Result<Graph> {
+        if mode == Mode::Train && self.precision != Precision::F32 {
+            return Err(Error::Invalid(format!(
+                "{:?} weights are for inference; a training graph keeps f32",
+                self.precision
+            )));
+        }
+        let precision = if gpu.supports_f16() { self.precision } else { Precision::F32 };
         if mode == Mode::Eval && !self.unfused {
             self.ops = fuse::fuse_for_inference(std::mem::take(&mut self.ops), &mut self.values, outputs);
         }
@@ -325,6 +341,7 @@ impl GraphBuilder {
             by_name,
             seed: 0,
             optimizer,
+            precision,
         };
         for (v, data) in &self.constants {
             graph.t(*v).write(gpu, data)?;
@@ -450,6 +467,8 @@ pub struct Graph {
     seed: u32,
     /// Training only: the parameter arena and its recorded SGD step.
     optimizer: Option<Optimizer>,
+    /// The precision the convolutions' weights run at.
+    precision: Precision,
 }
 
 struct Optimizer {
@@ -458,6 +477,12 @@ struct Optimizer {
 }
 
 impl Graph {
+    /// The precision the convolutions' weights run at: what was asked for, or `F32` where
+    /// the adapter lacks `SHADER_F16`.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     fn t(&self, v: ValueId) -> &Tensor {
         &self.tensors[v.0]
     }

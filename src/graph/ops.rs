@@ -186,14 +186,18 @@ impl Graph {
     pub(super) fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
         for op in ops {
             let mut d = match op {
-                &Op::Conv2d { spec, x, weight, bias, y } => conv2d::forward(
-                    gpu,
-                    &spec,
-                    self.t(x),
-                    self.t(weight),
-                    bias.map(|b| self.t(b)),
-                    self.t(y),
-                )?,
+                &Op::Conv2d { spec, x, weight, bias, y } => {
+                    let epilogue = conv2d::Epilogue { bias: bias.map(|b| self.t(b)), ..Default::default() };
+                    conv2d::forward_fused(
+                        gpu,
+                        &spec,
+                        self.t(x),
+                        self.t(weight),
+                        &epilogue,
+                        self.precision,
+                        self.t(y),
+                    )?
+                }
                 &Op::ConvFused { spec, x, weight, bias, bn, residual, relu, y } => {
                     let epilogue = conv2d::Epilogue {
                         bias: bias.map(|b| self.t(b)),
@@ -201,7 +205,15 @@ impl Graph {
                         residual: residual.map(|r| self.t(r)),
                         relu,
                     };
-                    conv2d::forward_fused(gpu, &spec, self.t(x), self.t(weight), &epilogue, self.t(y))?
+                    conv2d::forward_fused(
+                        gpu,
+                        &spec,
+                        self.t(x),
+                        self.t(weight),
+                        &epilogue,
+                        self.precision,
+                        self.t(y),
+                    )?
                 }
                 &Op::BatchNorm { x, y, .. } => {
                     let bn = self.bn_params(op);

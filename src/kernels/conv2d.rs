@@ -175,6 +175,26 @@ impl Epilogue<'_> {
     }
 }
 
+/// The precision the forward keeps its packed weights at. `F16` halves the weight traffic
+/// (each weight, batch-norm scale folded in, is rounded to half once as it is packed);
+/// inputs, products and sums stay f32. It needs the adapter's `SHADER_F16`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+}
+
+impl Precision {
+    /// The shader the forward and its weight packing are built from.
+    fn shader(self) -> &'static str {
+        match self {
+            Precision::F32 => "conv2d",
+            Precision::F16 => "conv2d_f16",
+        }
+    }
+}
+
 /// The output shape `[N, Co, Ho, Wo]` of a convolution of `x_shape` by `weight`.
 pub fn output_shape(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Result<[usize; 4]> {
     Ok(Dims::resolve(spec, x_shape, weight)?.y_shape())
@@ -190,19 +210,27 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    forward_fused(gpu, spec, x, weight, &Epilogue { bias, ..Epilogue::default() }, y)
+    forward_fused(gpu, spec, x, weight, &Epilogue { bias, ..Epilogue::default() }, Precision::F32, y)
 }
 
-/// `y = epilogue(conv2d(x, weight))`: the weight is repacked (one small dispatch, which
-/// also folds the batch norm), then the convolution runs with the epilogue in its stores.
+/// `y = epilogue(conv2d(x, weight))`: the weight is repacked at `precision` (one small
+/// dispatch, which also folds the batch norm), then the convolution runs with the epilogue
+/// in its stores.
 pub fn forward_fused(
     gpu: &Gpu,
     spec: &Conv2dSpec,
     x: &Tensor,
     weight: &Tensor,
     epilogue: &Epilogue,
+    precision: Precision,
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    if precision == Precision::F16 && !gpu.supports_f16() {
+        return Err(Error::Invalid(format!(
+            "conv2d: f16 weights need SHADER_F16, which adapter {} lacks",
+            gpu.describe()
+        )));
+    }
     let d = Dims::resolve(spec, x.shape(), weight)?;
     check_shape("conv2d output", &d.y_shape(), y.shape())?;
     if let Some(b) = epilogue.bias {
@@ -222,7 +250,7 @@ pub fn forward_fused(
     params.eps = epilogue.batch_norm.map_or(0.0, |bn| bn.eps);
     let groups = d.co.div_ceil(16);
     let shift = scratch(gpu, d.co)?;
-    let (pack, packed) = pack_weight(gpu, &d, &params, weight, epilogue, &shift)?;
+    let (pack, packed) = pack_weight(gpu, &d, &params, weight, epilogue, precision, &shift)?;
     // Without a residual the input stands in at its binding; the shader never reads it.
     let bindings = [
         Binding::read(1, x),
@@ -240,7 +268,7 @@ pub fn forward_fused(
     let wg = pixels.div_ceil(4).next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
     let blocks = pixels.div_ceil(4 * wg);
     let invocations = d.n * groups * blocks * wg;
-    let entry = ("conv2d", "conv2d_forward");
+    let entry = (precision.shader(), "conv2d_forward");
     Ok(vec![pack, launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?])
 }
 
@@ -259,7 +287,8 @@ pub fn backward_input(
     let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
     let pack_params = d.params(spec, PACK_OVER_CI, 1)?;
     let unused_shift = scratch(gpu, 1)?;
-    let (pack, packed) = pack_weight(gpu, &d, &pack_params, weight, &Epilogue::default(), &unused_shift)?;
+    let (pack, packed) =
+        pack_weight(gpu, &d, &pack_params, weight, &Epilogue::default(), Precision::F32, &unused_shift)?;
     let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::write(8, &packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
@@ -270,19 +299,24 @@ pub fn backward_input(
 /// Repacks the weight as vec4s over output channels (for the forward: scaled by the folded
 /// batch norm, with each channel's shift written to `shift`) or over input channels (flag
 /// `PACK_OVER_CI`, for the input gradient), one small dispatch; returns it with the packed
-/// tensor.
+/// tensor (f16 pairs in f32 words at `Precision::F16`).
 fn pack_weight(
     gpu: &Gpu,
     d: &Dims,
     params: &Params,
     weight: &Tensor,
     epilogue: &Epilogue,
+    precision: Precision,
     shift: &Tensor,
 ) -> Result<(Dispatch, Tensor)> {
     let over_ci = params.flags & PACK_OVER_CI != 0;
     let (outer, tiled) = if over_ci { (d.co, d.ci) } else { (d.ci, d.co) };
     let len = outer * d.kh * d.kw * tiled.div_ceil(4);
-    let packed = scratch(gpu, 4 * len)?;
+    let words_per_vec4 = match precision {
+        Precision::F32 => 4,
+        Precision::F16 => 2,
+    };
+    let packed = scratch(gpu, words_per_vec4 * len)?;
     // Absent terms are bound to the weight; the flags keep the shader from reading them.
     let bn = epilogue.batch_norm;
     let bindings = [
@@ -296,7 +330,7 @@ fn pack_weight(
         Binding::write(9, shift),
     ];
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) };
-    let pack = launch(gpu, "conv2d", "conv2d_pack_weight", params, &bindings, len, cost)?;
+    let pack = launch(gpu, precision.shader(), "conv2d_pack_weight", params, &bindings, len, cost)?;
     Ok((pack, packed))
 }
 

@@ -176,11 +176,19 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
             if gpu.has_timestamps() { "GPU timestamps around each dispatch" } else { "wall clock only" },
             format!("the adapter {} TIMESTAMP_QUERY", has(wgpu::Features::TIMESTAMP_QUERY)),
         ),
-        v(
-            "precision",
-            "f32 everywhere",
-            format!("f16 kernels are not built yet; the adapter {} SHADER_F16", has(wgpu::Features::SHADER_F16)),
-        ),
+        if gpu.supports_f16() {
+            v(
+                "precision",
+                "f32; inference may keep conv weights at f16 (--precision f16, shader conv2d_f16)",
+                "the adapter has SHADER_F16".into(),
+            )
+        } else {
+            v(
+                "precision",
+                "f32 everywhere (--precision f16 falls back to f32)",
+                "the adapter lacks SHADER_F16".into(),
+            )
+        },
         v(
             "subgroups",
             "not used",

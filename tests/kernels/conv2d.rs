@@ -1,6 +1,6 @@
 use crate::common::*;
 use hrnet_ocr::kernels::batch_norm::BatchNormParams;
-use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec};
+use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Precision};
 
 /// Relative L2 tolerance for a single kernel in f32 (DESIGN.md).
 const TOL: f64 = 1e-5;
@@ -185,8 +185,58 @@ fn conv2d_fused_epilogue_matches_cpu_composition() {
             relu,
         };
         let y = poisoned(&d.y_shape());
-        gpu.run(&conv2d::forward_fused(gpu, &d.spec, &xt, &wt, &epilogue, &y).unwrap()).unwrap();
+        gpu.run(&conv2d::forward_fused(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F32, &y).unwrap())
+            .unwrap();
         let what = format!("{d:?} bias {} fold {fold} residual {with_residual} relu {relu}", b.is_some());
         assert_close(&what, &download(&y), &want, TOL);
+    }
+}
+
+/// `v` rounded to the nearest f16 value (ties to even), as an f32; `v` within f16's range.
+fn round_to_half(v: f32) -> f32 {
+    // Below 2^-14 halves are subnormal: multiples of 2^-24.
+    let quantum =
+        if v.abs() < 2f32.powi(-14) { 2f32.powi(-24) } else { 2f32.powi(v.abs().log2().floor() as i32 - 10) };
+    (v / quantum).round_ties_even() * quantum
+}
+
+/// The f16 forward keeps weights at half precision: with weights that are exact halves it
+/// must match the f32 CPU reference at the f32 tolerance, and with any weights it must
+/// differ by the rounding of a half (2^-11 relative), no more and no less. An adapter
+/// without SHADER_F16 must refuse it by name.
+#[test]
+fn conv2d_f16_weights_match_cpu_reference() {
+    let gpu = gpu();
+    let mut rng = Rng::new(seed("conv2d_f16_weights"));
+    for i in 0..12 {
+        let d = random_dims(&mut rng, 24);
+        let x = rng.normals(d.x_shape().iter().product());
+        let w: Vec<f32> = rng.normals(d.w_shape().iter().product()).iter().map(|v| v * 0.3).collect();
+        let b = (i % 2 == 0).then(|| rng.normals(d.co));
+        let (xt, bt) = (upload(&d.x_shape(), &x), b.as_ref().map(|b| upload(&[d.co], b)));
+        let epilogue = conv2d::Epilogue { bias: bt.as_ref(), ..Default::default() };
+        let run = |w: &[f32]| {
+            let (wt, y) = (upload(&d.w_shape(), w), poisoned(&d.y_shape()));
+            conv2d::forward_fused(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F16, &y)
+                .map(|dispatches| gpu.run(&dispatches).map(|_| download(&y)).unwrap())
+        };
+        if !gpu.supports_f16() {
+            let err = run(&w).err().expect("f16 ran on an adapter without SHADER_F16").to_string();
+            assert!(err.contains("SHADER_F16"), "{err}");
+            eprintln!("{}: no SHADER_F16, the f16 forward is refused: {err}", gpu.describe());
+            return;
+        }
+        let halves: Vec<f32> = w.iter().map(|&v| round_to_half(v)).collect();
+        assert_close(
+            &format!("{d:?} exact-half weights"),
+            &run(&halves).unwrap(),
+            &d.forward(&x, &halves, b.as_deref()),
+            TOL,
+        );
+        let err = rel_l2(&run(&w).unwrap(), &d.forward(&x, &w, b.as_deref()));
+        assert!(
+            (2e-5..2e-3).contains(&err),
+            "{d:?}: f16 weights are {err:.2e} from f32, not a half's rounding"
+        );
     }
 }

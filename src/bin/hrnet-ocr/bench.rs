@@ -3,6 +3,7 @@
 //! a whole model with a per-kernel profile from GPU timestamps. Text or JSON lines, on one
 //! adapter or every adapter found.
 
+use crate::segment::PrecisionArg;
 use crate::{model, parse_size};
 use clap::Args;
 use hrnet_ocr::bench::{self, KernelCase, Profile, Roofline, Timing};
@@ -10,6 +11,7 @@ use hrnet_ocr::data::augment::Sample;
 use hrnet_ocr::data::SplitMix;
 use hrnet_ocr::gpu::list_adapters;
 use hrnet_ocr::graph::{GraphBuilder, Mode};
+use hrnet_ocr::kernels::conv2d::Precision;
 use hrnet_ocr::model::hrnet::{self, OCR_DROPOUT};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{initialise, TrainOptions, Trainer};
@@ -34,6 +36,9 @@ pub struct BenchArgs {
     /// Time the forward pass only
     #[arg(long)]
     forward_only: bool,
+    /// End to end: the forward's convolution weights at f32 or f16 (the training step stays f32)
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
     /// Every kernel alone at HRNet's shapes instead of the whole model
     #[arg(long)]
     kernels: bool,
@@ -403,7 +408,11 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let x = g.input("input", &[n, 3, h, w], false);
     let m = hrnet::build(&mut g, cfg, x, 0.0)?;
     let memory_mib = g.plan_memory(&[m.out]).planned as f64 / 1_048_576.0;
+    g.set_precision(args.precision.into());
     let eval = g.build(gpu, Mode::Eval, &[m.out])?;
+    if eval.precision() != args.precision.into() {
+        eprintln!("note: {} lacks SHADER_F16; the forward runs f32 weights", gpu.describe());
+    }
     initialise(gpu, &eval)?;
     eval.set(gpu, "input", &planes)?;
     let times = time(args.iters, || {
@@ -412,7 +421,11 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     })?;
     let forward: Vec<_> = eval.forward_dispatches().iter().collect();
     let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &forward)).transpose()?;
-    let mut passes = vec![Pass { name: "forward", times, dispatches: forward.len(), profile }];
+    let name = match eval.precision() {
+        Precision::F32 => "forward",
+        Precision::F16 => "forward (f16 weights)",
+    };
+    let mut passes = vec![Pass { name, times, dispatches: forward.len(), profile }];
     drop(eval);
     if args.forward_only {
         return Ok((passes, memory_mib));

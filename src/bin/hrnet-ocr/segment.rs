@@ -1,14 +1,17 @@
 //! `segment` and `eval`: inference on image files and on labelled sets.
 
 use crate::{model, parse_size, Mode, ModelArgs};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use hrnet_ocr::data::folder::Folder;
 use hrnet_ocr::data::procedural::Scenes;
 use hrnet_ocr::data::Dataset;
 use hrnet_ocr::eval::Evaluation;
 use hrnet_ocr::images::{self, LabelMap};
 use hrnet_ocr::infer::{Segmenter, Strategy};
+use hrnet_ocr::kernels::conv2d::Precision;
 use hrnet_ocr::kernels::loss::check_labels;
+use hrnet_ocr::model::weights::NamedTensor;
+use hrnet_ocr::model::Config;
 use hrnet_ocr::{Error, Gpu, Result};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,9 +34,39 @@ pub struct InferArgs {
     /// Run layer by layer and stop at the first NaN or infinity, naming the input, weight or layer (slow)
     #[arg(long)]
     check_numerics: bool,
+    /// Convolution weights at f32, or f16 (needs the adapter's SHADER_F16; falls back to f32)
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
+}
+
+/// The precision of convolution weights at inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    F16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::F16 => Precision::F16,
+        }
+    }
 }
 
 impl InferArgs {
+    /// A segmenter with these options, saying so when f16 falls back to f32.
+    fn segmenter<'g>(&self, gpu: &'g Gpu, cfg: Config, weights: Vec<NamedTensor>) -> Segmenter<'g> {
+        let mut segmenter = Segmenter::new(gpu, cfg, weights);
+        segmenter.check_numerics(self.check_numerics);
+        let asked = Precision::from(self.precision);
+        if segmenter.set_precision(asked) != asked {
+            eprintln!("note: {} lacks SHADER_F16; running f32 weights", gpu.describe());
+        }
+        segmenter
+    }
+
     fn strategy(&self) -> Result<Strategy> {
         let stride = self.stride.unwrap_or(self.crop.map(|c| (c * 2 / 3).max(1)));
         if let Some(s) = self.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
@@ -77,8 +110,7 @@ pub fn segment(args: &SegmentArgs) -> Result<()> {
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
     let names = model::class_names(cfg.num_classes, bundled);
     let palette = images::palette(cfg.num_classes);
-    let mut segmenter = Segmenter::new(&gpu, cfg, weights);
-    segmenter.check_numerics(args.infer.check_numerics);
+    let mut segmenter = args.infer.segmenter(&gpu, cfg, weights);
     for (path, image) in args.images.iter().zip(&inputs) {
         let start = Instant::now();
         let seg = segmenter.segment(image, &strategy)?;
@@ -177,8 +209,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let gpu = Gpu::new()?;
     let (classes, names) =
         (cfg.num_classes, model::class_names(cfg.num_classes, bundled || args.data.synthetic));
-    let mut segmenter = Segmenter::new(&gpu, cfg, weights);
-    segmenter.check_numerics(args.infer.check_numerics);
+    let mut segmenter = args.infer.segmenter(&gpu, cfg, weights);
     let mut evaluation = Evaluation::new(&gpu, classes, ignore)?;
     let mut seconds = 0.0;
     for i in 0..dataset.len() {
