@@ -166,6 +166,82 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
     store_y(n, co0 + 15u, q, a33);
 }
 
+// The forward as an implicit GEMM through workgroup memory, the variant for GPUs: a
+// workgroup of 64 invocations (8 x 8) computes 32 output channels x 32 pixels of one image,
+// over K = (tap, input channel) in slices of 8. Every invocation stages one vec4 of packed
+// weights and one quad of input pixels (padding as zeros) per slice, then accumulates its
+// 4 channels x 4 pixels from workgroup memory. Two barriers a slice are cheap on a GPU and
+// costly on a CPU driver, so the tuner (src/kernels/tuning.rs) times both variants.
+const SLICE: u32 = 8u;
+var<workgroup> slice_w: array<vec4<f32>, 64>;  // [k][channel quad]
+var<workgroup> slice_x: array<vec4<f32>, 64>;  // [k][pixel quad]
+
+@compute @workgroup_size(64)
+fn conv2d_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let co_tiles = (p.co + 3u) / 4u;
+    let groups = (p.co + 31u) / 32u;
+    let pixels = p.ho * p.wo;
+    let blocks = (pixels + 31u) / 32u;
+    let wg = wid.x + wid.y * nwg.x;
+    if wg >= p.n * groups * blocks { return; }
+    let block = wg % blocks;
+    let group = (wg / blocks) % groups;
+    let n = wg / (blocks * groups);
+    let depth = p.kh * p.kw * p.ci;
+    // What this invocation stages: row `sk` of the slice, channel quad / pixel quad `sq`.
+    let sk = lid / 8u;
+    let sq = lid % 8u;
+    let tile = group * 8u + sq;
+    let q_in = vec4<u32>(block * 32u + sq * 4u) + vec4<u32>(0u, 1u, 2u, 3u);
+    let qc = min(q_in, vec4<u32>(pixels - 1u));
+    let iy0 = vec4<i32>((qc / p.wo) * p.stride_h) - i32(p.pad_h);
+    let ix0 = vec4<i32>((qc % p.wo) * p.stride_w) - i32(p.pad_w);
+    let real = q_in < vec4<u32>(pixels);
+    let top = vec4<i32>(i32(p.h) - 1);
+    let right = vec4<i32>(i32(p.w) - 1);
+    // What this invocation accumulates: channel quad `lid / 8`, pixel quad `lid % 8`.
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < depth; k0 += SLICE) {
+        let k = k0 + sk;
+        var wv = vec4<f32>(0.0);
+        var xv = vec4<f32>(0.0);
+        if k < depth {
+            if tile < co_tiles { wv = packed(k * co_tiles + tile); }
+            let tap = k / p.ci;
+            let c = k % p.ci;
+            let iy = iy0 + vec4<i32>(i32((tap / p.kw) * p.dil_h));
+            let ix = ix0 + vec4<i32>(i32((tap % p.kw) * p.dil_w));
+            let inside = real & (iy >= vec4<i32>(0)) & (iy <= top) & (ix >= vec4<i32>(0)) & (ix <= right);
+            let at = vec4<u32>(clamp(iy, vec4<i32>(0), top) * i32(p.w) + clamp(ix, vec4<i32>(0), right))
+                + vec4<u32>((n * p.ci + c) * p.h * p.w);
+            xv = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+        }
+        slice_w[lid] = wv;
+        slice_x[lid] = xv;
+        workgroupBarrier();
+        for (var j = 0u; j < SLICE; j++) {
+            let w4 = slice_w[j * 8u + lid / 8u];
+            let xs = slice_x[j * 8u + lid % 8u];
+            a0 += w4.x * xs;
+            a1 += w4.y * xs;
+            a2 += w4.z * xs;
+            a3 += w4.w * xs;
+        }
+        workgroupBarrier();
+    }
+    let co0 = group * 32u + (lid / 8u) * 4u;
+    let q = vec4<u32>(block * 32u + (lid % 8u) * 4u) + vec4<u32>(0u, 1u, 2u, 3u);
+    store_y(n, co0 + 0u, q, a0);
+    store_y(n, co0 + 1u, q, a1);
+    store_y(n, co0 + 2u, q, a2);
+    store_y(n, co0 + 3u, q, a3);
+}
+
 // The weight as vec4s of 4 channels of one axis: for the forward (flag PACK_OVER_CI off)
 // packed_weight[(k * ci + c) * co_tiles + t] = weight[4t..4t+4, c, k] (times the folded
 // batch norm's scale), and shift_out holds each output channel's additive term; for the

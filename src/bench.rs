@@ -15,13 +15,14 @@
 use crate::error::{Error, Result};
 use crate::gpu::{total_cost, Cost, Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, EPS, MOMENTUM};
-use crate::kernels::conv2d::{self, Conv2dSpec};
+use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, Ohem};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::kernels::softmax::{self, Axis};
+use crate::kernels::tuning::ConvForward;
 use crate::kernels::{concat, elementwise, metrics, resize};
 use crate::tensor::{DType, Tensor};
 use std::time::{Duration, Instant};
@@ -250,6 +251,17 @@ fn convolutions(s: &mut Suite) -> Result<()> {
         let (gx, gw, gb) = (s.e(x.shape())?, s.e(weight.shape())?, s.e(bias.shape())?);
         let gpu = s.gpu;
         s.add("conv2d", "forward", &name, conv2d::forward(gpu, &spec, &x, &weight, Some(&bias), &y)?, false);
+        // Each variant forced, whichever the tuning picked above, and f16 weights.
+        let epilogue = conv2d::Epilogue { bias: Some(&bias), ..Default::default() };
+        for variant in ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
+            let forced =
+                conv2d::forward_with(gpu, &spec, &x, &weight, &epilogue, Precision::F32, variant, &y)?;
+            s.add("conv2d", &format!("forward [{}]", variant.name()), &name, forced, false);
+        }
+        if gpu.supports_f16() {
+            let half = conv2d::forward_fused(gpu, &spec, &x, &weight, &epilogue, Precision::F16, &y)?;
+            s.add("conv2d", "forward [f16 weights]", &name, half, false);
+        }
         let bwd_x = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
         s.add("conv2d", "backward_input", &name, bwd_x, false);
         let bwd_w = conv2d::backward_weight(gpu, &spec, &x, &gy, &gw, false)?;

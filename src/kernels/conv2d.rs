@@ -1,6 +1,7 @@
 //! 2-D convolution, NCHW input, OIHW weight, groups = 1 (`conv2d.wgsl`).
 
 use super::batch_norm::BatchNormParams;
+use super::tuning::{self, ConvClass, ConvForward};
 use super::{f32_bytes, launch, launch_sized, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
@@ -215,7 +216,8 @@ pub fn forward(
 
 /// `y = epilogue(conv2d(x, weight))`: the weight is repacked at `precision` (one small
 /// dispatch, which also folds the batch norm), then the convolution runs with the epilogue
-/// in its stores.
+/// in its stores, in the variant the adapter runs fastest for this shape class
+/// ([`tuning::conv_forward`]; the first convolution of a class times both).
 pub fn forward_fused(
     gpu: &Gpu,
     spec: &Conv2dSpec,
@@ -225,10 +227,48 @@ pub fn forward_fused(
     precision: Precision,
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    let d = Dims::resolve(spec, x.shape(), weight)?;
+    let class = ConvClass::new(d.ci, d.co, [d.kh, d.kw], spec.stride, precision, d.n * d.ho * d.wo);
+    let variant = tuning::conv_forward(gpu, &class, |variant| {
+        // A proxy of at most 32 x 32 output pixels of one image, on the real weight; the
+        // residual (shaped like the full output) is left out, the rest of the epilogue kept.
+        let proxy_x =
+            Tensor::zeros(gpu, &[1, d.ci, d.h.min(32 * spec.stride[0]), d.w.min(32 * spec.stride[1])])?;
+        let proxy_y = Tensor::empty(gpu, &output_shape(spec, proxy_x.shape(), weight)?)?;
+        let proxy = Epilogue { residual: None, ..*epilogue };
+        tuning::time_dispatches(
+            gpu,
+            &forward_with(gpu, spec, &proxy_x, weight, &proxy, precision, variant, &proxy_y)?,
+        )
+    })?;
+    forward_with(gpu, spec, x, weight, epilogue, precision, variant, y)
+}
+
+/// [`forward_fused`] in the given variant, whatever the tuning would choose (for tests,
+/// benchmarks and the tuning itself).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    x: &Tensor,
+    weight: &Tensor,
+    epilogue: &Epilogue,
+    precision: Precision,
+    variant: ConvForward,
+    y: &Tensor,
+) -> Result<Vec<Dispatch>> {
     if precision == Precision::F16 && !gpu.supports_f16() {
         return Err(Error::Invalid(format!(
             "conv2d: f16 weights need SHADER_F16, which adapter {} lacks",
             gpu.describe()
+        )));
+    }
+    if !variant.runs_on(gpu) {
+        return Err(Error::Invalid(format!(
+            "conv2d: the {} forward needs 64 invocations a workgroup; adapter {} allows {}",
+            variant.name(),
+            gpu.describe(),
+            gpu.workgroup_size()
         )));
     }
     let d = Dims::resolve(spec, x.shape(), weight)?;
@@ -248,7 +288,6 @@ pub fn forward_fused(
     }
     let mut params = d.params(spec, epilogue.flags(), 1)?;
     params.eps = epilogue.batch_norm.map_or(0.0, |bn| bn.eps);
-    let groups = d.co.div_ceil(16);
     let shift = scratch(gpu, d.co)?;
     let (pack, packed) = pack_weight(gpu, &d, &params, weight, epilogue, precision, &shift)?;
     // Without a residual the input stands in at its binding; the shader never reads it.
@@ -261,15 +300,25 @@ pub fn forward_fused(
     ];
     let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);
     let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + extra) };
-    // A workgroup per (image, group of 16 channels, block of 4 x WG pixels). Small maps
-    // (HRNet's deepest branches) get smaller workgroups, down to 8 (a CPU driver's SIMD
-    // width), rather than idle invocations.
     let pixels = d.ho * d.wo;
-    let wg = pixels.div_ceil(4).next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
-    let blocks = pixels.div_ceil(4 * wg);
-    let invocations = d.n * groups * blocks * wg;
-    let entry = (precision.shader(), "conv2d_forward");
-    Ok(vec![pack, launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?])
+    let conv = match variant {
+        ConvForward::Registers => {
+            // A workgroup per (image, group of 16 channels, block of 4 x WG pixels). Small
+            // maps (HRNet's deepest branches) get smaller workgroups, down to 8 (a CPU
+            // driver's SIMD width), rather than idle invocations.
+            let wg = pixels.div_ceil(4).next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
+            let invocations = d.n * d.co.div_ceil(16) * pixels.div_ceil(4 * wg) * wg;
+            let entry = (precision.shader(), "conv2d_forward");
+            launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?
+        }
+        ConvForward::Tiled => {
+            // A workgroup of 64 per (image, 32 channels, 32 pixels).
+            let invocations = d.n * d.co.div_ceil(32) * pixels.div_ceil(32) * 64;
+            let entry = (precision.shader(), "conv2d_forward_tiled");
+            launch_sized(gpu, entry, 64, &params, &bindings, invocations, cost)?
+        }
+    };
+    Ok(vec![pack, conv])
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input

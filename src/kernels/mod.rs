@@ -14,6 +14,7 @@ pub mod reduce;
 pub mod resize;
 pub mod sgd;
 pub mod softmax;
+pub mod tuning;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, Workgroups};
@@ -116,6 +117,38 @@ pub(crate) fn scratch(gpu: &Gpu, elements: usize) -> Result<Tensor> {
     Tensor::empty(gpu, &[elements])
 }
 
+/// The convolution forward: both variants, chosen per shape class by measurement unless
+/// tuning is off or the adapter cannot run the tiled one.
+fn conv_forward_variant(gpu: &Gpu) -> KernelVariant {
+    use tuning::ConvForward;
+    let (registers, tiled) = (
+        "registers: 16 output channels x 4 pixels per invocation, no workgroup memory",
+        "tiled: implicit GEMM through workgroup memory, 32 x 32 outputs per workgroup of 64",
+    );
+    let default = ConvForward::default_for(gpu).name();
+    let (variant, why) = if !ConvForward::Tiled.runs_on(gpu) {
+        (
+            registers.to_string(),
+            format!("the adapter allows {} invocations a workgroup; tiled needs 64", gpu.workgroup_size()),
+        )
+    } else if *gpu.tuning_cache() == crate::gpu::TuningCache::Off {
+        (format!("{registers}; or {tiled}"), format!("tuning off: {default}, this kind of adapter's default"))
+    } else {
+        let chosen = tuning::choices(gpu);
+        let count = |name: &str| chosen.iter().filter(|(_, c)| c == name).count();
+        (
+            format!("{registers}; or {tiled}"),
+            format!(
+                "timed per shape class on first use ({} registers, {} tiled so far; untimed default {default}); cache {}",
+                count("registers"),
+                count("tiled"),
+                tuning::cache_path(gpu.tuning_cache()).map_or("in memory only".into(), |p| p.display().to_string())
+            ),
+        )
+    };
+    KernelVariant { kernel: "conv2d_forward", variant, why }
+}
+
 /// Which implementation of a kernel family runs on an adapter, and why.
 #[derive(Clone, Debug)]
 pub struct KernelVariant {
@@ -149,11 +182,7 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
                 format!("fallback: the adapter allows only {allowed}")
             },
         ),
-        v(
-            "conv2d_forward",
-            "16 output channels x 4 pixels per invocation, a channel group per workgroup (uniform weight loads)",
-            tiles_why.clone(),
-        ),
+        conv_forward_variant(gpu),
         v("conv2d_backward_input", "16 input channels x 4 columns per invocation", tiles_why.clone()),
         v(
             "conv2d_backward_weight",
@@ -169,7 +198,10 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
         v(
             "conv2d_pack_weight",
             "folds eval batch norm while packing (8 storage buffers)",
-            format!("the adapter allows {} storage buffers per stage", limits.max_storage_buffers_per_shader_stage),
+            format!(
+                "the adapter allows {} storage buffers per stage",
+                limits.max_storage_buffers_per_shader_stage
+            ),
         ),
         v(
             "profiler",
@@ -192,7 +224,10 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
         v(
             "subgroups",
             "not used",
-            format!("no kernel uses subgroup operations yet; the adapter {} SUBGROUP", has(wgpu::Features::SUBGROUP)),
+            format!(
+                "no kernel uses subgroup operations yet; the adapter {} SUBGROUP",
+                has(wgpu::Features::SUBGROUP)
+            ),
         ),
     ]
 }

@@ -1,6 +1,7 @@
 use crate::common::*;
 use hrnet_ocr::kernels::batch_norm::BatchNormParams;
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Precision};
+use hrnet_ocr::kernels::tuning::ConvForward;
 
 /// Relative L2 tolerance for a single kernel in f32 (DESIGN.md).
 const TOL: f64 = 1e-5;
@@ -141,7 +142,11 @@ fn conv2d_fused_epilogue_matches_cpu_composition() {
     let gpu = gpu();
     let mut rng = Rng::new(seed("conv2d_fused_epilogue"));
     for i in 0..24 {
-        let d = random_dims(&mut rng, 24);
+        let mut d = random_dims(&mut rng, 24);
+        if i % 3 == 0 {
+            // Wide enough for several channel groups and K slices of the tiled variant.
+            (d.ci, d.co) = (rng.range(9, 40), rng.range(33, 80));
+        }
         let (x, w) = (rng.normals(d.x_shape().iter().product()), rng.normals(d.w_shape().iter().product()));
         let b = (i % 2 == 0).then(|| rng.normals(d.co));
         let (fold, with_residual, relu) = (i % 3 != 0, i % 4 < 2, (i / 4) % 2 == 0);
@@ -184,11 +189,17 @@ fn conv2d_fused_epilogue_matches_cpu_composition() {
             residual: with_residual.then_some(&rt),
             relu,
         };
-        let y = poisoned(&d.y_shape());
-        gpu.run(&conv2d::forward_fused(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F32, &y).unwrap())
-            .unwrap();
-        let what = format!("{d:?} bias {} fold {fold} residual {with_residual} relu {relu}", b.is_some());
-        assert_close(&what, &download(&y), &want, TOL);
+        for variant in ConvForward::ALL {
+            let y = poisoned(&d.y_shape());
+            let run = conv2d::forward_with(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F32, variant, &y);
+            gpu.run(&run.unwrap()).unwrap();
+            let what = format!(
+                "{} {d:?} bias {} fold {fold} residual {with_residual} relu {relu}",
+                variant.name(),
+                b.is_some()
+            );
+            assert_close(&what, &download(&y), &want, TOL);
+        }
     }
 }
 
@@ -200,7 +211,7 @@ fn round_to_half(v: f32) -> f32 {
     (v / quantum).round_ties_even() * quantum
 }
 
-/// The f16 forward keeps weights at half precision: with weights that are exact halves it
+/// The f16 forward (both variants) keeps weights at half precision: with weights that are exact halves it
 /// must match the f32 CPU reference at the f32 tolerance, and with any weights it must
 /// differ by the rounding of a half (2^-11 relative), no more and no less. An adapter
 /// without SHADER_F16 must refuse it by name.
@@ -215,13 +226,14 @@ fn conv2d_f16_weights_match_cpu_reference() {
         let b = (i % 2 == 0).then(|| rng.normals(d.co));
         let (xt, bt) = (upload(&d.x_shape(), &x), b.as_ref().map(|b| upload(&[d.co], b)));
         let epilogue = conv2d::Epilogue { bias: bt.as_ref(), ..Default::default() };
+        let variant = ConvForward::ALL[i % 2];
         let run = |w: &[f32]| {
             let (wt, y) = (upload(&d.w_shape(), w), poisoned(&d.y_shape()));
-            conv2d::forward_fused(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F16, &y)
+            conv2d::forward_with(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F16, variant, &y)
                 .map(|dispatches| gpu.run(&dispatches).map(|_| download(&y)).unwrap())
         };
         if !gpu.supports_f16() {
-            let err = run(&w).err().expect("f16 ran on an adapter without SHADER_F16").to_string();
+            let err = run(&w).expect_err("f16 ran on an adapter without SHADER_F16").to_string();
             assert!(err.contains("SHADER_F16"), "{err}");
             eprintln!("{}: no SHADER_F16, the f16 forward is refused: {err}", gpu.describe());
             return;

@@ -17,3 +17,4 @@ mod resize;
 mod softmax;
 mod train;
 mod training;
+mod tuning;

@@ -177,7 +177,7 @@ fn kernels(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
                 cases.len()
             );
             println!(
-                "{:<20} {:<16} {:<40} {:>9} {:>9} {:>9} {:>9} {:>17} {:>8} {:>9}",
+                "{:<16} {:<22} {:<36} {:>9} {:>9} {:>9} {:>9} {:>17} {:>8} {:>9}",
                 "kernel", "pass", "case", "ms", "best", "device", "cpu", "throughput", "roofline", "first ms"
             );
         }
@@ -189,7 +189,7 @@ fn kernels(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
             } else {
                 let t = &r.timing;
                 println!(
-                    "{:<20} {:<16} {:<40} {:>9.3} {:>9.3} {:>9} {:>9} {:>17} {:>7.1}% {:>9.1}",
+                    "{:<16} {:<22} {:<36} {:>9.3} {:>9.3} {:>9} {:>9} {:>17} {:>7.1}% {:>9.1}",
                     r.kernel,
                     r.pass,
                     r.case,

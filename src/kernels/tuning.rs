@@ -1,0 +1,226 @@
+//! Which variant of a kernel runs, measured on the adapter at hand once per shape class and
+//! remembered on disk per adapter and driver.
+//!
+//! The convolution forward has two variants (`conv2d.wgsl`): register tiles without
+//! workgroup memory, which a CPU driver such as lavapipe runs best, and an implicit GEMM
+//! through workgroup memory, which GPUs reward. The first convolution of a shape class
+//! (channels, kernel, stride, weight precision, pixel count to a power of two) times both
+//! on a proxy of at most 32 x 32 output pixels, a few milliseconds on lavapipe, and the
+//! faster is kept for every later convolution of that class, in this process and, through
+//! the cache file, in later ones.
+
+use super::conv2d::Precision;
+use crate::error::{Error, Result};
+use crate::gpu::{Dispatch, Gpu, TuningCache};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How the convolution forward is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvForward {
+    /// 16 output channels x 4 pixels in each invocation's registers, no workgroup memory.
+    Registers,
+    /// An implicit GEMM staged through workgroup memory, 32 x 32 outputs per workgroup.
+    Tiled,
+}
+
+impl ConvForward {
+    pub const ALL: [ConvForward; 2] = [ConvForward::Registers, ConvForward::Tiled];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvForward::Registers => "registers",
+            ConvForward::Tiled => "tiled",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// Whether the adapter can run it: the tiled variant needs 64 invocations a workgroup.
+    pub fn runs_on(self, gpu: &Gpu) -> bool {
+        self == ConvForward::Registers || gpu.workgroup_size() >= 64
+    }
+
+    /// The variant used without measuring (tuning off, or a convolution too small for
+    /// timing to tell): registers on a CPU driver, the tiled GEMM elsewhere.
+    pub fn default_for(gpu: &Gpu) -> Self {
+        let cpu = gpu.info().device_type == wgpu::DeviceType::Cpu;
+        if cpu || !ConvForward::Tiled.runs_on(gpu) {
+            ConvForward::Registers
+        } else {
+            ConvForward::Tiled
+        }
+    }
+}
+
+/// A convolution's shape class: what the variant choice may depend on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvClass {
+    pub ci: usize,
+    pub co: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub precision: Precision,
+    /// The output pixel count (all images) rounded up to a power of two, capped at 2^10: the
+    /// proxy never times more.
+    pub pixels: usize,
+}
+
+/// Output pixels a timing proxy computes at most (32 x 32).
+const PROXY_PIXELS: usize = 1024;
+/// Convolutions below this many multiply-adds take the default variant untimed: their
+/// time is the dispatch's overhead either way.
+const MIN_TUNED_MACS: usize = 1 << 20;
+
+impl ConvClass {
+    pub fn new(
+        ci: usize,
+        co: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        precision: Precision,
+        pixels: usize,
+    ) -> Self {
+        ConvClass { ci, co, kernel, stride, precision, pixels: pixels.next_power_of_two().min(PROXY_PIXELS) }
+    }
+
+    /// The key in the cache file, e.g. `conv2d_forward 48x48 3x3/1 f32 px1024`.
+    fn key(&self) -> String {
+        format!(
+            "conv2d_forward {}x{} {}x{}/{}x{} {:?} px{}",
+            self.ci,
+            self.co,
+            self.kernel[0],
+            self.kernel[1],
+            self.stride[0],
+            self.stride[1],
+            self.precision,
+            self.pixels
+        )
+    }
+
+    fn macs(&self) -> usize {
+        self.ci * self.co * self.kernel[0] * self.kernel[1] * self.pixels
+    }
+}
+
+/// The variant for convolutions of `class`: the cached or measured choice, timing the
+/// variants with `time_variant` (milliseconds of one run) the first time the class is
+/// seen.
+pub fn conv_forward(
+    gpu: &Gpu,
+    class: &ConvClass,
+    time_variant: impl Fn(ConvForward) -> Result<f64>,
+) -> Result<ConvForward> {
+    let default = ConvForward::default_for(gpu);
+    if gpu.tuning_cache() == &TuningCache::Off
+        || class.macs() < MIN_TUNED_MACS
+        || !ConvForward::Tiled.runs_on(gpu)
+    {
+        return Ok(default);
+    }
+    let key = class.key();
+    let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
+    let table = table.get_or_insert_with(|| load(gpu));
+    if let Some(choice) = table.get(&key).and_then(|c| ConvForward::parse(c)) {
+        return Ok(choice);
+    }
+    let mut best = (f64::INFINITY, default);
+    for variant in ConvForward::ALL {
+        let ms = time_variant(variant)?;
+        if ms < best.0 {
+            best = (ms, variant);
+        }
+    }
+    table.insert(key.clone(), best.1.name().to_string());
+    if let Some(path) = cache_path(gpu.tuning_cache()) {
+        // A cache that cannot be written costs a re-measure next time, nothing more.
+        if let Err(e) = save(&path, &identity(gpu), &key, best.1) {
+            eprintln!("hrnet-ocr: tuning cache not saved: {e}");
+        }
+    }
+    Ok(best.1)
+}
+
+/// Milliseconds one run of `dispatches` takes, cheaply, for choosing between variants:
+/// after a warm-up run (a driver may compile on first use), the device time of the last
+/// dispatch (the kernel, after any weight packing the variants share) where the adapter
+/// has timestamps, else the wall-clock time of a second run.
+pub fn time_dispatches(gpu: &Gpu, dispatches: &[Dispatch]) -> Result<f64> {
+    gpu.run(dispatches)?;
+    if gpu.has_timestamps() {
+        let refs: Vec<&Dispatch> = dispatches.iter().collect();
+        let kernel = gpu.profile(&refs)?.pop().map_or(0.0, |t| t.nanoseconds);
+        return Ok(kernel / 1e6);
+    }
+    let start = std::time::Instant::now();
+    gpu.run(dispatches)?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+/// This adapter's choices, cached or measured so far, as (class key, variant).
+pub fn choices(gpu: &Gpu) -> Vec<(String, String)> {
+    let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
+    let table = table.get_or_insert_with(|| load(gpu));
+    let mut v: Vec<_> = table.iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+    v.sort();
+    v
+}
+
+/// The cache file: the one given, `$XDG_CACHE_HOME/hrnet-ocr/tuning.tsv`, or
+/// `~/.cache/hrnet-ocr/tuning.tsv`; none when tuning stays in memory.
+pub fn cache_path(cache: &TuningCache) -> Option<PathBuf> {
+    match cache {
+        TuningCache::File(p) => Some(p.clone()),
+        TuningCache::Default => {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(base.join("hrnet-ocr").join("tuning.tsv"))
+        }
+        TuningCache::Memory | TuningCache::Off => None,
+    }
+}
+
+/// Choices are only valid for the adapter, backend, driver and engine version that made
+/// them: a driver update re-measures.
+fn identity(gpu: &Gpu) -> String {
+    let i = gpu.info();
+    format!("{}|{:?}|{}|{}|{}", i.name, i.backend, i.driver, i.driver_info, env!("CARGO_PKG_VERSION"))
+        .replace(['\t', '\n'], " ")
+}
+
+/// This adapter's lines of the cache file (`identity TAB class TAB variant`). A missing or
+/// unreadable file is an empty cache; a line of another adapter or a variant this version
+/// does not know is skipped.
+fn load(gpu: &Gpu) -> HashMap<String, String> {
+    let Some(text) = cache_path(gpu.tuning_cache()).and_then(|p| std::fs::read_to_string(p).ok()) else {
+        return HashMap::new();
+    };
+    let id = identity(gpu);
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let (who, key, choice) = (fields.next()?, fields.next()?, fields.next()?);
+            (who == id && ConvForward::parse(choice).is_some()).then(|| (key.to_string(), choice.to_string()))
+        })
+        .collect()
+}
+
+/// Adds (or replaces) one choice in the cache file, writing a temporary file and renaming
+/// it over the old one, so a reader never sees half a file.
+fn save(path: &Path, id: &str, key: &str, choice: ConvForward) -> Result<()> {
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let prefix = format!("{id}\t{key}\t");
+    let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).flat_map(|l| [l, "\n"]).collect();
+    text.push_str(&format!("{prefix}{}\n", choice.name()));
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

@@ -1,0 +1,84 @@
+//! The variant tuning: measured once per shape class, kept on disk per adapter.
+
+use crate::common::*;
+use hrnet_ocr::gpu::TuningCache;
+use hrnet_ocr::kernels::conv2d::Precision;
+use hrnet_ocr::kernels::tuning::{self, ConvClass, ConvForward};
+use hrnet_ocr::{Gpu, GpuOptions};
+use std::cell::Cell;
+
+fn gpu_with(tuning: TuningCache) -> Gpu {
+    Gpu::with_options(&GpuOptions { tuning, ..GpuOptions::from_env() }).unwrap()
+}
+
+/// Timings in which `fast` wins, counting the calls.
+fn timer(fast: ConvForward, calls: &Cell<usize>) -> impl Fn(ConvForward) -> hrnet_ocr::Result<f64> + '_ {
+    move |v| {
+        calls.set(calls.get() + 1);
+        Ok(if v == fast { 1.0 } else { 5.0 })
+    }
+}
+
+/// The first request of a class times every variant and keeps the fastest; a second
+/// device on the same cache file takes it from there without timing; a class too small
+/// to time, or tuning off, takes the adapter's default untimed.
+#[test]
+fn tuning_keeps_the_fastest_variant_per_class_on_disk() {
+    let mut rng = Rng::new(seed("tuning_keeps_the_fastest_variant"));
+    let dir = std::env::temp_dir().join(format!("hrnet-tuning-{}", rng.next_u64()));
+    let path = dir.join("tuning.tsv");
+    // Made-up timings decide, so the test knows the answer: the faster variant is drawn.
+    let fast = ConvForward::ALL[rng.range(0, 1)];
+    let timings = |calls| timer(fast, calls);
+    let class = ConvClass::new(48, 48, [3, 3], [1, 1], Precision::F32, 64 * 128);
+    let first = gpu_with(TuningCache::File(path.clone()));
+    if !ConvForward::Tiled.runs_on(&first) {
+        panic!("{}: the tiled variant cannot run, nothing to choose between", first.describe());
+    }
+    let calls = Cell::new(0);
+    assert_eq!(tuning::conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
+    assert_eq!(calls.get(), 2, "both variants must be timed once");
+    assert_eq!(tuning::conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
+    assert_eq!(calls.get(), 2, "a known class must not be timed again");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(&first.info().name) && text.contains(fast.name()), "cache file: {text}");
+
+    let second = gpu_with(TuningCache::File(path.clone()));
+    let calls = Cell::new(0);
+    assert_eq!(tuning::conv_forward(&second, &class, timings(&calls)).unwrap(), fast);
+    assert_eq!(calls.get(), 0, "a cached class must not be timed");
+    assert_eq!(tuning::choices(&second).len(), 1);
+
+    let tiny = ConvClass::new(4, 4, [1, 1], [1, 1], Precision::F32, 64);
+    let calls = Cell::new(0);
+    assert_eq!(
+        tuning::conv_forward(&second, &tiny, timings(&calls)).unwrap(),
+        ConvForward::default_for(&second)
+    );
+    let off = gpu_with(TuningCache::Off);
+    assert_eq!(tuning::conv_forward(&off, &class, timings(&calls)).unwrap(), ConvForward::default_for(&off));
+    assert_eq!(calls.get(), 0, "tiny classes and tuning off are not timed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A cache file with lines of other adapters, unknown variants and garbage still loads
+/// this adapter's valid lines, and saving keeps the other adapters' lines.
+#[test]
+fn tuning_cache_survives_foreign_and_broken_lines() {
+    let mut rng = Rng::new(seed("tuning_cache_survives"));
+    let dir = std::env::temp_dir().join(format!("hrnet-tuning-{}", rng.next_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tuning.tsv");
+    let foreign = "Some Other GPU|Metal|drv|1|0.1.0\tconv2d_forward 1x1 1x1/1x1 F32 px1\ttiled";
+    std::fs::write(&path, format!("{foreign}\nnot a line\nx\ty\tno-such-variant\n")).unwrap();
+    let gpu = gpu_with(TuningCache::File(path.clone()));
+    assert!(tuning::choices(&gpu).is_empty(), "{:?}", tuning::choices(&gpu));
+    let class = ConvClass::new(64, 64, [3, 3], [1, 1], Precision::F32, 4096);
+    let chosen =
+        tuning::conv_forward(&gpu, &class, |v| Ok(if v == ConvForward::Registers { 2.0 } else { 3.0 }))
+            .unwrap();
+    assert_eq!(chosen, ConvForward::Registers);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(foreign), "another adapter's line was lost: {text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
