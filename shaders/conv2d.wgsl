@@ -168,13 +168,15 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
 
 // The forward as an implicit GEMM through workgroup memory, the variant for GPUs: a
 // workgroup of 64 invocations (8 x 8) computes 32 output channels x 32 pixels of one image,
-// over K = (tap, input channel) in slices of 8. Every invocation stages one vec4 of packed
-// weights and one quad of input pixels (padding as zeros) per slice, then accumulates its
-// 4 channels x 4 pixels from workgroup memory. Two barriers a slice are cheap on a GPU and
-// costly on a CPU driver, so the tuner (src/kernels/tuning.rs) times both variants.
-const SLICE: u32 = 8u;
-var<workgroup> slice_w: array<vec4<f32>, 64>;  // [k][channel quad]
-var<workgroup> slice_x: array<vec4<f32>, 64>;  // [k][pixel quad]
+// over K = (tap, input channel) in slices of SLICE rows (8 or 16, an override the tuner
+// picks). Every invocation stages SLICE / 8 vec4s of packed weights and as many quads of
+// input pixels (padding as zeros) per slice, then accumulates its 4 channels x 4 pixels
+// from workgroup memory. Two barriers a slice are cheap on a GPU and costly on a CPU
+// driver, so the tuner (src/kernels/tuning.rs) times the variants on the adapter.
+override SLICE: u32 = 8u;
+const MAX_SLICE: u32 = 16u;
+var<workgroup> slice_w: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][channel quad]
+var<workgroup> slice_x: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][pixel quad]
 
 @compute @workgroup_size(64)
 fn conv2d_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>,
@@ -190,8 +192,8 @@ fn conv2d_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     let group = (wg / blocks) % groups;
     let n = wg / (blocks * groups);
     let depth = p.kh * p.kw * p.ci;
-    // What this invocation stages: row `sk` of the slice, channel quad / pixel quad `sq`.
-    let sk = lid / 8u;
+    // What this invocation stages: rows lid / 8 (+ 8, ...) of the slice, channel quad and
+    // pixel quad lid % 8.
     let sq = lid % 8u;
     let tile = group * 8u + sq;
     let q_in = vec4<u32>(block * 32u + sq * 4u) + vec4<u32>(0u, 1u, 2u, 3u);
@@ -207,22 +209,24 @@ fn conv2d_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     var a2 = vec4<f32>(0.0);
     var a3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < depth; k0 += SLICE) {
-        let k = k0 + sk;
-        var wv = vec4<f32>(0.0);
-        var xv = vec4<f32>(0.0);
-        if k < depth {
-            if tile < co_tiles { wv = packed(k * co_tiles + tile); }
-            let tap = k / p.ci;
-            let c = k % p.ci;
-            let iy = iy0 + vec4<i32>(i32((tap / p.kw) * p.dil_h));
-            let ix = ix0 + vec4<i32>(i32((tap % p.kw) * p.dil_w));
-            let inside = real & (iy >= vec4<i32>(0)) & (iy <= top) & (ix >= vec4<i32>(0)) & (ix <= right);
-            let at = vec4<u32>(clamp(iy, vec4<i32>(0), top) * i32(p.w) + clamp(ix, vec4<i32>(0), right))
-                + vec4<u32>((n * p.ci + c) * p.h * p.w);
-            xv = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+        for (var row = lid / 8u; row < SLICE; row += 8u) {
+            let k = k0 + row;
+            var wv = vec4<f32>(0.0);
+            var xv = vec4<f32>(0.0);
+            if k < depth {
+                if tile < co_tiles { wv = packed(k * co_tiles + tile); }
+                let tap = k / p.ci;
+                let c = k % p.ci;
+                let iy = iy0 + vec4<i32>(i32((tap / p.kw) * p.dil_h));
+                let ix = ix0 + vec4<i32>(i32((tap % p.kw) * p.dil_w));
+                let inside = real & (iy >= vec4<i32>(0)) & (iy <= top) & (ix >= vec4<i32>(0)) & (ix <= right);
+                let at = vec4<u32>(clamp(iy, vec4<i32>(0), top) * i32(p.w) + clamp(ix, vec4<i32>(0), right))
+                    + vec4<u32>((n * p.ci + c) * p.h * p.w);
+                xv = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+            }
+            slice_w[row * 8u + sq] = wv;
+            slice_x[row * 8u + sq] = xv;
         }
-        slice_w[lid] = wv;
-        slice_x[lid] = xv;
         workgroupBarrier();
         for (var j = 0u; j < SLICE; j++) {
             let w4 = slice_w[j * 8u + lid / 8u];

@@ -73,6 +73,7 @@ fn every_entry_point_translates_for_every_backend() {
     for (name, value) in hrnet_ocr::kernels::pipeline_constants(hrnet_ocr::gpu::DEFAULT_WORKGROUP_SIZE) {
         constants.insert(name.to_string(), value);
     }
+
     let (mut errors, mut translated) = (Vec::new(), 0);
     for shader in hrnet_ocr::gpu::shader_names() {
         let source = hrnet_ocr::gpu::shader_source(shader).unwrap_or_else(|| panic!("{shader}: no source"));
@@ -84,6 +85,12 @@ fn every_entry_point_translates_for_every_backend() {
         )
         .validate(&module)
         .unwrap_or_else(|e| panic!("{shader}: {e}"));
+        // The tiled convolution's deeper slice (the most of its workgroup arrays it uses),
+        // where the shader declares it.
+        let mut constants = constants.clone();
+        if module.overrides.iter().any(|(_, o)| o.name.as_deref() == Some("SLICE")) {
+            constants.insert("SLICE".to_string(), 16.0);
+        }
         for entry in &module.entry_points {
             let stage = entry.stage;
             let ep = entry.name.clone();

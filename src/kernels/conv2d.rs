@@ -2,7 +2,7 @@
 
 use super::batch_norm::BatchNormParams;
 use super::tuning::{self, ConvClass, ConvForward};
-use super::{f32_bytes, launch, launch_sized, reduce, reduction_chunks, scratch, to_u32};
+use super::{f32_bytes, launch, launch_sized, launch_tuned, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
@@ -301,8 +301,8 @@ pub fn forward_with(
     let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);
     let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + extra) };
     let pixels = d.ho * d.wo;
-    let conv = match variant {
-        ConvForward::Registers => {
+    let conv = match variant.slice() {
+        None => {
             // A workgroup per (image, group of 16 channels, block of 4 x WG pixels). Small
             // maps (HRNet's deepest branches) get smaller workgroups, down to 8 (a CPU
             // driver's SIMD width), rather than idle invocations.
@@ -311,11 +311,12 @@ pub fn forward_with(
             let entry = (precision.shader(), "conv2d_forward");
             launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?
         }
-        ConvForward::Tiled => {
+        Some(slice) => {
             // A workgroup of 64 per (image, 32 channels, 32 pixels).
             let invocations = d.n * d.co.div_ceil(32) * pixels.div_ceil(32) * 64;
             let entry = (precision.shader(), "conv2d_forward_tiled");
-            launch_sized(gpu, entry, 64, &params, &bindings, invocations, cost)?
+            let tile = [("SLICE", f64::from(slice))];
+            launch_tuned(gpu, entry, 64, &tile, &params, &bindings, invocations, cost)?
         }
     };
     Ok(vec![pack, conv])

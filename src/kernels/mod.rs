@@ -49,8 +49,23 @@ pub(crate) fn launch<P: bytemuck::Pod>(
 /// [`Gpu::workgroup_size`]), for kernels that size their workgroups to the problem.
 pub(crate) fn launch_sized<P: bytemuck::Pod>(
     gpu: &Gpu,
+    entry: (&'static str, &'static str),
+    workgroup_size: u32,
+    params: &P,
+    bindings: &[Binding<'_>],
+    invocations: usize,
+    cost: Cost,
+) -> Result<Dispatch> {
+    launch_tuned(gpu, entry, workgroup_size, &[], params, bindings, invocations, cost)
+}
+
+/// [`launch_sized`] with more override constants (a kernel variant's tile sizes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_tuned<P: bytemuck::Pod>(
+    gpu: &Gpu,
     (shader, entry): (&'static str, &'static str),
     workgroup_size: u32,
+    tile_constants: &[(&'static str, f64)],
     params: &P,
     bindings: &[Binding<'_>],
     invocations: usize,
@@ -58,12 +73,14 @@ pub(crate) fn launch_sized<P: bytemuck::Pod>(
 ) -> Result<Dispatch> {
     check_bindings(entry, bindings)?;
     let workgroup_size = workgroup_size.min(gpu.workgroup_size());
+    let mut constants = pipeline_constants(workgroup_size).to_vec();
+    constants.extend_from_slice(tile_constants);
     Dispatch::new(
         gpu,
         DispatchSpec {
             shader,
             entry,
-            constants: &pipeline_constants(workgroup_size),
+            constants: &constants,
             params,
             bindings,
             workgroups: Workgroups::cover(gpu, invocations, workgroup_size)?,
@@ -123,10 +140,10 @@ fn conv_forward_variant(gpu: &Gpu) -> KernelVariant {
     use tuning::ConvForward;
     let (registers, tiled) = (
         "registers: 16 output channels x 4 pixels per invocation, no workgroup memory",
-        "tiled: implicit GEMM through workgroup memory, 32 x 32 outputs per workgroup of 64",
+        "tiled-k8 / tiled-k16: implicit GEMM through workgroup memory, 32 x 32 outputs per workgroup of 64, K in slices of 8 or 16",
     );
     let default = ConvForward::default_for(gpu).name();
-    let (variant, why) = if !ConvForward::Tiled.runs_on(gpu) {
+    let (variant, why) = if !ConvForward::TiledK8.runs_on(gpu) {
         (
             registers.to_string(),
             format!("the adapter allows {} invocations a workgroup; tiled needs 64", gpu.workgroup_size()),
@@ -135,13 +152,13 @@ fn conv_forward_variant(gpu: &Gpu) -> KernelVariant {
         (format!("{registers}; or {tiled}"), format!("tuning off: {default}, this kind of adapter's default"))
     } else {
         let chosen = tuning::choices(gpu);
-        let count = |name: &str| chosen.iter().filter(|(_, c)| c == name).count();
+        let tiled_count = chosen.iter().filter(|(_, c)| c.starts_with("tiled")).count();
         (
             format!("{registers}; or {tiled}"),
             format!(
                 "timed per shape class on first use ({} registers, {} tiled so far; untimed default {default}); cache {}",
-                count("registers"),
-                count("tiled"),
+                chosen.len() - tiled_count,
+                tiled_count,
                 tuning::cache_path(gpu.tuning_cache()).map_or("in memory only".into(), |p| p.display().to_string())
             ),
         )

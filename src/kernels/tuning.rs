@@ -1,11 +1,11 @@
 //! Which variant of a kernel runs, measured on the adapter at hand once per shape class and
 //! remembered on disk per adapter and driver.
 //!
-//! The convolution forward has two variants (`conv2d.wgsl`): register tiles without
+//! The convolution forward has two kernels (`conv2d.wgsl`): register tiles without
 //! workgroup memory, which a CPU driver such as lavapipe runs best, and an implicit GEMM
-//! through workgroup memory, which GPUs reward. The first convolution of a shape class
-//! (channels, kernel, stride, weight precision, pixel count to a power of two) times both
-//! on a proxy of at most 32 x 32 output pixels, a few milliseconds on lavapipe, and the
+//! through workgroup memory, which GPUs reward, at two slice depths (an override constant).
+//! The first convolution of a shape class (channels, kernel, stride, weight precision,
+//! pixel count to a power of two) times each on a proxy of at most 32 x 32 output pixels, a few milliseconds on lavapipe, and the
 //! faster is kept for every later convolution of that class, in this process and, through
 //! the cache file, in later ones.
 
@@ -20,17 +20,30 @@ use std::path::{Path, PathBuf};
 pub enum ConvForward {
     /// 16 output channels x 4 pixels in each invocation's registers, no workgroup memory.
     Registers,
-    /// An implicit GEMM staged through workgroup memory, 32 x 32 outputs per workgroup.
-    Tiled,
+    /// An implicit GEMM staged through workgroup memory, 32 x 32 outputs per workgroup, K
+    /// in slices of 8 rows (the shader's `SLICE` override).
+    TiledK8,
+    /// The same with slices of 16: half the barriers, twice the workgroup memory.
+    TiledK16,
 }
 
 impl ConvForward {
-    pub const ALL: [ConvForward; 2] = [ConvForward::Registers, ConvForward::Tiled];
+    pub const ALL: [ConvForward; 3] = [ConvForward::Registers, ConvForward::TiledK8, ConvForward::TiledK16];
 
     pub fn name(self) -> &'static str {
         match self {
             ConvForward::Registers => "registers",
-            ConvForward::Tiled => "tiled",
+            ConvForward::TiledK8 => "tiled-k8",
+            ConvForward::TiledK16 => "tiled-k16",
+        }
+    }
+
+    /// Rows of K a tiled variant stages at once; none for the register tiles.
+    pub fn slice(self) -> Option<u32> {
+        match self {
+            ConvForward::Registers => None,
+            ConvForward::TiledK8 => Some(8),
+            ConvForward::TiledK16 => Some(16),
         }
     }
 
@@ -38,7 +51,7 @@ impl ConvForward {
         Self::ALL.into_iter().find(|v| v.name() == name)
     }
 
-    /// Whether the adapter can run it: the tiled variant needs 64 invocations a workgroup.
+    /// Whether the adapter can run it: the tiled variants need 64 invocations a workgroup.
     pub fn runs_on(self, gpu: &Gpu) -> bool {
         self == ConvForward::Registers || gpu.workgroup_size() >= 64
     }
@@ -47,10 +60,10 @@ impl ConvForward {
     /// timing to tell): registers on a CPU driver, the tiled GEMM elsewhere.
     pub fn default_for(gpu: &Gpu) -> Self {
         let cpu = gpu.info().device_type == wgpu::DeviceType::Cpu;
-        if cpu || !ConvForward::Tiled.runs_on(gpu) {
+        if cpu || !ConvForward::TiledK8.runs_on(gpu) {
             ConvForward::Registers
         } else {
-            ConvForward::Tiled
+            ConvForward::TiledK8
         }
     }
 }
@@ -115,10 +128,8 @@ pub fn conv_forward(
     time_variant: impl Fn(ConvForward) -> Result<f64>,
 ) -> Result<ConvForward> {
     let default = ConvForward::default_for(gpu);
-    if gpu.tuning_cache() == &TuningCache::Off
-        || class.macs() < MIN_TUNED_MACS
-        || !ConvForward::Tiled.runs_on(gpu)
-    {
+    let choices = ConvForward::ALL.iter().filter(|v| v.runs_on(gpu)).count();
+    if gpu.tuning_cache() == &TuningCache::Off || class.macs() < MIN_TUNED_MACS || choices < 2 {
         return Ok(default);
     }
     let key = class.key();
@@ -128,8 +139,15 @@ pub fn conv_forward(
         return Ok(choice);
     }
     let mut best = (f64::INFINITY, default);
-    for variant in ConvForward::ALL {
+    let mut tiled_lost_badly = false;
+    for variant in ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
+        // Workgroup-memory tiling 3x behind (a CPU driver) is not worth timing at another
+        // slice depth: that saves a third of the first run's tuning there.
+        if tiled_lost_badly && variant.slice().is_some() {
+            continue;
+        }
         let ms = time_variant(variant)?;
+        tiled_lost_badly |= variant.slice().is_some() && ms > 3.0 * best.0;
         if ms < best.0 {
             best = (ms, variant);
         }

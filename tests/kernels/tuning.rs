@@ -11,11 +11,16 @@ fn gpu_with(tuning: TuningCache) -> Gpu {
     Gpu::with_options(&GpuOptions { tuning, ..GpuOptions::from_env() }).unwrap()
 }
 
-/// Timings in which `fast` wins, counting the calls.
-fn timer(fast: ConvForward, calls: &Cell<usize>) -> impl Fn(ConvForward) -> hrnet_ocr::Result<f64> + '_ {
+/// Timings in which `fast` wins and the others take `slower` times as long, counting the
+/// calls.
+fn timer(
+    fast: ConvForward,
+    slower: f64,
+    calls: &Cell<usize>,
+) -> impl Fn(ConvForward) -> hrnet_ocr::Result<f64> + '_ {
     move |v| {
         calls.set(calls.get() + 1);
-        Ok(if v == fast { 1.0 } else { 5.0 })
+        Ok(if v == fast { 1.0 } else { slower })
     }
 }
 
@@ -28,18 +33,18 @@ fn tuning_keeps_the_fastest_variant_per_class_on_disk() {
     let dir = std::env::temp_dir().join(format!("hrnet-tuning-{}", rng.next_u64()));
     let path = dir.join("tuning.tsv");
     // Made-up timings decide, so the test knows the answer: the faster variant is drawn.
-    let fast = ConvForward::ALL[rng.range(0, 1)];
-    let timings = |calls| timer(fast, calls);
+    let fast = ConvForward::ALL[rng.range(0, 2)];
+    let timings = |calls| timer(fast, 2.0, calls);
     let class = ConvClass::new(48, 48, [3, 3], [1, 1], Precision::F32, 64 * 128);
     let first = gpu_with(TuningCache::File(path.clone()));
-    if !ConvForward::Tiled.runs_on(&first) {
+    if !ConvForward::TiledK8.runs_on(&first) {
         panic!("{}: the tiled variant cannot run, nothing to choose between", first.describe());
     }
     let calls = Cell::new(0);
     assert_eq!(tuning::conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
-    assert_eq!(calls.get(), 2, "both variants must be timed once");
+    assert_eq!(calls.get(), 3, "every variant must be timed once");
     assert_eq!(tuning::conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
-    assert_eq!(calls.get(), 2, "a known class must not be timed again");
+    assert_eq!(calls.get(), 3, "a known class must not be timed again");
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains(&first.info().name) && text.contains(fast.name()), "cache file: {text}");
 
@@ -55,9 +60,17 @@ fn tuning_keeps_the_fastest_variant_per_class_on_disk() {
         tuning::conv_forward(&second, &tiny, timings(&calls)).unwrap(),
         ConvForward::default_for(&second)
     );
+    assert_eq!(calls.get(), 0, "a tiny class is not timed");
+    // Tiling 3x behind the register tiles is not timed again at the other slice depth.
+    let calls = Cell::new(0);
+    let other = ConvClass::new(48, 96, [3, 3], [2, 2], Precision::F32, 64 * 128);
+    let chosen = tuning::conv_forward(&second, &other, timer(ConvForward::Registers, 5.0, &calls)).unwrap();
+    assert_eq!((chosen, calls.get()), (ConvForward::Registers, 2));
+
+    let calls = Cell::new(0);
     let off = gpu_with(TuningCache::Off);
     assert_eq!(tuning::conv_forward(&off, &class, timings(&calls)).unwrap(), ConvForward::default_for(&off));
-    assert_eq!(calls.get(), 0, "tiny classes and tuning off are not timed");
+    assert_eq!(calls.get(), 0, "tuning off times nothing");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
