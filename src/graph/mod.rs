@@ -20,6 +20,7 @@ use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::tensor::{DType, Tensor};
 use ops::{Op, Recorded};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A tensor of the graph, by position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -342,6 +343,7 @@ impl GraphBuilder {
             seed: 0,
             optimizer,
             precision,
+            weights_touched: AtomicBool::new(true),
         };
         for (v, data) in &self.constants {
             graph.t(*v).write(gpu, data)?;
@@ -469,6 +471,10 @@ pub struct Graph {
     optimizer: Option<Optimizer>,
     /// The precision the convolutions' weights run at.
     precision: Precision,
+    /// Eval graphs: whether the packed weights may be stale. Set whenever a parameter or
+    /// running statistic is handed out (it may be written through the reference), cleared
+    /// by the forward that repacks.
+    weights_touched: AtomicBool,
 }
 
 struct Optimizer {
@@ -500,10 +506,14 @@ impl Graph {
     /// The tensor named `name` (an input, parameter or running statistic).
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
         let id = self.id(name)?;
-        if self.values[id.0].role == Role::Fused {
-            return Err(Error::Invalid(format!(
-                "{name:?} is computed inside a fused kernel and not stored (build with fusion disabled to read it)"
-            )));
+        match self.values[id.0].role {
+            Role::Fused => {
+                return Err(Error::Invalid(format!(
+                    "{name:?} is computed inside a fused kernel and not stored (build with fusion disabled to read it)"
+                )))
+            }
+            Role::Param | Role::State => self.weights_touched.store(true, Ordering::Release),
+            _ => {}
         }
         Ok(self.t(id))
     }
@@ -536,9 +546,21 @@ impl Graph {
         self.values.iter().filter(|v| v.role == Role::State).map(|v| v.name.as_str())
     }
 
-    /// Runs the forward pass: one command buffer.
+    /// Runs the forward pass: one command buffer. An eval graph repacks its convolution
+    /// weights in the same command buffer when they may have changed since the last pass
+    /// (built, loaded, or handed out by [`Graph::tensor`]), and not otherwise.
     pub fn forward(&self, gpu: &Gpu) -> Result<()> {
-        gpu.submit(&self.recorded.forward)
+        self.repacking(|prepare| gpu.submit(prepare.iter().chain(&self.recorded.forward)))
+    }
+
+    /// Runs `submit` with the weight packing if the weights may have changed since it last
+    /// ran, else with nothing; a failed submission leaves the weights marked for repacking.
+    fn repacking(&self, submit: impl FnOnce(&[Dispatch]) -> Result<()>) -> Result<()> {
+        let touched = self.weights_touched.swap(false, Ordering::AcqRel);
+        let prepare = if touched { &self.recorded.prepare[..] } else { &[] };
+        submit(prepare).inspect_err(|_| {
+            self.weights_touched.fetch_or(touched, Ordering::AcqRel);
+        })
     }
 
     /// Runs the forward pass node by node and reads every value back: the first input,
@@ -557,6 +579,7 @@ impl Graph {
                 check_finite(gpu, &self.tensors[i], &format!("{what} {}", v.name))?;
             }
         }
+        self.repacking(|prepare| if prepare.is_empty() { Ok(()) } else { gpu.submit(prepare) })?;
         for node in &self.recorded.nodes {
             gpu.submit(&self.recorded.forward[node.dispatches.clone()])?;
             for &y in &node.writes {
@@ -662,9 +685,16 @@ impl Graph {
         }
     }
 
-    /// The recorded forward dispatches (for profiling and benchmarks).
+    /// The recorded forward dispatches (for profiling and benchmarks). In an eval graph
+    /// they leave out the weight packing, which runs only after the weights change
+    /// ([`Graph::prepare_dispatches`]).
     pub fn forward_dispatches(&self) -> &[Dispatch] {
         &self.recorded.forward
+    }
+
+    /// An eval graph's weight packing: one dispatch per convolution.
+    pub fn prepare_dispatches(&self) -> &[Dispatch] {
+        &self.recorded.prepare
     }
 
     /// The recorded backward dispatches.

@@ -144,6 +144,9 @@ pub(super) struct DropoutRecord {
 /// Everything recorded at build time.
 #[derive(Default)]
 pub(super) struct Recorded {
+    /// Eval graphs only: each convolution's weight packing, which depends on the weights
+    /// alone and runs before the first forward after they change (see `Graph::forward`).
+    pub prepare: Vec<Dispatch>,
     pub forward: Vec<Dispatch>,
     pub backward: Vec<Dispatch>,
     /// Each loss term's one-element tensor and weight.
@@ -281,6 +284,10 @@ impl Graph {
                     d
                 }
             };
+            if mode == Mode::Eval && matches!(op, Op::Conv2d { .. } | Op::ConvFused { .. }) {
+                // The first dispatch packs the weight (see conv2d::forward_with).
+                self.recorded.prepare.push(d.remove(0));
+            }
             let start = self.recorded.forward.len();
             self.recorded.forward.append(&mut d);
             let dispatches = start..self.recorded.forward.len();

@@ -359,3 +359,42 @@ fn f16_weights_stay_close_to_pytorch() {
     assert!((2e-5..5e-3).contains(&err), "f16 logits are {err:.2e} from PyTorch's");
     assert!(agree >= 0.99, "f16 changed {:.2}% of the classes", 100.0 * (1.0 - agree));
 }
+
+/// An eval graph packs its convolution weights once, outside the recorded forward, and
+/// again only after they change: new weights written after a forward must give exactly
+/// what a graph built with them gives.
+#[test]
+fn eval_graphs_repack_weights_only_after_they_change() {
+    let f = Fixture::load("model/tiny_eval.safetensors");
+    let shape: [usize; 4] = f.shape("a.input").try_into().unwrap();
+    let mut rng = Rng::new(seed("eval_graphs_repack_weights"));
+    let scale = 0.5 + rng.uniform() as f32;
+    let scaled: Vec<NamedTensor> = tiny_weights()
+        .into_iter()
+        .map(|t| {
+            if t.name.ends_with(".weight") {
+                NamedTensor { data: t.data.iter().map(|v| v * scale).collect(), ..t }
+            } else {
+                t
+            }
+        })
+        .collect();
+    let run = |graph: &Graph| {
+        graph.set(gpu(), "input", f.get("a.input")).unwrap();
+        graph.output(1).fill(gpu(), f32::NAN);
+        graph.forward(gpu()).unwrap();
+        download(graph.output(1))
+    };
+    let (graph, _) = build(shape, Mode::Eval, None);
+    let packs = graph.prepare_dispatches().len();
+    assert!(packs > 20, "{packs} weight packings recorded");
+    assert!(graph.forward_dispatches().iter().all(|d| d.label() != "conv2d_pack_weight"));
+    let before = run(&graph);
+    assert_eq!(run(&graph), before, "a second pass on the same weights differs");
+    weights::load_into(gpu(), &graph, &scaled, "scaled weights").unwrap();
+    let after = run(&graph);
+    let (fresh, _) = build(shape, Mode::Eval, None);
+    weights::load_into(gpu(), &fresh, &scaled, "scaled weights").unwrap();
+    assert_eq!(after, run(&fresh), "new weights were not repacked");
+    assert!(rel_l2(&after, &before) > 1e-3, "scaling the weights by {scale} changed nothing");
+}

@@ -14,6 +14,8 @@ const ENVIRONMENT: &str = "\
 Environment:
   WGPU_BACKEND        backends to search: vulkan, metal, dx12, gl (comma-separated)
   WGPU_ADAPTER_NAME   use the first adapter whose name contains this text
+  HRNET_OCR_TUNING    kernel-variant tuning: off, memory, or a cache file
+                      [default: $XDG_CACHE_HOME/hrnet-ocr/tuning.tsv]
 
 Without --config and --weights, commands use the bundled model (models/procedural.yaml),
 trained on the built-in procedural scenes.";
