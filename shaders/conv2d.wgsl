@@ -166,6 +166,134 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
     store_y(n, co0 + 15u, q, a33);
 }
 
+// The forward with 16 output channels x 16 pixels per invocation, the register variant
+// for large maps: as conv2d_forward, but each channel's sums are a mat4x4 of four pixel
+// quads, so every uniform weight load feeds 16 multiply-adds and every gathered input
+// value 16. The pixels of quad g, lane j are block * 16 * WG + (4g + j) * WG + lid.
+@compute @workgroup_size(WG)
+fn conv2d_forward_wide(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let co_tiles = (p.co + 3u) / 4u;
+    let groups = (co_tiles + 3u) / 4u;
+    let pixels = p.ho * p.wo;
+    let blocks = (pixels + 16u * WG - 1u) / (16u * WG);
+    let wg = wid.x + wid.y * nwg.x;
+    if wg >= p.n * groups * blocks { return; }
+    let block = wg % blocks;
+    let t0 = ((wg / blocks) % groups) * 4u;
+    let n = wg / (blocks * groups);
+    let q0 = pixel_quad(block, lid, 0u);
+    let q1 = pixel_quad(block, lid, 1u);
+    let q2 = pixel_quad(block, lid, 2u);
+    let q3 = pixel_quad(block, lid, 3u);
+    var a0 = mat4x4<f32>();
+    var a1 = mat4x4<f32>();
+    var a2 = mat4x4<f32>();
+    var a3 = mat4x4<f32>();
+    var a4 = mat4x4<f32>();
+    var a5 = mat4x4<f32>();
+    var a6 = mat4x4<f32>();
+    var a7 = mat4x4<f32>();
+    var a8 = mat4x4<f32>();
+    var a9 = mat4x4<f32>();
+    var a10 = mat4x4<f32>();
+    var a11 = mat4x4<f32>();
+    var a12 = mat4x4<f32>();
+    var a13 = mat4x4<f32>();
+    var a14 = mat4x4<f32>();
+    var a15 = mat4x4<f32>();
+    let image = n * p.ci * p.h * p.w;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let s0 = tap_source(q0, ky, kx, image);
+            let s1 = tap_source(q1, ky, kx, image);
+            let s2 = tap_source(q2, ky, kx, image);
+            let s3 = tap_source(q3, ky, kx, image);
+            var tap = (ky * p.kw + kx) * p.ci * co_tiles;
+            var plane = 0u;
+            for (var c = 0u; c < p.ci; c++) {
+                let xs = mat4x4<f32>(gather_x(s0, plane), gather_x(s1, plane), gather_x(s2, plane), gather_x(s3, plane));
+                let w0 = packed(tap + min(t0 + 0u, co_tiles - 1u));
+                let w1 = packed(tap + min(t0 + 1u, co_tiles - 1u));
+                let w2 = packed(tap + min(t0 + 2u, co_tiles - 1u));
+                let w3 = packed(tap + min(t0 + 3u, co_tiles - 1u));
+                a0 += w0.x * xs;
+                a1 += w0.y * xs;
+                a2 += w0.z * xs;
+                a3 += w0.w * xs;
+                a4 += w1.x * xs;
+                a5 += w1.y * xs;
+                a6 += w1.z * xs;
+                a7 += w1.w * xs;
+                a8 += w2.x * xs;
+                a9 += w2.y * xs;
+                a10 += w2.z * xs;
+                a11 += w2.w * xs;
+                a12 += w3.x * xs;
+                a13 += w3.y * xs;
+                a14 += w3.z * xs;
+                a15 += w3.w * xs;
+                plane += p.h * p.w;
+                tap += co_tiles;
+            }
+        }
+    }
+    let co0 = t0 * 4u;
+    store_y_wide(n, co0 + 0u, q0, q1, q2, q3, a0);
+    store_y_wide(n, co0 + 1u, q0, q1, q2, q3, a1);
+    store_y_wide(n, co0 + 2u, q0, q1, q2, q3, a2);
+    store_y_wide(n, co0 + 3u, q0, q1, q2, q3, a3);
+    store_y_wide(n, co0 + 4u, q0, q1, q2, q3, a4);
+    store_y_wide(n, co0 + 5u, q0, q1, q2, q3, a5);
+    store_y_wide(n, co0 + 6u, q0, q1, q2, q3, a6);
+    store_y_wide(n, co0 + 7u, q0, q1, q2, q3, a7);
+    store_y_wide(n, co0 + 8u, q0, q1, q2, q3, a8);
+    store_y_wide(n, co0 + 9u, q0, q1, q2, q3, a9);
+    store_y_wide(n, co0 + 10u, q0, q1, q2, q3, a10);
+    store_y_wide(n, co0 + 11u, q0, q1, q2, q3, a11);
+    store_y_wide(n, co0 + 12u, q0, q1, q2, q3, a12);
+    store_y_wide(n, co0 + 13u, q0, q1, q2, q3, a13);
+    store_y_wide(n, co0 + 14u, q0, q1, q2, q3, a14);
+    store_y_wide(n, co0 + 15u, q0, q1, q2, q3, a15);
+}
+
+// Output pixels of quad g of invocation `lid` in `block` (conv2d_forward_wide's layout).
+fn pixel_quad(block: u32, lid: u32, g: u32) -> vec4<u32> {
+    return vec4<u32>(block * 16u * WG + lid) + (vec4<u32>(4u * g) + vec4<u32>(0u, 1u, 2u, 3u)) * WG;
+}
+
+// Where the four output pixels `q` read the input through tap (ky, kx), in input channel
+// 0 of the image at `image`, and whether they read inside it (outside is padding).
+struct TapSource {
+    at: vec4<u32>,
+    inside: vec4<bool>,
+}
+
+fn tap_source(q: vec4<u32>, ky: u32, kx: u32, image: u32) -> TapSource {
+    let qc = min(q, vec4<u32>(p.ho * p.wo - 1u));
+    let iy = vec4<i32>((qc / p.wo) * p.stride_h + ky * p.dil_h) - i32(p.pad_h);
+    let ix = vec4<i32>((qc % p.wo) * p.stride_w + kx * p.dil_w) - i32(p.pad_w);
+    let top = vec4<i32>(i32(p.h) - 1);
+    let right = vec4<i32>(i32(p.w) - 1);
+    let inside = (iy >= vec4<i32>(0)) & (iy <= top) & (ix >= vec4<i32>(0)) & (ix <= right);
+    let at = vec4<u32>(clamp(iy, vec4<i32>(0), top) * i32(p.w) + clamp(ix, vec4<i32>(0), right)) + vec4<u32>(image);
+    return TapSource(at, inside);
+}
+
+fn gather_x(s: TapSource, plane: u32) -> vec4<f32> {
+    let at = s.at + vec4<u32>(plane);
+    return select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), s.inside);
+}
+
+// Output channel co at the 16 pixels of quads q0..q3, from the columns of `v`.
+fn store_y_wide(n: u32, co: u32, q0: vec4<u32>, q1: vec4<u32>, q2: vec4<u32>, q3: vec4<u32>, v: mat4x4<f32>) {
+    store_y(n, co, q0, v[0]);
+    store_y(n, co, q1, v[1]);
+    store_y(n, co, q2, v[2]);
+    store_y(n, co, q3, v[3]);
+}
+
 // The forward as an implicit GEMM through workgroup memory, the variant for GPUs: a
 // workgroup of 64 invocations (8 x 8) computes 32 output channels x 32 pixels of one image,
 // over K = (tap, input channel) in slices of SLICE rows (8 or 16, an override the tuner

@@ -303,13 +303,16 @@ pub fn forward_with(
     let pixels = d.ho * d.wo;
     let conv = match variant.slice() {
         None => {
-            // A workgroup per (image, group of 16 channels, block of 4 x WG pixels). Small
-            // maps (HRNet's deepest branches) get smaller workgroups, down to 8 (a CPU
+            // A workgroup per (image, group of 16 channels, block of `per` x WG pixels).
+            // Small maps (HRNet's deepest branches) get smaller workgroups, down to 8 (a CPU
             // driver's SIMD width), rather than idle invocations.
-            let wg = pixels.div_ceil(4).next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
-            let invocations = d.n * d.co.div_ceil(16) * pixels.div_ceil(4 * wg) * wg;
-            let entry = (precision.shader(), "conv2d_forward");
-            launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?
+            let (per, entry) = match variant {
+                ConvForward::RegistersWide => (16, "conv2d_forward_wide"),
+                _ => (4, "conv2d_forward"),
+            };
+            let wg = pixels.div_ceil(per).next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
+            let invocations = d.n * d.co.div_ceil(16) * pixels.div_ceil(per * wg) * wg;
+            launch_sized(gpu, (precision.shader(), entry), wg as u32, &params, &bindings, invocations, cost)?
         }
         Some(slice) => {
             // A workgroup of 64 per (image, 32 channels, 32 pixels).

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 pub enum ConvForward {
     /// 16 output channels x 4 pixels in each invocation's registers, no workgroup memory.
     Registers,
+    /// 16 output channels x 16 pixels in registers: more work per load, for large maps.
+    RegistersWide,
     /// An implicit GEMM staged through workgroup memory, 32 x 32 outputs per workgroup, K
     /// in slices of 8 rows (the shader's `SLICE` override).
     TiledK8,
@@ -28,11 +30,13 @@ pub enum ConvForward {
 }
 
 impl ConvForward {
-    pub const ALL: [ConvForward; 3] = [ConvForward::Registers, ConvForward::TiledK8, ConvForward::TiledK16];
+    pub const ALL: [ConvForward; 4] =
+        [ConvForward::Registers, ConvForward::RegistersWide, ConvForward::TiledK8, ConvForward::TiledK16];
 
     pub fn name(self) -> &'static str {
         match self {
             ConvForward::Registers => "registers",
+            ConvForward::RegistersWide => "registers-wide",
             ConvForward::TiledK8 => "tiled-k8",
             ConvForward::TiledK16 => "tiled-k16",
         }
@@ -41,7 +45,7 @@ impl ConvForward {
     /// Rows of K a tiled variant stages at once; none for the register tiles.
     pub fn slice(self) -> Option<u32> {
         match self {
-            ConvForward::Registers => None,
+            ConvForward::Registers | ConvForward::RegistersWide => None,
             ConvForward::TiledK8 => Some(8),
             ConvForward::TiledK16 => Some(16),
         }
@@ -53,7 +57,13 @@ impl ConvForward {
 
     /// Whether the adapter can run it: the tiled variants need 64 invocations a workgroup.
     pub fn runs_on(self, gpu: &Gpu) -> bool {
-        self == ConvForward::Registers || gpu.workgroup_size() >= 64
+        self.slice().is_none() || gpu.workgroup_size() >= 64
+    }
+
+    /// Whether it is worth timing for `class`: the wide register tiles cover 1024 pixels a
+    /// workgroup, so smaller maps would idle most of it (and compile it for nothing).
+    pub fn suits(self, class: &ConvClass) -> bool {
+        self != ConvForward::RegistersWide || class.pixels >= PROXY_PIXELS
     }
 
     /// The variant used without measuring (tuning off, or a convolution too small for
@@ -128,7 +138,9 @@ pub fn conv_forward(
     time_variant: impl Fn(ConvForward) -> Result<f64>,
 ) -> Result<ConvForward> {
     let default = ConvForward::default_for(gpu);
-    let choices = ConvForward::ALL.iter().filter(|v| v.runs_on(gpu)).count();
+    let candidates: Vec<ConvForward> =
+        ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu) && v.suits(class)).collect();
+    let choices = candidates.len();
     if gpu.tuning_cache() == &TuningCache::Off || class.macs() < MIN_TUNED_MACS || choices < 2 {
         return Ok(default);
     }
@@ -140,7 +152,7 @@ pub fn conv_forward(
     }
     let mut best = (f64::INFINITY, default);
     let mut tiled_lost_badly = false;
-    for variant in ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
+    for variant in candidates {
         // Workgroup-memory tiling 3x behind (a CPU driver) is not worth timing at another
         // slice depth: that saves a third of the first run's tuning there.
         if tiled_lost_badly && variant.slice().is_some() {
@@ -202,11 +214,18 @@ pub fn cache_path(cache: &TuningCache) -> Option<PathBuf> {
     }
 }
 
-/// Choices are only valid for the adapter, backend, driver and engine version that made
-/// them: a driver update re-measures.
+/// Choices are only valid for the adapter, backend, driver and kernels that made them: a
+/// driver update or any change to the convolution shader or its variants re-measures.
 fn identity(gpu: &Gpu) -> String {
     let i = gpu.info();
-    format!("{}|{:?}|{}|{}|{}", i.name, i.backend, i.driver, i.driver_info, env!("CARGO_PKG_VERSION"))
+    // FNV-1a over the shader source and the variant names: a fingerprint of the kernels.
+    let source = crate::gpu::shader_source("conv2d").unwrap_or_default();
+    let names = ConvForward::ALL.map(ConvForward::name).join(",");
+    let kernels = source
+        .bytes()
+        .chain(names.bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{}|{:?}|{}|{}|{kernels:016x}", i.name, i.backend, i.driver, i.driver_info)
         .replace(['\t', '\n'], " ")
 }
 

@@ -229,7 +229,7 @@ fn conv2d_f16_weights_match_cpu_reference() {
         let b = (i % 2 == 0).then(|| rng.normals(d.co));
         let (xt, bt) = (upload(&d.x_shape(), &x), b.as_ref().map(|b| upload(&[d.co], b)));
         let epilogue = conv2d::Epilogue { bias: bt.as_ref(), ..Default::default() };
-        let variant = ConvForward::ALL[i % 3];
+        let variant = ConvForward::ALL[i % ConvForward::ALL.len()];
         let run = |w: &[f32]| {
             let (wt, y) = (upload(&d.w_shape(), w), poisoned(&d.y_shape()));
             conv2d::forward_with(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F16, variant, &y)
