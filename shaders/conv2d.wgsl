@@ -452,9 +452,7 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
     let t0 = ((idx / (x_tiles * p.h)) % groups) * 4u;
     let n = idx / (x_tiles * p.h * groups);
 
-    let ksize = p.kh * p.kw;
     let sh = i32(p.stride_h);
-    let sw = i32(p.stride_w);
     var a00 = vec4<f32>(0.0);
     var a01 = vec4<f32>(0.0);
     var a02 = vec4<f32>(0.0);
@@ -476,19 +474,12 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
         if ty < 0 || ty % sh != 0 || ty / sh >= i32(p.ho) { continue; }
         let oy = u32(ty / sh);
         for (var kx = 0u; kx < p.kw; kx++) {
-            // The output column each of the four input columns maps to, and whether it exists.
-            let tx = vec4<i32>(i32(ix0 + p.pad_w) - i32(kx * p.dil_w)) + vec4<i32>(0, 1, 2, 3);
-            let hit = (tx >= vec4<i32>(0)) & (tx % vec4<i32>(sw) == vec4<i32>(0))
-                & (tx / vec4<i32>(sw) < vec4<i32>(i32(p.wo)))
-                & (vec4<u32>(ix0) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.w));
-            if !any(hit) { continue; }
-            let ox = vec4<u32>(clamp(tx / vec4<i32>(sw), vec4<i32>(0), vec4<i32>(i32(p.wo) - 1)));
+            let s0 = column_source(ix0, kx);
+            if !any(s0.hit) { continue; }
             let k = ky * p.kw + kx;
             for (var co = 0u; co < p.co; co++) {
                 let row = ((n * p.co + co) * p.ho + oy) * p.wo;
-                let gv = select(vec4<f32>(0.0),
-                                vec4<f32>(grad_y[row + ox.x], grad_y[row + ox.y],
-                                          grad_y[row + ox.z], grad_y[row + ox.w]), hit);
+                let gv = gather_grad_y(row, s0);
                 let tap = (k * p.co + co) * ci_tiles;
                 let w0 = packed(tap + min(t0 + 0u, ci_tiles - 1u));
                 let w1 = packed(tap + min(t0 + 1u, ci_tiles - 1u));
@@ -530,6 +521,125 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
     store_grad_x(n, ci0 + 13u, iy, ix0, a31);
     store_grad_x(n, ci0 + 14u, iy, ix0, a32);
     store_grad_x(n, ci0 + 15u, iy, ix0, a33);
+}
+
+// The input gradient with 16 input channels x 16 columns per invocation, for rows of 16
+// columns and more: as conv2d_backward_input, but each channel's sums are a mat4x4 of four
+// column quads, so every weight load feeds 16 multiply-adds and every gathered gradient 16.
+@compute @workgroup_size(WG)
+fn conv2d_backward_input_wide(@builtin(global_invocation_id) gid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let x_tiles = (p.w + 15u) / 16u;
+    let ci_tiles = (p.ci + 3u) / 4u;
+    let groups = (ci_tiles + 3u) / 4u;
+    let idx = linear_index(gid, nwg);
+    if idx >= p.n * groups * p.h * x_tiles { return; }
+    let ix0 = (idx % x_tiles) * 16u;
+    let iy = (idx / x_tiles) % p.h;
+    let t0 = ((idx / (x_tiles * p.h)) % groups) * 4u;
+    let n = idx / (x_tiles * p.h * groups);
+    let sh = i32(p.stride_h);
+    var a0 = mat4x4<f32>();
+    var a1 = mat4x4<f32>();
+    var a2 = mat4x4<f32>();
+    var a3 = mat4x4<f32>();
+    var a4 = mat4x4<f32>();
+    var a5 = mat4x4<f32>();
+    var a6 = mat4x4<f32>();
+    var a7 = mat4x4<f32>();
+    var a8 = mat4x4<f32>();
+    var a9 = mat4x4<f32>();
+    var a10 = mat4x4<f32>();
+    var a11 = mat4x4<f32>();
+    var a12 = mat4x4<f32>();
+    var a13 = mat4x4<f32>();
+    var a14 = mat4x4<f32>();
+    var a15 = mat4x4<f32>();
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let ty = i32(iy + p.pad_h) - i32(ky * p.dil_h);
+        if ty < 0 || ty % sh != 0 || ty / sh >= i32(p.ho) { continue; }
+        let oy = u32(ty / sh);
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let s0 = column_source(ix0, kx);
+            let s1 = column_source(ix0 + 4u, kx);
+            let s2 = column_source(ix0 + 8u, kx);
+            let s3 = column_source(ix0 + 12u, kx);
+            if !(any(s0.hit) || any(s1.hit) || any(s2.hit) || any(s3.hit)) { continue; }
+            let k = ky * p.kw + kx;
+            for (var co = 0u; co < p.co; co++) {
+                let row = ((n * p.co + co) * p.ho + oy) * p.wo;
+                let gm = mat4x4<f32>(gather_grad_y(row, s0), gather_grad_y(row, s1),
+                                     gather_grad_y(row, s2), gather_grad_y(row, s3));
+                let tap = (k * p.co + co) * ci_tiles;
+                let w0 = packed(tap + min(t0 + 0u, ci_tiles - 1u));
+                let w1 = packed(tap + min(t0 + 1u, ci_tiles - 1u));
+                let w2 = packed(tap + min(t0 + 2u, ci_tiles - 1u));
+                let w3 = packed(tap + min(t0 + 3u, ci_tiles - 1u));
+                a0 += w0.x * gm;
+                a1 += w0.y * gm;
+                a2 += w0.z * gm;
+                a3 += w0.w * gm;
+                a4 += w1.x * gm;
+                a5 += w1.y * gm;
+                a6 += w1.z * gm;
+                a7 += w1.w * gm;
+                a8 += w2.x * gm;
+                a9 += w2.y * gm;
+                a10 += w2.z * gm;
+                a11 += w2.w * gm;
+                a12 += w3.x * gm;
+                a13 += w3.y * gm;
+                a14 += w3.z * gm;
+                a15 += w3.w * gm;
+            }
+        }
+    }
+    let ci0 = t0 * 4u;
+    store_grad_x_wide(n, ci0 + 0u, iy, ix0, a0);
+    store_grad_x_wide(n, ci0 + 1u, iy, ix0, a1);
+    store_grad_x_wide(n, ci0 + 2u, iy, ix0, a2);
+    store_grad_x_wide(n, ci0 + 3u, iy, ix0, a3);
+    store_grad_x_wide(n, ci0 + 4u, iy, ix0, a4);
+    store_grad_x_wide(n, ci0 + 5u, iy, ix0, a5);
+    store_grad_x_wide(n, ci0 + 6u, iy, ix0, a6);
+    store_grad_x_wide(n, ci0 + 7u, iy, ix0, a7);
+    store_grad_x_wide(n, ci0 + 8u, iy, ix0, a8);
+    store_grad_x_wide(n, ci0 + 9u, iy, ix0, a9);
+    store_grad_x_wide(n, ci0 + 10u, iy, ix0, a10);
+    store_grad_x_wide(n, ci0 + 11u, iy, ix0, a11);
+    store_grad_x_wide(n, ci0 + 12u, iy, ix0, a12);
+    store_grad_x_wide(n, ci0 + 13u, iy, ix0, a13);
+    store_grad_x_wide(n, ci0 + 14u, iy, ix0, a14);
+    store_grad_x_wide(n, ci0 + 15u, iy, ix0, a15);
+}
+
+// The output columns that input columns ix0..ix0+4 receive from through tap column kx, and
+// whether each exists (inside the output, on the stride, and the input column real).
+struct ColumnSource {
+    ox: vec4<u32>,
+    hit: vec4<bool>,
+}
+
+fn column_source(ix0: u32, kx: u32) -> ColumnSource {
+    let sw = vec4<i32>(i32(p.stride_w));
+    let tx = vec4<i32>(i32(ix0 + p.pad_w) - i32(kx * p.dil_w)) + vec4<i32>(0, 1, 2, 3);
+    let hit = (tx >= vec4<i32>(0)) & (tx % sw == vec4<i32>(0)) & (tx / sw < vec4<i32>(i32(p.wo)))
+        & (vec4<u32>(ix0) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.w));
+    let ox = vec4<u32>(clamp(tx / sw, vec4<i32>(0), vec4<i32>(i32(p.wo) - 1)));
+    return ColumnSource(ox, hit);
+}
+
+fn gather_grad_y(row: u32, s: ColumnSource) -> vec4<f32> {
+    let at = vec4<u32>(row) + s.ox;
+    return select(vec4<f32>(0.0), vec4<f32>(grad_y[at.x], grad_y[at.y], grad_y[at.z], grad_y[at.w]), s.hit);
+}
+
+// Input channel ci, row iy, columns ix0..ix0+16 from the column quads of `v`.
+fn store_grad_x_wide(n: u32, ci: u32, iy: u32, ix0: u32, v: mat4x4<f32>) {
+    store_grad_x(n, ci, iy, ix0, v[0]);
+    store_grad_x(n, ci, iy, ix0 + 4u, v[1]);
+    store_grad_x(n, ci, iy, ix0 + 8u, v[2]);
+    store_grad_x(n, ci, iy, ix0 + 12u, v[3]);
 }
 
 fn store_grad_x(n: u32, ci: u32, iy: u32, ix0: u32, v: vec4<f32>) {

@@ -230,10 +230,17 @@ pub fn forward_fused(
     let d = Dims::resolve(spec, x.shape(), weight)?;
     let class = ConvClass::new(d.ci, d.co, [d.kh, d.kw], spec.stride, precision, d.n * d.ho * d.wo);
     let variant = tuning::conv_forward(gpu, &class, |variant| {
-        // A proxy of at most 32 x 32 output pixels of one image, on the real weight; the
+        // A proxy of at most 64 x 64 output pixels of one image, on the real weight; the
         // residual (shaped like the full output) is left out, the rest of the epilogue kept.
-        let proxy_x =
-            Tensor::zeros(gpu, &[1, d.ci, d.h.min(32 * spec.stride[0]), d.w.min(32 * spec.stride[1])])?;
+        let proxy_x = Tensor::zeros(
+            gpu,
+            &[
+                1,
+                d.ci,
+                d.h.min(tuning::PROXY_SIDE * spec.stride[0]),
+                d.w.min(tuning::PROXY_SIDE * spec.stride[1]),
+            ],
+        )?;
         let proxy_y = Tensor::empty(gpu, &output_shape(spec, proxy_x.shape(), weight)?)?;
         let proxy = Epilogue { residual: None, ..*epilogue };
         tuning::time_dispatches(
@@ -345,8 +352,12 @@ pub fn backward_input(
     let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::write(8, &packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
-    let tiles = d.n * d.ci.div_ceil(4).div_ceil(4) * d.h * d.w.div_ceil(4);
-    Ok(vec![pack, launch(gpu, "conv2d", "conv2d_backward_input", &params, &bindings, tiles, cost)?])
+    // Rows of 16 columns and more take 16 columns per invocation (4x the work per load);
+    // narrower rows 4, rather than idle most of the wide tile.
+    let (columns, entry) =
+        if d.w >= 16 { (16, "conv2d_backward_input_wide") } else { (4, "conv2d_backward_input") };
+    let tiles = d.n * d.ci.div_ceil(4).div_ceil(4) * d.h * d.w.div_ceil(columns);
+    Ok(vec![pack, launch(gpu, "conv2d", entry, &params, &bindings, tiles, cost)?])
 }
 
 /// Repacks the weight as vec4s over output channels (for the forward: scaled by the folded

@@ -1,13 +1,13 @@
 //! Which variant of a kernel runs, measured on the adapter at hand once per shape class and
 //! remembered on disk per adapter and driver.
 //!
-//! The convolution forward has two kernels (`conv2d.wgsl`): register tiles without
-//! workgroup memory, which a CPU driver such as lavapipe runs best, and an implicit GEMM
-//! through workgroup memory, which GPUs reward, at two slice depths (an override constant).
-//! The first convolution of a shape class (channels, kernel, stride, weight precision,
-//! pixel count to a power of two) times each on a proxy of at most 32 x 32 output pixels, a few milliseconds on lavapipe, and the
-//! faster is kept for every later convolution of that class, in this process and, through
-//! the cache file, in later ones.
+//! The convolution forward has three kernels (`conv2d.wgsl`): register tiles of 4 or of 16
+//! pixels without workgroup memory, which a CPU driver such as lavapipe runs best, and an
+//! implicit GEMM through workgroup memory, which GPUs reward, at two slice depths (an
+//! override constant). The first convolution of a shape class (channels, kernel, stride,
+//! weight precision, pixel count to a power of two) times each on a proxy of at most
+//! 64 x 64 output pixels, and the fastest is kept for every later convolution of that
+//! class, in this process and, through the cache file, in later ones.
 
 use super::conv2d::Precision;
 use crate::error::{Error, Result};
@@ -63,7 +63,7 @@ impl ConvForward {
     /// Whether it is worth timing for `class`: the wide register tiles cover 1024 pixels a
     /// workgroup, so smaller maps would idle most of it (and compile it for nothing).
     pub fn suits(self, class: &ConvClass) -> bool {
-        self != ConvForward::RegistersWide || class.pixels >= PROXY_PIXELS
+        self != ConvForward::RegistersWide || class.pixels >= 1024
     }
 
     /// The variant used without measuring (tuning off, or a convolution too small for
@@ -86,13 +86,16 @@ pub struct ConvClass {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
     pub precision: Precision,
-    /// The output pixel count (all images) rounded up to a power of two, capped at 2^10: the
+    /// The output pixel count (all images) rounded up to a power of two, capped at 2^12: the
     /// proxy never times more.
     pub pixels: usize,
 }
 
-/// Output pixels a timing proxy computes at most (32 x 32).
-const PROXY_PIXELS: usize = 1024;
+/// A timing proxy's largest output side: 64 x 64 pixels, enough workgroups of every variant
+/// to fill a CPU driver's threads (at 32 x 32 the wide tiles were one workgroup per channel
+/// group and timed slower than they run on real maps).
+pub const PROXY_SIDE: usize = 64;
+const PROXY_PIXELS: usize = PROXY_SIDE * PROXY_SIDE;
 /// Convolutions below this many multiply-adds take the default variant untimed: their
 /// time is the dispatch's overhead either way.
 const MIN_TUNED_MACS: usize = 1 << 20;
