@@ -765,6 +765,134 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 
+// The weight gradient with 16 output x 16 input channels per invocation, for 16 input
+// channels and more: as conv2d_backward_weight, but each output channel's sums are a
+// mat4x4 of four input-channel quads, so every value loaded feeds 16 multiply-adds.
+@compute @workgroup_size(WG)
+fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
+                               @builtin(num_workgroups) nwg: vec3<u32>) {
+    let ci_groups = (p.ci + 15u) / 16u;
+    let co_groups = (p.co + 15u) / 16u;
+    let ksize = p.kh * p.kw;
+    let rows = p.n * p.ho;
+    let chunks = (rows + p.chunk_rows - 1u) / p.chunk_rows;
+    let idx = linear_index(gid, nwg);
+    if idx >= chunks * ksize * co_groups * ci_groups { return; }
+    let ci0 = (idx % ci_groups) * 16u;
+    let co0 = ((idx / ci_groups) % co_groups) * 16u;
+    let k = (idx / (ci_groups * co_groups)) % ksize;
+    let chunk = idx / (ci_groups * co_groups * ksize);
+    let ky = k / p.kw;
+    let kx = k % p.kw;
+    // Output columns whose input column (ox * stride + kx * dil - pad) lies inside the image.
+    let off_x = i32(kx * p.dil_w) - i32(p.pad_w);
+    let sw = i32(p.stride_w);
+    let ox_lo = u32(max(0, (-off_x + sw - 1) / sw));
+    let span = i32(p.w) - 1 - off_x;
+    let ox_hi = select(0u, u32(min(span / sw + 1, i32(p.wo))), span >= 0);
+    let hw = p.h * p.w;
+    let ohw = p.ho * p.wo;
+    // Plane offsets of the tile's input and output channels; channels past the last re-read it.
+    let x0 = channel_offsets(ci0, 0u, p.ci, hw);
+    let x1 = channel_offsets(ci0, 4u, p.ci, hw);
+    let x2 = channel_offsets(ci0, 8u, p.ci, hw);
+    let x3 = channel_offsets(ci0, 12u, p.ci, hw);
+    let g0 = channel_offsets(co0, 0u, p.co, ohw);
+    let g1 = channel_offsets(co0, 4u, p.co, ohw);
+    let g2 = channel_offsets(co0, 8u, p.co, ohw);
+    let g3 = channel_offsets(co0, 12u, p.co, ohw);
+    var a0 = mat4x4<f32>();
+    var a1 = mat4x4<f32>();
+    var a2 = mat4x4<f32>();
+    var a3 = mat4x4<f32>();
+    var a4 = mat4x4<f32>();
+    var a5 = mat4x4<f32>();
+    var a6 = mat4x4<f32>();
+    var a7 = mat4x4<f32>();
+    var a8 = mat4x4<f32>();
+    var a9 = mat4x4<f32>();
+    var a10 = mat4x4<f32>();
+    var a11 = mat4x4<f32>();
+    var a12 = mat4x4<f32>();
+    var a13 = mat4x4<f32>();
+    var a14 = mat4x4<f32>();
+    var a15 = mat4x4<f32>();
+    let row_end = min(rows, (chunk + 1u) * p.chunk_rows);
+    for (var r = chunk * p.chunk_rows; r < row_end; r++) {
+        let n = r / p.ho;
+        let oy = r % p.ho;
+        let iy = i32(oy * p.stride_h + ky * p.dil_h) - i32(p.pad_h);
+        if iy < 0 || iy >= i32(p.h) { continue; }
+        let xb = (n * p.ci + ci0) * hw + u32(iy) * p.w;
+        let gb = (n * p.co + co0) * ohw + oy * p.wo;
+        for (var ox = ox_lo; ox < ox_hi; ox++) {
+            let xi = xb + u32(i32(ox) * sw + off_x);
+            let xm = mat4x4<f32>(x_quad(xi, x0), x_quad(xi, x1), x_quad(xi, x2), x_quad(xi, x3));
+            let gi = gb + ox;
+            let gy0 = grad_y_quad(gi, g0);
+            let gy1 = grad_y_quad(gi, g1);
+            let gy2 = grad_y_quad(gi, g2);
+            let gy3 = grad_y_quad(gi, g3);
+            a0 += gy0.x * xm;
+            a1 += gy0.y * xm;
+            a2 += gy0.z * xm;
+            a3 += gy0.w * xm;
+            a4 += gy1.x * xm;
+            a5 += gy1.y * xm;
+            a6 += gy1.z * xm;
+            a7 += gy1.w * xm;
+            a8 += gy2.x * xm;
+            a9 += gy2.y * xm;
+            a10 += gy2.z * xm;
+            a11 += gy2.w * xm;
+            a12 += gy3.x * xm;
+            a13 += gy3.y * xm;
+            a14 += gy3.z * xm;
+            a15 += gy3.w * xm;
+        }
+    }
+    let base = chunk * p.co * p.ci * ksize;
+    store_grad_weight_wide(base, co0, ci0, k, a0);
+    store_grad_weight_wide(base, co0 + 1u, ci0, k, a1);
+    store_grad_weight_wide(base, co0 + 2u, ci0, k, a2);
+    store_grad_weight_wide(base, co0 + 3u, ci0, k, a3);
+    store_grad_weight_wide(base, co0 + 4u, ci0, k, a4);
+    store_grad_weight_wide(base, co0 + 5u, ci0, k, a5);
+    store_grad_weight_wide(base, co0 + 6u, ci0, k, a6);
+    store_grad_weight_wide(base, co0 + 7u, ci0, k, a7);
+    store_grad_weight_wide(base, co0 + 8u, ci0, k, a8);
+    store_grad_weight_wide(base, co0 + 9u, ci0, k, a9);
+    store_grad_weight_wide(base, co0 + 10u, ci0, k, a10);
+    store_grad_weight_wide(base, co0 + 11u, ci0, k, a11);
+    store_grad_weight_wide(base, co0 + 12u, ci0, k, a12);
+    store_grad_weight_wide(base, co0 + 13u, ci0, k, a13);
+    store_grad_weight_wide(base, co0 + 14u, ci0, k, a14);
+    store_grad_weight_wide(base, co0 + 15u, ci0, k, a15);
+}
+
+// Offsets from channel `first`'s plane of channels first + skip .. + 4, each clamped to
+// the last of `count` (channels past it re-read it; their sums are never stored).
+fn channel_offsets(first: u32, skip: u32, count: u32, plane: u32) -> vec4<u32> {
+    let c = min(vec4<u32>(first + skip) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(count - 1u));
+    return (c - vec4<u32>(first)) * plane;
+}
+
+fn x_quad(at: u32, offsets: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(x[at + offsets.x], x[at + offsets.y], x[at + offsets.z], x[at + offsets.w]);
+}
+
+fn grad_y_quad(at: u32, offsets: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(grad_y[at + offsets.x], grad_y[at + offsets.y], grad_y[at + offsets.z], grad_y[at + offsets.w]);
+}
+
+// grad_weight[co, ci0..ci0+16, k] from the input-channel quads of `v`.
+fn store_grad_weight_wide(base: u32, co: u32, ci0: u32, k: u32, v: mat4x4<f32>) {
+    store_grad_weight(base, co, ci0, k, v[0]);
+    store_grad_weight(base, co, ci0 + 4u, k, v[1]);
+    store_grad_weight(base, co, ci0 + 8u, k, v[2]);
+    store_grad_weight(base, co, ci0 + 12u, k, v[3]);
+}
+
 fn store_grad_weight(base: u32, co: u32, ci0: u32, k: u32, v: vec4<f32>) {
     if co >= p.co { return; }
     let ksize = p.kh * p.kw;

@@ -411,7 +411,10 @@ pub fn backward_weight(
 ) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), grad_weight)?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
-    let tiles = d.co.div_ceil(16) * d.ci.div_ceil(4) * d.kh * d.kw;
+    // 16 input channels and more take 16 per invocation (4x the work per load), fewer 4.
+    let (per, entry) =
+        if d.ci >= 16 { (16, "conv2d_backward_weight_wide") } else { (4, "conv2d_backward_weight") };
+    let tiles = d.co.div_ceil(16) * d.ci.div_ceil(per) * d.kh * d.kw;
     let rows = d.n * d.ho;
     let chunks = reduction_chunks(tiles, rows * d.wo);
     let chunk_rows = rows.div_ceil(chunks);
@@ -423,8 +426,7 @@ pub fn backward_weight(
     let params = d.params(spec, flags, chunk_rows)?;
     let partials = if direct { grad_weight.clone() } else { scratch(gpu, chunks * d.weight_len())? };
     let bindings = [Binding::read(1, x), Binding::read(5, grad_y), Binding::write(7, &partials)];
-    let reduce_rows =
-        launch(gpu, "conv2d", "conv2d_backward_weight", &params, &bindings, chunks * tiles, cost)?;
+    let reduce_rows = launch(gpu, "conv2d", entry, &params, &bindings, chunks * tiles, cost)?;
     if direct {
         return Ok(vec![reduce_rows]);
     }
