@@ -237,19 +237,29 @@ fn print_case_json(gpu: &Gpu, roofline: &Roofline, r: &CaseResult) {
     );
 }
 
-/// One row per case, a column per adapter: mean ms and throughput.
+/// One row per case, a column per adapter: mean ms and throughput. Cases are matched by
+/// kernel, pass and shape, not position: adapters run different sets (no f16 cases without
+/// SHADER_F16, no tiled variants below 64 invocations a workgroup); "-" where one lacks it.
 fn print_adapter_table(columns: &[(String, Vec<CaseResult>)]) {
+    let key = |r: &CaseResult| format!("{} {} {}", r.kernel, r.pass, r.case);
+    let mut rows: Vec<String> = Vec::new();
+    for r in columns.iter().flat_map(|(_, results)| results) {
+        if !rows.contains(&key(r)) {
+            rows.push(key(r));
+        }
+    }
     let width = columns.iter().map(|(c, _)| c.len()).max().unwrap_or(0).max(28);
     print!("\n{:<70}", "case (mean ms, throughput)");
     for (name, _) in columns {
         print!(" | {name:>width$}");
     }
     println!();
-    for (i, r) in columns[0].1.iter().enumerate() {
-        print!("{:<70}", format!("{} {} {}", r.kernel, r.pass, r.case));
+    for row in &rows {
+        print!("{row:<70}");
         for (_, results) in columns {
             let cell = results
-                .get(i)
+                .iter()
+                .find(|r| key(r) == *row)
                 .map_or("-".into(), |r| format!("{:.3} ms {}", r.timing.mean_ms, r.throughput()));
             print!(" | {cell:>width$}");
         }
