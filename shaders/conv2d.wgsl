@@ -674,34 +674,15 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
     let chunk = idx / (ci_tiles * co_groups * ksize);
     let ky = k / p.kw;
     let kx = k % p.kw;
-
-    // Output columns whose input column (ox * stride + kx * dil - pad) lies inside the image.
-    let off_x = i32(kx * p.dil_w) - i32(p.pad_w);
-    let sw = i32(p.stride_w);
-    let ox_lo = u32(max(0, (-off_x + sw - 1) / sw));
-    let span = i32(p.w) - 1 - off_x;
-    let ox_hi = select(0u, u32(min(span / sw + 1, i32(p.wo))), span >= 0);
+    let cols = weight_tap_columns(kx);
     let hw = p.h * p.w;
-    let c1 = (min(ci0 + 1u, p.ci - 1u) - ci0) * hw;
-    let c2 = (min(ci0 + 2u, p.ci - 1u) - ci0) * hw;
-    let c3 = (min(ci0 + 3u, p.ci - 1u) - ci0) * hw;
+    let xq = channel_offsets(ci0, 0u, p.ci, hw);
     let ohw = p.ho * p.wo;
-    // Offsets of the tile's output-channel planes; channels past the last re-read it.
-    let g1 = (min(co0 + 1u, p.co - 1u) - co0) * ohw;
-    let g2 = (min(co0 + 2u, p.co - 1u) - co0) * ohw;
-    let g3 = (min(co0 + 3u, p.co - 1u) - co0) * ohw;
-    let g4 = (min(co0 + 4u, p.co - 1u) - co0) * ohw;
-    let g5 = (min(co0 + 5u, p.co - 1u) - co0) * ohw;
-    let g6 = (min(co0 + 6u, p.co - 1u) - co0) * ohw;
-    let g7 = (min(co0 + 7u, p.co - 1u) - co0) * ohw;
-    let g8 = (min(co0 + 8u, p.co - 1u) - co0) * ohw;
-    let g9 = (min(co0 + 9u, p.co - 1u) - co0) * ohw;
-    let g10 = (min(co0 + 10u, p.co - 1u) - co0) * ohw;
-    let g11 = (min(co0 + 11u, p.co - 1u) - co0) * ohw;
-    let g12 = (min(co0 + 12u, p.co - 1u) - co0) * ohw;
-    let g13 = (min(co0 + 13u, p.co - 1u) - co0) * ohw;
-    let g14 = (min(co0 + 14u, p.co - 1u) - co0) * ohw;
-    let g15 = (min(co0 + 15u, p.co - 1u) - co0) * ohw;
+    // Plane offsets of the tile's channels; channels past the last re-read it.
+    let g0 = channel_offsets(co0, 0u, p.co, ohw);
+    let g1 = channel_offsets(co0, 4u, p.co, ohw);
+    let g2 = channel_offsets(co0, 8u, p.co, ohw);
+    let g3 = channel_offsets(co0, 12u, p.co, ohw);
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
@@ -726,26 +707,29 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
         if iy < 0 || iy >= i32(p.h) { continue; }
         let xb = (n * p.ci + ci0) * hw + u32(iy) * p.w;
         let gb = (n * p.co + co0) * ohw + oy * p.wo;
-        for (var ox = ox_lo; ox < ox_hi; ox++) {
-            let xi = xb + u32(i32(ox) * sw + off_x);
-            let xs = vec4<f32>(x[xi], x[xi + c1], x[xi + c2], x[xi + c3]);
+        for (var ox = cols.x; ox < cols.y; ox++) {
+            let xs = x_quad(xb + ox * p.stride_w + kx * p.dil_w - p.pad_w, xq);
             let gi = gb + ox;
-            a0 += grad_y[gi] * xs;
-            a1 += grad_y[gi + g1] * xs;
-            a2 += grad_y[gi + g2] * xs;
-            a3 += grad_y[gi + g3] * xs;
-            a4 += grad_y[gi + g4] * xs;
-            a5 += grad_y[gi + g5] * xs;
-            a6 += grad_y[gi + g6] * xs;
-            a7 += grad_y[gi + g7] * xs;
-            a8 += grad_y[gi + g8] * xs;
-            a9 += grad_y[gi + g9] * xs;
-            a10 += grad_y[gi + g10] * xs;
-            a11 += grad_y[gi + g11] * xs;
-            a12 += grad_y[gi + g12] * xs;
-            a13 += grad_y[gi + g13] * xs;
-            a14 += grad_y[gi + g14] * xs;
-            a15 += grad_y[gi + g15] * xs;
+            let gy0 = grad_y_quad(gi, g0);
+            let gy1 = grad_y_quad(gi, g1);
+            let gy2 = grad_y_quad(gi, g2);
+            let gy3 = grad_y_quad(gi, g3);
+            a0 += gy0.x * xs;
+            a1 += gy0.y * xs;
+            a2 += gy0.z * xs;
+            a3 += gy0.w * xs;
+            a4 += gy1.x * xs;
+            a5 += gy1.y * xs;
+            a6 += gy1.z * xs;
+            a7 += gy1.w * xs;
+            a8 += gy2.x * xs;
+            a9 += gy2.y * xs;
+            a10 += gy2.z * xs;
+            a11 += gy2.w * xs;
+            a12 += gy3.x * xs;
+            a13 += gy3.y * xs;
+            a14 += gy3.z * xs;
+            a15 += gy3.w * xs;
         }
     }
     let base = chunk * p.co * p.ci * ksize;
@@ -787,12 +771,7 @@ fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
     let chunk = idx / (ci_groups * co_groups * ksize);
     let ky = k / p.kw;
     let kx = k % p.kw;
-    // Output columns whose input column (ox * stride + kx * dil - pad) lies inside the image.
-    let off_x = i32(kx * p.dil_w) - i32(p.pad_w);
-    let sw = i32(p.stride_w);
-    let ox_lo = u32(max(0, (-off_x + sw - 1) / sw));
-    let span = i32(p.w) - 1 - off_x;
-    let ox_hi = select(0u, u32(min(span / sw + 1, i32(p.wo))), span >= 0);
+    let cols = weight_tap_columns(kx);
     let hw = p.h * p.w;
     let ohw = p.ho * p.wo;
     // Plane offsets of the tile's input and output channels; channels past the last re-read it.
@@ -828,8 +807,8 @@ fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
         if iy < 0 || iy >= i32(p.h) { continue; }
         let xb = (n * p.ci + ci0) * hw + u32(iy) * p.w;
         let gb = (n * p.co + co0) * ohw + oy * p.wo;
-        for (var ox = ox_lo; ox < ox_hi; ox++) {
-            let xi = xb + u32(i32(ox) * sw + off_x);
+        for (var ox = cols.x; ox < cols.y; ox++) {
+            let xi = xb + ox * p.stride_w + kx * p.dil_w - p.pad_w;
             let xm = mat4x4<f32>(x_quad(xi, x0), x_quad(xi, x1), x_quad(xi, x2), x_quad(xi, x3));
             let gi = gb + ox;
             let gy0 = grad_y_quad(gi, g0);
@@ -871,6 +850,17 @@ fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
     store_grad_weight_wide(base, co0 + 13u, ci0, k, a13);
     store_grad_weight_wide(base, co0 + 14u, ci0, k, a14);
     store_grad_weight_wide(base, co0 + 15u, ci0, k, a15);
+}
+
+// The output columns [x, y) whose input column through tap column kx,
+// ox * stride + kx * dil - pad, lies inside the image.
+fn weight_tap_columns(kx: u32) -> vec2<u32> {
+    let off_x = i32(kx * p.dil_w) - i32(p.pad_w);
+    let sw = i32(p.stride_w);
+    let lo = u32(max(0, (-off_x + sw - 1) / sw));
+    let span = i32(p.w) - 1 - off_x;
+    let hi = select(0u, u32(min(span / sw + 1, i32(p.wo))), span >= 0);
+    return vec2<u32>(lo, hi);
 }
 
 // Offsets from channel `first`'s plane of channels first + skip .. + 4, each clamped to

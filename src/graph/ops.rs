@@ -186,20 +186,23 @@ impl Graph {
         }
     }
 
+    /// A convolution forward at the graph's weight precision.
+    fn conv_forward(
+        &self,
+        gpu: &Gpu,
+        spec: &Conv2dSpec,
+        [x, weight, y]: [ValueId; 3],
+        epilogue: &conv2d::Epilogue,
+    ) -> Result<Vec<Dispatch>> {
+        conv2d::forward_fused(gpu, spec, self.t(x), self.t(weight), epilogue, self.precision, self.t(y))
+    }
+
     pub(super) fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
         for op in ops {
             let mut d = match op {
                 &Op::Conv2d { spec, x, weight, bias, y } => {
                     let epilogue = conv2d::Epilogue { bias: bias.map(|b| self.t(b)), ..Default::default() };
-                    conv2d::forward_fused(
-                        gpu,
-                        &spec,
-                        self.t(x),
-                        self.t(weight),
-                        &epilogue,
-                        self.precision,
-                        self.t(y),
-                    )?
+                    self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?
                 }
                 &Op::ConvFused { spec, x, weight, bias, bn, residual, relu, y } => {
                     let epilogue = conv2d::Epilogue {
@@ -208,15 +211,7 @@ impl Graph {
                         residual: residual.map(|r| self.t(r)),
                         relu,
                     };
-                    conv2d::forward_fused(
-                        gpu,
-                        &spec,
-                        self.t(x),
-                        self.t(weight),
-                        &epilogue,
-                        self.precision,
-                        self.t(y),
-                    )?
+                    self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?
                 }
                 &Op::BatchNorm { x, y, .. } => {
                     let bn = self.bn_params(op);
