@@ -66,12 +66,6 @@ fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
 }
 
-// Element `i` of `row` if 0 <= i < len, else 0 (the padding).
-fn load_x(row: u32, i: i32, len: u32) -> f32 {
-    let inside = i >= 0 && i < i32(len);
-    return select(0.0, x[row + u32(clamp(i, 0, i32(len) - 1))], inside);
-}
-
 // y[n, co0..co0+16, pixels q0..q3] = bias + sum over ky, kx, ci of weight * x; a<g><j>
 // accumulates output channel co0 + 4g + j at the four pixels. A workgroup shares one
 // channel group: the weight indices are uniform, so a CPU driver loads each weight once
@@ -93,12 +87,6 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let t0 = ((wg / blocks) % groups) * 4u;
     let n = wg / (blocks * groups);
     let q = vec4<u32>(block * 4u * WG + lid) + vec4<u32>(0u, 1u, 2u, 3u) * WG;
-    let qc = min(q, vec4<u32>(pixels - 1u));
-    let iy0 = vec4<i32>((qc / p.wo) * p.stride_h) - i32(p.pad_h);
-    let ix0 = vec4<i32>((qc % p.wo) * p.stride_w) - i32(p.pad_w);
-    let hw = p.h * p.w;
-    let top = vec4<i32>(i32(p.h) - 1);
-    let right = vec4<i32>(i32(p.w) - 1);
     var a00 = vec4<f32>(0.0);
     var a01 = vec4<f32>(0.0);
     var a02 = vec4<f32>(0.0);
@@ -115,16 +103,14 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
     var a31 = vec4<f32>(0.0);
     var a32 = vec4<f32>(0.0);
     var a33 = vec4<f32>(0.0);
+    let image = n * p.ci * p.h * p.w;
     for (var ky = 0u; ky < p.kh; ky++) {
-        let iy = iy0 + vec4<i32>(i32(ky * p.dil_h));
         for (var kx = 0u; kx < p.kw; kx++) {
-            let ix = ix0 + vec4<i32>(i32(kx * p.dil_w));
-            let inside = (iy >= vec4<i32>(0)) & (iy <= top) & (ix >= vec4<i32>(0)) & (ix <= right);
-            var at = vec4<u32>(clamp(iy, vec4<i32>(0), top) * i32(p.w) + clamp(ix, vec4<i32>(0), right))
-                + vec4<u32>(n * p.ci * hw);
+            let source = tap_source(q, ky, kx, image);
             var tap = (ky * p.kw + kx) * p.ci * co_tiles;
+            var plane = 0u;
             for (var c = 0u; c < p.ci; c++) {
-                let xs = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+                let xs = gather_x(source, plane);
                 let w0 = packed(tap + min(t0 + 0u, co_tiles - 1u));
                 let w1 = packed(tap + min(t0 + 1u, co_tiles - 1u));
                 let w2 = packed(tap + min(t0 + 2u, co_tiles - 1u));
@@ -145,7 +131,7 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 a31 += w3.y * xs;
                 a32 += w3.z * xs;
                 a33 += w3.w * xs;
-                at += vec4<u32>(hw);
+                plane += p.h * p.w;
                 tap += co_tiles;
             }
         }
@@ -267,7 +253,8 @@ fn pixel_quad(block: u32, lid: u32, g: u32) -> vec4<u32> {
 }
 
 // Where the four output pixels `q` read the input through tap (ky, kx), in input channel
-// 0 of the image at `image`, and whether they read inside it (outside is padding).
+// 0 of the image at `image`, and whether they read inside it (outside is padding). Pixels
+// past the last read as the last; their sums are never stored.
 struct TapSource {
     at: vec4<u32>,
     inside: vec4<bool>,
@@ -328,12 +315,7 @@ fn conv2d_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     let sq = lid % 8u;
     let tile = group * 8u + sq;
     let q_in = vec4<u32>(block * 32u + sq * 4u) + vec4<u32>(0u, 1u, 2u, 3u);
-    let qc = min(q_in, vec4<u32>(pixels - 1u));
-    let iy0 = vec4<i32>((qc / p.wo) * p.stride_h) - i32(p.pad_h);
-    let ix0 = vec4<i32>((qc % p.wo) * p.stride_w) - i32(p.pad_w);
-    let real = q_in < vec4<u32>(pixels);
-    let top = vec4<i32>(i32(p.h) - 1);
-    let right = vec4<i32>(i32(p.w) - 1);
+    let image = n * p.ci * p.h * p.w;
     // What this invocation accumulates: channel quad `lid / 8`, pixel quad `lid % 8`.
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
@@ -347,13 +329,7 @@ fn conv2d_forward_tiled(@builtin(workgroup_id) wid: vec3<u32>,
             if k < depth {
                 if tile < co_tiles { wv = packed(k * co_tiles + tile); }
                 let tap = k / p.ci;
-                let c = k % p.ci;
-                let iy = iy0 + vec4<i32>(i32((tap / p.kw) * p.dil_h));
-                let ix = ix0 + vec4<i32>(i32((tap % p.kw) * p.dil_w));
-                let inside = real & (iy >= vec4<i32>(0)) & (iy <= top) & (ix >= vec4<i32>(0)) & (ix <= right);
-                let at = vec4<u32>(clamp(iy, vec4<i32>(0), top) * i32(p.w) + clamp(ix, vec4<i32>(0), right))
-                    + vec4<u32>((n * p.ci + c) * p.h * p.w);
-                xv = select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), inside);
+                xv = gather_x(tap_source(q_in, tap / p.kw, tap % p.kw, image), (k % p.ci) * p.h * p.w);
             }
             slice_w[row * 8u + sq] = wv;
             slice_x[row * 8u + sq] = xv;
@@ -661,28 +637,20 @@ fn store_grad_x(n: u32, ci: u32, iy: u32, ix0: u32, v: vec4<f32>) {
 @compute @workgroup_size(WG)
 fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>) {
-    let ci_tiles = (p.ci + 3u) / 4u;
-    let co_groups = (p.co + 15u) / 16u;
-    let ksize = p.kh * p.kw;
+    let t = weight_grad_tile(linear_index(gid, nwg), 4u);
+    if !t.valid { return; }
     let rows = p.n * p.ho;
-    let chunks = (rows + p.chunk_rows - 1u) / p.chunk_rows;
-    let idx = linear_index(gid, nwg);
-    if idx >= chunks * ksize * co_groups * ci_tiles { return; }
-    let ci0 = (idx % ci_tiles) * 4u;
-    let co0 = ((idx / ci_tiles) % co_groups) * 16u;
-    let k = (idx / (ci_tiles * co_groups)) % ksize;
-    let chunk = idx / (ci_tiles * co_groups * ksize);
-    let ky = k / p.kw;
-    let kx = k % p.kw;
+    let ky = t.k / p.kw;
+    let kx = t.k % p.kw;
     let cols = weight_tap_columns(kx);
     let hw = p.h * p.w;
-    let xq = channel_offsets(ci0, 0u, p.ci, hw);
+    let xq = channel_offsets(t.ci0, 0u, p.ci, hw);
     let ohw = p.ho * p.wo;
     // Plane offsets of the tile's channels; channels past the last re-read it.
-    let g0 = channel_offsets(co0, 0u, p.co, ohw);
-    let g1 = channel_offsets(co0, 4u, p.co, ohw);
-    let g2 = channel_offsets(co0, 8u, p.co, ohw);
-    let g3 = channel_offsets(co0, 12u, p.co, ohw);
+    let g0 = channel_offsets(t.co0, 0u, p.co, ohw);
+    let g1 = channel_offsets(t.co0, 4u, p.co, ohw);
+    let g2 = channel_offsets(t.co0, 8u, p.co, ohw);
+    let g3 = channel_offsets(t.co0, 12u, p.co, ohw);
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
@@ -699,14 +667,14 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
     var a13 = vec4<f32>(0.0);
     var a14 = vec4<f32>(0.0);
     var a15 = vec4<f32>(0.0);
-    let row_end = min(rows, (chunk + 1u) * p.chunk_rows);
-    for (var r = chunk * p.chunk_rows; r < row_end; r++) {
+    let row_end = min(rows, (t.chunk + 1u) * p.chunk_rows);
+    for (var r = t.chunk * p.chunk_rows; r < row_end; r++) {
         let n = r / p.ho;
         let oy = r % p.ho;
         let iy = i32(oy * p.stride_h + ky * p.dil_h) - i32(p.pad_h);
         if iy < 0 || iy >= i32(p.h) { continue; }
-        let xb = (n * p.ci + ci0) * hw + u32(iy) * p.w;
-        let gb = (n * p.co + co0) * ohw + oy * p.wo;
+        let xb = (n * p.ci + t.ci0) * hw + u32(iy) * p.w;
+        let gb = (n * p.co + t.co0) * ohw + oy * p.wo;
         for (var ox = cols.x; ox < cols.y; ox++) {
             let xs = x_quad(xb + ox * p.stride_w + kx * p.dil_w - p.pad_w, xq);
             let gi = gb + ox;
@@ -732,23 +700,23 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
             a15 += gy3.w * xs;
         }
     }
-    let base = chunk * p.co * p.ci * ksize;
-    store_grad_weight(base, co0, ci0, k, a0);
-    store_grad_weight(base, co0 + 1u, ci0, k, a1);
-    store_grad_weight(base, co0 + 2u, ci0, k, a2);
-    store_grad_weight(base, co0 + 3u, ci0, k, a3);
-    store_grad_weight(base, co0 + 4u, ci0, k, a4);
-    store_grad_weight(base, co0 + 5u, ci0, k, a5);
-    store_grad_weight(base, co0 + 6u, ci0, k, a6);
-    store_grad_weight(base, co0 + 7u, ci0, k, a7);
-    store_grad_weight(base, co0 + 8u, ci0, k, a8);
-    store_grad_weight(base, co0 + 9u, ci0, k, a9);
-    store_grad_weight(base, co0 + 10u, ci0, k, a10);
-    store_grad_weight(base, co0 + 11u, ci0, k, a11);
-    store_grad_weight(base, co0 + 12u, ci0, k, a12);
-    store_grad_weight(base, co0 + 13u, ci0, k, a13);
-    store_grad_weight(base, co0 + 14u, ci0, k, a14);
-    store_grad_weight(base, co0 + 15u, ci0, k, a15);
+    let base = t.chunk * p.co * p.ci * p.kh * p.kw;
+    store_grad_weight(base, t.co0, t.ci0, t.k, a0);
+    store_grad_weight(base, t.co0 + 1u, t.ci0, t.k, a1);
+    store_grad_weight(base, t.co0 + 2u, t.ci0, t.k, a2);
+    store_grad_weight(base, t.co0 + 3u, t.ci0, t.k, a3);
+    store_grad_weight(base, t.co0 + 4u, t.ci0, t.k, a4);
+    store_grad_weight(base, t.co0 + 5u, t.ci0, t.k, a5);
+    store_grad_weight(base, t.co0 + 6u, t.ci0, t.k, a6);
+    store_grad_weight(base, t.co0 + 7u, t.ci0, t.k, a7);
+    store_grad_weight(base, t.co0 + 8u, t.ci0, t.k, a8);
+    store_grad_weight(base, t.co0 + 9u, t.ci0, t.k, a9);
+    store_grad_weight(base, t.co0 + 10u, t.ci0, t.k, a10);
+    store_grad_weight(base, t.co0 + 11u, t.ci0, t.k, a11);
+    store_grad_weight(base, t.co0 + 12u, t.ci0, t.k, a12);
+    store_grad_weight(base, t.co0 + 13u, t.ci0, t.k, a13);
+    store_grad_weight(base, t.co0 + 14u, t.ci0, t.k, a14);
+    store_grad_weight(base, t.co0 + 15u, t.ci0, t.k, a15);
 }
 
 
@@ -758,31 +726,23 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
 @compute @workgroup_size(WG)
 fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
                                @builtin(num_workgroups) nwg: vec3<u32>) {
-    let ci_groups = (p.ci + 15u) / 16u;
-    let co_groups = (p.co + 15u) / 16u;
-    let ksize = p.kh * p.kw;
+    let t = weight_grad_tile(linear_index(gid, nwg), 16u);
+    if !t.valid { return; }
     let rows = p.n * p.ho;
-    let chunks = (rows + p.chunk_rows - 1u) / p.chunk_rows;
-    let idx = linear_index(gid, nwg);
-    if idx >= chunks * ksize * co_groups * ci_groups { return; }
-    let ci0 = (idx % ci_groups) * 16u;
-    let co0 = ((idx / ci_groups) % co_groups) * 16u;
-    let k = (idx / (ci_groups * co_groups)) % ksize;
-    let chunk = idx / (ci_groups * co_groups * ksize);
-    let ky = k / p.kw;
-    let kx = k % p.kw;
+    let ky = t.k / p.kw;
+    let kx = t.k % p.kw;
     let cols = weight_tap_columns(kx);
     let hw = p.h * p.w;
     let ohw = p.ho * p.wo;
     // Plane offsets of the tile's input and output channels; channels past the last re-read it.
-    let x0 = channel_offsets(ci0, 0u, p.ci, hw);
-    let x1 = channel_offsets(ci0, 4u, p.ci, hw);
-    let x2 = channel_offsets(ci0, 8u, p.ci, hw);
-    let x3 = channel_offsets(ci0, 12u, p.ci, hw);
-    let g0 = channel_offsets(co0, 0u, p.co, ohw);
-    let g1 = channel_offsets(co0, 4u, p.co, ohw);
-    let g2 = channel_offsets(co0, 8u, p.co, ohw);
-    let g3 = channel_offsets(co0, 12u, p.co, ohw);
+    let x0 = channel_offsets(t.ci0, 0u, p.ci, hw);
+    let x1 = channel_offsets(t.ci0, 4u, p.ci, hw);
+    let x2 = channel_offsets(t.ci0, 8u, p.ci, hw);
+    let x3 = channel_offsets(t.ci0, 12u, p.ci, hw);
+    let g0 = channel_offsets(t.co0, 0u, p.co, ohw);
+    let g1 = channel_offsets(t.co0, 4u, p.co, ohw);
+    let g2 = channel_offsets(t.co0, 8u, p.co, ohw);
+    let g3 = channel_offsets(t.co0, 12u, p.co, ohw);
     var a0 = mat4x4<f32>();
     var a1 = mat4x4<f32>();
     var a2 = mat4x4<f32>();
@@ -799,14 +759,14 @@ fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
     var a13 = mat4x4<f32>();
     var a14 = mat4x4<f32>();
     var a15 = mat4x4<f32>();
-    let row_end = min(rows, (chunk + 1u) * p.chunk_rows);
-    for (var r = chunk * p.chunk_rows; r < row_end; r++) {
+    let row_end = min(rows, (t.chunk + 1u) * p.chunk_rows);
+    for (var r = t.chunk * p.chunk_rows; r < row_end; r++) {
         let n = r / p.ho;
         let oy = r % p.ho;
         let iy = i32(oy * p.stride_h + ky * p.dil_h) - i32(p.pad_h);
         if iy < 0 || iy >= i32(p.h) { continue; }
-        let xb = (n * p.ci + ci0) * hw + u32(iy) * p.w;
-        let gb = (n * p.co + co0) * ohw + oy * p.wo;
+        let xb = (n * p.ci + t.ci0) * hw + u32(iy) * p.w;
+        let gb = (n * p.co + t.co0) * ohw + oy * p.wo;
         for (var ox = cols.x; ox < cols.y; ox++) {
             let xi = xb + ox * p.stride_w + kx * p.dil_w - p.pad_w;
             let xm = mat4x4<f32>(x_quad(xi, x0), x_quad(xi, x1), x_quad(xi, x2), x_quad(xi, x3));
@@ -833,23 +793,47 @@ fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
             a15 += gy3.w * xm;
         }
     }
-    let base = chunk * p.co * p.ci * ksize;
-    store_grad_weight_wide(base, co0, ci0, k, a0);
-    store_grad_weight_wide(base, co0 + 1u, ci0, k, a1);
-    store_grad_weight_wide(base, co0 + 2u, ci0, k, a2);
-    store_grad_weight_wide(base, co0 + 3u, ci0, k, a3);
-    store_grad_weight_wide(base, co0 + 4u, ci0, k, a4);
-    store_grad_weight_wide(base, co0 + 5u, ci0, k, a5);
-    store_grad_weight_wide(base, co0 + 6u, ci0, k, a6);
-    store_grad_weight_wide(base, co0 + 7u, ci0, k, a7);
-    store_grad_weight_wide(base, co0 + 8u, ci0, k, a8);
-    store_grad_weight_wide(base, co0 + 9u, ci0, k, a9);
-    store_grad_weight_wide(base, co0 + 10u, ci0, k, a10);
-    store_grad_weight_wide(base, co0 + 11u, ci0, k, a11);
-    store_grad_weight_wide(base, co0 + 12u, ci0, k, a12);
-    store_grad_weight_wide(base, co0 + 13u, ci0, k, a13);
-    store_grad_weight_wide(base, co0 + 14u, ci0, k, a14);
-    store_grad_weight_wide(base, co0 + 15u, ci0, k, a15);
+    let base = t.chunk * p.co * p.ci * p.kh * p.kw;
+    store_grad_weight_wide(base, t.co0, t.ci0, t.k, a0);
+    store_grad_weight_wide(base, t.co0 + 1u, t.ci0, t.k, a1);
+    store_grad_weight_wide(base, t.co0 + 2u, t.ci0, t.k, a2);
+    store_grad_weight_wide(base, t.co0 + 3u, t.ci0, t.k, a3);
+    store_grad_weight_wide(base, t.co0 + 4u, t.ci0, t.k, a4);
+    store_grad_weight_wide(base, t.co0 + 5u, t.ci0, t.k, a5);
+    store_grad_weight_wide(base, t.co0 + 6u, t.ci0, t.k, a6);
+    store_grad_weight_wide(base, t.co0 + 7u, t.ci0, t.k, a7);
+    store_grad_weight_wide(base, t.co0 + 8u, t.ci0, t.k, a8);
+    store_grad_weight_wide(base, t.co0 + 9u, t.ci0, t.k, a9);
+    store_grad_weight_wide(base, t.co0 + 10u, t.ci0, t.k, a10);
+    store_grad_weight_wide(base, t.co0 + 11u, t.ci0, t.k, a11);
+    store_grad_weight_wide(base, t.co0 + 12u, t.ci0, t.k, a12);
+    store_grad_weight_wide(base, t.co0 + 13u, t.ci0, t.k, a13);
+    store_grad_weight_wide(base, t.co0 + 14u, t.ci0, t.k, a14);
+    store_grad_weight_wide(base, t.co0 + 15u, t.ci0, t.k, a15);
+}
+
+// A weight-gradient invocation's tile: output channels co0..co0+16, `per` input channels
+// from ci0, tap k, and chunk of output rows; not valid past the last tile.
+struct WeightGradTile {
+    valid: bool,
+    ci0: u32,
+    co0: u32,
+    k: u32,
+    chunk: u32,
+}
+
+fn weight_grad_tile(idx: u32, per: u32) -> WeightGradTile {
+    let ci_groups = (p.ci + per - 1u) / per;
+    let co_groups = (p.co + 15u) / 16u;
+    let ksize = p.kh * p.kw;
+    let chunks = (p.n * p.ho + p.chunk_rows - 1u) / p.chunk_rows;
+    return WeightGradTile(
+        idx < chunks * ksize * co_groups * ci_groups,
+        (idx % ci_groups) * per,
+        ((idx / ci_groups) % co_groups) * 16u,
+        (idx / (ci_groups * co_groups)) % ksize,
+        idx / (ci_groups * co_groups * ksize),
+    );
 }
 
 // The output columns [x, y) whose input column through tap column kx,
