@@ -134,12 +134,12 @@ pub(crate) fn scratch(gpu: &Gpu, elements: usize) -> Result<Tensor> {
     Tensor::empty(gpu, &[elements])
 }
 
-/// The convolution forward: both variants, chosen per shape class by measurement unless
-/// tuning is off or the adapter cannot run the tiled one.
+/// The convolution forward: its variants, chosen per shape class by measurement unless
+/// tuning is off or the adapter can run only the register tiles.
 fn conv_forward_variant(gpu: &Gpu) -> KernelVariant {
     use tuning::ConvForward;
     let (registers, tiled) = (
-        "registers: 16 output channels x 4 pixels per invocation, no workgroup memory",
+        "registers / registers-wide: 16 output channels x 4 or 16 pixels per invocation, no workgroup memory",
         "tiled-k8 / tiled-k16: implicit GEMM through workgroup memory, 32 x 32 outputs per workgroup of 64, K in slices of 8 or 16",
     );
     let default = ConvForward::default_for(gpu).name();
@@ -152,14 +152,16 @@ fn conv_forward_variant(gpu: &Gpu) -> KernelVariant {
         (format!("{registers}; or {tiled}"), format!("tuning off: {default}, this kind of adapter's default"))
     } else {
         let chosen = tuning::choices(gpu);
-        let tiled_count = chosen.iter().filter(|(_, c)| c.starts_with("tiled")).count();
+        let count = |v: ConvForward| chosen.iter().filter(|(_, c)| c == v.name()).count();
+        let counts: Vec<String> =
+            ConvForward::ALL.iter().map(|&v| format!("{} {}", count(v), v.name())).collect();
         (
             format!("{registers}; or {tiled}"),
             format!(
-                "timed per shape class on first use ({} registers, {} tiled so far; untimed default {default}); cache {}",
-                chosen.len() - tiled_count,
-                tiled_count,
-                tuning::cache_path(gpu.tuning_cache()).map_or("in memory only".into(), |p| p.display().to_string())
+                "timed per shape class on first use ({} so far; untimed default {default}); cache {}",
+                counts.join(", "),
+                tuning::cache_path(gpu.tuning_cache())
+                    .map_or("in memory only".into(), |p| p.display().to_string())
             ),
         )
     };
@@ -186,7 +188,8 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
     let tiles_why = if cpu {
         "CPU driver: workgroupBarrier is costly there, so register tiles without workgroup memory".to_string()
     } else {
-        "the only variant built so far (a shared-memory tiling for GPUs is not yet written)".to_string()
+        "the only variants built so far (no workgroup-memory tiling for the backward or matmul yet)"
+            .to_string()
     };
     let has = |f: wgpu::Features| if features.contains(f) { "has" } else { "lacks" };
     vec![
@@ -200,13 +203,21 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
             },
         ),
         conv_forward_variant(gpu),
-        v("conv2d_backward_input", "16 input channels x 4 columns per invocation", tiles_why.clone()),
         v(
-            "conv2d_backward_weight",
-            "16 x 4 channels per invocation, rows split into chunks summed in order",
+            "conv2d_backward_input",
+            "16 input channels x 16 columns per invocation (rows of 16 columns and more), else x 4",
             tiles_why.clone(),
         ),
-        v("matmul", "4 x 4 tile per invocation, operands read through strides", tiles_why),
+        v(
+            "conv2d_backward_weight",
+            "16 output x 16 input channels per invocation (16 input channels and more), else x 4; rows split into chunks summed in order",
+            tiles_why.clone(),
+        ),
+        v(
+            "matmul",
+            "16 x 16 tile per invocation, a workgroup sharing its rows; operands read through strides",
+            tiles_why,
+        ),
         v(
             "batch_norm, softmax, reductions",
             "chunked two-pass sums, blocked and compensated",

@@ -27,6 +27,21 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// A file of the tiny test model under `tests/fixtures/model/`.
+pub fn fixture_path(name: &str) -> String {
+    format!("{}/tests/fixtures/model/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tiny HRNet-OCR test configuration (`tiny_ocr.yaml`).
+pub fn tiny_config() -> hrnet_ocr::model::Config {
+    hrnet_ocr::model::Config::load(&fixture_path("tiny_ocr.yaml")).unwrap()
+}
+
+/// The tiny model's weights and running statistics (`tiny_weights.safetensors`).
+pub fn tiny_weights() -> Vec<hrnet_ocr::model::weights::NamedTensor> {
+    hrnet_ocr::model::weights::read(std::path::Path::new(&fixture_path("tiny_weights.safetensors"))).unwrap()
+}
+
 /// A fresh seed per run (printed, so a failure can be replayed with HRNET_TEST_SEED).
 pub fn seed(test: &str) -> u64 {
     let seed = std::env::var("HRNET_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {

@@ -4,13 +4,9 @@
 use crate::common::*;
 use hrnet_ocr::infer::{window_starts, Image, Segmenter, Strategy};
 use hrnet_ocr::model::weights;
-use hrnet_ocr::model::Config;
-use std::path::Path;
 
 fn segmenter() -> Segmenter<'static> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
-    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
-    let w = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    let (cfg, w) = (tiny_config(), tiny_weights());
     Segmenter::new(gpu(), cfg, w)
 }
 
@@ -160,9 +156,7 @@ fn an_image_too_large_for_the_device_is_covered_by_windows_that_fit() {
         Gpu::with_options(&GpuOptions { max_storage_binding: Some(768 << 10), ..GpuOptions::from_env() })
             .unwrap();
     assert_eq!(limited.limits().max_storage_buffer_binding_size, 768 << 10);
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
-    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
-    let w = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    let (cfg, w) = (tiny_config(), tiny_weights());
     let mut small = Segmenter::new(&limited, cfg, w);
     let mut rng = Rng::new(seed("an_image_too_large_for_the_device"));
     let planes = rng.normals(3 * 112 * 128);
@@ -212,9 +206,7 @@ fn segmenters_on_several_threads_agree_with_one() {
 
 #[test]
 fn the_numerics_check_names_the_first_bad_input_weight_or_layer() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
-    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
-    let good = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    let (cfg, good) = (tiny_config(), tiny_weights());
     let mut rng = Rng::new(seed("the_numerics_check"));
     let planes = rng.normals(3 * 32 * 48);
     let run = |w: Vec<weights::NamedTensor>, planes: &[f32], check: bool| {
@@ -280,9 +272,7 @@ fn smaller_workgroups_give_the_same_segmentation() {
         listed[0].variant.starts_with("16 invocations") && listed[0].why.contains("fallback"),
         "{listed:?}"
     );
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/");
-    let cfg = Config::load(&format!("{dir}tiny_ocr.yaml")).unwrap();
-    let w = weights::read(Path::new(&format!("{dir}tiny_weights.safetensors"))).unwrap();
+    let (cfg, w) = (tiny_config(), tiny_weights());
     let mut rng = Rng::new(seed("smaller_workgroups_give_the_same_segmentation"));
     let planes = rng.normals(3 * 40 * 56);
     let got = Segmenter::new(&small, cfg, w).logits(&planes, [40, 56]).unwrap();

@@ -12,20 +12,8 @@ use std::path::Path;
 const LOGITS_TOL: f64 = 1e-4;
 const GRAD_TOL: f64 = 1e-3;
 
-fn fixture_path(name: &str) -> String {
-    format!("{}/tests/fixtures/model/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn config() -> Config {
-    Config::load(&fixture_path("tiny_ocr.yaml")).unwrap()
-}
-
-fn tiny_weights() -> Vec<NamedTensor> {
-    weights::read(Path::new(&fixture_path("tiny_weights.safetensors"))).unwrap()
-}
-
 fn build(shape: [usize; 4], mode: Mode, labels: Option<[usize; 3]>) -> (Graph, ModelValues) {
-    let cfg = config();
+    let cfg = tiny_config();
     let mut g = GraphBuilder::new();
     let input = g.input("input", &shape, false);
     let m = hrnet::build(&mut g, &cfg, input, 0.0).unwrap();
@@ -249,7 +237,7 @@ fn five_training_steps_match_pytorch() {
 
 /// Both loss terms of a training graph with `class_weights`, on fixed input and labels.
 fn loss_terms(class_weights: Option<Vec<f32>>, input: &[f32], labels: &[u32]) -> Vec<f32> {
-    let cfg = Config { class_weights, ..config() };
+    let cfg = Config { class_weights, ..tiny_config() };
     let mut g = GraphBuilder::new();
     let x = g.input("input", &[1, 3, 32, 48], false);
     let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
@@ -296,7 +284,7 @@ fn class_weights_reach_both_loss_terms() {
 /// far fewer dispatches.
 #[test]
 fn fused_inference_matches_the_unfused_graph() {
-    let cfg = config();
+    let cfg = tiny_config();
     let shape = [2, 3, 48, 80];
     let mut rng = Rng::new(seed("fused_inference_matches_the_unfused_graph"));
     let input = rng.normals(shape.iter().product());
@@ -334,7 +322,7 @@ fn f16_weights_stay_close_to_pytorch() {
     let shape: [usize; 4] = f.shape("a.input").try_into().unwrap();
     let mut g = GraphBuilder::new();
     let input = g.input("input", &shape, false);
-    let m = hrnet::build(&mut g, &config(), input, 0.0).unwrap();
+    let m = hrnet::build(&mut g, &tiny_config(), input, 0.0).unwrap();
     g.set_precision(Precision::F16);
     let graph = g.build(gpu(), Mode::Eval, &[m.out]).unwrap();
     if !gpu().supports_f16() {
@@ -349,7 +337,7 @@ fn f16_weights_stay_close_to_pytorch() {
     graph.forward(gpu()).unwrap();
     let (got, want) = (download(graph.output(0)), f.get("a.out"));
     let err = rel_l2(&got, want);
-    let classes = config().num_classes;
+    let classes = tiny_config().num_classes;
     let plane = got.len() / classes;
     let argmax = |v: &[f32], p: usize| {
         (0..classes).max_by(|&a, &b| v[a * plane + p].total_cmp(&v[b * plane + p])).unwrap()

@@ -35,8 +35,7 @@ fn augmentation_is_deterministic_and_labels_stay_valid() {
 
 #[test]
 fn a_tiny_model_learns_the_procedural_scenes() {
-    let cfg =
-        Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/tiny_ocr.yaml")).unwrap();
+    let cfg = tiny_config();
     let crop = [64, 64];
     let options = TrainOptions {
         batch: 2,
@@ -113,8 +112,7 @@ fn evaluation_scores_follow_the_official_formulas() {
 
 #[test]
 fn checkpoints_round_trip_and_resume_exactly() {
-    let cfg =
-        Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/tiny_ocr.yaml")).unwrap();
+    let cfg = tiny_config();
     let options = TrainOptions {
         batch: 2,
         crop: [32, 32],
@@ -177,8 +175,7 @@ fn checkpoints_round_trip_and_resume_exactly() {
 fn a_training_step_is_one_command_buffer() {
     // A device of its own: other tests submit to the shared one concurrently.
     let gpu = hrnet_ocr::Gpu::new().unwrap();
-    let cfg =
-        Config::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/tiny_ocr.yaml")).unwrap();
+    let cfg = tiny_config();
     let options = TrainOptions {
         batch: 1,
         crop: [32, 48],
