@@ -100,7 +100,7 @@ impl<'g> Segmenter<'g> {
     /// Keeps the convolution weights at `precision` (see [`Precision`]) and returns the
     /// precision that runs: `F16` falls back to `F32` on an adapter without `SHADER_F16`.
     pub fn set_precision(&mut self, precision: Precision) -> Precision {
-        let runs = if self.gpu.supports_f16() { precision } else { Precision::F32 };
+        let runs = precision.on(self.gpu);
         if runs != self.precision {
             self.graphs.clear();
             self.precision = runs;

@@ -317,7 +317,7 @@ impl GraphBuilder {
                 self.precision
             )));
         }
-        let precision = if gpu.supports_f16() { self.precision } else { Precision::F32 };
+        let precision = self.precision.on(gpu);
         if mode == Mode::Eval && !self.unfused {
             self.ops = fuse::fuse_for_inference(std::mem::take(&mut self.ops), &mut self.values, outputs);
         }

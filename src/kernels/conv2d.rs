@@ -187,6 +187,16 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The precision that runs on `gpu` when this one is asked for: `F16` falls back to
+    /// `F32` without `SHADER_F16`.
+    pub fn on(self, gpu: &Gpu) -> Precision {
+        if gpu.supports_f16() {
+            self
+        } else {
+            Precision::F32
+        }
+    }
+
     /// The shader the forward and its weight packing are built from.
     fn shader(self) -> &'static str {
         match self {
