@@ -144,24 +144,48 @@ fn x_hat_train(i: u32, ch: u32) -> f32 {
     return ((x[i] - x[ch * p.hw]) - stats.x) * stats.y;
 }
 
+// The elementwise passes give each plane (n, ch) a run of workgroups of 4 x WG elements:
+// the channel is then the same across a workgroup, so a CPU driver loads its statistics
+// once per SIMD batch instead of gathering them per element. Invocation `lid` takes the
+// elements WG apart from `first + lid`.
+struct PlaneBlock { ch: u32, first: u32, end: u32 }
+
+fn plane_block(wid: vec3<u32>, nwg: vec3<u32>) -> PlaneBlock {
+    let wg = wid.x + wid.y * nwg.x;
+    let blocks = (p.hw + 4u * WG - 1u) / (4u * WG);
+    let plane = min(wg / blocks, p.n * p.c);
+    let start = plane * p.hw;
+    return PlaneBlock(plane % p.c, start + (wg % blocks) * 4u * WG, min(start + p.hw, p.n * p.c * p.hw));
+}
+
 // y = (x - mean) * inv_std * gamma + beta with the batch statistics.
 @compute @workgroup_size(WG)
-fn bn_normalize_train(@builtin(global_invocation_id) gid: vec3<u32>,
-                      @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if i >= p.n * p.c * p.hw { return; }
-    let ch = (i / p.hw) % p.c;
-    y[i] = x_hat_train(i, ch) * gamma[ch] + beta[ch];
+fn bn_normalize_train(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let b = plane_block(wid, nwg);
+    let stats = saved[b.ch];
+    let shift = x[b.ch * p.hw];
+    let scale = gamma[b.ch];
+    let offset = beta[b.ch];
+    for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
+        y[i] = ((x[i] - shift) - stats.x) * stats.y * scale + offset;
+    }
 }
 
 // y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta.
 @compute @workgroup_size(WG)
-fn bn_normalize_eval(@builtin(global_invocation_id) gid: vec3<u32>,
-                     @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if i >= p.n * p.c * p.hw { return; }
-    let ch = (i / p.hw) % p.c;
-    y[i] = (x[i] - running_mean[ch]) * inverseSqrt(running_var[ch] + p.eps) * gamma[ch] + beta[ch];
+fn bn_normalize_eval(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let b = plane_block(wid, nwg);
+    let mean = running_mean[b.ch];
+    let inv_std = inverseSqrt(running_var[b.ch] + p.eps);
+    let scale = gamma[b.ch];
+    let offset = beta[b.ch];
+    for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
+        y[i] = (x[i] - mean) * inv_std * scale + offset;
+    }
 }
 
 // Sums of grad_y and grad_y * x_hat per (chunk, channel).
@@ -198,12 +222,16 @@ fn bn_backward_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
 
 // grad_x = gamma * inv_std * (grad_y - mean(grad_y) - x_hat * mean(grad_y * x_hat)).
 @compute @workgroup_size(WG)
-fn bn_backward_input(@builtin(global_invocation_id) gid: vec3<u32>,
-                  @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if i >= p.n * p.c * p.hw { return; }
-    let ch = (i / p.hw) % p.c;
-    let sums = grad_sums[ch] / f32(p.n * p.hw);
-    let g = gamma[ch] * saved[ch].y * (grad_y[i] - sums.x - x_hat_train(i, ch) * sums.y);
-    grad_x[i] = accumulate(grad_x[i], g);
+fn bn_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let b = plane_block(wid, nwg);
+    let sums = grad_sums[b.ch] / f32(p.n * p.hw);
+    let stats = saved[b.ch];
+    let shift = x[b.ch * p.hw];
+    let scale = gamma[b.ch] * stats.y;
+    for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
+        let x_hat = ((x[i] - shift) - stats.x) * stats.y;
+        grad_x[i] = accumulate(grad_x[i], scale * (grad_y[i] - sums.x - x_hat * sums.y));
+    }
 }

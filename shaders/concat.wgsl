@@ -15,19 +15,23 @@ override WG: u32 = 64u;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
-
+// Each plane (n, c) copied gets a run of workgroups of 4 x WG values, invocation `lid`
+// taking the values WG apart: the plane's offsets are then worked out once per workgroup
+// (per-element integer division is scalarised, and slow, on CPU drivers).
 @compute @workgroup_size(WG)
-fn copy_channels(@builtin(global_invocation_id) gid: vec3<u32>,
-                 @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = linear_index(gid, nwg);
-    if idx >= p.n * p.channels * p.hw { return; }
-    let s = idx % p.hw;
-    let c = (idx / p.hw) % p.channels;
-    let n = idx / (p.hw * p.channels);
-    let source = (n * p.src_channels + p.src_offset + c) * p.hw + s;
-    let dest = (n * p.dst_channels + p.dst_offset + c) * p.hw + s;
-    dst[dest] = select(0.0, dst[dest], (p.flags & ACCUMULATE) != 0u) + src[source];
+fn copy_channels(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let wg = wid.x + wid.y * nwg.x;
+    let blocks = (p.hw + 4u * WG - 1u) / (4u * WG);
+    let plane = wg / blocks;
+    if plane >= p.n * p.channels { return; }
+    let c = plane % p.channels;
+    let n = plane / p.channels;
+    let source = (n * p.src_channels + p.src_offset + c) * p.hw;
+    let dest = (n * p.dst_channels + p.dst_offset + c) * p.hw;
+    let first = (wg % blocks) * 4u * WG;
+    for (var s = first + lid; s < min(first + 4u * WG, p.hw); s += WG) {
+        dst[dest + s] = select(0.0, dst[dest + s], (p.flags & ACCUMULATE) != 0u) + src[source + s];
+    }
 }

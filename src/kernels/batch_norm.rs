@@ -89,6 +89,14 @@ impl Layout {
     fn samples_per_channel(&self) -> usize {
         self.dims[0] * self.dims[2] * self.dims[3]
     }
+
+    /// Invocations of the elementwise passes: a run of workgroups of 4 x WG elements for
+    /// each plane (see `plane_block` in the shader).
+    fn plane_blocks(&self, gpu: &Gpu) -> usize {
+        let per_workgroup = gpu.workgroup_size() as usize;
+        let [n, c, h, w] = self.dims;
+        n * c * (h * w).div_ceil(4 * per_workgroup) * per_workgroup
+    }
 }
 
 /// Training-mode forward: batch statistics into `saved` (see [`saved_shape`]), the running
@@ -147,7 +155,7 @@ pub fn forward_train(
             Binding::write(6, saved),
             Binding::write(7, y),
         ],
-        numel,
+        l.plane_blocks(gpu),
         Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * c) },
     )?;
     Ok(vec![stats, finalize, normalize])
@@ -171,7 +179,7 @@ pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor)
             Binding::write(5, bn.running_var),
             Binding::write(7, y),
         ],
-        numel,
+        l.plane_blocks(gpu),
         Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * l.channels()) },
     )
 }
@@ -248,7 +256,7 @@ pub fn backward(
             Binding::write(10, grads.grad_x),
             Binding::write(13, &grad_sums),
         ],
-        numel,
+        l.plane_blocks(gpu),
         Cost { flops: 8 * numel as u64, bytes: f32_bytes(3 * numel + 5 * c) },
     )?;
     Ok(vec![sums, finalize, input])

@@ -54,7 +54,10 @@ pub fn copy_channels(
     to_u32("elements", src.numel().max(dst.numel()))?;
     let bindings = [Binding::read(1, src), Binding::write(2, dst)];
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * len) };
-    launch(gpu, "concat", "copy_channels", &p, &bindings, len, cost)
+    // A run of workgroups of 4 x WG values per plane (see the shader).
+    let per_workgroup = gpu.workgroup_size() as usize;
+    let invocations = n * channels * (h * w).div_ceil(4 * per_workgroup) * per_workgroup;
+    launch(gpu, "concat", "copy_channels", &p, &bindings, invocations, cost)
 }
 
 /// `y = concat(inputs, channel axis)`: one copy per input into its slice.
