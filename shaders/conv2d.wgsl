@@ -158,7 +158,9 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
 // The forward with 16 output channels x 16 pixels per invocation, the register variant
 // for large maps: as conv2d_forward, but each channel's sums are a mat4x4 of four pixel
 // quads, so every uniform weight load feeds 16 multiply-adds and every gathered input
-// value 16. The pixels of quad g, lane j are block * 16 * WG + (4g + j) * WG + lid.
+// value 16. Each invocation's 16 pixels are contiguous (quad g, lane j is pixel
+// block * 16 * WG + 16 * lid + 4g + j): against pixels WG apart, as conv2d_forward takes
+// them, that ran a 1x1 270->512 convolution 1.3x faster on lavapipe and 3x3 ones as fast.
 @compute @workgroup_size(WG)
 fn conv2d_forward_wide(@builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>,
@@ -249,7 +251,7 @@ fn conv2d_forward_wide(@builtin(workgroup_id) wid: vec3<u32>,
 
 // Output pixels of quad g of invocation `lid` in `block` (conv2d_forward_wide's layout).
 fn pixel_quad(block: u32, lid: u32, g: u32) -> vec4<u32> {
-    return vec4<u32>(block * 16u * WG + lid) + (vec4<u32>(4u * g) + vec4<u32>(0u, 1u, 2u, 3u)) * WG;
+    return vec4<u32>(block * 16u * WG + lid * 16u + 4u * g) + vec4<u32>(0u, 1u, 2u, 3u);
 }
 
 // Where the four output pixels `q` read the input through tap (ky, kx), in input channel
