@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 pub enum ConvForward {
     /// 16 output channels x 4 pixels in each invocation's registers, no workgroup memory.
     Registers,
-    /// 16 output channels x 16 pixels in registers: more work per load, for large maps.
+    /// 16 output channels x 16 pixels in registers: four times the work per load.
     RegistersWide,
     /// An implicit GEMM staged through workgroup memory, 32 x 32 outputs per workgroup, K
     /// in slices of 8 rows (the shader's `SLICE` override).
@@ -60,18 +60,13 @@ impl ConvForward {
         self.slice().is_none() || gpu.workgroup_size() >= 64
     }
 
-    /// Whether it is worth timing for `class`: the wide register tiles cover 1024 pixels a
-    /// workgroup, so smaller maps would idle most of it (and compile it for nothing).
-    pub fn suits(self, class: &ConvClass) -> bool {
-        self != ConvForward::RegistersWide || class.pixels >= 1024
-    }
-
     /// The variant used without measuring (tuning off, or a convolution too small for
-    /// timing to tell): registers on a CPU driver, the tiled GEMM elsewhere.
+    /// timing to tell): the wide register tiles on a CPU driver (on lavapipe they beat the
+    /// narrow ones at every HRNet shape, down to 8 x 16 maps), the tiled GEMM elsewhere.
     pub fn default_for(gpu: &Gpu) -> Self {
         let cpu = gpu.info().device_type == wgpu::DeviceType::Cpu;
         if cpu || !ConvForward::TiledK8.runs_on(gpu) {
-            ConvForward::Registers
+            ConvForward::RegistersWide
         } else {
             ConvForward::TiledK8
         }
@@ -141,8 +136,7 @@ pub fn conv_forward(
     time_variant: impl Fn(ConvForward) -> Result<f64>,
 ) -> Result<ConvForward> {
     let default = ConvForward::default_for(gpu);
-    let candidates: Vec<ConvForward> =
-        ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu) && v.suits(class)).collect();
+    let candidates: Vec<ConvForward> = ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).collect();
     let choices = candidates.len();
     if gpu.tuning_cache() == &TuningCache::Off || class.macs() < MIN_TUNED_MACS || choices < 2 {
         return Ok(default);
