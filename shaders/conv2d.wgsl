@@ -178,6 +178,8 @@ fn conv2d_forward_wide(@builtin(workgroup_id) wid: vec3<u32>,
     let q1 = pixel_quad(block, lid, 1u);
     let q2 = pixel_quad(block, lid, 2u);
     let q3 = pixel_quad(block, lid, 3u);
+    // Invocations past the map return: a CPU driver then skips their SIMD batches.
+    if q0.x >= pixels { return; }
     var a0 = mat4x4<f32>();
     var a1 = mat4x4<f32>();
     var a2 = mat4x4<f32>();

@@ -34,7 +34,9 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
     let wg = wid.x + wid.y * nwg.x;
     if wg >= p.batch * row_groups * col_blocks { return; }
     let tile = (wg % col_blocks) * WG + lid;
-    let j0 = min(tile, n_tiles - 1u) * 16u;
+    // Invocations past the last tile return: a CPU driver then skips their SIMD batches.
+    if tile >= n_tiles { return; }
+    let j0 = tile * 16u;
     let i0 = ((wg / col_blocks) % row_groups) * 16u;
     let bt = wg / (col_blocks * row_groups);
     // Rows and columns past the edge re-read the last one; their sums are not stored.
@@ -96,7 +98,6 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
         m14 += a[r14 + ak] * bm;
         m15 += a[r15 + ak] * bm;
     }
-    if tile >= n_tiles { return; }
     store(bt, i0, j0, m0);
     store(bt, i0 + 1u, j0, m1);
     store(bt, i0 + 2u, j0, m2);

@@ -320,21 +320,25 @@ pub fn forward_with(
     let pixels = d.ho * d.wo;
     let conv = match variant.slice() {
         None => {
-            // A workgroup per (image, group of 16 channels, block of `per` x WG pixels).
-            // Small maps (HRNet's deepest branches) get smaller workgroups, down to 8 (a CPU
-            // driver's SIMD width), rather than idle invocations.
-            let (per, entry) = match variant {
-                ConvForward::RegistersWide => (16, "conv2d_forward_wide"),
-                _ => (4, "conv2d_forward"),
+            // A workgroup per (image, group of 16 channels, block of `per` x WG pixels). The
+            // 4-pixel tiles take pixels WG apart, so small maps (HRNet's deepest branches)
+            // get smaller workgroups, down to 8 (a CPU driver's SIMD width), rather than
+            // idle invocations. The wide tiles keep one workgroup size for every map: each
+            // size is another pipeline, and LLVM takes ~5 s to compile the wide kernel on
+            // lavapipe; its invocations past a small map return at once.
+            let full = gpu.workgroup_size() as usize;
+            let (per, wg) = match variant {
+                ConvForward::RegistersWide => (16, full),
+                _ => (4, pixels.div_ceil(4).next_power_of_two().clamp(8, full)),
             };
-            let wg = pixels.div_ceil(per).next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
             let invocations = d.n * d.co.div_ceil(16) * pixels.div_ceil(per * wg) * wg;
-            launch_sized(gpu, (precision.shader(), entry), wg as u32, &params, &bindings, invocations, cost)?
+            let entry = (precision.shader(), variant.entry());
+            launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?
         }
         Some(slice) => {
             // A workgroup of 64 per (image, 32 channels, 32 pixels).
             let invocations = d.n * d.co.div_ceil(32) * pixels.div_ceil(32) * 64;
-            let entry = (precision.shader(), "conv2d_forward_tiled");
+            let entry = (precision.shader(), variant.entry());
             let tile = [("SLICE", f64::from(slice))];
             launch_tuned(gpu, entry, 64, &tile, &params, &bindings, invocations, cost)?
         }

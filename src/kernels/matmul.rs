@@ -1,7 +1,7 @@
 //! Batched matrix products with either operand transposed, and their backward
 //! (`matmul.wgsl`). Every product, transposes included, is one strided kernel.
 
-use super::{f32_bytes, launch_sized, to_u32};
+use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
@@ -108,13 +108,13 @@ pub fn product(
         flops: 2 * (batch * m * n * k) as u64,
         bytes: f32_bytes(batch * (m * k + k * n + m * n * (1 + usize::from(accumulate)))),
     };
-    // A workgroup per (matrix, 16 rows, block of 16-column tiles), sized to the tiles down
-    // to 8 (a CPU driver's SIMD width) so narrow products idle few invocations.
-    let tiles = n.div_ceil(16);
-    let wg = tiles.next_power_of_two().clamp(8, gpu.workgroup_size() as usize);
-    let invocations = batch * m.div_ceil(16) * tiles.div_ceil(wg) * wg;
+    // A workgroup per (matrix, 16 rows, block of WG 16-column tiles). One workgroup size
+    // for every shape (each size is another pipeline for the driver to compile); on narrow
+    // products the invocations past the last tile return at once.
+    let wg = gpu.workgroup_size() as usize;
+    let invocations = batch * m.div_ceil(16) * n.div_ceil(16 * wg) * wg;
     let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
-    launch_sized(gpu, ("matmul", "matmul"), wg as u32, &p, &bindings, invocations, cost)
+    launch(gpu, "matmul", "matmul", &p, &bindings, invocations, cost)
 }
 
 /// A batched product of row-major tensors: `a` is `[batch, m, k]` (`[batch, k, m]` if

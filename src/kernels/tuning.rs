@@ -42,6 +42,15 @@ impl ConvForward {
         }
     }
 
+    /// The shader entry point that computes it.
+    pub fn entry(self) -> &'static str {
+        match self {
+            ConvForward::Registers => "conv2d_forward",
+            ConvForward::RegistersWide => "conv2d_forward_wide",
+            ConvForward::TiledK8 | ConvForward::TiledK16 => "conv2d_forward_tiled",
+        }
+    }
+
     /// Rows of K a tiled variant stages at once; none for the register tiles.
     pub fn slice(self) -> Option<u32> {
         match self {

@@ -3,6 +3,7 @@
 use crate::common::*;
 use hrnet_ocr::kernels::batch_norm::{self, BatchNormParams};
 use hrnet_ocr::kernels::conv2d::Conv2dSpec;
+use hrnet_ocr::kernels::tuning::ConvForward;
 use hrnet_ocr::kernels::{conv2d, elementwise};
 use hrnet_ocr::{Error, Tensor};
 
@@ -88,7 +89,9 @@ fn profiler_times_every_dispatch_or_explains() {
     match gpu.profile(&d.iter().collect::<Vec<_>>()) {
         Ok(t) => {
             let labels: Vec<_> = t.iter().map(|k| k.label).collect();
-            assert_eq!(labels, ["conv2d_pack_weight", "conv2d_forward", "relu_forward"]);
+            // The forward is whichever variant the adapter defaults to for so small a shape.
+            let forward = ConvForward::default_for(gpu).entry();
+            assert_eq!(labels, ["conv2d_pack_weight", forward, "relu_forward"]);
             assert!(t.iter().all(|k| k.nanoseconds.is_finite() && k.nanoseconds >= 0.0), "{t:?}");
             assert!(t[1].nanoseconds > 0.0, "a 8x8x3x3 convolution took no time: {t:?}");
         }
