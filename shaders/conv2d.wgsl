@@ -155,8 +155,8 @@ fn conv2d_forward(@builtin(workgroup_id) wid: vec3<u32>,
     store_y(n, co0 + 15u, q, a33);
 }
 
-// The forward with 16 output channels x 16 pixels per invocation, the register variant
-// for large maps: as conv2d_forward, but each channel's sums are a mat4x4 of four pixel
+// The forward with 16 output channels x 16 pixels per invocation (lavapipe's choice at
+// nearly every HRNet shape, small maps included): as conv2d_forward, but each channel's sums are a mat4x4 of four pixel
 // quads, so every uniform weight load feeds 16 multiply-adds and every gathered input
 // value 16. Each invocation's 16 pixels are contiguous (quad g, lane j is pixel
 // block * 16 * WG + 16 * lid + 4g + j): against pixels WG apart, as conv2d_forward takes
@@ -817,7 +817,10 @@ fn conv2d_backward_weight_wide(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 // A weight-gradient invocation's tile: output channels co0..co0+16, `per` input channels
-// from ci0, tap k, and chunk of output rows; not valid past the last tile.
+// from ci0, tap k, and chunk of output rows; not valid past the last tile. The tap varies
+// fastest, so neighbouring invocations (a CPU driver's SIMD batch) read the same channel
+// planes a pixel or a row apart and share cache lines: 1.14x faster over the W18 training
+// step's weight gradients on lavapipe than with the input-channel group fastest.
 struct WeightGradTile {
     valid: bool,
     ci0: u32,
@@ -833,9 +836,9 @@ fn weight_grad_tile(idx: u32, per: u32) -> WeightGradTile {
     let chunks = (p.n * p.ho + p.chunk_rows - 1u) / p.chunk_rows;
     return WeightGradTile(
         idx < chunks * ksize * co_groups * ci_groups,
-        (idx % ci_groups) * per,
-        ((idx / ci_groups) % co_groups) * 16u,
-        (idx / (ci_groups * co_groups)) % ksize,
+        ((idx / ksize) % ci_groups) * per,
+        ((idx / (ksize * ci_groups)) % co_groups) * 16u,
+        idx % ksize,
         idx / (ci_groups * co_groups * ksize),
     );
 }
