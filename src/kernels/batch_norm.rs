@@ -1,6 +1,6 @@
 //! Batch normalisation over N x H x W per channel, PyTorch semantics (`batch_norm.wgsl`).
 
-use super::{f32_bytes, launch, reduction_chunks, scratch, to_u32};
+use super::{f32_bytes, launch, plane_block_invocations, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
@@ -90,12 +90,10 @@ impl Layout {
         self.dims[0] * self.dims[2] * self.dims[3]
     }
 
-    /// Invocations of the elementwise passes: a run of workgroups of 4 x WG elements for
-    /// each plane (see `plane_block` in the shader).
+    /// Invocations of the elementwise passes (see `plane_block` in the shader).
     fn plane_blocks(&self, gpu: &Gpu) -> usize {
-        let per_workgroup = gpu.workgroup_size() as usize;
         let [n, c, h, w] = self.dims;
-        n * c * (h * w).div_ceil(4 * per_workgroup) * per_workgroup
+        plane_block_invocations(gpu, n * c, h * w)
     }
 }
 

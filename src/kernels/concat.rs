@@ -1,7 +1,7 @@
 //! Channel concat and split (`concat.wgsl`). Producers that can write into a channel slice
 //! (the resizes of HRNet's final concat) do so directly; the rest are copied.
 
-use super::{f32_bytes, launch, to_u32};
+use super::{f32_bytes, launch, plane_block_invocations, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
@@ -54,9 +54,7 @@ pub fn copy_channels(
     to_u32("elements", src.numel().max(dst.numel()))?;
     let bindings = [Binding::read(1, src), Binding::write(2, dst)];
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * len) };
-    // A run of workgroups of 4 x WG values per plane (see the shader).
-    let per_workgroup = gpu.workgroup_size() as usize;
-    let invocations = n * channels * (h * w).div_ceil(4 * per_workgroup) * per_workgroup;
+    let invocations = plane_block_invocations(gpu, n * channels, h * w);
     launch(gpu, "concat", "copy_channels", &p, &bindings, invocations, cost)
 }
 

@@ -112,6 +112,14 @@ fn check_bindings(entry: &str, bindings: &[Binding<'_>]) -> Result<()> {
     Ok(())
 }
 
+/// Invocations for a kernel that gives each of `planes` planes of `plane_len` values a run
+/// of workgroups of 4 x WG values (batch norm's elementwise passes, the channel copy): the
+/// plane, and so its channel, is then uniform across a workgroup.
+pub(crate) fn plane_block_invocations(gpu: &Gpu, planes: usize, plane_len: usize) -> usize {
+    let per_workgroup = gpu.workgroup_size() as usize;
+    planes * plane_len.div_ceil(4 * per_workgroup) * per_workgroup
+}
+
 /// How many chunks to split a reduction of `terms` terms into, for each of `outputs`
 /// independent results, so that `outputs * chunks` keeps the device busy.
 pub(crate) fn reduction_chunks(outputs: usize, terms: usize) -> usize {
