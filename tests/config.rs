@@ -5,7 +5,7 @@ use hrnet_ocr::model::Config;
 use std::path::PathBuf;
 
 fn official_configs() -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/official_configs");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/official");
     let mut files = Vec::new();
     for dataset in std::fs::read_dir(&root).unwrap_or_else(|e| panic!("{}: {e}", root.display())) {
         let dir = dataset.unwrap().path();

@@ -106,7 +106,7 @@ fn safetensors_weights_and_checkpoints_survive_corruption() {
 fn yaml_configs_survive_corruption() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut originals = vec![std::fs::read(root.join("models/procedural.yaml")).unwrap()];
-    let official = root.join("../shared/official_configs/cityscapes");
+    let official = root.join("configs/official/cityscapes");
     for entry in std::fs::read_dir(&official).unwrap() {
         originals.push(std::fs::read(entry.unwrap().path()).unwrap());
     }

@@ -108,9 +108,16 @@ impl Gpu {
 
     /// Opens an adapter: the first whose name contains `adapter_name` if given, else the
     /// most capable (discrete GPU, integrated, virtual, CPU; native backends before GL).
+    /// Without `backends`, GL is probed only when no Vulkan, Metal or DX12 adapter exists:
+    /// probing it through EGL is slow and makes some drivers print errors.
     pub fn with_options(options: &GpuOptions) -> Result<Self> {
-        let backends = options.backends.unwrap_or(wgpu::Backends::all());
-        let adapters = enumerate(backends);
+        let (backends, adapters) = match options.backends {
+            Some(backends) => (backends, enumerate(backends)),
+            None => match enumerate(wgpu::Backends::PRIMARY) {
+                native if native.is_empty() => (wgpu::Backends::all(), enumerate(wgpu::Backends::SECONDARY)),
+                native => (wgpu::Backends::PRIMARY, native),
+            },
+        };
         let adapter = choose_adapter(adapters, backends, options.adapter_name.as_deref())?;
         let info = adapter.get_info();
         let features = adapter.features() & OPTIONAL_FEATURES;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch reference implementation of HRNet-OCR (HRNetV2 backbone + OCR head).
 
-Written from `HRNET_OCR_SPEC.md` (sections 1-4 and 7). It rebuilds the
+Written from `docs/spec.md` (sections 1-4 and 7). It rebuilds the
 official segmentation model so that:
 
 * the module attribute names give exactly the official state-dict keys
@@ -23,6 +23,7 @@ for a self-check against the official W48 configuration (parameter count and
 number of state-dict entries).
 """
 
+import os
 import sys
 
 import torch
@@ -460,8 +461,9 @@ def hrnet_ocr_loss(aux, out, label, cfg, class_weights=None, return_terms=False)
 # ---------------------------------------------------------------------------
 # self-check
 
-W48_YAML = ("/work/shared/official_configs/cityscapes/"
-            "seg_hrnet_ocr_w48_train_512x1024_sgd_lr1e-2_wd5e-4_bs_12_epoch484.yaml")
+W48_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs",
+                        "official", "cityscapes",
+                        "seg_hrnet_ocr_w48_train_512x1024_sgd_lr1e-2_wd5e-4_bs_12_epoch484.yaml")
 
 
 def load_cfg(path):
