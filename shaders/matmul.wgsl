@@ -116,6 +116,26 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>,
     store(bt, i0 + 15u, j0, m15);
 }
 
+// Small products: one element of c per invocation. LLVM compiles it in tens of
+// milliseconds where the 16 x 16 tiles take 1.5 s on lavapipe, which is most of a first
+// segmentation's matmul cost when the product itself takes a fraction of a millisecond.
+@compute @workgroup_size(WG)
+fn matmul_per_element(@builtin(global_invocation_id) gid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.x + gid.y * nwg.x * WG;
+    if idx >= p.batch * p.m * p.n { return; }
+    let j = idx % p.n;
+    let i = (idx / p.n) % p.m;
+    let bt = idx / (p.n * p.m);
+    let ai = bt * p.a_batch + i * p.a_row;
+    let bj = bt * p.b_batch + j * p.b_col;
+    var sum = 0.0;
+    for (var kk = 0u; kk < p.k; kk++) {
+        sum += a[ai + kk * p.a_col] * b[bj + kk * p.b_row];
+    }
+    c[idx] = select(0.0, c[idx], (p.flags & ACCUMULATE) != 0u) + sum;
+}
+
 // Offsets in b of columns j..j+4 of b'[bt] (the last column for those past the edge).
 fn column_quad(bt: u32, j: u32) -> vec4<u32> {
     return min(vec4<u32>(j) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.n - 1u)) * p.b_col + vec4<u32>(bt * p.b_batch);

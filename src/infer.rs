@@ -83,6 +83,7 @@ pub struct Segmenter<'g> {
     graphs: HashMap<[usize; 2], Graph>,
     check_numerics: bool,
     precision: Precision,
+    tune: bool,
 }
 
 impl<'g> Segmenter<'g> {
@@ -94,7 +95,16 @@ impl<'g> Segmenter<'g> {
             graphs: HashMap::new(),
             check_numerics: false,
             precision: Precision::F32,
+            tune: false,
         }
+    }
+
+    /// With `on`, the convolution variants are measured for each input size before its
+    /// graph is built ([`GraphBuilder::tune`]): seconds of timing on a first run, worth it
+    /// when the segmenter serves many images or windows. Off (the default), a graph takes
+    /// the choices measured earlier, or the adapter's defaults, and compiles nothing else.
+    pub fn tune(&mut self, on: bool) {
+        self.tune = on;
     }
 
     /// Keeps the convolution weights at `precision` (see [`Precision`]) and returns the
@@ -203,6 +213,9 @@ impl<'g> Segmenter<'g> {
             let x = g.input("input", &[1, 3, size[0], size[1]], false);
             let m = hrnet::build(&mut g, &self.config, x, 0.0)?;
             g.set_precision(self.precision);
+            if self.tune {
+                g.tune(self.gpu)?;
+            }
             let graph = g.build(self.gpu, Mode::Eval, &[m.out])?;
             weights::load_into(self.gpu, &graph, &self.weights, "the segmenter's weights")?;
             self.graphs.insert(size, graph);

@@ -14,10 +14,15 @@ fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// Runs the binary; returns (success, stdout + stderr).
+/// Runs the binary; returns (success, stdout + stderr). A run that succeeds must not print a
+/// line that reads like a failure (a driver's or a library's stray `error:`).
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hrnet-ocr")).args(args).output().expect("run hrnet-ocr");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        let alarm = text.lines().find(|l| l.trim_start().to_lowercase().starts_with("error"));
+        assert!(alarm.is_none(), "hrnet-ocr {args:?} succeeded but printed {alarm:?}");
+    }
     (out.status.success(), text)
 }
 

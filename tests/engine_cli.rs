@@ -26,10 +26,15 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Runs the binary; returns (success, stdout + stderr).
+/// Runs the binary; returns (success, stdout + stderr). A run that succeeds must not print a
+/// line that reads like a failure (a driver's or a library's stray `error:`).
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hrnet-ocr")).args(args).output().expect("run hrnet-ocr");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        let alarm = text.lines().find(|l| l.trim_start().to_lowercase().starts_with("error"));
+        assert!(alarm.is_none(), "hrnet-ocr {args:?} succeeded but printed {alarm:?}");
+    }
     (out.status.success(), text)
 }
 
@@ -47,10 +52,13 @@ fn write_folder(root: &Path, seed: u64, count: u64, size: usize) {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in ["info", "segment", "train", "eval", "bench", "forward", "backward", "convert"] {
+    for cmd in ["info", "segment", "train", "eval", "bench", "tune", "forward", "backward", "convert"] {
         let (ok, text) = run(&[cmd, "--help"]);
         assert!(ok && text.contains("Usage: hrnet-ocr"), "{cmd}: {text}");
     }
+    // `info` probes every backend, GL through EGL included: still no stray error lines.
+    let (ok, text) = run(&["info"]);
+    assert!(ok && text.contains("adapters found:") && text.contains("chosen:"), "{text}");
 }
 
 #[test]
@@ -341,4 +349,25 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
             assert!(t.data.iter().all(|v| v.is_finite()), "{} in the kept checkpoint is not finite", t.name);
         }
     }
+}
+
+#[test]
+fn tune_measures_the_bundled_model_and_caches_the_choices() {
+    let dir = scratch("tune");
+    let cache = dir.join("tuning.tsv");
+    let out = Command::new(env!("CARGO_BIN_EXE_hrnet-ocr"))
+        .args(["tune", "--size", "64"])
+        .env("HRNET_OCR_TUNING", &cache)
+        .output()
+        .expect("run hrnet-ocr");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let listed = text.lines().filter(|l| l.trim_start().starts_with("conv2d_forward ")).count();
+    let cached =
+        std::fs::read_to_string(&cache).unwrap_or_else(|e| panic!("{}: {e}\n{text}", cache.display()));
+    assert!(
+        listed > 0 && cached.lines().count() == listed,
+        "{listed} classes listed, cache:\n{cached}\n{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

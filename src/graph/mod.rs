@@ -13,7 +13,7 @@ mod plan;
 
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
-use crate::kernels::conv2d::{Conv2dSpec, Precision};
+use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::Ohem;
 use crate::kernels::sgd::{Arena, SgdConfig};
@@ -306,6 +306,20 @@ impl GraphBuilder {
     /// a training graph refuses it.
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
+    }
+
+    /// Measures the forward variants of every convolution whose shape class has no choice
+    /// yet ([`crate::kernels::tuning`]), so that [`GraphBuilder::build`] records the fastest.
+    /// It runs timed GPU submissions and writes the tuning cache file: a step of its own, for
+    /// work that reuses a graph (training, evaluation, benchmarks). `build` never measures.
+    pub fn tune(&self, gpu: &Gpu) -> Result<()> {
+        let precision = self.precision.on(gpu);
+        for op in &self.ops {
+            if let Op::Conv2d { spec, x, weight, .. } = op {
+                conv2d::tune_forward(gpu, spec, self.shape(*x), self.shape(*weight), precision)?;
+            }
+        }
+        Ok(())
     }
 
     /// Allocates every tensor and records the forward (and, in training, backward) pass.

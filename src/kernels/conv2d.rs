@@ -83,6 +83,18 @@ impl Dims {
         (self.n * self.co * self.ho * self.wo * self.ci * self.kh * self.kw) as u64
     }
 
+    /// The shape class the forward's variant is chosen for.
+    fn class(&self, spec: &Conv2dSpec, precision: Precision) -> ConvClass {
+        ConvClass::new(
+            self.ci,
+            self.co,
+            [self.kh, self.kw],
+            spec.stride,
+            precision,
+            self.n * self.ho * self.wo,
+        )
+    }
+
     fn weight_len(&self) -> usize {
         self.co * self.ci * self.kh * self.kw
     }
@@ -226,8 +238,8 @@ pub fn forward(
 
 /// `y = epilogue(conv2d(x, weight))`: the weight is repacked at `precision` (one small
 /// dispatch, which also folds the batch norm), then the convolution runs with the epilogue
-/// in its stores, in the variant the adapter runs fastest for this shape class
-/// ([`tuning::conv_forward`]; the first convolution of a class times both).
+/// in its stores, in the variant measured fastest for this shape class, or the adapter's
+/// untimed default when none was ([`tuning::conv_forward`]; recording never measures).
 pub fn forward_fused(
     gpu: &Gpu,
     spec: &Conv2dSpec,
@@ -238,10 +250,24 @@ pub fn forward_fused(
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), weight)?;
-    let class = ConvClass::new(d.ci, d.co, [d.kh, d.kw], spec.stride, precision, d.n * d.ho * d.wo);
-    let variant = tuning::conv_forward(gpu, &class, |variant| {
-        // A proxy of at most 64 x 64 output pixels of one image, on the real weight; the
-        // residual (shaped like the full output) is left out, the rest of the epilogue kept.
+    let variant = tuning::conv_forward(gpu, &d.class(spec, precision));
+    forward_with(gpu, spec, x, weight, epilogue, precision, variant, y)
+}
+
+/// Measures the forward variants for convolutions of `x_shape` by a `weight_shape` weight
+/// at `precision`, unless their shape class is measured already, and returns the choice
+/// later recordings of the class take. Each variant runs on a proxy of at most 64 x 64
+/// output pixels of one image with zero tensors (the timing does not depend on values).
+pub fn tune_forward(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    x_shape: &[usize],
+    weight_shape: &[usize],
+    precision: Precision,
+) -> Result<ConvForward> {
+    let weight = Tensor::zeros(gpu, weight_shape)?;
+    let d = Dims::resolve(spec, x_shape, &weight)?;
+    tuning::measure_conv_forward(gpu, &d.class(spec, precision), |variant| {
         let proxy_x = Tensor::zeros(
             gpu,
             &[
@@ -251,14 +277,13 @@ pub fn forward_fused(
                 d.w.min(tuning::PROXY_SIDE * spec.stride[1]),
             ],
         )?;
-        let proxy_y = Tensor::empty(gpu, &output_shape(spec, proxy_x.shape(), weight)?)?;
-        let proxy = Epilogue { residual: None, ..*epilogue };
+        let proxy_y = Tensor::empty(gpu, &output_shape(spec, proxy_x.shape(), &weight)?)?;
+        let plain = Epilogue::default();
         tuning::time_dispatches(
             gpu,
-            &forward_with(gpu, spec, &proxy_x, weight, &proxy, precision, variant, &proxy_y)?,
+            &forward_with(gpu, spec, &proxy_x, &weight, &plain, precision, variant, &proxy_y)?,
         )
-    })?;
-    forward_with(gpu, spec, x, weight, epilogue, precision, variant, y)
+    })
 }
 
 /// [`forward_fused`] in the given variant, whatever the tuning would choose (for tests,

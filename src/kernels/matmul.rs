@@ -53,10 +53,61 @@ impl Strided {
     }
 }
 
+/// Which kernel computes a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulKernel {
+    /// A 16 x 16 tile of c in each invocation's registers: the fast one at real sizes.
+    Tiles16,
+    /// One element of c per invocation: slow per element, but compiled in tens of
+    /// milliseconds where the tiles take 1.5 s on lavapipe.
+    PerElement,
+}
+
+/// Products below this many multiply-adds take [`MatmulKernel::PerElement`]: about a
+/// millisecond either way on lavapipe, so a first run (the OCR head at small inputs) skips
+/// compiling the tiles.
+pub const SMALL_PRODUCT_MACS: usize = 1 << 20;
+
+impl MatmulKernel {
+    pub const ALL: [MatmulKernel; 2] = [MatmulKernel::Tiles16, MatmulKernel::PerElement];
+
+    /// The kernel for a product of `macs` multiply-adds.
+    pub fn for_macs(macs: usize) -> Self {
+        if macs < SMALL_PRODUCT_MACS {
+            MatmulKernel::PerElement
+        } else {
+            MatmulKernel::Tiles16
+        }
+    }
+
+    /// The shader entry point that computes it.
+    pub fn entry(self) -> &'static str {
+        match self {
+            MatmulKernel::Tiles16 => "matmul",
+            MatmulKernel::PerElement => "matmul_per_element",
+        }
+    }
+}
+
 /// `c[b] (+)= a[b] @ b[b]` for the strided views `a` (m x k) and `b` (k x n); `c` is
-/// row-major `[batch, m, n]` (any shape with that many elements).
+/// row-major `[batch, m, n]` (any shape with that many elements). The kernel follows the
+/// product's size ([`MatmulKernel::for_macs`]).
 pub fn product(
     gpu: &Gpu,
+    batch: usize,
+    a: (&Tensor, Strided),
+    b: (&Tensor, Strided),
+    c: &Tensor,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let macs = batch * a.1.rows * a.1.cols * b.1.cols;
+    product_with(gpu, MatmulKernel::for_macs(macs), batch, a, b, c, accumulate)
+}
+
+/// [`product`] computed by `kernel`, whatever the size (for tests and benchmarks).
+pub fn product_with(
+    gpu: &Gpu,
+    kernel: MatmulKernel,
     batch: usize,
     (a, av): (&Tensor, Strided),
     (b, bv): (&Tensor, Strided),
@@ -108,13 +159,18 @@ pub fn product(
         flops: 2 * (batch * m * n * k) as u64,
         bytes: f32_bytes(batch * (m * k + k * n + m * n * (1 + usize::from(accumulate)))),
     };
-    // A workgroup per (matrix, 16 rows, block of WG 16-column tiles). One workgroup size
-    // for every shape (each size is another pipeline for the driver to compile); on narrow
-    // products the invocations past the last tile return at once.
-    let wg = gpu.workgroup_size() as usize;
-    let invocations = batch * m.div_ceil(16) * n.div_ceil(16 * wg) * wg;
+    let invocations = match kernel {
+        // A workgroup per (matrix, 16 rows, block of WG 16-column tiles). One workgroup size
+        // for every shape (each size is another pipeline for the driver to compile); on
+        // narrow products the invocations past the last tile return at once.
+        MatmulKernel::Tiles16 => {
+            let wg = gpu.workgroup_size() as usize;
+            batch * m.div_ceil(16) * n.div_ceil(16 * wg) * wg
+        }
+        MatmulKernel::PerElement => batch * m * n,
+    };
     let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
-    launch(gpu, "matmul", "matmul", &p, &bindings, invocations, cost)
+    launch(gpu, "matmul", kernel.entry(), &p, &bindings, invocations, cost)
 }
 
 /// A batched product of row-major tensors: `a` is `[batch, m, k]` (`[batch, k, m]` if

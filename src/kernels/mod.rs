@@ -223,7 +223,10 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
         ),
         v(
             "matmul",
-            "16 x 16 tile per invocation, a workgroup sharing its rows; operands read through strides",
+            &format!(
+                "16 x 16 tile per invocation, a workgroup sharing its rows; one element per invocation below {} multiply-adds; operands read through strides",
+                matmul::SMALL_PRODUCT_MACS
+            ),
             tiles_why,
         ),
         v(

@@ -4,10 +4,13 @@
 //! The convolution forward has three kernels (`conv2d.wgsl`): register tiles of 4 or of 16
 //! pixels without workgroup memory, which a CPU driver such as lavapipe runs best, and an
 //! implicit GEMM through workgroup memory, which GPUs reward, at two slice depths (an
-//! override constant). The first convolution of a shape class (channels, kernel, stride,
-//! weight precision, pixel count to a power of two) times each on a proxy of at most
-//! 64 x 64 output pixels, and the fastest is kept for every later convolution of that
-//! class, in this process and, through the cache file, in later ones.
+//! override constant). Measuring is a step of its own ([`measure_conv_forward`], driven by
+//! `GraphBuilder::tune` and `hrnet-ocr tune`): it times each variant on a proxy of at most
+//! 64 x 64 output pixels and keeps the fastest for the shape class (channels, kernel,
+//! stride, weight precision, pixel count to a power of two), in this process and, through
+//! the cache file, in later ones. Recording a graph never measures ([`conv_forward`]): it
+//! takes the cached choice, or the adapter's untimed default, so a single segmentation
+//! compiles no variant it does not run.
 
 use super::conv2d::Precision;
 use crate::error::{Error, Result};
@@ -69,15 +72,17 @@ impl ConvForward {
         self.slice().is_none() || gpu.workgroup_size() >= 64
     }
 
-    /// The variant used without measuring (tuning off, or a convolution too small for
-    /// timing to tell): the wide register tiles on a CPU driver (on lavapipe they beat the
-    /// narrow ones at every HRNet shape, down to 8 x 16 maps), the tiled GEMM elsewhere.
+    /// The variant used where nothing was measured (no cached choice, tuning off, or a
+    /// convolution too small for timing to tell). On a CPU driver it is the implicit GEMM:
+    /// LLVM compiles it in 0.35 s on lavapipe where the 16-pixel register tiles take 5.8 s
+    /// and the 4-pixel ones 0.6 s per workgroup size, and a first run is mostly compiling
+    /// (`hrnet-ocr tune` then measures what runs fastest). Elsewhere too the GEMM, where the
+    /// adapter allows its 64 invocations a workgroup.
     pub fn default_for(gpu: &Gpu) -> Self {
-        let cpu = gpu.info().device_type == wgpu::DeviceType::Cpu;
-        if cpu || !ConvForward::TiledK8.runs_on(gpu) {
-            ConvForward::RegistersWide
-        } else {
+        if ConvForward::TiledK8.runs_on(gpu) {
             ConvForward::TiledK8
+        } else {
+            ConvForward::Registers
         }
     }
 }
@@ -136,20 +141,38 @@ impl ConvClass {
     }
 }
 
-/// The variant for convolutions of `class`: the cached or measured choice, timing the
-/// variants with `time_variant` (milliseconds of one run) the first time the class is
-/// seen.
-pub fn conv_forward(
+/// Whether `class` is worth measuring on `gpu`: tuning on, two variants to choose from, and
+/// enough work for timing to tell them apart.
+fn tunable(gpu: &Gpu, class: &ConvClass) -> bool {
+    let choices = ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).count();
+    gpu.tuning_cache() != &TuningCache::Off && class.macs() >= MIN_TUNED_MACS && choices >= 2
+}
+
+/// The variant for convolutions of `class`: the choice measured earlier (in this process or
+/// a cached one), else the adapter's untimed default. Never measures.
+pub fn conv_forward(gpu: &Gpu, class: &ConvClass) -> ConvForward {
+    let default = ConvForward::default_for(gpu);
+    if !tunable(gpu, class) {
+        return default;
+    }
+    let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
+    let table = table.get_or_insert_with(|| load(gpu));
+    table.get(&class.key()).and_then(|c| ConvForward::parse(c)).unwrap_or(default)
+}
+
+/// Measures the variants for `class` unless a choice is known, timing each with
+/// `time_variant` (milliseconds of one run), and keeps the fastest in memory and in the
+/// cache file; returns the choice. A class not worth measuring gets the untimed default.
+pub fn measure_conv_forward(
     gpu: &Gpu,
     class: &ConvClass,
     time_variant: impl Fn(ConvForward) -> Result<f64>,
 ) -> Result<ConvForward> {
     let default = ConvForward::default_for(gpu);
-    let candidates: Vec<ConvForward> = ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).collect();
-    let choices = candidates.len();
-    if gpu.tuning_cache() == &TuningCache::Off || class.macs() < MIN_TUNED_MACS || choices < 2 {
+    if !tunable(gpu, class) {
         return Ok(default);
     }
+    let candidates: Vec<ConvForward> = ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).collect();
     let key = class.key();
     let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
     let table = table.get_or_insert_with(|| load(gpu));

@@ -126,6 +126,8 @@ impl<'g> Trainer<'g> {
         for k in &options.head_keywords {
             g.lr_multiplier(k, options.head_lr_mult);
         }
+        // A training run reuses its graph for every step: measure the variants first.
+        g.tune(gpu)?;
         let graph = g.build(gpu, Mode::Train, &[m.aux, m.out])?;
         match weights {
             Some(w) => weights::load_into(gpu, &graph, w, "the initial weights")?,

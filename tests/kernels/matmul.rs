@@ -1,5 +1,5 @@
 use crate::common::*;
-use hrnet_ocr::kernels::matmul::Matmul;
+use hrnet_ocr::kernels::matmul::{product_with, Matmul, MatmulKernel, Strided};
 
 const TOL: f64 = 1e-5;
 
@@ -98,5 +98,45 @@ fn matmul_matches_cpu_on_random_shapes_and_transposes() {
         assert_close(&format!("{mm:?} out"), &got[0], &c, TOL);
         assert_close(&format!("{mm:?} grad_a"), &got[1], &ga, TOL);
         assert_close(&format!("{mm:?} grad_b"), &got[2], &gb, TOL);
+    }
+}
+
+#[test]
+fn both_matmul_kernels_match_cpu_on_random_products() {
+    // `product` picks a kernel by size; each must hold for any shape, transpose and
+    // accumulation, so both run here whatever the size.
+    let gpu = gpu();
+    let mut rng = Rng::new(seed("both_matmul_kernels_match_cpu_on_random_products"));
+    for i in 0..40 {
+        let mm = Matmul {
+            batch: rng.range(1, 3),
+            m: rng.range(1, 70),
+            k: rng.range(1, 40),
+            n: rng.range(1, 70),
+            trans_a: i % 2 == 1,
+            trans_b: (i / 2) % 2 == 1,
+        };
+        let (a, b) = (rng.normals(mm.batch * mm.m * mm.k), rng.normals(mm.batch * mm.k * mm.n));
+        let old = (i % 3 == 0).then(|| rng.normals(mm.batch * mm.m * mm.n));
+        let mut want = reference(&mm, &a, &b, &vec![0.0; mm.batch * mm.m * mm.n])[0].clone();
+        if let Some(old) = &old {
+            want.iter_mut().zip(old).for_each(|(w, o)| *w += o);
+        }
+        let (at, bt) = (upload(&[a.len()], &a), upload(&[b.len()], &b));
+        let (av, bv) = (Strided::row_major(mm.m, mm.k), Strided::row_major(mm.k, mm.n));
+        let av = if mm.trans_a { Strided::row_major(mm.k, mm.m).t() } else { av };
+        let bv = if mm.trans_b { Strided::row_major(mm.n, mm.k).t() } else { bv };
+        for kernel in MatmulKernel::ALL {
+            let c_shape = [mm.batch, mm.m, mm.n];
+            let c = old.as_deref().map_or_else(|| poisoned(&c_shape), |o| upload(&c_shape, o));
+            let d = product_with(gpu, kernel, mm.batch, (&at, av), (&bt, bv), &c, old.is_some()).unwrap();
+            gpu.run(&[d]).unwrap();
+            assert_close(
+                &format!("{kernel:?} {mm:?} accumulate {}", old.is_some()),
+                &download(&c),
+                &want,
+                TOL,
+            );
+        }
     }
 }

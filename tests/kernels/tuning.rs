@@ -41,35 +41,41 @@ fn tuning_keeps_the_fastest_variant_per_class_on_disk() {
         panic!("{}: the tiled variant cannot run, nothing to choose between", first.describe());
     }
     let calls = Cell::new(0);
-    assert_eq!(tuning::conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
+    assert_eq!(tuning::measure_conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
     assert_eq!(calls.get(), ConvForward::ALL.len(), "every variant must be timed once");
-    assert_eq!(tuning::conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
+    assert_eq!(tuning::measure_conv_forward(&first, &class, timings(&calls)).unwrap(), fast);
     assert_eq!(calls.get(), ConvForward::ALL.len(), "a known class must not be timed again");
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains(&first.info().name) && text.contains(fast.name()), "cache file: {text}");
 
     let second = gpu_with(TuningCache::File(path.clone()));
+    // Recording takes the cached choice (it never measures: it has nothing to time with).
+    assert_eq!(tuning::conv_forward(&second, &class), fast);
     let calls = Cell::new(0);
-    assert_eq!(tuning::conv_forward(&second, &class, timings(&calls)).unwrap(), fast);
+    assert_eq!(tuning::measure_conv_forward(&second, &class, timings(&calls)).unwrap(), fast);
     assert_eq!(calls.get(), 0, "a cached class must not be timed");
     assert_eq!(tuning::choices(&second).len(), 1);
 
     let tiny = ConvClass::new(4, 4, [1, 1], [1, 1], Precision::F32, 64);
     let calls = Cell::new(0);
     assert_eq!(
-        tuning::conv_forward(&second, &tiny, timings(&calls)).unwrap(),
+        tuning::measure_conv_forward(&second, &tiny, timings(&calls)).unwrap(),
         ConvForward::default_for(&second)
     );
     assert_eq!(calls.get(), 0, "a tiny class is not timed");
     // Tiling 3x behind the register tiles is not timed again at the other slice depth.
     let calls = Cell::new(0);
     let other = ConvClass::new(48, 96, [3, 3], [2, 2], Precision::F32, 64 * 128);
-    let chosen = tuning::conv_forward(&second, &other, timer(ConvForward::Registers, 5.0, &calls)).unwrap();
+    let chosen =
+        tuning::measure_conv_forward(&second, &other, timer(ConvForward::Registers, 5.0, &calls)).unwrap();
     assert_eq!((chosen, calls.get()), (ConvForward::Registers, ConvForward::ALL.len() - 1));
 
     let calls = Cell::new(0);
     let off = gpu_with(TuningCache::Off);
-    assert_eq!(tuning::conv_forward(&off, &class, timings(&calls)).unwrap(), ConvForward::default_for(&off));
+    assert_eq!(
+        tuning::measure_conv_forward(&off, &class, timings(&calls)).unwrap(),
+        ConvForward::default_for(&off)
+    );
     assert_eq!(calls.get(), 0, "tuning off times nothing");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -87,11 +93,47 @@ fn tuning_cache_survives_foreign_and_broken_lines() {
     let gpu = gpu_with(TuningCache::File(path.clone()));
     assert!(tuning::choices(&gpu).is_empty(), "{:?}", tuning::choices(&gpu));
     let class = ConvClass::new(64, 64, [3, 3], [1, 1], Precision::F32, 4096);
-    let chosen =
-        tuning::conv_forward(&gpu, &class, |v| Ok(if v == ConvForward::Registers { 2.0 } else { 3.0 }))
-            .unwrap();
+    let chosen = tuning::measure_conv_forward(&gpu, &class, |v| {
+        Ok(if v == ConvForward::Registers { 2.0 } else { 3.0 })
+    })
+    .unwrap();
     assert_eq!(chosen, ConvForward::Registers);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains(foreign), "another adapter's line was lost: {text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Building a graph measures nothing and writes nothing: on a fresh cache path it records
+/// the adapter's defaults and leaves no file; `GraphBuilder::tune` is the step that
+/// measures, writes the cache, and makes the next build record the measured choices.
+#[test]
+fn building_a_graph_never_measures_and_tune_does() {
+    use hrnet_ocr::graph::{GraphBuilder, Mode};
+    use hrnet_ocr::kernels::conv2d::Conv2dSpec;
+    let mut rng = Rng::new(seed("building_a_graph_never_measures"));
+    let dir = std::env::temp_dir().join(format!("hrnet-tuning-{}", rng.next_u64()));
+    let path = dir.join("tuning.tsv");
+    let gpu = gpu_with(TuningCache::File(path.clone()));
+    let builder = || {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x", &[1, 32, 64, 64], false);
+        let y = g.conv2d("conv", x, [3, 3], 32, false, Conv2dSpec::square(1, 1, 1)).unwrap();
+        (g, y)
+    };
+    let class = ConvClass::new(32, 32, [3, 3], [1, 1], Precision::F32, 64 * 64);
+    let (g, y) = builder();
+    let graph = g.build(&gpu, Mode::Eval, &[y]).unwrap();
+    graph.forward(&gpu).unwrap();
+    assert!(!path.exists() && !dir.exists(), "building and running a graph wrote {}", path.display());
+    assert!(tuning::choices(&gpu).is_empty(), "building measured: {:?}", tuning::choices(&gpu));
+    assert_eq!(tuning::conv_forward(&gpu, &class), ConvForward::default_for(&gpu));
+
+    let (g, _) = builder();
+    g.tune(&gpu).unwrap();
+    let chosen = tuning::choices(&gpu);
+    assert_eq!(chosen.len(), 1, "one convolution, one class: {chosen:?}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(&chosen[0].1), "cache file: {text}");
+    assert_eq!(tuning::conv_forward(&gpu, &class).name(), chosen[0].1);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -49,13 +49,14 @@ xz -dc "$archive" | tar -C "$work" -xf - || { echo "check.sh: cannot unpack $arc
 pack=$work/pack
 bin=$pack/bin/hrnet-ocr
 
-# The Vulkan loader: the packed one, in a folder of its own, only when the system has none.
+# The Vulkan loader (and GLVND): the packed ones, in a folder of their own, only when the system
+# has no loader.
 if ! ldconfig -p 2> /dev/null | grep -q 'libvulkan\.so\.1'; then
-    deb=$(ls "$pack"/deb/libvulkan1_*.deb 2> /dev/null | head -1)
-    [[ -n $deb ]] || { echo "check.sh: no Vulkan loader here and none packed" >&2; exit 2; }
-    dpkg-deb -x "$deb" "$work/vulkan"
-    export LD_LIBRARY_PATH=$(dirname "$(find "$work/vulkan" -name 'libvulkan.so.1' | head -1)")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    note "using the packed Vulkan loader"
+    debs=("$pack"/deb/*.deb)
+    [[ -f ${debs[0]} ]] || { echo "check.sh: no Vulkan loader here and none packed" >&2; exit 2; }
+    for deb in "${debs[@]}"; do dpkg-deb -x "$deb" "$work/loader"; done
+    export LD_LIBRARY_PATH=$(dirname "$(find "$work/loader" -name 'libvulkan.so.1' | head -1)")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    note "using the packed Vulkan loader and GLVND ($LD_LIBRARY_PATH)"
 fi
 # NVIDIA's container images keep the driver's Vulkan manifest outside the loader's search path.
 if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json > /dev/null 2>&1 &&
@@ -75,8 +76,9 @@ if [[ $(realpath -m "$root") != "$repo" ]]; then
     fi
     mkdir -p "$(dirname "$root")" && ln -s "$repo" "$root" && link=$root ||
         { echo "check.sh: cannot link $root to $repo" >&2; exit 2; }
-    mkdir -p "$repo/target/release"
-    cp "$bin" "$repo/target/release/hrnet-ocr"
+fi
+if [[ ! -x $repo/target/release/hrnet-ocr ]]; then
+    mkdir -p "$repo/target/release" && cp "$bin" "$repo/target/release/hrnet-ocr"
 fi
 
 # --- info -------------------------------------------------------------------------------------

@@ -41,10 +41,13 @@ strip "$stage/pack/bin/"* "$stage/pack/tests/"*
 printf '%s\n' "$repo" > "$stage/pack/build-root"
 git rev-parse --short HEAD > "$stage/pack/commit" 2> /dev/null || echo unknown > "$stage/pack/commit"
 
-# The Vulkan loader, for a machine that has a Vulkan driver but no loader (check.sh unpacks it
-# into a folder of its own only when ldconfig finds none). Optional: without apt it is left out.
+# The Vulkan loader and GLVND, for a machine that has a GPU driver but no loader: NVIDIA's
+# Vulkan driver lives in libGLX_nvidia, which needs GLVND's dispatch libraries beside it.
+# check.sh unpacks them into a folder of its own only when ldconfig finds no Vulkan loader.
+# Optional: without apt they are left out.
+loaders="libvulkan1 libglvnd0 libglx0 libegl1 libgl1 libopengl0 libgles2"
 if command -v apt-get > /dev/null; then
-    (cd "$stage/pack/deb" && apt-get download -qq libvulkan1 2> /dev/null) || note "libvulkan1 not packed (apt-get download failed)"
+    (cd "$stage/pack/deb" && apt-get download -qq $loaders 2> /dev/null) || note "the loaders not packed (apt-get download failed)"
 fi
 
 mkdir -p "$(dirname "$archive")"

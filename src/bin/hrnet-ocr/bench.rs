@@ -419,6 +419,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let m = hrnet::build(&mut g, cfg, x, 0.0)?;
     let memory_mib = g.plan_memory(&[m.out]).planned as f64 / 1_048_576.0;
     g.set_precision(args.precision.into());
+    g.tune(gpu)?;
     let eval = g.build(gpu, Mode::Eval, &[m.out])?;
     if eval.precision() != args.precision.into() {
         eprintln!("note: {} lacks SHADER_F16; the forward runs f32 weights", gpu.describe());
@@ -465,4 +466,53 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &step)).transpose()?;
     passes.push(Pass { name: "training step", times, dispatches: step.len(), profile });
     Ok((passes, memory_mib))
+}
+
+#[derive(Args)]
+pub struct TuneArgs {
+    /// A preset or experiment YAML file [default: the bundled model's config]
+    #[arg(long, value_name = "C")]
+    config: Option<String>,
+    /// Input size, N or HxW
+    #[arg(long, value_parser = parse_size, default_value = "512x1024")]
+    size: [usize; 2],
+    /// Images per pass
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// The forward's convolution weights at f32 or f16 (training always runs f32)
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
+}
+
+/// `tune`: measures the convolution forward variants for every shape class of a model at a
+/// size, keeps the fastest in the tuning cache, and lists the adapter's choices. Later
+/// `segment`, `eval`, `train` and `bench` runs take them without measuring.
+pub fn tune(args: &TuneArgs) -> Result<()> {
+    let cfg = match &args.config {
+        Some(c) => Config::load(c)?,
+        None => model::bundled_config()?,
+    };
+    let gpu = Gpu::new()?;
+    let [h, w] = args.size;
+    let mut g = GraphBuilder::new();
+    let x = g.input("input", &[args.batch.max(1), 3, h, w], false);
+    hrnet::build(&mut g, &cfg, x, 0.0)?;
+    g.set_precision(args.precision.into());
+    let start = Instant::now();
+    g.tune(&gpu)?;
+    let choices = hrnet_ocr::kernels::tuning::choices(&gpu);
+    println!(
+        "{} shape classes measured or cached in {:.1} s on {}",
+        choices.len(),
+        start.elapsed().as_secs_f64(),
+        gpu.describe()
+    );
+    for (class, variant) in &choices {
+        println!("  {class:<44} {variant}");
+    }
+    match hrnet_ocr::kernels::tuning::cache_path(gpu.tuning_cache()) {
+        Some(path) => println!("cache {}", path.display()),
+        None => println!("kept in memory only (HRNET_OCR_TUNING={:?})", gpu.tuning_cache()),
+    }
+    Ok(())
 }

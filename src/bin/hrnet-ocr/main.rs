@@ -44,6 +44,8 @@ enum Command {
     Eval(segment::EvalArgs),
     /// Times the forward pass and the training step at a given size and batch.
     Bench(bench::BenchArgs),
+    /// Measures the fastest convolution variants for a model on this adapter and caches them.
+    Tune(bench::TuneArgs),
     /// Eval-mode forward of a tensor file; writes the model's outputs.
     Forward(tensors::ForwardArgs),
     /// One training-mode forward and backward; writes the loss, outputs and gradients.
@@ -75,6 +77,7 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
+    quiet_display_probes();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => tensors::info(),
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train::train(&a),
         Command::Eval(a) => segment::eval(&a),
         Command::Bench(a) => bench::bench(&a),
+        Command::Tune(a) => bench::tune(&a),
         Command::Forward(a) => tensors::forward(&a),
         Command::Backward(a) => tensors::backward(&a),
         Command::Convert(a) => tensors::convert(&a),
@@ -92,6 +96,17 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Mesa's Vulkan device-select layer (an implicit layer, on by default) connects to the
+/// display server to rank GPUs; on a headless machine libwayland then prints "error:
+/// XDG_RUNTIME_DIR is invalid or not set" though nothing failed. The engine chooses its
+/// adapter itself, so the layer is switched off here, unless the user set its variable.
+/// Called first thing, while the process has one thread.
+fn quiet_display_probes() {
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
     }
 }
 

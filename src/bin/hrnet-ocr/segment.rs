@@ -56,10 +56,18 @@ impl From<PrecisionArg> for Precision {
 }
 
 impl InferArgs {
-    /// A segmenter with these options, saying so when f16 falls back to f32.
-    fn segmenter<'g>(&self, gpu: &'g Gpu, cfg: Config, weights: Vec<NamedTensor>) -> Segmenter<'g> {
+    /// A segmenter with these options, saying so when f16 falls back to f32. One that will
+    /// be `reused` (many images, windows or scales) measures the convolution variants first.
+    fn segmenter<'g>(
+        &self,
+        gpu: &'g Gpu,
+        cfg: Config,
+        weights: Vec<NamedTensor>,
+        reused: bool,
+    ) -> Segmenter<'g> {
         let mut segmenter = Segmenter::new(gpu, cfg, weights);
         segmenter.check_numerics(self.check_numerics);
+        segmenter.tune(reused || self.mode != Mode::Whole);
         let asked = Precision::from(self.precision);
         if segmenter.set_precision(asked) != asked {
             eprintln!("note: {} lacks SHADER_F16; running f32 weights", gpu.describe());
@@ -110,7 +118,7 @@ pub fn segment(args: &SegmentArgs) -> Result<()> {
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
     let names = model::class_names(cfg.num_classes, bundled);
     let palette = images::palette(cfg.num_classes);
-    let mut segmenter = args.infer.segmenter(&gpu, cfg, weights);
+    let mut segmenter = args.infer.segmenter(&gpu, cfg, weights, inputs.len() > 1);
     for (path, image) in args.images.iter().zip(&inputs) {
         let start = Instant::now();
         let seg = segmenter.segment(image, &strategy)?;
@@ -209,7 +217,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let gpu = Gpu::new()?;
     let (classes, names) =
         (cfg.num_classes, model::class_names(cfg.num_classes, bundled || args.data.synthetic));
-    let mut segmenter = args.infer.segmenter(&gpu, cfg, weights);
+    let mut segmenter = args.infer.segmenter(&gpu, cfg, weights, true);
     let mut evaluation = Evaluation::new(&gpu, classes, ignore)?;
     let mut seconds = 0.0;
     for i in 0..dataset.len() {
