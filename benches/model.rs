@@ -61,7 +61,7 @@ fn end_to_end(c: &mut Criterion) {
     let sgd = SgdConfig { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
     g.bench_function("training step 2x3x256x256", |b| {
         b.iter(|| {
-            train.zero_grads(&gpu);
+            train.zero_grads(&gpu).unwrap();
             train.forward(&gpu).unwrap();
             train.backward(&gpu).unwrap();
             train.sgd_step(&gpu, &sgd, 0.01).unwrap();

@@ -95,6 +95,8 @@ pub struct Gpu {
     workgroup_size: u32,
     /// Command buffers submitted so far.
     submissions: std::sync::atomic::AtomicU64,
+    /// Copies of device data to the host so far (each waits for the device).
+    readbacks: std::sync::atomic::AtomicU64,
     tuning_cache: TuningCache,
     /// Kernel-variant choices by shape class, loaded from the cache on first use.
     pub(crate) tuned: Mutex<Option<HashMap<String, String>>>,
@@ -164,15 +166,30 @@ impl Gpu {
             lost,
             workgroup_size,
             submissions: Default::default(),
+            readbacks: Default::default(),
             tuning_cache: options.tuning.clone(),
             tuned: Mutex::new(None),
         })
     }
 
     /// How many command buffers this device has been given so far (a training step or a
-    /// forward pass is one).
+    /// forward pass is one, a readback another).
     pub fn submissions(&self) -> u64 {
         self.submissions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many times data came back to the host, each a wait for the device (a training
+    /// step's loss terms come back in one).
+    pub fn readbacks(&self) -> u64 {
+        self.readbacks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a submitted command buffer, a readback when `readback`.
+    pub(crate) fn count_submission(&self, readback: bool) {
+        self.submissions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if readback {
+            self.readbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Invocations per workgroup of every kernel: [`DEFAULT_WORKGROUP_SIZE`], or the largest
@@ -229,8 +246,21 @@ impl Gpu {
     /// Records `dispatches` into one command buffer (one compute pass) and submits it.
     /// Does not wait; see [`Gpu::wait`].
     pub fn submit<'a>(&self, dispatches: impl IntoIterator<Item = &'a Dispatch>) -> Result<()> {
+        self.submit_after_clearing(&[], dispatches)
+    }
+
+    /// [`Gpu::submit`], with the `clears` (buffer, offset, bytes) zeroed at the start of the
+    /// same command buffer.
+    pub(crate) fn submit_after_clearing<'a>(
+        &self,
+        clears: &[(&wgpu::Buffer, u64, u64)],
+        dispatches: impl IntoIterator<Item = &'a Dispatch>,
+    ) -> Result<()> {
         self.check_lost()?;
         let mut encoder = self.device.create_command_encoder(&Default::default());
+        for &(buffer, offset, bytes) in clears {
+            encoder.clear_buffer(buffer, offset, Some(bytes));
+        }
         let mut labels: (Option<&str>, Option<&str>, usize) = (None, None, 0);
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -240,7 +270,7 @@ impl Gpu {
             }
         }
         self.queue.submit([encoder.finish()]);
-        self.submissions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.count_submission(false);
         // An error raised by this submission names the kernels it held.
         self.check_device_error().map_err(|e| match (e, labels) {
             (Error::Device(msg), (Some(first), Some(last), n)) => {

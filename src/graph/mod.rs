@@ -365,7 +365,7 @@ impl GraphBuilder {
         graph.record_forward(gpu, &self.ops, mode)?;
         if mode == Mode::Train {
             graph.record_backward(gpu, &self.ops)?;
-            graph.zero_grads(gpu);
+            graph.zero_grads(gpu)?;
         }
         Ok(graph)
     }
@@ -638,7 +638,8 @@ impl Graph {
         if self.recorded.losses.is_empty() {
             return Err(Error::Invalid("the graph has no loss".into()));
         }
-        self.recorded.losses.iter().map(|(tensor, _)| Ok(tensor.to_vec(gpu)?[0])).collect()
+        let terms: Vec<&Tensor> = self.recorded.losses.iter().map(|(tensor, _)| tensor).collect();
+        Ok(crate::tensor::read_many(gpu, &terms)?.into_iter().map(|t| t[0]).collect())
     }
 
     /// Sets the dropout seed of the next step (forward and backward use the same masks).
@@ -658,14 +659,15 @@ impl Graph {
         gpu.submit([step])
     }
 
-    /// A whole training step in one command buffer: forward, backward and the SGD step
-    /// at `lr` (the caller zeroes the gradients and sets the inputs first).
+    /// A whole training step in one command buffer: the parameter gradients cleared (one
+    /// clear of their arena), forward, backward and the SGD step at `lr` (the caller sets
+    /// the inputs first).
     pub fn train_step(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<()> {
         if self.grads.is_empty() {
             return Err(Error::Invalid("train_step: the graph was built for eval".into()));
         }
         self.prepare_sgd(gpu, config, lr)?;
-        gpu.submit(self.step_dispatches())
+        gpu.submit_after_clearing(&self.gradient_arena(), self.step_dispatches())
     }
 
     /// The optimizer's dispatch, recorded on first use and set to `lr`.
@@ -691,12 +693,17 @@ impl Graph {
     }
 
     /// Sets every parameter gradient to zero.
-    pub fn zero_grads(&self, gpu: &Gpu) {
-        for (v, g) in self.values.iter().zip(&self.grads) {
-            if let (Role::Param, Some(g)) = (v.role, g) {
-                g.fill(gpu, 0.0);
-            }
+    pub fn zero_grads(&self, gpu: &Gpu) -> Result<()> {
+        match self.gradient_arena() {
+            arena if arena.is_empty() => Ok(()),
+            arena => gpu.submit_after_clearing(&arena, []),
         }
+    }
+
+    /// The parameters' gradients: one arena in a training graph, so one clear zeroes them.
+    fn gradient_arena(&self) -> Vec<(&wgpu::Buffer, u64, u64)> {
+        let arena = self.optimizer.as_ref().map(|o| &o.arena.grads);
+        arena.map(|g| (g.buffer(), g.offset(), g.bytes())).into_iter().collect()
     }
 
     /// The recorded forward dispatches (for profiling and benchmarks). In an eval graph

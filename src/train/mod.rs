@@ -155,7 +155,6 @@ impl<'g> Trainer<'g> {
         self.graph.set(gpu, "input", &planes)?;
         self.graph.tensor("label")?.write_u32(gpu, &labels)?;
         self.graph.set_seed(gpu, seed)?;
-        self.graph.zero_grads(gpu);
         let lr = poly_lr(self.config.lr, self.step, self.options.max_iter, 0.9);
         let sgd = SgdConfig {
             momentum: self.config.momentum,

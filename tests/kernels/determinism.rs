@@ -33,7 +33,7 @@ fn training_step_is_bit_reproducible() {
         }
         graph.set(gpu, "bn.running_mean", &[0.0; 8]).unwrap();
         graph.set(gpu, "bn.running_var", &[1.0; 8]).unwrap();
-        graph.zero_grads(gpu);
+        graph.zero_grads(gpu).unwrap();
         graph.forward(gpu).unwrap();
         graph.output_grad(0).unwrap().write(gpu, &grad_out).unwrap();
         graph.backward(gpu).unwrap();

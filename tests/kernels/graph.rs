@@ -84,7 +84,7 @@ fn parameter_gradients_accumulate_until_zeroed() {
     }
     // The input's gradient is not a parameter's: each pass overwrites it.
     assert_close("grad x", &download(graph.grad("x").unwrap()), f.get("grad.x"), TOL);
-    graph.zero_grads(gpu);
+    graph.zero_grads(gpu).unwrap();
     graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
     graph.backward(gpu).unwrap();
     assert_close(

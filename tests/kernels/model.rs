@@ -211,7 +211,7 @@ fn five_training_steps_match_pytorch() {
             .unwrap()
             .write_u32(gpu, &f.labels("label")[step * per_label..(step + 1) * per_label])
             .unwrap();
-        graph.zero_grads(gpu);
+        graph.zero_grads(gpu).unwrap();
         graph.forward(gpu).unwrap();
         graph.backward(gpu).unwrap();
         graph.sgd_step(gpu, &config, lr).unwrap();

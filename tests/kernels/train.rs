@@ -188,10 +188,12 @@ fn a_training_step_is_one_command_buffer() {
     let mut rng = Rng::new(seed("a_training_step_is_one_command_buffer"));
     let sample = Sample { planes: rng.normals(3 * 32 * 48), labels: (0..32 * 48).map(|i| i % 5).collect() };
     for step in 0..3 {
-        let before = gpu.submissions();
+        let (before, read_before) = (gpu.submissions(), gpu.readbacks());
         let stats = trainer.step(std::slice::from_ref(&sample), step).unwrap();
         assert!(stats.loss.is_finite());
-        assert_eq!(gpu.submissions() - before, 1, "command buffers in training step {step}");
+        // The step (gradients cleared inside it) and one readback of both loss terms.
+        assert_eq!(gpu.readbacks() - read_before, 1, "readbacks in training step {step}");
+        assert_eq!(gpu.submissions() - before, 2, "command buffers in training step {step}");
     }
     let graph = trainer.graph();
     let before = gpu.submissions();
