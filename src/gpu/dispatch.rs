@@ -1,7 +1,7 @@
 //! A recorded dispatch: pipeline, bind group and grid, built once and encoded as often as
 //! needed. Kernel launchers return these; the executor strings them into command buffers.
 
-use super::Gpu;
+use super::{Gpu, ShaderParams};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -88,7 +88,7 @@ pub struct Dispatch {
 }
 
 /// What a kernel launcher asks for.
-pub(crate) struct DispatchSpec<'a, P: bytemuck::Pod> {
+pub(crate) struct DispatchSpec<'a, P: ShaderParams> {
     pub shader: &'static str,
     pub entry: &'static str,
     pub constants: &'a [(&'static str, f64)],
@@ -105,7 +105,10 @@ impl std::fmt::Debug for Dispatch {
 }
 
 impl Dispatch {
-    pub(crate) fn new<P: bytemuck::Pod>(gpu: &Gpu, spec: DispatchSpec<'_, P>) -> Result<Self> {
+    /// Builds the launch after checking it against the shader's declarations (see
+    /// [`super::contract`]).
+    pub(crate) fn new<P: ShaderParams>(gpu: &Gpu, spec: DispatchSpec<'_, P>) -> Result<Self> {
+        gpu.shader_interface(spec.shader)?.check::<P>(spec.shader, spec.entry, spec.bindings)?;
         let allowed = gpu.limits().max_storage_buffers_per_shader_stage as usize;
         if spec.bindings.len() > allowed {
             return Err(Error::Invalid(format!(

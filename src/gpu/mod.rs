@@ -1,11 +1,14 @@
 //! The GPU runtime: instance, adapter, device and queue; the shader registry and pipeline
 //! cache; the buffer pool; recorded dispatches and the timestamp profiler.
 
+mod contract;
 mod dispatch;
 mod pool;
 mod profiler;
 mod registry;
 
+pub(crate) use contract::shader_params;
+pub use contract::ShaderParams;
 pub(crate) use dispatch::DispatchSpec;
 pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
@@ -319,6 +322,11 @@ impl Gpu {
 
     pub(crate) fn pool(&self) -> &Arc<BufferPool> {
         &self.pool
+    }
+
+    /// A shader's declared interface, for checking launches against it.
+    pub(crate) fn shader_interface(&self, shader: &'static str) -> Result<Arc<contract::Interface>> {
+        self.pipelines.interface(shader)
     }
 
     pub(crate) fn pipeline(

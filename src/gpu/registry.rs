@@ -1,6 +1,7 @@
 //! The shader registry: every `shaders/*.wgsl` embedded in the binary, and a cache that
 //! builds each (shader, entry point, override constants) pipeline once.
 
+use super::contract::Interface;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,7 @@ type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    interfaces: Mutex<HashMap<&'static str, Arc<Interface>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -83,6 +85,18 @@ impl PipelineCache {
         let pipeline = Arc::new(pipeline);
         lock(&self.pipelines).insert(key, Arc::clone(&pipeline));
         Ok(pipeline)
+    }
+
+    /// What the shader declares (its `Params` and storage bindings), read once.
+    pub(crate) fn interface(&self, shader: &'static str) -> Result<Arc<Interface>> {
+        if let Some(i) = lock(&self.interfaces).get(shader) {
+            return Ok(Arc::clone(i));
+        }
+        let source = shader_source(shader)
+            .ok_or_else(|| Error::Invalid(format!("no shader named {shader:?} is registered")))?;
+        let interface = Arc::new(Interface::reflect(shader, &source)?);
+        lock(&self.interfaces).insert(shader, Arc::clone(&interface));
+        Ok(interface)
     }
 
     fn module(&self, device: &wgpu::Device, shader: &'static str) -> Result<Arc<wgpu::ShaderModule>> {

@@ -20,17 +20,17 @@ pub struct BatchNormParams<'a> {
     pub momentum: f32,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    c: u32,
-    hw: u32,
-    chunk_len: u32,
-    flags: u32,
-    eps: f32,
-    momentum: f32,
-    _pad: u32,
+crate::gpu::shader_params! {
+    struct Params {
+        n: u32,
+        c: u32,
+        hw: u32,
+        chunk_len: u32,
+        flags: u32,
+        eps: f32,
+        momentum: f32,
+        _pad: u32,
+    }
 }
 
 const ACCUMULATE: u32 = 1;
@@ -136,7 +136,9 @@ pub fn forward_train(
             Binding::write(4, bn.running_mean),
             Binding::write(5, bn.running_var),
             Binding::write(6, saved),
-            Binding::read(8, &partials),
+            // Declared read_write (bn_stats_partials writes it), so wgpu binds it writable here
+            // too although finalize only reads it.
+            Binding::write(8, &partials),
         ],
         c,
         Cost { flops: (2 * l.chunks * c + 10 * c) as u64, bytes: f32_bytes(2 * l.chunks * c + 6 * c) },

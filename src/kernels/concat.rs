@@ -6,17 +6,17 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    channels: u32,
-    hw: u32,
-    flags: u32,
-    src_channels: u32,
-    src_offset: u32,
-    dst_channels: u32,
-    dst_offset: u32,
+crate::gpu::shader_params! {
+    struct Params {
+        n: u32,
+        channels: u32,
+        hw: u32,
+        flags: u32,
+        src_channels: u32,
+        src_offset: u32,
+        dst_channels: u32,
+        dst_offset: u32,
+    }
 }
 
 const ACCUMULATE: u32 = 1;

@@ -132,28 +132,28 @@ impl Dims {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    ci: u32,
-    h: u32,
-    w: u32,
-    co: u32,
-    kh: u32,
-    kw: u32,
-    ho: u32,
-    wo: u32,
-    stride_h: u32,
-    stride_w: u32,
-    pad_h: u32,
-    pad_w: u32,
-    dil_h: u32,
-    dil_w: u32,
-    flags: u32,
-    chunk_rows: u32,
-    eps: f32,
-    _pad: [u32; 2],
+crate::gpu::shader_params! {
+    struct Params {
+        n: u32,
+        ci: u32,
+        h: u32,
+        w: u32,
+        co: u32,
+        kh: u32,
+        kw: u32,
+        ho: u32,
+        wo: u32,
+        stride_h: u32,
+        stride_w: u32,
+        pad_h: u32,
+        pad_w: u32,
+        dil_h: u32,
+        dil_w: u32,
+        flags: u32,
+        chunk_rows: u32,
+        eps: f32,
+        _pad: [u32; 2],
+    }
 }
 
 const HAS_BIAS: u32 = 1;

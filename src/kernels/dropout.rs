@@ -7,16 +7,16 @@ use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    len: u32,
-    channels: u32,
-    hw: u32,
-    seed: u32,
-    drop: f32,
-    flags: u32,
-    _pad: [u32; 2],
+crate::gpu::shader_params! {
+    struct Params {
+        len: u32,
+        channels: u32,
+        hw: u32,
+        seed: u32,
+        drop: f32,
+        flags: u32,
+        _pad: [u32; 2],
+    }
 }
 
 const ACCUMULATE: u32 = 1;

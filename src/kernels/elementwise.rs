@@ -5,12 +5,12 @@ use crate::error::{check_shape, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    len: u32,
-    flags: u32,
-    _pad: [u32; 2],
+crate::gpu::shader_params! {
+    struct Params {
+        len: u32,
+        flags: u32,
+        _pad: [u32; 2],
+    }
 }
 
 const ACCUMULATE_A: u32 = 1;

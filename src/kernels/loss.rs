@@ -16,20 +16,20 @@ use crate::tensor::{DType, Tensor};
 /// Pixels per invocation when summing the loss.
 const CHUNK_PIXELS: usize = 256;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    classes: u32,
-    hw: u32,
-    chunk_len: u32,
-    ignore_label: u32,
-    flags: u32,
-    grad_scale: f32,
-    thresh: f32,
-    min_kept: u32,
-    radix_pass: u32,
-    _pad: [u32; 2],
+crate::gpu::shader_params! {
+    struct Params {
+        n: u32,
+        classes: u32,
+        hw: u32,
+        chunk_len: u32,
+        ignore_label: u32,
+        flags: u32,
+        grad_scale: f32,
+        thresh: f32,
+        min_kept: u32,
+        radix_pass: u32,
+        _pad: [u32; 2],
+    }
 }
 
 const WEIGHTED: u32 = 1;

@@ -6,21 +6,21 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    batch: u32,
-    m: u32,
-    n: u32,
-    k: u32,
-    a_batch: u32,
-    a_row: u32,
-    a_col: u32,
-    flags: u32,
-    b_batch: u32,
-    b_row: u32,
-    b_col: u32,
-    _pad: u32,
+crate::gpu::shader_params! {
+    struct Params {
+        batch: u32,
+        m: u32,
+        n: u32,
+        k: u32,
+        a_batch: u32,
+        a_row: u32,
+        a_col: u32,
+        flags: u32,
+        b_batch: u32,
+        b_row: u32,
+        b_col: u32,
+        _pad: u32,
+    }
 }
 
 const ACCUMULATE: u32 = 1;

@@ -5,13 +5,13 @@ use crate::error::{check_shape, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    classes: u32,
-    hw: u32,
-    ignore_label: u32,
+crate::gpu::shader_params! {
+    struct Params {
+        n: u32,
+        classes: u32,
+        hw: u32,
+        ignore_label: u32,
+    }
 }
 
 fn params(scores: &Tensor, ignore_label: u32) -> Result<Params> {

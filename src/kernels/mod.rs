@@ -17,7 +17,7 @@ pub mod softmax;
 pub mod tuning;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, Workgroups};
+use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, ShaderParams, Workgroups};
 use crate::tensor::Tensor;
 
 /// The override constants a pipeline is built with on an adapter whose workgroup size
@@ -33,7 +33,7 @@ const TARGET_INVOCATIONS: usize = 8192;
 const MIN_CHUNK_TERMS: usize = 1024;
 
 /// Records a dispatch of `invocations` invocations of `shader.wgsl:entry`.
-pub(crate) fn launch<P: bytemuck::Pod>(
+pub(crate) fn launch<P: ShaderParams>(
     gpu: &Gpu,
     shader: &'static str,
     entry: &'static str,
@@ -47,7 +47,7 @@ pub(crate) fn launch<P: bytemuck::Pod>(
 
 /// [`launch`] with workgroups of `workgroup_size` invocations (at most the adapter's
 /// [`Gpu::workgroup_size`]), for kernels that size their workgroups to the problem.
-pub(crate) fn launch_sized<P: bytemuck::Pod>(
+pub(crate) fn launch_sized<P: ShaderParams>(
     gpu: &Gpu,
     entry: (&'static str, &'static str),
     workgroup_size: u32,
@@ -61,7 +61,7 @@ pub(crate) fn launch_sized<P: bytemuck::Pod>(
 
 /// [`launch_sized`] with more override constants (a kernel variant's tile sizes).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_tuned<P: bytemuck::Pod>(
+pub(crate) fn launch_tuned<P: ShaderParams>(
     gpu: &Gpu,
     (shader, entry): (&'static str, &'static str),
     workgroup_size: u32,

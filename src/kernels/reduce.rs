@@ -5,17 +5,17 @@ use crate::error::{check_shape, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    c: u32,
-    hw: u32,
-    chunk_len: u32,
-    len: u32,
-    chunks: u32,
-    flags: u32,
-    _pad: u32,
+crate::gpu::shader_params! {
+    struct Params {
+        n: u32,
+        c: u32,
+        hw: u32,
+        chunk_len: u32,
+        len: u32,
+        chunks: u32,
+        flags: u32,
+        _pad: u32,
+    }
 }
 
 const ACCUMULATE: u32 = 1;

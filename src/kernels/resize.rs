@@ -5,20 +5,20 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::Tensor;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    c: u32,
-    h: u32,
-    w: u32,
-    ho: u32,
-    wo: u32,
-    align_corners: u32,
-    flags: u32,
-    out_offset: u32,
-    out_channels: u32,
-    _pad: [u32; 2],
+crate::gpu::shader_params! {
+    struct Params {
+        n: u32,
+        c: u32,
+        h: u32,
+        w: u32,
+        ho: u32,
+        wo: u32,
+        align_corners: u32,
+        flags: u32,
+        out_offset: u32,
+        out_channels: u32,
+        _pad: [u32; 2],
+    }
 }
 
 const ACCUMULATE: u32 = 1;

@@ -6,17 +6,17 @@ use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::{DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    len: u32,
-    segments: u32,
-    nesterov: u32,
-    _pad0: u32,
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
-    _pad1: u32,
+crate::gpu::shader_params! {
+    struct Params {
+        len: u32,
+        segments: u32,
+        nesterov: u32,
+        _pad0: u32,
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+        _pad1: u32,
+    }
 }
 
 /// SGD's hyperparameters (PyTorch's, dampening 0).

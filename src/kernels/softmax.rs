@@ -9,16 +9,16 @@ use crate::tensor::Tensor;
 /// Rows at most this long are done by one invocation each, in one dispatch.
 const SHORT_ROW: usize = 256;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    outer: u32,
-    len: u32,
-    inner: u32,
-    chunk_len: u32,
-    scale: f32,
-    flags: u32,
-    _pad: [u32; 2],
+crate::gpu::shader_params! {
+    struct Params {
+        outer: u32,
+        len: u32,
+        inner: u32,
+        chunk_len: u32,
+        scale: f32,
+        flags: u32,
+        _pad: [u32; 2],
+    }
 }
 
 const ACCUMULATE: u32 = 1;
