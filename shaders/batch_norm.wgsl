@@ -15,7 +15,7 @@ struct Params {
 
 const ACCUMULATE: u32 = 1u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -35,10 +35,6 @@ override WG: u32 = 64u;
 @group(0) @binding(12) var<storage, read_write> grad_beta: array<f32>;
 // per channel: (sum of grad_y, sum of grad_y * x_hat)
 @group(0) @binding(13) var<storage, read_write> grad_sums: array<vec2<f32>>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 fn chunk_count() -> u32 {
     return (p.n * p.hw + p.chunk_len - 1u) / p.chunk_len;

@@ -9,7 +9,7 @@ struct Params {
 
 const ACCUMULATE: u32 = 1u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;

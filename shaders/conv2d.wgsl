@@ -31,7 +31,7 @@ const FOLD_BATCH_NORM: u32 = 8u;
 const ADD_RESIDUAL: u32 = 16u;
 const RELU: u32 = 32u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -61,10 +61,6 @@ fn packed(i: u32) -> vec4<f32> {
 @group(0) @binding(13) var<storage, read> bn_mean: array<f32>;
 @group(0) @binding(14) var<storage, read> bn_var: array<f32>;
 @group(0) @binding(15) var<storage, read> residual: array<f32>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 // y[n, co0..co0+16, pixels q0..q3] = bias + sum over ky, kx, ci of weight * x; a<g><j>
 // accumulates output channel co0 + 4g + j at the four pixels. A workgroup shares one
@@ -722,7 +718,6 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>,
     store_grad_weight(base, t.co0 + 14u, t.ci0, t.k, a14);
     store_grad_weight(base, t.co0 + 15u, t.ci0, t.k, a15);
 }
-
 
 // The weight gradient with 16 output x 16 input channels per invocation, for 16 input
 // channels and more: as conv2d_backward_weight, but each output channel's sums are a

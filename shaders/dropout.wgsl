@@ -10,17 +10,13 @@ struct Params {
 
 const ACCUMULATE: u32 = 1u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> grad_y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> grad_x: array<f32>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 // A 32-bit integer hash (xorshift-multiply rounds); the same function is in the Rust docs
 // of `kernels::dropout::keep` so callers can reproduce masks on the CPU.

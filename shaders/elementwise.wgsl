@@ -10,7 +10,7 @@ struct Params {
 const ACCUMULATE_A: u32 = 1u;
 const ACCUMULATE_B: u32 = 2u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -19,10 +19,6 @@ override WG: u32 = 64u;
 @group(0) @binding(4) var<storage, read> grad_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grad_a: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grad_b: array<f32>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 fn store_grad_a(i: u32, g: f32) {
     grad_a[i] = select(0.0, grad_a[i], (p.flags & ACCUMULATE_A) != 0u) + g;

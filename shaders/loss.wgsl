@@ -23,7 +23,7 @@ const ACCUMULATE: u32 = 4u;
 // selection never picks it.
 const IGNORED_PROB: f32 = 2.0;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
@@ -39,10 +39,6 @@ override WG: u32 = 64u;
 @group(0) @binding(9) var<storage, read_write> histogram: array<atomic<u32>, 256>;
 // radix select state: (prefix bits found so far, rank still sought, valid pixels, none valid)
 @group(0) @binding(10) var<storage, read_write> select_state: array<u32, 4>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 fn pixels() -> u32 {
     return p.n * p.hw;

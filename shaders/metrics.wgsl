@@ -6,17 +6,13 @@ struct Params {
     n: u32, classes: u32, hw: u32, ignore_label: u32,
 }
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
 @group(0) @binding(2) var<storage, read_write> prediction: array<u32>;
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
 @group(0) @binding(4) var<storage, read_write> confusion: array<atomic<u32>>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 // The first class with the highest score (as torch.argmax).
 @compute @workgroup_size(WG)

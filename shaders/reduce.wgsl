@@ -12,16 +12,12 @@ struct Params {
 
 const ACCUMULATE: u32 = 1u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 // [chunk][len] partial sums, or the final sums when there is one chunk
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 fn store(i: u32, v: f32) {
     dst[i] = select(0.0, dst[i], (p.flags & ACCUMULATE) != 0u) + v;

@@ -12,17 +12,13 @@ struct Params {
 
 const ACCUMULATE: u32 = 1u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> grad_y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> grad_x: array<f32>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 // Input length per output step: (in - 1) / (out - 1) aligned (0 for one output), in / out otherwise.
 fn ratio(len_in: u32, len_out: u32) -> f32 {

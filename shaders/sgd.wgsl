@@ -11,7 +11,7 @@ struct Params {
     lr: f32, momentum: f32, weight_decay: f32, _pad1: u32,
 }
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> param: array<f32>;
@@ -20,10 +20,6 @@ override WG: u32 = 64u;
 // segment s covers elements [segment_end[s - 1], segment_end[s])
 @group(0) @binding(4) var<storage, read> segment_end: array<u32>;
 @group(0) @binding(5) var<storage, read> segment_lr: array<f32>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 // The segment holding element i: binary search over the sorted ends.
 fn segment_of(i: u32) -> u32 {

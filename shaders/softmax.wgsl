@@ -15,7 +15,7 @@ struct Params {
 
 const ACCUMULATE: u32 = 1u;
 
-override WG: u32 = 64u;
+#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -26,10 +26,6 @@ override WG: u32 = 64u;
 @group(0) @binding(5) var<storage, read_write> grad_x: array<f32>;
 // backward: per (chunk, row) partial sums of grad_y * y; after the chunk sum, per row
 @group(0) @binding(6) var<storage, read_write> dots: array<f32>;
-
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
-}
 
 fn rows() -> u32 {
     return p.outer * p.inner;

@@ -2,20 +2,16 @@
 
 use std::path::Path;
 
+/// Every registered shader and f16 variant, composed as the engine builds it (the kernel
+/// file with the pieces it includes), parses and validates; errors name the shader and the
+/// line of the composed source.
 #[test]
-fn every_shader_file_validates_with_naga() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no shaders in {}", dir.display());
+fn every_composed_shader_validates_with_naga() {
     let mut errors = Vec::new();
-    for path in &files {
-        let source = std::fs::read_to_string(path).unwrap();
-        let shown = path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(path).display().to_string();
+    for name in hrnet_ocr::gpu::shader_names() {
+        let source =
+            hrnet_ocr::gpu::shader_source(name).unwrap_or_else(|| panic!("{name}: does not compose"));
+        let shown = format!("{name} (shaders/{name}.wgsl composed)");
         let module = match naga::front::wgsl::parse_str(&source) {
             Ok(m) => m,
             Err(e) => {
@@ -32,6 +28,23 @@ fn every_shader_file_validates_with_naga() {
         }
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// Each shared piece is included by a kernel file (none is dead), and composing a file
+/// leaves no directive behind.
+#[test]
+fn every_include_is_used_and_composed() {
+    for (piece, _) in hrnet_ocr::gpu::INCLUDES {
+        let directive = format!("#include \"{piece}\"");
+        assert!(
+            hrnet_ocr::gpu::SHADERS.iter().any(|(_, src)| src.contains(&directive)),
+            "shaders/include/{piece} is included by no kernel file"
+        );
+    }
+    for name in hrnet_ocr::gpu::shader_names() {
+        let source = hrnet_ocr::gpu::shader_source(name).unwrap();
+        assert!(!source.contains("#include"), "{name}: a directive survived composition");
+    }
 }
 
 #[test]

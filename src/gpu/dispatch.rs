@@ -43,7 +43,7 @@ impl<'a> Binding<'a> {
 
 /// A dispatch grid. WebGPU caps each dimension (65535 by default), so a long 1-D range of
 /// workgroups is folded into x and y; shaders rebuild the linear index from
-/// `num_workgroups` (see `linear_index` in the shaders).
+/// `num_workgroups` (`linear_index` in `shaders/include/common.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Workgroups(pub [u32; 3]);
 

@@ -13,7 +13,7 @@ pub(crate) use dispatch::DispatchSpec;
 pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
-pub use registry::{shader_names, shader_source, F16_VARIANTS, SHADERS};
+pub use registry::{shader_names, shader_source, F16_VARIANTS, INCLUDES, SHADERS};
 
 use crate::error::{Error, Result};
 use pool::BufferPool;

@@ -1,5 +1,6 @@
-//! The shader registry: every `shaders/*.wgsl` embedded in the binary, and a cache that
-//! builds each (shader, entry point, override constants) pipeline once.
+//! The shader registry: every `shaders/*.wgsl` embedded in the binary, composed with the
+//! shared pieces they include, and a cache that builds each (shader, entry point,
+//! override constants) pipeline once.
 
 use super::contract::Interface;
 use crate::error::{Error, Result};
@@ -22,21 +23,39 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("softmax", include_str!("../../shaders/softmax.wgsl")),
 ];
 
+/// The pieces kernel files share, by the name a line `#include "NAME"` gives
+/// (`shaders/include/`): written once, composed into every file that includes them.
+pub const INCLUDES: &[(&str, &str)] = &[("common.wgsl", include_str!("../../shaders/include/common.wgsl"))];
+
+/// `source` with each `#include "NAME"` line replaced by that piece; `None` when a piece
+/// is not in [`INCLUDES`].
+fn compose(source: &str) -> Option<String> {
+    let mut out = String::with_capacity(source.len() + 1024);
+    for line in source.lines() {
+        match line.trim().strip_prefix("#include ") {
+            Some(name) => out.push_str(INCLUDES.iter().find(|(n, _)| name.trim_matches('"') == *n)?.1),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    Some(out)
+}
+
 /// A shader built from another file's source with f16 enabled and one alias retyped:
 /// (name, base shader, the alias line as written, the line in the f16 build). Pipelines
 /// from these need the adapter's `SHADER_F16`.
 pub const F16_VARIANTS: &[(&str, &str, &str, &str)] =
     &[("conv2d_f16", "conv2d", "alias PackedWeights = vec4<f32>;", "alias PackedWeights = vec4<f16>;")];
 
-/// The WGSL source of a registered shader or f16 variant.
-pub fn shader_source(name: &str) -> Option<std::borrow::Cow<'static, str>> {
+/// The composed WGSL source of a registered shader or f16 variant.
+pub fn shader_source(name: &str) -> Option<String> {
     if let Some((_, src)) = SHADERS.iter().find(|(n, _)| *n == name) {
-        return Some((*src).into());
+        return compose(src);
     }
     let &(_, base, line, f16_line) = F16_VARIANTS.iter().find(|v| v.0 == name)?;
-    let src = SHADERS.iter().find(|(n, _)| *n == base)?.1;
+    let src = compose(SHADERS.iter().find(|(n, _)| *n == base)?.1)?;
     // An alias line that went missing must fail loudly, not build an f32 "variant".
-    src.contains(line).then(|| format!("enable f16;\n{}", src.replace(line, f16_line)).into())
+    src.contains(line).then(|| format!("enable f16;\n{}", src.replace(line, f16_line)))
 }
 
 /// Every shader the engine builds pipelines from: the files, then the f16 variants.
@@ -108,7 +127,7 @@ impl PipelineCache {
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader),
-            source: wgpu::ShaderSource::Wgsl(source),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Device(format!("compiling shaders/{shader}.wgsl: {e}")));
