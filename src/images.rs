@@ -1,9 +1,9 @@
 //! Image files: RGB images and label maps in (PNG, JPEG) through the `image` crate, label
 //! and colour-overlay PNGs out (written atomically), and the class palettes.
 
+use crate::data::image::Image;
 use crate::error::{Error, Result};
-use crate::infer::Image;
-use crate::model::weights::write_atomic;
+use crate::fs::write_atomic;
 use std::path::Path;
 
 fn format_error(source: &str, what: impl std::fmt::Display) -> Error {

@@ -1,6 +1,7 @@
 //! Inference on images: whole image, sliding windows, and multi-scale with flip, as the
 //! official test recipe does it (spec section 6).
 
+use crate::data::image::Image;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, GraphBuilder, Mode};
@@ -10,43 +11,6 @@ use crate::model::weights::{self, NamedTensor};
 use crate::model::{hrnet, Config};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
-
-/// The ImageNet normalisation the official models were trained with (RGB order).
-pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-/// An 8-bit RGB image, row-major, `3 * width * height` bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Image {
-    pub width: usize,
-    pub height: usize,
-    pub rgb: Vec<u8>,
-}
-
-impl Image {
-    pub fn new(width: usize, height: usize, rgb: Vec<u8>) -> Result<Self> {
-        if width == 0 || height == 0 || rgb.len() != 3 * width * height {
-            return Err(Error::Invalid(format!(
-                "an RGB image of {width}x{height} needs {} bytes, got {}",
-                3 * width * height,
-                rgb.len()
-            )));
-        }
-        Ok(Image { width, height, rgb })
-    }
-
-    /// The normalised planes `[3, H, W]` the network reads.
-    fn normalised(&self) -> Vec<f32> {
-        let hw = self.width * self.height;
-        let mut out = vec![0.0; 3 * hw];
-        for (i, px) in self.rgb.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                out[c * hw + i] = (f32::from(px[c]) / 255.0 - MEAN[c]) / STD[c];
-            }
-        }
-        out
-    }
-}
 
 /// How an image is covered.
 #[derive(Clone, Debug, PartialEq)]

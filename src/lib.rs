@@ -8,6 +8,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod fs;
 pub mod gpu;
 pub mod graph;
 pub mod images;

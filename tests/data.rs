@@ -3,10 +3,10 @@
 
 use hrnet_ocr::data::augment::{Augment, Batches};
 use hrnet_ocr::data::folder::{cityscapes_train_id, Folder};
+use hrnet_ocr::data::image::Image;
 use hrnet_ocr::data::procedural::Scenes;
 use hrnet_ocr::data::{Dataset, SplitMix};
 use hrnet_ocr::images::{self, LabelMap, CITYSCAPES_PALETTE};
-use hrnet_ocr::infer::Image;
 use std::path::{Path, PathBuf};
 
 fn scratch(test: &str) -> PathBuf {

@@ -3,9 +3,8 @@
 //! random horizontal flip, then mean/std normalisation in RGB order.
 
 use super::{Dataset, SplitMix};
+use crate::data::image::{check_labels, normalise, Image};
 use crate::error::{Error, Result};
-use crate::infer::{Image, MEAN, STD};
-use crate::kernels::loss::check_labels;
 
 /// A sample ready for the network: planes `[3, h, w]` and labels `[h, w]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,8 +46,8 @@ pub fn augment(image: &Image, labels: &[u32], a: &Augment, rng: &mut SplitMix) -
             // Outside the rescaled image is padding: black, and the ignore label.
             let inside = sy < h && sx < w;
             for c in 0..3 {
-                let v = if inside { f32::from(rgb[(sy * w + sx) * 3 + c]) } else { 0.0 };
-                planes[(c * ch + y) * cw + x] = (v / 255.0 - MEAN[c]) / STD[c];
+                let v = if inside { rgb[(sy * w + sx) * 3 + c] } else { 0 };
+                planes[(c * ch + y) * cw + x] = normalise(c, v);
             }
             if inside {
                 out[y * cw + x] = lbl[sy * w + sx];

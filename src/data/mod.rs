@@ -2,10 +2,11 @@
 
 pub mod augment;
 pub mod folder;
+pub mod image;
 pub mod procedural;
 
+use self::image::Image;
 use crate::error::Result;
-use crate::infer::Image;
 
 /// One labelled image: the image and its per-pixel class labels (`height * width`).
 #[derive(Clone, Debug, PartialEq, Eq)]

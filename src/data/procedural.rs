@@ -2,9 +2,9 @@
 //! and colours, overlapping, on cluttered backgrounds. Deterministic by (seed, index), any
 //! image size; needs no files.
 
+use super::image::Image;
 use super::{Dataset, Scene, SplitMix};
 use crate::error::Result;
-use crate::infer::Image;
 
 /// The classes, in label order.
 pub const CLASSES: [&str; 5] = ["background", "disc", "box", "triangle", "ring"];

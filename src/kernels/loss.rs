@@ -6,10 +6,10 @@
 //! thresh)` and averages `w[y] * nll` over them. **When no pixel is left (every label
 //! ignored) the loss is 0 and the gradient is 0, never NaN** (PyTorch would give NaN).
 //! Labels at or above the class count are treated as ignored by the kernels;
-//! [`check_labels`] rejects them on the host before they reach the device.
+//! [`crate::data::image::check_labels`] rejects them on the host before they reach the device.
 
 use super::{f32_bytes, launch, scratch, to_u32};
-use crate::error::{check_shape, Error, Result};
+use crate::error::{check_shape, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu};
 use crate::tensor::{DType, Tensor};
 
@@ -50,17 +50,6 @@ pub struct CrossEntropy<'a> {
     /// Per-class weights `[K]`, or none.
     pub class_weight: Option<&'a Tensor>,
     pub ohem: Option<Ohem>,
-}
-
-/// Checks labels on the host: each must be below `classes` or be the ignore label.
-pub fn check_labels(labels: &[u32], classes: usize, ignore_label: u32) -> Result<()> {
-    match labels.iter().position(|&l| l != ignore_label && l as usize >= classes) {
-        None => Ok(()),
-        Some(i) => Err(Error::Invalid(format!(
-            "label {} at pixel {i} is neither a class (0..{classes}) nor the ignore label {ignore_label}",
-            labels[i]
-        ))),
-    }
 }
 
 /// The recorded loss: its value and what the backward needs, kept between the passes.

@@ -275,8 +275,8 @@ fn load(gpu: &Gpu) -> HashMap<String, String> {
         .collect()
 }
 
-/// Adds (or replaces) one choice in the cache file, writing a temporary file and renaming
-/// it over the old one, so a reader never sees half a file.
+/// Adds (or replaces) one choice in the cache file, written atomically
+/// ([`crate::fs::write_atomic`]), so a reader never sees half a file.
 fn save(path: &Path, id: &str, key: &str, choice: ConvForward) -> Result<()> {
     let io = |source| Error::Io { path: path.display().to_string(), source };
     if let Some(dir) = path.parent() {
@@ -286,7 +286,5 @@ fn save(path: &Path, id: &str, key: &str, choice: ConvForward) -> Result<()> {
     let prefix = format!("{id}\t{key}\t");
     let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).flat_map(|l| [l, "\n"]).collect();
     text.push_str(&format!("{prefix}{}\n", choice.name()));
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::fs::write_atomic(path, text.as_bytes())
 }

@@ -150,7 +150,7 @@ impl<'g> Trainer<'g> {
         }
         let planes: Vec<f32> = batch.iter().flat_map(|s| s.planes.iter().copied()).collect();
         let labels: Vec<u32> = batch.iter().flat_map(|s| s.labels.iter().copied()).collect();
-        crate::kernels::loss::check_labels(&labels, self.config.num_classes, self.config.ignore_index())?;
+        crate::data::image::check_labels(&labels, self.config.num_classes, self.config.ignore_index())?;
         let gpu = self.gpu;
         self.graph.set(gpu, "input", &planes)?;
         self.graph.tensor("label")?.write_u32(gpu, &labels)?;

@@ -2,7 +2,8 @@
 //! official test does, sliding windows stitched and averaged, flip averaged, and images.
 
 use crate::common::*;
-use hrnet_ocr::infer::{window_starts, Image, Segmenter, Strategy};
+use hrnet_ocr::data::image::Image;
+use hrnet_ocr::infer::{window_starts, Segmenter, Strategy};
 use hrnet_ocr::model::weights;
 
 fn segmenter() -> Segmenter<'static> {

@@ -1,5 +1,6 @@
 use crate::common::*;
-use hrnet_ocr::kernels::loss::{self, CrossEntropy, Ohem};
+use hrnet_ocr::data::image::check_labels;
+use hrnet_ocr::kernels::loss::{CrossEntropy, Ohem};
 use hrnet_ocr::Tensor;
 
 const TOL: f64 = 1e-5;
@@ -135,7 +136,7 @@ fn losses_match_cpu_on_random_shapes() {
         let labels: Vec<u32> = (0..n * h * w)
             .map(|_| if rng.uniform() < ignored * 0.5 { IGNORE } else { rng.range(0, k - 1) as u32 })
             .collect();
-        loss::check_labels(&labels, k, IGNORE).unwrap();
+        check_labels(&labels, k, IGNORE).unwrap();
         let weight: Option<Vec<f32>> =
             (i % 2 == 0).then(|| (0..k).map(|_| 0.5 + rng.uniform() as f32).collect());
         let ohem =
@@ -197,6 +198,6 @@ fn all_ignored_gives_zero_loss_and_gradient() {
 
 #[test]
 fn out_of_range_labels_are_refused_on_the_host() {
-    let e = loss::check_labels(&[0, 3, 19, 255], 19, IGNORE).unwrap_err().to_string();
+    let e = check_labels(&[0, 3, 19, 255], 19, IGNORE).unwrap_err().to_string();
     assert!(e.contains("label 19") && e.contains("pixel 2"), "{e}");
 }

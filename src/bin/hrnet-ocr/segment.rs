@@ -3,13 +3,13 @@
 use crate::{model, parse_size, Mode, ModelArgs};
 use clap::{Args, ValueEnum};
 use hrnet_ocr::data::folder::Folder;
+use hrnet_ocr::data::image::check_labels;
 use hrnet_ocr::data::procedural::Scenes;
 use hrnet_ocr::data::Dataset;
 use hrnet_ocr::eval::Evaluation;
 use hrnet_ocr::images::{self, LabelMap};
 use hrnet_ocr::infer::{Segmenter, Strategy};
 use hrnet_ocr::kernels::conv2d::Precision;
-use hrnet_ocr::kernels::loss::check_labels;
 use hrnet_ocr::model::weights::NamedTensor;
 use hrnet_ocr::model::Config;
 use hrnet_ocr::{Error, Gpu, Result};

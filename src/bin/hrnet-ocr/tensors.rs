@@ -2,9 +2,9 @@
 //! (for checking the engine against a reference) and on checkpoints.
 
 use clap::Args;
+use hrnet_ocr::data::image::check_labels;
 use hrnet_ocr::gpu::{list_adapters, GpuOptions};
 use hrnet_ocr::graph::{Graph, GraphBuilder, Mode};
-use hrnet_ocr::kernels::loss;
 use hrnet_ocr::model::hrnet::{self, OCR_DROPOUT};
 use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
@@ -234,7 +234,7 @@ pub fn backward(args: &BackwardArgs) -> Result<()> {
     }
     let ignore = cfg.ignore_index();
     let labels: Vec<u32> = values.iter().map(|&v| if v < 0.0 { ignore } else { v as u32 }).collect();
-    loss::check_labels(&labels, cfg.num_classes, ignore)
+    check_labels(&labels, cfg.num_classes, ignore)
         .map_err(|e| Error::Format { path: shown, what: e.to_string() })?;
     let dropout = if args.no_dropout { 0.0 } else { OCR_DROPOUT };
     let gpu = Gpu::new()?;

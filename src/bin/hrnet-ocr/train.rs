@@ -257,7 +257,7 @@ impl TrainLog {
             text += &line;
             text.push('\n');
         }
-        weights::write_atomic(path, text.as_bytes())?;
+        hrnet_ocr::fs::write_atomic(path, text.as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(path).map_err(io)?;
         Ok(TrainLog { file, path: path.to_path_buf() })
     }
