@@ -151,7 +151,7 @@ pub fn roofline(gpu: &Gpu) -> Result<Roofline> {
     let y = Tensor::empty(gpu, x.shape())?;
     let gemms = vec![
         vec![mm.forward(gpu, &a, &b, &c)?],
-        conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &weight, None, &y)?,
+        conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &weight, None, &y)?.into_vec(),
     ];
     Ok(Roofline { gbytes_per_s, gflops: best(gemms, |c| c.flops)? })
 }
@@ -250,17 +250,23 @@ fn convolutions(s: &mut Suite) -> Result<()> {
         let gy = s.t(&y_shape, 4)?;
         let (gx, gw, gb) = (s.e(x.shape())?, s.e(weight.shape())?, s.e(bias.shape())?);
         let gpu = s.gpu;
-        s.add("conv2d", "forward", &name, conv2d::forward(gpu, &spec, &x, &weight, Some(&bias), &y)?, false);
+        s.add(
+            "conv2d",
+            "forward",
+            &name,
+            conv2d::forward(gpu, &spec, &x, &weight, Some(&bias), &y)?.into_vec(),
+            false,
+        );
         // Each variant forced, whichever the tuning picked above, and f16 weights.
         let epilogue = conv2d::Epilogue { bias: Some(&bias), ..Default::default() };
         for variant in ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
             let forced =
                 conv2d::forward_with(gpu, &spec, &x, &weight, &epilogue, Precision::F32, variant, &y)?;
-            s.add("conv2d", &format!("forward [{}]", variant.name()), &name, forced, false);
+            s.add("conv2d", &format!("forward [{}]", variant.name()), &name, forced.into_vec(), false);
         }
         if gpu.supports_f16() {
             let half = conv2d::forward_fused(gpu, &spec, &x, &weight, &epilogue, Precision::F16, &y)?;
-            s.add("conv2d", "forward [f16 weights]", &name, half, false);
+            s.add("conv2d", "forward [f16 weights]", &name, half.into_vec(), false);
         }
         let bwd_x = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
         s.add("conv2d", "backward_input", &name, bwd_x, false);
@@ -519,7 +525,7 @@ pub fn peer_suite(gpu: &Gpu, shapes: &[PeerShape]) -> Result<Vec<KernelCase>> {
                 let y_shape = conv2d::output_shape(&spec, x.shape(), &weight)?;
                 let (y, gy) = (s.e(&y_shape)?, s.t(&y_shape, 3)?);
                 let (gx, gw) = (s.e(x.shape())?, s.e(weight.shape())?);
-                let forward = conv2d::forward(gpu, &spec, &x, &weight, None, &y)?;
+                let forward = conv2d::forward(gpu, &spec, &x, &weight, None, &y)?.into_vec();
                 let mut backward = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
                 backward.extend(conv2d::backward_weight(gpu, &spec, &x, &gy, &gw, false)?);
                 (forward, backward, false)

@@ -461,6 +461,8 @@ pub struct MemoryReport {
 /// What a loss term computes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossSpec {
+    /// The term's name, by which [`LossTerms::value`] finds it (HRNet-OCR: `aux`, `main`).
+    pub name: &'static str,
     /// The term's weight in the total (HRNet-OCR: 0.4 for aux, 1 for the main output).
     pub weight: f32,
     pub ignore_label: u32,
@@ -469,6 +471,33 @@ pub struct LossSpec {
     pub align_corners: bool,
     /// A `[K]` input of per-class weights (PyTorch's `weight=`), or none.
     pub class_weight: Option<ValueId>,
+}
+
+/// A loss term's value after a forward pass, before its weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossTerm {
+    pub name: &'static str,
+    pub weight: f32,
+    pub value: f32,
+}
+
+/// A graph's loss terms, read back together.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossTerms(pub Vec<LossTerm>);
+
+impl LossTerms {
+    /// The weighted sum, the loss the backward pass differentiates.
+    pub fn total(&self) -> f32 {
+        self.0.iter().map(|t| t.weight * t.value).sum()
+    }
+
+    /// The value of the term called `name`; an error naming the terms there are otherwise.
+    pub fn value(&self, name: &str) -> Result<f32> {
+        self.0.iter().find(|t| t.name == name).map(|t| t.value).ok_or_else(|| {
+            let names: Vec<&str> = self.0.iter().map(|t| t.name).collect();
+            Error::Invalid(format!("no loss term {name:?}; the graph has {names:?}"))
+        })
+    }
 }
 
 /// A recorded graph with its tensors.
@@ -622,24 +651,21 @@ impl Graph {
         })
     }
 
-    /// The total loss (sum of weight x term) after a forward pass; reads back one float per term.
+    /// The total loss (sum of weight x term) after a forward pass.
     pub fn loss(&self, gpu: &Gpu) -> Result<f32> {
-        Ok(self.weighted_total(&self.loss_terms(gpu)?))
+        Ok(self.loss_terms(gpu)?.total())
     }
 
-    /// The total loss from terms [`Graph::loss_terms`] read (sum of weight x term), so a
-    /// caller who wants both reads the device once.
-    pub fn weighted_total(&self, terms: &[f32]) -> f32 {
-        terms.iter().zip(&self.recorded.losses).map(|(t, (_, weight))| weight * t).sum()
-    }
-
-    /// Each loss term's value before its weight, in the order the terms were added.
-    pub fn loss_terms(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+    /// Every loss term after a forward pass, in the order they were added: all read back
+    /// from the device together.
+    pub fn loss_terms(&self, gpu: &Gpu) -> Result<LossTerms> {
         if self.recorded.losses.is_empty() {
             return Err(Error::Invalid("the graph has no loss".into()));
         }
-        let terms: Vec<&Tensor> = self.recorded.losses.iter().map(|(tensor, _)| tensor).collect();
-        Ok(crate::tensor::read_many(gpu, &terms)?.into_iter().map(|t| t[0]).collect())
+        let tensors: Vec<&Tensor> = self.recorded.losses.iter().map(|l| &l.value).collect();
+        let values = crate::tensor::read_many(gpu, &tensors)?;
+        let terms = self.recorded.losses.iter().zip(values);
+        Ok(LossTerms(terms.map(|(l, v)| LossTerm { name: l.name, weight: l.weight, value: v[0] }).collect()))
     }
 
     /// Sets the dropout seed of the next step (forward and backward use the same masks).

@@ -149,8 +149,7 @@ pub(super) struct Recorded {
     pub prepare: Vec<Dispatch>,
     pub forward: Vec<Dispatch>,
     pub backward: Vec<Dispatch>,
-    /// Each loss term's one-element tensor and weight.
-    pub losses: Vec<(Tensor, f32)>,
+    pub losses: Vec<RecordedLoss>,
     pub dropouts: Vec<DropoutRecord>,
     /// Batch statistics a training forward keeps for the backward, by the node's output.
     saved: HashMap<ValueId, Tensor>,
@@ -159,6 +158,14 @@ pub(super) struct Recorded {
     /// Each node's forward dispatches (a range of `forward`) with what it reads and writes,
     /// for the checked forward.
     pub nodes: Vec<NodeRecord>,
+}
+
+/// A loss term of the graph: its name, the one-element tensor its value lands in, and its
+/// weight in the total.
+pub(super) struct RecordedLoss {
+    pub name: &'static str,
+    pub value: Tensor,
+    pub weight: f32,
 }
 
 impl Graph {
@@ -186,15 +193,28 @@ impl Graph {
         }
     }
 
-    /// A convolution forward at the graph's weight precision.
+    /// A convolution forward at the graph's weight precision. An eval graph keeps the
+    /// weight packing apart (it runs only after the weights change); a training graph packs
+    /// in every forward, since every step changes the weights.
     fn conv_forward(
         &self,
         gpu: &Gpu,
         spec: &Conv2dSpec,
         [x, weight, y]: [ValueId; 3],
         epilogue: &conv2d::Epilogue,
-    ) -> Result<Vec<Dispatch>> {
+    ) -> Result<conv2d::ForwardDispatches> {
         conv2d::forward_fused(gpu, spec, self.t(x), self.t(weight), epilogue, self.precision, self.t(y))
+    }
+
+    /// The forward's share of a convolution's launches (see [`Recorded::prepare`]).
+    fn keep_packing_apart(&mut self, d: conv2d::ForwardDispatches, mode: Mode) -> Vec<Dispatch> {
+        match mode {
+            Mode::Eval => {
+                self.recorded.prepare.push(d.pack);
+                vec![d.conv]
+            }
+            Mode::Train => d.into_vec(),
+        }
     }
 
     pub(super) fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
@@ -202,7 +222,8 @@ impl Graph {
             let mut d = match op {
                 &Op::Conv2d { spec, x, weight, bias, y } => {
                     let epilogue = conv2d::Epilogue { bias: bias.map(|b| self.t(b)), ..Default::default() };
-                    self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?
+                    let d = self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?;
+                    self.keep_packing_apart(d, mode)
                 }
                 &Op::ConvFused { spec, x, weight, bias, bn, residual, relu, y } => {
                     let epilogue = conv2d::Epilogue {
@@ -211,7 +232,8 @@ impl Graph {
                         residual: residual.map(|r| self.t(r)),
                         relu,
                     };
-                    self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?
+                    let d = self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?;
+                    self.keep_packing_apart(d, mode)
                 }
                 &Op::BatchNorm { x, y, .. } => {
                     let bn = self.bn_params(op);
@@ -274,15 +296,12 @@ impl Graph {
                 &Op::Loss { logits, labels, spec } => {
                     let mut pass = self.cross_entropy(&spec).forward(gpu, self.t(logits), self.t(labels))?;
                     let d = std::mem::take(&mut pass.forward);
-                    self.recorded.losses.push((pass.loss.clone(), spec.weight));
+                    let (name, weight) = (spec.name, spec.weight);
+                    self.recorded.losses.push(RecordedLoss { name, value: pass.loss.clone(), weight });
                     self.recorded.loss_passes.push(pass);
                     d
                 }
             };
-            if mode == Mode::Eval && matches!(op, Op::Conv2d { .. } | Op::ConvFused { .. }) {
-                // The first dispatch packs the weight (see conv2d::forward_with).
-                self.recorded.prepare.push(d.remove(0));
-            }
             let start = self.recorded.forward.len();
             self.recorded.forward.append(&mut d);
             let dispatches = start..self.recorded.forward.len();

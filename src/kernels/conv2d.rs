@@ -218,6 +218,30 @@ impl Precision {
     }
 }
 
+/// A convolution forward's two launches: the weight packing, which an eval graph runs only
+/// when the weights change, and the convolution itself.
+#[derive(Debug)]
+pub struct ForwardDispatches {
+    pub pack: Dispatch,
+    pub conv: Dispatch,
+}
+
+impl ForwardDispatches {
+    /// Both, packing first, for a submission of their own or a longer list.
+    pub fn into_vec(self) -> Vec<Dispatch> {
+        vec![self.pack, self.conv]
+    }
+}
+
+impl<'a> IntoIterator for &'a ForwardDispatches {
+    type Item = &'a Dispatch;
+    type IntoIter = std::array::IntoIter<&'a Dispatch, 2>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        [&self.pack, &self.conv].into_iter()
+    }
+}
+
 /// The output shape `[N, Co, Ho, Wo]` of a convolution of `x_shape` by `weight`.
 pub fn output_shape(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Result<[usize; 4]> {
     Ok(Dims::resolve(spec, x_shape, weight)?.y_shape())
@@ -232,7 +256,7 @@ pub fn forward(
     weight: &Tensor,
     bias: Option<&Tensor>,
     y: &Tensor,
-) -> Result<Vec<Dispatch>> {
+) -> Result<ForwardDispatches> {
     forward_fused(gpu, spec, x, weight, &Epilogue { bias, ..Epilogue::default() }, Precision::F32, y)
 }
 
@@ -248,7 +272,7 @@ pub fn forward_fused(
     epilogue: &Epilogue,
     precision: Precision,
     y: &Tensor,
-) -> Result<Vec<Dispatch>> {
+) -> Result<ForwardDispatches> {
     let d = Dims::resolve(spec, x.shape(), weight)?;
     let variant = tuning::conv_forward(gpu, &d.class(spec, precision));
     forward_with(gpu, spec, x, weight, epilogue, precision, variant, y)
@@ -281,7 +305,7 @@ pub fn tune_forward(
         let plain = Epilogue::default();
         tuning::time_dispatches(
             gpu,
-            &forward_with(gpu, spec, &proxy_x, &weight, &plain, precision, variant, &proxy_y)?,
+            &forward_with(gpu, spec, &proxy_x, &weight, &plain, precision, variant, &proxy_y)?.into_vec(),
         )
     })
 }
@@ -298,7 +322,7 @@ pub fn forward_with(
     precision: Precision,
     variant: ConvForward,
     y: &Tensor,
-) -> Result<Vec<Dispatch>> {
+) -> Result<ForwardDispatches> {
     if precision == Precision::F16 && !gpu.supports_f16() {
         return Err(Error::Invalid(format!(
             "conv2d: f16 weights need SHADER_F16, which adapter {} lacks",
@@ -368,7 +392,7 @@ pub fn forward_with(
             launch_tuned(gpu, entry, 64, &tile, &params, &bindings, invocations, cost)?
         }
     };
-    Ok(vec![pack, conv])
+    Ok(ForwardDispatches { pack, conv })
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input

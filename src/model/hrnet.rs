@@ -218,8 +218,10 @@ impl Builder<'_> {
 pub fn add_losses(g: &mut GraphBuilder, cfg: &Config, m: &ModelValues, labels: ValueId) -> Result<()> {
     let class_weight = cfg.class_weights.as_deref().map(|w| g.constant("class_weight", w));
     let ohem = cfg.ohem.map(|o| Ohem { thresh: o.thresh, min_kept: o.min_kept });
-    for (logits, weight) in [(m.aux, cfg.balance_weights[0]), (m.out, cfg.balance_weights[1])] {
+    let terms = [("aux", m.aux, cfg.balance_weights[0]), ("main", m.out, cfg.balance_weights[1])];
+    for (name, logits, weight) in terms {
         let spec = LossSpec {
+            name,
             weight,
             ignore_label: cfg.ignore_index(),
             ohem,

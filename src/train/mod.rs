@@ -165,9 +165,9 @@ impl<'g> Trainer<'g> {
         let terms = self.graph.loss_terms(gpu)?;
         let stats = StepStats {
             step: self.step,
-            loss: self.graph.weighted_total(&terms),
-            aux_loss: terms[0],
-            main_loss: terms[1],
+            loss: terms.total(),
+            aux_loss: terms.value("aux")?,
+            main_loss: terms.value("main")?,
             lr,
         };
         self.step += 1;

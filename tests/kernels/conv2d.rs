@@ -20,7 +20,7 @@ fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32]) ->
     let bt = b.map(|b| upload(&[d.co], b));
     let (y, gx, gw) = (poisoned(&d.y_shape()), poisoned(&d.x_shape()), poisoned(&d.w_shape()));
     let gb = poisoned(&[d.co]);
-    let mut ds = conv2d::forward(gpu, &d.spec, &xt, &wt, bt.as_ref(), &y).unwrap();
+    let mut ds = conv2d::forward(gpu, &d.spec, &xt, &wt, bt.as_ref(), &y).unwrap().into_vec();
     ds.extend(conv2d::backward_input(gpu, &d.spec, &gyt, &wt, &gx, false).unwrap());
     ds.extend(conv2d::backward_weight(gpu, &d.spec, &xt, &gyt, &gw, false).unwrap());
     if b.is_some() {

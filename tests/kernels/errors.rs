@@ -84,7 +84,7 @@ fn profiler_times_every_dispatch_or_explains() {
     let w = upload(&[8, 8, 3, 3], &vec![0.1; 8 * 8 * 9]);
     let y = poisoned(&[1, 8, 32, 32]);
     let spec = Conv2dSpec::square(1, 1, 1);
-    let mut d = conv2d::forward(gpu, &spec, &x, &w, None, &y).unwrap();
+    let mut d = conv2d::forward(gpu, &spec, &x, &w, None, &y).unwrap().into_vec();
     d.push(elementwise::relu_forward(gpu, &y, &x).unwrap());
     match gpu.profile(&d.iter().collect::<Vec<_>>()) {
         Ok(t) => {
