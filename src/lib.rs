@@ -4,6 +4,7 @@
 //! profiler), [`tensor`], [`kernels`] (one launcher module per shader file) and [`graph`]
 //! (the executor that records whole forward and backward passes).
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod data;
 pub mod error;

@@ -197,7 +197,8 @@ pub fn measure_conv_forward(
     if let Some(path) = cache_path(gpu.tuning_cache()) {
         // A cache that cannot be written costs a re-measure next time, nothing more.
         if let Err(e) = save(&path, &identity(gpu), &key, best.1) {
-            eprintln!("hrnet-ocr: tuning cache not saved: {e}");
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| log::warn!("tuning cache not saved (choices kept for this run): {e}"));
         }
     }
     Ok(best.1)

@@ -78,6 +78,7 @@ enum Mode {
 
 fn main() -> ExitCode {
     quiet_display_probes();
+    log::set_logger(&NOTES).map(|()| log::set_max_level(log::LevelFilter::Warn)).ok();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => tensors::info(),
@@ -97,6 +98,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The library's warnings (`log`), printed as notes; other crates' (wgpu's) stay quiet.
+struct Notes;
+
+static NOTES: Notes = Notes;
+
+impl log::Log for Notes {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn && metadata.target().starts_with("hrnet_ocr")
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            eprintln!("note: {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// Mesa's Vulkan device-select layer (an implicit layer, on by default) connects to the
