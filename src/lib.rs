@@ -9,6 +9,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod formats;
 pub mod fs;
 pub mod gpu;
 pub mod graph;

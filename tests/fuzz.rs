@@ -6,8 +6,8 @@
 
 use hrnet_ocr::data::procedural::scene;
 use hrnet_ocr::data::SplitMix;
+use hrnet_ocr::formats::pth::parse_pth;
 use hrnet_ocr::images::{self, LabelMap};
-use hrnet_ocr::model::pth::parse_pth;
 use hrnet_ocr::model::{weights, Config};
 use std::path::PathBuf;
 

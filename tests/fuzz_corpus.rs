@@ -6,8 +6,8 @@
 //! naming the file. A target without a corpus (directory missing or empty) fails too. No
 //! GPU, no fuzzer: plain `cargo test`.
 
+use hrnet_ocr::formats::pth::parse_pth;
 use hrnet_ocr::images;
-use hrnet_ocr::model::pth::parse_pth;
 use hrnet_ocr::model::{weights, Config};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use hrnet_ocr::model::pth::{parse_pth, read_pth, PthTensor};
+use hrnet_ocr::formats::pth::{parse_pth, read_pth, PthTensor};
 use hrnet_ocr::Error;
 use safetensors::{Dtype, SafeTensors};
 

@@ -5,5 +5,5 @@
 hrnet_ocr_fuzz::limit_memory!();
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = hrnet_ocr::model::pth::parse_pth(data, "fuzz.pth");
+    let _ = hrnet_ocr::formats::pth::parse_pth(data, "fuzz.pth");
 });

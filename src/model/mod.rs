@@ -2,7 +2,7 @@
 
 pub mod config;
 pub mod hrnet;
-pub mod pth;
+
 pub mod weights;
 pub mod yaml;
 

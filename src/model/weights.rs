@@ -4,8 +4,8 @@
 //! leading `model.` or `module.` is stripped, `loss.*` is ignored and
 //! `num_batches_tracked` is optional.
 
-use super::pth;
 use crate::error::{Error, Result};
+use crate::formats::pth;
 use crate::gpu::Gpu;
 use crate::graph::Graph;
 use std::collections::HashMap;
