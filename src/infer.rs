@@ -4,7 +4,7 @@
 use crate::data::image::Image;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{Graph, GraphBuilder, Mode};
+use crate::graph::{Graph, GraphBuilder, Mode, ValueId};
 use crate::kernels::conv2d::Precision;
 use crate::kernels::resize;
 use crate::model::weights::{self, NamedTensor};
@@ -121,9 +121,13 @@ impl<'g> Segmenter<'g> {
     /// An image whose tensors would exceed the device's largest storage binding is covered
     /// by the largest sliding windows that fit (stride two thirds of a window) instead.
     pub fn logits(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
-        if !self.fits([h, w])? {
-            let crop = self.fitting_window([h, w])?;
-            return self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)));
+        if !self.graphs.contains_key(&[h, w]) {
+            let (g, out) = self.describe([h, w])?;
+            if !self.fits(&g, out, [h, w]) {
+                let crop = self.fitting_window([h, w])?;
+                return self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)));
+            }
+            self.build_graph([h, w], g, out)?;
         }
         let (gpu, k, align) = (self.gpu, self.config.num_classes, self.config.align_corners);
         let checked = self.check_numerics;
@@ -141,22 +145,24 @@ impl<'g> Segmenter<'g> {
         full.to_vec(gpu)
     }
 
-    /// Whether every tensor of a whole pass at `size` fits the device's largest binding.
-    fn fits(&self, [h, w]: [usize; 2]) -> Result<bool> {
-        if self.graphs.contains_key(&[h, w]) {
-            return Ok(true);
-        }
+    /// The model on one image of `size`, and its main logits.
+    fn describe(&self, [h, w]: [usize; 2]) -> Result<(GraphBuilder, ValueId)> {
         let mut g = GraphBuilder::new();
         let x = g.input("input", &[1, 3, h, w], false);
         let m = hrnet::build(&mut g, &self.config, x, 0.0)?;
-        let graph_largest = g.plan_memory(&[m.out]).largest.1;
+        Ok((g, m.out))
+    }
+
+    /// Whether every tensor of a whole pass of `g` at `size` fits the device's largest binding.
+    fn fits(&self, g: &GraphBuilder, out: ValueId, [h, w]: [usize; 2]) -> bool {
+        let graph_largest = g.plan_memory(&[out]).largest.1;
         let full_logits = (4 * self.config.num_classes * h * w) as u64;
-        Ok(graph_largest.max(full_logits) <= self.gpu.limits().max_storage_buffer_binding_size)
+        graph_largest.max(full_logits) <= self.gpu.limits().max_storage_buffer_binding_size
     }
 
     /// The largest window, halving the longer side, whose pass fits the device.
     fn fitting_window(&self, mut crop: [usize; 2]) -> Result<[usize; 2]> {
-        while !self.fits(crop)? {
+        while !self.fits_at(crop)? {
             let longer = usize::from(crop[1] > crop[0]);
             if crop[longer] <= 32 {
                 return Err(Error::Invalid(format!(
@@ -171,20 +177,30 @@ impl<'g> Segmenter<'g> {
         Ok(crop)
     }
 
+    /// [`Segmenter::fits`] for a size not described yet.
+    fn fits_at(&self, size: [usize; 2]) -> Result<bool> {
+        let (g, out) = self.describe(size)?;
+        Ok(self.fits(&g, out, size))
+    }
+
     fn graph(&mut self, size: [usize; 2]) -> Result<&Graph> {
         if !self.graphs.contains_key(&size) {
-            let mut g = GraphBuilder::new();
-            let x = g.input("input", &[1, 3, size[0], size[1]], false);
-            let m = hrnet::build(&mut g, &self.config, x, 0.0)?;
-            g.set_precision(self.precision);
-            if self.tune {
-                g.tune(self.gpu)?;
-            }
-            let graph = g.build(self.gpu, Mode::Eval, &[m.out])?;
-            weights::load_into(self.gpu, &graph, &self.weights, "the segmenter's weights")?;
-            self.graphs.insert(size, graph);
+            let (g, out) = self.describe(size)?;
+            self.build_graph(size, g, out)?;
         }
         Ok(&self.graphs[&size])
+    }
+
+    /// Builds (tuning first if asked) and keeps the eval graph of `g` for `size`.
+    fn build_graph(&mut self, size: [usize; 2], mut g: GraphBuilder, out: ValueId) -> Result<()> {
+        g.set_precision(self.precision);
+        if self.tune {
+            g.tune(self.gpu)?;
+        }
+        let graph = g.build(self.gpu, Mode::Eval, &[out])?;
+        weights::load_into(self.gpu, &graph, &self.weights, "the segmenter's weights")?;
+        self.graphs.insert(size, graph);
+        Ok(())
     }
 
     fn slide(
