@@ -672,8 +672,7 @@ impl Graph {
     pub fn set_seed(&mut self, gpu: &Gpu, seed: u32) -> Result<()> {
         self.seed = seed;
         for r in &self.recorded.dropouts {
-            let list = if r.backward { &self.recorded.backward } else { &self.recorded.forward };
-            r.layer.reseed(gpu, &list[r.index], &self.tensors[r.x.0], seed, r.accumulate)?;
+            r.layer.reseed(gpu, &r.dispatch, &self.tensors[r.x.0], seed, r.accumulate)?;
         }
         Ok(())
     }

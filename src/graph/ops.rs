@@ -132,11 +132,11 @@ pub(super) struct NodeRecord {
     pub writes: Vec<ValueId>,
 }
 
-/// A dropout dispatch to reseed each step.
+/// A dropout dispatch to reseed each step: a handle to the recorded launch (a clone shares
+/// its parameters), so reseeding rewrites the very dispatch the passes encode.
 pub(super) struct DropoutRecord {
     pub layer: Dropout2d,
-    pub backward: bool,
-    pub index: usize,
+    pub dispatch: Dispatch,
     pub x: ValueId,
     pub accumulate: bool,
 }
@@ -153,8 +153,8 @@ pub(super) struct Recorded {
     pub dropouts: Vec<DropoutRecord>,
     /// Batch statistics a training forward keeps for the backward, by the node's output.
     saved: HashMap<ValueId, Tensor>,
-    /// Each loss node's recorded pass, in node order.
-    loss_passes: Vec<LossPass>,
+    /// Each loss node's recorded pass, by the node's place in the op list.
+    loss_passes: HashMap<usize, LossPass>,
     /// Each node's forward dispatches (a range of `forward`) with what it reads and writes,
     /// for the checked forward.
     pub nodes: Vec<NodeRecord>,
@@ -218,7 +218,7 @@ impl Graph {
     }
 
     pub(super) fn record_forward(&mut self, gpu: &Gpu, ops: &[Op], mode: Mode) -> Result<()> {
-        for op in ops {
+        for (at, op) in ops.iter().enumerate() {
             let mut d = match op {
                 &Op::Conv2d { spec, x, weight, bias, y } => {
                     let epilogue = conv2d::Epilogue { bias: bias.map(|b| self.t(b)), ..Default::default() };
@@ -288,17 +288,17 @@ impl Graph {
                 &Op::Dropout { x, y, layer } => {
                     // In eval, dropout is the identity: a drop probability of 0 multiplies by 1.
                     let layer = if mode == Mode::Train { layer } else { Dropout2d { drop: 0.0 } };
-                    let index = self.recorded.forward.len();
-                    let record = DropoutRecord { layer, backward: false, index, x, accumulate: false };
+                    let dispatch = layer.forward(gpu, self.t(x), self.t(y), self.seed)?;
+                    let record = DropoutRecord { layer, dispatch: dispatch.clone(), x, accumulate: false };
                     self.recorded.dropouts.push(record);
-                    vec![layer.forward(gpu, self.t(x), self.t(y), self.seed)?]
+                    vec![dispatch]
                 }
                 &Op::Loss { logits, labels, spec } => {
                     let mut pass = self.cross_entropy(&spec).forward(gpu, self.t(logits), self.t(labels))?;
                     let d = std::mem::take(&mut pass.forward);
                     let (name, weight) = (spec.name, spec.weight);
                     self.recorded.losses.push(RecordedLoss { name, value: pass.loss.clone(), weight });
-                    self.recorded.loss_passes.push(pass);
+                    self.recorded.loss_passes.insert(at, pass);
                     d
                 }
             };
@@ -355,11 +355,7 @@ impl Graph {
             }
         }
         let mut targets = Targets { needs: &needs, written, discard: HashMap::new() };
-        let mut loss_index = self.recorded.loss_passes.len();
-        for op in ops.iter().rev() {
-            if let Op::Loss { .. } = op {
-                loss_index -= 1;
-            }
+        for (at, op) in ops.iter().enumerate().rev() {
             let (_, out) = op.io();
             let gy = match out {
                 // A node whose output got no gradient passes none on.
@@ -367,21 +363,21 @@ impl Graph {
                 Some(y) => grads[y.0].clone(),
                 None => None,
             };
-            let mut d = self.backward_of(gpu, op, gy, &grads, &mut targets, loss_index)?;
+            let mut d = self.backward_of(gpu, (at, op), gy, &grads, &mut targets)?;
             self.recorded.backward.append(&mut d);
         }
         self.grads = grads;
         Ok(())
     }
 
+    /// The backward dispatches of the op at place `at` of the op list.
     fn backward_of(
         &mut self,
         gpu: &Gpu,
-        op: &Op,
+        (at, op): (usize, &Op),
         gy: Option<Tensor>,
         grads: &[Option<Tensor>],
         tg: &mut Targets<'_>,
-        loss_index: usize,
     ) -> Result<Vec<Dispatch>> {
         let mut target = |v: ValueId| tg.target(gpu, v, &grads[v.0], &self.values[v.0].shape);
         let gy = || gy.clone().expect("nodes with an output have its gradient");
@@ -485,13 +481,21 @@ impl Graph {
             }
             &Op::Dropout { x, layer, .. } => {
                 let (gx, accumulate) = target(x)?;
-                let index = self.recorded.backward.len();
-                self.recorded.dropouts.push(DropoutRecord { layer, backward: true, index, x, accumulate });
-                vec![layer.backward(gpu, &gy(), &gx, self.seed, accumulate)?]
+                let dispatch = layer.backward(gpu, &gy(), &gx, self.seed, accumulate)?;
+                self.recorded.dropouts.push(DropoutRecord {
+                    layer,
+                    dispatch: dispatch.clone(),
+                    x,
+                    accumulate,
+                });
+                vec![dispatch]
             }
             &Op::Loss { logits, labels, spec } => {
                 let (gl, acc) = target(logits)?;
-                let pass = &self.recorded.loss_passes[loss_index];
+                let pass =
+                    self.recorded.loss_passes.get(&at).ok_or_else(|| {
+                        Error::Invalid(format!("loss node {at} has no recorded forward pass"))
+                    })?;
                 let ce = self.cross_entropy(&spec);
                 vec![ce.backward(gpu, pass, self.t(logits), self.t(labels), spec.weight, (&gl, acc))?]
             }
