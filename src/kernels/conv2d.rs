@@ -218,6 +218,11 @@ impl Precision {
     }
 }
 
+/// Input-gradient rows at least this wide take the 16-column tiles, narrower ones 4.
+pub const WIDE_INPUT_GRAD_MIN_COLUMNS: usize = 16;
+/// Weight gradients of at least this many input channels take the 16 x 16 tiles, fewer 16 x 4.
+pub const WIDE_WEIGHT_GRAD_MIN_CI: usize = 16;
+
 /// A convolution forward's two launches: the weight packing, which an eval graph runs only
 /// when the weights change, and the convolution itself.
 #[derive(Debug)]
@@ -415,10 +420,13 @@ pub fn backward_input(
     let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::write(8, &packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
-    // Rows of 16 columns and more take 16 columns per invocation (4x the work per load);
-    // narrower rows 4, rather than idle most of the wide tile.
-    let (columns, entry) =
-        if d.w >= 16 { (16, "conv2d_backward_input_wide") } else { (4, "conv2d_backward_input") };
+    // Wide rows take 16 columns per invocation (4x the work per load); narrower rows 4,
+    // rather than idle most of the wide tile.
+    let (columns, entry) = if d.w >= WIDE_INPUT_GRAD_MIN_COLUMNS {
+        (16, "conv2d_backward_input_wide")
+    } else {
+        (4, "conv2d_backward_input")
+    };
     let tiles = d.n * d.ci.div_ceil(4).div_ceil(4) * d.h * d.w.div_ceil(columns);
     Ok(vec![pack, launch(gpu, "conv2d", entry, &params, &bindings, tiles, cost)?])
 }
@@ -474,9 +482,12 @@ pub fn backward_weight(
 ) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), grad_weight)?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
-    // 16 input channels and more take 16 per invocation (4x the work per load), fewer 4.
-    let (per, entry) =
-        if d.ci >= 16 { (16, "conv2d_backward_weight_wide") } else { (4, "conv2d_backward_weight") };
+    // Enough input channels take 16 per invocation (4x the work per load), fewer 4.
+    let (per, entry) = if d.ci >= WIDE_WEIGHT_GRAD_MIN_CI {
+        (16, "conv2d_backward_weight_wide")
+    } else {
+        (4, "conv2d_backward_weight")
+    };
     let tiles = d.co.div_ceil(16) * d.ci.div_ceil(per) * d.kh * d.kw;
     let rows = d.n * d.ho;
     let chunks = reduction_chunks(tiles, rows * d.wo);

@@ -213,12 +213,18 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
         conv_forward_variant(gpu),
         v(
             "conv2d_backward_input",
-            "16 input channels x 16 columns per invocation (rows of 16 columns and more), else x 4",
+            &format!(
+                "16 input channels x 16 columns per invocation (rows of {} columns and more), else x 4",
+                conv2d::WIDE_INPUT_GRAD_MIN_COLUMNS
+            ),
             tiles_why.clone(),
         ),
         v(
             "conv2d_backward_weight",
-            "16 output x 16 input channels per invocation (16 input channels and more), else x 4; rows split into chunks summed in order",
+            &format!(
+                "16 output x 16 input channels per invocation ({} input channels and more), else x 4; rows split into chunks summed in order",
+                conv2d::WIDE_WEIGHT_GRAD_MIN_CI
+            ),
             tiles_why.clone(),
         ),
         v(
