@@ -157,7 +157,13 @@ pub fn conv_forward(gpu: &Gpu, class: &ConvClass) -> ConvForward {
     }
     let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
     let table = table.get_or_insert_with(|| load(gpu));
-    table.get(&class.key()).and_then(|c| ConvForward::parse(c)).unwrap_or(default)
+    cached(table, class, gpu).unwrap_or(default)
+}
+
+/// The choice kept for `class`, if it runs on `gpu`: a cache file is shared by every device
+/// opened on one adapter, and one opened with smaller workgroups cannot run the tiled GEMM.
+fn cached(table: &HashMap<String, String>, class: &ConvClass, gpu: &Gpu) -> Option<ConvForward> {
+    table.get(&class.key()).and_then(|c| ConvForward::parse(c)).filter(|v| v.runs_on(gpu))
 }
 
 /// Measures the variants for `class` unless a choice is known, timing each with
@@ -176,7 +182,7 @@ pub fn measure_conv_forward(
     let key = class.key();
     let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
     let table = table.get_or_insert_with(|| load(gpu));
-    if let Some(choice) = table.get(&key).and_then(|c| ConvForward::parse(c)) {
+    if let Some(choice) = cached(table, class, gpu) {
         return Ok(choice);
     }
     let mut best = (f64::INFINITY, default);

@@ -137,3 +137,28 @@ fn building_a_graph_never_measures_and_tune_does() {
     assert_eq!(tuning::conv_forward(&gpu, &class).name(), chosen[0].1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A cache file is shared by every device opened on one adapter: a device opened with
+/// smaller workgroups never takes a cached choice it cannot run (the tiled GEMM needs 64).
+#[test]
+fn a_cached_choice_the_device_cannot_run_is_not_taken() {
+    let mut rng = Rng::new(seed("a_cached_choice_the_device_cannot_run"));
+    let dir = std::env::temp_dir().join(format!("hrnet-tuning-{}", rng.next_u64()));
+    let path = dir.join("tuning.tsv");
+    let class = ConvClass::new(48, 48, [3, 3], [1, 1], Precision::F32, 64 * 128);
+    let full = gpu_with(TuningCache::File(path.clone()));
+    let calls = Cell::new(0);
+    let tiled =
+        tuning::measure_conv_forward(&full, &class, timer(ConvForward::TiledK16, 3.0, &calls)).unwrap();
+    assert_eq!(tiled, ConvForward::TiledK16);
+    let small = Gpu::with_options(&GpuOptions {
+        tuning: TuningCache::File(path.clone()),
+        max_workgroup_size: Some(16),
+        ..GpuOptions::from_env()
+    })
+    .unwrap();
+    let chosen = tuning::conv_forward(&small, &class);
+    assert!(chosen.runs_on(&small), "{chosen:?} on a device of {} invocations", small.workgroup_size());
+    assert_eq!(chosen, ConvForward::default_for(&small));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

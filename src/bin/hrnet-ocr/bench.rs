@@ -64,16 +64,24 @@ pub struct BenchArgs {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let gpus = if args.all_adapters {
-        list_adapters(wgpu::Backends::all())
-            .into_iter()
-            .map(|info| {
-                Gpu::with_options(&GpuOptions {
-                    backends: Some(info.backend.into()),
-                    adapter_name: Some(info.name.clone()),
-                    ..GpuOptions::default()
-                })
-            })
-            .collect::<Result<Vec<_>>>()?
+        // An adapter that is listed but will not open a device (a GL context on a headless
+        // GPU machine, say) is skipped with a note; none opening is an error.
+        let mut opened = Vec::new();
+        for info in list_adapters(wgpu::Backends::all()) {
+            let options = GpuOptions {
+                backends: Some(info.backend.into()),
+                adapter_name: Some(info.name.clone()),
+                ..GpuOptions::default()
+            };
+            match Gpu::with_options(&options) {
+                Ok(gpu) => opened.push(gpu),
+                Err(e) => eprintln!("note: skipping {} ({:?}): {e}", info.name, info.backend),
+            }
+        }
+        if opened.is_empty() {
+            return Err(Error::Invalid("--all-adapters: no adapter opened a device".into()));
+        }
+        opened
     } else {
         vec![Gpu::new()?]
     };
