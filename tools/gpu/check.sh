@@ -42,6 +42,9 @@ note() { printf '== check [%3ds]: %s\n' $((SECONDS - started)) "$*" >&2; }
 fail() { failures+=("$1"); note "FAILED: $1"; }
 
 work=$(mktemp -d)
+# The tuning cache and Mesa's shader cache of this run alone: the check neither depends on
+# nor leaves behind what earlier runs on the machine chose.
+export XDG_CACHE_HOME=$work/cache
 link=
 cleanup() { [[ -n $link ]] && rm -f "$link"; rm -rf "$work"; }
 trap cleanup EXIT
