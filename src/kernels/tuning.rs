@@ -72,8 +72,8 @@ impl ConvForward {
         self.slice().is_none() || gpu.workgroup_size() >= 64
     }
 
-    /// The variant used where nothing was measured (no cached choice, tuning off, or a
-    /// convolution too small for timing to tell). On a CPU driver it is the implicit GEMM:
+    /// The variant used where nothing was tuned (no cached choice, or tuning off). On a CPU
+    /// driver it is the implicit GEMM:
     /// LLVM compiles it in 0.35 s on lavapipe where the 16-pixel register tiles take 5.8 s
     /// and the 4-pixel ones 0.6 s per workgroup size, and a first run is mostly compiling
     /// (`hrnet-ocr tune` then measures what runs fastest). Elsewhere too the GEMM, where the
@@ -83,6 +83,17 @@ impl ConvForward {
             ConvForward::TiledK8
         } else {
             ConvForward::Registers
+        }
+    }
+
+    /// What tuning takes, untimed, for a convolution too small for timing to tell the
+    /// variants apart: the one that runs best on this kind of adapter whatever it costs to
+    /// compile (on lavapipe the 16-pixel tiles beat the others down to 8 x 16 maps).
+    pub fn untimed_best(gpu: &Gpu) -> Self {
+        if gpu.info().device_type == wgpu::DeviceType::Cpu {
+            ConvForward::RegistersWide
+        } else {
+            ConvForward::default_for(gpu)
         }
     }
 }
@@ -141,18 +152,18 @@ impl ConvClass {
     }
 }
 
-/// Whether `class` is worth measuring on `gpu`: tuning on, two variants to choose from, and
-/// enough work for timing to tell them apart.
-fn tunable(gpu: &Gpu, class: &ConvClass) -> bool {
+/// Whether timing can choose for `class` on `gpu`: two variants to choose from, and enough
+/// work for timing to tell them apart.
+fn timeable(gpu: &Gpu, class: &ConvClass) -> bool {
     let choices = ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).count();
-    gpu.tuning_cache() != &TuningCache::Off && class.macs() >= MIN_TUNED_MACS && choices >= 2
+    class.macs() >= MIN_TUNED_MACS && choices >= 2
 }
 
-/// The variant for convolutions of `class`: the choice measured earlier (in this process or
-/// a cached one), else the adapter's untimed default. Never measures.
+/// The variant for convolutions of `class`: the choice tuning made earlier (in this process
+/// or a cached one), else the adapter's untimed default. Never measures.
 pub fn conv_forward(gpu: &Gpu, class: &ConvClass) -> ConvForward {
     let default = ConvForward::default_for(gpu);
-    if !tunable(gpu, class) {
+    if gpu.tuning_cache() == &TuningCache::Off {
         return default;
     }
     let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
@@ -168,24 +179,30 @@ fn cached(table: &HashMap<String, String>, class: &ConvClass, gpu: &Gpu) -> Opti
 
 /// Measures the variants for `class` unless a choice is known, timing each with
 /// `time_variant` (milliseconds of one run), and keeps the fastest in memory and in the
-/// cache file; returns the choice. A class not worth measuring gets the untimed default.
+/// cache file; returns the choice. A class too small to time gets
+/// [`ConvForward::untimed_best`], kept the same way; tuning off, the untimed default.
 pub fn measure_conv_forward(
     gpu: &Gpu,
     class: &ConvClass,
     time_variant: impl Fn(ConvForward) -> Result<f64>,
 ) -> Result<ConvForward> {
     let default = ConvForward::default_for(gpu);
-    if !tunable(gpu, class) {
+    if gpu.tuning_cache() == &TuningCache::Off {
         return Ok(default);
     }
-    let candidates: Vec<ConvForward> = ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).collect();
+    // None to time for a class too small to tell the variants apart: it keeps the untimed best.
+    let candidates: Vec<ConvForward> = if timeable(gpu, class) {
+        ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).collect()
+    } else {
+        Vec::new()
+    };
     let key = class.key();
     let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
     let table = table.get_or_insert_with(|| load(gpu));
     if let Some(choice) = cached(table, class, gpu) {
         return Ok(choice);
     }
-    let mut best = (f64::INFINITY, default);
+    let mut best = (f64::INFINITY, ConvForward::untimed_best(gpu));
     let mut tiled_lost_badly = false;
     for variant in candidates {
         // Workgroup-memory tiling 3x behind (a CPU driver) is not worth timing at another

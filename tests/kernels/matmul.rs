@@ -61,6 +61,19 @@ fn reference(mm: &Matmul, a: &[f32], b: &[f32], gc: &[f32]) -> [Vec<f32>; 3] {
     [c, store(&d_op_a, m, k, trans_a), store(&d_op_b, k, n, trans_b)]
 }
 
+/// A product of random size (m and n below `max_mn`, k below 40), case `i` of the four
+/// transpose combinations.
+fn random_product(rng: &mut Rng, i: usize, max_mn: usize) -> Matmul {
+    Matmul {
+        batch: rng.range(1, 3),
+        m: rng.range(1, max_mn),
+        k: rng.range(1, 40),
+        n: rng.range(1, max_mn),
+        trans_a: i % 2 == 1,
+        trans_b: (i / 2) % 2 == 1,
+    }
+}
+
 #[test]
 fn matmul_matches_pytorch_fixtures() {
     let f = Fixture::load("matmul.safetensors");
@@ -79,14 +92,7 @@ fn matmul_matches_pytorch_fixtures() {
 fn matmul_matches_cpu_on_random_shapes_and_transposes() {
     let mut rng = Rng::new(seed("matmul_matches_cpu_on_random_shapes"));
     for i in 0..60 {
-        let mm = Matmul {
-            batch: rng.range(1, 3),
-            m: rng.range(1, 40),
-            k: rng.range(1, 40),
-            n: rng.range(1, 40),
-            trans_a: i % 2 == 1,
-            trans_b: (i / 2) % 2 == 1,
-        };
+        let mm = random_product(&mut rng, i, 40);
         let (a, b) = (rng.normals(mm.batch * mm.m * mm.k), rng.normals(mm.batch * mm.k * mm.n));
         let gc = rng.normals(mm.batch * mm.m * mm.n);
         let old = (i % 3 == 0).then(|| rng.normals(a.len()));
@@ -108,14 +114,7 @@ fn both_matmul_kernels_match_cpu_on_random_products() {
     let gpu = gpu();
     let mut rng = Rng::new(seed("both_matmul_kernels_match_cpu_on_random_products"));
     for i in 0..40 {
-        let mm = Matmul {
-            batch: rng.range(1, 3),
-            m: rng.range(1, 70),
-            k: rng.range(1, 40),
-            n: rng.range(1, 70),
-            trans_a: i % 2 == 1,
-            trans_b: (i / 2) % 2 == 1,
-        };
+        let mm = random_product(&mut rng, i, 70);
         let (a, b) = (rng.normals(mm.batch * mm.m * mm.k), rng.normals(mm.batch * mm.k * mm.n));
         let old = (i % 3 == 0).then(|| rng.normals(mm.batch * mm.m * mm.n));
         let mut want = reference(&mm, &a, &b, &vec![0.0; mm.batch * mm.m * mm.n])[0].clone();

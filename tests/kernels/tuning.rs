@@ -56,13 +56,15 @@ fn tuning_keeps_the_fastest_variant_per_class_on_disk() {
     assert_eq!(calls.get(), 0, "a cached class must not be timed");
     assert_eq!(tuning::choices(&second).len(), 1);
 
+    // A class too small to time is not timed: tuning settles it with the adapter kind's
+    // runtime best, and recording then takes that instead of the untimed default.
     let tiny = ConvClass::new(4, 4, [1, 1], [1, 1], Precision::F32, 64);
     let calls = Cell::new(0);
-    assert_eq!(
-        tuning::measure_conv_forward(&second, &tiny, timings(&calls)).unwrap(),
-        ConvForward::default_for(&second)
-    );
+    assert_eq!(tuning::conv_forward(&second, &tiny), ConvForward::default_for(&second));
+    let settled = tuning::measure_conv_forward(&second, &tiny, timings(&calls)).unwrap();
+    assert_eq!(settled, ConvForward::untimed_best(&second));
     assert_eq!(calls.get(), 0, "a tiny class is not timed");
+    assert_eq!(tuning::conv_forward(&second, &tiny), settled);
     // Tiling 3x behind the register tiles is not timed again at the other slice depth.
     let calls = Cell::new(0);
     let other = ConvClass::new(48, 96, [3, 3], [2, 2], Precision::F32, 64 * 128);

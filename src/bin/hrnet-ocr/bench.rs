@@ -19,8 +19,9 @@ use hrnet_ocr::{Error, Gpu, GpuOptions, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// A model and the input it runs on (bench, tune).
 #[derive(Args)]
-pub struct BenchArgs {
+pub struct ModelInput {
     /// A preset or experiment YAML file [default: the bundled model's config]
     #[arg(long, value_name = "C")]
     config: Option<String>,
@@ -30,6 +31,12 @@ pub struct BenchArgs {
     /// Images per pass
     #[arg(long, default_value_t = 1)]
     batch: usize,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    input: ModelInput,
     /// Timed repetitions (after one untimed warm-up)
     #[arg(long, default_value_t = 3)]
     iters: usize,
@@ -298,13 +305,13 @@ struct Pass {
 }
 
 fn end_to_end(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
-    let cfg = match &args.config {
+    let cfg = match &args.input.config {
         Some(c) => Config::load(c)?,
         None => model::bundled_config()?,
     };
-    let [h, w] = args.size;
-    let n = args.batch.max(1);
-    let name = args.config.as_deref().unwrap_or("the bundled model");
+    let [h, w] = args.input.size;
+    let n = args.input.batch.max(1);
+    let name = args.input.config.as_deref().unwrap_or("the bundled model");
     let mut columns = Vec::new();
     for gpu in gpus {
         if args.all_adapters {
@@ -345,8 +352,8 @@ fn end_to_end(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
 }
 
 fn print_pass(gpu: &Gpu, name: &str, args: &BenchArgs, p: &Pass, top: usize) {
-    let [h, w] = args.size;
-    let n = args.batch.max(1);
+    let [h, w] = args.input.size;
+    let n = args.input.batch.max(1);
     let (mean, best) = p.times;
     println!(
         "{name} {} at {n}x3x{h}x{w} on {}: {mean:.1} ms mean, {best:.1} ms best, {:.2} images/s, \
@@ -379,7 +386,7 @@ pub fn print_profile(profile: &Profile, top: usize) {
 }
 
 fn print_pass_json(gpu: &Gpu, name: &str, args: &BenchArgs, memory_mib: f64, p: &Pass) {
-    let [h, w] = args.size;
+    let [h, w] = args.input.size;
     let profile = p.profile.as_ref().map_or("null".into(), |profile| {
         let kernels: Vec<String> = profile
             .kernels
@@ -404,9 +411,9 @@ fn print_pass_json(gpu: &Gpu, name: &str, args: &BenchArgs, memory_mib: f64, p: 
         js(&gpu.info().name),
         js(&format!("{:?}", gpu.info().backend)),
         js(name),
-        js(&format!("{name}+ocr {}x3x{h}x{w}", args.batch.max(1))),
+        js(&format!("{name}+ocr {}x3x{h}x{w}", args.input.batch.max(1))),
         js(p.name),
-        args.batch.max(1),
+        args.input.batch.max(1),
         jn(Some(p.times.0)),
         jn(Some(p.times.1)),
         p.dispatches,
@@ -418,8 +425,8 @@ fn print_pass_json(gpu: &Gpu, name: &str, args: &BenchArgs, memory_mib: f64, p: 
 /// The forward (and unless `--forward-only`, the training step) on `gpu`, with the
 /// forward's planned device memory in MiB.
 fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)> {
-    let [h, w] = args.size;
-    let n = args.batch.max(1);
+    let [h, w] = args.input.size;
+    let n = args.input.batch.max(1);
     let mut rng = SplitMix::new(7);
     let planes: Vec<f32> = (0..n * 3 * h * w).map(|_| rng.normal()).collect();
     let mut g = GraphBuilder::new();
@@ -478,15 +485,8 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
 
 #[derive(Args)]
 pub struct TuneArgs {
-    /// A preset or experiment YAML file [default: the bundled model's config]
-    #[arg(long, value_name = "C")]
-    config: Option<String>,
-    /// Input size, N or HxW
-    #[arg(long, value_parser = parse_size, default_value = "512x1024")]
-    size: [usize; 2],
-    /// Images per pass
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    #[command(flatten)]
+    input: ModelInput,
     /// The forward's convolution weights at f32 or f16 (training always runs f32)
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
@@ -496,14 +496,14 @@ pub struct TuneArgs {
 /// size, keeps the fastest in the tuning cache, and lists the adapter's choices. Later
 /// `segment`, `eval`, `train` and `bench` runs take them without measuring.
 pub fn tune(args: &TuneArgs) -> Result<()> {
-    let cfg = match &args.config {
+    let cfg = match &args.input.config {
         Some(c) => Config::load(c)?,
         None => model::bundled_config()?,
     };
     let gpu = Gpu::new()?;
-    let [h, w] = args.size;
+    let [h, w] = args.input.size;
     let mut g = GraphBuilder::new();
-    let x = g.input("input", &[args.batch.max(1), 3, h, w], false);
+    let x = g.input("input", &[args.input.batch.max(1), 3, h, w], false);
     hrnet::build(&mut g, &cfg, x, 0.0)?;
     g.set_precision(args.precision.into());
     let start = Instant::now();
