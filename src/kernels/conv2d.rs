@@ -57,18 +57,22 @@ struct Dims {
 }
 
 impl Dims {
-    fn resolve(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Result<Self> {
+    fn resolve(spec: &Conv2dSpec, x_shape: &[usize], weight_shape: &[usize]) -> Result<Self> {
         let [n, ci, h, w] = <[usize; 4]>::try_from(x_shape).map_err(|_| Error::Shape {
             what: "conv2d input".into(),
             expected: "[N, C, H, W]".into(),
             actual: format!("{x_shape:?}"),
         })?;
-        let [co, wci, kh, kw] = weight.dims4("conv2d weight")?;
+        let [co, wci, kh, kw] = <[usize; 4]>::try_from(weight_shape).map_err(|_| Error::Shape {
+            what: "conv2d weight".into(),
+            expected: "[N, C, H, W]".into(),
+            actual: format!("{weight_shape:?}"),
+        })?;
         if wci != ci {
             return Err(Error::Shape {
                 what: "conv2d weight (input channels must match the input's C)".into(),
                 expected: format!("[{co}, {ci}, {kh}, {kw}]"),
-                actual: format!("{:?}", weight.shape()),
+                actual: format!("{weight_shape:?}"),
             });
         }
         let [ho, wo] = spec.output_size(h, w, kh, kw)?;
@@ -249,7 +253,7 @@ impl<'a> IntoIterator for &'a ForwardDispatches {
 
 /// The output shape `[N, Co, Ho, Wo]` of a convolution of `x_shape` by `weight`.
 pub fn output_shape(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Result<[usize; 4]> {
-    Ok(Dims::resolve(spec, x_shape, weight)?.y_shape())
+    Ok(Dims::resolve(spec, x_shape, weight.shape())?.y_shape())
 }
 
 /// `y = conv2d(x, weight) + bias`: the weight is repacked (one small dispatch), then the
@@ -278,7 +282,7 @@ pub fn forward_fused(
     precision: Precision,
     y: &Tensor,
 ) -> Result<ForwardDispatches> {
-    let d = Dims::resolve(spec, x.shape(), weight)?;
+    let d = Dims::resolve(spec, x.shape(), weight.shape())?;
     let variant = tuning::conv_forward(gpu, &d.class(spec, precision));
     forward_with(gpu, spec, x, weight, epilogue, precision, variant, y)
 }
@@ -286,7 +290,8 @@ pub fn forward_fused(
 /// Measures the forward variants for convolutions of `x_shape` by a `weight_shape` weight
 /// at `precision`, unless their shape class is measured already, and returns the choice
 /// later recordings of the class take. Each variant runs on a proxy of at most 64 x 64
-/// output pixels of one image with zero tensors (the timing does not depend on values).
+/// output pixels of one image with zero tensors (the timing does not depend on values),
+/// made only when a class is timed: a cached class costs no device memory or upload.
 pub fn tune_forward(
     gpu: &Gpu,
     spec: &Conv2dSpec,
@@ -294,23 +299,23 @@ pub fn tune_forward(
     weight_shape: &[usize],
     precision: Precision,
 ) -> Result<ConvForward> {
-    let weight = Tensor::zeros(gpu, weight_shape)?;
-    let d = Dims::resolve(spec, x_shape, &weight)?;
+    let d = Dims::resolve(spec, x_shape, weight_shape)?;
+    let proxy = std::cell::OnceCell::new();
     tuning::measure_conv_forward(gpu, &d.class(spec, precision), |variant| {
-        let proxy_x = Tensor::zeros(
-            gpu,
-            &[
-                1,
-                d.ci,
-                d.h.min(tuning::PROXY_SIDE * spec.stride[0]),
-                d.w.min(tuning::PROXY_SIDE * spec.stride[1]),
-            ],
-        )?;
-        let proxy_y = Tensor::empty(gpu, &output_shape(spec, proxy_x.shape(), &weight)?)?;
+        let (x, weight, y) = match proxy.get() {
+            Some(tensors) => tensors,
+            None => {
+                let side = |len: usize, stride: usize| len.min(tuning::PROXY_SIDE * stride);
+                let x = Tensor::zeros(gpu, &[1, d.ci, side(d.h, spec.stride[0]), side(d.w, spec.stride[1])])?;
+                let weight = Tensor::zeros(gpu, weight_shape)?;
+                let y = Tensor::empty(gpu, &output_shape(spec, x.shape(), &weight)?)?;
+                proxy.get_or_init(|| (x, weight, y))
+            }
+        };
         let plain = Epilogue::default();
         tuning::time_dispatches(
             gpu,
-            &forward_with(gpu, spec, &proxy_x, &weight, &plain, precision, variant, &proxy_y)?.into_vec(),
+            &forward_with(gpu, spec, x, weight, &plain, precision, variant, y)?.into_vec(),
         )
     })
 }
@@ -342,7 +347,7 @@ pub fn forward_with(
             gpu.workgroup_size()
         )));
     }
-    let d = Dims::resolve(spec, x.shape(), weight)?;
+    let d = Dims::resolve(spec, x.shape(), weight.shape())?;
     check_shape("conv2d output", &d.y_shape(), y.shape())?;
     if let Some(b) = epilogue.bias {
         check_shape("conv2d bias", &[d.co], b.shape())?;
@@ -410,7 +415,7 @@ pub fn backward_input(
     grad_x: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    let d = Dims::resolve(spec, grad_x.shape(), weight)?;
+    let d = Dims::resolve(spec, grad_x.shape(), weight.shape())?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
     let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
     let pack_params = d.params(spec, PACK_OVER_CI, 1)?;
@@ -480,7 +485,7 @@ pub fn backward_weight(
     grad_weight: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    let d = Dims::resolve(spec, x.shape(), grad_weight)?;
+    let d = Dims::resolve(spec, x.shape(), grad_weight.shape())?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
     // Enough input channels take 16 per invocation (4x the work per load), fewer 4.
     let (per, entry) = if d.ci >= WIDE_WEIGHT_GRAD_MIN_CI {

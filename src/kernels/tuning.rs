@@ -72,12 +72,11 @@ impl ConvForward {
         self.slice().is_none() || gpu.workgroup_size() >= 64
     }
 
-    /// The variant used where nothing was tuned (no cached choice, or tuning off). On a CPU
-    /// driver it is the implicit GEMM:
-    /// LLVM compiles it in 0.35 s on lavapipe where the 16-pixel register tiles take 5.8 s
-    /// and the 4-pixel ones 0.6 s per workgroup size, and a first run is mostly compiling
-    /// (`hrnet-ocr tune` then measures what runs fastest). Elsewhere too the GEMM, where the
-    /// adapter allows its 64 invocations a workgroup.
+    /// The variant used where nothing was tuned (no cached choice, or tuning off): the
+    /// implicit GEMM wherever the adapter allows its 64 invocations a workgroup. On a CPU
+    /// driver too, though it runs slower there: LLVM compiles it in 0.35 s on lavapipe where
+    /// the 16-pixel register tiles take 5.8 s and the 4-pixel ones 0.6 s per workgroup size,
+    /// and a first run is mostly compiling (`hrnet-ocr tune` then measures what runs fastest).
     pub fn default_for(gpu: &Gpu) -> Self {
         if ConvForward::TiledK8.runs_on(gpu) {
             ConvForward::TiledK8
