@@ -1,5 +1,6 @@
 //! Every shader validates with naga, without a GPU; errors name the file and line.
 
+use hrnet_ocr::gpu::Shader;
 use std::path::Path;
 
 /// Every registered shader and f16 variant, composed as the engine builds it (the kernel
@@ -8,10 +9,10 @@ use std::path::Path;
 #[test]
 fn every_composed_shader_validates_with_naga() {
     let mut errors = Vec::new();
-    for name in hrnet_ocr::gpu::shader_names() {
-        let source =
-            hrnet_ocr::gpu::shader_source(name).unwrap_or_else(|| panic!("{name}: does not compose"));
-        let shown = format!("{name} (shaders/{name}.wgsl composed)");
+    for shader in Shader::ALL {
+        let name = shader.name();
+        let source = shader.source().unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{name} (shaders/{}.wgsl composed)", shader.file().0);
         let module = match naga::front::wgsl::parse_str(&source) {
             Ok(m) => m,
             Err(e) => {
@@ -37,13 +38,17 @@ fn every_include_is_used_and_composed() {
     for (piece, _) in hrnet_ocr::gpu::INCLUDES {
         let directive = format!("#include \"{piece}\"");
         assert!(
-            hrnet_ocr::gpu::SHADERS.iter().any(|(_, src)| src.contains(&directive)),
+            Shader::ALL.iter().any(|s| s.file().1.contains(&directive)),
             "shaders/include/{piece} is included by no kernel file"
         );
     }
-    for name in hrnet_ocr::gpu::shader_names() {
-        let source = hrnet_ocr::gpu::shader_source(name).unwrap();
-        assert!(!source.contains("#include"), "{name}: a directive survived composition");
+    for shader in Shader::ALL {
+        let source = shader.source().unwrap();
+        assert!(
+            !source.lines().any(|l| l.trim_start().starts_with('#')) && !source.contains("${"),
+            "{}: a directive or substitution survived composition",
+            shader.name()
+        );
     }
 }
 
@@ -58,8 +63,9 @@ fn every_shader_file_is_registered() {
         })
         .collect();
     on_disk.sort();
-    let mut registered: Vec<String> = hrnet_ocr::gpu::SHADERS.iter().map(|(n, _)| n.to_string()).collect();
+    let mut registered: Vec<String> = Shader::ALL.iter().map(|s| s.file().0.to_string()).collect();
     registered.sort();
+    registered.dedup();
     assert_eq!(on_disk, registered, "shaders/ and the registry in src/gpu/registry.rs differ");
 }
 
@@ -88,9 +94,10 @@ fn every_entry_point_translates_for_every_backend() {
     }
 
     let (mut errors, mut translated) = (Vec::new(), 0);
-    for shader in hrnet_ocr::gpu::shader_names() {
-        let source = hrnet_ocr::gpu::shader_source(shader).unwrap_or_else(|| panic!("{shader}: no source"));
-        let f16 = hrnet_ocr::gpu::F16_VARIANTS.iter().any(|v| v.0 == shader);
+    for variant in Shader::ALL {
+        let shader = variant.name();
+        let source = variant.source().unwrap_or_else(|e| panic!("{e}"));
+        let f16 = variant.needs_f16();
         let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{shader}: {e}"));
         let info = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),

@@ -215,7 +215,7 @@ fn element_dtype(module: &naga::Module, inner: &naga::TypeInner) -> Option<DType
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::registry::{shader_names, shader_source};
+    use crate::gpu::Shader;
 
     crate::gpu::shader_params! {
         struct Pair { a: u32, b: f32, _pad: [u32; 2] }
@@ -233,8 +233,8 @@ mod tests {
 
     #[test]
     fn every_shader_declares_its_params_and_typed_storage() {
-        for name in shader_names() {
-            let source = shader_source(name).unwrap();
+        for shader in Shader::ALL {
+            let (name, source) = (shader.name(), shader.source().unwrap());
             let iface = Interface::reflect(name, &source).unwrap();
             assert!(iface.params.is_some(), "{name}: no Params at binding 0");
             assert!(!iface.storage.is_empty(), "{name}: no storage buffers");

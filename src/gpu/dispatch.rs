@@ -1,7 +1,7 @@
 //! A recorded dispatch: pipeline, bind group and grid, built once and encoded as often as
 //! needed. Kernel launchers return these; the executor strings them into command buffers.
 
-use super::{Gpu, ShaderParams};
+use super::{Gpu, Shader, ShaderParams};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -89,7 +89,7 @@ pub struct Dispatch {
 
 /// What a kernel launcher asks for.
 pub(crate) struct DispatchSpec<'a, P: ShaderParams> {
-    pub shader: &'static str,
+    pub shader: Shader,
     pub entry: &'static str,
     pub constants: &'a [(&'static str, f64)],
     pub params: &'a P,
@@ -108,12 +108,12 @@ impl Dispatch {
     /// Builds the launch after checking it against the shader's declarations (see
     /// [`super::contract`]).
     pub(crate) fn new<P: ShaderParams>(gpu: &Gpu, spec: DispatchSpec<'_, P>) -> Result<Self> {
-        gpu.shader_interface(spec.shader)?.check::<P>(spec.shader, spec.entry, spec.bindings)?;
+        gpu.shader_interface(spec.shader)?.check::<P>(spec.shader.name(), spec.entry, spec.bindings)?;
         let allowed = gpu.limits().max_storage_buffers_per_shader_stage as usize;
         if spec.bindings.len() > allowed {
             return Err(Error::Invalid(format!(
                 "{}.wgsl:{} binds {} storage buffers; adapter {} allows {allowed} per shader stage",
-                spec.shader,
+                spec.shader.name(),
                 spec.entry,
                 spec.bindings.len(),
                 gpu.describe()
@@ -138,7 +138,7 @@ impl Dispatch {
             entries: &entries,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!("binding {}.wgsl:{}: {e}", spec.shader, spec.entry)));
+            return Err(Error::Device(format!("binding {}.wgsl:{}: {e}", spec.shader.name(), spec.entry)));
         }
         Ok(Dispatch {
             label: spec.entry,

@@ -1,6 +1,7 @@
 //! The GPU runtime: instance, adapter, device and queue; the shader registry and pipeline
 //! cache; the buffer pool; recorded dispatches and the timestamp profiler.
 
+mod compose;
 mod contract;
 mod dispatch;
 mod pool;
@@ -13,7 +14,8 @@ pub(crate) use dispatch::DispatchSpec;
 pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
-pub use registry::{shader_names, shader_source, F16_VARIANTS, INCLUDES, SHADERS};
+pub use compose::compose;
+pub use registry::{Shader, INCLUDES};
 
 use crate::error::{Error, Result};
 use pool::BufferPool;
@@ -325,13 +327,13 @@ impl Gpu {
     }
 
     /// A shader's declared interface, for checking launches against it.
-    pub(crate) fn shader_interface(&self, shader: &'static str) -> Result<Arc<contract::Interface>> {
+    pub(crate) fn shader_interface(&self, shader: Shader) -> Result<Arc<contract::Interface>> {
         self.pipelines.interface(shader)
     }
 
     pub(crate) fn pipeline(
         &self,
-        shader: &'static str,
+        shader: Shader,
         entry: &'static str,
         constants: &[(&'static str, f64)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {

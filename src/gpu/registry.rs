@@ -7,69 +7,106 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Every shader file, by the name kernels use for it.
-pub const SHADERS: &[(&str, &str)] = &[
-    ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
-    ("concat", include_str!("../../shaders/concat.wgsl")),
-    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
-    ("dropout", include_str!("../../shaders/dropout.wgsl")),
-    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
-    ("loss", include_str!("../../shaders/loss.wgsl")),
-    ("matmul", include_str!("../../shaders/matmul.wgsl")),
-    ("metrics", include_str!("../../shaders/metrics.wgsl")),
-    ("reduce", include_str!("../../shaders/reduce.wgsl")),
-    ("resize", include_str!("../../shaders/resize.wgsl")),
-    ("sgd", include_str!("../../shaders/sgd.wgsl")),
-    ("softmax", include_str!("../../shaders/softmax.wgsl")),
-];
+/// Every module the engine builds pipelines from: a kernel file of `shaders/`, composed
+/// (see [`super::compose`]) with the flags its variant sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Shader {
+    BatchNorm,
+    Concat,
+    Conv2d,
+    /// `conv2d.wgsl` with `F16`: the forward's packed weights at half precision.
+    Conv2dF16,
+    Dropout,
+    Elementwise,
+    Loss,
+    Matmul,
+    Metrics,
+    Reduce,
+    Resize,
+    Sgd,
+    Softmax,
+}
+
+impl Shader {
+    pub const ALL: [Shader; 13] = [
+        Shader::BatchNorm,
+        Shader::Concat,
+        Shader::Conv2d,
+        Shader::Conv2dF16,
+        Shader::Dropout,
+        Shader::Elementwise,
+        Shader::Loss,
+        Shader::Matmul,
+        Shader::Metrics,
+        Shader::Reduce,
+        Shader::Resize,
+        Shader::Sgd,
+        Shader::Softmax,
+    ];
+
+    /// The module's name in errors, labels and the tuning cache, e.g. `conv2d_f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shader::Conv2dF16 => "conv2d_f16",
+            _ => self.file().0,
+        }
+    }
+
+    /// The kernel file it is composed from: (stem under `shaders/`, text).
+    pub fn file(self) -> (&'static str, &'static str) {
+        macro_rules! file {
+            ($stem:literal) => {
+                ($stem, include_str!(concat!("../../shaders/", $stem, ".wgsl")))
+            };
+        }
+        match self {
+            Shader::BatchNorm => file!("batch_norm"),
+            Shader::Concat => file!("concat"),
+            Shader::Conv2d | Shader::Conv2dF16 => file!("conv2d"),
+            Shader::Dropout => file!("dropout"),
+            Shader::Elementwise => file!("elementwise"),
+            Shader::Loss => file!("loss"),
+            Shader::Matmul => file!("matmul"),
+            Shader::Metrics => file!("metrics"),
+            Shader::Reduce => file!("reduce"),
+            Shader::Resize => file!("resize"),
+            Shader::Sgd => file!("sgd"),
+            Shader::Softmax => file!("softmax"),
+        }
+    }
+
+    /// The flags its file is composed with (`#if F16`).
+    pub fn flags(self) -> &'static [&'static str] {
+        match self {
+            Shader::Conv2dF16 => &["F16"],
+            _ => &[],
+        }
+    }
+
+    /// Whether its pipelines need the adapter's `SHADER_F16`.
+    pub fn needs_f16(self) -> bool {
+        self.flags().contains(&"F16")
+    }
+
+    /// The composed WGSL source, or an error naming the file and line that do not compose.
+    pub fn source(self) -> Result<String> {
+        let (stem, text) = self.file();
+        super::compose::compose(&format!("shaders/{stem}.wgsl"), text, self.flags(), INCLUDES)
+            .map_err(|e| Error::Invalid(format!("composing {}: {e}", self.name())))
+    }
+}
 
 /// The pieces kernel files share, by the name a line `#include "NAME"` gives
 /// (`shaders/include/`): written once, composed into every file that includes them.
 pub const INCLUDES: &[(&str, &str)] = &[("common.wgsl", include_str!("../../shaders/include/common.wgsl"))];
 
-/// `source` with each `#include "NAME"` line replaced by that piece; `None` when a piece
-/// is not in [`INCLUDES`].
-fn compose(source: &str) -> Option<String> {
-    let mut out = String::with_capacity(source.len() + 1024);
-    for line in source.lines() {
-        match line.trim().strip_prefix("#include ") {
-            Some(name) => out.push_str(INCLUDES.iter().find(|(n, _)| name.trim_matches('"') == *n)?.1),
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    Some(out)
-}
-
-/// A shader built from another file's source with f16 enabled and one alias retyped:
-/// (name, base shader, the alias line as written, the line in the f16 build). Pipelines
-/// from these need the adapter's `SHADER_F16`.
-pub const F16_VARIANTS: &[(&str, &str, &str, &str)] =
-    &[("conv2d_f16", "conv2d", "alias PackedWeights = vec4<f32>;", "alias PackedWeights = vec4<f16>;")];
-
-/// The composed WGSL source of a registered shader or f16 variant.
-pub fn shader_source(name: &str) -> Option<String> {
-    if let Some((_, src)) = SHADERS.iter().find(|(n, _)| *n == name) {
-        return compose(src);
-    }
-    let &(_, base, line, f16_line) = F16_VARIANTS.iter().find(|v| v.0 == name)?;
-    let src = compose(SHADERS.iter().find(|(n, _)| *n == base)?.1)?;
-    // An alias line that went missing must fail loudly, not build an f32 "variant".
-    src.contains(line).then(|| format!("enable f16;\n{}", src.replace(line, f16_line)))
-}
-
-/// Every shader the engine builds pipelines from: the files, then the f16 variants.
-pub fn shader_names() -> impl Iterator<Item = &'static str> {
-    SHADERS.iter().map(|s| s.0).chain(F16_VARIANTS.iter().map(|v| v.0))
-}
-
 /// Override constants are part of a pipeline's identity; f64 bits make them hashable.
-type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
+type PipelineKey = (Shader, &'static str, Vec<(&'static str, u64)>);
 
 #[derive(Default)]
 pub(crate) struct PipelineCache {
-    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
-    interfaces: Mutex<HashMap<&'static str, Arc<Interface>>>,
+    modules: Mutex<HashMap<Shader, Arc<wgpu::ShaderModule>>>,
+    interfaces: Mutex<HashMap<Shader, Arc<Interface>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -77,7 +114,7 @@ impl PipelineCache {
     pub(crate) fn get(
         &self,
         device: &wgpu::Device,
-        shader: &'static str,
+        shader: Shader,
         entry: &'static str,
         constants: &[(&'static str, f64)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {
@@ -99,7 +136,7 @@ impl PipelineCache {
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!("building pipeline {shader}.wgsl:{entry}: {e}")));
+            return Err(Error::Device(format!("building pipeline {}.wgsl:{entry}: {e}", shader.name())));
         }
         let pipeline = Arc::new(pipeline);
         lock(&self.pipelines).insert(key, Arc::clone(&pipeline));
@@ -107,30 +144,27 @@ impl PipelineCache {
     }
 
     /// What the shader declares (its `Params` and storage bindings), read once.
-    pub(crate) fn interface(&self, shader: &'static str) -> Result<Arc<Interface>> {
-        if let Some(i) = lock(&self.interfaces).get(shader) {
+    pub(crate) fn interface(&self, shader: Shader) -> Result<Arc<Interface>> {
+        if let Some(i) = lock(&self.interfaces).get(&shader) {
             return Ok(Arc::clone(i));
         }
-        let source = shader_source(shader)
-            .ok_or_else(|| Error::Invalid(format!("no shader named {shader:?} is registered")))?;
-        let interface = Arc::new(Interface::reflect(shader, &source)?);
+        let interface = Arc::new(Interface::reflect(shader.name(), &shader.source()?)?);
         lock(&self.interfaces).insert(shader, Arc::clone(&interface));
         Ok(interface)
     }
 
-    fn module(&self, device: &wgpu::Device, shader: &'static str) -> Result<Arc<wgpu::ShaderModule>> {
-        if let Some(m) = lock(&self.modules).get(shader) {
+    fn module(&self, device: &wgpu::Device, shader: Shader) -> Result<Arc<wgpu::ShaderModule>> {
+        if let Some(m) = lock(&self.modules).get(&shader) {
             return Ok(Arc::clone(m));
         }
-        let source = shader_source(shader)
-            .ok_or_else(|| Error::Invalid(format!("no shader named {shader:?} is registered")))?;
+        let source = shader.source()?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(shader),
+            label: Some(shader.name()),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Device(format!("compiling shaders/{shader}.wgsl: {e}")));
+            return Err(Error::Device(format!("compiling {}: {e}", shader.name())));
         }
         let module = Arc::new(module);
         lock(&self.modules).insert(shader, Arc::clone(&module));

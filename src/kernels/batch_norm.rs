@@ -2,7 +2,7 @@
 
 use super::{f32_bytes, launch, plane_block_invocations, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 /// PyTorch's defaults, which HRNet-OCR uses everywhere.
@@ -119,7 +119,7 @@ pub fn forward_train(
     let partials = scratch(gpu, 2 * l.chunks * c)?;
     let stats = launch(
         gpu,
-        "batch_norm",
+        Shader::BatchNorm,
         "bn_stats_partials",
         &l.params,
         &[Binding::read(1, x), Binding::write(8, &partials)],
@@ -128,7 +128,7 @@ pub fn forward_train(
     )?;
     let finalize = launch(
         gpu,
-        "batch_norm",
+        Shader::BatchNorm,
         "bn_stats_finalize",
         &l.params,
         &[
@@ -145,7 +145,7 @@ pub fn forward_train(
     )?;
     let normalize = launch(
         gpu,
-        "batch_norm",
+        Shader::BatchNorm,
         "bn_normalize_train",
         &l.params,
         &[
@@ -168,7 +168,7 @@ pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor)
     let numel = l.numel();
     launch(
         gpu,
-        "batch_norm",
+        Shader::BatchNorm,
         "bn_normalize_eval",
         &l.params,
         &[
@@ -215,7 +215,7 @@ pub fn backward(
     let grad_sums = scratch(gpu, 2 * c)?;
     let sums = launch(
         gpu,
-        "batch_norm",
+        Shader::BatchNorm,
         "bn_backward_partials",
         &l.params,
         &[
@@ -230,7 +230,7 @@ pub fn backward(
     l.params.flags = if grads.accumulate_params { ACCUMULATE } else { 0 };
     let finalize = launch(
         gpu,
-        "batch_norm",
+        Shader::BatchNorm,
         "bn_backward_finalize",
         &l.params,
         &[
@@ -245,7 +245,7 @@ pub fn backward(
     l.params.flags = if grads.accumulate_x { ACCUMULATE } else { 0 };
     let input = launch(
         gpu,
-        "batch_norm",
+        Shader::BatchNorm,
         "bn_backward_input",
         &l.params,
         &[

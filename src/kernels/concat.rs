@@ -3,7 +3,7 @@
 
 use super::{f32_bytes, launch, plane_block_invocations, to_u32};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 crate::gpu::shader_params! {
@@ -55,7 +55,7 @@ pub fn copy_channels(
     let bindings = [Binding::read(1, src), Binding::write(2, dst)];
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * len) };
     let invocations = plane_block_invocations(gpu, n * channels, h * w);
-    launch(gpu, "concat", "copy_channels", &p, &bindings, invocations, cost)
+    launch(gpu, Shader::Concat, "copy_channels", &p, &bindings, invocations, cost)
 }
 
 /// `y = concat(inputs, channel axis)`: one copy per input into its slice.

@@ -4,7 +4,7 @@ use super::batch_norm::BatchNormParams;
 use super::tuning::{self, ConvClass, ConvForward};
 use super::{f32_bytes, launch, launch_sized, launch_tuned, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 /// Stride, padding and dilation, each as (vertical, horizontal).
@@ -160,12 +160,8 @@ crate::gpu::shader_params! {
     }
 }
 
-const HAS_BIAS: u32 = 1;
-const ACCUMULATE: u32 = 2;
-const PACK_OVER_CI: u32 = 4;
-const FOLD_BATCH_NORM: u32 = 8;
-const ADD_RESIDUAL: u32 = 16;
-const RELU: u32 = 32;
+const ACCUMULATE: u32 = 1;
+const RELU: u32 = 2;
 
 /// What the forward does to each output value after the convolution, in order: add the
 /// bias, apply the folded batch norm, add the residual, ReLU. Inference fuses a whole
@@ -184,11 +180,21 @@ pub struct Epilogue<'a> {
 
 impl Epilogue<'_> {
     fn flags(&self) -> u32 {
-        let flag = |on: bool, f: u32| if on { f } else { 0 };
-        flag(self.bias.is_some(), HAS_BIAS)
-            | flag(self.batch_norm.is_some(), FOLD_BATCH_NORM)
-            | flag(self.residual.is_some(), ADD_RESIDUAL)
-            | flag(self.relu, RELU)
+        if self.relu {
+            RELU
+        } else {
+            0
+        }
+    }
+
+    /// The packing entry point that reads the optional terms this epilogue has.
+    fn pack_entry(&self) -> &'static str {
+        match (self.bias.is_some(), self.batch_norm.is_some()) {
+            (false, false) => "conv2d_pack_weight",
+            (true, false) => "conv2d_pack_weight_bias",
+            (false, true) => "conv2d_pack_weight_batch_norm",
+            (true, true) => "conv2d_pack_weight_bias_batch_norm",
+        }
     }
 }
 
@@ -214,10 +220,10 @@ impl Precision {
     }
 
     /// The shader the forward and its weight packing are built from.
-    fn shader(self) -> &'static str {
+    fn shader(self) -> Shader {
         match self {
-            Precision::F32 => "conv2d",
-            Precision::F16 => "conv2d_f16",
+            Precision::F32 => Shader::Conv2d,
+            Precision::F16 => Shader::Conv2dF16,
         }
     }
 }
@@ -365,15 +371,11 @@ pub fn forward_with(
     let mut params = d.params(spec, epilogue.flags(), 1)?;
     params.eps = epilogue.batch_norm.map_or(0.0, |bn| bn.eps);
     let shift = scratch(gpu, d.co)?;
-    let (pack, packed) = pack_weight(gpu, &d, &params, weight, epilogue, precision, &shift)?;
-    // Without a residual the input stands in at its binding; the shader never reads it.
-    let bindings = [
-        Binding::read(1, x),
-        Binding::write(4, y),
-        Binding::write(8, &packed),
-        Binding::read(10, &shift),
-        Binding::read(15, epilogue.residual.unwrap_or(x)),
-    ];
+    let pack = pack_forward(gpu, &d, &params, weight, epilogue, precision, &shift)?;
+    let mut bindings =
+        vec![Binding::read(1, x), Binding::write(4, y), Binding::read(8, &pack.packed), Binding::read(10, &shift)];
+    bindings.extend(epilogue.residual.map(|r| Binding::read(15, r)));
+    let residual = epilogue.residual.is_some();
     let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);
     let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + extra) };
     let pixels = d.ho * d.wo;
@@ -391,18 +393,18 @@ pub fn forward_with(
                 _ => (4, pixels.div_ceil(4).next_power_of_two().clamp(8, full)),
             };
             let invocations = d.n * d.co.div_ceil(16) * pixels.div_ceil(per * wg) * wg;
-            let entry = (precision.shader(), variant.entry());
+            let entry = (precision.shader(), variant.entry(residual));
             launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?
         }
         Some(slice) => {
             // A workgroup of 64 per (image, 32 channels, 32 pixels).
             let invocations = d.n * d.co.div_ceil(32) * pixels.div_ceil(32) * 64;
-            let entry = (precision.shader(), variant.entry());
+            let entry = (precision.shader(), variant.entry(residual));
             let tile = [("SLICE", f64::from(slice))];
             launch_tuned(gpu, entry, 64, &tile, &params, &bindings, invocations, cost)?
         }
     };
-    Ok(ForwardDispatches { pack, conv })
+    Ok(ForwardDispatches { pack: pack.dispatch, conv })
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input
@@ -418,11 +420,8 @@ pub fn backward_input(
     let d = Dims::resolve(spec, grad_x.shape(), weight.shape())?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
     let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
-    let pack_params = d.params(spec, PACK_OVER_CI, 1)?;
-    let unused_shift = scratch(gpu, 1)?;
-    let (pack, packed) =
-        pack_weight(gpu, &d, &pack_params, weight, &Epilogue::default(), Precision::F32, &unused_shift)?;
-    let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::write(8, &packed)];
+    let pack = pack_over_ci(gpu, &d, &params, weight)?;
+    let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::read(8, &pack.packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
     // Wide rows take 16 columns per invocation (4x the work per load); narrower rows 4,
@@ -433,14 +432,28 @@ pub fn backward_input(
         (4, "conv2d_backward_input")
     };
     let tiles = d.n * d.ci.div_ceil(4).div_ceil(4) * d.h * d.w.div_ceil(columns);
-    Ok(vec![pack, launch(gpu, "conv2d", entry, &params, &bindings, tiles, cost)?])
+    Ok(vec![pack.dispatch, launch(gpu, Shader::Conv2d, entry, &params, &bindings, tiles, cost)?])
 }
 
-/// Repacks the weight as vec4s over output channels (for the forward: scaled by the folded
-/// batch norm, with each channel's shift written to `shift`) or over input channels (flag
-/// `PACK_OVER_CI`, for the input gradient), one small dispatch; returns it with the packed
-/// tensor (f16 pairs in f32 words at `Precision::F16`).
-fn pack_weight(
+/// A weight packing's dispatch and the packed weight it writes.
+struct Packed {
+    dispatch: Dispatch,
+    packed: Tensor,
+}
+
+/// The packed weight's tensor: `vec4s` vec4s at `precision` (f16 pairs in f32 words).
+fn packed_tensor(gpu: &Gpu, vec4s: usize, precision: Precision) -> Result<Tensor> {
+    let words_per_vec4 = match precision {
+        Precision::F32 => 4,
+        Precision::F16 => 2,
+    };
+    scratch(gpu, words_per_vec4 * vec4s)
+}
+
+/// Repacks the weight as vec4s over output channels for the forward, scaled by the folded
+/// batch norm, with each channel's additive term written to `shift`: one small dispatch
+/// of the entry point that reads exactly the epilogue's optional terms.
+fn pack_forward(
     gpu: &Gpu,
     d: &Dims,
     params: &Params,
@@ -448,30 +461,32 @@ fn pack_weight(
     epilogue: &Epilogue,
     precision: Precision,
     shift: &Tensor,
-) -> Result<(Dispatch, Tensor)> {
-    let over_ci = params.flags & PACK_OVER_CI != 0;
-    let (outer, tiled) = if over_ci { (d.co, d.ci) } else { (d.ci, d.co) };
-    let len = outer * d.kh * d.kw * tiled.div_ceil(4);
-    let words_per_vec4 = match precision {
-        Precision::F32 => 4,
-        Precision::F16 => 2,
-    };
-    let packed = scratch(gpu, words_per_vec4 * len)?;
-    // Absent terms are bound to the weight; the flags keep the shader from reading them.
-    let bn = epilogue.batch_norm;
-    let bindings = [
-        Binding::read(2, weight),
-        Binding::read(3, epilogue.bias.unwrap_or(weight)),
-        Binding::read(11, bn.map_or(weight, |b| b.gamma)),
-        Binding::read(12, bn.map_or(weight, |b| b.beta)),
-        Binding::read(13, bn.map_or(weight, |b| b.running_mean)),
-        Binding::read(14, bn.map_or(weight, |b| b.running_var)),
-        Binding::write(8, &packed),
-        Binding::write(9, shift),
-    ];
+) -> Result<Packed> {
+    let len = d.ci * d.kh * d.kw * d.co.div_ceil(4);
+    let packed = packed_tensor(gpu, len, precision)?;
+    let mut bindings = vec![Binding::read(2, weight), Binding::write(16, &packed), Binding::write(9, shift)];
+    bindings.extend(epilogue.bias.map(|b| Binding::read(3, b)));
+    if let Some(bn) = epilogue.batch_norm {
+        bindings.extend([
+            Binding::read(11, bn.gamma),
+            Binding::read(12, bn.beta),
+            Binding::read(13, bn.running_mean),
+            Binding::read(14, bn.running_var),
+        ]);
+    }
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) };
-    let pack = launch(gpu, precision.shader(), "conv2d_pack_weight", params, &bindings, len, cost)?;
-    Ok((pack, packed))
+    let dispatch = launch(gpu, precision.shader(), epilogue.pack_entry(), params, &bindings, len, cost)?;
+    Ok(Packed { dispatch, packed })
+}
+
+/// Repacks the weight as vec4s over input channels, for the input gradient.
+fn pack_over_ci(gpu: &Gpu, d: &Dims, params: &Params, weight: &Tensor) -> Result<Packed> {
+    let len = d.co * d.kh * d.kw * d.ci.div_ceil(4);
+    let packed = packed_tensor(gpu, len, Precision::F32)?;
+    let bindings = [Binding::read(2, weight), Binding::write(16, &packed)];
+    let cost = Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) };
+    let dispatch = launch(gpu, Shader::Conv2d, "conv2d_pack_weight_over_ci", params, &bindings, len, cost)?;
+    Ok(Packed { dispatch, packed })
 }
 
 /// `grad_weight (+)= sum over pixels of grad_y * x`: the gradient with respect to the weight.
@@ -505,7 +520,7 @@ pub fn backward_weight(
     let params = d.params(spec, flags, chunk_rows)?;
     let partials = if direct { grad_weight.clone() } else { scratch(gpu, chunks * d.weight_len())? };
     let bindings = [Binding::read(1, x), Binding::read(5, grad_y), Binding::write(7, &partials)];
-    let reduce_rows = launch(gpu, "conv2d", entry, &params, &bindings, chunks * tiles, cost)?;
+    let reduce_rows = launch(gpu, Shader::Conv2d, entry, &params, &bindings, chunks * tiles, cost)?;
     if direct {
         return Ok(vec![reduce_rows]);
     }

@@ -4,7 +4,7 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 crate::gpu::shader_params! {
@@ -68,7 +68,7 @@ impl Dropout2d {
         let cost = Cost { flops: x.numel() as u64, bytes: f32_bytes(2 * x.numel()) };
         launch(
             gpu,
-            "dropout",
+            Shader::Dropout,
             "dropout_forward",
             &p,
             &[Binding::read(1, x), Binding::write(2, y)],
@@ -91,7 +91,7 @@ impl Dropout2d {
         let n = grad_y.numel();
         let cost = Cost { flops: n as u64, bytes: f32_bytes((2 + usize::from(accumulate)) * n) };
         let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
-        launch(gpu, "dropout", "dropout_backward", &p, &bindings, n, cost)
+        launch(gpu, Shader::Dropout, "dropout_backward", &p, &bindings, n, cost)
     }
 
     /// Sets the seed of a recorded forward or backward dispatch of this layer for the next

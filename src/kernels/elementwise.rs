@@ -2,7 +2,7 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{check_shape, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 crate::gpu::shader_params! {
@@ -40,7 +40,7 @@ fn elementwise(
         flops: flops_per_element * len as u64,
         bytes: f32_bytes(len * (reads.len() + writes.len() + accumulated)),
     };
-    launch(gpu, "elementwise", entry, &params, &bindings, len, cost)
+    launch(gpu, Shader::Elementwise, entry, &params, &bindings, len, cost)
 }
 
 fn flags(accumulate_a: bool, accumulate_b: bool) -> u32 {

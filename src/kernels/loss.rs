@@ -10,7 +10,7 @@
 
 use super::{f32_bytes, launch, scratch, to_u32};
 use crate::error::{check_shape, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{DType, Tensor};
 
 /// Pixels per invocation when summing the loss.
@@ -116,7 +116,7 @@ impl CrossEntropy<'_> {
                 Binding::write(8, &pass.target_prob),
                 Binding::write_u32(9, &histogram),
             ];
-            forward.push(launch(gpu, "loss", "ohem_probs", &p, &probs, pixels.max(256), pixel_cost)?);
+            forward.push(launch(gpu, Shader::Loss, "ohem_probs", &p, &probs, pixels.max(256), pixel_cost)?);
             for radix_pass in 0..4 {
                 p.radix_pass = radix_pass;
                 let select = [
@@ -125,9 +125,9 @@ impl CrossEntropy<'_> {
                     Binding::write_u32(10, &pass.select_state),
                 ];
                 let hist_cost = Cost { flops: 0, bytes: f32_bytes(pixels) };
-                forward.push(launch(gpu, "loss", "ohem_histogram", &p, &select, pixels, hist_cost)?);
+                forward.push(launch(gpu, Shader::Loss, "ohem_histogram", &p, &select, pixels, hist_cost)?);
                 let select_cost = Cost { flops: 0, bytes: f32_bytes(512) };
-                forward.push(launch(gpu, "loss", "ohem_select", &p, &select[1..], 1, select_cost)?);
+                forward.push(launch(gpu, Shader::Loss, "ohem_select", &p, &select[1..], 1, select_cost)?);
             }
         }
         // Plain cross entropy binds the OHEM tensors too (the shared pixel code names them)
@@ -142,11 +142,11 @@ impl CrossEntropy<'_> {
         ]
         .concat();
         let sum_cost = Cost { flops: (2 * classes + 4) as u64 * pixels as u64, bytes: pixel_cost.bytes };
-        forward.push(launch(gpu, "loss", "ce_partials", &p, &terms, chunks, sum_cost)?);
+        forward.push(launch(gpu, Shader::Loss, "ce_partials", &p, &terms, chunks, sum_cost)?);
         let finalize =
             [Binding::write(4, &partials), Binding::write(5, &pass.loss), Binding::write(6, &pass.denom)];
         let finalize_cost = Cost { flops: 2 * chunks as u64, bytes: f32_bytes(2 * chunks + 2) };
-        forward.push(launch(gpu, "loss", "ce_finalize", &p, &finalize, 1, finalize_cost)?);
+        forward.push(launch(gpu, Shader::Loss, "ce_finalize", &p, &finalize, 1, finalize_cost)?);
         Ok(LossPass { forward, ..pass })
     }
 
@@ -175,6 +175,6 @@ impl CrossEntropy<'_> {
         ];
         let n = logits.numel();
         let cost = Cost { flops: 6 * n as u64, bytes: f32_bytes(2 * n + labels.numel()) };
-        launch(gpu, "loss", "ce_backward", &p, &bindings, labels.numel(), cost)
+        launch(gpu, Shader::Loss, "ce_backward", &p, &bindings, labels.numel(), cost)
     }
 }

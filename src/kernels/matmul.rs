@@ -3,7 +3,7 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 crate::gpu::shader_params! {
@@ -170,7 +170,7 @@ pub fn product_with(
         MatmulKernel::PerElement => batch * m * n,
     };
     let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
-    launch(gpu, "matmul", kernel.entry(), &p, &bindings, invocations, cost)
+    launch(gpu, Shader::Matmul, kernel.entry(), &p, &bindings, invocations, cost)
 }
 
 /// A batched product of row-major tensors: `a` is `[batch, m, k]` (`[batch, k, m]` if

@@ -2,7 +2,7 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{check_shape, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 crate::gpu::shader_params! {
@@ -27,7 +27,7 @@ pub fn argmax(gpu: &Gpu, scores: &Tensor, prediction: &Tensor) -> Result<Dispatc
     check_shape("argmax prediction", &[n, h, w], prediction.shape())?;
     let cost = Cost { flops: scores.numel() as u64, bytes: f32_bytes(scores.numel() + prediction.numel()) };
     let bindings = [Binding::read(1, scores), Binding::write_u32(2, prediction)];
-    launch(gpu, "metrics", "argmax_classes", &p, &bindings, prediction.numel(), cost)
+    launch(gpu, Shader::Metrics, "argmax_classes", &p, &bindings, prediction.numel(), cost)
 }
 
 /// `confusion[label, prediction] += 1` over the pixels whose label is not `ignore_label`;
@@ -47,5 +47,5 @@ pub fn confusion(
     let bindings =
         [Binding::write_u32(2, prediction), Binding::read_u32(3, labels), Binding::write_u32(4, confusion)];
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * px) };
-    launch(gpu, "metrics", "confusion_accumulate", &p, &bindings, px, cost)
+    launch(gpu, Shader::Metrics, "confusion_accumulate", &p, &bindings, px, cost)
 }

@@ -17,7 +17,7 @@ pub mod softmax;
 pub mod tuning;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, ShaderParams, Workgroups};
+use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, Shader, ShaderParams, Workgroups};
 use crate::tensor::Tensor;
 
 /// The override constants a pipeline is built with on an adapter whose workgroup size
@@ -35,7 +35,7 @@ const MIN_CHUNK_TERMS: usize = 1024;
 /// Records a dispatch of `invocations` invocations of `shader.wgsl:entry`.
 pub(crate) fn launch<P: ShaderParams>(
     gpu: &Gpu,
-    shader: &'static str,
+    shader: Shader,
     entry: &'static str,
     params: &P,
     bindings: &[Binding<'_>],
@@ -49,7 +49,7 @@ pub(crate) fn launch<P: ShaderParams>(
 /// [`Gpu::workgroup_size`]), for kernels that size their workgroups to the problem.
 pub(crate) fn launch_sized<P: ShaderParams>(
     gpu: &Gpu,
-    entry: (&'static str, &'static str),
+    entry: (Shader, &'static str),
     workgroup_size: u32,
     params: &P,
     bindings: &[Binding<'_>],
@@ -63,7 +63,7 @@ pub(crate) fn launch_sized<P: ShaderParams>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_tuned<P: ShaderParams>(
     gpu: &Gpu,
-    (shader, entry): (&'static str, &'static str),
+    (shader, entry): (Shader, &'static str),
     workgroup_size: u32,
     tile_constants: &[(&'static str, f64)],
     params: &P,

@@ -2,7 +2,7 @@
 
 use super::{f32_bytes, launch, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 crate::gpu::shader_params! {
@@ -42,12 +42,12 @@ pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Res
     let cost = Cost { flops: (n * c * h * w) as u64, bytes: f32_bytes(n * c * h * w + c) };
     if chunks == 1 {
         let bindings = [Binding::read(1, x), Binding::write(2, out)];
-        return Ok(vec![launch(gpu, "reduce", "channel_sum", &params, &bindings, c, cost)?]);
+        return Ok(vec![launch(gpu, Shader::Reduce, "channel_sum", &params, &bindings, c, cost)?]);
     }
     let partials = scratch(gpu, chunks * c)?;
     params.flags = 0;
     let bindings = [Binding::read(1, x), Binding::write(2, &partials)];
-    let first = launch(gpu, "reduce", "channel_sum", &params, &bindings, chunks * c, cost)?;
+    let first = launch(gpu, Shader::Reduce, "channel_sum", &params, &bindings, chunks * c, cost)?;
     Ok(vec![first, sum_chunks(gpu, &partials, chunks, out, accumulate)?])
 }
 
@@ -74,5 +74,5 @@ pub fn sum_chunks(
     };
     let bindings = [Binding::read(1, partials), Binding::write(2, out)];
     let cost = Cost { flops: (chunks * len) as u64, bytes: f32_bytes(chunks * len + len) };
-    launch(gpu, "reduce", "sum_chunks", &params, &bindings, len, cost)
+    launch(gpu, Shader::Reduce, "sum_chunks", &params, &bindings, len, cost)
 }

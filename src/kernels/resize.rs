@@ -2,7 +2,7 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 crate::gpu::shader_params! {
@@ -63,7 +63,7 @@ pub fn forward(
     let out = (p.n * p.c * p.ho * p.wo) as usize;
     let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(x.numel() + out) };
     let bindings = [Binding::read(1, x), Binding::write(2, y)];
-    launch(gpu, "resize", "resize_forward", &p, &bindings, out, cost)
+    launch(gpu, Shader::Resize, "resize_forward", &p, &bindings, out, cost)
 }
 
 /// `grad_x (+)= resize_backward(grad_y[:, offset..offset + C])`, a gather per input pixel.
@@ -80,5 +80,5 @@ pub fn backward(
     let out = (p.n * p.c * p.ho * p.wo) as usize;
     let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(grad_x.numel() + out) };
     let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
-    launch(gpu, "resize", "resize_backward", &p, &bindings, grad_x.numel(), cost)
+    launch(gpu, Shader::Resize, "resize_backward", &p, &bindings, grad_x.numel(), cost)
 }

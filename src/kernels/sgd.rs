@@ -3,7 +3,7 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{DType, Tensor};
 
 crate::gpu::shader_params! {
@@ -108,7 +108,7 @@ impl Arena {
             Binding::read(5, &self.segment_lr),
         ];
         let cost = Cost { flops: 7 * n as u64, bytes: f32_bytes(5 * n) };
-        launch(gpu, "sgd", "sgd_step", &self.params(config, lr), &bindings, n, cost)
+        launch(gpu, Shader::Sgd, "sgd_step", &self.params(config, lr), &bindings, n, cost)
     }
 
     /// Sets the learning rate of a recorded step for the next submission (the poly schedule

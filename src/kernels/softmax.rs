@@ -3,7 +3,7 @@
 
 use super::{f32_bytes, launch, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu};
+use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
 use crate::tensor::Tensor;
 
 /// Rows at most this long are done by one invocation each, in one dispatch.
@@ -85,13 +85,13 @@ pub fn forward(gpu: &Gpu, x: &Tensor, axis: Axis, scale: f32, y: &Tensor) -> Res
     let (chunks, _) = axis.split();
     if chunks == 1 {
         let bindings = [Binding::read(1, x), Binding::write(2, y)];
-        return Ok(vec![launch(gpu, "softmax", "softmax_rows", &p, &bindings, axis.rows(), cost)?]);
+        return Ok(vec![launch(gpu, Shader::Softmax, "softmax_rows", &p, &bindings, axis.rows(), cost)?]);
     }
     let stats = scratch(gpu, 2 * chunks * axis.rows())?;
     let partial_cost = Cost { flops: 4 * n as u64, bytes: f32_bytes(n) };
     let partials = launch(
         gpu,
-        "softmax",
+        Shader::Softmax,
         "softmax_partials",
         &p,
         &[Binding::read(1, x), Binding::write(3, &stats)],
@@ -102,7 +102,7 @@ pub fn forward(gpu: &Gpu, x: &Tensor, axis: Axis, scale: f32, y: &Tensor) -> Res
         Cost { flops: (4 * chunks * axis.rows()) as u64, bytes: f32_bytes(2 * chunks * axis.rows()) };
     let combine = launch(
         gpu,
-        "softmax",
+        Shader::Softmax,
         "softmax_combine",
         &p,
         &[Binding::write(3, &stats)],
@@ -111,7 +111,7 @@ pub fn forward(gpu: &Gpu, x: &Tensor, axis: Axis, scale: f32, y: &Tensor) -> Res
     )?;
     let normalize = launch(
         gpu,
-        "softmax",
+        Shader::Softmax,
         "softmax_normalize",
         &p,
         &[Binding::read(1, x), Binding::write(2, y), Binding::write(3, &stats)],
@@ -141,16 +141,16 @@ pub fn backward(
     let io = [Binding::write(2, y), Binding::read(4, grad_y)];
     if chunks == 1 {
         let bindings = [&io[..], &[Binding::write(5, grad_x)]].concat();
-        return Ok(vec![launch(gpu, "softmax", "softmax_backward_rows", &p, &bindings, axis.rows(), cost)?]);
+        return Ok(vec![launch(gpu, Shader::Softmax, "softmax_backward_rows", &p, &bindings, axis.rows(), cost)?]);
     }
     let partial_dots = scratch(gpu, chunks * axis.rows())?;
     let dots = scratch(gpu, axis.rows())?;
     let bindings = [&io[..], &[Binding::write(6, &partial_dots)]].concat();
     let dot_cost = Cost { flops: 2 * n as u64, bytes: f32_bytes(2 * n) };
     let partials =
-        launch(gpu, "softmax", "softmax_backward_partials", &p, &bindings, chunks * axis.rows(), dot_cost)?;
+        launch(gpu, Shader::Softmax, "softmax_backward_partials", &p, &bindings, chunks * axis.rows(), dot_cost)?;
     let sum = reduce::sum_chunks(gpu, &partial_dots, chunks, &dots, false)?;
     let bindings = [&io[..], &[Binding::write(5, grad_x), Binding::write(6, &dots)]].concat();
-    let apply = launch(gpu, "softmax", "softmax_backward_apply", &p, &bindings, n, cost)?;
+    let apply = launch(gpu, Shader::Softmax, "softmax_backward_apply", &p, &bindings, n, cost)?;
     Ok(vec![partials, sum, apply])
 }

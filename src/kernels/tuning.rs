@@ -45,12 +45,15 @@ impl ConvForward {
         }
     }
 
-    /// The shader entry point that computes it.
-    pub fn entry(self) -> &'static str {
-        match self {
-            ConvForward::Registers => "conv2d_forward",
-            ConvForward::RegistersWide => "conv2d_forward_wide",
-            ConvForward::TiledK8 | ConvForward::TiledK16 => "conv2d_forward_tiled",
+    /// The shader entry point that computes it, with the residual epilogue or without.
+    pub fn entry(self, residual: bool) -> &'static str {
+        match (self, residual) {
+            (ConvForward::Registers, false) => "conv2d_forward",
+            (ConvForward::Registers, true) => "conv2d_forward_residual",
+            (ConvForward::RegistersWide, false) => "conv2d_forward_wide",
+            (ConvForward::RegistersWide, true) => "conv2d_forward_wide_residual",
+            (ConvForward::TiledK8 | ConvForward::TiledK16, false) => "conv2d_forward_tiled",
+            (ConvForward::TiledK8 | ConvForward::TiledK16, true) => "conv2d_forward_tiled_residual",
         }
     }
 
@@ -271,7 +274,7 @@ pub fn cache_path(cache: &TuningCache) -> Option<PathBuf> {
 fn identity(gpu: &Gpu) -> String {
     let i = gpu.info();
     // FNV-1a over the shader source and the variant names: a fingerprint of the kernels.
-    let source = crate::gpu::shader_source("conv2d").unwrap_or_default();
+    let source = crate::gpu::Shader::Conv2d.source().unwrap_or_default();
     let names = ConvForward::ALL.map(ConvForward::name).join(",");
     let kernels = source
         .bytes()

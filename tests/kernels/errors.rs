@@ -90,7 +90,7 @@ fn profiler_times_every_dispatch_or_explains() {
         Ok(t) => {
             let labels: Vec<_> = t.iter().map(|k| k.label).collect();
             // The forward is whichever variant the adapter defaults to for so small a shape.
-            let forward = ConvForward::default_for(gpu).entry();
+            let forward = ConvForward::default_for(gpu).entry(false);
             assert_eq!(labels, ["conv2d_pack_weight", forward, "relu_forward"]);
             assert!(t.iter().all(|k| k.nanoseconds.is_finite() && k.nanoseconds >= 0.0), "{t:?}");
             assert!(t[1].nanoseconds > 0.0, "a 8x8x3x3 convolution took no time: {t:?}");
