@@ -35,6 +35,13 @@ const ACCUMULATE: u32 = 1u;
 @group(0) @binding(12) var<storage, read_write> grad_beta: array<f32>;
 // per channel: (sum of grad_y, sum of grad_y * x_hat)
 @group(0) @binding(13) var<storage, read_write> grad_sums: array<vec2<f32>>;
+// What a pass reads of what an earlier one wrote (or of the running statistics, in
+// eval), read-only.
+@group(0) @binding(14) var<storage, read> saved_in: array<vec2<f32>>;
+@group(0) @binding(15) var<storage, read> partials_in: array<vec2<f32>>;
+@group(0) @binding(16) var<storage, read> grad_sums_in: array<vec2<f32>>;
+@group(0) @binding(17) var<storage, read> running_mean_in: array<f32>;
+@group(0) @binding(18) var<storage, read> running_var_in: array<f32>;
 
 fn chunk_count() -> u32 {
     return (p.n * p.hw + p.chunk_len - 1u) / p.chunk_len;
@@ -83,7 +90,7 @@ fn total(acc: ptr<function, Sum2>) -> vec2<f32> {
 fn chunk_total(ch: u32) -> vec2<f32> {
     var sums = new_sum();
     for (var k = 0u; k < chunk_count(); k++) {
-        add(&sums, partials[k * p.c + ch]);
+        add(&sums, partials_in[k * p.c + ch]);
     }
     return total(&sums);
 }
@@ -136,7 +143,7 @@ fn bn_stats_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
 
 // The normalised value of element i of channel ch, with the batch statistics.
 fn x_hat_train(i: u32, ch: u32) -> f32 {
-    let stats = saved[ch];
+    let stats = saved_in[ch];
     return ((x[i] - x[ch * p.hw]) - stats.x) * stats.y;
 }
 
@@ -160,7 +167,7 @@ fn bn_normalize_train(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
     let b = plane_block(wid, nwg);
-    let stats = saved[b.ch];
+    let stats = saved_in[b.ch];
     let shift = x[b.ch * p.hw];
     let scale = gamma[b.ch];
     let offset = beta[b.ch];
@@ -175,8 +182,8 @@ fn bn_normalize_eval(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     let b = plane_block(wid, nwg);
-    let mean = running_mean[b.ch];
-    let inv_std = inverseSqrt(running_var[b.ch] + p.eps);
+    let mean = running_mean_in[b.ch];
+    let inv_std = inverseSqrt(running_var_in[b.ch] + p.eps);
     let scale = gamma[b.ch];
     let offset = beta[b.ch];
     for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
@@ -222,8 +229,8 @@ fn bn_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     let b = plane_block(wid, nwg);
-    let sums = grad_sums[b.ch] / f32(p.n * p.hw);
-    let stats = saved[b.ch];
+    let sums = grad_sums_in[b.ch] / f32(p.n * p.hw);
+    let stats = saved_in[b.ch];
     let shift = x[b.ch * p.hw];
     let scale = gamma[b.ch] * stats.y;
     for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {

@@ -16,9 +16,7 @@ struct Params {
     min_kept: u32, radix_pass: u32, _pad0: u32, _pad1: u32,
 }
 
-const WEIGHTED: u32 = 1u;
-const OHEM: u32 = 2u;
-const ACCUMULATE: u32 = 4u;
+const ACCUMULATE: u32 = 1u;
 // Written as the target probability of an ignored pixel: above every probability, so the
 // selection never picks it.
 const IGNORED_PROB: f32 = 2.0;
@@ -39,6 +37,11 @@ const IGNORED_PROB: f32 = 2.0;
 @group(0) @binding(9) var<storage, read_write> histogram: array<atomic<u32>, 256>;
 // radix select state: (prefix bits found so far, rank still sought, valid pixels, none valid)
 @group(0) @binding(10) var<storage, read_write> select_state: array<u32, 4>;
+// What a pass reads of what an earlier one wrote, read-only.
+@group(0) @binding(11) var<storage, read> partials_in: array<vec2<f32>>;
+@group(0) @binding(12) var<storage, read> denom_in: array<f32>;
+@group(0) @binding(13) var<storage, read> target_prob_in: array<f32>;
+@group(0) @binding(14) var<storage, read> select_state_in: array<u32, 4>;
 
 fn pixels() -> u32 {
     return p.n * p.hw;
@@ -66,33 +69,37 @@ fn log_sum_exp(px: u32) -> vec2<f32> {
     return vec2<f32>(m, m + log(s));
 }
 
-fn weight_of(label: u32) -> f32 {
-    return select(1.0, class_weight[label], (p.flags & WEIGHTED) != 0u);
-}
-
-fn ohem_threshold() -> f32 {
-    return max(bitcast<f32>(select_state[0]), p.thresh);
-}
-
+// The loss and its gradient, one set of entry points per kind (SUFFIX): with class
+// weights or without, OHEM or plain. Only the OHEM ones read the selection's outputs,
+// only the weighted ones the class weights.
+#template cross_entropy(SUFFIX, WEIGHTED, OHEM)
 // (coefficient of the pixel's nll in the numerator, its share of the denominator).
-fn pixel_terms(px: u32) -> vec2<f32> {
+fn pixel_terms${SUFFIX}(px: u32) -> vec2<f32> {
     let label = labels[px];
     if !is_valid(label) { return vec2<f32>(0.0); }
-    let w = weight_of(label);
-    if (p.flags & OHEM) == 0u { return vec2<f32>(w, w); }
-    let kept = select_state[3] == 0u && target_prob[px] < ohem_threshold();
+#if ${WEIGHTED}
+    let w = class_weight[label];
+#else
+    let w = 1.0;
+#end
+#if ${OHEM}
+    let threshold = max(bitcast<f32>(select_state_in[0]), p.thresh);
+    let kept = select_state_in[3] == 0u && target_prob_in[px] < threshold;
     return select(vec2<f32>(0.0), vec2<f32>(w, 1.0), kept);
+#else
+    return vec2<f32>(w, w);
+#end
 }
 
 @compute @workgroup_size(WG)
-fn ce_partials(@builtin(global_invocation_id) gid: vec3<u32>,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
+fn ce_partials${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let chunk = linear_index(gid, nwg);
     let px0 = chunk * p.chunk_len;
     if px0 >= pixels() { return; }
     var sums = vec2<f32>(0.0);
     for (var px = px0; px < min(pixels(), px0 + p.chunk_len); px++) {
-        let terms = pixel_terms(px);
+        let terms = pixel_terms${SUFFIX}(px);
         if terms.y == 0.0 && terms.x == 0.0 { continue; }
         let nll = log_sum_exp(px).y - logits[logit_index(px, labels[px])];
         sums += vec2<f32>(terms.x * nll, terms.y);
@@ -100,25 +107,14 @@ fn ce_partials(@builtin(global_invocation_id) gid: vec3<u32>,
     partials[chunk] = sums;
 }
 
-@compute @workgroup_size(1)
-fn ce_finalize() {
-    let chunks = (pixels() + p.chunk_len - 1u) / p.chunk_len;
-    var sums = vec2<f32>(0.0);
-    for (var c = 0u; c < chunks; c++) {
-        sums += partials[c];
-    }
-    loss[0] = select(0.0, sums.x / sums.y, sums.y > 0.0);
-    denom[0] = sums.y;
-}
-
 // grad = grad_scale * coefficient / denominator * (softmax - one_hot(label)).
 @compute @workgroup_size(WG)
-fn ce_backward(@builtin(global_invocation_id) gid: vec3<u32>,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
+fn ce_backward${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>) {
     let px = linear_index(gid, nwg);
     if px >= pixels() { return; }
-    let terms = pixel_terms(px);
-    let g = select(0.0, p.grad_scale * terms.x / denom[0], terms.x != 0.0 && denom[0] > 0.0);
+    let terms = pixel_terms${SUFFIX}(px);
+    let g = select(0.0, p.grad_scale * terms.x / denom_in[0], terms.x != 0.0 && denom_in[0] > 0.0);
     let label = labels[px];
     let lse = select(vec2<f32>(0.0), log_sum_exp(px), g != 0.0);
     let keep = (p.flags & ACCUMULATE) != 0u;
@@ -127,6 +123,23 @@ fn ce_backward(@builtin(global_invocation_id) gid: vec3<u32>,
         let d = g * (exp(logits[i] - lse.y) - select(0.0, 1.0, k == label));
         grad_logits[i] = select(0.0, grad_logits[i], keep) + d;
     }
+}
+#end
+
+#stamp cross_entropy(, false, false)
+#stamp cross_entropy(_weighted, true, false)
+#stamp cross_entropy(_ohem, false, true)
+#stamp cross_entropy(_weighted_ohem, true, true)
+
+@compute @workgroup_size(1)
+fn ce_finalize() {
+    let chunks = (pixels() + p.chunk_len - 1u) / p.chunk_len;
+    var sums = vec2<f32>(0.0);
+    for (var c = 0u; c < chunks; c++) {
+        sums += partials_in[c];
+    }
+    loss[0] = select(0.0, sums.x / sums.y, sums.y > 0.0);
+    denom[0] = sums.y;
 }
 
 // The target class's probability per pixel (IGNORED_PROB where ignored); clears the histogram.
@@ -150,9 +163,9 @@ fn ohem_histogram(@builtin(global_invocation_id) gid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>) {
     let px = linear_index(gid, nwg);
     if px >= pixels() { return; }
-    let bits = bitcast<u32>(target_prob[px]);
+    let bits = bitcast<u32>(target_prob_in[px]);
     let shift = 24u - 8u * p.radix_pass;
-    if p.radix_pass == 0u || (bits >> (shift + 8u)) == select_state[0] {
+    if p.radix_pass == 0u || (bits >> (shift + 8u)) == select_state_in[0] {
         atomicAdd(&histogram[(bits >> shift) & 255u], 1u);
     }
 }

@@ -13,6 +13,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> prediction: array<u32>;
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
 @group(0) @binding(4) var<storage, read_write> confusion: array<atomic<u32>>;
+// The predictions argmax_classes wrote, as confusion_accumulate reads them.
+@group(0) @binding(5) var<storage, read> prediction_in: array<u32>;
 
 // The first class with the highest score (as torch.argmax).
 @compute @workgroup_size(WG)
@@ -39,7 +41,7 @@ fn confusion_accumulate(@builtin(global_invocation_id) gid: vec3<u32>,
     let px = linear_index(gid, nwg);
     if px >= p.n * p.hw { return; }
     let label = labels[px];
-    let pred = prediction[px];
+    let pred = prediction_in[px];
     if label == p.ignore_label || label >= p.classes || pred >= p.classes { return; }
     atomicAdd(&confusion[label * p.classes + pred], 1u);
 }

@@ -26,6 +26,11 @@ const ACCUMULATE: u32 = 1u;
 @group(0) @binding(5) var<storage, read_write> grad_x: array<f32>;
 // backward: per (chunk, row) partial sums of grad_y * y; after the chunk sum, per row
 @group(0) @binding(6) var<storage, read_write> dots: array<f32>;
+// What a pass reads of what an earlier one wrote: the forward's output (for the
+// backward), the combined row stats, the summed dots.
+@group(0) @binding(7) var<storage, read> probs: array<f32>;
+@group(0) @binding(8) var<storage, read> row_stats_in: array<vec2<f32>>;
+@group(0) @binding(9) var<storage, read> dots_in: array<f32>;
 
 fn rows() -> u32 {
     return p.outer * p.inner;
@@ -103,7 +108,7 @@ fn softmax_normalize(@builtin(global_invocation_id) gid: vec3<u32>,
     let i = linear_index(gid, nwg);
     if i >= p.outer * p.len * p.inner { return; }
     let r = (i / (p.len * p.inner)) * p.inner + i % p.inner;
-    let st = stats[r];
+    let st = row_stats_in[r];
     y[i] = exp(p.scale * x[i] - st.x) / st.y;
 }
 
@@ -115,7 +120,7 @@ fn grad_dot(r: u32, j0: u32, j1: u32) -> f32 {
     for (var b = j0; b < j1; b += 32u) {
         var block = 0.0;
         for (var j = b; j < min(j1, b + 32u); j++) {
-            block += grad_y[at(r, j)] * y[at(r, j)];
+            block += grad_y[at(r, j)] * probs[at(r, j)];
         }
         total += block;
     }
@@ -131,7 +136,7 @@ fn softmax_backward_rows(@builtin(global_invocation_id) gid: vec3<u32>,
     let dot = grad_dot(r, 0u, p.len);
     for (var j = 0u; j < p.len; j++) {
         let i = at(r, j);
-        store_grad(i, p.scale * y[i] * (grad_y[i] - dot));
+        store_grad(i, p.scale * probs[i] * (grad_y[i] - dot));
     }
 }
 
@@ -151,5 +156,5 @@ fn softmax_backward_apply(@builtin(global_invocation_id) gid: vec3<u32>,
     let i = linear_index(gid, nwg);
     if i >= p.outer * p.len * p.inner { return; }
     let r = (i / (p.len * p.inner)) * p.inner + i % p.inner;
-    store_grad(i, p.scale * y[i] * (grad_y[i] - dots[r]));
+    store_grad(i, p.scale * probs[i] * (grad_y[i] - dots_in[r]));
 }

@@ -106,12 +106,13 @@ impl State<'_> {
                     self.templates.insert(name, (params, body.to_vec()));
                 }
                 "for" => {
-                    let (var, range) = args
-                        .split_once(" in ")
-                        .ok_or_else(|| line.error("expected `#for NAME in A..B`"))?;
+                    let (var, range) =
+                        args.split_once(" in ").ok_or_else(|| line.error("expected `#for NAME in A..B`"))?;
                     let (from, to) = range
                         .split_once("..")
-                        .and_then(|(a, b)| Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?)))
+                        .and_then(|(a, b)| {
+                            Some((a.trim().parse::<i64>().ok()?, b.trim().parse::<i64>().ok()?))
+                        })
                         .ok_or_else(|| line.error("expected an integer range A..B"))?;
                     for value in from..to {
                         let mut inner = env.clone();
@@ -144,10 +145,17 @@ impl State<'_> {
 
     fn stamp(&mut self, line: &Line, args: &str) -> Result<(), String> {
         let (name, values) = call(line, args)?;
-        let (params, body) =
-            self.templates.get(&name).cloned().ok_or_else(|| line.error(format!("no #template {name} above")))?;
+        let (params, body) = self
+            .templates
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| line.error(format!("no #template {name} above")))?;
         if params.len() != values.len() {
-            return Err(line.error(format!("{name} takes {} arguments, given {}", params.len(), values.len())));
+            return Err(line.error(format!(
+                "{name} takes {} arguments, given {}",
+                params.len(),
+                values.len()
+            )));
         }
         self.expand(&body, &params.into_iter().zip(values).collect())
     }
@@ -317,7 +325,10 @@ mod tests {
     fn templates_stamp_their_arguments_and_nested_blocks() {
         let src = "#template body(NAME, WIDE)\nfn ${NAME}() {\n#if ${WIDE}\nwide();\n#else\nnarrow();\n#end\n#for I in 0..2\nstep(${I});\n#end\n}\n#end\n#stamp body(f, false)\n#stamp body(g, true)";
         let out = compose("t.wgsl", src, &[], &[]).unwrap();
-        assert_eq!(out, "fn f() {\nnarrow();\nstep(0);\nstep(1);\n}\nfn g() {\nwide();\nstep(0);\nstep(1);\n}\n");
+        assert_eq!(
+            out,
+            "fn f() {\nnarrow();\nstep(0);\nstep(1);\n}\nfn g() {\nwide();\nstep(0);\nstep(1);\n}\n"
+        );
     }
 
     #[test]

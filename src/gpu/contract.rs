@@ -59,8 +59,8 @@ pub(crate) struct Interface {
     /// (member name, byte offset) of the uniform struct, and its size in bytes.
     params: Option<(Vec<(String, u32)>, u32)>,
     storage: HashMap<u32, Slot>,
-    /// Per entry point: the storage slots it uses.
-    uses: HashMap<String, Vec<u32>>,
+    /// Per entry point: the storage slots it uses, and whether it writes each.
+    uses: HashMap<String, Vec<(u32, bool)>>,
 }
 
 impl Interface {
@@ -83,7 +83,9 @@ impl Interface {
                 .filter(|(h, v)| {
                     !used[*h].is_empty() && matches!(v.space, naga::AddressSpace::Storage { .. })
                 })
-                .filter_map(|(_, v)| Some(v.binding?.binding))
+                .filter_map(|(h, v)| {
+                    Some((v.binding?.binding, used[h].contains(naga::valid::GlobalUse::WRITE)))
+                })
                 .collect();
             interface.uses.insert(entry.name.clone(), slots);
         }
@@ -152,8 +154,9 @@ impl Interface {
     }
 
     /// How `bindings` differ from the storage buffers `entry` uses: a slot it does not use
-    /// or does not declare, another access or element type than declared, or a used slot
-    /// left unbound.
+    /// or does not declare, another access or element type than declared, a `read_write`
+    /// slot the entry only reads (wgpu would track a read as a write: declare a read-only
+    /// view for readers), or a used slot left unbound.
     fn bindings_disagreement(&self, entry: &str, bindings: &[Binding<'_>]) -> Option<String> {
         let Some(uses) = self.uses.get(entry) else {
             return Some("the shader has no such entry point".into());
@@ -166,9 +169,15 @@ impl Interface {
                     b.index
                 ));
             };
-            if !uses.contains(&b.index) {
+            let Some(&(_, writes)) = uses.iter().find(|(s, _)| *s == b.index) else {
                 return Some(format!(
                     "binding {} ({}) is bound but the entry point never uses it",
+                    b.index, slot.name
+                ));
+            };
+            if slot.writable && !writes {
+                return Some(format!(
+                    "binding {} ({}) is declared read_write but the entry point only reads it",
                     b.index, slot.name
                 ));
             }
@@ -188,7 +197,7 @@ impl Interface {
                 ));
             }
         }
-        let missing = uses.iter().find(|s| !bindings.iter().any(|b| b.index == **s))?;
+        let (missing, _) = uses.iter().find(|(s, _)| !bindings.iter().any(|b| b.index == *s))?;
         let name = self.storage.get(missing).map_or("", |s| s.name.as_str());
         Some(format!("binding {missing} ({name}) is used by the entry point but not bound"))
     }
@@ -229,7 +238,8 @@ mod tests {
         @group(0) @binding(0) var<uniform> p: Params;
         @group(0) @binding(1) var<storage, read> x: array<f32>;
         @group(0) @binding(2) var<storage, read_write> y: array<u32>;
-        @compute @workgroup_size(1) fn main() { y[0] = u32(x[0]) + p.a; }";
+        @compute @workgroup_size(1) fn main() { y[0] = u32(x[0]) + p.a; }
+        @compute @workgroup_size(1) fn peek() { if y[0] > p.a { return; } }";
 
     #[test]
     fn every_shader_declares_its_params_and_typed_storage() {
@@ -242,6 +252,29 @@ mod tests {
                 assert!(s.dtype.is_some(), "{name} binding {slot} ({}): element type not f32 or u32", s.name);
             }
         }
+    }
+
+    /// Every entry point writes each `read_write` buffer it uses: one that only reads a
+    /// buffer another entry writes reads it through a read-only declaration.
+    #[test]
+    fn no_entry_point_uses_a_read_write_buffer_it_only_reads() {
+        let mut only_read = Vec::new();
+        for shader in Shader::ALL {
+            let iface = Interface::reflect(shader.name(), &shader.source().unwrap()).unwrap();
+            for (entry, uses) in &iface.uses {
+                for (slot, writes) in uses {
+                    if iface.storage[slot].writable && !writes {
+                        only_read.push(format!(
+                            "{}.wgsl:{entry} binding {slot} ({})",
+                            shader.name(),
+                            iface.storage[slot].name
+                        ));
+                    }
+                }
+            }
+        }
+        only_read.sort();
+        assert!(only_read.is_empty(), "read_write buffers only read:\n{}", only_read.join("\n"));
     }
 
     #[test]
@@ -270,6 +303,12 @@ mod tests {
             "binding 3 is bound but the shader declares no storage buffer",
         );
         refused(&[Binding::read(1, &x)], "binding 2 (y) is used by the entry point but not bound");
+        let err = iface.check::<Pair>("pair", "peek", &[Binding::write_u32(2, &y)]).unwrap_err().to_string();
+        assert!(
+            err.contains("pair.wgsl:peek")
+                && err.contains("binding 2 (y) is declared read_write but the entry point only reads it"),
+            "{err}"
+        );
     }
 
     #[test]

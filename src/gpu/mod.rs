@@ -8,13 +8,13 @@ mod pool;
 mod profiler;
 mod registry;
 
+pub use compose::compose;
 pub(crate) use contract::shader_params;
 pub use contract::ShaderParams;
 pub(crate) use dispatch::DispatchSpec;
 pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
-pub use compose::compose;
 pub use registry::{Shader, INCLUDES};
 
 use crate::error::{Error, Result};

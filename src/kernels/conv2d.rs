@@ -372,8 +372,12 @@ pub fn forward_with(
     params.eps = epilogue.batch_norm.map_or(0.0, |bn| bn.eps);
     let shift = scratch(gpu, d.co)?;
     let pack = pack_forward(gpu, &d, &params, weight, epilogue, precision, &shift)?;
-    let mut bindings =
-        vec![Binding::read(1, x), Binding::write(4, y), Binding::read(8, &pack.packed), Binding::read(10, &shift)];
+    let mut bindings = vec![
+        Binding::read(1, x),
+        Binding::write(4, y),
+        Binding::read(8, &pack.packed),
+        Binding::read(10, &shift),
+    ];
     bindings.extend(epilogue.residual.map(|r| Binding::read(15, r)));
     let residual = epilogue.residual.is_some();
     let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);

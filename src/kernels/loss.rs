@@ -32,9 +32,7 @@ crate::gpu::shader_params! {
     }
 }
 
-const WEIGHTED: u32 = 1;
-const OHEM: u32 = 2;
-const ACCUMULATE: u32 = 4;
+const ACCUMULATE: u32 = 1;
 
 /// Online hard example mining: HRNet-OCR's `OHEMTHRES` and `OHEMKEEP`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -77,15 +75,41 @@ impl CrossEntropy<'_> {
             hw: to_u32("H x W", h * w)?,
             chunk_len: CHUNK_PIXELS as u32,
             ignore_label: self.ignore_label,
-            flags: flags
-                | if self.class_weight.is_some() { WEIGHTED } else { 0 }
-                | if self.ohem.is_some() { OHEM } else { 0 },
+            flags,
             grad_scale: 1.0,
             thresh: ohem.thresh,
             min_kept: to_u32("min_kept", ohem.min_kept)?,
             radix_pass: 0,
             _pad: [0; 2],
         })
+    }
+
+    /// The loss's (partial sums, backward) entry points: one pair per kind, each reading
+    /// only the class weights and selection outputs its kind has.
+    fn entries(&self) -> (&'static str, &'static str) {
+        match (self.class_weight.is_some(), self.ohem.is_some()) {
+            (false, false) => ("ce_partials", "ce_backward"),
+            (true, false) => ("ce_partials_weighted", "ce_backward_weighted"),
+            (false, true) => ("ce_partials_ohem", "ce_backward_ohem"),
+            (true, true) => ("ce_partials_weighted_ohem", "ce_backward_weighted_ohem"),
+        }
+    }
+
+    /// The inputs every pixel term reads: logits, labels, the class weights if any, and
+    /// OHEM's target probabilities and selection if it is on.
+    fn pixel_inputs<'t>(
+        &'t self,
+        logits: &'t Tensor,
+        labels: &'t Tensor,
+        pass: &'t LossPass,
+    ) -> Vec<Binding<'t>> {
+        let mut bindings = vec![Binding::read(1, logits), Binding::read_u32(2, labels)];
+        bindings.extend(self.class_weight.map(|w| Binding::read(3, w)));
+        if self.ohem.is_some() {
+            bindings
+                .extend([Binding::read(13, &pass.target_prob), Binding::read_u32(14, &pass.select_state)]);
+        }
+        bindings
     }
 
     /// Records the loss of `logits` against `labels`.
@@ -103,48 +127,38 @@ impl CrossEntropy<'_> {
             select_state: Tensor::empty_of(gpu, &[4], DType::U32)?,
         };
         let histogram = Tensor::empty_of(gpu, &[256], DType::U32)?;
-        let weight = self.class_weight.unwrap_or(logits);
-        let common = [Binding::read(1, logits), Binding::read_u32(2, labels), Binding::read(3, weight)];
         let classes = p.classes as usize;
         let pixel_cost =
             Cost { flops: 4 * logits.numel() as u64, bytes: f32_bytes(logits.numel() + 2 * pixels) };
         let mut forward = Vec::new();
         if self.ohem.is_some() {
             let probs = [
-                common[0],
-                common[1],
+                Binding::read(1, logits),
+                Binding::read_u32(2, labels),
                 Binding::write(8, &pass.target_prob),
                 Binding::write_u32(9, &histogram),
             ];
             forward.push(launch(gpu, Shader::Loss, "ohem_probs", &p, &probs, pixels.max(256), pixel_cost)?);
             for radix_pass in 0..4 {
                 p.radix_pass = radix_pass;
-                let select = [
-                    Binding::write(8, &pass.target_prob),
+                let count = [
+                    Binding::read(13, &pass.target_prob),
                     Binding::write_u32(9, &histogram),
-                    Binding::write_u32(10, &pass.select_state),
+                    Binding::read_u32(14, &pass.select_state),
                 ];
                 let hist_cost = Cost { flops: 0, bytes: f32_bytes(pixels) };
-                forward.push(launch(gpu, Shader::Loss, "ohem_histogram", &p, &select, pixels, hist_cost)?);
+                forward.push(launch(gpu, Shader::Loss, "ohem_histogram", &p, &count, pixels, hist_cost)?);
+                let select = [Binding::write_u32(9, &histogram), Binding::write_u32(10, &pass.select_state)];
                 let select_cost = Cost { flops: 0, bytes: f32_bytes(512) };
-                forward.push(launch(gpu, Shader::Loss, "ohem_select", &p, &select[1..], 1, select_cost)?);
+                forward.push(launch(gpu, Shader::Loss, "ohem_select", &p, &select, 1, select_cost)?);
             }
         }
-        // Plain cross entropy binds the OHEM tensors too (the shared pixel code names them)
-        // but never reads them.
-        let terms = [
-            &common[..],
-            &[
-                Binding::write(4, &partials),
-                Binding::write(8, &pass.target_prob),
-                Binding::write_u32(10, &pass.select_state),
-            ],
-        ]
-        .concat();
+        let mut terms = self.pixel_inputs(logits, labels, &pass);
+        terms.push(Binding::write(4, &partials));
         let sum_cost = Cost { flops: (2 * classes + 4) as u64 * pixels as u64, bytes: pixel_cost.bytes };
-        forward.push(launch(gpu, Shader::Loss, "ce_partials", &p, &terms, chunks, sum_cost)?);
+        forward.push(launch(gpu, Shader::Loss, self.entries().0, &p, &terms, chunks, sum_cost)?);
         let finalize =
-            [Binding::write(4, &partials), Binding::write(5, &pass.loss), Binding::write(6, &pass.denom)];
+            [Binding::read(11, &partials), Binding::write(5, &pass.loss), Binding::write(6, &pass.denom)];
         let finalize_cost = Cost { flops: 2 * chunks as u64, bytes: f32_bytes(2 * chunks + 2) };
         forward.push(launch(gpu, Shader::Loss, "ce_finalize", &p, &finalize, 1, finalize_cost)?);
         Ok(LossPass { forward, ..pass })
@@ -163,18 +177,10 @@ impl CrossEntropy<'_> {
         let mut p = self.params(logits, labels, if accumulate { ACCUMULATE } else { 0 })?;
         p.grad_scale = grad_scale;
         check_shape("cross entropy logits gradient", logits.shape(), grad_logits.shape())?;
-        let weight = self.class_weight.unwrap_or(logits);
-        let bindings = [
-            Binding::read(1, logits),
-            Binding::read_u32(2, labels),
-            Binding::read(3, weight),
-            Binding::write(6, &pass.denom),
-            Binding::write(7, grad_logits),
-            Binding::write(8, &pass.target_prob),
-            Binding::write_u32(10, &pass.select_state),
-        ];
+        let mut bindings = self.pixel_inputs(logits, labels, pass);
+        bindings.extend([Binding::read(12, &pass.denom), Binding::write(7, grad_logits)]);
         let n = logits.numel();
         let cost = Cost { flops: 6 * n as u64, bytes: f32_bytes(2 * n + labels.numel()) };
-        launch(gpu, Shader::Loss, "ce_backward", &p, &bindings, labels.numel(), cost)
+        launch(gpu, Shader::Loss, self.entries().1, &p, &bindings, labels.numel(), cost)
     }
 }

@@ -45,7 +45,7 @@ pub fn confusion(
     let px = prediction.numel();
     let p = Params { n: 1, classes: to_u32("classes", classes)?, hw: to_u32("pixels", px)?, ignore_label };
     let bindings =
-        [Binding::write_u32(2, prediction), Binding::read_u32(3, labels), Binding::write_u32(4, confusion)];
+        [Binding::read_u32(5, prediction), Binding::read_u32(3, labels), Binding::write_u32(4, confusion)];
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * px) };
     launch(gpu, Shader::Metrics, "confusion_accumulate", &p, &bindings, px, cost)
 }

@@ -114,7 +114,7 @@ pub fn forward(gpu: &Gpu, x: &Tensor, axis: Axis, scale: f32, y: &Tensor) -> Res
         Shader::Softmax,
         "softmax_normalize",
         &p,
-        &[Binding::read(1, x), Binding::write(2, y), Binding::write(3, &stats)],
+        &[Binding::read(1, x), Binding::write(2, y), Binding::read(8, &stats)],
         n,
         cost,
     )?;
@@ -138,19 +138,34 @@ pub fn backward(
     let n = axis.numel();
     let cost = Cost { flops: 5 * n as u64, bytes: f32_bytes(3 * n) };
     let (chunks, _) = axis.split();
-    let io = [Binding::write(2, y), Binding::read(4, grad_y)];
+    let io = [Binding::read(7, y), Binding::read(4, grad_y)];
     if chunks == 1 {
         let bindings = [&io[..], &[Binding::write(5, grad_x)]].concat();
-        return Ok(vec![launch(gpu, Shader::Softmax, "softmax_backward_rows", &p, &bindings, axis.rows(), cost)?]);
+        return Ok(vec![launch(
+            gpu,
+            Shader::Softmax,
+            "softmax_backward_rows",
+            &p,
+            &bindings,
+            axis.rows(),
+            cost,
+        )?]);
     }
     let partial_dots = scratch(gpu, chunks * axis.rows())?;
     let dots = scratch(gpu, axis.rows())?;
     let bindings = [&io[..], &[Binding::write(6, &partial_dots)]].concat();
     let dot_cost = Cost { flops: 2 * n as u64, bytes: f32_bytes(2 * n) };
-    let partials =
-        launch(gpu, Shader::Softmax, "softmax_backward_partials", &p, &bindings, chunks * axis.rows(), dot_cost)?;
+    let partials = launch(
+        gpu,
+        Shader::Softmax,
+        "softmax_backward_partials",
+        &p,
+        &bindings,
+        chunks * axis.rows(),
+        dot_cost,
+    )?;
     let sum = reduce::sum_chunks(gpu, &partial_dots, chunks, &dots, false)?;
-    let bindings = [&io[..], &[Binding::write(5, grad_x), Binding::write(6, &dots)]].concat();
+    let bindings = [&io[..], &[Binding::write(5, grad_x), Binding::read(9, &dots)]].concat();
     let apply = launch(gpu, Shader::Softmax, "softmax_backward_apply", &p, &bindings, n, cost)?;
     Ok(vec![partials, sum, apply])
 }
