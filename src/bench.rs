@@ -22,7 +22,7 @@ use crate::kernels::matmul::Matmul;
 use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::kernels::softmax::{self, Axis};
-use crate::kernels::tuning::ConvForward;
+use crate::kernels::tuning::{ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 use crate::kernels::{concat, elementwise, metrics, resize};
 use crate::tensor::{DType, Tensor};
 use std::time::{Duration, Instant};
@@ -257,21 +257,30 @@ fn convolutions(s: &mut Suite) -> Result<()> {
             conv2d::forward(gpu, &spec, &x, &weight, Some(&bias), &y)?.into_vec(),
             false,
         );
-        // Each variant forced, whichever the tuning picked above, and f16 weights.
+        // Each variant forced (the plain rows are each family's untimed default), and f16 weights.
         let epilogue = conv2d::Epilogue { bias: Some(&bias), ..Default::default() };
-        for variant in ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
+        for &variant in ConvForward::ALL.iter().filter(|v| v.runs_on(gpu)) {
             let forced =
                 conv2d::forward_with(gpu, &spec, &x, &weight, &epilogue, Precision::F32, variant, &y)?;
             s.add("conv2d", &format!("forward [{}]", variant.name()), &name, forced.into_vec(), false);
         }
         if gpu.supports_f16() {
-            let half = conv2d::forward_fused(gpu, &spec, &x, &weight, &epilogue, Precision::F16, &y)?;
+            let default = ConvForward::default_for(gpu);
+            let half = conv2d::forward_with(gpu, &spec, &x, &weight, &epilogue, Precision::F16, default, &y)?;
             s.add("conv2d", "forward [f16 weights]", &name, half.into_vec(), false);
         }
         let bwd_x = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
         s.add("conv2d", "backward_input", &name, bwd_x, false);
+        for &variant in ConvInputGrad::ALL {
+            let forced = conv2d::backward_input_with(gpu, &spec, &gy, &weight, &gx, false, variant)?;
+            s.add("conv2d", &format!("backward_input [{}]", variant.name()), &name, forced, false);
+        }
         let bwd_w = conv2d::backward_weight(gpu, &spec, &x, &gy, &gw, false)?;
         s.add("conv2d", "backward_weight", &name, bwd_w, false);
+        for &variant in ConvWeightGrad::ALL {
+            let forced = conv2d::backward_weight_with(gpu, &spec, &x, &gy, &gw, false, variant)?;
+            s.add("conv2d", &format!("backward_weight [{}]", variant.name()), &name, forced, false);
+        }
         s.add("conv2d", "backward_bias", &name, conv2d::backward_bias(gpu, &gy, &gb, false)?, true);
     }
     Ok(())
@@ -364,19 +373,20 @@ fn ocr_head(s: &mut Suite) -> Result<()> {
     let gfeats = s.e(&[1, mid, h, w])?;
     if s.wants(&["spatial_gather", "object_attention", "ocr"]) {
         let (context, gctx, gaux) = (s.e(&[1, mid, k, 1])?, s.t(&[1, mid, k, 1], 7)?, s.e(&[1, k, h, w])?);
-        let fwd = ocr::spatial_gather_forward(gpu, &logits, &feats, &probs, &context)?;
+        let fwd = ocr::spatial_gather_forward(gpu, None, &logits, &feats, &probs, &context)?;
         s.add("spatial_gather", "forward", &id, fwd, false);
-        let bwd = ocr::spatial_gather_backward(gpu, &feats, &probs, &gctx, (&gaux, false), (&gfeats, false))?;
+        let bwd =
+            ocr::spatial_gather_backward(gpu, None, &feats, &probs, &gctx, (&gaux, false), (&gfeats, false))?;
         s.add("spatial_gather", "backward", &id, bwd, false);
         let (query, keys, values) =
             (s.t(&[1, key, h, w], 8)?, s.t(&[1, key, k, 1], 9)?, s.t(&[1, key, k, 1], 10)?);
         let sim = s.e(&ocr::attention_map_shape(&query, &keys, &values)?)?;
         let (out, gout) = (s.e(&[1, key, h, w])?, s.t(&[1, key, h, w], 11)?);
         let (gq, gk, gv) = (s.e(&[1, key, h, w])?, s.e(&[1, key, k, 1])?, s.e(&[1, key, k, 1])?);
-        let fwd = ocr::object_attention_forward(gpu, &query, &keys, &values, &sim, &out)?;
+        let fwd = ocr::object_attention_forward(gpu, None, &query, &keys, &values, &sim, &out)?;
         s.add("object_attention", "forward", &id, fwd, false);
         let grads = AttentionGrads { query: (&gq, false), key: (&gk, false), value: (&gv, false) };
-        let bwd = ocr::object_attention_backward(gpu, (&query, &keys, &values), &sim, &gout, &grads)?;
+        let bwd = ocr::object_attention_backward(gpu, None, (&query, &keys, &values), &sim, &gout, &grads)?;
         s.add("object_attention", "backward", &id, bwd, false);
     }
 

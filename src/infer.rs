@@ -7,10 +7,12 @@ use crate::gpu::Gpu;
 use crate::graph::{Graph, GraphBuilder, Mode, ValueId};
 use crate::kernels::conv2d::Precision;
 use crate::kernels::resize;
+use crate::kernels::tuning::Tuner;
 use crate::model::weights::{self, NamedTensor};
 use crate::model::{hrnet, Config};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// How an image is covered.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +50,7 @@ pub struct Segmenter<'g> {
     check_numerics: bool,
     precision: Precision,
     tune: bool,
+    tuner: Arc<Tuner>,
 }
 
 impl<'g> Segmenter<'g> {
@@ -60,15 +63,23 @@ impl<'g> Segmenter<'g> {
             check_numerics: false,
             precision: Precision::F32,
             tune: false,
+            tuner: Arc::new(Tuner::from_env(gpu)),
         }
     }
 
-    /// With `on`, the convolution variants are measured for each input size before its
-    /// graph is built ([`GraphBuilder::tune`]): seconds of timing on a first run, worth it
-    /// when the segmenter serves many images or windows. Off (the default), a graph takes
-    /// the choices measured earlier, or the adapter's defaults, and compiles nothing else.
+    /// With `on`, the kernel variants are measured for each input size before its graph
+    /// is built ([`GraphBuilder::tune`]): seconds of timing on a first run, worth it when
+    /// the segmenter serves many images or windows. Off (the default), a graph takes the
+    /// choices measured earlier, or the adapter's defaults, and compiles nothing else.
     pub fn tune(&mut self, on: bool) {
         self.tune = on;
+    }
+
+    /// Takes its variant choices from `tuner` (by default, one of its own on the cache
+    /// `HRNET_OCR_TUNING` names): segmenters sharing a tuner measure each class once.
+    pub fn set_tuner(&mut self, tuner: Arc<Tuner>) {
+        self.tuner = tuner;
+        self.graphs.clear();
     }
 
     /// Keeps the convolution weights at `precision` (see [`Precision`]) and returns the
@@ -195,7 +206,9 @@ impl<'g> Segmenter<'g> {
     fn build_graph(&mut self, size: [usize; 2], mut g: GraphBuilder, out: ValueId) -> Result<()> {
         g.set_precision(self.precision);
         if self.tune {
-            g.tune(self.gpu)?;
+            g.tune(self.gpu, &self.tuner, Mode::Eval, &[out])?;
+        } else {
+            g.use_tuner(Arc::clone(&self.tuner));
         }
         let graph = g.build(self.gpu, Mode::Eval, &[out])?;
         weights::load_into(self.gpu, &graph, &self.weights, "the segmenter's weights")?;

@@ -20,7 +20,6 @@ pub use registry::{Shader, INCLUDES};
 use crate::error::{Error, Result};
 use pool::BufferPool;
 use registry::PipelineCache;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Features the engine uses when the adapter has them; none is required.
@@ -40,35 +39,6 @@ pub struct GpuOptions {
     /// Caps the invocations per workgroup below the adapter's (to exercise the fallback
     /// to smaller workgroups on a device that allows the default).
     pub max_workgroup_size: Option<u32>,
-    /// Where kernel-variant choices are measured and kept (`HRNET_OCR_TUNING`).
-    pub tuning: TuningCache,
-}
-
-/// Where the choices of [`crate::kernels::tuning`] live.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum TuningCache {
-    /// `$XDG_CACHE_HOME/hrnet-ocr/tuning.tsv` (or `~/.cache/...`).
-    #[default]
-    Default,
-    /// This file (`HRNET_OCR_TUNING=<path>`).
-    File(std::path::PathBuf),
-    /// Measured, kept for this process only (`HRNET_OCR_TUNING=memory`).
-    Memory,
-    /// Not measured: each kind of adapter's default variant (`HRNET_OCR_TUNING=off`).
-    Off,
-}
-
-impl TuningCache {
-    /// `off`, `memory`, or a file path; unset or empty is the default file.
-    pub fn from_env() -> Self {
-        match std::env::var_os("HRNET_OCR_TUNING") {
-            None => TuningCache::Default,
-            Some(v) if v.is_empty() => TuningCache::Default,
-            Some(v) if v == "off" => TuningCache::Off,
-            Some(v) if v == "memory" => TuningCache::Memory,
-            Some(v) => TuningCache::File(v.into()),
-        }
-    }
 }
 
 impl GpuOptions {
@@ -79,7 +49,6 @@ impl GpuOptions {
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
             max_storage_binding: None,
             max_workgroup_size: None,
-            tuning: TuningCache::from_env(),
         }
     }
 }
@@ -102,9 +71,6 @@ pub struct Gpu {
     submissions: std::sync::atomic::AtomicU64,
     /// Copies of device data to the host so far (each waits for the device).
     readbacks: std::sync::atomic::AtomicU64,
-    tuning_cache: TuningCache,
-    /// Kernel-variant choices by shape class, loaded from the cache on first use.
-    pub(crate) tuned: Mutex<Option<HashMap<String, String>>>,
 }
 
 impl Gpu {
@@ -172,8 +138,6 @@ impl Gpu {
             workgroup_size,
             submissions: Default::default(),
             readbacks: Default::default(),
-            tuning_cache: options.tuning.clone(),
-            tuned: Mutex::new(None),
         })
     }
 
@@ -221,11 +185,6 @@ impl Gpu {
     /// The optional features the device was opened with.
     pub fn features(&self) -> wgpu::Features {
         self.device.features()
-    }
-
-    /// Where kernel-variant choices are kept.
-    pub fn tuning_cache(&self) -> &TuningCache {
-        &self.tuning_cache
     }
 
     /// Whether the device can run the f16 shader variants (`SHADER_F16`).

@@ -13,14 +13,16 @@ mod plan;
 
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
-use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
+use crate::kernels::conv2d::{Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::Ohem;
 use crate::kernels::sgd::{Arena, SgdConfig};
+use crate::kernels::tuning::Tuner;
 use crate::tensor::{DType, Tensor};
 use ops::{Op, Recorded};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// A tensor of the graph, by position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,6 +50,7 @@ impl Role {
     }
 }
 
+#[derive(Clone)]
 struct Value {
     name: String,
     shape: Vec<usize>,
@@ -64,7 +67,7 @@ pub enum Mode {
 }
 
 /// Describes a graph: its inputs, parameters and nodes, with shapes checked as they are added.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct GraphBuilder {
     values: Vec<Value>,
     ops: Vec<Op>,
@@ -76,6 +79,8 @@ pub struct GraphBuilder {
     unfused: bool,
     /// The precision eval graphs keep convolution weights at.
     precision: Precision,
+    /// Whose kernel-variant choices recording takes; none: the untimed defaults.
+    tuner: Option<Arc<Tuner>>,
 }
 
 impl GraphBuilder {
@@ -308,17 +313,24 @@ impl GraphBuilder {
         self.precision = precision;
     }
 
-    /// Measures the forward variants of every convolution whose shape class has no choice
-    /// yet ([`crate::kernels::tuning`]), so that [`GraphBuilder::build`] records the fastest.
-    /// It runs timed GPU submissions and writes the tuning cache file: a step of its own, for
-    /// work that reuses a graph (training, evaluation, benchmarks). `build` never measures.
-    pub fn tune(&self, gpu: &Gpu) -> Result<()> {
-        let precision = self.precision.on(gpu);
-        for op in &self.ops {
-            if let Op::Conv2d { spec, x, weight, .. } = op {
-                conv2d::tune_forward(gpu, spec, self.shape(*x), self.shape(*weight), precision)?;
-            }
-        }
+    /// Records with `tuner`'s kernel-variant choices ([`crate::kernels::tuning`]); without
+    /// a tuner, [`GraphBuilder::build`] takes each family's untimed default.
+    pub fn use_tuner(&mut self, tuner: Arc<Tuner>) {
+        self.tuner = Some(tuner);
+    }
+
+    /// Measures the variants of every kernel family the graph would run (convolution
+    /// forward and, in training, its gradients; the OCR head's products) in each shape
+    /// class `tuner` has no choice for yet, and records with its choices from then on. The
+    /// classes come from a probe recording of the graph (its tensors allocated, nothing
+    /// run). It runs timed GPU submissions and writes the tuning cache file: a step of its
+    /// own, for work that reuses a graph (training, evaluation, benchmarks); `build` never
+    /// measures.
+    pub fn tune(&mut self, gpu: &Gpu, tuner: &Arc<Tuner>, mode: Mode, outputs: &[ValueId]) -> Result<()> {
+        let mut probe = self.clone();
+        probe.tuner = Some(Arc::clone(tuner));
+        tuner.collect(gpu, || probe.build(gpu, mode, outputs).map(drop))?;
+        self.tuner = Some(Arc::clone(tuner));
         Ok(())
     }
 
@@ -357,6 +369,7 @@ impl GraphBuilder {
             seed: 0,
             optimizer,
             precision,
+            tuner: self.tuner,
             weights_touched: AtomicBool::new(true),
         };
         for (v, data) in &self.constants {
@@ -514,6 +527,8 @@ pub struct Graph {
     optimizer: Option<Optimizer>,
     /// The precision the convolutions' weights run at.
     precision: Precision,
+    /// Whose kernel-variant choices recording takes.
+    tuner: Option<Arc<Tuner>>,
     /// Eval graphs: whether the packed weights may be stale. Set whenever a parameter or
     /// running statistic is handed out (it may be written through the reference), cleared
     /// by the forward that repacks.

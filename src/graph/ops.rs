@@ -4,14 +4,16 @@ use super::{Graph, LossSpec, Mode, Role, ValueId};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
-use crate::kernels::conv2d::{self, Conv2dSpec};
+use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, LossPass};
 use crate::kernels::ocr::{self, AttentionGrads};
+use crate::kernels::tuning::{self, ConvForward, ConvInputGrad, ConvWeightGrad};
 use crate::kernels::{concat, elementwise, resize};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 
+#[derive(Clone)]
 pub(super) enum Op {
     Conv2d {
         spec: Conv2dSpec,
@@ -203,7 +205,10 @@ impl Graph {
         [x, weight, y]: [ValueId; 3],
         epilogue: &conv2d::Epilogue,
     ) -> Result<conv2d::ForwardDispatches> {
-        conv2d::forward_fused(gpu, spec, self.t(x), self.t(weight), epilogue, self.precision, self.t(y))
+        let (xt, wt) = (self.t(x), self.t(weight));
+        let class = conv2d::class(spec, xt.shape(), wt.shape(), self.precision)?;
+        let variant = tuning::choose::<ConvForward>(self.tuner.as_deref(), gpu, &class);
+        conv2d::forward_with(gpu, spec, xt, wt, epilogue, self.precision, variant, self.t(y))
     }
 
     /// The forward's share of a convolution's launches (see [`Recorded::prepare`]).
@@ -272,6 +277,7 @@ impl Graph {
                 }
                 &Op::SpatialGather { regions, feats, probs, y } => ocr::spatial_gather_forward(
                     gpu,
+                    self.tuner.as_deref(),
                     self.t(regions),
                     self.t(feats),
                     self.t(probs),
@@ -279,6 +285,7 @@ impl Graph {
                 )?,
                 &Op::ObjectAttention { query, key, value, sim, y } => ocr::object_attention_forward(
                     gpu,
+                    self.tuner.as_deref(),
                     self.t(query),
                     self.t(key),
                     self.t(value),
@@ -389,13 +396,18 @@ impl Graph {
             }
             &Op::Conv2d { spec, x, weight, bias, .. } => {
                 let gy = gy();
+                let (xt, wt) = (self.t(x), self.t(weight));
+                let class = conv2d::class(&spec, xt.shape(), wt.shape(), Precision::F32)?;
+                let tuner = self.tuner.as_deref();
                 let mut d = Vec::new();
                 if tg_needs(grads, x) {
                     let (gx, acc) = target(x)?;
-                    d.extend(conv2d::backward_input(gpu, &spec, &gy, self.t(weight), &gx, acc)?);
+                    let variant = tuning::choose::<ConvInputGrad>(tuner, gpu, &class);
+                    d.extend(conv2d::backward_input_with(gpu, &spec, &gy, wt, &gx, acc, variant)?);
                 }
                 let (gw, acc) = target(weight)?;
-                d.extend(conv2d::backward_weight(gpu, &spec, self.t(x), &gy, &gw, acc)?);
+                let variant = tuning::choose::<ConvWeightGrad>(tuner, gpu, &class);
+                d.extend(conv2d::backward_weight_with(gpu, &spec, xt, &gy, &gw, acc, variant)?);
                 if let Some(b) = bias {
                     let (gb, acc) = target(b)?;
                     d.extend(conv2d::backward_bias(gpu, &gy, &gb, acc)?);
@@ -466,6 +478,7 @@ impl Graph {
                 let (gr, gf) = (target(regions)?, target(feats)?);
                 ocr::spatial_gather_backward(
                     gpu,
+                    self.tuner.as_deref(),
                     self.t(feats),
                     self.t(probs),
                     &gy(),
@@ -477,7 +490,7 @@ impl Graph {
                 let (gq, gk, gv) = (target(query)?, target(key)?, target(value)?);
                 let g = AttentionGrads { query: (&gq.0, gq.1), key: (&gk.0, gk.1), value: (&gv.0, gv.1) };
                 let inputs = (self.t(query), self.t(key), self.t(value));
-                ocr::object_attention_backward(gpu, inputs, self.t(sim), &gy(), &g)?
+                ocr::object_attention_backward(gpu, self.tuner.as_deref(), inputs, self.t(sim), &gy(), &g)?
             }
             &Op::Dropout { x, layer, .. } => {
                 let (gx, accumulate) = target(x)?;

@@ -1,7 +1,7 @@
 //! 2-D convolution, NCHW input, OIHW weight, groups = 1 (`conv2d.wgsl`).
 
 use super::batch_norm::BatchNormParams;
-use super::tuning::{self, ConvClass, ConvForward};
+use super::tuning::{self, ConvClass, ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 use super::{f32_bytes, launch, launch_sized, launch_tuned, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
@@ -87,16 +87,9 @@ impl Dims {
         (self.n * self.co * self.ho * self.wo * self.ci * self.kh * self.kw) as u64
     }
 
-    /// The shape class the forward's variant is chosen for.
+    /// The shape class the variants are chosen for.
     fn class(&self, spec: &Conv2dSpec, precision: Precision) -> ConvClass {
-        ConvClass::new(
-            self.ci,
-            self.co,
-            [self.kh, self.kw],
-            spec.stride,
-            precision,
-            self.n * self.ho * self.wo,
-        )
+        ConvClass::new(self.ci, self.co, [self.kh, self.kw], spec, precision, [self.n * self.ho, self.wo])
     }
 
     fn weight_len(&self) -> usize {
@@ -228,11 +221,6 @@ impl Precision {
     }
 }
 
-/// Input-gradient rows at least this wide take the 16-column tiles, narrower ones 4.
-pub const WIDE_INPUT_GRAD_MIN_COLUMNS: usize = 16;
-/// Weight gradients of at least this many input channels take the 16 x 16 tiles, fewer 16 x 4.
-pub const WIDE_WEIGHT_GRAD_MIN_CI: usize = 16;
-
 /// A convolution forward's two launches: the weight packing, which an eval graph runs only
 /// when the weights change, and the convolution itself.
 #[derive(Debug)]
@@ -262,8 +250,19 @@ pub fn output_shape(spec: &Conv2dSpec, x_shape: &[usize], weight: &Tensor) -> Re
     Ok(Dims::resolve(spec, x_shape, weight.shape())?.y_shape())
 }
 
+/// The shape class a convolution of `x_shape` by a `weight_shape` weight falls in, for
+/// choosing its variants ([`tuning::choose`]).
+pub fn class(
+    spec: &Conv2dSpec,
+    x_shape: &[usize],
+    weight_shape: &[usize],
+    precision: Precision,
+) -> Result<ConvClass> {
+    Ok(Dims::resolve(spec, x_shape, weight_shape)?.class(spec, precision))
+}
+
 /// `y = conv2d(x, weight) + bias`: the weight is repacked (one small dispatch), then the
-/// convolution runs.
+/// convolution runs in the adapter's untimed default variant.
 pub fn forward(
     gpu: &Gpu,
     spec: &Conv2dSpec,
@@ -272,62 +271,58 @@ pub fn forward(
     bias: Option<&Tensor>,
     y: &Tensor,
 ) -> Result<ForwardDispatches> {
-    forward_fused(gpu, spec, x, weight, &Epilogue { bias, ..Epilogue::default() }, Precision::F32, y)
+    let plain = Epilogue { bias, ..Epilogue::default() };
+    forward_with(gpu, spec, x, weight, &plain, Precision::F32, ConvForward::default_for(gpu), y)
 }
 
-/// `y = epilogue(conv2d(x, weight))`: the weight is repacked at `precision` (one small
-/// dispatch, which also folds the batch norm), then the convolution runs with the epilogue
-/// in its stores, in the variant measured fastest for this shape class, or the adapter's
-/// untimed default when none was ([`tuning::conv_forward`]; recording never measures).
-pub fn forward_fused(
-    gpu: &Gpu,
-    spec: &Conv2dSpec,
-    x: &Tensor,
-    weight: &Tensor,
-    epilogue: &Epilogue,
-    precision: Precision,
-    y: &Tensor,
-) -> Result<ForwardDispatches> {
-    let d = Dims::resolve(spec, x.shape(), weight.shape())?;
-    let variant = tuning::conv_forward(gpu, &d.class(spec, precision));
-    forward_with(gpu, spec, x, weight, epilogue, precision, variant, y)
+/// Zero tensors shaped like a proxy of `class`: one image of the class's capped output
+/// size, the input that gives it, and the weight.
+struct Proxy {
+    spec: Conv2dSpec,
+    x: Tensor,
+    weight: Tensor,
+    y: Tensor,
 }
 
-/// Measures the forward variants for convolutions of `x_shape` by a `weight_shape` weight
-/// at `precision`, unless their shape class is measured already, and returns the choice
-/// later recordings of the class take. Each variant runs on a proxy of at most 64 x 64
-/// output pixels of one image with zero tensors (the timing does not depend on values),
-/// made only when a class is timed: a cached class costs no device memory or upload.
-pub fn tune_forward(
-    gpu: &Gpu,
-    spec: &Conv2dSpec,
-    x_shape: &[usize],
-    weight_shape: &[usize],
-    precision: Precision,
-) -> Result<ConvForward> {
-    let d = Dims::resolve(spec, x_shape, weight_shape)?;
-    let proxy = std::cell::OnceCell::new();
-    tuning::measure_conv_forward(gpu, &d.class(spec, precision), |variant| {
-        let (x, weight, y) = match proxy.get() {
-            Some(tensors) => tensors,
-            None => {
-                let side = |len: usize, stride: usize| len.min(tuning::PROXY_SIDE * stride);
-                let x = Tensor::zeros(gpu, &[1, d.ci, side(d.h, spec.stride[0]), side(d.w, spec.stride[1])])?;
-                let weight = Tensor::zeros(gpu, weight_shape)?;
-                let y = Tensor::empty(gpu, &output_shape(spec, x.shape(), &weight)?)?;
-                proxy.get_or_init(|| (x, weight, y))
-            }
-        };
-        let plain = Epilogue::default();
-        tuning::time_dispatches(
-            gpu,
-            &forward_with(gpu, spec, x, weight, &plain, precision, variant, y)?.into_vec(),
-        )
-    })
+impl Proxy {
+    fn new(gpu: &Gpu, class: &ConvClass) -> Result<Self> {
+        let spec = Conv2dSpec { stride: class.stride, padding: class.padding, dilation: class.dilation };
+        let [h, w] = class.input_size();
+        let x = Tensor::zeros(gpu, &[1, class.ci, h, w])?;
+        let weight = Tensor::zeros(gpu, &[class.co, class.ci, class.kernel[0], class.kernel[1]])?;
+        let y = Tensor::zeros(gpu, &output_shape(&spec, x.shape(), &weight)?)?;
+        Ok(Proxy { spec, x, weight, y })
+    }
 }
 
-/// [`forward_fused`] in the given variant, whatever the tuning would choose (for tests,
-/// benchmarks and the tuning itself).
+/// Milliseconds of the forward `variant` on a proxy of `class` (the timing does not depend
+/// on values, so the tensors are zeros).
+pub(crate) fn time_forward(gpu: &Gpu, class: &ConvClass, variant: ConvForward) -> Result<f64> {
+    let p = Proxy::new(gpu, class)?;
+    let d =
+        forward_with(gpu, &p.spec, &p.x, &p.weight, &Epilogue::default(), class.precision, variant, &p.y)?;
+    tuning::time_dispatches(gpu, &d.into_vec())
+}
+
+/// Milliseconds of the input gradient `variant` on a proxy of `class`.
+pub(crate) fn time_backward_input(gpu: &Gpu, class: &ConvClass, variant: ConvInputGrad) -> Result<f64> {
+    let p = Proxy::new(gpu, class)?;
+    tuning::time_dispatches(gpu, &backward_input_with(gpu, &p.spec, &p.y, &p.weight, &p.x, false, variant)?)
+}
+
+/// Milliseconds of the weight gradient `variant` on a proxy of `class`.
+pub(crate) fn time_backward_weight(gpu: &Gpu, class: &ConvClass, variant: ConvWeightGrad) -> Result<f64> {
+    let p = Proxy::new(gpu, class)?;
+    let grad_weight = Tensor::zeros(gpu, p.weight.shape())?;
+    tuning::time_dispatches(
+        gpu,
+        &backward_weight_with(gpu, &p.spec, &p.x, &p.y, &grad_weight, false, variant)?,
+    )
+}
+
+/// `y = epilogue(conv2d(x, weight))` in the given forward variant: the weight is repacked
+/// at `precision` (one small dispatch, which also folds the batch norm), then the
+/// convolution runs with the epilogue in its stores.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_with(
     gpu: &Gpu,
@@ -421,6 +416,20 @@ pub fn backward_input(
     grad_x: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
+    let variant = ConvInputGrad::untimed(gpu, &class(spec, grad_x.shape(), weight.shape(), Precision::F32)?);
+    backward_input_with(gpu, spec, grad_y, weight, grad_x, accumulate, variant)
+}
+
+/// [`backward_input`] in the given variant.
+pub fn backward_input_with(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    grad_y: &Tensor,
+    weight: &Tensor,
+    grad_x: &Tensor,
+    accumulate: bool,
+    variant: ConvInputGrad,
+) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, grad_x.shape(), weight.shape())?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
     let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
@@ -428,12 +437,9 @@ pub fn backward_input(
     let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::read(8, &pack.packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
-    // Wide rows take 16 columns per invocation (4x the work per load); narrower rows 4,
-    // rather than idle most of the wide tile.
-    let (columns, entry) = if d.w >= WIDE_INPUT_GRAD_MIN_COLUMNS {
-        (16, "conv2d_backward_input_wide")
-    } else {
-        (4, "conv2d_backward_input")
+    let (columns, entry) = match variant {
+        ConvInputGrad::Wide => (16, "conv2d_backward_input_wide"),
+        ConvInputGrad::Narrow => (4, "conv2d_backward_input"),
     };
     let tiles = d.n * d.ci.div_ceil(4).div_ceil(4) * d.h * d.w.div_ceil(columns);
     Ok(vec![pack.dispatch, launch(gpu, Shader::Conv2d, entry, &params, &bindings, tiles, cost)?])
@@ -504,13 +510,25 @@ pub fn backward_weight(
     grad_weight: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
+    let variant = ConvWeightGrad::untimed(gpu, &class(spec, x.shape(), grad_weight.shape(), Precision::F32)?);
+    backward_weight_with(gpu, spec, x, grad_y, grad_weight, accumulate, variant)
+}
+
+/// [`backward_weight`] in the given variant.
+pub fn backward_weight_with(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    x: &Tensor,
+    grad_y: &Tensor,
+    grad_weight: &Tensor,
+    accumulate: bool,
+    variant: ConvWeightGrad,
+) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), grad_weight.shape())?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
-    // Enough input channels take 16 per invocation (4x the work per load), fewer 4.
-    let (per, entry) = if d.ci >= WIDE_WEIGHT_GRAD_MIN_CI {
-        (16, "conv2d_backward_weight_wide")
-    } else {
-        (4, "conv2d_backward_weight")
+    let (per, entry) = match variant {
+        ConvWeightGrad::Wide => (16, "conv2d_backward_weight_wide"),
+        ConvWeightGrad::Narrow => (4, "conv2d_backward_weight"),
     };
     let tiles = d.co.div_ceil(16) * d.ci.div_ceil(per) * d.kh * d.kw;
     let rows = d.n * d.ho;

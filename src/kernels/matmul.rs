@@ -1,6 +1,7 @@
 //! Batched matrix products with either operand transposed, and their backward
 //! (`matmul.wgsl`). Every product, transposes included, is one strided kernel.
 
+use super::tuning::{self, Tunable, Tuner};
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
@@ -63,23 +64,12 @@ pub enum MatmulKernel {
     PerElement,
 }
 
-/// Products below this many multiply-adds take [`MatmulKernel::PerElement`]: about a
+/// Products below this many multiply-adds take [`MatmulKernel::PerElement`] untimed: about a
 /// millisecond either way on lavapipe, so a first run (the OCR head at small inputs) skips
 /// compiling the tiles.
 pub const SMALL_PRODUCT_MACS: usize = 1 << 20;
 
 impl MatmulKernel {
-    pub const ALL: [MatmulKernel; 2] = [MatmulKernel::Tiles16, MatmulKernel::PerElement];
-
-    /// The kernel for a product of `macs` multiply-adds.
-    pub fn for_macs(macs: usize) -> Self {
-        if macs < SMALL_PRODUCT_MACS {
-            MatmulKernel::PerElement
-        } else {
-            MatmulKernel::Tiles16
-        }
-    }
-
     /// The shader entry point that computes it.
     pub fn entry(self) -> &'static str {
         match self {
@@ -89,19 +79,100 @@ impl MatmulKernel {
     }
 }
 
+/// A product's shape class: its sizes (the batch folded into the rows), rounded up to
+/// powers of two and capped so that a proxy stays cheap, and which operands are read
+/// transposed (the strides decide the memory access pattern).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulClass {
+    pub rows: usize,
+    pub k: usize,
+    pub n: usize,
+    pub a_transposed: bool,
+    pub b_transposed: bool,
+}
+
+/// A proxy's largest size along any axis.
+const PROXY_LEN: usize = 4096;
+
+impl MatmulClass {
+    /// The class of `batch` products of the views `a` and `b`.
+    pub fn of(batch: usize, a: &Strided, b: &Strided) -> Self {
+        let round = |len: usize| len.next_power_of_two().min(PROXY_LEN);
+        MatmulClass {
+            rows: round(batch * a.rows),
+            k: round(a.cols),
+            n: round(b.cols),
+            a_transposed: a.col != 1,
+            b_transposed: b.col != 1,
+        }
+    }
+
+    /// The operand views of the class's proxy (one matrix).
+    fn views(&self) -> (Strided, Strided) {
+        let view = |rows, cols, transposed| {
+            if transposed {
+                Strided::row_major(cols, rows).t()
+            } else {
+                Strided::row_major(rows, cols)
+            }
+        };
+        (view(self.rows, self.k, self.a_transposed), view(self.k, self.n, self.b_transposed))
+    }
+}
+
+impl Tunable for MatmulKernel {
+    const FAMILY: &'static str = "matmul";
+    type Class = MatmulClass;
+    const ALL: &'static [Self] = &[MatmulKernel::Tiles16, MatmulKernel::PerElement];
+
+    fn name(self) -> &'static str {
+        match self {
+            MatmulKernel::Tiles16 => "tiles16",
+            MatmulKernel::PerElement => "per-element",
+        }
+    }
+
+    fn key(c: &MatmulClass) -> String {
+        let t = |transposed| if transposed { "T" } else { "N" };
+        format!("{}x{}x{} {}{}", c.rows, c.k, c.n, t(c.a_transposed), t(c.b_transposed))
+    }
+
+    fn macs(c: &MatmulClass) -> usize {
+        c.rows * c.k * c.n
+    }
+
+    /// The tiles, but per element below [`SMALL_PRODUCT_MACS`].
+    fn untimed(_: &Gpu, c: &MatmulClass) -> Self {
+        if Self::macs(c) < SMALL_PRODUCT_MACS {
+            MatmulKernel::PerElement
+        } else {
+            MatmulKernel::Tiles16
+        }
+    }
+
+    fn time(self, gpu: &Gpu, c: &MatmulClass) -> Result<f64> {
+        let (av, bv) = c.views();
+        let a = Tensor::zeros(gpu, &[c.rows * c.k])?;
+        let b = Tensor::zeros(gpu, &[c.k * c.n])?;
+        let out = Tensor::zeros(gpu, &[c.rows * c.n])?;
+        tuning::time_dispatches(gpu, &[product_with(gpu, self, 1, (&a, av), (&b, bv), &out, false)?])
+    }
+}
+
 /// `c[b] (+)= a[b] @ b[b]` for the strided views `a` (m x k) and `b` (k x n); `c` is
-/// row-major `[batch, m, n]` (any shape with that many elements). The kernel follows the
-/// product's size ([`MatmulKernel::for_macs`]).
+/// row-major `[batch, m, n]` (any shape with that many elements). The kernel is `tuner`'s
+/// choice for the product's class, or the untimed default ([`tuning::choose`]).
 pub fn product(
     gpu: &Gpu,
+    tuner: Option<&Tuner>,
     batch: usize,
     a: (&Tensor, Strided),
     b: (&Tensor, Strided),
     c: &Tensor,
     accumulate: bool,
 ) -> Result<Dispatch> {
-    let macs = batch * a.1.rows * a.1.cols * b.1.cols;
-    product_with(gpu, MatmulKernel::for_macs(macs), batch, a, b, c, accumulate)
+    let kernel = tuning::choose(tuner, gpu, &MatmulClass::of(batch, &a.1, &b.1));
+    product_with(gpu, kernel, batch, a, b, c, accumulate)
 }
 
 /// [`product`] computed by `kernel`, whatever the size (for tests and benchmarks).
@@ -208,7 +279,7 @@ impl Matmul {
 
     /// `c = op(a) @ op(b)`.
     pub fn forward(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Dispatch> {
-        product(gpu, self.batch, (a, self.a()), (b, self.b()), c, false)
+        product(gpu, None, self.batch, (a, self.a()), (b, self.b()), c, false)
     }
 
     /// `grad_a (+)= grad_c @ op(b)^T`, written in a's stored layout: when a is stored
@@ -222,9 +293,9 @@ impl Matmul {
         accumulate: bool,
     ) -> Result<Dispatch> {
         if self.trans_a {
-            product(gpu, self.batch, (b, self.b()), (grad_c, self.c().t()), grad_a, accumulate)
+            product(gpu, None, self.batch, (b, self.b()), (grad_c, self.c().t()), grad_a, accumulate)
         } else {
-            product(gpu, self.batch, (grad_c, self.c()), (b, self.b().t()), grad_a, accumulate)
+            product(gpu, None, self.batch, (grad_c, self.c()), (b, self.b().t()), grad_a, accumulate)
         }
     }
 
@@ -239,9 +310,9 @@ impl Matmul {
         accumulate: bool,
     ) -> Result<Dispatch> {
         if self.trans_b {
-            product(gpu, self.batch, (grad_c, self.c().t()), (a, self.a()), grad_b, accumulate)
+            product(gpu, None, self.batch, (grad_c, self.c().t()), (a, self.a()), grad_b, accumulate)
         } else {
-            product(gpu, self.batch, (a, self.a().t()), (grad_c, self.c()), grad_b, accumulate)
+            product(gpu, None, self.batch, (a, self.a().t()), (grad_c, self.c()), grad_b, accumulate)
         }
     }
 }

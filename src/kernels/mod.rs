@@ -142,38 +142,35 @@ pub(crate) fn scratch(gpu: &Gpu, elements: usize) -> Result<Tensor> {
     Tensor::empty(gpu, &[elements])
 }
 
-/// The convolution forward: its variants, chosen per shape class by measurement unless
-/// tuning is off or the adapter can run only the register tiles.
-fn conv_forward_variant(gpu: &Gpu) -> KernelVariant {
-    use tuning::ConvForward;
-    let (registers, tiled) = (
-        "registers / registers-wide: 16 output channels x 4 or 16 pixels per invocation, no workgroup memory",
-        "tiled-k8 / tiled-k16: implicit GEMM through workgroup memory, 32 x 32 outputs per workgroup of 64, K in slices of 8 or 16",
-    );
-    let default = ConvForward::default_for(gpu).name();
-    let (variant, why) = if !ConvForward::TiledK8.runs_on(gpu) {
-        (
-            registers.to_string(),
-            format!("the adapter allows {} invocations a workgroup; tiled needs 64", gpu.workgroup_size()),
-        )
-    } else if *gpu.tuning_cache() == crate::gpu::TuningCache::Off {
-        (format!("{registers}; or {tiled}"), format!("tuning off: {default}, this kind of adapter's default"))
-    } else {
-        let chosen = tuning::choices(gpu);
-        let count = |v: ConvForward| chosen.iter().filter(|(_, c)| c == v.name()).count();
-        let counts: Vec<String> =
-            ConvForward::ALL.iter().map(|&v| format!("{} {}", count(v), v.name())).collect();
-        (
-            format!("{registers}; or {tiled}"),
+/// A tuned family's line: the variants the adapter can run (from the same table the
+/// launchers dispatch on), the untimed rule, and what `tuner` chose so far.
+fn tuned_family<V: tuning::Tunable>(
+    gpu: &Gpu,
+    tuner: Option<&tuning::Tuner>,
+    what: &str,
+    untimed: String,
+) -> KernelVariant {
+    let runnable: Vec<&str> = V::ALL.iter().filter(|v| v.runs_on(gpu)).map(|v| v.name()).collect();
+    let why = match tuner.filter(|t| *t.cache() != tuning::TuningCache::Off) {
+        None => format!("tuning off; untimed: {untimed}"),
+        Some(t) => {
+            let chosen = t.choices();
+            let prefix = format!("{} ", V::FAMILY);
+            let counts: Vec<String> = runnable
+                .iter()
+                .map(|name| {
+                    let n = chosen.iter().filter(|(k, c)| k.starts_with(&prefix) && c == name).count();
+                    format!("{n} {name}")
+                })
+                .collect();
             format!(
-                "timed per shape class on first use ({} so far; untimed default {default}); cache {}",
+                "timed per shape class ({} so far); untimed: {untimed}; cache {}",
                 counts.join(", "),
-                tuning::cache_path(gpu.tuning_cache())
-                    .map_or("in memory only".into(), |p| p.display().to_string())
-            ),
-        )
+                t.cache().path().map_or("in memory only".into(), |p| p.display().to_string())
+            )
+        }
     };
-    KernelVariant { kernel: "conv2d_forward", variant, why }
+    KernelVariant { kernel: V::FAMILY, variant: format!("{} ({what})", runnable.join(" / ")), why }
 }
 
 /// Which implementation of a kernel family runs on an adapter, and why.
@@ -184,22 +181,22 @@ pub struct KernelVariant {
     pub why: String,
 }
 
-/// The variant of every kernel family on `gpu`, decided from its device type, limits and
-/// features when it was opened (`hrnet-ocr info` prints this).
-pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
+/// The variant of every kernel family on `gpu`: the tuned families' choices as `tuner`
+/// holds them, the others decided from the device type, limits and features when it was
+/// opened (`hrnet-ocr info` prints this).
+pub fn variants(gpu: &Gpu, tuner: Option<&tuning::Tuner>) -> Vec<KernelVariant> {
+    use tuning::{ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
     let limits = gpu.limits();
     let features = gpu.adapter_features();
-    let cpu = gpu.info().device_type == wgpu::DeviceType::Cpu;
     let wg = gpu.workgroup_size();
     let allowed = limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x);
     let v = |kernel, variant: &str, why: String| KernelVariant { kernel, variant: variant.into(), why };
-    let tiles_why = if cpu {
-        "CPU driver: workgroupBarrier is costly there, so register tiles without workgroup memory".to_string()
-    } else {
-        "the only variants built so far (no workgroup-memory tiling for the backward or matmul yet)"
-            .to_string()
-    };
     let has = |f: wgpu::Features| if features.contains(f) { "has" } else { "lacks" };
+    let forward_untimed = if ConvForward::TiledK8.runs_on(gpu) {
+        format!("{}, cheapest to compile", ConvForward::default_for(gpu).name())
+    } else {
+        format!("registers: the adapter allows {wg} invocations a workgroup, tiled needs 64")
+    };
     vec![
         v(
             "every kernel",
@@ -210,30 +207,29 @@ pub fn variants(gpu: &Gpu) -> Vec<KernelVariant> {
                 format!("fallback: the adapter allows only {allowed}")
             },
         ),
-        conv_forward_variant(gpu),
-        v(
-            "conv2d_backward_input",
-            &format!(
-                "16 input channels x 16 columns per invocation (rows of {} columns and more), else x 4",
-                conv2d::WIDE_INPUT_GRAD_MIN_COLUMNS
-            ),
-            tiles_why.clone(),
+        tuned_family::<ConvForward>(
+            gpu,
+            tuner,
+            "16 output channels x 4 or 16 pixels in registers; or an implicit GEMM through workgroup memory, 32 x 32 outputs per workgroup of 64, K in slices of 8 or 16",
+            forward_untimed,
         ),
-        v(
-            "conv2d_backward_weight",
-            &format!(
-                "16 output x 16 input channels per invocation ({} input channels and more), else x 4; rows split into chunks summed in order",
-                conv2d::WIDE_WEIGHT_GRAD_MIN_CI
-            ),
-            tiles_why.clone(),
+        tuned_family::<ConvInputGrad>(
+            gpu,
+            tuner,
+            "16 input channels x 4 or 16 columns in registers",
+            format!("wide for rows of {} columns and more", tuning::WIDE_INPUT_GRAD_MIN_COLUMNS),
         ),
-        v(
-            "matmul",
-            &format!(
-                "16 x 16 tile per invocation, a workgroup sharing its rows; one element per invocation below {} multiply-adds; operands read through strides",
-                matmul::SMALL_PRODUCT_MACS
-            ),
-            tiles_why,
+        tuned_family::<ConvWeightGrad>(
+            gpu,
+            tuner,
+            "16 output x 4 or 16 input channels in registers; rows split into chunks summed in order",
+            format!("wide for {} input channels and more", tuning::WIDE_WEIGHT_GRAD_MIN_CI),
+        ),
+        tuned_family::<matmul::MatmulKernel>(
+            gpu,
+            tuner,
+            "a 16 x 16 tile per invocation, a workgroup sharing its rows, or one element per invocation; operands read through strides",
+            format!("per element below {} multiply-adds", matmul::SMALL_PRODUCT_MACS),
         ),
         v(
             "batch_norm, softmax, reductions",

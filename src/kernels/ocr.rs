@@ -1,10 +1,12 @@
 //! OCR's two region operators, composed from the softmax and strided matmul kernels:
 //! the spatial gather (SpatialGather_Module) and the pixel-region attention of
 //! ObjectAttentionBlock2D. Shapes follow the model's NCHW tensors, so no transpose is
-//! ever materialised: the matmuls read them through strides.
+//! ever materialised: the matmuls read them through strides. Each product runs the
+//! kernel the tuner, if one is given, chose for its class.
 
 use super::matmul::{product, Strided};
 use super::softmax::{self, Axis};
+use super::tuning::Tuner;
 use crate::error::{check_shape, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::tensor::Tensor;
@@ -36,6 +38,7 @@ impl Gather {
 /// backward, shaped like `aux`) and `context[n, c, k, 0] = sum_p probs[n, k, p] * feats[n, c, p]`.
 pub fn spatial_gather_forward(
     gpu: &Gpu,
+    tuner: Option<&Tuner>,
     aux: &Tensor,
     feats: &Tensor,
     probs: &Tensor,
@@ -46,7 +49,7 @@ pub fn spatial_gather_forward(
     let mut d = softmax::forward(gpu, aux, g.axis(), 1.0, probs)?;
     let f = Strided::row_major(g.c, g.hw);
     let p_t = Strided::row_major(g.k, g.hw).t();
-    d.push(product(gpu, g.n, (feats, f), (probs, p_t), context, false)?);
+    d.push(product(gpu, tuner, g.n, (feats, f), (probs, p_t), context, false)?);
     Ok(d)
 }
 
@@ -54,6 +57,7 @@ pub fn spatial_gather_forward(
 /// `grad_aux = softmax_backward(probs, grad_context^T @ feats)`.
 pub fn spatial_gather_backward(
     gpu: &Gpu,
+    tuner: Option<&Tuner>,
     feats: &Tensor,
     probs: &Tensor,
     grad_context: &Tensor,
@@ -69,8 +73,8 @@ pub fn spatial_gather_backward(
     let f = Strided::row_major(g.c, g.hw);
     let grad_probs = Tensor::empty(gpu, probs.shape())?;
     let mut d = vec![
-        product(gpu, g.n, (grad_context, gc), (probs, p), grad_feats, accumulate_feats)?,
-        product(gpu, g.n, (grad_context, gc.t()), (feats, f), &grad_probs, false)?,
+        product(gpu, tuner, g.n, (grad_context, gc), (probs, p), grad_feats, accumulate_feats)?,
+        product(gpu, tuner, g.n, (grad_context, gc.t()), (feats, f), &grad_probs, false)?,
     ];
     d.extend(softmax::backward(gpu, probs, &grad_probs, g.axis(), 1.0, grad_aux, accumulate_aux)?);
     Ok(d)
@@ -119,6 +123,7 @@ pub fn attention_map_shape(query: &Tensor, key: &Tensor, value: &Tensor) -> Resu
 /// `[n, hw, k]`), then `out = value @ sim^T`, `[n, key, h, w]`.
 pub fn object_attention_forward(
     gpu: &Gpu,
+    tuner: Option<&Tuner>,
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,
@@ -131,10 +136,10 @@ pub fn object_attention_forward(
     let logits = Tensor::empty(gpu, &a.sim_shape())?;
     let q_t = Strided::row_major(a.ch, a.hw).t();
     let kv = Strided::row_major(a.ch, a.k);
-    let mut d = vec![product(gpu, a.n, (query, q_t), (key, kv), &logits, false)?];
+    let mut d = vec![product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?];
     d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
     let sim_t = Strided::row_major(a.hw, a.k).t();
-    d.push(product(gpu, a.n, (value, kv), (sim, sim_t), out, false)?);
+    d.push(product(gpu, tuner, a.n, (value, kv), (sim, sim_t), out, false)?);
     Ok(d)
 }
 
@@ -149,6 +154,7 @@ pub struct AttentionGrads<'a> {
 /// accumulated as its flag says.
 pub fn object_attention_backward(
     gpu: &Gpu,
+    tuner: Option<&Tuner>,
     (query, key, value): (&Tensor, &Tensor, &Tensor),
     sim: &Tensor,
     grad_out: &Tensor,
@@ -169,11 +175,11 @@ pub fn object_attention_backward(
     let (gq, acc_q) = grads.query;
     let (gk, acc_k) = grads.key;
     let mut d = vec![
-        product(gpu, a.n, (grad_out, go), (sim, s), gv, acc_v)?,
-        product(gpu, a.n, (grad_out, go.t()), (value, kv), &grad_sim, false)?,
+        product(gpu, tuner, a.n, (grad_out, go), (sim, s), gv, acc_v)?,
+        product(gpu, tuner, a.n, (grad_out, go.t()), (value, kv), &grad_sim, false)?,
     ];
     d.extend(softmax::backward(gpu, sim, &grad_sim, a.axis(), a.scale(), &grad_logits, false)?);
-    d.push(product(gpu, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
-    d.push(product(gpu, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
+    d.push(product(gpu, tuner, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
+    d.push(product(gpu, tuner, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
     Ok(d)
 }

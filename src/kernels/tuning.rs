@@ -1,22 +1,249 @@
-//! Which variant of a kernel runs, measured on the adapter at hand once per shape class and
-//! remembered on disk per adapter and driver.
+//! Which variant of a kernel family runs: measured on the adapter at hand once per shape
+//! class, remembered on disk per adapter and driver, and consulted when a graph is
+//! recorded.
 //!
-//! The convolution forward has three kernels (`conv2d.wgsl`): register tiles of 4 or of 16
-//! pixels without workgroup memory, which a CPU driver such as lavapipe runs best, and an
-//! implicit GEMM through workgroup memory, which GPUs reward, at two slice depths (an
-//! override constant). Measuring is a step of its own ([`measure_conv_forward`], driven by
-//! `GraphBuilder::tune` and `hrnet-ocr tune`): it times each variant on a proxy of at most
-//! 64 x 64 output pixels and keeps the fastest for the shape class (channels, kernel,
-//! stride, weight precision, pixel count to a power of two), in this process and, through
-//! the cache file, in later ones. Recording a graph never measures ([`conv_forward`]): it
-//! takes the cached choice, or the adapter's untimed default, so a single segmentation
-//! compiles no variant it does not run.
+//! Every family with variants implements [`Tunable`]: the convolution forward
+//! ([`ConvForward`]: register tiles of 4 or 16 pixels, which a CPU driver such as lavapipe
+//! runs best, or an implicit GEMM through workgroup memory at two slice depths, which GPUs
+//! reward), its input and weight gradients ([`ConvInputGrad`], [`ConvWeightGrad`]: narrow
+//! or wide register tiles) and the matrix product ([`MatmulKernel`]). Each says how to time
+//! a variant on a proxy of its class and what to take untimed.
+//!
+//! A [`Tuner`] holds the choices; it lives beside the device, not in it. Measuring is a
+//! step of its own ([`Tuner::tune`], driven by `GraphBuilder::tune` and `hrnet-ocr tune`);
+//! recording a graph never measures ([`choose`]): it takes the tuner's choice for the class,
+//! or the untimed default, so a single segmentation compiles no variant it does not run.
 
 use super::conv2d::Precision;
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, Gpu, TuningCache};
+use crate::gpu::{Dispatch, Gpu, Shader};
 use std::collections::HashMap;
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Where a [`Tuner`]'s choices live.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TuningCache {
+    /// `$XDG_CACHE_HOME/hrnet-ocr/tuning.tsv` (or `~/.cache/...`).
+    #[default]
+    Default,
+    /// This file (`HRNET_OCR_TUNING=<path>`).
+    File(PathBuf),
+    /// Measured, kept for this process only (`HRNET_OCR_TUNING=memory`).
+    Memory,
+    /// Not measured: each kind of adapter's default variant (`HRNET_OCR_TUNING=off`).
+    Off,
+}
+
+impl TuningCache {
+    /// `off`, `memory`, or a file path (`HRNET_OCR_TUNING`); unset or empty is the default file.
+    pub fn from_env() -> Self {
+        match std::env::var_os("HRNET_OCR_TUNING") {
+            None => TuningCache::Default,
+            Some(v) if v.is_empty() => TuningCache::Default,
+            Some(v) if v == "off" => TuningCache::Off,
+            Some(v) if v == "memory" => TuningCache::Memory,
+            Some(v) => TuningCache::File(v.into()),
+        }
+    }
+
+    /// The cache file: the one given, `$XDG_CACHE_HOME/hrnet-ocr/tuning.tsv`, or
+    /// `~/.cache/hrnet-ocr/tuning.tsv`; none when choices stay in memory.
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            TuningCache::File(p) => Some(p.clone()),
+            TuningCache::Default => {
+                let base = std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+                Some(base.join("hrnet-ocr").join("tuning.tsv"))
+            }
+            TuningCache::Memory | TuningCache::Off => None,
+        }
+    }
+}
+
+/// A kernel family whose variants are chosen per shape class by measurement.
+pub trait Tunable: Copy + Eq + Debug + Send + 'static {
+    /// The family's name in the cache file and in `hrnet-ocr info`.
+    const FAMILY: &'static str;
+    /// What the choice may depend on (sizes rounded to classes).
+    type Class: Copy + Debug + Send + 'static;
+    const ALL: &'static [Self];
+    fn name(self) -> &'static str;
+    /// Whether the device can run it (workgroup size, features).
+    fn runs_on(self, _gpu: &Gpu) -> bool {
+        true
+    }
+    /// The class's key in the cache file, e.g. `48x48 3x3/1x1 p1x1 d1x1 F32 64x64`.
+    fn key(class: &Self::Class) -> String;
+    /// Multiply-adds of the class's proxy: below [`MIN_TUNED_MACS`] timing cannot tell the
+    /// variants apart.
+    fn macs(class: &Self::Class) -> usize;
+    /// What recording takes where nothing was measured: cheap to compile, sound everywhere.
+    fn untimed(gpu: &Gpu, class: &Self::Class) -> Self;
+    /// What tuning keeps, unmeasured, for a class too small to time: the kind of adapter's
+    /// best at run time, whatever it costs to compile.
+    fn untimed_best(gpu: &Gpu, class: &Self::Class) -> Self {
+        Self::untimed(gpu, class)
+    }
+    /// Milliseconds one run of this variant takes on a proxy of the class.
+    fn time(self, gpu: &Gpu, class: &Self::Class) -> Result<f64>;
+    /// Variants of one tier (the workgroup-memory tiles) are not timed again once one of
+    /// them ran 3x behind the best so far: that saves a third of a CPU driver's tuning.
+    fn tier(self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// Classes below this many multiply-adds are not timed: their time is the dispatch's
+/// overhead whatever the variant.
+pub const MIN_TUNED_MACS: usize = 1 << 20;
+
+/// A timing proxy's largest output side: 64 x 64 pixels, enough workgroups of every variant
+/// to fill a CPU driver's threads (at 32 x 32 the wide tiles were one workgroup per channel
+/// group and timed slower than they run on real maps).
+pub const PROXY_SIDE: usize = 64;
+
+/// What measuring a noted class runs, once the recording that noted it is over.
+type Pending = Box<dyn FnOnce(&Gpu, &Tuner) -> Result<()> + Send>;
+
+/// The variant choices of one adapter: loaded from the cache file when made, extended by
+/// [`Tuner::tune`], consulted by recording through [`choose`]. Share one (in an `Arc`)
+/// between the graphs of a process; opening it reads the file, recording never does I/O.
+pub struct Tuner {
+    cache: TuningCache,
+    /// The adapter, driver and kernel sources the choices hold for.
+    identity: String,
+    table: Mutex<HashMap<String, String>>,
+    /// While a probe recording runs ([`Tuner::collect`]): the classes it asked for that
+    /// have no choice yet.
+    noted: Mutex<Option<Vec<(String, Pending)>>>,
+}
+
+impl Tuner {
+    /// A tuner for `gpu` keeping its choices in `cache` (read now, once).
+    pub fn new(gpu: &Gpu, cache: TuningCache) -> Self {
+        let identity = identity(gpu);
+        let table = if cache == TuningCache::Off { HashMap::new() } else { load(&cache, &identity) };
+        Tuner { cache, identity, table: Mutex::new(table), noted: Mutex::new(None) }
+    }
+
+    /// A tuner for `gpu` keeping its choices where `HRNET_OCR_TUNING` says.
+    pub fn from_env(gpu: &Gpu) -> Self {
+        Tuner::new(gpu, TuningCache::from_env())
+    }
+
+    pub fn cache(&self) -> &TuningCache {
+        &self.cache
+    }
+
+    /// Every choice known, as (family and class key, variant), sorted.
+    pub fn choices(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = lock(&self.table).iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// The choice known for `class`, if the device can run it (a cache file is shared by
+    /// every device opened on one adapter, and one opened with smaller workgroups cannot run
+    /// the tiled GEMM).
+    fn known<V: Tunable>(&self, gpu: &Gpu, key: &str) -> Option<V> {
+        let table = lock(&self.table);
+        let name = table.get(key)?;
+        V::ALL.iter().copied().find(|v| v.name() == name).filter(|v| v.runs_on(gpu))
+    }
+
+    /// Measures `class` with [`Tunable::time`] unless a choice is known; see [`Tuner::measure`].
+    pub fn tune<V: Tunable>(&self, gpu: &Gpu, class: &V::Class) -> Result<V> {
+        self.measure(gpu, class, |v: V| v.time(gpu, class))
+    }
+
+    /// Times the variants for `class` with `time_variant` (milliseconds of one run) unless a
+    /// choice is known, and keeps the fastest in memory and in the cache file; returns the
+    /// choice. A class too small to time gets [`Tunable::untimed_best`], kept the same way;
+    /// tuning off, the untimed default.
+    pub fn measure<V: Tunable>(
+        &self,
+        gpu: &Gpu,
+        class: &V::Class,
+        time_variant: impl Fn(V) -> Result<f64>,
+    ) -> Result<V> {
+        if self.cache == TuningCache::Off {
+            return Ok(V::untimed(gpu, class));
+        }
+        let key = format!("{} {}", V::FAMILY, V::key(class));
+        if let Some(choice) = self.known(gpu, &key) {
+            return Ok(choice);
+        }
+        let candidates: Vec<V> = V::ALL.iter().copied().filter(|v| v.runs_on(gpu)).collect();
+        let mut best = (f64::INFINITY, V::untimed_best(gpu, class));
+        if candidates.len() >= 2 && V::macs(class) >= MIN_TUNED_MACS {
+            let mut lost_badly: Vec<&str> = Vec::new();
+            for variant in candidates {
+                if variant.tier().is_some_and(|t| lost_badly.contains(&t)) {
+                    continue;
+                }
+                let ms = time_variant(variant)?;
+                if ms > 3.0 * best.0 {
+                    lost_badly.extend(variant.tier());
+                }
+                if ms < best.0 {
+                    best = (ms, variant);
+                }
+            }
+        }
+        lock(&self.table).insert(key.clone(), best.1.name().to_string());
+        if let Some(path) = self.cache.path() {
+            // A cache that cannot be written costs a re-measure next time, nothing more.
+            if let Err(e) = save(&path, &self.identity, &key, best.1.name()) {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| log::warn!("tuning cache not saved (choices kept for this run): {e}"));
+            }
+        }
+        Ok(best.1)
+    }
+
+    /// Runs `record` (a probe recording of what is to be tuned) noting every class it asks
+    /// [`choose`] for that has no choice yet, then measures each noted class once.
+    pub fn collect(&self, gpu: &Gpu, record: impl FnOnce() -> Result<()>) -> Result<()> {
+        *lock(&self.noted) = Some(Vec::new());
+        let recorded = record();
+        let noted = lock(&self.noted).take().unwrap_or_default();
+        recorded?;
+        for (_, measure) in noted {
+            measure(gpu, self)?;
+        }
+        Ok(())
+    }
+
+    fn note<V: Tunable>(&self, key: String, class: V::Class) {
+        if let Some(noted) = lock(&self.noted).as_mut() {
+            if !noted.iter().any(|(k, _)| *k == key) {
+                noted.push((key, Box::new(move |gpu, tuner| tuner.tune::<V>(gpu, &class).map(|_| ()))));
+            }
+        }
+    }
+}
+
+/// The variant recording takes for `class`: the tuner's choice, or the untimed default
+/// (without a tuner, tuning off, or a class not measured, which a collecting tuner notes).
+/// Never measures.
+pub fn choose<V: Tunable>(tuner: Option<&Tuner>, gpu: &Gpu, class: &V::Class) -> V {
+    let Some(tuner) = tuner.filter(|t| t.cache != TuningCache::Off) else {
+        return V::untimed(gpu, class);
+    };
+    let key = format!("{} {}", V::FAMILY, V::key(class));
+    tuner.known(gpu, &key).unwrap_or_else(|| {
+        tuner.note::<V>(key, *class);
+        V::untimed(gpu, class)
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// How the convolution forward is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,18 +260,6 @@ pub enum ConvForward {
 }
 
 impl ConvForward {
-    pub const ALL: [ConvForward; 4] =
-        [ConvForward::Registers, ConvForward::RegistersWide, ConvForward::TiledK8, ConvForward::TiledK16];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ConvForward::Registers => "registers",
-            ConvForward::RegistersWide => "registers-wide",
-            ConvForward::TiledK8 => "tiled-k8",
-            ConvForward::TiledK16 => "tiled-k16",
-        }
-    }
-
     /// The shader entry point that computes it, with the residual epilogue or without.
     pub fn entry(self, residual: bool) -> &'static str {
         match (self, residual) {
@@ -66,20 +281,11 @@ impl ConvForward {
         }
     }
 
-    fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|v| v.name() == name)
-    }
-
-    /// Whether the adapter can run it: the tiled variants need 64 invocations a workgroup.
-    pub fn runs_on(self, gpu: &Gpu) -> bool {
-        self.slice().is_none() || gpu.workgroup_size() >= 64
-    }
-
-    /// The variant used where nothing was tuned (no cached choice, or tuning off): the
-    /// implicit GEMM wherever the adapter allows its 64 invocations a workgroup. On a CPU
-    /// driver too, though it runs slower there: LLVM compiles it in 0.35 s on lavapipe where
-    /// the 16-pixel register tiles take 5.8 s and the 4-pixel ones 0.6 s per workgroup size,
-    /// and a first run is mostly compiling (`hrnet-ocr tune` then measures what runs fastest).
+    /// The variant used where nothing was tuned: the implicit GEMM wherever the adapter
+    /// allows its 64 invocations a workgroup. On a CPU driver too, though it runs slower
+    /// there: LLVM compiles it in 0.35 s on lavapipe where the 16-pixel register tiles take
+    /// 5.8 s and the 4-pixel ones 0.6 s per workgroup size, and a first run is mostly
+    /// compiling (`hrnet-ocr tune` then measures what runs fastest).
     pub fn default_for(gpu: &Gpu) -> Self {
         if ConvForward::TiledK8.runs_on(gpu) {
             ConvForward::TiledK8
@@ -87,223 +293,259 @@ impl ConvForward {
             ConvForward::Registers
         }
     }
+}
 
-    /// What tuning takes, untimed, for a convolution too small for timing to tell the
-    /// variants apart: the one that runs best on this kind of adapter whatever it costs to
-    /// compile (on lavapipe the 16-pixel tiles beat the others down to 8 x 16 maps).
-    pub fn untimed_best(gpu: &Gpu) -> Self {
+impl Tunable for ConvForward {
+    const FAMILY: &'static str = "conv2d_forward";
+    type Class = ConvClass;
+    const ALL: &'static [Self] =
+        &[ConvForward::Registers, ConvForward::RegistersWide, ConvForward::TiledK8, ConvForward::TiledK16];
+
+    fn name(self) -> &'static str {
+        match self {
+            ConvForward::Registers => "registers",
+            ConvForward::RegistersWide => "registers-wide",
+            ConvForward::TiledK8 => "tiled-k8",
+            ConvForward::TiledK16 => "tiled-k16",
+        }
+    }
+
+    /// The tiled variants need 64 invocations a workgroup.
+    fn runs_on(self, gpu: &Gpu) -> bool {
+        self.slice().is_none() || gpu.workgroup_size() >= 64
+    }
+
+    fn key(class: &ConvClass) -> String {
+        class.key()
+    }
+
+    fn macs(class: &ConvClass) -> usize {
+        class.macs()
+    }
+
+    fn untimed(gpu: &Gpu, _: &ConvClass) -> Self {
+        ConvForward::default_for(gpu)
+    }
+
+    /// On a CPU driver the 16-pixel tiles, which beat the others down to 8 x 16 maps there.
+    fn untimed_best(gpu: &Gpu, _: &ConvClass) -> Self {
         if gpu.info().device_type == wgpu::DeviceType::Cpu {
             ConvForward::RegistersWide
         } else {
             ConvForward::default_for(gpu)
         }
     }
+
+    fn time(self, gpu: &Gpu, class: &ConvClass) -> Result<f64> {
+        super::conv2d::time_forward(gpu, class, self)
+    }
+
+    fn tier(self) -> Option<&'static str> {
+        self.slice().map(|_| "workgroup-memory tiles")
+    }
 }
 
-/// A convolution's shape class: what the variant choice may depend on.
+/// Register tiles of the convolution's input and weight gradients: 16 channels by 4
+/// (narrow) or by 16 (wide) columns or input channels per invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvInputGrad {
+    Narrow,
+    Wide,
+}
+
+/// The weight gradient's register tiles: 16 output by 4 or 16 input channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvWeightGrad {
+    Narrow,
+    Wide,
+}
+
+/// Input-gradient rows at least this wide take the wide tiles untimed, narrower ones the
+/// narrow: the wide would idle most of their columns.
+pub const WIDE_INPUT_GRAD_MIN_COLUMNS: usize = 16;
+/// Weight gradients of at least this many input channels take the wide tiles untimed.
+pub const WIDE_WEIGHT_GRAD_MIN_CI: usize = 16;
+
+impl Tunable for ConvInputGrad {
+    const FAMILY: &'static str = "conv2d_backward_input";
+    type Class = ConvClass;
+    const ALL: &'static [Self] = &[ConvInputGrad::Narrow, ConvInputGrad::Wide];
+
+    fn name(self) -> &'static str {
+        match self {
+            ConvInputGrad::Narrow => "narrow",
+            ConvInputGrad::Wide => "wide",
+        }
+    }
+
+    fn key(class: &ConvClass) -> String {
+        class.key()
+    }
+
+    fn macs(class: &ConvClass) -> usize {
+        class.macs()
+    }
+
+    fn untimed(_: &Gpu, class: &ConvClass) -> Self {
+        if class.input_size()[1] >= WIDE_INPUT_GRAD_MIN_COLUMNS {
+            ConvInputGrad::Wide
+        } else {
+            ConvInputGrad::Narrow
+        }
+    }
+
+    fn time(self, gpu: &Gpu, class: &ConvClass) -> Result<f64> {
+        super::conv2d::time_backward_input(gpu, class, self)
+    }
+}
+
+impl Tunable for ConvWeightGrad {
+    const FAMILY: &'static str = "conv2d_backward_weight";
+    type Class = ConvClass;
+    const ALL: &'static [Self] = &[ConvWeightGrad::Narrow, ConvWeightGrad::Wide];
+
+    fn name(self) -> &'static str {
+        match self {
+            ConvWeightGrad::Narrow => "narrow",
+            ConvWeightGrad::Wide => "wide",
+        }
+    }
+
+    fn key(class: &ConvClass) -> String {
+        class.key()
+    }
+
+    fn macs(class: &ConvClass) -> usize {
+        class.macs()
+    }
+
+    fn untimed(_: &Gpu, class: &ConvClass) -> Self {
+        if class.ci >= WIDE_WEIGHT_GRAD_MIN_CI {
+            ConvWeightGrad::Wide
+        } else {
+            ConvWeightGrad::Narrow
+        }
+    }
+
+    fn time(self, gpu: &Gpu, class: &ConvClass) -> Result<f64> {
+        super::conv2d::time_backward_weight(gpu, class, self)
+    }
+}
+
+/// A convolution's shape class: what the variant choice may depend on. The output size
+/// is rounded up to powers of two and capped at [`PROXY_SIDE`]: the proxy never times more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvClass {
     pub ci: usize,
     pub co: usize,
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
     pub precision: Precision,
-    /// The output pixel count (all images) rounded up to a power of two, capped at 2^12: the
-    /// proxy never times more.
-    pub pixels: usize,
+    /// Output height and width (one image), rounded and capped.
+    pub out: [usize; 2],
 }
 
-/// A timing proxy's largest output side: 64 x 64 pixels, enough workgroups of every variant
-/// to fill a CPU driver's threads (at 32 x 32 the wide tiles were one workgroup per channel
-/// group and timed slower than they run on real maps).
-pub const PROXY_SIDE: usize = 64;
-const PROXY_PIXELS: usize = PROXY_SIDE * PROXY_SIDE;
-/// Convolutions below this many multiply-adds take the default variant untimed: their
-/// time is the dispatch's overhead either way.
-const MIN_TUNED_MACS: usize = 1 << 20;
-
 impl ConvClass {
+    /// The class of a convolution of `ci` to `co` channels by a `kernel` with `spec`'s
+    /// stride, padding and dilation, with outputs of `out` pixels.
     pub fn new(
         ci: usize,
         co: usize,
         kernel: [usize; 2],
-        stride: [usize; 2],
+        spec: &super::conv2d::Conv2dSpec,
         precision: Precision,
-        pixels: usize,
+        out: [usize; 2],
     ) -> Self {
-        ConvClass { ci, co, kernel, stride, precision, pixels: pixels.next_power_of_two().min(PROXY_PIXELS) }
+        ConvClass {
+            ci,
+            co,
+            kernel,
+            stride: spec.stride,
+            padding: spec.padding,
+            dilation: spec.dilation,
+            precision,
+            out: out.map(|s| s.next_power_of_two().min(PROXY_SIDE)),
+        }
     }
 
-    /// The key in the cache file, e.g. `conv2d_forward 48x48 3x3/1 f32 px1024`.
+    /// E.g. `48x48 3x3/1x1 p1x1 d1x1 F32 64x64`.
     fn key(&self) -> String {
+        let pair = |a: [usize; 2]| format!("{}x{}", a[0], a[1]);
         format!(
-            "conv2d_forward {}x{} {}x{}/{}x{} {:?} px{}",
+            "{}x{} {}/{} p{} d{} {:?} {}",
             self.ci,
             self.co,
-            self.kernel[0],
-            self.kernel[1],
-            self.stride[0],
-            self.stride[1],
+            pair(self.kernel),
+            pair(self.stride),
+            pair(self.padding),
+            pair(self.dilation),
             self.precision,
-            self.pixels
+            pair(self.out)
         )
     }
 
     fn macs(&self) -> usize {
-        self.ci * self.co * self.kernel[0] * self.kernel[1] * self.pixels
+        self.ci * self.co * self.kernel[0] * self.kernel[1] * self.out[0] * self.out[1]
     }
-}
 
-/// Whether timing can choose for `class` on `gpu`: two variants to choose from, and enough
-/// work for timing to tell them apart.
-fn timeable(gpu: &Gpu, class: &ConvClass) -> bool {
-    let choices = ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).count();
-    class.macs() >= MIN_TUNED_MACS && choices >= 2
-}
-
-/// The variant for convolutions of `class`: the choice tuning made earlier (in this process
-/// or a cached one), else the adapter's untimed default. Never measures.
-pub fn conv_forward(gpu: &Gpu, class: &ConvClass) -> ConvForward {
-    let default = ConvForward::default_for(gpu);
-    if gpu.tuning_cache() == &TuningCache::Off {
-        return default;
+    /// The proxy's input height and width: the smallest giving the class's output.
+    pub fn input_size(&self) -> [usize; 2] {
+        [0, 1].map(|a| {
+            let span = self.dilation[a] * (self.kernel[a] - 1) + 1;
+            ((self.out[a] - 1) * self.stride[a] + span).saturating_sub(2 * self.padding[a]).max(1)
+        })
     }
-    let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
-    let table = table.get_or_insert_with(|| load(gpu));
-    cached(table, class, gpu).unwrap_or(default)
-}
-
-/// The choice kept for `class`, if it runs on `gpu`: a cache file is shared by every device
-/// opened on one adapter, and one opened with smaller workgroups cannot run the tiled GEMM.
-fn cached(table: &HashMap<String, String>, class: &ConvClass, gpu: &Gpu) -> Option<ConvForward> {
-    table.get(&class.key()).and_then(|c| ConvForward::parse(c)).filter(|v| v.runs_on(gpu))
-}
-
-/// Measures the variants for `class` unless a choice is known, timing each with
-/// `time_variant` (milliseconds of one run), and keeps the fastest in memory and in the
-/// cache file; returns the choice. A class too small to time gets
-/// [`ConvForward::untimed_best`], kept the same way; tuning off, the untimed default.
-pub fn measure_conv_forward(
-    gpu: &Gpu,
-    class: &ConvClass,
-    time_variant: impl Fn(ConvForward) -> Result<f64>,
-) -> Result<ConvForward> {
-    let default = ConvForward::default_for(gpu);
-    if gpu.tuning_cache() == &TuningCache::Off {
-        return Ok(default);
-    }
-    // None to time for a class too small to tell the variants apart: it keeps the untimed best.
-    let candidates: Vec<ConvForward> = if timeable(gpu, class) {
-        ConvForward::ALL.into_iter().filter(|v| v.runs_on(gpu)).collect()
-    } else {
-        Vec::new()
-    };
-    let key = class.key();
-    let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
-    let table = table.get_or_insert_with(|| load(gpu));
-    if let Some(choice) = cached(table, class, gpu) {
-        return Ok(choice);
-    }
-    let mut best = (f64::INFINITY, ConvForward::untimed_best(gpu));
-    let mut tiled_lost_badly = false;
-    for variant in candidates {
-        // Workgroup-memory tiling 3x behind (a CPU driver) is not worth timing at another
-        // slice depth: that saves a third of the first run's tuning there.
-        if tiled_lost_badly && variant.slice().is_some() {
-            continue;
-        }
-        let ms = time_variant(variant)?;
-        tiled_lost_badly |= variant.slice().is_some() && ms > 3.0 * best.0;
-        if ms < best.0 {
-            best = (ms, variant);
-        }
-    }
-    table.insert(key.clone(), best.1.name().to_string());
-    if let Some(path) = cache_path(gpu.tuning_cache()) {
-        // A cache that cannot be written costs a re-measure next time, nothing more.
-        if let Err(e) = save(&path, &identity(gpu), &key, best.1) {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| log::warn!("tuning cache not saved (choices kept for this run): {e}"));
-        }
-    }
-    Ok(best.1)
 }
 
 /// Milliseconds one run of `dispatches` takes, cheaply, for choosing between variants:
-/// after a warm-up run (a driver may compile on first use), the device time of the last
-/// dispatch (the kernel, after any weight packing the variants share) where the adapter
-/// has timestamps, else the wall-clock time of a second run.
+/// after a warm-up run (a driver may compile on first use), their summed device time where
+/// the adapter has timestamps, else the wall-clock time of a second run.
 pub fn time_dispatches(gpu: &Gpu, dispatches: &[Dispatch]) -> Result<f64> {
     gpu.run(dispatches)?;
     if gpu.has_timestamps() {
         let refs: Vec<&Dispatch> = dispatches.iter().collect();
-        let kernel = gpu.profile(&refs)?.pop().map_or(0.0, |t| t.nanoseconds);
-        return Ok(kernel / 1e6);
+        let total: f64 = gpu.profile(&refs)?.iter().map(|t| t.nanoseconds).sum();
+        return Ok(total / 1e6);
     }
     let start = std::time::Instant::now();
     gpu.run(dispatches)?;
     Ok(start.elapsed().as_secs_f64() * 1e3)
 }
 
-/// This adapter's choices, cached or measured so far, as (class key, variant).
-pub fn choices(gpu: &Gpu) -> Vec<(String, String)> {
-    let mut table = gpu.tuned.lock().unwrap_or_else(|p| p.into_inner());
-    let table = table.get_or_insert_with(|| load(gpu));
-    let mut v: Vec<_> = table.iter().map(|(k, c)| (k.clone(), c.clone())).collect();
-    v.sort();
-    v
-}
-
-/// The cache file: the one given, `$XDG_CACHE_HOME/hrnet-ocr/tuning.tsv`, or
-/// `~/.cache/hrnet-ocr/tuning.tsv`; none when tuning stays in memory.
-pub fn cache_path(cache: &TuningCache) -> Option<PathBuf> {
-    match cache {
-        TuningCache::File(p) => Some(p.clone()),
-        TuningCache::Default => {
-            let base = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            Some(base.join("hrnet-ocr").join("tuning.tsv"))
-        }
-        TuningCache::Memory | TuningCache::Off => None,
-    }
-}
-
 /// Choices are only valid for the adapter, backend, driver and kernels that made them: a
-/// driver update or any change to the convolution shader or its variants re-measures.
+/// driver update or any change to the tuned kernels' shaders re-measures.
 fn identity(gpu: &Gpu) -> String {
     let i = gpu.info();
-    // FNV-1a over the shader source and the variant names: a fingerprint of the kernels.
-    let source = crate::gpu::Shader::Conv2d.source().unwrap_or_default();
-    let names = ConvForward::ALL.map(ConvForward::name).join(",");
-    let kernels = source
-        .bytes()
-        .chain(names.bytes())
+    // FNV-1a over the tuned families' shader sources: a fingerprint of the kernels.
+    let kernels = [Shader::Conv2d, Shader::Matmul]
+        .iter()
+        .flat_map(|s| s.source().unwrap_or_default().into_bytes())
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     format!("{}|{:?}|{}|{}|{kernels:016x}", i.name, i.backend, i.driver, i.driver_info)
         .replace(['\t', '\n'], " ")
 }
 
-/// This adapter's lines of the cache file (`identity TAB class TAB variant`). A missing or
-/// unreadable file is an empty cache; a line of another adapter or a variant this version
-/// does not know is skipped.
-fn load(gpu: &Gpu) -> HashMap<String, String> {
-    let Some(text) = cache_path(gpu.tuning_cache()).and_then(|p| std::fs::read_to_string(p).ok()) else {
+/// This adapter's lines of the cache file (`identity TAB family class TAB variant`). A
+/// missing or unreadable file is an empty cache; a line of another adapter is skipped (a
+/// variant this version does not know is never taken: see [`Tuner::known`]).
+fn load(cache: &TuningCache, id: &str) -> HashMap<String, String> {
+    let Some(text) = cache.path().and_then(|p| std::fs::read_to_string(p).ok()) else {
         return HashMap::new();
     };
-    let id = identity(gpu);
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split('\t');
             let (who, key, choice) = (fields.next()?, fields.next()?, fields.next()?);
-            (who == id && ConvForward::parse(choice).is_some()).then(|| (key.to_string(), choice.to_string()))
+            (who == id).then(|| (key.to_string(), choice.to_string()))
         })
         .collect()
 }
 
 /// Adds (or replaces) one choice in the cache file, written atomically
 /// ([`crate::fs::write_atomic`]), so a reader never sees half a file.
-fn save(path: &Path, id: &str, key: &str, choice: ConvForward) -> Result<()> {
+fn save(path: &Path, id: &str, key: &str, choice: &str) -> Result<()> {
     let io = |source| Error::Io { path: path.display().to_string(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -311,6 +553,6 @@ fn save(path: &Path, id: &str, key: &str, choice: ConvForward) -> Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let prefix = format!("{id}\t{key}\t");
     let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).flat_map(|l| [l, "\n"]).collect();
-    text.push_str(&format!("{prefix}{}\n", choice.name()));
+    text.push_str(&format!("{prefix}{choice}\n"));
     crate::fs::write_atomic(path, text.as_bytes())
 }

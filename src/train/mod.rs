@@ -7,10 +7,12 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, GraphBuilder, Mode};
 use crate::kernels::sgd::SgdConfig;
+use crate::kernels::tuning::{Tuner, TuningCache};
 use crate::model::weights::{self, NamedTensor};
 use crate::model::{hrnet, Config};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The poly learning rate step `step` (0-based) runs with: HRNet-OCR updates the rate after
 /// each optimizer step from the index of the step just taken, so steps 0 and 1 both run at
@@ -33,6 +35,9 @@ pub struct TrainOptions {
     /// Parameters whose name contains one of these train at `head_lr_mult` times the rate.
     pub head_keywords: Vec<String>,
     pub head_lr_mult: f32,
+    /// Where the kernel-variant choices measured before the first step are kept
+    /// ([`TuningCache::from_env`] for `HRNET_OCR_TUNING`).
+    pub tuning: TuningCache,
 }
 
 /// One optimizer step's figures.
@@ -127,8 +132,9 @@ impl<'g> Trainer<'g> {
             g.lr_multiplier(k, options.head_lr_mult);
         }
         // A training run reuses its graph for every step: measure the variants first.
-        g.tune(gpu)?;
-        let graph = g.build(gpu, Mode::Train, &[m.aux, m.out])?;
+        let outputs = [m.aux, m.out];
+        g.tune(gpu, &Arc::new(Tuner::new(gpu, options.tuning.clone())), Mode::Train, &outputs)?;
+        let graph = g.build(gpu, Mode::Train, &outputs)?;
         match weights {
             Some(w) => weights::load_into(gpu, &graph, w, "the initial weights")?,
             None => initialise(gpu, &graph)?,

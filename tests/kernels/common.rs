@@ -2,23 +2,16 @@
 //! diagnostics, and plain CPU references of every kernel (accumulating in f64).
 
 use hrnet_ocr::data::SplitMix;
-use hrnet_ocr::gpu::TuningCache;
 use hrnet_ocr::kernels::conv2d::Conv2dSpec;
 use hrnet_ocr::{Gpu, GpuOptions, Tensor};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 /// One device for the whole test process: every lavapipe device starts its own threads.
-/// No adapter is a failure (with the install hint), never a skip. Variant choices are
-/// measured afresh and kept in memory (unless HRNET_OCR_TUNING says otherwise), so tests
-/// neither read nor write the user's tuning cache.
+/// No adapter is a failure (with the install hint), never a skip.
 pub fn gpu() -> &'static Gpu {
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    let mut options = GpuOptions::from_env();
-    if std::env::var_os("HRNET_OCR_TUNING").is_none() {
-        options.tuning = TuningCache::Memory;
-    }
-    GPU.get_or_init(|| match Gpu::with_options(&options) {
+    GPU.get_or_init(|| match Gpu::with_options(&GpuOptions::from_env()) {
         Ok(g) => {
             eprintln!("testing on {}", g.describe());
             g

@@ -1,7 +1,7 @@
 use crate::common::*;
 use hrnet_ocr::kernels::batch_norm::BatchNormParams;
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Precision};
-use hrnet_ocr::kernels::tuning::ConvForward;
+use hrnet_ocr::kernels::tuning::{ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 
 /// Relative L2 tolerance for a single kernel in f32 (DESIGN.md).
 const TOL: f64 = 1e-5;
@@ -13,16 +13,20 @@ struct Run {
     gb: Option<Vec<f32>>,
 }
 
-/// Runs forward and all three backward kernels, each into a NaN-poisoned output.
-fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32]) -> Run {
+/// The gradients' register tiles a run takes.
+type GradTiles = (ConvInputGrad, ConvWeightGrad);
+
+/// Runs forward and all three backward kernels (the gradients in the `tiles` variants),
+/// each into a NaN-poisoned output.
+fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32], tiles: GradTiles) -> Run {
     let gpu = gpu();
     let (xt, wt, gyt) = (upload(&d.x_shape(), x), upload(&d.w_shape(), w), upload(&d.y_shape(), gy));
     let bt = b.map(|b| upload(&[d.co], b));
     let (y, gx, gw) = (poisoned(&d.y_shape()), poisoned(&d.x_shape()), poisoned(&d.w_shape()));
     let gb = poisoned(&[d.co]);
     let mut ds = conv2d::forward(gpu, &d.spec, &xt, &wt, bt.as_ref(), &y).unwrap().into_vec();
-    ds.extend(conv2d::backward_input(gpu, &d.spec, &gyt, &wt, &gx, false).unwrap());
-    ds.extend(conv2d::backward_weight(gpu, &d.spec, &xt, &gyt, &gw, false).unwrap());
+    ds.extend(conv2d::backward_input_with(gpu, &d.spec, &gyt, &wt, &gx, false, tiles.0).unwrap());
+    ds.extend(conv2d::backward_weight_with(gpu, &d.spec, &xt, &gyt, &gw, false, tiles.1).unwrap());
     if b.is_some() {
         ds.extend(conv2d::backward_bias(gpu, &gyt, &gb, false).unwrap());
     }
@@ -38,12 +42,16 @@ fn conv2d_matches_pytorch_fixtures() {
         let d = ConvDims { n, ci, h, w, co, kh, kw, spec: Conv2dSpec::square(stride, pad, dil) };
         let key = |t: &str| format!("{case}.{t}");
         let b = (bias == 1).then(|| f.get(&key("bias")));
-        let r = run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")));
-        assert_close(&format!("{case} {d:?} out"), &r.y, f.get(&key("out")), TOL);
-        assert_close(&format!("{case} grad_x"), &r.gx, f.get(&key("grad_x")), TOL);
-        assert_close(&format!("{case} grad_weight"), &r.gw, f.get(&key("grad_weight")), TOL);
-        if let Some(gb) = r.gb {
-            assert_close(&format!("{case} grad_bias"), &gb, f.get(&key("grad_bias")), TOL);
+        for tiles in
+            [(ConvInputGrad::Narrow, ConvWeightGrad::Wide), (ConvInputGrad::Wide, ConvWeightGrad::Narrow)]
+        {
+            let r = run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")), tiles);
+            assert_close(&format!("{case} {d:?} out"), &r.y, f.get(&key("out")), TOL);
+            assert_close(&format!("{case} grad_x {tiles:?}"), &r.gx, f.get(&key("grad_x")), TOL);
+            assert_close(&format!("{case} grad_weight {tiles:?}"), &r.gw, f.get(&key("grad_weight")), TOL);
+            if let Some(gb) = r.gb {
+                assert_close(&format!("{case} grad_bias"), &gb, f.get(&key("grad_bias")), TOL);
+            }
         }
     }
 }
@@ -79,15 +87,25 @@ fn check_against_cpu(test: &str, shapes: usize, max_hw: usize) {
         let w = rng.normals(d.w_shape().iter().product());
         let b = rng.coin().then(|| rng.normals(d.co));
         let gy = rng.normals(d.y_shape().iter().product());
-        let r = run_all(&d, &x, &w, b.as_deref(), &gy);
-        assert_close(&format!("{d:?} out"), &r.y, &d.forward(&x, &w, b.as_deref()), TOL);
-        assert_close(&format!("{d:?} grad_x"), &r.gx, &d.backward_input(&gy, &w), TOL);
+        // Either register tile of each gradient, whatever the shape would take untimed.
+        let tiles = (ConvInputGrad::ALL[rng.range(0, 1)], ConvWeightGrad::ALL[rng.range(0, 1)]);
+        let r = run_all(&d, &x, &w, b.as_deref(), &gy, tiles);
+        let d = (d, tiles);
+        assert_close(&format!("{d:?} out"), &r.y, &d.0.forward(&x, &w, b.as_deref()), TOL);
+        assert_close(&format!("{d:?} grad_x"), &r.gx, &d.0.backward_input(&gy, &w), TOL);
         // Weight and bias gradients are sums over pixels that may cancel far below their terms.
-        let terms = d.backward_weight_terms(&x, &gy);
-        assert_close_to_terms(&format!("{d:?} grad_weight"), &r.gw, &d.backward_weight(&x, &gy), terms, TOL);
+        let terms = d.0.backward_weight_terms(&x, &gy);
+        assert_close_to_terms(
+            &format!("{d:?} grad_weight"),
+            &r.gw,
+            &d.0.backward_weight(&x, &gy),
+            terms,
+            TOL,
+        );
         if let Some(gb) = r.gb {
-            let want: Vec<f32> = channel_sums(&gy, d.y_shape(), |_, g| g).iter().map(|&v| v as f32).collect();
-            let terms = channel_terms_norm(&gy, d.y_shape(), |_, g| g);
+            let want: Vec<f32> =
+                channel_sums(&gy, d.0.y_shape(), |_, g| g).iter().map(|&v| v as f32).collect();
+            let terms = channel_terms_norm(&gy, d.0.y_shape(), |_, g| g);
             assert_close_to_terms(&format!("{d:?} grad_bias"), &gb, &want, terms, TOL);
         }
     }
@@ -196,7 +214,7 @@ fn conv2d_fused_epilogue_matches_cpu_composition() {
             residual: with_residual.then_some(&rt),
             relu,
         };
-        for variant in ConvForward::ALL {
+        for &variant in ConvForward::ALL {
             let y = poisoned(&d.y_shape());
             let run = conv2d::forward_with(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F32, variant, &y);
             gpu.run(&run.unwrap()).unwrap();

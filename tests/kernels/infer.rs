@@ -268,7 +268,7 @@ fn smaller_workgroups_give_the_same_segmentation() {
     let small = Gpu::with_options(&options).unwrap();
     assert_eq!(small.workgroup_size(), 16);
     assert_eq!(gpu().workgroup_size(), hrnet_ocr::gpu::DEFAULT_WORKGROUP_SIZE);
-    let listed = hrnet_ocr::kernels::variants(&small);
+    let listed = hrnet_ocr::kernels::variants(&small, None);
     assert!(
         listed[0].variant.starts_with("16 invocations") && listed[0].why.contains("fallback"),
         "{listed:?}"

@@ -1,5 +1,6 @@
 use crate::common::*;
 use hrnet_ocr::kernels::matmul::{product_with, Matmul, MatmulKernel, Strided};
+use hrnet_ocr::kernels::tuning::Tunable;
 
 const TOL: f64 = 1e-5;
 
@@ -125,7 +126,7 @@ fn both_matmul_kernels_match_cpu_on_random_products() {
         let (av, bv) = (Strided::row_major(mm.m, mm.k), Strided::row_major(mm.k, mm.n));
         let av = if mm.trans_a { Strided::row_major(mm.k, mm.m).t() } else { av };
         let bv = if mm.trans_b { Strided::row_major(mm.n, mm.k).t() } else { bv };
-        for kernel in MatmulKernel::ALL {
+        for &kernel in MatmulKernel::ALL {
             let c_shape = [mm.batch, mm.m, mm.n];
             let c = old.as_deref().map_or_else(|| poisoned(&c_shape), |o| upload(&c_shape, o));
             let d = product_with(gpu, kernel, mm.batch, (&at, av), (&bt, bv), &c, old.is_some()).unwrap();

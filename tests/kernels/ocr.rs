@@ -10,8 +10,10 @@ fn gather_gpu(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32]) -> [Vec<
     let (at, ft, gct) = (upload(&[n, k, h, w], aux), upload(&[n, c, h, w], feats), upload(&[n, c, k, 1], gc));
     let (probs, ctx) = (poisoned(&[n, k, h, w]), poisoned(&[n, c, k, 1]));
     let (ga, gf) = (poisoned(&[n, k, h, w]), poisoned(&[n, c, h, w]));
-    let mut ds = ocr::spatial_gather_forward(gpu, &at, &ft, &probs, &ctx).unwrap();
-    ds.extend(ocr::spatial_gather_backward(gpu, &ft, &probs, &gct, (&ga, false), (&gf, false)).unwrap());
+    let mut ds = ocr::spatial_gather_forward(gpu, None, &at, &ft, &probs, &ctx).unwrap();
+    ds.extend(
+        ocr::spatial_gather_backward(gpu, None, &ft, &probs, &gct, (&ga, false), (&gf, false)).unwrap(),
+    );
     gpu.run(&ds).unwrap();
     [download(&ctx), download(&ga), download(&gf)]
 }
@@ -94,9 +96,9 @@ fn attention_gpu(dims: [usize; 5], q: &[f32], key: &[f32], v: &[f32], go: &[f32]
     let sim = poisoned(&ocr::attention_map_shape(&qt, &kt, &vt).unwrap());
     let out = poisoned(&qs);
     let (gq, gk, gv) = (poisoned(&qs), poisoned(&ks), poisoned(&ks));
-    let mut ds = ocr::object_attention_forward(gpu, &qt, &kt, &vt, &sim, &out).unwrap();
+    let mut ds = ocr::object_attention_forward(gpu, None, &qt, &kt, &vt, &sim, &out).unwrap();
     let grads = AttentionGrads { query: (&gq, false), key: (&gk, false), value: (&gv, false) };
-    ds.extend(ocr::object_attention_backward(gpu, (&qt, &kt, &vt), &sim, &got, &grads).unwrap());
+    ds.extend(ocr::object_attention_backward(gpu, None, (&qt, &kt, &vt), &sim, &got, &grads).unwrap());
     gpu.run(&ds).unwrap();
     [download(&out), download(&gq), download(&gk), download(&gv)]
 }

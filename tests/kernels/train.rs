@@ -5,6 +5,7 @@ use crate::common::*;
 use hrnet_ocr::data::augment::{augment, Augment, Sample};
 use hrnet_ocr::data::procedural::scene;
 use hrnet_ocr::data::SplitMix;
+use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{Checkpoint, TrainOptions, Trainer};
@@ -44,6 +45,7 @@ fn a_tiny_model_learns_the_procedural_scenes() {
         dropout: 0.05,
         head_keywords: vec!["cls".into(), "aux".into(), "ocr".into()],
         head_lr_mult: 1.0,
+        tuning: TuningCache::Memory,
     };
     let mut trainer = Trainer::new(gpu(), cfg, None, options).unwrap();
     // Fresh weights: every batch-norm scale 1 (a zero scale before a ReLU would leave that
@@ -120,6 +122,7 @@ fn checkpoints_round_trip_and_resume_exactly() {
         dropout: 0.05,
         head_keywords: vec!["cls".into()],
         head_lr_mult: 10.0,
+        tuning: TuningCache::Memory,
     };
     let mut rng = Rng::new(seed("checkpoints_round_trip_and_resume_exactly"));
     let batches: Vec<Vec<Sample>> = (0..3)
@@ -183,6 +186,7 @@ fn a_training_step_is_one_command_buffer() {
         dropout: 0.05,
         head_keywords: Vec::new(),
         head_lr_mult: 1.0,
+        tuning: TuningCache::Memory,
     };
     let mut trainer = Trainer::new(&gpu, cfg, None, options).unwrap();
     let mut rng = Rng::new(seed("a_training_step_is_one_command_buffer"));

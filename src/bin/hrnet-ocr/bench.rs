@@ -12,11 +12,13 @@ use hrnet_ocr::data::SplitMix;
 use hrnet_ocr::gpu::list_adapters;
 use hrnet_ocr::graph::{GraphBuilder, Mode};
 use hrnet_ocr::kernels::conv2d::Precision;
+use hrnet_ocr::kernels::tuning::{Tuner, TuningCache};
 use hrnet_ocr::model::hrnet::{self, OCR_DROPOUT};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{initialise, TrainOptions, Trainer};
 use hrnet_ocr::{Error, Gpu, GpuOptions, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A model and the input it runs on (bench, tune).
@@ -434,7 +436,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let m = hrnet::build(&mut g, cfg, x, 0.0)?;
     let memory_mib = g.plan_memory(&[m.out]).planned as f64 / 1_048_576.0;
     g.set_precision(args.precision.into());
-    g.tune(gpu)?;
+    g.tune(gpu, &Arc::new(Tuner::from_env(gpu)), Mode::Eval, &[m.out])?;
     let eval = g.build(gpu, Mode::Eval, &[m.out])?;
     if eval.precision() != args.precision.into() {
         eprintln!("note: {} lacks SHADER_F16; the forward runs f32 weights", gpu.describe());
@@ -463,6 +465,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
         dropout: OCR_DROPOUT,
         head_keywords: Vec::new(),
         head_lr_mult: 1.0,
+        tuning: TuningCache::from_env(),
     };
     let mut trainer = Trainer::new(gpu, cfg.clone(), None, options)?;
     let samples: Vec<Sample> = planes
@@ -490,11 +493,15 @@ pub struct TuneArgs {
     /// The forward's convolution weights at f32 or f16 (training always runs f32)
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
+    /// Also the training step's kernels (the convolution gradients), at f32
+    #[arg(long)]
+    train: bool,
 }
 
-/// `tune`: measures the convolution forward variants for every shape class of a model at a
-/// size, keeps the fastest in the tuning cache, and lists the adapter's choices. Later
-/// `segment`, `eval`, `train` and `bench` runs take them without measuring.
+/// `tune`: measures the kernel variants for every shape class of a model at a size (the
+/// forward's, and with `--train` the training step's), keeps the fastest in the tuning
+/// cache, and lists the adapter's choices. Later `segment`, `eval`, `train` and `bench`
+/// runs take them without measuring.
 pub fn tune(args: &TuneArgs) -> Result<()> {
     let cfg = match &args.input.config {
         Some(c) => Config::load(c)?,
@@ -502,13 +509,23 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
     };
     let gpu = Gpu::new()?;
     let [h, w] = args.input.size;
-    let mut g = GraphBuilder::new();
-    let x = g.input("input", &[args.input.batch.max(1), 3, h, w], false);
-    hrnet::build(&mut g, &cfg, x, 0.0)?;
-    g.set_precision(args.precision.into());
+    let n = args.input.batch.max(1);
+    let tuner = Arc::new(Tuner::from_env(&gpu));
     let start = Instant::now();
-    g.tune(&gpu)?;
-    let choices = hrnet_ocr::kernels::tuning::choices(&gpu);
+    let mut g = GraphBuilder::new();
+    let x = g.input("input", &[n, 3, h, w], false);
+    let m = hrnet::build(&mut g, &cfg, x, 0.0)?;
+    g.set_precision(args.precision.into());
+    g.tune(&gpu, &tuner, Mode::Eval, &[m.out])?;
+    if args.train {
+        let mut g = GraphBuilder::new();
+        let x = g.input("input", &[n, 3, h, w], false);
+        let m = hrnet::build(&mut g, &cfg, x, OCR_DROPOUT)?;
+        let labels = g.labels("label", &[n, h, w]);
+        hrnet::add_losses(&mut g, &cfg, &m, labels)?;
+        g.tune(&gpu, &tuner, Mode::Train, &[m.aux, m.out])?;
+    }
+    let choices = tuner.choices();
     println!(
         "{} shape classes measured or cached in {:.1} s on {}",
         choices.len(),
@@ -518,9 +535,9 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
     for (class, variant) in &choices {
         println!("  {class:<44} {variant}");
     }
-    match hrnet_ocr::kernels::tuning::cache_path(gpu.tuning_cache()) {
+    match tuner.cache().path() {
         Some(path) => println!("cache {}", path.display()),
-        None => println!("kept in memory only (HRNET_OCR_TUNING={:?})", gpu.tuning_cache()),
+        None => println!("kept in memory only (HRNET_OCR_TUNING={:?})", tuner.cache()),
     }
     Ok(())
 }

@@ -98,7 +98,8 @@ pub fn info() -> Result<()> {
     println!("features used: {:?}", gpu.features());
     println!("adapter features: {:?}", gpu.adapter_features());
     println!("\nkernel variants on this adapter:");
-    for v in hrnet_ocr::kernels::variants(&gpu) {
+    let tuner = hrnet_ocr::kernels::tuning::Tuner::from_env(&gpu);
+    for v in hrnet_ocr::kernels::variants(&gpu, Some(&tuner)) {
         println!("  {:<32} {}\n  {:<32}   (why: {})", v.kernel, v.variant, "", v.why);
     }
     Ok(())

@@ -5,6 +5,7 @@ use crate::segment::DataArgs;
 use crate::{model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::{Augment, Batches};
+use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::hrnet::OCR_DROPOUT;
 use hrnet_ocr::model::weights;
 use hrnet_ocr::model::Config;
@@ -152,6 +153,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         dropout: OCR_DROPOUT,
         head_keywords: vec!["cls".into(), "aux".into(), "ocr".into()],
         head_lr_mult: get(&s, "head_lr_mult")?,
+        tuning: TuningCache::from_env(),
     };
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
