@@ -45,6 +45,20 @@ impl Evaluation {
         gpu.run([&metrics::confusion(gpu, &p, &l, self.classes, self.ignore_label, &self.confusion)?])
     }
 
+    /// Adds one image's predicted classes, still on the device (a u32 map such as a
+    /// segmenter graph's argmax), against its labels: nothing comes back to the host.
+    pub fn add_predicted(&mut self, gpu: &Gpu, prediction: &Tensor, labels: &[u32]) -> Result<()> {
+        if prediction.numel() != labels.len() {
+            return Err(Error::Invalid(format!(
+                "{} predicted pixels against {} labels",
+                prediction.numel(),
+                labels.len()
+            )));
+        }
+        let l = Tensor::from_u32(gpu, prediction.shape(), labels)?;
+        gpu.run([&metrics::confusion(gpu, prediction, &l, self.classes, self.ignore_label, &self.confusion)?])
+    }
+
     /// The scores so far.
     pub fn scores(&self, gpu: &Gpu) -> Result<Scores> {
         let k = self.classes;

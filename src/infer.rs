@@ -3,6 +3,7 @@
 
 use crate::data::image::Image;
 use crate::error::{Error, Result};
+use crate::eval::Evaluation;
 use crate::gpu::Gpu;
 use crate::graph::{Graph, GraphBuilder, Mode, ValueId};
 use crate::kernels::conv2d::Precision;
@@ -33,9 +34,14 @@ pub struct Segmentation {
     pub height: usize,
     /// `height * width` class indices.
     pub classes: Vec<u32>,
-    /// `[K, H, W]`: logits (whole, slide) or summed exp-logits (multi-scale).
-    pub scores: Vec<f32>,
+    /// `[K, H, W]`: logits (whole, slide) or summed exp-logits (multi-scale), when asked
+    /// for ([`Segmenter::keep_scores`]).
+    pub scores: Option<Vec<f32>>,
 }
+
+/// Outputs of a segmenter's graph.
+const FULL_LOGITS: usize = 0;
+const LABELS: usize = 1;
 
 /// A model ready to segment images; graphs are built once per input size and kept.
 ///
@@ -51,6 +57,7 @@ pub struct Segmenter<'g> {
     precision: Precision,
     tune: bool,
     tuner: Arc<Tuner>,
+    keep_scores: bool,
 }
 
 impl<'g> Segmenter<'g> {
@@ -64,6 +71,7 @@ impl<'g> Segmenter<'g> {
             precision: Precision::F32,
             tune: false,
             tuner: Arc::new(Tuner::from_env(gpu)),
+            keep_scores: false,
         }
     }
 
@@ -103,15 +111,46 @@ impl<'g> Segmenter<'g> {
         &self.config
     }
 
+    /// With `on`, segmentations carry their scores (`[K, H, W]`). Off (the default), a
+    /// whole-image segmentation reads back only the class map, argmaxed on the device.
+    pub fn keep_scores(&mut self, on: bool) {
+        self.keep_scores = on;
+    }
+
     /// Segments `image`.
     pub fn segment(&mut self, image: &Image, strategy: &Strategy) -> Result<Segmentation> {
-        let scores = self.logits_with(&image.normalised(), [image.height, image.width], strategy)?;
+        let size = [image.height, image.width];
+        let planes = image.normalised();
+        if *strategy == Strategy::Whole && self.run(&planes, size)? {
+            let (gpu, graph) = (self.gpu, &self.graphs[&size]);
+            let scores = self.keep_scores.then(|| graph.output(FULL_LOGITS).to_vec(gpu)).transpose()?;
+            let classes = graph.output(LABELS).to_vec_u32(gpu)?;
+            return Ok(Segmentation { width: image.width, height: image.height, classes, scores });
+        }
+        let scores = self.logits_with(&planes, size, strategy)?;
         Ok(Segmentation {
             width: image.width,
             height: image.height,
             classes: argmax(&scores, self.config.num_classes, image.width * image.height),
-            scores,
+            scores: self.keep_scores.then_some(scores),
         })
+    }
+
+    /// Segments `image` and counts its pixels against `labels` (`height * width`) in
+    /// `evaluation`. A whole image's predictions stay on the device: nothing is read back.
+    pub fn evaluate(
+        &mut self,
+        image: &Image,
+        strategy: &Strategy,
+        labels: &[u32],
+        evaluation: &mut Evaluation,
+    ) -> Result<()> {
+        let size = [image.height, image.width];
+        if *strategy == Strategy::Whole && self.run(&image.normalised(), size)? {
+            return evaluation.add_predicted(self.gpu, self.graphs[&size].output(LABELS), labels);
+        }
+        let segmentation = self.segment(image, strategy)?;
+        evaluation.add(self.gpu, &segmentation.classes, labels)
     }
 
     /// The scores `[K, H, W]` of normalised planes `[3, H, W]` under `strategy`.
@@ -132,43 +171,50 @@ impl<'g> Segmenter<'g> {
     /// An image whose tensors would exceed the device's largest storage binding is covered
     /// by the largest sliding windows that fit (stride two thirds of a window) instead.
     pub fn logits(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
-        if !self.graphs.contains_key(&[h, w]) {
-            let (g, out) = self.describe([h, w])?;
-            if !self.fits(&g, out, [h, w]) {
-                let crop = self.fitting_window([h, w])?;
-                return self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)));
-            }
-            self.build_graph([h, w], g, out)?;
+        if self.run(planes, [h, w])? {
+            return self.graphs[&[h, w]].output(FULL_LOGITS).to_vec(self.gpu);
         }
-        let (gpu, k, align) = (self.gpu, self.config.num_classes, self.config.align_corners);
-        let checked = self.check_numerics;
-        let graph = self.graph([h, w])?;
-        graph.set(gpu, "input", planes)?;
-        if checked {
-            graph.forward_checked(gpu)?;
-        } else {
-            graph.forward(gpu)?;
-        }
-        // Logits come at 1/4 resolution; resized on the device (align_corners as the model).
-        let full = Tensor::empty(gpu, &[1, k, h, w])?;
-        let up = resize::forward(gpu, graph.output(0), &full, 0, align)?;
-        gpu.run([&up])?;
-        full.to_vec(gpu)
+        let crop = self.fitting_window([h, w])?;
+        self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)))
     }
 
-    /// The model on one image of `size`, and its main logits.
-    fn describe(&self, [h, w]: [usize; 2]) -> Result<(GraphBuilder, ValueId)> {
+    /// Runs the whole-image graph of `size` on `planes` (building it first if needed),
+    /// unless its tensors would exceed the device's largest binding: false then.
+    fn run(&mut self, planes: &[f32], size: [usize; 2]) -> Result<bool> {
+        if planes.len() != 3 * size[0] * size[1] {
+            return Err(Error::Invalid(format!("{} values for 3 planes of {size:?}", planes.len())));
+        }
+        if !self.graphs.contains_key(&size) {
+            let (g, outputs) = self.describe(size)?;
+            if !self.fits(&g, &outputs) {
+                return Ok(false);
+            }
+            self.build_graph(size, g, &outputs)?;
+        }
+        let graph = &self.graphs[&size];
+        graph.set(self.gpu, "input", planes)?;
+        if self.check_numerics {
+            graph.forward_checked(self.gpu)?;
+        } else {
+            graph.forward(self.gpu)?;
+        }
+        Ok(true)
+    }
+
+    /// The model on one image of `size`, ending with its main logits resized to the input
+    /// size (align_corners as the model) and their argmax: the graph's two outputs.
+    fn describe(&self, [h, w]: [usize; 2]) -> Result<(GraphBuilder, [ValueId; 2])> {
         let mut g = GraphBuilder::new();
         let x = g.input("input", &[1, 3, h, w], false);
         let m = hrnet::build(&mut g, &self.config, x, 0.0)?;
-        Ok((g, m.out))
+        let full = g.resize(m.out, [h, w], self.config.align_corners)?;
+        let labels = g.argmax(full)?;
+        Ok((g, [full, labels]))
     }
 
-    /// Whether every tensor of a whole pass of `g` at `size` fits the device's largest binding.
-    fn fits(&self, g: &GraphBuilder, out: ValueId, [h, w]: [usize; 2]) -> bool {
-        let graph_largest = g.plan_memory(&[out]).largest.1;
-        let full_logits = (4 * self.config.num_classes * h * w) as u64;
-        graph_largest.max(full_logits) <= self.gpu.limits().max_storage_buffer_binding_size
+    /// Whether every tensor of a whole pass of `g` fits the device's largest binding.
+    fn fits(&self, g: &GraphBuilder, outputs: &[ValueId]) -> bool {
+        g.plan_memory(outputs).largest.1 <= self.gpu.limits().max_storage_buffer_binding_size
     }
 
     /// The largest window, halving the longer side, whose pass fits the device.
@@ -190,27 +236,19 @@ impl<'g> Segmenter<'g> {
 
     /// [`Segmenter::fits`] for a size not described yet.
     fn fits_at(&self, size: [usize; 2]) -> Result<bool> {
-        let (g, out) = self.describe(size)?;
-        Ok(self.fits(&g, out, size))
-    }
-
-    fn graph(&mut self, size: [usize; 2]) -> Result<&Graph> {
-        if !self.graphs.contains_key(&size) {
-            let (g, out) = self.describe(size)?;
-            self.build_graph(size, g, out)?;
-        }
-        Ok(&self.graphs[&size])
+        let (g, outputs) = self.describe(size)?;
+        Ok(self.fits(&g, &outputs))
     }
 
     /// Builds (tuning first if asked) and keeps the eval graph of `g` for `size`.
-    fn build_graph(&mut self, size: [usize; 2], mut g: GraphBuilder, out: ValueId) -> Result<()> {
+    fn build_graph(&mut self, size: [usize; 2], mut g: GraphBuilder, outputs: &[ValueId]) -> Result<()> {
         g.set_precision(self.precision);
         if self.tune {
-            g.tune(self.gpu, &self.tuner, Mode::Eval, &[out])?;
+            g.tune(self.gpu, &self.tuner, Mode::Eval, outputs)?;
         } else {
             g.use_tuner(Arc::clone(&self.tuner));
         }
-        let graph = g.build(self.gpu, Mode::Eval, &[out])?;
+        let graph = g.build(self.gpu, Mode::Eval, outputs)?;
         weights::load_into(self.gpu, &graph, &self.weights, "the segmenter's weights")?;
         self.graphs.insert(size, graph);
         Ok(())

@@ -205,6 +205,17 @@ impl GraphBuilder {
         Ok(self.activation(kind, &shape))
     }
 
+    /// The first channel of highest value at each pixel of `x` `[N, C, H, W]`, as a u32
+    /// map `[N, H, W]` (the predicted classes of logits). Eval graphs only: it has no
+    /// gradient.
+    pub fn argmax(&mut self, x: ValueId) -> Result<ValueId> {
+        let [n, _, h, w] = self.dims4(x)?;
+        let y = self.activation("argmax", &[n, h, w]);
+        self.values[y.0].dtype = DType::U32;
+        self.ops.push(Op::Argmax { x, y });
+        Ok(y)
+    }
+
     /// Bilinear resize to `size` (height, width).
     pub fn resize(&mut self, x: ValueId, size: [usize; 2], align_corners: bool) -> Result<ValueId> {
         let [n, c, _, _] = self.dims4(x)?;
@@ -441,10 +452,11 @@ fn allocate_for_inference(
         .iter()
         .zip(&plan.slot_of)
         .map(|(v, slot)| match (slot, v.role) {
-            (Some(s), _) => slots[*s].view(gpu, 0, &v.shape),
+            // Shared slots hold f32 activations; a u32 one (argmax) has its own buffer.
+            (Some(s), _) if v.dtype == DType::F32 => slots[*s].view(gpu, 0, &v.shape),
             // Never stored: a one-element placeholder that `Graph::tensor` refuses to hand out.
             (None, Role::Fused) => Tensor::empty_of(gpu, &[1], v.dtype),
-            (None, _) => own(v),
+            (_, _) => own(v),
         })
         .collect()
 }
@@ -640,7 +652,7 @@ impl Graph {
         self.repacking(|prepare| if prepare.is_empty() { Ok(()) } else { gpu.submit(prepare) })?;
         for node in &self.recorded.nodes {
             gpu.submit(&self.recorded.forward[node.dispatches.clone()])?;
-            for &y in &node.writes {
+            for &y in node.writes.iter().filter(|y| self.values[y.0].dtype == DType::F32) {
                 let reads: Vec<&str> = node.reads.iter().map(|&r| name(r)).collect();
                 let what = format!("{}, the output of the node reading {}", name(y), reads.join(", "));
                 check_finite(gpu, self.t(y), &what)?;

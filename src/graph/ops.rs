@@ -9,7 +9,7 @@ use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, LossPass};
 use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::tuning::{self, ConvForward, ConvInputGrad, ConvWeightGrad};
-use crate::kernels::{concat, elementwise, resize};
+use crate::kernels::{concat, elementwise, metrics, resize};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 
@@ -54,6 +54,11 @@ pub(super) enum Op {
     AddRelu {
         a: ValueId,
         b: ValueId,
+        y: ValueId,
+    },
+    /// Eval only: the first class of highest score per pixel, `[N, H, W]` u32.
+    Argmax {
+        x: ValueId,
         y: ValueId,
     },
     Resize {
@@ -103,7 +108,9 @@ impl Op {
                 (ins.into_iter().flatten().collect(), Some(*y))
             }
             Op::BatchNorm { x, gamma, beta, y, .. } => (vec![*x, *gamma, *beta], Some(*y)),
-            Op::Relu { x, y } | Op::Resize { x, y, .. } | Op::Dropout { x, y, .. } => (vec![*x], Some(*y)),
+            Op::Relu { x, y } | Op::Argmax { x, y } | Op::Resize { x, y, .. } | Op::Dropout { x, y, .. } => {
+                (vec![*x], Some(*y))
+            }
             Op::Add { a, b, y } | Op::AddRelu { a, b, y } => (vec![*a, *b], Some(*y)),
             Op::Concat { inputs, y, .. } => (inputs.clone(), Some(*y)),
             Op::SpatialGather { regions, feats, y, .. } => (vec![*regions, *feats], Some(*y)),
@@ -253,6 +260,7 @@ impl Graph {
                     }
                 }
                 &Op::Relu { x, y } => vec![elementwise::relu_forward(gpu, self.t(x), self.t(y))?],
+                &Op::Argmax { x, y } => vec![metrics::argmax(gpu, self.t(x), self.t(y))?],
                 &Op::Add { a, b, y } => vec![elementwise::add_forward(gpu, self.t(a), self.t(b), self.t(y))?],
                 &Op::AddRelu { a, b, y } => {
                     vec![elementwise::add_relu_forward(gpu, self.t(a), self.t(b), self.t(y))?]
@@ -393,6 +401,9 @@ impl Graph {
                 return Err(Error::Invalid(
                     "fused convolutions exist only in eval graphs, which have no backward".into(),
                 ))
+            }
+            Op::Argmax { .. } => {
+                return Err(Error::Invalid("argmax has no gradient: it belongs in eval graphs".into()))
             }
             &Op::Conv2d { spec, x, weight, bias, .. } => {
                 let gy = gy();

@@ -130,11 +130,16 @@ fn images_are_normalised_and_classes_are_the_argmax() {
     let (w, h) = (36, 28);
     let rgb: Vec<u8> = (0..3 * w * h).map(|_| rng.range(0, 255) as u8).collect();
     let image = Image::new(w, h, rgb.clone()).unwrap();
+    // Without scores asked for, only the class map (argmaxed on the device) comes back.
+    let labels_only = s.segment(&image, &Strategy::Whole).unwrap();
+    assert!(labels_only.scores.is_none());
+    s.keep_scores(true);
     let seg = s.segment(&image, &Strategy::Whole).unwrap();
-    assert_eq!((seg.width, seg.height, seg.classes.len(), seg.scores.len()), (w, h, w * h, 5 * w * h));
+    let scores = seg.scores.clone().unwrap();
+    assert_eq!((seg.width, seg.height, seg.classes.len(), scores.len()), (w, h, w * h, 5 * w * h));
+    assert_eq!(labels_only.classes, seg.classes);
     for i in 0..w * h {
-        let best =
-            (0..5).fold(0, |b, c| if seg.scores[c * w * h + i] > seg.scores[b * w * h + i] { c } else { b });
+        let best = (0..5).fold(0, |b, c| if scores[c * w * h + i] > scores[b * w * h + i] { c } else { b });
         assert_eq!(seg.classes[i], best as u32);
     }
     let mean = [0.485f32, 0.456, 0.406];
@@ -142,7 +147,7 @@ fn images_are_normalised_and_classes_are_the_argmax() {
     let planes: Vec<f32> = (0..3)
         .flat_map(|c| rgb.chunks_exact(3).map(move |p| (f32::from(p[c]) / 255.0 - mean[c]) / std[c]))
         .collect();
-    assert_close("image path = planes path", &seg.scores, &s.logits(&planes, [h, w]).unwrap(), 0.0);
+    assert_close("image path = planes path", &scores, &s.logits(&planes, [h, w]).unwrap(), 0.0);
     let e = Image::new(4, 4, vec![0; 47]).unwrap_err().to_string();
     assert!(e.contains("4x4") && e.contains("48") && e.contains("47"), "{e}");
 }
@@ -182,18 +187,20 @@ fn segmenters_on_several_threads_agree_with_one() {
         .map(|_| Image::new(40, 32, (0..3 * 40 * 32).map(|_| rng.range(0, 255) as u8).collect()).unwrap())
         .collect();
     let mut one = segmenter();
+    one.keep_scores(true);
     is_send(&one);
     let want: Vec<Vec<f32>> =
-        images.iter().map(|im| one.segment(im, &Strategy::Whole).unwrap().scores).collect();
+        images.iter().map(|im| one.segment(im, &Strategy::Whole).unwrap().scores.unwrap()).collect();
     // One segmenter per thread over the one device, all at once.
     let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..3)
             .map(|_| {
                 scope.spawn(|| {
                     let mut s = segmenter();
+                    s.keep_scores(true);
                     images
                         .iter()
-                        .map(|im| s.segment(im, &Strategy::Whole).unwrap().scores)
+                        .map(|im| s.segment(im, &Strategy::Whole).unwrap().scores.unwrap())
                         .collect::<Vec<_>>()
                 })
             })
@@ -279,4 +286,33 @@ fn smaller_workgroups_give_the_same_segmentation() {
     let got = Segmenter::new(&small, cfg, w).logits(&planes, [40, 56]).unwrap();
     let want = segmenter().logits(&planes, [40, 56]).unwrap();
     assert_close("logits with 16-invocation workgroups", &got, &want, 1e-6);
+}
+
+/// A whole image's segmentation is the forward and one readback of the class map; its
+/// evaluation is the forward and the confusion count, with nothing read back; both count
+/// the same pixels as the host path.
+#[test]
+fn segmenting_and_evaluating_keep_the_predictions_on_the_device() {
+    use hrnet_ocr::eval::Evaluation;
+    // A device of its own: other tests submit to the shared one concurrently.
+    let gpu = &hrnet_ocr::Gpu::new().unwrap();
+    let mut s = Segmenter::new(gpu, tiny_config(), tiny_weights());
+    let mut rng = Rng::new(seed("keep_the_predictions_on_the_device"));
+    let (w, h) = (40, 24);
+    let image = Image::new(w, h, (0..3 * w * h).map(|_| rng.range(0, 255) as u8).collect()).unwrap();
+    let labels: Vec<u32> = (0..w * h).map(|_| rng.range(0, 5) as u32).collect();
+    s.segment(&image, &Strategy::Whole).unwrap();
+    let counts = || (gpu.submissions(), gpu.readbacks());
+    let before = counts();
+    let seg = s.segment(&image, &Strategy::Whole).unwrap();
+    let after = counts();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (2, 1), "segment: (submissions, readbacks)");
+    let mut on_device = Evaluation::new(gpu, 5, 4).unwrap();
+    let mut on_host = Evaluation::new(gpu, 5, 4).unwrap();
+    let before = counts();
+    s.evaluate(&image, &Strategy::Whole, &labels, &mut on_device).unwrap();
+    let after = counts();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (2, 0), "evaluate: (submissions, readbacks)");
+    on_host.add(gpu, &seg.classes, &labels).unwrap();
+    assert_eq!(on_device.scores(gpu).unwrap(), on_host.scores(gpu).unwrap());
 }

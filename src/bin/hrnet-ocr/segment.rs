@@ -225,9 +225,8 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         check_labels(&scene.labels, classes, ignore)
             .map_err(|e| Error::Invalid(format!("{}: {e}", dataset.describe(i))))?;
         let start = Instant::now();
-        let seg = segmenter.segment(&scene.image, &strategy)?;
+        segmenter.evaluate(&scene.image, &strategy, &scene.labels, &mut evaluation)?;
         seconds += start.elapsed().as_secs_f64();
-        evaluation.add(&gpu, &seg.classes, &scene.labels)?;
     }
     let scores = evaluation.scores(&gpu)?;
     println!("{:>5}  {:<16} {:>7}", "class", "name", "IoU");
