@@ -1,8 +1,9 @@
 //! HRNet-OCR semantic segmentation on hand-written WGSL compute shaders.
 //!
-//! Layers, each using only those before it: [`gpu`] (device, pipelines, buffers, dispatches,
-//! profiler), [`tensor`], [`kernels`] (one launcher module per shader file) and [`graph`]
-//! (the executor that records whole forward and backward passes).
+//! Layers, each using only those before it (checked by `tests/layers.rs`): [`gpu`] (device,
+//! pipelines, buffers, dispatches, profiler), [`tensor`], [`kernels`] (one launcher module
+//! per shader file, and the variant tuning), [`graph`] (the executor that records whole
+//! forward and backward passes) and [`model`]; [`infer`], [`train`] and [`eval`] use them.
 
 #[cfg(feature = "bench")]
 pub mod bench;

@@ -2,16 +2,9 @@
 //! data, u32 for labels and counts).
 
 use crate::error::{fmt_shape, Error, Result};
-use crate::gpu::{Gpu, PooledBuffer};
-use std::num::NonZeroU64;
+pub use crate::gpu::DType;
+use crate::gpu::{read_buffer, read_buffers, BufferBinding, Gpu, PooledBuffer};
 use std::sync::Arc;
-
-/// The element type. Both are 4 bytes; kernels check which one they were given.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    U32,
-}
 
 /// A tensor on the device. Cloning shares the buffer.
 #[derive(Clone)]
@@ -212,20 +205,53 @@ impl Tensor {
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
         self.buffer.buffer()
     }
-
-    /// The binding covers exactly the elements, so `arrayLength` matches the shape.
-    pub(crate) fn binding(&self) -> wgpu::BindingResource<'_> {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: self.buffer(),
-            offset: self.offset,
-            size: NonZeroU64::new(self.bytes()),
-        })
-    }
 }
 
-/// Copies `size` bytes of `buffer` from `offset` to the host through a staging buffer.
-pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
-    Ok(read_buffers(gpu, &[(buffer, offset, size)])?.remove(0))
+/// A tensor bound at a binding index of a kernel's bind group (group 0; binding 0 is always
+/// the kernel's uniform `Params`).
+#[derive(Clone, Copy)]
+pub struct Binding<'a> {
+    pub index: u32,
+    pub tensor: &'a Tensor,
+    /// Whether the kernel writes it (a `read_write` storage binding).
+    pub writes: bool,
+    /// The element type the shader declares there.
+    pub dtype: DType,
+}
+
+impl<'a> Binding<'a> {
+    /// An f32 tensor the kernel reads.
+    pub fn read(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: false, dtype: DType::F32 }
+    }
+
+    /// An f32 tensor the kernel writes (and may read).
+    pub fn write(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: true, dtype: DType::F32 }
+    }
+
+    /// A u32 tensor the kernel reads.
+    pub fn read_u32(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: false, dtype: DType::U32 }
+    }
+
+    /// A u32 tensor the kernel writes.
+    pub fn write_u32(index: u32, tensor: &'a Tensor) -> Self {
+        Binding { index, tensor, writes: true, dtype: DType::U32 }
+    }
+
+    /// The buffer range it binds: exactly the tensor's elements, so `arrayLength` matches
+    /// the shape.
+    pub(crate) fn to_buffer(self) -> BufferBinding<'a> {
+        BufferBinding {
+            index: self.index,
+            buffer: &self.tensor.buffer,
+            offset: self.tensor.offset,
+            size: self.tensor.bytes(),
+            writes: self.writes,
+            dtype: self.dtype,
+        }
+    }
 }
 
 /// The f32 elements of each tensor, copied back together: one submission and one wait.
@@ -235,47 +261,4 @@ pub fn read_many(gpu: &Gpu, tensors: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
     }
     let ranges: Vec<_> = tensors.iter().map(|t| (t.buffer(), t.offset, t.bytes())).collect();
     Ok(read_buffers(gpu, &ranges)?.iter().map(|b| bytemuck::cast_slice(b).to_vec()).collect())
-}
-
-/// Copies each (buffer, offset, bytes) range to the host: one staging buffer, one
-/// command buffer, one wait.
-fn read_buffers(gpu: &Gpu, ranges: &[(&wgpu::Buffer, u64, u64)]) -> Result<Vec<Vec<u8>>> {
-    gpu.check_lost()?;
-    let total: u64 = ranges.iter().map(|r| r.2).sum();
-    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("readback"),
-        size: total.max(4),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = gpu.device.create_command_encoder(&Default::default());
-    let mut at = 0;
-    for &(buffer, offset, size) in ranges {
-        encoder.copy_buffer_to_buffer(buffer, offset, &staging, at, size);
-        at += size;
-    }
-    gpu.queue.submit([encoder.finish()]);
-    gpu.count_submission(true);
-    let (tx, rx) = std::sync::mpsc::channel();
-    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    gpu.wait()?;
-    rx.recv()
-        .map_err(|_| Error::Readback("the map callback never ran".into()))?
-        .map_err(|e| Error::Readback(e.to_string()))?;
-    let data = {
-        let view = staging.slice(..).get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
-        let mut at = 0;
-        ranges
-            .iter()
-            .map(|r| {
-                let bytes = view[at as usize..(at + r.2) as usize].to_vec();
-                at += r.2;
-                bytes
-            })
-            .collect()
-    };
-    staging.unmap();
-    Ok(data)
 }

@@ -12,9 +12,8 @@
 //! tracks), with the declared element type. A mismatch is an error naming the kernel, the
 //! field or slot, and both sides.
 
-use super::Binding;
+use super::{BufferBinding, DType};
 use crate::error::{Error, Result};
-use crate::tensor::DType;
 use std::collections::HashMap;
 
 /// A kernel's uniform parameters as the launcher lays them out: `#[repr(C)]` plain data
@@ -119,7 +118,7 @@ impl Interface {
         &self,
         shader: &str,
         entry: &str,
-        bindings: &[Binding<'_>],
+        bindings: &[BufferBinding<'_>],
     ) -> Result<()> {
         self.params_disagreement::<P>().or_else(|| self.bindings_disagreement(entry, bindings)).map_or(
             Ok(()),
@@ -157,7 +156,7 @@ impl Interface {
     /// or does not declare, another access or element type than declared, a `read_write`
     /// slot the entry only reads (wgpu would track a read as a write: declare a read-only
     /// view for readers), or a used slot left unbound.
-    fn bindings_disagreement(&self, entry: &str, bindings: &[Binding<'_>]) -> Option<String> {
+    fn bindings_disagreement(&self, entry: &str, bindings: &[BufferBinding<'_>]) -> Option<String> {
         let Some(uses) = self.uses.get(entry) else {
             return Some("the shader has no such entry point".into());
         };
@@ -225,6 +224,12 @@ fn element_dtype(module: &naga::Module, inner: &naga::TypeInner) -> Option<DType
 mod tests {
     use super::*;
     use crate::gpu::Shader;
+    use crate::tensor::Binding;
+
+    /// The buffer ranges of tensor bindings, as launchers pass them.
+    fn ranges<'a>(bindings: &[Binding<'a>]) -> Vec<BufferBinding<'a>> {
+        bindings.iter().map(|b| b.to_buffer()).collect()
+    }
 
     crate::gpu::shader_params! {
         struct Pair { a: u32, b: f32, _pad: [u32; 2] }
@@ -283,9 +288,11 @@ mod tests {
         let iface = Interface::reflect("pair", SOURCE).unwrap();
         let x = crate::Tensor::zeros(&gpu, &[4]).unwrap();
         let y = crate::Tensor::empty_of(&gpu, &[4], DType::U32).unwrap();
-        iface.check::<Pair>("pair", "main", &[Binding::read(1, &x), Binding::write_u32(2, &y)]).unwrap();
+        iface
+            .check::<Pair>("pair", "main", &ranges(&[Binding::read(1, &x), Binding::write_u32(2, &y)]))
+            .unwrap();
         let refused = |bindings: &[Binding<'_>], says: &str| {
-            let err = iface.check::<Pair>("pair", "main", bindings).unwrap_err().to_string();
+            let err = iface.check::<Pair>("pair", "main", &ranges(bindings)).unwrap_err().to_string();
             assert!(err.contains("pair.wgsl:main") && err.contains(says), "{err}");
         };
         let y_f32 = crate::Tensor::zeros(&gpu, &[4]).unwrap();
@@ -303,7 +310,10 @@ mod tests {
             "binding 3 is bound but the shader declares no storage buffer",
         );
         refused(&[Binding::read(1, &x)], "binding 2 (y) is used by the entry point but not bound");
-        let err = iface.check::<Pair>("pair", "peek", &[Binding::write_u32(2, &y)]).unwrap_err().to_string();
+        let err = iface
+            .check::<Pair>("pair", "peek", &ranges(&[Binding::write_u32(2, &y)]))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("pair.wgsl:peek")
                 && err.contains("binding 2 (y) is declared read_write but the entry point only reads it"),

@@ -1,44 +1,34 @@
 //! A recorded dispatch: pipeline, bind group and grid, built once and encoded as often as
 //! needed. Kernel launchers return these; the executor strings them into command buffers.
 
-use super::{Gpu, Shader, ShaderParams};
+use super::{Gpu, PooledBuffer, Shader, ShaderParams};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use wgpu::util::DeviceExt;
 
-/// One buffer bound at a binding index of a kernel's bind group (group 0; binding 0 is always
-/// the kernel's uniform `Params`).
+/// The element type of a bound buffer. Both are 4 bytes; the contract checks the one the
+/// shader declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    U32,
+}
+
+/// A range of a pooled buffer bound at a binding index of a kernel's bind group (group 0;
+/// binding 0 is always the kernel's uniform `Params`); tensors make these
+/// (`tensor::Binding`).
 #[derive(Clone, Copy)]
-pub struct Binding<'a> {
+pub struct BufferBinding<'a> {
     pub index: u32,
-    pub tensor: &'a Tensor,
+    pub buffer: &'a Arc<PooledBuffer>,
+    /// Byte offset and size of the range.
+    pub offset: u64,
+    pub size: u64,
     /// Whether the kernel writes it (a `read_write` storage binding).
     pub writes: bool,
     /// The element type the shader declares there.
     pub dtype: DType,
-}
-
-impl<'a> Binding<'a> {
-    /// An f32 tensor the kernel reads.
-    pub fn read(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: false, dtype: DType::F32 }
-    }
-
-    /// An f32 tensor the kernel writes (and may read).
-    pub fn write(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: true, dtype: DType::F32 }
-    }
-
-    /// A u32 tensor the kernel reads.
-    pub fn read_u32(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: false, dtype: DType::U32 }
-    }
-
-    /// A u32 tensor the kernel writes.
-    pub fn write_u32(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: true, dtype: DType::U32 }
-    }
 }
 
 /// A dispatch grid. WebGPU caps each dimension (65535 by default), so a long 1-D range of
@@ -84,7 +74,7 @@ pub struct Dispatch {
     cost: Cost,
     /// The bound tensors, kept alive so the pool cannot hand their buffers out again while
     /// this dispatch may still run.
-    _bound: Vec<Tensor>,
+    _bound: Vec<Arc<PooledBuffer>>,
 }
 
 /// What a kernel launcher asks for.
@@ -93,7 +83,7 @@ pub(crate) struct DispatchSpec<'a, P: ShaderParams> {
     pub entry: &'static str,
     pub constants: &'a [(&'static str, f64)],
     pub params: &'a P,
-    pub bindings: &'a [Binding<'a>],
+    pub bindings: &'a [BufferBinding<'a>],
     pub workgroups: Workgroups,
     pub cost: Cost,
 }
@@ -126,11 +116,14 @@ impl Dispatch {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         });
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() }];
-        entries.extend(
-            spec.bindings
-                .iter()
-                .map(|b| wgpu::BindGroupEntry { binding: b.index, resource: b.tensor.binding() }),
-        );
+        entries.extend(spec.bindings.iter().map(|b| wgpu::BindGroupEntry {
+            binding: b.index,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: b.buffer.buffer(),
+                offset: b.offset,
+                size: NonZeroU64::new(b.size),
+            }),
+        }));
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(spec.entry),
@@ -147,7 +140,7 @@ impl Dispatch {
             params,
             workgroups: spec.workgroups,
             cost: spec.cost,
-            _bound: spec.bindings.iter().map(|b| b.tensor.clone()).collect(),
+            _bound: spec.bindings.iter().map(|b| Arc::clone(b.buffer)).collect(),
         })
     }
 

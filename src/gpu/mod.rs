@@ -6,15 +6,17 @@ mod contract;
 mod dispatch;
 mod pool;
 mod profiler;
+mod readback;
 mod registry;
 
 pub use compose::compose;
 pub(crate) use contract::shader_params;
 pub use contract::ShaderParams;
 pub(crate) use dispatch::DispatchSpec;
-pub use dispatch::{total_cost, Binding, Cost, Dispatch, Workgroups};
+pub use dispatch::{total_cost, BufferBinding, Cost, DType, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
+pub(crate) use readback::{read_buffer, read_buffers};
 pub use registry::{Shader, INCLUDES};
 
 use crate::error::{Error, Result};

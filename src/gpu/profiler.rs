@@ -1,9 +1,9 @@
 //! Per-kernel GPU time from timestamp queries: each dispatch is encoded in a pass of its
 //! own whose start and end the device stamps.
 
+use super::read_buffer;
 use super::{Dispatch, Gpu};
 use crate::error::{Error, Result};
-use crate::tensor::read_buffer;
 
 /// wgpu's cap on the queries in one query set.
 const MAX_QUERIES: usize = 4096;

@@ -2,8 +2,8 @@
 
 use super::{f32_bytes, launch, plane_block_invocations, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
-use crate::tensor::Tensor;
+use crate::gpu::{Cost, Dispatch, Gpu, Shader};
+use crate::tensor::{Binding, Tensor};
 
 /// PyTorch's defaults, which HRNet-OCR uses everywhere.
 pub const EPS: f32 = 1e-5;

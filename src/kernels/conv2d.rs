@@ -4,8 +4,8 @@ use super::batch_norm::BatchNormParams;
 use super::tuning::{self, ConvClass, ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 use super::{f32_bytes, launch, launch_sized, launch_tuned, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
-use crate::tensor::Tensor;
+use crate::gpu::{Cost, Dispatch, Gpu, Shader};
+use crate::tensor::{Binding, Tensor};
 
 /// Stride, padding and dilation, each as (vertical, horizontal).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -4,8 +4,8 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
-use crate::tensor::Tensor;
+use crate::gpu::{Cost, Dispatch, Gpu, Shader};
+use crate::tensor::{Binding, Tensor};
 
 crate::gpu::shader_params! {
     struct Params {

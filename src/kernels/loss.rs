@@ -10,8 +10,8 @@
 
 use super::{f32_bytes, launch, scratch, to_u32};
 use crate::error::{check_shape, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
-use crate::tensor::{DType, Tensor};
+use crate::gpu::{Cost, Dispatch, Gpu, Shader};
+use crate::tensor::{Binding, DType, Tensor};
 
 /// Pixels per invocation when summing the loss.
 const CHUNK_PIXELS: usize = 256;

@@ -17,8 +17,8 @@ pub mod softmax;
 pub mod tuning;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, DispatchSpec, Gpu, Shader, ShaderParams, Workgroups};
-use crate::tensor::Tensor;
+use crate::gpu::{BufferBinding, Cost, Dispatch, DispatchSpec, Gpu, Shader, ShaderParams, Workgroups};
+use crate::tensor::{Binding, Tensor};
 
 /// The override constants a pipeline is built with on an adapter whose workgroup size
 /// ([`Gpu::workgroup_size`]) is `workgroup_size` (the shader translation test applies the
@@ -75,6 +75,7 @@ pub(crate) fn launch_tuned<P: ShaderParams>(
     let workgroup_size = workgroup_size.min(gpu.workgroup_size());
     let mut constants = pipeline_constants(workgroup_size).to_vec();
     constants.extend_from_slice(tile_constants);
+    let bindings: Vec<BufferBinding> = bindings.iter().map(|b| b.to_buffer()).collect();
     Dispatch::new(
         gpu,
         DispatchSpec {
@@ -82,7 +83,7 @@ pub(crate) fn launch_tuned<P: ShaderParams>(
             entry,
             constants: &constants,
             params,
-            bindings,
+            bindings: &bindings,
             workgroups: Workgroups::cover(gpu, invocations, workgroup_size)?,
             cost,
         },

@@ -3,8 +3,8 @@
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
-use crate::tensor::{DType, Tensor};
+use crate::gpu::{Cost, Dispatch, Gpu, Shader};
+use crate::tensor::{Binding, DType, Tensor};
 
 crate::gpu::shader_params! {
     struct Params {

@@ -3,8 +3,8 @@
 
 use super::{f32_bytes, launch, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
-use crate::gpu::{Binding, Cost, Dispatch, Gpu, Shader};
-use crate::tensor::Tensor;
+use crate::gpu::{Cost, Dispatch, Gpu, Shader};
+use crate::tensor::{Binding, Tensor};
 
 /// Rows at most this long are done by one invocation each, in one dispatch.
 const SHORT_ROW: usize = 256;
