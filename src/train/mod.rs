@@ -1,5 +1,8 @@
 //! Training with HRNet-OCR's recipe (spec section 5): SGD with momentum and weight decay,
-//! the poly schedule, loss `0.4 * CE(aux) + CE(out)` (or OHEM), head LR multiplier.
+//! the poly schedule, loss `0.4 * CE(aux) + CE(out)` (or OHEM), head LR multiplier; a
+//! run's settings and the recipe's fixed pieces in [`recipe`].
+
+pub mod recipe;
 
 use crate::data::augment::Sample;
 use crate::data::SplitMix;

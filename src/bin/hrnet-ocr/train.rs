@@ -4,15 +4,14 @@
 use crate::segment::DataArgs;
 use crate::{model, parse_size};
 use clap::Args;
-use hrnet_ocr::data::augment::{Augment, Batches};
+use hrnet_ocr::data::augment::Batches;
 use hrnet_ocr::kernels::tuning::TuningCache;
-use hrnet_ocr::model::hrnet::OCR_DROPOUT;
 use hrnet_ocr::model::weights;
 use hrnet_ocr::model::Config;
-use hrnet_ocr::train::{Checkpoint, TrainOptions, Trainer};
+use hrnet_ocr::train::recipe::RunSettings;
+use hrnet_ocr::train::{Checkpoint, Trainer};
 use hrnet_ocr::{Error, Gpu, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -62,57 +61,49 @@ pub struct TrainArgs {
     stop_after: Option<usize>,
 }
 
-/// The settings that define a run, stored in its checkpoints as strings.
-fn settings(args: &TrainArgs) -> Vec<(&'static str, Option<String>, String)> {
+/// The settings given on the command line, as the texts a checkpoint stores them as.
+fn given(args: &TrainArgs) -> Vec<(&'static str, String)> {
     let size = |s: [usize; 2]| format!("{}x{}", s[0], s[1]);
     let data = match &args.data.data {
         Some(dir) => Some(dir.display().to_string()),
         None => args.data.synthetic.then(|| "synthetic".to_string()),
     };
-    vec![
-        ("config", args.config.clone(), "bundled".into()),
-        ("data", data, "synthetic".into()),
-        ("list", args.data.list.as_ref().map(|l| l.display().to_string()), String::new()),
-        ("split", args.split.clone(), "train".into()),
-        ("steps", args.steps.map(|v| v.to_string()), "1000".into()),
-        ("batch", args.batch.map(|v| v.to_string()), "4".into()),
-        ("crop", args.crop.map(size), "64x64".into()),
-        ("size", args.size.map(size), "128x128".into()),
-        ("seed", args.seed.map(|v| v.to_string()), "1".into()),
-        ("head_lr_mult", args.head_lr_mult.map(|v| v.to_string()), "1".into()),
+    [
+        ("config", args.config.clone()),
+        ("data", data),
+        ("list", args.data.list.as_ref().map(|l| l.display().to_string())),
+        ("split", args.split.clone()),
+        ("steps", args.steps.map(|v| v.to_string())),
+        ("batch", args.batch.map(|v| v.to_string())),
+        ("crop", args.crop.map(size)),
+        ("size", args.size.map(size)),
+        ("seed", args.seed.map(|v| v.to_string())),
+        ("head_lr_mult", args.head_lr_mult.map(|v| v.to_string())),
     ]
+    .into_iter()
+    .filter_map(|(key, value)| Some((key, value?)))
+    .collect()
 }
 
 /// The run's settings: the flags (or defaults) for a new run; the checkpoint's for a
 /// resumed one, where a flag that disagrees is an error rather than silently ignored.
-fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<HashMap<String, String>> {
-    let mut out = HashMap::new();
-    for (key, given, default) in settings(args) {
-        let value = match (checkpoint, given) {
-            (None, given) => given.unwrap_or(default),
-            (Some(c), given) => {
-                let stored = c.notes.get(key).cloned().unwrap_or(default);
-                if let Some(g) = given.filter(|g| *g != stored) {
-                    return Err(Error::Invalid(format!(
-                        "--{} {g} differs from the resumed run's {stored}; a resumed run keeps its settings",
-                        key.replace('_', "-")
-                    )));
-                }
-                stored
-            }
-        };
-        out.insert(key.to_string(), value);
+fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<RunSettings> {
+    let given = given(args);
+    let Some(c) = checkpoint else {
+        return RunSettings::from_notes(&given.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    };
+    let stored = RunSettings::from_notes(&c.notes)?;
+    let stored_text = stored.to_notes();
+    for (key, value) in given {
+        let kept = stored_text.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str()).unwrap_or_default();
+        if value != kept {
+            return Err(Error::Invalid(format!(
+                "--{} {value} differs from the resumed run's {kept}; a resumed run keeps its settings",
+                key.replace('_', "-")
+            )));
+        }
     }
-    Ok(out)
-}
-
-fn get<T: std::str::FromStr>(s: &HashMap<String, String>, key: &str) -> Result<T> {
-    let v = &s[key];
-    v.parse().map_err(|_| Error::Invalid(format!("training setting {key} = {v:?} is not valid")))
-}
-
-fn size_of(s: &HashMap<String, String>, key: &str) -> Result<[usize; 2]> {
-    parse_size(&s[key]).map_err(|e| Error::Invalid(format!("training setting {key}: {e}")))
+    Ok(stored)
 }
 
 pub fn train(args: &TrainArgs) -> Result<()> {
@@ -121,18 +112,12 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
     }
     let s = resolve(args, checkpoint.as_ref())?;
-    let cfg = match s["config"].as_str() {
+    let cfg = match s.config.as_str() {
         "bundled" => model::bundled_config()?,
         c => Config::load(c)?,
     };
-    let (steps, batch, crop, size, seed) = (
-        get::<usize>(&s, "steps")?,
-        get::<usize>(&s, "batch")?,
-        size_of(&s, "crop")?,
-        size_of(&s, "size")?,
-        get::<u64>(&s, "seed")?,
-    );
-    let synthetic = s["data"] == "synthetic";
+    let (steps, batch, crop) = (s.steps, s.batch, s.crop);
+    let synthetic = s.data == "synthetic";
     if synthetic && cfg.num_classes != hrnet_ocr::data::procedural::CLASSES.len() {
         return Err(Error::Invalid(format!(
             "the procedural scenes have {} classes; the config says DATASET.NUM_CLASSES {}",
@@ -141,20 +126,12 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         )));
     }
     let data = DataArgs {
-        data: (!synthetic).then(|| PathBuf::from(&s["data"])),
+        data: (!synthetic).then(|| PathBuf::from(&s.data)),
         synthetic,
-        list: (!s["list"].is_empty()).then(|| PathBuf::from(&s["list"])),
+        list: (!s.list.is_empty()).then(|| PathBuf::from(&s.list)),
     };
-    let dataset = data.open(&s["split"], cfg.ignore_index(), seed, steps.saturating_mul(batch), size)?;
-    let options = TrainOptions {
-        batch,
-        crop,
-        max_iter: steps,
-        dropout: OCR_DROPOUT,
-        head_keywords: vec!["cls".into(), "aux".into(), "ocr".into()],
-        head_lr_mult: get(&s, "head_lr_mult")?,
-        tuning: TuningCache::from_env(),
-    };
+    let dataset = data.open(&s.split, cfg.ignore_index(), s.seed, steps.saturating_mul(batch), s.size)?;
+    let options = s.options(TuningCache::from_env());
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
@@ -166,9 +143,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?
         }
     };
-    let recipe =
-        Augment { crop, min_scale: 0.5, scale_steps: 16, flip: true, ignore_label: cfg.ignore_index() };
-    let batches = Batches { dataset: dataset.as_ref(), recipe, seed, batch, classes: cfg.num_classes };
+    let recipe = s.augment(cfg.ignore_index());
+    let batches =
+        Batches { dataset: dataset.as_ref(), recipe, seed: s.seed, batch, classes: cfg.num_classes };
     let first = trainer.steps();
     let mut log = TrainLog::open(&args.out.join("train_log.csv"), first)?;
     let checkpoint_path = args.out.join("checkpoint.safetensors");
@@ -182,7 +159,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let start = Instant::now();
     for step in first..stop {
         let samples = batches.get(step)?;
-        let stats = trainer.step(&samples, (seed as u32) ^ (step as u32).wrapping_mul(0x9E37_79B1))?;
+        let stats = trainer.step(&samples, s.step_seed(step))?;
         if !stats.loss.is_finite() {
             return Err(Error::Invalid(format!(
                 "the loss became {} at step {}; the last checkpoint is kept. Try a lower TRAIN.LR",
@@ -205,7 +182,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             println!("step {done}/{steps}  {message}  ETA {eta:.0} s");
         }
         if saving {
-            trainer.checkpoint(s.clone())?.save(&checkpoint_path)?;
+            let notes = s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            trainer.checkpoint(notes)?.save(&checkpoint_path)?;
         }
     }
     progress.finish_and_clear();

@@ -1,0 +1,156 @@
+//! A training run's recipe: the settings that define it (typed here, stored in its
+//! checkpoints as text so a resumed run goes on exactly as it would have) and the official
+//! recipe's fixed pieces built from them: the head's learning-rate keywords, the
+//! augmentation and the per-step dropout seed.
+
+use super::TrainOptions;
+use crate::data::augment::Augment;
+use crate::error::{Error, Result};
+use crate::kernels::tuning::TuningCache;
+use crate::model::hrnet::OCR_DROPOUT;
+use std::collections::HashMap;
+
+/// Parameters whose name holds one of these are the head and train at the head's rate
+/// multiplier (HRNet-OCR's `NONBACKBONE_KEYWORDS`).
+pub const HEAD_KEYWORDS: [&str; 3] = ["cls", "aux", "ocr"];
+
+/// The settings that define a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSettings {
+    /// `bundled`, a preset, or an experiment YAML file.
+    pub config: String,
+    /// A dataset folder, or `synthetic` for the procedural scenes.
+    pub data: String,
+    /// A list file, or empty.
+    pub list: String,
+    pub split: String,
+    /// Steps of the poly schedule (its `max_iter`).
+    pub steps: usize,
+    pub batch: usize,
+    pub crop: [usize; 2],
+    /// The procedural scenes' size.
+    pub size: [usize; 2],
+    /// Seed of the data order, augmentation, dropout and procedural scenes.
+    pub seed: u64,
+    pub head_lr_mult: f32,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            config: "bundled".into(),
+            data: "synthetic".into(),
+            list: String::new(),
+            split: "train".into(),
+            steps: 1000,
+            batch: 4,
+            crop: [64, 64],
+            size: [128, 128],
+            seed: 1,
+            head_lr_mult: 1.0,
+        }
+    }
+}
+
+fn size_text(s: [usize; 2]) -> String {
+    format!("{}x{}", s[0], s[1])
+}
+
+impl RunSettings {
+    /// Every setting as (key, text), in a fixed order: what a checkpoint stores.
+    pub fn to_notes(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("config", self.config.clone()),
+            ("data", self.data.clone()),
+            ("list", self.list.clone()),
+            ("split", self.split.clone()),
+            ("steps", self.steps.to_string()),
+            ("batch", self.batch.to_string()),
+            ("crop", size_text(self.crop)),
+            ("size", size_text(self.size)),
+            ("seed", self.seed.to_string()),
+            ("head_lr_mult", self.head_lr_mult.to_string()),
+        ]
+    }
+
+    /// The settings from their texts, a missing key taking its default; a text that does not
+    /// parse is an error naming the key.
+    pub fn from_notes(notes: &HashMap<String, String>) -> Result<Self> {
+        let text = |key: &str, default: String| notes.get(key).cloned().unwrap_or(default);
+        let d = RunSettings::default();
+        Ok(RunSettings {
+            config: text("config", d.config),
+            data: text("data", d.data),
+            list: text("list", d.list),
+            split: text("split", d.split),
+            steps: parse(notes, "steps", d.steps)?,
+            batch: parse(notes, "batch", d.batch)?,
+            crop: parse_size(notes, "crop", d.crop)?,
+            size: parse_size(notes, "size", d.size)?,
+            seed: parse(notes, "seed", d.seed)?,
+            head_lr_mult: parse(notes, "head_lr_mult", d.head_lr_mult)?,
+        })
+    }
+
+    /// The trainer's options: the official dropout and head keywords, these sizes.
+    pub fn options(&self, tuning: TuningCache) -> TrainOptions {
+        TrainOptions {
+            batch: self.batch,
+            crop: self.crop,
+            max_iter: self.steps,
+            dropout: OCR_DROPOUT,
+            head_keywords: HEAD_KEYWORDS.map(String::from).to_vec(),
+            head_lr_mult: self.head_lr_mult,
+            tuning,
+        }
+    }
+
+    /// The official augmentation at this crop: scales 0.5 to 2.0 in steps of 0.1, random
+    /// crop, horizontal flip.
+    pub fn augment(&self, ignore_label: u32) -> Augment {
+        Augment { crop: self.crop, min_scale: 0.5, scale_steps: 16, flip: true, ignore_label }
+    }
+
+    /// The dropout seed of step `step`: distinct per step, and the same when a run resumes.
+    pub fn step_seed(&self, step: usize) -> u32 {
+        (self.seed as u32) ^ (step as u32).wrapping_mul(0x9E37_79B1)
+    }
+}
+
+fn parse<T: std::str::FromStr>(notes: &HashMap<String, String>, key: &str, default: T) -> Result<T> {
+    match notes.get(key) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| invalid(key, v)),
+    }
+}
+
+fn parse_size(notes: &HashMap<String, String>, key: &str, default: [usize; 2]) -> Result<[usize; 2]> {
+    let Some(v) = notes.get(key) else { return Ok(default) };
+    let side = |s: &str| s.parse::<usize>().ok().filter(|&n| n > 0);
+    match v.split_once('x') {
+        Some((h, w)) => side(h).zip(side(w)).map(|(h, w)| [h, w]),
+        None => side(v).map(|n| [n, n]),
+    }
+    .ok_or_else(|| invalid(key, v))
+}
+
+fn invalid(key: &str, value: &str) -> Error {
+    Error::Invalid(format!("training setting {key} = {value:?} is not valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_survive_their_notes_and_bad_text_is_named() {
+        let s = RunSettings { crop: [48, 96], seed: 7, head_lr_mult: 10.0, ..RunSettings::default() };
+        let notes: HashMap<String, String> = s.to_notes().into_iter().map(|(k, v)| (k.into(), v)).collect();
+        assert_eq!(RunSettings::from_notes(&notes).unwrap(), s);
+        assert_eq!(RunSettings::from_notes(&HashMap::new()).unwrap(), RunSettings::default());
+        let bad: HashMap<String, String> = [("crop".to_string(), "64y".to_string())].into();
+        let e = RunSettings::from_notes(&bad).unwrap_err().to_string();
+        assert!(e.contains("crop") && e.contains("64y"), "{e}");
+        assert_ne!(s.step_seed(1), s.step_seed(2));
+    }
+}
