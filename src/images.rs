@@ -23,6 +23,33 @@ const MAX_PIXELS: u64 = 1 << 28;
 const PNG_PIXELS_PER_BYTE: u64 = 8 * 1032;
 const JPEG_PIXELS_PER_BYTE: u64 = 64 * 8;
 
+/// Refuses a header claiming more pixels than the limit, or than a complete file of `len`
+/// bytes in `format` can hold.
+fn check_dimensions(w: u32, h: u32, len: usize, format: image::ImageFormat, source: &str) -> Result<()> {
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(format_error(
+            source,
+            format!("{w}x{h} pixels is above the limit of {MAX_PIXELS} pixels"),
+        ));
+    }
+    let per_byte = match format {
+        image::ImageFormat::Png => PNG_PIXELS_PER_BYTE,
+        image::ImageFormat::Jpeg => JPEG_PIXELS_PER_BYTE,
+        _ => u64::MAX,
+    };
+    let len = len as u64;
+    if u64::from(w) * u64::from(h) > len.saturating_mul(per_byte) {
+        return Err(format_error(
+            source,
+            format!(
+                "the {format:?} header claims {w}x{h} pixels, more than a complete file of {len} bytes \
+                 can hold (at most {per_byte} pixels per byte): truncated or corrupt"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn decode(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
     let reader = || {
         image::ImageReader::new(std::io::Cursor::new(bytes))
@@ -38,27 +65,7 @@ fn decode(bytes: &[u8], source: &str) -> Result<image::DynamicImage> {
     };
     // The header alone first: its size is checked before the decoder allocates.
     let (w, h) = reader()?.into_dimensions().map_err(unreadable)?;
-    if u64::from(w) * u64::from(h) > MAX_PIXELS {
-        return Err(format_error(
-            source,
-            format!("{w}x{h} pixels is above the limit of {MAX_PIXELS} pixels"),
-        ));
-    }
-    let per_byte = match format {
-        image::ImageFormat::Png => PNG_PIXELS_PER_BYTE,
-        image::ImageFormat::Jpeg => JPEG_PIXELS_PER_BYTE,
-        _ => u64::MAX,
-    };
-    let len = bytes.len() as u64;
-    if u64::from(w) * u64::from(h) > len.saturating_mul(per_byte) {
-        return Err(format_error(
-            source,
-            format!(
-                "the {format:?} header claims {w}x{h} pixels, more than a complete file of {len} bytes \
-                 can hold (at most {per_byte} pixels per byte): truncated or corrupt"
-            ),
-        ));
-    }
+    check_dimensions(w, h, bytes.len(), format, source)?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_DECODED_BYTES);
     image_reader.limits(limits);
@@ -101,15 +108,21 @@ pub struct LabelMap {
     pub labels: Vec<u32>,
 }
 
-/// Reads a single-channel label PNG (8 or 16 bits per pixel; each value is a label). Colour
-/// label images are refused: their colours are not class indices.
+/// Reads a label PNG: single-channel (8 or 16 bits per pixel; each value is a label) or
+/// palette (each index is a label). Colour label images are refused: their colours are not
+/// class indices.
 pub fn read_labels(path: &Path) -> Result<LabelMap> {
     let (bytes, shown) = read(path)?;
     decode_labels(&bytes, &shown)
 }
 
-/// Decodes a single-channel label PNG from bytes; `source` names them in errors.
+/// Decodes a single-channel label PNG from bytes; `source` names them in errors. A palette
+/// PNG gives its indices (as PIL's `convert('P')` does for the official datasets), not
+/// their colours.
 pub fn decode_labels(bytes: &[u8], source: &str) -> Result<LabelMap> {
+    if let Some(map) = decode_palette_indices(bytes, source)? {
+        return Ok(map);
+    }
     let img = decode(bytes, source)?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let labels = match img {
@@ -126,6 +139,42 @@ pub fn decode_labels(bytes: &[u8], source: &str) -> Result<LabelMap> {
         }
     };
     Ok(LabelMap { width, height, labels })
+}
+
+/// The palette indices of an indexed-colour PNG; none for any other file.
+fn decode_palette_indices(bytes: &[u8], source: &str) -> Result<Option<LabelMap>> {
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Ok(None);
+    }
+    let unreadable =
+        |e: png::DecodingError| format_error(source, format!("not a PNG this build can read: {e}"));
+    let mut decoder = png::Decoder::new_with_limits(
+        std::io::Cursor::new(bytes),
+        png::Limits { bytes: MAX_DECODED_BYTES as usize },
+    );
+    decoder.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = decoder.read_info().map_err(unreadable)?;
+    let info = reader.info();
+    if info.color_type != png::ColorType::Indexed {
+        return Ok(None);
+    }
+    let (w, h, depth) = (info.width, info.height, info.bit_depth as usize);
+    check_dimensions(w, h, bytes.len(), image::ImageFormat::Png, source)?;
+    let mut packed = vec![0; reader.output_buffer_size().ok_or_else(|| format_error(source, "too large"))?];
+    let frame = reader.next_frame(&mut packed).map_err(unreadable)?;
+    let (width, height) = (w as usize, h as usize);
+    // Rows of `depth`-bit indices, the first pixel in the high bits of each byte.
+    let mask = (1u32 << depth) - 1;
+    let labels = packed[..frame.line_size * height]
+        .chunks_exact(frame.line_size)
+        .flat_map(|row| {
+            (0..width).map(move |x| {
+                let bit = x * depth;
+                (u32::from(row[bit / 8]) >> (8 - depth - bit % 8)) & mask
+            })
+        })
+        .collect();
+    Ok(Some(LabelMap { width, height, labels }))
 }
 
 fn encode_png(

@@ -2,12 +2,17 @@
 //! and the deterministic training batches.
 
 use hrnet_ocr::data::augment::{Augment, Batches};
-use hrnet_ocr::data::folder::{cityscapes_train_id, Folder};
+use hrnet_ocr::data::folder::Folder;
 use hrnet_ocr::data::image::Image;
+use hrnet_ocr::data::official::Official;
 use hrnet_ocr::data::procedural::Scenes;
 use hrnet_ocr::data::{Dataset, SplitMix};
 use hrnet_ocr::images::{self, LabelMap, CITYSCAPES_PALETTE};
 use std::path::{Path, PathBuf};
+
+fn cityscapes_train_id(id: u32, ignore: u32) -> u32 {
+    Official::Cityscapes.encode(id, 19, ignore)
+}
 
 fn scratch(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hrnet-ocr-data-{}-{test}", std::process::id()));
@@ -145,7 +150,14 @@ fn batches_depend_on_seed_and_step_only_and_visit_every_image_once_an_epoch() {
         write_map(&root.join(format!("masks/{i}.png")), 8, 8, vec![1; 64]);
     }
     let set = Folder::open(&root, "train", None, 255).unwrap();
-    let recipe = Augment { crop: [8, 8], min_scale: 1.0, scale_steps: 0, flip: true, ignore_label: 255 };
+    let recipe = Augment {
+        crop: [8, 8],
+        min_scale: 1.0,
+        scale_steps: 0,
+        flip: true,
+        swap_on_flip: &[],
+        ignore_label: 255,
+    };
     let batches = |seed| Batches { dataset: &set, recipe: recipe.clone(), seed, batch: 1, classes: 2 };
     let which = |seed: u64, step: usize| {
         let v = batches(seed).get(step).unwrap()[0].planes[0];
@@ -194,4 +206,80 @@ fn jpeg_images_load_as_rgb() {
     assert!(worst <= 8, "JPEG round trip differs by {worst}");
     // A JPEG is not a label map: three channels.
     assert!(images::read_labels(&path).unwrap_err().to_string().contains("single-channel"));
+}
+
+/// Writes `indices` (each below 2^depth) as a palette PNG of `depth` bits per pixel, its
+/// palette's colours unrelated to the indices.
+fn write_palette_png(path: &Path, w: usize, h: usize, depth: u8, indices: &[u32]) {
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, w as u32, h as u32);
+        encoder.set_color(png::ColorType::Indexed);
+        encoder.set_depth(png::BitDepth::from_u8(depth).unwrap());
+        let colours = 1usize << depth;
+        encoder.set_palette((0..colours * 3).map(|i| (i * 37 % 256) as u8).collect::<Vec<u8>>());
+        let mut writer = encoder.write_header().unwrap();
+        let per_byte = 8 / depth as usize;
+        let row_bytes = w.div_ceil(per_byte);
+        let mut data = vec![0u8; row_bytes * h];
+        for y in 0..h {
+            for x in 0..w {
+                let shift = 8 - depth as usize * (x % per_byte + 1);
+                data[y * row_bytes + x / per_byte] |= (indices[y * w + x] as u8) << shift;
+            }
+        }
+        writer.write_image_data(&data).unwrap();
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A palette label PNG gives its indices (as the official datasets' `convert('P')`), at
+/// every bit depth, not its colours.
+#[test]
+fn palette_label_pngs_read_as_their_indices() {
+    let root = scratch("palette");
+    let mut rng = SplitMix::new(seed());
+    let (w, h) = (13, 5);
+    for depth in [1u8, 2, 4, 8] {
+        let indices: Vec<u32> = (0..w * h).map(|_| rng.below(1 << depth) as u32).collect();
+        let path = root.join(format!("p{depth}.png"));
+        write_palette_png(&path, w, h, depth, &indices);
+        let map = images::read_labels(&path).unwrap();
+        assert_eq!((map.width, map.height), (w, h));
+        assert_eq!(map.labels, indices, "{depth}-bit palette");
+    }
+}
+
+/// LIP's flip exchanges its left and right classes (14-15, 16-17, 18-19) as it mirrors the
+/// crop; other classes only move.
+#[test]
+fn a_lip_flip_swaps_left_and_right_classes() {
+    let mut rng = SplitMix::new(seed());
+    let (w, h) = (6, 4);
+    let image = random_image(&mut rng, w, h);
+    let labels: Vec<u32> = (0..w * h).map(|i| [14, 15, 16, 17, 18, 19, 3, 0][i % 8]).collect();
+    let recipe = Augment {
+        crop: [h, w],
+        min_scale: 1.0,
+        scale_steps: 0,
+        flip: true,
+        swap_on_flip: Official::Lip.flip_swaps(),
+        ignore_label: 255,
+    };
+    let swapped = |l: u32| match l {
+        14..=19 if l % 2 == 0 => l + 1,
+        14..=19 => l - 1,
+        other => other,
+    };
+    let (mut flipped, mut plain) = (0, 0);
+    for _ in 0..40 {
+        let s = hrnet_ocr::data::augment::augment(&image, &labels, &recipe, &mut rng);
+        let mirrored =
+            (0..h).all(|y| (0..w).all(|x| s.labels[y * w + x] == swapped(labels[y * w + w - 1 - x])));
+        let unchanged = s.labels == labels;
+        assert!(mirrored || unchanged, "neither the labels nor their swapped mirror: {:?}", s.labels);
+        flipped += usize::from(mirrored);
+        plain += usize::from(unchanged);
+    }
+    assert!(flipped > 0 && plain > 0, "40 draws: {flipped} flipped, {plain} not");
 }

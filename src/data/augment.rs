@@ -1,6 +1,7 @@
 //! Training augmentation as HRNet-OCR's `gen_sample`: random rescale by a factor from a set
 //! of tenths, pad bottom/right to the crop size (black image, ignore label), random crop,
-//! random horizontal flip, then mean/std normalisation in RGB order.
+//! random horizontal flip (exchanging left and right classes where the dataset has them),
+//! then mean/std normalisation in RGB order.
 
 use super::{Dataset, SplitMix};
 use crate::data::image::{check_labels, normalise, Image};
@@ -22,6 +23,8 @@ pub struct Augment {
     pub min_scale: f32,
     pub scale_steps: u32,
     pub flip: bool,
+    /// Classes a flip exchanges (LIP's left and right parts: [`super::official::Official::flip_swaps`]).
+    pub swap_on_flip: &'static [(u32, u32)],
     pub ignore_label: u32,
 }
 
@@ -50,7 +53,12 @@ pub fn augment(image: &Image, labels: &[u32], a: &Augment, rng: &mut SplitMix) -
                 planes[(c * ch + y) * cw + x] = normalise(c, v);
             }
             if inside {
-                out[y * cw + x] = lbl[sy * w + sx];
+                let label = lbl[sy * w + sx];
+                out[y * cw + x] = match a.swap_on_flip.iter().find(|p| flip && (p.0 == label || p.1 == label))
+                {
+                    Some(&(left, right)) => left + right - label,
+                    None => label,
+                };
             }
         }
     }

@@ -6,7 +6,10 @@
 //! - **Images and masks**: `ROOT/images/` and `ROOT/masks/`, paired by a list file (one
 //!   `image mask` pair per line, paths relative to ROOT, as the official `.lst` files), or
 //!   without one by file stem (`images/a.jpg` with `masks/a.png`). Mask values are labels.
+//! - **An official dataset** ([`Folder::official`]): a list file of the official layout,
+//!   read and its labels encoded as the official dataset class does ([`Official`]).
 
+use super::official::Official;
 use super::{Dataset, Scene};
 use crate::error::{Error, Result};
 use crate::images::{read_labels, read_rgb};
@@ -17,36 +20,10 @@ use std::path::{Path, PathBuf};
 pub enum LabelEncoding {
     /// The values are the labels.
     TrainIds,
-    /// Cityscapes `labelIds`, mapped to train ids (unlisted ids become the ignore label).
-    CityscapesIds,
-}
-
-/// Cityscapes label id -> train id for the 19 evaluated classes.
-const CITYSCAPES_TRAIN_IDS: [(u32, u32); 19] = [
-    (7, 0),
-    (8, 1),
-    (11, 2),
-    (12, 3),
-    (13, 4),
-    (17, 5),
-    (19, 6),
-    (20, 7),
-    (21, 8),
-    (22, 9),
-    (23, 10),
-    (24, 11),
-    (25, 12),
-    (26, 13),
-    (27, 14),
-    (28, 15),
-    (31, 16),
-    (32, 17),
-    (33, 18),
-];
-
-/// A Cityscapes label id as a train id, or `ignore`.
-pub fn cityscapes_train_id(id: u32, ignore: u32) -> u32 {
-    CITYSCAPES_TRAIN_IDS.iter().find(|&&(from, _)| from == id).map_or(ignore, |&(_, to)| to)
+    /// An official dataset's encoding of 8-bit label files, for a model of this many classes
+    /// (Cityscapes `labelIds` found beside missing `labelTrainIds` take the official
+    /// Cityscapes mapping to the 19 train ids).
+    Official(Official, usize),
 }
 
 /// A dataset of image and label files.
@@ -126,7 +103,7 @@ impl Folder {
                 let pair = if train_ids.is_file() {
                     (image, train_ids, LabelEncoding::TrainIds)
                 } else if ids.is_file() {
-                    (image, ids, LabelEncoding::CityscapesIds)
+                    (image, ids, LabelEncoding::Official(Official::Cityscapes, 19))
                 } else {
                     return Err(Error::Invalid(format!(
                         "{} has no label file: expected {} or {}",
@@ -139,6 +116,38 @@ impl Folder {
             }
         }
         Ok(pairs)
+    }
+
+    /// The official dataset `dataset` at `root`, from the list file `list` (a path relative
+    /// to `root`, as an experiment YAML's `TRAIN_SET` / `TEST_SET` gives it), its labels
+    /// encoded for a model of `num_classes` classes with `ignore_label` (the YAML's).
+    pub fn official(
+        root: &Path,
+        dataset: Official,
+        list: &str,
+        num_classes: usize,
+        ignore_label: u32,
+    ) -> Result<Self> {
+        let path = root.join(list);
+        let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
+        let mut pairs = Vec::new();
+        for entry in dataset.parse_list(list, &text)? {
+            let Some(label) = entry.label else {
+                return Err(Error::Invalid(format!(
+                    "{}: an image-only list (a test split) has no labels to train or evaluate on",
+                    path.display()
+                )));
+            };
+            pairs.push((
+                root.join(entry.image),
+                root.join(label),
+                LabelEncoding::Official(dataset, num_classes),
+            ));
+        }
+        if pairs.is_empty() {
+            return Err(Error::Invalid(format!("{} lists no images", path.display())));
+        }
+        Ok(Folder { pairs, ignore_label })
     }
 
     fn from_list(root: &Path, list: &Path) -> Result<Vec<(PathBuf, PathBuf, LabelEncoding)>> {
@@ -206,8 +215,17 @@ impl Dataset for Folder {
         }
         let labels = match encoding {
             LabelEncoding::TrainIds => map.labels,
-            LabelEncoding::CityscapesIds => {
-                map.labels.into_iter().map(|id| cityscapes_train_id(id, self.ignore_label)).collect()
+            LabelEncoding::Official(dataset, classes) => {
+                if let Some(v) = map.labels.iter().find(|&&v| v > 255) {
+                    return Err(Error::Format {
+                        path: label_path.display().to_string(),
+                        what: format!(
+                            "holds label value {v}; the official {} class reads 8-bit label maps",
+                            dataset.name()
+                        ),
+                    });
+                }
+                map.labels.into_iter().map(|v| dataset.encode(v, *classes, self.ignore_label)).collect()
             }
         };
         Ok(Scene { image, labels })

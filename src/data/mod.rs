@@ -3,6 +3,7 @@
 pub mod augment;
 pub mod folder;
 pub mod image;
+pub mod official;
 pub mod procedural;
 
 use self::image::Image;

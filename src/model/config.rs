@@ -74,6 +74,17 @@ pub struct Config {
     pub nesterov: bool,
     /// Per-class loss weights: the official Cityscapes weights when the dataset is Cityscapes.
     pub class_weights: Option<Vec<f32>>,
+    /// The data: `DATASET.DATASET` (lower case), `DATASET.TRAIN_SET` and
+    /// `DATASET.TEST_SET` (list files relative to the dataset root), where the YAML has them.
+    pub dataset: DatasetKeys,
+}
+
+/// An experiment YAML's dataset keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatasetKeys {
+    pub name: Option<String>,
+    pub train_set: Option<String>,
+    pub test_set: Option<String>,
 }
 
 /// The class weights the official Cityscapes dataset class hands to the loss (spec section 4).
@@ -126,6 +137,7 @@ impl Config {
             momentum: 0.9,
             nesterov: false,
             class_weights: Some(CITYSCAPES_CLASS_WEIGHTS.to_vec()),
+            dataset: DatasetKeys::default(),
         })
     }
 
@@ -202,6 +214,11 @@ impl Config {
             momentum: r.opt_f32("TRAIN.MOMENTUM")?.unwrap_or(0.9),
             nesterov: r.opt_bool("TRAIN.NESTEROV")?.unwrap_or(false),
             class_weights,
+            dataset: DatasetKeys {
+                name: (!dataset.is_empty()).then_some(dataset),
+                train_set: r.scalar("DATASET.TRAIN_SET")?.map(str::to_string),
+                test_set: r.scalar("DATASET.TEST_SET")?.map(str::to_string),
+            },
         })
     }
 

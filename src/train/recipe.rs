@@ -106,9 +106,9 @@ impl RunSettings {
     }
 
     /// The official augmentation at this crop: scales 0.5 to 2.0 in steps of 0.1, random
-    /// crop, horizontal flip.
-    pub fn augment(&self, ignore_label: u32) -> Augment {
-        Augment { crop: self.crop, min_scale: 0.5, scale_steps: 16, flip: true, ignore_label }
+    /// crop, horizontal flip exchanging the `swap_on_flip` classes.
+    pub fn augment(&self, ignore_label: u32, swap_on_flip: &'static [(u32, u32)]) -> Augment {
+        Augment { crop: self.crop, min_scale: 0.5, scale_steps: 16, flip: true, swap_on_flip, ignore_label }
     }
 
     /// The dropout seed of step `step`: distinct per step, and the same when a run resumes.

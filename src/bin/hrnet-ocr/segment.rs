@@ -4,6 +4,7 @@ use crate::{model, parse_size, Mode, ModelArgs};
 use clap::{Args, ValueEnum};
 use hrnet_ocr::data::folder::Folder;
 use hrnet_ocr::data::image::check_labels;
+use hrnet_ocr::data::official::Official;
 use hrnet_ocr::data::procedural::Scenes;
 use hrnet_ocr::data::Dataset;
 use hrnet_ocr::eval::Evaluation;
@@ -158,32 +159,63 @@ fn class_shares(labels: &[u32], names: &[String]) -> String {
 /// The labelled images a command reads: a folder dataset or procedural scenes.
 #[derive(Args, Clone, Debug)]
 pub struct DataArgs {
-    /// A dataset folder: Cityscapes layout (leftImg8bit/, gtFine/) or images/ + masks/
+    /// A dataset root: an official dataset's (DATASET.DATASET of the YAML, its TRAIN_SET /
+    /// TEST_SET lists relative to it), Cityscapes layout (leftImg8bit/, gtFine/) or
+    /// images/ + masks/
     #[arg(long, value_name = "DIR", conflicts_with = "synthetic")]
     pub data: Option<PathBuf>,
     /// The built-in procedural scenes instead of files
     #[arg(long)]
     pub synthetic: bool,
-    /// A list file of `image mask` lines, relative to --data
+    /// A list file relative to --data (`image mask` lines, or an official dataset's list)
     #[arg(long, value_name = "FILE", requires = "data")]
     pub list: Option<PathBuf>,
 }
 
+/// Which of an experiment's list files a command reads.
+#[derive(Clone, Copy)]
+pub enum Set {
+    Train,
+    Test,
+}
+
 impl DataArgs {
-    /// The dataset: `split` of the folder, or `count` scenes of `seed` at `size`.
+    /// The dataset, and the official one it is if the config names one: with a config
+    /// naming `DATASET.DATASET`, its list (`--list`, or the YAML's `TRAIN_SET` / `TEST_SET`
+    /// where that file exists under the root) read as the official class reads it; else
+    /// `split` of the folder's layout; or `count` scenes of `seed` at `size`.
     pub fn open(
         &self,
+        cfg: &Config,
+        set: Set,
         split: &str,
-        ignore_label: u32,
         seed: u64,
         count: usize,
         size: [usize; 2],
-    ) -> Result<Box<dyn Dataset>> {
-        Ok(match &self.data {
-            Some(dir) => Box::new(Folder::open(dir, split, self.list.as_deref(), ignore_label)?),
-            None if self.synthetic => Box::new(Scenes { seed, count, width: size[1], height: size[0] }),
-            None => return Err(Error::Invalid("no data: give --data DIR or --synthetic".into())),
-        })
+    ) -> Result<(Box<dyn Dataset>, Option<Official>)> {
+        let Some(dir) = &self.data else {
+            if self.synthetic {
+                return Ok((Box::new(Scenes { seed, count, width: size[1], height: size[0] }), None));
+            }
+            return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
+        };
+        let ignore = cfg.ignore_index();
+        let official = cfg.dataset.name.as_deref().map(Official::parse).transpose()?;
+        if let Some(kind) = official {
+            let yaml_list = match set {
+                Set::Train => cfg.dataset.train_set.as_deref(),
+                Set::Test => cfg.dataset.test_set.as_deref(),
+            };
+            let list = match &self.list {
+                Some(l) => Some(l.display().to_string()),
+                None => yaml_list.filter(|l| dir.join(l).is_file()).map(str::to_string),
+            };
+            if let Some(list) = list {
+                let folder = Folder::official(dir, kind, &list, cfg.num_classes, ignore)?;
+                return Ok((Box::new(folder), Some(kind)));
+            }
+        }
+        Ok((Box::new(Folder::open(dir, split, self.list.as_deref(), ignore)?), official))
     }
 }
 
@@ -213,7 +245,8 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let strategy = args.infer.strategy()?;
     let (cfg, weights, bundled) = model::load(&args.model)?;
     let ignore = cfg.ignore_index();
-    let dataset = args.data.open(&args.split, ignore, args.seed, args.count, args.size)?;
+    let (dataset, official) =
+        args.data.open(&cfg, Set::Test, &args.split, args.seed, args.count, args.size)?;
     let gpu = Gpu::new()?;
     let (classes, names) =
         (cfg.num_classes, model::class_names(cfg.num_classes, bundled || args.data.synthetic));
@@ -222,8 +255,13 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let mut seconds = 0.0;
     for i in 0..dataset.len() {
         let scene = dataset.get(i)?;
-        check_labels(&scene.labels, classes, ignore)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", dataset.describe(i))))?;
+        // An official dataset's encodings can give labels past the classes (COCO-Stuff's
+        // unused ids, a reduced zero under IGNORE_LABEL -1): its confusion matrix leaves
+        // them out, as the official one does. Other labels must be classes or the ignore.
+        if official.is_none() {
+            check_labels(&scene.labels, classes, ignore)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", dataset.describe(i))))?;
+        }
         let start = Instant::now();
         segmenter.evaluate(&scene.image, &strategy, &scene.labels, &mut evaluation)?;
         seconds += start.elapsed().as_secs_f64();

@@ -1,10 +1,11 @@
 //! `train`: the official recipe on a folder dataset or the procedural scenes, with atomic
 //! checkpoints and exact resume.
 
-use crate::segment::DataArgs;
+use crate::segment::{DataArgs, Set};
 use crate::{model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::Batches;
+use hrnet_ocr::data::official::Official;
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights;
 use hrnet_ocr::model::Config;
@@ -130,7 +131,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         synthetic,
         list: (!s.list.is_empty()).then(|| PathBuf::from(&s.list)),
     };
-    let dataset = data.open(&s.split, cfg.ignore_index(), s.seed, steps.saturating_mul(batch), s.size)?;
+    let (dataset, official) =
+        data.open(&cfg, Set::Train, &s.split, s.seed, steps.saturating_mul(batch), s.size)?;
     let options = s.options(TuningCache::from_env());
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
@@ -143,7 +145,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?
         }
     };
-    let recipe = s.augment(cfg.ignore_index());
+    let recipe = s.augment(cfg.ignore_index(), official.map_or(&[][..], Official::flip_swaps));
     let batches =
         Batches { dataset: dataset.as_ref(), recipe, seed: s.seed, batch, classes: cfg.num_classes };
     let first = trainer.steps();
