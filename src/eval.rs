@@ -1,6 +1,6 @@
-//! Evaluation: the confusion matrix over a whole set (ignore label excluded), per-class
-//! IoU = tp / max(1, gt + pred - tp), mIoU over all classes, and pixel accuracy, as the
-//! official test script computes them.
+//! Evaluation: the confusion matrix over a whole set (ignore label and labels past the
+//! classes excluded), per-class IoU = tp / max(1, gt + pred - tp), mIoU over all classes,
+//! pixel accuracy and mean accuracy, as the official `testval` computes them.
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -20,6 +20,8 @@ pub struct Scores {
     pub iou: Vec<f64>,
     pub mean_iou: f64,
     pub pixel_accuracy: f64,
+    /// The mean over classes of each class's pixel accuracy, tp / max(1, ground truth).
+    pub mean_accuracy: f64,
     /// `classes x classes`, rows ground truth.
     pub confusion: Vec<u64>,
 }
@@ -71,6 +73,7 @@ impl Evaluation {
         Ok(Scores {
             mean_iou: iou.iter().sum::<f64>() / k as f64,
             pixel_accuracy: (0..k).map(tp).sum::<u64>() as f64 / total.max(1) as f64,
+            mean_accuracy: (0..k).map(|c| tp(c) as f64 / gt(c).max(1) as f64).sum::<f64>() / k as f64,
             iou,
             confusion,
         })

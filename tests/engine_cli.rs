@@ -428,7 +428,26 @@ fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
     assert_eq!(log_losses(&out).len(), 2);
     let weights = out.join("weights.safetensors");
     let (ok, text) = run(&["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)]);
-    assert!(ok && text.contains("mIoU") && text.contains("1 images"), "{text}");
+    assert!(
+        ok && text.contains("mIoU") && text.contains("mean accuracy") && text.contains("1 images"),
+        "{text}"
+    );
+    // --json: one object on stdout, its confusion matrix 20 x 20 and counting every pixel of
+    // the 40 x 40 val image (LIP's labels here are all classes).
+    let out = Command::new(env!("CARGO_BIN_EXE_hrnet-ocr"))
+        .args(["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root), "--json"])
+        .output()
+        .unwrap();
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success() && json.lines().count() == 1, "{json}");
+    let rows = json.split("\"confusion\":[").nth(1).unwrap();
+    let counts: Vec<u64> = rows
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert_eq!((counts.len(), counts.iter().sum::<u64>()), (400, 1600), "{json}");
+    assert!(json.contains("\"mean_accuracy\":") && json.contains("\"classes\":20"), "{json}");
     // A dataset the engine does not know is refused, naming the known ones.
     std::fs::write(&config, tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", &dataset.replace("lip", "voc")))
         .unwrap();

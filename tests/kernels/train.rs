@@ -109,6 +109,13 @@ fn evaluation_scores_follow_the_official_formulas() {
         assert!((s.iou[c] - tp / (gt + pr - tp as u64).max(1) as f64).abs() < 1e-12);
     }
     assert!((s.mean_iou - s.iou.iter().sum::<f64>() / k as f64).abs() < 1e-12);
+    // Mean accuracy as the official testval: mean over classes of tp / max(1, gt).
+    let accuracy: f64 = (0..k)
+        .map(|c| {
+            confusion[c * k + c] as f64 / (0..k).map(|p| confusion[c * k + p]).sum::<u64>().max(1) as f64
+        })
+        .sum();
+    assert!((s.mean_accuracy - accuracy / k as f64).abs() < 1e-12);
     assert!(eval.add(gpu(), &[0, 1], &[0]).is_err());
 }
 

@@ -7,7 +7,7 @@ use hrnet_ocr::data::image::check_labels;
 use hrnet_ocr::data::official::Official;
 use hrnet_ocr::data::procedural::Scenes;
 use hrnet_ocr::data::Dataset;
-use hrnet_ocr::eval::Evaluation;
+use hrnet_ocr::eval::{Evaluation, Scores};
 use hrnet_ocr::images::{self, LabelMap};
 use hrnet_ocr::infer::{Segmenter, Strategy};
 use hrnet_ocr::kernels::conv2d::Precision;
@@ -239,6 +239,30 @@ pub struct EvalArgs {
     size: [usize; 2],
     #[command(flatten)]
     infer: InferArgs,
+    /// Print the metrics and the confusion matrix (rows: ground truth, columns: prediction)
+    /// as one JSON object on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+/// The scores as one JSON object: per-class IoU, mIoU, pixel and mean accuracy, and the
+/// confusion matrix as rows of ground truth.
+fn scores_json(scores: &Scores, images: usize) -> String {
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(",");
+    let k = scores.iou.len();
+    let rows: Vec<String> = scores
+        .confusion
+        .chunks(k.max(1))
+        .map(|r| format!("[{}]", r.iter().map(u64::to_string).collect::<Vec<_>>().join(",")))
+        .collect();
+    format!(
+        "{{\"images\":{images},\"classes\":{k},\"iou\":[{}],\"mean_iou\":{},\"pixel_accuracy\":{},\"mean_accuracy\":{},\"confusion\":[{}]}}",
+        list(&scores.iou),
+        scores.mean_iou,
+        scores.pixel_accuracy,
+        scores.mean_accuracy,
+        rows.join(",")
+    )
 }
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
@@ -267,18 +291,25 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         seconds += start.elapsed().as_secs_f64();
     }
     let scores = evaluation.scores(&gpu)?;
-    println!("{:>5}  {:<16} {:>7}", "class", "name", "IoU");
-    for (c, iou) in scores.iou.iter().enumerate() {
-        println!("{c:>5}  {:<16} {iou:>7.4}", names[c]);
-    }
-    println!("mIoU {:.4}", scores.mean_iou);
-    println!("pixel accuracy {:.4}", scores.pixel_accuracy);
-    println!(
+    let timing = format!(
         "{} images, {:.1} ms per image ({:?} mode) on {}",
         dataset.len(),
         1e3 * seconds / dataset.len().max(1) as f64,
         args.infer.mode,
         gpu.describe()
     );
+    if args.json {
+        println!("{}", scores_json(&scores, dataset.len()));
+        eprintln!("{timing}");
+        return Ok(());
+    }
+    println!("{:>5}  {:<16} {:>7}", "class", "name", "IoU");
+    for (c, iou) in scores.iou.iter().enumerate() {
+        println!("{c:>5}  {:<16} {iou:>7.4}", names[c]);
+    }
+    println!("mIoU {:.4}", scores.mean_iou);
+    println!("pixel accuracy {:.4}", scores.pixel_accuracy);
+    println!("mean accuracy {:.4}", scores.mean_accuracy);
+    println!("{timing}");
     Ok(())
 }
