@@ -1,7 +1,8 @@
 //! Inference on images: whole image, sliding windows, and multi-scale with flip, as the
 //! official test recipe does it (spec section 6).
 
-use crate::data::image::Image;
+use crate::data::image::{normalise, Image};
+use crate::data::official::Official;
 use crate::error::{Error, Result};
 use crate::eval::Evaluation;
 use crate::gpu::Gpu;
@@ -26,6 +27,62 @@ pub enum Strategy {
     /// For each scale, the resized image whole (scale <= 1) or in sliding windows (> 1), with
     /// its horizontal flip averaged in; exp() of the logits, resized back and summed.
     MultiScaleFlip { scales: Vec<f32>, crop: [usize; 2], stride: [usize; 2] },
+    /// The official repository's test (`multi_scale_inference` of its dataset classes).
+    Official(OfficialTest),
+}
+
+/// The official test of a dataset, from an experiment YAML's `TEST` keys. For each scale
+/// the image is resized so that its long side is `base_size * scale` (rounded as the
+/// official `int(x + 0.5)`; bilinear at pixel centres, as OpenCV's `INTER_LINEAR` on the
+/// normalised image), covered as its dataset class covers it, each pass scored as
+/// `exp((logits + flipped logits) / 2)` (LIP's left and right channels exchanged in the
+/// flipped pass) or `exp(logits)`, overlaps averaged, resized back (align_corners as the
+/// model) and summed over scales.
+///
+/// - Cityscapes: scales up to 1 in one pass; larger ones in windows of `crop` every `crop`,
+///   the last of each row and column shifted back to end at the border.
+/// - The others: an image no larger than the crop is padded to it (bottom and right, with
+///   black) for one pass; a larger one is padded up to the crop where smaller, and covered
+///   by windows every two thirds of the crop, the border windows padded to the crop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OfficialTest {
+    pub dataset: Official,
+    /// `TEST.BASE_SIZE`.
+    pub base_size: usize,
+    /// `TEST.IMAGE_SIZE` as (height, width).
+    pub crop: [usize; 2],
+    /// `TEST.SCALE_LIST`.
+    pub scales: Vec<f32>,
+    /// `TEST.FLIP_TEST`.
+    pub flip: bool,
+}
+
+impl OfficialTest {
+    /// The test recipe of `config`'s `DATASET.DATASET` and `TEST` keys; none when the config
+    /// names no dataset.
+    pub fn of(config: &Config) -> Result<Option<Self>> {
+        let keys = &config.dataset;
+        let Some(name) = &keys.name else { return Ok(None) };
+        Ok(Some(OfficialTest {
+            dataset: Official::parse(name)?,
+            base_size: keys.test_base_size,
+            crop: keys.test_crop,
+            scales: keys.test_scales.clone(),
+            flip: keys.test_flip,
+        }))
+    }
+
+    /// The size an `[h, w]` image is resized to at `scale`: its long side
+    /// `int(base_size * scale + 0.5)`, the other in proportion, rounded the same way.
+    pub fn scaled_size(&self, [h, w]: [usize; 2], scale: f32) -> [usize; 2] {
+        let long = (self.base_size as f64 * f64::from(scale) + 0.5) as usize;
+        let other = |short: usize, longer: usize| ((short * long) as f64 / longer as f64 + 0.5) as usize;
+        if h > w {
+            [long, other(w, h).max(1)]
+        } else {
+            [other(h, w).max(1), long]
+        }
+    }
 }
 
 /// A segmentation: per-pixel classes and the scores they are the argmax of.
@@ -164,7 +221,149 @@ impl<'g> Segmenter<'g> {
             Strategy::MultiScaleFlip { scales, crop, stride } => {
                 self.multi_scale_flip(planes, size, scales, *crop, *stride)
             }
+            Strategy::Official(test) => self.official(planes, size, test),
         }
+    }
+
+    /// [`Strategy::Official`]: the summed scores `[K, H, W]`.
+    fn official(&mut self, planes: &[f32], [h, w]: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
+        let k = self.config.num_classes;
+        if test.crop.contains(&0) || test.scales.is_empty() {
+            return Err(Error::Invalid(format!("an official test needs a crop and scales, got {test:?}")));
+        }
+        let mut total = vec![0.0f32; k * h * w];
+        for &scale in &test.scales {
+            let size = test.scaled_size([h, w], scale);
+            let scaled = self.resize_planes(planes, 3, [h, w], size, false)?;
+            let scores = match test.dataset {
+                Official::Cityscapes => self.official_cityscapes(&scaled, size, scale, test)?,
+                _ => self.official_padded(&scaled, size, test)?,
+            };
+            let back = self.resize_planes(&scores, k, size, [h, w], self.config.align_corners)?;
+            total.iter_mut().zip(back).for_each(|(t, v)| *t += v);
+        }
+        Ok(total)
+    }
+
+    /// `exp` of a pass's logits at the size of `planes`, averaged with its horizontal flip's
+    /// (the dataset's left and right classes exchanged) when the test flips. The pass must
+    /// fit the device: the official test never splits it further.
+    fn official_pass(&mut self, planes: &[f32], size: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
+        let mut logits = self.whole_logits(planes, size)?;
+        if test.flip {
+            let k = self.config.num_classes;
+            let mirrored = self.whole_logits(&flip(planes, 3, size), size)?;
+            let mut mirrored = flip(&mirrored, k, size);
+            swap_classes(&mut mirrored, k, size[0] * size[1], test.dataset.flip_swaps())?;
+            logits.iter_mut().zip(&mirrored).for_each(|(a, b)| *a = (*a + b) * 0.5);
+        }
+        Ok(logits.into_iter().map(f32::exp).collect())
+    }
+
+    /// The model's logits of one whole pass, or an error when it does not fit the device.
+    fn whole_logits(&mut self, planes: &[f32], size: [usize; 2]) -> Result<Vec<f32>> {
+        if !self.run(planes, size)? {
+            return Err(Error::Invalid(format!(
+                "a {}x{} pass of this model exceeds the device's storage binding limit of {} bytes",
+                size[0],
+                size[1],
+                self.gpu.limits().max_storage_buffer_binding_size
+            )));
+        }
+        self.graphs[&size].output(FULL_LOGITS).to_vec(self.gpu)
+    }
+
+    /// Cityscapes' `multi_scale_inference`: one pass up to scale 1, else windows of the crop
+    /// every crop, shifted back at the border, overlaps averaged.
+    fn official_cityscapes(
+        &mut self,
+        planes: &[f32],
+        [h, w]: [usize; 2],
+        scale: f32,
+        test: &OfficialTest,
+    ) -> Result<Vec<f32>> {
+        if scale <= 1.0 {
+            return self.official_pass(planes, [h, w], test);
+        }
+        let [ch, cw] = test.crop;
+        let rows = (h.saturating_sub(ch)).div_ceil(ch) + 1;
+        let cols = (w.saturating_sub(cw)).div_ceil(cw) + 1;
+        let mut windows = Vec::new();
+        for r in 0..rows {
+            for c in 0..cols {
+                let (h1, w1) = ((r * ch + ch).min(h), (c * cw + cw).min(w));
+                windows.push(([h1.saturating_sub(ch), w1.saturating_sub(cw)], [h1, w1]));
+            }
+        }
+        self.averaged_windows(planes, [h, w], &windows, None, test)
+    }
+
+    /// The other datasets' `multi_scale_inference`: padded to the crop where smaller, one
+    /// pass when the image fits the crop, else windows every two thirds of the crop, the
+    /// border windows padded to the crop, overlaps averaged; cut back to the image.
+    fn official_padded(
+        &mut self,
+        planes: &[f32],
+        [h, w]: [usize; 2],
+        test: &OfficialTest,
+    ) -> Result<Vec<f32>> {
+        let [ch, cw] = test.crop;
+        let k = self.config.num_classes;
+        if h.max(w) <= ch.min(cw) {
+            let padded = pad_planes(planes, [h, w], test.crop);
+            let scores = self.official_pass(&padded, test.crop, test)?;
+            return Ok(crop_planes(&scores, k, test.crop, [0, 0], [h, w]));
+        }
+        let full = [h.max(ch), w.max(cw)];
+        let padded = pad_planes(planes, [h, w], full);
+        let stride = [ch * 2 / 3, cw * 2 / 3].map(|s| s.max(1));
+        let rows = (full[0] - ch).div_ceil(stride[0]) + 1;
+        let cols = (full[1] - cw).div_ceil(stride[1]) + 1;
+        let mut windows = Vec::new();
+        for r in 0..rows {
+            for c in 0..cols {
+                let (h0, w0) = (r * stride[0], c * stride[1]);
+                windows.push(([h0, w0], [(h0 + ch).min(full[0]), (w0 + cw).min(full[1])]));
+            }
+        }
+        let scores = self.averaged_windows(&padded, full, &windows, Some(test.crop), test)?;
+        Ok(crop_planes(&scores, k, full, [0, 0], [h, w]))
+    }
+
+    /// Scores of `planes` (`[3, h, w]`) from passes over `windows` (`[h0, w0]` to
+    /// `[h1, w1]`), each padded to `pad_to` if given, overlaps averaged.
+    fn averaged_windows(
+        &mut self,
+        planes: &[f32],
+        [h, w]: [usize; 2],
+        windows: &[([usize; 2], [usize; 2])],
+        pad_to: Option<[usize; 2]>,
+        test: &OfficialTest,
+    ) -> Result<Vec<f32>> {
+        let k = self.config.num_classes;
+        let mut sum = vec![0.0f32; k * h * w];
+        let mut count = vec![0u32; h * w];
+        for &([h0, w0], [h1, w1]) in windows {
+            let window = crop_planes(planes, 3, [h, w], [h0, w0], [h1 - h0, w1 - w0]);
+            let size = pad_to.unwrap_or([h1 - h0, w1 - w0]);
+            let scores = self.official_pass(&pad_planes(&window, [h1 - h0, w1 - w0], size), size, test)?;
+            for c in 0..k {
+                for y in h0..h1 {
+                    for x in w0..w1 {
+                        sum[(c * h + y) * w + x] += scores[(c * size[0] + y - h0) * size[1] + x - w0];
+                    }
+                }
+            }
+            for y in h0..h1 {
+                for x in w0..w1 {
+                    count[y * w + x] += 1;
+                }
+            }
+        }
+        for (i, v) in sum.iter_mut().enumerate() {
+            *v /= count[i % (h * w)] as f32;
+        }
+        Ok(sum)
     }
 
     /// The main logits `[K, H, W]` of normalised planes `[3, H, W]`, at the input size.
@@ -309,7 +508,7 @@ impl<'g> Segmenter<'g> {
         let mut total = vec![0.0f32; k * h * w];
         for &s in scales {
             let size = [((h as f32 * s).round() as usize).max(1), ((w as f32 * s).round() as usize).max(1)];
-            let scaled = self.resize_planes(planes, 3, [h, w], size)?;
+            let scaled = self.resize_planes(planes, 3, [h, w], size, self.config.align_corners)?;
             let run = |this: &mut Self, p: &[f32]| -> Result<Vec<f32>> {
                 if s <= 1.0 {
                     this.logits(p, size)
@@ -320,21 +519,28 @@ impl<'g> Segmenter<'g> {
             let plain = run(self, &scaled)?;
             let flipped = flip(&run(self, &flip(&scaled, 3, size))?, k, size);
             let averaged: Vec<f32> = plain.iter().zip(&flipped).map(|(a, b)| ((a + b) / 2.0).exp()).collect();
-            let back = self.resize_planes(&averaged, k, size, [h, w])?;
+            let back = self.resize_planes(&averaged, k, size, [h, w], self.config.align_corners)?;
             total.iter_mut().zip(back).for_each(|(t, v)| *t += v);
         }
         Ok(total)
     }
 
-    /// Bilinear resize of `c` planes on the device (align_corners as the model).
-    fn resize_planes(&self, planes: &[f32], c: usize, from: [usize; 2], to: [usize; 2]) -> Result<Vec<f32>> {
+    /// Bilinear resize of `c` planes on the device.
+    fn resize_planes(
+        &self,
+        planes: &[f32],
+        c: usize,
+        from: [usize; 2],
+        to: [usize; 2],
+        align_corners: bool,
+    ) -> Result<Vec<f32>> {
         if from == to {
             return Ok(planes.to_vec());
         }
         let gpu = self.gpu;
         let src = Tensor::from_slice(gpu, &[1, c, from[0], from[1]], planes)?;
         let dst = Tensor::empty(gpu, &[1, c, to[0], to[1]])?;
-        gpu.run([&resize::forward(gpu, &src, &dst, 0, self.config.align_corners)?])?;
+        gpu.run([&resize::forward(gpu, &src, &dst, 0, align_corners)?])?;
         dst.to_vec(gpu)
     }
 }
@@ -367,6 +573,41 @@ fn crop_planes(
     out
 }
 
+/// Exchanges the score planes (`plane` values each, `classes` of them) of each pair of
+/// classes: a flipped pass's left and right parts (LIP).
+fn swap_classes(scores: &mut [f32], classes: usize, plane: usize, pairs: &[(u32, u32)]) -> Result<()> {
+    for &(left, right) in pairs {
+        let (l, r) = (left as usize, right as usize);
+        if l.max(r) >= classes {
+            return Err(Error::Invalid(format!(
+                "the flipped test exchanges classes {l} and {r}; this model has {classes} classes"
+            )));
+        }
+        for i in 0..plane {
+            scores.swap(l * plane + i, r * plane + i);
+        }
+    }
+    Ok(())
+}
+
+/// Normalised RGB planes `[3, h, w]` padded at the bottom and right to `to` with black
+/// (the official pad value `-mean / std`).
+fn pad_planes(planes: &[f32], [h, w]: [usize; 2], to: [usize; 2]) -> Vec<f32> {
+    if [h, w] == to {
+        return planes.to_vec();
+    }
+    let mut out = Vec::with_capacity(3 * to[0] * to[1]);
+    for c in 0..3 {
+        let black = normalise(c, 0);
+        for y in 0..to[0] {
+            for x in 0..to[1] {
+                out.push(if y < h && x < w { planes[(c * h + y) * w + x] } else { black });
+            }
+        }
+    }
+    out
+}
+
 /// Mirrors `c` planes of `[h, w]` left to right.
 fn flip(planes: &[f32], c: usize, [h, w]: [usize; 2]) -> Vec<f32> {
     let mut out = planes.to_vec();
@@ -390,6 +631,27 @@ fn argmax(scores: &[f32], k: usize, pixels: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::window_starts;
+
+    /// LIP's flipped test pass exchanges each left and right class's scores, nothing else.
+    #[test]
+    fn a_flipped_lip_pass_exchanges_left_and_right_scores() {
+        let (classes, plane) = (20, 3);
+        let mut scores: Vec<f32> = (0..classes * plane).map(|i| i as f32).collect();
+        super::swap_classes(&mut scores, classes, plane, crate::data::official::Official::Lip.flip_swaps())
+            .unwrap();
+        for c in 0..classes {
+            let from = match c {
+                14..=19 if c % 2 == 0 => c + 1,
+                14..=19 => c - 1,
+                other => other,
+            };
+            assert_eq!(
+                scores[c * plane..(c + 1) * plane],
+                [0, 1, 2].map(|i| (from * plane + i) as f32),
+                "class {c}"
+            );
+        }
+    }
 
     #[test]
     fn windows_cover_the_axis_and_end_at_the_border() {

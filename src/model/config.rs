@@ -80,11 +80,36 @@ pub struct Config {
 }
 
 /// An experiment YAML's dataset keys.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DatasetKeys {
     pub name: Option<String>,
     pub train_set: Option<String>,
     pub test_set: Option<String>,
+    /// `TEST.BASE_SIZE`: the long side an image is resized to at scale 1 (official
+    /// default 2048).
+    pub test_base_size: usize,
+    /// `TEST.IMAGE_SIZE` as (height, width): the test crop (the YAML writes width first;
+    /// official default 2048 x 1024).
+    pub test_crop: [usize; 2],
+    /// `TEST.SCALE_LIST` (official default `[1]`).
+    pub test_scales: Vec<f32>,
+    /// `TEST.FLIP_TEST`.
+    pub test_flip: bool,
+}
+
+impl Default for DatasetKeys {
+    /// No dataset or lists; the official defaults of the test keys.
+    fn default() -> Self {
+        DatasetKeys {
+            name: None,
+            train_set: None,
+            test_set: None,
+            test_base_size: 2048,
+            test_crop: [1024, 2048],
+            test_scales: vec![1.0],
+            test_flip: false,
+        }
+    }
 }
 
 /// The class weights the official Cityscapes dataset class hands to the loss (spec section 4).
@@ -218,6 +243,26 @@ impl Config {
                 name: (!dataset.is_empty()).then_some(dataset),
                 train_set: r.scalar("DATASET.TRAIN_SET")?.map(str::to_string),
                 test_set: r.scalar("DATASET.TEST_SET")?.map(str::to_string),
+                test_base_size: r.positive("TEST.BASE_SIZE", Some(2048))?,
+                test_crop: match r.list::<usize>("TEST.IMAGE_SIZE", "sizes")?.as_deref() {
+                    None => [1024, 2048],
+                    Some(&[w, h]) if w > 0 && h > 0 => [h, w],
+                    Some(other) => {
+                        return Err(
+                            r.error("TEST.IMAGE_SIZE", &format!("expected [width, height], got {other:?}"))
+                        )
+                    }
+                },
+                test_scales: match r.opt_f32_list("TEST.SCALE_LIST")? {
+                    Some(s) if s.is_empty() || s.iter().any(|v| !(v.is_finite() && *v > 0.0)) => {
+                        return Err(
+                            r.error("TEST.SCALE_LIST", &format!("expected positive scales, got {s:?}"))
+                        )
+                    }
+                    Some(s) => s,
+                    None => vec![1.0],
+                },
+                test_flip: r.opt_bool("TEST.FLIP_TEST")?.unwrap_or(false),
             },
         })
     }

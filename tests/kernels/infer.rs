@@ -3,7 +3,8 @@
 
 use crate::common::*;
 use hrnet_ocr::data::image::Image;
-use hrnet_ocr::infer::{window_starts, Segmenter, Strategy};
+use hrnet_ocr::data::official::Official;
+use hrnet_ocr::infer::{window_starts, OfficialTest, Segmenter, Strategy};
 use hrnet_ocr::model::weights;
 
 fn segmenter() -> Segmenter<'static> {
@@ -315,4 +316,79 @@ fn segmenting_and_evaluating_keep_the_predictions_on_the_device() {
     assert_eq!((after.0 - before.0, after.1 - before.1), (2, 0), "evaluate: (submissions, readbacks)");
     on_host.add(gpu, &seg.classes, &labels).unwrap();
     assert_eq!(on_device.scores(gpu).unwrap(), on_host.scores(gpu).unwrap());
+}
+
+fn official(dataset: Official, base_size: usize, crop: [usize; 2], flip: bool) -> Strategy {
+    Strategy::Official(OfficialTest { dataset, base_size, crop, scales: vec![1.0], flip })
+}
+
+/// The official long-side rule: `int(base * scale + 0.5)`, the other side in proportion.
+#[test]
+fn the_official_test_resizes_by_the_long_side() {
+    let t = OfficialTest {
+        dataset: Official::Ade20k,
+        base_size: 2048,
+        crop: [1024, 2048],
+        scales: vec![],
+        flip: false,
+    };
+    assert_eq!(t.scaled_size([1024, 2048], 0.75), [768, 1536]);
+    assert_eq!(t.scaled_size([1024, 2048], 1.25), [1280, 2560]);
+    let t = OfficialTest { base_size: 64, ..t };
+    assert_eq!(t.scaled_size([37, 50], 1.0), [47, 64]);
+    assert_eq!(t.scaled_size([50, 37], 0.5), [32, 24]);
+}
+
+/// At scale 1 with the base size at the image's long side, Cityscapes' official test is
+/// exp of one whole pass, averaged with its mirror's when it flips; LIP's flipped pass
+/// exchanges its left and right channels; the padded datasets pad an image smaller than
+/// the crop with black and cut the scores back.
+#[test]
+fn the_official_test_composes_passes_as_the_official_code() {
+    let (cfg, w) = (tiny_config(), tiny_weights());
+    let k = cfg.num_classes;
+    let mut s = Segmenter::new(gpu(), cfg, w);
+    let mut rng = Rng::new(seed("the_official_test_composes"));
+    let (h, wd) = (24, 40);
+    let planes = rng.normals(3 * h * wd);
+    let mirror = |v: &[f32], c: usize| -> Vec<f32> {
+        v.chunks(wd).flat_map(|r| r.iter().rev().copied()).take(c * h * wd).collect()
+    };
+    let plain = s.logits(&planes, [h, wd]).unwrap();
+    let mirrored = mirror(&s.logits(&mirror(&planes, 3), [h, wd]).unwrap(), k);
+    let exp = |v: Vec<f32>| v.into_iter().map(f32::exp).collect::<Vec<f32>>();
+
+    let got = s.logits_with(&planes, [h, wd], &official(Official::Cityscapes, wd, [h, wd], false)).unwrap();
+    assert_close("cityscapes, scale 1", &got, &exp(plain.clone()), 1e-6);
+    let averaged: Vec<f32> = plain.iter().zip(&mirrored).map(|(a, b)| (a + b) * 0.5).collect();
+    let got = s.logits_with(&planes, [h, wd], &official(Official::Cityscapes, wd, [h, wd], true)).unwrap();
+    assert_close("cityscapes, flipped", &got, &exp(averaged), 1e-6);
+
+    // LIP's flip exchanges classes 14 to 19, which a 5-class model does not have: refused.
+    let e = s.logits_with(&planes, [h, wd], &official(Official::Lip, wd, [h, wd], true)).unwrap_err();
+    assert!(e.to_string().contains("5 classes"), "{e}");
+
+    // ADE20K with a crop larger than the image: padded with black, cut back.
+    let crop = [32, 48];
+    let black: Vec<f32> = (0..3)
+        .flat_map(|c| {
+            let planes = &planes;
+            (0..crop[0]).flat_map(move |y| {
+                (0..crop[1]).map(move |x| {
+                    if y < h && x < wd {
+                        planes[(c * h + y) * wd + x]
+                    } else {
+                        hrnet_ocr::data::image::normalise(c, 0)
+                    }
+                })
+            })
+        })
+        .collect();
+    let padded = s.logits(&black, crop).unwrap();
+    let cut: Vec<f32> = (0..k)
+        .flat_map(|c| (0..h).flat_map(move |y| (0..wd).map(move |x| (c, y, x))))
+        .map(|(c, y, x)| padded[(c * crop[0] + y) * crop[1] + x].exp())
+        .collect();
+    let got = s.logits_with(&planes, [h, wd], &official(Official::Ade20k, wd, crop, false)).unwrap();
+    assert_close("ade20k, padded to the crop", &got, &cut, 1e-6);
 }

@@ -74,6 +74,9 @@ enum Mode {
     Slide,
     /// Every scale of --scales (whole or sliding) with its flip; exp-logits summed.
     MsFlip,
+    /// The official repository's test of the config's dataset (its TEST keys: base size,
+    /// crop, scales, flip), as tools/test.py runs it.
+    Official,
 }
 
 fn main() -> ExitCode {

@@ -9,7 +9,7 @@ use hrnet_ocr::data::procedural::Scenes;
 use hrnet_ocr::data::Dataset;
 use hrnet_ocr::eval::{Evaluation, Scores};
 use hrnet_ocr::images::{self, LabelMap};
-use hrnet_ocr::infer::{Segmenter, Strategy};
+use hrnet_ocr::infer::{OfficialTest, Segmenter, Strategy};
 use hrnet_ocr::kernels::conv2d::Precision;
 use hrnet_ocr::model::weights::NamedTensor;
 use hrnet_ocr::model::Config;
@@ -20,9 +20,9 @@ use std::time::Instant;
 /// How images are covered.
 #[derive(Args, Clone, Debug)]
 pub struct InferArgs {
-    /// Inference mode
-    #[arg(long, value_enum, default_value = "whole")]
-    mode: Mode,
+    /// Inference mode [default: official when the config names its DATASET.DATASET, else whole]
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
     /// Sliding-window size, N or HxW (slide, ms-flip)
     #[arg(long, value_parser = parse_size, default_value = "512x1024")]
     crop: [usize; 2],
@@ -68,7 +68,7 @@ impl InferArgs {
     ) -> Segmenter<'g> {
         let mut segmenter = Segmenter::new(gpu, cfg, weights);
         segmenter.check_numerics(self.check_numerics);
-        segmenter.tune(reused || self.mode != Mode::Whole);
+        segmenter.tune(reused || self.mode != Some(Mode::Whole));
         let asked = Precision::from(self.precision);
         if segmenter.set_precision(asked) != asked {
             eprintln!("note: {} lacks SHADER_F16; running f32 weights", gpu.describe());
@@ -76,15 +76,26 @@ impl InferArgs {
         segmenter
     }
 
-    fn strategy(&self) -> Result<Strategy> {
+    /// The strategy `--mode` asks for; without one, `cfg`'s official test when it names a
+    /// dataset, else the whole image.
+    fn strategy(&self, cfg: &Config) -> Result<Strategy> {
         let stride = self.stride.unwrap_or(self.crop.map(|c| (c * 2 / 3).max(1)));
         if let Some(s) = self.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(Error::Invalid(format!("--scales: {s} is not a positive scale")));
         }
+        let official = || {
+            OfficialTest::of(cfg)?.map(Strategy::Official).ok_or_else(|| {
+                Error::Invalid("--mode official needs a config naming its DATASET.DATASET".into())
+            })
+        };
         Ok(match self.mode {
-            Mode::Whole => Strategy::Whole,
-            Mode::Slide => Strategy::Slide { crop: self.crop, stride },
-            Mode::MsFlip => Strategy::MultiScaleFlip { scales: self.scales.clone(), crop: self.crop, stride },
+            None => official().unwrap_or(Strategy::Whole),
+            Some(Mode::Official) => official()?,
+            Some(Mode::Whole) => Strategy::Whole,
+            Some(Mode::Slide) => Strategy::Slide { crop: self.crop, stride },
+            Some(Mode::MsFlip) => {
+                Strategy::MultiScaleFlip { scales: self.scales.clone(), crop: self.crop, stride }
+            }
         })
     }
 }
@@ -110,10 +121,10 @@ pub fn segment(args: &SegmentArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.opacity) {
         return Err(Error::Invalid(format!("--opacity {} is outside 0 to 1", args.opacity)));
     }
-    let strategy = args.infer.strategy()?;
     // Read every image first: a bad file fails the command before any work.
     let inputs = args.images.iter().map(|p| images::read_rgb(p)).collect::<Result<Vec<_>>>()?;
     let (cfg, weights, bundled) = model::load(&args.model)?;
+    let strategy = args.infer.strategy(&cfg)?;
     let gpu = Gpu::new()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
@@ -266,8 +277,8 @@ fn scores_json(scores: &Scores, images: usize) -> String {
 }
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
-    let strategy = args.infer.strategy()?;
     let (cfg, weights, bundled) = model::load(&args.model)?;
+    let strategy = args.infer.strategy(&cfg)?;
     let ignore = cfg.ignore_index();
     let (dataset, official) =
         args.data.open(&cfg, Set::Test, &args.split, args.seed, args.count, args.size)?;
@@ -292,10 +303,15 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     }
     let scores = evaluation.scores(&gpu)?;
     let timing = format!(
-        "{} images, {:.1} ms per image ({:?} mode) on {}",
+        "{} images, {:.1} ms per image ({} test) on {}",
         dataset.len(),
         1e3 * seconds / dataset.len().max(1) as f64,
-        args.infer.mode,
+        match &strategy {
+            Strategy::Whole => "whole-image",
+            Strategy::Slide { .. } => "sliding-window",
+            Strategy::MultiScaleFlip { .. } => "multi-scale + flip",
+            Strategy::Official(_) => "official",
+        },
         gpu.describe()
     );
     if args.json {
