@@ -368,12 +368,18 @@ impl<'g> Segmenter<'g> {
 
     /// The main logits `[K, H, W]` of normalised planes `[3, H, W]`, at the input size.
     /// An image whose tensors would exceed the device's largest storage binding is covered
-    /// by the largest sliding windows that fit (stride two thirds of a window) instead.
+    /// by the largest sliding windows that fit (stride two thirds of a window) instead, with
+    /// a warning saying so (the official test refuses such a pass instead).
     pub fn logits(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
         if self.run(planes, [h, w])? {
             return self.graphs[&[h, w]].output(FULL_LOGITS).to_vec(self.gpu);
         }
         let crop = self.fitting_window([h, w])?;
+        log::warn!(
+            "a whole {h}x{w} pass exceeds the device's storage binding limit; covering it with {}x{} windows",
+            crop[0],
+            crop[1]
+        );
         self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)))
     }
 
