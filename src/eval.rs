@@ -32,6 +32,11 @@ impl Evaluation {
         Ok(Evaluation { classes, ignore_label, confusion })
     }
 
+    /// The label left out of the counts.
+    pub fn ignore_label(&self) -> u32 {
+        self.ignore_label
+    }
+
     /// Adds one image's predicted classes against its labels (both `height * width`).
     pub fn add(&mut self, gpu: &Gpu, prediction: &[u32], labels: &[u32]) -> Result<()> {
         if prediction.len() != labels.len() {

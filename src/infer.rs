@@ -2,7 +2,7 @@
 //! official test recipe does it (spec section 6).
 
 use crate::data::image::{normalise, Image};
-use crate::data::official::Official;
+use crate::data::official::{Official, TestPreparation};
 use crate::error::{Error, Result};
 use crate::eval::Evaluation;
 use crate::gpu::Gpu;
@@ -55,21 +55,37 @@ pub struct OfficialTest {
     pub scales: Vec<f32>,
     /// `TEST.FLIP_TEST`.
     pub flip: bool,
+    /// How the image is prepared first (by the test list's name).
+    pub preparation: TestPreparation,
 }
 
 impl OfficialTest {
-    /// The test recipe of `config`'s `DATASET.DATASET` and `TEST` keys; none when the config
-    /// names no dataset.
-    pub fn of(config: &Config) -> Result<Option<Self>> {
+    /// The test recipe of `config`'s `DATASET.DATASET` and `TEST` keys for the test list
+    /// `list` (its `TEST_SET` when not given); none when the config names no dataset.
+    pub fn of(config: &Config, list: Option<&str>) -> Result<Option<Self>> {
         let keys = &config.dataset;
         let Some(name) = &keys.name else { return Ok(None) };
+        let dataset = Official::parse(name)?;
+        let list = list.or(keys.test_set.as_deref()).unwrap_or_default();
         Ok(Some(OfficialTest {
-            dataset: Official::parse(name)?,
+            dataset,
             base_size: keys.test_base_size,
             crop: keys.test_crop,
             scales: keys.test_scales.clone(),
             flip: keys.test_flip,
+            preparation: dataset.test_preparation(list),
         }))
+    }
+
+    /// The size an `[h, w]` image has after [`TestPreparation::ShortSide`]: its short side
+    /// the base size, the long side `int(long * base / short + 0.5)`, each padded up to a
+    /// multiple of 8; and the padding.
+    pub fn short_side_size(&self, [h, w]: [usize; 2]) -> ([usize; 2], [usize; 2]) {
+        let base = self.base_size;
+        let long = |l: usize, s: usize| ((l * base) as f64 / s as f64 + 0.5) as usize;
+        let resized = if h < w { [base, long(w, h)] } else { [long(h, w), base] };
+        let padded = resized.map(|s| s.div_ceil(8) * 8);
+        (resized, [padded[0] - resized[0], padded[1] - resized[1]])
     }
 
     /// The size an `[h, w]` image is resized to at `scale`: its long side
@@ -206,6 +222,20 @@ impl<'g> Segmenter<'g> {
         if *strategy == Strategy::Whole && self.run(&image.normalised(), size)? {
             return evaluation.add_predicted(self.gpu, self.graphs[&size].output(LABELS), labels);
         }
+        if let Strategy::Official(test) = strategy {
+            if test.preparation == TestPreparation::ShortSideWithLabels {
+                // Image and labels resized and padded together, scored at that size.
+                let (resized, pad) = test.short_side_size(size);
+                let padded = [resized[0] + pad[0], resized[1] + pad[1]];
+                let scaled = self.resize_planes(&image.normalised(), 3, size, resized, false)?;
+                let planes = pad_planes_with(&scaled, resized, padded, |_| 0.0);
+                let scores = self.official_scales(&planes, padded, test)?;
+                let classes = argmax(&scores, self.config.num_classes, padded[0] * padded[1]);
+                let ignore = evaluation.ignore_label();
+                let labels = pad_labels(&resize_nearest(labels, size, resized), resized, padded, ignore);
+                return evaluation.add(self.gpu, &classes, &labels);
+            }
+        }
         let segmentation = self.segment(image, strategy)?;
         evaluation.add(self.gpu, &segmentation.classes, labels)
     }
@@ -231,6 +261,36 @@ impl<'g> Segmenter<'g> {
         if test.crop.contains(&0) || test.scales.is_empty() {
             return Err(Error::Invalid(format!("an official test needs a crop and scales, got {test:?}")));
         }
+        // The image as its dataset class prepares it; the scores come back to the input size.
+        let (prepared, size, keep) = match test.preparation {
+            TestPreparation::AsIs | TestPreparation::ShortSideWithLabels => {
+                return self.official_scales(planes, [h, w], test)
+            }
+            TestPreparation::ResizeToCrop => {
+                (self.resize_planes(planes, 3, [h, w], test.crop, false)?, test.crop, test.crop)
+            }
+            TestPreparation::ShortSide { cut_padding } => {
+                let (resized, pad) = test.short_side_size([h, w]);
+                let size = [resized[0] + pad[0], resized[1] + pad[1]];
+                let scaled = self.resize_planes(planes, 3, [h, w], resized, false)?;
+                // Padded with the mean colour, which normalises to zero.
+                let padded = pad_planes_with(&scaled, resized, size, |_| 0.0);
+                (padded, size, if cut_padding { resized } else { size })
+            }
+        };
+        let scores = self.official_scales(&prepared, size, test)?;
+        let kept = crop_planes(&scores, k, size, [0, 0], keep);
+        self.resize_planes(&kept, k, keep, [h, w], self.config.align_corners)
+    }
+
+    /// The official multi-scale inference over planes already prepared: the summed scores.
+    fn official_scales(
+        &mut self,
+        planes: &[f32],
+        [h, w]: [usize; 2],
+        test: &OfficialTest,
+    ) -> Result<Vec<f32>> {
+        let k = self.config.num_classes;
         let mut total = vec![0.0f32; k * h * w];
         for &scale in &test.scales {
             let size = test.scaled_size([h, w], scale);
@@ -579,6 +639,23 @@ fn crop_planes(
     out
 }
 
+/// Labels `[h, w]` resized to `to` by nearest neighbour as OpenCV's `INTER_NEAREST`: output
+/// pixel i takes input pixel `floor(i * in / out)`.
+fn resize_nearest(labels: &[u32], [h, w]: [usize; 2], to: [usize; 2]) -> Vec<u32> {
+    let source =
+        |i: usize, len: usize, out: usize| ((i as f64 * len as f64 / out as f64) as usize).min(len - 1);
+    (0..to[0])
+        .flat_map(|y| (0..to[1]).map(move |x| labels[source(y, h, to[0]) * w + source(x, w, to[1])]))
+        .collect()
+}
+
+/// Labels `[h, w]` padded at the bottom and right to `to` with `ignore`.
+fn pad_labels(labels: &[u32], [h, w]: [usize; 2], to: [usize; 2], ignore: u32) -> Vec<u32> {
+    (0..to[0])
+        .flat_map(|y| (0..to[1]).map(move |x| if y < h && x < w { labels[y * w + x] } else { ignore }))
+        .collect()
+}
+
 /// Exchanges the score planes (`plane` values each, `classes` of them) of each pair of
 /// classes: a flipped pass's left and right parts (LIP).
 fn swap_classes(scores: &mut [f32], classes: usize, plane: usize, pairs: &[(u32, u32)]) -> Result<()> {
@@ -598,16 +675,26 @@ fn swap_classes(scores: &mut [f32], classes: usize, plane: usize, pairs: &[(u32,
 
 /// Normalised RGB planes `[3, h, w]` padded at the bottom and right to `to` with black
 /// (the official pad value `-mean / std`).
-fn pad_planes(planes: &[f32], [h, w]: [usize; 2], to: [usize; 2]) -> Vec<f32> {
+fn pad_planes(planes: &[f32], size: [usize; 2], to: [usize; 2]) -> Vec<f32> {
+    pad_planes_with(planes, size, to, |c| normalise(c, 0))
+}
+
+/// Planes `[3, h, w]` padded at the bottom and right to `to` with `value(channel)`.
+fn pad_planes_with(
+    planes: &[f32],
+    [h, w]: [usize; 2],
+    to: [usize; 2],
+    value: impl Fn(usize) -> f32,
+) -> Vec<f32> {
     if [h, w] == to {
         return planes.to_vec();
     }
     let mut out = Vec::with_capacity(3 * to[0] * to[1]);
     for c in 0..3 {
-        let black = normalise(c, 0);
+        let fill = value(c);
         for y in 0..to[0] {
             for x in 0..to[1] {
-                out.push(if y < h && x < w { planes[(c * h + y) * w + x] } else { black });
+                out.push(if y < h && x < w { planes[(c * h + y) * w + x] } else { fill });
             }
         }
     }

@@ -65,6 +65,27 @@ const COCOSTUFF_IDS: [u32; 172] = [
 /// LIP's (left, right) classes: arm, leg, shoe (`LIP.__getitem__`'s flip).
 const LIP_LEFT_RIGHT: [(u32, u32); 3] = [(14, 15), (16, 17), (18, 19)];
 
+/// How the official dataset class prepares an image for testing, decided by the test list's
+/// name as the official `__getitem__` branches on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestPreparation {
+    /// As it is (Cityscapes; the lists of a dataset without a test branch).
+    AsIs,
+    /// Resized to the test crop (LIP `testval`); the scores are resized to the labels' size.
+    ResizeToCrop,
+    /// The short side resized to the base size and the image padded bottom and right to a
+    /// multiple of 8 with the mean colour (PASCAL-Context, COCO-Stuff and ADE20K `testval`);
+    /// the padding is cut from the scores before they are resized to the labels' size,
+    /// except for ADE20K, whose `testval` returns no padding to cut.
+    ShortSide { cut_padding: bool },
+    /// The `val` branch of PASCAL-Context, COCO-Stuff and ADE20K: image and labels resized
+    /// and padded as [`TestPreparation::ShortSide`] (labels nearest, padded with the ignore
+    /// label). The official code then crops both at random to the test crop; this engine
+    /// scores the whole resized image instead, so that a score does not depend on a random
+    /// draw (where the resized image is no larger than the crop the two are the same).
+    ShortSideWithLabels,
+}
+
 /// One line of a list file: the image and, except in image-only test lists, its labels
 /// (both relative to the dataset root).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +143,20 @@ impl Official {
                 let index = COCOSTUFF_IDS.iter().position(|&id| id == v).map_or(255, |i| i as u32);
                 reduce_zero_label(index)
             }
+        }
+    }
+
+    /// How a test image is prepared for the list named `list_name`.
+    pub fn test_preparation(self, list_name: &str) -> TestPreparation {
+        let testval = list_name.contains("testval");
+        match self {
+            Official::Cityscapes => TestPreparation::AsIs,
+            Official::Lip if testval => TestPreparation::ResizeToCrop,
+            Official::Lip => TestPreparation::AsIs,
+            Official::Ade20k if testval => TestPreparation::ShortSide { cut_padding: false },
+            _ if testval => TestPreparation::ShortSide { cut_padding: true },
+            _ if list_name.contains("val") => TestPreparation::ShortSideWithLabels,
+            _ => TestPreparation::AsIs,
         }
     }
 
@@ -224,5 +259,13 @@ mod tests {
         let e = Official::parse("voc").unwrap_err().to_string();
         assert!(e.contains("voc") && e.contains("pascal_ctx") && e.contains("cocostuff"), "{e}");
         assert_eq!(Official::parse("lip").unwrap().flip_swaps(), &[(14, 15), (16, 17), (18, 19)]);
+        // The test preparation follows the list's name, as the official __getitem__ does.
+        use TestPreparation::*;
+        assert_eq!(Official::Cityscapes.test_preparation("list/cityscapes/val.lst"), AsIs);
+        assert_eq!(Official::Lip.test_preparation("list/lip/testvalList.txt"), ResizeToCrop);
+        assert_eq!(Official::Lip.test_preparation("list/lip/valList.txt"), AsIs);
+        assert_eq!(Official::PascalContext.test_preparation("testval"), ShortSide { cut_padding: true });
+        assert_eq!(Official::Ade20k.test_preparation("testval"), ShortSide { cut_padding: false });
+        assert_eq!(Official::CocoStuff.test_preparation("list/cocostuff/val.lst"), ShortSideWithLabels);
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::common::*;
 use hrnet_ocr::data::image::Image;
-use hrnet_ocr::data::official::Official;
+use hrnet_ocr::data::official::{Official, TestPreparation};
 use hrnet_ocr::infer::{window_starts, OfficialTest, Segmenter, Strategy};
 use hrnet_ocr::model::weights;
 
@@ -319,7 +319,8 @@ fn segmenting_and_evaluating_keep_the_predictions_on_the_device() {
 }
 
 fn official(dataset: Official, base_size: usize, crop: [usize; 2], flip: bool) -> Strategy {
-    Strategy::Official(OfficialTest { dataset, base_size, crop, scales: vec![1.0], flip })
+    let preparation = TestPreparation::AsIs;
+    Strategy::Official(OfficialTest { dataset, base_size, crop, scales: vec![1.0], flip, preparation })
 }
 
 /// The official long-side rule: `int(base * scale + 0.5)`, the other side in proportion.
@@ -331,12 +332,95 @@ fn the_official_test_resizes_by_the_long_side() {
         crop: [1024, 2048],
         scales: vec![],
         flip: false,
+        preparation: TestPreparation::AsIs,
     };
     assert_eq!(t.scaled_size([1024, 2048], 0.75), [768, 1536]);
     assert_eq!(t.scaled_size([1024, 2048], 1.25), [1280, 2560]);
     let t = OfficialTest { base_size: 64, ..t };
     assert_eq!(t.scaled_size([37, 50], 1.0), [47, 64]);
     assert_eq!(t.scaled_size([50, 37], 0.5), [32, 24]);
+    // testval's short side: 375 x 500 at base 520 is 520 x 693, padded to 520 x 696.
+    let t = OfficialTest { base_size: 520, ..t };
+    assert_eq!(t.short_side_size([375, 500]), ([520, 693], [0, 3]));
+    assert_eq!(t.short_side_size([700, 520]), ([700, 520], [4, 0]));
+}
+
+/// Bilinear at pixel centres (align_corners = false: OpenCV's INTER_LINEAR on floats,
+/// PyTorch's default), on the CPU.
+fn resize_centres(src: &[f32], c: usize, [h, w]: [usize; 2], [ho, wo]: [usize; 2]) -> Vec<f32> {
+    let tap = |o: usize, n_in: usize, n_out: usize| {
+        let s = ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
+        let i0 = (s.floor() as usize).min(n_in - 1);
+        (i0, (i0 + 1).min(n_in - 1), s - i0 as f64)
+    };
+    let mut out = Vec::with_capacity(c * ho * wo);
+    for p in 0..c {
+        for oy in 0..ho {
+            let (y0, y1, ty) = tap(oy, h, ho);
+            for ox in 0..wo {
+                let (x0, x1, tx) = tap(ox, w, wo);
+                let at = |y: usize, x: usize| f64::from(src[(p * h + y) * w + x]);
+                let top = at(y0, x0) * (1.0 - tx) + at(y0, x1) * tx;
+                let bottom = at(y1, x0) * (1.0 - tx) + at(y1, x1) * tx;
+                out.push((top * (1.0 - ty) + bottom * ty) as f32);
+            }
+        }
+    }
+    out
+}
+
+/// `c` planes `[h, w]` padded (bottom, right) to `to` with `fill(channel)`, or cut to it.
+fn pad_or_cut(
+    src: &[f32],
+    c: usize,
+    [h, w]: [usize; 2],
+    to: [usize; 2],
+    fill: impl Fn(usize) -> f32,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(c * to[0] * to[1]);
+    for p in 0..c {
+        for y in 0..to[0] {
+            for x in 0..to[1] {
+                out.push(if y < h && x < w { src[(p * h + y) * w + x] } else { fill(p) });
+            }
+        }
+    }
+    out
+}
+
+/// testval's short-side preparation, composed as the official code: the short side resized
+/// to the base size and the image padded to a multiple of 8 with the mean colour (zero
+/// once normalised); then the multi-scale inference, which resizes the long side to the
+/// base size (so a non-square image is rescaled again) and pads to the crop with black;
+/// the scores cut back, resized, and the padding cut (PASCAL-Context) or kept and resized
+/// away with the rest (ADE20K, whose testval returns no padding to cut).
+#[test]
+fn the_official_testval_pads_to_eight_and_cuts_or_resizes_back() {
+    let (cfg, w) = (tiny_config(), tiny_weights());
+    let k = cfg.num_classes;
+    let mut s = Segmenter::new(gpu(), cfg, w);
+    let mut rng = Rng::new(seed("the_official_testval_pads"));
+    // Short side 24 is the base already; the long side 37 pads to 40; the inference then
+    // makes the long side 24 (14 x 24) and pads it to the 24 x 24 crop.
+    let (image, padded, scaled, crop) = ([24, 37], [24, 40], [14, 24], [24, 24]);
+    let planes = rng.normals(3 * 24 * 37);
+    let prepared = pad_or_cut(&planes, 3, image, padded, |_| 0.0);
+    let rescaled = resize_centres(&prepared, 3, padded, scaled);
+    let black = |c: usize| hrnet_ocr::data::image::normalise(c, 0);
+    let logits = s.logits(&pad_or_cut(&rescaled, 3, scaled, crop, black), crop).unwrap();
+    let scores: Vec<f32> = pad_or_cut(&logits, k, crop, scaled, |_| 0.0).into_iter().map(f32::exp).collect();
+    let back = upsample(&scores, k, scaled, padded);
+    let test = |dataset, cut_padding| {
+        let preparation = TestPreparation::ShortSide { cut_padding };
+        let t = OfficialTest { dataset, base_size: 24, crop, scales: vec![1.0], flip: false, preparation };
+        Strategy::Official(t)
+    };
+    let want = pad_or_cut(&back, k, padded, image, |_| 0.0);
+    let got = s.logits_with(&planes, image, &test(Official::PascalContext, true)).unwrap();
+    assert_close("pascal_ctx testval: padding cut", &got, &want, 1e-5);
+    let want = upsample(&back, k, padded, image);
+    let got = s.logits_with(&planes, image, &test(Official::Ade20k, false)).unwrap();
+    assert_close("ade20k testval: padding resized away", &got, &want, 1e-5);
 }
 
 /// At scale 1 with the base size at the image's long side, Cityscapes' official test is

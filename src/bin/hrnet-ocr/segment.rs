@@ -76,15 +76,15 @@ impl InferArgs {
         segmenter
     }
 
-    /// The strategy `--mode` asks for; without one, `cfg`'s official test when it names a
-    /// dataset, else the whole image.
-    fn strategy(&self, cfg: &Config) -> Result<Strategy> {
+    /// The strategy `--mode` asks for; without one, `cfg`'s official test (of the test list
+    /// `list`, else its TEST_SET) when it names a dataset, else the whole image.
+    fn strategy(&self, cfg: &Config, list: Option<&str>) -> Result<Strategy> {
         let stride = self.stride.unwrap_or(self.crop.map(|c| (c * 2 / 3).max(1)));
         if let Some(s) = self.scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(Error::Invalid(format!("--scales: {s} is not a positive scale")));
         }
         let official = || {
-            OfficialTest::of(cfg)?.map(Strategy::Official).ok_or_else(|| {
+            OfficialTest::of(cfg, list)?.map(Strategy::Official).ok_or_else(|| {
                 Error::Invalid("--mode official needs a config naming its DATASET.DATASET".into())
             })
         };
@@ -124,7 +124,7 @@ pub fn segment(args: &SegmentArgs) -> Result<()> {
     // Read every image first: a bad file fails the command before any work.
     let inputs = args.images.iter().map(|p| images::read_rgb(p)).collect::<Result<Vec<_>>>()?;
     let (cfg, weights, bundled) = model::load(&args.model)?;
-    let strategy = args.infer.strategy(&cfg)?;
+    let strategy = args.infer.strategy(&cfg, None)?;
     let gpu = Gpu::new()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
@@ -278,7 +278,8 @@ fn scores_json(scores: &Scores, images: usize) -> String {
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
     let (cfg, weights, bundled) = model::load(&args.model)?;
-    let strategy = args.infer.strategy(&cfg)?;
+    let list = args.data.list.as_ref().map(|l| l.display().to_string());
+    let strategy = args.infer.strategy(&cfg, list.as_deref())?;
     let ignore = cfg.ignore_index();
     let (dataset, official) =
         args.data.open(&cfg, Set::Test, &args.split, args.seed, args.count, args.size)?;
