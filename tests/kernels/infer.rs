@@ -12,10 +12,26 @@ fn segmenter() -> Segmenter<'static> {
     Segmenter::new(gpu(), cfg, w)
 }
 
-/// Bilinear, align_corners = true, on the CPU.
-fn upsample(x: &[f32], c: usize, [h, w]: [usize; 2], [ho, wo]: [usize; 2]) -> Vec<f32> {
+/// Bilinear resize on the CPU: with `align_corners` the corner pixels' centres meet
+/// (the model's), without it the pixel centres are scaled (OpenCV's INTER_LINEAR on
+/// floats, PyTorch's default).
+fn bilinear(
+    src: &[f32],
+    c: usize,
+    [h, w]: [usize; 2],
+    [ho, wo]: [usize; 2],
+    align_corners: bool,
+) -> Vec<f32> {
     let tap = |o: usize, n_in: usize, n_out: usize| {
-        let s = if n_out > 1 { o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64 } else { 0.0 };
+        let s = if align_corners {
+            if n_out > 1 {
+                o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64
+            } else {
+                0.0
+            }
+        } else {
+            ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
+        };
         let i0 = (s.floor() as usize).min(n_in - 1);
         (i0, (i0 + 1).min(n_in - 1), s - i0 as f64)
     };
@@ -25,7 +41,7 @@ fn upsample(x: &[f32], c: usize, [h, w]: [usize; 2], [ho, wo]: [usize; 2]) -> Ve
             let (y0, y1, ty) = tap(oy, h, ho);
             for ox in 0..wo {
                 let (x0, x1, tx) = tap(ox, w, wo);
-                let at = |yy: usize, xx: usize| f64::from(x[(p * h + yy) * w + xx]);
+                let at = |yy: usize, xx: usize| f64::from(src[(p * h + yy) * w + xx]);
                 let v = (1.0 - ty) * ((1.0 - tx) * at(y0, x0) + tx * at(y0, x1))
                     + ty * ((1.0 - tx) * at(y1, x0) + tx * at(y1, x1));
                 y[(p * ho + oy) * wo + ox] = v as f32;
@@ -33,6 +49,11 @@ fn upsample(x: &[f32], c: usize, [h, w]: [usize; 2], [ho, wo]: [usize; 2]) -> Ve
         }
     }
     y
+}
+
+/// [`bilinear`] with align_corners, as the tiny model resizes.
+fn upsample(x: &[f32], c: usize, from: [usize; 2], to: [usize; 2]) -> Vec<f32> {
+    bilinear(x, c, from, to, true)
 }
 
 #[test]
@@ -345,30 +366,6 @@ fn the_official_test_resizes_by_the_long_side() {
     assert_eq!(t.short_side_size([700, 520]), ([700, 520], [4, 0]));
 }
 
-/// Bilinear at pixel centres (align_corners = false: OpenCV's INTER_LINEAR on floats,
-/// PyTorch's default), on the CPU.
-fn resize_centres(src: &[f32], c: usize, [h, w]: [usize; 2], [ho, wo]: [usize; 2]) -> Vec<f32> {
-    let tap = |o: usize, n_in: usize, n_out: usize| {
-        let s = ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
-        let i0 = (s.floor() as usize).min(n_in - 1);
-        (i0, (i0 + 1).min(n_in - 1), s - i0 as f64)
-    };
-    let mut out = Vec::with_capacity(c * ho * wo);
-    for p in 0..c {
-        for oy in 0..ho {
-            let (y0, y1, ty) = tap(oy, h, ho);
-            for ox in 0..wo {
-                let (x0, x1, tx) = tap(ox, w, wo);
-                let at = |y: usize, x: usize| f64::from(src[(p * h + y) * w + x]);
-                let top = at(y0, x0) * (1.0 - tx) + at(y0, x1) * tx;
-                let bottom = at(y1, x0) * (1.0 - tx) + at(y1, x1) * tx;
-                out.push((top * (1.0 - ty) + bottom * ty) as f32);
-            }
-        }
-    }
-    out
-}
-
 /// `c` planes `[h, w]` padded (bottom, right) to `to` with `fill(channel)`, or cut to it.
 fn pad_or_cut(
     src: &[f32],
@@ -405,7 +402,7 @@ fn the_official_testval_pads_to_eight_and_cuts_or_resizes_back() {
     let (image, padded, scaled, crop) = ([24, 37], [24, 40], [14, 24], [24, 24]);
     let planes = rng.normals(3 * 24 * 37);
     let prepared = pad_or_cut(&planes, 3, image, padded, |_| 0.0);
-    let rescaled = resize_centres(&prepared, 3, padded, scaled);
+    let rescaled = bilinear(&prepared, 3, padded, scaled, false);
     let black = |c: usize| hrnet_ocr::data::image::normalise(c, 0);
     let logits = s.logits(&pad_or_cut(&rescaled, 3, scaled, crop, black), crop).unwrap();
     let scores: Vec<f32> = pad_or_cut(&logits, k, crop, scaled, |_| 0.0).into_iter().map(f32::exp).collect();
