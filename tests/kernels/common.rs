@@ -485,3 +485,19 @@ pub fn assert_close_to_terms(what: &str, got: &[f32], want: &[f32], terms_norm: 
 pub fn channel_terms_norm(x: &[f32], dims: [usize; 4], f: impl Fn(usize, f64) -> f64) -> f64 {
     channel_sums(x, dims, |i, v| f(i, v).powi(2)).iter().sum::<f64>().sqrt()
 }
+
+/// PyTorch's bilinear source taps of output index `o` (and OpenCV's INTER_LINEAR on floats
+/// without `align_corners`): (i0, i1, weight of i1).
+pub fn bilinear_taps(o: usize, len_in: usize, len_out: usize, align_corners: bool) -> (usize, usize, f64) {
+    let src = if align_corners {
+        if len_out > 1 {
+            o as f64 * (len_in - 1) as f64 / (len_out - 1) as f64
+        } else {
+            0.0
+        }
+    } else {
+        ((o as f64 + 0.5) * len_in as f64 / len_out as f64 - 0.5).max(0.0)
+    };
+    let i0 = (src.floor() as usize).min(len_in - 1);
+    (i0, (i0 + 1).min(len_in - 1), src - i0 as f64)
+}

@@ -22,19 +22,7 @@ fn bilinear(
     [ho, wo]: [usize; 2],
     align_corners: bool,
 ) -> Vec<f32> {
-    let tap = |o: usize, n_in: usize, n_out: usize| {
-        let s = if align_corners {
-            if n_out > 1 {
-                o as f64 * (n_in - 1) as f64 / (n_out - 1) as f64
-            } else {
-                0.0
-            }
-        } else {
-            ((o as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0)
-        };
-        let i0 = (s.floor() as usize).min(n_in - 1);
-        (i0, (i0 + 1).min(n_in - 1), s - i0 as f64)
-    };
+    let tap = |o: usize, n_in: usize, n_out: usize| bilinear_taps(o, n_in, n_out, align_corners);
     let mut y = vec![0f32; c * ho * wo];
     for p in 0..c {
         for oy in 0..ho {

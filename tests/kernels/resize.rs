@@ -3,21 +3,6 @@ use hrnet_ocr::kernels::{concat, resize};
 
 const TOL: f64 = 1e-5;
 
-/// PyTorch's source taps of output index `o`: (i0, i1, weight of i1).
-fn taps(o: usize, len_in: usize, len_out: usize, align: bool) -> (usize, usize, f64) {
-    let src = if align {
-        if len_out > 1 {
-            o as f64 * (len_in - 1) as f64 / (len_out - 1) as f64
-        } else {
-            0.0
-        }
-    } else {
-        ((o as f64 + 0.5) * len_in as f64 / len_out as f64 - 0.5).max(0.0)
-    };
-    let i0 = (src.floor() as usize).min(len_in - 1);
-    (i0, (i0 + 1).min(len_in - 1), src - i0 as f64)
-}
-
 /// (forward, backward) on the CPU for x `[n, c, h, w]` resized to `ho x wo`.
 fn reference(
     x: &[f32],
@@ -30,9 +15,9 @@ fn reference(
     let mut gx = vec![0f64; x.len()];
     for p in 0..n * c {
         for oy in 0..ho {
-            let (y0, y1, ty) = taps(oy, h, ho, align);
+            let (y0, y1, ty) = bilinear_taps(oy, h, ho, align);
             for ox in 0..wo {
-                let (x0, x1, tx) = taps(ox, w, wo, align);
+                let (x0, x1, tx) = bilinear_taps(ox, w, wo, align);
                 let taps = [
                     (y0, x0, (1.0 - ty) * (1.0 - tx)),
                     (y0, x1, (1.0 - ty) * tx),
