@@ -1,6 +1,7 @@
 //! Inference on images: whole image, sliding windows, and multi-scale with flip, as the
 //! official test recipe does it (spec section 6).
 
+use crate::data::augment::resize_nearest;
 use crate::data::image::{normalise, Image};
 use crate::data::official::{Official, TestPreparation};
 use crate::error::{Error, Result};
@@ -637,16 +638,6 @@ fn crop_planes(
         }
     }
     out
-}
-
-/// Labels `[h, w]` resized to `to` by nearest neighbour as OpenCV's `INTER_NEAREST`: output
-/// pixel i takes input pixel `floor(i * in / out)`.
-fn resize_nearest(labels: &[u32], [h, w]: [usize; 2], to: [usize; 2]) -> Vec<u32> {
-    let source =
-        |i: usize, len: usize, out: usize| ((i as f64 * len as f64 / out as f64) as usize).min(len - 1);
-    (0..to[0])
-        .flat_map(|y| (0..to[1]).map(move |x| labels[source(y, h, to[0]) * w + source(x, w, to[1])]))
-        .collect()
 }
 
 /// Labels `[h, w]` padded at the bottom and right to `to` with `ignore`.

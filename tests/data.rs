@@ -150,14 +150,7 @@ fn batches_depend_on_seed_and_step_only_and_visit_every_image_once_an_epoch() {
         write_map(&root.join(format!("masks/{i}.png")), 8, 8, vec![1; 64]);
     }
     let set = Folder::open(&root, "train", None, 255).unwrap();
-    let recipe = Augment {
-        crop: [8, 8],
-        min_scale: 1.0,
-        scale_steps: 0,
-        flip: true,
-        swap_on_flip: &[],
-        ignore_label: 255,
-    };
+    let recipe = Augment { min_scale: 1.0, scale_steps: 0, ..Augment::official([8, 8], 255) };
     let batches = |seed| Batches { dataset: &set, recipe: recipe.clone(), seed, batch: 1, classes: 2 };
     let which = |seed: u64, step: usize| {
         let v = batches(seed).get(step).unwrap()[0].planes[0];
@@ -259,12 +252,10 @@ fn a_lip_flip_swaps_left_and_right_classes() {
     let image = random_image(&mut rng, w, h);
     let labels: Vec<u32> = (0..w * h).map(|i| [14, 15, 16, 17, 18, 19, 3, 0][i % 8]).collect();
     let recipe = Augment {
-        crop: [h, w],
         min_scale: 1.0,
         scale_steps: 0,
-        flip: true,
         swap_on_flip: Official::Lip.flip_swaps(),
-        ignore_label: 255,
+        ..Augment::official([h, w], 255)
     };
     let swapped = |l: u32| match l {
         14..=19 if l % 2 == 0 => l + 1,
@@ -282,4 +273,36 @@ fn a_lip_flip_swaps_left_and_right_classes() {
         plain += usize::from(unchanged);
     }
     assert!(flipped > 0 && plain > 0, "40 draws: {flipped} flipped, {plain} not");
+}
+
+/// An official dataset's training rescale: the long side becomes `int(base * scale + 0.5)`
+/// and the other follows; labels follow by OpenCV's nearest rule (`floor(i * in / out)`);
+/// LIP first resizes image and labels to the crop.
+#[test]
+fn official_training_rescales_the_long_side_to_the_base_size() {
+    let mut rng = SplitMix::new(seed());
+    let (h, w) = (40, 60);
+    let image = random_image(&mut rng, w, h);
+    let labels: Vec<u32> = (0..h * w).map(|i| i as u32).collect();
+    let nearest = |to: [usize; 2], from: [usize; 2], l: &[u32]| -> Vec<u32> {
+        (0..to[0])
+            .flat_map(|y| (0..to[1]).map(move |x| (y * from[0] / to[0], x * from[1] / to[1])))
+            .map(|(sy, sx)| l[sy * from[1] + sx])
+            .collect()
+    };
+    // Long side 60 -> 30 at scale 1: the image becomes 20 x 30, the crop takes all of it.
+    let a = Augment {
+        min_scale: 1.0,
+        scale_steps: 0,
+        flip: false,
+        long_side: Some(30),
+        ..Augment::official([20, 30], 255)
+    };
+    let s = hrnet_ocr::data::augment::augment(&image, &labels, &a, &mut rng);
+    assert_eq!(s.labels, nearest([20, 30], [h, w], &labels));
+    // LIP: resized to the 20 x 20 crop first (the aspect changes), then the long side to 20.
+    let lip = Augment { resize_first: Some([20, 20]), long_side: Some(20), ..a.clone() };
+    let lip = Augment { crop: [20, 20], ..lip };
+    let s = hrnet_ocr::data::augment::augment(&image, &labels, &lip, &mut rng);
+    assert_eq!(s.labels, nearest([20, 20], [h, w], &labels));
 }

@@ -26,15 +26,63 @@ pub struct Augment {
     /// Classes a flip exchanges (LIP's left and right parts: [`super::official::Official::flip_swaps`]).
     pub swap_on_flip: &'static [(u32, u32)],
     pub ignore_label: u32,
+    /// The long side at scale 1 (an official dataset's `TRAIN.BASE_SIZE`: the long side
+    /// becomes `int(base * scale + 0.5)`, the other in proportion); none: the image's own.
+    pub long_side: Option<usize>,
+    /// A size (height, width) image and labels are resized to first (LIP's `resize_image`
+    /// to the crop, which changes the aspect).
+    pub resize_first: Option<[usize; 2]>,
+}
+
+impl Augment {
+    /// The official recipe at `crop`: scales 0.5 to 2.0 in steps of 0.1 of the image's own
+    /// size, random crop, horizontal flip.
+    pub fn official(crop: [usize; 2], ignore_label: u32) -> Self {
+        Augment {
+            crop,
+            min_scale: 0.5,
+            scale_steps: 16,
+            flip: true,
+            swap_on_flip: &[],
+            ignore_label,
+            long_side: None,
+            resize_first: None,
+        }
+    }
+
+    /// The size an `[h, w]` image has at `scale`.
+    fn scaled([h, w]: [usize; 2], scale: f32, long_side: Option<usize>) -> [usize; 2] {
+        match long_side {
+            None => [h, w].map(|s| ((s as f32 * scale).round() as usize).max(1)),
+            Some(base) => {
+                let long = (base as f64 * f64::from(scale) + 0.5) as usize;
+                let other = |a: usize, b: usize| (((a * long) as f64 / b as f64 + 0.5) as usize).max(1);
+                if h > w {
+                    [long, other(w, h)]
+                } else {
+                    [other(h, w), long]
+                }
+            }
+        }
+    }
 }
 
 /// One augmented sample of `image` with `labels` (`height * width`).
 pub fn augment(image: &Image, labels: &[u32], a: &Augment, rng: &mut SplitMix) -> Sample {
+    let resized;
+    let (image, labels) = match a.resize_first {
+        Some([h, w]) => {
+            let rgb = resize_bilinear(image, w, h);
+            resized = (
+                Image { width: w, height: h, rgb },
+                resize_nearest(labels, [image.height, image.width], [h, w]),
+            );
+            (&resized.0, resized.1.as_slice())
+        }
+        None => (image, labels),
+    };
     let s = a.min_scale + rng.below(u64::from(a.scale_steps) + 1) as f32 / 10.0;
-    let (w, h) = (
-        ((image.width as f32 * s).round() as usize).max(1),
-        ((image.height as f32 * s).round() as usize).max(1),
-    );
+    let [h, w] = Augment::scaled([image.height, image.width], s, a.long_side);
     let (rgb, lbl) =
         (resize_bilinear(image, w, h), resize_nearest(labels, [image.height, image.width], [h, w]));
     let [ch, cw] = a.crop;
@@ -135,15 +183,10 @@ fn resize_bilinear(image: &Image, w: usize, h: usize) -> Vec<u8> {
     out
 }
 
-/// Nearest-neighbour resize of a label map.
-fn resize_nearest(labels: &[u32], [ih, iw]: [usize; 2], [h, w]: [usize; 2]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(h * w);
-    for y in 0..h {
-        let sy = ((y as f32 + 0.5) * ih as f32 / h as f32) as usize;
-        for x in 0..w {
-            let sx = ((x as f32 + 0.5) * iw as f32 / w as f32) as usize;
-            out.push(labels[sy.min(ih - 1) * iw + sx.min(iw - 1)]);
-        }
-    }
-    out
+/// Labels `[ih, iw]` resized to `[h, w]` by nearest neighbour as OpenCV's `INTER_NEAREST`
+/// (the official code's): output pixel i takes input pixel `floor(i * in / out)`.
+pub(crate) fn resize_nearest(labels: &[u32], [ih, iw]: [usize; 2], [h, w]: [usize; 2]) -> Vec<u32> {
+    let source =
+        |i: usize, len: usize, out: usize| ((i as f64 * len as f64 / out as f64) as usize).min(len - 1);
+    (0..h).flat_map(|y| (0..w).map(move |x| labels[source(y, ih, h) * iw + source(x, iw, w)])).collect()
 }

@@ -95,6 +95,15 @@ pub struct DatasetKeys {
     pub test_scales: Vec<f32>,
     /// `TEST.FLIP_TEST`.
     pub test_flip: bool,
+    /// `TRAIN.BASE_SIZE`: the long side of a training image at scale 1 (official default 2048).
+    pub train_base_size: usize,
+    /// `TRAIN.SCALE_FACTOR`: scales drawn from 0.5 + k / 10, k in 0..=this (default 16).
+    pub train_scale_factor: u32,
+    /// `TRAIN.IMAGE_SIZE` as (height, width): the training crop (default 512 x 1024).
+    pub train_crop: [usize; 2],
+    /// `TRAIN.FLIP` and `TRAIN.MULTI_SCALE` (both default true).
+    pub train_flip: bool,
+    pub train_multi_scale: bool,
 }
 
 impl Default for DatasetKeys {
@@ -108,6 +117,11 @@ impl Default for DatasetKeys {
             test_crop: [1024, 2048],
             test_scales: vec![1.0],
             test_flip: false,
+            train_base_size: 2048,
+            train_scale_factor: 16,
+            train_crop: [512, 1024],
+            train_flip: true,
+            train_multi_scale: true,
         }
     }
 }
@@ -244,15 +258,7 @@ impl Config {
                 train_set: r.scalar("DATASET.TRAIN_SET")?.map(str::to_string),
                 test_set: r.scalar("DATASET.TEST_SET")?.map(str::to_string),
                 test_base_size: r.positive("TEST.BASE_SIZE", Some(2048))?,
-                test_crop: match r.list::<usize>("TEST.IMAGE_SIZE", "sizes")?.as_deref() {
-                    None => [1024, 2048],
-                    Some(&[w, h]) if w > 0 && h > 0 => [h, w],
-                    Some(other) => {
-                        return Err(
-                            r.error("TEST.IMAGE_SIZE", &format!("expected [width, height], got {other:?}"))
-                        )
-                    }
-                },
+                test_crop: r.size_pair("TEST.IMAGE_SIZE", [1024, 2048])?,
                 test_scales: match r.opt_f32_list("TEST.SCALE_LIST")? {
                     Some(s) if s.is_empty() || s.iter().any(|v| !(v.is_finite() && *v > 0.0)) => {
                         return Err(
@@ -263,6 +269,12 @@ impl Config {
                     None => vec![1.0],
                 },
                 test_flip: r.opt_bool("TEST.FLIP_TEST")?.unwrap_or(false),
+                train_base_size: r.positive("TRAIN.BASE_SIZE", Some(2048))?,
+                train_scale_factor: u32::try_from(r.opt_usize("TRAIN.SCALE_FACTOR")?.unwrap_or(16))
+                    .map_err(|_| r.error("TRAIN.SCALE_FACTOR", "is too large"))?,
+                train_crop: r.size_pair("TRAIN.IMAGE_SIZE", [512, 1024])?,
+                train_flip: r.opt_bool("TRAIN.FLIP")?.unwrap_or(true),
+                train_multi_scale: r.opt_bool("TRAIN.MULTI_SCALE")?.unwrap_or(true),
             },
         })
     }
@@ -324,6 +336,15 @@ impl Reader<'_> {
             }
             (Some(v), _) | (None, Some(v)) => Ok(v),
             (None, None) => Err(self.error(key, "missing")),
+        }
+    }
+
+    /// A `[width, height]` list as (height, width), or `default` (height, width) without one.
+    fn size_pair(&self, key: &str, default: [usize; 2]) -> Result<[usize; 2]> {
+        match self.list::<usize>(key, "sizes")?.as_deref() {
+            None => Ok(default),
+            Some(&[w, h]) if w > 0 && h > 0 => Ok([h, w]),
+            Some(other) => Err(self.error(key, &format!("expected [width, height], got {other:?}"))),
         }
     }
 

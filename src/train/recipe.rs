@@ -5,9 +5,11 @@
 
 use super::TrainOptions;
 use crate::data::augment::Augment;
+use crate::data::official::Official;
 use crate::error::{Error, Result};
 use crate::kernels::tuning::TuningCache;
 use crate::model::hrnet::OCR_DROPOUT;
+use crate::model::Config;
 use std::collections::HashMap;
 
 /// Parameters whose name holds one of these are the head and train at the head's rate
@@ -105,10 +107,29 @@ impl RunSettings {
         }
     }
 
-    /// The official augmentation at this crop: scales 0.5 to 2.0 in steps of 0.1, random
-    /// crop, horizontal flip exchanging the `swap_on_flip` classes.
-    pub fn augment(&self, ignore_label: u32, swap_on_flip: &'static [(u32, u32)]) -> Augment {
-        Augment { crop: self.crop, min_scale: 0.5, scale_steps: 16, flip: true, swap_on_flip, ignore_label }
+    /// The official augmentation at this crop, for `config`'s dataset: without one (custom
+    /// data), scales 0.5 to 2.0 in steps of 0.1 of the image's own size, random crop and
+    /// flip; with one, its dataset class's recipe from the YAML's `TRAIN` keys: the long side
+    /// at scale 1 is `TRAIN.BASE_SIZE`, scales 0.5 + k / 10 for k up to
+    /// `TRAIN.SCALE_FACTOR` (none without `TRAIN.MULTI_SCALE`), flip as `TRAIN.FLIP`, LIP's
+    /// images resized to the crop first and its left and right classes exchanged by a flip.
+    pub fn augment(&self, config: &Config) -> Result<Augment> {
+        let mut a = Augment::official(self.crop, config.ignore_index());
+        let Some(name) = &config.dataset.name else { return Ok(a) };
+        let dataset = Official::parse(name)?;
+        let keys = &config.dataset;
+        a.flip = keys.train_flip;
+        a.swap_on_flip = dataset.flip_swaps();
+        if keys.train_multi_scale {
+            a.scale_steps = keys.train_scale_factor;
+            a.long_side = Some(keys.train_base_size);
+        } else {
+            (a.min_scale, a.scale_steps) = (1.0, 0);
+        }
+        if dataset == Official::Lip {
+            a.resize_first = Some(self.crop);
+        }
+        Ok(a)
     }
 
     /// The dropout seed of step `step`: distinct per step, and the same when a run resumes.

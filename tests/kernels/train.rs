@@ -11,7 +11,7 @@ use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{Checkpoint, TrainOptions, Trainer};
 
 fn recipe(crop: [usize; 2]) -> Augment {
-    Augment { crop, min_scale: 0.5, scale_steps: 16, flip: true, swap_on_flip: &[], ignore_label: 255 }
+    Augment::official(crop, 255)
 }
 
 #[test]

@@ -5,7 +5,6 @@ use crate::segment::{DataArgs, Set};
 use crate::{model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::Batches;
-use hrnet_ocr::data::official::Official;
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights;
 use hrnet_ocr::model::Config;
@@ -39,7 +38,7 @@ pub struct TrainArgs {
     /// Images per step [default: 4]
     #[arg(long)]
     batch: Option<usize>,
-    /// Training crop, N or HxW [default: 64]
+    /// Training crop, N or HxW [default: the YAML's TRAIN.IMAGE_SIZE for an official dataset, else 64]
     #[arg(long, value_parser = parse_size)]
     crop: Option<[usize; 2]>,
     /// Procedural scenes' size, N or HxW [default: 128]
@@ -112,11 +111,15 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     if checkpoint.is_none() && args.data.data.is_none() && !args.data.synthetic {
         return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
     }
-    let s = resolve(args, checkpoint.as_ref())?;
+    let mut s = resolve(args, checkpoint.as_ref())?;
     let cfg = match s.config.as_str() {
         "bundled" => model::bundled_config()?,
         c => Config::load(c)?,
     };
+    // A new run of an official dataset crops as its YAML's TRAIN.IMAGE_SIZE unless told.
+    if checkpoint.is_none() && args.crop.is_none() && cfg.dataset.name.is_some() {
+        s.crop = cfg.dataset.train_crop;
+    }
     let (steps, batch, crop) = (s.steps, s.batch, s.crop);
     let synthetic = s.data == "synthetic";
     if synthetic && cfg.num_classes != hrnet_ocr::data::procedural::CLASSES.len() {
@@ -131,8 +134,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         synthetic,
         list: (!s.list.is_empty()).then(|| PathBuf::from(&s.list)),
     };
-    let (dataset, official) =
-        data.open(&cfg, Set::Train, &s.split, s.seed, steps.saturating_mul(batch), s.size)?;
+    let (dataset, _) = data.open(&cfg, Set::Train, &s.split, s.seed, steps.saturating_mul(batch), s.size)?;
     let options = s.options(TuningCache::from_env());
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
@@ -145,7 +147,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?
         }
     };
-    let recipe = s.augment(cfg.ignore_index(), official.map_or(&[][..], Official::flip_swaps));
+    let recipe = s.augment(&cfg)?;
     let batches =
         Batches { dataset: dataset.as_ref(), recipe, seed: s.seed, batch, classes: cfg.num_classes };
     let first = trainer.steps();
