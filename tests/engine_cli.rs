@@ -419,8 +419,11 @@ fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
     let tiny = std::fs::read_to_string(fixture("tiny_ocr.yaml")).unwrap();
     let dataset = "DATASET:\n  DATASET: lip\n  ROOT: 'data/'\n  TEST_SET: 'list/lip/valList.txt'\n  \
                    TRAIN_SET: 'list/lip/trainList.txt'\n  NUM_CLASSES: 20\n";
+    // The official test at the images' size, flipped (LIP's channel exchange on 20 classes).
+    let test = "TEST:\n  IMAGE_SIZE:\n  - 40\n  - 40\n  BASE_SIZE: 40\n  FLIP_TEST: true\n";
     let config = root.join("lip.yaml");
-    std::fs::write(&config, tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset)).unwrap();
+    std::fs::write(&config, format!("{}{test}", tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset)))
+        .unwrap();
     let out = root.join("run");
     let args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)];
     let (ok, text) = run(&[&args[..], &["--steps", "2", "--batch", "2", "--crop", "32"]].concat());
