@@ -191,6 +191,52 @@ fn encode_png(
     write_atomic(path, &bytes)
 }
 
+/// The official repository's palette for saved predictions (`get_palette(256)`: PASCAL
+/// VOC's colours, the bits of each index spread over R, G and B from the high bit down):
+/// 256 RGB triples.
+pub fn official_palette() -> Vec<u8> {
+    let mut palette = vec![0u8; 768];
+    for j in 0..256usize {
+        let (mut label, mut i) = (j, 0);
+        while label > 0 {
+            for (c, entry) in palette[j * 3..j * 3 + 3].iter_mut().enumerate() {
+                *entry |= (((label >> c) & 1) << (7 - i)) as u8;
+            }
+            i += 1;
+            label >>= 3;
+        }
+    }
+    palette
+}
+
+/// Writes class indices (each below 256) as an 8-bit palette PNG with `palette` (RGB
+/// triples), atomically: what the official code saves its predictions as.
+pub fn write_palette_labels(path: &Path, map: &LabelMap, palette: &[u8]) -> Result<()> {
+    let shown = path.display().to_string();
+    if map.labels.len() != map.width * map.height {
+        return Err(format_error(
+            &shown,
+            format!("{} labels for a {}x{} map", map.labels.len(), map.width, map.height),
+        ));
+    }
+    if let Some(big) = map.labels.iter().find(|&&l| l > 255) {
+        return Err(format_error(&shown, format!("label {big} does not fit a palette PNG")));
+    }
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, map.width as u32, map.height as u32);
+        encoder.set_color(png::ColorType::Indexed);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_palette(palette.to_vec());
+        let data: Vec<u8> = map.labels.iter().map(|&l| l as u8).collect();
+        encoder
+            .write_header()
+            .and_then(|mut w| w.write_image_data(&data))
+            .map_err(|e| format_error(&shown, format!("cannot encode the PNG: {e}")))?;
+    }
+    write_atomic(path, &bytes)
+}
+
 /// Writes class indices as a grey PNG (8 bit when every label fits, else 16 bit), atomically.
 pub fn write_labels(path: &Path, map: &LabelMap) -> Result<()> {
     if map.labels.len() != map.width * map.height {

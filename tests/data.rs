@@ -125,8 +125,8 @@ fn images_and_masks_layout_pairs_by_stem_or_list() {
     assert!(set.describe(0).ends_with("a.png"), "sorted by name");
     std::fs::write(root.join("train.txt"), "images/b.png masks/a.png\n\nimages/a.png masks/b.png\n").unwrap();
     let set = Folder::open(&root, "train", None, 255).unwrap();
-    let pairs: Vec<_> = set.files().map(|(i, l)| (i.to_path_buf(), l.to_path_buf())).collect();
-    assert_eq!(pairs[0], (root.join("images/b.png"), root.join("masks/a.png")));
+    let pairs: Vec<_> = set.files().map(|(i, l)| (i.to_path_buf(), l.map(Path::to_path_buf))).collect();
+    assert_eq!(pairs[0], (root.join("images/b.png"), Some(root.join("masks/a.png"))));
     std::fs::write(root.join("bad.lst"), "images/a.png masks/a.png\nimages/b.png\n").unwrap();
     let err = Folder::open(&root, "train", Some(&root.join("bad.lst")), 255).unwrap_err().to_string();
     assert!(err.contains("bad.lst") && err.contains("line 2"), "{err}");
@@ -305,4 +305,21 @@ fn official_training_rescales_the_long_side_to_the_base_size() {
     let lip = Augment { crop: [20, 20], ..lip };
     let s = hrnet_ocr::data::augment::augment(&image, &labels, &lip, &mut rng);
     assert_eq!(s.labels, nearest([20, 20], [h, w], &labels));
+}
+
+/// The official prediction palette is PASCAL VOC's, and Cityscapes saves label ids.
+#[test]
+fn predictions_are_saved_with_the_official_palette_and_ids() {
+    let p = images::official_palette();
+    let rgb = |i: usize| [p[3 * i], p[3 * i + 1], p[3 * i + 2]];
+    assert_eq!(
+        [rgb(0), rgb(1), rgb(2), rgb(3), rgb(4), rgb(15)],
+        [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [192, 128, 128]]
+    );
+    assert_eq!([0, 13, 18].map(|c| Official::Cityscapes.saved_label(c)), [7, 26, 33]);
+    assert_eq!(Official::Ade20k.saved_label(5), 5);
+    let root = scratch("saved-pred");
+    let map = LabelMap { width: 3, height: 2, labels: vec![0, 7, 33, 255, 1, 2] };
+    images::write_palette_labels(&root.join("p.png"), &map, &p).unwrap();
+    assert_eq!(images::read_labels(&root.join("p.png")).unwrap(), map);
 }

@@ -469,3 +469,73 @@ impl TapDir for PathBuf {
         self
     }
 }
+
+/// Cityscapes' official layout: lists of `image labelIds` pairs and an image-only test
+/// list, relative to the root. Training and eval read the labelIds as train ids; `eval
+/// --save-pred` writes the predictions as the official `save_pred` does (palette PNGs of
+/// label ids, named by the label file, or by the image in a test list, which is scored not
+/// at all and refused without --save-pred).
+#[test]
+fn cityscapes_lists_train_evaluate_and_save_official_predictions() {
+    const LABEL_IDS: [u32; 19] = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33];
+    let root = scratch("cityscapes-lists");
+    let size = 40;
+    let mut lists = [String::new(), String::new(), String::new()];
+    for i in 0..4u64 {
+        let sc = scene(11, i, size, size);
+        let image = format!("leftImg8bit/x/c_{i}_leftImg8bit.png");
+        let label = format!("gtFine/x/c_{i}_gtFine_labelIds.png");
+        std::fs::create_dir_all(root.join("leftImg8bit/x")).unwrap();
+        images::write_rgb(&root.join(&image), &sc.image).unwrap();
+        // Label ids of the 19 classes, and 0 (unlabelled, ignored) now and then.
+        let ids: Vec<u32> = sc
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(p, &l)| if p % 7 == 0 { 0 } else { LABEL_IDS[(l as usize * 3 + p) % 19] })
+            .collect();
+        let map = LabelMap { width: size, height: size, labels: ids };
+        std::fs::create_dir_all(root.join("gtFine/x")).unwrap();
+        images::write_labels(&root.join(&label), &map).unwrap();
+        let which = if i < 2 { 0 } else { 1 };
+        lists[which].push_str(&format!("{image} {label}\n"));
+        lists[2].push_str(&format!("{image}\n"));
+    }
+    std::fs::create_dir_all(root.join("list/cityscapes")).unwrap();
+    for (name, text) in ["train.lst", "val.lst", "test.lst"].iter().zip(&lists) {
+        std::fs::write(root.join("list/cityscapes").join(name), text).unwrap();
+    }
+    let tiny = std::fs::read_to_string(fixture("tiny_ocr.yaml")).unwrap();
+    let dataset =
+        "DATASET:\n  DATASET: cityscapes\n  ROOT: 'data/'\n  TEST_SET: 'list/cityscapes/val.lst'\n  \
+                   TRAIN_SET: 'list/cityscapes/train.lst'\n  NUM_CLASSES: 19\n";
+    let test = "TEST:\n  IMAGE_SIZE:\n  - 40\n  - 40\n  BASE_SIZE: 40\n";
+    let config = root.join("cityscapes.yaml");
+    std::fs::write(&config, format!("{}{test}", tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset)))
+        .unwrap();
+    let out = root.join("run");
+    let args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)];
+    let (ok, text) = run(&[&args[..], &["--steps", "1", "--batch", "2", "--crop", "32"]].concat());
+    assert!(ok, "{text}");
+    let weights = out.join("weights.safetensors");
+    let preds = root.join("preds");
+    let eval = ["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)];
+    let (ok, text) = run(&[&eval[..], &["--save-pred", s(&preds)]].concat());
+    assert!(ok && text.contains("mIoU") && text.contains("2 images, "), "{text}");
+    for i in [2, 3] {
+        let saved = images::read_labels(&preds.join(format!("c_{i}_gtFine_labelIds.png"))).unwrap();
+        assert_eq!((saved.width, saved.height), (size, size));
+        assert!(
+            saved.labels.iter().all(|l| LABEL_IDS.contains(l)),
+            "not label ids: {:?}",
+            &saved.labels[..8]
+        );
+    }
+    // The test split: no labels, so predictions only, named by the image.
+    let test_list = ["--list", "list/cityscapes/test.lst"];
+    let (ok, text) = run(&[&eval[..], &test_list[..]].concat());
+    assert!(!ok && text.contains("--save-pred"), "{text}");
+    let (ok, text) = run(&[&eval[..], &test_list[..], &["--save-pred", s(&preds)]].concat());
+    assert!(ok && text.contains("4 predictions written"), "{text}");
+    assert!(preds.join("c_0_leftImg8bit.png").is_file());
+}

@@ -29,7 +29,7 @@ pub enum LabelEncoding {
 /// A dataset of image and label files.
 #[derive(Clone, Debug)]
 pub struct Folder {
-    pairs: Vec<(PathBuf, PathBuf, LabelEncoding)>,
+    pairs: Vec<(PathBuf, Option<PathBuf>, LabelEncoding)>,
     ignore_label: u32,
 }
 
@@ -84,7 +84,7 @@ impl Folder {
         Ok(Folder { pairs, ignore_label })
     }
 
-    fn cityscapes(root: &Path, split: &str) -> Result<Vec<(PathBuf, PathBuf, LabelEncoding)>> {
+    fn cityscapes(root: &Path, split: &str) -> Result<Vec<(PathBuf, Option<PathBuf>, LabelEncoding)>> {
         let images = root.join("leftImg8bit").join(split);
         if !images.is_dir() {
             return Err(Error::Invalid(format!(
@@ -101,9 +101,9 @@ impl Folder {
                 let train_ids = labels.join(format!("{stem}_gtFine_labelTrainIds.png"));
                 let ids = labels.join(format!("{stem}_gtFine_labelIds.png"));
                 let pair = if train_ids.is_file() {
-                    (image, train_ids, LabelEncoding::TrainIds)
+                    (image, Some(train_ids), LabelEncoding::TrainIds)
                 } else if ids.is_file() {
-                    (image, ids, LabelEncoding::Official(Official::Cityscapes, 19))
+                    (image, Some(ids), LabelEncoding::Official(Official::Cityscapes, 19))
                 } else {
                     return Err(Error::Invalid(format!(
                         "{} has no label file: expected {} or {}",
@@ -132,17 +132,8 @@ impl Folder {
         let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
         let mut pairs = Vec::new();
         for entry in dataset.parse_list(list, &text)? {
-            let Some(label) = entry.label else {
-                return Err(Error::Invalid(format!(
-                    "{}: an image-only list (a test split) has no labels to train or evaluate on",
-                    path.display()
-                )));
-            };
-            pairs.push((
-                root.join(entry.image),
-                root.join(label),
-                LabelEncoding::Official(dataset, num_classes),
-            ));
+            let label = entry.label.map(|l| root.join(l));
+            pairs.push((root.join(entry.image), label, LabelEncoding::Official(dataset, num_classes)));
         }
         if pairs.is_empty() {
             return Err(Error::Invalid(format!("{} lists no images", path.display())));
@@ -150,14 +141,16 @@ impl Folder {
         Ok(Folder { pairs, ignore_label })
     }
 
-    fn from_list(root: &Path, list: &Path) -> Result<Vec<(PathBuf, PathBuf, LabelEncoding)>> {
+    fn from_list(root: &Path, list: &Path) -> Result<Vec<(PathBuf, Option<PathBuf>, LabelEncoding)>> {
         let text = std::fs::read_to_string(list).map_err(|e| io_error(list, e))?;
         let mut pairs = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             match fields.as_slice() {
                 [] => {}
-                [image, mask] => pairs.push((root.join(image), root.join(mask), LabelEncoding::TrainIds)),
+                [image, mask] => {
+                    pairs.push((root.join(image), Some(root.join(mask)), LabelEncoding::TrainIds))
+                }
                 _ => {
                     return Err(Error::Format {
                         path: list.display().to_string(),
@@ -169,7 +162,7 @@ impl Folder {
         Ok(pairs)
     }
 
-    fn by_stem(root: &Path) -> Result<Vec<(PathBuf, PathBuf, LabelEncoding)>> {
+    fn by_stem(root: &Path) -> Result<Vec<(PathBuf, Option<PathBuf>, LabelEncoding)>> {
         let mut pairs = Vec::new();
         for image in sorted_entries(&root.join("images"))?.into_iter().filter(|p| p.is_file()) {
             let stem = image.file_stem().unwrap_or_default().to_string_lossy().to_string();
@@ -181,14 +174,14 @@ impl Folder {
                     mask.display()
                 )));
             }
-            pairs.push((image, mask, LabelEncoding::TrainIds));
+            pairs.push((image, Some(mask), LabelEncoding::TrainIds));
         }
         Ok(pairs)
     }
 
-    /// The (image, label) file pairs, in dataset order.
-    pub fn files(&self) -> impl Iterator<Item = (&Path, &Path)> {
-        self.pairs.iter().map(|(i, l, _)| (i.as_path(), l.as_path()))
+    /// The (image, label) files, in dataset order (no label in a test split's list).
+    pub fn files(&self) -> impl Iterator<Item = (&Path, Option<&Path>)> {
+        self.pairs.iter().map(|(i, l, _)| (i.as_path(), l.as_deref()))
     }
 }
 
@@ -200,6 +193,9 @@ impl Dataset for Folder {
     fn get(&self, index: usize) -> Result<Scene> {
         let (image_path, label_path, encoding) = &self.pairs[index];
         let image = read_rgb(image_path)?;
+        let Some(label_path) = label_path else {
+            return Ok(Scene { image, labels: Vec::new() });
+        };
         let map = read_labels(label_path)?;
         if (map.width, map.height) != (image.width, image.height) {
             return Err(Error::Shape {
@@ -233,5 +229,15 @@ impl Dataset for Folder {
 
     fn describe(&self, index: usize) -> String {
         self.pairs[index].0.display().to_string()
+    }
+
+    fn name(&self, index: usize) -> String {
+        let (image, label, _) = &self.pairs[index];
+        let file = label.as_deref().unwrap_or(image);
+        file.file_stem().unwrap_or_default().to_string_lossy().into_owned()
+    }
+
+    fn labelled(&self) -> bool {
+        self.pairs.iter().all(|p| p.1.is_some())
     }
 }

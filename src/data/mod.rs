@@ -31,6 +31,18 @@ pub trait Dataset {
     /// What image `index` is, for messages (a file name, or a seed and index).
     fn describe(&self, index: usize) -> String;
 
+    /// The name its prediction is saved under (the official: the label file's stem, or the
+    /// image's in a test list).
+    fn name(&self, index: usize) -> String {
+        format!("{index}")
+    }
+
+    /// Whether its images have labels (a test split's list has none: [`Scene::labels`] is
+    /// then empty).
+    fn labelled(&self) -> bool {
+        true
+    }
+
     /// Whether training should visit it in a fresh random order every epoch (files sorted
     /// by name), or in index order (images that are already independent random draws).
     fn shuffle(&self) -> bool {

@@ -160,6 +160,17 @@ impl Official {
         }
     }
 
+    /// A predicted class as the official `save_pred` writes it: Cityscapes' train ids back
+    /// to label ids (the benchmark server's encoding), the others as they are.
+    pub fn saved_label(self, class: u32) -> u32 {
+        match self {
+            Official::Cityscapes => {
+                CITYSCAPES_TRAIN_IDS.iter().find(|&&(_, train)| train == class).map_or(class, |&(id, _)| id)
+            }
+            _ => class,
+        }
+    }
+
     /// Whether label files are read as palette indices (`convert('P')`), rather than as
     /// grey levels (Cityscapes' `IMREAD_GRAYSCALE`).
     pub fn reads_palette_indices(self) -> bool {

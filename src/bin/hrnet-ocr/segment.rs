@@ -14,7 +14,7 @@ use hrnet_ocr::kernels::conv2d::Precision;
 use hrnet_ocr::model::weights::NamedTensor;
 use hrnet_ocr::model::Config;
 use hrnet_ocr::{Error, Gpu, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// How images are covered.
@@ -254,6 +254,11 @@ pub struct EvalArgs {
     /// as one JSON object on stdout
     #[arg(long)]
     json: bool,
+    /// Write each prediction to DIR/NAME.png as the official code saves them: a palette PNG
+    /// of the classes (Cityscapes: of its label ids, for the benchmark server), NAME the
+    /// label file's stem (the image's in a test list, which has no labels to score)
+    #[arg(long, value_name = "DIR")]
+    save_pred: Option<PathBuf>,
 }
 
 /// The scores as one JSON object: per-class IoU, mIoU, pixel and mean accuracy, and the
@@ -288,9 +293,32 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         (cfg.num_classes, model::class_names(cfg.num_classes, bundled || args.data.synthetic));
     let mut segmenter = args.infer.segmenter(&gpu, cfg, weights, true);
     let mut evaluation = Evaluation::new(&gpu, classes, ignore)?;
+    let labelled = dataset.labelled();
+    if !labelled && args.save_pred.is_none() {
+        return Err(Error::Invalid(
+            "the list has no labels to score (a test split): give --save-pred DIR to write its predictions"
+                .into(),
+        ));
+    }
+    if let Some(dir) = &args.save_pred {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+    }
+    let palette = images::official_palette();
     let mut seconds = 0.0;
     for i in 0..dataset.len() {
         let scene = dataset.get(i)?;
+        let start = Instant::now();
+        if let Some(dir) = &args.save_pred {
+            let seg = segmenter.segment(&scene.image, &strategy)?;
+            let labels = seg.classes.iter().map(|&c| official.map_or(c, |d| d.saved_label(c))).collect();
+            let map = LabelMap { width: seg.width, height: seg.height, labels };
+            images::write_palette_labels(&dir.join(format!("{}.png", dataset.name(i))), &map, &palette)?;
+        }
+        seconds += start.elapsed().as_secs_f64();
+        if !labelled {
+            continue;
+        }
         // An official dataset's encodings can give labels past the classes (COCO-Stuff's
         // unused ids, a reduced zero under IGNORE_LABEL -1): its confusion matrix leaves
         // them out, as the official one does. Other labels must be classes or the ignore.
@@ -301,6 +329,11 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         let start = Instant::now();
         segmenter.evaluate(&scene.image, &strategy, &scene.labels, &mut evaluation)?;
         seconds += start.elapsed().as_secs_f64();
+    }
+    if !labelled {
+        let dir = args.save_pred.as_deref().unwrap_or(Path::new("."));
+        println!("{} predictions written to {}", dataset.len(), dir.display());
+        return Ok(());
     }
     let scores = evaluation.scores(&gpu)?;
     let timing = format!(

@@ -135,6 +135,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         list: (!s.list.is_empty()).then(|| PathBuf::from(&s.list)),
     };
     let (dataset, _) = data.open(&cfg, Set::Train, &s.split, s.seed, steps.saturating_mul(batch), s.size)?;
+    if !dataset.labelled() {
+        return Err(Error::Invalid("the training list has no labels (a test split's list)".into()));
+    }
     let options = s.options(TuningCache::from_env());
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
