@@ -323,3 +323,57 @@ fn predictions_are_saved_with_the_official_palette_and_ids() {
     images::write_palette_labels(&root.join("p.png"), &map, &p).unwrap();
     assert_eq!(images::read_labels(&root.join("p.png")).unwrap(), map);
 }
+
+/// The official dataset classes' own output (`tools/reference/official_datasets.py` ran
+/// `lib/datasets/*.py` of the official repository on these tiny layouts): every label this
+/// engine reads from the same files equals theirs, and their prepared test image has the
+/// size this engine's test preparation gives.
+#[test]
+fn labels_and_test_sizes_match_the_official_dataset_classes() {
+    use hrnet_ocr::data::official::TestPreparation;
+    use hrnet_ocr::infer::OfficialTest;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets");
+    // (folder, dataset, list, classes, ignore label (-1 as u32::MAX), base size, crop)
+    let cases = [
+        ("cityscapes", Official::Cityscapes, "list/cityscapes/val.lst", 19, 255, 40, [24, 40]),
+        ("lip", Official::Lip, "list/lip/testvalList.txt", 20, 255, 24, [24, 24]),
+        ("pascal_ctx59", Official::PascalContext, "testval.txt", 59, u32::MAX, 24, [24, 24]),
+        ("pascal_ctx60", Official::PascalContext, "testval.txt", 60, u32::MAX, 24, [24, 24]),
+        ("ade20k", Official::Ade20k, "list/ade20k/testval.lst", 150, 255, 24, [24, 24]),
+        ("cocostuff", Official::CocoStuff, "list/cocostuff/testval.lst", 171, 255, 24, [24, 24]),
+    ];
+    for (folder, dataset, list, classes, ignore, base_size, crop) in cases {
+        let root = fixtures.join(folder);
+        let bytes = std::fs::read(root.join("official.safetensors")).unwrap();
+        let official = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let int32s = |name: &str| -> Vec<i32> {
+            let t = official.tensor(name).unwrap_or_else(|e| panic!("{folder} {name}: {e}"));
+            t.data().chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        };
+        let set = Folder::official(&root, dataset, list, classes, ignore).unwrap();
+        let test = OfficialTest {
+            dataset,
+            base_size,
+            crop,
+            scales: vec![1.0],
+            flip: false,
+            preparation: dataset.test_preparation(list),
+        };
+        for i in 0..set.len() {
+            let scene = set.get(i).unwrap();
+            let want: Vec<u32> = int32s(&format!("labels.{i}")).into_iter().map(|v| v as u32).collect();
+            assert_eq!(scene.labels, want, "{folder} image {i}: labels");
+            let size = [scene.image.height, scene.image.width];
+            let prepared = match test.preparation {
+                TestPreparation::AsIs => size,
+                TestPreparation::ResizeToCrop => crop,
+                TestPreparation::ShortSide { .. } | TestPreparation::ShortSideWithLabels => {
+                    let (resized, pad) = test.short_side_size(size);
+                    [resized[0] + pad[0], resized[1] + pad[1]]
+                }
+            };
+            let shape = int32s(&format!("image_shape.{i}"));
+            assert_eq!([shape[1] as usize, shape[2] as usize], prepared, "{folder} image {i}: prepared size");
+        }
+    }
+}
