@@ -3,7 +3,7 @@
 
 use crate::data::augment::resize_nearest;
 use crate::data::image::{normalise, Image};
-use crate::data::official::{Official, TestPreparation};
+use crate::data::official::{long_side_size, Official, TestPreparation};
 use crate::error::{Error, Result};
 use crate::eval::Evaluation;
 use crate::gpu::Gpu;
@@ -91,14 +91,8 @@ impl OfficialTest {
 
     /// The size an `[h, w]` image is resized to at `scale`: its long side
     /// `int(base_size * scale + 0.5)`, the other in proportion, rounded the same way.
-    pub fn scaled_size(&self, [h, w]: [usize; 2], scale: f32) -> [usize; 2] {
-        let long = (self.base_size as f64 * f64::from(scale) + 0.5) as usize;
-        let other = |short: usize, longer: usize| ((short * long) as f64 / longer as f64 + 0.5) as usize;
-        if h > w {
-            [long, other(w, h).max(1)]
-        } else {
-            [other(h, w).max(1), long]
-        }
+    pub fn scaled_size(&self, size: [usize; 2], scale: f32) -> [usize; 2] {
+        long_side_size(size, self.base_size, scale)
     }
 }
 

@@ -374,22 +374,6 @@ fn tune_measures_the_bundled_model_and_caches_the_choices() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Writes `labels` (each below 256) as an 8-bit palette PNG whose colours are not the
-/// indices, as LIP, PASCAL-Context, ADE20K and COCO-Stuff ship theirs.
-fn write_palette_labels(path: &Path, w: usize, h: usize, labels: &[u32]) {
-    let mut bytes = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut bytes, w as u32, h as u32);
-        encoder.set_color(png::ColorType::Indexed);
-        encoder.set_depth(png::BitDepth::Eight);
-        encoder.set_palette((0..768).map(|i| (i * 91 % 256) as u8).collect::<Vec<u8>>());
-        let mut writer = encoder.write_header().unwrap();
-        writer.write_image_data(&labels.iter().map(|&l| l as u8).collect::<Vec<u8>>()).unwrap();
-    }
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, bytes).unwrap();
-}
-
 /// An official layout trains and evaluates from its experiment YAML alone: LIP's lists
 /// (`image label edge` for train, `image label` for val, relative to the root) and palette
 /// labels of its 20 classes, chosen by `DATASET.DATASET: lip`, with no --list or --split.
@@ -402,10 +386,15 @@ fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
         let sc = scene(9, i, size, size);
         let image = format!("images/{i}.png");
         let label = format!("labels/{i}.png");
-        images::write_rgb(&root.join(&image).tap_dir(), &sc.image).unwrap();
+        std::fs::create_dir_all(root.join("images")).unwrap();
+        std::fs::create_dir_all(root.join("labels")).unwrap();
+        images::write_rgb(&root.join(&image), &sc.image).unwrap();
         // Every LIP class, left and right parts included.
         let labels: Vec<u32> = sc.labels.iter().enumerate().map(|(p, &l)| (l * 4 + p as u32) % 20).collect();
-        write_palette_labels(&root.join(&label), size, size, &labels);
+        // A palette PNG (as LIP ships its labels) whose colours are not the indices.
+        let palette: Vec<u8> = (0..768).map(|i| (i * 91 % 256) as u8).collect();
+        let map = LabelMap { width: size, height: size, labels };
+        images::write_palette_labels(&root.join(&label), &map, &palette).unwrap();
         let line = if i < 3 { &mut train } else { &mut val };
         if i < 3 {
             line.push_str(&format!("{image} {label} edges/{i}.png\n"));
@@ -456,18 +445,6 @@ fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
         .unwrap();
     let (ok, text) = run(&["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)]);
     assert!(!ok && text.contains("\"voc\"") && text.contains("cityscapes, lip, pascal_ctx"), "{text}");
-}
-
-/// Creates the parent folder of a path on the way.
-trait TapDir {
-    fn tap_dir(self) -> Self;
-}
-
-impl TapDir for PathBuf {
-    fn tap_dir(self) -> Self {
-        std::fs::create_dir_all(self.parent().unwrap()).unwrap();
-        self
-    }
 }
 
 /// Cityscapes' official layout: lists of `image labelIds` pairs and an image-only test

@@ -54,15 +54,7 @@ impl Augment {
     fn scaled([h, w]: [usize; 2], scale: f32, long_side: Option<usize>) -> [usize; 2] {
         match long_side {
             None => [h, w].map(|s| ((s as f32 * scale).round() as usize).max(1)),
-            Some(base) => {
-                let long = (base as f64 * f64::from(scale) + 0.5) as usize;
-                let other = |a: usize, b: usize| (((a * long) as f64 / b as f64 + 0.5) as usize).max(1);
-                if h > w {
-                    [long, other(w, h)]
-                } else {
-                    [other(h, w), long]
-                }
-            }
+            Some(base) => super::official::long_side_size([h, w], base, scale),
         }
     }
 }

@@ -94,6 +94,18 @@ pub struct ListEntry {
     pub label: Option<String>,
 }
 
+/// The size an `[h, w]` image has at `scale` under the official `multi_scale_aug`: its long
+/// side `int(base * scale + 0.5)`, the other in proportion, rounded the same way (at least 1).
+pub fn long_side_size([h, w]: [usize; 2], base: usize, scale: f32) -> [usize; 2] {
+    let long = (base as f64 * f64::from(scale) + 0.5) as usize;
+    let other = |short: usize, longer: usize| (((short * long) as f64 / longer as f64 + 0.5) as usize).max(1);
+    if h > w {
+        [long, other(w, h)]
+    } else {
+        [other(h, w), long]
+    }
+}
+
 /// 8-bit subtraction of one, as numpy does on the official uint8 arrays (0 becomes 255).
 fn reduce_zero_label(v: u32) -> u32 {
     (v + 255) % 256
