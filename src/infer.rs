@@ -107,6 +107,15 @@ pub struct Segmentation {
     pub scores: Option<Vec<f32>>,
 }
 
+/// What [`Segmenter::evaluate_kept`] counted: `height * width` predicted classes and the
+/// labels they were counted against.
+pub struct Scored {
+    pub width: usize,
+    pub height: usize,
+    pub classes: Vec<u32>,
+    pub labels: Vec<u32>,
+}
+
 /// Outputs of a segmenter's graph.
 const FULL_LOGITS: usize = 0;
 const LABELS: usize = 1;
@@ -213,9 +222,43 @@ impl<'g> Segmenter<'g> {
         labels: &[u32],
         evaluation: &mut Evaluation,
     ) -> Result<()> {
+        self.score(image, strategy, labels, evaluation, false).map(drop)
+    }
+
+    /// As [`Segmenter::evaluate`], and returns what was counted: the predicted classes and
+    /// the labels at the size they were scored at (the image's, or for the official `val`
+    /// preparation the resized and padded one).
+    pub fn evaluate_kept(
+        &mut self,
+        image: &Image,
+        strategy: &Strategy,
+        labels: &[u32],
+        evaluation: &mut Evaluation,
+    ) -> Result<Scored> {
+        self.score(image, strategy, labels, evaluation, true)
+    }
+
+    /// Counts `image` against `labels`; returns what was counted when `keep` (else empty).
+    fn score(
+        &mut self,
+        image: &Image,
+        strategy: &Strategy,
+        labels: &[u32],
+        evaluation: &mut Evaluation,
+        keep: bool,
+    ) -> Result<Scored> {
         let size = [image.height, image.width];
+        let kept = |size: [usize; 2], classes: Vec<u32>, labels: &[u32]| Scored {
+            width: size[1],
+            height: size[0],
+            classes: if keep { classes } else { Vec::new() },
+            labels: if keep { labels.to_vec() } else { Vec::new() },
+        };
         if *strategy == Strategy::Whole && self.run(&image.normalised(), size)? {
-            return evaluation.add_predicted(self.gpu, self.graphs[&size].output(LABELS), labels);
+            let prediction = self.graphs[&size].output(LABELS);
+            evaluation.add_predicted(self.gpu, prediction, labels)?;
+            let classes = if keep { prediction.to_vec_u32(self.gpu)? } else { Vec::new() };
+            return Ok(kept(size, classes, labels));
         }
         if let Strategy::Official(test) = strategy {
             if test.preparation == TestPreparation::ShortSideWithLabels {
@@ -228,11 +271,13 @@ impl<'g> Segmenter<'g> {
                 let classes = argmax(&scores, self.config.num_classes, padded[0] * padded[1]);
                 let ignore = evaluation.ignore_label();
                 let labels = pad_labels(&resize_nearest(labels, size, resized), resized, padded, ignore);
-                return evaluation.add(self.gpu, &classes, &labels);
+                evaluation.add(self.gpu, &classes, &labels)?;
+                return Ok(kept(padded, classes, &labels));
             }
         }
         let segmentation = self.segment(image, strategy)?;
-        evaluation.add(self.gpu, &segmentation.classes, labels)
+        evaluation.add(self.gpu, &segmentation.classes, labels)?;
+        Ok(kept(size, segmentation.classes, labels))
     }
 
     /// The scores `[K, H, W]` of normalised planes `[3, H, W]` under `strategy`.

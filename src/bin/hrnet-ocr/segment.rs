@@ -306,17 +306,21 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     }
     let palette = images::official_palette();
     let mut seconds = 0.0;
+    let save = |dir: &Path, i: usize, width: usize, height: usize, classes: &[u32]| {
+        let labels = classes.iter().map(|&c| official.map_or(c, |d| d.saved_label(c))).collect();
+        let map = LabelMap { width, height, labels };
+        images::write_palette_labels(&dir.join(format!("{}.png", dataset.name(i))), &map, &palette)
+    };
     for i in 0..dataset.len() {
         let scene = dataset.get(i)?;
         let start = Instant::now();
-        if let Some(dir) = &args.save_pred {
-            let seg = segmenter.segment(&scene.image, &strategy)?;
-            let labels = seg.classes.iter().map(|&c| official.map_or(c, |d| d.saved_label(c))).collect();
-            let map = LabelMap { width: seg.width, height: seg.height, labels };
-            images::write_palette_labels(&dir.join(format!("{}.png", dataset.name(i))), &map, &palette)?;
-        }
-        seconds += start.elapsed().as_secs_f64();
         if !labelled {
+            // A test list: predictions only (`--save-pred` is required above).
+            let seg = segmenter.segment(&scene.image, &strategy)?;
+            seconds += start.elapsed().as_secs_f64();
+            if let Some(dir) = &args.save_pred {
+                save(dir, i, seg.width, seg.height, &seg.classes)?;
+            }
             continue;
         }
         // An official dataset's encodings can give labels past the classes (COCO-Stuff's
@@ -326,9 +330,14 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
             check_labels(&scene.labels, classes, ignore)
                 .map_err(|e| Error::Invalid(format!("{}: {e}", dataset.describe(i))))?;
         }
-        let start = Instant::now();
-        segmenter.evaluate(&scene.image, &strategy, &scene.labels, &mut evaluation)?;
-        seconds += start.elapsed().as_secs_f64();
+        if let Some(dir) = &args.save_pred {
+            let scored = segmenter.evaluate_kept(&scene.image, &strategy, &scene.labels, &mut evaluation)?;
+            seconds += start.elapsed().as_secs_f64();
+            save(dir, i, scored.width, scored.height, &scored.classes)?;
+        } else {
+            segmenter.evaluate(&scene.image, &strategy, &scene.labels, &mut evaluation)?;
+            seconds += start.elapsed().as_secs_f64();
+        }
     }
     if !labelled {
         let dir = args.save_pred.as_deref().unwrap_or(Path::new("."));
