@@ -170,7 +170,7 @@ fn batches_depend_on_seed_and_step_only_and_visit_every_image_once_an_epoch() {
     // Labels outside the classes are refused, naming the file.
     let bad = Batches { dataset: &set, recipe, seed: s, batch: 1, classes: 1 };
     let err = bad.get(0).unwrap_err().to_string();
-    assert!(err.contains("images/") && err.contains("label 1"), "{err}");
+    assert!(err.contains("masks/") && err.contains("label 1"), "{err}");
 }
 
 #[test]
@@ -376,4 +376,44 @@ fn labels_and_test_sizes_match_the_official_dataset_classes() {
             assert_eq!([shape[1] as usize, shape[2] as usize], prepared, "{folder} image {i}: prepared size");
         }
     }
+}
+
+/// PASCAL-Context with 59 classes reduces a zero label to 255 (`0 - 1` in 8 bits) under
+/// `IGNORE_LABEL: -1`: the official evaluation leaves it out as past the classes, and its
+/// training would index past them. Training ignores it (the recipe of a YAML naming the
+/// dataset says so); any other label past the classes is still refused, naming the file.
+#[test]
+fn a_reduced_zero_label_trains_as_ignored() {
+    use hrnet_ocr::train::recipe::RunSettings;
+    let root = scratch("reduced-zero");
+    let mut rng = SplitMix::new(seed());
+    let (w, h) = (8, 6);
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    std::fs::create_dir_all(root.join("labels")).unwrap();
+    let raw: Vec<u32> = (0..w * h).map(|i| if i % 3 == 0 { 0 } else { rng.below(60) as u32 }).collect();
+    let image = random_image(&mut rng, w, h);
+    images::write_rgb(&root.join("images/0.png"), &image).unwrap();
+    let map = LabelMap { width: w, height: h, labels: raw.clone() };
+    images::write_palette_labels(&root.join("labels/0.png"), &map, &images::official_palette()).unwrap();
+    std::fs::write(root.join("train"), "images/0.png labels/0.png\n").unwrap();
+    let mut cfg = hrnet_ocr::model::Config::load("w18-small-v2").unwrap();
+    (cfg.num_classes, cfg.ignore_label) = (59, -1);
+    cfg.dataset.name = Some("pascal_ctx".into());
+    cfg.dataset.train_multi_scale = false;
+    cfg.dataset.train_flip = false;
+    let settings = RunSettings { crop: [h, w], ..RunSettings::default() };
+    let recipe = settings.augment(&cfg).unwrap();
+    assert_eq!(recipe.reduced_zero, Some(255));
+    let set = Folder::official(&root, Official::PascalContext, "train", 59, u32::MAX).unwrap();
+    let batches = Batches { dataset: &set, recipe: recipe.clone(), seed: 1, batch: 1, classes: 59 };
+    let sample = batches.get(0).unwrap().remove(0);
+    let want: Vec<u32> = raw.iter().map(|&l| if l == 0 { u32::MAX } else { l - 1 }).collect();
+    assert_eq!(sample.labels, want);
+    // Without the reduction the same zero labels are past the classes: refused by file.
+    let plain = Batches { recipe: Augment { reduced_zero: None, ..recipe }, ..batches };
+    let err = plain.get(0).unwrap_err().to_string();
+    assert!(
+        err.contains("labels/0.png") && err.contains("label 255") && err.contains("ignore label -1"),
+        "{err}"
+    );
 }

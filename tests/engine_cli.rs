@@ -1,6 +1,7 @@
 //! The engine's commands end to end: segment with the bundled model, eval on folder
 //! datasets, train with checkpoints and exact resume, bench, and the errors a user sees.
 
+use hrnet_ocr::data::official::Official;
 use hrnet_ocr::data::procedural::scene;
 use hrnet_ocr::images::{self, LabelMap};
 use std::path::{Path, PathBuf};
@@ -222,7 +223,7 @@ fn train_on_a_folder_then_bench() {
         images::write_labels(&root.join(format!("masks/{i}.png")), &bad).unwrap();
     }
     let (ok, text) = train(&["--seed", "3"]);
-    assert!(!ok && text.contains("label 7") && text.contains("images/"), "{text}");
+    assert!(!ok && text.contains("label 7") && text.contains("masks/"), "{text}");
     let (ok, text) = run(&[
         "bench",
         "--config",
@@ -515,4 +516,75 @@ fn cityscapes_lists_train_evaluate_and_save_official_predictions() {
     let (ok, text) = run(&[&eval[..], &test_list[..], &["--save-pred", s(&preds)]].concat());
     assert!(ok && text.contains("4 predictions written"), "{text}");
     assert!(preds.join("c_0_leftImg8bit.png").is_file());
+}
+
+/// PASCAL-Context (59 classes, `IGNORE_LABEL: -1`), ADE20K and COCO-Stuff train and evaluate
+/// from their official layouts and YAML keys alone: the lists where the official YAMLs name
+/// them (PASCAL-Context's bare `train` and `val` files in the root), palette labels with the
+/// encoding corners of `tests/fixtures/datasets` (zero labels, which train as ignored;
+/// its ids that encode past the classes, 255 and COCO-Stuff's unused ids, become zeros:
+/// the official training fails on such labels and the engine refuses them), the
+/// training crop and base size from `TRAIN`, and the official `val` test (short side to the
+/// base size, padded to a multiple of 8, labels with it) from `TEST`.
+#[test]
+fn pascal_context_ade20k_and_coco_stuff_train_and_evaluate_from_their_yaml() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets");
+    let tiny = std::fs::read_to_string(fixture("tiny_ocr.yaml")).unwrap();
+    let cases = [
+        ("pascal_ctx59", Official::PascalContext, 59, "-1", "train", "val"),
+        ("ade20k", Official::Ade20k, 150, "255", "list/ade20k/train.lst", "list/ade20k/val.lst"),
+        ("cocostuff", Official::CocoStuff, 171, "255", "list/cocostuff/train.lst", "list/cocostuff/val.lst"),
+    ];
+    let palette = images::official_palette();
+    for (folder, dataset, classes, ignore, train_set, test_set) in cases {
+        let name = dataset.name();
+        let trainable = |raw: u32| {
+            let l = dataset.encode(raw, classes, u32::MAX);
+            (l as usize) < classes || Some(l) == dataset.reduced_zero(classes)
+        };
+        let root = scratch(folder);
+        let mut lines = String::new();
+        for i in 0..3 {
+            let (image, label) = (format!("images/{i}.png"), format!("labels/{i}_label.png"));
+            std::fs::create_dir_all(root.join("images")).unwrap();
+            std::fs::create_dir_all(root.join("labels")).unwrap();
+            std::fs::copy(fixtures.join(folder).join(&image), root.join(&image)).unwrap();
+            let mut map = images::read_labels(&fixtures.join(folder).join(&label)).unwrap();
+            map.labels.iter_mut().filter(|l| !trainable(**l)).for_each(|l| *l = 0);
+            images::write_palette_labels(&root.join(&label), &map, &palette).unwrap();
+            lines.push_str(&format!("{image} {label}\n"));
+        }
+        for list in [train_set, test_set] {
+            std::fs::create_dir_all(root.join(list).parent().unwrap()).unwrap();
+            std::fs::write(root.join(list), &lines).unwrap();
+        }
+        let dataset = format!(
+            "DATASET:\n  DATASET: {name}\n  ROOT: 'data/'\n  TEST_SET: '{test_set}'\n  TRAIN_SET: '{train_set}'\n  \
+             NUM_CLASSES: {classes}\n"
+        );
+        let keys = "TEST:\n  IMAGE_SIZE:\n  - 32\n  - 32\n  BASE_SIZE: 24\n  FLIP_TEST: true\n";
+        let yaml = tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", &dataset).replace(
+            "TRAIN:\n  IGNORE_LABEL: 255\n",
+            &format!("TRAIN:\n  IGNORE_LABEL: {ignore}\n  IMAGE_SIZE:\n  - 24\n  - 24\n  BASE_SIZE: 24\n"),
+        );
+        let config = root.join(format!("{folder}.yaml"));
+        std::fs::write(&config, format!("{yaml}{keys}")).unwrap();
+        let out = root.join("run");
+        let (ok, text) =
+            run(&["train", "--config", s(&config), "--data", s(&root), "--out", s(&out), "--steps", "2"]);
+        assert!(ok && text.contains("24x24 crops"), "{folder}: {text}");
+        assert_eq!(log_losses(&out).len(), 2, "{folder}");
+        let weights = out.join("weights.safetensors");
+        let (ok, text) = run(&["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)]);
+        assert!(
+            ok && text.contains("mIoU") && text.contains("3 images, ") && text.contains("official"),
+            "{folder}: {text}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.split_whitespace().nth(1) == Some("class")).count(),
+            classes,
+            "{folder}: {text}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

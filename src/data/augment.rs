@@ -26,6 +26,10 @@ pub struct Augment {
     /// Classes a flip exchanges (LIP's left and right parts: [`super::official::Official::flip_swaps`]).
     pub swap_on_flip: &'static [(u32, u32)],
     pub ignore_label: u32,
+    /// A label trained as ignored besides `ignore_label`: an official dataset's reduced
+    /// zero ([`super::official::Official::reduced_zero`]) where `IGNORE_LABEL` is another
+    /// (PASCAL-Context's -1). The official training would index past its classes with it.
+    pub reduced_zero: Option<u32>,
     /// The long side at scale 1 (an official dataset's `TRAIN.BASE_SIZE`: the long side
     /// becomes `int(base * scale + 0.5)`, the other in proportion); none: the image's own.
     pub long_side: Option<usize>,
@@ -45,6 +49,7 @@ impl Augment {
             flip: true,
             swap_on_flip: &[],
             ignore_label,
+            reduced_zero: None,
             long_side: None,
             resize_first: None,
         }
@@ -141,7 +146,11 @@ impl Batches<'_> {
                 } else {
                     pos
                 };
-                let scene = self.dataset.get(index)?;
+                let mut scene = self.dataset.get(index)?;
+                if let Some(zero) = self.recipe.reduced_zero {
+                    let ignore = self.recipe.ignore_label;
+                    scene.labels.iter_mut().filter(|l| **l == zero).for_each(|l| *l = ignore);
+                }
                 check_labels(&scene.labels, self.classes, self.recipe.ignore_label)
                     .map_err(|e| Error::Invalid(format!("{}: {e}", self.dataset.describe(index))))?;
                 let mut rng = SplitMix::new(self.seed ^ (at as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));

@@ -227,8 +227,10 @@ impl Dataset for Folder {
         Ok(Scene { image, labels })
     }
 
+    /// The label file where there is one (what a label error is about), else the image.
     fn describe(&self, index: usize) -> String {
-        self.pairs[index].0.display().to_string()
+        let (image, label, _) = &self.pairs[index];
+        label.as_deref().unwrap_or(image).display().to_string()
     }
 
     fn name(&self, index: usize) -> String {

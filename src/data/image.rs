@@ -49,9 +49,13 @@ pub fn normalise(c: usize, value: u8) -> f32 {
 pub fn check_labels(labels: &[u32], classes: usize, ignore_label: u32) -> Result<()> {
     match labels.iter().position(|&l| l != ignore_label && l as usize >= classes) {
         None => Ok(()),
-        Some(i) => Err(Error::Invalid(format!(
-            "label {} at pixel {i} is neither a class (0..{classes}) nor the ignore label {ignore_label}",
-            labels[i]
-        ))),
+        Some(i) => {
+            // IGNORE_LABEL -1 is held as u32::MAX: shown as the YAML writes it.
+            let ignore = if ignore_label == u32::MAX { "-1".to_string() } else { ignore_label.to_string() };
+            Err(Error::Invalid(format!(
+                "label {} at pixel {i} is neither a class (0..{classes}) nor the ignore label {ignore}",
+                labels[i]
+            )))
+        }
     }
 }

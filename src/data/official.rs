@@ -189,6 +189,17 @@ impl Official {
         self != Official::Cityscapes
     }
 
+    /// The label a zero label becomes where the encoding reduces it (PASCAL-Context with 59
+    /// classes, ADE20K, COCO-Stuff): `0 - 1` in 8 bits, 255, which the official evaluation
+    /// leaves out as past the classes.
+    pub fn reduced_zero(self, num_classes: usize) -> Option<u32> {
+        match self {
+            Official::PascalContext if num_classes == 59 => Some(reduce_zero_label(0)),
+            Official::Ade20k | Official::CocoStuff => Some(reduce_zero_label(0)),
+            _ => None,
+        }
+    }
+
     /// The classes a horizontal flip swaps (LIP's left and right parts), in training and in
     /// the flipped test pass.
     pub fn flip_swaps(self) -> &'static [(u32, u32)] {

@@ -112,7 +112,8 @@ impl RunSettings {
     /// flip; with one, its dataset class's recipe from the YAML's `TRAIN` keys: the long side
     /// at scale 1 is `TRAIN.BASE_SIZE`, scales 0.5 + k / 10 for k up to
     /// `TRAIN.SCALE_FACTOR` (none without `TRAIN.MULTI_SCALE`), flip as `TRAIN.FLIP`, LIP's
-    /// images resized to the crop first and its left and right classes exchanged by a flip.
+    /// images resized to the crop first and its left and right classes exchanged by a flip,
+    /// a reduced zero label ignored.
     pub fn augment(&self, config: &Config) -> Result<Augment> {
         let mut a = Augment::official(self.crop, config.ignore_index());
         let Some(name) = &config.dataset.name else { return Ok(a) };
@@ -120,6 +121,7 @@ impl RunSettings {
         let keys = &config.dataset;
         a.flip = keys.train_flip;
         a.swap_on_flip = dataset.flip_swaps();
+        a.reduced_zero = dataset.reduced_zero(config.num_classes);
         if keys.train_multi_scale {
             a.scale_steps = keys.train_scale_factor;
             a.long_side = Some(keys.train_base_size);
