@@ -22,7 +22,7 @@ fn model(gpu: &Gpu, cfg: &Config, shape: [usize; 4], train: bool) -> Graph {
     let m = hrnet::build(&mut g, cfg, x, if train { hrnet::OCR_DROPOUT } else { 0.0 }).unwrap();
     if train {
         let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
-        hrnet::add_losses(&mut g, cfg, &m, labels).unwrap();
+        hrnet::add_losses(&mut g, cfg, [m.aux, m.out], labels).unwrap();
     } else {
         let r = g.plan_memory(&[m.aux, m.out]);
         eprintln!(

@@ -1,7 +1,9 @@
 // Pixel-wise cross entropy over the class axis of NCHW logits, with an ignore label and
-// optional class weights (PyTorch's mean: sum(w * nll) / sum(w) over pixels not ignored),
-// and OHEM cross entropy (HRNet-OCR's OhemCrossEntropy: keep the pixels whose target-class
-// probability is below max(the min_kept-th smallest, thresh); mean of w * nll over them).
+// optional class weights (PyTorch's mean: sum(w * nll) / sum(w) over pixels not ignored;
+// or, with ALL_PIXELS, sum(w * nll) over them / every pixel: the official train loop's
+// mean of an unreduced loss), and OHEM cross entropy (HRNet-OCR's OhemCrossEntropy: keep
+// the pixels whose target-class probability is below max(the min_kept-th smallest,
+// thresh); plain mean of w * nll over them).
 //
 // Cross entropy: ce_partials -> ce_finalize; backward: ce_backward.
 // OHEM first finds the min_kept-th smallest target probability exactly, by a 4-pass radix
@@ -17,6 +19,7 @@ struct Params {
 }
 
 const ACCUMULATE: u32 = 1u;
+const ALL_PIXELS: u32 = 2u;
 // Written as the target probability of an ignored pixel: above every probability, so the
 // selection never picks it.
 const IGNORED_PROB: f32 = 2.0;
@@ -76,7 +79,8 @@ fn log_sum_exp(px: u32) -> vec2<f32> {
 // (coefficient of the pixel's nll in the numerator, its share of the denominator).
 fn pixel_terms${SUFFIX}(px: u32) -> vec2<f32> {
     let label = labels[px];
-    if !is_valid(label) { return vec2<f32>(0.0); }
+    let all_pixels = (p.flags & ALL_PIXELS) != 0u;
+    if !is_valid(label) { return vec2<f32>(0.0, select(0.0, 1.0, all_pixels)); }
 #if ${WEIGHTED}
     let w = class_weight[label];
 #else
@@ -87,7 +91,7 @@ fn pixel_terms${SUFFIX}(px: u32) -> vec2<f32> {
     let kept = select_state_in[3] == 0u && target_prob_in[px] < threshold;
     return select(vec2<f32>(0.0), vec2<f32>(w, 1.0), kept);
 #else
-    return vec2<f32>(w, w);
+    return vec2<f32>(w, select(w, 1.0, all_pixels));
 #end
 }
 
@@ -100,7 +104,10 @@ fn ce_partials${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
     var sums = vec2<f32>(0.0);
     for (var px = px0; px < min(pixels(), px0 + p.chunk_len); px++) {
         let terms = pixel_terms${SUFFIX}(px);
-        if terms.y == 0.0 && terms.x == 0.0 { continue; }
+        if terms.x == 0.0 {
+            sums.y += terms.y;
+            continue;
+        }
         let nll = log_sum_exp(px).y - logits[logit_index(px, labels[px])];
         sums += vec2<f32>(terms.x * nll, terms.y);
     }

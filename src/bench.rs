@@ -17,7 +17,7 @@ use crate::gpu::{total_cost, Cost, Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, EPS, MOMENTUM};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
-use crate::kernels::loss::{CrossEntropy, Ohem};
+use crate::kernels::loss::{CrossEntropy, Ohem, Reduction};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::sgd::{Arena, SgdConfig};
@@ -409,10 +409,11 @@ fn losses_and_training(s: &mut Suite) -> Result<()> {
             (0..n * h * w).map(|i| if i % 10 == 0 { 255 } else { (i % k) as u32 }).collect();
         let labels = Tensor::from_u32(gpu, &[n, h, w], &labels)?;
         let grad = s.e(&[n, k, h, w])?;
-        for (name, ohem) in
-            [("cross_entropy", None), ("ohem_cross_entropy", Some(Ohem { thresh: 0.7, min_kept: 100_000 }))]
-        {
-            let ce = CrossEntropy { ignore_label: 255, class_weight: None, ohem };
+        for (name, reduction) in [
+            ("cross_entropy", Reduction::Mean),
+            ("ohem_cross_entropy", Reduction::Ohem(Ohem { thresh: 0.9, min_kept: 100_000 })),
+        ] {
+            let ce = CrossEntropy { ignore_label: 255, class_weight: None, reduction };
             let pass = ce.forward(gpu, &logits, &labels)?;
             let bwd = ce.backward(gpu, &pass, &logits, &labels, 1.0, (&grad, false))?;
             s.add(name, "forward", &id, pass.forward, true);

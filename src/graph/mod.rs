@@ -15,7 +15,7 @@ use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::conv2d::{Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
-use crate::kernels::loss::Ohem;
+use crate::kernels::loss::Reduction;
 use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::kernels::tuning::Tuner;
 use crate::tensor::{DType, Tensor};
@@ -366,7 +366,7 @@ impl GraphBuilder {
         }
         let (tensors, optimizer) = if mode == Mode::Train {
             let (tensors, arena) = allocate_for_training(gpu, &self.values, &self.lr_multipliers)?;
-            (tensors, Some(Optimizer { arena, step: None }))
+            (tensors, arena.map(|arena| Optimizer { arena, step: None }))
         } else {
             (allocate_for_inference(gpu, &self.values, &self.ops, outputs)?, None)
         };
@@ -396,12 +396,13 @@ impl GraphBuilder {
 }
 
 /// The graph's tensors for training: every activation kept for the backward pass, and the
-/// parameters as views of one optimizer arena (so one dispatch updates them all).
+/// parameters as views of one optimizer arena (so one dispatch updates them all); no arena
+/// for a graph without parameters (a loss of given logits).
 fn allocate_for_training(
     gpu: &Gpu,
     values: &[Value],
     multipliers: &[(String, f32)],
-) -> Result<(Vec<Tensor>, Arena)> {
+) -> Result<(Vec<Tensor>, Option<Arena>)> {
     let params: Vec<(&[usize], f32)> = values
         .iter()
         .filter(|v| v.role == Role::Param)
@@ -410,8 +411,8 @@ fn allocate_for_training(
             (v.shape.as_slice(), m)
         })
         .collect();
-    let arena = Arena::new(gpu, &params)?;
-    let mut views = arena.views.iter();
+    let arena = if params.is_empty() { None } else { Some(Arena::new(gpu, &params)?) };
+    let mut views = arena.iter().flat_map(|a| a.views.iter());
     let tensors = values
         .iter()
         .map(|v| match v.role {
@@ -491,7 +492,7 @@ pub struct LossSpec {
     /// The term's weight in the total (HRNet-OCR: 0.4 for aux, 1 for the main output).
     pub weight: f32,
     pub ignore_label: u32,
-    pub ohem: Option<Ohem>,
+    pub reduction: Reduction,
     /// How logits are resized to the label size.
     pub align_corners: bool,
     /// A `[K]` input of per-class weights (PyTorch's `weight=`), or none.
@@ -727,7 +728,7 @@ impl Graph {
         let opt = self
             .optimizer
             .as_mut()
-            .ok_or_else(|| Error::Invalid("sgd_step: the graph was built for eval".into()))?;
+            .ok_or_else(|| Error::Invalid("sgd_step: the graph has no optimizer (built for eval, or without parameters)".into()))?;
         match &opt.step {
             Some((c, step)) if c == config => opt.arena.set_lr(gpu, step, config, lr),
             _ => opt.step = Some((*config, opt.arena.step(gpu, config, lr)?)),
@@ -740,7 +741,7 @@ impl Graph {
         let opt = self
             .optimizer
             .as_ref()
-            .ok_or_else(|| Error::Invalid("momentum: the graph was built for eval".into()))?;
+            .ok_or_else(|| Error::Invalid("momentum: the graph has no optimizer (built for eval, or without parameters)".into()))?;
         Ok(self.parameters().map(|(name, _)| name).zip(&opt.arena.momentum_views).collect())
     }
 

@@ -180,7 +180,7 @@ pub(super) struct RecordedLoss {
 impl Graph {
     fn cross_entropy(&self, spec: &LossSpec) -> CrossEntropy<'_> {
         let class_weight = spec.class_weight.map(|v| self.t(v));
-        CrossEntropy { ignore_label: spec.ignore_label, class_weight, ohem: spec.ohem }
+        CrossEntropy { ignore_label: spec.ignore_label, class_weight, reduction: spec.reduction }
     }
 
     fn bn_params(&self, op: &Op) -> BatchNormParams<'_> {

@@ -1,9 +1,9 @@
 //! Pixel-wise cross entropy and OHEM cross entropy over NCHW logits (`loss.wgsl`).
 //!
 //! Semantics are PyTorch's and HRNet-OCR's: pixels whose label is the ignore label are left
-//! out; with class weights `w` the loss is `sum(w[y] * nll) / sum(w[y])`. OHEM keeps the
-//! pixels whose target-class probability is below `max(p_sorted[min(min_kept, n - 1)],
-//! thresh)` and averages `w[y] * nll` over them. **When no pixel is left (every label
+//! out; with class weights `w` the loss is `sum(w[y] * nll) / sum(w[y])` ([`Reduction`]
+//! says how else it is reduced). OHEM keeps the pixels whose target-class probability is
+//! below `max(p_sorted[min(min_kept, n - 1)], thresh)` and averages `w[y] * nll` over them. **When no pixel is left (every label
 //! ignored) the loss is 0 and the gradient is 0, never NaN** (PyTorch would give NaN).
 //! Labels at or above the class count are treated as ignored by the kernels;
 //! [`crate::data::image::check_labels`] rejects them on the host before they reach the device.
@@ -33,6 +33,7 @@ crate::gpu::shader_params! {
 }
 
 const ACCUMULATE: u32 = 1;
+const ALL_PIXELS: u32 = 2;
 
 /// Online hard example mining: HRNet-OCR's `OHEMTHRES` and `OHEMKEEP`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,13 +42,26 @@ pub struct Ohem {
     pub min_kept: usize,
 }
 
+/// How the per-pixel losses `w[y] * nll` (none where the label is ignored) become one
+/// number: the official criteria's three ways.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Reduction {
+    /// PyTorch's weighted mean, `sum(w[y] * nll) / sum(w[y])` (`CrossEntropy`).
+    Mean,
+    /// Their sum over every pixel count, ignored ones included: the official train loop's
+    /// `losses.mean()` of the unreduced loss `OhemCrossEntropy` gives its aux output.
+    AllPixels,
+    /// The plain mean over the pixels OHEM keeps (`OhemCrossEntropy`'s last output).
+    Ohem(Ohem),
+}
+
 /// A cross-entropy loss over `[N, K, H, W]` logits and `[N, H, W]` u32 labels.
 #[derive(Clone, Copy, Debug)]
 pub struct CrossEntropy<'a> {
     pub ignore_label: u32,
     /// Per-class weights `[K]`, or none.
     pub class_weight: Option<&'a Tensor>,
-    pub ohem: Option<Ohem>,
+    pub reduction: Reduction,
 }
 
 /// The recorded loss: its value and what the backward needs, kept between the passes.
@@ -61,6 +75,13 @@ pub struct LossPass {
 }
 
 impl CrossEntropy<'_> {
+    fn ohem(&self) -> Option<Ohem> {
+        match self.reduction {
+            Reduction::Ohem(ohem) => Some(ohem),
+            _ => None,
+        }
+    }
+
     fn params(&self, logits: &Tensor, labels: &Tensor, flags: u32) -> Result<Params> {
         let [n, k, h, w] = logits.dims4("cross entropy logits")?;
         check_shape("cross entropy labels", &[n, h, w], labels.shape())?;
@@ -68,7 +89,11 @@ impl CrossEntropy<'_> {
         if let Some(cw) = self.class_weight {
             check_shape("cross entropy class weights", &[k], cw.shape())?;
         }
-        let ohem = self.ohem.unwrap_or(Ohem { thresh: 0.0, min_kept: 0 });
+        let (ohem, flags) = match self.reduction {
+            Reduction::Ohem(ohem) => (ohem, flags),
+            Reduction::AllPixels => (Ohem { thresh: 0.0, min_kept: 0 }, flags | ALL_PIXELS),
+            Reduction::Mean => (Ohem { thresh: 0.0, min_kept: 0 }, flags),
+        };
         Ok(Params {
             n: to_u32("N", n)?,
             classes: to_u32("classes", k)?,
@@ -87,7 +112,7 @@ impl CrossEntropy<'_> {
     /// The loss's (partial sums, backward) entry points: one pair per kind, each reading
     /// only the class weights and selection outputs its kind has.
     fn entries(&self) -> (&'static str, &'static str) {
-        match (self.class_weight.is_some(), self.ohem.is_some()) {
+        match (self.class_weight.is_some(), self.ohem().is_some()) {
             (false, false) => ("ce_partials", "ce_backward"),
             (true, false) => ("ce_partials_weighted", "ce_backward_weighted"),
             (false, true) => ("ce_partials_ohem", "ce_backward_ohem"),
@@ -105,7 +130,7 @@ impl CrossEntropy<'_> {
     ) -> Vec<Binding<'t>> {
         let mut bindings = vec![Binding::read(1, logits), Binding::read_u32(2, labels)];
         bindings.extend(self.class_weight.map(|w| Binding::read(3, w)));
-        if self.ohem.is_some() {
+        if self.ohem().is_some() {
             bindings
                 .extend([Binding::read(13, &pass.target_prob), Binding::read_u32(14, &pass.select_state)]);
         }
@@ -131,7 +156,7 @@ impl CrossEntropy<'_> {
         let pixel_cost =
             Cost { flops: 4 * logits.numel() as u64, bytes: f32_bytes(logits.numel() + 2 * pixels) };
         let mut forward = Vec::new();
-        if self.ohem.is_some() {
+        if self.ohem().is_some() {
             let probs = [
                 Binding::read(1, logits),
                 Binding::read_u32(2, labels),

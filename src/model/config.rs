@@ -216,7 +216,7 @@ impl Config {
         let use_ohem = r.opt_bool("LOSS.USE_OHEM")?.unwrap_or(false);
         let ohem = if use_ohem {
             Some(OhemConfig {
-                thresh: r.opt_f32("LOSS.OHEMTHRES")?.unwrap_or(0.7),
+                thresh: r.opt_f32("LOSS.OHEMTHRES")?.unwrap_or(0.9),
                 min_kept: r.opt_usize("LOSS.OHEMKEEP")?.unwrap_or(100_000),
             })
         } else {

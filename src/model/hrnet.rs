@@ -5,7 +5,7 @@ use super::config::{Block, Config};
 use crate::error::Result;
 use crate::graph::{GraphBuilder, LossSpec, ValueId};
 use crate::kernels::conv2d::Conv2dSpec;
-use crate::kernels::loss::Ohem;
+use crate::kernels::loss::{Ohem, Reduction};
 
 /// The model's dropout before cls_head (hard-coded in the official model).
 pub const OCR_DROPOUT: f32 = 0.05;
@@ -212,19 +212,30 @@ impl Builder<'_> {
 
 /// Adds HRNet-OCR to `g` reading `input` `[N, 3, H, W]`; `dropout` is the training dropout
 /// before cls_head ([`OCR_DROPOUT`] officially, 0 to leave it out).
-/// The official training loss on the model's outputs: `BALANCE_WEIGHTS[0] * L(aux) +
-/// BALANCE_WEIGHTS[1] * L(out)`, L cross entropy (OHEM when configured) with the config's
-/// ignore label and class weights, each output resized to the labels first.
-pub fn add_losses(g: &mut GraphBuilder, cfg: &Config, m: &ModelValues, labels: ValueId) -> Result<()> {
+/// The official training loss on the model's outputs `[aux, out]`: `BALANCE_WEIGHTS[0] * L(aux) +
+/// BALANCE_WEIGHTS[1] * L(out)` with the config's ignore label and class weights, each
+/// output resized to the labels first. L is PyTorch's weighted-mean cross entropy
+/// (`CrossEntropy`); with `LOSS.USE_OHEM` it is the official `OhemCrossEntropy`'s: OHEM on
+/// the main output only, the aux output's unreduced cross entropy averaged by the train
+/// loop over every pixel ([`Reduction::AllPixels`]).
+pub fn add_losses(
+    g: &mut GraphBuilder,
+    cfg: &Config,
+    [aux_out, out]: [ValueId; 2],
+    labels: ValueId,
+) -> Result<()> {
     let class_weight = cfg.class_weights.as_deref().map(|w| g.constant("class_weight", w));
-    let ohem = cfg.ohem.map(|o| Ohem { thresh: o.thresh, min_kept: o.min_kept });
-    let terms = [("aux", m.aux, cfg.balance_weights[0]), ("main", m.out, cfg.balance_weights[1])];
-    for (name, logits, weight) in terms {
+    let (aux, main) = match cfg.ohem {
+        Some(o) => (Reduction::AllPixels, Reduction::Ohem(Ohem { thresh: o.thresh, min_kept: o.min_kept })),
+        None => (Reduction::Mean, Reduction::Mean),
+    };
+    let terms = [("aux", aux_out, cfg.balance_weights[0], aux), ("main", out, cfg.balance_weights[1], main)];
+    for (name, logits, weight, reduction) in terms {
         let spec = LossSpec {
             name,
             weight,
             ignore_label: cfg.ignore_index(),
-            ohem,
+            reduction,
             align_corners: cfg.align_corners,
             class_weight,
         };

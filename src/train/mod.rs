@@ -130,7 +130,7 @@ impl<'g> Trainer<'g> {
         let x = g.input("input", &[options.batch, 3, h, w], false);
         let m = hrnet::build(&mut g, &config, x, options.dropout)?;
         let labels = g.labels("label", &[options.batch, h, w]);
-        hrnet::add_losses(&mut g, &config, &m, labels)?;
+        hrnet::add_losses(&mut g, &config, [m.aux, m.out], labels)?;
         for k in &options.head_keywords {
             g.lr_multiplier(k, options.head_lr_mult);
         }

@@ -1,6 +1,6 @@
 use crate::common::*;
 use hrnet_ocr::data::image::check_labels;
-use hrnet_ocr::kernels::loss::{CrossEntropy, Ohem};
+use hrnet_ocr::kernels::loss::{CrossEntropy, Ohem, Reduction};
 use hrnet_ocr::Tensor;
 
 const TOL: f64 = 1e-5;
@@ -12,7 +12,7 @@ fn run(
     logits: &[f32],
     labels: &[u32],
     weight: Option<&[f32]>,
-    ohem: Option<Ohem>,
+    reduction: Reduction,
     grad_scale: f32,
 ) -> (f32, Vec<f32>) {
     let gpu = gpu();
@@ -20,7 +20,7 @@ fn run(
     let lt = upload(&dims, logits);
     let yt = Tensor::from_u32(gpu, &[n, h, w], labels).unwrap();
     let wt = weight.map(|w| upload(&[k], w));
-    let ce = CrossEntropy { ignore_label: IGNORE, class_weight: wt.as_ref(), ohem };
+    let ce = CrossEntropy { ignore_label: IGNORE, class_weight: wt.as_ref(), reduction };
     let pass = ce.forward(gpu, &lt, &yt).unwrap();
     pass.loss.fill(gpu, f32::NAN);
     let grad = poisoned(&dims);
@@ -29,13 +29,13 @@ fn run(
     (download(&pass.loss)[0], download(&grad))
 }
 
-/// The CPU reference: (loss, grad) for plain or OHEM cross entropy, in f64.
+/// The CPU reference: (loss, grad) for each reduction of the cross entropy, in f64.
 fn reference(
     dims: [usize; 4],
     logits: &[f32],
     labels: &[u32],
     weight: Option<&[f32]>,
-    ohem: Option<Ohem>,
+    reduction: Reduction,
     grad_scale: f64,
 ) -> (f32, Vec<f32>) {
     let [n, k, h, w] = dims;
@@ -49,9 +49,12 @@ fn reference(
     let valid: Vec<usize> = (0..n * hw).filter(|&px| labels[px] != IGNORE).collect();
     let wt = |px: usize| weight.map_or(1.0, |w| f64::from(w[labels[px] as usize]));
     // (pixel, coefficient) pairs and the denominator.
-    let (terms, denom): (Vec<(usize, f64)>, f64) = match ohem {
-        None => (valid.iter().map(|&px| (px, wt(px))).collect(), valid.iter().map(|&px| wt(px)).sum()),
-        Some(o) => {
+    let (terms, denom): (Vec<(usize, f64)>, f64) = match reduction {
+        Reduction::Mean => {
+            (valid.iter().map(|&px| (px, wt(px))).collect(), valid.iter().map(|&px| wt(px)).sum())
+        }
+        Reduction::AllPixels => (valid.iter().map(|&px| (px, wt(px))).collect(), (n * hw) as f64),
+        Reduction::Ohem(o) => {
             let prob = |px: usize| softmax(px)[labels[px] as usize] as f32;
             let mut sorted: Vec<f32> = valid.iter().map(|&px| prob(px)).collect();
             sorted.sort_by(f32::total_cmp);
@@ -94,7 +97,7 @@ fn cross_entropy_matches_pytorch_fixtures() {
         let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
         let g = |t: &str| format!("{case}.{t}");
         let weight = (p[4] == 1.0).then(|| f.get(&g("weight")));
-        let got = run(dims, f.get(&g("logits")), f.labels(&g("label")), weight, None, 1.0);
+        let got = run(dims, f.get(&g("logits")), f.labels(&g("label")), weight, Reduction::Mean, 1.0);
         check(&format!("{case} {dims:?}"), got, (f.get(&g("loss"))[0], f.get(&g("grad_logits"))));
     }
 }
@@ -108,7 +111,7 @@ fn ohem_matches_pytorch_fixtures() {
         let g = |t: &str| format!("{case}.{t}");
         let weight = (p[6] == 1.0).then(|| f.get(&g("weight")));
         let labels = f.labels(&g("label"));
-        let (l, grad) = run(dims, f.get(&g("logits")), labels, weight, Some(ohem), 1.0);
+        let (l, grad) = run(dims, f.get(&g("logits")), labels, weight, Reduction::Ohem(ohem), 1.0);
         // The kept set is exactly PyTorch's: the gradient is non-zero at kept pixels only.
         let [_, k, h, w] = dims;
         for (px, &kept) in f.get(&g("kept")).iter().enumerate() {
@@ -139,21 +142,22 @@ fn losses_match_cpu_on_random_shapes() {
         check_labels(&labels, k, IGNORE).unwrap();
         let weight: Option<Vec<f32>> =
             (i % 2 == 0).then(|| (0..k).map(|_| 0.5 + rng.uniform() as f32).collect());
-        let ohem =
-            (i % 3 != 0).then(|| Ohem { thresh: rng.uniform() as f32, min_kept: rng.range(0, n * h * w) });
+        let ohem = Ohem { thresh: rng.uniform() as f32, min_kept: rng.range(0, n * h * w) };
+        let reduction = [Reduction::Mean, Reduction::AllPixels, Reduction::Ohem(ohem)][i % 3];
         // Which pixels OHEM keeps is a comparison with a threshold probability; where
         // another pixel's probability lies within f32 rounding of it, the kept set is not
         // defined by the f32 computation, so such draws are not compared (the PyTorch
         // fixtures check exact ties).
-        if ohem.is_some_and(|o| !ohem_boundary_is_clear(dims, &logits, &labels, o)) {
+        let is_ohem = matches!(reduction, Reduction::Ohem(_));
+        if is_ohem && !ohem_boundary_is_clear(dims, &logits, &labels, ohem) {
             skipped += 1;
             continue;
         }
-        compared_ohem += usize::from(ohem.is_some());
+        compared_ohem += usize::from(is_ohem);
         let scale = [1.0, 0.4][i % 2];
-        let got = run(dims, &logits, &labels, weight.as_deref(), ohem, scale);
-        let want = reference(dims, &logits, &labels, weight.as_deref(), ohem, f64::from(scale));
-        check(&format!("{dims:?} {ohem:?} weighted {}", weight.is_some()), got, (want.0, &want.1));
+        let got = run(dims, &logits, &labels, weight.as_deref(), reduction, scale);
+        let want = reference(dims, &logits, &labels, weight.as_deref(), reduction, f64::from(scale));
+        check(&format!("{dims:?} {reduction:?} weighted {}", weight.is_some()), got, (want.0, &want.1));
     }
     assert!(
         skipped <= compared_ohem,
@@ -182,17 +186,19 @@ fn ohem_boundary_is_clear(dims: [usize; 4], logits: &[f32], labels: &[u32], o: O
     near <= usize::from(kth >= f64::from(o.thresh))
 }
 
-/// Every pixel ignored: loss 0 and gradient 0, never NaN, for both losses.
+/// Every pixel ignored: loss 0 and gradient 0, never NaN, for every reduction.
 #[test]
 fn all_ignored_gives_zero_loss_and_gradient() {
     let mut rng = Rng::new(seed("all_ignored"));
     let dims = [2, 5, 7, 3];
     let logits = rng.normals(dims.iter().product());
     let labels = vec![IGNORE; 2 * 7 * 3];
-    for ohem in [None, Some(Ohem { thresh: 0.7, min_kept: 10 })] {
-        let (l, grad) = run(dims, &logits, &labels, None, ohem, 1.0);
-        assert_eq!(l, 0.0, "{ohem:?}");
-        assert!(grad.iter().all(|&g| g == 0.0), "{ohem:?}: non-zero gradient");
+    for reduction in
+        [Reduction::Mean, Reduction::AllPixels, Reduction::Ohem(Ohem { thresh: 0.7, min_kept: 10 })]
+    {
+        let (l, grad) = run(dims, &logits, &labels, None, reduction, 1.0);
+        assert_eq!(l, 0.0, "{reduction:?}");
+        assert!(grad.iter().all(|&g| g == 0.0), "{reduction:?}: non-zero gradient");
     }
 }
 

@@ -13,13 +13,21 @@ const LOGITS_TOL: f64 = 1e-4;
 const GRAD_TOL: f64 = 1e-3;
 
 fn build(shape: [usize; 4], mode: Mode, labels: Option<[usize; 3]>) -> (Graph, ModelValues) {
-    let cfg = tiny_config();
+    build_with(tiny_config(), shape, mode, labels)
+}
+
+fn build_with(
+    cfg: Config,
+    shape: [usize; 4],
+    mode: Mode,
+    labels: Option<[usize; 3]>,
+) -> (Graph, ModelValues) {
     let mut g = GraphBuilder::new();
     let input = g.input("input", &shape, false);
     let m = hrnet::build(&mut g, &cfg, input, 0.0).unwrap();
     if let Some(ls) = labels {
         let labels = g.labels("label", &ls);
-        hrnet::add_losses(&mut g, &cfg, &m, labels).unwrap();
+        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
     }
     let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
     let memory = g.plan_memory(&outputs);
@@ -107,6 +115,50 @@ fn training_step_matches_pytorch_loss_logits_gradients_and_statistics() {
             f.get(&format!("buffer/{name}")),
             LOGITS_TOL,
         );
+    }
+}
+
+/// `LOSS.USE_OHEM` as the official train loop computes it (`OhemCrossEntropy` on the
+/// outputs, then `losses.mean()`): OHEM on the main output only, the aux output's unreduced
+/// cross entropy averaged over every pixel. On the tiny model's training outputs (the
+/// fixture of the step above), the engine's model loss (`hrnet::add_losses`: both outputs
+/// resized to the labels) gives the official criterion's loss and gradients with respect to
+/// both outputs (`tools/reference/official_criterion.py`) within 1e-3, with class weights
+/// and without, `OHEMKEEP` below the pixel count (the threshold deciding, or the
+/// min_kept-th probability) and above it. Every parameter gradient is the model's backward
+/// of these two, checked above.
+#[test]
+fn ohem_training_loss_matches_the_official_criterion() {
+    let gpu = gpu();
+    let train = Fixture::load("model/tiny_train.safetensors");
+    let f = Fixture::load("model/official_ohem.safetensors");
+    let [aux_shape, out_shape] = ["aux", "out"].map(|o| train.shape(o).to_vec());
+    let [n, _, h, w]: [usize; 4] = train.shape("input").try_into().unwrap();
+    let label_shape = [n, h, w];
+    for case in ["defaults", "weighted_threshold", "min_kept", "weighted_min_kept_above"] {
+        let p = f.get(&format!("{case}.params"));
+        let mut cfg = tiny_config();
+        cfg.ohem = Some(hrnet_ocr::model::config::OhemConfig { thresh: p[0], min_kept: p[1] as usize });
+        cfg.class_weights = (p[2] == 1.0).then(|| f.get(&format!("{case}.weight")).to_vec());
+        let mut g = GraphBuilder::new();
+        let aux = g.input("aux", &aux_shape, true);
+        let out = g.input("out", &out_shape, true);
+        let labels = g.labels("label", &label_shape);
+        hrnet::add_losses(&mut g, &cfg, [aux, out], labels).unwrap();
+        let graph = g.build(gpu, Mode::Train, &[aux, out]).unwrap();
+        graph.set(gpu, "aux", train.get("aux")).unwrap();
+        graph.set(gpu, "out", train.get("out")).unwrap();
+        graph.tensor("label").unwrap().write_u32(gpu, train.labels("label")).unwrap();
+        graph.forward(gpu).unwrap();
+        graph.backward(gpu).unwrap();
+        let loss = graph.loss(gpu).unwrap();
+        eprintln!("{case}: loss {loss} (official {})", f.get(&format!("{case}.loss"))[0]);
+        assert_close(&format!("{case} loss"), &[loss], f.get(&format!("{case}.loss")), GRAD_TOL);
+        for (i, output) in ["aux", "out"].iter().enumerate() {
+            let got = download(graph.output_grad(i).unwrap());
+            let want = f.get(&format!("{case}.grad_{output}"));
+            assert_close(&format!("{case} d loss / d {output}"), &got, want, GRAD_TOL);
+        }
     }
 }
 
@@ -252,7 +304,7 @@ fn loss_terms(class_weights: Option<Vec<f32>>, input: &[f32], labels: &[u32]) ->
     let x = g.input("input", &[1, 3, 32, 48], false);
     let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
     let l = g.labels("label", &[1, 32, 48]);
-    hrnet::add_losses(&mut g, &cfg, &m, l).unwrap();
+    hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], l).unwrap();
     let graph = g.build(gpu(), Mode::Train, &[m.aux, m.out]).unwrap();
     weights::load_into(gpu(), &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
     graph.set(gpu(), "input", input).unwrap();

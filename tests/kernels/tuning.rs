@@ -143,7 +143,7 @@ fn building_a_graph_never_measures_and_tune_does() {
     let x = g.input("input", &[2, 3, 64, 64], false);
     let m = hrnet_ocr::model::hrnet::build(&mut g, &config, x, 0.0).unwrap();
     let labels = g.labels("label", &[2, 64, 64]);
-    hrnet_ocr::model::hrnet::add_losses(&mut g, &config, &m, labels).unwrap();
+    hrnet_ocr::model::hrnet::add_losses(&mut g, &config, [m.aux, m.out], labels).unwrap();
     g.tune(gpu, &tuner, Mode::Train, &[m.aux, m.out]).unwrap();
     let families: std::collections::BTreeSet<String> =
         tuner.choices().into_iter().map(|(k, _)| k.split(' ').next().unwrap().to_string()).collect();

@@ -522,7 +522,7 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
         let x = g.input("input", &[n, 3, h, w], false);
         let m = hrnet::build(&mut g, &cfg, x, OCR_DROPOUT)?;
         let labels = g.labels("label", &[n, h, w]);
-        hrnet::add_losses(&mut g, &cfg, &m, labels)?;
+        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels)?;
         g.tune(&gpu, &tuner, Mode::Train, &[m.aux, m.out])?;
     }
     let choices = tuner.choices();

@@ -159,7 +159,7 @@ fn model_graph(
     let m = hrnet::build(&mut g, cfg, x, dropout)?;
     if let Some((label_shape, _)) = train {
         let labels = g.labels("label", label_shape);
-        hrnet::add_losses(&mut g, cfg, &m, labels)?;
+        hrnet::add_losses(&mut g, cfg, [m.aux, m.out], labels)?;
     }
     let mode = if train.is_some() { Mode::Train } else { Mode::Eval };
     let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
