@@ -151,7 +151,8 @@ fn batches_depend_on_seed_and_step_only_and_visit_every_image_once_an_epoch() {
     }
     let set = Folder::open(&root, "train", None, 255).unwrap();
     let recipe = Augment { min_scale: 1.0, scale_steps: 0, ..Augment::official([8, 8], 255) };
-    let batches = |seed| Batches { dataset: &set, recipe: recipe.clone(), seed, batch: 1, classes: 2 };
+    let batches =
+        |seed| Batches { dataset: &set, recipe: recipe.clone(), seed, batch: 1, classes: 2, shuffle: true };
     let which = |seed: u64, step: usize| {
         let v = batches(seed).get(step).unwrap()[0].planes[0];
         (0..n).find(|&i| ((40 * i) as f32 / 255.0 - 0.485) / 0.229 == v).unwrap()
@@ -168,7 +169,7 @@ fn batches_depend_on_seed_and_step_only_and_visit_every_image_once_an_epoch() {
     let orders: Vec<Vec<usize>> = (0..4).map(|k| (0..n).map(|i| which(s + k, i)).collect()).collect();
     assert!(orders.windows(2).any(|w| w[0] != w[1]), "the seed changes the order: {orders:?}");
     // Labels outside the classes are refused, naming the file.
-    let bad = Batches { dataset: &set, recipe, seed: s, batch: 1, classes: 1 };
+    let bad = Batches { dataset: &set, recipe, seed: s, batch: 1, classes: 1, shuffle: true };
     let err = bad.get(0).unwrap_err().to_string();
     assert!(err.contains("masks/") && err.contains("label 1"), "{err}");
 }
@@ -405,7 +406,8 @@ fn a_reduced_zero_label_trains_as_ignored() {
     let recipe = settings.augment(&cfg).unwrap();
     assert_eq!(recipe.reduced_zero, Some(255));
     let set = Folder::official(&root, Official::PascalContext, "train", 59, u32::MAX).unwrap();
-    let batches = Batches { dataset: &set, recipe: recipe.clone(), seed: 1, batch: 1, classes: 59 };
+    let batches =
+        Batches { dataset: &set, recipe: recipe.clone(), seed: 1, batch: 1, classes: 59, shuffle: true };
     let sample = batches.get(0).unwrap().remove(0);
     let want: Vec<u32> = raw.iter().map(|&l| if l == 0 { u32::MAX } else { l - 1 }).collect();
     assert_eq!(sample.labels, want);

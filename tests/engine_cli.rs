@@ -524,7 +524,7 @@ fn cityscapes_lists_train_evaluate_and_save_official_predictions() {
 /// encoding corners of `tests/fixtures/datasets` (zero labels, which train as ignored;
 /// its ids that encode past the classes, 255 and COCO-Stuff's unused ids, become zeros:
 /// the official training fails on such labels and the engine refuses them), the
-/// training crop and base size from `TRAIN`, and the official `val` test (short side to the
+/// training crop, base size, batch and epochs from `TRAIN`, and the official `val` test (short side to the
 /// base size, padded to a multiple of 8, labels with it) from `TEST`.
 #[test]
 fn pascal_context_ade20k_and_coco_stuff_train_and_evaluate_from_their_yaml() {
@@ -565,14 +565,17 @@ fn pascal_context_ade20k_and_coco_stuff_train_and_evaluate_from_their_yaml() {
         let keys = "TEST:\n  IMAGE_SIZE:\n  - 32\n  - 32\n  BASE_SIZE: 24\n  FLIP_TEST: true\n";
         let yaml = tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", &dataset).replace(
             "TRAIN:\n  IGNORE_LABEL: 255\n",
-            &format!("TRAIN:\n  IGNORE_LABEL: {ignore}\n  IMAGE_SIZE:\n  - 24\n  - 24\n  BASE_SIZE: 24\n"),
+            &format!(
+                "TRAIN:\n  IGNORE_LABEL: {ignore}\n  IMAGE_SIZE:\n  - 24\n  - 24\n  BASE_SIZE: 24\n  \
+                 BATCH_SIZE_PER_GPU: 2\n  END_EPOCH: 2\n"
+            ),
         );
         let config = root.join(format!("{folder}.yaml"));
         std::fs::write(&config, format!("{yaml}{keys}")).unwrap();
         let out = root.join("run");
-        let (ok, text) =
-            run(&["train", "--config", s(&config), "--data", s(&root), "--out", s(&out), "--steps", "2"]);
-        assert!(ok && text.contains("24x24 crops"), "{folder}: {text}");
+        // Two epochs of one batch of 2 (the third image dropped, as the official loader does).
+        let (ok, text) = run(&["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)]);
+        assert!(ok && text.contains("of 2: batch 2 of 24x24 crops"), "{folder}: {text}");
         assert_eq!(log_losses(&out).len(), 2, "{folder}");
         let weights = out.join("weights.safetensors");
         let (ok, text) = run(&["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)]);

@@ -112,6 +112,9 @@ pub fn augment(image: &Image, labels: &[u32], a: &Augment, rng: &mut SplitMix) -
 
 /// The training batches of a run over a dataset. Batch `step` is a function of (seed,
 /// step) alone, so a resumed run sees exactly the batches an uninterrupted run would have.
+/// An epoch is `len / batch` batches, the images left over dropped (the official loader's
+/// `drop_last`), in a new order each epoch where the dataset and `shuffle` allow.
+#[derive(Clone)]
 pub struct Batches<'d> {
     pub dataset: &'d dyn Dataset,
     pub recipe: Augment,
@@ -119,6 +122,8 @@ pub struct Batches<'d> {
     pub batch: usize,
     /// Labels must be below this or the recipe's ignore label; others are refused by file.
     pub classes: usize,
+    /// `TRAIN.SHUFFLE`.
+    pub shuffle: bool,
 }
 
 impl Batches<'_> {
@@ -134,11 +139,12 @@ impl Batches<'_> {
             order
         };
         let mut epoch_order: Option<(usize, Vec<usize>)> = None;
+        let per_epoch = (n / self.batch).max(1);
         (0..self.batch)
             .map(|i| {
                 let at = step * self.batch + i;
-                let (epoch, pos) = (at / n, at % n);
-                let index = if self.dataset.shuffle() {
+                let (epoch, pos) = (step / per_epoch, ((step % per_epoch) * self.batch + i) % n);
+                let index = if self.shuffle && self.dataset.shuffle() {
                     if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
                         epoch_order = Some((epoch, order(epoch)));
                     }

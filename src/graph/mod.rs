@@ -725,10 +725,11 @@ impl Graph {
 
     /// The optimizer's dispatch, recorded on first use and set to `lr`.
     fn prepare_sgd(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<&Dispatch> {
-        let opt = self
-            .optimizer
-            .as_mut()
-            .ok_or_else(|| Error::Invalid("sgd_step: the graph has no optimizer (built for eval, or without parameters)".into()))?;
+        let opt = self.optimizer.as_mut().ok_or_else(|| {
+            Error::Invalid(
+                "sgd_step: the graph has no optimizer (built for eval, or without parameters)".into(),
+            )
+        })?;
         match &opt.step {
             Some((c, step)) if c == config => opt.arena.set_lr(gpu, step, config, lr),
             _ => opt.step = Some((*config, opt.arena.step(gpu, config, lr)?)),
@@ -738,10 +739,11 @@ impl Graph {
 
     /// The optimizer's momentum buffer of each parameter, by parameter name (training only).
     pub fn momentum(&self) -> Result<Vec<(&str, &Tensor)>> {
-        let opt = self
-            .optimizer
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("momentum: the graph has no optimizer (built for eval, or without parameters)".into()))?;
+        let opt = self.optimizer.as_ref().ok_or_else(|| {
+            Error::Invalid(
+                "momentum: the graph has no optimizer (built for eval, or without parameters)".into(),
+            )
+        })?;
         Ok(self.parameters().map(|(name, _)| name).zip(&opt.arena.momentum_views).collect())
     }
 

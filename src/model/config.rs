@@ -77,6 +77,48 @@ pub struct Config {
     /// The data: `DATASET.DATASET` (lower case), `DATASET.TRAIN_SET` and
     /// `DATASET.TEST_SET` (list files relative to the dataset root), where the YAML has them.
     pub dataset: DatasetKeys,
+    /// The training run's keys (`TRAIN.*`, `MODEL.PRETRAINED`), official defaults where absent.
+    pub train: TrainKeys,
+}
+
+/// An experiment YAML's training-run keys, as the official `tools/train.py` reads them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainKeys {
+    /// `TRAIN.BATCH_SIZE_PER_GPU` (official default 32): the batch is this times the devices.
+    pub batch_size_per_gpu: usize,
+    /// `TRAIN.END_EPOCH` (484): the run is this many epochs of `len(train list) / batch`
+    /// iterations (the official loader drops the last partial batch).
+    pub end_epoch: usize,
+    /// `TRAIN.EXTRA_EPOCH` (0), `TRAIN.EXTRA_LR` (0.001) and `DATASET.EXTRA_TRAIN_SET`: a
+    /// second phase of epochs on another list, its own poly schedule from `EXTRA_LR`.
+    pub extra_epoch: usize,
+    pub extra_lr: f32,
+    pub extra_train_set: Option<String>,
+    /// `TRAIN.NONBACKBONE_KEYWORDS` (none) and `TRAIN.NONBACKBONE_MULT` (10): parameters whose
+    /// name holds a keyword train at the multiplied rate.
+    pub nonbackbone_keywords: Vec<String>,
+    pub nonbackbone_mult: f32,
+    /// `TRAIN.SHUFFLE` (true): a new random order of the list each epoch.
+    pub shuffle: bool,
+    /// `MODEL.PRETRAINED` (none): an ImageNet classification checkpoint to start from.
+    pub pretrained: Option<String>,
+}
+
+impl Default for TrainKeys {
+    /// The official defaults (`lib/config/default.py`).
+    fn default() -> Self {
+        TrainKeys {
+            batch_size_per_gpu: 32,
+            end_epoch: 484,
+            extra_epoch: 0,
+            extra_lr: 0.001,
+            extra_train_set: None,
+            nonbackbone_keywords: Vec::new(),
+            nonbackbone_mult: 10.0,
+            shuffle: true,
+            pretrained: None,
+        }
+    }
 }
 
 /// An experiment YAML's dataset keys.
@@ -177,6 +219,7 @@ impl Config {
             nesterov: false,
             class_weights: Some(CITYSCAPES_CLASS_WEIGHTS.to_vec()),
             dataset: DatasetKeys::default(),
+            train: TrainKeys::default(),
         })
     }
 
@@ -249,7 +292,7 @@ impl Config {
             ohem,
             balance_weights: balance,
             lr: r.opt_f32("TRAIN.LR")?.unwrap_or(0.01),
-            weight_decay: r.opt_f32("TRAIN.WD")?.unwrap_or(5e-4),
+            weight_decay: r.opt_f32("TRAIN.WD")?.unwrap_or(1e-4),
             momentum: r.opt_f32("TRAIN.MOMENTUM")?.unwrap_or(0.9),
             nesterov: r.opt_bool("TRAIN.NESTEROV")?.unwrap_or(false),
             class_weights,
@@ -276,6 +319,7 @@ impl Config {
                 train_flip: r.opt_bool("TRAIN.FLIP")?.unwrap_or(true),
                 train_multi_scale: r.opt_bool("TRAIN.MULTI_SCALE")?.unwrap_or(true),
             },
+            train: r.train_keys()?,
         })
     }
 
@@ -377,6 +421,53 @@ impl Reader<'_> {
 
     fn opt_f32_list(&self, key: &str) -> Result<Option<Vec<f32>>> {
         self.list(key, "numbers")
+    }
+
+    /// A non-empty text, or none (the official code treats `''` as unset).
+    fn opt_text(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .scalar(key)?
+            .map(|s| s.trim_matches(['\'', '"']))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string))
+    }
+
+    fn train_keys(&self) -> Result<TrainKeys> {
+        let d = TrainKeys::default();
+        // Labels downsampled after the crop: every official experiment uses 1, and the
+        // engine's loss reads labels at the crop's size.
+        match self.opt_usize("TRAIN.DOWNSAMPLERATE")? {
+            None | Some(1) => {}
+            Some(r) => {
+                return Err(self.error("TRAIN.DOWNSAMPLERATE", &format!("{r} is not supported (only 1)")))
+            }
+        }
+        match self.scalar("TRAIN.OPTIMIZER")? {
+            None | Some("sgd") => {}
+            Some(o) => {
+                return Err(
+                    self.error("TRAIN.OPTIMIZER", &format!("{o:?}: the official code supports only sgd"))
+                )
+            }
+        }
+        let keywords = match self.doc.get("TRAIN.NONBACKBONE_KEYWORDS") {
+            None => d.nonbackbone_keywords,
+            Some(_) => self.list::<String>("TRAIN.NONBACKBONE_KEYWORDS", "names")?.unwrap_or_default(),
+        };
+        Ok(TrainKeys {
+            batch_size_per_gpu: self.positive("TRAIN.BATCH_SIZE_PER_GPU", Some(d.batch_size_per_gpu))?,
+            end_epoch: self.positive("TRAIN.END_EPOCH", Some(d.end_epoch))?,
+            extra_epoch: self.opt_usize("TRAIN.EXTRA_EPOCH")?.unwrap_or(d.extra_epoch),
+            extra_lr: self.opt_f32("TRAIN.EXTRA_LR")?.unwrap_or(d.extra_lr),
+            extra_train_set: self.opt_text("DATASET.EXTRA_TRAIN_SET")?,
+            nonbackbone_keywords: keywords
+                .into_iter()
+                .map(|k| k.trim_matches(['\'', '"']).to_string())
+                .collect(),
+            nonbackbone_mult: self.opt_f32("TRAIN.NONBACKBONE_MULT")?.unwrap_or(d.nonbackbone_mult),
+            shuffle: self.opt_bool("TRAIN.SHUFFLE")?.unwrap_or(d.shuffle),
+            pretrained: self.opt_text("MODEL.PRETRAINED")?,
+        })
     }
 
     fn stage(&self, s: usize) -> Result<Stage> {

@@ -33,6 +33,9 @@ pub struct TrainOptions {
     pub crop: [usize; 2],
     /// Steps of the poly schedule.
     pub max_iter: usize,
+    /// A second phase after `max_iter` steps (`TRAIN.EXTRA_LR`, its steps), its own poly
+    /// schedule: as the official loop, its first step still runs at the first phase's rate.
+    pub extra: Option<(f32, usize)>,
     /// Dropout before cls_head (the official 0.05, or 0).
     pub dropout: f32,
     /// Parameters whose name contains one of these train at `head_lr_mult` times the rate.
@@ -41,6 +44,19 @@ pub struct TrainOptions {
     /// Where the kernel-variant choices measured before the first step are kept
     /// ([`TuningCache::from_env`] for `HRNET_OCR_TUNING`).
     pub tuning: TuningCache,
+}
+
+impl TrainOptions {
+    /// The rate step `step` runs with: the poly schedule of `base` over `max_iter` steps,
+    /// then that of the extra phase.
+    pub fn lr(&self, base: f32, step: usize) -> f32 {
+        match self.extra {
+            Some((extra_lr, iters)) if step > self.max_iter => {
+                poly_lr(extra_lr, step - self.max_iter, iters, 0.9)
+            }
+            _ => poly_lr(base, step, self.max_iter, 0.9),
+        }
+    }
 }
 
 /// One optimizer step's figures.
@@ -164,7 +180,7 @@ impl<'g> Trainer<'g> {
         self.graph.set(gpu, "input", &planes)?;
         self.graph.tensor("label")?.write_u32(gpu, &labels)?;
         self.graph.set_seed(gpu, seed)?;
-        let lr = poly_lr(self.config.lr, self.step, self.options.max_iter, 0.9);
+        let lr = self.lr(self.step);
         let sgd = SgdConfig {
             momentum: self.config.momentum,
             weight_decay: self.config.weight_decay,
@@ -181,6 +197,11 @@ impl<'g> Trainer<'g> {
         };
         self.step += 1;
         Ok(stats)
+    }
+
+    /// The rate step `step` runs with ([`TrainOptions::lr`] from `TRAIN.LR`).
+    pub fn lr(&self, step: usize) -> f32 {
+        self.options.lr(self.config.lr, step)
     }
 
     /// The training graph (for profiling its dispatches).
@@ -231,10 +252,11 @@ impl<'g> Trainer<'g> {
         checkpoint: &Checkpoint,
         options: TrainOptions,
     ) -> Result<Self> {
-        if checkpoint.steps > options.max_iter {
+        let total = options.max_iter + options.extra.map_or(0, |(_, steps)| steps);
+        if checkpoint.steps > total {
             return Err(Error::Invalid(format!(
-                "the checkpoint has taken {} steps, more than the run's {} (max_iter)",
-                checkpoint.steps, options.max_iter
+                "the checkpoint has taken {} steps, more than the run's {total}",
+                checkpoint.steps
             )));
         }
         let mut trainer = Trainer::new(gpu, config, Some(&checkpoint.weights), options)?;

@@ -12,9 +12,12 @@ use crate::model::hrnet::OCR_DROPOUT;
 use crate::model::Config;
 use std::collections::HashMap;
 
-/// Parameters whose name holds one of these are the head and train at the head's rate
-/// multiplier (HRNet-OCR's `NONBACKBONE_KEYWORDS`).
+/// The head's keywords of the official OCR experiments (`NONBACKBONE_KEYWORDS`): a run
+/// stored without keywords (before they were a setting) trains these at its multiplier.
 pub const HEAD_KEYWORDS: [&str; 3] = ["cls", "aux", "ocr"];
+
+/// Steps of a run of the procedural scenes without `--steps` (they have no epochs).
+pub const SYNTHETIC_STEPS: usize = 1000;
 
 /// The settings that define a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,14 +29,20 @@ pub struct RunSettings {
     /// A list file, or empty.
     pub list: String,
     pub split: String,
-    /// Steps of the poly schedule (its `max_iter`).
+    /// Steps of the poly schedule (its `max_iter`): `TRAIN.END_EPOCH` epochs of the training
+    /// list unless given; 0 until [`RunSettings::with_epochs`] decides them.
     pub steps: usize,
+    /// Steps of the `TRAIN.EXTRA_EPOCH` phase on `DATASET.EXTRA_TRAIN_SET` (0: none).
+    pub extra_steps: usize,
     pub batch: usize,
     pub crop: [usize; 2],
     /// The procedural scenes' size.
     pub size: [usize; 2],
     /// Seed of the data order, augmentation, dropout and procedural scenes.
     pub seed: u64,
+    /// Parameters whose name holds one of these (`TRAIN.NONBACKBONE_KEYWORDS`) train at
+    /// `head_lr_mult` (`TRAIN.NONBACKBONE_MULT`) times the rate.
+    pub head_keywords: Vec<String>,
     pub head_lr_mult: f32,
 }
 
@@ -44,11 +53,13 @@ impl Default for RunSettings {
             data: "synthetic".into(),
             list: String::new(),
             split: "train".into(),
-            steps: 1000,
+            steps: SYNTHETIC_STEPS,
+            extra_steps: 0,
             batch: 4,
             crop: [64, 64],
             size: [128, 128],
             seed: 1,
+            head_keywords: HEAD_KEYWORDS.map(String::from).to_vec(),
             head_lr_mult: 1.0,
         }
     }
@@ -67,10 +78,12 @@ impl RunSettings {
             ("list", self.list.clone()),
             ("split", self.split.clone()),
             ("steps", self.steps.to_string()),
+            ("extra_steps", self.extra_steps.to_string()),
             ("batch", self.batch.to_string()),
             ("crop", size_text(self.crop)),
             ("size", size_text(self.size)),
             ("seed", self.seed.to_string()),
+            ("head_keywords", self.head_keywords.join(",")),
             ("head_lr_mult", self.head_lr_mult.to_string()),
         ]
     }
@@ -78,33 +91,121 @@ impl RunSettings {
     /// The settings from their texts, a missing key taking its default; a text that does not
     /// parse is an error naming the key.
     pub fn from_notes(notes: &HashMap<String, String>) -> Result<Self> {
+        RunSettings::default().with_notes(notes)
+    }
+
+    /// These settings with the keys `notes` holds replaced (flags over a YAML's recipe).
+    pub fn with_notes(self, notes: &HashMap<String, String>) -> Result<Self> {
         let text = |key: &str, default: String| notes.get(key).cloned().unwrap_or(default);
-        let d = RunSettings::default();
+        let keywords = match notes.get("head_keywords") {
+            None => self.head_keywords,
+            Some(k) => k.split(',').filter(|k| !k.is_empty()).map(str::to_string).collect(),
+        };
         Ok(RunSettings {
-            config: text("config", d.config),
-            data: text("data", d.data),
-            list: text("list", d.list),
-            split: text("split", d.split),
-            steps: parse(notes, "steps", d.steps)?,
-            batch: parse(notes, "batch", d.batch)?,
-            crop: parse_size(notes, "crop", d.crop)?,
-            size: parse_size(notes, "size", d.size)?,
-            seed: parse(notes, "seed", d.seed)?,
-            head_lr_mult: parse(notes, "head_lr_mult", d.head_lr_mult)?,
+            config: text("config", self.config),
+            data: text("data", self.data),
+            list: text("list", self.list),
+            split: text("split", self.split),
+            steps: parse(notes, "steps", self.steps)?,
+            extra_steps: parse(notes, "extra_steps", self.extra_steps)?,
+            batch: parse(notes, "batch", self.batch)?,
+            crop: parse_size(notes, "crop", self.crop)?,
+            size: parse_size(notes, "size", self.size)?,
+            seed: parse(notes, "seed", self.seed)?,
+            head_keywords: keywords,
+            head_lr_mult: parse(notes, "head_lr_mult", self.head_lr_mult)?,
         })
     }
 
-    /// The trainer's options: the official dropout and head keywords, these sizes.
-    pub fn options(&self, tuning: TuningCache) -> TrainOptions {
+    /// A new run's recipe from an experiment's keys (the official defaults where the YAML
+    /// has none): batch `TRAIN.BATCH_SIZE_PER_GPU` on one device, crop `TRAIN.IMAGE_SIZE`,
+    /// the head's keywords and multiplier; the steps are left to [`RunSettings::with_epochs`].
+    pub fn from_config(config: &str, cfg: &Config) -> Self {
+        RunSettings {
+            config: config.to_string(),
+            steps: 0,
+            batch: cfg.train.batch_size_per_gpu,
+            crop: cfg.dataset.train_crop,
+            head_keywords: cfg.train.nonbackbone_keywords.clone(),
+            head_lr_mult: cfg.train.nonbackbone_mult,
+            ..RunSettings::default()
+        }
+    }
+
+    /// Steps not given are `TRAIN.END_EPOCH` epochs of `images` training images (and
+    /// `TRAIN.EXTRA_EPOCH` of `extra_images`), an epoch `images / batch` iterations, the last
+    /// partial batch dropped as the official loader does. An epoch without an iteration is
+    /// an error naming the counts.
+    pub fn with_epochs(mut self, cfg: &Config, images: usize, extra_images: Option<usize>) -> Result<Self> {
+        let iterations = |images: usize, what: &str| {
+            let per_epoch = images / self.batch;
+            if per_epoch == 0 {
+                return Err(Error::Invalid(format!(
+                    "the {what} has {images} images, fewer than a batch of {}: an epoch would have no iteration",
+                    self.batch
+                )));
+            }
+            Ok(per_epoch)
+        };
+        if self.steps == 0 {
+            self.steps = cfg.train.end_epoch * iterations(images, "training list")?;
+        }
+        if let (Some(extra), 0, true) = (extra_images, self.extra_steps, cfg.train.extra_epoch > 0) {
+            self.extra_steps = cfg.train.extra_epoch * iterations(extra, "extra training list")?;
+        }
+        Ok(self)
+    }
+
+    /// The trainer's options: the official dropout, these sizes, keywords and schedule.
+    pub fn options(&self, cfg: &Config, tuning: TuningCache) -> TrainOptions {
         TrainOptions {
             batch: self.batch,
             crop: self.crop,
             max_iter: self.steps,
+            extra: (self.extra_steps > 0).then_some((cfg.train.extra_lr, self.extra_steps)),
             dropout: OCR_DROPOUT,
-            head_keywords: HEAD_KEYWORDS.map(String::from).to_vec(),
+            head_keywords: self.head_keywords.clone(),
             head_lr_mult: self.head_lr_mult,
             tuning,
         }
+    }
+
+    /// Every step of the run, both phases.
+    pub fn total_steps(&self) -> usize {
+        self.steps + self.extra_steps
+    }
+
+    /// The effective recipe in one paragraph, as `train` prints it at the start.
+    pub fn describe(&self, cfg: &Config) -> String {
+        let loss = match cfg.ohem {
+            Some(o) => format!("OHEM (OHEMTHRES {}, OHEMKEEP {}) on the main output", o.thresh, o.min_kept),
+            None => "cross entropy".to_string(),
+        };
+        let head = if self.head_keywords.is_empty() {
+            "one rate for every parameter".to_string()
+        } else {
+            format!("x{} for parameters named {}", self.head_lr_mult, self.head_keywords.join(", "))
+        };
+        let extra = if self.extra_steps > 0 {
+            format!(", then {} steps from EXTRA_LR {}", self.extra_steps, cfg.train.extra_lr)
+        } else {
+            String::new()
+        };
+        format!(
+            "recipe: {} steps of batch {} at {}x{}, SGD LR {} (poly 0.9){extra}, momentum {}, WD {}, \
+             nesterov {}; {head}; loss {:.1} x aux + {:.1} x main, {loss}; seed {}",
+            self.steps,
+            self.batch,
+            self.crop[0],
+            self.crop[1],
+            cfg.lr,
+            cfg.momentum,
+            cfg.weight_decay,
+            cfg.nesterov,
+            cfg.balance_weights[0],
+            cfg.balance_weights[1],
+            self.seed
+        )
     }
 
     /// The official augmentation at this crop, for `config`'s dataset: without one (custom

@@ -462,6 +462,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
         batch: n,
         crop: [h, w],
         max_iter: usize::MAX,
+        extra: None,
         dropout: OCR_DROPOUT,
         head_keywords: Vec::new(),
         head_lr_mult: 1.0,

@@ -5,10 +5,11 @@ use crate::segment::{DataArgs, Set};
 use crate::{model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::Batches;
+use hrnet_ocr::data::Dataset;
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights;
 use hrnet_ocr::model::Config;
-use hrnet_ocr::train::recipe::RunSettings;
+use hrnet_ocr::train::recipe::{RunSettings, SYNTHETIC_STEPS};
 use hrnet_ocr::train::{Checkpoint, Trainer};
 use hrnet_ocr::{Error, Gpu, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,13 +33,14 @@ pub struct TrainArgs {
     /// Start from these weights instead of a fresh initialisation
     #[arg(long, value_name = "W", conflicts_with = "resume")]
     weights: Option<PathBuf>,
-    /// Steps of the run (the poly schedule's max_iter) [default: 1000]
+    /// Steps of the run (the poly schedule's max_iter) [default: TRAIN.END_EPOCH epochs of
+    /// the training list; 1000 for the procedural scenes]
     #[arg(long)]
     steps: Option<usize>,
-    /// Images per step [default: 4]
+    /// Images per step [default: TRAIN.BATCH_SIZE_PER_GPU]
     #[arg(long)]
     batch: Option<usize>,
-    /// Training crop, N or HxW [default: the YAML's TRAIN.IMAGE_SIZE for an official dataset, else 64]
+    /// Training crop, N or HxW [default: TRAIN.IMAGE_SIZE]
     #[arg(long, value_parser = parse_size)]
     crop: Option<[usize; 2]>,
     /// Procedural scenes' size, N or HxW [default: 128]
@@ -50,7 +52,8 @@ pub struct TrainArgs {
     /// Split of a Cityscapes folder, or list file SPLIT.lst / SPLIT.txt [default: train]
     #[arg(long)]
     split: Option<String>,
-    /// Learning-rate multiplier of the head (parameters named cls, aux or ocr) [default: 1]
+    /// Learning-rate multiplier of the parameters named by TRAIN.NONBACKBONE_KEYWORDS
+    /// [default: TRAIN.NONBACKBONE_MULT]
     #[arg(long)]
     head_lr_mult: Option<f32>,
     /// Write the checkpoint every N steps (and at the end)
@@ -85,12 +88,23 @@ fn given(args: &TrainArgs) -> Vec<(&'static str, String)> {
     .collect()
 }
 
-/// The run's settings: the flags (or defaults) for a new run; the checkpoint's for a
-/// resumed one, where a flag that disagrees is an error rather than silently ignored.
-fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<RunSettings> {
+fn load_config(name: &str) -> Result<Config> {
+    match name {
+        "bundled" => model::bundled_config(),
+        c => Config::load(c),
+    }
+}
+
+/// The run's settings and config: for a new run, the YAML's recipe with the flags over it
+/// (steps still 0 where they come from epochs); for a resumed one, the checkpoint's, where
+/// a flag that disagrees is an error rather than silently ignored.
+fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<(RunSettings, Config)> {
     let given = given(args);
     let Some(c) = checkpoint else {
-        return RunSettings::from_notes(&given.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+        let name = args.config.clone().unwrap_or_else(|| "bundled".into());
+        let cfg = load_config(&name)?;
+        let notes = given.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        return Ok((RunSettings::from_config(&name, &cfg).with_notes(&notes)?, cfg));
     };
     let stored = RunSettings::from_notes(&c.notes)?;
     let stored_text = stored.to_notes();
@@ -103,7 +117,8 @@ fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<RunSetti
             )));
         }
     }
-    Ok(stored)
+    let cfg = load_config(&stored.config)?;
+    Ok((stored, cfg))
 }
 
 pub fn train(args: &TrainArgs) -> Result<()> {
@@ -111,17 +126,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     if checkpoint.is_none() && args.data.data.is_none() && !args.data.synthetic {
         return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
     }
-    let mut s = resolve(args, checkpoint.as_ref())?;
-    let cfg = match s.config.as_str() {
-        "bundled" => model::bundled_config()?,
-        c => Config::load(c)?,
-    };
-    // A new run of an official dataset crops as its YAML's TRAIN.IMAGE_SIZE unless told.
-    if checkpoint.is_none() && args.crop.is_none() && cfg.dataset.name.is_some() {
-        s.crop = cfg.dataset.train_crop;
-    }
-    let (steps, batch, crop) = (s.steps, s.batch, s.crop);
+    let (mut s, cfg) = resolve(args, checkpoint.as_ref())?;
     let synthetic = s.data == "synthetic";
+    if synthetic && s.steps == 0 {
+        s.steps = SYNTHETIC_STEPS;
+    }
     if synthetic && cfg.num_classes != hrnet_ocr::data::procedural::CLASSES.len() {
         return Err(Error::Invalid(format!(
             "the procedural scenes have {} classes; the config says DATASET.NUM_CLASSES {}",
@@ -134,11 +143,15 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         synthetic,
         list: (!s.list.is_empty()).then(|| PathBuf::from(&s.list)),
     };
-    let (dataset, _) = data.open(&cfg, Set::Train, &s.split, s.seed, steps.saturating_mul(batch), s.size)?;
+    let (dataset, _) =
+        data.open(&cfg, Set::Train, &s.split, s.seed, s.steps.saturating_mul(s.batch), s.size)?;
     if !dataset.labelled() {
         return Err(Error::Invalid("the training list has no labels (a test split's list)".into()));
     }
-    let options = s.options(TuningCache::from_env());
+    let extra = extra_dataset(&cfg, &data, &s)?;
+    let s = s.with_epochs(&cfg, dataset.len(), extra.as_ref().map(|d| d.len()))?;
+    let (steps, batch, crop) = (s.total_steps(), s.batch, s.crop);
+    let options = s.options(&cfg, TuningCache::from_env());
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
@@ -151,8 +164,10 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         }
     };
     let recipe = s.augment(&cfg)?;
-    let batches =
-        Batches { dataset: dataset.as_ref(), recipe, seed: s.seed, batch, classes: cfg.num_classes };
+    let shuffle = cfg.train.shuffle;
+    let classes = cfg.num_classes;
+    let batches = Batches { dataset: dataset.as_ref(), recipe, seed: s.seed, batch, classes, shuffle };
+    let extra_batches = extra.as_deref().map(|dataset| Batches { dataset, ..batches.clone() });
     let first = trainer.steps();
     let mut log = TrainLog::open(&args.out.join("train_log.csv"), first)?;
     let checkpoint_path = args.out.join("checkpoint.safetensors");
@@ -163,9 +178,13 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         crop[0],
         crop[1]
     );
+    println!("{}", s.describe(&cfg));
     let start = Instant::now();
     for step in first..stop {
-        let samples = batches.get(step)?;
+        let samples = match &extra_batches {
+            Some(extra) if step >= s.steps => extra.get(step - s.steps)?,
+            _ => batches.get(step)?,
+        };
         let stats = trainer.step(&samples, s.step_seed(step))?;
         if !stats.loss.is_finite() {
             return Err(Error::Invalid(format!(
@@ -206,6 +225,19 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The `DATASET.EXTRA_TRAIN_SET` list of a run with `TRAIN.EXTRA_EPOCH`s.
+fn extra_dataset(cfg: &Config, data: &DataArgs, s: &RunSettings) -> Result<Option<Box<dyn Dataset>>> {
+    if cfg.train.extra_epoch == 0 {
+        return Ok(None);
+    }
+    let list = cfg.train.extra_train_set.as_ref().ok_or_else(|| {
+        Error::Invalid("TRAIN.EXTRA_EPOCH needs DATASET.EXTRA_TRAIN_SET, the list of its images".into())
+    })?;
+    let extra = DataArgs { list: Some(PathBuf::from(list)), ..data.clone() };
+    let (dataset, _) = extra.open(cfg, Set::Train, &s.split, s.seed, 0, s.size)?;
+    Ok(Some(dataset))
 }
 
 fn progress_bar(steps: usize, first: usize) -> ProgressBar {
