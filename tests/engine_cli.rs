@@ -591,3 +591,50 @@ fn pascal_context_ade20k_and_coco_stuff_train_and_evaluate_from_their_yaml() {
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
+
+/// A run starts from an ImageNet-pretrained file as the official `MODEL.PRETRAINED` does,
+/// or from `--pretrained FILE`, and says what loaded; a missing file is an error naming the
+/// key and the path (the official code raises too).
+#[test]
+fn a_run_starts_from_its_pretrained_file() {
+    let root = scratch("pretrained");
+    write_folder(&root, 5, 2, 48);
+    let tiny = std::fs::read_to_string(fixture("tiny_ocr.yaml")).unwrap();
+    let config = root.join("pretrained.yaml");
+    let with_pretrained = |path: &str| {
+        let yaml = tiny
+            .replace("  NAME: seg_hrnet_ocr\n", &format!("  NAME: seg_hrnet_ocr\n  PRETRAINED: '{path}'\n"));
+        std::fs::write(&config, yaml).unwrap();
+    };
+    let out = root.join("run");
+    let args = [
+        "train",
+        "--config",
+        s(&config),
+        "--data",
+        s(&root),
+        "--out",
+        s(&out),
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--crop",
+        "32",
+    ];
+    let missing = root.join("pretrained_models/hrnetv2_w48_imagenet_pretrained.pth");
+    with_pretrained(s(&missing));
+    let (ok, text) = run(&args);
+    assert!(
+        !ok && text.contains("MODEL.PRETRAINED") && text.contains("hrnetv2_w48_imagenet_pretrained.pth"),
+        "{text}"
+    );
+    // The tiny model's own weights as the pretrained file: every tensor lands.
+    with_pretrained(&fixture("tiny_zip.pth"));
+    let (ok, text) = run(&args);
+    assert!(ok && text.contains("316 tensors loaded, 0 in the file skipped"), "{text}");
+    // --pretrained names another file over the YAML's.
+    with_pretrained(s(&missing));
+    let (ok, text) = run(&[&args[..], &["--pretrained", &fixture("tiny_legacy.pth")]].concat());
+    assert!(ok && text.contains("tiny_legacy.pth: 316 tensors loaded"), "{text}");
+}

@@ -192,3 +192,24 @@ fn deep_nesting_and_cycles_do_not_overflow_the_stack() {
         assert!(what.contains("not a dict"), "{name}: {what}");
     }
 }
+
+/// An official `checkpoint.pth.tar` from the second epoch on holds `best_mIoU` as a numpy
+/// float64: `numpy.core.multiarray.scalar` (numpy 2: `numpy._core`) of a `numpy.dtype` and
+/// its raw bytes (`_codecs.encode(text, 'latin1')` in protocol 2). The allow-list reads
+/// them without running anything; other numpy globals stay refused by name.
+#[test]
+fn numpy_scalars_of_a_training_checkpoint_are_read() {
+    // Written by torch with numpy 2 (tools/reference/make_micro_fixtures.py).
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/micro_checkpoint.pth.tar");
+    let tensors = read_pth(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tensors.len(), 378, "the state dict, optimizer state left out");
+    assert!(tensors.iter().all(|t| t.name.starts_with("model.")), "{}", tensors[0].name);
+    // numpy 1's module name, by hand: past the scalar, the dict holds no tensor.
+    let scalar = b"\x80\x02}X\t\x00\x00\x00best_mIoUcnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x02\x00\x00\x00f8\x89\x88\x87R(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbc_codecs\nencode\nX\x02\x00\x00\x00abX\x06\x00\x00\x00latin1\x86R\x86Rs.";
+    let what = format_error(parse_pth(&legacy_stream(scalar), "scalar.pth"), "scalar.pth");
+    assert!(what.contains("holds no tensors"), "{what}");
+    let array = b"\x80\x02}X\x01\x00\x00\x00acnumpy.core.multiarray\n_reconstruct\n)Rs.";
+    let what = format_error(parse_pth(&legacy_stream(array), "array.pth"), "array.pth");
+    assert!(what.contains("`numpy.core.multiarray._reconstruct`"), "{what}");
+}

@@ -127,15 +127,7 @@ pub fn write_safetensors_with(
 /// Loads `tensors` into the graph's parameters and running statistics. Every missing,
 /// unexpected and mis-shaped key is reported, with the expected shape, in one error.
 pub fn load_into(gpu: &Gpu, graph: &Graph, tensors: &[NamedTensor], source: &str) -> Result<()> {
-    let expected: Vec<(String, Vec<usize>)> = graph
-        .parameters()
-        .map(|(n, s)| (n.to_string(), s.to_vec()))
-        .chain(
-            graph
-                .buffers()
-                .map(|n| (n.to_string(), graph.tensor(n).map(|t| t.shape().to_vec()).unwrap_or_default())),
-        )
-        .collect();
+    let expected = model_tensors(graph);
     let mut problems = Vec::new();
     for (name, shape) in &expected {
         match tensors.iter().find(|t| &t.name == name) {
@@ -161,6 +153,77 @@ pub fn load_into(gpu: &Gpu, graph: &Graph, tensors: &[NamedTensor], source: &str
         graph.set(gpu, &t.name, &t.data)?;
     }
     Ok(())
+}
+
+/// The names and shapes of a graph's parameters and running statistics.
+fn model_tensors(graph: &Graph) -> Vec<(String, Vec<usize>)> {
+    let buffer = |n: &str| (n.to_string(), graph.tensor(n).map(|t| t.shape().to_vec()).unwrap_or_default());
+    graph.parameters().map(|(n, s)| (n.to_string(), s.to_vec())).chain(graph.buffers().map(buffer)).collect()
+}
+
+/// What [`load_pretrained`] did: the model's tensors it set, the file's tensors the model
+/// has no place for, and the model's tensors the file does not hold (left as they were).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PretrainedReport {
+    pub loaded: usize,
+    pub skipped: Vec<String>,
+    pub fresh: Vec<String>,
+}
+
+impl std::fmt::Display for PretrainedReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let some = |names: &[String]| {
+            let shown: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
+            let more =
+                if names.len() > 4 { format!(", ... ({} more)", names.len() - 4) } else { String::new() };
+            format!("{}{more}", shown.join(", "))
+        };
+        write!(
+            f,
+            "{} tensors loaded, {} in the file skipped ({}), {} of the model fresh ({})",
+            self.loaded,
+            self.skipped.len(),
+            some(&self.skipped),
+            self.fresh.len(),
+            some(&self.fresh)
+        )
+    }
+}
+
+/// Loads a pretrained checkpoint (an ImageNet-pretrained HRNet classifier, or any model's
+/// weights) as the official `init_weights` does: `last_layer` renamed `aux_head` (and a
+/// `model.` prefix stripped, by [`read`]), then every tensor the model has by that name
+/// set and the others skipped. A tensor whose name the model has with another shape is an
+/// error naming it (the official `load_state_dict` refuses it too).
+pub fn load_pretrained(
+    gpu: &Gpu,
+    graph: &Graph,
+    tensors: &[NamedTensor],
+    source: &str,
+) -> Result<PretrainedReport> {
+    let expected = model_tensors(graph);
+    let mut report = PretrainedReport { loaded: 0, skipped: Vec::new(), fresh: Vec::new() };
+    let renamed: Vec<(String, &NamedTensor)> =
+        tensors.iter().map(|t| (t.name.replace("last_layer", "aux_head"), t)).collect();
+    for (name, t) in &renamed {
+        match expected.iter().find(|(n, _)| n == name) {
+            None => report.skipped.push(t.name.clone()),
+            Some((_, shape)) if shape != &t.shape => {
+                return Err(Error::Shape {
+                    what: format!("{source}: {} (as {name})", t.name),
+                    expected: format!("{shape:?}"),
+                    actual: format!("{:?}", t.shape),
+                })
+            }
+            Some(_) => {
+                graph.set(gpu, name, &t.data)?;
+                report.loaded += 1;
+            }
+        }
+    }
+    report.fresh =
+        expected.into_iter().map(|(n, _)| n).filter(|n| !renamed.iter().any(|(r, _)| r == n)).collect();
+    Ok(report)
 }
 
 /// Reads the graph's parameters and running statistics back, with their official names.

@@ -128,8 +128,8 @@ pub struct Trainer<'g> {
 }
 
 impl<'g> Trainer<'g> {
-    /// A trainer starting from `weights` (official names), or from a fresh initialisation:
-    /// convolutions ~ N(0, 2 / fan_in), batch norm weight 1 and bias 0.
+    /// A trainer starting from `weights` (official names), or from the official fresh
+    /// initialisation ([`initialise`]).
     pub fn new(
         gpu: &'g Gpu,
         config: Config,
@@ -159,6 +159,19 @@ impl<'g> Trainer<'g> {
             None => initialise(gpu, &graph)?,
         }
         Ok(Trainer { gpu, graph, config, options, step: 0 })
+    }
+
+    /// Loads a pretrained checkpoint over the fresh start ([`weights::load_pretrained`]:
+    /// the official `MODEL.PRETRAINED` rule), before the first step.
+    pub fn load_pretrained(
+        &mut self,
+        tensors: &[NamedTensor],
+        source: &str,
+    ) -> Result<weights::PretrainedReport> {
+        if self.step > 0 {
+            return Err(Error::Invalid(format!("{source}: a pretrained start after {} steps", self.step)));
+        }
+        weights::load_pretrained(self.gpu, &self.graph, tensors, source)
     }
 
     /// One step on `batch` samples (each `crop`-sized): forward, backward, SGD.
@@ -291,27 +304,47 @@ impl<'g> Trainer<'g> {
     }
 }
 
-/// A fresh initialisation for training from scratch (also what benchmarks run on).
+/// The modules the official `init_weights` leaves at PyTorch's default initialisation.
+pub const DEFAULT_INIT_KEYWORDS: [&str; 3] = ["cls", "aux", "ocr"];
+
+/// The official fresh start (`init_weights` of `seg_hrnet_ocr.py`; also what benchmarks run
+/// on): outside the modules named `cls`, `aux` or `ocr`, convolution weights ~ N(0, 0.001);
+/// those modules keep PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Convolution
+/// biases everywhere keep that default too; batch norm weights are 1, biases 0, running
+/// means 0 and variances 1.
 pub fn initialise(gpu: &Gpu, graph: &Graph) -> Result<()> {
     let params: Vec<(String, Vec<usize>)> =
         graph.parameters().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
+    let conv_fan_in = |prefix: &str| {
+        params
+            .iter()
+            .find(|(n, s)| n == &format!("{prefix}.weight") && s.len() == 4)
+            .map(|(_, s)| s[1] * s[2] * s[3])
+    };
     let mut rng = SplitMix::new(0x5EED);
-    for (name, shape) in params {
+    for (name, shape) in &params {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 4 {
-            let std = (2.0 / (n / shape[0]) as f32).sqrt();
-            (0..n).map(|_| std * rng.normal()).collect()
-        } else if name.ends_with(".weight") {
-            vec![1.0; n]
-        } else {
-            vec![0.0; n]
+        let (prefix, kind) = name.rsplit_once('.').unwrap_or((name, ""));
+        let head = DEFAULT_INIT_KEYWORDS.iter().any(|k| prefix.contains(k));
+        let data: Vec<f32> = match (shape.len(), kind, conv_fan_in(prefix)) {
+            (4, _, Some(fan_in)) if head => uniform(&mut rng, n, fan_in),
+            (4, _, _) => (0..n).map(|_| 0.001 * rng.normal()).collect(),
+            (_, "bias", Some(fan_in)) => uniform(&mut rng, n, fan_in),
+            (_, "weight", _) => vec![1.0; n],
+            _ => vec![0.0; n],
         };
-        graph.set(gpu, &name, &data)?;
+        graph.set(gpu, name, &data)?;
     }
     for name in graph.buffers().map(str::to_string).collect::<Vec<_>>() {
         graph.tensor(&name)?.fill(gpu, if name.ends_with("running_var") { 1.0 } else { 0.0 });
     }
     Ok(())
+}
+
+/// PyTorch's default draw for a convolution's weight and bias: U(-b, b), b = 1/sqrt(fan_in).
+fn uniform(rng: &mut SplitMix, n: usize, fan_in: usize) -> Vec<f32> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    (0..n).map(|_| rng.range(-bound, bound)).collect()
 }
 
 #[cfg(test)]

@@ -49,19 +49,7 @@ fn a_tiny_model_learns_the_procedural_scenes() {
         tuning: TuningCache::Memory,
     };
     let mut trainer = Trainer::new(gpu(), cfg, None, options).unwrap();
-    // Fresh weights: every batch-norm scale 1 (a zero scale before a ReLU would leave that
-    // path dead), biases 0, convolutions N(0, 2 / fan_in).
-    for t in trainer.weights().unwrap() {
-        if t.shape.len() == 1 && t.name.ends_with(".weight") {
-            assert!(t.data.iter().all(|&v| v == 1.0), "{} not initialised to 1", t.name);
-        } else if t.name.ends_with(".bias") || t.name.ends_with("running_mean") {
-            assert!(t.data.iter().all(|&v| v == 0.0), "{} not initialised to 0", t.name);
-        } else if t.shape.len() == 4 && t.data.len() >= 1000 {
-            let var = t.data.iter().map(|v| v * v).sum::<f32>() / t.data.len() as f32;
-            let want = 2.0 / (t.data.len() / t.shape[0]) as f32;
-            assert!((var / want - 1.0).abs() < 0.2, "{}: variance {var}, expected {want}", t.name);
-        }
-    }
+    assert_official_fresh_start(&trainer.weights().unwrap(), |_| true);
     let mut rng = SplitMix::new(11);
     let mut losses = Vec::new();
     for step in 0..40u64 {
@@ -80,6 +68,109 @@ fn a_tiny_model_learns_the_procedural_scenes() {
     eprintln!("losses {losses:?}");
     assert!(last < 0.7 * first, "loss fell only from {first} to {last}");
     assert_eq!(trainer.weights().unwrap().len(), 192 + 124);
+}
+
+/// The official fresh start (`init_weights`), on the tensors `fresh` selects: batch norm
+/// scales 1 (a zero scale before a ReLU would leave that path dead) and shifts 0;
+/// convolutions outside cls/aux/ocr N(0, 0.001); inside them, and every convolution bias,
+/// PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+fn assert_official_fresh_start(weights: &[NamedTensor], fresh: impl Fn(&str) -> bool) {
+    let fan_in = |prefix: &str| {
+        weights
+            .iter()
+            .find(|w| w.name == format!("{prefix}.weight") && w.shape.len() == 4)
+            .map(|w| w.data.len() / w.shape[0])
+    };
+    let mut checked = 0;
+    for t in weights.iter().filter(|t| fresh(&t.name)) {
+        let (prefix, kind) = t.name.rsplit_once('.').unwrap();
+        let head = ["cls", "aux", "ocr"].iter().any(|k| prefix.contains(k));
+        let var = t.data.iter().map(|v| f64::from(v * v)).sum::<f64>() / t.data.len() as f64;
+        let big = t.data.len() >= 1000;
+        match (t.shape.len(), kind, fan_in(prefix)) {
+            (4, _, Some(n)) if head => {
+                let bound = 1.0 / (n as f32).sqrt();
+                assert!(t.data.iter().all(|v| v.abs() <= bound), "{}: outside +-{bound}", t.name);
+                assert!(
+                    !big || (var * 3.0 / f64::from(bound * bound) - 1.0).abs() < 0.2,
+                    "{}: variance {var}",
+                    t.name
+                );
+            }
+            (4, _, _) => {
+                assert!(!big || (var / 1e-6 - 1.0).abs() < 0.2, "{}: variance {var}, expected 1e-6", t.name)
+            }
+            (_, "bias", Some(n)) => {
+                let bound = 1.0 / (n as f32).sqrt();
+                assert!(t.data.iter().all(|v| v.abs() <= bound) && var > 0.0, "{}: not U(+-{bound})", t.name);
+            }
+            (_, "weight", _) => assert!(t.data.iter().all(|&v| v == 1.0), "{} not initialised to 1", t.name),
+            (_, "running_var", _) => assert!(t.data.iter().all(|&v| v == 1.0), "{} not 1", t.name),
+            _ => assert!(t.data.iter().all(|&v| v == 0.0), "{} not initialised to 0", t.name),
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no fresh tensor checked");
+}
+
+/// A pretrained start as the official `MODEL.PRETRAINED` (`init_weights`): from a file built
+/// by PyTorch (`tools/reference/make_pretrained_fixture.py`, legacy and zip formats) every
+/// backbone tensor lands exactly, `last_layer.0` / `.1` in `aux_head`, the classifier's
+/// own tensors are skipped, and the rest of the head keeps the official fresh start. A
+/// tensor of the model's name with another shape is refused, naming it.
+#[test]
+fn a_pretrained_backbone_lands_and_the_head_starts_fresh() {
+    let cfg = Config::load(&fixture_path("micro_ocr.yaml")).unwrap();
+    let options = TrainOptions {
+        batch: 2,
+        crop: [64, 64],
+        max_iter: 1,
+        extra: None,
+        dropout: 0.05,
+        head_keywords: Vec::new(),
+        head_lr_mult: 1.0,
+        tuning: TuningCache::Memory,
+    };
+    let mut loaded = Vec::new();
+    for file in ["micro_pretrained_legacy.pth", "micro_pretrained_zip.pth"] {
+        let path = std::path::PathBuf::from(fixture_path(file));
+        let file_tensors = weights::read(&path).unwrap();
+        let mut trainer = Trainer::new(gpu(), cfg.clone(), None, options.clone()).unwrap();
+        let report = trainer.load_pretrained(&file_tensors, file).unwrap();
+        let got = trainer.weights().unwrap();
+        let in_file =
+            |name: &str| file_tensors.iter().find(|t| t.name.replace("last_layer", "aux_head") == name);
+        for t in &got {
+            if let Some(want) = in_file(&t.name) {
+                assert_eq!(t.data, want.data, "{file}: {}", t.name);
+            }
+        }
+        let backbone =
+            got.iter().filter(|t| !["cls", "aux", "ocr"].iter().any(|k| t.name.contains(k))).count();
+        assert!(
+            got.iter().filter(|t| in_file(&t.name).is_some()).count() == backbone + 6,
+            "{file}: {report}"
+        );
+        assert_eq!(report.loaded, backbone + 6, "{file}: {report}");
+        assert_eq!(report.skipped.len(), 5, "{file}: {report}");
+        assert!(
+            report
+                .skipped
+                .iter()
+                .all(|n| ["incre", "downsamp", "final", "classifier"].iter().any(|p| n.starts_with(p))),
+            "{report}"
+        );
+        assert_eq!(report.fresh.len(), got.len() - report.loaded, "{file}: {report}");
+        assert_official_fresh_start(&got, |name| report.fresh.iter().any(|f| f == name));
+        loaded.push(got);
+    }
+    assert_eq!(loaded[0], loaded[1], "the legacy and zip files load alike");
+    let mut bad = weights::read(std::path::Path::new(&fixture_path("micro_pretrained_zip.pth"))).unwrap();
+    let conv = bad.iter_mut().find(|t| t.name == "conv2.weight").unwrap();
+    conv.shape = vec![64, 64, 9, 1];
+    let mut trainer = Trainer::new(gpu(), cfg, None, options).unwrap();
+    let e = trainer.load_pretrained(&bad, "bad.pth").unwrap_err().to_string();
+    assert!(e.contains("bad.pth") && e.contains("conv2.weight") && e.contains("[64, 64, 3, 3]"), "{e}");
 }
 
 #[test]

@@ -30,9 +30,13 @@ pub struct TrainArgs {
     /// Continue the run that wrote this checkpoint, exactly as it would have gone on
     #[arg(long, value_name = "CKPT")]
     resume: Option<PathBuf>,
-    /// Start from these weights instead of a fresh initialisation
-    #[arg(long, value_name = "W", conflicts_with = "resume")]
+    /// Start from these weights (every tensor of the model) instead of a fresh initialisation
+    #[arg(long, value_name = "W", conflicts_with_all = ["resume", "pretrained"])]
     weights: Option<PathBuf>,
+    /// Start from the official initialisation with the tensors of this checkpoint that the
+    /// model has (an ImageNet-pretrained HRNet) [default: MODEL.PRETRAINED]
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    pretrained: Option<PathBuf>,
     /// Steps of the run (the poly schedule's max_iter) [default: TRAIN.END_EPOCH epochs of
     /// the training list; 1000 for the procedural scenes]
     #[arg(long)]
@@ -160,7 +164,12 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         Some(c) => Trainer::resume(&gpu, cfg.clone(), c, options)?,
         None => {
             let initial = args.weights.as_deref().map(weights::read).transpose()?;
-            Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?
+            let mut trainer = Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?;
+            if let Some(path) = pretrained_path(args, &cfg)? {
+                let report = trainer.load_pretrained(&weights::read(&path)?, &path.display().to_string())?;
+                println!("pretrained start from {}: {report}", path.display());
+            }
+            trainer
         }
     };
     let recipe = s.augment(&cfg)?;
@@ -225,6 +234,28 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The pretrained checkpoint of a new run without `--weights`: `--pretrained`, else the
+/// YAML's `MODEL.PRETRAINED` (relative to the working folder, as the official scripts run
+/// from the repository's root), which must exist as the official code requires.
+fn pretrained_path(args: &TrainArgs, cfg: &Config) -> Result<Option<PathBuf>> {
+    if args.weights.is_some() {
+        return Ok(None);
+    }
+    let Some(path) = args.pretrained.clone().or_else(|| cfg.train.pretrained.as_ref().map(PathBuf::from))
+    else {
+        return Ok(None);
+    };
+    if !path.is_file() {
+        let from = if args.pretrained.is_some() { "--pretrained" } else { "MODEL.PRETRAINED" };
+        return Err(Error::Invalid(format!(
+            "{from}: no such file {} (the ImageNet-pretrained HRNet the run starts from; give \
+             --pretrained FILE, or --weights W to start from a whole model)",
+            path.display()
+        )));
+    }
+    Ok(Some(path))
 }
 
 /// The `DATASET.EXTRA_TRAIN_SET` list of a run with `TRAIN.EXTRA_EPOCH`s.

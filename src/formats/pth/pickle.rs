@@ -14,8 +14,13 @@ pub(super) enum Value {
     Bool(bool),
     /// Python ints up to 128 bits (the legacy magic number needs 80).
     Int(i128),
-    /// A float; no field the reader looks at is one, so its value is dropped.
+    /// A float, or a numpy scalar (a training checkpoint's `best_mIoU`); no field the
+    /// reader looks at is one, so its value is dropped.
     Float,
+    /// A bytes object (a numpy scalar's raw value); dropped likewise.
+    Bytes,
+    /// A numpy dtype, by its code (`f8`, `i8`, ...).
+    Dtype(Rc<str>),
     Str(Rc<str>),
     Global(Global),
     /// An index into [`Storages::views`].
@@ -32,6 +37,8 @@ impl Value {
             Value::Bool(b) => format!("bool {b}"),
             Value::Int(n) => format!("int {n}"),
             Value::Float => "a float".into(),
+            Value::Bytes => "bytes".into(),
+            Value::Dtype(code) => format!("numpy dtype {code:?}"),
             Value::Str(s) if s.chars().count() > 40 => {
                 format!("string {:?}...", s.chars().take(40).collect::<String>())
             }
@@ -132,7 +139,8 @@ pub(super) fn to_usize(value: &Value, what: &str) -> Parse<usize> {
 // ---------------------------------------------------------------------------------------------
 // Restricted unpickler
 
-/// The globals a state dict needs. They are interpreted here; nothing is imported or called.
+/// The globals a state dict needs, and those of the numpy scalars an official training
+/// checkpoint holds (`best_mIoU`). They are interpreted here; nothing is imported or called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Global {
     OrderedDict,
@@ -140,6 +148,12 @@ pub(super) enum Global {
     RebuildTensor,
     RebuildParameter,
     Storage(DType),
+    /// `numpy.core.multiarray.scalar(dtype, raw bytes)` (`numpy._core` in numpy 2).
+    NumpyScalar,
+    /// `numpy.dtype(code, align, copy)`.
+    NumpyDtype,
+    /// `_codecs.encode(text, 'latin1')`: how protocol 2 pickles bytes.
+    Latin1Encode,
 }
 
 impl Global {
@@ -149,6 +163,9 @@ impl Global {
             ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
             ("torch._utils", "_rebuild_tensor") => Global::RebuildTensor,
             ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
+            ("numpy.core.multiarray" | "numpy._core.multiarray", "scalar") => Global::NumpyScalar,
+            ("numpy", "dtype") => Global::NumpyDtype,
+            ("_codecs", "encode") => Global::Latin1Encode,
             ("torch", class) => match DType::from_class(class) {
                 Some(dtype) => Global::Storage(dtype),
                 None => return refuse(module, name),
@@ -165,13 +182,16 @@ impl Global {
             Global::RebuildTensor => "torch._utils._rebuild_tensor".into(),
             Global::RebuildParameter => "torch._utils._rebuild_parameter".into(),
             Global::Storage(dtype) => format!("torch.{}", dtype.class()),
+            Global::NumpyScalar => "numpy.core.multiarray.scalar".into(),
+            Global::NumpyDtype => "numpy.dtype".into(),
+            Global::Latin1Encode => "_codecs.encode".into(),
         }
     }
 }
 
 pub(super) fn refuse<T>(module: &str, name: &str) -> Parse<T> {
     bad(format!(
-        "refusing to load global `{}.{}`: only the globals of plain tensors and state dicts are allowed",
+        "refusing to load global `{}.{}`: only the globals of plain tensors, state dicts and numpy scalars are allowed",
         module.escape_debug(),
         name.escape_debug()
     ))
@@ -191,6 +211,8 @@ mod op {
     pub const BINPERSID: u8 = b'Q';
     pub const REDUCE: u8 = b'R';
     pub const BINSTRING: u8 = b'T';
+    pub const BINBYTES: u8 = b'B';
+    pub const SHORT_BINBYTES: u8 = b'C';
     pub const SHORT_BINSTRING: u8 = b'U';
     pub const BINUNICODE: u8 = b'X';
     pub const EMPTY_LIST: u8 = b']';
@@ -289,6 +311,14 @@ impl Unpickler {
             op::BINSTRING => {
                 let len = to_len(i32::from_le_bytes(cur.array()?))?;
                 self.push_str(cur.take(len)?)
+            }
+            op::SHORT_BINBYTES => {
+                let len = cur.u8()?;
+                cur.take(len.into()).and_then(|_| self.push(Value::Bytes))
+            }
+            op::BINBYTES => {
+                let len = to_len(cur.u32()?)?;
+                cur.take(len).and_then(|_| self.push(Value::Bytes))
             }
             op::BINUNICODE8 => {
                 let len = to_len(cur.u64()?)?;
@@ -500,6 +530,12 @@ impl Unpickler {
             (Global::RebuildParameter, [data, _, _]) if self.heap.tensor(data).is_some() => {
                 return Ok(data.clone())
             }
+            // Numpy scalars: their values are not needed, only that nothing else runs.
+            (Global::NumpyDtype, [Value::Str(code), _, _]) => return Ok(Value::Dtype(code.clone())),
+            (Global::Latin1Encode, [Value::Str(_), Value::Str(codec)]) if &**codec == "latin1" => {
+                return Ok(Value::Bytes)
+            }
+            (Global::NumpyScalar, [Value::Dtype(_), Value::Bytes]) => return Ok(Value::Float),
             _ => {
                 return bad(format!("unsupported call of `{}` with {} arguments", global.name(), args.len()))
             }
