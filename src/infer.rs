@@ -188,6 +188,16 @@ impl<'g> Segmenter<'g> {
         &self.config
     }
 
+    /// Replaces the weights (a training run's, between validations): the graphs already
+    /// built keep their buffers and take the new values, checked as [`weights::load_into`].
+    pub fn set_weights(&mut self, weights: Vec<NamedTensor>) -> Result<()> {
+        for graph in self.graphs.values() {
+            weights::load_into(self.gpu, graph, &weights, "the segmenter's new weights")?;
+        }
+        self.weights = weights;
+        Ok(())
+    }
+
     /// With `on`, segmentations carry their scores (`[K, H, W]`). Off (the default), a
     /// whole-image segmentation reads back only the class map, argmaxed on the device.
     pub fn keep_scores(&mut self, on: bool) {

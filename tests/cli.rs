@@ -183,7 +183,7 @@ fn train_then_eval_on_procedural_scenes() {
     ]);
     assert!(ok, "{text}");
     assert!(text.contains("step 3/3") && text.contains("images/s"), "{text}");
-    let weights = dir.join("weights.safetensors");
+    let weights = dir.join("final.safetensors");
     let (ok, text) = run(&[
         "eval",
         "--config",

@@ -4,6 +4,7 @@
 use hrnet_ocr::data::official::Official;
 use hrnet_ocr::data::procedural::scene;
 use hrnet_ocr::images::{self, LabelMap};
+use hrnet_ocr::model::weights;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -188,7 +189,7 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     args.extend(["--out", s(&parts), "--stop-after", "2"]);
     let (ok, text) = run(&args);
     assert!(ok && text.contains("stopped after step 2"), "{text}");
-    assert!(!parts.join("weights.safetensors").exists());
+    assert!(!parts.join("final.safetensors").exists());
     let checkpoint = parts.join("checkpoint.safetensors");
     // Changing a setting of the run is refused, not silently applied.
     let (ok, text) = run(&["train", "--resume", s(&checkpoint), "--out", s(&parts), "--batch", "3"]);
@@ -198,7 +199,7 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     let (a, b) = (log_losses(&whole), log_losses(&parts));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "losses, aux and main terms and LR of every step");
-    let read = |d: &Path| std::fs::read(d.join("weights.safetensors")).unwrap();
+    let read = |d: &Path| std::fs::read(d.join("final.safetensors")).unwrap();
     assert!(read(&whole) == read(&parts), "the final weights are identical");
 }
 
@@ -419,7 +420,7 @@ fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
     let (ok, text) = run(&[&args[..], &["--steps", "2", "--batch", "2", "--crop", "32"]].concat());
     assert!(ok, "{text}");
     assert_eq!(log_losses(&out).len(), 2);
-    let weights = out.join("weights.safetensors");
+    let weights = out.join("final.safetensors");
     let (ok, text) = run(&["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)]);
     assert!(
         ok && text.contains("mIoU") && text.contains("mean accuracy") && text.contains("1 images"),
@@ -495,7 +496,27 @@ fn cityscapes_lists_train_evaluate_and_save_official_predictions() {
     let args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)];
     let (ok, text) = run(&[&args[..], &["--steps", "1", "--batch", "2", "--crop", "32"]].concat());
     assert!(ok, "{text}");
-    let weights = out.join("weights.safetensors");
+    // Validation as the official run, after each epoch (here one step of the two train
+    // images): the val list scored, logged, and a first score above 0 kept as the best weights.
+    assert!(text.contains("validation at step 1: mIoU"), "{text}");
+    let val_log = std::fs::read_to_string(out.join("val_log.csv")).unwrap();
+    assert_eq!(val_log.lines().count(), 2, "{val_log}");
+    assert!(val_log.lines().nth(1).unwrap().starts_with("1,"), "{val_log}");
+    // As official, a score must beat the best so far, which starts at 0.
+    let miou: f64 = val_log.lines().nth(1).unwrap().split(',').nth(1).unwrap().parse().unwrap();
+    if miou > 0.0 {
+        let best = weights::read(&out.join("best.safetensors")).unwrap();
+        assert_eq!(best, weights::read(&out.join("final.safetensors")).unwrap());
+    } else {
+        assert!(!out.join("best.safetensors").exists());
+    }
+    let quiet = root.join("quiet");
+    let quiet_args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&quiet)];
+    let (ok, text) =
+        run(&[&quiet_args[..], &["--steps", "1", "--batch", "2", "--crop", "32", "--eval-every", "0"]]
+            .concat());
+    assert!(ok && !text.contains("validation") && !quiet.join("best.safetensors").exists(), "{text}");
+    let weights = out.join("final.safetensors");
     let preds = root.join("preds");
     let eval = ["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)];
     let (ok, text) = run(&[&eval[..], &["--save-pred", s(&preds)]].concat());
@@ -577,7 +598,7 @@ fn pascal_context_ade20k_and_coco_stuff_train_and_evaluate_from_their_yaml() {
         let (ok, text) = run(&["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)]);
         assert!(ok && text.contains("of 2: batch 2 of 24x24 crops"), "{folder}: {text}");
         assert_eq!(log_losses(&out).len(), 2, "{folder}");
-        let weights = out.join("weights.safetensors");
+        let weights = out.join("final.safetensors");
         let (ok, text) = run(&["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)]);
         assert!(
             ok && text.contains("mIoU") && text.contains("3 images, ") && text.contains("official"),

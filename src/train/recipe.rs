@@ -44,6 +44,8 @@ pub struct RunSettings {
     /// `head_lr_mult` (`TRAIN.NONBACKBONE_MULT`) times the rate.
     pub head_keywords: Vec<String>,
     pub head_lr_mult: f32,
+    /// Validate every this many steps (0: never); none: every epoch, as the official run.
+    pub eval_every: Option<usize>,
 }
 
 impl Default for RunSettings {
@@ -61,6 +63,7 @@ impl Default for RunSettings {
             seed: 1,
             head_keywords: HEAD_KEYWORDS.map(String::from).to_vec(),
             head_lr_mult: 1.0,
+            eval_every: None,
         }
     }
 }
@@ -85,6 +88,7 @@ impl RunSettings {
             ("seed", self.seed.to_string()),
             ("head_keywords", self.head_keywords.join(",")),
             ("head_lr_mult", self.head_lr_mult.to_string()),
+            ("eval_every", self.eval_every.map_or("epoch".into(), |n| n.to_string())),
         ]
     }
 
@@ -114,6 +118,11 @@ impl RunSettings {
             seed: parse(notes, "seed", self.seed)?,
             head_keywords: keywords,
             head_lr_mult: parse(notes, "head_lr_mult", self.head_lr_mult)?,
+            eval_every: match notes.get("eval_every").map(String::as_str) {
+                None => self.eval_every,
+                Some("epoch") => None,
+                Some(n) => Some(n.parse().map_err(|_| invalid("eval_every", n))?),
+            },
         })
     }
 
@@ -268,7 +277,13 @@ mod tests {
 
     #[test]
     fn settings_survive_their_notes_and_bad_text_is_named() {
-        let s = RunSettings { crop: [48, 96], seed: 7, head_lr_mult: 10.0, ..RunSettings::default() };
+        let s = RunSettings {
+            crop: [48, 96],
+            seed: 7,
+            head_lr_mult: 10.0,
+            eval_every: Some(5),
+            ..RunSettings::default()
+        };
         let notes: HashMap<String, String> = s.to_notes().into_iter().map(|(k, v)| (k.into(), v)).collect();
         assert_eq!(RunSettings::from_notes(&notes).unwrap(), s);
         assert_eq!(RunSettings::from_notes(&HashMap::new()).unwrap(), RunSettings::default());

@@ -6,6 +6,8 @@ use crate::{model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::Batches;
 use hrnet_ocr::data::Dataset;
+use hrnet_ocr::eval::{Evaluation, Scores};
+use hrnet_ocr::infer::{OfficialTest, Segmenter, Strategy};
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights;
 use hrnet_ocr::model::Config;
@@ -13,6 +15,7 @@ use hrnet_ocr::train::recipe::{RunSettings, SYNTHETIC_STEPS};
 use hrnet_ocr::train::{Checkpoint, Trainer};
 use hrnet_ocr::{Error, Gpu, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,7 +27,8 @@ pub struct TrainArgs {
     config: Option<String>,
     #[command(flatten)]
     data: DataArgs,
-    /// Output folder: checkpoint.safetensors, weights.safetensors and train_log.csv
+    /// Output folder: checkpoint.safetensors, final.safetensors, best.safetensors,
+    /// train_log.csv and val_log.csv
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Continue the run that wrote this checkpoint, exactly as it would have gone on
@@ -63,6 +67,10 @@ pub struct TrainArgs {
     /// Write the checkpoint every N steps (and at the end)
     #[arg(long, default_value_t = 100)]
     save_every: usize,
+    /// Score the test set every N steps (0: never), logging mIoU and keeping the best weights
+    /// [default: every epoch, as the official run, where there is a test set]
+    #[arg(long, value_name = "N")]
+    eval_every: Option<usize>,
     /// End this invocation after step N (a later --resume goes on from there)
     #[arg(long, value_name = "N")]
     stop_after: Option<usize>,
@@ -86,6 +94,7 @@ fn given(args: &TrainArgs) -> Vec<(&'static str, String)> {
         ("size", args.size.map(size)),
         ("seed", args.seed.map(|v| v.to_string())),
         ("head_lr_mult", args.head_lr_mult.map(|v| v.to_string())),
+        ("eval_every", args.eval_every.map(|v| v.to_string())),
     ]
     .into_iter()
     .filter_map(|(key, value)| Some((key, value?)))
@@ -178,7 +187,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let batches = Batches { dataset: dataset.as_ref(), recipe, seed: s.seed, batch, classes, shuffle };
     let extra_batches = extra.as_deref().map(|dataset| Batches { dataset, ..batches.clone() });
     let first = trainer.steps();
-    let mut log = TrainLog::open(&args.out.join("train_log.csv"), first)?;
+    let mut log = CsvLog::open(&args.out.join("train_log.csv"), TRAIN_LOG_HEADER, first)?;
+    let mut validation =
+        Validation::new(&cfg, &data, &s, dataset.len(), &args.out, checkpoint.as_ref(), first)?;
     let checkpoint_path = args.out.join("checkpoint.safetensors");
     let progress = progress_bar(steps, first);
     println!(
@@ -204,7 +215,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         }
         let done = step + 1;
         let rate = ((done - first) * batch) as f64 / start.elapsed().as_secs_f64();
-        log.append(done, stats.loss, stats.aux_loss, stats.main_loss, stats.lr, rate)?;
+        let (loss, aux, main, lr) = (stats.loss, stats.aux_loss, stats.main_loss, stats.lr);
+        log.append(&format!("{done},{loss},{aux},{main},{lr},{rate:.3}"))?;
         let message = format!(
             "loss {:.4} (aux {:.4}, main {:.4})  lr {:.5}  {rate:.2} images/s",
             stats.loss, stats.aux_loss, stats.main_loss, stats.lr
@@ -216,14 +228,31 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             let eta = start.elapsed().as_secs_f64() / (done - first) as f64 * (stop - done) as f64;
             println!("step {done}/{steps}  {message}  ETA {eta:.0} s");
         }
+        if let Some(v) = validation.as_mut().filter(|v| done % v.every == 0 || done == steps) {
+            let scores = v.run(&gpu, &cfg, &trainer)?;
+            let line = format!(
+                "validation at step {done}: mIoU {:.4} (best {:.4}), pixel accuracy {:.4}, mean accuracy {:.4}",
+                scores.mean_iou, v.best, scores.pixel_accuracy, scores.mean_accuracy
+            );
+            // A hidden bar (no terminal) prints nothing of its own.
+            if progress.is_hidden() {
+                println!("{line}");
+            } else {
+                progress.println(line);
+            }
+        }
         if saving {
-            let notes = s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let mut notes: HashMap<String, String> =
+                s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            if let Some(v) = &validation {
+                notes.insert(BEST_KEY.into(), v.best.to_string());
+            }
             trainer.checkpoint(notes)?.save(&checkpoint_path)?;
         }
     }
     progress.finish_and_clear();
     if trainer.steps() == steps {
-        let path = args.out.join("weights.safetensors");
+        let path = args.out.join("final.safetensors");
         weights::write_safetensors(&path, &trainer.weights()?)?;
         println!("wrote {} after {:.0} s", path.display(), start.elapsed().as_secs_f64());
     } else {
@@ -234,6 +263,82 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+const TRAIN_LOG_HEADER: &str = "step,loss,aux_loss,main_loss,lr,images_per_second";
+/// The checkpoint note holding the best validation mIoU so far (resumed with the run).
+const BEST_KEY: &str = "best_mean_iou";
+
+/// Validation during training, as the official run after each epoch: the test set scored
+/// with the YAML's test recipe, each result a line of `val_log.csv`, the weights written
+/// to `best.safetensors` whenever the mIoU beats the best so far.
+struct Validation<'g> {
+    set: Box<dyn Dataset>,
+    strategy: Strategy,
+    segmenter: Option<Segmenter<'g>>,
+    every: usize,
+    best: f64,
+    log: CsvLog,
+    out: PathBuf,
+}
+
+impl<'g> Validation<'g> {
+    /// None when the run does not validate: `--eval-every 0`, or by default where there is
+    /// no test set (the procedural scenes, a folder without a val split). An asked-for
+    /// validation without a test set is an error.
+    fn new(
+        cfg: &Config,
+        data: &DataArgs,
+        s: &RunSettings,
+        train_images: usize,
+        out: &Path,
+        checkpoint: Option<&Checkpoint>,
+        first: usize,
+    ) -> Result<Option<Self>> {
+        let every = match s.eval_every {
+            Some(0) => return Ok(None),
+            Some(n) => n,
+            None if data.synthetic => return Ok(None),
+            None => (train_images / s.batch).max(1),
+        };
+        let test = DataArgs { list: None, ..data.clone() };
+        let set = match test.open(cfg, Set::Test, "val", 2, 20, s.size) {
+            Ok((set, _)) if set.labelled() && !set.is_empty() => set,
+            Ok(_) | Err(_) if s.eval_every.is_none() => return Ok(None),
+            Ok(_) => return Err(Error::Invalid("--eval-every: the test set has no labelled image".into())),
+            Err(e) => return Err(Error::Invalid(format!("--eval-every: no test set to score ({e})"))),
+        };
+        let strategy = OfficialTest::of(cfg, None)?.map_or(Strategy::Whole, Strategy::Official);
+        let best = checkpoint.and_then(|c| c.notes.get(BEST_KEY)).and_then(|b| b.parse().ok()).unwrap_or(0.0);
+        let log =
+            CsvLog::open(&out.join("val_log.csv"), "step,mean_iou,pixel_accuracy,mean_accuracy", first)?;
+        Ok(Some(Validation { set, strategy, segmenter: None, every, best, log, out: out.to_path_buf() }))
+    }
+
+    fn run(&mut self, gpu: &'g Gpu, cfg: &Config, trainer: &Trainer) -> Result<Scores> {
+        let weights = trainer.weights()?;
+        let segmenter = match &mut self.segmenter {
+            Some(segmenter) => {
+                segmenter.set_weights(weights.clone())?;
+                segmenter
+            }
+            None => self.segmenter.insert(Segmenter::new(gpu, cfg.clone(), weights.clone())),
+        };
+        let mut evaluation = Evaluation::new(gpu, cfg.num_classes, cfg.ignore_index())?;
+        for i in 0..self.set.len() {
+            let scene = self.set.get(i)?;
+            segmenter.evaluate(&scene.image, &self.strategy, &scene.labels, &mut evaluation)?;
+        }
+        let scores = evaluation.scores(gpu)?;
+        let step = trainer.steps();
+        let (miou, pixel, mean) = (scores.mean_iou, scores.pixel_accuracy, scores.mean_accuracy);
+        self.log.append(&format!("{step},{miou},{pixel},{mean}"))?;
+        if miou > self.best {
+            self.best = miou;
+            weights::write_safetensors(&self.out.join("best.safetensors"), &weights)?;
+        }
+        Ok(scores)
+    }
 }
 
 /// The pretrained checkpoint of a new run without `--weights`: `--pretrained`, else the
@@ -280,16 +385,15 @@ fn progress_bar(steps: usize, first: usize) -> ProgressBar {
     bar
 }
 
-/// `train_log.csv`: one line per step. A resumed run keeps the lines up to its checkpoint.
-struct TrainLog {
+/// A CSV log with one line per step it records (`train_log.csv`, `val_log.csv`). A resumed
+/// run keeps the lines up to its checkpoint.
+struct CsvLog {
     file: std::fs::File,
     path: PathBuf,
 }
 
-impl TrainLog {
-    const HEADER: &'static str = "step,loss,aux_loss,main_loss,lr,images_per_second";
-
-    fn open(path: &Path, resumed_at: usize) -> Result<Self> {
+impl CsvLog {
+    fn open(path: &Path, header: &str, resumed_at: usize) -> Result<Self> {
         let io = |source| Error::Io { path: path.display().to_string(), source };
         let kept: Vec<String> = match std::fs::read_to_string(path) {
             Ok(text) if resumed_at > 0 => text
@@ -302,18 +406,18 @@ impl TrainLog {
                 .collect(),
             _ => Vec::new(),
         };
-        let mut text = format!("{}\n", Self::HEADER);
+        let mut text = format!("{header}\n");
         for line in kept {
             text += &line;
             text.push('\n');
         }
         hrnet_ocr::fs::write_atomic(path, text.as_bytes())?;
         let file = std::fs::OpenOptions::new().append(true).open(path).map_err(io)?;
-        Ok(TrainLog { file, path: path.to_path_buf() })
+        Ok(CsvLog { file, path: path.to_path_buf() })
     }
 
-    fn append(&mut self, step: usize, loss: f32, aux: f32, main: f32, lr: f32, rate: f64) -> Result<()> {
-        writeln!(self.file, "{step},{loss},{aux},{main},{lr},{rate:.3}")
+    fn append(&mut self, line: &str) -> Result<()> {
+        writeln!(self.file, "{line}")
             .map_err(|source| Error::Io { path: self.path.display().to_string(), source })
     }
 }
