@@ -100,6 +100,19 @@ fn forward_with_dump_matches_pytorch_and_convert_round_trips() {
     for (x, y) in a.iter().zip(&b) {
         assert_eq!((&x.0, &x.1, &x.2), (&y.0, &y.1, &y.2));
     }
+    // To an official .pth (zip format, keys under `model.`, as tools/test.py reads them;
+    // tools/reference/official_pth_export.py loads it in PyTorch) and back: bit-identical.
+    let pth = scratch("final_state.pth");
+    let (ok, text) = run(&["convert", converted.to_str().unwrap(), pth.to_str().unwrap(), "--to", "pth"]);
+    assert!(ok, "{text}");
+    let keys = hrnet_ocr::formats::pth::read_pth(&pth).unwrap();
+    assert!(keys.len() == b.len() && keys.iter().all(|t| t.name.starts_with("model.")), "{}", keys[0].name);
+    let back = scratch("back.safetensors");
+    let (ok, text) = run(&["convert", pth.to_str().unwrap(), back.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(read(&back) == a, "the round trip changed the weights");
+    let (ok, text) = run(&["convert", pth.to_str().unwrap(), back.to_str().unwrap(), "--to", "onnx"]);
+    assert!(!ok && text.contains("safetensors or pth"), "{text}");
 }
 
 #[test]

@@ -50,7 +50,7 @@ enum Command {
     Forward(tensors::ForwardArgs),
     /// One training-mode forward and backward; writes the loss, outputs and gradients.
     Backward(tensors::BackwardArgs),
-    /// Converts a PyTorch checkpoint (legacy or zip .pth) to safetensors.
+    /// Converts weights: a PyTorch checkpoint (legacy or zip .pth) to safetensors, or either to an official .pth.
     Convert(tensors::ConvertArgs),
 }
 

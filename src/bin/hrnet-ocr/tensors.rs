@@ -65,8 +65,13 @@ pub struct BackwardArgs {
 pub struct ConvertArgs {
     /// A PyTorch checkpoint (.pth, legacy or zip) or safetensors file
     input: PathBuf,
-    /// The safetensors file to write, with the official names
+    /// The file to write: .safetensors with the official names, or .pth: a zip-format
+    /// PyTorch state dict with the official `model.` prefix, as the official tools/test.py
+    /// loads it (TEST.MODEL_FILE)
     output: PathBuf,
+    /// The output's format, `safetensors` or `pth` [default: by the output's extension]
+    #[arg(long, value_name = "FORMAT")]
+    to: Option<String>,
 }
 
 pub fn info() -> Result<()> {
@@ -272,7 +277,23 @@ pub fn backward(args: &BackwardArgs) -> Result<()> {
 
 pub fn convert(args: &ConvertArgs) -> Result<()> {
     let tensors = weights::read(&args.input)?;
-    weights::write_safetensors(&args.output, &tensors)?;
+    match args.to.as_deref().or(args.output.extension().and_then(|e| e.to_str())) {
+        Some("safetensors") => weights::write_safetensors(&args.output, &tensors)?,
+        Some("pth" | "pt" | "tar") => {
+            // The official test script keeps `k[6:]` of every key: the `model.` of its FullModel.
+            let prefixed: Vec<_> = tensors
+                .iter()
+                .map(|t| weights::NamedTensor { name: format!("model.{}", t.name), ..t.clone() })
+                .collect();
+            hrnet_ocr::formats::pth::write_pth(&args.output, &prefixed)?
+        }
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: the output format must be safetensors or pth (--to, or the extension)",
+                args.output.display()
+            )))
+        }
+    }
     println!("wrote {} tensors to {}", tensors.len(), args.output.display());
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Reads PyTorch checkpoints (`torch.save` files) without PyTorch and without running any code.
+//! Reads PyTorch checkpoints (`torch.save` files) without PyTorch and without running any code,
+//! and writes state dicts in the zip format ([`write_pth`]).
 //!
 //! `torch.save` has two container formats:
 //! * **legacy** (torch < 1.6, or `_use_new_zipfile_serialization=False`): five pickles in a row
@@ -29,9 +30,11 @@ use crate::{Error, Result};
 
 mod pickle;
 mod torch;
+mod write;
 mod zip;
 
 use torch::*;
+pub use write::write_pth;
 use zip::*;
 
 /// One tensor of a checkpoint, converted to f32, row-major (contiguous) in `shape` order.
