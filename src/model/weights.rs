@@ -27,7 +27,12 @@ pub fn read(path: &Path) -> Result<Vec<NamedTensor>> {
         Some("pth" | "pt" | "tar") => pth::read_pth(path)?,
         _ => return Err(Error::Format { path: shown, what: "expected a .safetensors or .pth file".into() }),
     };
-    Ok(tensors.into_iter().filter_map(normalise).collect())
+    Ok(normalised(tensors))
+}
+
+/// Tensors as a checkpoint holds them, named as the model's ([`read`]'s rule).
+pub fn normalised(tensors: Vec<NamedTensor>) -> Vec<NamedTensor> {
+    tensors.into_iter().filter_map(normalise).collect()
 }
 
 /// Strips wrapper prefixes and drops what a model does not hold.

@@ -118,6 +118,68 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// An official `checkpoint.pth.tar` as a checkpoint of this engine: its weights, its
+    /// momentum buffers named by the official parameter order (the state dict's order; with
+    /// two groups, those not named by `keywords` (`NONBACKBONE_KEYWORDS`) first, as
+    /// `tools/train.py` builds them), and `epoch * steps_per_epoch` steps taken.
+    pub fn from_official(
+        state: Vec<NamedTensor>,
+        training: crate::formats::pth::OfficialTraining,
+        keywords: &[String],
+        steps_per_epoch: usize,
+        notes: HashMap<String, String>,
+    ) -> Result<Self> {
+        let weights = weights::normalised(state);
+        let params: Vec<&NamedTensor> = weights
+            .iter()
+            .filter(|t| !t.name.ends_with("running_mean") && !t.name.ends_with("running_var"))
+            .collect();
+        let head = |t: &&NamedTensor| keywords.iter().any(|k| t.name.contains(k.as_str()));
+        let order: Vec<&NamedTensor> = match training.groups.len() {
+            1 => params.clone(),
+            2 if !keywords.is_empty() => {
+                params.iter().copied().filter(|t| !head(t)).chain(params.iter().copied().filter(head)).collect()
+            }
+            n => {
+                return Err(Error::Invalid(format!(
+                    "the checkpoint's optimizer has {n} parameter groups; with NONBACKBONE_KEYWORDS {keywords:?} \
+                     the official run has {}",
+                    if keywords.is_empty() { 1 } else { 2 }
+                )))
+            }
+        };
+        let sizes: Vec<usize> = training.groups.iter().map(Vec::len).collect();
+        let heads = params.iter().filter(|t| head(t)).count();
+        let expected = if sizes.len() == 2 { vec![order.len() - heads, heads] } else { vec![order.len()] };
+        let consecutive = training.groups.concat() == (0..order.len()).collect::<Vec<_>>();
+        if sizes != expected || !consecutive {
+            return Err(Error::Invalid(format!(
+                "the checkpoint's parameter groups hold {sizes:?} parameters; its state dict and \
+                 NONBACKBONE_KEYWORDS {keywords:?} give {expected:?}"
+            )));
+        }
+        let momentum = training
+            .momentum
+            .into_iter()
+            .map(|(index, buffer)| {
+                let param = order.get(index).ok_or_else(|| {
+                    Error::Invalid(format!("momentum buffer {index} of {} parameters", order.len()))
+                })?;
+                if buffer.shape != param.shape {
+                    return Err(Error::Shape {
+                        what: format!("momentum buffer {index} ({})", param.name),
+                        expected: format!("{:?}", param.shape),
+                        actual: format!("{:?}", buffer.shape),
+                    });
+                }
+                Ok(NamedTensor { name: param.name.clone(), ..buffer })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Checkpoint { weights, momentum, steps: training.epoch * steps_per_epoch, notes })
+    }
+}
+
 /// A model being trained: its training graph, optimizer state and step count.
 pub struct Trainer<'g> {
     gpu: &'g Gpu,

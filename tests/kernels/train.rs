@@ -305,3 +305,49 @@ fn a_training_step_is_one_command_buffer() {
     graph.forward(&gpu).unwrap();
     assert_eq!(gpu.submissions() - before, 1);
 }
+
+/// An official `checkpoint.pth.tar` resumes: its weights, and its SGD momentum buffers
+/// named by the official parameter order (the optimizer's two groups, backbone then the
+/// `NONBACKBONE_KEYWORDS` parameters); every buffer lands on its parameter (each one's sum
+/// and sum of squares, written by PyTorch by name, match), and the run goes on from
+/// `epoch` epochs of steps.
+#[test]
+fn an_official_training_checkpoint_resumes_with_its_momentum() {
+    let path = std::path::PathBuf::from(fixture_path("micro_checkpoint.pth.tar"));
+    let (state, training) = hrnet_ocr::formats::pth::read_official_training(&path).unwrap();
+    assert_eq!((training.epoch, training.groups.len(), training.momentum.len()), (3, 2, 192));
+    let keywords: Vec<String> = ["cls", "aux", "ocr"].map(String::from).to_vec();
+    let checkpoint =
+        Checkpoint::from_official(state.clone(), training.clone(), &keywords, 5, Default::default()).unwrap();
+    assert_eq!(checkpoint.steps, 15);
+    let prints =
+        weights::read(std::path::Path::new(&fixture_path("micro_checkpoint_momentum.safetensors"))).unwrap();
+    assert_eq!(prints.len(), checkpoint.momentum.len());
+    for m in &checkpoint.momentum {
+        let want = &prints.iter().find(|p| p.name == m.name).unwrap_or_else(|| panic!("{}", m.name)).data;
+        let sum: f64 = m.data.iter().map(|&v| f64::from(v)).sum();
+        let squares: f64 = m.data.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let close = |a: f64, b: f32| (a - f64::from(b)).abs() <= 1e-5 * (a.abs() + 1e-6);
+        assert!(
+            close(sum, want[0]) && close(squares, want[1]),
+            "{}: ({sum}, {squares}) against {want:?}",
+            m.name
+        );
+    }
+    let cfg = Config::load(&fixture_path("micro_ocr.yaml")).unwrap();
+    let options = TrainOptions {
+        batch: 2,
+        crop: [64, 64],
+        max_iter: 20,
+        extra: None,
+        dropout: 0.05,
+        head_keywords: keywords.clone(),
+        head_lr_mult: 10.0,
+        tuning: TuningCache::Memory,
+    };
+    let trainer = Trainer::resume(gpu(), cfg, &checkpoint, options).unwrap();
+    assert_eq!(trainer.steps(), 15);
+    // Without the keywords the two groups cannot be told apart: refused, not guessed.
+    let e = Checkpoint::from_official(state, training, &[], 5, Default::default()).unwrap_err().to_string();
+    assert!(e.contains("2 parameter groups"), "{e}");
+}

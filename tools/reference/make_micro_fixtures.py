@@ -18,7 +18,8 @@ Also `micro_checkpoint.pth.tar` as the official `tools/train.py` saves one after
 `{'epoch', 'best_mIoU' (a numpy float64, as the official validation returns it),
 'state_dict' (the `FullModel`'s: `model.` keys), 'optimizer'}`, the optimizer an SGD with
 the official two parameter groups (`NONBACKBONE_KEYWORDS` cls, aux, ocr) after two steps,
-so that every parameter has a momentum buffer.
+so that every parameter has a momentum buffer; and `micro_checkpoint_momentum.safetensors`,
+each parameter's buffer by name as (sum, sum of squares).
 
     python3 tools/reference/make_micro_fixtures.py [--seed N]
 """
@@ -29,6 +30,7 @@ import sys
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -107,6 +109,13 @@ def write_training_checkpoint(model, path):
         "optimizer": optimizer.state_dict(),
     }, path)
     print(f"{path}: {len(full.state_dict())} state tensors, {len(optimizer.state_dict()['state'])} momentum buffers")
+    # Each parameter's momentum buffer by name, in two numbers (sum, sum of squares): what a
+    # reader that maps the optimizer's indices to names must find.
+    fingerprints = {}
+    for name, param in model.named_parameters():
+        buffer = optimizer.state[param]["momentum_buffer"].double()
+        fingerprints[name] = torch.tensor([buffer.sum(), buffer.square().sum()], dtype=torch.float64).float()
+    save_file(fingerprints, path.replace(".pth.tar", "_momentum.safetensors"))
 
 
 if __name__ == "__main__":

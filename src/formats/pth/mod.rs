@@ -60,6 +60,30 @@ pub fn parse_pth(bytes: &[u8], path: &str) -> Result<Vec<PthTensor>> {
         .map_err(|what| Error::Format { path: path.to_string(), what })
 }
 
+/// The training state of an official `checkpoint.pth.tar` (`tools/train.py` saves
+/// `{'epoch', 'best_mIoU', 'state_dict', 'optimizer'}`): epochs completed and SGD's
+/// momentum buffers, by the optimizer's parameter indices.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OfficialTraining {
+    pub epoch: usize,
+    /// Each parameter group's indices (`param_groups[g]['params']`).
+    pub groups: Vec<Vec<usize>>,
+    /// `state[index]['momentum_buffer']`, named by the index.
+    pub momentum: Vec<(usize, PthTensor)>,
+}
+
+/// Reads an official training checkpoint: the state dict's tensors (as [`read_pth`]) and the
+/// training state, which it must have.
+pub fn read_official_training(path: &Path) -> Result<(Vec<PthTensor>, OfficialTraining)> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: shown.clone(), source })?;
+    let checkpoint =
+        if bytes.starts_with(&ZIP_LOCAL) { zip_checkpoint(&bytes) } else { legacy_checkpoint(&bytes) };
+    checkpoint
+        .and_then(|c| Ok((c.tensors(bytes.len())?, c.training(bytes.len())?)))
+        .map_err(|what| Error::Format { path: shown, what })
+}
+
 /// Internal results carry only the message; `parse_pth` adds the path.
 pub(super) type Parse<T> = std::result::Result<T, String>;
 

@@ -119,6 +119,12 @@ impl Heap {
         entries.iter().rev().find(|(k, _)| matches!(k, Value::Str(s) if &**s == key)).map(|(_, v)| v)
     }
 
+    /// A list of non-negative ints of any length (an optimizer group's parameter indices).
+    pub(super) fn usizes_list(&self, value: &Value, what: &str) -> Parse<Vec<usize>> {
+        let items = self.seq(value).ok_or_else(|| format!("{what} is not a list"))?;
+        items.iter().map(|item| to_usize(item, what)).collect()
+    }
+
     /// A tuple of non-negative ints (a tensor's size or stride).
     pub(super) fn usizes(&self, value: &Value, what: &str) -> Parse<Vec<usize>> {
         let items = self.seq(value).ok_or_else(|| format!("{what} is not a tuple"))?;

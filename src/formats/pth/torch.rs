@@ -203,6 +203,42 @@ impl Checkpoint<'_> {
         Ok(out)
     }
 
+    /// `epoch` and the optimizer's groups and momentum buffers of a training checkpoint.
+    pub(super) fn training(&self, file_len: usize) -> Parse<OfficialTraining> {
+        let heap = &self.objects.heap;
+        let missing = |what: &str| format!("not an official training checkpoint: no {what}");
+        let epoch = match heap.dict_get(&self.root, "epoch") {
+            Some(Value::Int(n)) => to_len(*n)?,
+            _ => return Err(missing("epoch")),
+        };
+        let optimizer = heap.dict_get(&self.root, "optimizer").ok_or_else(|| missing("optimizer"))?;
+        let groups = heap
+            .dict_get(optimizer, "param_groups")
+            .and_then(|g| heap.seq(g))
+            .ok_or_else(|| missing("optimizer param_groups"))?
+            .iter()
+            .map(|group| {
+                let params = heap.dict_get(group, "params").ok_or_else(|| missing("params of a group"))?;
+                heap.usizes_list(params, "a group's params")
+            })
+            .collect::<Parse<Vec<_>>>()?;
+        let state = heap
+            .dict_get(optimizer, "state")
+            .and_then(|s| heap.dict(s))
+            .ok_or_else(|| missing("optimizer state"))?;
+        let mut budget = file_len.saturating_mul(OUTPUT_BYTES_PER_FILE_BYTE);
+        let mut momentum = Vec::new();
+        for (key, value) in state {
+            let index = to_usize(key, "an optimizer state key")?;
+            let buffer = heap.dict_get(value, "momentum_buffer").and_then(|b| heap.tensor(b));
+            let Some(view) = buffer else { continue };
+            let name = format!("momentum_buffer {index}");
+            momentum
+                .push((index, self.tensor(&name, view, &mut budget).map_err(|e| format!("{name}: {e}"))?));
+        }
+        Ok(OfficialTraining { epoch, groups, momentum })
+    }
+
     pub(super) fn tensor(&self, name: &str, view: &TensorView, budget: &mut usize) -> Parse<PthTensor> {
         let numel = view.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or("size overflows")?;
         let cost = numel.checked_mul(4).and_then(|bytes| bytes.checked_add(name.len()));
