@@ -659,3 +659,44 @@ fn a_run_starts_from_its_pretrained_file() {
     let (ok, text) = run(&[&args[..], &["--pretrained", &fixture("tiny_legacy.pth")]].concat());
     assert!(ok && text.contains("tiny_legacy.pth: 316 tensors loaded"), "{text}");
 }
+
+/// `--resume` of an official `checkpoint.pth.tar` (written by PyTorch: weights, SGD momentum
+/// in two parameter groups, epoch 3, a numpy `best_mIoU`) goes on from its epoch with this
+/// run's settings: here 4 images in batches of 2, so from step 6.
+#[test]
+fn an_official_checkpoint_resumes_from_its_epoch() {
+    let root = scratch("official-resume");
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    std::fs::create_dir_all(root.join("masks")).unwrap();
+    for i in 0..4 {
+        let sc = scene(13, i, 40, 40);
+        images::write_rgb(&root.join(format!("images/{i}.png")), &sc.image).unwrap();
+        let map = LabelMap { width: 40, height: 40, labels: sc.labels.iter().map(|l| l % 3).collect() };
+        images::write_labels(&root.join(format!("masks/{i}.png")), &map).unwrap();
+    }
+    let micro = fixture("micro_ocr.yaml");
+    let keywords = "TRAIN:\n  NONBACKBONE_KEYWORDS: ['cls', 'aux', 'ocr']\n";
+    let config = root.join("micro.yaml");
+    let yaml = std::fs::read_to_string(&micro).unwrap().replace("TRAIN:\n", keywords);
+    std::fs::write(&config, yaml).unwrap();
+    let out = root.join("run");
+    let args = [
+        "train",
+        "--config",
+        s(&config),
+        "--data",
+        s(&root),
+        "--out",
+        s(&out),
+        "--resume",
+        &fixture("micro_checkpoint.pth.tar"),
+    ];
+    let (ok, text) =
+        run(&[&args[..], &["--steps", "7", "--batch", "2", "--crop", "32", "--eval-every", "0"]].concat());
+    assert!(ok && text.contains("after epoch 3: step 6") && text.contains("from step 6 to 7"), "{text}");
+    assert_eq!(log_losses(&out).iter().map(|(step, _)| *step).collect::<Vec<_>>(), [7]);
+    // The official run's two groups need its keywords to be told apart.
+    std::fs::write(&config, std::fs::read_to_string(&micro).unwrap()).unwrap();
+    let (ok, text) = run(&[&args[..], &["--steps", "7", "--batch", "2", "--crop", "32"]].concat());
+    assert!(!ok && text.contains("2 parameter groups"), "{text}");
+}

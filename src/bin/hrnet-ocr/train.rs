@@ -7,6 +7,7 @@ use clap::Args;
 use hrnet_ocr::data::augment::Batches;
 use hrnet_ocr::data::Dataset;
 use hrnet_ocr::eval::{Evaluation, Scores};
+use hrnet_ocr::formats::pth::read_official_training;
 use hrnet_ocr::infer::{OfficialTest, Segmenter, Strategy};
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights;
@@ -31,7 +32,8 @@ pub struct TrainArgs {
     /// train_log.csv and val_log.csv
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Continue the run that wrote this checkpoint, exactly as it would have gone on
+    /// Continue the run that wrote this checkpoint, exactly as it would have gone on; or an
+    /// official checkpoint.pth.tar (weights, SGD momentum, epoch) with this run's settings
     #[arg(long, value_name = "CKPT")]
     resume: Option<PathBuf>,
     /// Start from these weights (every tensor of the model) instead of a fresh initialisation
@@ -135,7 +137,11 @@ fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<(RunSett
 }
 
 pub fn train(args: &TrainArgs) -> Result<()> {
-    let checkpoint = args.resume.as_deref().map(Checkpoint::load).transpose()?;
+    // An official checkpoint.pth.tar goes on with this run's settings (it stores none).
+    let official =
+        args.resume.as_deref().filter(|p| is_pytorch(p)).map(read_official_training).transpose()?;
+    let mut checkpoint =
+        args.resume.as_deref().filter(|p| !is_pytorch(p)).map(Checkpoint::load).transpose()?;
     if checkpoint.is_none() && args.data.data.is_none() && !args.data.synthetic {
         return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
     }
@@ -163,6 +169,12 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let extra = extra_dataset(&cfg, &data, &s)?;
     let s = s.with_epochs(&cfg, dataset.len(), extra.as_ref().map(|d| d.len()))?;
+    if let Some((state, training)) = official {
+        let (epoch, per_epoch) = (training.epoch, (dataset.len() / s.batch).max(1));
+        let notes = s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        checkpoint = Some(Checkpoint::from_official(state, training, &s.head_keywords, per_epoch, notes)?);
+        println!("resuming the official checkpoint after epoch {epoch}: step {}", epoch * per_epoch);
+    }
     let (steps, batch, crop) = (s.total_steps(), s.batch, s.crop);
     let options = s.options(&cfg, TuningCache::from_env());
     let stop = args.stop_after.unwrap_or(steps).min(steps);
@@ -339,6 +351,11 @@ impl<'g> Validation<'g> {
         }
         Ok(scores)
     }
+}
+
+/// Whether `path` names a PyTorch file (an official `checkpoint.pth.tar`) by its extension.
+fn is_pytorch(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "tar"))
 }
 
 /// The pretrained checkpoint of a new run without `--weights`: `--pretrained`, else the
