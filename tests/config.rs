@@ -242,3 +242,16 @@ fn every_training_key_of_the_yaml_changes_the_recipe() {
         RunSettings::from_config("keys.yaml", &base).with_epochs(&base, 31, None).unwrap_err().to_string();
     assert!(e.contains("31 images") && e.contains("batch of 32"), "{e}");
 }
+
+/// The reduced experiment of the README (`configs/procedural_cityscapes_w18_small.yaml`) is
+/// the official Cityscapes one with the W18-small-v2 backbone and lavapipe-sized data.
+#[test]
+fn the_reduced_cityscapes_experiment_is_the_official_one_at_w18_small() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/procedural_cityscapes_w18_small.yaml");
+    let c = Config::load(path).unwrap();
+    assert_eq!(c.stages, Config::preset("w18-small-v2").unwrap().stages);
+    assert_eq!((c.mid_channels, c.key_channels, c.num_classes), (512, 256, 19));
+    assert_eq!(c.dataset.name.as_deref(), Some("cityscapes"));
+    assert_eq!((c.train.batch_size_per_gpu, c.train.end_epoch, c.dataset.train_crop), (4, 6, [64, 128]));
+    assert_eq!((c.lr, c.weight_decay, c.class_weights.is_some()), (0.01, 5e-4, true));
+}

@@ -10,6 +10,26 @@ use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{Checkpoint, TrainOptions, Trainer};
 
+/// A run's options: official dropout, no extra phase, tuning kept in memory.
+fn options(
+    batch: usize,
+    crop: [usize; 2],
+    max_iter: usize,
+    head: &[&str],
+    head_lr_mult: f32,
+) -> TrainOptions {
+    TrainOptions {
+        batch,
+        crop,
+        max_iter,
+        extra: None,
+        dropout: 0.05,
+        head_keywords: head.iter().map(|k| k.to_string()).collect(),
+        head_lr_mult,
+        tuning: TuningCache::Memory,
+    }
+}
+
 fn recipe(crop: [usize; 2]) -> Augment {
     Augment::official(crop, 255)
 }
@@ -38,16 +58,7 @@ fn augmentation_is_deterministic_and_labels_stay_valid() {
 fn a_tiny_model_learns_the_procedural_scenes() {
     let cfg = tiny_config();
     let crop = [64, 64];
-    let options = TrainOptions {
-        batch: 2,
-        crop,
-        max_iter: 40,
-        extra: None,
-        dropout: 0.05,
-        head_keywords: vec!["cls".into(), "aux".into(), "ocr".into()],
-        head_lr_mult: 1.0,
-        tuning: TuningCache::Memory,
-    };
+    let options = options(2, crop, 40, &["cls", "aux", "ocr"], 1.0);
     let mut trainer = Trainer::new(gpu(), cfg, None, options).unwrap();
     assert_official_fresh_start(&trainer.weights().unwrap(), |_| true);
     let mut rng = SplitMix::new(11);
@@ -121,16 +132,7 @@ fn assert_official_fresh_start(weights: &[NamedTensor], fresh: impl Fn(&str) -> 
 #[test]
 fn a_pretrained_backbone_lands_and_the_head_starts_fresh() {
     let cfg = Config::load(&fixture_path("micro_ocr.yaml")).unwrap();
-    let options = TrainOptions {
-        batch: 2,
-        crop: [64, 64],
-        max_iter: 1,
-        extra: None,
-        dropout: 0.05,
-        head_keywords: Vec::new(),
-        head_lr_mult: 1.0,
-        tuning: TuningCache::Memory,
-    };
+    let options = options(2, [64, 64], 1, &[], 1.0);
     let mut loaded = Vec::new();
     for file in ["micro_pretrained_legacy.pth", "micro_pretrained_zip.pth"] {
         let path = std::path::PathBuf::from(fixture_path(file));
@@ -214,16 +216,7 @@ fn evaluation_scores_follow_the_official_formulas() {
 #[test]
 fn checkpoints_round_trip_and_resume_exactly() {
     let cfg = tiny_config();
-    let options = TrainOptions {
-        batch: 2,
-        crop: [32, 32],
-        max_iter: 3,
-        extra: None,
-        dropout: 0.05,
-        head_keywords: vec!["cls".into()],
-        head_lr_mult: 10.0,
-        tuning: TuningCache::Memory,
-    };
+    let options = options(2, [32, 32], 3, &["cls"], 10.0);
     let mut rng = Rng::new(seed("checkpoints_round_trip_and_resume_exactly"));
     let batches: Vec<Vec<Sample>> = (0..3)
         .map(|_| {
@@ -279,16 +272,7 @@ fn a_training_step_is_one_command_buffer() {
     // A device of its own: other tests submit to the shared one concurrently.
     let gpu = hrnet_ocr::Gpu::new().unwrap();
     let cfg = tiny_config();
-    let options = TrainOptions {
-        batch: 1,
-        crop: [32, 48],
-        max_iter: 10,
-        extra: None,
-        dropout: 0.05,
-        head_keywords: Vec::new(),
-        head_lr_mult: 1.0,
-        tuning: TuningCache::Memory,
-    };
+    let options = options(1, [32, 48], 10, &[], 1.0);
     let mut trainer = Trainer::new(&gpu, cfg, None, options).unwrap();
     let mut rng = Rng::new(seed("a_training_step_is_one_command_buffer"));
     let sample = Sample { planes: rng.normals(3 * 32 * 48), labels: (0..32 * 48).map(|i| i % 5).collect() };
@@ -335,16 +319,7 @@ fn an_official_training_checkpoint_resumes_with_its_momentum() {
         );
     }
     let cfg = Config::load(&fixture_path("micro_ocr.yaml")).unwrap();
-    let options = TrainOptions {
-        batch: 2,
-        crop: [64, 64],
-        max_iter: 20,
-        extra: None,
-        dropout: 0.05,
-        head_keywords: keywords.clone(),
-        head_lr_mult: 10.0,
-        tuning: TuningCache::Memory,
-    };
+    let options = options(2, [64, 64], 20, &["cls", "aux", "ocr"], 10.0);
     let trainer = Trainer::resume(gpu(), cfg, &checkpoint, options).unwrap();
     assert_eq!(trainer.steps(), 15);
     // Without the keywords the two groups cannot be told apart: refused, not guessed.
