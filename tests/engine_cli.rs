@@ -378,7 +378,8 @@ fn tune_measures_the_bundled_model_and_caches_the_choices() {
 
 /// An official layout trains and evaluates from its experiment YAML alone: LIP's lists
 /// (`image label edge` for train, `image label` for val, relative to the root) and palette
-/// labels of its 20 classes, chosen by `DATASET.DATASET: lip`, with no --list or --split.
+/// labels of its 20 classes, chosen by `DATASET.DATASET: lip`, with no flag: lists, run and
+/// test all from the YAML.
 #[test]
 fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
     let root = scratch("lip");
@@ -412,13 +413,15 @@ fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
                    TRAIN_SET: 'list/lip/trainList.txt'\n  NUM_CLASSES: 20\n";
     // The official test at the images' size, flipped (LIP's channel exchange on 20 classes).
     let test = "TEST:\n  IMAGE_SIZE:\n  - 40\n  - 40\n  BASE_SIZE: 40\n  FLIP_TEST: true\n";
+    // The run from TRAIN: two epochs of one batch of 2 (the third image dropped) at 32x32.
+    let train_keys = "TRAIN:\n  IMAGE_SIZE: [32, 32]\n  BATCH_SIZE_PER_GPU: 2\n  END_EPOCH: 2\n";
     let config = root.join("lip.yaml");
-    std::fs::write(&config, format!("{}{test}", tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset)))
-        .unwrap();
+    let yaml = tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset).replace("TRAIN:\n", train_keys);
+    std::fs::write(&config, format!("{yaml}{test}")).unwrap();
     let out = root.join("run");
     let args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)];
-    let (ok, text) = run(&[&args[..], &["--steps", "2", "--batch", "2", "--crop", "32"]].concat());
-    assert!(ok, "{text}");
+    let (ok, text) = run(&args);
+    assert!(ok && text.contains("validation at step 2"), "{text}");
     assert_eq!(log_losses(&out).len(), 2);
     let weights = out.join("final.safetensors");
     let (ok, text) = run(&["eval", "--config", s(&config), "--weights", s(&weights), "--data", s(&root)]);
@@ -489,12 +492,13 @@ fn cityscapes_lists_train_evaluate_and_save_official_predictions() {
         "DATASET:\n  DATASET: cityscapes\n  ROOT: 'data/'\n  TEST_SET: 'list/cityscapes/val.lst'\n  \
                    TRAIN_SET: 'list/cityscapes/train.lst'\n  NUM_CLASSES: 19\n";
     let test = "TEST:\n  IMAGE_SIZE:\n  - 40\n  - 40\n  BASE_SIZE: 40\n";
+    let train_keys = "TRAIN:\n  IMAGE_SIZE: [32, 32]\n  BATCH_SIZE_PER_GPU: 2\n  END_EPOCH: 1\n";
     let config = root.join("cityscapes.yaml");
-    std::fs::write(&config, format!("{}{test}", tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset)))
-        .unwrap();
+    let yaml = tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset).replace("TRAIN:\n", train_keys);
+    std::fs::write(&config, format!("{yaml}{test}")).unwrap();
     let out = root.join("run");
     let args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)];
-    let (ok, text) = run(&[&args[..], &["--steps", "1", "--batch", "2", "--crop", "32"]].concat());
+    let (ok, text) = run(&args);
     assert!(ok, "{text}");
     // Validation as the official run, after each epoch (here one step of the two train
     // images): the val list scored, logged, and a first score above 0 kept as the best weights.
