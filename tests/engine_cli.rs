@@ -176,8 +176,10 @@ fn log_losses(dir: &Path) -> Vec<(usize, String)> {
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     let (whole, parts) = (scratch("train-whole"), scratch("train-parts"));
-    let common =
-        ["train", "--config", &fixture("tiny_ocr.yaml"), "--synthetic", "--steps", "4", "--batch", "2"];
+    let yaml = whole.join("tiny.yaml");
+    let tiny = std::fs::read_to_string(fixture("tiny_ocr.yaml")).unwrap();
+    std::fs::write(&yaml, &tiny).unwrap();
+    let common = ["train", "--config", s(&yaml), "--synthetic", "--steps", "4", "--batch", "2"];
     let small = ["--size", "48", "--crop", "32", "--save-every", "1"];
     let mut args = common.to_vec();
     args.extend(small);
@@ -194,6 +196,11 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_exactly() {
     // Changing a setting of the run is refused, not silently applied.
     let (ok, text) = run(&["train", "--resume", s(&checkpoint), "--out", s(&parts), "--batch", "3"]);
     assert!(!ok && text.contains("--batch 3") && text.contains("resumed run"), "{text}");
+    // So is a YAML edited since the checkpoint (the recipe it printed is stored).
+    std::fs::write(&yaml, tiny.replace("TRAIN:\n", "TRAIN:\n  LR: 0.02\n")).unwrap();
+    let (ok, text) = run(&["train", "--resume", s(&checkpoint), "--out", s(&parts)]);
+    assert!(!ok && text.contains("recipe changed") && text.contains("LR 0.02"), "{text}");
+    std::fs::write(&yaml, &tiny).unwrap();
     let (ok, text) = run(&["train", "--resume", s(&checkpoint), "--out", s(&parts)]);
     assert!(ok, "{text}");
     let (a, b) = (log_losses(&whole), log_losses(&parts));

@@ -210,7 +210,16 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         crop[0],
         crop[1]
     );
-    println!("{}", s.describe(&cfg));
+    let recipe_text = s.describe(&cfg);
+    println!("{recipe_text}");
+    // A resumed run re-reads its YAML: one edited since would change the run silently.
+    if let Some(saved) = checkpoint.as_ref().and_then(|c| c.notes.get(RECIPE_KEY)) {
+        if *saved != recipe_text {
+            return Err(Error::Invalid(format!(
+                "the run's recipe changed since its checkpoint (was the YAML edited?)\n  then: {saved}\n  now:  {recipe_text}"
+            )));
+        }
+    }
     let start = Instant::now();
     for step in first..stop {
         let samples = match &extra_batches {
@@ -259,6 +268,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             if let Some(v) = &validation {
                 notes.insert(BEST_KEY.into(), v.best.to_string());
             }
+            notes.insert(RECIPE_KEY.into(), recipe_text.clone());
             trainer.checkpoint(notes)?.save(&checkpoint_path)?;
         }
     }
@@ -280,6 +290,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 const TRAIN_LOG_HEADER: &str = "step,loss,aux_loss,main_loss,lr,images_per_second";
 /// The checkpoint note holding the best validation mIoU so far (resumed with the run).
 const BEST_KEY: &str = "best_mean_iou";
+/// The checkpoint note holding the effective recipe as `train` printed it.
+const RECIPE_KEY: &str = "recipe";
 
 /// Validation during training, as the official run after each epoch: the test set scored
 /// with the YAML's test recipe, each result a line of `val_log.csv`, the weights written
