@@ -24,7 +24,7 @@ pub fn read(path: &Path) -> Result<Vec<NamedTensor>> {
     let shown = path.display().to_string();
     let tensors = match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => read_safetensors(path)?,
-        Some("pth" | "pt" | "tar") => pth::read_pth(path)?,
+        _ if pth::is_pytorch_file(path) => pth::read_pth(path)?,
         _ => return Err(Error::Format { path: shown, what: "expected a .safetensors or .pth file".into() }),
     };
     Ok(normalised(tensors))

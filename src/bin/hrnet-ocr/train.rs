@@ -7,7 +7,7 @@ use clap::Args;
 use hrnet_ocr::data::augment::Batches;
 use hrnet_ocr::data::Dataset;
 use hrnet_ocr::eval::{Evaluation, Scores};
-use hrnet_ocr::formats::pth::read_official_training;
+use hrnet_ocr::formats::pth::{is_pytorch_file, read_official_training};
 use hrnet_ocr::infer::{OfficialTest, Segmenter, Strategy};
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights;
@@ -139,9 +139,9 @@ fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<(RunSett
 pub fn train(args: &TrainArgs) -> Result<()> {
     // An official checkpoint.pth.tar goes on with this run's settings (it stores none).
     let official =
-        args.resume.as_deref().filter(|p| is_pytorch(p)).map(read_official_training).transpose()?;
+        args.resume.as_deref().filter(|p| is_pytorch_file(p)).map(read_official_training).transpose()?;
     let mut checkpoint =
-        args.resume.as_deref().filter(|p| !is_pytorch(p)).map(Checkpoint::load).transpose()?;
+        args.resume.as_deref().filter(|p| !is_pytorch_file(p)).map(Checkpoint::load).transpose()?;
     if checkpoint.is_none() && args.data.data.is_none() && !args.data.synthetic {
         return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
     }
@@ -169,8 +169,18 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let extra = extra_dataset(&cfg, &data, &s)?;
     let s = s.with_epochs(&cfg, dataset.len(), extra.as_ref().map(|d| d.len()))?;
+    let recipe_text = s.describe(&cfg);
+    // A resumed run re-reads its YAML: one edited since would change the run silently.
+    if let Some(saved) = checkpoint.as_ref().and_then(|c| c.notes.get(RECIPE_KEY)) {
+        if *saved != recipe_text {
+            return Err(Error::Invalid(format!(
+                "the run's recipe changed since its checkpoint (was the YAML edited?)\n  then: {saved}\n  now:  {recipe_text}"
+            )));
+        }
+    }
+    let per_epoch = (dataset.len() / s.batch).max(1);
     if let Some((state, training)) = official {
-        let (epoch, per_epoch) = (training.epoch, (dataset.len() / s.batch).max(1));
+        let epoch = training.epoch;
         let notes = s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         checkpoint = Some(Checkpoint::from_official(state, training, &s.head_keywords, per_epoch, notes)?);
         println!("resuming the official checkpoint after epoch {epoch}: step {}", epoch * per_epoch);
@@ -200,8 +210,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let extra_batches = extra.as_deref().map(|dataset| Batches { dataset, ..batches.clone() });
     let first = trainer.steps();
     let mut log = CsvLog::open(&args.out.join("train_log.csv"), TRAIN_LOG_HEADER, first)?;
-    let mut validation =
-        Validation::new(&cfg, &data, &s, dataset.len(), &args.out, checkpoint.as_ref(), first)?;
+    let mut validation = Validation::new(&cfg, &data, &s, per_epoch, &args.out, checkpoint.as_ref(), first)?;
     let checkpoint_path = args.out.join("checkpoint.safetensors");
     let progress = progress_bar(steps, first);
     println!(
@@ -210,16 +219,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         crop[0],
         crop[1]
     );
-    let recipe_text = s.describe(&cfg);
     println!("{recipe_text}");
-    // A resumed run re-reads its YAML: one edited since would change the run silently.
-    if let Some(saved) = checkpoint.as_ref().and_then(|c| c.notes.get(RECIPE_KEY)) {
-        if *saved != recipe_text {
-            return Err(Error::Invalid(format!(
-                "the run's recipe changed since its checkpoint (was the YAML edited?)\n  then: {saved}\n  now:  {recipe_text}"
-            )));
-        }
-    }
     let start = Instant::now();
     for step in first..stop {
         let samples = match &extra_batches {
@@ -314,7 +314,7 @@ impl<'g> Validation<'g> {
         cfg: &Config,
         data: &DataArgs,
         s: &RunSettings,
-        train_images: usize,
+        per_epoch: usize,
         out: &Path,
         checkpoint: Option<&Checkpoint>,
         first: usize,
@@ -323,7 +323,7 @@ impl<'g> Validation<'g> {
             Some(0) => return Ok(None),
             Some(n) => n,
             None if data.synthetic => return Ok(None),
-            None => (train_images / s.batch).max(1),
+            None => per_epoch,
         };
         let test = DataArgs { list: None, ..data.clone() };
         let set = match test.open(cfg, Set::Test, "val", 2, 20, s.size) {
@@ -363,11 +363,6 @@ impl<'g> Validation<'g> {
         }
         Ok(scores)
     }
-}
-
-/// Whether `path` names a PyTorch file (an official `checkpoint.pth.tar`) by its extension.
-fn is_pytorch(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "tar"))
 }
 
 /// The pretrained checkpoint of a new run without `--weights`: `--pretrained`, else the

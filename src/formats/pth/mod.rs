@@ -53,11 +53,24 @@ pub fn read_pth(path: &Path) -> Result<Vec<PthTensor>> {
 
 /// The same from bytes already in memory (`path` only names the source in errors).
 pub fn parse_pth(bytes: &[u8], path: &str) -> Result<Vec<PthTensor>> {
-    let checkpoint =
-        if bytes.starts_with(&ZIP_LOCAL) { zip_checkpoint(bytes) } else { legacy_checkpoint(bytes) };
-    checkpoint
+    checkpoint(bytes)
         .and_then(|checkpoint| checkpoint.tensors(bytes.len()))
         .map_err(|what| Error::Format { path: path.to_string(), what })
+}
+
+/// Whether `path` names a PyTorch file by its extension (`.pth`, `.pt`, or `.tar` as the
+/// official `checkpoint.pth.tar`).
+pub fn is_pytorch_file(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "tar"))
+}
+
+/// The saved object of either container format.
+fn checkpoint(bytes: &[u8]) -> Parse<Checkpoint<'_>> {
+    if bytes.starts_with(&ZIP_LOCAL) {
+        zip_checkpoint(bytes)
+    } else {
+        legacy_checkpoint(bytes)
+    }
 }
 
 /// The training state of an official `checkpoint.pth.tar` (`tools/train.py` saves
@@ -77,9 +90,7 @@ pub struct OfficialTraining {
 pub fn read_official_training(path: &Path) -> Result<(Vec<PthTensor>, OfficialTraining)> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: shown.clone(), source })?;
-    let checkpoint =
-        if bytes.starts_with(&ZIP_LOCAL) { zip_checkpoint(&bytes) } else { legacy_checkpoint(&bytes) };
-    checkpoint
+    checkpoint(&bytes)
         .and_then(|c| Ok((c.tensors(bytes.len())?, c.training(bytes.len())?)))
         .map_err(|what| Error::Format { path: shown, what })
 }
