@@ -40,6 +40,11 @@ fn run(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `train --config CONFIG --data ROOT --out OUT`, then `extra` flags.
+fn train_args<'a>(config: &'a Path, root: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    [&["train", "--config", s(config), "--data", s(root), "--out", s(out)][..], extra].concat()
+}
+
 /// An images/ + masks/ dataset of `count` procedural scenes of `seed`.
 fn write_folder(root: &Path, seed: u64, count: u64, size: usize) {
     std::fs::create_dir_all(root.join("images")).unwrap();
@@ -426,8 +431,7 @@ fn an_official_lip_layout_trains_and_evaluates_from_its_yaml() {
     let yaml = tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset).replace("TRAIN:\n", train_keys);
     std::fs::write(&config, format!("{yaml}{test}")).unwrap();
     let out = root.join("run");
-    let args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)];
-    let (ok, text) = run(&args);
+    let (ok, text) = run(&train_args(&config, &root, &out, &[]));
     assert!(ok && text.contains("validation at step 2"), "{text}");
     assert_eq!(log_losses(&out).len(), 2);
     let weights = out.join("final.safetensors");
@@ -504,8 +508,7 @@ fn cityscapes_lists_train_evaluate_and_save_official_predictions() {
     let yaml = tiny.replace("DATASET:\n  NUM_CLASSES: 5\n", dataset).replace("TRAIN:\n", train_keys);
     std::fs::write(&config, format!("{yaml}{test}")).unwrap();
     let out = root.join("run");
-    let args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)];
-    let (ok, text) = run(&args);
+    let (ok, text) = run(&train_args(&config, &root, &out, &[]));
     assert!(ok, "{text}");
     // Validation as the official run, after each epoch (here one step of the two train
     // images): the val list scored, logged, and a first score above 0 kept as the best weights.
@@ -522,10 +525,8 @@ fn cityscapes_lists_train_evaluate_and_save_official_predictions() {
         assert!(!out.join("best.safetensors").exists());
     }
     let quiet = root.join("quiet");
-    let quiet_args = ["train", "--config", s(&config), "--data", s(&root), "--out", s(&quiet)];
-    let (ok, text) =
-        run(&[&quiet_args[..], &["--steps", "1", "--batch", "2", "--crop", "32", "--eval-every", "0"]]
-            .concat());
+    let quiet_flags = ["--steps", "1", "--batch", "2", "--crop", "32", "--eval-every", "0"];
+    let (ok, text) = run(&train_args(&config, &root, &quiet, &quiet_flags));
     assert!(ok && !text.contains("validation") && !quiet.join("best.safetensors").exists(), "{text}");
     let weights = out.join("final.safetensors");
     let preds = root.join("preds");
@@ -606,7 +607,7 @@ fn pascal_context_ade20k_and_coco_stuff_train_and_evaluate_from_their_yaml() {
         std::fs::write(&config, format!("{yaml}{keys}")).unwrap();
         let out = root.join("run");
         // Two epochs of one batch of 2 (the third image dropped, as the official loader does).
-        let (ok, text) = run(&["train", "--config", s(&config), "--data", s(&root), "--out", s(&out)]);
+        let (ok, text) = run(&train_args(&config, &root, &out, &[]));
         assert!(ok && text.contains("of 2: batch 2 of 24x24 crops"), "{folder}: {text}");
         assert_eq!(log_losses(&out).len(), 2, "{folder}");
         let weights = out.join("final.safetensors");
@@ -639,21 +640,7 @@ fn a_run_starts_from_its_pretrained_file() {
         std::fs::write(&config, yaml).unwrap();
     };
     let out = root.join("run");
-    let args = [
-        "train",
-        "--config",
-        s(&config),
-        "--data",
-        s(&root),
-        "--out",
-        s(&out),
-        "--steps",
-        "1",
-        "--batch",
-        "2",
-        "--crop",
-        "32",
-    ];
+    let args = train_args(&config, &root, &out, &["--steps", "1", "--batch", "2", "--crop", "32"]);
     let missing = root.join("pretrained_models/hrnetv2_w48_imagenet_pretrained.pth");
     with_pretrained(s(&missing));
     let (ok, text) = run(&args);
@@ -691,17 +678,8 @@ fn an_official_checkpoint_resumes_from_its_epoch() {
     let yaml = std::fs::read_to_string(&micro).unwrap().replace("TRAIN:\n", keywords);
     std::fs::write(&config, yaml).unwrap();
     let out = root.join("run");
-    let args = [
-        "train",
-        "--config",
-        s(&config),
-        "--data",
-        s(&root),
-        "--out",
-        s(&out),
-        "--resume",
-        &fixture("micro_checkpoint.pth.tar"),
-    ];
+    let checkpoint = fixture("micro_checkpoint.pth.tar");
+    let args = train_args(&config, &root, &out, &["--resume", &checkpoint]);
     let (ok, text) =
         run(&[&args[..], &["--steps", "7", "--batch", "2", "--crop", "32", "--eval-every", "0"]].concat());
     assert!(ok && text.contains("after epoch 3: step 6") && text.contains("from step 6 to 7"), "{text}");
