@@ -63,7 +63,12 @@ pub struct Config {
     pub num_classes: usize,
     pub mid_channels: usize,
     pub key_channels: usize,
+    /// `MODEL.ALIGN_CORNERS` of every bilinear resize (always false under
+    /// [`Convention::Mmsegmentation`]).
     pub align_corners: bool,
+    /// Whose implementation the model reproduces where the official code and
+    /// mmsegmentation differ: set by the weights ([`crate::model::mmseg`]), official otherwise.
+    pub convention: Convention,
     pub ignore_label: i64,
     pub ohem: Option<OhemConfig>,
     /// Loss weights of [aux, main].
@@ -79,6 +84,30 @@ pub struct Config {
     pub dataset: DatasetKeys,
     /// The training run's keys (`TRAIN.*`, `MODEL.PRETRAINED`), official defaults where absent.
     pub train: TrainKeys,
+}
+
+/// The two implementations of HRNet-OCR whose checkpoints the engine loads. They share every
+/// layer and differ in these details, which decide the logits:
+///
+/// | | official (`seg_hrnet_ocr.py`) | mmsegmentation (`OCRNet`) |
+/// |---|---|---|
+/// | bilinear resizes | `MODEL.ALIGN_CORNERS` (true in the official files) | `align_corners=False` |
+/// | fuse-layer upsampling | straight to the branch's size | by `2^(j-i)` (`Upsample`), then to the branch's size when that differs |
+/// | `conv3x3_ocr.0`, `aux_head.0` | with bias | without (a `ConvModule` before a norm) |
+/// | dropout before the classifier | `Dropout2d(0.05)` | none (`dropout_ratio=-1`) |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convention {
+    Official,
+    Mmsegmentation,
+}
+
+impl Convention {
+    pub fn name(self) -> &'static str {
+        match self {
+            Convention::Official => "official",
+            Convention::Mmsegmentation => "mmsegmentation",
+        }
+    }
 }
 
 /// An experiment YAML's training-run keys, as the official `tools/train.py` reads them.
@@ -210,6 +239,7 @@ impl Config {
             mid_channels: 512,
             key_channels: 256,
             align_corners: true,
+            convention: Convention::Official,
             ignore_label: 255,
             ohem: None,
             balance_weights: [0.4, 1.0],
@@ -288,6 +318,7 @@ impl Config {
             mid_channels: r.positive("MODEL.OCR.MID_CHANNELS", Some(512))?,
             key_channels: r.positive("MODEL.OCR.KEY_CHANNELS", Some(256))?,
             align_corners: r.opt_bool("MODEL.ALIGN_CORNERS")?.unwrap_or(true),
+            convention: Convention::Official,
             ignore_label,
             ohem,
             balance_weights: balance,
@@ -326,6 +357,28 @@ impl Config {
     /// The ignore label as the u32 label maps hold it (-1 is `u32::MAX`: never a pixel value).
     pub fn ignore_index(&self) -> u32 {
         u32::try_from(self.ignore_label).unwrap_or(u32::MAX)
+    }
+
+    /// Follows `convention` from here on (mmsegmentation's resizes all have
+    /// `align_corners=False`).
+    pub fn follow(&mut self, convention: Convention) {
+        self.convention = convention;
+        if convention == Convention::Mmsegmentation {
+            self.align_corners = false;
+        }
+    }
+
+    /// The dropout rate before the classifier in training (`OCR_DROPOUT` officially).
+    pub fn head_dropout(&self) -> f32 {
+        match self.convention {
+            Convention::Official => crate::model::hrnet::OCR_DROPOUT,
+            Convention::Mmsegmentation => 0.0,
+        }
+    }
+
+    /// Whether the head's first convolutions (`conv3x3_ocr.0`, `aux_head.0`) have a bias.
+    pub fn head_conv_bias(&self) -> bool {
+        self.convention == Convention::Official
     }
 
     /// The backbone's output channels: the sum of stage 4's branch widths.

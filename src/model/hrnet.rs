@@ -1,7 +1,7 @@
 //! HRNet-OCR (spec sections 2 and 3) built on the executor, with the official state-dict
 //! names as parameter names.
 
-use super::config::{Block, Config};
+use super::config::{Block, Config, Convention};
 use crate::error::Result;
 use crate::graph::{GraphBuilder, LossSpec, ValueId};
 use crate::kernels::conv2d::Conv2dSpec;
@@ -137,7 +137,7 @@ impl Builder<'_> {
                     yj
                 } else if j > i {
                     let y = self.conv_bn(yj, (&q(".0".into()), &q(".1".into())), 1, ci, POINT, false)?;
-                    self.g.resize(y, size, self.cfg.align_corners)?
+                    self.upsample(y, j - i, size)?
                 } else {
                     let mut y = yj;
                     for t in 0..i - j {
@@ -158,6 +158,20 @@ impl Builder<'_> {
             fused.push(sum.expect("at least two branches"));
         }
         Ok(fused)
+    }
+
+    /// A fuse layer's upsampling of a branch `levels` below to `size`. mmsegmentation's
+    /// `Upsample` scales by `2^levels` first and its fuse then resizes to `size`, which differs
+    /// from one resize where a stride-2 convolution rounded an odd size up.
+    fn upsample(&mut self, y: ValueId, levels: usize, size: [usize; 2]) -> Result<ValueId> {
+        if self.cfg.convention == Convention::Mmsegmentation {
+            let scaled = [self.g.shape(y)[2] << levels, self.g.shape(y)[3] << levels];
+            if scaled != size {
+                let y = self.g.resize(y, scaled, false)?;
+                return self.g.resize(y, size, false);
+            }
+        }
+        self.g.resize(y, size, self.cfg.align_corners)
     }
 
     fn backbone(&mut self, input: ValueId) -> Result<ValueId> {
@@ -186,10 +200,11 @@ impl Builder<'_> {
     fn head(&mut self, feats: ValueId, dropout: f32) -> Result<ModelValues> {
         let (k, mid, key, ccat) =
             (self.cfg.num_classes, self.cfg.mid_channels, self.cfg.key_channels, self.channels(feats));
-        let f = self.g.conv2d("conv3x3_ocr.0", feats, [3, 3], mid, true, SAME3)?;
+        let bias = self.cfg.head_conv_bias();
+        let f = self.g.conv2d("conv3x3_ocr.0", feats, [3, 3], mid, bias, SAME3)?;
         let f = self.g.batch_norm("conv3x3_ocr.1", f)?;
         let f = self.g.relu(f);
-        let a = self.g.conv2d("aux_head.0", feats, [1, 1], ccat, true, POINT)?;
+        let a = self.g.conv2d("aux_head.0", feats, [1, 1], ccat, bias, POINT)?;
         let a = self.g.batch_norm("aux_head.1", a)?;
         let a = self.g.relu(a);
         let aux = self.g.conv2d("aux_head.3", a, [1, 1], k, true, POINT)?;
@@ -210,8 +225,6 @@ impl Builder<'_> {
     }
 }
 
-/// Adds HRNet-OCR to `g` reading `input` `[N, 3, H, W]`; `dropout` is the training dropout
-/// before cls_head ([`OCR_DROPOUT`] officially, 0 to leave it out).
 /// The official training loss on the model's outputs `[aux, out]`: `BALANCE_WEIGHTS[0] * L(aux) +
 /// BALANCE_WEIGHTS[1] * L(out)` with the config's ignore label and class weights, each
 /// output resized to the labels first. L is PyTorch's weighted-mean cross entropy
@@ -244,6 +257,8 @@ pub fn add_losses(
     Ok(())
 }
 
+/// Adds HRNet-OCR to `g` reading `input` `[N, 3, H, W]`; `dropout` is the training dropout
+/// before cls_head ([`Config::head_dropout`], 0 to leave it out).
 pub fn build(g: &mut GraphBuilder, cfg: &Config, input: ValueId, dropout: f32) -> Result<ModelValues> {
     let mut b = Builder { g, cfg };
     let feats = b.backbone(input)?;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod hrnet;
+pub mod mmseg;
 
 pub mod weights;
 pub mod yaml;

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::formats::pth;
 use crate::gpu::Gpu;
 use crate::graph::Graph;
+use crate::model::mmseg;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -198,7 +199,8 @@ impl std::fmt::Display for PretrainedReport {
 /// Loads a pretrained checkpoint (an ImageNet-pretrained HRNet classifier, or any model's
 /// weights) as the official `init_weights` does: `last_layer` renamed `aux_head` (and a
 /// `model.` prefix stripped, by [`read`]), then every tensor the model has by that name
-/// set and the others skipped. A tensor whose name the model has with another shape is an
+/// set and the others skipped. An mmsegmentation checkpoint's names are mapped first
+/// ([`mmseg::KEY_MAP`]); the model keeps its own convention. A tensor whose name the model has with another shape is an
 /// error naming it (the official `load_state_dict` refuses it too).
 pub fn load_pretrained(
     gpu: &Gpu,
@@ -208,8 +210,12 @@ pub fn load_pretrained(
 ) -> Result<PretrainedReport> {
     let expected = model_tensors(graph);
     let mut report = PretrainedReport { loaded: 0, skipped: Vec::new(), fresh: Vec::new() };
-    let renamed: Vec<(String, &NamedTensor)> =
-        tensors.iter().map(|t| (t.name.replace("last_layer", "aux_head"), t)).collect();
+    let mmseg = mmseg::is_mmsegmentation(tensors);
+    let official = |t: &NamedTensor| match mmseg.then(|| mmseg::official_name(&t.name)).flatten() {
+        Some(name) => name,
+        None => t.name.replace("last_layer", "aux_head"),
+    };
+    let renamed: Vec<(String, &NamedTensor)> = tensors.iter().map(|t| (official(t), t)).collect();
     for (name, t) in &renamed {
         match expected.iter().find(|(n, _)| n == name) {
             None => report.skipped.push(t.name.clone()),

@@ -8,7 +8,6 @@ use crate::data::augment::Augment;
 use crate::data::official::Official;
 use crate::error::{Error, Result};
 use crate::kernels::tuning::TuningCache;
-use crate::model::hrnet::OCR_DROPOUT;
 use crate::model::Config;
 use std::collections::HashMap;
 
@@ -165,14 +164,14 @@ impl RunSettings {
         Ok(self)
     }
 
-    /// The trainer's options: the official dropout, these sizes, keywords and schedule.
+    /// The trainer's options: the config's head dropout, these sizes, keywords and schedule.
     pub fn options(&self, cfg: &Config, tuning: TuningCache) -> TrainOptions {
         TrainOptions {
             batch: self.batch,
             crop: self.crop,
             max_iter: self.steps,
             extra: (self.extra_steps > 0).then_some((cfg.train.extra_lr, self.extra_steps)),
-            dropout: OCR_DROPOUT,
+            dropout: cfg.head_dropout(),
             head_keywords: self.head_keywords.clone(),
             head_lr_mult: self.head_lr_mult,
             tuning,

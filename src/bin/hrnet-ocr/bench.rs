@@ -13,7 +13,7 @@ use hrnet_ocr::gpu::list_adapters;
 use hrnet_ocr::graph::{GraphBuilder, Mode};
 use hrnet_ocr::kernels::conv2d::Precision;
 use hrnet_ocr::kernels::tuning::{Tuner, TuningCache};
-use hrnet_ocr::model::hrnet::{self, OCR_DROPOUT};
+use hrnet_ocr::model::hrnet;
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{initialise, TrainOptions, Trainer};
 use hrnet_ocr::{Error, Gpu, GpuOptions, Result};
@@ -463,7 +463,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
         crop: [h, w],
         max_iter: usize::MAX,
         extra: None,
-        dropout: OCR_DROPOUT,
+        dropout: cfg.head_dropout(),
         head_keywords: Vec::new(),
         head_lr_mult: 1.0,
         tuning: TuningCache::from_env(),
@@ -521,7 +521,7 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
     if args.train {
         let mut g = GraphBuilder::new();
         let x = g.input("input", &[n, 3, h, w], false);
-        let m = hrnet::build(&mut g, &cfg, x, OCR_DROPOUT)?;
+        let m = hrnet::build(&mut g, &cfg, x, cfg.head_dropout())?;
         let labels = g.labels("label", &[n, h, w]);
         hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels)?;
         g.tune(&gpu, &tuner, Mode::Train, &[m.aux, m.out])?;

@@ -2,9 +2,11 @@
 
 use crate::ModelArgs;
 use hrnet_ocr::data::procedural;
+use hrnet_ocr::model::config::Convention;
 use hrnet_ocr::model::weights::{self, NamedTensor};
-use hrnet_ocr::model::Config;
+use hrnet_ocr::model::{mmseg, Config};
 use hrnet_ocr::{Error, Result};
+use std::path::Path;
 
 /// The bundled model: a small HRNet-OCR trained on the procedural scenes (README says how).
 const BUNDLED_CONFIG: &str = include_str!("../../../models/procedural.yaml");
@@ -46,7 +48,10 @@ pub fn load(args: &ModelArgs) -> Result<(Config, Vec<NamedTensor>, bool)> {
             let weights = weights::from_safetensors_bytes(BUNDLED_WEIGHTS, BUNDLED_NAME)?;
             Ok((bundled_config()?, weights, true))
         }
-        (Some(config), Some(path)) => Ok((Config::load(config)?, weights::read(path)?, false)),
+        (Some(config), Some(path)) => {
+            let (config, weights) = config_and_weights(config, path)?;
+            Ok((config, weights, false))
+        }
         (None, Some(path)) => Err(Error::Invalid(format!(
             "--weights {} needs --config: the model those weights are for (a preset or YAML file)",
             path.display()
@@ -55,6 +60,22 @@ pub fn load(args: &ModelArgs) -> Result<(Config, Vec<NamedTensor>, bool)> {
             "--config {config} needs --weights (only the bundled model has built-in weights)"
         ))),
     }
+}
+
+/// A config and weights for it. An mmsegmentation checkpoint is renamed to the official names
+/// and the config follows mmsegmentation's conventions, which this says.
+pub fn config_and_weights(config: &str, path: &Path) -> Result<(Config, Vec<NamedTensor>)> {
+    let mut config = Config::load(config)?;
+    let weights = mmseg::adopt(&mut config, weights::read(path)?, &path.display().to_string())?;
+    if config.convention == Convention::Mmsegmentation {
+        println!(
+            "{}: an mmsegmentation OCRNet checkpoint; {} tensors renamed to the official names, and the \
+             model follows mmsegmentation (align_corners=False, fuse upsampling by Upsample, no head conv bias)",
+            path.display(),
+            weights.len()
+        );
+    }
+    Ok((config, weights))
 }
 
 /// Display names of `classes` classes: the procedural scenes' for the bundled model,

@@ -1,13 +1,14 @@
 //! `info`, `forward`, `backward` and `convert`: the commands that work on tensor files
 //! (for checking the engine against a reference) and on checkpoints.
 
+use crate::model::config_and_weights;
 use clap::Args;
 use hrnet_ocr::data::image::check_labels;
 use hrnet_ocr::gpu::{list_adapters, GpuOptions};
 use hrnet_ocr::graph::{Graph, GraphBuilder, Mode};
-use hrnet_ocr::model::hrnet::{self, OCR_DROPOUT};
 use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
+use hrnet_ocr::model::{hrnet, mmseg};
 use hrnet_ocr::{Error, Gpu, Result};
 use std::path::{Path, PathBuf};
 
@@ -153,7 +154,7 @@ fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 fn model_graph(
     gpu: &Gpu,
     cfg: &Config,
-    weights_path: &Path,
+    (weights, source): (&[NamedTensor], &Path),
     input: &[usize],
     train: Option<(&[usize], f32)>,
     report_memory: bool,
@@ -182,8 +183,7 @@ fn model_graph(
         );
     }
     let graph = g.build(gpu, mode, &outputs)?;
-    let shown = weights_path.display().to_string();
-    weights::load_into(gpu, &graph, &weights::read(weights_path)?, &shown)?;
+    weights::load_into(gpu, &graph, weights, &source.display().to_string())?;
     Ok(graph)
 }
 
@@ -199,10 +199,11 @@ fn output(gpu: &Gpu, graph: &Graph, names: &[&str]) -> Result<Vec<NamedTensor>> 
 }
 
 pub fn forward(args: &ForwardArgs) -> Result<()> {
-    let cfg = Config::load(&args.model.config)?;
+    let (cfg, tensors) = config_and_weights(&args.model.config, &args.model.weights)?;
     let (shape, data) = read_input(&args.model.input)?;
     let gpu = Gpu::new()?;
-    let graph = model_graph(&gpu, &cfg, &args.model.weights, &shape, None, args.report_memory)?;
+    let weights = (&tensors[..], args.model.weights.as_path());
+    let graph = model_graph(&gpu, &cfg, weights, &shape, None, args.report_memory)?;
     graph.set(&gpu, "input", &data)?;
     gpu.wait()?;
     let start = std::time::Instant::now();
@@ -227,7 +228,7 @@ pub fn forward(args: &ForwardArgs) -> Result<()> {
 }
 
 pub fn backward(args: &BackwardArgs) -> Result<()> {
-    let cfg = Config::load(&args.model.config)?;
+    let (cfg, tensors) = config_and_weights(&args.model.config, &args.model.weights)?;
     let (shape, data) = read_input(&args.model.input)?;
     let label_path = &args.label;
     let shown = label_path.display().to_string();
@@ -242,10 +243,16 @@ pub fn backward(args: &BackwardArgs) -> Result<()> {
     let labels: Vec<u32> = values.iter().map(|&v| if v < 0.0 { ignore } else { v as u32 }).collect();
     check_labels(&labels, cfg.num_classes, ignore)
         .map_err(|e| Error::Format { path: shown, what: e.to_string() })?;
-    let dropout = if args.no_dropout { 0.0 } else { OCR_DROPOUT };
+    let dropout = if args.no_dropout { 0.0 } else { cfg.head_dropout() };
     let gpu = Gpu::new()?;
-    let mut graph =
-        model_graph(&gpu, &cfg, &args.model.weights, &shape, Some((&label_shape, dropout)), false)?;
+    let mut graph = model_graph(
+        &gpu,
+        &cfg,
+        (&tensors, &args.model.weights),
+        &shape,
+        Some((&label_shape, dropout)),
+        false,
+    )?;
     graph.set_seed(&gpu, args.seed)?;
     graph.set(&gpu, "input", &data)?;
     graph.tensor("label")?.write_u32(&gpu, &labels)?;
@@ -279,6 +286,10 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
     let tensors = weights::read(&args.input)?;
     match args.to.as_deref().or(args.output.extension().and_then(|e| e.to_str())) {
         Some("safetensors") => weights::write_safetensors(&args.output, &tensors)?,
+        // mmsegmentation's `load_checkpoint` takes a plain state dict under its own names.
+        Some("pth" | "pt" | "tar") if mmseg::is_mmsegmentation(&tensors) => {
+            hrnet_ocr::formats::pth::write_pth(&args.output, &tensors)?
+        }
         Some("pth" | "pt" | "tar") => {
             // The official test script keeps `k[6:]` of every key: the `model.` of its FullModel.
             let prefixed: Vec<_> = tensors

@@ -10,7 +10,8 @@ use hrnet_ocr::eval::{Evaluation, Scores};
 use hrnet_ocr::formats::pth::{is_pytorch_file, read_official_training};
 use hrnet_ocr::infer::{OfficialTest, Segmenter, Strategy};
 use hrnet_ocr::kernels::tuning::TuningCache;
-use hrnet_ocr::model::weights;
+use hrnet_ocr::model::mmseg;
+use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::recipe::{RunSettings, SYNTHETIC_STEPS};
 use hrnet_ocr::train::{Checkpoint, Trainer};
@@ -194,7 +195,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let mut trainer = match &checkpoint {
         Some(c) => Trainer::resume(&gpu, cfg.clone(), c, options)?,
         None => {
-            let initial = args.weights.as_deref().map(weights::read).transpose()?;
+            let initial = args.weights.as_deref().map(initial_weights).transpose()?;
             let mut trainer = Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?;
             if let Some(path) = pretrained_path(args, &cfg)? {
                 let report = trainer.load_pretrained(&weights::read(&path)?, &path.display().to_string())?;
@@ -444,4 +445,18 @@ impl CsvLog {
         writeln!(self.file, "{line}")
             .map_err(|source| Error::Io { path: self.path.display().to_string(), source })
     }
+}
+
+/// The weights `--weights` starts from. mmsegmentation's are refused: the trainer follows the
+/// official conventions, and `--pretrained` loads them by name into that model.
+fn initial_weights(path: &Path) -> Result<Vec<NamedTensor>> {
+    let tensors = weights::read(path)?;
+    if mmseg::is_mmsegmentation(&tensors) {
+        return Err(Error::Invalid(format!(
+            "--weights {}: an mmsegmentation checkpoint; training follows the official conventions, so \
+             start from it with --pretrained (its tensors load by name, the head's conv biases fresh)",
+            path.display()
+        )));
+    }
+    Ok(tensors)
 }
