@@ -115,6 +115,59 @@ fn forward_with_dump_matches_pytorch_and_convert_round_trips() {
     assert!(!ok && text.contains("safetensors or pth"), "{text}");
 }
 
+/// An mmsegmentation OCRNet checkpoint runs as it is: `forward` says it follows
+/// mmsegmentation's conventions and matches the reference logits
+/// (`tools/reference/mmseg_ocrnet.py`); `convert` keeps its names both ways (a `.pth` as
+/// mmsegmentation's `load_checkpoint` reads one), so the converted file runs the same.
+#[test]
+fn mmsegmentation_checkpoints_run_and_convert_under_their_own_names() {
+    let want = read(Path::new(&fixture("mmseg_micro_logits.safetensors")));
+    let input = scratch("mmseg_input.safetensors");
+    let (_, shape, data) = want.iter().find(|t| t.0 == "input").unwrap().clone();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytemuck::cast_slice(&data))
+            .unwrap();
+    std::fs::write(&input, safetensors::tensor::serialize([("input", view)], None).unwrap()).unwrap();
+    let forward = |weights: &Path| {
+        let out = scratch("mmseg_out.safetensors");
+        let (ok, text) = run(&[
+            "forward",
+            "--config",
+            &fixture("micro_ocr.yaml"),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok && text.contains("mmsegmentation OCRNet checkpoint"), "{text}");
+        let got = read(&out);
+        for name in ["aux", "out"] {
+            let err = rel_l2(&tensor(&got, name), &tensor(&want, name));
+            assert!(err <= 1e-4, "{}: {name} relative L2 error {err:e}", weights.display());
+        }
+    };
+    let original = PathBuf::from(fixture("mmseg_micro_ocrnet.pth"));
+    forward(&original);
+    let converted = scratch("mmseg.safetensors");
+    let (ok, text) = run(&["convert", original.to_str().unwrap(), converted.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let pth = scratch("mmseg_back.pth");
+    let (ok, text) = run(&["convert", converted.to_str().unwrap(), pth.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let names = |tensors: Vec<hrnet_ocr::formats::pth::PthTensor>| {
+        let mut n: Vec<String> = tensors.into_iter().map(|t| t.name).collect();
+        n.retain(|n| !n.ends_with("num_batches_tracked"));
+        n.sort();
+        n
+    };
+    let original_names = names(hrnet_ocr::formats::pth::read_pth(&original).unwrap());
+    assert_eq!(names(hrnet_ocr::formats::pth::read_pth(&pth).unwrap()), original_names);
+    forward(&converted);
+    forward(&pth);
+}
+
 #[test]
 fn backward_writes_loss_gradients_and_statistics() {
     let train = fixture("tiny_train.safetensors");

@@ -660,7 +660,8 @@ fn a_run_starts_from_its_pretrained_file() {
 
 /// `--resume` of an official `checkpoint.pth.tar` (written by PyTorch: weights, SGD momentum
 /// in two parameter groups, epoch 3, a numpy `best_mIoU`) goes on from its epoch with this
-/// run's settings: here 4 images in batches of 2, so from step 6.
+/// run's settings: here 4 images in batches of 2, so from step 6. An mmsegmentation
+/// checkpoint starts a run through `--pretrained`, not `--weights`.
 #[test]
 fn an_official_checkpoint_resumes_from_its_epoch() {
     let root = scratch("official-resume");
@@ -688,4 +689,13 @@ fn an_official_checkpoint_resumes_from_its_epoch() {
     std::fs::write(&config, std::fs::read_to_string(&micro).unwrap()).unwrap();
     let (ok, text) = run(&[&args[..], &["--steps", "7", "--batch", "2", "--crop", "32"]].concat());
     assert!(!ok && text.contains("2 parameter groups"), "{text}");
+    // An mmsegmentation checkpoint starts a run as a pretrained start only: the trainer
+    // follows the official conventions.
+    let mmseg = fixture("mmseg_micro_ocrnet.pth");
+    let short = ["--steps", "1", "--batch", "2", "--crop", "32", "--eval-every", "0"];
+    let out = root.join("from-mmseg");
+    let (ok, text) = run(&[&train_args(&config, &root, &out, &["--weights", &mmseg])[..], &short].concat());
+    assert!(!ok && text.contains("mmseg_micro_ocrnet.pth") && text.contains("--pretrained"), "{text}");
+    let (ok, text) = run(&[&train_args(&config, &root, &out, &["--pretrained", &mmseg])[..], &short].concat());
+    assert!(ok && text.contains("0 in the file skipped") && text.contains("2 of the model fresh"), "{text}");
 }

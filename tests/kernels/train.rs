@@ -175,6 +175,26 @@ fn a_pretrained_backbone_lands_and_the_head_starts_fresh() {
     assert!(e.contains("bad.pth") && e.contains("conv2.weight") && e.contains("[64, 64, 3, 3]"), "{e}");
 }
 
+/// An mmsegmentation OCRNet checkpoint as a pretrained start: its tensors land by the key
+/// map's names in the official model (which keeps its conventions), every one of them
+/// exactly, and only the two head conv biases mmsegmentation has no place for stay fresh.
+#[test]
+fn an_mmsegmentation_checkpoint_is_a_pretrained_start_through_the_key_map() {
+    let cfg = Config::load(&fixture_path("micro_ocr.yaml")).unwrap();
+    let path = fixture_path("mmseg_micro_ocrnet.pth");
+    let file = weights::read(std::path::Path::new(&path)).unwrap();
+    let mut trainer = Trainer::new(gpu(), cfg, None, options(2, [64, 64], 1, &[], 1.0)).unwrap();
+    let report = trainer.load_pretrained(&file, &path).unwrap();
+    assert_eq!((report.loaded, report.skipped.len()), (file.len(), 0), "{report}");
+    assert_eq!(report.fresh, ["conv3x3_ocr.0.bias", "aux_head.0.bias"], "{report}");
+    let got = trainer.weights().unwrap();
+    for t in &file {
+        let name = hrnet_ocr::model::mmseg::official_name(&t.name).unwrap();
+        let mine = got.iter().find(|g| g.name == name).unwrap_or_else(|| panic!("{name} not in the model"));
+        assert_eq!(mine.data, t.data, "{} as {name}", t.name);
+    }
+}
+
 #[test]
 fn evaluation_scores_follow_the_official_formulas() {
     use hrnet_ocr::eval::Evaluation;
