@@ -16,7 +16,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Runs the binary; returns (success, stdout + stderr). A run that succeeds must not print a
 /// line that reads like a failure (a driver's or a library's stray `error:`).
-fn run(args: &[&str]) -> (bool, String) {
+fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hrnet-ocr")).args(args).output().expect("run hrnet-ocr");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if out.status.success() {
@@ -52,34 +52,33 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (d / n).sqrt()
 }
 
-/// Writes one tensor of the eval fixture as the CLI's `input`.
-fn write_input(case: &str, path: &Path) {
-    let eval = read(Path::new(&fixture("tiny_eval.safetensors")));
-    let (_, shape, data) = eval.iter().find(|t| t.0 == format!("{case}.input")).unwrap().clone();
+/// Writes tensor `name` of fixture `file` as the CLI's `input`.
+fn write_input(file: &str, name: &str, path: &Path) {
+    let tensors = read(Path::new(&fixture(file)));
+    let (_, shape, data) = tensors.iter().find(|t| t.0 == name).unwrap().clone();
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytemuck::cast_slice(&data))
             .unwrap();
     std::fs::write(path, safetensors::tensor::serialize([("input", view)], None).unwrap()).unwrap();
 }
 
+/// `forward --config <fixture config> --weights WEIGHTS --input INPUT --output OUT`.
+fn forward_args(config: &str, weights: &str, input: &Path, out: &Path) -> Vec<String> {
+    let [input, out] = [input, out].map(|p| p.to_str().unwrap());
+    ["forward", "--config", &fixture(config), "--weights", weights, "--input", input, "--output", out]
+        .map(str::to_string)
+        .to_vec()
+}
+
 #[test]
 fn forward_with_dump_matches_pytorch_and_convert_round_trips() {
     let input = scratch("input.safetensors");
-    write_input("b", &input);
+    write_input("tiny_eval.safetensors", "b.input", &input);
     let out = scratch("out.safetensors");
-    let (ok, text) = run(&[
-        "forward",
-        "--config",
-        &fixture("tiny_ocr.yaml"),
-        "--weights",
-        &fixture("tiny_legacy.pth"),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--dump",
-        "--report-memory",
-    ]);
+    let weights = fixture("tiny_legacy.pth");
+    let mut args = forward_args("tiny_ocr.yaml", &weights, &input, &out);
+    args.extend(["--dump", "--report-memory"].map(String::from));
+    let (ok, text) = run(&args);
     assert!(ok, "{text}");
     assert!(text.contains("MiB planned"), "{text}");
     let got = read(&out);
@@ -123,24 +122,10 @@ fn forward_with_dump_matches_pytorch_and_convert_round_trips() {
 fn mmsegmentation_checkpoints_run_and_convert_under_their_own_names() {
     let want = read(Path::new(&fixture("mmseg_micro_logits.safetensors")));
     let input = scratch("mmseg_input.safetensors");
-    let (_, shape, data) = want.iter().find(|t| t.0 == "input").unwrap().clone();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytemuck::cast_slice(&data))
-            .unwrap();
-    std::fs::write(&input, safetensors::tensor::serialize([("input", view)], None).unwrap()).unwrap();
+    write_input("mmseg_micro_logits.safetensors", "input", &input);
     let forward = |weights: &Path| {
         let out = scratch("mmseg_out.safetensors");
-        let (ok, text) = run(&[
-            "forward",
-            "--config",
-            &fixture("micro_ocr.yaml"),
-            "--weights",
-            weights.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ]);
+        let (ok, text) = run(&forward_args("micro_ocr.yaml", weights.to_str().unwrap(), &input, &out));
         assert!(ok && text.contains("mmsegmentation OCRNet checkpoint"), "{text}");
         let got = read(&out);
         for name in ["aux", "out"] {
@@ -201,7 +186,7 @@ fn backward_writes_loss_gradients_and_statistics() {
 #[test]
 fn bad_input_gives_clear_errors() {
     let input = scratch("bad_input.safetensors");
-    write_input("a", &input);
+    write_input("tiny_eval.safetensors", "a.input", &input);
     let base = ["--config", &fixture("tiny_ocr.yaml"), "--weights", &fixture("tiny_weights.safetensors")];
     let out = scratch("never.safetensors");
     // The input file holds `input`, not `label`.

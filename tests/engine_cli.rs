@@ -659,8 +659,8 @@ fn a_run_starts_from_its_pretrained_file() {
 }
 
 /// `--resume` of an official `checkpoint.pth.tar` (written by PyTorch: weights, SGD momentum
-/// in two parameter groups, epoch 3, a numpy `best_mIoU`) goes on from its epoch with this
-/// run's settings: here 4 images in batches of 2, so from step 6. An mmsegmentation
+/// in two parameter groups, epoch 3, a numpy `best_mIoU`) goes on from its epoch and best
+/// mIoU with this run's settings: here 4 images in batches of 2, so from step 6. An mmsegmentation
 /// checkpoint starts a run through `--pretrained`, not `--weights`.
 #[test]
 fn an_official_checkpoint_resumes_from_its_epoch() {
@@ -683,7 +683,8 @@ fn an_official_checkpoint_resumes_from_its_epoch() {
     let args = train_args(&config, &root, &out, &["--resume", &checkpoint]);
     let (ok, text) =
         run(&[&args[..], &["--steps", "7", "--batch", "2", "--crop", "32", "--eval-every", "0"]].concat());
-    assert!(ok && text.contains("after epoch 3: step 6") && text.contains("from step 6 to 7"), "{text}");
+    assert!(ok && text.contains("after epoch 3: step 6, best mIoU 0.4123"), "{text}");
+    assert!(text.contains("from step 6 to 7"), "{text}");
     assert_eq!(log_losses(&out).iter().map(|(step, _)| *step).collect::<Vec<_>>(), [7]);
     // The official run's two groups need its keywords to be told apart.
     std::fs::write(&config, std::fs::read_to_string(&micro).unwrap()).unwrap();
@@ -696,6 +697,7 @@ fn an_official_checkpoint_resumes_from_its_epoch() {
     let out = root.join("from-mmseg");
     let (ok, text) = run(&[&train_args(&config, &root, &out, &["--weights", &mmseg])[..], &short].concat());
     assert!(!ok && text.contains("mmseg_micro_ocrnet.pth") && text.contains("--pretrained"), "{text}");
-    let (ok, text) = run(&[&train_args(&config, &root, &out, &["--pretrained", &mmseg])[..], &short].concat());
+    let (ok, text) =
+        run(&[&train_args(&config, &root, &out, &["--pretrained", &mmseg])[..], &short].concat());
     assert!(ok && text.contains("0 in the file skipped") && text.contains("2 of the model fresh"), "{text}");
 }

@@ -190,6 +190,13 @@ impl Fixture {
         &self.entry(name).1
     }
 
+    /// The names of the float tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
     pub fn shape(&self, name: &str) -> &[usize] {
         &self.entry(name).0
     }

@@ -125,8 +125,7 @@ fn training_step_matches_pytorch_loss_logits_gradients_and_statistics() {
 /// resized to the labels) gives the official criterion's loss and gradients with respect to
 /// both outputs (`tools/reference/official_criterion.py`) within 1e-3, with class weights
 /// and without, `OHEMKEEP` below the pixel count (the threshold deciding, or the
-/// min_kept-th probability) and above it. Every parameter gradient is the model's backward
-/// of these two, checked above.
+/// min_kept-th probability) and above it. Every parameter gradient: the next test.
 #[test]
 fn ohem_training_loss_matches_the_official_criterion() {
     let gpu = gpu();
@@ -159,6 +158,63 @@ fn ohem_training_loss_matches_the_official_criterion() {
             let want = f.get(&format!("{case}.grad_{output}"));
             assert_close(&format!("{case} d loss / d {output}"), &got, want, GRAD_TOL);
         }
+    }
+}
+
+/// The same at the model level, every parameter's gradient: the micro model (random
+/// weights, training mode, dropout off) with `LOSS.USE_OHEM` against the official criterion
+/// and train loop on the reference model in float64 (`official_criterion.py --model`), the
+/// four kinds of case, the loss and each parameter gradient within 1e-3.
+#[test]
+fn ohem_parameter_gradients_match_the_official_criterion_at_the_model_level() {
+    let gpu = gpu();
+    let f = Fixture::load("model/official_ohem_micro.safetensors");
+    let weights: Vec<NamedTensor> = f
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("weights/").map(str::to_string))
+        .map(|name| {
+            let key = format!("weights/{name}");
+            NamedTensor { shape: f.shape(&key).to_vec(), data: f.get(&key).to_vec(), name }
+        })
+        .collect();
+    let shape: [usize; 4] = f.shape("input").try_into().unwrap();
+    let base = Config::load(&fixture_path("micro_ocr.yaml")).unwrap();
+    for case in ["defaults", "weighted_threshold", "min_kept", "weighted_min_kept_above"] {
+        let p = f.get(&format!("{case}.params"));
+        let mut cfg = base.clone();
+        cfg.ohem = Some(hrnet_ocr::model::config::OhemConfig { thresh: p[0], min_kept: p[1] as usize });
+        cfg.class_weights = (p[2] == 1.0).then(|| f.get(&format!("{case}.weight")).to_vec());
+        let mut g = GraphBuilder::new();
+        let x = g.input("input", &shape, false);
+        let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
+        let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
+        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
+        let graph = g.build(gpu, Mode::Train, &[m.aux, m.out]).unwrap();
+        weights::load_into(gpu, &graph, &weights, "official_ohem_micro.safetensors").unwrap();
+        graph.set(gpu, "input", f.get("input")).unwrap();
+        graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+        graph.forward(gpu).unwrap();
+        graph.backward(gpu).unwrap();
+        let loss = graph.loss(gpu).unwrap();
+        assert_close(&format!("{case} loss"), &[loss], f.get(&format!("{case}.loss")), GRAD_TOL);
+        let mut worst = (0.0, String::new());
+        for (name, _) in graph.parameters() {
+            let got = download(graph.grad(name).unwrap());
+            let want = f.get(&format!("{case}.grad/{name}"));
+            // Biases feeding a training-mode BN have a true gradient of exactly zero.
+            if name == "conv3x3_ocr.0.bias" || name == "aux_head.0.bias" {
+                let max = got.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(max <= 1e-4, "{case} {name}: gradient {max:e} should be ~0");
+                continue;
+            }
+            assert_close(&format!("{case} grad {name}"), &got, want, GRAD_TOL);
+            let err = rel_l2(&got, want);
+            if err > worst.0 {
+                worst = (err, name.to_string());
+            }
+        }
+        eprintln!("{case}: loss {loss}; worst parameter gradient {} at {:.2e}", worst.1, worst.0);
     }
 }
 

@@ -320,6 +320,7 @@ fn an_official_training_checkpoint_resumes_with_its_momentum() {
     let path = std::path::PathBuf::from(fixture_path("micro_checkpoint.pth.tar"));
     let (state, training) = hrnet_ocr::formats::pth::read_official_training(&path).unwrap();
     assert_eq!((training.epoch, training.groups.len(), training.momentum.len()), (3, 2, 192));
+    assert_eq!(training.best_mean_iou, Some(0.4123), "best_mIoU, a numpy float64");
     let keywords: Vec<String> = ["cls", "aux", "ocr"].map(String::from).to_vec();
     let checkpoint =
         Checkpoint::from_official(state.clone(), training.clone(), &keywords, 5, Default::default()).unwrap();

@@ -181,10 +181,16 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let per_epoch = (dataset.len() / s.batch).max(1);
     if let Some((state, training)) = official {
-        let epoch = training.epoch;
-        let notes = s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let (epoch, best) = (training.epoch, training.best_mean_iou);
+        let mut notes: HashMap<String, String> =
+            s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        // The official run's best so far: a later validation must beat it to write best weights.
+        if let Some(best) = best {
+            notes.insert(BEST_KEY.into(), best.to_string());
+        }
         checkpoint = Some(Checkpoint::from_official(state, training, &s.head_keywords, per_epoch, notes)?);
-        println!("resuming the official checkpoint after epoch {epoch}: step {}", epoch * per_epoch);
+        let best = best.map(|b| format!(", best mIoU {b}")).unwrap_or_default();
+        println!("resuming the official checkpoint after epoch {epoch}: step {}{best}", epoch * per_epoch);
     }
     let (steps, batch, crop) = (s.total_steps(), s.batch, s.crop);
     let options = s.options(&cfg, TuningCache::from_env());

@@ -79,6 +79,8 @@ fn checkpoint(bytes: &[u8]) -> Parse<Checkpoint<'_>> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OfficialTraining {
     pub epoch: usize,
+    /// `best_mIoU`: the best validation mIoU so far (a numpy float64), where it is a number.
+    pub best_mean_iou: Option<f64>,
     /// Each parameter group's indices (`param_groups[g]['params']`).
     pub groups: Vec<Vec<usize>>,
     /// `state[index]['momentum_buffer']`, named by the index.

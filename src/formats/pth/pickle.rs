@@ -14,11 +14,10 @@ pub(super) enum Value {
     Bool(bool),
     /// Python ints up to 128 bits (the legacy magic number needs 80).
     Int(i128),
-    /// A float, or a numpy scalar (a training checkpoint's `best_mIoU`); no field the
-    /// reader looks at is one, so its value is dropped.
-    Float,
-    /// A bytes object (a numpy scalar's raw value); dropped likewise.
-    Bytes,
+    /// A float, or a numpy float scalar (a training checkpoint's `best_mIoU`).
+    Float(f64),
+    /// A bytes object (a numpy scalar's raw value).
+    Bytes(Rc<[u8]>),
     /// A numpy dtype, by its code (`f8`, `i8`, ...).
     Dtype(Rc<str>),
     Str(Rc<str>),
@@ -36,8 +35,8 @@ impl Value {
             Value::None => "None".into(),
             Value::Bool(b) => format!("bool {b}"),
             Value::Int(n) => format!("int {n}"),
-            Value::Float => "a float".into(),
-            Value::Bytes => "bytes".into(),
+            Value::Float(_) => "a float".into(),
+            Value::Bytes(_) => "bytes".into(),
             Value::Dtype(code) => format!("numpy dtype {code:?}"),
             Value::Str(s) if s.chars().count() > 40 => {
                 format!("string {:?}...", s.chars().take(40).collect::<String>())
@@ -195,6 +194,18 @@ impl Global {
     }
 }
 
+/// A little-endian numpy scalar's value: floats and integers of 4 or 8 bytes; any other
+/// dtype's value is not read (None).
+fn numpy_scalar(code: &str, raw: &[u8]) -> Value {
+    match (code, raw.len()) {
+        ("f8", 8) => Value::Float(f64::from_le_bytes(raw.try_into().unwrap_or_default())),
+        ("f4", 4) => Value::Float(f32::from_le_bytes(raw.try_into().unwrap_or_default()).into()),
+        ("i8", 8) => Value::Int(i64::from_le_bytes(raw.try_into().unwrap_or_default()).into()),
+        ("i4", 4) => Value::Int(i32::from_le_bytes(raw.try_into().unwrap_or_default()).into()),
+        _ => Value::None,
+    }
+}
+
 pub(super) fn refuse<T>(module: &str, name: &str) -> Parse<T> {
     bad(format!(
         "refusing to load global `{}.{}`: only the globals of plain tensors, state dicts and numpy scalars are allowed",
@@ -305,7 +316,7 @@ impl Unpickler {
                 let len = cur.u8()?;
                 self.push(Value::Int(long(cur.take(len.into())?)?))
             }
-            op::BINFLOAT => cur.take(8).and_then(|_| self.push(Value::Float)),
+            op::BINFLOAT => self.push(Value::Float(f64::from_be_bytes(cur.array()?))),
             op::SHORT_BINUNICODE | op::SHORT_BINSTRING => {
                 let len = cur.u8()?;
                 self.push_str(cur.take(len.into())?)
@@ -320,11 +331,13 @@ impl Unpickler {
             }
             op::SHORT_BINBYTES => {
                 let len = cur.u8()?;
-                cur.take(len.into()).and_then(|_| self.push(Value::Bytes))
+                let bytes = cur.take(len.into())?;
+                self.push(Value::Bytes(bytes.into()))
             }
             op::BINBYTES => {
                 let len = to_len(cur.u32()?)?;
-                cur.take(len).and_then(|_| self.push(Value::Bytes))
+                let bytes = cur.take(len)?;
+                self.push(Value::Bytes(bytes.into()))
             }
             op::BINUNICODE8 => {
                 let len = to_len(cur.u64()?)?;
@@ -536,12 +549,16 @@ impl Unpickler {
             (Global::RebuildParameter, [data, _, _]) if self.heap.tensor(data).is_some() => {
                 return Ok(data.clone())
             }
-            // Numpy scalars: their values are not needed, only that nothing else runs.
+            // Numpy scalars: built from their dtype and raw bytes, and nothing else runs.
             (Global::NumpyDtype, [Value::Str(code), _, _]) => return Ok(Value::Dtype(code.clone())),
-            (Global::Latin1Encode, [Value::Str(_), Value::Str(codec)]) if &**codec == "latin1" => {
-                return Ok(Value::Bytes)
+            (Global::Latin1Encode, [Value::Str(text), Value::Str(codec)]) if &**codec == "latin1" => {
+                let bytes =
+                    text.chars().map(|c| u8::try_from(c).map_err(|_| "a non-latin1 character".to_string()));
+                return Ok(Value::Bytes(bytes.collect::<Parse<Vec<u8>>>()?.into()));
             }
-            (Global::NumpyScalar, [Value::Dtype(_), Value::Bytes]) => return Ok(Value::Float),
+            (Global::NumpyScalar, [Value::Dtype(code), Value::Bytes(raw)]) => {
+                return Ok(numpy_scalar(code, raw))
+            }
             _ => {
                 return bad(format!("unsupported call of `{}` with {} arguments", global.name(), args.len()))
             }

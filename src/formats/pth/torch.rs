@@ -236,7 +236,12 @@ impl Checkpoint<'_> {
             momentum
                 .push((index, self.tensor(&name, view, &mut budget).map_err(|e| format!("{name}: {e}"))?));
         }
-        Ok(OfficialTraining { epoch, groups, momentum })
+        let best_mean_iou = match heap.dict_get(&self.root, "best_mIoU") {
+            Some(Value::Float(v)) => Some(*v),
+            Some(Value::Int(v)) => Some(*v as f64),
+            _ => None,
+        };
+        Ok(OfficialTraining { epoch, best_mean_iou, groups, momentum })
     }
 
     pub(super) fn tensor(&self, name: &str, view: &TensorView, budget: &mut usize) -> Parse<PthTensor> {
