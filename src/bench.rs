@@ -437,8 +437,8 @@ fn losses_and_training(s: &mut Suite) -> Result<()> {
         let arena = Arena::new(gpu, &spec)?;
         let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
         let step = arena.step(gpu, &config, 0.01)?;
-        let name = format!("{} parameters in 200 tensors", arena.params.numel());
-        s.add("sgd", "step", &name, vec![step], true);
+        let name = format!("{} parameters in 200 tensors", arena.numel());
+        s.add("sgd", "step", &name, step, true);
     }
     Ok(())
 }

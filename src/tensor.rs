@@ -176,6 +176,11 @@ impl Tensor {
         self.numel() as u64 * 4
     }
 
+    /// The device buffer behind the tensor, shared by its views: (an identity, its size).
+    pub(crate) fn storage(&self) -> (usize, u64) {
+        (Arc::as_ptr(&self.buffer) as usize, self.buffer.buffer().size())
+    }
+
     /// The shape as `[N, C, H, W]`, or an error naming `what` if it is not 4-D.
     pub fn dims4(&self, what: &str) -> Result<[usize; 4]> {
         <[usize; 4]>::try_from(self.shape.as_slice()).map_err(|_| Error::Shape {

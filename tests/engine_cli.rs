@@ -697,7 +697,8 @@ fn an_official_checkpoint_resumes_from_its_epoch() {
     let out = root.join("from-mmseg");
     let (ok, text) = run(&[&train_args(&config, &root, &out, &["--weights", &mmseg])[..], &short].concat());
     assert!(!ok && text.contains("mmseg_micro_ocrnet.pth") && text.contains("--pretrained"), "{text}");
-    let (ok, text) =
-        run(&[&train_args(&config, &root, &out, &["--pretrained", &mmseg])[..], &short].concat());
+    let pretrained = train_args(&config, &root, &out, &["--pretrained", &mmseg, "--report-memory"]);
+    let (ok, text) = run(&[&pretrained[..], &short].concat());
     assert!(ok && text.contains("0 in the file skipped") && text.contains("2 of the model fresh"), "{text}");
+    assert!(text.contains("training step memory:") && text.contains("high-water mark"), "{text}");
 }

@@ -305,6 +305,18 @@ impl Gpu {
     pub fn pooled_bytes(&self) -> u64 {
         self.pool.idle_bytes()
     }
+
+    /// Bytes of the storage buffers tensors hold now (each rounded up to its pool size
+    /// class), and the most they held at once since [`Gpu::reset_peak_memory`]: the device
+    /// memory a graph really allocates, against what it planned.
+    pub fn tensor_memory(&self) -> (u64, u64) {
+        self.pool.lent()
+    }
+
+    /// Starts a new high-water mark of [`Gpu::tensor_memory`].
+    pub fn reset_peak_memory(&self) {
+        self.pool.reset_peak()
+    }
 }
 
 /// Every adapter on the given backends.

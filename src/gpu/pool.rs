@@ -21,6 +21,9 @@ pub(crate) struct BufferPool {
 struct Idle {
     by_class: HashMap<u64, Vec<wgpu::Buffer>>,
     bytes: u64,
+    /// Bytes of the buffers on loan now, and the most on loan at once since the last reset.
+    lent: u64,
+    peak_lent: u64,
 }
 
 /// Rounds a request up to its size class: at most 1/8 above the request, at least 256 bytes,
@@ -47,6 +50,8 @@ impl BufferPool {
             if buffer.is_some() {
                 idle.bytes -= class;
             }
+            idle.lent += class;
+            idle.peak_lent = idle.peak_lent.max(idle.lent);
             buffer
         };
         let buffer = match reused {
@@ -60,6 +65,7 @@ impl BufferPool {
                     mapped_at_creation: false,
                 });
                 if let Some(e) = pollster::block_on(scope.pop()) {
+                    lock(&self.idle).lent -= class;
                     return Err(e.to_string());
                 }
                 buffer
@@ -70,6 +76,7 @@ impl BufferPool {
 
     fn release(&self, buffer: wgpu::Buffer, class: u64) {
         let mut idle = lock(&self.idle);
+        idle.lent -= class;
         if idle.bytes + class <= MAX_IDLE_BYTES {
             idle.bytes += class;
             idle.by_class.entry(class).or_default().push(buffer);
@@ -78,6 +85,18 @@ impl BufferPool {
 
     pub(crate) fn idle_bytes(&self) -> u64 {
         lock(&self.idle).bytes
+    }
+
+    /// (bytes on loan now, the most on loan at once since the last reset).
+    pub(crate) fn lent(&self) -> (u64, u64) {
+        let idle = lock(&self.idle);
+        (idle.lent, idle.peak_lent)
+    }
+
+    /// Starts a new high-water mark from what is on loan now.
+    pub(crate) fn reset_peak(&self) {
+        let mut idle = lock(&self.idle);
+        idle.peak_lent = idle.lent;
     }
 }
 

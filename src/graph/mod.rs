@@ -301,13 +301,40 @@ impl GraphBuilder {
     /// Kernels' small scratch buffers are not counted.
     pub fn plan_memory(&self, outputs: &[ValueId]) -> MemoryReport {
         let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
-        let plan = plan::plan(&self.values, &self.ops, outputs);
+        let plan = plan::inference(&self.values, &self.ops, outputs);
         let fixed: u64 = self.values.iter().filter(|v| v.role.is_set()).map(bytes).sum();
         let largest = self.values.iter().max_by_key(|v| bytes(v)).map(|v| (v.name.clone(), bytes(v)));
         MemoryReport {
             planned: fixed + plan.slot_elems.iter().map(|&n| n as u64 * 4).sum::<u64>(),
             unshared: self.values.iter().map(bytes).sum(),
             largest: largest.unwrap_or_default(),
+        }
+    }
+
+    /// The device memory a training step of these nodes takes, from the shapes alone
+    /// (nothing is allocated): activations and their gradients planned by liveness across
+    /// the forward and backward passes, and the optimizer's arenas. Kernels' scratch
+    /// buffers (batch statistics, packed weights, the loss's) are not counted.
+    pub fn plan_training_memory(&self, outputs: &[ValueId]) -> TrainingMemory {
+        let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
+        let schedule = ops::backward_schedule(&self.values, &self.ops, outputs);
+        let plan = training_plan(&self.values, &self.ops, outputs, &schedule);
+        let needs = ops::requires_grad(&self.values, &self.ops);
+        let sum = |keep: &dyn Fn(usize, &Value) -> bool| -> u64 {
+            self.values.iter().enumerate().filter(|(i, v)| keep(*i, v)).map(|(_, v)| bytes(v)).sum()
+        };
+        let parameters = sum(&|_, v| v.role == Role::Param);
+        let activation = |v: &Value| v.role == Role::Activation;
+        let unplanned_grads = sum(&|i, v| {
+            needs[i] && !matches!(v.role, Role::Param) && plan.slot_of[self.values.len() + i].is_none()
+        });
+        TrainingMemory {
+            activations: plan.slot_elems.iter().map(|&n| n as u64 * 4).sum::<u64>() + unplanned_grads,
+            activations_unshared: sum(&|_, v| activation(v)) + sum(&|i, v| needs[i] && v.role != Role::Param),
+            parameters,
+            gradients: parameters,
+            momentum: parameters,
+            fixed: sum(&|_, v| matches!(v.role, Role::Input { .. } | Role::State)),
         }
     }
 
@@ -364,16 +391,18 @@ impl GraphBuilder {
                 return Err(Error::Invalid(format!("two tensors of the graph are named {:?}", v.name)));
             }
         }
-        let (tensors, optimizer) = if mode == Mode::Train {
-            let (tensors, arena) = allocate_for_training(gpu, &self.values, &self.lr_multipliers)?;
-            (tensors, arena.map(|arena| Optimizer { arena, step: None }))
+        let schedule = ops::backward_schedule(&self.values, &self.ops, outputs);
+        let (tensors, grads, optimizer) = if mode == Mode::Train {
+            let passes = (&self.ops[..], outputs, &schedule);
+            let t = allocate_for_training(gpu, &self.values, passes, &self.lr_multipliers)?;
+            (t.tensors, t.grads, t.arena.map(|arena| Optimizer { arena, step: None }))
         } else {
-            (allocate_for_inference(gpu, &self.values, &self.ops, outputs)?, None)
+            (allocate_for_inference(gpu, &self.values, &self.ops, outputs)?, Vec::new(), None)
         };
         let mut graph = Graph {
             values: self.values,
             tensors,
-            grads: Vec::new(),
+            grads,
             recorded: Recorded::default(),
             outputs: outputs.to_vec(),
             by_name,
@@ -382,27 +411,56 @@ impl GraphBuilder {
             precision,
             tuner: self.tuner,
             weights_touched: AtomicBool::new(true),
+            forwarded: AtomicBool::new(false),
         };
         for (v, data) in &self.constants {
             graph.t(*v).write(gpu, data)?;
         }
         graph.record_forward(gpu, &self.ops, mode)?;
         if mode == Mode::Train {
-            graph.record_backward(gpu, &self.ops)?;
+            graph.record_backward(gpu, &self.ops, &schedule)?;
             graph.zero_grads(gpu)?;
         }
         Ok(graph)
     }
 }
 
-/// The graph's tensors for training: every activation kept for the backward pass, and the
-/// parameters as views of one optimizer arena (so one dispatch updates them all); no arena
-/// for a graph without parameters (a loss of given logits).
+/// A training graph's tensors: values, gradients, and the optimizer arena that holds the
+/// parameters and their gradients (none for a graph without parameters, a loss of given
+/// logits).
+struct TrainingTensors {
+    tensors: Vec<Tensor>,
+    grads: Vec<Option<Tensor>>,
+    arena: Option<Arena>,
+}
+
+/// Whether each value's gradient is planned: an activation's that the backward computes.
+/// Parameters' live in the optimizer arena; inputs' and outputs' gradients, which callers
+/// read or write, keep buffers of their own.
+fn planned_gradients(values: &[Value], needs: &[bool], outputs: &[ValueId]) -> Vec<bool> {
+    (0..values.len())
+        .map(|i| needs[i] && values[i].role == Role::Activation && !outputs.contains(&ValueId(i)))
+        .collect()
+}
+
+/// The training step's plan over activations and their gradients ([`plan::training`]).
+fn training_plan(values: &[Value], ops: &[Op], outputs: &[ValueId], schedule: &Schedule) -> plan::Plan {
+    let needs = ops::requires_grad(values, ops);
+    plan::training(values, ops, outputs, &planned_gradients(values, &needs, outputs), schedule)
+}
+
+/// The backward schedule ([`ops::backward_schedule`]).
+type Schedule = Vec<(usize, Vec<ValueId>)>;
+
+/// The graph's tensors for training: activations and their gradients share buffers by
+/// liveness across the forward and backward passes ([`plan::training`]); parameters and
+/// their gradients are views of one optimizer arena (so one dispatch updates them all).
 fn allocate_for_training(
     gpu: &Gpu,
     values: &[Value],
+    (ops, outputs, schedule): (&[Op], &[ValueId], &Schedule),
     multipliers: &[(String, f32)],
-) -> Result<(Vec<Tensor>, Option<Arena>)> {
+) -> Result<TrainingTensors> {
     let params: Vec<(&[usize], f32)> = values
         .iter()
         .filter(|v| v.role == Role::Param)
@@ -412,16 +470,35 @@ fn allocate_for_training(
         })
         .collect();
     let arena = if params.is_empty() { None } else { Some(Arena::new(gpu, &params)?) };
-    let mut views = arena.iter().flat_map(|a| a.views.iter());
+    let plan = training_plan(values, ops, outputs, schedule);
+    let n = values.len();
+    let slots = allocate_slots(gpu, &plan, |b| match b.checked_sub(n) {
+        None => (format!("activation {}", values[b].name), values[b].shape.clone()),
+        Some(i) => (format!("the gradient of activation {}", values[i].name), values[i].shape.clone()),
+    })?;
+    let mut param_views = arena.iter().flat_map(|a| a.views.iter());
     let tensors = values
         .iter()
-        .map(|v| match v.role {
-            Role::Param => Ok(views.next().expect("a view per parameter").0.clone()),
-            _ => Tensor::empty_of(gpu, &v.shape, v.dtype),
+        .zip(&plan.slot_of)
+        .map(|(v, &slot)| match v.role {
+            Role::Param => Ok(param_views.next().expect("a view per parameter").0.clone()),
+            _ => value_tensor(gpu, v, slot, &slots),
         })
         .collect::<Result<Vec<_>>>()
         .map_err(|e| Error::Invalid(format!("allocating the graph's tensors: {e}")))?;
-    Ok((tensors, arena))
+    let needs = ops::requires_grad(values, ops);
+    let mut grad_views = arena.iter().flat_map(|a| a.views.iter());
+    let grads = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match (v.role, needs[i], plan.slot_of[n + i]) {
+            (Role::Param, _, _) => Ok(Some(grad_views.next().expect("a view per parameter").1.clone())),
+            (_, true, Some(s)) => slots[s].view(gpu, 0, &v.shape).map(Some),
+            (_, true, None) => Tensor::empty(gpu, &v.shape).map(Some),
+            (_, false, _) => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TrainingTensors { tensors, grads, arena })
 }
 
 /// The graph's tensors for inference: activations share buffers by liveness ([`plan`]).
@@ -431,35 +508,44 @@ fn allocate_for_inference(
     ops: &[Op],
     outputs: &[ValueId],
 ) -> Result<Vec<Tensor>> {
-    let own = |v: &Value| Tensor::empty_of(gpu, &v.shape, v.dtype);
-    let plan = plan::plan(values, ops, outputs);
-    let slots = plan
-        .slot_elems
+    let plan = plan::inference(values, ops, outputs);
+    let slots =
+        allocate_slots(gpu, &plan, |b| (format!("activation {}", values[b].name), values[b].shape.clone()))?;
+    values.iter().zip(&plan.slot_of).map(|(v, &slot)| value_tensor(gpu, v, slot, &slots)).collect()
+}
+
+/// A plan's shared buffers. An allocation that fails names the largest buffer the slot
+/// holds (`describe` gives a planned buffer's name and shape) rather than the slot itself.
+fn allocate_slots(
+    gpu: &Gpu,
+    plan: &plan::Plan,
+    describe: impl Fn(usize) -> (String, Vec<usize>),
+) -> Result<Vec<Tensor>> {
+    plan.slot_elems
         .iter()
         .enumerate()
         .map(|(s, &n)| {
             Tensor::empty(gpu, &[n]).map_err(|e| {
-                // Name the largest activation the slot holds rather than the slot itself.
-                let holders = values.iter().zip(&plan.slot_of).filter(|(_, slot)| **slot == Some(s));
-                let v = holders.max_by_key(|(v, _)| v.shape.iter().product::<usize>()).map(|(v, _)| v);
-                match v {
-                    Some(v) => Error::Invalid(format!("allocating activation {} {:?}: {e}", v.name, v.shape)),
+                let holders = (0..plan.slot_of.len()).filter(|&b| plan.slot_of[b] == Some(s)).map(&describe);
+                match holders.max_by_key(|(_, shape)| shape.iter().product::<usize>()) {
+                    Some((name, shape)) => Error::Invalid(format!("allocating {name} {shape:?}: {e}")),
                     None => e,
                 }
             })
         })
-        .collect::<Result<Vec<_>>>()?;
-    values
-        .iter()
-        .zip(&plan.slot_of)
-        .map(|(v, slot)| match (slot, v.role) {
-            // Shared slots hold f32 activations; a u32 one (argmax) has its own buffer.
-            (Some(s), _) if v.dtype == DType::F32 => slots[*s].view(gpu, 0, &v.shape),
-            // Never stored: a one-element placeholder that `Graph::tensor` refuses to hand out.
-            (None, Role::Fused) => Tensor::empty_of(gpu, &[1], v.dtype),
-            (_, _) => own(v),
-        })
         .collect()
+}
+
+/// A value's tensor: a view of its planned slot, a buffer of its own, or for a value
+/// computed inside a fused kernel, a one-element placeholder that `Graph::tensor` refuses
+/// to hand out.
+fn value_tensor(gpu: &Gpu, v: &Value, slot: Option<usize>, slots: &[Tensor]) -> Result<Tensor> {
+    match (slot, v.role) {
+        // Shared slots hold f32 activations; a u32 one (argmax) has its own buffer.
+        (Some(s), _) if v.dtype == DType::F32 => slots[s].view(gpu, 0, &v.shape),
+        (None, Role::Fused) => Tensor::empty_of(gpu, &[1], v.dtype),
+        _ => Tensor::empty_of(gpu, &v.shape, v.dtype),
+    }
 }
 
 /// An error naming `what` and the first element of `t` that is NaN or infinite.
@@ -482,6 +568,48 @@ pub struct MemoryReport {
     pub unshared: u64,
     /// The largest single tensor (name, bytes): what must fit one storage binding.
     pub largest: (String, u64),
+}
+
+/// Device memory of a training step, planned (see [`GraphBuilder::plan_training_memory`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrainingMemory {
+    /// Activations and their gradients, sharing buffers by liveness across the forward and
+    /// backward passes (the gradients callers read or write keep buffers of their own).
+    pub activations: u64,
+    /// The same with a buffer per activation and per gradient (no planning).
+    pub activations_unshared: u64,
+    /// The parameters, their gradients and the momentum buffers: one arena each.
+    pub parameters: u64,
+    pub gradients: u64,
+    pub momentum: u64,
+    /// Inputs and running statistics.
+    pub fixed: u64,
+}
+
+impl TrainingMemory {
+    /// Every planned byte.
+    pub fn total(&self) -> u64 {
+        self.activations + self.parameters + self.gradients + self.momentum + self.fixed
+    }
+}
+
+impl std::fmt::Display for TrainingMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / 1_048_576.0;
+        write!(
+            f,
+            "{:.1} MiB planned: activations and their gradients {:.1} MiB (shared by liveness; {:.1} MiB \
+             with a buffer each), parameters {:.1} MiB, their gradients {:.1} MiB, momentum {:.1} MiB, \
+             inputs and running statistics {:.1} MiB",
+            mib(self.total()),
+            mib(self.activations),
+            mib(self.activations_unshared),
+            mib(self.parameters),
+            mib(self.gradients),
+            mib(self.momentum),
+            mib(self.fixed)
+        )
+    }
 }
 
 /// What a loss term computes.
@@ -546,11 +674,15 @@ pub struct Graph {
     /// running statistic is handed out (it may be written through the reference), cleared
     /// by the forward that repacks.
     weights_touched: AtomicBool,
+    /// Training graphs: whether a forward pass ran since the last backward. The backward
+    /// reads what the forward kept and frees it as it goes (the buffers are shared by
+    /// liveness), so each backward needs a forward of its own.
+    forwarded: AtomicBool,
 }
 
 struct Optimizer {
     arena: Arena,
-    step: Option<(SgdConfig, Dispatch)>,
+    step: Option<(SgdConfig, Vec<Dispatch>)>,
 }
 
 impl Graph {
@@ -621,7 +753,9 @@ impl Graph {
     /// weights in the same command buffer when they may have changed since the last pass
     /// (built, loaded, or handed out by [`Graph::tensor`]), and not otherwise.
     pub fn forward(&self, gpu: &Gpu) -> Result<()> {
-        self.repacking(|prepare| gpu.submit(prepare.iter().chain(&self.recorded.forward)))
+        self.repacking(|prepare| gpu.submit(prepare.iter().chain(&self.recorded.forward)))?;
+        self.forwarded.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Runs `submit` with the weight packing if the weights may have changed since it last
@@ -659,15 +793,23 @@ impl Graph {
                 check_finite(gpu, self.t(y), &what)?;
             }
         }
+        self.forwarded.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Runs the backward pass: one command buffer. Without loss nodes it starts from the
-    /// outputs' gradients, which the caller writes first (`graph.grad(output)?.write(..)`).
-    /// Parameter gradients are added to what they hold.
+    /// Runs the backward pass of the last forward: one command buffer. Without loss nodes it
+    /// starts from the outputs' gradients, which the caller writes first
+    /// (`graph.grad(output)?.write(..)`). Parameter gradients are added to what they hold.
+    /// The backward frees the forward's values as it goes, so a second backward needs a
+    /// forward of its own.
     pub fn backward(&self, gpu: &Gpu) -> Result<()> {
         if self.grads.is_empty() {
             return Err(Error::Invalid("backward: the graph was built for eval".into()));
+        }
+        if !self.forwarded.swap(false, Ordering::AcqRel) {
+            return Err(Error::Invalid(
+                "backward: no forward pass since the last backward (it reuses the forward's buffers)".into(),
+            ));
         }
         gpu.submit(&self.recorded.backward)
     }
@@ -706,10 +848,10 @@ impl Graph {
     }
 
     /// One SGD step over every parameter at learning rate `lr` (times each parameter's
-    /// multiplier): one dispatch, recorded on first use.
+    /// multiplier): one dispatch per arena chunk, recorded on first use.
     pub fn sgd_step(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<()> {
         let step = self.prepare_sgd(gpu, config, lr)?;
-        gpu.submit([step])
+        gpu.submit(step)
     }
 
     /// A whole training step in one command buffer: the parameter gradients cleared (one
@@ -723,8 +865,8 @@ impl Graph {
         gpu.submit_after_clearing(&self.gradient_arena(), self.step_dispatches())
     }
 
-    /// The optimizer's dispatch, recorded on first use and set to `lr`.
-    fn prepare_sgd(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<&Dispatch> {
+    /// The optimizer's dispatches, recorded on first use and set to `lr`.
+    fn prepare_sgd(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<&[Dispatch]> {
         let opt = self.optimizer.as_mut().ok_or_else(|| {
             Error::Invalid(
                 "sgd_step: the graph has no optimizer (built for eval, or without parameters)".into(),
@@ -734,7 +876,7 @@ impl Graph {
             Some((c, step)) if c == config => opt.arena.set_lr(gpu, step, config, lr),
             _ => opt.step = Some((*config, opt.arena.step(gpu, config, lr)?)),
         }
-        Ok(&opt.step.as_ref().expect("recorded above").1)
+        Ok(&opt.step.as_ref().expect("recorded above").1[..])
     }
 
     /// The optimizer's momentum buffer of each parameter, by parameter name (training only).
@@ -755,10 +897,21 @@ impl Graph {
         }
     }
 
-    /// The parameters' gradients: one arena in a training graph, so one clear zeroes them.
+    /// The parameters' gradients: the chunks of one arena in a training graph, so a clear
+    /// per chunk zeroes them.
     fn gradient_arena(&self) -> Vec<(&wgpu::Buffer, u64, u64)> {
-        let arena = self.optimizer.as_ref().map(|o| &o.arena.grads);
-        arena.map(|g| (g.buffer(), g.offset(), g.bytes())).into_iter().collect()
+        let arena = self.optimizer.iter().flat_map(|o| o.arena.grads());
+        arena.map(|g| (g.buffer(), g.offset(), g.bytes())).collect()
+    }
+
+    /// Bytes of the device buffers the graph's tensors hold (values, gradients, the
+    /// optimizer's arenas; a buffer shared by several tensors counted once): what its memory
+    /// plan became. Kernels' own scratch buffers are not counted.
+    pub fn tensor_bytes(&self) -> u64 {
+        let arena = self.optimizer.iter().flat_map(|o| o.arena.tensors());
+        let all = self.tensors.iter().chain(self.grads.iter().flatten()).chain(arena);
+        let buffers: HashMap<usize, u64> = all.map(Tensor::storage).collect();
+        buffers.values().sum()
     }
 
     /// The recorded forward dispatches (for profiling and benchmarks). In an eval graph
@@ -781,7 +934,8 @@ impl Graph {
     /// A training step's dispatches in order: forward, backward and, once a step has
     /// recorded it, the optimizer's.
     pub fn step_dispatches(&self) -> Vec<&Dispatch> {
-        let optimizer = self.optimizer.as_ref().and_then(|o| o.step.as_ref()).map(|(_, d)| d);
+        let optimizer =
+            self.optimizer.as_ref().and_then(|o| o.step.as_ref()).into_iter().flat_map(|(_, d)| d);
         self.recorded.forward.iter().chain(&self.recorded.backward).chain(optimizer).collect()
     }
 }

@@ -1,6 +1,6 @@
 //! The graph's node types and how each records its forward and backward dispatches.
 
-use super::{Graph, LossSpec, Mode, Role, ValueId};
+use super::{Graph, LossSpec, Mode, Role, Value, ValueId};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
@@ -98,7 +98,7 @@ pub(super) enum Op {
 
 impl Op {
     /// The values a node reads (and may pass gradients to), and the one it writes.
-    fn io(&self) -> (Vec<ValueId>, Option<ValueId>) {
+    pub(super) fn io(&self) -> (Vec<ValueId>, Option<ValueId>) {
         match self {
             Op::Conv2d { x, weight, bias, y, .. } => {
                 ([Some(*x), Some(*weight), *bias].into_iter().flatten().collect(), Some(*y))
@@ -132,6 +132,83 @@ impl Op {
     pub(super) fn reads(&self) -> Vec<ValueId> {
         self.io().0
     }
+
+    /// The values whose data the node's backward reads (besides its output's gradient and
+    /// the parameters): what a training step must keep from the forward pass.
+    pub(super) fn backward_reads(&self) -> Vec<ValueId> {
+        match self {
+            Op::Conv2d { x, .. } | Op::BatchNorm { x, .. } => vec![*x],
+            Op::Relu { y, .. } | Op::AddRelu { y, .. } => vec![*y],
+            Op::SpatialGather { feats, probs, .. } => vec![*feats, *probs],
+            Op::ObjectAttention { query, key, value, sim, .. } => vec![*query, *key, *value, *sim],
+            Op::Loss { logits, labels, .. } => vec![*logits, *labels],
+            // Shapes only; the dropout mask comes back from its seed.
+            Op::Add { .. } | Op::Resize { .. } | Op::Concat { .. } | Op::Dropout { .. } => Vec::new(),
+            Op::ConvFused { .. } | Op::Argmax { .. } => Vec::new(),
+        }
+    }
+
+    /// The values the node's backward writes a gradient to (`needs`: which values need
+    /// one); a value that needs none still gets the writes of kernels that compute it
+    /// anyway, into a discarded buffer.
+    fn grad_targets(&self, needs: &[bool]) -> Vec<ValueId> {
+        let needed = |vs: &[ValueId]| vs.iter().copied().filter(|v| needs[v.0]).collect::<Vec<_>>();
+        match self {
+            Op::Conv2d { x, weight, bias, .. } => {
+                [needed(&[*x]), vec![*weight], bias.iter().copied().collect()].concat()
+            }
+            Op::Relu { x, .. } | Op::Resize { x, .. } => needed(&[*x]),
+            Op::Concat { inputs, .. } => needed(inputs),
+            Op::Loss { logits, .. } => vec![*logits],
+            Op::ConvFused { .. } | Op::Argmax { .. } => Vec::new(),
+            op => op.reads(),
+        }
+    }
+}
+
+/// Which values need a gradient: parameters, inputs that ask for one, and every activation
+/// computed from one of those.
+pub(super) fn requires_grad(values: &[Value], ops: &[Op]) -> Vec<bool> {
+    let mut needs: Vec<bool> =
+        values.iter().map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true })).collect();
+    for op in ops {
+        if let (ins, Some(y)) = op.io() {
+            needs[y.0] = ins.iter().any(|v| needs[v.0]);
+        }
+    }
+    needs
+}
+
+/// The backward pass's schedule: the nodes whose backward runs, last node first, each with
+/// the values it writes a gradient to. A node runs when its output got a gradient (or it is
+/// a loss); parameters' gradients accumulate across passes, and a graph without loss nodes
+/// starts from the outputs' gradients, which the caller writes.
+pub(super) fn backward_schedule(
+    values: &[Value],
+    ops: &[Op],
+    outputs: &[ValueId],
+) -> Vec<(usize, Vec<ValueId>)> {
+    let needs = requires_grad(values, ops);
+    let mut written: Vec<bool> = values.iter().map(|v| v.role == Role::Param).collect();
+    if !ops.iter().any(|op| matches!(op, Op::Loss { .. })) {
+        for o in outputs {
+            written[o.0] = true;
+        }
+    }
+    let mut schedule = Vec::new();
+    for (at, op) in ops.iter().enumerate().rev() {
+        if let (_, Some(y)) = op.io() {
+            if !written[y.0] {
+                continue;
+            }
+        }
+        let targets = op.grad_targets(&needs);
+        for v in &targets {
+            written[v.0] = true;
+        }
+        schedule.push((at, targets));
+    }
+    schedule
 }
 
 /// Where a node's forward dispatches sit, and its values.
@@ -325,42 +402,16 @@ impl Graph {
         Ok(())
     }
 
-    /// Which values need a gradient: parameters, inputs that ask for one, and every
-    /// activation computed from one of those.
-    fn requires_grad(&self, ops: &[Op]) -> Vec<bool> {
-        let mut needs: Vec<bool> = self
-            .values
-            .iter()
-            .map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true }))
-            .collect();
-        for op in ops {
-            if let (ins, Some(y)) = op.io() {
-                needs[y.0] = ins.iter().any(|v| needs[v.0]);
-            }
-        }
-        needs
-    }
-
-    pub(super) fn record_backward(&mut self, gpu: &Gpu, ops: &[Op]) -> Result<()> {
-        let needs = self.requires_grad(ops);
-        // Parameter gradients are the optimizer arena's views, in parameter order.
-        let mut arena_grads = self.optimizer.as_ref().map(|o| o.arena.views.iter().map(|(_, g)| g.clone()));
-        let grads = self
-            .values
-            .iter()
-            .zip(&needs)
-            .map(|(v, &need)| {
-                let arena_view = match (v.role, arena_grads.as_mut()) {
-                    (Role::Param, Some(views)) => views.next(),
-                    _ => None,
-                };
-                match (need, arena_view) {
-                    (true, Some(view)) => Ok(Some(view)),
-                    (true, None) => Tensor::empty(gpu, &v.shape).map(Some),
-                    (false, _) => Ok(None),
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// Records the backward pass by `schedule` ([`backward_schedule`]) into the gradient
+    /// tensors allocated with the graph.
+    pub(super) fn record_backward(
+        &mut self,
+        gpu: &Gpu,
+        ops: &[Op],
+        schedule: &[(usize, Vec<ValueId>)],
+    ) -> Result<()> {
+        let needs = requires_grad(&self.values, ops);
+        let grads = std::mem::take(&mut self.grads);
         // Whether a value's gradient already holds a contribution in this pass: parameters'
         // accumulate across passes; without loss nodes the caller gives the outputs'.
         let mut written: Vec<bool> = self.values.iter().map(|v| v.role == Role::Param).collect();
@@ -370,15 +421,10 @@ impl Graph {
             }
         }
         let mut targets = Targets { needs: &needs, written, discard: HashMap::new() };
-        for (at, op) in ops.iter().enumerate().rev() {
-            let (_, out) = op.io();
-            let gy = match out {
-                // A node whose output got no gradient passes none on.
-                Some(y) if !targets.written[y.0] => continue,
-                Some(y) => grads[y.0].clone(),
-                None => None,
-            };
-            let mut d = self.backward_of(gpu, (at, op), gy, &grads, &mut targets)?;
+        for (at, _) in schedule {
+            let op = &ops[*at];
+            let gy = op.io().1.and_then(|y| grads[y.0].clone());
+            let mut d = self.backward_of(gpu, (*at, op), gy, &grads, &mut targets)?;
             self.recorded.backward.append(&mut d);
         }
         self.grads = grads;

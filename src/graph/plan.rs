@@ -1,34 +1,47 @@
-//! Activation memory planning for inference: each activation gets a slot of a shared buffer
-//! that it holds from the node that writes it to the last node that reads it; slots are
-//! reused best-fit. Training keeps every activation for the backward pass instead.
+//! Memory planning: each planned buffer (an activation, or in training also an activation's
+//! gradient) gets a slot of a shared buffer that it holds from the step that first writes it
+//! to the last step that reads or writes it; slots are reused best-fit. A step's new buffers
+//! take their slots before its finished ones give theirs back, so no kernel writes over what
+//! it reads.
+//!
+//! Inference plans the forward nodes. Training plans the forward nodes and then the backward
+//! of each node in reverse, over activations and their gradients: an activation lives until
+//! the last forward node or backward kernel that reads it ([`Op::backward_reads`]), a
+//! gradient from its first contribution until the backward of the node that made the value.
 
 use super::ops::Op;
 use super::{Role, Value, ValueId};
 
 pub(super) struct Plan {
-    /// The slot of each value, for activations.
+    /// The slot of each planned buffer.
     pub slot_of: Vec<Option<usize>>,
     /// Each slot's size in elements.
     pub slot_elems: Vec<usize>,
 }
 
-/// Plans the activations of `ops`; the `keep` values (the graph's outputs) are never freed.
-pub(super) fn plan(values: &[Value], ops: &[Op], keep: &[ValueId]) -> Plan {
-    let mut last_use = vec![None; values.len()];
-    for (i, op) in ops.iter().enumerate() {
-        for v in op.reads().into_iter().chain(op.writes()) {
-            last_use[v.0] = Some(i);
+/// One step of a pass: the planned buffers it reads and writes, by buffer index.
+pub(super) struct Step {
+    pub reads: Vec<usize>,
+    pub writes: Vec<usize>,
+}
+
+/// Plans buffers of `numel` elements (`None`: not planned) over `steps`; the `keep` buffers
+/// are never given back.
+pub(super) fn plan(numel: &[Option<usize>], steps: &[Step], keep: &[usize]) -> Plan {
+    let mut last_use = vec![None; numel.len()];
+    for (i, step) in steps.iter().enumerate() {
+        for &b in step.reads.iter().chain(&step.writes) {
+            last_use[b] = Some(i);
         }
     }
-    let numel = |v: ValueId| values[v.0].shape.iter().product::<usize>();
-    let mut plan = Plan { slot_of: vec![None; values.len()], slot_elems: Vec::new() };
+    let mut plan = Plan { slot_of: vec![None; numel.len()], slot_elems: Vec::new() };
     let mut free: Vec<usize> = Vec::new();
-    for (i, op) in ops.iter().enumerate() {
-        for v in op.writes() {
-            if values[v.0].role != Role::Activation || plan.slot_of[v.0].is_some() {
+    for (i, step) in steps.iter().enumerate() {
+        for &b in &step.writes {
+            let Some(need) = numel[b] else { continue };
+            if plan.slot_of[b].is_some() {
                 continue;
             }
-            let need = numel(v);
             let best = free
                 .iter()
                 .enumerate()
@@ -41,11 +54,11 @@ pub(super) fn plan(values: &[Value], ops: &[Op], keep: &[ValueId]) -> Plan {
                     plan.slot_elems.len() - 1
                 }
             };
-            plan.slot_of[v.0] = Some(slot);
+            plan.slot_of[b] = Some(slot);
         }
-        for v in op.reads().into_iter().chain(op.writes()) {
-            if last_use[v.0] == Some(i) && !keep.contains(&v) {
-                if let Some(slot) = plan.slot_of[v.0] {
+        for &b in step.reads.iter().chain(&step.writes) {
+            if last_use[b] == Some(i) && !keep.contains(&b) {
+                if let Some(slot) = plan.slot_of[b] {
                     if !free.contains(&slot) {
                         free.push(slot);
                     }
@@ -54,4 +67,51 @@ pub(super) fn plan(values: &[Value], ops: &[Op], keep: &[ValueId]) -> Plan {
         }
     }
     plan
+}
+
+fn numel(v: &Value) -> usize {
+    v.shape.iter().product()
+}
+
+/// The forward pass of an eval graph: buffers are values, activations planned.
+pub(super) fn inference(values: &[Value], ops: &[Op], outputs: &[ValueId]) -> Plan {
+    let planned: Vec<Option<usize>> =
+        values.iter().map(|v| (v.role == Role::Activation).then(|| numel(v))).collect();
+    let steps: Vec<Step> = ops.iter().map(forward_step).collect();
+    plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>())
+}
+
+fn forward_step(op: &Op) -> Step {
+    Step {
+        reads: op.reads().iter().map(|v| v.0).collect(),
+        writes: op.writes().iter().map(|v| v.0).collect(),
+    }
+}
+
+/// A training step: buffer `i < n` is value `i`, buffer `n + i` the gradient of value `i`.
+/// `grad_planned[i]` says whether value i's gradient is planned (an activation's that the
+/// backward computes; parameters' live in the optimizer arena, and the gradients a caller
+/// writes or reads are kept apart). `backward` is the backward schedule: the nodes whose
+/// backward runs, in order, with the values each writes a gradient to.
+pub(super) fn training(
+    values: &[Value],
+    ops: &[Op],
+    outputs: &[ValueId],
+    grad_planned: &[bool],
+    backward: &[(usize, Vec<ValueId>)],
+) -> Plan {
+    let n = values.len();
+    let mut planned: Vec<Option<usize>> =
+        values.iter().map(|v| (v.role == Role::Activation).then(|| numel(v))).collect();
+    planned.extend(values.iter().zip(grad_planned).map(|(v, &p)| p.then(|| numel(v))));
+    let mut steps: Vec<Step> = ops.iter().map(forward_step).collect();
+    for (at, targets) in backward {
+        let op = &ops[*at];
+        let mut reads: Vec<usize> = op.backward_reads().iter().map(|v| v.0).collect();
+        if let (_, Some(y)) = op.io() {
+            reads.push(n + y.0);
+        }
+        steps.push(Step { reads, writes: targets.iter().map(|v| n + v.0).collect() });
+    }
+    plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>())
 }

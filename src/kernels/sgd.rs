@@ -1,5 +1,6 @@
-//! SGD with momentum over a whole model in one dispatch (`sgd.wgsl`): parameters,
-//! gradients and momentum buffers live in flat arenas, each parameter a view of them.
+//! SGD with momentum over a whole model in one dispatch per arena chunk (`sgd.wgsl`):
+//! parameters, gradients and momentum buffers live in flat arenas, each parameter a view of
+//! them.
 
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
@@ -27,15 +28,24 @@ pub struct SgdConfig {
     pub nesterov: bool,
 }
 
-/// One flat arena each for parameters, gradients and momentum, with a view per parameter.
+/// Parameters, gradients and momentum in flat arenas, with a view per parameter. The
+/// arenas are split into chunks that each fit one storage binding
+/// (`max_storage_buffer_binding_size`), so a model of any size trains on any adapter: one
+/// dispatch per chunk updates its parameters.
 pub struct Arena {
-    pub params: Tensor,
-    pub grads: Tensor,
-    pub momentum: Tensor,
+    chunks: Vec<Chunk>,
     /// (parameter view, gradient view) per parameter, in the order given.
     pub views: Vec<(Tensor, Tensor)>,
     /// The momentum buffer's view per parameter (saved in checkpoints for an exact resume).
     pub momentum_views: Vec<Tensor>,
+}
+
+/// One chunk of the arenas: consecutive parameters, and where each one's learning-rate
+/// segment ends.
+struct Chunk {
+    params: Tensor,
+    grads: Tensor,
+    momentum: Tensor,
     segment_end: Tensor,
     segment_lr: Tensor,
 }
@@ -43,46 +53,99 @@ pub struct Arena {
 impl Arena {
     /// Lays out parameters of the given shapes, each with a learning-rate multiplier.
     /// Views start at the adapter's storage offset alignment; gradients and momentum start
-    /// at zero (the gaps between views stay zero, so the optimizer leaves them so).
+    /// at zero (the gaps between views stay zero, so the optimizer leaves them so). A
+    /// parameter larger than a binding is an error naming it.
     pub fn new(gpu: &Gpu, params: &[(&[usize], f32)]) -> Result<Self> {
         if params.is_empty() {
             return Err(Error::Invalid("an optimizer arena needs at least one parameter".into()));
         }
-        let align = (gpu.limits().min_storage_buffer_offset_alignment as usize / 4).max(1);
-        let mut starts = Vec::with_capacity(params.len());
+        let limits = gpu.limits();
+        let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let binding = (limits.max_storage_buffer_binding_size as usize / 4) / align * align;
+        // Each chunk's parameter indices and their starts within it.
+        let mut layout: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
         let mut len = 0usize;
-        for (shape, _) in params {
-            starts.push(len);
-            len = (len + shape.iter().product::<usize>()).div_ceil(align) * align;
+        for (i, (shape, _)) in params.iter().enumerate() {
+            let numel: usize = shape.iter().product();
+            if numel > binding {
+                return Err(Error::Invalid(format!(
+                    "parameter {i} {shape:?}: {} bytes exceed the storage binding limit of {} bytes",
+                    numel * 4,
+                    binding * 4
+                )));
+            }
+            if len + numel > binding {
+                layout.push(Vec::new());
+                len = 0;
+            }
+            layout.last_mut().expect("a chunk").push((i, len));
+            len = (len + numel).div_ceil(align) * align;
         }
-        to_u32("arena elements", len)?;
-        let whole = [len];
-        let (p, g, m) =
-            (Tensor::zeros(gpu, &whole)?, Tensor::zeros(gpu, &whole)?, Tensor::zeros(gpu, &whole)?);
-        let views = params
-            .iter()
-            .zip(&starts)
-            .map(|((shape, _), &start)| Ok((p.view(gpu, start, shape)?, g.view(gpu, start, shape)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let momentum_views = params
-            .iter()
-            .zip(&starts)
-            .map(|((shape, _), &start)| m.view(gpu, start, shape))
-            .collect::<Result<_>>()?;
-        // Segment i runs to the next view's start (or the end), so gaps share its multiplier.
-        let ends: Vec<u32> = starts[1..].iter().map(|&s| s as u32).chain([len as u32]).collect();
-        let lrs: Vec<f32> = params.iter().map(|&(_, m)| m).collect();
-        Ok(Arena {
-            segment_end: Tensor::from_u32(gpu, &[ends.len()], &ends)?,
-            segment_lr: Tensor::from_slice(gpu, &[lrs.len()], &lrs)?,
-            params: p,
-            grads: g,
-            momentum: m,
-            views,
-            momentum_views,
-        })
+        let mut views = Vec::with_capacity(params.len());
+        let mut momentum_views = Vec::with_capacity(params.len());
+        let mut chunks = Vec::with_capacity(layout.len());
+        for members in &layout {
+            let (last, last_start) = *members.last().expect("a chunk has a parameter");
+            let last_len: usize = params[last].0.iter().product();
+            let len = (last_start + last_len).div_ceil(align) * align;
+            to_u32("arena elements", len)?;
+            let whole = [len];
+            let (p, g, m) =
+                (Tensor::zeros(gpu, &whole)?, Tensor::zeros(gpu, &whole)?, Tensor::zeros(gpu, &whole)?);
+            for &(i, start) in members {
+                let shape = params[i].0;
+                views.push((p.view(gpu, start, shape)?, g.view(gpu, start, shape)?));
+                momentum_views.push(m.view(gpu, start, shape)?);
+            }
+            // Segment k runs to the next view's start (or the end), so gaps share its multiplier.
+            let ends: Vec<u32> = members[1..].iter().map(|&(_, s)| s as u32).chain([len as u32]).collect();
+            let lrs: Vec<f32> = members.iter().map(|&(i, _)| params[i].1).collect();
+            chunks.push(Chunk {
+                segment_end: Tensor::from_u32(gpu, &[ends.len()], &ends)?,
+                segment_lr: Tensor::from_slice(gpu, &[lrs.len()], &lrs)?,
+                params: p,
+                grads: g,
+                momentum: m,
+            });
+        }
+        Ok(Arena { chunks, views, momentum_views })
     }
 
+    /// The elements of the arenas (each), padding included.
+    pub fn numel(&self) -> usize {
+        self.chunks.iter().map(|c| c.params.numel()).sum()
+    }
+
+    /// How many chunks (and SGD dispatches) the arenas take.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The gradient arena's chunks (one clear each zeroes every gradient).
+    pub fn grads(&self) -> impl Iterator<Item = &Tensor> {
+        self.chunks.iter().map(|c| &c.grads)
+    }
+
+    /// Every chunk of the three arenas.
+    pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        self.chunks.iter().flat_map(|c| [&c.params, &c.grads, &c.momentum])
+    }
+
+    /// Records one step over every parameter at learning rate `lr`: a dispatch per chunk.
+    pub fn step(&self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<Vec<Dispatch>> {
+        self.chunks.iter().map(|c| c.step(gpu, config, lr)).collect()
+    }
+
+    /// Sets the learning rate of a recorded step for the next submission (the poly schedule
+    /// is computed on the host).
+    pub fn set_lr(&self, gpu: &Gpu, step: &[Dispatch], config: &SgdConfig, lr: f32) {
+        for (c, d) in self.chunks.iter().zip(step) {
+            d.write_params(gpu, &c.params(config, lr));
+        }
+    }
+}
+
+impl Chunk {
     fn params(&self, config: &SgdConfig, lr: f32) -> Params {
         Params {
             len: self.params.numel() as u32,
@@ -96,8 +159,7 @@ impl Arena {
         }
     }
 
-    /// Records one step over every parameter at learning rate `lr`.
-    pub fn step(&self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<Dispatch> {
+    fn step(&self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<Dispatch> {
         self.segment_end.check_dtype("sgd segments", DType::U32)?;
         let n = self.params.numel();
         let bindings = [
@@ -109,11 +171,5 @@ impl Arena {
         ];
         let cost = Cost { flops: 7 * n as u64, bytes: f32_bytes(5 * n) };
         launch(gpu, Shader::Sgd, "sgd_step", &self.params(config, lr), &bindings, n, cost)
-    }
-
-    /// Sets the learning rate of a recorded step for the next submission (the poly schedule
-    /// is computed on the host).
-    pub fn set_lr(&self, gpu: &Gpu, step: &Dispatch, config: &SgdConfig, lr: f32) {
-        step.write_params(gpu, &self.params(config, lr));
     }
 }

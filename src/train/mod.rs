@@ -8,7 +8,7 @@ use crate::data::augment::Sample;
 use crate::data::SplitMix;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{Graph, GraphBuilder, Mode};
+use crate::graph::{Graph, GraphBuilder, Mode, TrainingMemory, ValueId};
 use crate::kernels::sgd::SgdConfig;
 use crate::kernels::tuning::{Tuner, TuningCache};
 use crate::model::weights::{self, NamedTensor};
@@ -180,6 +180,28 @@ impl Checkpoint {
     }
 }
 
+/// The training step's graph of `config` under `options`: the model, its losses and the
+/// parameter groups; and its outputs `[aux, out]`.
+fn training_graph(config: &Config, options: &TrainOptions) -> Result<(GraphBuilder, [ValueId; 2])> {
+    let [h, w] = options.crop;
+    let mut g = GraphBuilder::new();
+    let x = g.input("input", &[options.batch, 3, h, w], false);
+    let m = hrnet::build(&mut g, config, x, options.dropout)?;
+    let labels = g.labels("label", &[options.batch, h, w]);
+    hrnet::add_losses(&mut g, config, [m.aux, m.out], labels)?;
+    for k in &options.head_keywords {
+        g.lr_multiplier(k, options.head_lr_mult);
+    }
+    Ok((g, [m.aux, m.out]))
+}
+
+/// The device memory a training step of `config` under `options` plans, from the shapes
+/// alone ([`GraphBuilder::plan_training_memory`]; nothing is allocated).
+pub fn planned_memory(config: &Config, options: &TrainOptions) -> Result<TrainingMemory> {
+    let (g, outputs) = training_graph(config, options)?;
+    Ok(g.plan_training_memory(&outputs))
+}
+
 /// A model being trained: its training graph, optimizer state and step count.
 pub struct Trainer<'g> {
     gpu: &'g Gpu,
@@ -203,17 +225,8 @@ impl<'g> Trainer<'g> {
                 "training needs a positive batch, crop and max_iter, got {options:?}"
             )));
         }
-        let [h, w] = options.crop;
-        let mut g = GraphBuilder::new();
-        let x = g.input("input", &[options.batch, 3, h, w], false);
-        let m = hrnet::build(&mut g, &config, x, options.dropout)?;
-        let labels = g.labels("label", &[options.batch, h, w]);
-        hrnet::add_losses(&mut g, &config, [m.aux, m.out], labels)?;
-        for k in &options.head_keywords {
-            g.lr_multiplier(k, options.head_lr_mult);
-        }
+        let (mut g, outputs) = training_graph(&config, &options)?;
         // A training run reuses its graph for every step: measure the variants first.
-        let outputs = [m.aux, m.out];
         g.tune(gpu, &Arc::new(Tuner::new(gpu, options.tuning.clone())), Mode::Train, &outputs)?;
         let graph = g.build(gpu, Mode::Train, &outputs)?;
         match weights {

@@ -76,6 +76,10 @@ fn parameter_gradients_accumulate_until_zeroed() {
     graph.forward(gpu).unwrap();
     graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
     graph.backward(gpu).unwrap();
+    // The backward freed what the forward kept: a second one needs its own forward.
+    let e = graph.backward(gpu).unwrap_err().to_string();
+    assert!(e.contains("no forward pass since the last backward"), "{e}");
+    graph.forward(gpu).unwrap();
     graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
     graph.backward(gpu).unwrap();
     let twice = |name: &str| f.get(&format!("grad.{name}")).iter().map(|v| 2.0 * v).collect::<Vec<f32>>();
@@ -85,6 +89,7 @@ fn parameter_gradients_accumulate_until_zeroed() {
     // The input's gradient is not a parameter's: each pass overwrites it.
     assert_close("grad x", &download(graph.grad("x").unwrap()), f.get("grad.x"), TOL);
     graph.zero_grads(gpu).unwrap();
+    graph.forward(gpu).unwrap();
     graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
     graph.backward(gpu).unwrap();
     assert_close(

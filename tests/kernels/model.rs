@@ -569,3 +569,89 @@ fn mmsegmentation_checkpoints_load_through_the_key_map_and_give_its_logits() {
     let err = rel_l2(&other[2], f.get("logits"));
     assert!(err > 1e-2, "the official conventions give the mmsegmentation logits too (error {err:.2e})");
 }
+
+/// The training plan against the device: a tiny model's training graph, built on a device
+/// of its own (so no other test's tensors count), holds in its tensors' buffers what the
+/// plan says, each buffer rounded up to its pool size class (at most 1/8 more) and the
+/// arenas' views to the offset alignment; the device's high-water mark over a step adds
+/// the kernels' scratch buffers (packed weights, partial sums), which the plan leaves out.
+#[test]
+fn a_training_step_allocates_what_its_plan_says() {
+    let gpu = hrnet_ocr::Gpu::new().unwrap();
+    let cfg = tiny_config();
+    let f = Fixture::load("model/tiny_train.safetensors");
+    let shape: [usize; 4] = f.shape("input").try_into().unwrap();
+    let [n, _, h, w] = shape;
+    let mut g = GraphBuilder::new();
+    let x = g.input("input", &shape, false);
+    let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
+    let labels = g.labels("label", &[n, h, w]);
+    hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
+    let plan = g.plan_training_memory(&[m.aux, m.out]);
+    let (before, _) = gpu.tensor_memory();
+    gpu.reset_peak_memory();
+    let graph = g.build(&gpu, Mode::Train, &[m.aux, m.out]).unwrap();
+    weights::load_into(&gpu, &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
+    graph.set(&gpu, "input", f.get("input")).unwrap();
+    graph.tensor("label").unwrap().write_u32(&gpu, f.labels("label")).unwrap();
+    graph.forward(&gpu).unwrap();
+    graph.backward(&gpu).unwrap();
+    gpu.wait().unwrap();
+    let peak = gpu.tensor_memory().1 - before;
+    let held = graph.tensor_bytes();
+    let planned = plan.total();
+    eprintln!(
+        "planned {planned} B, held {held} B, device peak {peak} B (kernel scratch {} B); {plan}",
+        peak - held
+    );
+    // The arenas' views start at the offset alignment: at most one alignment per parameter.
+    let padding =
+        (graph.parameters().count() * 3) as u64 * u64::from(gpu.limits().min_storage_buffer_offset_alignment);
+    assert!(held >= planned, "the graph holds {held} B, below the plan's {planned} B");
+    assert!(held <= planned + planned / 8 + padding, "the graph holds {held} B: {plan}");
+    assert!(peak >= held, "{peak} {held}");
+    assert!(plan.activations < plan.activations_unshared, "{plan}");
+}
+
+/// A model whose parameters do not fit one storage binding trains: on a device whose
+/// bindings take 2 MiB, the tiny model's 5.6 MiB of parameters (and their gradients and
+/// momentum) split into arena chunks, and a training step's loss and updated weights are
+/// bit-identical to those of the device that holds them in one.
+#[test]
+fn a_parameter_arena_beyond_the_binding_limit_trains_in_chunks_bit_identically() {
+    use hrnet_ocr::kernels::sgd::SgdConfig;
+    let small = hrnet_ocr::Gpu::with_options(&hrnet_ocr::GpuOptions {
+        max_storage_binding: Some(2 << 20),
+        ..hrnet_ocr::GpuOptions::from_env()
+    })
+    .unwrap();
+    let f = Fixture::load("model/tiny_train.safetensors");
+    let shape: [usize; 4] = f.shape("input").try_into().unwrap();
+    let step = |gpu: &hrnet_ocr::Gpu| {
+        let cfg = tiny_config();
+        let mut g = GraphBuilder::new();
+        let x = g.input("input", &shape, false);
+        let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
+        let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
+        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
+        let mut graph = g.build(gpu, Mode::Train, &[m.aux, m.out]).unwrap();
+        weights::load_into(gpu, &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
+        graph.set(gpu, "input", f.get("input")).unwrap();
+        graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+        let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
+        graph.train_step(gpu, &config, 0.01).unwrap();
+        let dispatches = graph.step_dispatches().len();
+        (graph.loss(gpu).unwrap(), weights::state_dict(gpu, &graph).unwrap(), dispatches)
+    };
+    let (loss, state, dispatches) = step(gpu());
+    let (small_loss, small_state, small_dispatches) = step(&small);
+    assert!(
+        small_dispatches >= dispatches + 2,
+        "an SGD dispatch per chunk: {small_dispatches} vs {dispatches}"
+    );
+    assert_eq!(loss.to_bits(), small_loss.to_bits(), "loss {loss} vs {small_loss}");
+    assert_eq!(state.len(), small_state.len());
+    for (a, b) in state.iter().zip(&small_state) {
+        assert!(a.name == b.name && a.data == b.data, "{} differs after the step", a.name);
+    }
+}

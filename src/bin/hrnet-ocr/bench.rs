@@ -69,9 +69,16 @@ pub struct BenchArgs {
     /// Run on every adapter of every backend found; tables get a column per adapter
     #[arg(long)]
     all_adapters: bool,
+    /// Print the planned device memory of the forward and of a training step, from the
+    /// shapes alone (no device needed), and exit
+    #[arg(long)]
+    plan_memory: bool,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.plan_memory {
+        return plan_memory(args);
+    }
     let gpus = if args.all_adapters {
         // An adapter that is listed but will not open a device (a GL context on a headless
         // GPU machine, say) is skipped with a note; none opening is an error.
@@ -297,6 +304,49 @@ fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     Ok((mean, times.iter().copied().fold(f64::INFINITY, f64::min)))
 }
 
+/// The planned device memory of the model's forward and training step at the bench size.
+fn plan_memory(args: &BenchArgs) -> Result<()> {
+    let cfg = bench_config(args)?;
+    let [h, w] = args.input.size;
+    let n = args.input.batch.max(1);
+    let mut g = GraphBuilder::new();
+    let x = g.input("input", &[n, 3, h, w], false);
+    let m = hrnet::build(&mut g, &cfg, x, 0.0)?;
+    let forward = g.plan_memory(&[m.out]);
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    println!(
+        "forward at {n}x3x{h}x{w}: {:.1} MiB planned ({:.1} MiB with a buffer per tensor); largest tensor {} at {:.1} MiB",
+        mib(forward.planned),
+        mib(forward.unshared),
+        forward.largest.0,
+        mib(forward.largest.1)
+    );
+    let training = hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w]))?;
+    println!("training step at {n}x3x{h}x{w}: {training}");
+    Ok(())
+}
+
+fn bench_config(args: &BenchArgs) -> Result<Config> {
+    match &args.input.config {
+        Some(c) => Config::load(c),
+        None => model::bundled_config(),
+    }
+}
+
+/// The trainer's options a benchmark runs: the config's dropout, one group.
+fn train_options(cfg: &Config, batch: usize, crop: [usize; 2]) -> TrainOptions {
+    TrainOptions {
+        batch,
+        crop,
+        max_iter: usize::MAX,
+        extra: None,
+        dropout: cfg.head_dropout(),
+        head_keywords: Vec::new(),
+        head_lr_mult: 1.0,
+        tuning: TuningCache::from_env(),
+    }
+}
+
 /// One pass of the whole model on one adapter: (mean, best) ms, dispatches, and the
 /// per-kernel profile where the adapter has timestamps.
 struct Pass {
@@ -307,10 +357,7 @@ struct Pass {
 }
 
 fn end_to_end(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
-    let cfg = match &args.input.config {
-        Some(c) => Config::load(c)?,
-        None => model::bundled_config()?,
-    };
+    let cfg = bench_config(args)?;
     let [h, w] = args.input.size;
     let n = args.input.batch.max(1);
     let name = args.input.config.as_deref().unwrap_or("the bundled model");
@@ -329,6 +376,10 @@ fn end_to_end(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
         }
         if !args.json && !args.all_adapters {
             println!("{:<14} {:>10.1} MiB planned device memory (forward)", "", memory_mib);
+            if !args.forward_only {
+                let planned = hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w]))?;
+                println!("{:<14} training step: {planned}", "");
+            }
         }
         columns.push((adapter_name(gpu), passes));
     }
@@ -458,16 +509,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     if args.forward_only {
         return Ok((passes, memory_mib));
     }
-    let options = TrainOptions {
-        batch: n,
-        crop: [h, w],
-        max_iter: usize::MAX,
-        extra: None,
-        dropout: cfg.head_dropout(),
-        head_keywords: Vec::new(),
-        head_lr_mult: 1.0,
-        tuning: TuningCache::from_env(),
-    };
+    let options = train_options(cfg, n, [h, w]);
     let mut trainer = Trainer::new(gpu, cfg.clone(), None, options)?;
     let samples: Vec<Sample> = planes
         .chunks_exact(3 * h * w)

@@ -77,6 +77,10 @@ pub struct TrainArgs {
     /// End this invocation after step N (a later --resume goes on from there)
     #[arg(long, value_name = "N")]
     stop_after: Option<usize>,
+    /// Print the training step's planned device memory, what its tensors hold, and after
+    /// the first step the device's high-water mark
+    #[arg(long)]
+    report_memory: bool,
 }
 
 /// The settings given on the command line, as the texts a checkpoint stores them as.
@@ -194,6 +198,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     let (steps, batch, crop) = (s.total_steps(), s.batch, s.crop);
     let options = s.options(&cfg, TuningCache::from_env());
+    if args.report_memory {
+        println!("training step memory: {}", hrnet_ocr::train::planned_memory(&cfg, &options)?);
+    }
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
@@ -227,6 +234,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         crop[1]
     );
     println!("{recipe_text}");
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    if args.report_memory {
+        println!("the graph's tensors hold {:.1} MiB", mib(trainer.graph().tensor_bytes()));
+        gpu.reset_peak_memory();
+    }
     let start = Instant::now();
     for step in first..stop {
         let samples = match &extra_batches {
@@ -242,6 +254,14 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             )));
         }
         let done = step + 1;
+        if args.report_memory && step == first {
+            let (held, peak) = gpu.tensor_memory();
+            println!(
+                "after step {done}: tensors {:.1} MiB on the device, high-water mark {:.1} MiB (kernels' scratch included)",
+                mib(held),
+                mib(peak)
+            );
+        }
         let rate = ((done - first) * batch) as f64 / start.elapsed().as_secs_f64();
         let (loss, aux, main, lr) = (stats.loss, stats.aux_loss, stats.main_loss, stats.lr);
         log.append(&format!("{done},{loss},{aux},{main},{lr},{rate:.3}"))?;
