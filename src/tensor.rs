@@ -85,6 +85,12 @@ impl Tensor {
     /// The start must meet the adapter's storage offset alignment.
     pub fn view(&self, gpu: &Gpu, start: usize, shape: &[usize]) -> Result<Self> {
         let numel: usize = shape.iter().product();
+        let bytes = numel as u64 * 4;
+        let limit = gpu.limits().max_storage_buffer_binding_size;
+        if bytes > limit {
+            let what = format!("a view of shape {}", fmt_shape(shape));
+            return Err(Error::Limit { what, bytes, limit, limit_name: "max_storage_buffer_binding_size" });
+        }
         if numel == 0 || start + numel > self.numel() {
             return Err(Error::Invalid(format!(
                 "a view of shape {} at element {start} does not fit in a tensor of shape {}",

@@ -305,7 +305,7 @@ impl GraphBuilder {
         let fixed: u64 = self.values.iter().filter(|v| v.role.is_set()).map(bytes).sum();
         let largest = self.values.iter().max_by_key(|v| bytes(v)).map(|v| (v.name.clone(), bytes(v)));
         MemoryReport {
-            planned: fixed + plan.slot_elems.iter().map(|&n| n as u64 * 4).sum::<u64>(),
+            planned: fixed + plan.bytes(),
             unshared: self.values.iter().map(bytes).sum(),
             largest: largest.unwrap_or_default(),
         }
@@ -329,7 +329,7 @@ impl GraphBuilder {
             needs[i] && !matches!(v.role, Role::Param) && plan.slot_of[self.values.len() + i].is_none()
         });
         TrainingMemory {
-            activations: plan.slot_elems.iter().map(|&n| n as u64 * 4).sum::<u64>() + unplanned_grads,
+            activations: plan.bytes() + unplanned_grads,
             activations_unshared: sum(&|_, v| activation(v)) + sum(&|i, v| needs[i] && v.role != Role::Param),
             parameters,
             gradients: parameters,
@@ -472,20 +472,20 @@ fn allocate_for_training(
     let arena = if params.is_empty() { None } else { Some(Arena::new(gpu, &params)?) };
     let plan = training_plan(values, ops, outputs, schedule);
     let n = values.len();
-    let slots = allocate_slots(gpu, &plan, |b| match b.checked_sub(n) {
-        None => (format!("activation {}", values[b].name), values[b].shape.clone()),
-        Some(i) => (format!("the gradient of activation {}", values[i].name), values[i].shape.clone()),
-    })?;
+    let slots = allocate_slots(gpu, &plan)?;
+    let describe = |b: usize| match b.checked_sub(n) {
+        None => format!("activation {}", values[b].name),
+        Some(i) => format!("the gradient of activation {}", values[i].name),
+    };
     let mut param_views = arena.iter().flat_map(|a| a.views.iter());
     let tensors = values
         .iter()
-        .zip(&plan.slot_of)
-        .map(|(v, &slot)| match v.role {
+        .enumerate()
+        .map(|(i, v)| match v.role {
             Role::Param => Ok(param_views.next().expect("a view per parameter").0.clone()),
-            _ => value_tensor(gpu, v, slot, &slots),
+            _ => value_tensor(gpu, v, plan.slot_of[i], &slots).map_err(|e| named(&describe(i), &v.shape, e)),
         })
-        .collect::<Result<Vec<_>>>()
-        .map_err(|e| Error::Invalid(format!("allocating the graph's tensors: {e}")))?;
+        .collect::<Result<Vec<_>>>()?;
     let needs = ops::requires_grad(values, ops);
     let mut grad_views = arena.iter().flat_map(|a| a.views.iter());
     let grads = values
@@ -493,7 +493,9 @@ fn allocate_for_training(
         .enumerate()
         .map(|(i, v)| match (v.role, needs[i], plan.slot_of[n + i]) {
             (Role::Param, _, _) => Ok(Some(grad_views.next().expect("a view per parameter").1.clone())),
-            (_, true, Some(s)) => slots[s].view(gpu, 0, &v.shape).map(Some),
+            (_, true, Some(s)) => {
+                slots[s].view(gpu, 0, &v.shape).map(Some).map_err(|e| named(&describe(n + i), &v.shape, e))
+            }
             (_, true, None) => Tensor::empty(gpu, &v.shape).map(Some),
             (_, false, _) => Ok(None),
         })
@@ -501,7 +503,7 @@ fn allocate_for_training(
     Ok(TrainingTensors { tensors, grads, arena })
 }
 
-/// The graph's tensors for inference: activations share buffers by liveness ([`plan`]).
+/// The graph's tensors for inference: activations share slots by liveness ([`plan`]).
 fn allocate_for_inference(
     gpu: &Gpu,
     values: &[Value],
@@ -509,31 +511,27 @@ fn allocate_for_inference(
     outputs: &[ValueId],
 ) -> Result<Vec<Tensor>> {
     let plan = plan::inference(values, ops, outputs);
-    let slots =
-        allocate_slots(gpu, &plan, |b| (format!("activation {}", values[b].name), values[b].shape.clone()))?;
-    values.iter().zip(&plan.slot_of).map(|(v, &slot)| value_tensor(gpu, v, slot, &slots)).collect()
-}
-
-/// A plan's shared buffers. An allocation that fails names the largest buffer the slot
-/// holds (`describe` gives a planned buffer's name and shape) rather than the slot itself.
-fn allocate_slots(
-    gpu: &Gpu,
-    plan: &plan::Plan,
-    describe: impl Fn(usize) -> (String, Vec<usize>),
-) -> Result<Vec<Tensor>> {
-    plan.slot_elems
+    let slots = allocate_slots(gpu, &plan)?;
+    values
         .iter()
-        .enumerate()
-        .map(|(s, &n)| {
-            Tensor::empty(gpu, &[n]).map_err(|e| {
-                let holders = (0..plan.slot_of.len()).filter(|&b| plan.slot_of[b] == Some(s)).map(&describe);
-                match holders.max_by_key(|(_, shape)| shape.iter().product::<usize>()) {
-                    Some((name, shape)) => Error::Invalid(format!("allocating {name} {shape:?}: {e}")),
-                    None => e,
-                }
-            })
+        .zip(&plan.slot_of)
+        .map(|(v, &slot)| {
+            value_tensor(gpu, v, slot, &slots)
+                .map_err(|e| named(&format!("activation {}", v.name), &v.shape, e))
         })
         .collect()
+}
+
+/// An allocation error naming the planned buffer it was for.
+fn named(what: &str, shape: &[usize], e: Error) -> Error {
+    Error::Invalid(format!("allocating {what} {shape:?}: {e}"))
+}
+
+/// A plan's slots: the buffers planned tensors are views of (each as large as its largest
+/// tenant; one beyond a binding is left to that tenant's view to refuse, naming it).
+fn allocate_slots(gpu: &Gpu, plan: &plan::Plan) -> Result<Vec<Tensor>> {
+    let binding = (gpu.limits().max_storage_buffer_binding_size / 4) as usize;
+    plan.slot_elems.iter().map(|&n| Tensor::empty(gpu, &[n.min(binding)])).collect()
 }
 
 /// A value's tensor: a view of its planned slot, a buffer of its own, or for a value
@@ -541,8 +539,7 @@ fn allocate_slots(
 /// to hand out.
 fn value_tensor(gpu: &Gpu, v: &Value, slot: Option<usize>, slots: &[Tensor]) -> Result<Tensor> {
     match (slot, v.role) {
-        // Shared slots hold f32 activations; a u32 one (argmax) has its own buffer.
-        (Some(s), _) if v.dtype == DType::F32 => slots[s].view(gpu, 0, &v.shape),
+        (Some(s), _) => slots[s].view(gpu, 0, &v.shape),
         (None, Role::Fused) => Tensor::empty_of(gpu, &[1], v.dtype),
         _ => Tensor::empty_of(gpu, &v.shape, v.dtype),
     }

@@ -1,8 +1,11 @@
 //! Memory planning: each planned buffer (an activation, or in training also an activation's
-//! gradient) gets a slot of a shared buffer that it holds from the step that first writes it
-//! to the last step that reads or writes it; slots are reused best-fit. A step's new buffers
-//! take their slots before its finished ones give theirs back, so no kernel writes over what
-//! it reads.
+//! gradient) lives from the step that first writes it to the last step that reads or writes
+//! it, and is a view of a shared slot that no buffer it overlaps in time also uses. Slots
+//! are assigned greedily, largest buffer first, each to the first slot free for its whole
+//! lifetime (else a new slot of its size), so every slot is as large as its largest tenant
+//! and small buffers fill the gaps big ones leave. Buffers alive at the same step never
+//! share a slot, so no kernel writes over what it reads, and no dispatch binds one slot
+//! twice.
 //!
 //! Inference plans the forward nodes. Training plans the forward nodes and then the backward
 //! of each node in reverse, over activations and their gradients: an activation lives until
@@ -10,13 +13,20 @@
 //! gradient from its first contribution until the backward of the node that made the value.
 
 use super::ops::Op;
-use super::{Role, Value, ValueId};
+use super::{DType, Role, Value, ValueId};
 
 pub(super) struct Plan {
-    /// The slot of each planned buffer.
+    /// Each planned buffer's slot.
     pub slot_of: Vec<Option<usize>>,
     /// Each slot's size in elements.
     pub slot_elems: Vec<usize>,
+}
+
+impl Plan {
+    /// Bytes of every slot.
+    pub fn bytes(&self) -> u64 {
+        self.slot_elems.iter().map(|&n| n as u64 * 4).sum()
+    }
 }
 
 /// One step of a pass: the planned buffers it reads and writes, by buffer index.
@@ -26,45 +36,42 @@ pub(super) struct Step {
 }
 
 /// Plans buffers of `numel` elements (`None`: not planned) over `steps`; the `keep` buffers
-/// are never given back.
+/// live to the end.
 pub(super) fn plan(numel: &[Option<usize>], steps: &[Step], keep: &[usize]) -> Plan {
-    let mut last_use = vec![None; numel.len()];
-    for (i, step) in steps.iter().enumerate() {
-        for &b in step.reads.iter().chain(&step.writes) {
-            last_use[b] = Some(i);
-        }
-    }
-    let mut plan = Plan { slot_of: vec![None; numel.len()], slot_elems: Vec::new() };
-    let mut free: Vec<usize> = Vec::new();
+    // Each buffer's lifetime, inclusive: from its first write to its last use.
+    let mut life: Vec<Option<(usize, usize)>> = vec![None; numel.len()];
     for (i, step) in steps.iter().enumerate() {
         for &b in &step.writes {
-            let Some(need) = numel[b] else { continue };
-            if plan.slot_of[b].is_some() {
-                continue;
-            }
-            let best = free
-                .iter()
-                .enumerate()
-                .filter(|(_, &s)| plan.slot_elems[s] >= need)
-                .min_by_key(|(_, &s)| plan.slot_elems[s]);
-            let slot = match best {
-                Some((k, _)) => free.swap_remove(k),
-                None => {
-                    plan.slot_elems.push(need);
-                    plan.slot_elems.len() - 1
-                }
-            };
-            plan.slot_of[b] = Some(slot);
-        }
-        for &b in step.reads.iter().chain(&step.writes) {
-            if last_use[b] == Some(i) && !keep.contains(&b) {
-                if let Some(slot) = plan.slot_of[b] {
-                    if !free.contains(&slot) {
-                        free.push(slot);
-                    }
-                }
+            if numel[b].is_some() {
+                life[b] = Some(life[b].map_or((i, i), |(first, _)| (first, i)));
             }
         }
+        for &b in &step.reads {
+            if let Some((first, _)) = life[b] {
+                life[b] = Some((first, i));
+            }
+        }
+    }
+    for &b in keep {
+        if let Some((first, _)) = life[b] {
+            life[b] = Some((first, usize::MAX));
+        }
+    }
+    let mut order: Vec<usize> = (0..numel.len()).filter(|&b| life[b].is_some()).collect();
+    order.sort_by_key(|&b| (std::cmp::Reverse(numel[b].unwrap_or(0)), life[b]));
+    let mut plan = Plan { slot_of: vec![None; numel.len()], slot_elems: Vec::new() };
+    // Each slot's tenants' lifetimes.
+    let mut tenants: Vec<Vec<(usize, usize)>> = Vec::new();
+    for b in order {
+        let (first, last) = life[b].unwrap_or_default();
+        let free = |lives: &Vec<(usize, usize)>| lives.iter().all(|&(f, l)| l < first || last < f);
+        let slot = tenants.iter().position(free).unwrap_or_else(|| {
+            tenants.push(Vec::new());
+            plan.slot_elems.push(numel[b].unwrap_or(0));
+            tenants.len() - 1
+        });
+        tenants[slot].push((first, last));
+        plan.slot_of[b] = Some(slot);
     }
     plan
 }
@@ -73,10 +80,14 @@ fn numel(v: &Value) -> usize {
     v.shape.iter().product()
 }
 
+/// Whether a value is planned: an f32 activation (a u32 one, argmax's, has its own buffer).
+fn planned_value(v: &Value) -> Option<usize> {
+    (v.role == Role::Activation && v.dtype == DType::F32).then(|| numel(v))
+}
+
 /// The forward pass of an eval graph: buffers are values, activations planned.
 pub(super) fn inference(values: &[Value], ops: &[Op], outputs: &[ValueId]) -> Plan {
-    let planned: Vec<Option<usize>> =
-        values.iter().map(|v| (v.role == Role::Activation).then(|| numel(v))).collect();
+    let planned: Vec<Option<usize>> = values.iter().map(planned_value).collect();
     let steps: Vec<Step> = ops.iter().map(forward_step).collect();
     plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>())
 }
@@ -101,8 +112,7 @@ pub(super) fn training(
     backward: &[(usize, Vec<ValueId>)],
 ) -> Plan {
     let n = values.len();
-    let mut planned: Vec<Option<usize>> =
-        values.iter().map(|v| (v.role == Role::Activation).then(|| numel(v))).collect();
+    let mut planned: Vec<Option<usize>> = values.iter().map(planned_value).collect();
     planned.extend(values.iter().zip(grad_planned).map(|(v, &p)| p.then(|| numel(v))));
     let mut steps: Vec<Step> = ops.iter().map(forward_step).collect();
     for (at, targets) in backward {
