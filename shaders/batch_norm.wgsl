@@ -14,6 +14,8 @@ struct Params {
 }
 
 const ACCUMULATE: u32 = 1u;
+// bn_normalize_train: a ReLU after the normalisation (recomputing a BN-ReLU output).
+const RELU: u32 = 2u;
 
 #include "common.wgsl"
 
@@ -171,8 +173,10 @@ fn bn_normalize_train(@builtin(workgroup_id) wid: vec3<u32>,
     let shift = x[b.ch * p.hw];
     let scale = gamma[b.ch];
     let offset = beta[b.ch];
+    let relu = (p.flags & RELU) != 0u;
     for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
-        y[i] = ((x[i] - shift) - stats.x) * stats.y * scale + offset;
+        let v = ((x[i] - shift) - stats.x) * stats.y * scale + offset;
+        y[i] = select(v, max(v, 0.0), relu);
     }
 }
 

@@ -77,6 +77,8 @@ pub struct GraphBuilder {
     constants: Vec<(ValueId, Vec<f32>)>,
     /// Eval graphs fuse conv-BN-(add)-(ReLU) chains unless this is set.
     unfused: bool,
+    /// Training graphs: recompute BN-ReLU outputs in the backward instead of keeping them.
+    recompute: bool,
     /// The precision eval graphs keep convolution weights at.
     precision: Precision,
     /// Whose kernel-variant choices recording takes; none: the untimed defaults.
@@ -318,7 +320,7 @@ impl GraphBuilder {
     pub fn plan_training_memory(&self, outputs: &[ValueId]) -> TrainingMemory {
         let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
         let schedule = ops::backward_schedule(&self.values, &self.ops, outputs);
-        let plan = training_plan(&self.values, &self.ops, outputs, &schedule);
+        let plan = training_plan(&self.values, &self.ops, (outputs, &schedule), &self.recomputed_values());
         let needs = ops::requires_grad(&self.values, &self.ops);
         let sum = |keep: &dyn Fn(usize, &Value) -> bool| -> u64 {
             self.values.iter().enumerate().filter(|(i, v)| keep(*i, v)).map(|(_, v)| bytes(v)).sum()
@@ -335,6 +337,22 @@ impl GraphBuilder {
             gradients: parameters,
             momentum: parameters,
             fixed: sum(&|_, v| matches!(v.role, Role::Input { .. } | Role::State)),
+        }
+    }
+
+    /// Makes a training graph recompute each BN-ReLU output in the backward (from the batch
+    /// norm's input and saved statistics, bit-identically) instead of keeping it from the
+    /// forward: less memory for one more pass over those values.
+    pub fn recompute_in_backward(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    /// The values a training graph recomputes, by the batch-norm node of each.
+    fn recomputed_values(&self) -> HashMap<ValueId, usize> {
+        if self.recompute {
+            ops::recomputable(&self.ops)
+        } else {
+            HashMap::new()
         }
     }
 
@@ -392,12 +410,13 @@ impl GraphBuilder {
             }
         }
         let schedule = ops::backward_schedule(&self.values, &self.ops, outputs);
-        let (tensors, grads, optimizer) = if mode == Mode::Train {
+        let recompute = if mode == Mode::Train { self.recomputed_values() } else { HashMap::new() };
+        let (tensors, grads, optimizer, recomputed) = if mode == Mode::Train {
             let passes = (&self.ops[..], outputs, &schedule);
-            let t = allocate_for_training(gpu, &self.values, passes, &self.lr_multipliers)?;
-            (t.tensors, t.grads, t.arena.map(|arena| Optimizer { arena, step: None }))
+            let t = allocate_for_training(gpu, &self.values, passes, &recompute, &self.lr_multipliers)?;
+            (t.tensors, t.grads, t.arena.map(|arena| Optimizer { arena, step: None }), t.recomputed)
         } else {
-            (allocate_for_inference(gpu, &self.values, &self.ops, outputs)?, Vec::new(), None)
+            (allocate_for_inference(gpu, &self.values, &self.ops, outputs)?, Vec::new(), None, HashMap::new())
         };
         let mut graph = Graph {
             values: self.values,
@@ -412,6 +431,8 @@ impl GraphBuilder {
             tuner: self.tuner,
             weights_touched: AtomicBool::new(true),
             forwarded: AtomicBool::new(false),
+            recompute,
+            recomputed,
         };
         for (v, data) in &self.constants {
             graph.t(*v).write(gpu, data)?;
@@ -432,6 +453,8 @@ struct TrainingTensors {
     tensors: Vec<Tensor>,
     grads: Vec<Option<Tensor>>,
     arena: Option<Arena>,
+    /// The buffers of the values the backward recomputes.
+    recomputed: HashMap<ValueId, Tensor>,
 }
 
 /// Whether each value's gradient is planned: an activation's that the backward computes.
@@ -444,9 +467,15 @@ fn planned_gradients(values: &[Value], needs: &[bool], outputs: &[ValueId]) -> V
 }
 
 /// The training step's plan over activations and their gradients ([`plan::training`]).
-fn training_plan(values: &[Value], ops: &[Op], outputs: &[ValueId], schedule: &Schedule) -> plan::Plan {
+fn training_plan(
+    values: &[Value],
+    ops: &[Op],
+    (outputs, schedule): (&[ValueId], &Schedule),
+    recompute: &HashMap<ValueId, usize>,
+) -> plan::Plan {
     let needs = ops::requires_grad(values, ops);
-    plan::training(values, ops, outputs, &planned_gradients(values, &needs, outputs), schedule)
+    let grads = planned_gradients(values, &needs, outputs);
+    plan::training(values, ops, (outputs, &grads), schedule, recompute)
 }
 
 /// The backward schedule ([`ops::backward_schedule`]).
@@ -459,6 +488,7 @@ fn allocate_for_training(
     gpu: &Gpu,
     values: &[Value],
     (ops, outputs, schedule): (&[Op], &[ValueId], &Schedule),
+    recompute: &HashMap<ValueId, usize>,
     multipliers: &[(String, f32)],
 ) -> Result<TrainingTensors> {
     let params: Vec<(&[usize], f32)> = values
@@ -470,7 +500,7 @@ fn allocate_for_training(
         })
         .collect();
     let arena = if params.is_empty() { None } else { Some(Arena::new(gpu, &params)?) };
-    let plan = training_plan(values, ops, outputs, schedule);
+    let plan = training_plan(values, ops, (outputs, schedule), recompute);
     let n = values.len();
     let slots = allocate_slots(gpu, &plan)?;
     let describe = |b: usize| match b.checked_sub(n) {
@@ -500,7 +530,14 @@ fn allocate_for_training(
             (_, false, _) => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(TrainingTensors { tensors, grads, arena })
+    let recomputed = recompute
+        .keys()
+        .map(|&v| match plan.slot_of[2 * n + v.0] {
+            Some(s) => Ok((v, slots[s].view(gpu, 0, &values[v.0].shape)?)),
+            None => Tensor::empty(gpu, &values[v.0].shape).map(|t| (v, t)),
+        })
+        .collect::<Result<_>>()?;
+    Ok(TrainingTensors { tensors, grads, arena, recomputed })
 }
 
 /// The graph's tensors for inference: activations share slots by liveness ([`plan`]).
@@ -675,6 +712,10 @@ pub struct Graph {
     /// reads what the forward kept and frees it as it goes (the buffers are shared by
     /// liveness), so each backward needs a forward of its own.
     forwarded: AtomicBool,
+    /// Training graphs: the values the backward recomputes (by the batch-norm node of each),
+    /// and their buffers.
+    recompute: HashMap<ValueId, usize>,
+    recomputed: HashMap<ValueId, Tensor>,
 }
 
 struct Optimizer {

@@ -166,6 +166,27 @@ impl Op {
     }
 }
 
+/// The values a training graph may recompute in the backward instead of keeping them from
+/// the forward: each ReLU output whose input a batch norm made, with that batch-norm node's
+/// place (the batch norm's input is kept for its own backward, and its batch statistics are
+/// saved).
+pub(super) fn recomputable(ops: &[Op]) -> HashMap<ValueId, usize> {
+    let made_by_bn: HashMap<ValueId, usize> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(at, op)| match op {
+            Op::BatchNorm { y, .. } => Some((*y, at)),
+            _ => None,
+        })
+        .collect();
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::Relu { x, y } => made_by_bn.get(x).map(|&at| (*y, at)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Which values need a gradient: parameters, inputs that ask for one, and every activation
 /// computed from one of those.
 pub(super) fn requires_grad(values: &[Value], ops: &[Op]) -> Vec<bool> {
@@ -421,14 +442,39 @@ impl Graph {
             }
         }
         let mut targets = Targets { needs: &needs, written, discard: HashMap::new() };
+        let mut recomputed = std::collections::HashSet::new();
         for (at, _) in schedule {
             let op = &ops[*at];
+            // A recomputed value is rebuilt just before its first reader in the backward.
+            for v in op.backward_reads() {
+                if let (Some(&bn), false) = (self.recompute.get(&v), recomputed.contains(&v)) {
+                    let d = self.recompute_bn_relu(gpu, &ops[bn], v)?;
+                    recomputed.insert(v);
+                    self.recorded.backward.push(d);
+                }
+            }
             let gy = op.io().1.and_then(|y| grads[y.0].clone());
             let mut d = self.backward_of(gpu, (*at, op), gy, &grads, &mut targets)?;
             self.recorded.backward.append(&mut d);
         }
         self.grads = grads;
         Ok(())
+    }
+
+    /// Recomputes `v`, the ReLU of the batch norm `bn`'s output, into its backward buffer.
+    fn recompute_bn_relu(&self, gpu: &Gpu, bn: &Op, v: ValueId) -> Result<Dispatch> {
+        let &Op::BatchNorm { x, y, .. } = bn else {
+            return Err(Error::Invalid(format!(
+                "value {v:?} is recomputed from a node that is not a batch norm"
+            )));
+        };
+        let into = &self.recomputed[&v];
+        batch_norm::normalize_relu_train(gpu, self.t(x), &self.bn_params(bn), &self.recorded.saved[&y], into)
+    }
+
+    /// What the backward reads of value `v`: its forward tensor, or where it was recomputed.
+    fn kept(&self, v: ValueId) -> &Tensor {
+        self.recomputed.get(&v).unwrap_or_else(|| self.t(v))
     }
 
     /// The backward dispatches of the op at place `at` of the op list.
@@ -453,7 +499,7 @@ impl Graph {
             }
             &Op::Conv2d { spec, x, weight, bias, .. } => {
                 let gy = gy();
-                let (xt, wt) = (self.t(x), self.t(weight));
+                let (xt, wt) = (self.kept(x), self.t(weight));
                 let class = conv2d::class(&spec, xt.shape(), wt.shape(), Precision::F32)?;
                 let tuner = self.tuner.as_deref();
                 let mut d = Vec::new();
@@ -484,7 +530,7 @@ impl Graph {
                 };
                 batch_norm::backward(
                     gpu,
-                    self.t(x),
+                    self.kept(x),
                     &self.bn_params(op),
                     &self.recorded.saved[&y],
                     &gy(),
@@ -496,7 +542,7 @@ impl Graph {
                     return Ok(Vec::new());
                 }
                 let (gx, acc) = target(x)?;
-                vec![elementwise::relu_backward(gpu, self.t(y), &gy(), &gx, acc)?]
+                vec![elementwise::relu_backward(gpu, self.kept(y), &gy(), &gx, acc)?]
             }
             &Op::Add { a, b, .. } => {
                 let (ga, gb) = (target(a)?, target(b)?);
@@ -504,7 +550,7 @@ impl Graph {
             }
             &Op::AddRelu { a, b, y } => {
                 let (ga, gb) = (target(a)?, target(b)?);
-                vec![elementwise::add_relu_backward(gpu, self.t(y), &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?]
+                vec![elementwise::add_relu_backward(gpu, self.kept(y), &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?]
             }
             &Op::Resize { x, align_corners, .. } => {
                 if !tg_needs(grads, x) {
@@ -536,8 +582,8 @@ impl Graph {
                 ocr::spatial_gather_backward(
                     gpu,
                     self.tuner.as_deref(),
-                    self.t(feats),
-                    self.t(probs),
+                    self.kept(feats),
+                    self.kept(probs),
                     &gy(),
                     (&gr.0, gr.1),
                     (&gf.0, gf.1),
@@ -546,8 +592,8 @@ impl Graph {
             &Op::ObjectAttention { query, key, value, sim, .. } => {
                 let (gq, gk, gv) = (target(query)?, target(key)?, target(value)?);
                 let g = AttentionGrads { query: (&gq.0, gq.1), key: (&gk.0, gk.1), value: (&gv.0, gv.1) };
-                let inputs = (self.t(query), self.t(key), self.t(value));
-                ocr::object_attention_backward(gpu, self.tuner.as_deref(), inputs, self.t(sim), &gy(), &g)?
+                let inputs = (self.kept(query), self.kept(key), self.kept(value));
+                ocr::object_attention_backward(gpu, self.tuner.as_deref(), inputs, self.kept(sim), &gy(), &g)?
             }
             &Op::Dropout { x, layer, .. } => {
                 let (gx, accumulate) = target(x)?;
@@ -567,7 +613,7 @@ impl Graph {
                         Error::Invalid(format!("loss node {at} has no recorded forward pass"))
                     })?;
                 let ce = self.cross_entropy(&spec);
-                vec![ce.backward(gpu, pass, self.t(logits), self.t(labels), spec.weight, (&gl, acc))?]
+                vec![ce.backward(gpu, pass, self.kept(logits), self.kept(labels), spec.weight, (&gl, acc))?]
             }
         })
     }

@@ -11,9 +11,13 @@
 //! of each node in reverse, over activations and their gradients: an activation lives until
 //! the last forward node or backward kernel that reads it ([`Op::backward_reads`]), a
 //! gradient from its first contribution until the backward of the node that made the value.
+//! With recomputation, a BN-ReLU output is freed in the forward like any value the backward
+//! does not read, and recomputed from the batch norm's input (kept for the batch norm's own
+//! backward) into a buffer of its own just before its first reader in the backward.
 
 use super::ops::Op;
 use super::{DType, Role, Value, ValueId};
+use std::collections::HashMap;
 
 pub(super) struct Plan {
     /// Each planned buffer's slot.
@@ -99,25 +103,41 @@ fn forward_step(op: &Op) -> Step {
     }
 }
 
-/// A training step: buffer `i < n` is value `i`, buffer `n + i` the gradient of value `i`.
-/// `grad_planned[i]` says whether value i's gradient is planned (an activation's that the
-/// backward computes; parameters' live in the optimizer arena, and the gradients a caller
-/// writes or reads are kept apart). `backward` is the backward schedule: the nodes whose
-/// backward runs, in order, with the values each writes a gradient to.
+/// A training step: buffer `i < n` is value `i`, buffer `n + i` the gradient of value `i`,
+/// buffer `2n + i` value `i` recomputed. `grad_planned[i]` says whether value i's gradient is
+/// planned (an activation's that the backward computes; parameters' live in the optimizer
+/// arena, and the gradients a caller writes or reads are kept apart). `backward` is the
+/// backward schedule: the nodes whose backward runs, in order, with the values each writes a
+/// gradient to. `recompute` maps each value the backward recomputes to the batch-norm node
+/// it is recomputed from ([`super::ops::recomputable`]).
 pub(super) fn training(
     values: &[Value],
     ops: &[Op],
-    outputs: &[ValueId],
-    grad_planned: &[bool],
+    (outputs, grad_planned): (&[ValueId], &[bool]),
     backward: &[(usize, Vec<ValueId>)],
+    recompute: &HashMap<ValueId, usize>,
 ) -> Plan {
     let n = values.len();
     let mut planned: Vec<Option<usize>> = values.iter().map(planned_value).collect();
     planned.extend(values.iter().zip(grad_planned).map(|(v, &p)| p.then(|| numel(v))));
+    planned.extend((0..n).map(|i| recompute.contains_key(&ValueId(i)).then(|| numel(&values[i]))));
     let mut steps: Vec<Step> = ops.iter().map(forward_step).collect();
+    let mut recomputed = vec![false; n];
     for (at, targets) in backward {
         let op = &ops[*at];
-        let mut reads: Vec<usize> = op.backward_reads().iter().map(|v| v.0).collect();
+        let mut reads = Vec::new();
+        for v in op.backward_reads() {
+            match recompute.get(&v) {
+                Some(&bn) => {
+                    if !std::mem::replace(&mut recomputed[v.0], true) {
+                        let (ins, _) = ops[bn].io();
+                        steps.push(Step { reads: vec![ins[0].0], writes: vec![2 * n + v.0] });
+                    }
+                    reads.push(2 * n + v.0);
+                }
+                None => reads.push(v.0),
+            }
+        }
         if let (_, Some(y)) = op.io() {
             reads.push(n + y.0);
         }

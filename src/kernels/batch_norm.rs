@@ -34,6 +34,7 @@ crate::gpu::shader_params! {
 }
 
 const ACCUMULATE: u32 = 1;
+const RELU: u32 = 2;
 
 /// The shape of the per-channel (mean, 1/std) a training forward saves for the backward.
 pub fn saved_shape(channels: usize) -> [usize; 2] {
@@ -141,7 +142,36 @@ pub fn forward_train(
         c,
         Cost { flops: (2 * l.chunks * c + 10 * c) as u64, bytes: f32_bytes(2 * l.chunks * c + 6 * c) },
     )?;
-    let normalize = launch(
+    Ok(vec![stats, finalize, normalize_train(gpu, &l, x, bn, saved, y)?])
+}
+
+/// `y = relu(BN(x))` with the batch statistics a training forward saved: a BN-ReLU output
+/// recomputed in the backward, bit-identical to the forward's (the same arithmetic, then
+/// ReLU's max). One dispatch.
+pub fn normalize_relu_train(
+    gpu: &Gpu,
+    x: &Tensor,
+    bn: &BatchNormParams<'_>,
+    saved: &Tensor,
+    y: &Tensor,
+) -> Result<Dispatch> {
+    let l = Layout::new("batch_norm input", x, bn, RELU)?;
+    check_shape("batch_norm output", x.shape(), y.shape())?;
+    check_shape("batch_norm saved statistics", &saved_shape(l.channels()), saved.shape())?;
+    normalize_train(gpu, &l, x, bn, saved, y)
+}
+
+/// The normalisation pass with saved batch statistics (`l`'s flags: ReLU after, or not).
+fn normalize_train(
+    gpu: &Gpu,
+    l: &Layout,
+    x: &Tensor,
+    bn: &BatchNormParams<'_>,
+    saved: &Tensor,
+    y: &Tensor,
+) -> Result<Dispatch> {
+    let (numel, c) = (l.numel(), l.channels());
+    launch(
         gpu,
         Shader::BatchNorm,
         "bn_normalize_train",
@@ -155,8 +185,7 @@ pub fn forward_train(
         ],
         l.plane_blocks(gpu),
         Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * c) },
-    )?;
-    Ok(vec![stats, finalize, normalize])
+    )
 }
 
 /// Eval-mode forward with the running statistics.

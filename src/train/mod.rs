@@ -44,6 +44,9 @@ pub struct TrainOptions {
     /// Where the kernel-variant choices measured before the first step are kept
     /// ([`TuningCache::from_env`] for `HRNET_OCR_TUNING`).
     pub tuning: TuningCache,
+    /// Recompute BN-ReLU outputs in the backward instead of keeping them
+    /// ([`GraphBuilder::recompute_in_backward`]): less memory, the same results.
+    pub recompute: bool,
 }
 
 impl TrainOptions {
@@ -185,6 +188,7 @@ impl Checkpoint {
 fn training_graph(config: &Config, options: &TrainOptions) -> Result<(GraphBuilder, [ValueId; 2])> {
     let [h, w] = options.crop;
     let mut g = GraphBuilder::new();
+    g.recompute_in_backward(options.recompute);
     let x = g.input("input", &[options.batch, 3, h, w], false);
     let m = hrnet::build(&mut g, config, x, options.dropout)?;
     let labels = g.labels("label", &[options.batch, h, w]);

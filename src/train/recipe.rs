@@ -175,6 +175,7 @@ impl RunSettings {
             head_keywords: self.head_keywords.clone(),
             head_lr_mult: self.head_lr_mult,
             tuning,
+            recompute: false,
         }
     }
 

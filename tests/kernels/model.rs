@@ -655,3 +655,43 @@ fn a_parameter_arena_beyond_the_binding_limit_trains_in_chunks_bit_identically()
         assert!(a.name == b.name && a.data == b.data, "{} differs after the step", a.name);
     }
 }
+
+/// Recomputing the BN-ReLU outputs in the backward (`GraphBuilder::recompute_in_backward`)
+/// gives the training step of the graph that keeps them, to the bit: the loss, every
+/// parameter gradient and the running statistics; and plans less memory.
+#[test]
+fn recomputing_bn_relu_outputs_changes_no_bit_of_a_training_step() {
+    let gpu = gpu();
+    let f = Fixture::load("model/tiny_train.safetensors");
+    let shape: [usize; 4] = f.shape("input").try_into().unwrap();
+    let step = |recompute: bool| {
+        let cfg = tiny_config();
+        let mut g = GraphBuilder::new();
+        g.recompute_in_backward(recompute);
+        let x = g.input("input", &shape, false);
+        let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
+        let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
+        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
+        let planned = g.plan_training_memory(&[m.aux, m.out]);
+        let graph = g.build(gpu, Mode::Train, &[m.aux, m.out]).unwrap();
+        weights::load_into(gpu, &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
+        graph.set(gpu, "input", f.get("input")).unwrap();
+        graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+        graph.forward(gpu).unwrap();
+        graph.backward(gpu).unwrap();
+        let grads: Vec<(String, Vec<f32>)> =
+            graph.parameters().map(|(n, _)| (n.to_string(), download(graph.grad(n).unwrap()))).collect();
+        let dispatches = graph.backward_dispatches().len();
+        (graph.loss(gpu).unwrap(), grads, weights::state_dict(gpu, &graph).unwrap(), planned, dispatches)
+    };
+    let (loss, grads, state, planned, dispatches) = step(false);
+    let (r_loss, r_grads, r_state, r_planned, r_dispatches) = step(true);
+    assert_eq!(loss.to_bits(), r_loss.to_bits(), "loss {loss} vs {r_loss}");
+    for ((name, a), (_, b)) in grads.iter().zip(&r_grads) {
+        assert!(a == b, "the gradient of {name} differs when recomputing");
+    }
+    assert!(state == r_state, "the running statistics differ when recomputing");
+    assert!(r_dispatches > dispatches, "no recomputation recorded: {r_dispatches} vs {dispatches}");
+    eprintln!("planned: keeping {planned}\nrecomputing {r_planned}");
+    assert!(r_planned.activations < planned.activations, "{r_planned} vs {planned}");
+}

@@ -73,6 +73,9 @@ pub struct BenchArgs {
     /// shapes alone (no device needed), and exit
     #[arg(long)]
     plan_memory: bool,
+    /// The training step recomputes BN-ReLU outputs in the backward instead of keeping them
+    #[arg(long)]
+    recompute: bool,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -321,7 +324,7 @@ fn plan_memory(args: &BenchArgs) -> Result<()> {
         forward.largest.0,
         mib(forward.largest.1)
     );
-    let training = hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w]))?;
+    let training = hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w], args.recompute))?;
     println!("training step at {n}x3x{h}x{w}: {training}");
     Ok(())
 }
@@ -333,8 +336,9 @@ fn bench_config(args: &BenchArgs) -> Result<Config> {
     }
 }
 
-/// The trainer's options a benchmark runs: the config's dropout, one group.
-fn train_options(cfg: &Config, batch: usize, crop: [usize; 2]) -> TrainOptions {
+/// The trainer's options a benchmark runs: the config's dropout, one group, recomputing
+/// BN-ReLU outputs or not.
+fn train_options(cfg: &Config, batch: usize, crop: [usize; 2], recompute: bool) -> TrainOptions {
     TrainOptions {
         batch,
         crop,
@@ -344,6 +348,7 @@ fn train_options(cfg: &Config, batch: usize, crop: [usize; 2]) -> TrainOptions {
         head_keywords: Vec::new(),
         head_lr_mult: 1.0,
         tuning: TuningCache::from_env(),
+        recompute,
     }
 }
 
@@ -377,7 +382,8 @@ fn end_to_end(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
         if !args.json && !args.all_adapters {
             println!("{:<14} {:>10.1} MiB planned device memory (forward)", "", memory_mib);
             if !args.forward_only {
-                let planned = hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w]))?;
+                let planned =
+                    hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w], args.recompute))?;
                 println!("{:<14} training step: {planned}", "");
             }
         }
@@ -509,7 +515,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     if args.forward_only {
         return Ok((passes, memory_mib));
     }
-    let options = train_options(cfg, n, [h, w]);
+    let options = train_options(cfg, n, [h, w], args.recompute);
     let mut trainer = Trainer::new(gpu, cfg.clone(), None, options)?;
     let samples: Vec<Sample> = planes
         .chunks_exact(3 * h * w)

@@ -14,7 +14,7 @@ use hrnet_ocr::model::mmseg;
 use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::recipe::{RunSettings, SYNTHETIC_STEPS};
-use hrnet_ocr::train::{Checkpoint, Trainer};
+use hrnet_ocr::train::{Checkpoint, TrainOptions, Trainer};
 use hrnet_ocr::{Error, Gpu, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -81,6 +81,10 @@ pub struct TrainArgs {
     /// the first step the device's high-water mark
     #[arg(long)]
     report_memory: bool,
+    /// Recompute BN-ReLU outputs in the backward instead of keeping them: less device memory,
+    /// more time, the same results
+    #[arg(long)]
+    recompute: bool,
 }
 
 /// The settings given on the command line, as the texts a checkpoint stores them as.
@@ -197,7 +201,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         println!("resuming the official checkpoint after epoch {epoch}: step {}{best}", epoch * per_epoch);
     }
     let (steps, batch, crop) = (s.total_steps(), s.batch, s.crop);
-    let options = s.options(&cfg, TuningCache::from_env());
+    let options = TrainOptions { recompute: args.recompute, ..s.options(&cfg, TuningCache::from_env()) };
     if args.report_memory {
         println!("training step memory: {}", hrnet_ocr::train::planned_memory(&cfg, &options)?);
     }
