@@ -516,6 +516,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
         return Ok((passes, memory_mib));
     }
     let options = train_options(cfg, n, [h, w], args.recompute);
+    gpu.reset_peak_memory();
     let mut trainer = Trainer::new(gpu, cfg.clone(), None, options)?;
     let samples: Vec<Sample> = planes
         .chunks_exact(3 * h * w)
@@ -532,6 +533,15 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let step = trainer.graph().step_dispatches();
     let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &step)).transpose()?;
     passes.push(Pass { name: "training step", times, dispatches: step.len(), profile });
+    if !args.json && !args.all_adapters {
+        let mib = |b: u64| b as f64 / 1_048_576.0;
+        println!(
+            "training step on the device: the graph's tensors hold {:.1} MiB; high-water mark {:.1} MiB \
+             (with the kernels' scratch and the variant measurements)",
+            mib(trainer.graph().tensor_bytes()),
+            mib(gpu.tensor_memory().1)
+        );
+    }
     Ok((passes, memory_mib))
 }
 
