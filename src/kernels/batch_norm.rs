@@ -79,6 +79,19 @@ impl Layout {
         })
     }
 
+    /// A training pass's layout, its saved statistics and output checked against the input.
+    fn with_saved(
+        x: &Tensor,
+        bn: &BatchNormParams<'_>,
+        (saved, y): (&Tensor, &Tensor),
+        flags: u32,
+    ) -> Result<Self> {
+        let l = Layout::new("batch_norm input", x, bn, flags)?;
+        check_shape("batch_norm output", x.shape(), y.shape())?;
+        check_shape("batch_norm saved statistics", &saved_shape(l.channels()), saved.shape())?;
+        Ok(l)
+    }
+
     fn numel(&self) -> usize {
         self.dims.iter().product()
     }
@@ -107,9 +120,7 @@ pub fn forward_train(
     saved: &Tensor,
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    let l = Layout::new("batch_norm input", x, bn, 0)?;
-    check_shape("batch_norm output", x.shape(), y.shape())?;
-    check_shape("batch_norm saved statistics", &saved_shape(l.channels()), saved.shape())?;
+    let l = Layout::with_saved(x, bn, (saved, y), 0)?;
     if l.samples_per_channel() < 2 {
         return Err(Error::Invalid(format!(
             "batch_norm in training mode needs more than one value per channel; input shape {:?}",
@@ -155,9 +166,7 @@ pub fn normalize_relu_train(
     saved: &Tensor,
     y: &Tensor,
 ) -> Result<Dispatch> {
-    let l = Layout::new("batch_norm input", x, bn, RELU)?;
-    check_shape("batch_norm output", x.shape(), y.shape())?;
-    check_shape("batch_norm saved statistics", &saved_shape(l.channels()), saved.shape())?;
+    let l = Layout::with_saved(x, bn, (saved, y), RELU)?;
     normalize_train(gpu, &l, x, bn, saved, y)
 }
 
