@@ -437,9 +437,16 @@ impl GraphBuilder {
         for (v, data) in &self.constants {
             graph.t(*v).write(gpu, data)?;
         }
-        graph.record_forward(gpu, &self.ops, mode)?;
+        match mode {
+            Mode::Eval => graph.record_forward(gpu, &self.ops, mode)?,
+            // A training step's kernel calls run in order and repack their weights each pass,
+            // so they share their scratch buffers.
+            Mode::Train => crate::kernels::sharing_scratch(|| {
+                graph.record_forward(gpu, &self.ops, mode)?;
+                graph.record_backward(gpu, &self.ops, &schedule)
+            })?,
+        }
         if mode == Mode::Train {
-            graph.record_backward(gpu, &self.ops, &schedule)?;
             graph.zero_grads(gpu)?;
         }
         Ok(graph)

@@ -128,7 +128,7 @@ pub fn forward_train(
         )));
     }
     let (numel, c) = (l.numel(), l.channels());
-    let partials = scratch(gpu, 2 * l.chunks * c)?;
+    let partials = scratch(gpu, "batch_norm stats", 2 * l.chunks * c)?;
     let stats = launch(
         gpu,
         Shader::BatchNorm,
@@ -247,8 +247,8 @@ pub fn backward(
     check_shape("batch_norm weight gradient", &[c], grads.grad_gamma.shape())?;
     check_shape("batch_norm bias gradient", &[c], grads.grad_beta.shape())?;
     let numel = l.numel();
-    let partials = scratch(gpu, 2 * l.chunks * c)?;
-    let grad_sums = scratch(gpu, 2 * c)?;
+    let partials = scratch(gpu, "batch_norm backward partials", 2 * l.chunks * c)?;
+    let grad_sums = scratch(gpu, "batch_norm backward sums", 2 * c)?;
     let sums = launch(
         gpu,
         Shader::BatchNorm,

@@ -365,7 +365,7 @@ pub fn forward_with(
     }
     let mut params = d.params(spec, epilogue.flags(), 1)?;
     params.eps = epilogue.batch_norm.map_or(0.0, |bn| bn.eps);
-    let shift = scratch(gpu, d.co)?;
+    let shift = scratch(gpu, "conv2d shift", d.co)?;
     let pack = pack_forward(gpu, &d, &params, weight, epilogue, precision, &shift)?;
     let mut bindings = vec![
         Binding::read(1, x),
@@ -457,7 +457,7 @@ fn packed_tensor(gpu: &Gpu, vec4s: usize, precision: Precision) -> Result<Tensor
         Precision::F32 => 4,
         Precision::F16 => 2,
     };
-    scratch(gpu, words_per_vec4 * vec4s)
+    scratch(gpu, "conv2d packed weight", words_per_vec4 * vec4s)
 }
 
 /// Repacks the weight as vec4s over output channels for the forward, scaled by the folded
@@ -540,7 +540,11 @@ pub fn backward_weight_with(
     let direct = chunks == 1;
     let flags = if direct && accumulate { ACCUMULATE } else { 0 };
     let params = d.params(spec, flags, chunk_rows)?;
-    let partials = if direct { grad_weight.clone() } else { scratch(gpu, chunks * d.weight_len())? };
+    let partials = if direct {
+        grad_weight.clone()
+    } else {
+        scratch(gpu, "conv2d weight-gradient partials", chunks * d.weight_len())?
+    };
     let bindings = [Binding::read(1, x), Binding::read(5, grad_y), Binding::write(7, &partials)];
     let reduce_rows = launch(gpu, Shader::Conv2d, entry, &params, &bindings, chunks * tiles, cost)?;
     if direct {

@@ -143,7 +143,7 @@ impl CrossEntropy<'_> {
         to_u32("logits", logits.numel())?;
         let pixels = labels.numel();
         let chunks = pixels.div_ceil(CHUNK_PIXELS);
-        let partials = scratch(gpu, 2 * chunks)?;
+        let partials = scratch(gpu, "loss partials", 2 * chunks)?;
         let pass = LossPass {
             forward: Vec::new(),
             loss: Tensor::empty(gpu, &[1])?,

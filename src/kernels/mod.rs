@@ -19,6 +19,8 @@ pub mod tuning;
 use crate::error::{Error, Result};
 use crate::gpu::{BufferBinding, Cost, Dispatch, DispatchSpec, Gpu, Shader, ShaderParams, Workgroups};
 use crate::tensor::{Binding, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 /// The override constants a pipeline is built with on an adapter whose workgroup size
 /// ([`Gpu::workgroup_size`]) is `workgroup_size` (the shader translation test applies the
@@ -138,9 +140,52 @@ pub(crate) fn f32_bytes(elements: usize) -> u64 {
     elements as u64 * 4
 }
 
-/// A scratch tensor for partial results, owned by the dispatches that use it.
-pub(crate) fn scratch(gpu: &Gpu, elements: usize) -> Result<Tensor> {
-    Tensor::empty(gpu, &[elements])
+thread_local! {
+    /// While a training graph records ([`sharing_scratch`]): each call site's scratch buffer.
+    static SHARED_SCRATCH: RefCell<Option<HashMap<&'static str, Tensor>>> = const { RefCell::new(None) };
+}
+
+/// Runs `record` with the scratch buffers of its kernel calls shared between calls: every
+/// request of one call site (`scratch`'s `site`) gets a view of one buffer, grown (at least
+/// doubling) when a request outgrows it. Sound where the recorded calls run in order on
+/// one queue and each uses its scratch only among its own dispatches: a training graph,
+/// whose forward repacks every convolution's weights right before the convolution. (An eval
+/// graph keeps its packed weights from pass to pass, so it does not share.)
+pub(crate) fn sharing_scratch<T>(record: impl FnOnce() -> T) -> T {
+    struct Sharing;
+    impl Drop for Sharing {
+        fn drop(&mut self) {
+            SHARED_SCRATCH.with(|s| *s.borrow_mut() = None);
+        }
+    }
+    SHARED_SCRATCH.with(|s| *s.borrow_mut() = Some(HashMap::new()));
+    let _sharing = Sharing;
+    record()
+}
+
+/// A scratch tensor for partial results, used only by the dispatches of one kernel call;
+/// `site` names the call site (two scratches of one call need two sites). Owned by those
+/// dispatches, or inside [`sharing_scratch`] a view of the site's shared buffer.
+pub(crate) fn scratch(gpu: &Gpu, site: &'static str, elements: usize) -> Result<Tensor> {
+    let shared = SHARED_SCRATCH.with(|s| -> Result<Option<Tensor>> {
+        let mut sites = s.borrow_mut();
+        let Some(sites) = sites.as_mut() else { return Ok(None) };
+        let buffer = match sites.get(site) {
+            Some(b) if b.numel() >= elements => b.clone(),
+            held => {
+                let binding = (gpu.limits().max_storage_buffer_binding_size / 4) as usize;
+                let grown = held.map_or(0, |b| (2 * b.numel()).min(binding)).max(elements);
+                let b = Tensor::empty(gpu, &[grown])?;
+                sites.insert(site, b.clone());
+                b
+            }
+        };
+        buffer.view(gpu, 0, &[elements]).map(Some)
+    })?;
+    match shared {
+        Some(t) => Ok(t),
+        None => Tensor::empty(gpu, &[elements]),
+    }
 }
 
 /// A tuned family's line: the variants the adapter can run (from the same table the

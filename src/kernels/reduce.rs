@@ -44,7 +44,7 @@ pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Res
         let bindings = [Binding::read(1, x), Binding::write(2, out)];
         return Ok(vec![launch(gpu, Shader::Reduce, "channel_sum", &params, &bindings, c, cost)?]);
     }
-    let partials = scratch(gpu, chunks * c)?;
+    let partials = scratch(gpu, "channel-sum partials", chunks * c)?;
     params.flags = 0;
     let bindings = [Binding::read(1, x), Binding::write(2, &partials)];
     let first = launch(gpu, Shader::Reduce, "channel_sum", &params, &bindings, chunks * c, cost)?;

@@ -87,7 +87,7 @@ pub fn forward(gpu: &Gpu, x: &Tensor, axis: Axis, scale: f32, y: &Tensor) -> Res
         let bindings = [Binding::read(1, x), Binding::write(2, y)];
         return Ok(vec![launch(gpu, Shader::Softmax, "softmax_rows", &p, &bindings, axis.rows(), cost)?]);
     }
-    let stats = scratch(gpu, 2 * chunks * axis.rows())?;
+    let stats = scratch(gpu, "softmax statistics", 2 * chunks * axis.rows())?;
     let partial_cost = Cost { flops: 4 * n as u64, bytes: f32_bytes(n) };
     let partials = launch(
         gpu,
@@ -151,8 +151,8 @@ pub fn backward(
             cost,
         )?]);
     }
-    let partial_dots = scratch(gpu, chunks * axis.rows())?;
-    let dots = scratch(gpu, axis.rows())?;
+    let partial_dots = scratch(gpu, "softmax backward partials", chunks * axis.rows())?;
+    let dots = scratch(gpu, "softmax backward dots", axis.rows())?;
     let bindings = [&io[..], &[Binding::write(6, &partial_dots)]].concat();
     let dot_cost = Cost { flops: 2 * n as u64, bytes: f32_bytes(2 * n) };
     let partials = launch(

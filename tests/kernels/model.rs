@@ -574,7 +574,9 @@ fn mmsegmentation_checkpoints_load_through_the_key_map_and_give_its_logits() {
 /// of its own (so no other test's tensors count), holds in its tensors' buffers what the
 /// plan says, each buffer rounded up to its pool size class (at most 1/8 more) and the
 /// arenas' views to the offset alignment; the device's high-water mark over a step adds
-/// the kernels' scratch buffers (packed weights, partial sums), which the plan leaves out.
+/// the kernels' scratch buffers (packed weights, partial sums), which the plan leaves out
+/// and the step's kernel calls share: less than the parameters take (with a scratch buffer
+/// per call, 2.25 times).
 #[test]
 fn a_training_step_allocates_what_its_plan_says() {
     let gpu = hrnet_ocr::Gpu::new().unwrap();
@@ -610,6 +612,7 @@ fn a_training_step_allocates_what_its_plan_says() {
     assert!(held >= planned, "the graph holds {held} B, below the plan's {planned} B");
     assert!(held <= planned + planned / 8 + padding, "the graph holds {held} B: {plan}");
     assert!(peak >= held, "{peak} {held}");
+    assert!(peak - held < plan.parameters, "kernel scratch {} B: {plan}", peak - held);
     assert!(plan.activations < plan.activations_unshared, "{plan}");
 }
 
