@@ -907,6 +907,8 @@ impl Graph {
             return Err(Error::Invalid("train_step: the graph was built for eval".into()));
         }
         self.prepare_sgd(gpu, config, lr)?;
+        // The step's own backward consumes its forward.
+        self.forwarded.store(false, Ordering::Release);
         gpu.submit_after_clearing(&self.gradient_arena(), self.step_dispatches())
     }
 

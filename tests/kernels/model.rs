@@ -643,6 +643,8 @@ fn a_parameter_arena_beyond_the_binding_limit_trains_in_chunks_bit_identically()
         graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
         let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
         graph.train_step(gpu, &config, 0.01).unwrap();
+        // The step's backward consumed its forward: another backward needs a forward first.
+        assert!(graph.backward(gpu).is_err(), "a backward after a whole step was accepted");
         let dispatches = graph.step_dispatches().len();
         (graph.loss(gpu).unwrap(), weights::state_dict(gpu, &graph).unwrap(), dispatches)
     };
