@@ -19,7 +19,7 @@ use crate::kernels::loss::Reduction;
 use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::kernels::tuning::Tuner;
 use crate::tensor::{DType, Tensor};
-use ops::{Op, Recorded};
+use ops::{Backward, Op, Recorded};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -319,9 +319,9 @@ impl GraphBuilder {
     /// buffers (batch statistics, packed weights, the loss's) are not counted.
     pub fn plan_training_memory(&self, outputs: &[ValueId]) -> TrainingMemory {
         let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
-        let schedule = ops::backward_schedule(&self.values, &self.ops, outputs);
-        let plan = training_plan(&self.values, &self.ops, (outputs, &schedule), &self.recomputed_values());
-        let needs = ops::requires_grad(&self.values, &self.ops);
+        let backward = Backward::of(&self.values, &self.ops, outputs);
+        let plan = training_plan(&self.values, &self.ops, (outputs, &backward), &self.recomputed_values());
+        let needs = &backward.needs;
         let sum = |keep: &dyn Fn(usize, &Value) -> bool| -> u64 {
             self.values.iter().enumerate().filter(|(i, v)| keep(*i, v)).map(|(_, v)| bytes(v)).sum()
         };
@@ -409,14 +409,25 @@ impl GraphBuilder {
                 return Err(Error::Invalid(format!("two tensors of the graph are named {:?}", v.name)));
             }
         }
-        let schedule = ops::backward_schedule(&self.values, &self.ops, outputs);
-        let recompute = if mode == Mode::Train { self.recomputed_values() } else { HashMap::new() };
-        let (tensors, grads, optimizer, recomputed) = if mode == Mode::Train {
-            let passes = (&self.ops[..], outputs, &schedule);
-            let t = allocate_for_training(gpu, &self.values, passes, &recompute, &self.lr_multipliers)?;
-            (t.tensors, t.grads, t.arena.map(|arena| Optimizer { arena, step: None }), t.recomputed)
-        } else {
-            (allocate_for_inference(gpu, &self.values, &self.ops, outputs)?, Vec::new(), None, HashMap::new())
+        let backward = (mode == Mode::Train).then(|| Backward::of(&self.values, &self.ops, outputs));
+        let (tensors, grads, optimizer, recomputed) = match &backward {
+            Some(b) => {
+                let passes = (&self.ops[..], outputs, b);
+                let t = allocate_for_training(
+                    gpu,
+                    &self.values,
+                    passes,
+                    &self.recomputed_values(),
+                    &self.lr_multipliers,
+                )?;
+                (t.tensors, t.grads, t.arena.map(|arena| Optimizer { arena, step: None }), t.recomputed)
+            }
+            None => (
+                allocate_for_inference(gpu, &self.values, &self.ops, outputs)?,
+                Vec::new(),
+                None,
+                HashMap::new(),
+            ),
         };
         let mut graph = Graph {
             values: self.values,
@@ -431,23 +442,22 @@ impl GraphBuilder {
             tuner: self.tuner,
             weights_touched: AtomicBool::new(true),
             forwarded: AtomicBool::new(false),
-            recompute,
             recomputed,
         };
         for (v, data) in &self.constants {
             graph.t(*v).write(gpu, data)?;
         }
-        match mode {
-            Mode::Eval => graph.record_forward(gpu, &self.ops, mode)?,
+        match &backward {
+            None => graph.record_forward(gpu, &self.ops, mode)?,
             // A training step's kernel calls run in order and repack their weights each pass,
             // so they share their scratch buffers.
-            Mode::Train => crate::kernels::sharing_scratch(|| {
-                graph.record_forward(gpu, &self.ops, mode)?;
-                graph.record_backward(gpu, &self.ops, &schedule)
-            })?,
-        }
-        if mode == Mode::Train {
-            graph.zero_grads(gpu)?;
+            Some(b) => {
+                crate::kernels::sharing_scratch(|| {
+                    graph.record_forward(gpu, &self.ops, mode)?;
+                    graph.record_backward(gpu, &self.ops, b)
+                })?;
+                graph.zero_grads(gpu)?;
+            }
         }
         Ok(graph)
     }
@@ -460,8 +470,8 @@ struct TrainingTensors {
     tensors: Vec<Tensor>,
     grads: Vec<Option<Tensor>>,
     arena: Option<Arena>,
-    /// The buffers of the values the backward recomputes.
-    recomputed: HashMap<ValueId, Tensor>,
+    /// The values the backward recomputes: the batch-norm node of each, and its buffer.
+    recomputed: HashMap<ValueId, (usize, Tensor)>,
 }
 
 /// Whether each value's gradient is planned: an activation's that the backward computes.
@@ -477,16 +487,12 @@ fn planned_gradients(values: &[Value], needs: &[bool], outputs: &[ValueId]) -> V
 fn training_plan(
     values: &[Value],
     ops: &[Op],
-    (outputs, schedule): (&[ValueId], &Schedule),
+    (outputs, backward): (&[ValueId], &Backward),
     recompute: &HashMap<ValueId, usize>,
 ) -> plan::Plan {
-    let needs = ops::requires_grad(values, ops);
-    let grads = planned_gradients(values, &needs, outputs);
-    plan::training(values, ops, (outputs, &grads), schedule, recompute)
+    let grads = planned_gradients(values, &backward.needs, outputs);
+    plan::training(values, ops, (outputs, &grads), &backward.schedule, recompute)
 }
-
-/// The backward schedule ([`ops::backward_schedule`]).
-type Schedule = Vec<(usize, Vec<ValueId>)>;
 
 /// The graph's tensors for training: activations and their gradients share buffers by
 /// liveness across the forward and backward passes ([`plan::training`]); parameters and
@@ -494,7 +500,7 @@ type Schedule = Vec<(usize, Vec<ValueId>)>;
 fn allocate_for_training(
     gpu: &Gpu,
     values: &[Value],
-    (ops, outputs, schedule): (&[Op], &[ValueId], &Schedule),
+    (ops, outputs, backward): (&[Op], &[ValueId], &Backward),
     recompute: &HashMap<ValueId, usize>,
     multipliers: &[(String, f32)],
 ) -> Result<TrainingTensors> {
@@ -507,7 +513,7 @@ fn allocate_for_training(
         })
         .collect();
     let arena = if params.is_empty() { None } else { Some(Arena::new(gpu, &params)?) };
-    let plan = training_plan(values, ops, (outputs, schedule), recompute);
+    let plan = training_plan(values, ops, (outputs, backward), recompute);
     let n = values.len();
     let slots = allocate_slots(gpu, &plan)?;
     let describe = |b: usize| match b.checked_sub(n) {
@@ -523,7 +529,7 @@ fn allocate_for_training(
             _ => value_tensor(gpu, v, plan.slot_of[i], &slots).map_err(|e| named(&describe(i), &v.shape, e)),
         })
         .collect::<Result<Vec<_>>>()?;
-    let needs = ops::requires_grad(values, ops);
+    let needs = &backward.needs;
     let mut grad_views = arena.iter().flat_map(|a| a.views.iter());
     let grads = values
         .iter()
@@ -538,10 +544,13 @@ fn allocate_for_training(
         })
         .collect::<Result<Vec<_>>>()?;
     let recomputed = recompute
-        .keys()
-        .map(|&v| match plan.slot_of[2 * n + v.0] {
-            Some(s) => Ok((v, slots[s].view(gpu, 0, &values[v.0].shape)?)),
-            None => Tensor::empty(gpu, &values[v.0].shape).map(|t| (v, t)),
+        .iter()
+        .map(|(&v, &bn)| {
+            let buffer = match plan.slot_of[2 * n + v.0] {
+                Some(s) => slots[s].view(gpu, 0, &values[v.0].shape)?,
+                None => Tensor::empty(gpu, &values[v.0].shape)?,
+            };
+            Ok((v, (bn, buffer)))
         })
         .collect::<Result<_>>()?;
     Ok(TrainingTensors { tensors, grads, arena, recomputed })
@@ -719,10 +728,9 @@ pub struct Graph {
     /// reads what the forward kept and frees it as it goes (the buffers are shared by
     /// liveness), so each backward needs a forward of its own.
     forwarded: AtomicBool,
-    /// Training graphs: the values the backward recomputes (by the batch-norm node of each),
-    /// and their buffers.
-    recompute: HashMap<ValueId, usize>,
-    recomputed: HashMap<ValueId, Tensor>,
+    /// Training graphs: the values the backward recomputes, each with the batch-norm node it
+    /// is recomputed from and its buffer.
+    recomputed: HashMap<ValueId, (usize, Tensor)>,
 }
 
 struct Optimizer {

@@ -187,49 +187,53 @@ pub(super) fn recomputable(ops: &[Op]) -> HashMap<ValueId, usize> {
         .collect()
 }
 
-/// Which values need a gradient: parameters, inputs that ask for one, and every activation
-/// computed from one of those.
-pub(super) fn requires_grad(values: &[Value], ops: &[Op]) -> Vec<bool> {
-    let mut needs: Vec<bool> =
-        values.iter().map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true })).collect();
-    for op in ops {
-        if let (ins, Some(y)) = op.io() {
-            needs[y.0] = ins.iter().any(|v| needs[v.0]);
-        }
-    }
-    needs
+/// A training graph's backward, derived from its nodes once and shared by the memory plan,
+/// the allocation and the recording, so they cannot disagree.
+pub(super) struct Backward {
+    /// Which values need a gradient: parameters, inputs that ask for one, and every
+    /// activation computed from one of those.
+    pub needs: Vec<bool>,
+    /// Whether a value's gradient already holds a contribution when the pass starts:
+    /// parameters' accumulate across passes; without loss nodes the caller gives the outputs'.
+    pub written_at_start: Vec<bool>,
+    /// The nodes whose backward runs, last node first, each with the values it writes a
+    /// gradient to. A node runs when its output got a gradient (or it is a loss).
+    pub schedule: Vec<(usize, Vec<ValueId>)>,
 }
 
-/// The backward pass's schedule: the nodes whose backward runs, last node first, each with
-/// the values it writes a gradient to. A node runs when its output got a gradient (or it is
-/// a loss); parameters' gradients accumulate across passes, and a graph without loss nodes
-/// starts from the outputs' gradients, which the caller writes.
-pub(super) fn backward_schedule(
-    values: &[Value],
-    ops: &[Op],
-    outputs: &[ValueId],
-) -> Vec<(usize, Vec<ValueId>)> {
-    let needs = requires_grad(values, ops);
-    let mut written: Vec<bool> = values.iter().map(|v| v.role == Role::Param).collect();
-    if !ops.iter().any(|op| matches!(op, Op::Loss { .. })) {
-        for o in outputs {
-            written[o.0] = true;
-        }
-    }
-    let mut schedule = Vec::new();
-    for (at, op) in ops.iter().enumerate().rev() {
-        if let (_, Some(y)) = op.io() {
-            if !written[y.0] {
-                continue;
+impl Backward {
+    pub(super) fn of(values: &[Value], ops: &[Op], outputs: &[ValueId]) -> Self {
+        let mut needs: Vec<bool> = values
+            .iter()
+            .map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true }))
+            .collect();
+        for op in ops {
+            if let (ins, Some(y)) = op.io() {
+                needs[y.0] = ins.iter().any(|v| needs[v.0]);
             }
         }
-        let targets = op.grad_targets(&needs);
-        for v in &targets {
-            written[v.0] = true;
+        let mut written_at_start: Vec<bool> = values.iter().map(|v| v.role == Role::Param).collect();
+        if !ops.iter().any(|op| matches!(op, Op::Loss { .. })) {
+            for o in outputs {
+                written_at_start[o.0] = true;
+            }
         }
-        schedule.push((at, targets));
+        let mut written = written_at_start.clone();
+        let mut schedule = Vec::new();
+        for (at, op) in ops.iter().enumerate().rev() {
+            if let (_, Some(y)) = op.io() {
+                if !written[y.0] {
+                    continue;
+                }
+            }
+            let targets = op.grad_targets(&needs);
+            for v in &targets {
+                written[v.0] = true;
+            }
+            schedule.push((at, targets));
+        }
+        Backward { needs, written_at_start, schedule }
     }
-    schedule
 }
 
 /// Where a node's forward dispatches sit, and its values.
@@ -423,33 +427,20 @@ impl Graph {
         Ok(())
     }
 
-    /// Records the backward pass by `schedule` ([`backward_schedule`]) into the gradient
-    /// tensors allocated with the graph.
-    pub(super) fn record_backward(
-        &mut self,
-        gpu: &Gpu,
-        ops: &[Op],
-        schedule: &[(usize, Vec<ValueId>)],
-    ) -> Result<()> {
-        let needs = requires_grad(&self.values, ops);
+    /// Records the backward pass by `backward`'s schedule into the gradient tensors
+    /// allocated with the graph.
+    pub(super) fn record_backward(&mut self, gpu: &Gpu, ops: &[Op], backward: &Backward) -> Result<()> {
         let grads = std::mem::take(&mut self.grads);
-        // Whether a value's gradient already holds a contribution in this pass: parameters'
-        // accumulate across passes; without loss nodes the caller gives the outputs'.
-        let mut written: Vec<bool> = self.values.iter().map(|v| v.role == Role::Param).collect();
-        if !ops.iter().any(|op| matches!(op, Op::Loss { .. })) {
-            for o in &self.outputs {
-                written[o.0] = true;
-            }
-        }
-        let mut targets = Targets { needs: &needs, written, discard: HashMap::new() };
-        let mut recomputed = std::collections::HashSet::new();
-        for (at, _) in schedule {
+        let written = backward.written_at_start.clone();
+        let mut targets = Targets { needs: &backward.needs, written, discard: HashMap::new() };
+        let mut rebuilt = std::collections::HashSet::new();
+        for (at, _) in &backward.schedule {
             let op = &ops[*at];
             // A recomputed value is rebuilt just before its first reader in the backward.
             for v in op.backward_reads() {
-                if let (Some(&bn), false) = (self.recompute.get(&v), recomputed.contains(&v)) {
+                if let (Some(&(bn, _)), false) = (self.recomputed.get(&v), rebuilt.contains(&v)) {
                     let d = self.recompute_bn_relu(gpu, &ops[bn], v)?;
-                    recomputed.insert(v);
+                    rebuilt.insert(v);
                     self.recorded.backward.push(d);
                 }
             }
@@ -468,13 +459,13 @@ impl Graph {
                 "value {v:?} is recomputed from a node that is not a batch norm"
             )));
         };
-        let into = &self.recomputed[&v];
+        let into = &self.recomputed[&v].1;
         batch_norm::normalize_relu_train(gpu, self.t(x), &self.bn_params(bn), &self.recorded.saved[&y], into)
     }
 
     /// What the backward reads of value `v`: its forward tensor, or where it was recomputed.
     fn kept(&self, v: ValueId) -> &Tensor {
-        self.recomputed.get(&v).unwrap_or_else(|| self.t(v))
+        self.recomputed.get(&v).map_or_else(|| self.t(v), |(_, t)| t)
     }
 
     /// The backward dispatches of the op at place `at` of the op list.
