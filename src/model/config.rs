@@ -101,15 +101,6 @@ pub enum Convention {
     Mmsegmentation,
 }
 
-impl Convention {
-    pub fn name(self) -> &'static str {
-        match self {
-            Convention::Official => "official",
-            Convention::Mmsegmentation => "mmsegmentation",
-        }
-    }
-}
-
 /// An experiment YAML's training-run keys, as the official `tools/train.py` reads them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainKeys {

@@ -86,8 +86,13 @@ pub fn official_name(name: &str) -> Option<String> {
 /// `tensors` under their official names, in the same order. A name outside the map (an
 /// `auxiliary_head`, another head's tensors) is an error naming each.
 pub fn to_official(tensors: Vec<NamedTensor>, source: &str) -> Result<Vec<NamedTensor>> {
-    let unmapped: Vec<&str> =
-        tensors.iter().map(|t| t.name.as_str()).filter(|n| official_name(n).is_none()).collect();
+    let (mut renamed, mut unmapped) = (Vec::with_capacity(tensors.len()), Vec::new());
+    for t in tensors {
+        match official_name(&t.name) {
+            Some(name) => renamed.push(NamedTensor { name, ..t }),
+            None => unmapped.push(t.name),
+        }
+    }
     if !unmapped.is_empty() {
         return Err(Error::Format {
             path: source.to_string(),
@@ -95,14 +100,11 @@ pub fn to_official(tensors: Vec<NamedTensor>, source: &str) -> Result<Vec<NamedT
                 "an mmsegmentation checkpoint, but {} tensor(s) are not of an OCRNet with an HRNet backbone \
                  (backbone.*, decode_head.0 FCNHead, decode_head.1 OCRHead): {}",
                 unmapped.len(),
-                unmapped.iter().take(8).copied().collect::<Vec<_>>().join(", ")
+                unmapped[..unmapped.len().min(8)].join(", ")
             ),
         });
     }
-    Ok(tensors
-        .into_iter()
-        .map(|t| NamedTensor { name: official_name(&t.name).unwrap_or_default(), ..t })
-        .collect())
+    Ok(renamed)
 }
 
 /// Prepares checkpoint tensors for a model of `config`: an mmsegmentation checkpoint's are

@@ -200,8 +200,9 @@ impl std::fmt::Display for PretrainedReport {
 /// weights) as the official `init_weights` does: `last_layer` renamed `aux_head` (and a
 /// `model.` prefix stripped, by [`read`]), then every tensor the model has by that name
 /// set and the others skipped. An mmsegmentation checkpoint's names are mapped first
-/// ([`mmseg::KEY_MAP`]); the model keeps its own convention. A tensor whose name the model has with another shape is an
-/// error naming it (the official `load_state_dict` refuses it too).
+/// ([`mmseg::KEY_MAP`]); the model keeps its own convention. A tensor whose name the model
+/// has with another shape is an error naming it (the official `load_state_dict` refuses it
+/// too).
 pub fn load_pretrained(
     gpu: &Gpu,
     graph: &Graph,
