@@ -643,9 +643,27 @@ impl TrainingMemory {
     }
 }
 
+/// Bytes as MiB, for the memory reports.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+impl std::fmt::Display for MemoryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} MiB planned (activations share buffers by liveness), {:.1} MiB with a buffer per \
+             tensor; largest tensor {} at {:.1} MiB",
+            mib(self.planned),
+            mib(self.unshared),
+            self.largest.0,
+            mib(self.largest.1)
+        )
+    }
+}
+
 impl std::fmt::Display for TrainingMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mib = |b: u64| b as f64 / 1_048_576.0;
         write!(
             f,
             "{:.1} MiB planned: activations and their gradients {:.1} MiB (shared by liveness; {:.1} MiB \

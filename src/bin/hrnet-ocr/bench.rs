@@ -315,15 +315,7 @@ fn plan_memory(args: &BenchArgs) -> Result<()> {
     let mut g = GraphBuilder::new();
     let x = g.input("input", &[n, 3, h, w], false);
     let m = hrnet::build(&mut g, &cfg, x, 0.0)?;
-    let forward = g.plan_memory(&[m.out]);
-    let mib = |b: u64| b as f64 / 1_048_576.0;
-    println!(
-        "forward at {n}x3x{h}x{w}: {:.1} MiB planned ({:.1} MiB with a buffer per tensor); largest tensor {} at {:.1} MiB",
-        mib(forward.planned),
-        mib(forward.unshared),
-        forward.largest.0,
-        mib(forward.largest.1)
-    );
+    println!("forward at {n}x3x{h}x{w}: {}", g.plan_memory(&[m.out]));
     let training = hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w], args.recompute))?;
     println!("training step at {n}x3x{h}x{w}: {training}");
     Ok(())
@@ -491,7 +483,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let mut g = GraphBuilder::new();
     let x = g.input("input", &[n, 3, h, w], false);
     let m = hrnet::build(&mut g, cfg, x, 0.0)?;
-    let memory_mib = g.plan_memory(&[m.out]).planned as f64 / 1_048_576.0;
+    let memory_mib = crate::mib(g.plan_memory(&[m.out]).planned);
     g.set_precision(args.precision.into());
     g.tune(gpu, &Arc::new(Tuner::from_env(gpu)), Mode::Eval, &[m.out])?;
     let eval = g.build(gpu, Mode::Eval, &[m.out])?;
@@ -534,7 +526,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &step)).transpose()?;
     passes.push(Pass { name: "training step", times, dispatches: step.len(), profile });
     if !args.json && !args.all_adapters {
-        let mib = |b: u64| b as f64 / 1_048_576.0;
+        use crate::mib;
         println!(
             "training step on the device: the graph's tensors hold {:.1} MiB; high-water mark {:.1} MiB \
              (with the kernels' scratch and the variant measurements)",

@@ -134,6 +134,11 @@ fn quiet_display_probes() {
 }
 
 /// `H` or `HxW`, as (height, width).
+/// Bytes as MiB, for the memory lines the commands print.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
 fn parse_size(s: &str) -> Result<[usize; 2], String> {
     let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| n > 0);
     match s.split_once(['x', 'X']) {

@@ -170,17 +170,8 @@ fn model_graph(
     let mode = if train.is_some() { Mode::Train } else { Mode::Eval };
     let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
     if report_memory {
-        let r = g.plan_memory(&outputs);
-        let mib = |b: u64| b as f64 / 1_048_576.0;
-        println!(
-            "device memory: {:.1} MiB planned (activations share buffers by liveness), {:.1} MiB with a \
-             buffer per tensor; largest tensor {} at {:.1} MiB (the adapter binds up to {:.1} MiB)",
-            mib(r.planned),
-            mib(r.unshared),
-            r.largest.0,
-            mib(r.largest.1),
-            mib(gpu.limits().max_storage_buffer_binding_size)
-        );
+        let binding = crate::mib(gpu.limits().max_storage_buffer_binding_size);
+        println!("device memory: {} (the adapter binds up to {binding:.1} MiB)", g.plan_memory(&outputs));
     }
     let graph = g.build(gpu, mode, &outputs)?;
     weights::load_into(gpu, &graph, weights, &source.display().to_string())?;

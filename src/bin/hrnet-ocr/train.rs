@@ -2,7 +2,7 @@
 //! checkpoints and exact resume.
 
 use crate::segment::{DataArgs, Set};
-use crate::{model, parse_size};
+use crate::{mib, model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::Batches;
 use hrnet_ocr::data::Dataset;
@@ -238,7 +238,6 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         crop[1]
     );
     println!("{recipe_text}");
-    let mib = |b: u64| b as f64 / 1_048_576.0;
     if args.report_memory {
         println!("the graph's tensors hold {:.1} MiB", mib(trainer.graph().tensor_bytes()));
         gpu.reset_peak_memory();
