@@ -39,6 +39,23 @@ fn build_with(
 
 const DUMPS: [&str; 5] = ["aux", "out", "feats", "context", "ocr_feats"];
 
+/// Adds the model of `cfg` reading `input` `shape`, labels of its size and the official
+/// losses to `g`; the outputs `[aux, out]`.
+fn with_losses(g: &mut GraphBuilder, cfg: &Config, shape: [usize; 4]) -> [hrnet_ocr::graph::ValueId; 2] {
+    let x = g.input("input", &shape, false);
+    let m = hrnet::build(g, cfg, x, 0.0).unwrap();
+    let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
+    hrnet::add_losses(g, cfg, [m.aux, m.out], labels).unwrap();
+    [m.aux, m.out]
+}
+
+/// Loads `weights` and the fixture's `input` and `label` into a training graph on `gpu`.
+fn feed(gpu: &hrnet_ocr::Gpu, graph: &Graph, weights: &[NamedTensor], f: &Fixture) {
+    weights::load_into(gpu, graph, weights, "the test's weights").unwrap();
+    graph.set(gpu, "input", f.get("input")).unwrap();
+    graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+}
+
 #[test]
 fn eval_forward_matches_pytorch_on_even_and_odd_sizes() {
     let f = Fixture::load("model/tiny_eval.safetensors");
@@ -186,14 +203,9 @@ fn ohem_parameter_gradients_match_the_official_criterion_at_the_model_level() {
         cfg.ohem = Some(hrnet_ocr::model::config::OhemConfig { thresh: p[0], min_kept: p[1] as usize });
         cfg.class_weights = (p[2] == 1.0).then(|| f.get(&format!("{case}.weight")).to_vec());
         let mut g = GraphBuilder::new();
-        let x = g.input("input", &shape, false);
-        let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
-        let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
-        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
-        let graph = g.build(gpu, Mode::Train, &[m.aux, m.out]).unwrap();
-        weights::load_into(gpu, &graph, &weights, "official_ohem_micro.safetensors").unwrap();
-        graph.set(gpu, "input", f.get("input")).unwrap();
-        graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+        let outputs = with_losses(&mut g, &cfg, shape);
+        let graph = g.build(gpu, Mode::Train, &outputs).unwrap();
+        feed(gpu, &graph, &weights, &f);
         graph.forward(gpu).unwrap();
         graph.backward(gpu).unwrap();
         let loss = graph.loss(gpu).unwrap();
@@ -583,19 +595,13 @@ fn a_training_step_allocates_what_its_plan_says() {
     let cfg = tiny_config();
     let f = Fixture::load("model/tiny_train.safetensors");
     let shape: [usize; 4] = f.shape("input").try_into().unwrap();
-    let [n, _, h, w] = shape;
     let mut g = GraphBuilder::new();
-    let x = g.input("input", &shape, false);
-    let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
-    let labels = g.labels("label", &[n, h, w]);
-    hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
-    let plan = g.plan_training_memory(&[m.aux, m.out]);
+    let outputs = with_losses(&mut g, &cfg, shape);
+    let plan = g.plan_training_memory(&outputs);
     let (before, _) = gpu.tensor_memory();
     gpu.reset_peak_memory();
-    let graph = g.build(&gpu, Mode::Train, &[m.aux, m.out]).unwrap();
-    weights::load_into(&gpu, &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
-    graph.set(&gpu, "input", f.get("input")).unwrap();
-    graph.tensor("label").unwrap().write_u32(&gpu, f.labels("label")).unwrap();
+    let graph = g.build(&gpu, Mode::Train, &outputs).unwrap();
+    feed(&gpu, &graph, &tiny_weights(), &f);
     graph.forward(&gpu).unwrap();
     graph.backward(&gpu).unwrap();
     gpu.wait().unwrap();
@@ -631,16 +637,10 @@ fn a_parameter_arena_beyond_the_binding_limit_trains_in_chunks_bit_identically()
     let f = Fixture::load("model/tiny_train.safetensors");
     let shape: [usize; 4] = f.shape("input").try_into().unwrap();
     let step = |gpu: &hrnet_ocr::Gpu| {
-        let cfg = tiny_config();
         let mut g = GraphBuilder::new();
-        let x = g.input("input", &shape, false);
-        let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
-        let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
-        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
-        let mut graph = g.build(gpu, Mode::Train, &[m.aux, m.out]).unwrap();
-        weights::load_into(gpu, &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
-        graph.set(gpu, "input", f.get("input")).unwrap();
-        graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+        let outputs = with_losses(&mut g, &tiny_config(), shape);
+        let mut graph = g.build(gpu, Mode::Train, &outputs).unwrap();
+        feed(gpu, &graph, &tiny_weights(), &f);
         let config = SgdConfig { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
         graph.train_step(gpu, &config, 0.01).unwrap();
         // The step's backward consumed its forward: another backward needs a forward first.
@@ -670,18 +670,12 @@ fn recomputing_bn_relu_outputs_changes_no_bit_of_a_training_step() {
     let f = Fixture::load("model/tiny_train.safetensors");
     let shape: [usize; 4] = f.shape("input").try_into().unwrap();
     let step = |recompute: bool| {
-        let cfg = tiny_config();
         let mut g = GraphBuilder::new();
         g.recompute_in_backward(recompute);
-        let x = g.input("input", &shape, false);
-        let m = hrnet::build(&mut g, &cfg, x, 0.0).unwrap();
-        let labels = g.labels("label", &[shape[0], shape[2], shape[3]]);
-        hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
-        let planned = g.plan_training_memory(&[m.aux, m.out]);
-        let graph = g.build(gpu, Mode::Train, &[m.aux, m.out]).unwrap();
-        weights::load_into(gpu, &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
-        graph.set(gpu, "input", f.get("input")).unwrap();
-        graph.tensor("label").unwrap().write_u32(gpu, f.labels("label")).unwrap();
+        let outputs = with_losses(&mut g, &tiny_config(), shape);
+        let planned = g.plan_training_memory(&outputs);
+        let graph = g.build(gpu, Mode::Train, &outputs).unwrap();
+        feed(gpu, &graph, &tiny_weights(), &f);
         graph.forward(gpu).unwrap();
         graph.backward(gpu).unwrap();
         let grads: Vec<(String, Vec<f32>)> =
