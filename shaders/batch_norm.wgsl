@@ -10,7 +10,9 @@
 
 struct Params {
     n: u32, c: u32, hw: u32, chunk_len: u32,
-    flags: u32, eps: f32, momentum: f32, _pad: u32,
+    flags: u32, eps: f32, momentum: f32,
+    // bn_normalize_eval over a channel slab (see src/kernels/slabs.rs): its first channel
+    first_channel: u32,
 }
 
 const ACCUMULATE: u32 = 1u;
@@ -186,10 +188,11 @@ fn bn_normalize_eval(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     let b = plane_block(wid, nwg);
-    let mean = running_mean_in[b.ch];
-    let inv_std = inverseSqrt(running_var_in[b.ch] + p.eps);
-    let scale = gamma[b.ch];
-    let offset = beta[b.ch];
+    let c = p.first_channel + b.ch;
+    let mean = running_mean_in[c];
+    let inv_std = inverseSqrt(running_var_in[c] + p.eps);
+    let scale = gamma[c];
+    let offset = beta[c];
     for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
         y[i] = (x[i] - mean) * inv_std * scale + offset;
     }

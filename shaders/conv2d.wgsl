@@ -32,11 +32,19 @@ struct Params {
     // backward_weight only: output rows (n, oy) per chunk of the pixel reduction
     chunk_rows: u32,
     // the folded batch norm's epsilon
-    eps: f32, _pad1: u32, _pad2: u32,
+    eps: f32,
+    // A slab of a convolution split over bindings (see src/kernels/slabs.rs) reads the whole
+    // weight, bias and batch norm: the weight's input channels per row, the first input
+    // channel and the first output channel of the slab.
+    weight_ci: u32, weight_ci0: u32, co0: u32, _pad0: u32,
 }
 
+// The input gradient and weight gradient add to what their output holds; the forward adds
+// the partial sum of the earlier input slabs.
 const ACCUMULATE: u32 = 1u;
 const RELU: u32 = 2u;
+// The forward's packing writes a zero shift: an input slab before the last.
+const NO_SHIFT: u32 = 4u;
 
 #include "common.wgsl"
 
@@ -220,6 +228,7 @@ fn store_y${EPILOGUE}(n: u32, co: u32, q: vec4<u32>, v: vec4<f32>) {
         if q[j] >= pixels { continue; }
         let i = plane + q[j];
         var out = v[j] + shift[co];
+        if (p.flags & ACCUMULATE) != 0u { out += y[i]; }
 #if ${RESIDUAL}
         out += residual[i];
 #end
@@ -330,12 +339,12 @@ fn ${ENTRY}(@builtin(global_invocation_id) gid: vec3<u32>,
     for (var co = idx; co < p.co; co += total) {
         var additive = 0.0;
 #if ${BIAS}
-        additive = bias[co];
+        additive = bias[p.co0 + co];
 #end
 #if ${BATCH_NORM}
-        additive = bn_beta[co] + (additive - bn_mean[co]) * bn_scale(co);
+        additive = bn_beta[p.co0 + co] + (additive - bn_mean[p.co0 + co]) * bn_scale(co);
 #end
-        shift_out[co] = additive;
+        shift_out[co] = select(additive, 0.0, (p.flags & NO_SHIFT) != 0u);
     }
     let t = idx % tiles;
     var v = weight_quad(t, (idx / tiles) % p.ci, (idx / tiles) / p.ci, false);
@@ -352,9 +361,9 @@ fn ${ENTRY}(@builtin(global_invocation_id) gid: vec3<u32>,
 #stamp pack_forward(conv2d_pack_weight_batch_norm, false, true)
 #stamp pack_forward(conv2d_pack_weight_bias_batch_norm, true, true)
 
-// The folded batch norm's multiplier of output channel `co`: gamma / sqrt(var + eps).
+// The folded batch norm's multiplier of output channel `co` of the slab: gamma / sqrt(var + eps).
 fn bn_scale(co: u32) -> f32 {
-    return bn_gamma[co] / sqrt(bn_var[co] + p.eps);
+    return bn_gamma[p.co0 + co] / sqrt(bn_var[p.co0 + co] + p.eps);
 }
 
 // For the input gradient: packed_out[(k * co + o) * ci_tiles + t] = weight[o, 4t..4t+4, k].
@@ -377,7 +386,7 @@ fn weight_quad(t: u32, o: u32, k: u32, over_ci: bool) -> vec4<f32> {
         let c = 4u * t + j;
         let co = select(c, o, over_ci);
         let ci = select(o, c, over_ci);
-        v[j] = weight[(co * p.ci + ci) * p.kh * p.kw + k];
+        v[j] = weight[((p.co0 + co) * p.weight_ci + p.weight_ci0 + ci) * p.kh * p.kw + k];
     }
     return v;
 }

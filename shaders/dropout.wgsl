@@ -5,7 +5,9 @@
 
 struct Params {
     len: u32, channels: u32, hw: u32, seed: u32,
-    drop: f32, flags: u32, _pad0: u32, _pad1: u32,
+    drop: f32, flags: u32,
+    // the mask unit (n * C + c) of the first element bound: non-zero for a channel slab
+    first_unit: u32, _pad0: u32,
 }
 
 const ACCUMULATE: u32 = 1u;
@@ -32,7 +34,7 @@ fn hash(v: u32) -> u32 {
 
 // The factor element i is multiplied by: 0 or 1 / (1 - drop).
 fn factor(i: u32) -> f32 {
-    let unit = i / p.hw;
+    let unit = p.first_unit + i / p.hw;
     let u = f32(hash(hash(p.seed) ^ unit) >> 8u) / 16777216.0;
     return select(0.0, 1.0 / (1.0 - p.drop), u >= p.drop);
 }

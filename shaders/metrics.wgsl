@@ -4,6 +4,8 @@
 
 struct Params {
     n: u32, classes: u32, hw: u32, ignore_label: u32,
+    // argmax over a slab of classes: the first class bound (see argmax_classes_slab)
+    first_class: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 #include "common.wgsl"
@@ -15,6 +17,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> confusion: array<atomic<u32>>;
 // The predictions argmax_classes wrote, as confusion_accumulate reads them.
 @group(0) @binding(5) var<storage, read> prediction_in: array<u32>;
+// The running best score of argmax_classes_slab.
+@group(0) @binding(6) var<storage, read_write> best_scores: array<f32>;
 
 // The first class with the highest score (as torch.argmax).
 @compute @workgroup_size(WG)
@@ -33,6 +37,30 @@ fn argmax_classes(@builtin(global_invocation_id) gid: vec3<u32>,
         }
     }
     prediction[px] = best;
+}
+
+// The argmax over classes first_class..first_class + classes of scores too large for one
+// binding, one slab of classes at a time in order: the first slab starts the running best
+// (score and class), each later one replaces it only where a class beats it, so the result
+// is argmax_classes' to the bit (ties keep the first class).
+@compute @workgroup_size(WG)
+fn argmax_classes_slab(@builtin(global_invocation_id) gid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let px = linear_index(gid, nwg);
+    if px >= p.n * p.hw { return; }
+    let base = (px / p.hw) * p.classes * p.hw + px % p.hw;
+    let first = p.first_class == 0u;
+    var best = select(prediction[px], 0u, first);
+    var best_score = select(best_scores[px], scores[base], first);
+    for (var k = select(0u, 1u, first); k < p.classes; k++) {
+        let s = scores[base + k * p.hw];
+        if s > best_score {
+            best = p.first_class + k;
+            best_score = s;
+        }
+    }
+    prediction[px] = best;
+    best_scores[px] = best_score;
 }
 
 @compute @workgroup_size(WG)

@@ -140,8 +140,8 @@ pub fn roofline(gpu: &Gpu) -> Result<Roofline> {
     let src = filled(gpu, &[1, 64, 512, 512], 1)?;
     let dst = Tensor::empty(gpu, src.shape())?;
     let copies = vec![
-        vec![concat::copy_channels(gpu, (&src, 0), (&dst, 0), 64, false)?],
-        vec![elementwise::relu_forward(gpu, &src, &dst)?],
+        concat::copy_channels(gpu, (&src, 0), (&dst, 0), 64, false)?,
+        elementwise::relu_forward(gpu, &src, &dst)?,
     ];
     let gbytes_per_s = best(copies, |c| c.bytes)?;
     let (a, b) = (filled(gpu, &[1024, 1024], 2)?, filled(gpu, &[1024, 1024], 3)?);
@@ -309,7 +309,7 @@ fn memory_bound(s: &mut Suite) -> Result<()> {
         let saved = s.e(&batch_norm::saved_shape(ch))?;
         let (gg, gbeta) = (s.e(&[ch])?, s.e(&[ch])?);
         s.add("batch_norm", "train_forward", &id, batch_norm::forward_train(gpu, &x, &bn, &saved, &y)?, true);
-        s.add("batch_norm", "eval_forward", &id, vec![batch_norm::forward_eval(gpu, &x, &bn, &y)?], true);
+        s.add("batch_norm", "eval_forward", &id, batch_norm::forward_eval(gpu, &x, &bn, &y)?, true);
         let grads = BatchNormGrads {
             grad_x: &gx,
             grad_gamma: &gg,
@@ -318,14 +318,14 @@ fn memory_bound(s: &mut Suite) -> Result<()> {
             accumulate_params: false,
         };
         s.add("batch_norm", "backward", &id, batch_norm::backward(gpu, &x, &bn, &saved, &gy, &grads)?, true);
-        s.add("relu", "forward", &id, vec![elementwise::relu_forward(gpu, &x, &y)?], true);
-        s.add("relu", "backward", &id, vec![elementwise::relu_backward(gpu, &x, &gy, &gx, false)?], true);
-        s.add("add", "forward", &id, vec![elementwise::add_forward(gpu, &x, &other, &y)?], true);
+        s.add("relu", "forward", &id, elementwise::relu_forward(gpu, &x, &y)?, true);
+        s.add("relu", "backward", &id, elementwise::relu_backward(gpu, &x, &gy, &gx, false)?, true);
+        s.add("add", "forward", &id, elementwise::add_forward(gpu, &x, &other, &y)?, true);
         let add_bwd = elementwise::add_backward(gpu, &gy, (&gx, false), (&gb, false))?;
-        s.add("add", "backward", &id, vec![add_bwd], true);
-        s.add("add_relu", "forward", &id, vec![elementwise::add_relu_forward(gpu, &x, &other, &y)?], true);
+        s.add("add", "backward", &id, add_bwd, true);
+        s.add("add_relu", "forward", &id, elementwise::add_relu_forward(gpu, &x, &other, &y)?, true);
         let add_relu_bwd = elementwise::add_relu_backward(gpu, &x, &gy, (&gx, false), (&gb, true))?;
-        s.add("add_relu", "backward", &id, vec![add_relu_bwd], true);
+        s.add("add_relu", "backward", &id, add_relu_bwd, true);
     }
     Ok(())
 }
@@ -339,11 +339,11 @@ fn ocr_head(s: &mut Suite) -> Result<()> {
     if s.wants(&["resize", "concat"]) {
         let (x1, cat, g1) = (s.t(&[1, 36, 32, 64], 1)?, s.e(&[1, 270, 64, 128])?, s.e(&[1, 36, 32, 64])?);
         let rid = "36x32x64 -> 64x128 into 270 channels";
-        s.add("resize", "forward", rid, vec![resize::forward(gpu, &x1, &cat, 18, true)?], true);
-        s.add("resize", "backward", rid, vec![resize::backward(gpu, &cat, 18, &g1, true, false)?], true);
+        s.add("resize", "forward", rid, resize::forward(gpu, &x1, &cat, 18, true)?, true);
+        s.add("resize", "backward", rid, resize::backward(gpu, &cat, 18, &g1, true, false)?, true);
         let x0 = s.t(&[1, 18, 64, 128], 2)?;
         let copy = concat::copy_channels(gpu, (&x0, 0), (&cat, 0), 18, false)?;
-        s.add("concat", "copy_channels", "18x64x128 into 270 channels", vec![copy], true);
+        s.add("concat", "copy_channels", "18x64x128 into 270 channels", copy, true);
     }
 
     let (logits, probs, gp) = (s.t(&[1, k, h, w], 3)?, s.e(&[1, k, h, w])?, s.e(&[1, k, h, w])?);
@@ -393,8 +393,20 @@ fn ocr_head(s: &mut Suite) -> Result<()> {
     if s.wants(&["dropout"]) {
         let drop = Dropout2d { drop: 0.05 };
         let did = "512x64x128";
-        s.add("dropout2d", "forward", did, vec![drop.forward(gpu, &feats, &gfeats, 3)?], true);
-        s.add("dropout2d", "backward", did, vec![drop.backward(gpu, &feats, &gfeats, 3, false)?], true);
+        s.add(
+            "dropout2d",
+            "forward",
+            did,
+            drop.forward(gpu, &feats, &gfeats, 3)?.into_iter().map(|s| s.dispatch).collect(),
+            true,
+        );
+        s.add(
+            "dropout2d",
+            "backward",
+            did,
+            drop.backward(gpu, &feats, &gfeats, 3, false)?.into_iter().map(|s| s.dispatch).collect(),
+            true,
+        );
     }
     Ok(())
 }
@@ -421,7 +433,7 @@ fn losses_and_training(s: &mut Suite) -> Result<()> {
         }
         let prediction = Tensor::empty_of(gpu, &[n, h, w], DType::U32)?;
         let confusion = Tensor::from_u32(gpu, &[k, k], &vec![0; k * k])?;
-        s.add("argmax", "forward", &id, vec![metrics::argmax(gpu, &logits, &prediction)?], true);
+        s.add("argmax", "forward", &id, metrics::argmax(gpu, &logits, &prediction)?, true);
         let conf = metrics::confusion(gpu, &prediction, &labels, k, 255, &confusion)?;
         s.add("confusion_matrix", "forward", &id, vec![conf], true);
     }

@@ -374,10 +374,10 @@ impl<'g> Segmenter<'g> {
     fn whole_logits(&mut self, planes: &[f32], size: [usize; 2]) -> Result<Vec<f32>> {
         if !self.run(planes, size)? {
             return Err(Error::Invalid(format!(
-                "a {}x{} pass of this model exceeds the device's storage binding limit of {} bytes",
+                "a {}x{} pass of this model needs a tensor larger than the device's largest buffer ({} bytes)",
                 size[0],
                 size[1],
-                self.gpu.limits().max_storage_buffer_binding_size
+                self.gpu.limits().max_buffer_size
             )));
         }
         self.graphs[&size].output(FULL_LOGITS).to_vec(self.gpu)
@@ -477,16 +477,17 @@ impl<'g> Segmenter<'g> {
     }
 
     /// The main logits `[K, H, W]` of normalised planes `[3, H, W]`, at the input size.
-    /// An image whose tensors would exceed the device's largest storage binding is covered
-    /// by the largest sliding windows that fit (stride two thirds of a window) instead, with
-    /// a warning saying so (the official test refuses such a pass instead).
+    /// Tensors larger than a storage binding are fine (kernels bind them in slabs); an image
+    /// whose tensors would exceed the device's largest buffer is covered by the largest
+    /// sliding windows that fit (stride two thirds of a window) instead, with a warning
+    /// saying so (the official test refuses such a pass instead).
     pub fn logits(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
         if self.run(planes, [h, w])? {
             return self.graphs[&[h, w]].output(FULL_LOGITS).to_vec(self.gpu);
         }
         let crop = self.fitting_window([h, w])?;
         log::warn!(
-            "a whole {h}x{w} pass exceeds the device's storage binding limit; covering it with {}x{} windows",
+            "a whole {h}x{w} pass needs a tensor larger than the device's largest buffer; covering it with {}x{} windows",
             crop[0],
             crop[1]
         );
@@ -494,7 +495,7 @@ impl<'g> Segmenter<'g> {
     }
 
     /// Runs the whole-image graph of `size` on `planes` (building it first if needed),
-    /// unless its tensors would exceed the device's largest binding: false then.
+    /// unless its tensors would exceed the device's largest buffer: false then.
     fn run(&mut self, planes: &[f32], size: [usize; 2]) -> Result<bool> {
         if planes.len() != 3 * size[0] * size[1] {
             return Err(Error::Invalid(format!("{} values for 3 planes of {size:?}", planes.len())));
@@ -527,9 +528,9 @@ impl<'g> Segmenter<'g> {
         Ok((g, [full, labels]))
     }
 
-    /// Whether every tensor of a whole pass of `g` fits the device's largest binding.
+    /// Whether every tensor of a whole pass of `g` fits the device's largest buffer.
     fn fits(&self, g: &GraphBuilder, outputs: &[ValueId]) -> bool {
-        g.plan_memory(outputs).largest.1 <= self.gpu.limits().max_storage_buffer_binding_size
+        g.plan_memory(outputs).largest.1 <= self.gpu.limits().max_buffer_size
     }
 
     /// The largest window, halving the longer side, whose pass fits the device.
@@ -538,10 +539,10 @@ impl<'g> Segmenter<'g> {
             let longer = usize::from(crop[1] > crop[0]);
             if crop[longer] <= 32 {
                 return Err(Error::Invalid(format!(
-                    "even a {}x{} window of this model exceeds the device's storage binding limit of {} bytes",
+                    "even a {}x{} window of this model needs a tensor larger than the device's largest buffer ({} bytes)",
                     crop[0],
                     crop[1],
-                    self.gpu.limits().max_storage_buffer_binding_size
+                    self.gpu.limits().max_buffer_size
                 )));
             }
             crop[longer] = crop[longer].div_ceil(2);
@@ -656,7 +657,7 @@ impl<'g> Segmenter<'g> {
         let gpu = self.gpu;
         let src = Tensor::from_slice(gpu, &[1, c, from[0], from[1]], planes)?;
         let dst = Tensor::empty(gpu, &[1, c, to[0], to[1]])?;
-        gpu.run([&resize::forward(gpu, &src, &dst, 0, align_corners)?])?;
+        gpu.run(&resize::forward(gpu, &src, &dst, 0, align_corners)?)?;
         dst.to_vec(gpu)
     }
 }

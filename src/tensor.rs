@@ -37,16 +37,12 @@ impl Tensor {
         if bytes == 0 {
             return Err(Error::Invalid(format!("tensor of shape {} has no elements", fmt_shape(shape))));
         }
-        let limits = gpu.limits();
-        let binding_limit = limits.max_storage_buffer_binding_size;
-        if bytes > binding_limit.min(limits.max_buffer_size) {
-            let (limit, limit_name) = if binding_limit <= limits.max_buffer_size {
-                (binding_limit, "max_storage_buffer_binding_size")
-            } else {
-                (limits.max_buffer_size, "max_buffer_size")
-            };
+        // A tensor may be as large as a buffer; launches bind views of at most a binding
+        // (see `kernels::slabs`).
+        let limit = gpu.limits().max_buffer_size;
+        if bytes > limit {
             let what = format!("tensor of shape {}", fmt_shape(shape));
-            return Err(Error::Limit { what, bytes, limit, limit_name });
+            return Err(Error::Limit { what, bytes, limit, limit_name: "max_buffer_size" });
         }
         gpu.check_lost()?;
         let buffer = gpu.pool().acquire(&gpu.device, bytes).map_err(|e| {
@@ -85,12 +81,6 @@ impl Tensor {
     /// The start must meet the adapter's storage offset alignment.
     pub fn view(&self, gpu: &Gpu, start: usize, shape: &[usize]) -> Result<Self> {
         let numel: usize = shape.iter().product();
-        let bytes = numel as u64 * 4;
-        let limit = gpu.limits().max_storage_buffer_binding_size;
-        if bytes > limit {
-            let what = format!("a view of shape {}", fmt_shape(shape));
-            return Err(Error::Limit { what, bytes, limit, limit_name: "max_storage_buffer_binding_size" });
-        }
         if numel == 0 || start + numel > self.numel() {
             return Err(Error::Invalid(format!(
                 "a view of shape {} at element {start} does not fit in a tensor of shape {}",

@@ -38,6 +38,9 @@ pub struct GpuOptions {
     /// Caps the storage-buffer binding size below the adapter's (to leave memory to other
     /// work, or to exercise the limit handling on a device with a large limit).
     pub max_storage_binding: Option<u64>,
+    /// Caps the buffer size below the adapter's (the largest tensor; to exercise the
+    /// windowed fallback of images whose tensors exceed it).
+    pub max_buffer: Option<u64>,
     /// Caps the invocations per workgroup below the adapter's (to exercise the fallback
     /// to smaller workgroups on a device that allows the default).
     pub max_workgroup_size: Option<u32>,
@@ -50,6 +53,7 @@ impl GpuOptions {
             backends: wgpu::Backends::from_env(),
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
             max_storage_binding: None,
+            max_buffer: None,
             max_workgroup_size: None,
         }
     }
@@ -99,6 +103,9 @@ impl Gpu {
         let mut limits = adapter.limits();
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
+        if let Some(cap) = options.max_buffer {
+            limits.max_buffer_size = limits.max_buffer_size.min(cap);
         }
         if let Some(cap) = options.max_workgroup_size {
             limits.max_compute_invocations_per_workgroup =

@@ -515,11 +515,12 @@ fn allocate_for_training(
     let arena = if params.is_empty() { None } else { Some(Arena::new(gpu, &params)?) };
     let plan = training_plan(values, ops, (outputs, backward), recompute);
     let n = values.len();
-    let slots = allocate_slots(gpu, &plan)?;
     let describe = |b: usize| match b.checked_sub(n) {
         None => format!("activation {}", values[b].name),
-        Some(i) => format!("the gradient of activation {}", values[i].name),
+        Some(i) if i < n => format!("the gradient of activation {}", values[i].name),
+        Some(i) => format!("the recomputed activation {}", values[i - n].name),
     };
+    let slots = allocate_slots(gpu, &plan, |b| (describe(b), &values[b % n].shape))?;
     let mut param_views = arena.iter().flat_map(|a| a.views.iter());
     let tensors = values
         .iter()
@@ -564,7 +565,7 @@ fn allocate_for_inference(
     outputs: &[ValueId],
 ) -> Result<Vec<Tensor>> {
     let plan = plan::inference(values, ops, outputs);
-    let slots = allocate_slots(gpu, &plan)?;
+    let slots = allocate_slots(gpu, &plan, |b| (format!("activation {}", values[b].name), &values[b].shape))?;
     values
         .iter()
         .zip(&plan.slot_of)
@@ -580,11 +581,25 @@ fn named(what: &str, shape: &[usize], e: Error) -> Error {
     Error::Invalid(format!("allocating {what} {shape:?}: {e}"))
 }
 
-/// A plan's slots: the buffers planned tensors are views of (each as large as its largest
-/// tenant; one beyond a binding is left to that tenant's view to refuse, naming it).
-fn allocate_slots(gpu: &Gpu, plan: &plan::Plan) -> Result<Vec<Tensor>> {
-    let binding = (gpu.limits().max_storage_buffer_binding_size / 4) as usize;
-    plan.slot_elems.iter().map(|&n| Tensor::empty(gpu, &[n.min(binding)])).collect()
+/// A plan's slots: the buffers planned tensors are views of, each as large as its largest
+/// tenant (kernels bind slabs of those beyond a binding). An allocation error names that
+/// tenant (`describe`: a planned buffer's name and shape).
+fn allocate_slots<'a>(
+    gpu: &Gpu,
+    plan: &plan::Plan,
+    describe: impl Fn(usize) -> (String, &'a Vec<usize>),
+) -> Result<Vec<Tensor>> {
+    let largest_tenant = |slot: usize| {
+        let tenants = plan.slot_of.iter().enumerate().filter(|(_, s)| **s == Some(slot)).map(|(b, _)| b);
+        tenants.max_by_key(|&b| describe(b).1.iter().product::<usize>()).expect("a slot has a tenant")
+    };
+    let slot = |(s, &n): (usize, &usize)| {
+        Tensor::empty(gpu, &[n]).map_err(|e| {
+            let (what, shape) = describe(largest_tenant(s));
+            named(&what, shape, e)
+        })
+    };
+    plan.slot_elems.iter().enumerate().map(slot).collect()
 }
 
 /// A value's tensor: a view of its planned slot, a buffer of its own, or for a value
@@ -912,8 +927,8 @@ impl Graph {
     /// Sets the dropout seed of the next step (forward and backward use the same masks).
     pub fn set_seed(&mut self, gpu: &Gpu, seed: u32) -> Result<()> {
         self.seed = seed;
-        for r in &self.recorded.dropouts {
-            r.layer.reseed(gpu, &r.dispatch, &self.tensors[r.x.0], seed, r.accumulate)?;
+        for d in &self.recorded.dropouts {
+            d.reseed(gpu, seed);
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
-use crate::kernels::dropout::Dropout2d;
+use crate::kernels::dropout::{Dropout2d, SeededDispatch};
 use crate::kernels::loss::{CrossEntropy, LossPass};
 use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::tuning::{self, ConvForward, ConvInputGrad, ConvWeightGrad};
@@ -243,15 +243,6 @@ pub(super) struct NodeRecord {
     pub writes: Vec<ValueId>,
 }
 
-/// A dropout dispatch to reseed each step: a handle to the recorded launch (a clone shares
-/// its parameters), so reseeding rewrites the very dispatch the passes encode.
-pub(super) struct DropoutRecord {
-    pub layer: Dropout2d,
-    pub dispatch: Dispatch,
-    pub x: ValueId,
-    pub accumulate: bool,
-}
-
 /// Everything recorded at build time.
 #[derive(Default)]
 pub(super) struct Recorded {
@@ -261,7 +252,8 @@ pub(super) struct Recorded {
     pub forward: Vec<Dispatch>,
     pub backward: Vec<Dispatch>,
     pub losses: Vec<RecordedLoss>,
-    pub dropouts: Vec<DropoutRecord>,
+    /// The dropout launches, reseeded each step.
+    pub dropouts: Vec<SeededDispatch>,
     /// Batch statistics a training forward keeps for the backward, by the node's output.
     saved: HashMap<ValueId, Tensor>,
     /// Each loss node's recorded pass, by the node's place in the op list.
@@ -324,8 +316,9 @@ impl Graph {
     fn keep_packing_apart(&mut self, d: conv2d::ForwardDispatches, mode: Mode) -> Vec<Dispatch> {
         match mode {
             Mode::Eval => {
-                self.recorded.prepare.push(d.pack);
-                vec![d.conv]
+                let (packs, convs): (Vec<_>, Vec<_>) = d.pairs.into_iter().unzip();
+                self.recorded.prepare.extend(packs);
+                convs
             }
             Mode::Train => d.into_vec(),
         }
@@ -352,7 +345,7 @@ impl Graph {
                 &Op::BatchNorm { x, y, .. } => {
                     let bn = self.bn_params(op);
                     match mode {
-                        Mode::Eval => vec![batch_norm::forward_eval(gpu, self.t(x), &bn, self.t(y))?],
+                        Mode::Eval => batch_norm::forward_eval(gpu, self.t(x), &bn, self.t(y))?,
                         Mode::Train => {
                             let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
                             let d = batch_norm::forward_train(gpu, self.t(x), &bn, &saved, self.t(y))?;
@@ -361,14 +354,14 @@ impl Graph {
                         }
                     }
                 }
-                &Op::Relu { x, y } => vec![elementwise::relu_forward(gpu, self.t(x), self.t(y))?],
-                &Op::Argmax { x, y } => vec![metrics::argmax(gpu, self.t(x), self.t(y))?],
-                &Op::Add { a, b, y } => vec![elementwise::add_forward(gpu, self.t(a), self.t(b), self.t(y))?],
+                &Op::Relu { x, y } => elementwise::relu_forward(gpu, self.t(x), self.t(y))?,
+                &Op::Argmax { x, y } => metrics::argmax(gpu, self.t(x), self.t(y))?,
+                &Op::Add { a, b, y } => elementwise::add_forward(gpu, self.t(a), self.t(b), self.t(y))?,
                 &Op::AddRelu { a, b, y } => {
-                    vec![elementwise::add_relu_forward(gpu, self.t(a), self.t(b), self.t(y))?]
+                    elementwise::add_relu_forward(gpu, self.t(a), self.t(b), self.t(y))?
                 }
                 &Op::Resize { x, y, align_corners } => {
-                    vec![resize::forward(gpu, self.t(x), self.t(y), 0, align_corners)?]
+                    resize::forward(gpu, self.t(x), self.t(y), 0, align_corners)?
                 }
                 Op::Concat { inputs, y, align_corners } => {
                     let mut d = Vec::new();
@@ -376,7 +369,7 @@ impl Graph {
                     for &x in inputs {
                         let (xt, yt) = (self.t(x), self.t(*y));
                         let c = xt.shape()[1];
-                        d.push(if xt.shape()[2..] == yt.shape()[2..] {
+                        d.extend(if xt.shape()[2..] == yt.shape()[2..] {
                             concat::copy_channels(gpu, (xt, 0), (yt, offset), c, false)?
                         } else {
                             resize::forward(gpu, xt, yt, offset, *align_corners)?
@@ -405,10 +398,9 @@ impl Graph {
                 &Op::Dropout { x, y, layer } => {
                     // In eval, dropout is the identity: a drop probability of 0 multiplies by 1.
                     let layer = if mode == Mode::Train { layer } else { Dropout2d { drop: 0.0 } };
-                    let dispatch = layer.forward(gpu, self.t(x), self.t(y), self.seed)?;
-                    let record = DropoutRecord { layer, dispatch: dispatch.clone(), x, accumulate: false };
-                    self.recorded.dropouts.push(record);
-                    vec![dispatch]
+                    let seeded = layer.forward(gpu, self.t(x), self.t(y), self.seed)?;
+                    self.recorded.dropouts.extend(seeded.iter().cloned());
+                    seeded.into_iter().map(|s| s.dispatch).collect()
                 }
                 &Op::Loss { logits, labels, spec } => {
                     let mut pass = self.cross_entropy(&spec).forward(gpu, self.t(logits), self.t(labels))?;
@@ -533,22 +525,22 @@ impl Graph {
                     return Ok(Vec::new());
                 }
                 let (gx, acc) = target(x)?;
-                vec![elementwise::relu_backward(gpu, self.kept(y), &gy(), &gx, acc)?]
+                elementwise::relu_backward(gpu, self.kept(y), &gy(), &gx, acc)?
             }
             &Op::Add { a, b, .. } => {
                 let (ga, gb) = (target(a)?, target(b)?);
-                vec![elementwise::add_backward(gpu, &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?]
+                elementwise::add_backward(gpu, &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?
             }
             &Op::AddRelu { a, b, y } => {
                 let (ga, gb) = (target(a)?, target(b)?);
-                vec![elementwise::add_relu_backward(gpu, self.kept(y), &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?]
+                elementwise::add_relu_backward(gpu, self.kept(y), &gy(), (&ga.0, ga.1), (&gb.0, gb.1))?
             }
             &Op::Resize { x, align_corners, .. } => {
                 if !tg_needs(grads, x) {
                     return Ok(Vec::new());
                 }
                 let (gx, acc) = target(x)?;
-                vec![resize::backward(gpu, &gy(), 0, &gx, align_corners, acc)?]
+                resize::backward(gpu, &gy(), 0, &gx, align_corners, acc)?
             }
             Op::Concat { inputs, y, align_corners } => {
                 let gy = gy();
@@ -558,7 +550,7 @@ impl Graph {
                     let c = self.t(x).shape()[1];
                     if tg_needs(grads, x) {
                         let (gx, acc) = target(x)?;
-                        d.push(if self.t(x).shape()[2..] == self.t(*y).shape()[2..] {
+                        d.extend(if self.t(x).shape()[2..] == self.t(*y).shape()[2..] {
                             concat::copy_channels(gpu, (&gy, offset), (&gx, 0), c, acc)?
                         } else {
                             resize::backward(gpu, &gy, offset, &gx, *align_corners, acc)?
@@ -588,14 +580,9 @@ impl Graph {
             }
             &Op::Dropout { x, layer, .. } => {
                 let (gx, accumulate) = target(x)?;
-                let dispatch = layer.backward(gpu, &gy(), &gx, self.seed, accumulate)?;
-                self.recorded.dropouts.push(DropoutRecord {
-                    layer,
-                    dispatch: dispatch.clone(),
-                    x,
-                    accumulate,
-                });
-                vec![dispatch]
+                let seeded = layer.backward(gpu, &gy(), &gx, self.seed, accumulate)?;
+                self.recorded.dropouts.extend(seeded.iter().cloned());
+                seeded.into_iter().map(|s| s.dispatch).collect()
             }
             &Op::Loss { logits, labels, spec } => {
                 let (gl, acc) = target(logits)?;

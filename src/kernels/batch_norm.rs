@@ -1,5 +1,6 @@
 //! Batch normalisation over N x H x W per channel, PyTorch semantics (`batch_norm.wgsl`).
 
+use super::slabs::{self, Cut};
 use super::{f32_bytes, launch, plane_block_invocations, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -29,7 +30,7 @@ crate::gpu::shader_params! {
         flags: u32,
         eps: f32,
         momentum: f32,
-        _pad: u32,
+        first_channel: u32,
     }
 }
 
@@ -74,7 +75,7 @@ impl Layout {
                 flags,
                 eps: bn.eps,
                 momentum: bn.momentum,
-                _pad: 0,
+                first_channel: 0,
             },
         })
     }
@@ -197,16 +198,50 @@ fn normalize_train(
     )
 }
 
-/// Eval-mode forward with the running statistics.
-pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor) -> Result<Dispatch> {
+/// Eval-mode forward with the running statistics: one launch, or one per channel slab
+/// when the tensors exceed a binding (each channel is normalised on its own).
+pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor) -> Result<Vec<Dispatch>> {
     let l = Layout::new("batch_norm input", x, bn, 0)?;
     check_shape("batch_norm output", x.shape(), y.shape())?;
-    let numel = l.numel();
+    if !slabs::exceeds_binding(gpu, &[x]) {
+        return Ok(vec![normalize_eval(gpu, (x, 0), bn, y)?]);
+    }
+    let [n, c, _, _] = l.dims;
+    let cuts = [Cut::item(x, 0), Cut::item(y, 0)];
+    let mut d = Vec::new();
+    for slab in slabs::channel_slabs(gpu, n, c, &cuts)? {
+        let (xs, ys) = (slab.view(gpu, cuts[0])?, slab.view(gpu, cuts[1])?);
+        d.push(normalize_eval(gpu, (&xs, slab.channels.start), bn, &ys)?);
+    }
+    Ok(d)
+}
+
+/// One launch over `x`, channels `first..` of the layer (the whole tensor, or a slab).
+fn normalize_eval(
+    gpu: &Gpu,
+    (x, first): (&Tensor, usize),
+    bn: &BatchNormParams<'_>,
+    y: &Tensor,
+) -> Result<Dispatch> {
+    let [n, c, h, w] = x.dims4("batch_norm input")?;
+    let numel = n * c * h * w;
+    to_u32("batch_norm elements", numel)?;
+    let params = Params {
+        n: n as u32,
+        c: c as u32,
+        hw: (h * w) as u32,
+        // An elementwise pass: no reduction to chunk.
+        chunk_len: 0,
+        flags: 0,
+        eps: bn.eps,
+        momentum: bn.momentum,
+        first_channel: first as u32,
+    };
     launch(
         gpu,
         Shader::BatchNorm,
         "bn_normalize_eval",
-        &l.params,
+        &params,
         &[
             Binding::read(1, x),
             Binding::read(2, bn.gamma),
@@ -215,8 +250,8 @@ pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor)
             Binding::read(18, bn.running_var),
             Binding::write(7, y),
         ],
-        l.plane_blocks(gpu),
-        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * l.channels()) },
+        plane_block_invocations(gpu, n * c, h * w),
+        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * c) },
     )
 }
 

@@ -1,6 +1,7 @@
 //! Channel concat and split (`concat.wgsl`). Producers that can write into a channel slice
 //! (the resizes of HRNet's final concat) do so directly; the rest are copied.
 
+use super::slabs::{self, Cut};
 use super::{f32_bytes, launch, plane_block_invocations, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -21,14 +22,15 @@ crate::gpu::shader_params! {
 
 const ACCUMULATE: u32 = 1;
 
-/// `dst[:, dst_offset + c] (+)= src[:, src_offset + c]` for `c < channels`.
+/// `dst[:, dst_offset + c] (+)= src[:, src_offset + c]` for `c < channels`: one launch, or
+/// one per channel slab when a tensor exceeds a binding (a copy per channel either way).
 pub fn copy_channels(
     gpu: &Gpu,
     (src, src_offset): (&Tensor, usize),
     (dst, dst_offset): (&Tensor, usize),
     channels: usize,
     accumulate: bool,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let [n, sc, h, w] = src.dims4("channel copy source")?;
     let [dn, dc, dh, dw] = dst.dims4("channel copy destination")?;
     if (dn, dh, dw) != (n, h, w) || src_offset + channels > sc || dst_offset + channels > dc {
@@ -40,6 +42,27 @@ pub fn copy_channels(
             dst.shape()
         )));
     }
+    if !slabs::exceeds_binding(gpu, &[src, dst]) {
+        return Ok(vec![copy_launch(gpu, (src, src_offset), (dst, dst_offset), channels, accumulate)?]);
+    }
+    let cuts = [Cut::item(src, src_offset), Cut::item(dst, dst_offset)];
+    let mut d = Vec::new();
+    for slab in slabs::channel_slabs(gpu, n, channels, &cuts)? {
+        let (s, t) = (slab.view(gpu, cuts[0])?, slab.view(gpu, cuts[1])?);
+        d.push(copy_launch(gpu, (&s, 0), (&t, 0), slab.channels.len(), accumulate)?);
+    }
+    Ok(d)
+}
+
+fn copy_launch(
+    gpu: &Gpu,
+    (src, src_offset): (&Tensor, usize),
+    (dst, dst_offset): (&Tensor, usize),
+    channels: usize,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let [n, sc, h, w] = src.dims4("channel copy source")?;
+    let dc = dst.shape()[1];
     let len = n * channels * h * w;
     let p = Params {
         n: to_u32("N", n)?,
@@ -64,7 +87,7 @@ pub fn concat_forward(gpu: &Gpu, inputs: &[&Tensor], y: &Tensor) -> Result<Vec<D
     let mut dispatches = Vec::with_capacity(inputs.len());
     for x in inputs {
         let c = x.dims4("concat input")?[1];
-        dispatches.push(copy_channels(gpu, (x, 0), (y, offset), c, false)?);
+        dispatches.extend(copy_channels(gpu, (x, 0), (y, offset), c, false)?);
         offset += c;
     }
     let total = y.dims4("concat output")?[1];
@@ -82,7 +105,7 @@ pub fn concat_backward(gpu: &Gpu, grad_y: &Tensor, grads: &[(&Tensor, bool)]) ->
     let mut dispatches = Vec::with_capacity(grads.len());
     for &(g, accumulate) in grads {
         let c = g.dims4("concat input gradient")?[1];
-        dispatches.push(copy_channels(gpu, (grad_y, offset), (g, 0), c, accumulate)?);
+        dispatches.extend(copy_channels(gpu, (grad_y, offset), (g, 0), c, accumulate)?);
         offset += c;
     }
     Ok(dispatches)

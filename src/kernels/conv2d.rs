@@ -1,6 +1,7 @@
 //! 2-D convolution, NCHW input, OIHW weight, groups = 1 (`conv2d.wgsl`).
 
 use super::batch_norm::BatchNormParams;
+use super::slabs::{self, Cut};
 use super::tuning::{self, ConvClass, ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 use super::{f32_bytes, launch, launch_sized, launch_tuned, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
@@ -124,7 +125,10 @@ impl Dims {
             flags,
             chunk_rows: u("chunk rows", chunk_rows)?,
             eps: 0.0,
-            _pad: [0; 2],
+            weight_ci: u("input channels", self.ci)?,
+            weight_ci0: 0,
+            co0: 0,
+            _pad: 0,
         })
     }
 }
@@ -149,12 +153,16 @@ crate::gpu::shader_params! {
         flags: u32,
         chunk_rows: u32,
         eps: f32,
-        _pad: [u32; 2],
+        weight_ci: u32,
+        weight_ci0: u32,
+        co0: u32,
+        _pad: u32,
     }
 }
 
 const ACCUMULATE: u32 = 1;
 const RELU: u32 = 2;
+const NO_SHIFT: u32 = 4;
 
 /// What the forward does to each output value after the convolution, in order: add the
 /// bias, apply the folded batch norm, add the residual, ReLU. Inference fuses a whole
@@ -221,27 +229,19 @@ impl Precision {
     }
 }
 
-/// A convolution forward's two launches: the weight packing, which an eval graph runs only
-/// when the weights change, and the convolution itself.
+/// A convolution forward's launches, in pairs: a weight packing, which an eval graph runs
+/// only when the weights change, and the convolution that reads it. One pair, or one per
+/// slab of a convolution whose tensors exceed a binding.
 #[derive(Debug)]
 pub struct ForwardDispatches {
-    pub pack: Dispatch,
-    pub conv: Dispatch,
+    pub pairs: Vec<(Dispatch, Dispatch)>,
 }
 
 impl ForwardDispatches {
-    /// Both, packing first, for a submission of their own or a longer list.
+    /// Each packing just before its convolution, for a submission of their own or a longer
+    /// list (so packings may share scratch, see `kernels::sharing_scratch`).
     pub fn into_vec(self) -> Vec<Dispatch> {
-        vec![self.pack, self.conv]
-    }
-}
-
-impl<'a> IntoIterator for &'a ForwardDispatches {
-    type Item = &'a Dispatch;
-    type IntoIter = std::array::IntoIter<&'a Dispatch, 2>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        [&self.pack, &self.conv].into_iter()
+        self.pairs.into_iter().flat_map(|(pack, conv)| [pack, conv]).collect()
     }
 }
 
@@ -363,10 +363,83 @@ pub fn forward_with(
     if let Some(r) = epilogue.residual {
         check_shape("conv2d residual", &d.y_shape(), r.shape())?;
     }
-    let mut params = d.params(spec, epilogue.flags(), 1)?;
+    if !slabs::exceeds_binding(gpu, &[x, y]) {
+        let params = d.params(spec, epilogue.flags(), 1)?;
+        return Ok(ForwardDispatches {
+            pairs: vec![forward_launch(gpu, &d, params, weight, x, y, epilogue, precision, variant)?],
+        });
+    }
+    forward_slabs(gpu, spec, &d, [x, weight, y], epilogue, precision, variant)
+}
+
+/// The forward over tensors larger than a binding: per item and slab of output channels,
+/// the convolutions of the input's channel slabs in order, each adding to the sum of the
+/// ones before; the epilogue (shift, residual, ReLU) comes with the last. Splitting the
+/// output is exact; splitting the input changes the order of the sum (partial sums per
+/// slab, then added), so results match the unsplit forward to rounding, not to the bit.
+fn forward_slabs(
+    gpu: &Gpu,
+    spec: &Conv2dSpec,
+    d: &Dims,
+    [x, weight, y]: [&Tensor; 3],
+    epilogue: &Epilogue,
+    precision: Precision,
+    variant: ConvForward,
+) -> Result<ForwardDispatches> {
+    let mut outputs = vec![Cut::item(y, 0)];
+    outputs.extend(epilogue.residual.map(|r| Cut::item(r, 0)));
+    let input_slabs = slabs::channel_slabs(gpu, d.n, d.ci, &[Cut::item(x, 0)])?;
+    let mut pairs = Vec::new();
+    for out in slabs::channel_slabs(gpu, d.n, d.co, &outputs)? {
+        let y = out.view(gpu, outputs[0])?;
+        let residual = outputs.get(1).map(|&r| out.view(gpu, r)).transpose()?;
+        let inputs: Vec<_> = input_slabs.iter().filter(|s| s.item == out.item).collect();
+        for (j, input) in inputs.iter().enumerate() {
+            let last = j + 1 == inputs.len();
+            let slab_epilogue = Epilogue {
+                residual: residual.as_ref().filter(|_| last),
+                relu: epilogue.relu && last,
+                ..*epilogue
+            };
+            let slab = Dims { n: 1, ci: input.channels.len(), co: out.channels.len(), ..*d };
+            let mut params = slab.params(spec, slab_epilogue.flags(), 1)?;
+            params.weight_ci = d.ci as u32;
+            params.weight_ci0 = input.channels.start as u32;
+            params.co0 = out.channels.start as u32;
+            params.flags |= if j > 0 { ACCUMULATE } else { 0 } | if last { 0 } else { NO_SHIFT };
+            let x = input.view(gpu, Cut::item(x, 0))?;
+            pairs.push(forward_launch(
+                gpu,
+                &slab,
+                params,
+                weight,
+                &x,
+                &y,
+                &slab_epilogue,
+                precision,
+                variant,
+            )?);
+        }
+    }
+    Ok(ForwardDispatches { pairs })
+}
+
+/// One packing and convolution of `x` into `y` (the whole tensors, or a slab's views).
+#[allow(clippy::too_many_arguments)]
+fn forward_launch(
+    gpu: &Gpu,
+    d: &Dims,
+    mut params: Params,
+    weight: &Tensor,
+    x: &Tensor,
+    y: &Tensor,
+    epilogue: &Epilogue,
+    precision: Precision,
+    variant: ConvForward,
+) -> Result<(Dispatch, Dispatch)> {
     params.eps = epilogue.batch_norm.map_or(0.0, |bn| bn.eps);
     let shift = scratch(gpu, "conv2d shift", d.co)?;
-    let pack = pack_forward(gpu, &d, &params, weight, epilogue, precision, &shift)?;
+    let pack = pack_forward(gpu, d, &params, weight, epilogue, precision, &shift)?;
     let mut bindings = vec![
         Binding::read(1, x),
         Binding::write(4, y),
@@ -376,7 +449,7 @@ pub fn forward_with(
     bindings.extend(epilogue.residual.map(|r| Binding::read(15, r)));
     let residual = epilogue.residual.is_some();
     let extra = epilogue.residual.map_or(0, |_| y.numel()) + epilogue.bias.map_or(0, |_| d.co);
-    let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + weight.numel() + y.numel() + extra) };
+    let cost = Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + d.weight_len() + y.numel() + extra) };
     let pixels = d.ho * d.wo;
     let conv = match variant.slice() {
         None => {
@@ -403,7 +476,7 @@ pub fn forward_with(
             launch_tuned(gpu, entry, 64, &tile, &params, &bindings, invocations, cost)?
         }
     };
-    Ok(ForwardDispatches { pack: pack.dispatch, conv })
+    Ok((pack.dispatch, conv))
 }
 
 /// `grad_x (+)= conv2d_transpose(grad_y, weight)`: the gradient with respect to the input
@@ -484,7 +557,7 @@ fn pack_forward(
             Binding::read(14, bn.running_var),
         ]);
     }
-    let cost = Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) };
+    let cost = Cost { flops: 0, bytes: f32_bytes(2 * d.weight_len()) };
     let dispatch = launch(gpu, precision.shader(), epilogue.pack_entry(), params, &bindings, len, cost)?;
     Ok(Packed { dispatch, packed })
 }

@@ -2,6 +2,7 @@
 //! The mask is a hash of (seed, n * C + c), so a step replays exactly from its seed and
 //! the backward needs nothing stored. [`keep`] computes the same mask on the host.
 
+use super::slabs::{self, Cut};
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -15,7 +16,8 @@ crate::gpu::shader_params! {
         seed: u32,
         drop: f32,
         flags: u32,
-        _pad: [u32; 2],
+        first_unit: u32,
+        _pad: u32,
     }
 }
 
@@ -44,8 +46,23 @@ pub struct Dropout2d {
     pub drop: f32,
 }
 
+/// A recorded dropout launch whose seed is rewritten each step (a clone shares the
+/// launch's parameters, so reseeding rewrites the very dispatch the passes encode).
+#[derive(Clone)]
+pub struct SeededDispatch {
+    pub dispatch: Dispatch,
+    params: Params,
+}
+
+impl SeededDispatch {
+    /// Sets the seed for the next submission (the executor calls this once per step).
+    pub fn reseed(&self, gpu: &Gpu, seed: u32) {
+        self.dispatch.write_params(gpu, &Params { seed, ..self.params });
+    }
+}
+
 impl Dropout2d {
-    fn params(&self, x: &Tensor, seed: u32, accumulate: bool) -> Result<Params> {
+    fn params(&self, x: &Tensor, seed: u32, accumulate: bool, first_unit: usize) -> Result<Params> {
         if !(0.0..1.0).contains(&self.drop) {
             return Err(Error::Invalid(format!("dropout probability {} is not in [0, 1)", self.drop)));
         }
@@ -57,24 +74,22 @@ impl Dropout2d {
             seed,
             drop: self.drop,
             flags: if accumulate { ACCUMULATE } else { 0 },
-            _pad: [0; 2],
+            first_unit: to_u32("dropout units", first_unit)?,
+            _pad: 0,
         })
     }
 
     /// `y = x * mask / (1 - p)`.
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor, y: &Tensor, seed: u32) -> Result<Dispatch> {
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, y: &Tensor, seed: u32) -> Result<Vec<SeededDispatch>> {
         check_shape("dropout output", x.shape(), y.shape())?;
-        let p = self.params(x, seed, false)?;
-        let cost = Cost { flops: x.numel() as u64, bytes: f32_bytes(2 * x.numel()) };
-        launch(
-            gpu,
-            Shader::Dropout,
-            "dropout_forward",
-            &p,
-            &[Binding::read(1, x), Binding::write(2, y)],
-            x.numel(),
-            cost,
-        )
+        self.per_slab(gpu, x, y, |x, y, first_unit| {
+            let params = self.params(x, seed, false, first_unit)?;
+            let cost = Cost { flops: x.numel() as u64, bytes: f32_bytes(2 * x.numel()) };
+            let bindings = [Binding::read(1, x), Binding::write(2, y)];
+            let dispatch =
+                launch(gpu, Shader::Dropout, "dropout_forward", &params, &bindings, x.numel(), cost)?;
+            Ok(SeededDispatch { dispatch, params })
+        })
     }
 
     /// `grad_x (+)= grad_y * mask / (1 - p)` with the forward's seed.
@@ -85,26 +100,35 @@ impl Dropout2d {
         grad_x: &Tensor,
         seed: u32,
         accumulate: bool,
-    ) -> Result<Dispatch> {
+    ) -> Result<Vec<SeededDispatch>> {
         check_shape("dropout input gradient", grad_y.shape(), grad_x.shape())?;
-        let p = self.params(grad_y, seed, accumulate)?;
-        let n = grad_y.numel();
-        let cost = Cost { flops: n as u64, bytes: f32_bytes((2 + usize::from(accumulate)) * n) };
-        let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
-        launch(gpu, Shader::Dropout, "dropout_backward", &p, &bindings, n, cost)
+        self.per_slab(gpu, grad_y, grad_x, |grad_y, grad_x, first_unit| {
+            let params = self.params(grad_y, seed, accumulate, first_unit)?;
+            let n = grad_y.numel();
+            let cost = Cost { flops: n as u64, bytes: f32_bytes((2 + usize::from(accumulate)) * n) };
+            let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
+            let dispatch = launch(gpu, Shader::Dropout, "dropout_backward", &params, &bindings, n, cost)?;
+            Ok(SeededDispatch { dispatch, params })
+        })
     }
 
-    /// Sets the seed of a recorded forward or backward dispatch of this layer for the next
-    /// submission (the executor calls this once per step).
-    pub fn reseed(
+    /// `launch(input, output, first mask unit)` once, or once per channel slab when the
+    /// tensors exceed a binding, each slab starting the mask at its own unit (n * C + c).
+    fn per_slab(
         &self,
         gpu: &Gpu,
-        dispatch: &Dispatch,
-        x: &Tensor,
-        seed: u32,
-        accumulate: bool,
-    ) -> Result<()> {
-        dispatch.write_params(gpu, &self.params(x, seed, accumulate)?);
-        Ok(())
+        input: &Tensor,
+        output: &Tensor,
+        launch: impl Fn(&Tensor, &Tensor, usize) -> Result<SeededDispatch>,
+    ) -> Result<Vec<SeededDispatch>> {
+        if !slabs::exceeds_binding(gpu, &[input]) {
+            return Ok(vec![launch(input, output, 0)?]);
+        }
+        let [n, c, _, _] = input.dims4("dropout input")?;
+        let cuts = [Cut::item(input, 0), Cut::item(output, 0)];
+        slabs::channel_slabs(gpu, n, c, &cuts)?
+            .iter()
+            .map(|s| launch(&s.view(gpu, cuts[0])?, &s.view(gpu, cuts[1])?, s.item * c + s.channels.start))
+            .collect()
     }
 }

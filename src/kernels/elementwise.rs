@@ -1,6 +1,6 @@
 //! ReLU, add and fused add + ReLU, with their backward passes (`elementwise.wgsl`).
 
-use super::{f32_bytes, launch, to_u32};
+use super::{f32_bytes, launch, slabs, to_u32};
 use crate::error::{check_shape, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, Tensor};
@@ -16,6 +16,8 @@ crate::gpu::shader_params! {
 const ACCUMULATE_A: u32 = 1;
 const ACCUMULATE_B: u32 = 2;
 
+/// One launch of `entry`, or one per flat chunk when the tensors exceed a binding (each
+/// element is independent, so the chunks give the same result).
 fn elementwise(
     gpu: &Gpu,
     entry: &'static str,
@@ -23,12 +25,38 @@ fn elementwise(
     reads: &[(u32, &Tensor)],
     writes: &[(u32, &Tensor)],
     flops_per_element: u64,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let first = reads.first().map(|r| r.1).unwrap_or(writes[0].1);
     for (_, t) in reads.iter().chain(writes) {
         check_shape(entry, first.shape(), t.shape())?;
     }
-    let len = first.numel();
+    if !slabs::exceeds_binding(gpu, &[first]) {
+        return Ok(vec![elementwise_launch(gpu, entry, flags, reads, writes, flops_per_element)?]);
+    }
+    let mut d = Vec::new();
+    for r in slabs::flat_chunks(gpu, first.numel()) {
+        let chunks = |ts: &[(u32, &Tensor)]| -> Result<Vec<(u32, Tensor)>> {
+            ts.iter().map(|&(i, t)| Ok((i, t.view(gpu, r.start, &[r.len()])?))).collect()
+        };
+        let (reads, writes) = (chunks(reads)?, chunks(writes)?);
+        d.push(elementwise_launch(gpu, entry, flags, &refs(&reads), &refs(&writes), flops_per_element)?);
+    }
+    Ok(d)
+}
+
+fn refs(tensors: &[(u32, Tensor)]) -> Vec<(u32, &Tensor)> {
+    tensors.iter().map(|(i, t)| (*i, t)).collect()
+}
+
+fn elementwise_launch(
+    gpu: &Gpu,
+    entry: &'static str,
+    flags: u32,
+    reads: &[(u32, &Tensor)],
+    writes: &[(u32, &Tensor)],
+    flops_per_element: u64,
+) -> Result<Dispatch> {
+    let len = writes[0].1.numel();
     let params = Params { len: to_u32("elements", len)?, flags, _pad: [0; 2] };
     let bindings: Vec<Binding<'_>> = reads
         .iter()
@@ -48,7 +76,7 @@ fn flags(accumulate_a: bool, accumulate_b: bool) -> u32 {
 }
 
 /// `y = max(x, 0)`.
-pub fn relu_forward(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
+pub fn relu_forward(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Vec<Dispatch>> {
     elementwise(gpu, "relu_forward", 0, &[(1, x)], &[(3, y)], 1)
 }
 
@@ -59,12 +87,12 @@ pub fn relu_backward(
     grad_y: &Tensor,
     grad_x: &Tensor,
     accumulate: bool,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     elementwise(gpu, "relu_backward", flags(accumulate, false), &[(1, y), (4, grad_y)], &[(5, grad_x)], 1)
 }
 
 /// `y = a + b`.
-pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Dispatch> {
+pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Vec<Dispatch>> {
     elementwise(gpu, "add_forward", 0, &[(1, a), (2, b)], &[(3, y)], 1)
 }
 
@@ -74,13 +102,13 @@ pub fn add_backward(
     grad_y: &Tensor,
     (grad_a, accumulate_a): (&Tensor, bool),
     (grad_b, accumulate_b): (&Tensor, bool),
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let f = flags(accumulate_a, accumulate_b);
     elementwise(gpu, "add_backward", f, &[(4, grad_y)], &[(5, grad_a), (6, grad_b)], 0)
 }
 
 /// `y = max(a + b, 0)`.
-pub fn add_relu_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Dispatch> {
+pub fn add_relu_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Vec<Dispatch>> {
     elementwise(gpu, "add_relu_forward", 0, &[(1, a), (2, b)], &[(3, y)], 2)
 }
 
@@ -91,7 +119,7 @@ pub fn add_relu_backward(
     grad_y: &Tensor,
     (grad_a, accumulate_a): (&Tensor, bool),
     (grad_b, accumulate_b): (&Tensor, bool),
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let f = flags(accumulate_a, accumulate_b);
     elementwise(gpu, "add_relu_backward", f, &[(1, y), (4, grad_y)], &[(5, grad_a), (6, grad_b)], 1)
 }

@@ -13,6 +13,7 @@ pub mod ocr;
 pub mod reduce;
 pub mod resize;
 pub mod sgd;
+pub(crate) mod slabs;
 pub mod softmax;
 pub mod tuning;
 
@@ -73,7 +74,7 @@ pub(crate) fn launch_tuned<P: ShaderParams>(
     invocations: usize,
     cost: Cost,
 ) -> Result<Dispatch> {
-    check_bindings(entry, bindings)?;
+    check_bindings(gpu, entry, bindings)?;
     let workgroup_size = workgroup_size.min(gpu.workgroup_size());
     let mut constants = pipeline_constants(workgroup_size).to_vec();
     constants.extend_from_slice(tile_constants);
@@ -95,10 +96,20 @@ pub(crate) fn launch_tuned<P: ShaderParams>(
 /// Element types must match what the shader declares. One buffer may be bound twice only
 /// as two writable, disjoint views (parameter gradients in one arena): a read-only and a
 /// writable binding of one buffer is a wgpu usage conflict, and overlapping writable views
-/// are a data race. Both are refused, naming the bindings.
-fn check_bindings(entry: &str, bindings: &[Binding<'_>]) -> Result<()> {
+/// are a data race. Both are refused, naming the bindings. A tensor larger than a binding
+/// is refused too: its launcher must bind slabs of it (see [`slabs`]).
+fn check_bindings(gpu: &Gpu, entry: &str, bindings: &[Binding<'_>]) -> Result<()> {
+    let limit = gpu.limits().max_storage_buffer_binding_size;
     for (i, a) in bindings.iter().enumerate() {
         a.tensor.check_dtype(&format!("{entry} binding {}", a.index), a.dtype)?;
+        if a.tensor.bytes() > limit {
+            return Err(Error::Limit {
+                what: format!("{entry} binding {} ({:?})", a.index, a.tensor),
+                bytes: a.tensor.bytes(),
+                limit,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
         for b in &bindings[i + 1..] {
             if !(a.writes || b.writes) || !a.tensor.same_buffer(b.tensor) {
                 continue;

@@ -4,8 +4,10 @@
 //! ever materialised: the matmuls read them through strides. Each product runs the
 //! kernel the tuner, if one is given, chose for its class.
 
-use super::matmul::{product, Strided};
+use super::matmul::{product, product_with, MatmulClass, Strided};
+use super::slabs::{self, Cut};
 use super::softmax::{self, Axis};
+use super::tuning;
 use super::tuning::Tuner;
 use crate::error::{check_shape, Result};
 use crate::gpu::{Dispatch, Gpu};
@@ -49,7 +51,21 @@ pub fn spatial_gather_forward(
     let mut d = softmax::forward(gpu, aux, g.axis(), 1.0, probs)?;
     let f = Strided::row_major(g.c, g.hw);
     let p_t = Strided::row_major(g.k, g.hw).t();
-    d.push(product(gpu, tuner, g.n, (feats, f), (probs, p_t), context, false)?);
+    if !slabs::exceeds_binding(gpu, &[feats]) {
+        d.push(product(gpu, tuner, g.n, (feats, f), (probs, p_t), context, false)?);
+        return Ok(d);
+    }
+    // Features beyond a binding: the context of each item's channel slab from that slab,
+    // by the kernel the whole product would use, so the sums are the same to the bit.
+    let kernel = tuning::choose(tuner, gpu, &MatmulClass::of(g.n, &f, &p_t));
+    let cuts = [Cut::item(feats, 0), Cut::item(context, 0)];
+    for slab in slabs::channel_slabs(gpu, g.n, g.c, &cuts)? {
+        let item_probs = Cut::item(probs, 0).view(gpu, slab.item, &(0..g.k))?;
+        let slab_feats = (slab.view(gpu, cuts[0])?, Strided::row_major(slab.channels.len(), g.hw));
+        let slab_context = slab.view(gpu, cuts[1])?;
+        let feats = (&slab_feats.0, slab_feats.1);
+        d.push(product_with(gpu, kernel, 1, feats, (&item_probs, p_t), &slab_context, false)?);
+    }
     Ok(d)
 }
 

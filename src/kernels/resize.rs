@@ -1,5 +1,6 @@
 //! Bilinear resize to an explicit size, align_corners true or false (`resize.wgsl`).
 
+use super::slabs::{self, Cut};
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -58,12 +59,14 @@ pub fn forward(
     y: &Tensor,
     channel_offset: usize,
     align_corners: bool,
-) -> Result<Dispatch> {
-    let p = params(x.dims4("resize input")?, y, channel_offset, align_corners)?;
-    let out = (p.n * p.c * p.ho * p.wo) as usize;
-    let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(x.numel() + out) };
-    let bindings = [Binding::read(1, x), Binding::write(2, y)];
-    launch(gpu, Shader::Resize, "resize_forward", &p, &bindings, out, cost)
+) -> Result<Vec<Dispatch>> {
+    per_slab(gpu, x, (y, channel_offset), |x, y, offset| {
+        let p = params(x.dims4("resize input")?, y, offset, align_corners)?;
+        let out = (p.n * p.c * p.ho * p.wo) as usize;
+        let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(x.numel() + out) };
+        let bindings = [Binding::read(1, x), Binding::write(2, y)];
+        launch(gpu, Shader::Resize, "resize_forward", &p, &bindings, out, cost)
+    })
 }
 
 /// `grad_x (+)= resize_backward(grad_y[:, offset..offset + C])`, a gather per input pixel.
@@ -74,11 +77,36 @@ pub fn backward(
     grad_x: &Tensor,
     align_corners: bool,
     accumulate: bool,
-) -> Result<Dispatch> {
-    let mut p = params(grad_x.dims4("resize input gradient")?, grad_y, channel_offset, align_corners)?;
-    p.flags = if accumulate { ACCUMULATE } else { 0 };
-    let out = (p.n * p.c * p.ho * p.wo) as usize;
-    let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(grad_x.numel() + out) };
-    let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
-    launch(gpu, Shader::Resize, "resize_backward", &p, &bindings, grad_x.numel(), cost)
+) -> Result<Vec<Dispatch>> {
+    per_slab(gpu, grad_x, (grad_y, channel_offset), |grad_x, grad_y, offset| {
+        let mut p = params(grad_x.dims4("resize input gradient")?, grad_y, offset, align_corners)?;
+        p.flags = if accumulate { ACCUMULATE } else { 0 };
+        let out = (p.n * p.c * p.ho * p.wo) as usize;
+        let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(grad_x.numel() + out) };
+        let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
+        launch(gpu, Shader::Resize, "resize_backward", &p, &bindings, grad_x.numel(), cost)
+    })
+}
+
+/// `launch(small, large, offset)` once, or, when a tensor exceeds a binding, once per
+/// channel slab of the small map and its slice of the large one (channels resize
+/// independently, so the slabs give the same result).
+fn per_slab(
+    gpu: &Gpu,
+    small: &Tensor,
+    (large, offset): (&Tensor, usize),
+    launch: impl Fn(&Tensor, &Tensor, usize) -> Result<Dispatch>,
+) -> Result<Vec<Dispatch>> {
+    if !slabs::exceeds_binding(gpu, &[small, large]) {
+        return Ok(vec![launch(small, large, offset)?]);
+    }
+    // The whole shapes checked once; each slab's views then agree by construction.
+    params(small.dims4("resize input")?, large, offset, false)?;
+    let [n, c, _, _] = small.dims4("resize input")?;
+    let cuts = [Cut::item(small, 0), Cut::item(large, offset)];
+    let mut d = Vec::new();
+    for slab in slabs::channel_slabs(gpu, n, c, &cuts)? {
+        d.push(launch(&slab.view(gpu, cuts[0])?, &slab.view(gpu, cuts[1])?, 0)?);
+    }
+    Ok(d)
 }

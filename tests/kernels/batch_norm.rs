@@ -53,7 +53,7 @@ fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32]) -> Results {
     let (ggamma, gbeta) = (poisoned(&[c]), poisoned(&[c]));
     let saved = poisoned(&batch_norm::saved_shape(c));
     let bn = layer.params();
-    let mut ds = vec![batch_norm::forward_eval(gpu, &xt, &bn, &y_eval).unwrap()];
+    let mut ds = batch_norm::forward_eval(gpu, &xt, &bn, &y_eval).unwrap();
     ds.extend(batch_norm::forward_train(gpu, &xt, &bn, &saved, &y).unwrap());
     let grads = BatchNormGrads {
         grad_x: &gx,

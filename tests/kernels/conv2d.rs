@@ -217,7 +217,7 @@ fn conv2d_fused_epilogue_matches_cpu_composition() {
         for &variant in ConvForward::ALL {
             let y = poisoned(&d.y_shape());
             let run = conv2d::forward_with(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F32, variant, &y);
-            gpu.run(&run.unwrap()).unwrap();
+            gpu.run(&run.unwrap().into_vec()).unwrap();
             let what = format!(
                 "{} {d:?} bias {} fold {fold} residual {with_residual} relu {relu}",
                 variant.name(),
@@ -255,7 +255,7 @@ fn conv2d_f16_weights_match_cpu_reference() {
         let run = |w: &[f32]| {
             let (wt, y) = (upload(&d.w_shape(), w), poisoned(&d.y_shape()));
             conv2d::forward_with(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F16, variant, &y)
-                .map(|dispatches| gpu.run(&dispatches).map(|_| download(&y)).unwrap())
+                .map(|dispatches| gpu.run(&dispatches.into_vec()).map(|_| download(&y)).unwrap())
         };
         if !gpu.supports_f16() {
             let err = run(&w).expect_err("f16 ran on an adapter without SHADER_F16").to_string();

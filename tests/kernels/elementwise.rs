@@ -21,7 +21,7 @@ fn check(shape: &[usize], a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec
             .unwrap(),
         elementwise::add_backward(gpu, &gyt, (&add_ga, false), (&add_gb, true)).unwrap(),
     ];
-    gpu.run(&ds).unwrap();
+    gpu.run(ds.iter().flatten()).unwrap();
     [relu_y, add_y, add_relu_y, relu_ga, add_relu_ga, &add_relu_gb, &add_ga, &add_gb].map(download)
 }
 

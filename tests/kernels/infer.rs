@@ -162,19 +162,46 @@ fn images_are_normalised_and_classes_are_the_argmax() {
     assert!(e.contains("4x4") && e.contains("48") && e.contains("47"), "{e}");
 }
 
+/// Tensors beyond a storage binding run whole, bound in slabs: the tiny model at 112x128
+/// (its concat, 270 x 28 x 32 floats, is 945 KiB) on a device with 768 KiB bindings gives
+/// the logits of the full device. Convolutions over a split input add their slabs' partial
+/// sums, so the logits match to rounding.
 #[test]
-fn an_image_too_large_for_the_device_is_covered_by_windows_that_fit() {
+fn an_image_beyond_a_binding_runs_whole_in_slabs() {
     use hrnet_ocr::{Gpu, GpuOptions};
-    // The tiny model's largest weight is 729 KiB; at 112x128 its largest activation (the
-    // concat, 270 x 28 x 32 floats) is 945 KiB. A 768 KiB binding limit refuses the whole
-    // image; 112x64 windows (473 KiB) fit.
     let limited =
         Gpu::with_options(&GpuOptions { max_storage_binding: Some(768 << 10), ..GpuOptions::from_env() })
             .unwrap();
     assert_eq!(limited.limits().max_storage_buffer_binding_size, 768 << 10);
-    let (cfg, w) = (tiny_config(), tiny_weights());
-    let mut small = Segmenter::new(&limited, cfg, w);
-    let mut rng = Rng::new(seed("an_image_too_large_for_the_device"));
+    let mut small = Segmenter::new(&limited, tiny_config(), tiny_weights());
+    let mut rng = Rng::new(seed("an_image_beyond_a_binding_runs_whole"));
+    let planes = rng.normals(3 * 112 * 128);
+    let got = small.logits_with(&planes, [112, 128], &Strategy::Whole).unwrap();
+    let want = segmenter().logits_with(&planes, [112, 128], &Strategy::Whole).unwrap();
+    assert_close("whole image in slabs", &got, &want, 1e-6);
+    // The same graph built on that device binds its largest tensor in slabs.
+    let mut g = hrnet_ocr::graph::GraphBuilder::new();
+    let x = g.input("input", &[1, 3, 112, 128], false);
+    let m = hrnet_ocr::model::hrnet::build(&mut g, small.config(), x, 0.0).unwrap();
+    assert!(g.plan_memory(&[m.out]).largest.1 > 768 << 10, "a tensor exceeds the binding");
+}
+
+/// An image whose tensors exceed the device's largest buffer is covered by the largest
+/// windows that fit (stride two thirds of a window). At 112x128 the concat (945 KiB)
+/// exceeds a 768 KiB buffer; 112x64 windows (473 KiB) fit.
+#[test]
+fn an_image_beyond_the_largest_buffer_is_covered_by_windows_that_fit() {
+    use hrnet_ocr::{Gpu, GpuOptions};
+    let cap = Some(768 << 10);
+    let limited = Gpu::with_options(&GpuOptions {
+        max_storage_binding: cap,
+        max_buffer: cap,
+        ..GpuOptions::from_env()
+    })
+    .unwrap();
+    assert_eq!(limited.limits().max_buffer_size, 768 << 10);
+    let mut small = Segmenter::new(&limited, tiny_config(), tiny_weights());
+    let mut rng = Rng::new(seed("an_image_beyond_the_largest_buffer"));
     let planes = rng.normals(3 * 112 * 128);
     let got = small.logits_with(&planes, [112, 128], &Strategy::Whole).unwrap();
     let want = segmenter()
@@ -186,7 +213,7 @@ fn an_image_too_large_for_the_device_is_covered_by_windows_that_fit() {
     let x = g.input("input", &[1, 3, 112, 128], false);
     let m = hrnet_ocr::model::hrnet::build(&mut g, small.config(), x, 0.0).unwrap();
     let err = g.build(&limited, hrnet_ocr::graph::Mode::Eval, &[m.out]).err().expect("too large").to_string();
-    assert!(err.contains("activation") && err.contains("786432"), "{err}");
+    assert!(err.contains("activation") && err.contains("786432") && err.contains("max_buffer_size"), "{err}");
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn grids_beyond_one_dimension_are_folded() {
     let len = (max + 1000) * wg + 7;
     let x = rng.normals(len);
     let (xt, y) = (upload(&[len], &x), poisoned(&[len]));
-    let d = elementwise::relu_forward(gpu, &xt, &y).unwrap();
+    let [d] = <[_; 1]>::try_from(elementwise::relu_forward(gpu, &xt, &y).unwrap()).unwrap();
     assert!(d.workgroups().0[1] > 1, "{:?} should be folded", d.workgroups());
     gpu.run([&d]).unwrap();
     let got = download(&y);
@@ -37,11 +37,11 @@ fn grids_beyond_one_dimension_are_folded() {
     let ds =
         conv2d::forward_with(gpu, &spec, &xt, &wt, &epilogue, Precision::F32, ConvForward::Registers, &y)
             .unwrap();
-    assert!(ds.conv.workgroups().0[1] > 1, "{ds:?} should be folded");
-    gpu.run(&ds).unwrap();
+    assert!(ds.pairs[0].1.workgroups().0[1] > 1, "{ds:?} should be folded");
+    gpu.run(&ds.into_vec()).unwrap();
     let got = download(&y);
     let want: Vec<f32> = x.iter().map(|v| weight[0] * v + bias[0]).collect();
-    assert_close(&format!("1x1 conv over {h}x{w} in {ds:?}"), &got, &want, 1e-6);
+    assert_close(&format!("1x1 conv over {h}x{w}"), &got, &want, 1e-6);
 
     // The wide tiles' channel groups (16 output channels each) outnumbering it: a 1x1 map
     // keeps the output small.
@@ -52,8 +52,8 @@ fn grids_beyond_one_dimension_are_folded() {
     let wide = ConvForward::RegistersWide;
     let ds =
         conv2d::forward_with(gpu, &spec, &xt, &wt, &Default::default(), Precision::F32, wide, &y).unwrap();
-    assert!(ds.conv.workgroups().0[1] > 1, "{ds:?} should be folded");
-    gpu.run(&ds).unwrap();
+    assert!(ds.pairs[0].1.workgroups().0[1] > 1, "{ds:?} should be folded");
+    gpu.run(&ds.into_vec()).unwrap();
     let want: Vec<f32> = weight.iter().map(|w| w * x[0]).collect();
-    assert_close(&format!("1x1 conv to {co} channels in {ds:?}"), &download(&y), &want, 1e-6);
+    assert_close(&format!("1x1 conv to {co} channels"), &download(&y), &want, 1e-6);
 }

@@ -14,6 +14,7 @@ mod matmul;
 mod model;
 mod ocr;
 mod resize;
+mod slabs;
 mod softmax;
 mod train;
 mod training;

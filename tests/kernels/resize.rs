@@ -46,7 +46,7 @@ fn run(x: &[f32], gy: &[f32], dims: [usize; 4], out: [usize; 2], align: bool) ->
         resize::forward(gpu, &xt, &y, 0, align).unwrap(),
         resize::backward(gpu, &gyt, 0, &gx, align, false).unwrap(),
     ];
-    gpu.run(&ds).unwrap();
+    gpu.run(ds.iter().flatten()).unwrap();
     (download(&y), download(&gx))
 }
 
@@ -100,12 +100,12 @@ fn concat_with_resized_slices_and_split_match_cpu() {
         let old0 = rng.normals(xs[0].len());
         let grads: Vec<_> =
             (0..4).map(|b| if b == 0 { upload(&shape(0), &old0) } else { poisoned(&shape(b)) }).collect();
-        let mut ds = vec![concat::copy_channels(gpu, (&xt[0], 0), (&out, 0), widths[0], false).unwrap()];
-        ds.push(concat::copy_channels(gpu, (&gyt, 0), (&grads[0], 0), widths[0], true).unwrap());
+        let mut ds = concat::copy_channels(gpu, (&xt[0], 0), (&out, 0), widths[0], false).unwrap();
+        ds.extend(concat::copy_channels(gpu, (&gyt, 0), (&grads[0], 0), widths[0], true).unwrap());
         let mut offset = widths[0];
         for b in 1..4 {
-            ds.push(resize::forward(gpu, &xt[b], &out, offset, true).unwrap());
-            ds.push(resize::backward(gpu, &gyt, offset, &grads[b], true, false).unwrap());
+            ds.extend(resize::forward(gpu, &xt[b], &out, offset, true).unwrap());
+            ds.extend(resize::backward(gpu, &gyt, offset, &grads[b], true, false).unwrap());
             offset += widths[b];
         }
         gpu.run(&ds).unwrap();

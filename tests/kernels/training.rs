@@ -15,7 +15,7 @@ fn dropout_run(dims: [usize; 4], drop: f32, seed: u32, x: &[f32], gy: &[f32]) ->
     let (xt, gyt, y, gx) = (upload(&dims, x), upload(&dims, gy), poisoned(&dims), poisoned(&dims));
     let ds =
         [layer.forward(gpu, &xt, &y, seed).unwrap(), layer.backward(gpu, &gyt, &gx, seed, false).unwrap()];
-    gpu.run(&ds).unwrap();
+    gpu.run(ds.iter().flatten().map(|s| &s.dispatch)).unwrap();
     (download(&y), download(&gx))
 }
 
@@ -151,10 +151,10 @@ fn argmax_and_confusion(dims: [usize; 4], scores: &[f32], labels: &[u32]) -> (Ve
     let conf = Tensor::from_u32(gpu, &[k, k], &vec![0; k * k]).unwrap();
     let ds = [
         metrics::argmax(gpu, &st, &pred).unwrap(),
-        metrics::confusion(gpu, &pred, &yt, k, 255, &conf).unwrap(),
-        metrics::confusion(gpu, &pred, &yt, k, 255, &conf).unwrap(),
+        vec![metrics::confusion(gpu, &pred, &yt, k, 255, &conf).unwrap()],
+        vec![metrics::confusion(gpu, &pred, &yt, k, 255, &conf).unwrap()],
     ];
-    gpu.run(&ds).unwrap();
+    gpu.run(ds.iter().flatten()).unwrap();
     assert_eq!(pred.dtype(), DType::U32);
     (pred.to_vec_u32(gpu).unwrap(), conf.to_vec_u32(gpu).unwrap())
 }
@@ -207,9 +207,11 @@ fn dropout_reseed_changes_the_recorded_mask() {
     let x = vec![1.0f32; 2 * 64 * 9];
     let layer = Dropout2d { drop: 0.5 };
     let (xt, y) = (upload(&dims, &x), poisoned(&dims));
-    let forward = layer.forward(gpu, &xt, &y, 1).unwrap();
-    layer.reseed(gpu, &forward, &xt, 2, false).unwrap();
-    gpu.run([&forward]).unwrap();
+    let mut seeded = layer.forward(gpu, &xt, &y, 1).unwrap();
+    assert_eq!(seeded.len(), 1, "a small dropout is one launch");
+    let forward = seeded.remove(0);
+    forward.reseed(gpu, 2);
+    gpu.run([&forward.dispatch]).unwrap();
     assert_eq!(download(&y), dropout_run(dims, 0.5, 2, &x, &x).0);
     assert_ne!(download(&y), dropout_run(dims, 0.5, 1, &x, &x).0);
 }

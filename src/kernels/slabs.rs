@@ -1,0 +1,118 @@
+//! Launches over tensors larger than one storage binding (`max_storage_buffer_binding_size`,
+//! 128 MiB on lavapipe and in browsers). A tensor may be as large as a buffer; a kernel binds
+//! only what fits: a launcher whose tensors exceed the binding records one dispatch per
+//! slab, each binding views of one item's channel range (contiguous in NCHW), in order.
+//! Kernels whose outputs are independent per channel give bit-identical results this way;
+//! those that sum over channels accumulate over the slabs in order (said where they do).
+
+use crate::error::{fmt_shape, Error, Result};
+use crate::gpu::Gpu;
+use crate::tensor::Tensor;
+use std::ops::Range;
+
+/// How one tensor `[N, C, ...]` of a split launch is cut along the launch's shared
+/// channel axis.
+#[derive(Clone, Copy)]
+pub(crate) struct Cut<'a> {
+    pub tensor: &'a Tensor,
+    /// The tensor's channel where the shared axis starts (a concat's slice).
+    pub first: usize,
+}
+
+impl<'a> Cut<'a> {
+    /// `tensor`'s channels `first..` as the shared axis.
+    pub fn item(tensor: &'a Tensor, first: usize) -> Self {
+        Cut { tensor, first }
+    }
+
+    /// Elements per channel.
+    fn plane(&self) -> usize {
+        self.tensor.shape()[2..].iter().product()
+    }
+
+    /// The element where channel `c` of the shared axis starts, at item `item`.
+    fn start(&self, item: usize, c: usize) -> usize {
+        (item * self.tensor.shape()[1] + self.first + c) * self.plane()
+    }
+
+    /// The view `[1, len, ...]` of channels `channels` (of the shared axis) at `item`.
+    pub fn view(&self, gpu: &Gpu, item: usize, channels: &Range<usize>) -> Result<Tensor> {
+        let mut view = vec![1, channels.len()];
+        view.extend_from_slice(&self.tensor.shape()[2..]);
+        self.tensor.view(gpu, self.start(item, channels.start), &view)
+    }
+}
+
+/// One piece of a split launch: channels `channels` of item `item`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Slab {
+    pub item: usize,
+    pub channels: Range<usize>,
+}
+
+impl Slab {
+    /// The view of `cut` this slab binds.
+    pub fn view(&self, gpu: &Gpu, cut: Cut<'_>) -> Result<Tensor> {
+        cut.view(gpu, self.item, &self.channels)
+    }
+}
+
+/// Whether any of `tensors` is larger than a storage binding.
+pub(crate) fn exceeds_binding(gpu: &Gpu, tensors: &[&Tensor]) -> bool {
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    tensors.iter().any(|t| t.bytes() > limit)
+}
+
+/// The slabs of `channels` channels shared by `cuts`, for `items` items: per item, the
+/// widest channel ranges whose views all fit a binding and start where the adapter's
+/// storage offset alignment allows. An error names the tensor when even one channel's
+/// view is too large, or when no aligned cut exists.
+pub(crate) fn channel_slabs(gpu: &Gpu, items: usize, channels: usize, cuts: &[Cut<'_>]) -> Result<Vec<Slab>> {
+    let limits = gpu.limits();
+    let limit = limits.max_storage_buffer_binding_size;
+    let align = u64::from(limits.min_storage_buffer_offset_alignment);
+    let widest =
+        cuts.iter().map(|c| (limit / (4 * c.plane() as u64).max(1)) as usize).min().unwrap_or(channels);
+    if widest == 0 {
+        let c = cuts.iter().max_by_key(|c| c.plane()).expect("a cut is too large");
+        return Err(Error::Limit {
+            what: format!("one channel of a tensor of shape {}", fmt_shape(c.tensor.shape())),
+            bytes: 4 * c.plane() as u64,
+            limit,
+            limit_name: "max_storage_buffer_binding_size",
+        });
+    }
+    let aligned = |item: usize, c: usize| {
+        cuts.iter().all(|cut| (cut.tensor.offset() + 4 * cut.start(item, c) as u64) % align == 0)
+    };
+    let mut slabs = Vec::new();
+    for item in 0..items {
+        let mut start = 0;
+        while start < channels {
+            let mut end = (start + widest).min(channels);
+            while end < channels && end > start && !aligned(item, end) {
+                end -= 1;
+            }
+            if end == start || !aligned(item, start) {
+                let shapes: Vec<String> = cuts.iter().map(|c| fmt_shape(c.tensor.shape())).collect();
+                return Err(Error::Invalid(format!(
+                    "tensors of shapes {} exceed a storage binding ({limit} bytes) and cannot be cut \
+                     into channel slabs at the adapter's {align}-byte offset alignment",
+                    shapes.join(", ")
+                )));
+            }
+            slabs.push(Slab { item, channels: start..end });
+            start = end;
+        }
+    }
+    Ok(slabs)
+}
+
+/// Flat ranges of `len` elements, each fitting a binding and a multiple of the offset
+/// alignment long, for elementwise launches over tensors of equal shape.
+pub(crate) fn flat_chunks(gpu: &Gpu, len: usize) -> Vec<Range<usize>> {
+    let limits = gpu.limits();
+    let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+    let chunk = ((limits.max_storage_buffer_binding_size / 4) as usize / align * align).max(align);
+    (0..len).step_by(chunk).map(|s| s..(s + chunk).min(len)).collect()
+}

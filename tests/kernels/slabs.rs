@@ -1,0 +1,328 @@
+//! Tensors larger than a storage binding: every kernel family run on a device whose
+//! bindings are capped at 16 KiB (`GpuOptions::max_storage_binding`), so the small tensors
+//! here are bound in channel slabs or flat chunks, against the same launch on the full
+//! device. Each family must split (more dispatches than unsplit) and give the same bits,
+//! except where a split changes the order of a sum (said at the test).
+
+use crate::common::*;
+use hrnet_ocr::gpu::Dispatch;
+use hrnet_ocr::kernels::batch_norm::{self, BatchNormParams};
+use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Epilogue, Precision};
+use hrnet_ocr::kernels::dropout::Dropout2d;
+use hrnet_ocr::kernels::tuning::{ConvForward, Tunable};
+use hrnet_ocr::kernels::{concat, elementwise, metrics, ocr, resize};
+use hrnet_ocr::{Gpu, GpuOptions, Tensor};
+use std::sync::OnceLock;
+
+/// The narrow device's binding limit: 4096 floats. Channel planes are 16x16 (1 KiB), so
+/// slab starts meet any adapter's offset alignment (at most 256 bytes).
+const LIMIT: u64 = 16 << 10;
+
+fn narrow() -> &'static Gpu {
+    static NARROW: OnceLock<Gpu> = OnceLock::new();
+    NARROW.get_or_init(|| {
+        let options = GpuOptions { max_storage_binding: Some(LIMIT), ..GpuOptions::from_env() };
+        let g = Gpu::with_options(&options).expect("the narrow device");
+        assert_eq!(g.limits().max_storage_buffer_binding_size, LIMIT);
+        g
+    })
+}
+
+/// Records launches on a device over its input and output tensors.
+type Record<'a> = dyn Fn(&Gpu, &[Tensor], &[Tensor]) -> Vec<Dispatch> + 'a;
+
+/// A tensor's initial contents: data, or NaN so an element never written fails the test.
+enum Init {
+    Data(Vec<f32>),
+    Poison,
+}
+
+/// The outputs of `record` over `inputs` into `outputs` on one device, and how many
+/// dispatches it recorded.
+fn run_on(
+    gpu: &Gpu,
+    inputs: &[(&[usize], &[f32])],
+    outputs: &[(&[usize], &Init)],
+    record: &Record<'_>,
+) -> (Vec<Vec<f32>>, usize) {
+    let ins: Vec<Tensor> = inputs.iter().map(|(s, d)| Tensor::from_slice(gpu, s, d).unwrap()).collect();
+    let outs: Vec<Tensor> = outputs
+        .iter()
+        .map(|(s, init)| match init {
+            Init::Data(d) => Tensor::from_slice(gpu, s, d).unwrap(),
+            Init::Poison => Tensor::full(gpu, s, f32::NAN).unwrap(),
+        })
+        .collect();
+    let d = record(gpu, &ins, &outs);
+    gpu.run(&d).unwrap();
+    (outs.iter().map(|t| t.to_vec(gpu).unwrap()).collect(), d.len())
+}
+
+/// Runs `record` on both devices; asserts the narrow one split the work and returns both
+/// results (full device first).
+fn both(
+    what: &str,
+    inputs: &[(&[usize], &[f32])],
+    outputs: &[(&[usize], &Init)],
+    record: &Record<'_>,
+) -> [Vec<Vec<f32>>; 2] {
+    let (wide, whole) = run_on(gpu(), inputs, outputs, record);
+    let (narrow, split) = run_on(narrow(), inputs, outputs, record);
+    assert!(split > whole, "{what}: {split} dispatches on the narrow device, {whole} unsplit");
+    [wide, narrow]
+}
+
+/// Asserts every output is the same to the bit on both devices (and was written).
+fn assert_same_bits(what: &str, [wide, narrow]: &[Vec<Vec<f32>>; 2]) {
+    for (i, (w, n)) in wide.iter().zip(narrow).enumerate() {
+        if let Some(j) = n.iter().position(|v| v.is_nan()) {
+            panic!("{what}: output {i} element {j} was not written in slabs");
+        }
+        let differ = w.iter().zip(n).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(differ, None, "{what}: output {i} differs in slabs (at the element shown)");
+    }
+}
+
+const X: [usize; 4] = [2, 24, 16, 16];
+
+fn numel(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+#[test]
+fn elementwise_kernels_run_in_flat_chunks_bit_identically() {
+    let mut rng = Rng::new(seed("elementwise_kernels_run_in_flat_chunks"));
+    let (a, b, gy, old) =
+        (rng.normals(numel(&X)), rng.normals(numel(&X)), rng.normals(numel(&X)), rng.normals(numel(&X)));
+    let ins: [(&[usize], &[f32]); 3] = [(&X, &a), (&X, &b), (&X, &gy)];
+    let poison = Init::Poison;
+    let acc = Init::Data(old);
+    let outs: [(&[usize], &Init); 6] =
+        [(&X, &poison), (&X, &poison), (&X, &poison), (&X, &acc), (&X, &poison), (&X, &acc)];
+    let r = both("elementwise", &ins, &outs, &|g, i, o| {
+        [
+            elementwise::relu_forward(g, &i[0], &o[0]).unwrap(),
+            elementwise::add_forward(g, &i[0], &i[1], &o[1]).unwrap(),
+            elementwise::add_relu_forward(g, &i[0], &i[1], &o[2]).unwrap(),
+            elementwise::relu_backward(g, &o[0], &i[2], &o[3], true).unwrap(),
+            elementwise::add_relu_backward(g, &o[2], &i[2], (&o[4], false), (&o[5], true)).unwrap(),
+        ]
+        .concat()
+    });
+    assert_same_bits("relu, add, add_relu forward and backward", &r);
+}
+
+#[test]
+fn resize_and_channel_copies_run_in_channel_slabs_bit_identically() {
+    let mut rng = Rng::new(seed("resize_and_channel_copies_run_in_channel_slabs"));
+    // Into channels 16..40 of a 40-channel concat, and the gradient back out of it.
+    let (small, cat) = ([2, 24, 8, 8], [2, 40, 16, 16]);
+    let (x, gcat, src) = (rng.normals(numel(&small)), rng.normals(numel(&cat)), rng.normals(numel(&X)));
+    let old = Init::Data(rng.normals(numel(&small)));
+    let (poison, copy_old) = (Init::Poison, Init::Data(rng.normals(numel(&X))));
+    let ins: [(&[usize], &[f32]); 3] = [(&small, &x), (&cat, &gcat), (&X, &src)];
+    for align_corners in [true, false] {
+        let outs: [(&[usize], &Init); 4] =
+            [(&cat, &poison), (&small, &old), (&cat, &poison), (&X, &copy_old)];
+        let r = both("resize and copy", &ins, &outs, &|g, i, o| {
+            [
+                // The concat is poisoned: its other channels come from the copy.
+                concat::copy_channels(g, (&i[2], 0), (&o[0], 0), 16, false).unwrap(),
+                resize::forward(g, &i[0], &o[0], 16, align_corners).unwrap(),
+                resize::backward(g, &i[1], 16, &o[1], align_corners, true).unwrap(),
+                concat::copy_channels(g, (&i[2], 0), (&o[2], 0), 24, false).unwrap(),
+                concat::copy_channels(g, (&i[2], 0), (&o[2], 24), 16, false).unwrap(),
+                concat::copy_channels(g, (&i[1], 16), (&o[3], 0), 24, true).unwrap(),
+            ]
+            .concat()
+        });
+        assert_same_bits(&format!("resize (align_corners {align_corners}) and channel copies"), &r);
+    }
+}
+
+#[test]
+fn dropout_runs_in_channel_slabs_with_the_same_masks() {
+    let mut rng = Rng::new(seed("dropout_runs_in_channel_slabs"));
+    let (x, gy) = (rng.normals(numel(&X)), rng.normals(numel(&X)));
+    let layer = Dropout2d { drop: 0.5 };
+    let (poison, old) = (Init::Poison, Init::Data(rng.normals(numel(&X))));
+    let ins: [(&[usize], &[f32]); 2] = [(&X, &x), (&X, &gy)];
+    let outs: [(&[usize], &Init); 2] = [(&X, &poison), (&X, &old)];
+    let r = both("dropout", &ins, &outs, &|g, i, o| {
+        let mut d = layer.forward(g, &i[0], &o[0], 7).unwrap();
+        d.extend(layer.backward(g, &i[1], &o[1], 7, true).unwrap());
+        d.into_iter().map(|s| s.dispatch).collect()
+    });
+    assert_same_bits("dropout forward and backward", &r);
+    let dropped = r[1][0].chunks(256).filter(|plane| plane.iter().all(|v| *v == 0.0)).count();
+    assert!(dropped > 8 && dropped < 40, "{dropped} of 48 channels dropped at p = 0.5");
+}
+
+#[test]
+fn eval_batch_norm_runs_in_channel_slabs_bit_identically() {
+    let mut rng = Rng::new(seed("eval_batch_norm_runs_in_channel_slabs"));
+    let c = X[1];
+    let x = rng.normals(numel(&X));
+    let (gamma, beta, mean) = (rng.normals(c), rng.normals(c), rng.normals(c));
+    let var: Vec<f32> = rng.normals(c).iter().map(|v| v.abs() + 0.1).collect();
+    let ins: [(&[usize], &[f32]); 5] = [(&X, &x), (&[c], &gamma), (&[c], &beta), (&[c], &mean), (&[c], &var)];
+    let poison = Init::Poison;
+    let r = both("batch norm", &ins, &[(&X, &poison)], &|g, i, o| {
+        let bn = BatchNormParams {
+            gamma: &i[1],
+            beta: &i[2],
+            running_mean: &i[3],
+            running_var: &i[4],
+            eps: batch_norm::EPS,
+            momentum: batch_norm::MOMENTUM,
+        };
+        batch_norm::forward_eval(g, &i[0], &bn, &o[0]).unwrap()
+    });
+    assert_same_bits("eval batch norm", &r);
+}
+
+/// A convolution split by output channels is exact; one split by input channels sums each
+/// slab, then adds the partial sums in order: the same terms in another order, so it
+/// matches to rounding (relative L2 1e-6), not to the bit.
+#[test]
+fn convolutions_run_in_input_and_output_slabs() {
+    let mut rng = Rng::new(seed("convolutions_run_in_input_and_output_slabs"));
+    let c = X[1];
+    let x = rng.normals(numel(&X));
+    for variant in ConvForward::ALL.iter().copied().filter(|v| v.runs_on(narrow())) {
+        // 3x3 to 16 channels with bias, folded batch norm and ReLU: the input (24 KiB an
+        // item) is cut in two; the output (16 KiB an item) fits.
+        let co = 16;
+        let (w, bias) = (rng.normals(co * c * 9), rng.normals(co));
+        let (gamma, beta, mean) = (rng.normals(co), rng.normals(co), rng.normals(co));
+        let var: Vec<f32> = rng.normals(co).iter().map(|v| v.abs() + 0.1).collect();
+        let ins: [(&[usize], &[f32]); 7] = [
+            (&X, &x),
+            (&[co, c, 3, 3], &w),
+            (&[co], &bias),
+            (&[co], &gamma),
+            (&[co], &beta),
+            (&[co], &mean),
+            (&[co], &var),
+        ];
+        let y = [2, co, 16, 16];
+        let poison = Init::Poison;
+        let [wide, narrow] = both("conv 3x3", &ins, &[(&y, &poison)], &|g, i, o| {
+            let bn = BatchNormParams {
+                gamma: &i[3],
+                beta: &i[4],
+                running_mean: &i[5],
+                running_var: &i[6],
+                eps: batch_norm::EPS,
+                momentum: batch_norm::MOMENTUM,
+            };
+            let epilogue = Epilogue { bias: Some(&i[2]), batch_norm: Some(bn), residual: None, relu: true };
+            let spec = Conv2dSpec::square(1, 1, 1);
+            conv2d::forward_with(g, &spec, &i[0], &i[1], &epilogue, Precision::F32, variant, &o[0])
+                .unwrap()
+                .into_vec()
+        });
+        assert_close(&format!("conv 3x3 in input slabs, {}", variant.name()), &narrow[0], &wide[0], 1e-6);
+        assert!(narrow[0].contains(&0.0), "the ReLU came with the last slab");
+
+        // 1x1 to 40 channels with a residual: input and output both cut.
+        let co = 40;
+        let (w, res) = (rng.normals(co * c), rng.normals(2 * co * 256));
+        let y = [2, co, 16, 16];
+        let ins: [(&[usize], &[f32]); 3] = [(&X, &x), (&[co, c, 1, 1], &w), (&y, &res)];
+        let [wide, narrow] = both("conv 1x1", &ins, &[(&y, &poison)], &|g, i, o| {
+            let epilogue = Epilogue { residual: Some(&i[2]), relu: true, ..Default::default() };
+            let spec = Conv2dSpec::square(1, 0, 1);
+            conv2d::forward_with(g, &spec, &i[0], &i[1], &epilogue, Precision::F32, variant, &o[0])
+                .unwrap()
+                .into_vec()
+        });
+        assert_close(
+            &format!("conv 1x1 in input and output slabs, {}", variant.name()),
+            &narrow[0],
+            &wide[0],
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn the_spatial_gather_runs_in_feature_slabs_bit_identically() {
+    let mut rng = Rng::new(seed("the_spatial_gather_runs_in_feature_slabs"));
+    let (k, c) = (8, X[1]);
+    let aux_shape = [2, k, 16, 16];
+    let (aux, feats) = (rng.normals(numel(&aux_shape)), rng.normals(numel(&X)));
+    let ins: [(&[usize], &[f32]); 2] = [(&aux_shape, &aux), (&X, &feats)];
+    let poison = Init::Poison;
+    let outs: [(&[usize], &Init); 2] = [(&aux_shape, &poison), (&[2, c, k, 1], &poison)];
+    let r = both("spatial gather", &ins, &outs, &|g, i, o| {
+        ocr::spatial_gather_forward(g, None, &i[0], &i[1], &o[0], &o[1]).unwrap()
+    });
+    assert_same_bits("spatial gather forward", &r);
+}
+
+/// The argmax over classes in slabs carries the running best: the same classes, ties to
+/// the first class across a slab boundary included.
+#[test]
+fn argmax_runs_in_class_slabs_with_the_same_classes() {
+    let mut rng = Rng::new(seed("argmax_runs_in_class_slabs"));
+    let [n, k, h, w] = X;
+    let mut scores = rng.normals(numel(&X));
+    for p in (0..h * w).step_by(3) {
+        // Classes 3 and 20 (two slabs apart) tie for the best at every third pixel.
+        for item in 0..n {
+            let at = |class: usize| (item * k + class) * h * w + p;
+            scores[at(3)] = 10.0;
+            scores[at(20)] = 10.0;
+        }
+    }
+    let run = |gpu: &Gpu| {
+        let s = Tensor::from_slice(gpu, &X, &scores).unwrap();
+        let pred = Tensor::from_u32(gpu, &[n, h, w], &vec![u32::MAX; n * h * w]).unwrap();
+        let d = metrics::argmax(gpu, &s, &pred).unwrap();
+        gpu.run(&d).unwrap();
+        (pred.to_vec_u32(gpu).unwrap(), d.len())
+    };
+    let ((wide, whole), (narrow, split)) = (run(gpu()), run(narrow()));
+    assert!(split > whole, "argmax: {split} dispatches on the narrow device, {whole} unsplit");
+    assert_eq!(narrow, wide);
+    assert!(
+        wide.chunks(h * w).all(|item| item.iter().step_by(3).all(|&c| c == 3)),
+        "ties go to the first class"
+    );
+}
+
+/// A tensor no slab can bind (one channel plane beyond the limit) is refused, naming it.
+#[test]
+fn a_channel_plane_beyond_a_binding_is_refused_naming_it() {
+    let g = narrow();
+    let big = [1, 2, 64, 128];
+    let (x, y) = (Tensor::zeros(g, &big).unwrap(), Tensor::zeros(g, &big).unwrap());
+    let e = resize::forward(g, &x, &y, 0, true).expect_err("a 32 KiB plane cannot be bound").to_string();
+    assert!(e.contains("[1, 2, 64, 128]") && e.contains("max_storage_buffer_binding_size"), "{e}");
+}
+
+/// A kernel binds at most a binding: a launch handed a larger tensor whole is refused,
+/// naming the kernel, the binding and the limit (here a matmul, which is never given one).
+#[test]
+fn a_launch_binding_more_than_a_binding_is_refused_naming_it() {
+    use hrnet_ocr::kernels::matmul::{self, Strided};
+    let g = narrow();
+    let (a, b) = (Tensor::zeros(g, &[64, 128]).unwrap(), Tensor::zeros(g, &[128, 4]).unwrap());
+    let c = Tensor::zeros(g, &[64, 4]).unwrap();
+    let e = matmul::product(
+        g,
+        None,
+        1,
+        (&a, Strided::row_major(64, 128)),
+        (&b, Strided::row_major(128, 4)),
+        &c,
+        false,
+    )
+    .expect_err("a 32 KiB operand")
+    .to_string();
+    assert!(
+        e.contains("[64, 128]") && e.contains("max_storage_buffer_binding_size") && e.contains("16384"),
+        "{e}"
+    );
+}
