@@ -3,16 +3,25 @@
 // `momentum` towards the batch mean and the unbiased variance; eval uses the running
 // statistics.
 //
-// Training forward: bn_stats_partials -> bn_stats_finalize -> bn_normalize_train.
+// Training forward: bn_shift -> bn_stats_partials -> bn_stats_finalize -> bn_normalize_train.
 // Training backward: bn_backward_partials -> bn_backward_finalize -> bn_backward_input.
-// Channel reductions are split into chunks of samples (one invocation per channel and
-// chunk, summed in order, then the chunks in order): no atomics, bit-reproducible.
+// Channel reductions are split into chunks of samples within one image (one invocation per
+// channel and chunk, summed in order, then the chunks in order): no atomics,
+// bit-reproducible. The per-element passes (shift, partials, normalisation, input
+// gradient) may run over the whole layer or over channel slabs of one image each (a layer
+// larger than a storage binding, see src/kernels/slabs.rs): a slab's launch has n = 1 and
+// c = its channels, and finds its place in the layer's statistics and chunks from
+// first_channel and first_chunk. The chunks never span images, so the slabs compute the
+// very partial sums of the whole-layer launch.
 
 struct Params {
     n: u32, c: u32, hw: u32, chunk_len: u32,
     flags: u32, eps: f32, momentum: f32,
-    // bn_normalize_eval over a channel slab (see src/kernels/slabs.rs): its first channel
     first_channel: u32,
+    // The layer's channels (the stride of the partial sums) and samples per channel (N x H x W).
+    layer_channels: u32, layer_samples: u32,
+    // The chunk where this launch's image starts: image x chunks per image.
+    first_chunk: u32, _pad0: u32,
 }
 
 const ACCUMULATE: u32 = 1u;
@@ -27,9 +36,10 @@ const RELU: u32 = 2u;
 @group(0) @binding(3) var<storage, read> beta: array<f32>;
 @group(0) @binding(4) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(5) var<storage, read_write> running_var: array<f32>;
-// per channel: (batch mean minus the channel's first value, 1 / sqrt(biased variance + eps)).
-// Keeping the mean relative to that shift keeps x_hat accurate when |mean| >> std.
-@group(0) @binding(6) var<storage, read_write> saved: array<vec2<f32>>;
+// per channel: (batch mean minus the shift, 1 / sqrt(biased variance + eps), the shift, 0);
+// the shift is the channel's first value in the batch. Keeping the mean relative to it
+// keeps x_hat accurate when |mean| >> std.
+@group(0) @binding(6) var<storage, read_write> saved: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;
 // per (chunk, channel) partial sums
 @group(0) @binding(8) var<storage, read_write> partials: array<vec2<f32>>;
@@ -41,14 +51,19 @@ const RELU: u32 = 2u;
 @group(0) @binding(13) var<storage, read_write> grad_sums: array<vec2<f32>>;
 // What a pass reads of what an earlier one wrote (or of the running statistics, in
 // eval), read-only.
-@group(0) @binding(14) var<storage, read> saved_in: array<vec2<f32>>;
+@group(0) @binding(14) var<storage, read> saved_in: array<vec4<f32>>;
 @group(0) @binding(15) var<storage, read> partials_in: array<vec2<f32>>;
 @group(0) @binding(16) var<storage, read> grad_sums_in: array<vec2<f32>>;
 @group(0) @binding(17) var<storage, read> running_mean_in: array<f32>;
 @group(0) @binding(18) var<storage, read> running_var_in: array<f32>;
 
+fn image_chunks() -> u32 {
+    return (p.hw + p.chunk_len - 1u) / p.chunk_len;
+}
+
+// The chunks of this launch's images.
 fn chunk_count() -> u32 {
-    return (p.n * p.hw + p.chunk_len - 1u) / p.chunk_len;
+    return p.n * image_chunks();
 }
 
 fn accumulate(old: f32, v: f32) -> f32 {
@@ -94,17 +109,31 @@ fn total(acc: ptr<function, Sum2>) -> vec2<f32> {
 fn chunk_total(ch: u32) -> vec2<f32> {
     var sums = new_sum();
     for (var k = 0u; k < chunk_count(); k++) {
-        add(&sums, partials_in[k * p.c + ch]);
+        add(&sums, partials_in[k * p.layer_channels + ch]);
     }
     return total(&sums);
 }
 
-// The sample range [e0, e1) of a chunk, e = n * hw + s, visited as (plane start, s range).
-struct Span { n0: u32, e0: u32, e1: u32 }
+// A (chunk, channel) of a partial-sums launch: the plane it sums over, its samples
+// [s0, s1) there, and where its sums go in the layer's partials.
+struct Span { plane: u32, s0: u32, s1: u32, out: u32, ch: u32 }
 
-fn chunk_span(chunk: u32) -> Span {
-    let e0 = chunk * p.chunk_len;
-    return Span(e0 / p.hw, e0, min(p.n * p.hw, e0 + p.chunk_len));
+fn chunk_span(idx: u32) -> Span {
+    let ch = idx % p.c;
+    let chunk = idx / p.c;
+    let n = chunk / image_chunks();
+    let s0 = (chunk % image_chunks()) * p.chunk_len;
+    let out = (p.first_chunk + chunk) * p.layer_channels + p.first_channel + ch;
+    return Span((n * p.c + ch) * p.hw, s0, min(p.hw, s0 + p.chunk_len), out, ch);
+}
+
+// Each channel's shift: its first value in the batch (launched over image 0).
+@compute @workgroup_size(WG)
+fn bn_shift(@builtin(global_invocation_id) gid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>) {
+    let ch = linear_index(gid, nwg);
+    if ch >= p.c { return; }
+    saved[p.first_channel + ch] = vec4<f32>(0.0, 0.0, x[ch * p.hw], 0.0);
 }
 
 // Sums of (x - shift) and (x - shift)^2 per (chunk, channel). Shifting by the channel's
@@ -114,18 +143,14 @@ fn bn_stats_partials(@builtin(global_invocation_id) gid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = linear_index(gid, nwg);
     if idx >= chunk_count() * p.c { return; }
-    let ch = idx % p.c;
-    let span = chunk_span(idx / p.c);
-    let shift = x[ch * p.hw];
+    let span = chunk_span(idx);
+    let shift = saved_in[p.first_channel + span.ch].z;
     var sums = new_sum();
-    for (var n = span.n0; n * p.hw < span.e1; n++) {
-        let plane = (n * p.c + ch) * p.hw;
-        for (var s = max(span.e0, n * p.hw) - n * p.hw; s < min(p.hw, span.e1 - n * p.hw); s++) {
-            let d = x[plane + s] - shift;
-            add(&sums, vec2<f32>(d, d * d));
-        }
+    for (var s = span.s0; s < span.s1; s++) {
+        let d = x[span.plane + s] - shift;
+        add(&sums, vec2<f32>(d, d * d));
     }
-    partials[idx] = total(&sums);
+    partials[span.out] = total(&sums);
 }
 
 // Per channel: the batch mean and inverse deviation, and the running statistics update.
@@ -135,20 +160,21 @@ fn bn_stats_finalize(@builtin(global_invocation_id) gid: vec3<u32>,
     let ch = linear_index(gid, nwg);
     if ch >= p.c { return; }
     let sums = chunk_total(ch);
-    let count = f32(p.n * p.hw);
+    let count = f32(p.layer_samples);
     let mean_shifted = sums.x / count;
     let variance = max(sums.y / count - mean_shifted * mean_shifted, 0.0);
-    let mean = x[ch * p.hw] + mean_shifted;
-    saved[ch] = vec2<f32>(mean_shifted, inverseSqrt(variance + p.eps));
+    let shift = saved[ch].z;
+    let mean = shift + mean_shifted;
+    saved[ch] = vec4<f32>(mean_shifted, inverseSqrt(variance + p.eps), shift, 0.0);
     let unbiased = variance * count / (count - 1.0);
     running_mean[ch] = (1.0 - p.momentum) * running_mean[ch] + p.momentum * mean;
     running_var[ch] = (1.0 - p.momentum) * running_var[ch] + p.momentum * unbiased;
 }
 
-// The normalised value of element i of channel ch, with the batch statistics.
+// The normalised value of element i of the launch's channel ch, with the batch statistics.
 fn x_hat_train(i: u32, ch: u32) -> f32 {
-    let stats = saved_in[ch];
-    return ((x[i] - x[ch * p.hw]) - stats.x) * stats.y;
+    let stats = saved_in[p.first_channel + ch];
+    return ((x[i] - stats.z) - stats.x) * stats.y;
 }
 
 // The elementwise passes give each plane (n, ch) a run of workgroups of 4 x WG elements:
@@ -171,10 +197,11 @@ fn bn_normalize_train(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
     let b = plane_block(wid, nwg);
-    let stats = saved_in[b.ch];
-    let shift = x[b.ch * p.hw];
-    let scale = gamma[b.ch];
-    let offset = beta[b.ch];
+    let c = p.first_channel + b.ch;
+    let stats = saved_in[c];
+    let shift = stats.z;
+    let scale = gamma[c];
+    let offset = beta[c];
     let relu = (p.flags & RELU) != 0u;
     for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
         let v = ((x[i] - shift) - stats.x) * stats.y * scale + offset;
@@ -204,17 +231,13 @@ fn bn_backward_partials(@builtin(global_invocation_id) gid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = linear_index(gid, nwg);
     if idx >= chunk_count() * p.c { return; }
-    let ch = idx % p.c;
-    let span = chunk_span(idx / p.c);
+    let span = chunk_span(idx);
     var sums = new_sum();
-    for (var n = span.n0; n * p.hw < span.e1; n++) {
-        let plane = (n * p.c + ch) * p.hw;
-        for (var s = max(span.e0, n * p.hw) - n * p.hw; s < min(p.hw, span.e1 - n * p.hw); s++) {
-            let g = grad_y[plane + s];
-            add(&sums, vec2<f32>(g, g * x_hat_train(plane + s, ch)));
-        }
+    for (var s = span.s0; s < span.s1; s++) {
+        let g = grad_y[span.plane + s];
+        add(&sums, vec2<f32>(g, g * x_hat_train(span.plane + s, span.ch)));
     }
-    partials[idx] = total(&sums);
+    partials[span.out] = total(&sums);
 }
 
 // Per channel: grad_beta = sum(grad_y), grad_gamma = sum(grad_y * x_hat); both kept for
@@ -236,10 +259,11 @@ fn bn_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     let b = plane_block(wid, nwg);
-    let sums = grad_sums_in[b.ch] / f32(p.n * p.hw);
-    let stats = saved_in[b.ch];
-    let shift = x[b.ch * p.hw];
-    let scale = gamma[b.ch] * stats.y;
+    let c = p.first_channel + b.ch;
+    let sums = grad_sums_in[c] / f32(p.layer_samples);
+    let stats = saved_in[c];
+    let shift = stats.z;
+    let scale = gamma[c] * stats.y;
     for (var i = b.first + lid; i < min(b.first + 4u * WG, b.end); i += WG) {
         let x_hat = ((x[i] - shift) - stats.x) * stats.y;
         grad_x[i] = accumulate(grad_x[i], scale * (grad_y[i] - sums.x - x_hat * sums.y));

@@ -431,9 +431,9 @@ impl Graph {
             // A recomputed value is rebuilt just before its first reader in the backward.
             for v in op.backward_reads() {
                 if let (Some(&(bn, _)), false) = (self.recomputed.get(&v), rebuilt.contains(&v)) {
-                    let d = self.recompute_bn_relu(gpu, &ops[bn], v)?;
+                    let mut d = self.recompute_bn_relu(gpu, &ops[bn], v)?;
                     rebuilt.insert(v);
-                    self.recorded.backward.push(d);
+                    self.recorded.backward.append(&mut d);
                 }
             }
             let gy = op.io().1.and_then(|y| grads[y.0].clone());
@@ -445,7 +445,7 @@ impl Graph {
     }
 
     /// Recomputes `v`, the ReLU of the batch norm `bn`'s output, into its backward buffer.
-    fn recompute_bn_relu(&self, gpu: &Gpu, bn: &Op, v: ValueId) -> Result<Dispatch> {
+    fn recompute_bn_relu(&self, gpu: &Gpu, bn: &Op, v: ValueId) -> Result<Vec<Dispatch>> {
         let &Op::BatchNorm { x, y, .. } = bn else {
             return Err(Error::Invalid(format!(
                 "value {v:?} is recomputed from a node that is not a batch norm"

@@ -1,6 +1,6 @@
 //! Batch normalisation over N x H x W per channel, PyTorch semantics (`batch_norm.wgsl`).
 
-use super::slabs::{self, Cut};
+use super::slabs::{self, Cut, Slab};
 use super::{f32_bytes, launch, plane_block_invocations, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -31,21 +31,29 @@ crate::gpu::shader_params! {
         eps: f32,
         momentum: f32,
         first_channel: u32,
+        layer_channels: u32,
+        layer_samples: u32,
+        first_chunk: u32,
+        _pad: u32,
     }
 }
 
 const ACCUMULATE: u32 = 1;
 const RELU: u32 = 2;
 
-/// The shape of the per-channel (mean, 1/std) a training forward saves for the backward.
+/// The shape of the per-channel statistics a training forward saves for the backward:
+/// (mean minus the shift, 1 / std, the shift, unused), the shift being the channel's first
+/// value.
 pub fn saved_shape(channels: usize) -> [usize; 2] {
-    [channels, 2]
+    [channels, 4]
 }
 
-/// Shapes of one layer, with the split of its channel reductions.
+/// Shapes of one layer, with the split of its channel reductions into chunks of samples
+/// within one image.
 struct Layout {
     dims: [usize; 4],
-    chunks: usize,
+    /// Chunks per image.
+    image_chunks: usize,
     params: Params,
 }
 
@@ -61,12 +69,14 @@ impl Layout {
             check_shape(&format!("{what} {name}"), &[c], t.shape())?;
         }
         let samples = n * h * w;
-        let chunk_len = samples.div_ceil(reduction_chunks(c, samples));
-        let chunks = samples.div_ceil(chunk_len);
+        // Chunks of equal length within each image, as many per image as the whole
+        // reduction's split asks for: a channel slab of one image then sums whole chunks.
+        let per_image = reduction_chunks(c, samples).div_ceil(n).max(1);
+        let chunk_len = (h * w).div_ceil(per_image.min(h * w));
         to_u32("batch_norm elements", n * c * h * w)?;
         Ok(Layout {
             dims: [n, c, h, w],
-            chunks,
+            image_chunks: (h * w).div_ceil(chunk_len),
             params: Params {
                 n: to_u32("N", n)?,
                 c: to_u32("C", c)?,
@@ -76,6 +86,10 @@ impl Layout {
                 eps: bn.eps,
                 momentum: bn.momentum,
                 first_channel: 0,
+                layer_channels: c as u32,
+                layer_samples: to_u32("N x H x W", samples)?,
+                first_chunk: 0,
+                _pad: 0,
             },
         })
     }
@@ -101,19 +115,66 @@ impl Layout {
         self.dims[1]
     }
 
-    fn samples_per_channel(&self) -> usize {
-        self.dims[0] * self.dims[2] * self.dims[3]
+    fn chunks(&self) -> usize {
+        self.dims[0] * self.image_chunks
     }
 
-    /// Invocations of the elementwise passes (see `plane_block` in the shader).
+    /// What the per-element passes run over: the whole layer, or, when one of `tensors`
+    /// (shaped like the input) exceeds a binding, each image's channel slabs.
+    fn pieces(&self, gpu: &Gpu, tensors: &[&Tensor]) -> Result<Vec<Piece>> {
+        if !slabs::exceeds_binding(gpu, tensors) {
+            return Ok(vec![Piece { slab: None, params: self.params }]);
+        }
+        let cuts: Vec<Cut> = tensors.iter().map(|t| Cut::item(t, 0)).collect();
+        let [n, c, _, _] = self.dims;
+        Ok(slabs::channel_slabs(gpu, n, c, &cuts)?
+            .into_iter()
+            .map(|slab| Piece {
+                params: Params {
+                    n: 1,
+                    c: slab.channels.len() as u32,
+                    first_channel: slab.channels.start as u32,
+                    first_chunk: (slab.item * self.image_chunks) as u32,
+                    ..self.params
+                },
+                slab: Some(slab),
+            })
+            .collect())
+    }
+}
+
+/// The whole layer or one image's channel slab, with the parameters that place it.
+struct Piece {
+    slab: Option<Slab>,
+    params: Params,
+}
+
+impl Piece {
+    /// The piece's view of a tensor shaped like the layer's input.
+    fn view(&self, gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
+        match &self.slab {
+            None => Ok(t.clone()),
+            Some(slab) => slab.view(gpu, Cut::item(t, 0)),
+        }
+    }
+
+    fn first_image(&self) -> bool {
+        self.slab.as_ref().is_none_or(|s| s.item == 0)
+    }
+
+    fn numel(&self) -> usize {
+        let p = &self.params;
+        (p.n * p.c * p.hw) as usize
+    }
+
     fn plane_blocks(&self, gpu: &Gpu) -> usize {
-        let [n, c, h, w] = self.dims;
-        plane_block_invocations(gpu, n * c, h * w)
+        let p = &self.params;
+        plane_block_invocations(gpu, (p.n * p.c) as usize, p.hw as usize)
     }
 }
 
 /// Training-mode forward: batch statistics into `saved` (see [`saved_shape`]), the running
-/// statistics updated in place, `y` normalised. Three dispatches.
+/// statistics updated in place, `y` normalised. Four dispatches, or those of each slab.
 pub fn forward_train(
     gpu: &Gpu,
     x: &Tensor,
@@ -122,79 +183,97 @@ pub fn forward_train(
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     let l = Layout::with_saved(x, bn, (saved, y), 0)?;
-    if l.samples_per_channel() < 2 {
+    if l.dims[0] * l.dims[2] * l.dims[3] < 2 {
         return Err(Error::Invalid(format!(
             "batch_norm in training mode needs more than one value per channel; input shape {:?}",
             x.shape()
         )));
     }
-    let (numel, c) = (l.numel(), l.channels());
-    let partials = scratch(gpu, "batch_norm stats", 2 * l.chunks * c)?;
-    let stats = launch(
-        gpu,
-        Shader::BatchNorm,
-        "bn_stats_partials",
-        &l.params,
-        &[Binding::read(1, x), Binding::write(8, &partials)],
-        l.chunks * c,
-        Cost { flops: 3 * numel as u64, bytes: f32_bytes(numel + 2 * l.chunks * c) },
-    )?;
-    let finalize = launch(
+    let (numel, c, chunks) = (l.numel(), l.channels(), l.chunks());
+    let pieces = l.pieces(gpu, &[x, y])?;
+    let partials = scratch(gpu, "batch_norm stats", 2 * chunks * c)?;
+    let mut d = Vec::new();
+    for piece in pieces.iter().filter(|p| p.first_image()) {
+        let xs = piece.view(gpu, x)?;
+        let bindings = [Binding::read(1, &xs), Binding::write(6, saved)];
+        let cost = Cost { flops: 0, bytes: f32_bytes(5 * piece.params.c as usize) };
+        d.push(launch(
+            gpu,
+            Shader::BatchNorm,
+            "bn_shift",
+            &piece.params,
+            &bindings,
+            piece.params.c as usize,
+            cost,
+        )?);
+    }
+    for piece in &pieces {
+        let xs = piece.view(gpu, x)?;
+        let bindings = [Binding::read(1, &xs), Binding::read(14, saved), Binding::write(8, &partials)];
+        let (terms, sums) =
+            (piece.numel(), l.image_chunks * piece.params.n as usize * piece.params.c as usize);
+        let cost = Cost { flops: 3 * terms as u64, bytes: f32_bytes(terms + 2 * sums) };
+        d.push(launch(gpu, Shader::BatchNorm, "bn_stats_partials", &piece.params, &bindings, sums, cost)?);
+    }
+    d.push(launch(
         gpu,
         Shader::BatchNorm,
         "bn_stats_finalize",
         &l.params,
         &[
-            Binding::read(1, x),
             Binding::write(4, bn.running_mean),
             Binding::write(5, bn.running_var),
             Binding::write(6, saved),
             Binding::read(15, &partials),
         ],
         c,
-        Cost { flops: (2 * l.chunks * c + 10 * c) as u64, bytes: f32_bytes(2 * l.chunks * c + 6 * c) },
-    )?;
-    Ok(vec![stats, finalize, normalize_train(gpu, &l, x, bn, saved, y)?])
+        Cost { flops: (2 * chunks * c + 10 * c) as u64, bytes: f32_bytes(2 * chunks * c + 8 * c) },
+    )?);
+    for piece in &pieces {
+        d.push(normalize_train(gpu, piece, [x, y], bn, saved)?);
+    }
+    debug_assert_eq!(numel, pieces.iter().map(Piece::numel).sum::<usize>());
+    Ok(d)
 }
 
 /// `y = relu(BN(x))` with the batch statistics a training forward saved: a BN-ReLU output
 /// recomputed in the backward, bit-identical to the forward's (the same arithmetic, then
-/// ReLU's max). One dispatch.
+/// ReLU's max). One dispatch, or one per slab.
 pub fn normalize_relu_train(
     gpu: &Gpu,
     x: &Tensor,
     bn: &BatchNormParams<'_>,
     saved: &Tensor,
     y: &Tensor,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let l = Layout::with_saved(x, bn, (saved, y), RELU)?;
-    normalize_train(gpu, &l, x, bn, saved, y)
+    l.pieces(gpu, &[x, y])?.iter().map(|piece| normalize_train(gpu, piece, [x, y], bn, saved)).collect()
 }
 
-/// The normalisation pass with saved batch statistics (`l`'s flags: ReLU after, or not).
+/// The normalisation pass of one piece with saved batch statistics (its flags: ReLU after,
+/// or not).
 fn normalize_train(
     gpu: &Gpu,
-    l: &Layout,
-    x: &Tensor,
+    piece: &Piece,
+    [x, y]: [&Tensor; 2],
     bn: &BatchNormParams<'_>,
     saved: &Tensor,
-    y: &Tensor,
 ) -> Result<Dispatch> {
-    let (numel, c) = (l.numel(), l.channels());
+    let numel = piece.numel();
     launch(
         gpu,
         Shader::BatchNorm,
         "bn_normalize_train",
-        &l.params,
+        &piece.params,
         &[
-            Binding::read(1, x),
+            Binding::read(1, &piece.view(gpu, x)?),
             Binding::read(2, bn.gamma),
             Binding::read(3, bn.beta),
             Binding::read(14, saved),
-            Binding::write(7, y),
+            Binding::write(7, &piece.view(gpu, y)?),
         ],
-        l.plane_blocks(gpu),
-        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * c) },
+        piece.plane_blocks(gpu),
+        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 6 * piece.params.c as usize) },
     )
 }
 
@@ -203,56 +282,26 @@ fn normalize_train(
 pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor) -> Result<Vec<Dispatch>> {
     let l = Layout::new("batch_norm input", x, bn, 0)?;
     check_shape("batch_norm output", x.shape(), y.shape())?;
-    if !slabs::exceeds_binding(gpu, &[x]) {
-        return Ok(vec![normalize_eval(gpu, (x, 0), bn, y)?]);
-    }
-    let [n, c, _, _] = l.dims;
-    let cuts = [Cut::item(x, 0), Cut::item(y, 0)];
-    let mut d = Vec::new();
-    for slab in slabs::channel_slabs(gpu, n, c, &cuts)? {
-        let (xs, ys) = (slab.view(gpu, cuts[0])?, slab.view(gpu, cuts[1])?);
-        d.push(normalize_eval(gpu, (&xs, slab.channels.start), bn, &ys)?);
-    }
-    Ok(d)
-}
-
-/// One launch over `x`, channels `first..` of the layer (the whole tensor, or a slab).
-fn normalize_eval(
-    gpu: &Gpu,
-    (x, first): (&Tensor, usize),
-    bn: &BatchNormParams<'_>,
-    y: &Tensor,
-) -> Result<Dispatch> {
-    let [n, c, h, w] = x.dims4("batch_norm input")?;
-    let numel = n * c * h * w;
-    to_u32("batch_norm elements", numel)?;
-    let params = Params {
-        n: n as u32,
-        c: c as u32,
-        hw: (h * w) as u32,
-        // An elementwise pass: no reduction to chunk.
-        chunk_len: 0,
-        flags: 0,
-        eps: bn.eps,
-        momentum: bn.momentum,
-        first_channel: first as u32,
+    let normalize = |piece: &Piece| {
+        let numel = piece.numel();
+        launch(
+            gpu,
+            Shader::BatchNorm,
+            "bn_normalize_eval",
+            &piece.params,
+            &[
+                Binding::read(1, &piece.view(gpu, x)?),
+                Binding::read(2, bn.gamma),
+                Binding::read(3, bn.beta),
+                Binding::read(17, bn.running_mean),
+                Binding::read(18, bn.running_var),
+                Binding::write(7, &piece.view(gpu, y)?),
+            ],
+            piece.plane_blocks(gpu),
+            Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * piece.params.c as usize) },
+        )
     };
-    launch(
-        gpu,
-        Shader::BatchNorm,
-        "bn_normalize_eval",
-        &params,
-        &[
-            Binding::read(1, x),
-            Binding::read(2, bn.gamma),
-            Binding::read(3, bn.beta),
-            Binding::read(17, bn.running_mean),
-            Binding::read(18, bn.running_var),
-            Binding::write(7, y),
-        ],
-        plane_block_invocations(gpu, n * c, h * w),
-        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * c) },
-    )
+    l.pieces(gpu, &[x, y])?.iter().map(normalize).collect()
 }
 
 /// Where a training-mode backward writes, and whether each gradient is overwritten or
@@ -265,7 +314,8 @@ pub struct BatchNormGrads<'a> {
     pub accumulate_params: bool,
 }
 
-/// Training-mode backward from the statistics `forward_train` saved. Three dispatches.
+/// Training-mode backward from the statistics `forward_train` saved. Three dispatches, or
+/// the per-element ones for each slab.
 pub fn backward(
     gpu: &Gpu,
     x: &Tensor,
@@ -274,36 +324,37 @@ pub fn backward(
     grad_y: &Tensor,
     grads: &BatchNormGrads<'_>,
 ) -> Result<Vec<Dispatch>> {
-    let mut l = Layout::new("batch_norm input", x, bn, 0)?;
-    let c = l.channels();
+    let l = Layout::new("batch_norm input", x, bn, 0)?;
+    let (c, chunks) = (l.channels(), l.chunks());
     check_shape("batch_norm saved statistics", &saved_shape(c), saved.shape())?;
     check_shape("batch_norm output gradient", x.shape(), grad_y.shape())?;
     check_shape("batch_norm input gradient", x.shape(), grads.grad_x.shape())?;
     check_shape("batch_norm weight gradient", &[c], grads.grad_gamma.shape())?;
     check_shape("batch_norm bias gradient", &[c], grads.grad_beta.shape())?;
-    let numel = l.numel();
-    let partials = scratch(gpu, "batch_norm backward partials", 2 * l.chunks * c)?;
+    let pieces = l.pieces(gpu, &[x, grad_y, grads.grad_x])?;
+    let partials = scratch(gpu, "batch_norm backward partials", 2 * chunks * c)?;
     let grad_sums = scratch(gpu, "batch_norm backward sums", 2 * c)?;
-    let sums = launch(
-        gpu,
-        Shader::BatchNorm,
-        "bn_backward_partials",
-        &l.params,
-        &[
-            Binding::read(1, x),
+    let mut d = Vec::new();
+    for piece in &pieces {
+        let (xs, gys) = (piece.view(gpu, x)?, piece.view(gpu, grad_y)?);
+        let bindings = [
+            Binding::read(1, &xs),
             Binding::read(14, saved),
             Binding::write(8, &partials),
-            Binding::read(9, grad_y),
-        ],
-        l.chunks * c,
-        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 2 * l.chunks * c) },
-    )?;
-    l.params.flags = if grads.accumulate_params { ACCUMULATE } else { 0 };
-    let finalize = launch(
+            Binding::read(9, &gys),
+        ];
+        let (terms, sums) =
+            (piece.numel(), l.image_chunks * piece.params.n as usize * piece.params.c as usize);
+        let cost = Cost { flops: 4 * terms as u64, bytes: f32_bytes(2 * terms + 2 * sums) };
+        d.push(launch(gpu, Shader::BatchNorm, "bn_backward_partials", &piece.params, &bindings, sums, cost)?);
+    }
+    let mut params = l.params;
+    params.flags = if grads.accumulate_params { ACCUMULATE } else { 0 };
+    d.push(launch(
         gpu,
         Shader::BatchNorm,
         "bn_backward_finalize",
-        &l.params,
+        &params,
         &[
             Binding::read(15, &partials),
             Binding::write(11, grads.grad_gamma),
@@ -311,24 +362,28 @@ pub fn backward(
             Binding::write(13, &grad_sums),
         ],
         c,
-        Cost { flops: (2 * l.chunks * c) as u64, bytes: f32_bytes(2 * l.chunks * c + 4 * c) },
-    )?;
-    l.params.flags = if grads.accumulate_x { ACCUMULATE } else { 0 };
-    let input = launch(
-        gpu,
-        Shader::BatchNorm,
-        "bn_backward_input",
-        &l.params,
-        &[
-            Binding::read(1, x),
-            Binding::read(2, bn.gamma),
-            Binding::read(14, saved),
-            Binding::read(9, grad_y),
-            Binding::write(10, grads.grad_x),
-            Binding::read(16, &grad_sums),
-        ],
-        l.plane_blocks(gpu),
-        Cost { flops: 8 * numel as u64, bytes: f32_bytes(3 * numel + 5 * c) },
-    )?;
-    Ok(vec![sums, finalize, input])
+        Cost { flops: (2 * chunks * c) as u64, bytes: f32_bytes(2 * chunks * c + 4 * c) },
+    )?);
+    for piece in &pieces {
+        let mut params = piece.params;
+        params.flags = if grads.accumulate_x { ACCUMULATE } else { 0 };
+        let numel = piece.numel();
+        d.push(launch(
+            gpu,
+            Shader::BatchNorm,
+            "bn_backward_input",
+            &params,
+            &[
+                Binding::read(1, &piece.view(gpu, x)?),
+                Binding::read(2, bn.gamma),
+                Binding::read(14, saved),
+                Binding::read(9, &piece.view(gpu, grad_y)?),
+                Binding::write(10, &piece.view(gpu, grads.grad_x)?),
+                Binding::read(16, &grad_sums),
+            ],
+            piece.plane_blocks(gpu),
+            Cost { flops: 8 * numel as u64, bytes: f32_bytes(3 * numel + 7 * piece.params.c as usize) },
+        )?);
+    }
+    Ok(d)
 }

@@ -6,7 +6,7 @@
 
 use crate::common::*;
 use hrnet_ocr::gpu::Dispatch;
-use hrnet_ocr::kernels::batch_norm::{self, BatchNormParams};
+use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Epilogue, Precision};
 use hrnet_ocr::kernels::dropout::Dropout2d;
 use hrnet_ocr::kernels::tuning::{ConvForward, Tunable};
@@ -179,6 +179,68 @@ fn eval_batch_norm_runs_in_channel_slabs_bit_identically() {
         batch_norm::forward_eval(g, &i[0], &bn, &o[0]).unwrap()
     });
     assert_same_bits("eval batch norm", &r);
+}
+
+/// Training batch norm in slabs: each image's channel slab sums whole chunks of the
+/// layer's reduction (chunks never span images), so the statistics, the running averages,
+/// the output and every gradient are those of the whole layer to the bit. Two chunks per
+/// image here.
+#[test]
+fn training_batch_norm_runs_in_channel_slabs_bit_identically() {
+    let mut rng = Rng::new(seed("training_batch_norm_runs_in_channel_slabs"));
+    let dims = [2, 8, 48, 32];
+    let c = dims[1];
+    let x: Vec<f32> = rng.normals(numel(&dims)).iter().map(|v| 3.0 * v + 1.0).collect();
+    let (gamma, beta, gy) = (rng.normals(c), rng.normals(c), rng.normals(numel(&dims)));
+    let ins: [(&[usize], &[f32]); 4] = [(&dims, &x), (&[c], &gamma), (&[c], &beta), (&dims, &gy)];
+    let (mean, var) = (Init::Data(rng.normals(c)), Init::Data(vec![1.0; c]));
+    let (poison, old_gx, old_params) =
+        (Init::Poison, Init::Data(rng.normals(numel(&dims))), Init::Data(rng.normals(c)));
+    let saved = batch_norm::saved_shape(c);
+    let outs: [(&[usize], &Init); 7] = [
+        (&[c], &mean),
+        (&[c], &var),
+        (&saved, &poison),
+        (&dims, &poison),
+        (&dims, &old_gx),
+        (&[c], &old_params),
+        (&[c], &old_params),
+    ];
+    let r = both("training batch norm", &ins, &outs, &|g, i, o| {
+        let bn = BatchNormParams {
+            gamma: &i[1],
+            beta: &i[2],
+            running_mean: &o[0],
+            running_var: &o[1],
+            eps: batch_norm::EPS,
+            momentum: batch_norm::MOMENTUM,
+        };
+        let mut d = batch_norm::forward_train(g, &i[0], &bn, &o[2], &o[3]).unwrap();
+        let grads = BatchNormGrads {
+            grad_x: &o[4],
+            grad_gamma: &o[5],
+            grad_beta: &o[6],
+            accumulate_x: true,
+            accumulate_params: true,
+        };
+        d.extend(batch_norm::backward(g, &i[0], &bn, &o[2], &i[3], &grads).unwrap());
+        d
+    });
+    assert_same_bits("training batch norm forward and backward", &r);
+    let recompute = both("batch norm recompute", &ins, &outs, &|g, i, o| {
+        let bn = BatchNormParams {
+            gamma: &i[1],
+            beta: &i[2],
+            running_mean: &o[0],
+            running_var: &o[1],
+            eps: batch_norm::EPS,
+            momentum: batch_norm::MOMENTUM,
+        };
+        let mut d = batch_norm::forward_train(g, &i[0], &bn, &o[2], &o[3]).unwrap();
+        d.extend(batch_norm::normalize_relu_train(g, &i[0], &bn, &o[2], &o[4]).unwrap());
+        d
+    });
+    assert_same_bits("a BN-ReLU output recomputed", &recompute);
 }
 
 /// A convolution split by output channels is exact; one split by input channels sums each
