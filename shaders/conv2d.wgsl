@@ -34,8 +34,9 @@ struct Params {
     // the folded batch norm's epsilon
     eps: f32,
     // A slab of a convolution split over bindings (see src/kernels/slabs.rs) reads the whole
-    // weight, bias and batch norm: the weight's input channels per row, the first input
-    // channel and the first output channel of the slab.
+    // weight, bias and batch norm, or writes into the whole weight gradient: the weight's
+    // input channels per row, the first input channel and the first output channel of the
+    // slab.
     weight_ci: u32, weight_ci0: u32, co0: u32, _pad0: u32,
 }
 
@@ -666,7 +667,7 @@ fn store_grad_weight(base: u32, co: u32, ci0: u32, k: u32, v: vec4<f32>) {
     let ksize = p.kh * p.kw;
     let keep = (p.flags & ACCUMULATE) != 0u;
     for (var j = 0u; j < 4u && ci0 + j < p.ci; j++) {
-        let i = base + (co * p.ci + ci0 + j) * ksize + k;
+        let i = base + ((p.co0 + co) * p.weight_ci + p.weight_ci0 + ci0 + j) * ksize + k;
         grad_weight[i] = select(0.0, grad_weight[i], keep) + v[j];
     }
 }

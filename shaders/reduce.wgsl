@@ -7,7 +7,9 @@ struct Params {
     // channel_sum: samples are [n][c][hw]; chunk_len samples of one channel per invocation
     n: u32, c: u32, hw: u32, chunk_len: u32,
     // sum_chunks: `chunks` partial arrays of `len` values each
-    len: u32, chunks: u32, flags: u32, _pad: u32,
+    len: u32, chunks: u32, flags: u32,
+    // channel_sum over a channel slab in one chunk: where its sums go in dst
+    first_channel: u32,
 }
 
 const ACCUMULATE: u32 = 1u;
@@ -23,7 +25,8 @@ fn store(i: u32, v: f32) {
     dst[i] = select(0.0, dst[i], (p.flags & ACCUMULATE) != 0u) + v;
 }
 
-// dst[chunk * c + ch] = sum of src[n, ch, s] over the chunk's samples e = n * hw + s.
+// dst[chunk * c + ch] = sum of src[n, ch, s] over the chunk's samples e = n * hw + s
+// (at first_channel + ch for a slab summed in one chunk).
 @compute @workgroup_size(WG)
 fn channel_sum(@builtin(global_invocation_id) gid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -43,7 +46,7 @@ fn channel_sum(@builtin(global_invocation_id) gid: vec3<u32>,
             sum += src[plane + s];
         }
     }
-    store(idx, sum);
+    store(p.first_channel + idx, sum);
 }
 
 // dst[i] = sum over chunks of src[chunk * len + i], in chunk order.

@@ -505,11 +505,45 @@ pub fn backward_input_with(
 ) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, grad_x.shape(), weight.shape())?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
-    let params = d.params(spec, if accumulate { ACCUMULATE } else { 0 }, 1)?;
-    let pack = pack_over_ci(gpu, &d, &params, weight)?;
+    let flags = |accumulate: bool| if accumulate { ACCUMULATE } else { 0 };
+    if !slabs::exceeds_binding(gpu, &[grad_y, grad_x]) {
+        let params = d.params(spec, flags(accumulate), 1)?;
+        return backward_input_launch(gpu, &d, params, [grad_y, weight, grad_x], variant);
+    }
+    // Beyond a binding: each image's input-channel slab of grad_x sums over the output
+    // channels' slabs in order, each adding to the ones before (exact when grad_y fits
+    // whole; over several slabs of grad_y, partial sums added in order).
+    let (inputs, outputs) = (Cut::item(grad_x, 0), Cut::item(grad_y, 0));
+    let output_slabs = slabs::channel_slabs(gpu, d.n, d.co, &[outputs])?;
+    let mut dispatches = Vec::new();
+    for input in slabs::channel_slabs(gpu, d.n, d.ci, &[inputs])? {
+        let gx = input.view(gpu, inputs)?;
+        for (j, out) in output_slabs.iter().filter(|o| o.item == input.item).enumerate() {
+            let slab = Dims { n: 1, ci: input.channels.len(), co: out.channels.len(), ..d };
+            let mut params = slab.params(spec, flags(accumulate || j > 0), 1)?;
+            params.weight_ci = d.ci as u32;
+            params.weight_ci0 = input.channels.start as u32;
+            params.co0 = out.channels.start as u32;
+            let gy = out.view(gpu, outputs)?;
+            dispatches.extend(backward_input_launch(gpu, &slab, params, [&gy, weight, &gx], variant)?);
+        }
+    }
+    Ok(dispatches)
+}
+
+/// The input gradient's packing and launch over `grad_y` into `grad_x` (the whole tensors,
+/// or a slab's views).
+fn backward_input_launch(
+    gpu: &Gpu,
+    d: &Dims,
+    params: Params,
+    [grad_y, weight, grad_x]: [&Tensor; 3],
+    variant: ConvInputGrad,
+) -> Result<Vec<Dispatch>> {
+    let pack = pack_over_ci(gpu, d, &params, weight)?;
     let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::read(8, &pack.packed)];
     let cost =
-        Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + weight.numel() + grad_x.numel()) };
+        Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + d.weight_len() + grad_x.numel()) };
     let (columns, entry) = match variant {
         ConvInputGrad::Wide => (16, "conv2d_backward_input_wide"),
         ConvInputGrad::Narrow => (4, "conv2d_backward_input"),
@@ -567,7 +601,7 @@ fn pack_over_ci(gpu: &Gpu, d: &Dims, params: &Params, weight: &Tensor) -> Result
     let len = d.co * d.kh * d.kw * d.ci.div_ceil(4);
     let packed = packed_tensor(gpu, len, Precision::F32)?;
     let bindings = [Binding::read(2, weight), Binding::write(16, &packed)];
-    let cost = Cost { flops: 0, bytes: f32_bytes(2 * weight.numel()) };
+    let cost = Cost { flops: 0, bytes: f32_bytes(2 * d.weight_len()) };
     let dispatch = launch(gpu, Shader::Conv2d, "conv2d_pack_weight_over_ci", params, &bindings, len, cost)?;
     Ok(Packed { dispatch, packed })
 }
@@ -603,13 +637,46 @@ pub fn backward_weight_with(
         ConvWeightGrad::Wide => (16, "conv2d_backward_weight_wide"),
         ConvWeightGrad::Narrow => (4, "conv2d_backward_weight"),
     };
-    let tiles = d.co.div_ceil(16) * d.ci.div_ceil(per) * d.kh * d.kw;
+    let tiles = |d: &Dims| d.co.div_ceil(16) * d.ci.div_ceil(per) * d.kh * d.kw;
+    let cost = |d: &Dims| Cost {
+        flops: 2 * d.macs(),
+        bytes: f32_bytes(d.n * (d.ci * d.h * d.w + d.co * d.ho * d.wo) + d.weight_len()),
+    };
+    if slabs::exceeds_binding(gpu, &[x, grad_y]) {
+        // Beyond a binding: each (image, output slab, input slab) sums its image's rows in
+        // one chunk straight into its block of grad_weight, the images added in order
+        // (where the whole-tensor reduction may chunk the rows otherwise).
+        let (inputs, outputs) = (Cut::item(x, 0), Cut::item(grad_y, 0));
+        let input_slabs = slabs::channel_slabs(gpu, d.n, d.ci, &[inputs])?;
+        let mut dispatches = Vec::new();
+        for out in slabs::channel_slabs(gpu, d.n, d.co, &[outputs])? {
+            let gy = out.view(gpu, outputs)?;
+            for input in input_slabs.iter().filter(|i| i.item == out.item) {
+                let slab = Dims { n: 1, ci: input.channels.len(), co: out.channels.len(), ..d };
+                let flags = if accumulate || out.item > 0 { ACCUMULATE } else { 0 };
+                let mut params = slab.params(spec, flags, d.ho)?;
+                params.weight_ci = d.ci as u32;
+                params.weight_ci0 = input.channels.start as u32;
+                params.co0 = out.channels.start as u32;
+                let xs = input.view(gpu, inputs)?;
+                let bindings = [Binding::read(1, &xs), Binding::read(5, &gy), Binding::write(7, grad_weight)];
+                dispatches.push(launch(
+                    gpu,
+                    Shader::Conv2d,
+                    entry,
+                    &params,
+                    &bindings,
+                    tiles(&slab),
+                    cost(&slab),
+                )?);
+            }
+        }
+        return Ok(dispatches);
+    }
     let rows = d.n * d.ho;
-    let chunks = reduction_chunks(tiles, rows * d.wo);
+    let chunks = reduction_chunks(tiles(&d), rows * d.wo);
     let chunk_rows = rows.div_ceil(chunks);
     let chunks = rows.div_ceil(chunk_rows);
-    let cost =
-        Cost { flops: 2 * d.macs(), bytes: f32_bytes(x.numel() + grad_y.numel() + grad_weight.numel()) };
     let direct = chunks == 1;
     let flags = if direct && accumulate { ACCUMULATE } else { 0 };
     let params = d.params(spec, flags, chunk_rows)?;
@@ -619,7 +686,7 @@ pub fn backward_weight_with(
         scratch(gpu, "conv2d weight-gradient partials", chunks * d.weight_len())?
     };
     let bindings = [Binding::read(1, x), Binding::read(5, grad_y), Binding::write(7, &partials)];
-    let reduce_rows = launch(gpu, Shader::Conv2d, entry, &params, &bindings, chunks * tiles, cost)?;
+    let reduce_rows = launch(gpu, Shader::Conv2d, entry, &params, &bindings, chunks * tiles(&d), cost(&d))?;
     if direct {
         return Ok(vec![reduce_rows]);
     }

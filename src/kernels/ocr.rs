@@ -5,7 +5,7 @@
 //! kernel the tuner, if one is given, chose for its class.
 
 use super::matmul::{product, product_with, MatmulClass, Strided};
-use super::slabs::{self, Cut};
+use super::slabs::{self, Cut, Slab};
 use super::softmax::{self, Axis};
 use super::tuning;
 use super::tuning::Tuner;
@@ -51,20 +51,16 @@ pub fn spatial_gather_forward(
     let mut d = softmax::forward(gpu, aux, g.axis(), 1.0, probs)?;
     let f = Strided::row_major(g.c, g.hw);
     let p_t = Strided::row_major(g.k, g.hw).t();
-    if !slabs::exceeds_binding(gpu, &[feats]) {
+    let Some(split) = Slabbed::new(gpu, g.n, g.c, &[Cut::item(feats, 0), Cut::item(context, 0)])? else {
         d.push(product(gpu, tuner, g.n, (feats, f), (probs, p_t), context, false)?);
         return Ok(d);
-    }
-    // Features beyond a binding: the context of each item's channel slab from that slab,
-    // by the kernel the whole product would use, so the sums are the same to the bit.
+    };
+    // Each image's channel slab of the context from that slab of the features.
     let kernel = tuning::choose(tuner, gpu, &MatmulClass::of(g.n, &f, &p_t));
-    let cuts = [Cut::item(feats, 0), Cut::item(context, 0)];
-    for slab in slabs::channel_slabs(gpu, g.n, g.c, &cuts)? {
-        let item_probs = Cut::item(probs, 0).view(gpu, slab.item, &(0..g.k))?;
-        let slab_feats = (slab.view(gpu, cuts[0])?, Strided::row_major(slab.channels.len(), g.hw));
-        let slab_context = slab.view(gpu, cuts[1])?;
-        let feats = (&slab_feats.0, slab_feats.1);
-        d.push(product_with(gpu, kernel, 1, feats, (&item_probs, p_t), &slab_context, false)?);
+    for (_, slab) in split.each() {
+        let [fs, cs] = split.views(slab, [feats, context])?;
+        let f = Strided::row_major(slab.channels.len(), g.hw);
+        d.push(product_with(gpu, kernel, 1, (&fs, f), (&image(gpu, probs, slab.item)?, p_t), &cs, false)?);
     }
     Ok(d)
 }
@@ -88,12 +84,77 @@ pub fn spatial_gather_backward(
     let p = Strided::row_major(g.k, g.hw);
     let f = Strided::row_major(g.c, g.hw);
     let grad_probs = Tensor::empty(gpu, probs.shape())?;
-    let mut d = vec![
-        product(gpu, tuner, g.n, (grad_context, gc), (probs, p), grad_feats, accumulate_feats)?,
-        product(gpu, tuner, g.n, (grad_context, gc.t()), (feats, f), &grad_probs, false)?,
-    ];
+    let cuts = [grad_context, feats, grad_feats].map(|t| Cut::item(t, 0));
+    let mut d = match Slabbed::new(gpu, g.n, g.c, &cuts)? {
+        None => vec![
+            product(gpu, tuner, g.n, (grad_context, gc), (probs, p), grad_feats, accumulate_feats)?,
+            product(gpu, tuner, g.n, (grad_context, gc.t()), (feats, f), &grad_probs, false)?,
+        ],
+        // Per image and channel slab: the slab's feature gradient (exact), and the region
+        // gradient summed over the slabs in order.
+        Some(split) => {
+            let to_feats = tuning::choose(tuner, gpu, &MatmulClass::of(g.n, &gc, &p));
+            let to_probs = tuning::choose(tuner, gpu, &MatmulClass::of(g.n, &gc.t(), &f));
+            let mut d = Vec::new();
+            for (j, slab) in split.each() {
+                let [gcs, fs, gfs] = split.views(slab, [grad_context, feats, grad_feats])?;
+                let (gc, f) = (
+                    Strided::row_major(slab.channels.len(), g.k),
+                    Strided::row_major(slab.channels.len(), g.hw),
+                );
+                let (probs, grad_probs) =
+                    (image(gpu, probs, slab.item)?, image(gpu, &grad_probs, slab.item)?);
+                d.push(product_with(gpu, to_feats, 1, (&gcs, gc), (&probs, p), &gfs, accumulate_feats)?);
+                d.push(product_with(gpu, to_probs, 1, (&gcs, gc.t()), (&fs, f), &grad_probs, j > 0)?);
+            }
+            d
+        }
+    };
     d.extend(softmax::backward(gpu, probs, &grad_probs, g.axis(), 1.0, grad_aux, accumulate_aux)?);
     Ok(d)
+}
+
+/// An OCR operator over tensors larger than a storage binding, cut per image and slab of
+/// its channel axis (the features', or the key channels); its whole-image operands (region
+/// maps, attention maps) are bound one image at a time. Each product keeps the kernel of
+/// the whole product, so a slab's sums are the whole product's to the bit; products that
+/// sum over the channel axis add the slabs in order instead.
+struct Slabbed<'g> {
+    gpu: &'g Gpu,
+    slabs: Vec<Slab>,
+}
+
+impl<'g> Slabbed<'g> {
+    /// The slabs of `channels` channels shared by `cuts`, or `None` when every tensor fits
+    /// a binding (the operator runs whole).
+    fn new(gpu: &'g Gpu, n: usize, channels: usize, cuts: &[Cut<'_>]) -> Result<Option<Self>> {
+        let tensors: Vec<&Tensor> = cuts.iter().map(|c| c.tensor).collect();
+        if !slabs::exceeds_binding(gpu, &tensors) {
+            return Ok(None);
+        }
+        Ok(Some(Slabbed { gpu, slabs: slabs::channel_slabs(gpu, n, channels, cuts)? }))
+    }
+
+    /// Each slab with its place among its image's slabs.
+    fn each(&self) -> impl Iterator<Item = (usize, &Slab)> {
+        self.slabs.iter().scan((usize::MAX, 0), |(item, j), slab| {
+            *j = if *item == slab.item { *j + 1 } else { 0 };
+            *item = slab.item;
+            Some((*j, slab))
+        })
+    }
+
+    /// The slab's views of tensors whose channel axis is the cut one.
+    fn views<const K: usize>(&self, slab: &Slab, tensors: [&Tensor; K]) -> Result<[Tensor; K]> {
+        let views: Vec<Tensor> =
+            tensors.iter().map(|t| slab.view(self.gpu, Cut::item(t, 0))).collect::<Result<_>>()?;
+        Ok(views.try_into().unwrap_or_else(|_| unreachable!("one view per tensor")))
+    }
+}
+
+/// Image `item` of `t` (`[N, ...]`).
+fn image(gpu: &Gpu, t: &Tensor, item: usize) -> Result<Tensor> {
+    Cut::item(t, 0).view(gpu, item, &(0..t.shape()[1]))
 }
 
 /// Sizes of an object attention: query `[n, key, h, w]`, key and value `[n, key, k, 1]`.
@@ -152,10 +213,39 @@ pub fn object_attention_forward(
     let logits = Tensor::empty(gpu, &a.sim_shape())?;
     let q_t = Strided::row_major(a.ch, a.hw).t();
     let kv = Strided::row_major(a.ch, a.k);
-    let mut d = vec![product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?];
-    d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
     let sim_t = Strided::row_major(a.hw, a.k).t();
-    d.push(product(gpu, tuner, a.n, (value, kv), (sim, sim_t), out, false)?);
+    let cuts = [query, key, value, out].map(|t| Cut::item(t, 0));
+    let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
+        let mut d = vec![product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?];
+        d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
+        d.push(product(gpu, tuner, a.n, (value, kv), (sim, sim_t), out, false)?);
+        return Ok(d);
+    };
+    // Per image and key-channel slab: the logits summed over the slabs in order, then the
+    // slab's output (exact).
+    let to_logits = tuning::choose(tuner, gpu, &MatmulClass::of(a.n, &q_t, &kv));
+    let to_out = tuning::choose(tuner, gpu, &MatmulClass::of(a.n, &kv, &sim_t));
+    let mut d = Vec::new();
+    for (j, slab) in split.each() {
+        let [qs, ks] = split.views(slab, [query, key])?;
+        let (q_t, kv) =
+            (Strided::row_major(slab.channels.len(), a.hw).t(), Strided::row_major(slab.channels.len(), a.k));
+        d.push(product_with(
+            gpu,
+            to_logits,
+            1,
+            (&qs, q_t),
+            (&ks, kv),
+            &image(gpu, &logits, slab.item)?,
+            j > 0,
+        )?);
+    }
+    d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
+    for (_, slab) in split.each() {
+        let [vs, os] = split.views(slab, [value, out])?;
+        let kv = Strided::row_major(slab.channels.len(), a.k);
+        d.push(product_with(gpu, to_out, 1, (&vs, kv), (&image(gpu, sim, slab.item)?, sim_t), &os, false)?);
+    }
     Ok(d)
 }
 
@@ -190,12 +280,41 @@ pub fn object_attention_backward(
     let (gv, acc_v) = grads.value;
     let (gq, acc_q) = grads.query;
     let (gk, acc_k) = grads.key;
-    let mut d = vec![
-        product(gpu, tuner, a.n, (grad_out, go), (sim, s), gv, acc_v)?,
-        product(gpu, tuner, a.n, (grad_out, go.t()), (value, kv), &grad_sim, false)?,
-    ];
+    let cuts = [query, key, value, grad_out, gq, gk, gv].map(|t| Cut::item(t, 0));
+    let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
+        let mut d = vec![
+            product(gpu, tuner, a.n, (grad_out, go), (sim, s), gv, acc_v)?,
+            product(gpu, tuner, a.n, (grad_out, go.t()), (value, kv), &grad_sim, false)?,
+        ];
+        d.extend(softmax::backward(gpu, sim, &grad_sim, a.axis(), a.scale(), &grad_logits, false)?);
+        d.push(product(gpu, tuner, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
+        d.push(product(gpu, tuner, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
+        return Ok(d);
+    };
+    // Per image and key-channel slab: the value, query and key gradients of the slab
+    // (exact), and the attention map's gradient summed over the slabs in order.
+    let class = |a_view: &Strided, b_view: &Strided| {
+        tuning::choose(tuner, gpu, &MatmulClass::of(a.n, a_view, b_view))
+    };
+    let (to_value, to_sim) = (class(&go, &s), class(&go.t(), &kv));
+    let (to_query, to_key) = (class(&kv, &s.t()), class(&go, &s));
+    let mut d = Vec::new();
+    for (j, slab) in split.each() {
+        let [gos, vs, gvs] = split.views(slab, [grad_out, value, gv])?;
+        let (go, kv) =
+            (Strided::row_major(slab.channels.len(), a.hw), Strided::row_major(slab.channels.len(), a.k));
+        let (sim, grad_sim) = (image(gpu, sim, slab.item)?, image(gpu, &grad_sim, slab.item)?);
+        d.push(product_with(gpu, to_value, 1, (&gos, go), (&sim, s), &gvs, acc_v)?);
+        d.push(product_with(gpu, to_sim, 1, (&gos, go.t()), (&vs, kv), &grad_sim, j > 0)?);
+    }
     d.extend(softmax::backward(gpu, sim, &grad_sim, a.axis(), a.scale(), &grad_logits, false)?);
-    d.push(product(gpu, tuner, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
-    d.push(product(gpu, tuner, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
+    for (_, slab) in split.each() {
+        let [qs, ks, gqs, gks] = split.views(slab, [query, key, gq, gk])?;
+        let (go, kv) =
+            (Strided::row_major(slab.channels.len(), a.hw), Strided::row_major(slab.channels.len(), a.k));
+        let grad_logits = image(gpu, &grad_logits, slab.item)?;
+        d.push(product_with(gpu, to_query, 1, (&ks, kv), (&grad_logits, s.t()), &gqs, acc_q)?);
+        d.push(product_with(gpu, to_key, 1, (&qs, go), (&grad_logits, s), &gks, acc_k)?);
+    }
     Ok(d)
 }

@@ -1,5 +1,6 @@
 //! Deterministic per-channel sums and ordered sums of partial results (`reduce.wgsl`).
 
+use super::slabs::{self, Cut};
 use super::{f32_bytes, launch, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -14,17 +15,48 @@ crate::gpu::shader_params! {
         len: u32,
         chunks: u32,
         flags: u32,
-        _pad: u32,
+        first_channel: u32,
     }
 }
 
 const ACCUMULATE: u32 = 1;
 
 /// `out[c] (+)= sum over n, h, w of x[n, c, h, w]`; overwrites unless `accumulate`.
-/// Used for the bias gradient of a convolution.
+/// Used for the bias gradient of a convolution. An `x` larger than a binding is summed per
+/// image and channel slab, each adding to the sums so far: the images' sums are added in
+/// order, where the whole-tensor sum may split its terms into other chunks.
 pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
     let [n, c, h, w] = x.dims4("channel_sum input")?;
     check_shape("channel_sum output", &[c], out.shape())?;
+    if slabs::exceeds_binding(gpu, &[x]) {
+        let cut = Cut::item(x, 0);
+        let mut d = Vec::new();
+        for slab in slabs::channel_slabs(gpu, n, c, &[cut])? {
+            let params = Params {
+                n: 1,
+                c: to_u32("C", slab.channels.len())?,
+                hw: to_u32("H x W", h * w)?,
+                chunk_len: to_u32("H x W", h * w)?,
+                len: to_u32("C", c)?,
+                chunks: 1,
+                flags: if accumulate || slab.item > 0 { ACCUMULATE } else { 0 },
+                first_channel: slab.channels.start as u32,
+            };
+            let xs = slab.view(gpu, cut)?;
+            let cost = Cost { flops: xs.numel() as u64, bytes: f32_bytes(xs.numel() + slab.channels.len()) };
+            let bindings = [Binding::read(1, &xs), Binding::write(2, out)];
+            d.push(launch(
+                gpu,
+                Shader::Reduce,
+                "channel_sum",
+                &params,
+                &bindings,
+                slab.channels.len(),
+                cost,
+            )?);
+        }
+        return Ok(d);
+    }
     let samples = n * h * w;
     let chunks = reduction_chunks(c, samples);
     let chunk_len = samples.div_ceil(chunks);
@@ -37,7 +69,7 @@ pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Res
         len: to_u32("C", c)?,
         chunks: to_u32("chunks", chunks)?,
         flags: if accumulate { ACCUMULATE } else { 0 },
-        _pad: 0,
+        first_channel: 0,
     };
     let cost = Cost { flops: (n * c * h * w) as u64, bytes: f32_bytes(n * c * h * w + c) };
     if chunks == 1 {
@@ -70,7 +102,7 @@ pub fn sum_chunks(
         len: to_u32("length", len)?,
         chunks: to_u32("chunks", chunks)?,
         flags: if accumulate { ACCUMULATE } else { 0 },
-        _pad: 0,
+        first_channel: 0,
     };
     let bindings = [Binding::read(1, partials), Binding::write(2, out)];
     let cost = Cost { flops: (chunks * len) as u64, bytes: f32_bytes(chunks * len + len) };

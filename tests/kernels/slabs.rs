@@ -9,6 +9,7 @@ use hrnet_ocr::gpu::Dispatch;
 use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Epilogue, Precision};
 use hrnet_ocr::kernels::dropout::Dropout2d;
+use hrnet_ocr::kernels::ocr::AttentionGrads;
 use hrnet_ocr::kernels::tuning::{ConvForward, Tunable};
 use hrnet_ocr::kernels::{concat, elementwise, metrics, ocr, resize};
 use hrnet_ocr::{Gpu, GpuOptions, Tensor};
@@ -387,4 +388,116 @@ fn a_launch_binding_more_than_a_binding_is_refused_naming_it() {
         e.contains("[64, 128]") && e.contains("max_storage_buffer_binding_size") && e.contains("16384"),
         "{e}"
     );
+}
+
+/// Asserts each output matches the full device's to rounding (relative L2 1e-6): the
+/// slabs add partial sums in another order than the whole launch.
+fn assert_rounding(what: &str, [wide, narrow]: &[Vec<Vec<f32>>; 2]) {
+    for (i, (w, n)) in wide.iter().zip(narrow).enumerate() {
+        assert_close(&format!("{what}: output {i}"), n, w, 1e-6);
+    }
+}
+
+/// The convolution's gradients in slabs. The input gradient of a 3x3 convolution whose
+/// output gradient fits is exact (each input slab sums every output channel in the same
+/// order); over output slabs (the 1x1 to 40 channels), and the weight and bias gradients
+/// (summed per image, the images added in order), match to rounding.
+#[test]
+fn convolution_gradients_run_in_slabs() {
+    use hrnet_ocr::kernels::tuning::{ConvInputGrad, ConvWeightGrad};
+    let mut rng = Rng::new(seed("convolution_gradients_run_in_slabs"));
+    let c = X[1];
+    let x = rng.normals(numel(&X));
+    for (co, k, pad) in [(16, 3, 1), (40, 1, 0)] {
+        let y = [2, co, 16, 16];
+        let w_shape = [co, c, k, k];
+        let (w, gy) = (rng.normals(numel(&w_shape)), rng.normals(numel(&y)));
+        let (old_gx, old_gw, old_gb) =
+            (rng.normals(numel(&X)), rng.normals(numel(&w_shape)), rng.normals(co));
+        let ins: [(&[usize], &[f32]); 3] = [(&X, &x), (&w_shape, &w), (&y, &gy)];
+        let spec = Conv2dSpec::square(1, pad, 1);
+        for (input_variant, weight_variant) in
+            [(ConvInputGrad::Narrow, ConvWeightGrad::Narrow), (ConvInputGrad::Wide, ConvWeightGrad::Wide)]
+        {
+            for accumulate in [false, true] {
+                let init = |v: &Vec<f32>| if accumulate { Init::Data(v.clone()) } else { Init::Poison };
+                let (gx0, gw0, gb0) = (init(&old_gx), init(&old_gw), init(&old_gb));
+                let outs: [(&[usize], &Init); 3] = [(&X, &gx0), (&w_shape, &gw0), (&[co], &gb0)];
+                let what =
+                    format!("conv {k}x{k} to {co} channels, {input_variant:?}, accumulate {accumulate}");
+                let r = both(&what, &ins, &outs, &|g, i, o| {
+                    let mut d =
+                        conv2d::backward_input_with(g, &spec, &i[2], &i[1], &o[0], accumulate, input_variant)
+                            .unwrap();
+                    d.extend(
+                        conv2d::backward_weight_with(
+                            g,
+                            &spec,
+                            &i[0],
+                            &i[2],
+                            &o[1],
+                            accumulate,
+                            weight_variant,
+                        )
+                        .unwrap(),
+                    );
+                    d.extend(conv2d::backward_bias(g, &i[2], &o[2], accumulate).unwrap());
+                    d
+                });
+                if co == 16 {
+                    assert_same_bits(
+                        &format!("{what} input gradient"),
+                        &[vec![r[0][0].clone()], vec![r[1][0].clone()]],
+                    );
+                }
+                assert_rounding(&what, &r);
+            }
+        }
+    }
+}
+
+/// OCR's operators in key- or feature-channel slabs: the feature and value gradients and
+/// the attention output per slab, the products summed over channels (the region-map and
+/// attention-map gradients, the attention logits) added slab by slab in order.
+#[test]
+fn the_ocr_operators_run_in_channel_slabs() {
+    let mut rng = Rng::new(seed("the_ocr_operators_run_in_channel_slabs"));
+    let (k, c) = (8, X[1]);
+    let aux_shape = [2, k, 16, 16];
+    let kv = [2, c, k, 1];
+    let sim = [2, 256, k];
+    let (aux, feats, gc) = (rng.normals(numel(&aux_shape)), rng.normals(numel(&X)), rng.normals(numel(&kv)));
+    let ins: [(&[usize], &[f32]); 3] = [(&aux_shape, &aux), (&X, &feats), (&kv, &gc)];
+    let (poison, old) = (Init::Poison, Init::Data(rng.normals(numel(&X))));
+    let outs: [(&[usize], &Init); 4] =
+        [(&aux_shape, &poison), (&kv, &poison), (&aux_shape, &poison), (&X, &old)];
+    let r = both("spatial gather", &ins, &outs, &|g, i, o| {
+        let mut d = ocr::spatial_gather_forward(g, None, &i[0], &i[1], &o[0], &o[1]).unwrap();
+        d.extend(
+            ocr::spatial_gather_backward(g, None, &i[1], &o[0], &i[2], (&o[2], false), (&o[3], true))
+                .unwrap(),
+        );
+        d
+    });
+    assert_same_bits(
+        "spatial gather context and feature gradient",
+        &[vec![r[0][1].clone(), r[0][3].clone()], vec![r[1][1].clone(), r[1][3].clone()]],
+    );
+    assert_rounding("spatial gather", &r);
+
+    let (query, key, value, go) =
+        (rng.normals(numel(&X)), rng.normals(numel(&kv)), rng.normals(numel(&kv)), rng.normals(numel(&X)));
+    let ins: [(&[usize], &[f32]); 4] = [(&X, &query), (&kv, &key), (&kv, &value), (&X, &go)];
+    let old_q = Init::Data(rng.normals(numel(&X)));
+    let outs: [(&[usize], &Init); 5] =
+        [(&sim, &poison), (&X, &poison), (&X, &old_q), (&kv, &poison), (&kv, &poison)];
+    let r = both("object attention", &ins, &outs, &|g, i, o| {
+        let mut d = ocr::object_attention_forward(g, None, &i[0], &i[1], &i[2], &o[0], &o[1]).unwrap();
+        let grads = AttentionGrads { query: (&o[2], true), key: (&o[3], false), value: (&o[4], false) };
+        d.extend(
+            ocr::object_attention_backward(g, None, (&i[0], &i[1], &i[2]), &o[0], &i[3], &grads).unwrap(),
+        );
+        d
+    });
+    assert_rounding("object attention forward and backward", &r);
 }
