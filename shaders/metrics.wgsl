@@ -20,23 +20,28 @@ struct Params {
 // The running best score of argmax_classes_slab.
 @group(0) @binding(6) var<storage, read_write> best_scores: array<f32>;
 
-// The first class with the highest score (as torch.argmax).
+// The best (class, score) of a pixel's classes from `k0` on, starting from `start`: the
+// first class with the highest score (as torch.argmax).
+struct Best { index: u32, score: f32 }
+
+fn best_class(base: u32, k0: u32, start: Best) -> Best {
+    var best = start;
+    for (var k = k0; k < p.classes; k++) {
+        let s = scores[base + k * p.hw];
+        if s > best.score {
+            best = Best(p.first_class + k, s);
+        }
+    }
+    return best;
+}
+
 @compute @workgroup_size(WG)
 fn argmax_classes(@builtin(global_invocation_id) gid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>) {
     let px = linear_index(gid, nwg);
     if px >= p.n * p.hw { return; }
     let base = (px / p.hw) * p.classes * p.hw + px % p.hw;
-    var best = 0u;
-    var best_score = scores[base];
-    for (var k = 1u; k < p.classes; k++) {
-        let s = scores[base + k * p.hw];
-        if s > best_score {
-            best = k;
-            best_score = s;
-        }
-    }
-    prediction[px] = best;
+    prediction[px] = best_class(base, 1u, Best(0u, scores[base])).index;
 }
 
 // The argmax over classes first_class..first_class + classes of scores too large for one
@@ -49,18 +54,14 @@ fn argmax_classes_slab(@builtin(global_invocation_id) gid: vec3<u32>,
     let px = linear_index(gid, nwg);
     if px >= p.n * p.hw { return; }
     let base = (px / p.hw) * p.classes * p.hw + px % p.hw;
-    let first = p.first_class == 0u;
-    var best = select(prediction[px], 0u, first);
-    var best_score = select(best_scores[px], scores[base], first);
-    for (var k = select(0u, 1u, first); k < p.classes; k++) {
-        let s = scores[base + k * p.hw];
-        if s > best_score {
-            best = p.first_class + k;
-            best_score = s;
-        }
+    var best: Best;
+    if p.first_class == 0u {
+        best = best_class(base, 1u, Best(0u, scores[base]));
+    } else {
+        best = best_class(base, 0u, Best(prediction[px], best_scores[px]));
     }
-    prediction[px] = best;
-    best_scores[px] = best_score;
+    prediction[px] = best.index;
+    best_scores[px] = best.score;
 }
 
 @compute @workgroup_size(WG)

@@ -125,7 +125,7 @@ impl Layout {
         if !slabs::exceeds_binding(gpu, tensors) {
             return Ok(vec![Piece { slab: None, params: self.params }]);
         }
-        let cuts: Vec<Cut> = tensors.iter().map(|t| Cut::item(t, 0)).collect();
+        let cuts: Vec<Cut> = tensors.iter().map(|t| Cut::new(t, 0)).collect();
         let [n, c, _, _] = self.dims;
         Ok(slabs::channel_slabs(gpu, n, c, &cuts)?
             .into_iter()
@@ -154,7 +154,7 @@ impl Piece {
     fn view(&self, gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
         match &self.slab {
             None => Ok(t.clone()),
-            Some(slab) => slab.view(gpu, Cut::item(t, 0)),
+            Some(slab) => slab.view(gpu, Cut::new(t, 0)),
         }
     }
 
@@ -259,22 +259,7 @@ fn normalize_train(
     bn: &BatchNormParams<'_>,
     saved: &Tensor,
 ) -> Result<Dispatch> {
-    let numel = piece.numel();
-    launch(
-        gpu,
-        Shader::BatchNorm,
-        "bn_normalize_train",
-        &piece.params,
-        &[
-            Binding::read(1, &piece.view(gpu, x)?),
-            Binding::read(2, bn.gamma),
-            Binding::read(3, bn.beta),
-            Binding::read(14, saved),
-            Binding::write(7, &piece.view(gpu, y)?),
-        ],
-        piece.plane_blocks(gpu),
-        Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 6 * piece.params.c as usize) },
-    )
+    normalize(gpu, ("bn_normalize_train", piece), [x, y], bn, &[Binding::read(14, saved)])
 }
 
 /// Eval-mode forward with the running statistics: one launch, or one per channel slab
@@ -282,26 +267,27 @@ fn normalize_train(
 pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor) -> Result<Vec<Dispatch>> {
     let l = Layout::new("batch_norm input", x, bn, 0)?;
     check_shape("batch_norm output", x.shape(), y.shape())?;
-    let normalize = |piece: &Piece| {
-        let numel = piece.numel();
-        launch(
-            gpu,
-            Shader::BatchNorm,
-            "bn_normalize_eval",
-            &piece.params,
-            &[
-                Binding::read(1, &piece.view(gpu, x)?),
-                Binding::read(2, bn.gamma),
-                Binding::read(3, bn.beta),
-                Binding::read(17, bn.running_mean),
-                Binding::read(18, bn.running_var),
-                Binding::write(7, &piece.view(gpu, y)?),
-            ],
-            piece.plane_blocks(gpu),
-            Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 4 * piece.params.c as usize) },
-        )
-    };
-    l.pieces(gpu, &[x, y])?.iter().map(normalize).collect()
+    let statistics = [Binding::read(17, bn.running_mean), Binding::read(18, bn.running_var)];
+    let pieces = l.pieces(gpu, &[x, y])?;
+    pieces.iter().map(|piece| normalize(gpu, ("bn_normalize_eval", piece), [x, y], bn, &statistics)).collect()
+}
+
+/// One piece of an elementwise normalisation `entry`: `y` from `x`, gamma, beta and the
+/// `statistics` it normalises with.
+fn normalize(
+    gpu: &Gpu,
+    (entry, piece): (&'static str, &Piece),
+    [x, y]: [&Tensor; 2],
+    bn: &BatchNormParams<'_>,
+    statistics: &[Binding<'_>],
+) -> Result<Dispatch> {
+    let (xs, ys) = (piece.view(gpu, x)?, piece.view(gpu, y)?);
+    let mut bindings = vec![Binding::read(1, &xs), Binding::read(2, bn.gamma), Binding::read(3, bn.beta)];
+    bindings.extend_from_slice(statistics);
+    bindings.push(Binding::write(7, &ys));
+    let numel = piece.numel();
+    let cost = Cost { flops: 4 * numel as u64, bytes: f32_bytes(2 * numel + 6 * piece.params.c as usize) };
+    launch(gpu, Shader::BatchNorm, entry, &piece.params, &bindings, piece.plane_blocks(gpu), cost)
 }
 
 /// Where a training-mode backward writes, and whether each gradient is overwritten or

@@ -45,7 +45,7 @@ pub fn copy_channels(
     if !slabs::exceeds_binding(gpu, &[src, dst]) {
         return Ok(vec![copy_launch(gpu, (src, src_offset), (dst, dst_offset), channels, accumulate)?]);
     }
-    let cuts = [Cut::item(src, src_offset), Cut::item(dst, dst_offset)];
+    let cuts = [Cut::new(src, src_offset), Cut::new(dst, dst_offset)];
     let mut d = Vec::new();
     for slab in slabs::channel_slabs(gpu, n, channels, &cuts)? {
         let (s, t) = (slab.view(gpu, cuts[0])?, slab.view(gpu, cuts[1])?);

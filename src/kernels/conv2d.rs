@@ -386,9 +386,9 @@ fn forward_slabs(
     precision: Precision,
     variant: ConvForward,
 ) -> Result<ForwardDispatches> {
-    let mut outputs = vec![Cut::item(y, 0)];
-    outputs.extend(epilogue.residual.map(|r| Cut::item(r, 0)));
-    let input_slabs = slabs::channel_slabs(gpu, d.n, d.ci, &[Cut::item(x, 0)])?;
+    let mut outputs = vec![Cut::new(y, 0)];
+    outputs.extend(epilogue.residual.map(|r| Cut::new(r, 0)));
+    let input_slabs = slabs::channel_slabs(gpu, d.n, d.ci, &[Cut::new(x, 0)])?;
     let mut pairs = Vec::new();
     for out in slabs::channel_slabs(gpu, d.n, d.co, &outputs)? {
         let y = out.view(gpu, outputs[0])?;
@@ -407,7 +407,7 @@ fn forward_slabs(
             params.weight_ci0 = input.channels.start as u32;
             params.co0 = out.channels.start as u32;
             params.flags |= if j > 0 { ACCUMULATE } else { 0 } | if last { 0 } else { NO_SHIFT };
-            let x = input.view(gpu, Cut::item(x, 0))?;
+            let x = input.view(gpu, Cut::new(x, 0))?;
             pairs.push(forward_launch(
                 gpu,
                 &slab,
@@ -513,7 +513,7 @@ pub fn backward_input_with(
     // Beyond a binding: each image's input-channel slab of grad_x sums over the output
     // channels' slabs in order, each adding to the ones before (exact when grad_y fits
     // whole; over several slabs of grad_y, partial sums added in order).
-    let (inputs, outputs) = (Cut::item(grad_x, 0), Cut::item(grad_y, 0));
+    let (inputs, outputs) = (Cut::new(grad_x, 0), Cut::new(grad_y, 0));
     let output_slabs = slabs::channel_slabs(gpu, d.n, d.co, &[outputs])?;
     let mut dispatches = Vec::new();
     for input in slabs::channel_slabs(gpu, d.n, d.ci, &[inputs])? {
@@ -646,7 +646,7 @@ pub fn backward_weight_with(
         // Beyond a binding: each (image, output slab, input slab) sums its image's rows in
         // one chunk straight into its block of grad_weight, the images added in order
         // (where the whole-tensor reduction may chunk the rows otherwise).
-        let (inputs, outputs) = (Cut::item(x, 0), Cut::item(grad_y, 0));
+        let (inputs, outputs) = (Cut::new(x, 0), Cut::new(grad_y, 0));
         let input_slabs = slabs::channel_slabs(gpu, d.n, d.ci, &[inputs])?;
         let mut dispatches = Vec::new();
         for out in slabs::channel_slabs(gpu, d.n, d.co, &[outputs])? {

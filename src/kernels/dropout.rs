@@ -125,7 +125,7 @@ impl Dropout2d {
             return Ok(vec![launch(input, output, 0)?]);
         }
         let [n, c, _, _] = input.dims4("dropout input")?;
-        let cuts = [Cut::item(input, 0), Cut::item(output, 0)];
+        let cuts = [Cut::new(input, 0), Cut::new(output, 0)];
         slabs::channel_slabs(gpu, n, c, &cuts)?
             .iter()
             .map(|s| launch(&s.view(gpu, cuts[0])?, &s.view(gpu, cuts[1])?, s.item * c + s.channels.start))

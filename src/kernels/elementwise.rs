@@ -16,22 +16,28 @@ crate::gpu::shader_params! {
 const ACCUMULATE_A: u32 = 1;
 const ACCUMULATE_B: u32 = 2;
 
+/// An elementwise entry point as launched: its name, flags and FLOPs per element.
+#[derive(Clone, Copy)]
+struct Entry {
+    name: &'static str,
+    flags: u32,
+    flops: u64,
+}
+
 /// One launch of `entry`, or one per flat chunk when the tensors exceed a binding (each
 /// element is independent, so the chunks give the same result).
 fn elementwise(
     gpu: &Gpu,
-    entry: &'static str,
-    flags: u32,
+    entry: Entry,
     reads: &[(u32, &Tensor)],
     writes: &[(u32, &Tensor)],
-    flops_per_element: u64,
 ) -> Result<Vec<Dispatch>> {
     let first = reads.first().map(|r| r.1).unwrap_or(writes[0].1);
     for (_, t) in reads.iter().chain(writes) {
-        check_shape(entry, first.shape(), t.shape())?;
+        check_shape(entry.name, first.shape(), t.shape())?;
     }
     if !slabs::exceeds_binding(gpu, &[first]) {
-        return Ok(vec![elementwise_launch(gpu, entry, flags, reads, writes, flops_per_element)?]);
+        return Ok(vec![launch_over(gpu, entry, reads, writes)?]);
     }
     let mut d = Vec::new();
     for r in slabs::flat_chunks(gpu, first.numel()) {
@@ -39,7 +45,7 @@ fn elementwise(
             ts.iter().map(|&(i, t)| Ok((i, t.view(gpu, r.start, &[r.len()])?))).collect()
         };
         let (reads, writes) = (chunks(reads)?, chunks(writes)?);
-        d.push(elementwise_launch(gpu, entry, flags, &refs(&reads), &refs(&writes), flops_per_element)?);
+        d.push(launch_over(gpu, entry, &refs(&reads), &refs(&writes))?);
     }
     Ok(d)
 }
@@ -48,27 +54,26 @@ fn refs(tensors: &[(u32, Tensor)]) -> Vec<(u32, &Tensor)> {
     tensors.iter().map(|(i, t)| (*i, t)).collect()
 }
 
-fn elementwise_launch(
+/// One launch of `entry` over tensors of one shape.
+fn launch_over(
     gpu: &Gpu,
-    entry: &'static str,
-    flags: u32,
+    entry: Entry,
     reads: &[(u32, &Tensor)],
     writes: &[(u32, &Tensor)],
-    flops_per_element: u64,
 ) -> Result<Dispatch> {
     let len = writes[0].1.numel();
-    let params = Params { len: to_u32("elements", len)?, flags, _pad: [0; 2] };
+    let params = Params { len: to_u32("elements", len)?, flags: entry.flags, _pad: [0; 2] };
     let bindings: Vec<Binding<'_>> = reads
         .iter()
         .map(|&(i, t)| Binding::read(i, t))
         .chain(writes.iter().map(|&(i, t)| Binding::write(i, t)))
         .collect();
-    let accumulated = writes.len() * usize::from(flags != 0);
+    let accumulated = writes.len() * usize::from(entry.flags != 0);
     let cost = Cost {
-        flops: flops_per_element * len as u64,
+        flops: entry.flops * len as u64,
         bytes: f32_bytes(len * (reads.len() + writes.len() + accumulated)),
     };
-    launch(gpu, Shader::Elementwise, entry, &params, &bindings, len, cost)
+    launch(gpu, Shader::Elementwise, entry.name, &params, &bindings, len, cost)
 }
 
 fn flags(accumulate_a: bool, accumulate_b: bool) -> u32 {
@@ -77,7 +82,7 @@ fn flags(accumulate_a: bool, accumulate_b: bool) -> u32 {
 
 /// `y = max(x, 0)`.
 pub fn relu_forward(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Vec<Dispatch>> {
-    elementwise(gpu, "relu_forward", 0, &[(1, x)], &[(3, y)], 1)
+    elementwise(gpu, Entry { name: "relu_forward", flags: 0, flops: 1 }, &[(1, x)], &[(3, y)])
 }
 
 /// `grad_x (+)= grad_y where y > 0`. `y` may be the ReLU's output or its input.
@@ -88,12 +93,13 @@ pub fn relu_backward(
     grad_x: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    elementwise(gpu, "relu_backward", flags(accumulate, false), &[(1, y), (4, grad_y)], &[(5, grad_x)], 1)
+    let entry = Entry { name: "relu_backward", flags: flags(accumulate, false), flops: 1 };
+    elementwise(gpu, entry, &[(1, y), (4, grad_y)], &[(5, grad_x)])
 }
 
 /// `y = a + b`.
 pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Vec<Dispatch>> {
-    elementwise(gpu, "add_forward", 0, &[(1, a), (2, b)], &[(3, y)], 1)
+    elementwise(gpu, Entry { name: "add_forward", flags: 0, flops: 1 }, &[(1, a), (2, b)], &[(3, y)])
 }
 
 /// `grad_a (+)= grad_y`, `grad_b (+)= grad_y`.
@@ -104,12 +110,17 @@ pub fn add_backward(
     (grad_b, accumulate_b): (&Tensor, bool),
 ) -> Result<Vec<Dispatch>> {
     let f = flags(accumulate_a, accumulate_b);
-    elementwise(gpu, "add_backward", f, &[(4, grad_y)], &[(5, grad_a), (6, grad_b)], 0)
+    elementwise(
+        gpu,
+        Entry { name: "add_backward", flags: f, flops: 0 },
+        &[(4, grad_y)],
+        &[(5, grad_a), (6, grad_b)],
+    )
 }
 
 /// `y = max(a + b, 0)`.
 pub fn add_relu_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Vec<Dispatch>> {
-    elementwise(gpu, "add_relu_forward", 0, &[(1, a), (2, b)], &[(3, y)], 2)
+    elementwise(gpu, Entry { name: "add_relu_forward", flags: 0, flops: 2 }, &[(1, a), (2, b)], &[(3, y)])
 }
 
 /// `grad_a (+)= grad_y where y > 0`, and the same into `grad_b`; `y` is the forward output.
@@ -121,5 +132,10 @@ pub fn add_relu_backward(
     (grad_b, accumulate_b): (&Tensor, bool),
 ) -> Result<Vec<Dispatch>> {
     let f = flags(accumulate_a, accumulate_b);
-    elementwise(gpu, "add_relu_backward", f, &[(1, y), (4, grad_y)], &[(5, grad_a), (6, grad_b)], 1)
+    elementwise(
+        gpu,
+        Entry { name: "add_relu_backward", flags: f, flops: 1 },
+        &[(1, y), (4, grad_y)],
+        &[(5, grad_a), (6, grad_b)],
+    )
 }

@@ -52,7 +52,7 @@ pub fn argmax(gpu: &Gpu, scores: &Tensor, prediction: &Tensor) -> Result<Vec<Dis
         )?]);
     }
     let best_scores = scratch(gpu, "argmax running best", h * w)?;
-    let cut = Cut::item(scores, 0);
+    let cut = Cut::new(scores, 0);
     let mut d = Vec::new();
     for slab in slabs::channel_slabs(gpu, n, k, &[cut])? {
         let slab_scores = slab.view(gpu, cut)?;

@@ -51,7 +51,7 @@ pub fn spatial_gather_forward(
     let mut d = softmax::forward(gpu, aux, g.axis(), 1.0, probs)?;
     let f = Strided::row_major(g.c, g.hw);
     let p_t = Strided::row_major(g.k, g.hw).t();
-    let Some(split) = Slabbed::new(gpu, g.n, g.c, &[Cut::item(feats, 0), Cut::item(context, 0)])? else {
+    let Some(split) = Slabbed::new(gpu, g.n, g.c, &[Cut::new(feats, 0), Cut::new(context, 0)])? else {
         d.push(product(gpu, tuner, g.n, (feats, f), (probs, p_t), context, false)?);
         return Ok(d);
     };
@@ -84,7 +84,7 @@ pub fn spatial_gather_backward(
     let p = Strided::row_major(g.k, g.hw);
     let f = Strided::row_major(g.c, g.hw);
     let grad_probs = Tensor::empty(gpu, probs.shape())?;
-    let cuts = [grad_context, feats, grad_feats].map(|t| Cut::item(t, 0));
+    let cuts = [grad_context, feats, grad_feats].map(|t| Cut::new(t, 0));
     let mut d = match Slabbed::new(gpu, g.n, g.c, &cuts)? {
         None => vec![
             product(gpu, tuner, g.n, (grad_context, gc), (probs, p), grad_feats, accumulate_feats)?,
@@ -147,14 +147,14 @@ impl<'g> Slabbed<'g> {
     /// The slab's views of tensors whose channel axis is the cut one.
     fn views<const K: usize>(&self, slab: &Slab, tensors: [&Tensor; K]) -> Result<[Tensor; K]> {
         let views: Vec<Tensor> =
-            tensors.iter().map(|t| slab.view(self.gpu, Cut::item(t, 0))).collect::<Result<_>>()?;
+            tensors.iter().map(|t| slab.view(self.gpu, Cut::new(t, 0))).collect::<Result<_>>()?;
         Ok(views.try_into().unwrap_or_else(|_| unreachable!("one view per tensor")))
     }
 }
 
 /// Image `item` of `t` (`[N, ...]`).
 fn image(gpu: &Gpu, t: &Tensor, item: usize) -> Result<Tensor> {
-    Cut::item(t, 0).view(gpu, item, &(0..t.shape()[1]))
+    Cut::new(t, 0).view(gpu, item, &(0..t.shape()[1]))
 }
 
 /// Sizes of an object attention: query `[n, key, h, w]`, key and value `[n, key, k, 1]`.
@@ -214,7 +214,7 @@ pub fn object_attention_forward(
     let q_t = Strided::row_major(a.ch, a.hw).t();
     let kv = Strided::row_major(a.ch, a.k);
     let sim_t = Strided::row_major(a.hw, a.k).t();
-    let cuts = [query, key, value, out].map(|t| Cut::item(t, 0));
+    let cuts = [query, key, value, out].map(|t| Cut::new(t, 0));
     let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
         let mut d = vec![product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?];
         d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
@@ -280,7 +280,7 @@ pub fn object_attention_backward(
     let (gv, acc_v) = grads.value;
     let (gq, acc_q) = grads.query;
     let (gk, acc_k) = grads.key;
-    let cuts = [query, key, value, grad_out, gq, gk, gv].map(|t| Cut::item(t, 0));
+    let cuts = [query, key, value, grad_out, gq, gk, gv].map(|t| Cut::new(t, 0));
     let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
         let mut d = vec![
             product(gpu, tuner, a.n, (grad_out, go), (sim, s), gv, acc_v)?,

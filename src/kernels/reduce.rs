@@ -29,7 +29,7 @@ pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Res
     let [n, c, h, w] = x.dims4("channel_sum input")?;
     check_shape("channel_sum output", &[c], out.shape())?;
     if slabs::exceeds_binding(gpu, &[x]) {
-        let cut = Cut::item(x, 0);
+        let cut = Cut::new(x, 0);
         let mut d = Vec::new();
         for slab in slabs::channel_slabs(gpu, n, c, &[cut])? {
             let params = Params {

@@ -103,7 +103,7 @@ fn per_slab(
     // The whole shapes checked once; each slab's views then agree by construction.
     params(small.dims4("resize input")?, large, offset, false)?;
     let [n, c, _, _] = small.dims4("resize input")?;
-    let cuts = [Cut::item(small, 0), Cut::item(large, offset)];
+    let cuts = [Cut::new(small, 0), Cut::new(large, offset)];
     let mut d = Vec::new();
     for slab in slabs::channel_slabs(gpu, n, c, &cuts)? {
         d.push(launch(&slab.view(gpu, cuts[0])?, &slab.view(gpu, cuts[1])?, 0)?);

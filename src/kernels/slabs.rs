@@ -21,7 +21,7 @@ pub(crate) struct Cut<'a> {
 
 impl<'a> Cut<'a> {
     /// `tensor`'s channels `first..` as the shared axis.
-    pub fn item(tensor: &'a Tensor, first: usize) -> Self {
+    pub fn new(tensor: &'a Tensor, first: usize) -> Self {
         Cut { tensor, first }
     }
 

@@ -182,6 +182,18 @@ fn eval_batch_norm_runs_in_channel_slabs_bit_identically() {
     assert_same_bits("eval batch norm", &r);
 }
 
+/// A training batch norm of `gamma, beta` with `running mean, running var`.
+fn layer<'a>(affine: &'a [Tensor], running: &'a [Tensor]) -> BatchNormParams<'a> {
+    BatchNormParams {
+        gamma: &affine[0],
+        beta: &affine[1],
+        running_mean: &running[0],
+        running_var: &running[1],
+        eps: batch_norm::EPS,
+        momentum: batch_norm::MOMENTUM,
+    }
+}
+
 /// Training batch norm in slabs: each image's channel slab sums whole chunks of the
 /// layer's reduction (chunks never span images), so the statistics, the running averages,
 /// the output and every gradient are those of the whole layer to the bit. Two chunks per
@@ -208,14 +220,7 @@ fn training_batch_norm_runs_in_channel_slabs_bit_identically() {
         (&[c], &old_params),
     ];
     let r = both("training batch norm", &ins, &outs, &|g, i, o| {
-        let bn = BatchNormParams {
-            gamma: &i[1],
-            beta: &i[2],
-            running_mean: &o[0],
-            running_var: &o[1],
-            eps: batch_norm::EPS,
-            momentum: batch_norm::MOMENTUM,
-        };
+        let bn = layer(&i[1..3], &o[0..2]);
         let mut d = batch_norm::forward_train(g, &i[0], &bn, &o[2], &o[3]).unwrap();
         let grads = BatchNormGrads {
             grad_x: &o[4],
@@ -229,14 +234,7 @@ fn training_batch_norm_runs_in_channel_slabs_bit_identically() {
     });
     assert_same_bits("training batch norm forward and backward", &r);
     let recompute = both("batch norm recompute", &ins, &outs, &|g, i, o| {
-        let bn = BatchNormParams {
-            gamma: &i[1],
-            beta: &i[2],
-            running_mean: &o[0],
-            running_var: &o[1],
-            eps: batch_norm::EPS,
-            momentum: batch_norm::MOMENTUM,
-        };
+        let bn = layer(&i[1..3], &o[0..2]);
         let mut d = batch_norm::forward_train(g, &i[0], &bn, &o[2], &o[3]).unwrap();
         d.extend(batch_norm::normalize_relu_train(g, &i[0], &bn, &o[2], &o[4]).unwrap());
         d
