@@ -330,7 +330,9 @@ impl GraphBuilder {
         let unplanned_grads = sum(&|i, v| {
             needs[i] && !matches!(v.role, Role::Param) && plan.slot_of[self.values.len() + i].is_none()
         });
+        let peak = plan.peak.as_ref().map(|(node, alive)| self.peak_memory(*node, alive));
         TrainingMemory {
+            peak,
             activations: plan.bytes() + unplanned_grads,
             activations_unshared: sum(&|_, v| activation(v)) + sum(&|i, v| needs[i] && v.role != Role::Param),
             parameters,
@@ -338,6 +340,36 @@ impl GraphBuilder {
             momentum: parameters,
             fixed: sum(&|_, v| matches!(v.role, Role::Input { .. } | Role::State)),
         }
+    }
+
+    /// What the planned buffers `alive` at `node`'s pass hold (buffer `i < n` is value `i`,
+    /// `n + i` its gradient, `2n + i` it recomputed; see [`plan::training`]).
+    fn peak_memory(&self, node: plan::Node, alive: &[usize]) -> PeakMemory {
+        let n = self.values.len();
+        let output = |at: usize| {
+            self.ops[at].io().1.map_or_else(|| "the loss".to_string(), |y| self.values[y.0].name.clone())
+        };
+        let at = match node {
+            plan::Node::Forward(at) => format!("the forward of {}", output(at)),
+            plan::Node::Backward(at) => format!("the backward of {}", output(at)),
+            plan::Node::Recompute(at) => format!("recomputing the ReLU of {}", output(at)),
+        };
+        let mut peak = PeakMemory { at, ..PeakMemory::default() };
+        let mut tensors: Vec<(String, u64)> = Vec::new();
+        for &b in alive {
+            let v = &self.values[b % n];
+            let bytes = v.shape.iter().product::<usize>() as u64 * 4;
+            let (kind, name) = match b / n {
+                0 => (&mut peak.activations, v.name.clone()),
+                1 => (&mut peak.gradients, format!("grad {}", v.name)),
+                _ => (&mut peak.recomputed, format!("{} (recomputed)", v.name)),
+            };
+            *kind += bytes;
+            tensors.push((name, bytes));
+        }
+        tensors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        peak.largest = tensors.into_iter().take(6).collect();
+        peak
     }
 
     /// Makes a training graph recompute each BN-ReLU output in the backward (from the batch
@@ -638,6 +670,8 @@ pub struct MemoryReport {
 /// Device memory of a training step, planned (see [`GraphBuilder::plan_training_memory`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrainingMemory {
+    /// What is alive at the plan's peak (none for a graph without activations).
+    pub peak: Option<PeakMemory>,
     /// Activations and their gradients, sharing buffers by liveness across the forward and
     /// backward passes (the gradients callers read or write keep buffers of their own).
     pub activations: u64,
@@ -649,6 +683,22 @@ pub struct TrainingMemory {
     pub momentum: u64,
     /// Inputs and running statistics.
     pub fixed: u64,
+}
+
+/// The step of a training pass at which the most activation and gradient bytes are alive:
+/// which pass of which node it is, those bytes by kind, and the largest tensors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeakMemory {
+    /// "the forward of X", "the backward of X" or "recomputing the ReLU of X", X the node's
+    /// output value.
+    pub at: String,
+    /// Activations kept for the backward or still to be read, and gradients, and BN-ReLU
+    /// outputs rebuilt in the backward (`--recompute`).
+    pub activations: u64,
+    pub gradients: u64,
+    pub recomputed: u64,
+    /// The largest tensors alive then, largest first.
+    pub largest: Vec<(String, u64)>,
 }
 
 impl TrainingMemory {
@@ -691,7 +741,23 @@ impl std::fmt::Display for TrainingMemory {
             mib(self.gradients),
             mib(self.momentum),
             mib(self.fixed)
-        )
+        )?;
+        if let Some(p) = &self.peak {
+            let largest: Vec<String> =
+                p.largest.iter().map(|(name, b)| format!("{name} {:.1}", mib(*b))).collect();
+            write!(
+                f,
+                "\npeak at {}: {:.1} MiB alive: activations {:.1} MiB, gradients {:.1} MiB, recomputed {:.1} MiB; \
+                 largest (MiB): {}",
+                p.at,
+                mib(p.activations + p.gradients + p.recomputed),
+                mib(p.activations),
+                mib(p.gradients),
+                mib(p.recomputed),
+                largest.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -24,6 +24,17 @@ pub(super) struct Plan {
     pub slot_of: Vec<Option<usize>>,
     /// Each slot's size in elements.
     pub slot_elems: Vec<usize>,
+    /// The step at which the most planned elements are alive, and the buffers alive then.
+    pub peak: Option<(Node, Vec<usize>)>,
+}
+
+/// Which pass of which node (its place in the op list) a step is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Node {
+    Forward(usize),
+    Backward(usize),
+    /// A BN-ReLU output rebuilt from this batch-norm node in the backward.
+    Recompute(usize),
 }
 
 impl Plan {
@@ -37,6 +48,7 @@ impl Plan {
 pub(super) struct Step {
     pub reads: Vec<usize>,
     pub writes: Vec<usize>,
+    pub node: Node,
 }
 
 /// Plans buffers of `numel` elements (`None`: not planned) over `steps`; the `keep` buffers
@@ -63,7 +75,8 @@ pub(super) fn plan(numel: &[Option<usize>], steps: &[Step], keep: &[usize]) -> P
     }
     let mut order: Vec<usize> = (0..numel.len()).filter(|&b| life[b].is_some()).collect();
     order.sort_by_key(|&b| (std::cmp::Reverse(numel[b].unwrap_or(0)), life[b]));
-    let mut plan = Plan { slot_of: vec![None; numel.len()], slot_elems: Vec::new() };
+    let peak = peak(numel, &life, steps);
+    let mut plan = Plan { slot_of: vec![None; numel.len()], slot_elems: Vec::new(), peak };
     // Each slot's tenants' lifetimes.
     let mut tenants: Vec<Vec<(usize, usize)>> = Vec::new();
     for b in order {
@@ -80,6 +93,32 @@ pub(super) fn plan(numel: &[Option<usize>], steps: &[Step], keep: &[usize]) -> P
     plan
 }
 
+/// The step at which the most elements of the buffers with lifetimes `life` are alive
+/// (the first of equals), and the buffers alive then.
+fn peak(
+    numel: &[Option<usize>],
+    life: &[Option<(usize, usize)>],
+    steps: &[Step],
+) -> Option<(Node, Vec<usize>)> {
+    if steps.is_empty() {
+        return None;
+    }
+    let mut change = vec![0i64; steps.len() + 1];
+    for (b, l) in life.iter().enumerate() {
+        if let (Some((first, last)), Some(n)) = (l, numel[b]) {
+            change[*first] += n as i64;
+            change[(*last).min(steps.len() - 1) + 1] -= n as i64;
+        }
+    }
+    let alive = change.iter().scan(0i64, |sum, c| {
+        *sum += c;
+        Some(*sum)
+    });
+    let (at, _) = alive.take(steps.len()).enumerate().max_by_key(|&(i, a)| (a, std::cmp::Reverse(i)))?;
+    let buffers = (0..life.len()).filter(|&b| life[b].is_some_and(|(f, l)| f <= at && at <= l)).collect();
+    Some((steps[at].node, buffers))
+}
+
 fn numel(v: &Value) -> usize {
     v.shape.iter().product()
 }
@@ -92,14 +131,15 @@ fn planned_value(v: &Value) -> Option<usize> {
 /// The forward pass of an eval graph: buffers are values, activations planned.
 pub(super) fn inference(values: &[Value], ops: &[Op], outputs: &[ValueId]) -> Plan {
     let planned: Vec<Option<usize>> = values.iter().map(planned_value).collect();
-    let steps: Vec<Step> = ops.iter().map(forward_step).collect();
+    let steps: Vec<Step> = ops.iter().enumerate().map(forward_step).collect();
     plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>())
 }
 
-fn forward_step(op: &Op) -> Step {
+fn forward_step((at, op): (usize, &Op)) -> Step {
     Step {
         reads: op.reads().iter().map(|v| v.0).collect(),
         writes: op.writes().iter().map(|v| v.0).collect(),
+        node: Node::Forward(at),
     }
 }
 
@@ -121,7 +161,7 @@ pub(super) fn training(
     let mut planned: Vec<Option<usize>> = values.iter().map(planned_value).collect();
     planned.extend(values.iter().zip(grad_planned).map(|(v, &p)| p.then(|| numel(v))));
     planned.extend((0..n).map(|i| recompute.contains_key(&ValueId(i)).then(|| numel(&values[i]))));
-    let mut steps: Vec<Step> = ops.iter().map(forward_step).collect();
+    let mut steps: Vec<Step> = ops.iter().enumerate().map(forward_step).collect();
     let mut recomputed = vec![false; n];
     for (at, targets) in backward {
         let op = &ops[*at];
@@ -131,7 +171,8 @@ pub(super) fn training(
                 Some(&bn) => {
                     if !std::mem::replace(&mut recomputed[v.0], true) {
                         let (ins, _) = ops[bn].io();
-                        steps.push(Step { reads: vec![ins[0].0], writes: vec![2 * n + v.0] });
+                        let node = Node::Recompute(bn);
+                        steps.push(Step { reads: vec![ins[0].0], writes: vec![2 * n + v.0], node });
                     }
                     reads.push(2 * n + v.0);
                 }
@@ -141,7 +182,11 @@ pub(super) fn training(
         if let (_, Some(y)) = op.io() {
             reads.push(n + y.0);
         }
-        steps.push(Step { reads, writes: targets.iter().map(|v| n + v.0).collect() });
+        steps.push(Step {
+            reads,
+            writes: targets.iter().map(|v| n + v.0).collect(),
+            node: Node::Backward(*at),
+        });
     }
     plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>())
 }

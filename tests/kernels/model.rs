@@ -620,6 +620,12 @@ fn a_training_step_allocates_what_its_plan_says() {
     assert!(peak >= held, "{peak} {held}");
     assert!(peak - held < plan.parameters, "kernel scratch {} B: {plan}", peak - held);
     assert!(plan.activations < plan.activations_unshared, "{plan}");
+    // The slots hold at least what is alive at the peak, and the greedy packing stays
+    // within twice that.
+    let at_peak = plan.peak.as_ref().expect("a training step has a peak");
+    let alive = at_peak.activations + at_peak.gradients + at_peak.recomputed;
+    assert!(alive <= plan.activations && 2 * alive > plan.activations, "{plan}");
+    assert!(at_peak.largest.windows(2).all(|w| w[0].1 >= w[1].1) && at_peak.gradients > 0, "{plan}");
 }
 
 /// A model whose parameters do not fit one storage binding trains: on a device whose
