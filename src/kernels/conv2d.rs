@@ -1,7 +1,7 @@
 //! 2-D convolution, NCHW input, OIHW weight, groups = 1 (`conv2d.wgsl`).
 
 use super::batch_norm::BatchNormParams;
-use super::slabs::{self, Cut};
+use super::slabs::{self, Cut, Slab};
 use super::tuning::{self, ConvClass, ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 use super::{f32_bytes, launch, launch_sized, launch_tuned, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
@@ -130,6 +130,24 @@ impl Dims {
             co0: 0,
             _pad: 0,
         })
+    }
+
+    /// One pair of slabs of a convolution split over bindings (`input` channels and `out`
+    /// channels of one image): its sizes, and its parameters with the offsets that place it
+    /// in the whole weight (and bias, batch norm, weight gradient).
+    fn slab_pair(
+        &self,
+        spec: &Conv2dSpec,
+        (input, out): (&Slab, &Slab),
+        flags: u32,
+        chunk_rows: usize,
+    ) -> Result<(Dims, Params)> {
+        let slab = Dims { n: 1, ci: input.channels.len(), co: out.channels.len(), ..*self };
+        let mut params = slab.params(spec, flags, chunk_rows)?;
+        params.weight_ci = to_u32("input channels", self.ci)?;
+        params.weight_ci0 = input.channels.start as u32;
+        params.co0 = out.channels.start as u32;
+        Ok((slab, params))
     }
 }
 
@@ -401,12 +419,9 @@ fn forward_slabs(
                 relu: epilogue.relu && last,
                 ..*epilogue
             };
-            let slab = Dims { n: 1, ci: input.channels.len(), co: out.channels.len(), ..*d };
-            let mut params = slab.params(spec, slab_epilogue.flags(), 1)?;
-            params.weight_ci = d.ci as u32;
-            params.weight_ci0 = input.channels.start as u32;
-            params.co0 = out.channels.start as u32;
-            params.flags |= if j > 0 { ACCUMULATE } else { 0 } | if last { 0 } else { NO_SHIFT };
+            let flags =
+                slab_epilogue.flags() | if j > 0 { ACCUMULATE } else { 0 } | if last { 0 } else { NO_SHIFT };
+            let (slab, params) = d.slab_pair(spec, (input, &out), flags, 1)?;
             let x = input.view(gpu, Cut::new(x, 0))?;
             pairs.push(forward_launch(
                 gpu,
@@ -519,11 +534,7 @@ pub fn backward_input_with(
     for input in slabs::channel_slabs(gpu, d.n, d.ci, &[inputs])? {
         let gx = input.view(gpu, inputs)?;
         for (j, out) in output_slabs.iter().filter(|o| o.item == input.item).enumerate() {
-            let slab = Dims { n: 1, ci: input.channels.len(), co: out.channels.len(), ..d };
-            let mut params = slab.params(spec, flags(accumulate || j > 0), 1)?;
-            params.weight_ci = d.ci as u32;
-            params.weight_ci0 = input.channels.start as u32;
-            params.co0 = out.channels.start as u32;
+            let (slab, params) = d.slab_pair(spec, (&input, out), flags(accumulate || j > 0), 1)?;
             let gy = out.view(gpu, outputs)?;
             dispatches.extend(backward_input_launch(gpu, &slab, params, [&gy, weight, &gx], variant)?);
         }
@@ -652,12 +663,8 @@ pub fn backward_weight_with(
         for out in slabs::channel_slabs(gpu, d.n, d.co, &[outputs])? {
             let gy = out.view(gpu, outputs)?;
             for input in input_slabs.iter().filter(|i| i.item == out.item) {
-                let slab = Dims { n: 1, ci: input.channels.len(), co: out.channels.len(), ..d };
                 let flags = if accumulate || out.item > 0 { ACCUMULATE } else { 0 };
-                let mut params = slab.params(spec, flags, d.ho)?;
-                params.weight_ci = d.ci as u32;
-                params.weight_ci0 = input.channels.start as u32;
-                params.co0 = out.channels.start as u32;
+                let (slab, params) = d.slab_pair(spec, (input, &out), flags, d.ho)?;
                 let xs = input.view(gpu, inputs)?;
                 let bindings = [Binding::read(1, &xs), Binding::read(5, &gy), Binding::write(7, grad_weight)];
                 dispatches.push(launch(
