@@ -122,12 +122,12 @@ impl Layout {
     /// What the per-element passes run over: the whole layer, or, when one of `tensors`
     /// (shaped like the input) exceeds a binding, each image's channel slabs.
     fn pieces(&self, gpu: &Gpu, tensors: &[&Tensor]) -> Result<Vec<Piece>> {
-        if !slabs::exceeds_binding(gpu, tensors) {
-            return Ok(vec![Piece { slab: None, params: self.params }]);
-        }
         let cuts: Vec<Cut> = tensors.iter().map(|t| Cut::new(t, 0)).collect();
         let [n, c, _, _] = self.dims;
-        Ok(slabs::channel_slabs(gpu, n, c, &cuts)?
+        let Some(slabs) = slabs::split(gpu, n, c, &cuts)? else {
+            return Ok(vec![Piece { slab: None, params: self.params }]);
+        };
+        Ok(slabs
             .into_iter()
             .map(|slab| Piece {
                 params: Params {

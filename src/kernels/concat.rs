@@ -42,12 +42,12 @@ pub fn copy_channels(
             dst.shape()
         )));
     }
-    if !slabs::exceeds_binding(gpu, &[src, dst]) {
-        return Ok(vec![copy_launch(gpu, (src, src_offset), (dst, dst_offset), channels, accumulate)?]);
-    }
     let cuts = [Cut::new(src, src_offset), Cut::new(dst, dst_offset)];
+    let Some(slabs) = slabs::split(gpu, n, channels, &cuts)? else {
+        return Ok(vec![copy_launch(gpu, (src, src_offset), (dst, dst_offset), channels, accumulate)?]);
+    };
     let mut d = Vec::new();
-    for slab in slabs::channel_slabs(gpu, n, channels, &cuts)? {
+    for slab in slabs {
         let (s, t) = (slab.view(gpu, cuts[0])?, slab.view(gpu, cuts[1])?);
         d.push(copy_launch(gpu, (&s, 0), (&t, 0), slab.channels.len(), accumulate)?);
     }

@@ -121,12 +121,12 @@ impl Dropout2d {
         output: &Tensor,
         launch: impl Fn(&Tensor, &Tensor, usize) -> Result<SeededDispatch>,
     ) -> Result<Vec<SeededDispatch>> {
-        if !slabs::exceeds_binding(gpu, &[input]) {
-            return Ok(vec![launch(input, output, 0)?]);
-        }
         let [n, c, _, _] = input.dims4("dropout input")?;
         let cuts = [Cut::new(input, 0), Cut::new(output, 0)];
-        slabs::channel_slabs(gpu, n, c, &cuts)?
+        let Some(slabs) = slabs::split(gpu, n, c, &cuts)? else {
+            return Ok(vec![launch(input, output, 0)?]);
+        };
+        slabs
             .iter()
             .map(|s| launch(&s.view(gpu, cuts[0])?, &s.view(gpu, cuts[1])?, s.item * c + s.channels.start))
             .collect()

@@ -36,7 +36,8 @@ fn params(scores: &Tensor, ignore_label: u32) -> Result<Params> {
 pub fn argmax(gpu: &Gpu, scores: &Tensor, prediction: &Tensor) -> Result<Vec<Dispatch>> {
     let [n, k, h, w] = scores.dims4("argmax scores")?;
     check_shape("argmax prediction", &[n, h, w], prediction.shape())?;
-    if !slabs::exceeds_binding(gpu, &[scores]) {
+    let cut = Cut::new(scores, 0);
+    let Some(slabs) = slabs::split(gpu, n, k, &[cut])? else {
         let p = params(scores, 0)?;
         let cost =
             Cost { flops: scores.numel() as u64, bytes: f32_bytes(scores.numel() + prediction.numel()) };
@@ -50,11 +51,10 @@ pub fn argmax(gpu: &Gpu, scores: &Tensor, prediction: &Tensor) -> Result<Vec<Dis
             prediction.numel(),
             cost,
         )?]);
-    }
+    };
     let best_scores = scratch(gpu, "argmax running best", h * w)?;
-    let cut = Cut::new(scores, 0);
     let mut d = Vec::new();
-    for slab in slabs::channel_slabs(gpu, n, k, &[cut])? {
+    for slab in slabs {
         let slab_scores = slab.view(gpu, cut)?;
         let item_prediction = prediction.view(gpu, slab.item * h * w, &[1, h, w])?;
         let p = Params { first_class: slab.channels.start as u32, ..params(&slab_scores, 0)? };

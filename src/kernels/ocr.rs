@@ -128,11 +128,7 @@ impl<'g> Slabbed<'g> {
     /// The slabs of `channels` channels shared by `cuts`, or `None` when every tensor fits
     /// a binding (the operator runs whole).
     fn new(gpu: &'g Gpu, n: usize, channels: usize, cuts: &[Cut<'_>]) -> Result<Option<Self>> {
-        let tensors: Vec<&Tensor> = cuts.iter().map(|c| c.tensor).collect();
-        if !slabs::exceeds_binding(gpu, &tensors) {
-            return Ok(None);
-        }
-        Ok(Some(Slabbed { gpu, slabs: slabs::channel_slabs(gpu, n, channels, cuts)? }))
+        Ok(slabs::split(gpu, n, channels, cuts)?.map(|slabs| Slabbed { gpu, slabs }))
     }
 
     /// Each slab with its place among its image's slabs.

@@ -28,10 +28,10 @@ const ACCUMULATE: u32 = 1;
 pub fn channel_sum(gpu: &Gpu, x: &Tensor, out: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
     let [n, c, h, w] = x.dims4("channel_sum input")?;
     check_shape("channel_sum output", &[c], out.shape())?;
-    if slabs::exceeds_binding(gpu, &[x]) {
-        let cut = Cut::new(x, 0);
+    let cut = Cut::new(x, 0);
+    if let Some(slabs) = slabs::split(gpu, n, c, &[cut])? {
         let mut d = Vec::new();
-        for slab in slabs::channel_slabs(gpu, n, c, &[cut])? {
+        for slab in slabs {
             let params = Params {
                 n: 1,
                 c: to_u32("C", slab.channels.len())?,

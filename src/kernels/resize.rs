@@ -97,15 +97,15 @@ fn per_slab(
     (large, offset): (&Tensor, usize),
     launch: impl Fn(&Tensor, &Tensor, usize) -> Result<Dispatch>,
 ) -> Result<Vec<Dispatch>> {
-    if !slabs::exceeds_binding(gpu, &[small, large]) {
-        return Ok(vec![launch(small, large, offset)?]);
-    }
-    // The whole shapes checked once; each slab's views then agree by construction.
-    params(small.dims4("resize input")?, large, offset, false)?;
     let [n, c, _, _] = small.dims4("resize input")?;
     let cuts = [Cut::new(small, 0), Cut::new(large, offset)];
+    let Some(slabs) = slabs::split(gpu, n, c, &cuts)? else {
+        return Ok(vec![launch(small, large, offset)?]);
+    };
+    // The whole shapes checked once; each slab's views then agree by construction.
+    params(small.dims4("resize input")?, large, offset, false)?;
     let mut d = Vec::new();
-    for slab in slabs::channel_slabs(gpu, n, c, &cuts)? {
+    for slab in slabs {
         d.push(launch(&slab.view(gpu, cuts[0])?, &slab.view(gpu, cuts[1])?, 0)?);
     }
     Ok(d)

@@ -108,6 +108,16 @@ pub(crate) fn channel_slabs(gpu: &Gpu, items: usize, channels: usize, cuts: &[Cu
     Ok(slabs)
 }
 
+/// [`channel_slabs`] when one of the cut tensors exceeds a binding, or `None` when every one
+/// fits and the launch runs whole.
+pub(crate) fn split(gpu: &Gpu, items: usize, channels: usize, cuts: &[Cut<'_>]) -> Result<Option<Vec<Slab>>> {
+    let tensors: Vec<&Tensor> = cuts.iter().map(|c| c.tensor).collect();
+    if !exceeds_binding(gpu, &tensors) {
+        return Ok(None);
+    }
+    channel_slabs(gpu, items, channels, cuts).map(Some)
+}
+
 /// Flat ranges of `len` elements, each fitting a binding and a multiple of the offset
 /// alignment long, for elementwise launches over tensors of equal shape.
 pub(crate) fn flat_chunks(gpu: &Gpu, len: usize) -> Vec<Range<usize>> {
