@@ -252,3 +252,37 @@ fn train_then_eval_on_procedural_scenes() {
     let (ok, text) = run(&["train", "--config", &fixture("tiny_ocr.yaml"), "--out", dir.to_str().unwrap()]);
     assert!(!ok && text.contains("--data DIR or --synthetic"), "{text}");
 }
+
+/// The planned memory of W48 (`bench --plan-memory`, from the shapes alone) against issue
+/// 19's targets: a training step at 2x3x512x1024 at most 6 GiB as it runs by default
+/// (BN-ReLU outputs rebuilt), at most 4 GiB with `--recompute` (convolution outputs rebuilt
+/// too; bare `--recompute` means that); keeping everything plans more than either; the
+/// forward at 1x3x1024x2048 at most 2 GiB. An unknown `--recompute` value is refused with
+/// the choices.
+#[test]
+fn w48_plans_within_the_memory_targets() {
+    let planned = |line_start: &str, extra: &[&str]| -> f64 {
+        let [size, batch] = if line_start == "forward" { ["1024x2048", "1"] } else { ["512x1024", "2"] };
+        let mut args = vec!["bench", "--config", "w48", "--size", size, "--batch", batch, "--plan-memory"];
+        args.extend(extra);
+        let (ok, text) = run(&args);
+        assert!(ok, "{args:?}: {text}");
+        let line = text.lines().find(|l| l.starts_with(line_start)).unwrap_or_else(|| panic!("{text}"));
+        let mib = line.split(": ").nth(1).and_then(|r| r.split(" MiB planned").next());
+        mib.and_then(|m| m.parse::<f64>().ok()).unwrap_or_else(|| panic!("no planned MiB in {line:?}"))
+            / 1024.0
+    };
+    let gib = |extra: &[&str]| planned("training step", extra);
+    let (kept, default, recompute) = (gib(&["--recompute", "nothing"]), gib(&[]), gib(&["--recompute"]));
+    assert_eq!(default, gib(&["--recompute", "bn-relu"]));
+    assert_eq!(recompute, gib(&["--recompute", "convolutions"]));
+    eprintln!(
+        "W48 training step: {kept:.2} GiB keeping all, {default:.2} by default, {recompute:.2} recomputing"
+    );
+    assert!(default <= 6.0 && kept > default, "{default:.2} GiB by default, {kept:.2} keeping all");
+    assert!(recompute <= 4.0, "{recompute:.2} GiB recomputing");
+    let forward = planned("forward", &[]);
+    assert!(forward <= 2.0, "forward {forward:.2} GiB");
+    let (ok, text) = run(&["bench", "--plan-memory", "--recompute", "everything"]);
+    assert!(!ok && text.contains("convolutions") && text.contains("bn-relu"), "{text}");
+}

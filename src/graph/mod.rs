@@ -58,6 +58,24 @@ struct Value {
     dtype: DType,
 }
 
+/// What a training graph's backward rebuilds instead of keeping it from the forward pass.
+/// Every mode gives the same bits (a rebuild runs the forward's kernels on the same inputs);
+/// they trade time for memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recompute {
+    /// Keep every value the backward reads.
+    Nothing,
+    /// Rebuild each BN-ReLU output from the batch norm's input, which its own backward
+    /// keeps, and its saved statistics: one elementwise pass over those values, and one
+    /// kept tensor per convolution-BN-ReLU instead of two.
+    #[default]
+    BnRelu,
+    /// Also rebuild each convolution output a batch norm reads, by running the convolution
+    /// again from its input: the backbone keeps little more than its blocks' outputs, for
+    /// about one more forward pass's convolutions.
+    Convolutions,
+}
+
 /// Whether batch norm uses batch statistics (and a backward pass is recorded) or the
 /// running statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,8 +95,8 @@ pub struct GraphBuilder {
     constants: Vec<(ValueId, Vec<f32>)>,
     /// Eval graphs fuse conv-BN-(add)-(ReLU) chains unless this is set.
     unfused: bool,
-    /// Training graphs: recompute BN-ReLU outputs in the backward instead of keeping them.
-    recompute: bool,
+    /// Training graphs: what the backward rebuilds instead of keeping it from the forward.
+    recompute: Recompute,
     /// The precision eval graphs keep convolution weights at.
     precision: Precision,
     /// Whose kernel-variant choices recording takes; none: the untimed defaults.
@@ -319,8 +337,8 @@ impl GraphBuilder {
     /// buffers (batch statistics, packed weights, the loss's) are not counted.
     pub fn plan_training_memory(&self, outputs: &[ValueId]) -> TrainingMemory {
         let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
-        let backward = Backward::of(&self.values, &self.ops, outputs);
-        let plan = training_plan(&self.values, &self.ops, (outputs, &backward), &self.recomputed_values());
+        let backward = Backward::of(&self.values, &self.ops, outputs, self.recompute);
+        let plan = training_plan(&self.values, &self.ops, (outputs, &backward));
         let needs = &backward.needs;
         let sum = |keep: &dyn Fn(usize, &Value) -> bool| -> u64 {
             self.values.iter().enumerate().filter(|(i, v)| keep(*i, v)).map(|(_, v)| bytes(v)).sum()
@@ -352,7 +370,7 @@ impl GraphBuilder {
         let at = match node {
             plan::Node::Forward(at) => format!("the forward of {}", output(at)),
             plan::Node::Backward(at) => format!("the backward of {}", output(at)),
-            plan::Node::Recompute(at) => format!("recomputing the ReLU of {}", output(at)),
+            plan::Node::Rebuild(v) => format!("rebuilding {}", self.values[v].name),
         };
         let mut peak = PeakMemory { at, ..PeakMemory::default() };
         let mut tensors: Vec<(String, u64)> = Vec::new();
@@ -372,20 +390,10 @@ impl GraphBuilder {
         peak
     }
 
-    /// Makes a training graph recompute each BN-ReLU output in the backward (from the batch
-    /// norm's input and saved statistics, bit-identically) instead of keeping it from the
-    /// forward: less memory for one more pass over those values.
-    pub fn recompute_in_backward(&mut self, on: bool) {
-        self.recompute = on;
-    }
-
-    /// The values a training graph recomputes, by the batch-norm node of each.
-    fn recomputed_values(&self) -> HashMap<ValueId, usize> {
-        if self.recompute {
-            ops::recomputable(&self.ops)
-        } else {
-            HashMap::new()
-        }
+    /// What a training graph rebuilds in the backward instead of keeping it from the forward
+    /// ([`Recompute::BnRelu`] unless set).
+    pub fn recompute_in_backward(&mut self, mode: Recompute) {
+        self.recompute = mode;
     }
 
     /// Keeps every node of an eval graph separate (for checking the fused kernels against
@@ -441,17 +449,12 @@ impl GraphBuilder {
                 return Err(Error::Invalid(format!("two tensors of the graph are named {:?}", v.name)));
             }
         }
-        let backward = (mode == Mode::Train).then(|| Backward::of(&self.values, &self.ops, outputs));
+        let backward =
+            (mode == Mode::Train).then(|| Backward::of(&self.values, &self.ops, outputs, self.recompute));
         let (tensors, grads, optimizer, recomputed) = match &backward {
             Some(b) => {
                 let passes = (&self.ops[..], outputs, b);
-                let t = allocate_for_training(
-                    gpu,
-                    &self.values,
-                    passes,
-                    &self.recomputed_values(),
-                    &self.lr_multipliers,
-                )?;
+                let t = allocate_for_training(gpu, &self.values, passes, &self.lr_multipliers)?;
                 (t.tensors, t.grads, t.arena.map(|arena| Optimizer { arena, step: None }), t.recomputed)
             }
             None => (
@@ -502,7 +505,7 @@ struct TrainingTensors {
     tensors: Vec<Tensor>,
     grads: Vec<Option<Tensor>>,
     arena: Option<Arena>,
-    /// The values the backward recomputes: the batch-norm node of each, and its buffer.
+    /// The values the backward rebuilds: the node that rebuilds each, and its buffer.
     recomputed: HashMap<ValueId, (usize, Tensor)>,
 }
 
@@ -516,14 +519,9 @@ fn planned_gradients(values: &[Value], needs: &[bool], outputs: &[ValueId]) -> V
 }
 
 /// The training step's plan over activations and their gradients ([`plan::training`]).
-fn training_plan(
-    values: &[Value],
-    ops: &[Op],
-    (outputs, backward): (&[ValueId], &Backward),
-    recompute: &HashMap<ValueId, usize>,
-) -> plan::Plan {
+fn training_plan(values: &[Value], ops: &[Op], (outputs, backward): (&[ValueId], &Backward)) -> plan::Plan {
     let grads = planned_gradients(values, &backward.needs, outputs);
-    plan::training(values, ops, (outputs, &grads), &backward.schedule, recompute)
+    plan::training(values, ops, (outputs, &grads), backward)
 }
 
 /// The graph's tensors for training: activations and their gradients share buffers by
@@ -533,7 +531,6 @@ fn allocate_for_training(
     gpu: &Gpu,
     values: &[Value],
     (ops, outputs, backward): (&[Op], &[ValueId], &Backward),
-    recompute: &HashMap<ValueId, usize>,
     multipliers: &[(String, f32)],
 ) -> Result<TrainingTensors> {
     let params: Vec<(&[usize], f32)> = values
@@ -545,12 +542,12 @@ fn allocate_for_training(
         })
         .collect();
     let arena = if params.is_empty() { None } else { Some(Arena::new(gpu, &params)?) };
-    let plan = training_plan(values, ops, (outputs, backward), recompute);
+    let plan = training_plan(values, ops, (outputs, backward));
     let n = values.len();
     let describe = |b: usize| match b.checked_sub(n) {
         None => format!("activation {}", values[b].name),
         Some(i) if i < n => format!("the gradient of activation {}", values[i].name),
-        Some(i) => format!("the recomputed activation {}", values[i - n].name),
+        Some(i) => format!("the rebuilt activation {}", values[i - n].name),
     };
     let slots = allocate_slots(gpu, &plan, |b| (describe(b), &values[b % n].shape))?;
     let mut param_views = arena.iter().flat_map(|a| a.views.iter());
@@ -576,7 +573,8 @@ fn allocate_for_training(
             (_, false, _) => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
-    let recomputed = recompute
+    let recomputed = backward
+        .rebuilt
         .iter()
         .map(|(&v, &bn)| {
             let buffer = match plan.slot_of[2 * n + v.0] {
@@ -692,8 +690,8 @@ pub struct PeakMemory {
     /// "the forward of X", "the backward of X" or "recomputing the ReLU of X", X the node's
     /// output value.
     pub at: String,
-    /// Activations kept for the backward or still to be read, and gradients, and BN-ReLU
-    /// outputs rebuilt in the backward (`--recompute`).
+    /// Activations kept for the backward or still to be read, and gradients, and values
+    /// rebuilt in the backward ([`Recompute`]).
     pub activations: u64,
     pub gradients: u64,
     pub recomputed: u64,
@@ -827,8 +825,8 @@ pub struct Graph {
     /// reads what the forward kept and frees it as it goes (the buffers are shared by
     /// liveness), so each backward needs a forward of its own.
     forwarded: AtomicBool,
-    /// Training graphs: the values the backward recomputes, each with the batch-norm node it
-    /// is recomputed from and its buffer.
+    /// Training graphs: the values the backward rebuilds, each with the node that rebuilds
+    /// it and its buffer.
     recomputed: HashMap<ValueId, (usize, Tensor)>,
 }
 

@@ -1,6 +1,6 @@
 //! The graph's node types and how each records its forward and backward dispatches.
 
-use super::{Graph, LossSpec, Mode, Role, Value, ValueId};
+use super::{Graph, LossSpec, Mode, Recompute, Role, Value, ValueId};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
@@ -11,7 +11,7 @@ use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::tuning::{self, ConvForward, ConvInputGrad, ConvWeightGrad};
 use crate::kernels::{concat, elementwise, metrics, resize};
 use crate::tensor::Tensor;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Clone)]
 pub(super) enum Op {
@@ -166,11 +166,13 @@ impl Op {
     }
 }
 
-/// The values a training graph may recompute in the backward instead of keeping them from
-/// the forward: each ReLU output whose input a batch norm made, with that batch-norm node's
-/// place (the batch norm's input is kept for its own backward, and its batch statistics are
-/// saved).
-pub(super) fn recomputable(ops: &[Op]) -> HashMap<ValueId, usize> {
+/// The values a training graph rebuilds in the backward under `mode` instead of keeping them
+/// from the forward, each with the node that rebuilds it:
+/// - each ReLU output whose input a batch norm made, from that batch norm (its input and
+///   saved batch statistics);
+/// - with [`Recompute::Convolutions`], each convolution output a batch norm reads, by
+///   running the convolution again from its input (kept, or itself rebuilt first).
+pub(super) fn rebuilt_values(ops: &[Op], mode: Recompute) -> HashMap<ValueId, usize> {
     let made_by_bn: HashMap<ValueId, usize> = ops
         .iter()
         .enumerate()
@@ -179,12 +181,32 @@ pub(super) fn recomputable(ops: &[Op]) -> HashMap<ValueId, usize> {
             _ => None,
         })
         .collect();
+    let made_by_conv: HashMap<ValueId, usize> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(at, op)| match op {
+            Op::Conv2d { y, .. } => Some((*y, at)),
+            _ => None,
+        })
+        .collect();
     ops.iter()
-        .filter_map(|op| match op {
-            Op::Relu { x, y } => made_by_bn.get(x).map(|&at| (*y, at)),
+        .filter_map(|op| match (op, mode) {
+            (_, Recompute::Nothing) => None,
+            (Op::Relu { x, y }, _) => made_by_bn.get(x).map(|&at| (*y, at)),
+            (Op::BatchNorm { x, .. }, Recompute::Convolutions) => made_by_conv.get(x).map(|&at| (*x, at)),
             _ => None,
         })
         .collect()
+}
+
+/// One step of a training graph's backward pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum BackwardStep {
+    /// The backward of the node at this place of the op list, with the values it writes a
+    /// gradient to.
+    Node(usize, Vec<ValueId>),
+    /// A value rebuilt (see [`rebuilt_values`]), just before its first reader.
+    Rebuild(ValueId),
 }
 
 /// A training graph's backward, derived from its nodes once and shared by the memory plan,
@@ -197,12 +219,15 @@ pub(super) struct Backward {
     /// parameters' accumulate across passes; without loss nodes the caller gives the outputs'.
     pub written_at_start: Vec<bool>,
     /// The nodes whose backward runs, last node first, each with the values it writes a
-    /// gradient to. A node runs when its output got a gradient (or it is a loss).
-    pub schedule: Vec<(usize, Vec<ValueId>)>,
+    /// gradient to (a node runs when its output got a gradient, or it is a loss); before
+    /// each, the rebuilds of what it reads that is rebuilt and not yet there.
+    pub schedule: Vec<BackwardStep>,
+    /// The values rebuilt in the backward, each with the node that rebuilds it.
+    pub rebuilt: HashMap<ValueId, usize>,
 }
 
 impl Backward {
-    pub(super) fn of(values: &[Value], ops: &[Op], outputs: &[ValueId]) -> Self {
+    pub(super) fn of(values: &[Value], ops: &[Op], outputs: &[ValueId], mode: Recompute) -> Self {
         let mut needs: Vec<bool> = values
             .iter()
             .map(|v| matches!(v.role, Role::Param | Role::Input { requires_grad: true }))
@@ -218,22 +243,46 @@ impl Backward {
                 written_at_start[o.0] = true;
             }
         }
+        let rebuilt = rebuilt_values(ops, mode);
         let mut written = written_at_start.clone();
         let mut schedule = Vec::new();
+        let mut there = HashSet::new();
         for (at, op) in ops.iter().enumerate().rev() {
             if let (_, Some(y)) = op.io() {
                 if !written[y.0] {
                     continue;
                 }
             }
+            for v in op.backward_reads() {
+                rebuild(v, ops, &rebuilt, &mut there, &mut schedule);
+            }
             let targets = op.grad_targets(&needs);
             for v in &targets {
                 written[v.0] = true;
             }
-            schedule.push((at, targets));
+            schedule.push(BackwardStep::Node(at, targets));
         }
-        Backward { needs, written_at_start, schedule }
+        Backward { needs, written_at_start, schedule, rebuilt }
     }
+}
+
+/// Schedules the rebuild of `v` if it is rebuilt and not `there` yet, after those of the
+/// rebuilt values its rebuilding node reads.
+fn rebuild(
+    v: ValueId,
+    ops: &[Op],
+    rebuilt: &HashMap<ValueId, usize>,
+    there: &mut HashSet<ValueId>,
+    schedule: &mut Vec<BackwardStep>,
+) {
+    let Some(&node) = rebuilt.get(&v) else { return };
+    if !there.insert(v) {
+        return;
+    }
+    for input in ops[node].reads() {
+        rebuild(input, ops, rebuilt, there, schedule);
+    }
+    schedule.push(BackwardStep::Rebuild(v));
 }
 
 /// Where a node's forward dispatches sit, and its values.
@@ -303,13 +352,12 @@ impl Graph {
         &self,
         gpu: &Gpu,
         spec: &Conv2dSpec,
-        [x, weight, y]: [ValueId; 3],
+        [x, weight, y]: [&Tensor; 3],
         epilogue: &conv2d::Epilogue,
     ) -> Result<conv2d::ForwardDispatches> {
-        let (xt, wt) = (self.t(x), self.t(weight));
-        let class = conv2d::class(spec, xt.shape(), wt.shape(), self.precision)?;
+        let class = conv2d::class(spec, x.shape(), weight.shape(), self.precision)?;
         let variant = tuning::choose::<ConvForward>(self.tuner.as_deref(), gpu, &class);
-        conv2d::forward_with(gpu, spec, xt, wt, epilogue, self.precision, variant, self.t(y))
+        conv2d::forward_with(gpu, spec, x, weight, epilogue, self.precision, variant, y)
     }
 
     /// The forward's share of a convolution's launches (see [`Recorded::prepare`]).
@@ -329,7 +377,8 @@ impl Graph {
             let mut d = match op {
                 &Op::Conv2d { spec, x, weight, bias, y } => {
                     let epilogue = conv2d::Epilogue { bias: bias.map(|b| self.t(b)), ..Default::default() };
-                    let d = self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?;
+                    let d =
+                        self.conv_forward(gpu, &spec, [self.t(x), self.t(weight), self.t(y)], &epilogue)?;
                     self.keep_packing_apart(d, mode)
                 }
                 &Op::ConvFused { spec, x, weight, bias, bn, residual, relu, y } => {
@@ -339,7 +388,8 @@ impl Graph {
                         residual: residual.map(|r| self.t(r)),
                         relu,
                     };
-                    let d = self.conv_forward(gpu, &spec, [x, weight, y], &epilogue)?;
+                    let d =
+                        self.conv_forward(gpu, &spec, [self.t(x), self.t(weight), self.t(y)], &epilogue)?;
                     self.keep_packing_apart(d, mode)
                 }
                 &Op::BatchNorm { x, y, .. } => {
@@ -425,34 +475,43 @@ impl Graph {
         let grads = std::mem::take(&mut self.grads);
         let written = backward.written_at_start.clone();
         let mut targets = Targets { needs: &backward.needs, written, discard: HashMap::new() };
-        let mut rebuilt = std::collections::HashSet::new();
-        for (at, _) in &backward.schedule {
-            let op = &ops[*at];
-            // A recomputed value is rebuilt just before its first reader in the backward.
-            for v in op.backward_reads() {
-                if let (Some(&(bn, _)), false) = (self.recomputed.get(&v), rebuilt.contains(&v)) {
-                    let mut d = self.recompute_bn_relu(gpu, &ops[bn], v)?;
-                    rebuilt.insert(v);
-                    self.recorded.backward.append(&mut d);
+        for step in &backward.schedule {
+            let mut d = match step {
+                BackwardStep::Rebuild(v) => self.rebuild(gpu, ops, *v)?,
+                BackwardStep::Node(at, _) => {
+                    let op = &ops[*at];
+                    let gy = op.io().1.and_then(|y| grads[y.0].clone());
+                    self.backward_of(gpu, (*at, op), gy, &grads, &mut targets)?
                 }
-            }
-            let gy = op.io().1.and_then(|y| grads[y.0].clone());
-            let mut d = self.backward_of(gpu, (*at, op), gy, &grads, &mut targets)?;
+            };
             self.recorded.backward.append(&mut d);
         }
         self.grads = grads;
         Ok(())
     }
 
-    /// Recomputes `v`, the ReLU of the batch norm `bn`'s output, into its backward buffer.
-    fn recompute_bn_relu(&self, gpu: &Gpu, bn: &Op, v: ValueId) -> Result<Vec<Dispatch>> {
-        let &Op::BatchNorm { x, y, .. } = bn else {
-            return Err(Error::Invalid(format!(
-                "value {v:?} is recomputed from a node that is not a batch norm"
-            )));
-        };
-        let into = &self.recomputed[&v].1;
-        batch_norm::normalize_relu_train(gpu, self.t(x), &self.bn_params(bn), &self.recorded.saved[&y], into)
+    /// Rebuilds `v` into its backward buffer from the node that made it (or, for a BN-ReLU
+    /// output, the batch norm before the ReLU), as the forward computed it: the same
+    /// kernels on the same inputs, so the same bits.
+    fn rebuild(&self, gpu: &Gpu, ops: &[Op], v: ValueId) -> Result<Vec<Dispatch>> {
+        let (node, into) = &self.recomputed[&v];
+        match ops[*node] {
+            Op::BatchNorm { x, y, .. } => batch_norm::normalize_relu_train(
+                gpu,
+                self.kept(x),
+                &self.bn_params(&ops[*node]),
+                &self.recorded.saved[&y],
+                into,
+            ),
+            Op::Conv2d { spec, x, weight, bias, .. } => {
+                let epilogue = conv2d::Epilogue { bias: bias.map(|b| self.t(b)), ..Default::default() };
+                Ok(self.conv_forward(gpu, &spec, [self.kept(x), self.t(weight), into], &epilogue)?.into_vec())
+            }
+            _ => Err(Error::Invalid(format!(
+                "{} is rebuilt from a node that is neither a batch norm nor a convolution",
+                self.values[v.0].name
+            ))),
+        }
     }
 
     /// What the backward reads of value `v`: its forward tensor, or where it was recomputed.

@@ -11,13 +11,12 @@
 //! of each node in reverse, over activations and their gradients: an activation lives until
 //! the last forward node or backward kernel that reads it ([`Op::backward_reads`]), a
 //! gradient from its first contribution until the backward of the node that made the value.
-//! With recomputation, a BN-ReLU output is freed in the forward like any value the backward
-//! does not read, and recomputed from the batch norm's input (kept for the batch norm's own
-//! backward) into a buffer of its own just before its first reader in the backward.
+//! A value the backward rebuilds ([`super::Recompute`]) is freed in the forward like any
+//! value the backward does not read, and rebuilt into a buffer of its own just before its
+//! first reader in the backward, which lives until its last reader.
 
-use super::ops::Op;
+use super::ops::{Backward, BackwardStep, Op};
 use super::{DType, Role, Value, ValueId};
-use std::collections::HashMap;
 
 pub(super) struct Plan {
     /// Each planned buffer's slot.
@@ -33,8 +32,8 @@ pub(super) struct Plan {
 pub(super) enum Node {
     Forward(usize),
     Backward(usize),
-    /// A BN-ReLU output rebuilt from this batch-norm node in the backward.
-    Recompute(usize),
+    /// The value of this index rebuilt in the backward.
+    Rebuild(usize),
 }
 
 impl Plan {
@@ -144,48 +143,38 @@ fn forward_step((at, op): (usize, &Op)) -> Step {
 }
 
 /// A training step: buffer `i < n` is value `i`, buffer `n + i` the gradient of value `i`,
-/// buffer `2n + i` value `i` recomputed. `grad_planned[i]` says whether value i's gradient is
+/// buffer `2n + i` value `i` rebuilt. `grad_planned[i]` says whether value i's gradient is
 /// planned (an activation's that the backward computes; parameters' live in the optimizer
-/// arena, and the gradients a caller writes or reads are kept apart). `backward` is the
-/// backward schedule: the nodes whose backward runs, in order, with the values each writes a
-/// gradient to. `recompute` maps each value the backward recomputes to the batch-norm node
-/// it is recomputed from ([`super::ops::recomputable`]).
+/// arena, and the gradients a caller writes or reads are kept apart). `backward` gives the
+/// backward's steps, node backwards and rebuilds, in order.
 pub(super) fn training(
     values: &[Value],
     ops: &[Op],
     (outputs, grad_planned): (&[ValueId], &[bool]),
-    backward: &[(usize, Vec<ValueId>)],
-    recompute: &HashMap<ValueId, usize>,
+    backward: &Backward,
 ) -> Plan {
     let n = values.len();
     let mut planned: Vec<Option<usize>> = values.iter().map(planned_value).collect();
     planned.extend(values.iter().zip(grad_planned).map(|(v, &p)| p.then(|| numel(v))));
-    planned.extend((0..n).map(|i| recompute.contains_key(&ValueId(i)).then(|| numel(&values[i]))));
+    planned.extend((0..n).map(|i| backward.rebuilt.contains_key(&ValueId(i)).then(|| numel(&values[i]))));
+    // Where the backward reads a value: its forward buffer, or the buffer it is rebuilt in.
+    let read = |v: &ValueId| if backward.rebuilt.contains_key(v) { 2 * n + v.0 } else { v.0 };
     let mut steps: Vec<Step> = ops.iter().enumerate().map(forward_step).collect();
-    let mut recomputed = vec![false; n];
-    for (at, targets) in backward {
-        let op = &ops[*at];
-        let mut reads = Vec::new();
-        for v in op.backward_reads() {
-            match recompute.get(&v) {
-                Some(&bn) => {
-                    if !std::mem::replace(&mut recomputed[v.0], true) {
-                        let (ins, _) = ops[bn].io();
-                        let node = Node::Recompute(bn);
-                        steps.push(Step { reads: vec![ins[0].0], writes: vec![2 * n + v.0], node });
-                    }
-                    reads.push(2 * n + v.0);
+    for step in &backward.schedule {
+        steps.push(match step {
+            BackwardStep::Rebuild(v) => Step {
+                reads: ops[backward.rebuilt[v]].reads().iter().map(read).collect(),
+                writes: vec![2 * n + v.0],
+                node: Node::Rebuild(v.0),
+            },
+            BackwardStep::Node(at, targets) => {
+                let op = &ops[*at];
+                let mut reads: Vec<usize> = op.backward_reads().iter().map(read).collect();
+                if let (_, Some(y)) = op.io() {
+                    reads.push(n + y.0);
                 }
-                None => reads.push(v.0),
+                Step { reads, writes: targets.iter().map(|v| n + v.0).collect(), node: Node::Backward(*at) }
             }
-        }
-        if let (_, Some(y)) = op.io() {
-            reads.push(n + y.0);
-        }
-        steps.push(Step {
-            reads,
-            writes: targets.iter().map(|v| n + v.0).collect(),
-            node: Node::Backward(*at),
         });
     }
     plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>())

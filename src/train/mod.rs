@@ -8,7 +8,7 @@ use crate::data::augment::Sample;
 use crate::data::SplitMix;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{Graph, GraphBuilder, Mode, TrainingMemory, ValueId};
+use crate::graph::{Graph, GraphBuilder, Mode, Recompute, TrainingMemory, ValueId};
 use crate::kernels::sgd::SgdConfig;
 use crate::kernels::tuning::{Tuner, TuningCache};
 use crate::model::weights::{self, NamedTensor};
@@ -44,9 +44,9 @@ pub struct TrainOptions {
     /// Where the kernel-variant choices measured before the first step are kept
     /// ([`TuningCache::from_env`] for `HRNET_OCR_TUNING`).
     pub tuning: TuningCache,
-    /// Recompute BN-ReLU outputs in the backward instead of keeping them
+    /// What the backward rebuilds instead of keeping it from the forward
     /// ([`GraphBuilder::recompute_in_backward`]): less memory, the same results.
-    pub recompute: bool,
+    pub recompute: Recompute,
 }
 
 impl TrainOptions {

@@ -7,6 +7,7 @@ use super::TrainOptions;
 use crate::data::augment::Augment;
 use crate::data::official::Official;
 use crate::error::{Error, Result};
+use crate::graph::Recompute;
 use crate::kernels::tuning::TuningCache;
 use crate::model::Config;
 use std::collections::HashMap;
@@ -175,7 +176,7 @@ impl RunSettings {
             head_keywords: self.head_keywords.clone(),
             head_lr_mult: self.head_lr_mult,
             tuning,
-            recompute: false,
+            recompute: Recompute::default(),
         }
     }
 

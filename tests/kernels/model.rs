@@ -3,7 +3,7 @@
 //! logits, every parameter gradient (1e-3) and the updated running statistics.
 
 use crate::common::*;
-use hrnet_ocr::graph::{Graph, GraphBuilder, Mode};
+use hrnet_ocr::graph::{Graph, GraphBuilder, Mode, Recompute};
 use hrnet_ocr::model::hrnet::{self, ModelValues};
 use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
@@ -582,50 +582,55 @@ fn mmsegmentation_checkpoints_load_through_the_key_map_and_give_its_logits() {
     assert!(err > 1e-2, "the official conventions give the mmsegmentation logits too (error {err:.2e})");
 }
 
-/// The training plan against the device: a tiny model's training graph, built on a device
-/// of its own (so no other test's tensors count), holds in its tensors' buffers what the
-/// plan says, each buffer rounded up to its pool size class (at most 1/8 more) and the
-/// arenas' views to the offset alignment; the device's high-water mark over a step adds
-/// the kernels' scratch buffers (packed weights, partial sums), which the plan leaves out
-/// and the step's kernel calls share: less than the parameters take (with a scratch buffer
-/// per call, 2.25 times).
+/// The training plan against the device, under each [`Recompute`] mode: a tiny model's
+/// training graph, built on a device of its own (so no other test's tensors count), holds in
+/// its tensors' buffers what the plan says, each buffer rounded up to its pool size class (at
+/// most 1/8 more) and the arenas' views to the offset alignment; the device's high-water mark
+/// over a step adds the kernels' scratch buffers (packed weights, partial sums), which the
+/// plan leaves out and the step's kernel calls share: less than the parameters take (with a
+/// scratch buffer per call, 2.25 times).
 #[test]
 fn a_training_step_allocates_what_its_plan_says() {
     let gpu = hrnet_ocr::Gpu::new().unwrap();
     let cfg = tiny_config();
     let f = Fixture::load("model/tiny_train.safetensors");
     let shape: [usize; 4] = f.shape("input").try_into().unwrap();
-    let mut g = GraphBuilder::new();
-    let outputs = with_losses(&mut g, &cfg, shape);
-    let plan = g.plan_training_memory(&outputs);
-    let (before, _) = gpu.tensor_memory();
-    gpu.reset_peak_memory();
-    let graph = g.build(&gpu, Mode::Train, &outputs).unwrap();
-    feed(&gpu, &graph, &tiny_weights(), &f);
-    graph.forward(&gpu).unwrap();
-    graph.backward(&gpu).unwrap();
-    gpu.wait().unwrap();
-    let peak = gpu.tensor_memory().1 - before;
-    let held = graph.tensor_bytes();
-    let planned = plan.total();
-    eprintln!(
-        "planned {planned} B, held {held} B, device peak {peak} B (kernel scratch {} B); {plan}",
-        peak - held
-    );
-    // The arenas' views start at the offset alignment: at most one alignment per parameter.
-    let padding =
-        (graph.parameters().count() * 3) as u64 * u64::from(gpu.limits().min_storage_buffer_offset_alignment);
-    assert!(held >= planned, "the graph holds {held} B, below the plan's {planned} B");
-    assert!(held <= planned + planned / 8 + padding, "the graph holds {held} B: {plan}");
-    assert!(peak >= held, "{peak} {held}");
-    assert!(peak - held < plan.parameters, "kernel scratch {} B: {plan}", peak - held);
-    assert!(plan.activations < plan.activations_unshared, "{plan}");
-    // The slots hold at least what is alive at the peak, and the greedy packing stays
-    // within twice that.
-    let at_peak = plan.peak.as_ref().expect("a training step has a peak");
-    let alive = at_peak.activations + at_peak.gradients + at_peak.recomputed;
-    assert!(alive <= plan.activations && 2 * alive > plan.activations, "{plan}");
-    assert!(at_peak.largest.windows(2).all(|w| w[0].1 >= w[1].1) && at_peak.gradients > 0, "{plan}");
+    for mode in [Recompute::Nothing, Recompute::BnRelu, Recompute::Convolutions] {
+        let mut g = GraphBuilder::new();
+        g.recompute_in_backward(mode);
+        let outputs = with_losses(&mut g, &cfg, shape);
+        let plan = g.plan_training_memory(&outputs);
+        let (before, _) = gpu.tensor_memory();
+        gpu.reset_peak_memory();
+        let graph = g.build(&gpu, Mode::Train, &outputs).unwrap();
+        feed(&gpu, &graph, &tiny_weights(), &f);
+        graph.forward(&gpu).unwrap();
+        graph.backward(&gpu).unwrap();
+        gpu.wait().unwrap();
+        let peak = gpu.tensor_memory().1 - before;
+        let held = graph.tensor_bytes();
+        let planned = plan.total();
+        eprintln!(
+            "{mode:?}: planned {planned} B, held {held} B, device peak {peak} B (kernel scratch {} B); {plan}",
+            peak - held
+        );
+        // The arenas' views start at the offset alignment: at most one alignment per parameter.
+        let padding = (graph.parameters().count() * 3) as u64
+            * u64::from(gpu.limits().min_storage_buffer_offset_alignment);
+        assert!(held >= planned, "{mode:?}: the graph holds {held} B, below the plan's {planned} B");
+        assert!(held <= planned + planned / 8 + padding, "{mode:?}: the graph holds {held} B: {plan}");
+        assert!(peak >= held, "{mode:?}: {peak} {held}");
+        assert!(peak - held < plan.parameters, "{mode:?}: kernel scratch {} B: {plan}", peak - held);
+        assert!(plan.activations < plan.activations_unshared, "{mode:?}: {plan}");
+        // The slots hold at least what is alive at the peak, and the greedy packing stays
+        // within twice that.
+        let at_peak = plan.peak.as_ref().expect("a training step has a peak");
+        let alive = at_peak.activations + at_peak.gradients + at_peak.recomputed;
+        assert!(alive <= plan.activations && 2 * alive > plan.activations, "{mode:?}: {plan}");
+        assert!(at_peak.largest.windows(2).all(|w| w[0].1 >= w[1].1) && at_peak.gradients > 0, "{plan}");
+        assert_eq!(at_peak.recomputed > 0, mode != Recompute::Nothing, "{mode:?}: {plan}");
+        drop(graph);
+    }
 }
 
 /// A model whose parameters do not fit one storage binding trains: on a device whose
@@ -667,17 +672,19 @@ fn a_parameter_arena_beyond_the_binding_limit_trains_in_chunks_bit_identically()
     }
 }
 
-/// Recomputing the BN-ReLU outputs in the backward (`GraphBuilder::recompute_in_backward`)
-/// gives the training step of the graph that keeps them, to the bit: the loss, every
-/// parameter gradient and the running statistics; and plans less memory.
+/// What the backward rebuilds (`GraphBuilder::recompute_in_backward`) changes no bit of a
+/// training step: keeping everything, rebuilding the BN-ReLU outputs, and rebuilding the
+/// convolution outputs batch norms read too give the same loss, every parameter gradient
+/// and the running statistics; each mode records more rebuilding dispatches and plans less
+/// memory than the one before.
 #[test]
-fn recomputing_bn_relu_outputs_changes_no_bit_of_a_training_step() {
+fn what_the_backward_rebuilds_changes_no_bit_of_a_training_step() {
     let gpu = gpu();
     let f = Fixture::load("model/tiny_train.safetensors");
     let shape: [usize; 4] = f.shape("input").try_into().unwrap();
-    let step = |recompute: bool| {
+    let step = |mode: Recompute| {
         let mut g = GraphBuilder::new();
-        g.recompute_in_backward(recompute);
+        g.recompute_in_backward(mode);
         let outputs = with_losses(&mut g, &tiny_config(), shape);
         let planned = g.plan_training_memory(&outputs);
         let graph = g.build(gpu, Mode::Train, &outputs).unwrap();
@@ -689,14 +696,18 @@ fn recomputing_bn_relu_outputs_changes_no_bit_of_a_training_step() {
         let dispatches = graph.backward_dispatches().len();
         (graph.loss(gpu).unwrap(), grads, weights::state_dict(gpu, &graph).unwrap(), planned, dispatches)
     };
-    let (loss, grads, state, planned, dispatches) = step(false);
-    let (r_loss, r_grads, r_state, r_planned, r_dispatches) = step(true);
-    assert_eq!(loss.to_bits(), r_loss.to_bits(), "loss {loss} vs {r_loss}");
-    for ((name, a), (_, b)) in grads.iter().zip(&r_grads) {
-        assert!(a == b, "the gradient of {name} differs when recomputing");
+    let (loss, grads, state, planned, dispatches) = step(Recompute::Nothing);
+    let mut previous = (planned, dispatches);
+    for mode in [Recompute::BnRelu, Recompute::Convolutions] {
+        let (r_loss, r_grads, r_state, r_planned, r_dispatches) = step(mode);
+        assert_eq!(loss.to_bits(), r_loss.to_bits(), "{mode:?}: loss {loss} vs {r_loss}");
+        for ((name, a), (_, b)) in grads.iter().zip(&r_grads) {
+            assert!(a == b, "{mode:?}: the gradient of {name} differs");
+        }
+        assert!(state == r_state, "{mode:?}: the running statistics differ");
+        assert!(r_dispatches > previous.1, "{mode:?}: no more rebuilding: {r_dispatches} vs {}", previous.1);
+        eprintln!("planned with {mode:?}: {r_planned}");
+        assert!(r_planned.activations < previous.0.activations, "{mode:?}: {r_planned} vs {}", previous.0);
+        previous = (r_planned, r_dispatches);
     }
-    assert!(state == r_state, "the running statistics differ when recomputing");
-    assert!(r_dispatches > dispatches, "no recomputation recorded: {r_dispatches} vs {dispatches}");
-    eprintln!("planned: keeping {planned}\nrecomputing {r_planned}");
-    assert!(r_planned.activations < planned.activations, "{r_planned} vs {planned}");
 }

@@ -27,7 +27,7 @@ fn options(
         head_keywords: head.iter().map(|k| k.to_string()).collect(),
         head_lr_mult,
         tuning: TuningCache::Memory,
-        recompute: false,
+        recompute: Default::default(),
     }
 }
 

@@ -10,6 +10,7 @@ use hrnet_ocr::bench::{self, KernelCase, Profile, Roofline, Timing};
 use hrnet_ocr::data::augment::Sample;
 use hrnet_ocr::data::SplitMix;
 use hrnet_ocr::gpu::list_adapters;
+use hrnet_ocr::graph::Recompute;
 use hrnet_ocr::graph::{GraphBuilder, Mode};
 use hrnet_ocr::kernels::conv2d::Precision;
 use hrnet_ocr::kernels::tuning::{Tuner, TuningCache};
@@ -73,9 +74,10 @@ pub struct BenchArgs {
     /// shapes alone (no device needed), and exit
     #[arg(long)]
     plan_memory: bool,
-    /// The training step recomputes BN-ReLU outputs in the backward instead of keeping them
-    #[arg(long)]
-    recompute: bool,
+    /// What the backward rebuilds instead of keeping it: less device memory, more time, the
+    /// same results; bare --recompute means convolutions
+    #[arg(long, value_enum, value_name = "WHAT", num_args = 0..=1, default_value = "bn-relu", default_missing_value = "convolutions")]
+    recompute: crate::Recompute,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -316,7 +318,8 @@ fn plan_memory(args: &BenchArgs) -> Result<()> {
     let x = g.input("input", &[n, 3, h, w], false);
     let m = hrnet::build(&mut g, &cfg, x, 0.0)?;
     println!("forward at {n}x3x{h}x{w}: {}", g.plan_memory(&[m.out]));
-    let training = hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w], args.recompute))?;
+    let training =
+        hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w], args.recompute.into()))?;
     println!("training step at {n}x3x{h}x{w}: {training}");
     Ok(())
 }
@@ -328,9 +331,9 @@ fn bench_config(args: &BenchArgs) -> Result<Config> {
     }
 }
 
-/// The trainer's options a benchmark runs: the config's dropout, one group, recomputing
-/// BN-ReLU outputs or not.
-fn train_options(cfg: &Config, batch: usize, crop: [usize; 2], recompute: bool) -> TrainOptions {
+/// The trainer's options a benchmark runs: the config's dropout, one group, and what the
+/// backward rebuilds.
+fn train_options(cfg: &Config, batch: usize, crop: [usize; 2], recompute: Recompute) -> TrainOptions {
     TrainOptions {
         batch,
         crop,
@@ -374,8 +377,10 @@ fn end_to_end(args: &BenchArgs, gpus: &[Gpu]) -> Result<()> {
         if !args.json && !args.all_adapters {
             println!("{:<14} {:>10.1} MiB planned device memory (forward)", "", memory_mib);
             if !args.forward_only {
-                let planned =
-                    hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w], args.recompute))?;
+                let planned = hrnet_ocr::train::planned_memory(
+                    &cfg,
+                    &train_options(&cfg, n, [h, w], args.recompute.into()),
+                )?;
                 println!("{:<14} training step: {planned}", "");
             }
         }
@@ -507,7 +512,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     if args.forward_only {
         return Ok((passes, memory_mib));
     }
-    let options = train_options(cfg, n, [h, w], args.recompute);
+    let options = train_options(cfg, n, [h, w], args.recompute.into());
     gpu.reset_peak_memory();
     let mut trainer = Trainer::new(gpu, cfg.clone(), None, options)?;
     let samples: Vec<Sample> = planes

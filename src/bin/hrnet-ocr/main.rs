@@ -79,6 +79,30 @@ enum Mode {
     Official,
 }
 
+/// What a training step's backward rebuilds instead of keeping it from the forward
+/// (`--recompute`; every choice gives the same bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum Recompute {
+    /// Keep everything the backward reads: the most memory, the least time.
+    Nothing,
+    /// Rebuild BN-ReLU outputs from the batch norms' inputs (an elementwise pass).
+    #[default]
+    BnRelu,
+    /// Also rebuild the convolution outputs batch norms read, by running the convolutions
+    /// again: the least memory, about one more forward pass.
+    Convolutions,
+}
+
+impl From<Recompute> for hrnet_ocr::graph::Recompute {
+    fn from(r: Recompute) -> Self {
+        match r {
+            Recompute::Nothing => Self::Nothing,
+            Recompute::BnRelu => Self::BnRelu,
+            Recompute::Convolutions => Self::Convolutions,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     quiet_display_probes();
     log::set_logger(&NOTES).map(|()| log::set_max_level(log::LevelFilter::Warn)).ok();

@@ -81,10 +81,10 @@ pub struct TrainArgs {
     /// the first step the device's high-water mark
     #[arg(long)]
     report_memory: bool,
-    /// Recompute BN-ReLU outputs in the backward instead of keeping them: less device memory,
-    /// more time, the same results
-    #[arg(long)]
-    recompute: bool,
+    /// What the backward rebuilds instead of keeping it: less device memory, more time, the
+    /// same results; bare --recompute means convolutions
+    #[arg(long, value_enum, value_name = "WHAT", num_args = 0..=1, default_value = "bn-relu", default_missing_value = "convolutions")]
+    recompute: crate::Recompute,
 }
 
 /// The settings given on the command line, as the texts a checkpoint stores them as.
@@ -201,7 +201,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         println!("resuming the official checkpoint after epoch {epoch}: step {}{best}", epoch * per_epoch);
     }
     let (steps, batch, crop) = (s.total_steps(), s.batch, s.crop);
-    let options = TrainOptions { recompute: args.recompute, ..s.options(&cfg, TuningCache::from_env()) };
+    let options =
+        TrainOptions { recompute: args.recompute.into(), ..s.options(&cfg, TuningCache::from_env()) };
     if args.report_memory {
         println!("training step memory: {}", hrnet_ocr::train::planned_memory(&cfg, &options)?);
     }
