@@ -5,17 +5,24 @@
 // the pixels whose target-class probability is below max(the min_kept-th smallest,
 // thresh); plain mean of w * nll over them).
 //
-// Cross entropy: ce_partials -> ce_finalize; backward: ce_backward.
+// Only three passes read the logits, each over a class range (`first_class`,
+// `slab_classes`) of `n` images: all classes of the batch when they fit a storage binding,
+// else one slab of one image per launch, the slabs of a pixel in class order.
+// ce_max and ce_sum_exp leave each pixel's (max logit, sum of exp(logit - max), target
+// logit) in `stats`, summing in class order however the classes are cut, so the
+// bits do not depend on the cut; ce_backward writes the gradient of a class range.
+// Cross entropy: ce_max -> ce_sum_exp -> ce_partials -> ce_finalize; backward: ce_backward.
 // OHEM first finds the min_kept-th smallest target probability exactly, by a 4-pass radix
 // select over its float bits (non-negative floats order like their bits): ohem_probs, then
 // 4 x (ohem_histogram, ohem_select). Counting uses integer atomics, which are exact and
-// order-independent; every float sum runs in a fixed order. A batch with no pixel left
-// gives loss 0 and gradient 0.
+// order-independent; every float sum runs in a fixed order, partial sums over chunks of
+// pixels that never span two images. A batch with no pixel left gives loss 0 and gradient 0.
 
 struct Params {
     n: u32, classes: u32, hw: u32, chunk_len: u32,
     ignore_label: u32, flags: u32, grad_scale: f32, thresh: f32,
-    min_kept: u32, radix_pass: u32, _pad0: u32, _pad1: u32,
+    min_kept: u32, radix_pass: u32, first_class: u32, slab_classes: u32,
+    first_image: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 const ACCUMULATE: u32 = 1u;
@@ -45,31 +52,56 @@ const IGNORED_PROB: f32 = 2.0;
 @group(0) @binding(12) var<storage, read> denom_in: array<f32>;
 @group(0) @binding(13) var<storage, read> target_prob_in: array<f32>;
 @group(0) @binding(14) var<storage, read> select_state_in: array<u32, 4>;
+// per pixel: (max logit, sum of exp(logit - max), target logit, 0)
+@group(0) @binding(15) var<storage, read_write> stats: array<vec4<f32>>;
+@group(0) @binding(16) var<storage, read> stats_in: array<vec4<f32>>;
 
 fn pixels() -> u32 {
     return p.n * p.hw;
 }
 
-// Index of class `k` at pixel `px` (= n * hw + s) in the NCHW logits.
+// Index of class `k` (of the launch's range) at pixel `px` (= image * hw + s) of the bound
+// logits.
 fn logit_index(px: u32, k: u32) -> u32 {
-    return ((px / p.hw) * p.classes + k) * p.hw + px % p.hw;
+    return ((px / p.hw) * p.slab_classes + k - p.first_class) * p.hw + px % p.hw;
 }
 
 fn is_valid(label: u32) -> bool {
     return label != p.ignore_label && label < p.classes;
 }
 
-// (max logit, log-sum-exp) over the classes of one pixel.
-fn log_sum_exp(px: u32) -> vec2<f32> {
-    var m = -3.4e38;
-    for (var k = 0u; k < p.classes; k++) {
+// log(sum over classes of exp(logit)) of a pixel, from its stats.
+fn log_sum_exp(px: u32) -> f32 {
+    let s = stats_in[px];
+    return s.x + log(s.y);
+}
+
+// The running max over the classes, the first range starting it.
+@compute @workgroup_size(WG)
+fn ce_max(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let px = linear_index(gid, nwg);
+    if px >= pixels() { return; }
+    var m = select(stats[px].x, -3.4e38, p.first_class == 0u);
+    for (var k = p.first_class; k < p.first_class + p.slab_classes; k++) {
         m = max(m, logits[logit_index(px, k)]);
     }
-    var s = 0.0;
-    for (var k = 0u; k < p.classes; k++) {
-        s += exp(logits[logit_index(px, k)] - m);
+    stats[px] = vec4<f32>(m, 0.0, 0.0, 0.0);
+}
+
+// The running sum of exp(logit - max) in class order, and the target logit from the range
+// that holds it.
+@compute @workgroup_size(WG)
+fn ce_sum_exp(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let px = linear_index(gid, nwg);
+    if px >= pixels() { return; }
+    var s = stats[px];
+    let label = labels[px];
+    for (var k = p.first_class; k < p.first_class + p.slab_classes; k++) {
+        let x = logits[logit_index(px, k)];
+        s.y += exp(x - s.x);
+        if k == label { s.z = x; }
     }
-    return vec2<f32>(m, m + log(s));
+    stats[px] = s;
 }
 
 // The loss and its gradient, one set of entry points per kind (SUFFIX): with class
@@ -95,26 +127,30 @@ fn pixel_terms${SUFFIX}(px: u32) -> vec2<f32> {
 #end
 }
 
+// One chunk of `chunk_len` pixels of one image (the last one of an image shorter).
 @compute @workgroup_size(WG)
 fn ce_partials${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>) {
     let chunk = linear_index(gid, nwg);
-    let px0 = chunk * p.chunk_len;
-    if px0 >= pixels() { return; }
+    let per_image = (p.hw + p.chunk_len - 1u) / p.chunk_len;
+    if chunk >= p.n * per_image { return; }
+    let image_end = (chunk / per_image + 1u) * p.hw;
+    let px0 = (chunk / per_image) * p.hw + (chunk % per_image) * p.chunk_len;
     var sums = vec2<f32>(0.0);
-    for (var px = px0; px < min(pixels(), px0 + p.chunk_len); px++) {
+    for (var px = px0; px < min(image_end, px0 + p.chunk_len); px++) {
         let terms = pixel_terms${SUFFIX}(px);
         if terms.x == 0.0 {
             sums.y += terms.y;
             continue;
         }
-        let nll = log_sum_exp(px).y - logits[logit_index(px, labels[px])];
+        let nll = log_sum_exp(px) - stats_in[px].z;
         sums += vec2<f32>(terms.x * nll, terms.y);
     }
-    partials[chunk] = sums;
+    partials[p.first_image * per_image + chunk] = sums;
 }
 
-// grad = grad_scale * coefficient / denominator * (softmax - one_hot(label)).
+// grad = grad_scale * coefficient / denominator * (softmax - one_hot(label)), over the
+// launch's class range.
 @compute @workgroup_size(WG)
 fn ce_backward${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -123,11 +159,12 @@ fn ce_backward${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
     let terms = pixel_terms${SUFFIX}(px);
     let g = select(0.0, p.grad_scale * terms.x / denom_in[0], terms.x != 0.0 && denom_in[0] > 0.0);
     let label = labels[px];
-    let lse = select(vec2<f32>(0.0), log_sum_exp(px), g != 0.0);
+    let lse = select(0.0, log_sum_exp(px), g != 0.0);
     let keep = (p.flags & ACCUMULATE) != 0u;
-    for (var k = 0u; k < p.classes; k++) {
+    for (var k = p.first_class; k < p.first_class + p.slab_classes; k++) {
         let i = logit_index(px, k);
-        let d = g * (exp(logits[i] - lse.y) - select(0.0, 1.0, k == label));
+        // An ignored pixel's exp(logit) may overflow; its gradient is 0 regardless.
+        let d = select(0.0, g * (exp(logits[i] - lse) - select(0.0, 1.0, k == label)), g != 0.0);
         grad_logits[i] = select(0.0, grad_logits[i], keep) + d;
     }
 }
@@ -140,7 +177,7 @@ fn ce_backward${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
 
 @compute @workgroup_size(1)
 fn ce_finalize() {
-    let chunks = (pixels() + p.chunk_len - 1u) / p.chunk_len;
+    let chunks = p.n * ((p.hw + p.chunk_len - 1u) / p.chunk_len);
     var sums = vec2<f32>(0.0);
     for (var c = 0u; c < chunks; c++) {
         sums += partials_in[c];
@@ -161,7 +198,7 @@ fn ohem_probs(@builtin(global_invocation_id) gid: vec3<u32>,
         target_prob[px] = IGNORED_PROB;
         return;
     }
-    target_prob[px] = exp(logits[logit_index(px, label)] - log_sum_exp(px).y);
+    target_prob[px] = exp(stats_in[px].z - log_sum_exp(px));
 }
 
 // Counts the next 8 bits of the probabilities whose higher bits match the prefix so far.

@@ -429,7 +429,7 @@ fn losses_and_training(s: &mut Suite) -> Result<()> {
             let pass = ce.forward(gpu, &logits, &labels)?;
             let bwd = ce.backward(gpu, &pass, &logits, &labels, 1.0, (&grad, false))?;
             s.add(name, "forward", &id, pass.forward, true);
-            s.add(name, "backward", &id, vec![bwd], true);
+            s.add(name, "backward", &id, bwd, true);
         }
         let prediction = Tensor::empty_of(gpu, &[n, h, w], DType::U32)?;
         let confusion = Tensor::from_u32(gpu, &[k, k], &vec![0; k * k])?;

@@ -650,7 +650,7 @@ impl Graph {
                         Error::Invalid(format!("loss node {at} has no recorded forward pass"))
                     })?;
                 let ce = self.cross_entropy(&spec);
-                vec![ce.backward(gpu, pass, self.kept(logits), self.kept(labels), spec.weight, (&gl, acc))?]
+                ce.backward(gpu, pass, self.kept(logits), self.kept(labels), spec.weight, (&gl, acc))?
             }
         })
     }

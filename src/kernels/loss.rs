@@ -1,5 +1,9 @@
 //! Pixel-wise cross entropy and OHEM cross entropy over NCHW logits (`loss.wgsl`).
 //!
+//! Logits beyond a storage binding (many classes, large crops, large batches) are read in
+//! channel slabs of one image each ([`slabs`]): the per-pixel statistics sum over the slabs
+//! in class order, so the loss and its gradient are bit-identical however they are cut.
+//!
 //! Semantics are PyTorch's and HRNet-OCR's: pixels whose label is the ignore label are left
 //! out; with class weights `w` the loss is `sum(w[y] * nll) / sum(w[y])` ([`Reduction`]
 //! says how else it is reduced). OHEM keeps the pixels whose target-class probability is
@@ -8,10 +12,12 @@
 //! Labels at or above the class count are treated as ignored by the kernels;
 //! [`crate::data::image::check_labels`] rejects them on the host before they reach the device.
 
+use super::slabs::{self, Cut, Slab};
 use super::{f32_bytes, launch, scratch, to_u32};
 use crate::error::{check_shape, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, DType, Tensor};
+use std::ops::Range;
 
 /// Pixels per invocation when summing the loss.
 const CHUNK_PIXELS: usize = 256;
@@ -28,7 +34,10 @@ crate::gpu::shader_params! {
         thresh: f32,
         min_kept: u32,
         radix_pass: u32,
-        _pad: [u32; 2],
+        first_class: u32,
+        slab_classes: u32,
+        first_image: u32,
+        _pad: [u32; 3],
     }
 }
 
@@ -70,8 +79,62 @@ pub struct LossPass {
     /// A one-element tensor holding the loss after the forward has run.
     pub loss: Tensor,
     denom: Tensor,
+    /// Per pixel: (max logit, sum of exp(logit - max), target logit, 0).
+    stats: Tensor,
     target_prob: Tensor,
     select_state: Tensor,
+}
+
+/// The images one launch of a per-pixel pass covers: the whole batch, or one image.
+#[derive(Clone, Copy)]
+enum Images {
+    All,
+    One(usize),
+}
+
+impl Images {
+    /// The part of a per-pixel tensor `[N, ...]` the launch binds.
+    fn of(self, gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Images::All => Ok(t.clone()),
+            Images::One(i) => {
+                let mut shape = t.shape().to_vec();
+                shape[0] = 1;
+                t.view(gpu, i * (t.numel() / t.shape()[0]), &shape)
+            }
+        }
+    }
+
+    fn params(self, p: &Params) -> Params {
+        match self {
+            Images::All => *p,
+            Images::One(i) => Params { n: 1, first_image: i as u32, ..*p },
+        }
+    }
+}
+
+/// A launch over logits: which images, and which classes.
+struct Piece {
+    images: Images,
+    classes: Range<usize>,
+}
+
+impl Piece {
+    /// The part of the logits (or their gradient) the launch binds.
+    fn logits(&self, gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
+        match self.images {
+            Images::All => Ok(t.clone()),
+            Images::One(item) => Slab { item, channels: self.classes.clone() }.view(gpu, Cut::new(t, 0)),
+        }
+    }
+
+    fn params(&self, p: &Params) -> Params {
+        Params {
+            first_class: self.classes.start as u32,
+            slab_classes: self.classes.len() as u32,
+            ..self.images.params(p)
+        }
+    }
 }
 
 impl CrossEntropy<'_> {
@@ -105,7 +168,10 @@ impl CrossEntropy<'_> {
             thresh: ohem.thresh,
             min_kept: to_u32("min_kept", ohem.min_kept)?,
             radix_pass: 0,
-            _pad: [0; 2],
+            first_class: 0,
+            slab_classes: to_u32("classes", k)?,
+            first_image: 0,
+            _pad: [0; 3],
         })
     }
 
@@ -120,68 +186,124 @@ impl CrossEntropy<'_> {
         }
     }
 
-    /// The inputs every pixel term reads: logits, labels, the class weights if any, and
-    /// OHEM's target probabilities and selection if it is on.
-    fn pixel_inputs<'t>(
-        &'t self,
-        logits: &'t Tensor,
-        labels: &'t Tensor,
-        pass: &'t LossPass,
-    ) -> Vec<Binding<'t>> {
-        let mut bindings = vec![Binding::read(1, logits), Binding::read_u32(2, labels)];
-        bindings.extend(self.class_weight.map(|w| Binding::read(3, w)));
-        if self.ohem().is_some() {
-            bindings
-                .extend([Binding::read(13, &pass.target_prob), Binding::read_u32(14, &pass.select_state)]);
+    /// The per-pixel tensors of `images`, and the pieces the passes over the logits
+    /// (and `grad`, if given) launch: all at once when every tensor they bind fits a
+    /// storage binding, else a channel slab of one image at a time.
+    fn cover(&self, gpu: &Gpu, logits: &Tensor, grad: Option<&Tensor>, pass: &LossPass) -> Result<Cover> {
+        let [n, k, _, _] = logits.dims4("cross entropy logits")?;
+        let per_pixel = [&pass.stats, &pass.target_prob];
+        let mut cuts = vec![Cut::new(logits, 0)];
+        cuts.extend(grad.map(|g| Cut::new(g, 0)));
+        let tensors: Vec<&Tensor> = cuts.iter().map(|c| c.tensor).chain(per_pixel).collect();
+        if !slabs::exceeds_binding(gpu, &tensors) {
+            return Ok(Cover {
+                images: vec![Images::All],
+                pieces: vec![Piece { images: Images::All, classes: 0..k }],
+            });
         }
-        bindings
+        let pieces = slabs::channel_slabs(gpu, n, k, &cuts)?
+            .into_iter()
+            .map(|s| Piece { images: Images::One(s.item), classes: s.channels })
+            .collect();
+        Ok(Cover { images: (0..n).map(Images::One).collect(), pieces })
     }
 
     /// Records the loss of `logits` against `labels`.
     pub fn forward(&self, gpu: &Gpu, logits: &Tensor, labels: &Tensor) -> Result<LossPass> {
         let mut p = self.params(logits, labels, 0)?;
-        to_u32("logits", logits.numel())?;
-        let pixels = labels.numel();
-        let chunks = pixels.div_ceil(CHUNK_PIXELS);
+        let [n, _, h, w] = logits.dims4("cross entropy logits")?;
+        let hw = h * w;
+        let chunks = n * hw.div_ceil(CHUNK_PIXELS);
         let partials = scratch(gpu, "loss partials", 2 * chunks)?;
         let pass = LossPass {
             forward: Vec::new(),
             loss: Tensor::empty(gpu, &[1])?,
             denom: Tensor::empty(gpu, &[1])?,
-            target_prob: Tensor::empty(gpu, &[pixels])?,
+            stats: Tensor::empty(gpu, &[n, hw, 4])?,
+            target_prob: Tensor::empty(gpu, &[n, hw])?,
             select_state: Tensor::empty_of(gpu, &[4], DType::U32)?,
         };
         let histogram = Tensor::empty_of(gpu, &[256], DType::U32)?;
-        let classes = p.classes as usize;
-        let pixel_cost =
-            Cost { flops: 4 * logits.numel() as u64, bytes: f32_bytes(logits.numel() + 2 * pixels) };
+        let cover = self.cover(gpu, logits, None, &pass)?;
         let mut forward = Vec::new();
+        for entry in ["ce_max", "ce_sum_exp"] {
+            for piece in &cover.pieces {
+                let (slab, pixels) =
+                    (piece.logits(gpu, logits)?, PixelViews::of(gpu, piece.images, labels, &pass)?);
+                let mut bindings = vec![Binding::read(1, &slab), Binding::write(15, &pixels.stats)];
+                // The target logit is the labelled class's.
+                bindings.extend((entry == "ce_sum_exp").then(|| Binding::read_u32(2, &pixels.labels)));
+                let cost = Cost {
+                    flops: 2 * slab.numel() as u64,
+                    bytes: f32_bytes(slab.numel() + 5 * pixels.count()),
+                };
+                forward.push(launch(
+                    gpu,
+                    Shader::Loss,
+                    entry,
+                    &piece.params(&p),
+                    &bindings,
+                    pixels.count(),
+                    cost,
+                )?);
+            }
+        }
         if self.ohem().is_some() {
-            let probs = [
-                Binding::read(1, logits),
-                Binding::read_u32(2, labels),
-                Binding::write(8, &pass.target_prob),
-                Binding::write_u32(9, &histogram),
-            ];
-            forward.push(launch(gpu, Shader::Loss, "ohem_probs", &p, &probs, pixels.max(256), pixel_cost)?);
+            for &images in &cover.images {
+                let pixels = PixelViews::of(gpu, images, labels, &pass)?;
+                let probs = [
+                    Binding::read_u32(2, &pixels.labels),
+                    Binding::read(16, &pixels.stats),
+                    Binding::write(8, &pixels.target_prob),
+                    Binding::write_u32(9, &histogram),
+                ];
+                let cost = Cost { flops: 2 * pixels.count() as u64, bytes: f32_bytes(6 * pixels.count()) };
+                let invocations = pixels.count().max(256);
+                forward.push(launch(
+                    gpu,
+                    Shader::Loss,
+                    "ohem_probs",
+                    &images.params(&p),
+                    &probs,
+                    invocations,
+                    cost,
+                )?);
+            }
             for radix_pass in 0..4 {
                 p.radix_pass = radix_pass;
-                let count = [
-                    Binding::read(13, &pass.target_prob),
-                    Binding::write_u32(9, &histogram),
-                    Binding::read_u32(14, &pass.select_state),
-                ];
-                let hist_cost = Cost { flops: 0, bytes: f32_bytes(pixels) };
-                forward.push(launch(gpu, Shader::Loss, "ohem_histogram", &p, &count, pixels, hist_cost)?);
+                for &images in &cover.images {
+                    let pixels = PixelViews::of(gpu, images, labels, &pass)?;
+                    let count = [
+                        Binding::read(13, &pixels.target_prob),
+                        Binding::write_u32(9, &histogram),
+                        Binding::read_u32(14, &pass.select_state),
+                    ];
+                    let cost = Cost { flops: 0, bytes: f32_bytes(pixels.count()) };
+                    let params = images.params(&p);
+                    forward.push(launch(
+                        gpu,
+                        Shader::Loss,
+                        "ohem_histogram",
+                        &params,
+                        &count,
+                        pixels.count(),
+                        cost,
+                    )?);
+                }
                 let select = [Binding::write_u32(9, &histogram), Binding::write_u32(10, &pass.select_state)];
                 let select_cost = Cost { flops: 0, bytes: f32_bytes(512) };
                 forward.push(launch(gpu, Shader::Loss, "ohem_select", &p, &select, 1, select_cost)?);
             }
         }
-        let mut terms = self.pixel_inputs(logits, labels, &pass);
-        terms.push(Binding::write(4, &partials));
-        let sum_cost = Cost { flops: (2 * classes + 4) as u64 * pixels as u64, bytes: pixel_cost.bytes };
-        forward.push(launch(gpu, Shader::Loss, self.entries().0, &p, &terms, chunks, sum_cost)?);
+        for &images in &cover.images {
+            let pixels = PixelViews::of(gpu, images, labels, &pass)?;
+            let mut terms = pixels.term_inputs(self, &pass);
+            terms.push(Binding::write(4, &partials));
+            let params = images.params(&p);
+            let launched = params.n as usize * hw.div_ceil(CHUNK_PIXELS);
+            let cost = Cost { flops: 8 * pixels.count() as u64, bytes: f32_bytes(7 * pixels.count()) };
+            forward.push(launch(gpu, Shader::Loss, self.entries().0, &params, &terms, launched, cost)?);
+        }
         let finalize =
             [Binding::read(11, &partials), Binding::write(5, &pass.loss), Binding::write(6, &pass.denom)];
         let finalize_cost = Cost { flops: 2 * chunks as u64, bytes: f32_bytes(2 * chunks + 2) };
@@ -198,14 +320,75 @@ impl CrossEntropy<'_> {
         labels: &Tensor,
         grad_scale: f32,
         (grad_logits, accumulate): (&Tensor, bool),
-    ) -> Result<Dispatch> {
+    ) -> Result<Vec<Dispatch>> {
         let mut p = self.params(logits, labels, if accumulate { ACCUMULATE } else { 0 })?;
         p.grad_scale = grad_scale;
         check_shape("cross entropy logits gradient", logits.shape(), grad_logits.shape())?;
-        let mut bindings = self.pixel_inputs(logits, labels, pass);
-        bindings.extend([Binding::read(12, &pass.denom), Binding::write(7, grad_logits)]);
-        let n = logits.numel();
-        let cost = Cost { flops: 6 * n as u64, bytes: f32_bytes(2 * n + labels.numel()) };
-        launch(gpu, Shader::Loss, self.entries().1, &p, &bindings, labels.numel(), cost)
+        let cover = self.cover(gpu, logits, Some(grad_logits), pass)?;
+        let mut d = Vec::new();
+        for piece in &cover.pieces {
+            let (slab, grad) = (piece.logits(gpu, logits)?, piece.logits(gpu, grad_logits)?);
+            let pixels = PixelViews::of(gpu, piece.images, labels, pass)?;
+            let mut bindings = pixels.term_inputs(self, pass);
+            bindings.extend([
+                Binding::read(1, &slab),
+                Binding::read(12, &pass.denom),
+                Binding::write(7, &grad),
+            ]);
+            let cost = Cost {
+                flops: 6 * slab.numel() as u64,
+                bytes: f32_bytes(2 * slab.numel() + 6 * pixels.count()),
+            };
+            d.push(launch(
+                gpu,
+                Shader::Loss,
+                self.entries().1,
+                &piece.params(&p),
+                &bindings,
+                pixels.count(),
+                cost,
+            )?);
+        }
+        Ok(d)
+    }
+}
+
+/// How the loss's launches cover the batch: the images of the per-pixel passes, and the
+/// pieces of the passes over the logits.
+struct Cover {
+    images: Vec<Images>,
+    pieces: Vec<Piece>,
+}
+
+/// The per-pixel tensors one launch binds: the batch's, or views of one image's.
+struct PixelViews {
+    labels: Tensor,
+    stats: Tensor,
+    target_prob: Tensor,
+}
+
+impl PixelViews {
+    fn of(gpu: &Gpu, images: Images, labels: &Tensor, pass: &LossPass) -> Result<Self> {
+        Ok(PixelViews {
+            labels: images.of(gpu, labels)?,
+            stats: images.of(gpu, &pass.stats)?,
+            target_prob: images.of(gpu, &pass.target_prob)?,
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.labels.numel()
+    }
+
+    /// What every pixel term reads: labels, statistics, the class weights if any, and
+    /// OHEM's target probabilities and selection if it is on.
+    fn term_inputs<'a>(&'a self, ce: &CrossEntropy<'a>, pass: &'a LossPass) -> Vec<Binding<'a>> {
+        let mut bindings = vec![Binding::read_u32(2, &self.labels), Binding::read(16, &self.stats)];
+        bindings.extend(ce.class_weight.map(|w| Binding::read(3, w)));
+        if ce.ohem().is_some() {
+            bindings
+                .extend([Binding::read(13, &self.target_prob), Binding::read_u32(14, &pass.select_state)]);
+        }
+        bindings
     }
 }

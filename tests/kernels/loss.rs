@@ -25,7 +25,7 @@ fn run(
     pass.loss.fill(gpu, f32::NAN);
     let grad = poisoned(&dims);
     let backward = ce.backward(gpu, &pass, &lt, &yt, grad_scale, (&grad, false)).unwrap();
-    gpu.run(pass.forward.iter().chain([&backward])).unwrap();
+    gpu.run(pass.forward.iter().chain(&backward)).unwrap();
     (download(&pass.loss)[0], download(&grad))
 }
 

@@ -499,3 +499,53 @@ fn the_ocr_operators_run_in_channel_slabs() {
     });
     assert_rounding("object attention forward and backward", &r);
 }
+
+/// Cross entropy of every kind (plain, class-weighted, over all pixels, OHEM, weighted OHEM)
+/// over logits beyond a binding: the passes over the logits run in class slabs of one image,
+/// the per-pixel ones per image; the loss and the gradient (written, then accumulated) are
+/// the same bits as unsplit, since each pixel's sums run in class order however the
+/// classes are cut and the partial sums never span two images.
+#[test]
+fn cross_entropy_runs_in_class_slabs_bit_identically() {
+    use hrnet_ocr::kernels::loss::{CrossEntropy, Ohem, Reduction};
+    let mut rng = Rng::new(seed("cross_entropy_runs_in_class_slabs"));
+    let [n, k, h, w] = X;
+    let logits: Vec<f32> = rng.normals(numel(&X)).iter().map(|v| 3.0 * v).collect();
+    let labels: Vec<u32> = (0..n * h * w)
+        .map(|_| if rng.uniform() < 0.1 { 255 } else { (rng.uniform() * k as f64) as u32 })
+        .collect();
+    let weights: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform() as f32).collect();
+    let accumulated = rng.normals(numel(&X));
+    let ohem = Reduction::Ohem(Ohem { thresh: 0.7, min_kept: 100 });
+    for (reduction, weighted) in [
+        (Reduction::Mean, false),
+        (Reduction::Mean, true),
+        (Reduction::AllPixels, true),
+        (ohem, false),
+        (ohem, true),
+    ] {
+        let what = format!("{reduction:?}, weighted {weighted}");
+        let run = |gpu: &Gpu| {
+            let lt = Tensor::from_slice(gpu, &X, &logits).unwrap();
+            let yt = Tensor::from_u32(gpu, &[n, h, w], &labels).unwrap();
+            let wt = Tensor::from_slice(gpu, &[k], &weights).unwrap();
+            let ce = CrossEntropy { ignore_label: 255, class_weight: weighted.then_some(&wt), reduction };
+            let pass = ce.forward(gpu, &lt, &yt).unwrap();
+            pass.loss.fill(gpu, f32::NAN);
+            let (fresh, summed) = (
+                Tensor::full(gpu, &X, f32::NAN).unwrap(),
+                Tensor::from_slice(gpu, &X, &accumulated).unwrap(),
+            );
+            let mut d = pass.forward.clone();
+            d.extend(ce.backward(gpu, &pass, &lt, &yt, 0.4, (&fresh, false)).unwrap());
+            d.extend(ce.backward(gpu, &pass, &lt, &yt, 1.0, (&summed, true)).unwrap());
+            gpu.run(&d).unwrap();
+            let outputs = [&pass.loss, &fresh, &summed].map(|t| t.to_vec(gpu).unwrap());
+            (outputs.to_vec(), d.len())
+        };
+        let ((wide, whole), (narrow_out, split)) = (run(gpu()), run(narrow()));
+        assert!(split > whole, "{what}: {split} dispatches on the narrow device, {whole} unsplit");
+        assert!(wide[0][0].is_finite() && wide[0][0] > 0.0, "{what}: loss {}", wide[0][0]);
+        assert_same_bits(&what, &[wide, narrow_out]);
+    }
+}
