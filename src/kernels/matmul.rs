@@ -1,6 +1,9 @@
 //! Batched matrix products with either operand transposed, and their backward
-//! (`matmul.wgsl`). Every product, transposes included, is one strided kernel.
+//! (`matmul.wgsl`). Every product, transposes included, is one strided kernel. Operands
+//! beyond a storage binding run in ranges of the batch ([`slabs::item_ranges`]), each
+//! matrix computed as in one launch; a single matrix beyond a binding is refused.
 
+use super::slabs::{self, Items};
 use super::tuning::{self, Tunable, Tuner};
 use super::{f32_bytes, launch, to_u32};
 use crate::error::{Error, Result};
@@ -155,7 +158,7 @@ impl Tunable for MatmulKernel {
         let a = Tensor::zeros(gpu, &[c.rows * c.k])?;
         let b = Tensor::zeros(gpu, &[c.k * c.n])?;
         let out = Tensor::zeros(gpu, &[c.rows * c.n])?;
-        tuning::time_dispatches(gpu, &[product_with(gpu, self, 1, (&a, av), (&b, bv), &out, false)?])
+        tuning::time_dispatches(gpu, &product_with(gpu, self, 1, (&a, av), (&b, bv), &out, false)?)
     }
 }
 
@@ -170,7 +173,7 @@ pub fn product(
     b: (&Tensor, Strided),
     c: &Tensor,
     accumulate: bool,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let kernel = tuning::choose(tuner, gpu, &MatmulClass::of(batch, &a.1, &b.1));
     product_with(gpu, kernel, batch, a, b, c, accumulate)
 }
@@ -184,7 +187,7 @@ pub fn product_with(
     (b, bv): (&Tensor, Strided),
     c: &Tensor,
     accumulate: bool,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let (m, k, n) = (av.rows, av.cols, bv.cols);
     if bv.rows != k {
         return Err(Error::Invalid(format!("matmul: a is {m}x{k} but b is {}x{n}", bv.rows)));
@@ -208,6 +211,19 @@ pub fn product_with(
             expected: format!("{batch} x {m} x {n} elements"),
             actual: format!("{:?}", c.shape()),
         });
+    }
+    let items = [
+        Items { tensor: a, stride: av.batch, extent: av.extent(1) },
+        Items { tensor: b, stride: bv.batch, extent: bv.extent(1) },
+        Items { tensor: c, stride: m * n, extent: m * n },
+    ];
+    if let Some(ranges) = slabs::item_ranges(gpu, batch, &items)? {
+        let mut d = Vec::new();
+        for range in ranges {
+            let [va, vb, vc] = [0, 1, 2].map(|i| items[i].view(gpu, &range));
+            d.extend(product_with(gpu, kernel, range.len(), (&va?, av), (&vb?, bv), &vc?, accumulate)?);
+        }
+        return Ok(d);
     }
     let u = to_u32;
     let p = Params {
@@ -241,7 +257,7 @@ pub fn product_with(
         MatmulKernel::PerElement => batch * m * n,
     };
     let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
-    launch(gpu, Shader::Matmul, kernel.entry(), &p, &bindings, invocations, cost)
+    Ok(vec![launch(gpu, Shader::Matmul, kernel.entry(), &p, &bindings, invocations, cost)?])
 }
 
 /// A batched product of row-major tensors: `a` is `[batch, m, k]` (`[batch, k, m]` if
@@ -278,7 +294,7 @@ impl Matmul {
     }
 
     /// `c = op(a) @ op(b)`.
-    pub fn forward(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Dispatch> {
+    pub fn forward(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Vec<Dispatch>> {
         product(gpu, None, self.batch, (a, self.a()), (b, self.b()), c, false)
     }
 
@@ -291,7 +307,7 @@ impl Matmul {
         b: &Tensor,
         grad_a: &Tensor,
         accumulate: bool,
-    ) -> Result<Dispatch> {
+    ) -> Result<Vec<Dispatch>> {
         if self.trans_a {
             product(gpu, None, self.batch, (b, self.b()), (grad_c, self.c().t()), grad_a, accumulate)
         } else {
@@ -308,7 +324,7 @@ impl Matmul {
         grad_c: &Tensor,
         grad_b: &Tensor,
         accumulate: bool,
-    ) -> Result<Dispatch> {
+    ) -> Result<Vec<Dispatch>> {
         if self.trans_b {
             product(gpu, None, self.batch, (grad_c, self.c().t()), (a, self.a()), grad_b, accumulate)
         } else {

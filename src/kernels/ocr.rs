@@ -52,7 +52,7 @@ pub fn spatial_gather_forward(
     let f = Strided::row_major(g.c, g.hw);
     let p_t = Strided::row_major(g.k, g.hw).t();
     let Some(split) = Slabbed::new(gpu, g.n, g.c, &[Cut::new(feats, 0), Cut::new(context, 0)])? else {
-        d.push(product(gpu, tuner, g.n, (feats, f), (probs, p_t), context, false)?);
+        d.extend(product(gpu, tuner, g.n, (feats, f), (probs, p_t), context, false)?);
         return Ok(d);
     };
     // Each image's channel slab of the context from that slab of the features.
@@ -60,7 +60,7 @@ pub fn spatial_gather_forward(
     for (_, slab) in split.each() {
         let [fs, cs] = split.views(slab, [feats, context])?;
         let f = Strided::row_major(slab.channels.len(), g.hw);
-        d.push(product_with(gpu, kernel, 1, (&fs, f), (&image(gpu, probs, slab.item)?, p_t), &cs, false)?);
+        d.extend(product_with(gpu, kernel, 1, (&fs, f), (&image(gpu, probs, slab.item)?, p_t), &cs, false)?);
     }
     Ok(d)
 }
@@ -86,10 +86,11 @@ pub fn spatial_gather_backward(
     let grad_probs = Tensor::empty(gpu, probs.shape())?;
     let cuts = [grad_context, feats, grad_feats].map(|t| Cut::new(t, 0));
     let mut d = match Slabbed::new(gpu, g.n, g.c, &cuts)? {
-        None => vec![
+        None => [
             product(gpu, tuner, g.n, (grad_context, gc), (probs, p), grad_feats, accumulate_feats)?,
             product(gpu, tuner, g.n, (grad_context, gc.t()), (feats, f), &grad_probs, false)?,
-        ],
+        ]
+        .concat(),
         // Per image and channel slab: the slab's feature gradient (exact), and the region
         // gradient summed over the slabs in order.
         Some(split) => {
@@ -104,8 +105,8 @@ pub fn spatial_gather_backward(
                 );
                 let (probs, grad_probs) =
                     (image(gpu, probs, slab.item)?, image(gpu, &grad_probs, slab.item)?);
-                d.push(product_with(gpu, to_feats, 1, (&gcs, gc), (&probs, p), &gfs, accumulate_feats)?);
-                d.push(product_with(gpu, to_probs, 1, (&gcs, gc.t()), (&fs, f), &grad_probs, j > 0)?);
+                d.extend(product_with(gpu, to_feats, 1, (&gcs, gc), (&probs, p), &gfs, accumulate_feats)?);
+                d.extend(product_with(gpu, to_probs, 1, (&gcs, gc.t()), (&fs, f), &grad_probs, j > 0)?);
             }
             d
         }
@@ -212,9 +213,9 @@ pub fn object_attention_forward(
     let sim_t = Strided::row_major(a.hw, a.k).t();
     let cuts = [query, key, value, out].map(|t| Cut::new(t, 0));
     let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
-        let mut d = vec![product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?];
+        let mut d = product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?;
         d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
-        d.push(product(gpu, tuner, a.n, (value, kv), (sim, sim_t), out, false)?);
+        d.extend(product(gpu, tuner, a.n, (value, kv), (sim, sim_t), out, false)?);
         return Ok(d);
     };
     // Per image and key-channel slab: the logits summed over the slabs in order, then the
@@ -226,7 +227,7 @@ pub fn object_attention_forward(
         let [qs, ks] = split.views(slab, [query, key])?;
         let (q_t, kv) =
             (Strided::row_major(slab.channels.len(), a.hw).t(), Strided::row_major(slab.channels.len(), a.k));
-        d.push(product_with(
+        d.extend(product_with(
             gpu,
             to_logits,
             1,
@@ -240,7 +241,7 @@ pub fn object_attention_forward(
     for (_, slab) in split.each() {
         let [vs, os] = split.views(slab, [value, out])?;
         let kv = Strided::row_major(slab.channels.len(), a.k);
-        d.push(product_with(gpu, to_out, 1, (&vs, kv), (&image(gpu, sim, slab.item)?, sim_t), &os, false)?);
+        d.extend(product_with(gpu, to_out, 1, (&vs, kv), (&image(gpu, sim, slab.item)?, sim_t), &os, false)?);
     }
     Ok(d)
 }
@@ -278,13 +279,14 @@ pub fn object_attention_backward(
     let (gk, acc_k) = grads.key;
     let cuts = [query, key, value, grad_out, gq, gk, gv].map(|t| Cut::new(t, 0));
     let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
-        let mut d = vec![
+        let mut d = [
             product(gpu, tuner, a.n, (grad_out, go), (sim, s), gv, acc_v)?,
             product(gpu, tuner, a.n, (grad_out, go.t()), (value, kv), &grad_sim, false)?,
-        ];
+        ]
+        .concat();
         d.extend(softmax::backward(gpu, sim, &grad_sim, a.axis(), a.scale(), &grad_logits, false)?);
-        d.push(product(gpu, tuner, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
-        d.push(product(gpu, tuner, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
+        d.extend(product(gpu, tuner, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
+        d.extend(product(gpu, tuner, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
         return Ok(d);
     };
     // Per image and key-channel slab: the value, query and key gradients of the slab
@@ -300,8 +302,8 @@ pub fn object_attention_backward(
         let (go, kv) =
             (Strided::row_major(slab.channels.len(), a.hw), Strided::row_major(slab.channels.len(), a.k));
         let (sim, grad_sim) = (image(gpu, sim, slab.item)?, image(gpu, &grad_sim, slab.item)?);
-        d.push(product_with(gpu, to_value, 1, (&gos, go), (&sim, s), &gvs, acc_v)?);
-        d.push(product_with(gpu, to_sim, 1, (&gos, go.t()), (&vs, kv), &grad_sim, j > 0)?);
+        d.extend(product_with(gpu, to_value, 1, (&gos, go), (&sim, s), &gvs, acc_v)?);
+        d.extend(product_with(gpu, to_sim, 1, (&gos, go.t()), (&vs, kv), &grad_sim, j > 0)?);
     }
     d.extend(softmax::backward(gpu, sim, &grad_sim, a.axis(), a.scale(), &grad_logits, false)?);
     for (_, slab) in split.each() {
@@ -309,8 +311,8 @@ pub fn object_attention_backward(
         let (go, kv) =
             (Strided::row_major(slab.channels.len(), a.hw), Strided::row_major(slab.channels.len(), a.k));
         let grad_logits = image(gpu, &grad_logits, slab.item)?;
-        d.push(product_with(gpu, to_query, 1, (&ks, kv), (&grad_logits, s.t()), &gqs, acc_q)?);
-        d.push(product_with(gpu, to_key, 1, (&qs, go), (&grad_logits, s), &gks, acc_k)?);
+        d.extend(product_with(gpu, to_query, 1, (&ks, kv), (&grad_logits, s.t()), &gqs, acc_q)?);
+        d.extend(product_with(gpu, to_key, 1, (&qs, go), (&grad_logits, s), &gks, acc_k)?);
     }
     Ok(d)
 }

@@ -87,25 +87,40 @@ pub(crate) fn channel_slabs(gpu: &Gpu, items: usize, channels: usize, cuts: &[Cu
     };
     let mut slabs = Vec::new();
     for item in 0..items {
-        let mut start = 0;
-        while start < channels {
-            let mut end = (start + widest).min(channels);
-            while end < channels && end > start && !aligned(item, end) {
-                end -= 1;
-            }
-            if end == start || !aligned(item, start) {
-                let shapes: Vec<String> = cuts.iter().map(|c| fmt_shape(c.tensor.shape())).collect();
-                return Err(Error::Invalid(format!(
-                    "tensors of shapes {} exceed a storage binding ({limit} bytes) and cannot be cut \
-                     into channel slabs at the adapter's {align}-byte offset alignment",
-                    shapes.join(", ")
-                )));
-            }
-            slabs.push(Slab { item, channels: start..end });
-            start = end;
-        }
+        let ranges = aligned_ranges(channels, widest, |c| aligned(item, c))
+            .ok_or_else(|| unaligned(cuts.iter().map(|c| c.tensor), limit, align, "into channel slabs"))?;
+        slabs.extend(ranges.into_iter().map(|channels| Slab { item, channels }));
     }
     Ok(slabs)
+}
+
+/// Consecutive ranges covering `0..len`, each at most `longest` long, every range
+/// starting where `aligned` allows; `None` when no such cut exists.
+fn aligned_ranges(len: usize, longest: usize, aligned: impl Fn(usize) -> bool) -> Option<Vec<Range<usize>>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    while start < len {
+        let mut end = (start + longest).min(len);
+        while end < len && end > start && !aligned(end) {
+            end -= 1;
+        }
+        if end == start || !aligned(start) {
+            return None;
+        }
+        ranges.push(start..end);
+        start = end;
+    }
+    Some(ranges)
+}
+
+/// The error for tensors beyond a binding that no cut at the offset alignment splits.
+fn unaligned<'a>(tensors: impl Iterator<Item = &'a Tensor>, limit: u64, align: u64, how: &str) -> Error {
+    let shapes: Vec<String> = tensors.map(|t| fmt_shape(t.shape())).collect();
+    Error::Invalid(format!(
+        "tensors of shapes {} exceed a storage binding ({limit} bytes) and cannot be cut {how} at the \
+         adapter's {align}-byte offset alignment",
+        shapes.join(", ")
+    ))
 }
 
 /// [`channel_slabs`] when one of the cut tensors exceeds a binding, or `None` when every one
@@ -125,4 +140,68 @@ pub(crate) fn flat_chunks(gpu: &Gpu, len: usize) -> Vec<Range<usize>> {
     let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
     let chunk = ((limits.max_storage_buffer_binding_size / 4) as usize / align * align).max(align);
     (0..len).step_by(chunk).map(|s| s..(s + chunk).min(len)).collect()
+}
+
+/// One tensor of a launch split into ranges of items: item `i` starts at element
+/// `i * stride` (0: every item reads the same elements) and spans `extent` elements.
+#[derive(Clone, Copy)]
+pub(crate) struct Items<'a> {
+    pub tensor: &'a Tensor,
+    pub stride: usize,
+    pub extent: usize,
+}
+
+impl Items<'_> {
+    /// Elements spanned by `count` items from the first.
+    fn span(&self, count: usize) -> usize {
+        (count - 1) * self.stride + self.extent
+    }
+
+    /// The view of items `range`, flat.
+    pub fn view(&self, gpu: &Gpu, range: &Range<usize>) -> Result<Tensor> {
+        self.tensor.view(gpu, range.start * self.stride, &[self.span(range.len())])
+    }
+}
+
+/// Ranges of `items` consecutive items, each the longest whose views of `tensors` fit a
+/// binding and start where the adapter's offset alignment allows (the launch of
+/// independent items, a softmax row or a product's matrix, split bit-identically), or
+/// `None` when every tensor fits whole. An error names the tensor when one item is too
+/// large, or when no aligned cut exists.
+pub(crate) fn item_ranges(
+    gpu: &Gpu,
+    items: usize,
+    tensors: &[Items<'_>],
+) -> Result<Option<Vec<Range<usize>>>> {
+    let all: Vec<&Tensor> = tensors.iter().map(|t| t.tensor).collect();
+    if !exceeds_binding(gpu, &all) {
+        return Ok(None);
+    }
+    let limits = gpu.limits();
+    let (limit, align) =
+        (limits.max_storage_buffer_binding_size, u64::from(limits.min_storage_buffer_offset_alignment));
+    let elements = (limit / 4) as usize;
+    let mut longest = items;
+    for t in tensors {
+        if t.extent > elements {
+            return Err(Error::Limit {
+                what: format!(
+                    "one item ({} elements) of a tensor of shape {}",
+                    t.extent,
+                    fmt_shape(t.tensor.shape())
+                ),
+                bytes: 4 * t.extent as u64,
+                limit,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        if let Some(more) = (elements - t.extent).checked_div(t.stride) {
+            longest = longest.min(more + 1);
+        }
+    }
+    let aligned =
+        |i: usize| tensors.iter().all(|t| (t.tensor.offset() + 4 * (i * t.stride) as u64) % align == 0);
+    aligned_ranges(items, longest, aligned)
+        .map(Some)
+        .ok_or_else(|| unaligned(all.into_iter(), limit, align, "between items"))
 }

@@ -1,6 +1,9 @@
 //! Softmax of `scale * x` along the middle axis of `[outer, len, inner]`, numerically stable
-//! for inputs of any magnitude, with its backward (`softmax.wgsl`).
+//! for inputs of any magnitude, with its backward (`softmax.wgsl`). Tensors beyond a storage
+//! binding run in ranges of `outer` ([`slabs::item_ranges`]), each summing in the chunks of
+//! the whole axis: bit-identical to one launch.
 
+use super::slabs::{self, Items};
 use super::{f32_bytes, launch, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -61,17 +64,42 @@ impl Axis {
         (self.len.div_ceil(chunk_len), chunk_len)
     }
 
-    fn params(&self, scale: f32, flags: u32) -> Result<Params> {
+    /// The kernel's parameters, summing in chunks of `chunk_len`.
+    fn params(&self, chunk_len: usize, scale: f32, flags: u32) -> Result<Params> {
         to_u32("softmax elements", self.numel())?;
         Ok(Params {
             outer: self.outer as u32,
             len: self.len as u32,
             inner: self.inner as u32,
-            chunk_len: self.split().1 as u32,
+            chunk_len: chunk_len as u32,
             scale,
             flags,
             _pad: [0; 2],
         })
+    }
+
+    /// Runs `launch` over the whole axis, or where `tensors` (laid out along it) exceed a
+    /// binding, once per range of `outer` with views of them; either way with the whole
+    /// axis's chunks.
+    fn launches(
+        &self,
+        gpu: &Gpu,
+        tensors: &[&Tensor],
+        launch: impl Fn(Axis, (usize, usize), &[Tensor]) -> Result<Vec<Dispatch>>,
+    ) -> Result<Vec<Dispatch>> {
+        let block = self.len * self.inner;
+        let items: Vec<Items<'_>> =
+            tensors.iter().map(|&t| Items { tensor: t, stride: block, extent: block }).collect();
+        let Some(ranges) = slabs::item_ranges(gpu, self.outer, &items)? else {
+            let whole: Vec<Tensor> = tensors.iter().map(|&t| t.clone()).collect();
+            return launch(*self, self.split(), &whole);
+        };
+        let mut d = Vec::new();
+        for range in ranges {
+            let views = items.iter().map(|t| t.view(gpu, &range)).collect::<Result<Vec<_>>>()?;
+            d.extend(launch(Axis { outer: range.len(), ..*self }, self.split(), &views)?);
+        }
+        Ok(d)
     }
 }
 
@@ -79,10 +107,21 @@ impl Axis {
 pub fn forward(gpu: &Gpu, x: &Tensor, axis: Axis, scale: f32, y: &Tensor) -> Result<Vec<Dispatch>> {
     check_shape("softmax input (as [outer, len, inner])", &[axis.numel()], &[x.numel()])?;
     check_shape("softmax output", x.shape(), y.shape())?;
-    let p = axis.params(scale, 0)?;
+    axis.launches(gpu, &[x, y], |axis, split, t| forward_rows(gpu, &t[0], axis, split, scale, &t[1]))
+}
+
+/// [`forward`] in one launch over `axis`, summing in `(chunks, chunk_len)`.
+fn forward_rows(
+    gpu: &Gpu,
+    x: &Tensor,
+    axis: Axis,
+    (chunks, chunk_len): (usize, usize),
+    scale: f32,
+    y: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    let p = axis.params(chunk_len, scale, 0)?;
     let n = axis.numel();
     let cost = Cost { flops: 5 * n as u64, bytes: f32_bytes(2 * n) };
-    let (chunks, _) = axis.split();
     if chunks == 1 {
         let bindings = [Binding::read(1, x), Binding::write(2, y)];
         return Ok(vec![launch(gpu, Shader::Softmax, "softmax_rows", &p, &bindings, axis.rows(), cost)?]);
@@ -134,10 +173,24 @@ pub fn backward(
     check_shape("softmax output (as [outer, len, inner])", &[axis.numel()], &[y.numel()])?;
     check_shape("softmax output gradient", y.shape(), grad_y.shape())?;
     check_shape("softmax input gradient", y.shape(), grad_x.shape())?;
-    let p = axis.params(scale, if accumulate { ACCUMULATE } else { 0 })?;
+    let flags = if accumulate { ACCUMULATE } else { 0 };
+    axis.launches(gpu, &[y, grad_y, grad_x], |axis, split, t| {
+        backward_rows(gpu, [&t[0], &t[1], &t[2]], axis, split, (scale, flags))
+    })
+}
+
+/// [`backward`] in one launch over `axis` (`[y, grad_y, grad_x]`), summing in
+/// `(chunks, chunk_len)`.
+fn backward_rows(
+    gpu: &Gpu,
+    [y, grad_y, grad_x]: [&Tensor; 3],
+    axis: Axis,
+    (chunks, chunk_len): (usize, usize),
+    (scale, flags): (f32, u32),
+) -> Result<Vec<Dispatch>> {
+    let p = axis.params(chunk_len, scale, flags)?;
     let n = axis.numel();
     let cost = Cost { flops: 5 * n as u64, bytes: f32_bytes(3 * n) };
-    let (chunks, _) = axis.split();
     let io = [Binding::read(7, y), Binding::read(4, grad_y)];
     if chunks == 1 {
         let bindings = [&io[..], &[Binding::write(5, grad_x)]].concat();

@@ -19,7 +19,7 @@ fn run(mm: &Matmul, a: &[f32], b: &[f32], gc: &[f32], old_a: Option<&[f32]>) -> 
         mm.backward_a(gpu, &gct, &bt, &ga, old_a.is_some()).unwrap(),
         mm.backward_b(gpu, &at, &gct, &gb, false).unwrap(),
     ];
-    gpu.run(&ds).unwrap();
+    gpu.run(ds.iter().flatten()).unwrap();
     [download(&c), download(&ga), download(&gb)]
 }
 
@@ -130,7 +130,7 @@ fn both_matmul_kernels_match_cpu_on_random_products() {
             let c_shape = [mm.batch, mm.m, mm.n];
             let c = old.as_deref().map_or_else(|| poisoned(&c_shape), |o| upload(&c_shape, o));
             let d = product_with(gpu, kernel, mm.batch, (&at, av), (&bt, bv), &c, old.is_some()).unwrap();
-            gpu.run(&[d]).unwrap();
+            gpu.run(&d).unwrap();
             assert_close(
                 &format!("{kernel:?} {mm:?} accumulate {}", old.is_some()),
                 &download(&c),

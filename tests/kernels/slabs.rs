@@ -363,10 +363,10 @@ fn a_channel_plane_beyond_a_binding_is_refused_naming_it() {
     assert!(e.contains("[1, 2, 64, 128]") && e.contains("max_storage_buffer_binding_size"), "{e}");
 }
 
-/// A kernel binds at most a binding: a launch handed a larger tensor whole is refused,
-/// naming the kernel, the binding and the limit (here a matmul, which is never given one).
+/// A product whose single matrix is beyond a binding cannot be cut between matrices: it is
+/// refused, naming the tensor, the limit and its size.
 #[test]
-fn a_launch_binding_more_than_a_binding_is_refused_naming_it() {
+fn a_matrix_beyond_a_binding_is_refused_naming_it() {
     use hrnet_ocr::kernels::matmul::{self, Strided};
     let g = narrow();
     let (a, b) = (Tensor::zeros(g, &[64, 128]).unwrap(), Tensor::zeros(g, &[128, 4]).unwrap());
@@ -386,6 +386,57 @@ fn a_launch_binding_more_than_a_binding_is_refused_naming_it() {
         e.contains("[64, 128]") && e.contains("max_storage_buffer_binding_size") && e.contains("16384"),
         "{e}"
     );
+}
+
+/// Batched products beyond a binding run in ranges of the batch, each matrix as in one
+/// launch: the forward and both gradients (one accumulating), with either operand
+/// transposed, are the same bits.
+#[test]
+fn matrix_products_run_in_batch_ranges_bit_identically() {
+    use hrnet_ocr::kernels::matmul::Matmul;
+    let mut rng = Rng::new(seed("matrix_products_run_in_batch_ranges"));
+    for (trans_a, trans_b) in [(false, false), (true, false), (false, true)] {
+        let mm = Matmul { batch: 6, m: 32, k: 24, n: 16, trans_a, trans_b };
+        let (a, b, c) = ([6, 32, 24], [6, 24, 16], [6, 32, 16]);
+        let (ad, bd, gcd, old) =
+            (rng.normals(numel(&a)), rng.normals(numel(&b)), rng.normals(numel(&c)), rng.normals(numel(&a)));
+        let ins: [(&[usize], &[f32]); 3] = [(&a, &ad), (&b, &bd), (&c, &gcd)];
+        let (poison, acc) = (Init::Poison, Init::Data(old));
+        let outs: [(&[usize], &Init); 3] = [(&c, &poison), (&a, &acc), (&b, &poison)];
+        let r = both("matmul", &ins, &outs, &|g, i, o| {
+            [
+                mm.forward(g, &i[0], &i[1], &o[0]).unwrap(),
+                mm.backward_a(g, &i[2], &i[1], &o[1], true).unwrap(),
+                mm.backward_b(g, &i[0], &i[2], &o[2], false).unwrap(),
+            ]
+            .concat()
+        });
+        assert_same_bits(&format!("matmul {mm:?}"), &r);
+    }
+}
+
+/// Softmax beyond a binding runs in ranges of its outer axis with the whole axis's
+/// chunking: short rows along a middle axis, and long rows summed in chunks (3000 terms:
+/// three), forward and
+/// backward (accumulating), the same bits.
+#[test]
+fn softmax_runs_in_outer_ranges_bit_identically() {
+    use hrnet_ocr::kernels::softmax::{self, Axis};
+    let mut rng = Rng::new(seed("softmax_runs_in_outer_ranges"));
+    for axis in [Axis { outer: 4, len: 19, inner: 100 }, Axis { outer: 6, len: 3000, inner: 1 }] {
+        let shape = [axis.outer, axis.len, axis.inner];
+        let (x, gy, old) =
+            (rng.normals(numel(&shape)), rng.normals(numel(&shape)), rng.normals(numel(&shape)));
+        let ins: [(&[usize], &[f32]); 2] = [(&shape, &x), (&shape, &gy)];
+        let (poison, acc) = (Init::Poison, Init::Data(old));
+        let outs: [(&[usize], &Init); 2] = [(&shape, &poison), (&shape, &acc)];
+        let r = both("softmax", &ins, &outs, &|g, i, o| {
+            let mut d = softmax::forward(g, &i[0], axis, 0.7, &o[0]).unwrap();
+            d.extend(softmax::backward(g, &o[0], &i[1], axis, 0.7, &o[1], true).unwrap());
+            d
+        });
+        assert_same_bits(&format!("softmax {axis:?}"), &r);
+    }
 }
 
 /// Asserts each output matches the full device's to rounding (relative L2 1e-6): the
