@@ -173,27 +173,17 @@ impl Op {
 /// - with [`Recompute::Convolutions`], each convolution output a batch norm reads, by
 ///   running the convolution again from its input (kept, or itself rebuilt first).
 pub(super) fn rebuilt_values(ops: &[Op], mode: Recompute) -> HashMap<ValueId, usize> {
-    let made_by_bn: HashMap<ValueId, usize> = ops
-        .iter()
-        .enumerate()
-        .filter_map(|(at, op)| match op {
-            Op::BatchNorm { y, .. } => Some((*y, at)),
-            _ => None,
-        })
-        .collect();
-    let made_by_conv: HashMap<ValueId, usize> = ops
-        .iter()
-        .enumerate()
-        .filter_map(|(at, op)| match op {
-            Op::Conv2d { y, .. } => Some((*y, at)),
-            _ => None,
-        })
-        .collect();
+    let made_by: HashMap<ValueId, usize> =
+        ops.iter().enumerate().filter_map(|(at, op)| op.io().1.map(|y| (y, at))).collect();
+    // The node that made `v`, if `is` it.
+    let maker = |v: &ValueId, is: fn(&Op) -> bool| made_by.get(v).copied().filter(|&at| is(&ops[at]));
     ops.iter()
         .filter_map(|op| match (op, mode) {
             (_, Recompute::Nothing) => None,
-            (Op::Relu { x, y }, _) => made_by_bn.get(x).map(|&at| (*y, at)),
-            (Op::BatchNorm { x, .. }, Recompute::Convolutions) => made_by_conv.get(x).map(|&at| (*x, at)),
+            (Op::Relu { x, y }, _) => maker(x, |op| matches!(op, Op::BatchNorm { .. })).map(|at| (*y, at)),
+            (Op::BatchNorm { x, .. }, Recompute::Convolutions) => {
+                maker(x, |op| matches!(op, Op::Conv2d { .. })).map(|at| (*x, at))
+            }
             _ => None,
         })
         .collect()
