@@ -136,6 +136,79 @@ fn matmul_per_element(@builtin(global_invocation_id) gid: vec3<u32>,
     c[idx] = select(0.0, c[idx], (p.flags & ACCUMULATE) != 0u) + sum;
 }
 
+// The product through workgroup memory, the variant for GPUs: a workgroup of 64
+// invocations (8 x 8) computes 32 x 32 elements of one c[bt], over k in slices of SLICE
+// (8 or 16, an override the tuner picks). Every invocation stages SLICE / 8 quads of a'
+// (4 rows at one k) and as many of b' (4 columns at one k) per slice, zeros past k,
+// then accumulates its 4 x 4 elements from workgroup memory, summing over k in order.
+override SLICE: u32 = 8u;
+const MAX_SLICE: u32 = 16u;
+var<workgroup> slice_a: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][row quad]
+var<workgroup> slice_b: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][column quad]
+
+@compute @workgroup_size(64)
+fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let row_blocks = (p.m + 31u) / 32u;
+    let col_blocks = (p.n + 31u) / 32u;
+    let wg = wid.x + wid.y * nwg.x;
+    if wg >= p.batch * row_blocks * col_blocks { return; }
+    let j0 = (wg % col_blocks) * 32u;
+    let i0 = ((wg / col_blocks) % row_blocks) * 32u;
+    let bt = wg / (col_blocks * row_blocks);
+    // What this invocation stages: rows lid / 8 (+ 8) of the slice, quad lid % 8.
+    let sq = lid % 8u;
+    let ai = vec4<u32>(i0 + 4u * sq) + vec4<u32>(0u, 1u, 2u, 3u);
+    let bj = vec4<u32>(j0 + 4u * sq) + vec4<u32>(0u, 1u, 2u, 3u);
+    // Rows and columns past the edge re-read the last one; their sums are not stored.
+    let a_at = vec4<u32>(bt * p.a_batch) + min(ai, vec4<u32>(p.m - 1u)) * p.a_row;
+    let b_at = vec4<u32>(bt * p.b_batch) + min(bj, vec4<u32>(p.n - 1u)) * p.b_col;
+    // What it accumulates: rows 4 (lid / 8) + r, columns quad lid % 8.
+#for R in 0..4
+    var acc${R} = vec4<f32>(0.0);
+#end
+    for (var k0 = 0u; k0 < p.k; k0 += SLICE) {
+        for (var row = lid / 8u; row < SLICE; row += 8u) {
+            let kk = k0 + row;
+            var av = vec4<f32>(0.0);
+            var bv = vec4<f32>(0.0);
+            if kk < p.k {
+                let ak = a_at + vec4<u32>(kk * p.a_col);
+                let bk = b_at + vec4<u32>(kk * p.b_row);
+                av = vec4<f32>(a[ak.x], a[ak.y], a[ak.z], a[ak.w]);
+                bv = gather(bk);
+            }
+            slice_a[row * 8u + sq] = av;
+            slice_b[row * 8u + sq] = bv;
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < SLICE; j++) {
+            let a4 = slice_a[j * 8u + lid / 8u];
+            let b4 = slice_b[j * 8u + lid % 8u];
+#for R in 0..4
+            acc${R} += a4[${R}] * b4;
+#end
+        }
+        workgroupBarrier();
+    }
+    let i = i0 + 4u * (lid / 8u);
+    let j = j0 + 4u * (lid % 8u);
+#for R in 0..4
+    store_quad(bt, i + ${R}u, j, acc${R});
+#end
+}
+
+// Row i of c[bt] at columns j..j+4 (those inside c).
+fn store_quad(bt: u32, i: u32, j: u32, v: vec4<f32>) {
+    if i >= p.m { return; }
+    let row = (bt * p.m + i) * p.n;
+    let keep = (p.flags & ACCUMULATE) != 0u;
+    for (var s = 0u; s < 4u && j + s < p.n; s++) {
+        c[row + j + s] = select(0.0, c[row + j + s], keep) + v[s];
+    }
+}
+
 // Offsets in b of columns j..j+4 of b'[bt] (the last column for those past the edge).
 fn column_quad(bt: u32, j: u32) -> vec4<u32> {
     return min(vec4<u32>(j) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.n - 1u)) * p.b_col + vec4<u32>(bt * p.b_batch);

@@ -5,7 +5,7 @@
 
 use super::slabs::{self, Items};
 use super::tuning::{self, Tunable, Tuner};
-use super::{f32_bytes, launch, to_u32};
+use super::{f32_bytes, launch, launch_tuned, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, Tensor};
@@ -65,6 +65,11 @@ pub enum MatmulKernel {
     /// One element of c per invocation: slow per element, but compiled in tens of
     /// milliseconds where the tiles take 1.5 s on lavapipe.
     PerElement,
+    /// 32 x 32 elements of c per workgroup of 64, k staged through workgroup memory in
+    /// slices of 8 rows (the shader's `SLICE` override): the variant for GPUs.
+    TiledK8,
+    /// The same with slices of 16: half the barriers, twice the workgroup memory.
+    TiledK16,
 }
 
 /// Products below this many multiply-adds take [`MatmulKernel::PerElement`] untimed: about a
@@ -78,6 +83,16 @@ impl MatmulKernel {
         match self {
             MatmulKernel::Tiles16 => "matmul",
             MatmulKernel::PerElement => "matmul_per_element",
+            MatmulKernel::TiledK8 | MatmulKernel::TiledK16 => "matmul_tiled",
+        }
+    }
+
+    /// Rows of k a workgroup-memory variant stages at once; none for the others.
+    pub fn slice(self) -> Option<u32> {
+        match self {
+            MatmulKernel::Tiles16 | MatmulKernel::PerElement => None,
+            MatmulKernel::TiledK8 => Some(8),
+            MatmulKernel::TiledK16 => Some(16),
         }
     }
 }
@@ -126,13 +141,25 @@ impl MatmulClass {
 impl Tunable for MatmulKernel {
     const FAMILY: &'static str = "matmul";
     type Class = MatmulClass;
-    const ALL: &'static [Self] = &[MatmulKernel::Tiles16, MatmulKernel::PerElement];
+    const ALL: &'static [Self] =
+        &[MatmulKernel::Tiles16, MatmulKernel::PerElement, MatmulKernel::TiledK8, MatmulKernel::TiledK16];
 
     fn name(self) -> &'static str {
         match self {
             MatmulKernel::Tiles16 => "tiles16",
             MatmulKernel::PerElement => "per-element",
+            MatmulKernel::TiledK8 => "tiled-k8",
+            MatmulKernel::TiledK16 => "tiled-k16",
         }
+    }
+
+    /// The workgroup-memory variants need 64 invocations a workgroup.
+    fn runs_on(self, gpu: &Gpu) -> bool {
+        self.slice().is_none() || gpu.workgroup_size() >= 64
+    }
+
+    fn tier(self) -> Option<&'static str> {
+        self.slice().map(|_| "workgroup-memory tiles")
     }
 
     fn key(c: &MatmulClass) -> String {
@@ -246,18 +273,26 @@ pub fn product_with(
         flops: 2 * (batch * m * n * k) as u64,
         bytes: f32_bytes(batch * (m * k + k * n + m * n * (1 + usize::from(accumulate)))),
     };
-    let invocations = match kernel {
+    let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
+    let entry = (Shader::Matmul, kernel.entry());
+    Ok(vec![match kernel.slice() {
         // A workgroup per (matrix, 16 rows, block of WG 16-column tiles). One workgroup size
         // for every shape (each size is another pipeline for the driver to compile); on
         // narrow products the invocations past the last tile return at once.
-        MatmulKernel::Tiles16 => {
+        None => {
             let wg = gpu.workgroup_size() as usize;
-            batch * m.div_ceil(16) * n.div_ceil(16 * wg) * wg
+            let invocations = match kernel {
+                MatmulKernel::PerElement => batch * m * n,
+                _ => batch * m.div_ceil(16) * n.div_ceil(16 * wg) * wg,
+            };
+            launch(gpu, entry.0, entry.1, &p, &bindings, invocations, cost)?
         }
-        MatmulKernel::PerElement => batch * m * n,
-    };
-    let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
-    Ok(vec![launch(gpu, Shader::Matmul, kernel.entry(), &p, &bindings, invocations, cost)?])
+        // A workgroup of 64 per (matrix, 32 rows, 32 columns).
+        Some(slice) => {
+            let invocations = batch * m.div_ceil(32) * n.div_ceil(32) * 64;
+            launch_tuned(gpu, entry, 64, &[("SLICE", f64::from(slice))], &p, &bindings, invocations, cost)?
+        }
+    }])
 }
 
 /// A batched product of row-major tensors: `a` is `[batch, m, k]` (`[batch, k, m]` if

@@ -109,11 +109,12 @@ fn matmul_matches_cpu_on_random_shapes_and_transposes() {
 }
 
 #[test]
-fn both_matmul_kernels_match_cpu_on_random_products() {
-    // `product` picks a kernel by size; each must hold for any shape, transpose and
-    // accumulation, so both run here whatever the size.
+fn every_matmul_kernel_matches_cpu_on_random_products() {
+    // `product` takes the tuner's kernel for the size class; each (register tiles, per
+    // element, workgroup-memory tiles with either slice) must hold for any shape,
+    // transpose and accumulation, so all run here whatever the size and the adapter.
     let gpu = gpu();
-    let mut rng = Rng::new(seed("both_matmul_kernels_match_cpu_on_random_products"));
+    let mut rng = Rng::new(seed("every_matmul_kernel_matches_cpu_on_random_products"));
     for i in 0..40 {
         let mm = random_product(&mut rng, i, 70);
         let (a, b) = (rng.normals(mm.batch * mm.m * mm.k), rng.normals(mm.batch * mm.k * mm.n));
