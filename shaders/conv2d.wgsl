@@ -619,6 +619,94 @@ fn weight_tap_columns(kx: u32) -> vec2<u32> {
     return vec2<u32>(lo, hi);
 }
 
+// The weight gradient as a GEMM through workgroup memory, the variant for GPUs: a
+// workgroup of 64 invocations (8 x 8) computes 32 output channels x 32 columns (input
+// channel, tap) of grad_weight, `[co][ci * kh * kw]` row-major, over one chunk of output
+// rows; K = the chunk's output pixels in slices of SLICE. Every invocation stages SLICE / 8
+// quads of output-gradient channels and as many quads of input values (the pixels the
+// columns' taps read, zero in the padding) per slice, then accumulates its 4 channels x 4
+// columns from workgroup memory. Partial sums per chunk are added in a fixed order after.
+@compute @workgroup_size(64)
+fn conv2d_backward_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>,
+                                @builtin(num_workgroups) nwg: vec3<u32>,
+                                @builtin(local_invocation_index) lid: u32) {
+    let taps = p.kh * p.kw;
+    let columns = p.ci * taps;
+    let co_blocks = (p.co + 31u) / 32u;
+    let column_blocks = (columns + 31u) / 32u;
+    let rows = p.n * p.ho;
+    let chunks = (rows + p.chunk_rows - 1u) / p.chunk_rows;
+    let wg = wid.x + wid.y * nwg.x;
+    if wg >= chunks * co_blocks * column_blocks { return; }
+    let c0 = (wg % column_blocks) * 32u;
+    let co0 = ((wg / column_blocks) % co_blocks) * 32u;
+    let chunk = wg / (column_blocks * co_blocks);
+    let row0 = chunk * p.chunk_rows;
+    let depth = (min(rows, row0 + p.chunk_rows) - row0) * p.wo;
+    let ohw = p.ho * p.wo;
+    // What this invocation stages: rows lid / 8 (+ 8) of the slice, quad lid % 8 of the
+    // block's channels and of its columns (past the last, the last: never stored).
+    let sq = lid % 8u;
+    let g_planes = min(quad(co0 + 4u * sq), vec4<u32>(p.co - 1u)) * ohw;
+    let column = min(quad(c0 + 4u * sq), vec4<u32>(columns - 1u));
+    let ci = column / taps;
+    let tap = column % taps;
+    let off_y = vec4<i32>((tap / p.kw) * p.dil_h) - i32(p.pad_h);
+    let off_x = vec4<i32>((tap % p.kw) * p.dil_w) - i32(p.pad_w);
+    // What it accumulates: channels 4 (lid / 8) + r of the block, column quad lid % 8.
+#for R in 0..4
+    var acc${R} = vec4<f32>(0.0);
+#end
+    for (var k0 = 0u; k0 < depth; k0 += SLICE) {
+        for (var row = lid / 8u; row < SLICE; row += 8u) {
+            let k = k0 + row;
+            var gv = vec4<f32>(0.0);
+            var xv = vec4<f32>(0.0);
+            if k < depth {
+                let r = row0 + k / p.wo;
+                let ox = k % p.wo;
+                let n = r / p.ho;
+                let oy = r % p.ho;
+                gv = grad_y_quad(n * p.co * ohw + oy * p.wo + ox, g_planes);
+                let iy = i32(oy * p.stride_h) + off_y;
+                let ix = i32(ox * p.stride_w) + off_x;
+                let inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(i32(p.h))) & (ix >= vec4<i32>(0))
+                    & (ix < vec4<i32>(i32(p.w)));
+                let at = ((vec4<u32>(n * p.ci) + ci) * p.h + vec4<u32>(max(iy, vec4<i32>(0)))) * p.w
+                    + vec4<u32>(max(ix, vec4<i32>(0)));
+                xv = select(vec4<f32>(0.0), x_quad(0u, min(at, vec4<u32>(arrayLength(&x) - 1u))), inside);
+            }
+            slice_w[row * 8u + sq] = gv;
+            slice_x[row * 8u + sq] = xv;
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < SLICE; j++) {
+            let g4 = slice_w[j * 8u + lid / 8u];
+            let x4 = slice_x[j * 8u + lid % 8u];
+#for R in 0..4
+            acc${R} += g4[${R}] * x4;
+#end
+        }
+        workgroupBarrier();
+    }
+    let base = chunk * p.co * p.ci * taps;
+    let first = c0 + 4u * (lid % 8u);
+#for R in 0..4
+    store_grad_weight_columns(base, co0 + 4u * (lid / 8u) + ${R}u, first, acc${R});
+#end
+}
+
+// grad_weight[co, columns c..c+4] (column = input channel * kh * kw + tap) from `v`.
+fn store_grad_weight_columns(base: u32, co: u32, c: u32, v: vec4<f32>) {
+    let taps = p.kh * p.kw;
+    if co >= p.co { return; }
+    let keep = (p.flags & ACCUMULATE) != 0u;
+    for (var j = 0u; j < 4u && c + j < p.ci * taps; j++) {
+        let i = base + ((p.co0 + co) * p.weight_ci + p.weight_ci0) * taps + c + j;
+        grad_weight[i] = select(0.0, grad_weight[i], keep) + v[j];
+    }
+}
+
 // Offsets from channel `first`'s plane of channels first + skip .. + 4, each clamped to
 // the last of `count` (channels past it re-read it; their sums are never stored).
 fn channel_offsets(first: u32, skip: u32, count: u32, plane: u32) -> vec4<u32> {

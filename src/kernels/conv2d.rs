@@ -644,15 +644,30 @@ pub fn backward_weight_with(
 ) -> Result<Vec<Dispatch>> {
     let d = Dims::resolve(spec, x.shape(), grad_weight.shape())?;
     check_shape("conv2d output gradient", &d.y_shape(), grad_y.shape())?;
-    let (per, entry) = match variant {
-        ConvWeightGrad::Wide => (16, "conv2d_backward_weight_wide"),
-        ConvWeightGrad::Narrow => (4, "conv2d_backward_weight"),
+    // Invocations per chunk of output rows, and the launch of `invocations` of them.
+    let (tiles, entry): (fn(&Dims) -> usize, &'static str) = match variant {
+        ConvWeightGrad::Wide => {
+            (|d| d.co.div_ceil(16) * d.ci.div_ceil(16) * d.kh * d.kw, "conv2d_backward_weight_wide")
+        }
+        ConvWeightGrad::Narrow => {
+            (|d| d.co.div_ceil(16) * d.ci.div_ceil(4) * d.kh * d.kw, "conv2d_backward_weight")
+        }
+        ConvWeightGrad::TiledK8 | ConvWeightGrad::TiledK16 => {
+            (|d| d.co.div_ceil(32) * (d.ci * d.kh * d.kw).div_ceil(32) * 64, "conv2d_backward_weight_tiled")
+        }
     };
-    let tiles = |d: &Dims| d.co.div_ceil(16) * d.ci.div_ceil(per) * d.kh * d.kw;
     let cost = |d: &Dims| Cost {
         flops: 2 * d.macs(),
         bytes: f32_bytes(d.n * (d.ci * d.h * d.w + d.co * d.ho * d.wo) + d.weight_len()),
     };
+    let launch =
+        |params: &Params, bindings: &[Binding<'_>], invocations: usize, cost: Cost| match variant.slice() {
+            None => launch(gpu, Shader::Conv2d, entry, params, bindings, invocations, cost),
+            Some(slice) => {
+                let tile = [("SLICE", f64::from(slice))];
+                launch_tuned(gpu, (Shader::Conv2d, entry), 64, &tile, params, bindings, invocations, cost)
+            }
+        };
     if slabs::exceeds_binding(gpu, &[x, grad_y]) {
         // Beyond a binding: each (image, output slab, input slab) sums its image's rows in
         // one chunk straight into its block of grad_weight, the images added in order
@@ -667,15 +682,7 @@ pub fn backward_weight_with(
                 let (slab, params) = d.slab_pair(spec, (input, &out), flags, d.ho)?;
                 let xs = input.view(gpu, inputs)?;
                 let bindings = [Binding::read(1, &xs), Binding::read(5, &gy), Binding::write(7, grad_weight)];
-                dispatches.push(launch(
-                    gpu,
-                    Shader::Conv2d,
-                    entry,
-                    &params,
-                    &bindings,
-                    tiles(&slab),
-                    cost(&slab),
-                )?);
+                dispatches.push(launch(&params, &bindings, tiles(&slab), cost(&slab))?);
             }
         }
         return Ok(dispatches);
@@ -693,7 +700,7 @@ pub fn backward_weight_with(
         scratch(gpu, "conv2d weight-gradient partials", chunks * d.weight_len())?
     };
     let bindings = [Binding::read(1, x), Binding::read(5, grad_y), Binding::write(7, &partials)];
-    let reduce_rows = launch(gpu, Shader::Conv2d, entry, &params, &bindings, chunks * tiles(&d), cost(&d))?;
+    let reduce_rows = launch(&params, &bindings, chunks * tiles(&d), cost(&d))?;
     if direct {
         return Ok(vec![reduce_rows]);
     }

@@ -353,11 +353,27 @@ pub enum ConvInputGrad {
     Wide,
 }
 
-/// The weight gradient's register tiles: 16 output by 4 or 16 input channels.
+/// How the weight gradient is computed: register tiles of 16 output by 4 or 16 input
+/// channels, or a GEMM through workgroup memory (32 output channels x 32 (input channel,
+/// tap) columns per workgroup of 64, the output pixels in slices of 8 or 16: the shader's
+/// `SLICE` override).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvWeightGrad {
     Narrow,
     Wide,
+    TiledK8,
+    TiledK16,
+}
+
+impl ConvWeightGrad {
+    /// Pixels a workgroup-memory variant stages at once; none for the register tiles.
+    pub fn slice(self) -> Option<u32> {
+        match self {
+            ConvWeightGrad::Narrow | ConvWeightGrad::Wide => None,
+            ConvWeightGrad::TiledK8 => Some(8),
+            ConvWeightGrad::TiledK16 => Some(16),
+        }
+    }
 }
 
 /// Input-gradient rows at least this wide take the wide tiles untimed, narrower ones the
@@ -402,13 +418,25 @@ impl Tunable for ConvInputGrad {
 impl Tunable for ConvWeightGrad {
     const FAMILY: &'static str = "conv2d_backward_weight";
     type Class = ConvClass;
-    const ALL: &'static [Self] = &[ConvWeightGrad::Narrow, ConvWeightGrad::Wide];
+    const ALL: &'static [Self] =
+        &[ConvWeightGrad::Narrow, ConvWeightGrad::Wide, ConvWeightGrad::TiledK8, ConvWeightGrad::TiledK16];
 
     fn name(self) -> &'static str {
         match self {
             ConvWeightGrad::Narrow => "narrow",
             ConvWeightGrad::Wide => "wide",
+            ConvWeightGrad::TiledK8 => "tiled-k8",
+            ConvWeightGrad::TiledK16 => "tiled-k16",
         }
+    }
+
+    /// The workgroup-memory variants need 64 invocations a workgroup.
+    fn runs_on(self, gpu: &Gpu) -> bool {
+        self.slice().is_none() || gpu.workgroup_size() >= 64
+    }
+
+    fn tier(self) -> Option<&'static str> {
+        self.slice().map(|_| "workgroup-memory tiles")
     }
 
     fn key(class: &ConvClass) -> String {

@@ -42,9 +42,12 @@ fn conv2d_matches_pytorch_fixtures() {
         let d = ConvDims { n, ci, h, w, co, kh, kw, spec: Conv2dSpec::square(stride, pad, dil) };
         let key = |t: &str| format!("{case}.{t}");
         let b = (bias == 1).then(|| f.get(&key("bias")));
-        for tiles in
-            [(ConvInputGrad::Narrow, ConvWeightGrad::Wide), (ConvInputGrad::Wide, ConvWeightGrad::Narrow)]
-        {
+        for tiles in [
+            (ConvInputGrad::Narrow, ConvWeightGrad::Wide),
+            (ConvInputGrad::Wide, ConvWeightGrad::Narrow),
+            (ConvInputGrad::Narrow, ConvWeightGrad::TiledK8),
+            (ConvInputGrad::Wide, ConvWeightGrad::TiledK16),
+        ] {
             let r = run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")), tiles);
             assert_close(&format!("{case} {d:?} out"), &r.y, f.get(&key("out")), TOL);
             assert_close(&format!("{case} grad_x {tiles:?}"), &r.gx, f.get(&key("grad_x")), TOL);
@@ -81,14 +84,15 @@ fn random_dims(rng: &mut Rng, max_hw: usize) -> ConvDims {
 
 fn check_against_cpu(test: &str, shapes: usize, max_hw: usize) {
     let mut rng = Rng::new(seed(test));
-    for _ in 0..shapes {
+    for i in 0..shapes {
         let d = random_dims(&mut rng, max_hw);
         let x = rng.normals(d.x_shape().iter().product());
         let w = rng.normals(d.w_shape().iter().product());
         let b = rng.coin().then(|| rng.normals(d.co));
         let gy = rng.normals(d.y_shape().iter().product());
-        // Either register tile of each gradient, whatever the shape would take untimed.
-        let tiles = (ConvInputGrad::ALL[rng.range(0, 1)], ConvWeightGrad::ALL[rng.range(0, 1)]);
+        // Either register tile of the input gradient, every variant of the weight gradient in
+        // turn, whatever the shape would take untimed.
+        let tiles = (ConvInputGrad::ALL[rng.range(0, 1)], ConvWeightGrad::ALL[i % ConvWeightGrad::ALL.len()]);
         let r = run_all(&d, &x, &w, b.as_deref(), &gy, tiles);
         let d = (d, tiles);
         assert_close(&format!("{d:?} out"), &r.y, &d.0.forward(&x, &w, b.as_deref()), TOL);

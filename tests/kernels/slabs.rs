@@ -465,9 +465,11 @@ fn convolution_gradients_run_in_slabs() {
             (rng.normals(numel(&X)), rng.normals(numel(&w_shape)), rng.normals(co));
         let ins: [(&[usize], &[f32]); 3] = [(&X, &x), (&w_shape, &w), (&y, &gy)];
         let spec = Conv2dSpec::square(1, pad, 1);
-        for (input_variant, weight_variant) in
-            [(ConvInputGrad::Narrow, ConvWeightGrad::Narrow), (ConvInputGrad::Wide, ConvWeightGrad::Wide)]
-        {
+        for (input_variant, weight_variant) in [
+            (ConvInputGrad::Narrow, ConvWeightGrad::Narrow),
+            (ConvInputGrad::Wide, ConvWeightGrad::Wide),
+            (ConvInputGrad::Narrow, ConvWeightGrad::TiledK16),
+        ] {
             for accumulate in [false, true] {
                 let init = |v: &Vec<f32>| if accumulate { Init::Data(v.clone()) } else { Init::Poison };
                 let (gx0, gw0, gb0) = (init(&old_gx), init(&old_gw), init(&old_gb));
