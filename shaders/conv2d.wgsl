@@ -254,17 +254,12 @@ fn store_y_wide${EPILOGUE}(n: u32, co: u32, px: PixelsWide, v: mat4x4<f32>) {
 #stamp stores(, false)
 #stamp stores(_residual, true)
 
-// The forward as an implicit GEMM through workgroup memory, the variant for GPUs: a
-// workgroup of 64 invocations (8 x 8) computes 32 output channels x 32 pixels of one image,
-// over K = (tap, input channel) in slices of SLICE rows (8 or 16, an override the tuner
-// picks). Every invocation stages SLICE / 8 vec4s of packed weights and as many quads of
-// input pixels (padding as zeros) per slice, then accumulates its 4 channels x 4 pixels
-// from workgroup memory. Two barriers a slice are cheap on a GPU and costly on a CPU
-// driver, so the tuner (src/kernels/tuning.rs) times the variants on the adapter.
-override SLICE: u32 = 8u;
-const MAX_SLICE: u32 = 16u;
-var<workgroup> slice_w: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][channel quad]
-var<workgroup> slice_x: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][pixel quad]
+#include "tiles.wgsl"
+
+// The forward as an implicit GEMM through workgroup memory (tiles.wgsl), the variant for
+// GPUs: rows are 32 output channels, columns 32 pixels of one image, K = (tap, input
+// channel). Slices stage vec4s of packed weights and quads of input pixels (padding as
+// zeros).
 
 #template forward_tiled(ENTRY, EPILOGUE)
 @compute @workgroup_size(64)
@@ -301,18 +296,9 @@ fn ${ENTRY}(@builtin(workgroup_id) wid: vec3<u32>,
                 let tap = k / p.ci;
                 xv = gather_x(tap_source(q_in, tap / p.kw, tap % p.kw, image), (k % p.ci) * p.h * p.w);
             }
-            slice_w[row * 8u + sq] = wv;
-            slice_x[row * 8u + sq] = xv;
+            stage_slice(row, sq, wv, xv);
         }
-        workgroupBarrier();
-        for (var j = 0u; j < SLICE; j++) {
-            let w4 = slice_w[j * 8u + lid / 8u];
-            let xs = slice_x[j * 8u + lid % 8u];
-#for J in 0..4
-            a${J} += w4[${J}] * xs;
-#end
-        }
-        workgroupBarrier();
+#stamp accumulate_slice(a)
     }
     let co0 = group * 32u + (lid / 8u) * 4u;
     let q = quad(block * 32u + (lid % 8u) * 4u);
@@ -619,13 +605,12 @@ fn weight_tap_columns(kx: u32) -> vec2<u32> {
     return vec2<u32>(lo, hi);
 }
 
-// The weight gradient as a GEMM through workgroup memory, the variant for GPUs: a
-// workgroup of 64 invocations (8 x 8) computes 32 output channels x 32 columns (input
-// channel, tap) of grad_weight, `[co][ci * kh * kw]` row-major, over one chunk of output
-// rows; K = the chunk's output pixels in slices of SLICE. Every invocation stages SLICE / 8
-// quads of output-gradient channels and as many quads of input values (the pixels the
-// columns' taps read, zero in the padding) per slice, then accumulates its 4 channels x 4
-// columns from workgroup memory. Partial sums per chunk are added in a fixed order after.
+// The weight gradient as a GEMM through workgroup memory (tiles.wgsl), the variant for
+// GPUs: rows are 32 output channels, columns 32 (input channel, tap) of grad_weight,
+// `[co][ci * kh * kw]` row-major, K = the output pixels of one chunk of output rows.
+// Slices stage quads of output-gradient channels and of input values (the pixels the
+// columns' taps read, zero in the padding). Partial sums per chunk are added in a fixed
+// order after.
 @compute @workgroup_size(64)
 fn conv2d_backward_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>,
@@ -676,18 +661,9 @@ fn conv2d_backward_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                     + vec4<u32>(max(ix, vec4<i32>(0)));
                 xv = select(vec4<f32>(0.0), x_quad(0u, min(at, vec4<u32>(arrayLength(&x) - 1u))), inside);
             }
-            slice_w[row * 8u + sq] = gv;
-            slice_x[row * 8u + sq] = xv;
+            stage_slice(row, sq, gv, xv);
         }
-        workgroupBarrier();
-        for (var j = 0u; j < SLICE; j++) {
-            let g4 = slice_w[j * 8u + lid / 8u];
-            let x4 = slice_x[j * 8u + lid % 8u];
-#for R in 0..4
-            acc${R} += g4[${R}] * x4;
-#end
-        }
-        workgroupBarrier();
+#stamp accumulate_slice(acc)
     }
     let base = chunk * p.co * p.ci * taps;
     let first = c0 + 4u * (lid % 8u);

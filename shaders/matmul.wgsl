@@ -136,15 +136,11 @@ fn matmul_per_element(@builtin(global_invocation_id) gid: vec3<u32>,
     c[idx] = select(0.0, c[idx], (p.flags & ACCUMULATE) != 0u) + sum;
 }
 
-// The product through workgroup memory, the variant for GPUs: a workgroup of 64
-// invocations (8 x 8) computes 32 x 32 elements of one c[bt], over k in slices of SLICE
-// (8 or 16, an override the tuner picks). Every invocation stages SLICE / 8 quads of a'
-// (4 rows at one k) and as many of b' (4 columns at one k) per slice, zeros past k,
-// then accumulates its 4 x 4 elements from workgroup memory, summing over k in order.
-override SLICE: u32 = 8u;
-const MAX_SLICE: u32 = 16u;
-var<workgroup> slice_a: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][row quad]
-var<workgroup> slice_b: array<vec4<f32>, MAX_SLICE * 8u>;  // [k][column quad]
+#include "tiles.wgsl"
+
+// The product through workgroup memory (tiles.wgsl), the variant for GPUs: 32 x 32
+// elements of one c[bt]. Slices stage quads of a' (4 rows at one k) and of b' (4 columns
+// at one k), zeros past k.
 
 @compute @workgroup_size(64)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
@@ -179,18 +175,9 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                 av = vec4<f32>(a[ak.x], a[ak.y], a[ak.z], a[ak.w]);
                 bv = gather(bk);
             }
-            slice_a[row * 8u + sq] = av;
-            slice_b[row * 8u + sq] = bv;
+            stage_slice(row, sq, av, bv);
         }
-        workgroupBarrier();
-        for (var j = 0u; j < SLICE; j++) {
-            let a4 = slice_a[j * 8u + lid / 8u];
-            let b4 = slice_b[j * 8u + lid % 8u];
-#for R in 0..4
-            acc${R} += a4[${R}] * b4;
-#end
-        }
-        workgroupBarrier();
+#stamp accumulate_slice(acc)
     }
     let i = i0 + 4u * (lid / 8u);
     let j = j0 + 4u * (lid % 8u);

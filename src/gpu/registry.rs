@@ -98,7 +98,10 @@ impl Shader {
 
 /// The pieces kernel files share, by the name a line `#include "NAME"` gives
 /// (`shaders/include/`): written once, composed into every file that includes them.
-pub const INCLUDES: &[(&str, &str)] = &[("common.wgsl", include_str!("../../shaders/include/common.wgsl"))];
+pub const INCLUDES: &[(&str, &str)] = &[
+    ("common.wgsl", include_str!("../../shaders/include/common.wgsl")),
+    ("tiles.wgsl", include_str!("../../shaders/include/tiles.wgsl")),
+];
 
 /// Override constants are part of a pipeline's identity; f64 bits make them hashable.
 type PipelineKey = (Shader, &'static str, Vec<(&'static str, u64)>);

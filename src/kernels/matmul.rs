@@ -86,15 +86,6 @@ impl MatmulKernel {
             MatmulKernel::TiledK8 | MatmulKernel::TiledK16 => "matmul_tiled",
         }
     }
-
-    /// Rows of k a workgroup-memory variant stages at once; none for the others.
-    pub fn slice(self) -> Option<u32> {
-        match self {
-            MatmulKernel::Tiles16 | MatmulKernel::PerElement => None,
-            MatmulKernel::TiledK8 => Some(8),
-            MatmulKernel::TiledK16 => Some(16),
-        }
-    }
 }
 
 /// A product's shape class: its sizes (the batch folded into the rows), rounded up to
@@ -153,13 +144,12 @@ impl Tunable for MatmulKernel {
         }
     }
 
-    /// The workgroup-memory variants need 64 invocations a workgroup.
-    fn runs_on(self, gpu: &Gpu) -> bool {
-        self.slice().is_none() || gpu.workgroup_size() >= 64
-    }
-
-    fn tier(self) -> Option<&'static str> {
-        self.slice().map(|_| "workgroup-memory tiles")
+    fn slice(self) -> Option<u32> {
+        match self {
+            MatmulKernel::Tiles16 | MatmulKernel::PerElement => None,
+            MatmulKernel::TiledK8 => Some(8),
+            MatmulKernel::TiledK16 => Some(16),
+        }
     }
 
     fn key(c: &MatmulClass) -> String {

@@ -72,9 +72,15 @@ pub trait Tunable: Copy + Eq + Debug + Send + 'static {
     type Class: Copy + Debug + Send + 'static;
     const ALL: &'static [Self];
     fn name(self) -> &'static str;
-    /// Whether the device can run it (workgroup size, features).
-    fn runs_on(self, _gpu: &Gpu) -> bool {
-        true
+    /// Rows of K a workgroup-memory variant stages at once (its `SLICE` override); none
+    /// for the others.
+    fn slice(self) -> Option<u32> {
+        None
+    }
+    /// Whether the device can run it: the workgroup-memory variants need 64 invocations a
+    /// workgroup.
+    fn runs_on(self, gpu: &Gpu) -> bool {
+        self.slice().is_none() || gpu.workgroup_size() >= 64
     }
     /// The class's key in the cache file, e.g. `48x48 3x3/1x1 p1x1 d1x1 F32 64x64`.
     fn key(class: &Self::Class) -> String;
@@ -93,7 +99,7 @@ pub trait Tunable: Copy + Eq + Debug + Send + 'static {
     /// Variants of one tier (the workgroup-memory tiles) are not timed again once one of
     /// them ran 3x behind the best so far: that saves a third of a CPU driver's tuning.
     fn tier(self) -> Option<&'static str> {
-        None
+        self.slice().map(|_| "workgroup-memory tiles")
     }
 }
 
@@ -272,15 +278,6 @@ impl ConvForward {
         }
     }
 
-    /// Rows of K a tiled variant stages at once; none for the register tiles.
-    pub fn slice(self) -> Option<u32> {
-        match self {
-            ConvForward::Registers | ConvForward::RegistersWide => None,
-            ConvForward::TiledK8 => Some(8),
-            ConvForward::TiledK16 => Some(16),
-        }
-    }
-
     /// The variant used where nothing was tuned: the implicit GEMM wherever the adapter
     /// allows its 64 invocations a workgroup. On a CPU driver too, though it runs slower
     /// there: LLVM compiles it in 0.35 s on lavapipe where the 16-pixel register tiles take
@@ -310,9 +307,12 @@ impl Tunable for ConvForward {
         }
     }
 
-    /// The tiled variants need 64 invocations a workgroup.
-    fn runs_on(self, gpu: &Gpu) -> bool {
-        self.slice().is_none() || gpu.workgroup_size() >= 64
+    fn slice(self) -> Option<u32> {
+        match self {
+            ConvForward::Registers | ConvForward::RegistersWide => None,
+            ConvForward::TiledK8 => Some(8),
+            ConvForward::TiledK16 => Some(16),
+        }
     }
 
     fn key(class: &ConvClass) -> String {
@@ -339,10 +339,6 @@ impl Tunable for ConvForward {
     fn time(self, gpu: &Gpu, class: &ConvClass) -> Result<f64> {
         super::conv2d::time_forward(gpu, class, self)
     }
-
-    fn tier(self) -> Option<&'static str> {
-        self.slice().map(|_| "workgroup-memory tiles")
-    }
 }
 
 /// Register tiles of the convolution's input and weight gradients: 16 channels by 4
@@ -363,17 +359,6 @@ pub enum ConvWeightGrad {
     Wide,
     TiledK8,
     TiledK16,
-}
-
-impl ConvWeightGrad {
-    /// Pixels a workgroup-memory variant stages at once; none for the register tiles.
-    pub fn slice(self) -> Option<u32> {
-        match self {
-            ConvWeightGrad::Narrow | ConvWeightGrad::Wide => None,
-            ConvWeightGrad::TiledK8 => Some(8),
-            ConvWeightGrad::TiledK16 => Some(16),
-        }
-    }
 }
 
 /// Input-gradient rows at least this wide take the wide tiles untimed, narrower ones the
@@ -430,13 +415,13 @@ impl Tunable for ConvWeightGrad {
         }
     }
 
-    /// The workgroup-memory variants need 64 invocations a workgroup.
-    fn runs_on(self, gpu: &Gpu) -> bool {
-        self.slice().is_none() || gpu.workgroup_size() >= 64
-    }
-
-    fn tier(self) -> Option<&'static str> {
-        self.slice().map(|_| "workgroup-memory tiles")
+    /// Output pixels a workgroup-memory variant stages at once.
+    fn slice(self) -> Option<u32> {
+        match self {
+            ConvWeightGrad::Narrow | ConvWeightGrad::Wide => None,
+            ConvWeightGrad::TiledK8 => Some(8),
+            ConvWeightGrad::TiledK16 => Some(16),
+        }
     }
 
     fn key(class: &ConvClass) -> String {
