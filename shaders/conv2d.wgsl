@@ -493,11 +493,95 @@ fn gather_grad_y_wide(row: u32, c: ColumnsWide) -> mat4x4<f32> {
 fn store_grad_x(n: u32, ci: u32, iy: u32, ix0: u32, v: vec4<f32>) {
     if ci >= p.ci { return; }
     let row = ((n * p.ci + ci) * p.h + iy) * p.w;
+    add_grad_x(row + ix0, row + p.w, v);
+}
+
+// grad_x[i..i+4] (those before `end`) = v, or += v when accumulating.
+fn add_grad_x(i: u32, end: u32, v: vec4<f32>) {
     let keep = (p.flags & ACCUMULATE) != 0u;
-    for (var j = 0u; j < 4u && ix0 + j < p.w; j++) {
-        let i = row + ix0 + j;
-        grad_x[i] = select(0.0, grad_x[i], keep) + v[j];
+    for (var j = 0u; j < 4u && i + j < end; j++) {
+        grad_x[i + j] = select(0.0, grad_x[i + j], keep) + v[j];
     }
+}
+
+// The input gradient as a GEMM through workgroup memory (tiles.wgsl), the variant for
+// GPUs, in gather form (each input pixel sums what reached it; no atomics): rows are 32
+// input channels, columns 32 pixels of one image's input, K = (tap, output channel).
+// Slices stage vec4s of the weight packed over input channels and quads of the output
+// gradient at the pixels each tap sent them to (zero where none: off the stride or
+// outside the output).
+@compute @workgroup_size(64)
+fn conv2d_backward_input_tiled(@builtin(workgroup_id) wid: vec3<u32>,
+                               @builtin(num_workgroups) nwg: vec3<u32>,
+                               @builtin(local_invocation_index) lid: u32) {
+    let ci_tiles = (p.ci + 3u) / 4u;
+    let groups = (p.ci + 31u) / 32u;
+    let pixels = p.h * p.w;
+    let blocks = (pixels + 31u) / 32u;
+    let wg = wid.x + wid.y * nwg.x;
+    if wg >= p.n * groups * blocks { return; }
+    let block = wg % blocks;
+    let group = (wg / blocks) % groups;
+    let n = wg / (blocks * groups);
+    let depth = p.kh * p.kw * p.co;
+    // What this invocation stages: rows lid / 8 (+ 8) of the slice, channel quad and pixel
+    // quad lid % 8 (pixels past the last read as the last; their sums are never stored).
+    let sq = lid % 8u;
+    let tile = group * 8u + sq;
+    let q_in = min(quad(block * 32u + sq * 4u), vec4<u32>(pixels - 1u));
+    let iy = vec4<i32>(q_in / p.w);
+    let ix = vec4<i32>(q_in % p.w);
+    let image = n * p.co * p.ho * p.wo;
+    // What it accumulates: input channels 4 (lid / 8) + r of the group, pixel quad lid % 8.
+#for R in 0..4
+    var acc${R} = vec4<f32>(0.0);
+#end
+    for (var k0 = 0u; k0 < depth; k0 += SLICE) {
+        for (var row = lid / 8u; row < SLICE; row += 8u) {
+            let k = k0 + row;
+            var wv = vec4<f32>(0.0);
+            var gv = vec4<f32>(0.0);
+            if k < depth {
+                if tile < ci_tiles { wv = packed(k * ci_tiles + tile); }
+                let tap = k / p.co;
+                let s = grad_y_source(iy, ix, tap / p.kw, tap % p.kw);
+                let at = vec4<u32>(image + (k % p.co) * p.ho * p.wo) + s.at;
+                gv = select(vec4<f32>(0.0), vec4<f32>(grad_y[at.x], grad_y[at.y], grad_y[at.z], grad_y[at.w]), s.hit);
+            }
+            stage_slice(row, sq, wv, gv);
+        }
+#stamp accumulate_slice(acc)
+    }
+    let first = block * 32u + 4u * (lid % 8u);
+#for R in 0..4
+    store_grad_x_pixels(n, group * 32u + 4u * (lid / 8u) + ${R}u, first, acc${R});
+#end
+}
+
+// The output pixels (offsets in one output plane) that input pixels (iy, ix) were sent to
+// through tap (ky, kx), and whether each exists (inside the output and on the stride).
+struct GradSource {
+    at: vec4<u32>,
+    hit: vec4<bool>,
+}
+
+fn grad_y_source(iy: vec4<i32>, ix: vec4<i32>, ky: u32, kx: u32) -> GradSource {
+    let sh = vec4<i32>(i32(p.stride_h));
+    let sw = vec4<i32>(i32(p.stride_w));
+    let ty = iy + vec4<i32>(i32(p.pad_h) - i32(ky * p.dil_h));
+    let tx = ix + vec4<i32>(i32(p.pad_w) - i32(kx * p.dil_w));
+    let hit = (ty >= vec4<i32>(0)) & (ty % sh == vec4<i32>(0)) & (ty / sh < vec4<i32>(i32(p.ho)))
+        & (tx >= vec4<i32>(0)) & (tx % sw == vec4<i32>(0)) & (tx / sw < vec4<i32>(i32(p.wo)));
+    let oy = vec4<u32>(clamp(ty / sh, vec4<i32>(0), vec4<i32>(i32(p.ho) - 1)));
+    let ox = vec4<u32>(clamp(tx / sw, vec4<i32>(0), vec4<i32>(i32(p.wo) - 1)));
+    return GradSource(oy * p.wo + ox, hit);
+}
+
+// Input channel ci of image n at pixels first..first+4 (those inside the plane).
+fn store_grad_x_pixels(n: u32, ci: u32, first: u32, v: vec4<f32>) {
+    if ci >= p.ci { return; }
+    let plane = (n * p.ci + ci) * p.h * p.w;
+    add_grad_x(plane + first, plane + p.h * p.w, v);
 }
 
 fn store_grad_x_narrow(n: u32, ci: u32, iy: u32, ix0: u32, v: vec4<f32>) {

@@ -555,12 +555,32 @@ fn backward_input_launch(
     let bindings = [Binding::read(5, grad_y), Binding::write(6, grad_x), Binding::read(8, &pack.packed)];
     let cost =
         Cost { flops: 2 * d.macs(), bytes: f32_bytes(grad_y.numel() + d.weight_len() + grad_x.numel()) };
-    let (columns, entry) = match variant {
-        ConvInputGrad::Wide => (16, "conv2d_backward_input_wide"),
-        ConvInputGrad::Narrow => (4, "conv2d_backward_input"),
+    let conv = match variant.slice() {
+        None => {
+            let (columns, entry) = match variant {
+                ConvInputGrad::Wide => (16, "conv2d_backward_input_wide"),
+                _ => (4, "conv2d_backward_input"),
+            };
+            let tiles = d.n * d.ci.div_ceil(16) * d.h * d.w.div_ceil(columns);
+            launch(gpu, Shader::Conv2d, entry, &params, &bindings, tiles, cost)?
+        }
+        Some(slice) => {
+            // A workgroup of 64 per (image, 32 input channels, 32 input pixels).
+            let invocations = d.n * d.ci.div_ceil(32) * (d.h * d.w).div_ceil(32) * 64;
+            let entry = (Shader::Conv2d, "conv2d_backward_input_tiled");
+            launch_tuned(
+                gpu,
+                entry,
+                64,
+                &[("SLICE", f64::from(slice))],
+                &params,
+                &bindings,
+                invocations,
+                cost,
+            )?
+        }
     };
-    let tiles = d.n * d.ci.div_ceil(4).div_ceil(4) * d.h * d.w.div_ceil(columns);
-    Ok(vec![pack.dispatch, launch(gpu, Shader::Conv2d, entry, &params, &bindings, tiles, cost)?])
+    Ok(vec![pack.dispatch, conv])
 }
 
 /// A weight packing's dispatch and the packed weight it writes.

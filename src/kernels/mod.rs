@@ -273,19 +273,19 @@ pub fn variants(gpu: &Gpu, tuner: Option<&tuning::Tuner>) -> Vec<KernelVariant> 
         tuned_family::<ConvInputGrad>(
             gpu,
             tuner,
-            "16 input channels x 4 or 16 columns in registers",
+            "16 input channels x 4 or 16 columns in registers; or a GEMM through workgroup memory, 32 input channels x 32 pixels per workgroup of 64, gathering what each tap sent",
             format!("wide for rows of {} columns and more", tuning::WIDE_INPUT_GRAD_MIN_COLUMNS),
         ),
         tuned_family::<ConvWeightGrad>(
             gpu,
             tuner,
-            "16 output x 4 or 16 input channels in registers; rows split into chunks summed in order",
+            "16 output x 4 or 16 input channels in registers; or a GEMM through workgroup memory, 32 output channels x 32 (input channel, tap) per workgroup of 64; rows split into chunks summed in order",
             format!("wide for {} input channels and more", tuning::WIDE_WEIGHT_GRAD_MIN_CI),
         ),
         tuned_family::<matmul::MatmulKernel>(
             gpu,
             tuner,
-            "a 16 x 16 tile per invocation, a workgroup sharing its rows, or one element per invocation; operands read through strides",
+            "a 16 x 16 tile per invocation, a workgroup sharing its rows, one element per invocation, or 32 x 32 per workgroup of 64 through workgroup memory; operands read through strides",
             format!("per element below {} multiply-adds", matmul::SMALL_PRODUCT_MACS),
         ),
         v(

@@ -6,7 +6,8 @@
 //! ([`ConvForward`]: register tiles of 4 or 16 pixels, which a CPU driver such as lavapipe
 //! runs best, or an implicit GEMM through workgroup memory at two slice depths, which GPUs
 //! reward), its input and weight gradients ([`ConvInputGrad`], [`ConvWeightGrad`]: narrow
-//! or wide register tiles) and the matrix product ([`MatmulKernel`]). Each says how to time
+//! or wide register tiles, or GEMMs through workgroup memory) and the matrix product
+//! ([`MatmulKernel`]: register tiles or workgroup-memory tiles). Each says how to time
 //! a variant on a proxy of its class and what to take untimed.
 //!
 //! A [`Tuner`] holds the choices; it lives beside the device, not in it. Measuring is a
@@ -341,12 +342,16 @@ impl Tunable for ConvForward {
     }
 }
 
-/// Register tiles of the convolution's input and weight gradients: 16 channels by 4
-/// (narrow) or by 16 (wide) columns or input channels per invocation.
+/// How the input gradient is computed: register tiles of 16 input channels by 4 (narrow)
+/// or 16 (wide) columns of one row, or a GEMM through workgroup memory (32 input channels
+/// x 32 input pixels per workgroup of 64, K = (tap, output channel) in slices of 8 or 16:
+/// the shader's `SLICE` override).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvInputGrad {
     Narrow,
     Wide,
+    TiledK8,
+    TiledK16,
 }
 
 /// How the weight gradient is computed: register tiles of 16 output by 4 or 16 input
@@ -370,12 +375,24 @@ pub const WIDE_WEIGHT_GRAD_MIN_CI: usize = 16;
 impl Tunable for ConvInputGrad {
     const FAMILY: &'static str = "conv2d_backward_input";
     type Class = ConvClass;
-    const ALL: &'static [Self] = &[ConvInputGrad::Narrow, ConvInputGrad::Wide];
+    const ALL: &'static [Self] =
+        &[ConvInputGrad::Narrow, ConvInputGrad::Wide, ConvInputGrad::TiledK8, ConvInputGrad::TiledK16];
 
     fn name(self) -> &'static str {
         match self {
             ConvInputGrad::Narrow => "narrow",
             ConvInputGrad::Wide => "wide",
+            ConvInputGrad::TiledK8 => "tiled-k8",
+            ConvInputGrad::TiledK16 => "tiled-k16",
+        }
+    }
+
+    /// (Tap, output channel) rows a workgroup-memory variant stages at once.
+    fn slice(self) -> Option<u32> {
+        match self {
+            ConvInputGrad::Narrow | ConvInputGrad::Wide => None,
+            ConvInputGrad::TiledK8 => Some(8),
+            ConvInputGrad::TiledK16 => Some(16),
         }
     }
 

@@ -468,7 +468,7 @@ fn convolution_gradients_run_in_slabs() {
         for (input_variant, weight_variant) in [
             (ConvInputGrad::Narrow, ConvWeightGrad::Narrow),
             (ConvInputGrad::Wide, ConvWeightGrad::Wide),
-            (ConvInputGrad::Narrow, ConvWeightGrad::TiledK16),
+            (ConvInputGrad::TiledK8, ConvWeightGrad::TiledK16),
         ] {
             for accumulate in [false, true] {
                 let init = |v: &Vec<f32>| if accumulate { Init::Data(v.clone()) } else { Init::Poison };
