@@ -6,13 +6,14 @@
 // Training forward: bn_shift -> bn_stats_partials -> bn_stats_finalize -> bn_normalize_train.
 // Training backward: bn_backward_partials -> bn_backward_finalize -> bn_backward_input.
 // Channel reductions are split into chunks of samples within one image (one invocation per
-// channel and chunk, summed in order, then the chunks in order): no atomics,
-// bit-reproducible. The per-element passes (shift, partials, normalisation, input
-// gradient) may run over the whole layer or over channel slabs of one image each (a layer
-// larger than a storage binding, see src/kernels/slabs.rs): a slab's launch has n = 1 and
-// c = its channels, and finds its place in the layer's statistics and chunks from
-// first_channel and first_chunk. The chunks never span images, so the slabs compute the
-// very partial sums of the whole-layer launch.
+// channel and chunk summing in order, or, on GPUs, a workgroup per chunk meeting in a
+// fixed tree; then the chunks in order): no atomics, bit-reproducible. The per-element
+// passes (shift, partials, normalisation, input gradient) may run over the whole layer or
+// over channel slabs of one image each (a layer larger than a storage binding, see
+// src/kernels/slabs.rs): a slab's launch has n = 1 and c = its channels, and finds its
+// place in the layer's statistics and chunks from first_channel and first_chunk. The
+// chunks never span images, so the slabs compute the very partial sums of the whole-layer
+// launch.
 
 struct Params {
     n: u32, c: u32, hw: u32, chunk_len: u32,
@@ -136,22 +137,58 @@ fn bn_shift(@builtin(global_invocation_id) gid: vec3<u32>,
     saved[p.first_channel + ch] = vec4<f32>(0.0, 0.0, x[ch * p.hw], 0.0);
 }
 
-// Sums of (x - shift) and (x - shift)^2 per (chunk, channel). Shifting by the channel's
-// first value keeps the one-pass variance accurate when the mean is far from zero.
+// The partial sums per (chunk, channel) of TERM over the chunk's samples, one invocation
+// per chunk summing in order: what a CPU driver runs best.
+#template partials_chunked(ENTRY, TERM)
 @compute @workgroup_size(WG)
-fn bn_stats_partials(@builtin(global_invocation_id) gid: vec3<u32>,
-                  @builtin(num_workgroups) nwg: vec3<u32>) {
+fn ${ENTRY}(@builtin(global_invocation_id) gid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = linear_index(gid, nwg);
     if idx >= chunk_count() * p.c { return; }
     let span = chunk_span(idx);
-    let shift = saved_in[p.first_channel + span.ch].z;
     var sums = new_sum();
     for (var s = span.s0; s < span.s1; s++) {
-        let d = x[span.plane + s] - shift;
-        add(&sums, vec2<f32>(d, d * d));
+        add(&sums, ${TERM}(span, s));
     }
     partials[span.out] = total(&sums);
 }
+#end
+
+// The same sums by a workgroup of 64 per chunk, the variant for GPUs: invocation lid sums
+// samples lid, lid + 64, ... (neighbours read neighbours), blocked and compensated as
+// above, then the 64 sums meet in a tree through workgroup memory, in a fixed order.
+#template partials_tree(ENTRY, TERM)
+@compute @workgroup_size(64)
+fn ${ENTRY}(@builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let idx = wid.x + wid.y * nwg.x;
+    if idx >= chunk_count() * p.c { return; }
+    let span = chunk_span(idx);
+    var sums = new_sum();
+    for (var s = span.s0 + lid; s < span.s1; s += 64u) {
+        add(&sums, ${TERM}(span, s));
+    }
+    tree[lid] = total(&sums);
+    for (var half = 32u; half > 0u; half /= 2u) {
+        workgroupBarrier();
+        if lid < half { tree[lid] += tree[lid + half]; }
+    }
+    if lid == 0u { partials[span.out] = tree[0]; }
+}
+#end
+
+var<workgroup> tree: array<vec2<f32>, 64>;
+
+// (x - shift, (x - shift)^2) at sample s of the span. Shifting by the channel's first value
+// keeps the one-pass variance accurate when the mean is far from zero.
+fn stats_term(span: Span, s: u32) -> vec2<f32> {
+    let d = x[span.plane + s] - saved_in[p.first_channel + span.ch].z;
+    return vec2<f32>(d, d * d);
+}
+
+#stamp partials_chunked(bn_stats_partials, stats_term)
+#stamp partials_tree(bn_stats_partials_tree, stats_term)
 
 // Per channel: the batch mean and inverse deviation, and the running statistics update.
 @compute @workgroup_size(WG)
@@ -225,20 +262,14 @@ fn bn_normalize_eval(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// Sums of grad_y and grad_y * x_hat per (chunk, channel).
-@compute @workgroup_size(WG)
-fn bn_backward_partials(@builtin(global_invocation_id) gid: vec3<u32>,
-                     @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = linear_index(gid, nwg);
-    if idx >= chunk_count() * p.c { return; }
-    let span = chunk_span(idx);
-    var sums = new_sum();
-    for (var s = span.s0; s < span.s1; s++) {
-        let g = grad_y[span.plane + s];
-        add(&sums, vec2<f32>(g, g * x_hat_train(span.plane + s, span.ch)));
-    }
-    partials[span.out] = total(&sums);
+// (grad_y, grad_y * x_hat) at sample s of the span: the backward's sums.
+fn backward_term(span: Span, s: u32) -> vec2<f32> {
+    let g = grad_y[span.plane + s];
+    return vec2<f32>(g, g * x_hat_train(span.plane + s, span.ch));
 }
+
+#stamp partials_chunked(bn_backward_partials, backward_term)
+#stamp partials_tree(bn_backward_partials_tree, backward_term)
 
 // Per channel: grad_beta = sum(grad_y), grad_gamma = sum(grad_y * x_hat); both kept for
 // bn_backward_input.

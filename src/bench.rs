@@ -14,7 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{total_cost, Cost, Dispatch, Gpu};
-use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, EPS, MOMENTUM};
+use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction, EPS, MOMENTUM};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, Ohem, Reduction};
@@ -271,13 +271,13 @@ fn convolutions(s: &mut Suite) -> Result<()> {
         }
         let bwd_x = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
         s.add("conv2d", "backward_input", &name, bwd_x, false);
-        for &variant in ConvInputGrad::ALL {
+        for &variant in ConvInputGrad::ALL.iter().filter(|v| v.runs_on(gpu)) {
             let forced = conv2d::backward_input_with(gpu, &spec, &gy, &weight, &gx, false, variant)?;
             s.add("conv2d", &format!("backward_input [{}]", variant.name()), &name, forced, false);
         }
         let bwd_w = conv2d::backward_weight(gpu, &spec, &x, &gy, &gw, false)?;
         s.add("conv2d", "backward_weight", &name, bwd_w, false);
-        for &variant in ConvWeightGrad::ALL {
+        for &variant in ConvWeightGrad::ALL.iter().filter(|v| v.runs_on(gpu)) {
             let forced = conv2d::backward_weight_with(gpu, &spec, &x, &gy, &gw, false, variant)?;
             s.add("conv2d", &format!("backward_weight [{}]", variant.name()), &name, forced, false);
         }
@@ -308,7 +308,6 @@ fn memory_bound(s: &mut Suite) -> Result<()> {
         };
         let saved = s.e(&batch_norm::saved_shape(ch))?;
         let (gg, gbeta) = (s.e(&[ch])?, s.e(&[ch])?);
-        s.add("batch_norm", "train_forward", &id, batch_norm::forward_train(gpu, &x, &bn, &saved, &y)?, true);
         s.add("batch_norm", "eval_forward", &id, batch_norm::forward_eval(gpu, &x, &bn, &y)?, true);
         let grads = BatchNormGrads {
             grad_x: &gx,
@@ -317,7 +316,13 @@ fn memory_bound(s: &mut Suite) -> Result<()> {
             accumulate_x: false,
             accumulate_params: false,
         };
-        s.add("batch_norm", "backward", &id, batch_norm::backward(gpu, &x, &bn, &saved, &gy, &grads)?, true);
+        // Each reduction of the training passes' channel sums.
+        for &sums in BnReduction::ALL.iter().filter(|v| v.runs_on(gpu)) {
+            let forward = batch_norm::forward_train_with(gpu, &x, &bn, &saved, &y, sums)?;
+            s.add("batch_norm", &format!("train_forward [{}]", sums.name()), &id, forward, true);
+            let backward = batch_norm::backward_with(gpu, &x, &bn, &saved, &gy, &grads, sums)?;
+            s.add("batch_norm", &format!("backward [{}]", sums.name()), &id, backward, true);
+        }
         s.add("relu", "forward", &id, elementwise::relu_forward(gpu, &x, &y)?, true);
         s.add("relu", "backward", &id, elementwise::relu_backward(gpu, &x, &gy, &gx, false)?, true);
         s.add("add", "forward", &id, elementwise::add_forward(gpu, &x, &other, &y)?, true);

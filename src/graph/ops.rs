@@ -3,7 +3,7 @@
 use super::{Graph, LossSpec, Mode, Recompute, Role, Value, ValueId};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
-use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
+use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnClass, BnReduction};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::{Dropout2d, SeededDispatch};
 use crate::kernels::loss::{CrossEntropy, LossPass};
@@ -335,6 +335,11 @@ impl Graph {
         }
     }
 
+    /// How a training batch norm over `x` reduces its channel sums (both passes).
+    fn bn_reduction(&self, gpu: &Gpu, x: &Tensor) -> Result<BnReduction> {
+        Ok(tuning::choose::<BnReduction>(self.tuner.as_deref(), gpu, &BnClass::of(x)?))
+    }
+
     /// A convolution forward at the graph's weight precision. An eval graph keeps the
     /// weight packing apart (it runs only after the weights change); a training graph packs
     /// in every forward, since every step changes the weights.
@@ -388,7 +393,15 @@ impl Graph {
                         Mode::Eval => batch_norm::forward_eval(gpu, self.t(x), &bn, self.t(y))?,
                         Mode::Train => {
                             let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
-                            let d = batch_norm::forward_train(gpu, self.t(x), &bn, &saved, self.t(y))?;
+                            let reduction = self.bn_reduction(gpu, self.t(x))?;
+                            let d = batch_norm::forward_train_with(
+                                gpu,
+                                self.t(x),
+                                &bn,
+                                &saved,
+                                self.t(y),
+                                reduction,
+                            )?;
                             self.recorded.saved.insert(y, saved);
                             d
                         }
@@ -560,13 +573,14 @@ impl Graph {
                     accumulate_x,
                     accumulate_params,
                 };
-                batch_norm::backward(
+                batch_norm::backward_with(
                     gpu,
                     self.kept(x),
                     &self.bn_params(op),
                     &self.recorded.saved[&y],
                     &gy(),
                     &g,
+                    self.bn_reduction(gpu, self.kept(x))?,
                 )?
             }
             &Op::Relu { x, y } => {

@@ -288,8 +288,14 @@ pub fn variants(gpu: &Gpu, tuner: Option<&tuning::Tuner>) -> Vec<KernelVariant> 
             "a 16 x 16 tile per invocation, a workgroup sharing its rows, one element per invocation, or 32 x 32 per workgroup of 64 through workgroup memory; operands read through strides",
             format!("per element below {} multiply-adds", matmul::SMALL_PRODUCT_MACS),
         ),
+        tuned_family::<batch_norm::BnReduction>(
+            gpu,
+            tuner,
+            "training statistics and backward sums per chunk of samples: an invocation summing in order, or a workgroup of 64 meeting in a fixed tree; chunks added in order",
+            "chunked".into(),
+        ),
         v(
-            "batch_norm, softmax, reductions",
+            "softmax, losses, other reductions",
             "chunked two-pass sums, blocked and compensated",
             "WGSL has no float atomics; a fixed order keeps results bit-reproducible".into(),
         ),

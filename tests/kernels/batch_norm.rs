@@ -1,5 +1,6 @@
 use crate::common::*;
-use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, EPS, MOMENTUM};
+use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction, EPS, MOMENTUM};
+use hrnet_ocr::kernels::tuning::Tunable;
 use hrnet_ocr::Tensor;
 
 const TOL: f64 = 1e-5;
@@ -44,8 +45,9 @@ struct Results {
     y_eval: Vec<f32>,
 }
 
-/// Eval forward (with the initial running statistics), then training forward and backward.
-fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32]) -> Results {
+/// Eval forward (with the initial running statistics), then training forward and backward
+/// with `reduction`'s channel sums.
+fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], reduction: BnReduction) -> Results {
     let gpu = gpu();
     let c = dims[1];
     let (xt, gyt) = (upload(&dims, x), upload(&dims, gy));
@@ -54,7 +56,7 @@ fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32]) -> Results {
     let saved = poisoned(&batch_norm::saved_shape(c));
     let bn = layer.params();
     let mut ds = batch_norm::forward_eval(gpu, &xt, &bn, &y_eval).unwrap();
-    ds.extend(batch_norm::forward_train(gpu, &xt, &bn, &saved, &y).unwrap());
+    ds.extend(batch_norm::forward_train_with(gpu, &xt, &bn, &saved, &y, reduction).unwrap());
     let grads = BatchNormGrads {
         grad_x: &gx,
         grad_gamma: &ggamma,
@@ -62,7 +64,7 @@ fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32]) -> Results {
         accumulate_x: false,
         accumulate_params: false,
     };
-    ds.extend(batch_norm::backward(gpu, &xt, &bn, &saved, &gyt, &grads).unwrap());
+    ds.extend(batch_norm::backward_with(gpu, &xt, &bn, &saved, &gyt, &grads, reduction).unwrap());
     gpu.run(&ds).unwrap();
     Results {
         y: download(&y),
@@ -81,16 +83,19 @@ fn batch_norm_matches_pytorch_fixtures() {
     for (case, p) in f.cases() {
         let dims: [usize; 4] = p[..].try_into().expect("n c h w");
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        let layer = Layer::new(g("weight"), g("bias"), g("running_mean"), g("running_var"));
-        let r = run(dims, g("x"), &layer, g("grad_out"));
-        let what = |t: &str| format!("{case} {dims:?} {t}");
-        assert_close(&what("out"), &r.y, g("out"), TOL);
-        assert_close(&what("out_eval"), &r.y_eval, g("out_eval"), TOL);
-        assert_close(&what("running_mean"), &r.running_mean, g("running_mean_new"), TOL);
-        assert_close(&what("running_var"), &r.running_var, g("running_var_new"), TOL);
-        assert_close(&what("grad_x"), &r.gx, g("grad_x"), TOL);
-        assert_close(&what("grad_weight"), &r.ggamma, g("grad_weight"), TOL);
-        assert_close(&what("grad_bias"), &r.gbeta, g("grad_bias"), TOL);
+        for &reduction in BnReduction::ALL {
+            assert!(reduction.runs_on(gpu()), "{reduction:?} does not run on the test adapter");
+            let layer = Layer::new(g("weight"), g("bias"), g("running_mean"), g("running_var"));
+            let r = run(dims, g("x"), &layer, g("grad_out"), reduction);
+            let what = |t: &str| format!("{case} {dims:?} {reduction:?} {t}");
+            assert_close(&what("out"), &r.y, g("out"), TOL);
+            assert_close(&what("out_eval"), &r.y_eval, g("out_eval"), TOL);
+            assert_close(&what("running_mean"), &r.running_mean, g("running_mean_new"), TOL);
+            assert_close(&what("running_var"), &r.running_var, g("running_var_new"), TOL);
+            assert_close(&what("grad_x"), &r.gx, g("grad_x"), TOL);
+            assert_close(&what("grad_weight"), &r.ggamma, g("grad_weight"), TOL);
+            assert_close(&what("grad_bias"), &r.gbeta, g("grad_bias"), TOL);
+        }
     }
 }
 
@@ -102,54 +107,59 @@ fn batch_norm_matches_cpu_on_random_shapes() {
         let big = i % 10 == 0;
         let dims =
             [rng.range(1, 4), rng.range(1, 12), rng.range(1, if big { 80 } else { 17 }), rng.range(1, 23)];
-        let [n, c, h, w] = dims;
         // Two values per channel normalise to exactly -1 and +1, and the input gradient is
         // then zero but for eps: an f32 result is pure cancellation error there (PyTorch's
         // too). From three values on the gradient is well conditioned.
-        if n * h * w < 3 {
+        if dims[0] * dims[2] * dims[3] < 3 {
             continue;
         }
-        // Channels with means far from zero test the variance's accuracy.
-        let offsets: Vec<f32> = (0..c).map(|_| 20.0 * rng.normal()).collect();
-        let x: Vec<f32> =
-            (0..n * c * h * w).map(|i| offsets[(i / (h * w)) % c] + 3.0 * rng.normal()).collect();
-        let gamma = rng.normals(c);
-        let beta = rng.normals(c);
-        let mean = rng.normals(c);
-        let var: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform() as f32).collect();
-        let gy = rng.normals(x.len());
-        let r = run(dims, &x, &Layer::new(&gamma, &beta, &mean, &var), &gy);
-        let want = bn_train(&x, dims, &gamma, &beta, &mean, &var);
-        let (gx, ggamma, gbeta) = bn_backward(&x, dims, &gamma, &gy);
-        let what = |t: &str| format!("{dims:?} {t}");
-        assert_close(&what("out"), &r.y, &want.y, TOL);
-        assert_close(&what("out_eval"), &r.y_eval, &bn_eval(&x, dims, &gamma, &beta, &mean, &var), TOL);
-        // (1 - momentum) * old + momentum * batch mean may cancel far below its terms.
-        let abs_means = channel_sums(&x, dims, |_, v| v.abs());
-        let count = (n * h * w) as f64;
-        let terms = mean
-            .iter()
-            .zip(&abs_means)
-            .map(|(&m, &s)| (0.9 * f64::from(m).abs() + 0.1 * s / count).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert_close_to_terms(&what("running_mean"), &r.running_mean, &want.running_mean, terms, TOL);
-        assert_close(&what("running_var"), &r.running_var, &want.running_var, TOL);
-        assert_close(&what("grad_x"), &r.gx, &gx, TOL);
-        // Per-channel sums of grad_y (and grad_y * x_hat) cancel well below their terms.
-        let want = bn_train(&x, dims, &gamma, &beta, &mean, &var);
-        let x_hat = |i: usize| {
-            let ch = (i / (h * w)) % c;
-            (f64::from(x[i]) - want.mean[ch]) * want.inv_std[ch]
-        };
-        let terms = channel_terms_norm(&gy, dims, |i, g| g * x_hat(i));
-        assert_close_to_terms(&what("grad_weight"), &r.ggamma, &ggamma, terms, TOL);
-        assert_close_to_terms(
-            &what("grad_bias"),
-            &r.gbeta,
-            &gbeta,
-            channel_terms_norm(&gy, dims, |_, g| g),
-            TOL,
-        );
+        // Each reduction in turn, the big shapes too.
+        check_random_shape(&mut rng, dims, BnReduction::ALL[(i / 10 + i) % BnReduction::ALL.len()]);
     }
+    // Images long enough that the tree splits each into several chunks.
+    for dims in [[1, 2, 300, 500], [2, 1, 260, 300]] {
+        for &reduction in BnReduction::ALL {
+            check_random_shape(&mut rng, dims, reduction);
+        }
+    }
+}
+
+/// A layer of `dims` with random values (channel means far from zero), against the CPU.
+fn check_random_shape(rng: &mut Rng, dims: [usize; 4], reduction: BnReduction) {
+    let [n, c, h, w] = dims;
+    // Channels with means far from zero test the variance's accuracy.
+    let offsets: Vec<f32> = (0..c).map(|_| 20.0 * rng.normal()).collect();
+    let x: Vec<f32> = (0..n * c * h * w).map(|i| offsets[(i / (h * w)) % c] + 3.0 * rng.normal()).collect();
+    let gamma = rng.normals(c);
+    let beta = rng.normals(c);
+    let mean = rng.normals(c);
+    let var: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform() as f32).collect();
+    let gy = rng.normals(x.len());
+    let r = run(dims, &x, &Layer::new(&gamma, &beta, &mean, &var), &gy, reduction);
+    let want = bn_train(&x, dims, &gamma, &beta, &mean, &var);
+    let (gx, ggamma, gbeta) = bn_backward(&x, dims, &gamma, &gy);
+    let what = |t: &str| format!("{dims:?} {reduction:?} {t}");
+    assert_close(&what("out"), &r.y, &want.y, TOL);
+    assert_close(&what("out_eval"), &r.y_eval, &bn_eval(&x, dims, &gamma, &beta, &mean, &var), TOL);
+    // (1 - momentum) * old + momentum * batch mean may cancel far below its terms.
+    let abs_means = channel_sums(&x, dims, |_, v| v.abs());
+    let count = (n * h * w) as f64;
+    let terms = mean
+        .iter()
+        .zip(&abs_means)
+        .map(|(&m, &s)| (0.9 * f64::from(m).abs() + 0.1 * s / count).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert_close_to_terms(&what("running_mean"), &r.running_mean, &want.running_mean, terms, TOL);
+    assert_close(&what("running_var"), &r.running_var, &want.running_var, TOL);
+    assert_close(&what("grad_x"), &r.gx, &gx, TOL);
+    // Per-channel sums of grad_y (and grad_y * x_hat) cancel well below their terms.
+    let want = bn_train(&x, dims, &gamma, &beta, &mean, &var);
+    let x_hat = |i: usize| {
+        let ch = (i / (h * w)) % c;
+        (f64::from(x[i]) - want.mean[ch]) * want.inv_std[ch]
+    };
+    let terms = channel_terms_norm(&gy, dims, |i, g| g * x_hat(i));
+    assert_close_to_terms(&what("grad_weight"), &r.ggamma, &ggamma, terms, TOL);
+    assert_close_to_terms(&what("grad_bias"), &r.gbeta, &gbeta, channel_terms_norm(&gy, dims, |_, g| g), TOL);
 }

@@ -6,7 +6,7 @@
 
 use crate::common::*;
 use hrnet_ocr::gpu::Dispatch;
-use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
+use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction};
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Epilogue, Precision};
 use hrnet_ocr::kernels::dropout::Dropout2d;
 use hrnet_ocr::kernels::ocr::AttentionGrads;
@@ -219,20 +219,23 @@ fn training_batch_norm_runs_in_channel_slabs_bit_identically() {
         (&[c], &old_params),
         (&[c], &old_params),
     ];
-    let r = both("training batch norm", &ins, &outs, &|g, i, o| {
-        let bn = layer(&i[1..3], &o[0..2]);
-        let mut d = batch_norm::forward_train(g, &i[0], &bn, &o[2], &o[3]).unwrap();
-        let grads = BatchNormGrads {
-            grad_x: &o[4],
-            grad_gamma: &o[5],
-            grad_beta: &o[6],
-            accumulate_x: true,
-            accumulate_params: true,
-        };
-        d.extend(batch_norm::backward(g, &i[0], &bn, &o[2], &i[3], &grads).unwrap());
-        d
-    });
-    assert_same_bits("training batch norm forward and backward", &r);
+    for &reduction in BnReduction::ALL {
+        assert!(reduction.runs_on(narrow()), "{reduction:?} does not run on the narrow device");
+        let r = both("training batch norm", &ins, &outs, &|g, i, o| {
+            let bn = layer(&i[1..3], &o[0..2]);
+            let mut d = batch_norm::forward_train_with(g, &i[0], &bn, &o[2], &o[3], reduction).unwrap();
+            let grads = BatchNormGrads {
+                grad_x: &o[4],
+                grad_gamma: &o[5],
+                grad_beta: &o[6],
+                accumulate_x: true,
+                accumulate_params: true,
+            };
+            d.extend(batch_norm::backward_with(g, &i[0], &bn, &o[2], &i[3], &grads, reduction).unwrap());
+            d
+        });
+        assert_same_bits(&format!("training batch norm forward and backward, {reduction:?} sums"), &r);
+    }
     let recompute = both("batch norm recompute", &ins, &outs, &|g, i, o| {
         let bn = layer(&i[1..3], &o[0..2]);
         let mut d = batch_norm::forward_train(g, &i[0], &bn, &o[2], &o[3]).unwrap();
