@@ -261,20 +261,28 @@ fn store_y_wide${EPILOGUE}(n: u32, co: u32, px: PixelsWide, v: mat4x4<f32>) {
 // channel). Slices stage vec4s of packed weights and quads of input pixels (padding as
 // zeros).
 
+// A tiled convolution's workgroup: image n, group of 32 channels and block of 32 pixels,
+// for `channels` x `pixels` per image; not inside past the last.
+struct TileBlock { n: u32, group: u32, block: u32, inside: bool }
+
+fn tile_block(wid: vec3<u32>, nwg: vec3<u32>, channels: u32, pixels: u32) -> TileBlock {
+    let groups = (channels + 31u) / 32u;
+    let blocks = (pixels + 31u) / 32u;
+    let wg = wid.x + wid.y * nwg.x;
+    return TileBlock(wg / (blocks * groups), (wg / blocks) % groups, wg % blocks, wg < p.n * groups * blocks);
+}
+
 #template forward_tiled(ENTRY, EPILOGUE)
 @compute @workgroup_size(64)
 fn ${ENTRY}(@builtin(workgroup_id) wid: vec3<u32>,
             @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let co_tiles = (p.co + 3u) / 4u;
-    let groups = (p.co + 31u) / 32u;
-    let pixels = p.ho * p.wo;
-    let blocks = (pixels + 31u) / 32u;
-    let wg = wid.x + wid.y * nwg.x;
-    if wg >= p.n * groups * blocks { return; }
-    let block = wg % blocks;
-    let group = (wg / blocks) % groups;
-    let n = wg / (blocks * groups);
+    let at = tile_block(wid, nwg, p.co, p.ho * p.wo);
+    if !at.inside { return; }
+    let n = at.n;
+    let group = at.group;
+    let block = at.block;
     let depth = p.kh * p.kw * p.ci;
     // What this invocation stages: rows lid / 8 (+ 8, ...) of the slice, channel quad and
     // pixel quad lid % 8.
@@ -515,14 +523,12 @@ fn conv2d_backward_input_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                                @builtin(num_workgroups) nwg: vec3<u32>,
                                @builtin(local_invocation_index) lid: u32) {
     let ci_tiles = (p.ci + 3u) / 4u;
-    let groups = (p.ci + 31u) / 32u;
     let pixels = p.h * p.w;
-    let blocks = (pixels + 31u) / 32u;
-    let wg = wid.x + wid.y * nwg.x;
-    if wg >= p.n * groups * blocks { return; }
-    let block = wg % blocks;
-    let group = (wg / blocks) % groups;
-    let n = wg / (blocks * groups);
+    let at = tile_block(wid, nwg, p.ci, pixels);
+    if !at.inside { return; }
+    let n = at.n;
+    let group = at.group;
+    let block = at.block;
     let depth = p.kh * p.kw * p.co;
     // What this invocation stages: rows lid / 8 (+ 8) of the slice, channel quad and pixel
     // quad lid % 8 (pixels past the last read as the last; their sums are never stored).

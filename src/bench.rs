@@ -14,7 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{total_cost, Cost, Dispatch, Gpu};
-use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction, EPS, MOMENTUM};
+use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, Ohem, Reduction};
@@ -298,14 +298,7 @@ fn memory_bound(s: &mut Suite) -> Result<()> {
         let (y, gx, gb) = (s.e(&shape)?, s.e(&shape)?, s.e(&shape)?);
         let (gamma, beta, mean) = (s.t(&[ch], 10)?, s.t(&[ch], 11)?, s.t(&[ch], 12)?);
         let var = Tensor::full(gpu, &[ch], 1.0)?;
-        let bn = BatchNormParams {
-            gamma: &gamma,
-            beta: &beta,
-            running_mean: &mean,
-            running_var: &var,
-            eps: EPS,
-            momentum: MOMENTUM,
-        };
+        let bn = BatchNormParams::with_defaults([&gamma, &beta, &mean, &var]);
         let saved = s.e(&batch_norm::saved_shape(ch))?;
         let (gg, gbeta) = (s.e(&[ch])?, s.e(&[ch])?);
         s.add("batch_norm", "eval_forward", &id, batch_norm::forward_eval(gpu, &x, &bn, &y)?, true);

@@ -22,6 +22,13 @@ pub struct BatchNormParams<'a> {
     pub momentum: f32,
 }
 
+impl<'a> BatchNormParams<'a> {
+    /// A layer with PyTorch's default epsilon and momentum.
+    pub fn with_defaults([gamma, beta, running_mean, running_var]: [&'a Tensor; 4]) -> Self {
+        BatchNormParams { gamma, beta, running_mean, running_var, eps: EPS, momentum: MOMENTUM }
+    }
+}
+
 crate::gpu::shader_params! {
     struct Params {
         n: u32,
@@ -149,14 +156,7 @@ impl Tunable for BnReduction {
         let shape = [1, c, 1, class.samples];
         let vector = || Tensor::zeros(gpu, &[c]);
         let (gamma, beta, mean, var) = (vector()?, vector()?, vector()?, vector()?);
-        let bn = BatchNormParams {
-            gamma: &gamma,
-            beta: &beta,
-            running_mean: &mean,
-            running_var: &var,
-            eps: EPS,
-            momentum: MOMENTUM,
-        };
+        let bn = BatchNormParams::with_defaults([&gamma, &beta, &mean, &var]);
         let (x, y, gx) =
             (Tensor::zeros(gpu, &shape)?, Tensor::zeros(gpu, &shape)?, Tensor::zeros(gpu, &shape)?);
         let saved = Tensor::zeros(gpu, &saved_shape(c))?;
