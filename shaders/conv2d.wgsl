@@ -290,24 +290,9 @@ fn ${ENTRY}(@builtin(workgroup_id) wid: vec3<u32>,
     let tile = group * 8u + sq;
     let q_in = quad(block * 32u + sq * 4u);
     let image = n * p.ci * p.h * p.w;
+    let stage = ForwardStage(tile, co_tiles, q_in, image);
     // What this invocation accumulates: channel quad `lid / 8`, pixel quad `lid % 8`.
-#for J in 0..4
-    var a${J} = vec4<f32>(0.0);
-#end
-    for (var k0 = 0u; k0 < depth; k0 += SLICE) {
-        for (var row = lid / 8u; row < SLICE; row += 8u) {
-            let k = k0 + row;
-            var wv = vec4<f32>(0.0);
-            var xv = vec4<f32>(0.0);
-            if k < depth {
-                if tile < co_tiles { wv = packed(k * co_tiles + tile); }
-                let tap = k / p.ci;
-                xv = gather_x(tap_source(q_in, tap / p.kw, tap % p.kw, image), (k % p.ci) * p.h * p.w);
-            }
-            stage_slice(row, sq, wv, xv);
-        }
-#stamp accumulate_slice(a)
-    }
+#stamp slice_gemm(a, depth, load_forward, stage)
     let co0 = group * 32u + (lid / 8u) * 4u;
     let q = quad(block * 32u + (lid % 8u) * 4u);
 #for J in 0..4
@@ -318,6 +303,23 @@ fn ${ENTRY}(@builtin(workgroup_id) wid: vec3<u32>,
 
 #stamp forward_tiled(conv2d_forward_tiled, )
 #stamp forward_tiled(conv2d_forward_tiled_residual, _residual)
+
+// What a forward invocation stages from: its quad of packed output channels (`tile` of
+// `co_tiles`), its quad of output pixels and its image's input.
+struct ForwardStage {
+    tile: u32,
+    co_tiles: u32,
+    q_in: vec4<u32>,
+    image: u32,
+}
+
+// The packed weights and the input pixels at k = (tap, input channel).
+fn load_forward(s: ForwardStage, k: u32) -> SlicePair {
+    var w = vec4<f32>(0.0);
+    if s.tile < s.co_tiles { w = packed(k * s.co_tiles + s.tile); }
+    let tap = k / p.ci;
+    return SlicePair(w, gather_x(tap_source(s.q_in, tap / p.kw, tap % p.kw, s.image), (k % p.ci) * p.h * p.w));
+}
 
 // The weight as vec4s of 4 channels of one axis, channels past the last zero:
 // packed_out[(k * ci + c) * co_tiles + t] = weight[4t..4t+4, c, k] times the folded batch
@@ -535,33 +537,35 @@ fn conv2d_backward_input_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     let sq = lid % 8u;
     let tile = group * 8u + sq;
     let q_in = min(quad(block * 32u + sq * 4u), vec4<u32>(pixels - 1u));
-    let iy = vec4<i32>(q_in / p.w);
-    let ix = vec4<i32>(q_in % p.w);
     let image = n * p.co * p.ho * p.wo;
+    let stage = InputGradStage(tile, ci_tiles, vec4<i32>(q_in / p.w), vec4<i32>(q_in % p.w), image);
     // What it accumulates: input channels 4 (lid / 8) + r of the group, pixel quad lid % 8.
-#for R in 0..4
-    var acc${R} = vec4<f32>(0.0);
-#end
-    for (var k0 = 0u; k0 < depth; k0 += SLICE) {
-        for (var row = lid / 8u; row < SLICE; row += 8u) {
-            let k = k0 + row;
-            var wv = vec4<f32>(0.0);
-            var gv = vec4<f32>(0.0);
-            if k < depth {
-                if tile < ci_tiles { wv = packed(k * ci_tiles + tile); }
-                let tap = k / p.co;
-                let s = grad_y_source(iy, ix, tap / p.kw, tap % p.kw);
-                let at = vec4<u32>(image + (k % p.co) * p.ho * p.wo) + s.at;
-                gv = select(vec4<f32>(0.0), vec4<f32>(grad_y[at.x], grad_y[at.y], grad_y[at.z], grad_y[at.w]), s.hit);
-            }
-            stage_slice(row, sq, wv, gv);
-        }
-#stamp accumulate_slice(acc)
-    }
+#stamp slice_gemm(acc, depth, load_input_grad, stage)
     let first = block * 32u + 4u * (lid % 8u);
 #for R in 0..4
     store_grad_x_pixels(n, group * 32u + 4u * (lid / 8u) + ${R}u, first, acc${R});
 #end
+}
+
+// What an input-gradient invocation stages from: its quad of packed input channels (`tile`
+// of `ci_tiles`), its quad of input pixels and its image's output gradient.
+struct InputGradStage {
+    tile: u32,
+    ci_tiles: u32,
+    iy: vec4<i32>,
+    ix: vec4<i32>,
+    image: u32,
+}
+
+// The weights packed over input channels and the output gradient at k = (tap, output
+// channel), zero where the tap sent the pixel nowhere.
+fn load_input_grad(s: InputGradStage, k: u32) -> SlicePair {
+    var w = vec4<f32>(0.0);
+    if s.tile < s.ci_tiles { w = packed(k * s.ci_tiles + s.tile); }
+    let tap = k / p.co;
+    let source = grad_y_source(s.iy, s.ix, tap / p.kw, tap % p.kw);
+    let at = vec4<u32>(s.image + (k % p.co) * p.ho * p.wo) + source.at;
+    return SlicePair(w, select(vec4<f32>(0.0), vec4<f32>(grad_y[at.x], grad_y[at.y], grad_y[at.z], grad_y[at.w]), source.hit));
 }
 
 // The output pixels (offsets in one output plane) that input pixels (iy, ix) were sent to
@@ -728,38 +732,43 @@ fn conv2d_backward_weight_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     let tap = column % taps;
     let off_y = vec4<i32>((tap / p.kw) * p.dil_h) - i32(p.pad_h);
     let off_x = vec4<i32>((tap % p.kw) * p.dil_w) - i32(p.pad_w);
+    let stage = WeightGradStage(row0, g_planes, ci, off_y, off_x);
     // What it accumulates: channels 4 (lid / 8) + r of the block, column quad lid % 8.
-#for R in 0..4
-    var acc${R} = vec4<f32>(0.0);
-#end
-    for (var k0 = 0u; k0 < depth; k0 += SLICE) {
-        for (var row = lid / 8u; row < SLICE; row += 8u) {
-            let k = k0 + row;
-            var gv = vec4<f32>(0.0);
-            var xv = vec4<f32>(0.0);
-            if k < depth {
-                let r = row0 + k / p.wo;
-                let ox = k % p.wo;
-                let n = r / p.ho;
-                let oy = r % p.ho;
-                gv = grad_y_quad(n * p.co * ohw + oy * p.wo + ox, g_planes);
-                let iy = i32(oy * p.stride_h) + off_y;
-                let ix = i32(ox * p.stride_w) + off_x;
-                let inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(i32(p.h))) & (ix >= vec4<i32>(0))
-                    & (ix < vec4<i32>(i32(p.w)));
-                let at = ((vec4<u32>(n * p.ci) + ci) * p.h + vec4<u32>(max(iy, vec4<i32>(0)))) * p.w
-                    + vec4<u32>(max(ix, vec4<i32>(0)));
-                xv = select(vec4<f32>(0.0), x_quad(0u, min(at, vec4<u32>(arrayLength(&x) - 1u))), inside);
-            }
-            stage_slice(row, sq, gv, xv);
-        }
-#stamp accumulate_slice(acc)
-    }
+#stamp slice_gemm(acc, depth, load_weight_grad, stage)
     let base = chunk * p.co * p.ci * taps;
     let first = c0 + 4u * (lid % 8u);
 #for R in 0..4
     store_grad_weight_columns(base, co0 + 4u * (lid / 8u) + ${R}u, first, acc${R});
 #end
+}
+
+// What a weight-gradient invocation stages from: the chunk's first output row, its quad of
+// output-gradient planes, and its quad of columns' input channels and tap offsets.
+struct WeightGradStage {
+    row0: u32,
+    g_planes: vec4<u32>,
+    ci: vec4<u32>,
+    off_y: vec4<i32>,
+    off_x: vec4<i32>,
+}
+
+// The output gradient's channel quad and the input values the column quad's taps read
+// (zero in the padding) at k, the chunk's k-th output pixel.
+fn load_weight_grad(s: WeightGradStage, k: u32) -> SlicePair {
+    let ohw = p.ho * p.wo;
+    let r = s.row0 + k / p.wo;
+    let ox = k % p.wo;
+    let n = r / p.ho;
+    let oy = r % p.ho;
+    let gv = grad_y_quad(n * p.co * ohw + oy * p.wo + ox, s.g_planes);
+    let iy = i32(oy * p.stride_h) + s.off_y;
+    let ix = i32(ox * p.stride_w) + s.off_x;
+    let inside = (iy >= vec4<i32>(0)) & (iy < vec4<i32>(i32(p.h))) & (ix >= vec4<i32>(0))
+        & (ix < vec4<i32>(i32(p.w)));
+    let at = ((vec4<u32>(n * p.ci) + s.ci) * p.h + vec4<u32>(max(iy, vec4<i32>(0)))) * p.w
+        + vec4<u32>(max(ix, vec4<i32>(0)));
+    let xv = select(vec4<f32>(0.0), x_quad(0u, min(at, vec4<u32>(arrayLength(&x) - 1u))), inside);
+    return SlicePair(gv, xv);
 }
 
 // grad_weight[co, columns c..c+4] (column = input channel * kh * kw + tap) from `v`.

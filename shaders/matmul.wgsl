@@ -160,30 +160,25 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     // Rows and columns past the edge re-read the last one; their sums are not stored.
     let a_at = vec4<u32>(bt * p.a_batch) + min(ai, vec4<u32>(p.m - 1u)) * p.a_row;
     let b_at = vec4<u32>(bt * p.b_batch) + min(bj, vec4<u32>(p.n - 1u)) * p.b_col;
+    let stage = ProductStage(a_at, b_at);
     // What it accumulates: rows 4 (lid / 8) + r, columns quad lid % 8.
-#for R in 0..4
-    var acc${R} = vec4<f32>(0.0);
-#end
-    for (var k0 = 0u; k0 < p.k; k0 += SLICE) {
-        for (var row = lid / 8u; row < SLICE; row += 8u) {
-            let kk = k0 + row;
-            var av = vec4<f32>(0.0);
-            var bv = vec4<f32>(0.0);
-            if kk < p.k {
-                let ak = a_at + vec4<u32>(kk * p.a_col);
-                let bk = b_at + vec4<u32>(kk * p.b_row);
-                av = vec4<f32>(a[ak.x], a[ak.y], a[ak.z], a[ak.w]);
-                bv = gather(bk);
-            }
-            stage_slice(row, sq, av, bv);
-        }
-#stamp accumulate_slice(acc)
-    }
+#stamp slice_gemm(acc, p.k, load_product, stage)
     let i = i0 + 4u * (lid / 8u);
     let j = j0 + 4u * (lid % 8u);
 #for R in 0..4
     store_quad(bt, i + ${R}u, j, acc${R});
 #end
+}
+
+// Where an invocation's quads of a' (rows) and b' (columns) start, at k = 0.
+struct ProductStage {
+    a_at: vec4<u32>,
+    b_at: vec4<u32>,
+}
+
+fn load_product(s: ProductStage, k: u32) -> SlicePair {
+    let ak = s.a_at + vec4<u32>(k * p.a_col);
+    return SlicePair(vec4<f32>(a[ak.x], a[ak.y], a[ak.z], a[ak.w]), gather(s.b_at + vec4<u32>(k * p.b_row)));
 }
 
 // Row i of c[bt] at columns j..j+4 (those inside c).
