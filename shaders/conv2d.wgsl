@@ -14,14 +14,12 @@
 // residual) are entry points of their own, so no kernel binds what it does not read.
 // Reductions run in a fixed order, so results are bit-reproducible.
 //
-// Built with F16 (shader conv2d_f16), the forward keeps its packed weights at half
-// precision: half the weight traffic, each weight rounded to half once as it is packed,
-// products and sums still f32.
+// Built with F16 (shader conv2d_f16, half-precision inference), the forward keeps its
+// packed weights and its activations (x, y, residual; see Act in common.wgsl) at half
+// precision: half the traffic, each weight rounded to half once as it is packed, products
+// and sums still f32.
 #if F16
 enable f16;
-alias PackedWeights = vec4<f16>;
-#else
-alias PackedWeights = vec4<f32>;
 #end
 
 struct Params {
@@ -50,10 +48,10 @@ const NO_SHIFT: u32 = 4u;
 #include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Act>;
 @group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<Act>;
 @group(0) @binding(5) var<storage, read> grad_y: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grad_x: array<f32>;
 // grad_weight, or per-chunk partial sums [chunk][co][ci][kh][kw] when the reduction is split
@@ -61,8 +59,8 @@ const NO_SHIFT: u32 = 4u;
 // The weight repacked as vec4s of 4 channels (see conv2d_pack_weight), so one load
 // fetches the weights of a whole register-tile row: written by the packing at binding 16,
 // read by the convolutions here.
-@group(0) @binding(8) var<storage, read> packed_weight: array<PackedWeights>;
-@group(0) @binding(16) var<storage, read_write> packed_out: array<PackedWeights>;
+@group(0) @binding(8) var<storage, read> packed_weight: array<vec4<Act>>;
+@group(0) @binding(16) var<storage, read_write> packed_out: array<vec4<Act>>;
 
 fn packed(i: u32) -> vec4<f32> {
     return vec4<f32>(packed_weight[i]);
@@ -75,7 +73,7 @@ fn packed(i: u32) -> vec4<f32> {
 @group(0) @binding(12) var<storage, read> bn_beta: array<f32>;
 @group(0) @binding(13) var<storage, read> bn_mean: array<f32>;
 @group(0) @binding(14) var<storage, read> bn_var: array<f32>;
-@group(0) @binding(15) var<storage, read> residual: array<f32>;
+@group(0) @binding(15) var<storage, read> residual: array<Act>;
 
 // The forward's register tiles: y[n, co0..co0+16, the invocation's pixels] = shift +
 // sum over ky, kx, ci of weight * x, then the epilogue; a<J> accumulates output channel
@@ -187,7 +185,7 @@ fn tap_source(q: vec4<u32>, ky: u32, kx: u32, image: u32) -> TapSource {
 
 fn gather_x(s: TapSource, plane: u32) -> vec4<f32> {
     let at = s.at + vec4<u32>(plane);
-    return select(vec4<f32>(0.0), vec4<f32>(x[at.x], x[at.y], x[at.z], x[at.w]), s.inside);
+    return select(vec4<f32>(0.0), vec4<f32>(vec4<Act>(x[at.x], x[at.y], x[at.z], x[at.w])), s.inside);
 }
 
 struct TapsNarrow {
@@ -229,12 +227,12 @@ fn store_y${EPILOGUE}(n: u32, co: u32, q: vec4<u32>, v: vec4<f32>) {
         if q[j] >= pixels { continue; }
         let i = plane + q[j];
         var out = v[j] + shift[co];
-        if (p.flags & ACCUMULATE) != 0u { out += y[i]; }
+        if (p.flags & ACCUMULATE) != 0u { out += f32(y[i]); }
 #if ${RESIDUAL}
-        out += residual[i];
+        out += f32(residual[i]);
 #end
         if (p.flags & RELU) != 0u { out = max(out, 0.0); }
-        y[i] = out;
+        y[i] = Act(out);
     }
 }
 
@@ -349,7 +347,7 @@ fn ${ENTRY}(@builtin(global_invocation_id) gid: vec3<u32>,
     let c = min(quad(4u * t), vec4<u32>(p.co - 1u));
     v *= vec4<f32>(bn_scale(c.x), bn_scale(c.y), bn_scale(c.z), bn_scale(c.w));
 #end
-    packed_out[idx] = PackedWeights(v);
+    packed_out[idx] = vec4<Act>(v);
 }
 #end
 
@@ -371,7 +369,7 @@ fn conv2d_pack_weight_over_ci(@builtin(global_invocation_id) gid: vec3<u32>,
     let idx = linear_index(gid, nwg);
     if idx >= p.co * p.kh * p.kw * tiles { return; }
     let t = idx % tiles;
-    packed_out[idx] = PackedWeights(weight_quad(t, (idx / tiles) % p.co, (idx / tiles) / p.co, true));
+    packed_out[idx] = vec4<Act>(weight_quad(t, (idx / tiles) % p.co, (idx / tiles) / p.co, true));
 }
 
 // The weights of channels 4t..4t+4 of the tiled axis (output channels, or input channels
@@ -790,7 +788,7 @@ fn channel_offsets(first: u32, skip: u32, count: u32, plane: u32) -> vec4<u32> {
 }
 
 fn x_quad(at: u32, offsets: vec4<u32>) -> vec4<f32> {
-    return vec4<f32>(x[at + offsets.x], x[at + offsets.y], x[at + offsets.z], x[at + offsets.w]);
+    return vec4<f32>(vec4<Act>(x[at + offsets.x], x[at + offsets.y], x[at + offsets.z], x[at + offsets.w]));
 }
 
 fn grad_y_quad(at: u32, offsets: vec4<u32>) -> vec4<f32> {

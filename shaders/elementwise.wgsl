@@ -2,6 +2,10 @@
 // either overwrite or accumulate into the gradient (flag bits), so a tensor read by
 // several nodes sums its gradients without extra add kernels.
 
+#if F16
+enable f16;
+#end
+
 struct Params {
     len: u32, flags: u32, _pad0: u32, _pad1: u32,
 }
@@ -13,9 +17,10 @@ const ACCUMULATE_B: u32 = 2u;
 #include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// Built with F16 (shader elementwise_f16, half-precision inference), a, b and out are f16.
+@group(0) @binding(1) var<storage, read> a: array<Act>;
+@group(0) @binding(2) var<storage, read> b: array<Act>;
+@group(0) @binding(3) var<storage, read_write> out: array<Act>;
 @group(0) @binding(4) var<storage, read> grad_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grad_a: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grad_b: array<f32>;
@@ -34,7 +39,7 @@ fn relu_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if i >= p.len { return; }
-    out[i] = max(a[i], 0.0);
+    out[i] = max(a[i], Act(0.0));
 }
 
 // grad_a = grad_out where a > 0, else 0. `a` may be the ReLU's input or its output: both
@@ -44,7 +49,7 @@ fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if i >= p.len { return; }
-    store_grad_a(i, select(0.0, grad_out[i], a[i] > 0.0));
+    store_grad_a(i, select(0.0, grad_out[i], f32(a[i]) > 0.0));
 }
 
 // out = a + b
@@ -53,7 +58,7 @@ fn add_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if i >= p.len { return; }
-    out[i] = a[i] + b[i];
+    out[i] = Act(f32(a[i]) + f32(b[i]));
 }
 
 // grad_a = grad_b = grad_out
@@ -72,7 +77,7 @@ fn add_relu_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if i >= p.len { return; }
-    out[i] = max(a[i] + b[i], 0.0);
+    out[i] = Act(max(f32(a[i]) + f32(b[i]), 0.0));
 }
 
 // grad_a = grad_b = grad_out where the output (bound as `a`) is positive, else 0.
@@ -81,7 +86,7 @@ fn add_relu_backward(@builtin(global_invocation_id) gid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_index(gid, nwg);
     if i >= p.len { return; }
-    let g = select(0.0, grad_out[i], a[i] > 0.0);
+    let g = select(0.0, grad_out[i], f32(a[i]) > 0.0);
     store_grad_a(i, g);
     store_grad_b(i, g);
 }

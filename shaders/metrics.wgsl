@@ -2,6 +2,10 @@
 // from: confusion[label * classes + prediction] += 1 for every pixel whose label is not
 // ignored. Counts are integer atomics: exact and independent of order.
 
+#if F16
+enable f16;
+#end
+
 struct Params {
     n: u32, classes: u32, hw: u32, ignore_label: u32,
     // argmax over a slab of classes: the first class bound (see argmax_classes_slab)
@@ -11,7 +15,8 @@ struct Params {
 #include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> scores: array<f32>;
+// Built with F16 (shader metrics_f16, half-precision inference), the scores are f16.
+@group(0) @binding(1) var<storage, read> scores: array<Act>;
 @group(0) @binding(2) var<storage, read_write> prediction: array<u32>;
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
 @group(0) @binding(4) var<storage, read_write> confusion: array<atomic<u32>>;
@@ -27,7 +32,7 @@ struct Best { index: u32, score: f32 }
 fn best_class(base: u32, k0: u32, start: Best) -> Best {
     var best = start;
     for (var k = k0; k < p.classes; k++) {
-        let s = scores[base + k * p.hw];
+        let s = f32(scores[base + k * p.hw]);
         if s > best.score {
             best = Best(p.first_class + k, s);
         }
@@ -41,7 +46,7 @@ fn argmax_classes(@builtin(global_invocation_id) gid: vec3<u32>,
     let px = linear_index(gid, nwg);
     if px >= p.n * p.hw { return; }
     let base = (px / p.hw) * p.classes * p.hw + px % p.hw;
-    prediction[px] = best_class(base, 1u, Best(0u, scores[base])).index;
+    prediction[px] = best_class(base, 1u, Best(0u, f32(scores[base]))).index;
 }
 
 // The argmax over classes first_class..first_class + classes of scores too large for one
@@ -56,7 +61,7 @@ fn argmax_classes_slab(@builtin(global_invocation_id) gid: vec3<u32>,
     let base = (px / p.hw) * p.classes * p.hw + px % p.hw;
     var best: Best;
     if p.first_class == 0u {
-        best = best_class(base, 1u, Best(0u, scores[base]));
+        best = best_class(base, 1u, Best(0u, f32(scores[base])));
     } else {
         best = best_class(base, 0u, Best(prediction[px], best_scores[px]));
     }

@@ -3,6 +3,10 @@
 // HRNet's final concat is written in place by the resizes. The backward is a gather over
 // the output pixels that read each input pixel: deterministic, no atomics.
 
+#if F16
+enable f16;
+#end
+
 struct Params {
     n: u32, c: u32, h: u32, w: u32,
     ho: u32, wo: u32, align_corners: u32, flags: u32,
@@ -15,8 +19,9 @@ const ACCUMULATE: u32 = 1u;
 #include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+// Built with F16 (shader resize_f16, half-precision inference), x and y are f16.
+@group(0) @binding(1) var<storage, read> x: array<Act>;
+@group(0) @binding(2) var<storage, read_write> y: array<Act>;
 @group(0) @binding(3) var<storage, read> grad_y: array<f32>;
 @group(0) @binding(4) var<storage, read_write> grad_x: array<f32>;
 
@@ -82,9 +87,9 @@ fn resize_forward(@builtin(global_invocation_id) gid: vec3<u32>,
     let ky = taps(oy, p.h, p.ho);
     let kx = taps(ox, p.w, p.wo);
     let plane = nc * p.h * p.w;
-    let top = mix(x[plane + ky.i0 * p.w + kx.i0], x[plane + ky.i0 * p.w + kx.i1], kx.t);
-    let bottom = mix(x[plane + ky.i1 * p.w + kx.i0], x[plane + ky.i1 * p.w + kx.i1], kx.t);
-    y[out_plane(nc / p.c, nc % p.c) + oy * p.wo + ox] = mix(top, bottom, ky.t);
+    let top = mix(f32(x[plane + ky.i0 * p.w + kx.i0]), f32(x[plane + ky.i0 * p.w + kx.i1]), kx.t);
+    let bottom = mix(f32(x[plane + ky.i1 * p.w + kx.i0]), f32(x[plane + ky.i1 * p.w + kx.i1]), kx.t);
+    y[out_plane(nc / p.c, nc % p.c) + oy * p.wo + ox] = Act(mix(top, bottom, ky.t));
 }
 
 @compute @workgroup_size(WG)

@@ -8,6 +8,10 @@
 // softmax_backward_partials -> (ordered chunk sum) -> softmax_backward_apply. The running
 // maximum keeps exp() finite for inputs of any magnitude; sums run in a fixed order.
 
+#if F16
+enable f16;
+#end
+
 struct Params {
     outer: u32, len: u32, inner: u32, chunk_len: u32,
     scale: f32, flags: u32, _pad0: u32, _pad1: u32,
@@ -18,8 +22,10 @@ const ACCUMULATE: u32 = 1u;
 #include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+// Built with F16 (shader softmax_f16, half-precision inference), x and y are f16; the
+// backward's bindings stay f32 (training runs f32).
+@group(0) @binding(1) var<storage, read> x: array<Act>;
+@group(0) @binding(2) var<storage, read_write> y: array<Act>;
 // per (chunk, row): (max, sum of exp(v - max)); after softmax_combine, per row
 @group(0) @binding(3) var<storage, read_write> stats: array<vec2<f32>>;
 @group(0) @binding(4) var<storage, read> grad_y: array<f32>;
@@ -50,7 +56,7 @@ fn row_stats(r: u32, j0: u32, j1: u32) -> vec2<f32> {
     var m = -3.4e38;
     var s = 0.0;
     for (var j = j0; j < j1; j++) {
-        let v = p.scale * x[at(r, j)];
+        let v = p.scale * f32(x[at(r, j)]);
         let m_new = max(m, v);
         s = s * exp(m - m_new) + exp(v - m_new);
         m = m_new;
@@ -70,7 +76,7 @@ fn softmax_rows(@builtin(global_invocation_id) gid: vec3<u32>,
     let st = row_stats(r, 0u, p.len);
     for (var j = 0u; j < p.len; j++) {
         let i = at(r, j);
-        y[i] = exp(p.scale * x[i] - st.x) / st.y;
+        y[i] = Act(exp(p.scale * f32(x[i]) - st.x) / st.y);
     }
 }
 
@@ -109,7 +115,7 @@ fn softmax_normalize(@builtin(global_invocation_id) gid: vec3<u32>,
     if i >= p.outer * p.len * p.inner { return; }
     let r = (i / (p.len * p.inner)) * p.inner + i % p.inner;
     let st = row_stats_in[r];
-    y[i] = exp(p.scale * x[i] - st.x) / st.y;
+    y[i] = Act(exp(p.scale * f32(x[i]) - st.x) / st.y);
 }
 
 // sum of grad_y * y over [j0, j1) of row r, in blocks of 32 terms: the terms have both

@@ -257,7 +257,8 @@ fn convolutions(s: &mut Suite) -> Result<()> {
             conv2d::forward(gpu, &spec, &x, &weight, Some(&bias), &y)?.into_vec(),
             false,
         );
-        // Each variant forced (the plain rows are each family's untimed default), and f16 weights.
+        // Each variant forced (the plain rows are each family's untimed default), and f16
+        // inference (activations and weights at half).
         let epilogue = conv2d::Epilogue { bias: Some(&bias), ..Default::default() };
         for &variant in ConvForward::ALL.iter().filter(|v| v.runs_on(gpu)) {
             let forced =
@@ -266,8 +267,20 @@ fn convolutions(s: &mut Suite) -> Result<()> {
         }
         if gpu.supports_f16() {
             let default = ConvForward::default_for(gpu);
-            let half = conv2d::forward_with(gpu, &spec, &x, &weight, &epilogue, Precision::F16, default, &y)?;
-            s.add("conv2d", "forward [f16 weights]", &name, half.into_vec(), false);
+            let (x_half, y_half) =
+                (Tensor::empty_of(gpu, x.shape(), DType::F16)?, Tensor::empty_of(gpu, &y_shape, DType::F16)?);
+            x_half.write(gpu, &x.to_vec(gpu)?)?;
+            let half = conv2d::forward_with(
+                gpu,
+                &spec,
+                &x_half,
+                &weight,
+                &epilogue,
+                Precision::F16,
+                default,
+                &y_half,
+            )?;
+            s.add("conv2d", "forward [f16]", &name, half.into_vec(), false);
         }
         let bwd_x = conv2d::backward_input(gpu, &spec, &gy, &weight, &gx, false)?;
         s.add("conv2d", "backward_input", &name, bwd_x, false);

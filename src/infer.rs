@@ -167,7 +167,7 @@ impl<'g> Segmenter<'g> {
         self.graphs.clear();
     }
 
-    /// Keeps the convolution weights at `precision` (see [`Precision`]) and returns the
+    /// Runs inference at `precision` (see [`Precision`]) and returns the
     /// precision that runs: `F16` falls back to `F32` on an adapter without `SHADER_F16`.
     pub fn set_precision(&mut self, precision: Precision) -> Precision {
         let runs = precision.on(self.gpu);

@@ -14,6 +14,7 @@ pub mod formats;
 pub mod fs;
 pub mod gpu;
 pub mod graph;
+pub mod half;
 pub mod images;
 pub mod infer;
 pub mod kernels;

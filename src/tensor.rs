@@ -1,9 +1,10 @@
-//! A tensor: a range of a device buffer and an NCHW shape, with 32-bit elements (f32 for
-//! data, u32 for labels and counts).
+//! A tensor: a range of a device buffer and an NCHW shape, with f32 elements for data (f16
+//! for the activations of half-precision inference) and u32 for labels and counts.
 
 use crate::error::{fmt_shape, Error, Result};
 pub use crate::gpu::DType;
 use crate::gpu::{read_buffer, read_buffers, BufferBinding, Gpu, PooledBuffer};
+use crate::half::{f16_to_f32, f32_to_f16};
 use std::sync::Arc;
 
 /// A tensor on the device. Cloning shares the buffer.
@@ -31,7 +32,9 @@ impl Tensor {
     /// A tensor of `dtype` whose contents are unspecified.
     pub fn empty_of(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Self> {
         let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let bytes = numel.and_then(|n| n.checked_mul(4)).ok_or_else(|| {
+        // Rounded up to whole 4-byte words, which storage bindings are sized in.
+        let bytes = numel.and_then(|n| n.checked_mul(dtype.size() as usize)).map(|b| b.next_multiple_of(4));
+        let bytes = bytes.ok_or_else(|| {
             Error::Invalid(format!("tensor of shape {} overflows the address space", fmt_shape(shape)))
         })? as u64;
         if bytes == 0 {
@@ -88,7 +91,7 @@ impl Tensor {
                 fmt_shape(&self.shape)
             )));
         }
-        let offset = self.offset + start as u64 * 4;
+        let offset = self.offset + start as u64 * self.dtype.size();
         let align = u64::from(gpu.limits().min_storage_buffer_offset_alignment);
         if offset % align != 0 {
             return Err(Error::Invalid(format!(
@@ -98,24 +101,48 @@ impl Tensor {
         Ok(Tensor { buffer: Arc::clone(&self.buffer), offset, shape: shape.to_vec(), dtype: self.dtype })
     }
 
-    /// Overwrites the contents of an f32 tensor with `data`.
+    /// Overwrites the contents of a float tensor with `data` (rounded to the nearest half,
+    /// ties to even, for an f16 one).
     pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
-        self.check_dtype("write", DType::F32)?;
+        self.check_float("write")?;
         self.check_len(data.len())?;
-        gpu.queue.write_buffer(self.buffer(), self.offset, bytemuck::cast_slice(data));
+        self.write_floats(gpu, data);
         Ok(())
     }
 
-    /// Sets every element to `value` (tests poison outputs with NaN this way).
-    pub fn fill(&self, gpu: &Gpu, value: f32) {
-        let data = vec![value; self.numel()];
-        gpu.queue.write_buffer(self.buffer(), self.offset, bytemuck::cast_slice(&data));
+    fn write_floats(&self, gpu: &Gpu, data: &[f32]) {
+        if self.dtype == DType::F16 {
+            let mut halves: Vec<u16> = data.iter().map(|&v| f32_to_f16(v)).collect();
+            // Whole words: the tensor's buffer range is rounded up to them.
+            halves.resize(halves.len().next_multiple_of(2), 0);
+            gpu.queue.write_buffer(self.buffer(), self.offset, bytemuck::cast_slice(&halves));
+        } else {
+            gpu.queue.write_buffer(self.buffer(), self.offset, bytemuck::cast_slice(data));
+        }
     }
 
-    /// Copies an f32 tensor back to the host (waits for all submitted work).
+    /// Sets every element of a float tensor to `value` (tests poison outputs with NaN this
+    /// way).
+    pub fn fill(&self, gpu: &Gpu, value: f32) {
+        self.write_floats(gpu, &vec![value; self.numel()]);
+    }
+
+    /// Copies a float tensor back to the host as f32 (waits for all submitted work).
     pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        self.check_dtype("to_vec", DType::F32)?;
-        Ok(bytemuck::cast_slice(&self.read_bytes(gpu)?).to_vec())
+        self.check_float("to_vec")?;
+        Ok(self.floats(&self.read_bytes(gpu)?))
+    }
+
+    /// This tensor's elements as f32, from its bytes.
+    fn floats(&self, bytes: &[u8]) -> Vec<f32> {
+        match self.dtype {
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .take(self.numel())
+                .map(|h| f16_to_f32(u16::from_le_bytes([h[0], h[1]])))
+                .collect(),
+            _ => bytemuck::cast_slice(bytes).to_vec(),
+        }
     }
 
     /// Copies a u32 tensor back to the host.
@@ -125,7 +152,7 @@ impl Tensor {
     }
 
     fn read_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
-        read_buffer(gpu, self.buffer(), self.offset, self.bytes())
+        read_buffer(gpu, self.buffer(), self.offset, self.words_bytes())
     }
 
     /// Overwrites the contents of a u32 tensor with `data`.
@@ -145,6 +172,14 @@ impl Tensor {
             fmt_shape(&self.shape),
             self.numel()
         )))
+    }
+
+    /// An error naming `what` unless the elements are floats (f32 or f16).
+    pub fn check_float(&self, what: &str) -> Result<()> {
+        if self.dtype == DType::U32 {
+            return Err(Error::Invalid(format!("{what}: expected a float tensor, got {self:?}")));
+        }
+        Ok(())
     }
 
     /// An error naming `what` unless the elements are of `dtype`.
@@ -169,7 +204,12 @@ impl Tensor {
 
     /// Size of the elements in bytes (the buffer may be larger).
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * 4
+        self.numel() as u64 * self.dtype.size()
+    }
+
+    /// Size of the elements in whole 4-byte words, what copies and bindings take.
+    pub(crate) fn words_bytes(&self) -> u64 {
+        self.bytes().next_multiple_of(4)
     }
 
     /// The device buffer behind the tensor, shared by its views: (an identity, its size).
@@ -221,14 +261,15 @@ pub struct Binding<'a> {
 }
 
 impl<'a> Binding<'a> {
-    /// An f32 tensor the kernel reads.
+    /// A float tensor the kernel reads: f32, or f16 where the shader is a half-precision
+    /// module (the contract checks which the shader declares).
     pub fn read(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: false, dtype: DType::F32 }
+        Binding { index, tensor, writes: false, dtype: float_dtype(tensor) }
     }
 
-    /// An f32 tensor the kernel writes (and may read).
+    /// A float tensor the kernel writes (and may read).
     pub fn write(index: u32, tensor: &'a Tensor) -> Self {
-        Binding { index, tensor, writes: true, dtype: DType::F32 }
+        Binding { index, tensor, writes: true, dtype: float_dtype(tensor) }
     }
 
     /// A u32 tensor the kernel reads.
@@ -248,18 +289,27 @@ impl<'a> Binding<'a> {
             index: self.index,
             buffer: &self.tensor.buffer,
             offset: self.tensor.offset,
-            size: self.tensor.bytes(),
+            size: self.tensor.words_bytes(),
             writes: self.writes,
             dtype: self.dtype,
         }
     }
 }
 
+/// The element type a float binding of `tensor` declares.
+fn float_dtype(tensor: &Tensor) -> DType {
+    if tensor.dtype == DType::F16 {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}
+
 /// The f32 elements of each tensor, copied back together: one submission and one wait.
 pub fn read_many(gpu: &Gpu, tensors: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
     for t in tensors {
-        t.check_dtype("read_many", DType::F32)?;
+        t.check_float("read_many")?;
     }
-    let ranges: Vec<_> = tensors.iter().map(|t| (t.buffer(), t.offset, t.bytes())).collect();
-    Ok(read_buffers(gpu, &ranges)?.iter().map(|b| bytemuck::cast_slice(b).to_vec()).collect())
+    let ranges: Vec<_> = tensors.iter().map(|t| (t.buffer(), t.offset, t.words_bytes())).collect();
+    Ok(read_buffers(gpu, &ranges)?.iter().zip(tensors).map(|(b, t)| t.floats(b)).collect())
 }

@@ -47,7 +47,7 @@ struct Slot {
     name: String,
     /// Declared `read_write`.
     writable: bool,
-    /// The element's scalar type: `F32` for any float (f16 packs are bound as f32 tensors).
+    /// The element's scalar type.
     dtype: Option<DType>,
 }
 
@@ -214,6 +214,7 @@ fn element_dtype(module: &naga::Module, inner: &naga::TypeInner) -> Option<DType
         _ => return None,
     };
     match scalar.kind {
+        naga::ScalarKind::Float if scalar.width == 2 => Some(DType::F16),
         naga::ScalarKind::Float => Some(DType::F32),
         naga::ScalarKind::Uint => Some(DType::U32),
         _ => None,

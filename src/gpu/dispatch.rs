@@ -7,12 +7,23 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use wgpu::util::DeviceExt;
 
-/// The element type of a bound buffer. Both are 4 bytes; the contract checks the one the
-/// shader declares.
+/// The element type of a bound buffer; the contract checks the one the shader declares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
     U32,
+    /// Half precision: the activations of f16 inference and the packed weights it reads.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
 }
 
 /// A range of a pooled buffer bound at a binding index of a kernel's bind group (group 0;

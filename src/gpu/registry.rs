@@ -3,51 +3,98 @@
 //! override constants) pipeline once.
 
 use super::contract::Interface;
+use super::DType;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Every module the engine builds pipelines from: a kernel file of `shaders/`, composed
-/// (see [`super::compose`]) with the flags its variant sets.
+/// (see [`super::compose`]) with the flags its variant sets. The `F16` modules are the
+/// files of half-precision inference composed with `F16`: activations (and the
+/// convolution's packed weights) stored at half, sums at f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Shader {
     BatchNorm,
     Concat,
+    ConcatF16,
     Conv2d,
-    /// `conv2d.wgsl` with `F16`: the forward's packed weights at half precision.
     Conv2dF16,
     Dropout,
     Elementwise,
+    ElementwiseF16,
     Loss,
     Matmul,
+    MatmulF16,
     Metrics,
+    MetricsF16,
     Reduce,
     Resize,
+    ResizeF16,
     Sgd,
     Softmax,
+    SoftmaxF16,
 }
 
+/// Each inference module and its half-precision twin.
+const HALF_TWINS: [(Shader, Shader); 7] = [
+    (Shader::Concat, Shader::ConcatF16),
+    (Shader::Conv2d, Shader::Conv2dF16),
+    (Shader::Elementwise, Shader::ElementwiseF16),
+    (Shader::Matmul, Shader::MatmulF16),
+    (Shader::Metrics, Shader::MetricsF16),
+    (Shader::Resize, Shader::ResizeF16),
+    (Shader::Softmax, Shader::SoftmaxF16),
+];
+
 impl Shader {
-    pub const ALL: [Shader; 13] = [
+    pub const ALL: [Shader; 19] = [
         Shader::BatchNorm,
         Shader::Concat,
+        Shader::ConcatF16,
         Shader::Conv2d,
         Shader::Conv2dF16,
         Shader::Dropout,
         Shader::Elementwise,
+        Shader::ElementwiseF16,
         Shader::Loss,
         Shader::Matmul,
+        Shader::MatmulF16,
         Shader::Metrics,
+        Shader::MetricsF16,
         Shader::Reduce,
         Shader::Resize,
+        Shader::ResizeF16,
         Shader::Sgd,
         Shader::Softmax,
+        Shader::SoftmaxF16,
     ];
+
+    /// The module whose activations are stored as `activations` (f32 or f16): this one or
+    /// its half-precision twin, or an error naming the module that has no such twin.
+    pub fn storing(self, activations: DType) -> Result<Shader> {
+        match activations {
+            DType::F16 => {
+                HALF_TWINS.iter().find(|(plain, _)| *plain == self).map(|&(_, half)| half).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{} has no f16 variant: f16 tensors are for inference",
+                        self.name()
+                    ))
+                })
+            }
+            _ => Ok(self),
+        }
+    }
 
     /// The module's name in errors, labels and the tuning cache, e.g. `conv2d_f16`.
     pub fn name(self) -> &'static str {
         match self {
+            Shader::ConcatF16 => "concat_f16",
             Shader::Conv2dF16 => "conv2d_f16",
+            Shader::ElementwiseF16 => "elementwise_f16",
+            Shader::MatmulF16 => "matmul_f16",
+            Shader::MetricsF16 => "metrics_f16",
+            Shader::ResizeF16 => "resize_f16",
+            Shader::SoftmaxF16 => "softmax_f16",
             _ => self.file().0,
         }
     }
@@ -61,25 +108,26 @@ impl Shader {
         }
         match self {
             Shader::BatchNorm => file!("batch_norm"),
-            Shader::Concat => file!("concat"),
+            Shader::Concat | Shader::ConcatF16 => file!("concat"),
             Shader::Conv2d | Shader::Conv2dF16 => file!("conv2d"),
             Shader::Dropout => file!("dropout"),
-            Shader::Elementwise => file!("elementwise"),
+            Shader::Elementwise | Shader::ElementwiseF16 => file!("elementwise"),
             Shader::Loss => file!("loss"),
-            Shader::Matmul => file!("matmul"),
-            Shader::Metrics => file!("metrics"),
+            Shader::Matmul | Shader::MatmulF16 => file!("matmul"),
+            Shader::Metrics | Shader::MetricsF16 => file!("metrics"),
             Shader::Reduce => file!("reduce"),
-            Shader::Resize => file!("resize"),
+            Shader::Resize | Shader::ResizeF16 => file!("resize"),
             Shader::Sgd => file!("sgd"),
-            Shader::Softmax => file!("softmax"),
+            Shader::Softmax | Shader::SoftmaxF16 => file!("softmax"),
         }
     }
 
     /// The flags its file is composed with (`#if F16`).
     pub fn flags(self) -> &'static [&'static str] {
-        match self {
-            Shader::Conv2dF16 => &["F16"],
-            _ => &[],
+        if HALF_TWINS.iter().any(|&(_, half)| half == self) {
+            &["F16"]
+        } else {
+            &[]
         }
     }
 
@@ -159,6 +207,12 @@ impl PipelineCache {
     fn module(&self, device: &wgpu::Device, shader: Shader) -> Result<Arc<wgpu::ShaderModule>> {
         if let Some(m) = lock(&self.modules).get(&shader) {
             return Ok(Arc::clone(m));
+        }
+        if shader.needs_f16() && !device.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(Error::Invalid(format!(
+                "{} stores f16 and needs SHADER_F16, which the device lacks",
+                shader.name()
+            )));
         }
         let source = shader.source()?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);

@@ -58,6 +58,21 @@ struct Value {
     dtype: DType,
 }
 
+impl Value {
+    fn bytes(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64 * self.dtype.size()
+    }
+}
+
+/// An eval graph at half precision stores its inputs and activations as f16: the caller's
+/// f32 data is rounded to half as it is written and read back as f32.
+fn store_activations_at(values: &mut [Value], precision: Precision) {
+    let stored = |v: &Value| matches!(v.role, Role::Input { .. } | Role::Activation | Role::Fused);
+    for v in values.iter_mut().filter(|v| stored(v) && v.dtype == DType::F32) {
+        v.dtype = precision.activations();
+    }
+}
+
 /// What a training graph's backward rebuilds instead of keeping it from the forward pass.
 /// Every mode gives the same bits (a rebuild runs the forward's kernels on the same inputs);
 /// they trade time for memory.
@@ -97,7 +112,7 @@ pub struct GraphBuilder {
     unfused: bool,
     /// Training graphs: what the backward rebuilds instead of keeping it from the forward.
     recompute: Recompute,
-    /// The precision eval graphs keep convolution weights at.
+    /// The precision of eval graphs: f16 stores activations and convolution weights at half.
     precision: Precision,
     /// Whose kernel-variant choices recording takes; none: the untimed defaults.
     tuner: Option<Arc<Tuner>>,
@@ -320,13 +335,14 @@ impl GraphBuilder {
     /// is allocated): activations planned by liveness against each tensor on its own.
     /// Kernels' small scratch buffers are not counted.
     pub fn plan_memory(&self, outputs: &[ValueId]) -> MemoryReport {
-        let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
-        let plan = plan::inference(&self.values, &self.ops, outputs);
-        let fixed: u64 = self.values.iter().filter(|v| v.role.is_set()).map(bytes).sum();
-        let largest = self.values.iter().max_by_key(|v| bytes(v)).map(|v| (v.name.clone(), bytes(v)));
+        let mut values = self.values.clone();
+        store_activations_at(&mut values, self.precision);
+        let plan = plan::inference(&values, &self.ops, outputs);
+        let fixed: u64 = values.iter().filter(|v| v.role.is_set()).map(Value::bytes).sum();
+        let largest = values.iter().max_by_key(|v| v.bytes()).map(|v| (v.name.clone(), v.bytes()));
         MemoryReport {
             planned: fixed + plan.bytes(),
-            unshared: self.values.iter().map(bytes).sum(),
+            unshared: values.iter().map(Value::bytes).sum(),
             largest: largest.unwrap_or_default(),
         }
     }
@@ -336,7 +352,7 @@ impl GraphBuilder {
     /// the forward and backward passes, and the optimizer's arenas. Kernels' scratch
     /// buffers (batch statistics, packed weights, the loss's) are not counted.
     pub fn plan_training_memory(&self, outputs: &[ValueId]) -> TrainingMemory {
-        let bytes = |v: &Value| v.shape.iter().product::<usize>() as u64 * 4;
+        let bytes = Value::bytes;
         let backward = Backward::of(&self.values, &self.ops, outputs, self.recompute);
         let plan = training_plan(&self.values, &self.ops, (outputs, &backward));
         let needs = &backward.needs;
@@ -376,7 +392,7 @@ impl GraphBuilder {
         let mut tensors: Vec<(String, u64)> = Vec::new();
         for &b in alive {
             let v = &self.values[b % n];
-            let bytes = v.shape.iter().product::<usize>() as u64 * 4;
+            let bytes = v.bytes();
             let (kind, name) = match b / n {
                 0 => (&mut peak.activations, v.name.clone()),
                 1 => (&mut peak.gradients, format!("grad {}", v.name)),
@@ -402,9 +418,10 @@ impl GraphBuilder {
         self.unfused = true;
     }
 
-    /// Asks an eval graph to keep its convolution weights at `precision`. `F16` falls back
-    /// to `F32` on an adapter without `SHADER_F16` ([`Graph::precision`] tells which runs);
-    /// a training graph refuses it.
+    /// Asks an eval graph to run at `precision`: `F16` stores its inputs, activations and
+    /// convolution weights at half, sums at f32, and falls back to `F32` on an adapter
+    /// without `SHADER_F16` ([`Graph::precision`] tells which runs); a training graph
+    /// refuses it.
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
     }
@@ -443,6 +460,7 @@ impl GraphBuilder {
         if mode == Mode::Eval && !self.unfused {
             self.ops = fuse::fuse_for_inference(std::mem::take(&mut self.ops), &mut self.values, outputs);
         }
+        store_activations_at(&mut self.values, precision);
         let mut by_name = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
             if by_name.insert(v.name.clone(), ValueId(i)).is_some() {
@@ -624,7 +642,7 @@ fn allocate_slots<'a>(
         tenants.max_by_key(|&b| describe(b).1.iter().product::<usize>()).expect("a slot has a tenant")
     };
     let slot = |(s, &n): (usize, &usize)| {
-        Tensor::empty(gpu, &[n]).map_err(|e| {
+        Tensor::empty_of(gpu, &[n], plan.element).map_err(|e| {
             let (what, shape) = describe(largest_tenant(s));
             named(&what, shape, e)
         })
@@ -925,7 +943,7 @@ impl Graph {
     pub fn forward_checked(&self, gpu: &Gpu) -> Result<()> {
         let name = |v: ValueId| self.values[v.0].name.as_str();
         for (i, v) in self.values.iter().enumerate() {
-            if v.role.is_set() && v.dtype == DType::F32 {
+            if v.role.is_set() && v.dtype != DType::U32 {
                 let what = match v.role {
                     Role::Param => "parameter",
                     Role::State => "running statistic",
@@ -937,7 +955,7 @@ impl Graph {
         self.repacking(|prepare| if prepare.is_empty() { Ok(()) } else { gpu.submit(prepare) })?;
         for node in &self.recorded.nodes {
             gpu.submit(&self.recorded.forward[node.dispatches.clone()])?;
-            for &y in node.writes.iter().filter(|y| self.values[y.0].dtype == DType::F32) {
+            for &y in node.writes.iter().filter(|y| self.values[y.0].dtype != DType::U32) {
                 let reads: Vec<&str> = node.reads.iter().map(|&r| name(r)).collect();
                 let what = format!("{}, the output of the node reading {}", name(y), reads.join(", "));
                 check_finite(gpu, self.t(y), &what)?;

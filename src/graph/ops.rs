@@ -448,9 +448,12 @@ impl Graph {
                     self.t(sim),
                     self.t(y),
                 )?,
+                // In eval, dropout is the identity: a copy (of f16 activations too).
+                &Op::Dropout { x, y, .. } if mode == Mode::Eval => {
+                    let channels = self.t(x).dims4("dropout input")?[1];
+                    concat::copy_channels(gpu, (self.t(x), 0), (self.t(y), 0), channels, false)?
+                }
                 &Op::Dropout { x, y, layer } => {
-                    // In eval, dropout is the identity: a drop probability of 0 multiplies by 1.
-                    let layer = if mode == Mode::Train { layer } else { Dropout2d { drop: 0.0 } };
                     let seeded = layer.forward(gpu, self.t(x), self.t(y), self.seed)?;
                     self.recorded.dropouts.extend(seeded.iter().cloned());
                     seeded.into_iter().map(|s| s.dispatch).collect()

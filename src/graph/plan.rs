@@ -23,6 +23,9 @@ pub(super) struct Plan {
     pub slot_of: Vec<Option<usize>>,
     /// Each slot's size in elements.
     pub slot_elems: Vec<usize>,
+    /// The slots' element type: every planned value's (f32, or f16 for half-precision
+    /// inference).
+    pub element: DType,
     /// The step at which the most planned elements are alive, and the buffers alive then.
     pub peak: Option<(Node, Vec<usize>)>,
 }
@@ -39,7 +42,7 @@ pub(super) enum Node {
 impl Plan {
     /// Bytes of every slot.
     pub fn bytes(&self) -> u64 {
-        self.slot_elems.iter().map(|&n| n as u64 * 4).sum()
+        self.slot_elems.iter().map(|&n| n as u64 * self.element.size()).sum()
     }
 }
 
@@ -75,7 +78,8 @@ pub(super) fn plan(numel: &[Option<usize>], steps: &[Step], keep: &[usize]) -> P
     let mut order: Vec<usize> = (0..numel.len()).filter(|&b| life[b].is_some()).collect();
     order.sort_by_key(|&b| (std::cmp::Reverse(numel[b].unwrap_or(0)), life[b]));
     let peak = peak(numel, &life, steps);
-    let mut plan = Plan { slot_of: vec![None; numel.len()], slot_elems: Vec::new(), peak };
+    let mut plan =
+        Plan { slot_of: vec![None; numel.len()], slot_elems: Vec::new(), element: DType::F32, peak };
     // Each slot's tenants' lifetimes.
     let mut tenants: Vec<Vec<(usize, usize)>> = Vec::new();
     for b in order {
@@ -122,16 +126,21 @@ fn numel(v: &Value) -> usize {
     v.shape.iter().product()
 }
 
-/// Whether a value is planned: an f32 activation (a u32 one, argmax's, has its own buffer).
+/// Whether a value is planned: a float activation (a u32 one, argmax's, has its own
+/// buffer).
 fn planned_value(v: &Value) -> Option<usize> {
-    (v.role == Role::Activation && v.dtype == DType::F32).then(|| numel(v))
+    (v.role == Role::Activation && v.dtype != DType::U32).then(|| numel(v))
 }
 
-/// The forward pass of an eval graph: buffers are values, activations planned.
+/// The forward pass of an eval graph: buffers are values, activations planned. The slots
+/// hold the first float activation's element type (f16 at half precision); a float
+/// activation of another type would have a buffer of its own.
 pub(super) fn inference(values: &[Value], ops: &[Op], outputs: &[ValueId]) -> Plan {
-    let planned: Vec<Option<usize>> = values.iter().map(planned_value).collect();
+    let element = values.iter().find(|v| planned_value(v).is_some()).map_or(DType::F32, |v| v.dtype);
+    let planned: Vec<Option<usize>> =
+        values.iter().map(|v| planned_value(v).filter(|_| v.dtype == element)).collect();
     let steps: Vec<Step> = ops.iter().enumerate().map(forward_step).collect();
-    plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>())
+    Plan { element, ..plan(&planned, &steps, &outputs.iter().map(|v| v.0).collect::<Vec<_>>()) }
 }
 
 fn forward_step((at, op): (usize, &Op)) -> Step {

@@ -2,7 +2,7 @@
 //! (the resizes of HRNet's final concat) do so directly; the rest are copied.
 
 use super::slabs::{self, Cut};
-use super::{f32_bytes, launch, plane_block_invocations, to_u32};
+use super::{launch, plane_block_invocations, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, Tensor};
@@ -76,9 +76,9 @@ fn copy_launch(
     };
     to_u32("elements", src.numel().max(dst.numel()))?;
     let bindings = [Binding::read(1, src), Binding::write(2, dst)];
-    let cost = Cost { flops: 0, bytes: f32_bytes(2 * len) };
+    let cost = Cost { flops: 0, bytes: 2 * len as u64 * dst.dtype().size() };
     let invocations = plane_block_invocations(gpu, n * channels, h * w);
-    launch(gpu, Shader::Concat, "copy_channels", &p, &bindings, invocations, cost)
+    launch(gpu, Shader::Concat.storing(dst.dtype())?, "copy_channels", &p, &bindings, invocations, cost)
 }
 
 /// `y = concat(inputs, channel axis)`: one copy per input into its slice.

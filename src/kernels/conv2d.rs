@@ -6,7 +6,7 @@ use super::tuning::{self, ConvClass, ConvForward, ConvInputGrad, ConvWeightGrad,
 use super::{f32_bytes, launch, launch_sized, launch_tuned, reduce, reduction_chunks, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
-use crate::tensor::{Binding, Tensor};
+use crate::tensor::{Binding, DType, Tensor};
 
 /// Stride, padding and dilation, each as (vertical, horizontal).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -217,9 +217,10 @@ impl Epilogue<'_> {
     }
 }
 
-/// The precision the forward keeps its packed weights at. `F16` halves the weight traffic
-/// (each weight, batch-norm scale folded in, is rounded to half once as it is packed);
-/// inputs, products and sums stay f32. It needs the adapter's `SHADER_F16`.
+/// The precision of inference. `F16` keeps the forward's packed weights (each weight,
+/// batch-norm scale folded in, rounded to half once as it is packed) and its activations
+/// (input, output, residual: f16 tensors) at half precision, half the traffic and memory;
+/// products and sums stay f32. It needs the adapter's `SHADER_F16`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     #[default]
@@ -235,6 +236,14 @@ impl Precision {
             self
         } else {
             Precision::F32
+        }
+    }
+
+    /// The element type of the activations at this precision.
+    pub fn activations(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
         }
     }
 
@@ -294,7 +303,7 @@ pub fn forward(
 }
 
 /// Zero tensors shaped like a proxy of `class`: one image of the class's capped output
-/// size, the input that gives it, and the weight.
+/// size, the input that gives it (activations at the class's precision), and the weight.
 struct Proxy {
     spec: Conv2dSpec,
     x: Tensor,
@@ -306,9 +315,12 @@ impl Proxy {
     fn new(gpu: &Gpu, class: &ConvClass) -> Result<Self> {
         let spec = Conv2dSpec { stride: class.stride, padding: class.padding, dilation: class.dilation };
         let [h, w] = class.input_size();
-        let x = Tensor::zeros(gpu, &[1, class.ci, h, w])?;
+        let activations = class.precision.activations();
+        let x = Tensor::empty_of(gpu, &[1, class.ci, h, w], activations)?;
+        x.fill(gpu, 0.0);
         let weight = Tensor::zeros(gpu, &[class.co, class.ci, class.kernel[0], class.kernel[1]])?;
-        let y = Tensor::zeros(gpu, &output_shape(&spec, x.shape(), &weight)?)?;
+        let y = Tensor::empty_of(gpu, &output_shape(&spec, x.shape(), &weight)?, activations)?;
+        y.fill(gpu, 0.0);
         Ok(Proxy { spec, x, weight, y })
     }
 }
@@ -354,9 +366,18 @@ pub fn forward_with(
 ) -> Result<ForwardDispatches> {
     if precision == Precision::F16 && !gpu.supports_f16() {
         return Err(Error::Invalid(format!(
-            "conv2d: f16 weights need SHADER_F16, which adapter {} lacks",
+            "conv2d: f16 inference needs SHADER_F16, which adapter {} lacks",
             gpu.describe()
         )));
+    }
+    let residual = epilogue.residual.map(|r| ("residual", r));
+    for (what, t) in [("input", x), ("output", y)].into_iter().chain(residual) {
+        if t.dtype() != precision.activations() {
+            return Err(Error::Invalid(format!(
+                "conv2d at {precision:?} takes {:?} activations; the {what} is {t:?}",
+                precision.activations()
+            )));
+        }
     }
     if !variant.runs_on(gpu) {
         return Err(Error::Invalid(format!(
@@ -589,13 +610,13 @@ struct Packed {
     packed: Tensor,
 }
 
-/// The packed weight's tensor: `vec4s` vec4s at `precision` (f16 pairs in f32 words).
+/// The packed weight's tensor: `vec4s` vec4s at `precision`. Only f32 packs share
+/// scratch: f16 ones are for eval graphs, which keep their packs.
 fn packed_tensor(gpu: &Gpu, vec4s: usize, precision: Precision) -> Result<Tensor> {
-    let words_per_vec4 = match precision {
-        Precision::F32 => 4,
-        Precision::F16 => 2,
-    };
-    scratch(gpu, "conv2d packed weight", words_per_vec4 * vec4s)
+    match precision {
+        Precision::F32 => scratch(gpu, "conv2d packed weight", 4 * vec4s),
+        Precision::F16 => Tensor::empty_of(gpu, &[4 * vec4s], DType::F16),
+    }
 }
 
 /// Repacks the weight as vec4s over output channels for the forward, scaled by the folded

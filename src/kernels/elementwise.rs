@@ -1,6 +1,6 @@
 //! ReLU, add and fused add + ReLU, with their backward passes (`elementwise.wgsl`).
 
-use super::{f32_bytes, launch, slabs, to_u32};
+use super::{launch, slabs, to_u32};
 use crate::error::{check_shape, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, Tensor};
@@ -40,7 +40,7 @@ fn elementwise(
         return Ok(vec![launch_over(gpu, entry, reads, writes)?]);
     }
     let mut d = Vec::new();
-    for r in slabs::flat_chunks(gpu, first.numel()) {
+    for r in slabs::flat_chunks(gpu, first.numel(), first.dtype().size()) {
         let chunks = |ts: &[(u32, &Tensor)]| -> Result<Vec<(u32, Tensor)>> {
             ts.iter().map(|&(i, t)| Ok((i, t.view(gpu, r.start, &[r.len()])?))).collect()
         };
@@ -69,11 +69,12 @@ fn launch_over(
         .chain(writes.iter().map(|&(i, t)| Binding::write(i, t)))
         .collect();
     let accumulated = writes.len() * usize::from(entry.flags != 0);
+    let stored = writes[0].1.dtype();
     let cost = Cost {
         flops: entry.flops * len as u64,
-        bytes: f32_bytes(len * (reads.len() + writes.len() + accumulated)),
+        bytes: (len * (reads.len() + writes.len() + accumulated)) as u64 * stored.size(),
     };
-    launch(gpu, Shader::Elementwise, entry.name, &params, &bindings, len, cost)
+    launch(gpu, Shader::Elementwise.storing(stored)?, entry.name, &params, &bindings, len, cost)
 }
 
 fn flags(accumulate_a: bool, accumulate_b: bool) -> u32 {

@@ -5,7 +5,7 @@
 
 use super::slabs::{self, Items};
 use super::tuning::{self, Tunable, Tuner};
-use super::{f32_bytes, launch, launch_tuned, to_u32};
+use super::{launch, launch_tuned, to_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, Tensor};
@@ -261,10 +261,10 @@ pub fn product_with(
     u("b extent", bv.extent(batch))?;
     let cost = Cost {
         flops: 2 * (batch * m * n * k) as u64,
-        bytes: f32_bytes(batch * (m * k + k * n + m * n * (1 + usize::from(accumulate)))),
+        bytes: (batch * (m * k + k * n + m * n * (1 + usize::from(accumulate)))) as u64 * c.dtype().size(),
     };
     let bindings = [Binding::read(1, a), Binding::read(2, b), Binding::write(3, c)];
-    let entry = (Shader::Matmul, kernel.entry());
+    let entry = (Shader::Matmul.storing(c.dtype())?, kernel.entry());
     Ok(vec![match kernel.slice() {
         // A workgroup per (matrix, 16 rows, block of WG 16-column tiles). One workgroup size
         // for every shape (each size is another pipeline for the driver to compile); on

@@ -44,7 +44,7 @@ pub fn argmax(gpu: &Gpu, scores: &Tensor, prediction: &Tensor) -> Result<Vec<Dis
         let bindings = [Binding::read(1, scores), Binding::write_u32(2, prediction)];
         return Ok(vec![launch(
             gpu,
-            Shader::Metrics,
+            Shader::Metrics.storing(scores.dtype())?,
             "argmax_classes",
             &p,
             &bindings,
@@ -65,7 +65,8 @@ pub fn argmax(gpu: &Gpu, scores: &Tensor, prediction: &Tensor) -> Result<Vec<Dis
             Binding::write_u32(2, &item_prediction),
             Binding::write(6, &best_scores),
         ];
-        d.push(launch(gpu, Shader::Metrics, "argmax_classes_slab", &p, &bindings, h * w, cost)?);
+        let shader = Shader::Metrics.storing(scores.dtype())?;
+        d.push(launch(gpu, shader, "argmax_classes_slab", &p, &bindings, h * w, cost)?);
     }
     Ok(d)
 }

@@ -315,7 +315,7 @@ pub fn variants(gpu: &Gpu, tuner: Option<&tuning::Tuner>) -> Vec<KernelVariant> 
         if gpu.supports_f16() {
             v(
                 "precision",
-                "f32; inference may keep conv weights at f16 (--precision f16, shader conv2d_f16)",
+                "f32; inference may store activations and conv weights at f16, sums f32 (--precision f16, the *_f16 shaders)",
                 "the adapter has SHADER_F16".into(),
             )
         } else {

@@ -207,7 +207,7 @@ pub fn object_attention_forward(
     let a = Attention::resolve(query, key, value)?;
     check_shape("object attention map", &a.sim_shape(), sim.shape())?;
     check_shape("object attention output", query.shape(), out.shape())?;
-    let logits = Tensor::empty(gpu, &a.sim_shape())?;
+    let logits = Tensor::empty_of(gpu, &a.sim_shape(), sim.dtype())?;
     let q_t = Strided::row_major(a.ch, a.hw).t();
     let kv = Strided::row_major(a.ch, a.k);
     let sim_t = Strided::row_major(a.hw, a.k).t();

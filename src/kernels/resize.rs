@@ -63,9 +63,9 @@ pub fn forward(
     per_slab(gpu, x, (y, channel_offset), |x, y, offset| {
         let p = params(x.dims4("resize input")?, y, offset, align_corners)?;
         let out = (p.n * p.c * p.ho * p.wo) as usize;
-        let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(x.numel() + out) };
+        let cost = Cost { flops: 6 * out as u64, bytes: (x.numel() + out) as u64 * y.dtype().size() };
         let bindings = [Binding::read(1, x), Binding::write(2, y)];
-        launch(gpu, Shader::Resize, "resize_forward", &p, &bindings, out, cost)
+        launch(gpu, Shader::Resize.storing(y.dtype())?, "resize_forward", &p, &bindings, out, cost)
     })
 }
 

@@ -30,6 +30,10 @@ impl<'a> Cut<'a> {
         self.tensor.shape()[2..].iter().product()
     }
 
+    fn plane_bytes(&self) -> u64 {
+        self.plane() as u64 * self.tensor.dtype().size()
+    }
+
     /// The element where channel `c` of the shared axis starts, at item `item`.
     fn start(&self, item: usize, c: usize) -> usize {
         (item * self.tensor.shape()[1] + self.first + c) * self.plane()
@@ -71,19 +75,20 @@ pub(crate) fn channel_slabs(gpu: &Gpu, items: usize, channels: usize, cuts: &[Cu
     let limits = gpu.limits();
     let limit = limits.max_storage_buffer_binding_size;
     let align = u64::from(limits.min_storage_buffer_offset_alignment);
-    let widest =
-        cuts.iter().map(|c| (limit / (4 * c.plane() as u64).max(1)) as usize).min().unwrap_or(channels);
+    let widest = cuts.iter().map(|c| (limit / c.plane_bytes().max(1)) as usize).min().unwrap_or(channels);
     if widest == 0 {
         let c = cuts.iter().max_by_key(|c| c.plane()).expect("a cut is too large");
         return Err(Error::Limit {
             what: format!("one channel of a tensor of shape {}", fmt_shape(c.tensor.shape())),
-            bytes: 4 * c.plane() as u64,
+            bytes: c.plane_bytes(),
             limit,
             limit_name: "max_storage_buffer_binding_size",
         });
     }
     let aligned = |item: usize, c: usize| {
-        cuts.iter().all(|cut| (cut.tensor.offset() + 4 * cut.start(item, c) as u64) % align == 0)
+        cuts.iter().all(|cut| {
+            (cut.tensor.offset() + cut.tensor.dtype().size() * cut.start(item, c) as u64) % align == 0
+        })
     };
     let mut slabs = Vec::new();
     for item in 0..items {
@@ -135,10 +140,11 @@ pub(crate) fn split(gpu: &Gpu, items: usize, channels: usize, cuts: &[Cut<'_>]) 
 
 /// Flat ranges of `len` elements, each fitting a binding and a multiple of the offset
 /// alignment long, for elementwise launches over tensors of equal shape.
-pub(crate) fn flat_chunks(gpu: &Gpu, len: usize) -> Vec<Range<usize>> {
+pub(crate) fn flat_chunks(gpu: &Gpu, len: usize, element_bytes: u64) -> Vec<Range<usize>> {
     let limits = gpu.limits();
-    let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
-    let chunk = ((limits.max_storage_buffer_binding_size / 4) as usize / align * align).max(align);
+    let align = (u64::from(limits.min_storage_buffer_offset_alignment) / element_bytes).max(1) as usize;
+    let chunk =
+        ((limits.max_storage_buffer_binding_size / element_bytes) as usize / align * align).max(align);
     (0..len).step_by(chunk).map(|s| s..(s + chunk).min(len)).collect()
 }
 
@@ -180,9 +186,9 @@ pub(crate) fn item_ranges(
     let limits = gpu.limits();
     let (limit, align) =
         (limits.max_storage_buffer_binding_size, u64::from(limits.min_storage_buffer_offset_alignment));
-    let elements = (limit / 4) as usize;
     let mut longest = items;
     for t in tensors {
+        let elements = (limit / t.tensor.dtype().size()) as usize;
         if t.extent > elements {
             return Err(Error::Limit {
                 what: format!(
@@ -190,7 +196,7 @@ pub(crate) fn item_ranges(
                     t.extent,
                     fmt_shape(t.tensor.shape())
                 ),
-                bytes: 4 * t.extent as u64,
+                bytes: t.tensor.dtype().size() * t.extent as u64,
                 limit,
                 limit_name: "max_storage_buffer_binding_size",
             });
@@ -199,8 +205,11 @@ pub(crate) fn item_ranges(
             longest = longest.min(more + 1);
         }
     }
-    let aligned =
-        |i: usize| tensors.iter().all(|t| (t.tensor.offset() + 4 * (i * t.stride) as u64) % align == 0);
+    let aligned = |i: usize| {
+        tensors
+            .iter()
+            .all(|t| (t.tensor.offset() + t.tensor.dtype().size() * (i * t.stride) as u64) % align == 0)
+    };
     aligned_ranges(items, longest, aligned)
         .map(Some)
         .ok_or_else(|| unaligned(all.into_iter(), limit, align, "between items"))

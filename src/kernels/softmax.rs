@@ -120,17 +120,18 @@ fn forward_rows(
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     let p = axis.params(chunk_len, scale, 0)?;
+    let shader = Shader::Softmax.storing(y.dtype())?;
     let n = axis.numel();
     let cost = Cost { flops: 5 * n as u64, bytes: f32_bytes(2 * n) };
     if chunks == 1 {
         let bindings = [Binding::read(1, x), Binding::write(2, y)];
-        return Ok(vec![launch(gpu, Shader::Softmax, "softmax_rows", &p, &bindings, axis.rows(), cost)?]);
+        return Ok(vec![launch(gpu, shader, "softmax_rows", &p, &bindings, axis.rows(), cost)?]);
     }
     let stats = scratch(gpu, "softmax statistics", 2 * chunks * axis.rows())?;
     let partial_cost = Cost { flops: 4 * n as u64, bytes: f32_bytes(n) };
     let partials = launch(
         gpu,
-        Shader::Softmax,
+        shader,
         "softmax_partials",
         &p,
         &[Binding::read(1, x), Binding::write(3, &stats)],
@@ -139,18 +140,11 @@ fn forward_rows(
     )?;
     let combine_cost =
         Cost { flops: (4 * chunks * axis.rows()) as u64, bytes: f32_bytes(2 * chunks * axis.rows()) };
-    let combine = launch(
-        gpu,
-        Shader::Softmax,
-        "softmax_combine",
-        &p,
-        &[Binding::write(3, &stats)],
-        axis.rows(),
-        combine_cost,
-    )?;
+    let combine =
+        launch(gpu, shader, "softmax_combine", &p, &[Binding::write(3, &stats)], axis.rows(), combine_cost)?;
     let normalize = launch(
         gpu,
-        Shader::Softmax,
+        shader,
         "softmax_normalize",
         &p,
         &[Binding::read(1, x), Binding::write(2, y), Binding::read(8, &stats)],

@@ -508,3 +508,47 @@ pub fn bilinear_taps(o: usize, len_in: usize, len_out: usize, align_corners: boo
     let i0 = (src.floor() as usize).min(len_in - 1);
     (i0, (i0 + 1).min(len_in - 1), src - i0 as f64)
 }
+
+/// `v` rounded to the nearest f16 value (ties to even), as an f32; `v` within f16's range.
+pub fn round_to_half(v: f32) -> f32 {
+    (v / half_quantum(v)).round_ties_even() * half_quantum(v)
+}
+
+/// The spacing of f16 values around `v`: 2^-24 below 2^-14 (subnormals), else 2^-10 of
+/// `v`'s power of two.
+pub fn half_quantum(v: f32) -> f32 {
+    if v.abs() < 2f32.powi(-14) {
+        2f32.powi(-24)
+    } else {
+        2f32.powi(v.abs().log2().floor() as i32 - 10)
+    }
+}
+
+/// An f16 tensor holding `data` rounded to halves.
+pub fn upload_half(shape: &[usize], data: &[f32]) -> Tensor {
+    let t = Tensor::empty_of(gpu(), shape, hrnet_ocr::tensor::DType::F16).expect("allocate f16");
+    t.write(gpu(), data).expect("upload f16");
+    t
+}
+
+/// An f16 output tensor filled with NaN.
+pub fn poisoned_half(shape: &[usize]) -> Tensor {
+    let t = Tensor::empty_of(gpu(), shape, hrnet_ocr::tensor::DType::F16).expect("allocate f16");
+    t.fill(gpu(), f32::NAN);
+    t
+}
+
+/// f16 results against f32 ones computed from the same (exact-half) inputs: each must be
+/// the f32 value rounded to a half, within one half's spacing (the f32 sums may round
+/// differently near a tie) plus `slack` of the f32 values' RMS (sums of terms that cancel).
+pub fn assert_rounded_to_half(what: &str, got: &[f32], want: &[f32], slack: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: {} values, expected {}", got.len(), want.len());
+    let rms = (want.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / want.len() as f64).sqrt() as f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let bound = half_quantum(w) + slack * rms;
+        assert!(
+            g.is_finite() && (g - w).abs() <= bound,
+            "{what}: element {i} is {g}, f32 gives {w} (bound {bound:e})"
+        );
+    }
+}

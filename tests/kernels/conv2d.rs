@@ -235,32 +235,31 @@ fn conv2d_fused_epilogue_matches_cpu_composition() {
     }
 }
 
-/// `v` rounded to the nearest f16 value (ties to even), as an f32; `v` within f16's range.
-fn round_to_half(v: f32) -> f32 {
-    // Below 2^-14 halves are subnormal: multiples of 2^-24.
-    let quantum =
-        if v.abs() < 2f32.powi(-14) { 2f32.powi(-24) } else { 2f32.powi(v.abs().log2().floor() as i32 - 10) };
-    (v / quantum).round_ties_even() * quantum
-}
-
-/// The f16 forward (both variants) keeps weights at half precision: with weights that are exact halves it
-/// must match the f32 CPU reference at the f32 tolerance, and with any weights it must
-/// differ by the rounding of a half (2^-11 relative), no more and no less. An adapter
-/// without SHADER_F16 must refuse it by name.
+/// Half-precision inference, every forward variant: f16 input, output and residual, weights
+/// packed at half, sums at f32. With an input and weights that are exact halves each
+/// output must be the f32 CPU reference rounded to a half; with any weights the error
+/// against f32 must be a half's rounding (2^-11 relative), no more and no less. f32
+/// activations at f16 precision are refused by name, and so is f16 on an adapter without
+/// SHADER_F16.
 #[test]
-fn conv2d_f16_weights_match_cpu_reference() {
+fn conv2d_f16_inference_matches_cpu_reference() {
     let gpu = gpu();
-    let mut rng = Rng::new(seed("conv2d_f16_weights"));
+    let mut rng = Rng::new(seed("conv2d_f16_inference"));
     for i in 0..12 {
         let d = random_dims(&mut rng, 24);
-        let x = rng.normals(d.x_shape().iter().product());
+        let x: Vec<f32> =
+            rng.normals(d.x_shape().iter().product()).iter().map(|&v| round_to_half(v)).collect();
         let w: Vec<f32> = rng.normals(d.w_shape().iter().product()).iter().map(|v| v * 0.3).collect();
-        let b = (i % 2 == 0).then(|| rng.normals(d.co));
-        let (xt, bt) = (upload(&d.x_shape(), &x), b.as_ref().map(|b| upload(&[d.co], b)));
-        let epilogue = conv2d::Epilogue { bias: bt.as_ref(), ..Default::default() };
+        let b =
+            (i % 2 == 0).then(|| rng.normals(d.co).iter().map(|&v| round_to_half(v)).collect::<Vec<f32>>());
+        let residual = (i % 3 == 0).then(|| rng.normals(d.y_shape().iter().product()));
+        let residual = residual.map(|r| r.iter().map(|&v| round_to_half(v)).collect::<Vec<f32>>());
+        let (xt, bt) = (upload_half(&d.x_shape(), &x), b.as_ref().map(|b| upload(&[d.co], b)));
+        let rt = residual.as_ref().map(|r| upload_half(&d.y_shape(), r));
+        let epilogue = conv2d::Epilogue { bias: bt.as_ref(), residual: rt.as_ref(), ..Default::default() };
         let variant = ConvForward::ALL[i % ConvForward::ALL.len()];
         let run = |w: &[f32]| {
-            let (wt, y) = (upload(&d.w_shape(), w), poisoned(&d.y_shape()));
+            let (wt, y) = (upload(&d.w_shape(), w), poisoned_half(&d.y_shape()));
             conv2d::forward_with(gpu, &d.spec, &xt, &wt, &epilogue, Precision::F16, variant, &y)
                 .map(|dispatches| gpu.run(&dispatches.into_vec()).map(|_| download(&y)).unwrap())
         };
@@ -270,26 +269,34 @@ fn conv2d_f16_weights_match_cpu_reference() {
             eprintln!("{}: no SHADER_F16, the f16 forward is refused: {err}", gpu.describe());
             return;
         }
+        let want = |w: &[f32], bias: Option<&[f32]>| {
+            let mut y = d.forward(&x, w, bias);
+            for (y, r) in y.iter_mut().zip(residual.iter().flatten()) {
+                *y += r;
+            }
+            y
+        };
         let halves: Vec<f32> = w.iter().map(|&v| round_to_half(v)).collect();
-        assert_close(
-            &format!("{d:?} exact-half weights"),
-            &run(&halves).unwrap(),
-            &d.forward(&x, &halves, b.as_deref()),
-            TOL,
-        );
-        // Measured against the weights' own term (the bias is exact either way); a shape
-        // whose outputs all fall in the padding has no such term.
-        let (got, want) = (run(&w).unwrap(), d.forward(&x, &w, b.as_deref()));
+        let what = format!("{} {d:?} exact halves", variant.name());
+        assert_rounded_to_half(&what, &run(&halves).unwrap(), &want(&halves, b.as_deref()), 1e-5);
+        // Measured against the weights' own term (the rest is exact halves either way); a
+        // shape whose outputs all fall in the padding has no such term.
+        let (got, exact) = (run(&w).unwrap(), want(&w, b.as_deref()));
         let term: f64 = d.forward(&x, &w, None).iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-        let diff: f64 = got.iter().zip(&want).map(|(g, w)| f64::from(g - w).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 = got.iter().zip(&exact).map(|(g, w)| f64::from(g - w).powi(2)).sum::<f64>().sqrt();
         if term == 0.0 {
-            assert_eq!(diff, 0.0, "{d:?}: no weight reaches an output, yet f16 changed them");
+            assert_rounded_to_half(&format!("{d:?} no weight term"), &got, &exact, 0.0);
             continue;
         }
         let err = diff / term;
         assert!(
             (2e-5..2e-3).contains(&err),
-            "{d:?}: f16 weights are {err:.2e} from f32, not a half's rounding"
+            "{d:?}: f16 inference is {err:.2e} from f32, not a half's rounding"
         );
+        let (f32_x, y) = (upload(&d.x_shape(), &x), poisoned_half(&d.y_shape()));
+        let wt = upload(&d.w_shape(), &w);
+        let refused = conv2d::forward_with(gpu, &d.spec, &f32_x, &wt, &epilogue, Precision::F16, variant, &y);
+        let err = refused.expect_err("f16 inference took an f32 input").to_string();
+        assert!(err.contains("input") && err.contains("F16"), "{err}");
     }
 }

@@ -7,6 +7,7 @@ mod determinism;
 mod elementwise;
 mod errors;
 mod graph;
+mod half;
 mod infer;
 mod limits;
 mod loss;

@@ -441,12 +441,13 @@ fn fused_inference_matches_the_unfused_graph() {
     assert_close("fused logits", &fused_out, &out, LOGITS_TOL);
 }
 
-/// Inference with f16 convolution weights against PyTorch's float64 logits: the error is
-/// a half's rounding carried through the network, far above f32's and far below what
-/// would change the segmentation; printed, as the measured cost of the option. Where the
-/// adapter lacks SHADER_F16 the graph must fall back to f32 and say so.
+/// Half-precision inference (f16 input, activations and weights, sums f32) against
+/// PyTorch's float64 logits: the error is a half's rounding carried through the network,
+/// far above f32's and far below what would change the segmentation; printed, as the
+/// measured cost of the option. Where the adapter lacks SHADER_F16 the graph must fall
+/// back to f32 and say so.
 #[test]
-fn f16_weights_stay_close_to_pytorch() {
+fn f16_inference_stays_close_to_pytorch() {
     use hrnet_ocr::kernels::conv2d::Precision;
     let f = Fixture::load("model/tiny_eval.safetensors");
     let shape: [usize; 4] = f.shape("a.input").try_into().unwrap();
@@ -461,6 +462,7 @@ fn f16_weights_stay_close_to_pytorch() {
         return;
     }
     assert_eq!(graph.precision(), Precision::F16);
+    assert_eq!(graph.output(0).dtype(), hrnet_ocr::tensor::DType::F16, "f16 inference stores f16 logits");
     weights::load_into(gpu(), &graph, &tiny_weights(), "tiny_weights.safetensors").unwrap();
     graph.set(gpu(), "input", f.get("a.input")).unwrap();
     graph.output(0).fill(gpu(), f32::NAN);
@@ -473,7 +475,7 @@ fn f16_weights_stay_close_to_pytorch() {
         (0..classes).max_by(|&a, &b| v[a * plane + p].total_cmp(&v[b * plane + p])).unwrap()
     };
     let agree = (0..plane).filter(|&p| argmax(&got, p) == argmax(want, p)).count() as f64 / plane as f64;
-    eprintln!("f16 weights: logits {err:.2e} from PyTorch float64 (f32 bound {LOGITS_TOL:.0e}); argmax agrees on {:.2}%", 100.0 * agree);
+    eprintln!("f16 inference: logits {err:.2e} from PyTorch float64 (f32 bound {LOGITS_TOL:.0e}); argmax agrees on {:.2}%", 100.0 * agree);
     assert!((2e-5..5e-3).contains(&err), "f16 logits are {err:.2e} from PyTorch's");
     assert!(agree >= 0.99, "f16 changed {:.2}% of the classes", 100.0 * (1.0 - agree));
 }

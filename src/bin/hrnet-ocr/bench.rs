@@ -46,7 +46,7 @@ pub struct BenchArgs {
     /// Time the forward pass only
     #[arg(long)]
     forward_only: bool,
-    /// End to end: the forward's convolution weights at f32 or f16 (the training step stays f32)
+    /// End to end: the forward at f32 or f16 (activations and weights; the training step stays f32)
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
     /// Every kernel alone at HRNet's shapes instead of the whole model
@@ -505,7 +505,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &forward)).transpose()?;
     let name = match eval.precision() {
         Precision::F32 => "forward",
-        Precision::F16 => "forward (f16 weights)",
+        Precision::F16 => "forward (f16)",
     };
     let mut passes = vec![Pass { name, times, dispatches: forward.len(), profile }];
     drop(eval);
@@ -546,7 +546,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
 pub struct TuneArgs {
     #[command(flatten)]
     input: ModelInput,
-    /// The forward's convolution weights at f32 or f16 (training always runs f32)
+    /// The forward at f32 or f16 (activations and weights; training always runs f32)
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
     /// Also the training step's kernels (the convolution gradients), at f32

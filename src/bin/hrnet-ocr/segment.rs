@@ -40,7 +40,8 @@ pub struct InferArgs {
     precision: PrecisionArg,
 }
 
-/// The precision of convolution weights at inference.
+/// The precision of inference: f16 stores activations and convolution weights at half
+/// (sums stay f32) where the adapter has SHADER_F16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PrecisionArg {
     F32,

@@ -3,6 +3,7 @@
 
 use super::pickle::*;
 use super::*;
+use crate::half::f16_to_f32;
 
 // ---------------------------------------------------------------------------------------------
 // Element types
@@ -75,28 +76,6 @@ pub(super) fn le<const N: usize>(b: &[u8]) -> [u8; N] {
     let mut bytes = [0; N];
     bytes.copy_from_slice(b);
     bytes
-}
-
-/// Exact IEEE half to single conversion (every f16 value is representable as f32).
-pub(super) fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exponent = u32::from((h >> 10) & 0x1f);
-    let mantissa = u32::from(h & 0x3ff);
-    match exponent {
-        0 => {
-            // Zero or subnormal: mantissa * 2^-24, exact in f32.
-            let magnitude = mantissa as f32 * f32::from_bits(0x3380_0000);
-            if sign == 0 {
-                magnitude
-            } else {
-                -magnitude
-            }
-        }
-        // Infinity or NaN; the NaN payload moves to the top of the f32 mantissa.
-        31 => f32::from_bits(sign | 0x7f80_0000 | mantissa << 13),
-        // Normal: rebias the exponent from 15 to 127.
-        _ => f32::from_bits(sign | (exponent + 112) << 23 | mantissa << 13),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,21 +333,4 @@ pub(super) fn legacy_storage_data<'a>(
         .zip(data)
         .map(|(root, data)| data.ok_or_else(|| format!("storage `{}` has no data", root.key)))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn f16_conversion_is_exact() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x03ff), 1023.0 * 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x8000).to_bits(), 0x8000_0000);
-        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
-        assert!(f16_to_f32(0x7e00).is_nan());
-    }
 }
