@@ -454,7 +454,11 @@ fn f16_inference_stays_close_to_pytorch() {
     let mut g = GraphBuilder::new();
     let input = g.input("input", &shape, false);
     let m = hrnet::build(&mut g, &tiny_config(), input, 0.0).unwrap();
+    let full = g.plan_memory(&[m.out]);
     g.set_precision(Precision::F16);
+    // The plan (from shapes alone) holds activations at half; the weights stay f32.
+    let half = g.plan_memory(&[m.out]);
+    assert!(half.planned < full.planned && half.unshared < full.unshared, "{half:?} against {full:?}");
     let graph = g.build(gpu(), Mode::Eval, &[m.out]).unwrap();
     if !gpu().supports_f16() {
         assert_eq!(graph.precision(), Precision::F32, "f16 asked for without SHADER_F16 must fall back");

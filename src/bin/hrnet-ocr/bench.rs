@@ -317,7 +317,9 @@ fn plan_memory(args: &BenchArgs) -> Result<()> {
     let mut g = GraphBuilder::new();
     let x = g.input("input", &[n, 3, h, w], false);
     let m = hrnet::build(&mut g, &cfg, x, 0.0)?;
-    println!("forward at {n}x3x{h}x{w}: {}", g.plan_memory(&[m.out]));
+    let precision = Precision::from(args.precision);
+    g.set_precision(precision);
+    println!("forward at {n}x3x{h}x{w}, {precision:?}: {}", g.plan_memory(&[m.out]));
     let training =
         hrnet_ocr::train::planned_memory(&cfg, &train_options(&cfg, n, [h, w], args.recompute.into()))?;
     println!("training step at {n}x3x{h}x{w}: {training}");
