@@ -7,13 +7,13 @@
 // Training backward: bn_backward_partials -> bn_backward_finalize -> bn_backward_input.
 // Channel reductions are split into chunks of samples within one image (one invocation per
 // channel and chunk summing in order, or, on GPUs, a workgroup per chunk meeting in a
-// fixed tree; then the chunks in order): no atomics, bit-reproducible. The per-element
-// passes (shift, partials, normalisation, input gradient) may run over the whole layer or
-// over channel slabs of one image each (a layer larger than a storage binding, see
-// src/kernels/slabs.rs): a slab's launch has n = 1 and c = its channels, and finds its
-// place in the layer's statistics and chunks from first_channel and first_chunk. The
-// chunks never span images, so the slabs compute the very partial sums of the whole-layer
-// launch.
+// fixed tree: trees.wgsl; then the chunks in order): no atomics, bit-reproducible. The
+// per-element passes (shift, partials, normalisation, input gradient) may run over the
+// whole layer or over channel slabs of one image each (a layer larger than a storage
+// binding, see src/kernels/slabs.rs): a slab's launch has n = 1 and c = its channels, and
+// finds its place in the layer's statistics and chunks from first_channel and
+// first_chunk. The chunks never span images, so the slabs compute the very partial sums of
+// the whole-layer launch.
 
 struct Params {
     n: u32, c: u32, hw: u32, chunk_len: u32,
@@ -30,6 +30,7 @@ const ACCUMULATE: u32 = 1u;
 const RELU: u32 = 2u;
 
 #include "common.wgsl"
+#include "trees.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -137,48 +138,27 @@ fn bn_shift(@builtin(global_invocation_id) gid: vec3<u32>,
     saved[p.first_channel + ch] = vec4<f32>(0.0, 0.0, x[ch * p.hw], 0.0);
 }
 
-// The partial sums per (chunk, channel) of TERM over the chunk's samples, one invocation
-// per chunk summing in order: what a CPU driver runs best.
-#template partials_chunked(ENTRY, TERM)
-@compute @workgroup_size(WG)
-fn ${ENTRY}(@builtin(global_invocation_id) gid: vec3<u32>,
-            @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = linear_index(gid, nwg);
-    if idx >= chunk_count() * p.c { return; }
+// The partial sums of TERM over samples first, first + step, ... of the (chunk, channel)
+// idx, blocked and compensated as above: a reduction's SUMS for trees.wgsl.
+#template span_sums(NAME, TERM)
+fn ${NAME}(idx: u32, first: u32, step: u32) -> vec2<f32> {
     let span = chunk_span(idx);
     var sums = new_sum();
-    for (var s = span.s0; s < span.s1; s++) {
+    for (var s = span.s0 + first; s < span.s1; s += step) {
         add(&sums, ${TERM}(span, s));
     }
-    partials[span.out] = total(&sums);
+    return total(&sums);
 }
 #end
 
-// The same sums by a workgroup of 64 per chunk, the variant for GPUs: invocation lid sums
-// samples lid, lid + 64, ... (neighbours read neighbours), blocked and compensated as
-// above, then the 64 sums meet in a tree through workgroup memory, in a fixed order.
-#template partials_tree(ENTRY, TERM)
-@compute @workgroup_size(64)
-fn ${ENTRY}(@builtin(workgroup_id) wid: vec3<u32>,
-            @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let idx = wid.x + wid.y * nwg.x;
-    if idx >= chunk_count() * p.c { return; }
-    let span = chunk_span(idx);
-    var sums = new_sum();
-    for (var s = span.s0 + lid; s < span.s1; s += 64u) {
-        add(&sums, ${TERM}(span, s));
-    }
-    tree[lid] = total(&sums);
-    for (var half = 32u; half > 0u; half /= 2u) {
-        workgroupBarrier();
-        if lid < half { tree[lid] += tree[lid + half]; }
-    }
-    if lid == 0u { partials[span.out] = tree[0]; }
+// The (chunk, channel) pairs of this launch, and where each one's sums go.
+fn partial_count() -> u32 {
+    return chunk_count() * p.c;
 }
-#end
 
-var<workgroup> tree: array<vec2<f32>, 64>;
+fn store_partial(idx: u32, sums: vec2<f32>) {
+    partials[chunk_span(idx).out] = sums;
+}
 
 // (x - shift, (x - shift)^2) at sample s of the span. Shifting by the channel's first value
 // keeps the one-pass variance accurate when the mean is far from zero.
@@ -187,8 +167,8 @@ fn stats_term(span: Span, s: u32) -> vec2<f32> {
     return vec2<f32>(d, d * d);
 }
 
-#stamp partials_chunked(bn_stats_partials, stats_term)
-#stamp partials_tree(bn_stats_partials_tree, stats_term)
+#stamp span_sums(stats_sums, stats_term)
+#stamp chunk_reductions(bn_stats_partials, partial_count, stats_sums, tree_add, store_partial)
 
 // Per channel: the batch mean and inverse deviation, and the running statistics update.
 @compute @workgroup_size(WG)
@@ -268,8 +248,8 @@ fn backward_term(span: Span, s: u32) -> vec2<f32> {
     return vec2<f32>(g, g * x_hat_train(span.plane + s, span.ch));
 }
 
-#stamp partials_chunked(bn_backward_partials, backward_term)
-#stamp partials_tree(bn_backward_partials_tree, backward_term)
+#stamp span_sums(backward_sums, backward_term)
+#stamp chunk_reductions(bn_backward_partials, partial_count, backward_sums, tree_add, store_partial)
 
 // Per channel: grad_beta = sum(grad_y), grad_gamma = sum(grad_y * x_hat); both kept for
 // bn_backward_input.

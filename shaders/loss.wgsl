@@ -16,7 +16,9 @@
 // select over its float bits (non-negative floats order like their bits): ohem_probs, then
 // 4 x (ohem_histogram, ohem_select). Counting uses integer atomics, which are exact and
 // order-independent; every float sum runs in a fixed order, partial sums over chunks of
-// pixels that never span two images. A batch with no pixel left gives loss 0 and gradient 0.
+// pixels that never span two images (ce_partials, an invocation per chunk, or on GPUs
+// ce_partials_tree, a workgroup per chunk: trees.wgsl). A batch with no pixel left gives
+// loss 0 and gradient 0.
 
 struct Params {
     n: u32, classes: u32, hw: u32, chunk_len: u32,
@@ -32,6 +34,7 @@ const ALL_PIXELS: u32 = 2u;
 const IGNORED_PROB: f32 = 2.0;
 
 #include "common.wgsl"
+#include "trees.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
@@ -104,6 +107,27 @@ fn ce_sum_exp(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     stats[px] = s;
 }
 
+fn image_chunks() -> u32 {
+    return (p.hw + p.chunk_len - 1u) / p.chunk_len;
+}
+
+// The chunks of this launch's images.
+fn chunk_count() -> u32 {
+    return p.n * image_chunks();
+}
+
+// The pixels [x, y) of chunk `chunk` of the launch: `chunk_len` of one image (the last
+// one of an image fewer).
+fn chunk_pixels(chunk: u32) -> vec2<u32> {
+    let image = chunk / image_chunks();
+    let start = image * p.hw + (chunk % image_chunks()) * p.chunk_len;
+    return vec2<u32>(start, min((image + 1u) * p.hw, start + p.chunk_len));
+}
+
+fn store_partials(chunk: u32, sums: vec2<f32>) {
+    partials[p.first_image * image_chunks() + chunk] = sums;
+}
+
 // The loss and its gradient, one set of entry points per kind (SUFFIX): with class
 // weights or without, OHEM or plain. Only the OHEM ones read the selection's outputs,
 // only the weighted ones the class weights.
@@ -127,17 +151,12 @@ fn pixel_terms${SUFFIX}(px: u32) -> vec2<f32> {
 #end
 }
 
-// One chunk of `chunk_len` pixels of one image (the last one of an image shorter).
-@compute @workgroup_size(WG)
-fn ce_partials${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
-                        @builtin(num_workgroups) nwg: vec3<u32>) {
-    let chunk = linear_index(gid, nwg);
-    let per_image = (p.hw + p.chunk_len - 1u) / p.chunk_len;
-    if chunk >= p.n * per_image { return; }
-    let image_end = (chunk / per_image + 1u) * p.hw;
-    let px0 = (chunk / per_image) * p.hw + (chunk % per_image) * p.chunk_len;
+// (sum of coefficient * nll, sum of denominators) of a chunk over its pixels first,
+// first + step, ...
+fn chunk_sums${SUFFIX}(chunk: u32, first: u32, step: u32) -> vec2<f32> {
+    let pixels = chunk_pixels(chunk);
     var sums = vec2<f32>(0.0);
-    for (var px = px0; px < min(image_end, px0 + p.chunk_len); px++) {
+    for (var px = pixels.x + first; px < pixels.y; px += step) {
         let terms = pixel_terms${SUFFIX}(px);
         if terms.x == 0.0 {
             sums.y += terms.y;
@@ -146,8 +165,10 @@ fn ce_partials${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
         let nll = log_sum_exp(px) - stats_in[px].z;
         sums += vec2<f32>(terms.x * nll, terms.y);
     }
-    partials[p.first_image * per_image + chunk] = sums;
+    return sums;
 }
+
+#stamp chunk_reductions(ce_partials${SUFFIX}, chunk_count, chunk_sums${SUFFIX}, tree_add, store_partials)
 
 // grad = grad_scale * coefficient / denominator * (softmax - one_hot(label)), over the
 // launch's class range.
@@ -177,9 +198,8 @@ fn ce_backward${SUFFIX}(@builtin(global_invocation_id) gid: vec3<u32>,
 
 @compute @workgroup_size(1)
 fn ce_finalize() {
-    let chunks = p.n * ((p.hw + p.chunk_len - 1u) / p.chunk_len);
     var sums = vec2<f32>(0.0);
-    for (var c = 0u; c < chunks; c++) {
+    for (var c = 0u; c < chunk_count(); c++) {
         sums += partials_in[c];
     }
     loss[0] = select(0.0, sums.x / sums.y, sums.y > 0.0);

@@ -5,8 +5,10 @@
 // Short rows: one invocation per row does everything (softmax_rows, softmax_backward_rows).
 // Long rows (up to 256 x 512 pixels) are split into chunks so many invocations share a row:
 // softmax_partials -> softmax_combine -> softmax_normalize, and for the backward
-// softmax_backward_partials -> (ordered chunk sum) -> softmax_backward_apply. The running
-// maximum keeps exp() finite for inputs of any magnitude; sums run in a fixed order.
+// softmax_backward_partials -> (ordered chunk sum) -> softmax_backward_apply. The partial
+// passes have a _tree variant for GPUs, a workgroup per (chunk, row) (trees.wgsl). The
+// running maximum keeps exp() finite for inputs of any magnitude; sums run in a fixed
+// order.
 
 #if F16
 enable f16;
@@ -20,6 +22,7 @@ struct Params {
 const ACCUMULATE: u32 = 1u;
 
 #include "common.wgsl"
+#include "trees.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 // Built with F16 (shader softmax_f16, half-precision inference), x and y are f16; the
@@ -51,17 +54,23 @@ fn at(r: u32, j: u32) -> u32 {
     return ((r / p.inner) * p.len + j) * p.inner + r % p.inner;
 }
 
-// Online (max, sum of exp) over elements [j0, j1) of row r.
-fn row_stats(r: u32, j0: u32, j1: u32) -> vec2<f32> {
+// Online (max, sum of exp) over elements j0, j0 + step, ... below j1 of row r.
+fn row_stats(r: u32, j0: u32, j1: u32, step: u32) -> vec2<f32> {
     var m = -3.4e38;
     var s = 0.0;
-    for (var j = j0; j < j1; j++) {
+    for (var j = j0; j < j1; j += step) {
         let v = p.scale * f32(x[at(r, j)]);
         let m_new = max(m, v);
         s = s * exp(m - m_new) + exp(v - m_new);
         m = m_new;
     }
     return vec2<f32>(m, s);
+}
+
+// The (max, sum of exp) of two parts of a row as one: each sum rescaled to the larger max.
+fn merge_stats(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
 }
 
 fn store_grad(i: u32, g: f32) {
@@ -73,22 +82,37 @@ fn softmax_rows(@builtin(global_invocation_id) gid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = linear_index(gid, nwg);
     if r >= rows() { return; }
-    let st = row_stats(r, 0u, p.len);
+    let st = row_stats(r, 0u, p.len, 1u);
     for (var j = 0u; j < p.len; j++) {
         let i = at(r, j);
         y[i] = Act(exp(p.scale * f32(x[i]) - st.x) / st.y);
     }
 }
 
-@compute @workgroup_size(WG)
-fn softmax_partials(@builtin(global_invocation_id) gid: vec3<u32>,
-                    @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = linear_index(gid, nwg);
-    if idx >= chunks() * rows() { return; }
-    let r = idx % rows();
-    let j0 = (idx / rows()) * p.chunk_len;
-    stats[idx] = row_stats(r, j0, min(p.len, j0 + p.chunk_len));
+// The (chunk, row) pairs of the partial passes, idx = chunk * rows + row.
+fn partial_count() -> u32 {
+    return chunks() * rows();
 }
+
+// The row of (chunk, row) idx and the chunk's elements [j0, j1) of it.
+struct Chunk { r: u32, j0: u32, j1: u32 }
+
+fn chunk_of(idx: u32) -> Chunk {
+    let j0 = (idx / rows()) * p.chunk_len;
+    return Chunk(idx % rows(), j0, min(p.len, j0 + p.chunk_len));
+}
+
+// (max, sum of exp) of (chunk, row) idx over its elements first, first + step, ...
+fn chunk_stats(idx: u32, first: u32, step: u32) -> vec2<f32> {
+    let c = chunk_of(idx);
+    return row_stats(c.r, c.j0 + first, c.j1, step);
+}
+
+fn store_stats(idx: u32, st: vec2<f32>) {
+    stats[idx] = st;
+}
+
+#stamp chunk_reductions(softmax_partials, partial_count, chunk_stats, merge_stats, store_stats)
 
 // Merges the chunks of each row in order into stats[r].
 @compute @workgroup_size(WG)
@@ -118,14 +142,16 @@ fn softmax_normalize(@builtin(global_invocation_id) gid: vec3<u32>,
     y[i] = Act(exp(p.scale * f32(x[i]) - st.x) / st.y);
 }
 
-// sum of grad_y * y over [j0, j1) of row r, in blocks of 32 terms: the terms have both
-// signs and the sum is far smaller than they are, so one running sum of hundreds of
-// terms loses ~1e-5 of it (the region-logit gradient of OCR's gather showed it).
-fn grad_dot(r: u32, j0: u32, j1: u32) -> f32 {
+// sum of grad_y * y over elements j0, j0 + step, ... below j1 of row r, in blocks of 32
+// terms: the terms have both signs and the sum is far smaller than they are, so one
+// running sum of hundreds of terms loses ~1e-5 of it (the region-logit gradient of OCR's
+// gather showed it).
+fn grad_dot(r: u32, j0: u32, j1: u32, step: u32) -> f32 {
     var total = 0.0;
-    for (var b = j0; b < j1; b += 32u) {
+    let block_span = 32u * step;
+    for (var b = j0; b < j1; b += block_span) {
         var block = 0.0;
-        for (var j = b; j < min(j1, b + 32u); j++) {
+        for (var j = b; j < min(j1, b + block_span); j += step) {
             block += grad_y[at(r, j)] * probs[at(r, j)];
         }
         total += block;
@@ -139,22 +165,25 @@ fn softmax_backward_rows(@builtin(global_invocation_id) gid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = linear_index(gid, nwg);
     if r >= rows() { return; }
-    let dot = grad_dot(r, 0u, p.len);
+    let dot = grad_dot(r, 0u, p.len, 1u);
     for (var j = 0u; j < p.len; j++) {
         let i = at(r, j);
         store_grad(i, p.scale * probs[i] * (grad_y[i] - dot));
     }
 }
 
-@compute @workgroup_size(WG)
-fn softmax_backward_partials(@builtin(global_invocation_id) gid: vec3<u32>,
-                             @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = linear_index(gid, nwg);
-    if idx >= chunks() * rows() { return; }
-    let r = idx % rows();
-    let j0 = (idx / rows()) * p.chunk_len;
-    dots[idx] = grad_dot(r, j0, min(p.len, j0 + p.chunk_len));
+// The dot of (chunk, row) idx over its elements first, first + step, ... (in .x: the
+// tree's type is a pair). The tree adds 64 blocked sums pairwise: as accurate as one.
+fn chunk_dot(idx: u32, first: u32, step: u32) -> vec2<f32> {
+    let c = chunk_of(idx);
+    return vec2<f32>(grad_dot(c.r, c.j0 + first, c.j1, step), 0.0);
 }
+
+fn store_dot(idx: u32, dot: vec2<f32>) {
+    dots[idx] = dot.x;
+}
+
+#stamp chunk_reductions(softmax_backward_partials, partial_count, chunk_dot, tree_add, store_dot)
 
 @compute @workgroup_size(WG)
 fn softmax_backward_apply(@builtin(global_invocation_id) gid: vec3<u32>,

@@ -14,7 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{total_cost, Cost, Dispatch, Gpu};
-use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction};
+use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
 use crate::kernels::loss::{CrossEntropy, Ohem, Reduction};
@@ -22,6 +22,7 @@ use crate::kernels::matmul::Matmul;
 use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::kernels::softmax::{self, Axis};
+use crate::kernels::sums::Summing;
 use crate::kernels::tuning::{ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 use crate::kernels::{concat, elementwise, metrics, resize};
 use crate::tensor::{DType, Tensor};
@@ -322,12 +323,12 @@ fn memory_bound(s: &mut Suite) -> Result<()> {
             accumulate_x: false,
             accumulate_params: false,
         };
-        // Each reduction of the training passes' channel sums.
-        for &sums in BnReduction::ALL.iter().filter(|v| v.runs_on(gpu)) {
-            let forward = batch_norm::forward_train_with(gpu, &x, &bn, &saved, &y, sums)?;
-            s.add("batch_norm", &format!("train_forward [{}]", sums.name()), &id, forward, true);
-            let backward = batch_norm::backward_with(gpu, &x, &bn, &saved, &gy, &grads, sums)?;
-            s.add("batch_norm", &format!("backward [{}]", sums.name()), &id, backward, true);
+        // Each summing of the training passes' channel sums.
+        for summing in Summing::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
+            let forward = batch_norm::forward_train_with(gpu, &x, &bn, &saved, &y, summing)?;
+            s.add("batch_norm", &format!("train_forward [{}]", summing.name()), &id, forward, true);
+            let backward = batch_norm::backward_with(gpu, &x, &bn, &saved, &gy, &grads, summing)?;
+            s.add("batch_norm", &format!("backward [{}]", summing.name()), &id, backward, true);
         }
         s.add("relu", "forward", &id, elementwise::relu_forward(gpu, &x, &y)?, true);
         s.add("relu", "backward", &id, elementwise::relu_backward(gpu, &x, &gy, &gx, false)?, true);
@@ -359,13 +360,23 @@ fn ocr_head(s: &mut Suite) -> Result<()> {
 
     let (logits, probs, gp) = (s.t(&[1, k, h, w], 3)?, s.e(&[1, k, h, w])?, s.e(&[1, k, h, w])?);
     if s.wants(&["softmax"]) {
-        for (name, axis) in [
-            ("over pixels", Axis { outer: k, len: h * w, inner: 1 }),
-            ("over regions", Axis { outer: h * w, len: k, inner: 1 }),
-        ] {
-            s.add("softmax", "forward", name, softmax::forward(gpu, &logits, axis, 1.0, &probs)?, true);
-            let bwd = softmax::backward(gpu, &probs, &logits, axis, 1.0, &gp, false)?;
-            s.add("softmax", "backward", name, bwd, true);
+        let regions = Axis { outer: h * w, len: k, inner: 1 };
+        s.add(
+            "softmax",
+            "forward",
+            "over regions",
+            softmax::forward(gpu, &logits, regions, 1.0, &probs)?,
+            true,
+        );
+        let bwd = softmax::backward(gpu, &probs, &logits, regions, 1.0, &gp, false)?;
+        s.add("softmax", "backward", "over regions", bwd, true);
+        // Rows over pixels are long: each summing of their chunks.
+        let pixels = Axis { outer: k, len: h * w, inner: 1 };
+        for summing in Summing::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
+            let fwd = softmax::forward_with(gpu, &logits, pixels, 1.0, &probs, summing)?;
+            s.add("softmax", &format!("forward [{}]", summing.name()), "over pixels", fwd, true);
+            let bwd = softmax::backward_with(gpu, &probs, &logits, pixels, 1.0, (&gp, false), summing)?;
+            s.add("softmax", &format!("backward [{}]", summing.name()), "over pixels", bwd, true);
         }
     }
 
@@ -437,9 +448,14 @@ fn losses_and_training(s: &mut Suite) -> Result<()> {
             ("ohem_cross_entropy", Reduction::Ohem(Ohem { thresh: 0.9, min_kept: 100_000 })),
         ] {
             let ce = CrossEntropy { ignore_label: 255, class_weight: None, reduction };
+            // Each summing of the pixel chunks; the backward sums none.
+            for summing in Summing::ALL.into_iter().filter(|v| v.runs_on(gpu)) {
+                let pass = ce.forward_with(gpu, &logits, &labels, summing)?;
+                s.add(name, &format!("forward [{}]", summing.name()), &id, pass.forward, true);
+            }
+            // The backward's row runs alone, from a pass recorded for it.
             let pass = ce.forward(gpu, &logits, &labels)?;
             let bwd = ce.backward(gpu, &pass, &logits, &labels, 1.0, (&grad, false))?;
-            s.add(name, "forward", &id, pass.forward, true);
             s.add(name, "backward", &id, bwd, true);
         }
         let prediction = Tensor::empty_of(gpu, &[n, h, w], DType::U32)?;

@@ -149,6 +149,7 @@ impl Shader {
 pub const INCLUDES: &[(&str, &str)] = &[
     ("common.wgsl", include_str!("../../shaders/include/common.wgsl")),
     ("tiles.wgsl", include_str!("../../shaders/include/tiles.wgsl")),
+    ("trees.wgsl", include_str!("../../shaders/include/trees.wgsl")),
 ];
 
 /// Override constants are part of a pipeline's identity; f64 bits make them hashable.

@@ -3,11 +3,12 @@
 use super::{Graph, LossSpec, Mode, Recompute, Role, Value, ValueId};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
-use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnClass, BnReduction};
+use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnClass};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::{Dropout2d, SeededDispatch};
-use crate::kernels::loss::{CrossEntropy, LossPass};
+use crate::kernels::loss::{CrossEntropy, LossClass, LossPass};
 use crate::kernels::ocr::{self, AttentionGrads};
+use crate::kernels::sums::{self, Summing};
 use crate::kernels::tuning::{self, ConvForward, ConvInputGrad, ConvWeightGrad};
 use crate::kernels::{concat, elementwise, metrics, resize};
 use crate::tensor::Tensor;
@@ -335,9 +336,9 @@ impl Graph {
         }
     }
 
-    /// How a training batch norm over `x` reduces its channel sums (both passes).
-    fn bn_reduction(&self, gpu: &Gpu, x: &Tensor) -> Result<BnReduction> {
-        Ok(tuning::choose::<BnReduction>(self.tuner.as_deref(), gpu, &BnClass::of(x)?))
+    /// How a training batch norm over `x` sums its channel sums (both passes).
+    fn bn_summing(&self, gpu: &Gpu, x: &Tensor) -> Result<Summing> {
+        Ok(sums::choose(self.tuner.as_deref(), gpu, &BnClass::of(x)?))
     }
 
     /// A convolution forward at the graph's weight precision. An eval graph keeps the
@@ -393,14 +394,14 @@ impl Graph {
                         Mode::Eval => batch_norm::forward_eval(gpu, self.t(x), &bn, self.t(y))?,
                         Mode::Train => {
                             let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
-                            let reduction = self.bn_reduction(gpu, self.t(x))?;
+                            let summing = self.bn_summing(gpu, self.t(x))?;
                             let d = batch_norm::forward_train_with(
                                 gpu,
                                 self.t(x),
                                 &bn,
                                 &saved,
                                 self.t(y),
-                                reduction,
+                                summing,
                             )?;
                             self.recorded.saved.insert(y, saved);
                             d
@@ -459,7 +460,13 @@ impl Graph {
                     seeded.into_iter().map(|s| s.dispatch).collect()
                 }
                 &Op::Loss { logits, labels, spec } => {
-                    let mut pass = self.cross_entropy(&spec).forward(gpu, self.t(logits), self.t(labels))?;
+                    let summing = sums::choose(self.tuner.as_deref(), gpu, &LossClass::of(self.t(logits))?);
+                    let mut pass = self.cross_entropy(&spec).forward_with(
+                        gpu,
+                        self.t(logits),
+                        self.t(labels),
+                        summing,
+                    )?;
                     let d = std::mem::take(&mut pass.forward);
                     let (name, weight) = (spec.name, spec.weight);
                     self.recorded.losses.push(RecordedLoss { name, value: pass.loss.clone(), weight });
@@ -583,7 +590,7 @@ impl Graph {
                     &self.recorded.saved[&y],
                     &gy(),
                     &g,
-                    self.bn_reduction(gpu, self.kept(x))?,
+                    self.bn_summing(gpu, self.kept(x))?,
                 )?
             }
             &Op::Relu { x, y } => {

@@ -1,8 +1,9 @@
 //! Batch normalisation over N x H x W per channel, PyTorch semantics (`batch_norm.wgsl`).
 
 use super::slabs::{self, Cut, Slab};
-use super::tuning::{self, Tunable};
-use super::{f32_bytes, launch, launch_sized, plane_block_invocations, reduction_chunks, scratch, to_u32};
+use super::sums::{self, Summing, SumsClass};
+use super::tuning;
+use super::{f32_bytes, launch, plane_block_invocations, scratch, to_u32};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, Tensor};
@@ -56,56 +57,18 @@ pub fn saved_shape(channels: usize) -> [usize; 2] {
     [channels, 4]
 }
 
-/// How a training pass reduces its channel sums (the statistics, the backward's sums) over
-/// each chunk of samples.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BnReduction {
-    /// One invocation per (chunk, channel), summing in order: what a CPU driver runs best.
-    Chunked,
-    /// A workgroup of 64 per (chunk, channel): strided sums meeting in a fixed tree through
-    /// workgroup memory, the variant for GPUs.
-    Tree,
-}
-
-/// Invocations of a tree reduction's workgroup (the shader's `@workgroup_size(64)`).
-const TREE_WORKGROUP: usize = 64;
 /// The partial-sums entry points of each pass: chunked, tree.
-const STATS_PARTIALS: [&str; 2] = ["bn_stats_partials", "bn_stats_partials_tree"];
-const BACKWARD_PARTIALS: [&str; 2] = ["bn_backward_partials", "bn_backward_partials_tree"];
+const STATS_PARTIALS: (Shader, [&str; 2]) =
+    (Shader::BatchNorm, ["bn_stats_partials", "bn_stats_partials_tree"]);
+const BACKWARD_PARTIALS: (Shader, [&str; 2]) =
+    (Shader::BatchNorm, ["bn_backward_partials", "bn_backward_partials_tree"]);
 
-impl BnReduction {
-    /// Chunks per image for `c` channels of `n` images of `hw` samples: enough (chunk,
-    /// channel) sums, each long enough, to keep the device busy.
-    fn image_chunks(self, n: usize, c: usize, hw: usize) -> usize {
-        let samples = n * hw;
-        let chunks = match self {
-            BnReduction::Chunked => reduction_chunks(c, samples),
-            BnReduction::Tree => reduction_chunks(c * TREE_WORKGROUP, samples.div_ceil(TREE_WORKGROUP)),
-        };
-        chunks.div_ceil(n).clamp(1, hw)
-    }
-
-    /// The partial-sums pass of `sums` (chunk, channel) pairs: entry point `chunked` or
-    /// `tree` by the reduction.
-    fn partials(
-        self,
-        gpu: &Gpu,
-        [chunked, tree]: [&'static str; 2],
-        params: &Params,
-        bindings: &[Binding<'_>],
-        (sums, cost): (usize, Cost),
-    ) -> Result<Dispatch> {
-        match self {
-            BnReduction::Chunked => launch(gpu, Shader::BatchNorm, chunked, params, bindings, sums, cost),
-            BnReduction::Tree => {
-                let (entry, size) = ((Shader::BatchNorm, tree), TREE_WORKGROUP as u32);
-                launch_sized(gpu, entry, size, params, bindings, sums * TREE_WORKGROUP, cost)
-            }
-        }
-    }
+/// Chunks per image for `c` channels of `n` images of `hw` samples summed by `summing`.
+fn image_chunks(summing: Summing, n: usize, c: usize, hw: usize) -> usize {
+    summing.chunks(c, n * hw).div_ceil(n).clamp(1, hw)
 }
 
-/// What a batch norm's reduction is chosen for: its channels and samples per channel
+/// What a batch norm's summing is chosen for: its channels and samples per channel
 /// (N x H x W), rounded up to a power of two and capped at [`tuning::PROXY_SIDE`] squared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BnClass {
@@ -121,39 +84,21 @@ impl BnClass {
     }
 }
 
-impl Tunable for BnReduction {
+impl SumsClass for BnClass {
     const FAMILY: &'static str = "batch_norm_sums";
-    type Class = BnClass;
-    const ALL: &'static [Self] = &[BnReduction::Chunked, BnReduction::Tree];
 
-    fn name(self) -> &'static str {
-        match self {
-            BnReduction::Chunked => "chunked",
-            BnReduction::Tree => "tree",
-        }
+    fn key(&self) -> String {
+        format!("{}x{}", self.channels, self.samples)
     }
 
-    /// The tree needs 64 invocations a workgroup.
-    fn runs_on(self, gpu: &Gpu) -> bool {
-        self == BnReduction::Chunked || gpu.workgroup_size() as usize >= TREE_WORKGROUP
-    }
-
-    fn key(class: &BnClass) -> String {
-        format!("{}x{}", class.channels, class.samples)
-    }
-
-    fn macs(class: &BnClass) -> usize {
-        class.channels * class.samples
-    }
-
-    fn untimed(_: &Gpu, _: &BnClass) -> Self {
-        BnReduction::Chunked
+    fn terms(&self) -> usize {
+        self.channels * self.samples
     }
 
     /// A training forward and backward on a proxy of one image of the class's samples.
-    fn time(self, gpu: &Gpu, class: &BnClass) -> Result<f64> {
-        let c = class.channels;
-        let shape = [1, c, 1, class.samples];
+    fn time(&self, gpu: &Gpu, summing: Summing) -> Result<f64> {
+        let c = self.channels;
+        let shape = [1, c, 1, self.samples];
         let vector = || Tensor::zeros(gpu, &[c]);
         let (gamma, beta, mean, var) = (vector()?, vector()?, vector()?, vector()?);
         let bn = BatchNormParams::with_defaults([&gamma, &beta, &mean, &var]);
@@ -168,8 +113,8 @@ impl Tunable for BnReduction {
             accumulate_x: false,
             accumulate_params: false,
         };
-        let mut d = forward_train_with(gpu, &x, &bn, &saved, &y, self)?;
-        d.extend(backward_with(gpu, &x, &bn, &saved, &y, &grads, self)?);
+        let mut d = forward_train_with(gpu, &x, &bn, &saved, &y, summing)?;
+        d.extend(backward_with(gpu, &x, &bn, &saved, &y, &grads, summing)?);
         tuning::time_dispatches(gpu, &d)
     }
 }
@@ -184,13 +129,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(
-        what: &str,
-        x: &Tensor,
-        bn: &BatchNormParams<'_>,
-        flags: u32,
-        reduction: BnReduction,
-    ) -> Result<Self> {
+    fn new(what: &str, x: &Tensor, bn: &BatchNormParams<'_>, flags: u32, summing: Summing) -> Result<Self> {
         let [n, c, h, w] = x.dims4(what)?;
         for (name, t) in [
             ("weight", bn.gamma),
@@ -203,7 +142,7 @@ impl Layout {
         let samples = n * h * w;
         // Chunks of equal length within each image, as many per image as the whole
         // reduction's split asks for: a channel slab of one image then sums whole chunks.
-        let chunk_len = (h * w).div_ceil(reduction.image_chunks(n, c, h * w));
+        let chunk_len = (h * w).div_ceil(image_chunks(summing, n, c, h * w));
         to_u32("batch_norm elements", n * c * h * w)?;
         Ok(Layout {
             dims: [n, c, h, w],
@@ -231,9 +170,9 @@ impl Layout {
         bn: &BatchNormParams<'_>,
         (saved, y): (&Tensor, &Tensor),
         flags: u32,
-        reduction: BnReduction,
+        summing: Summing,
     ) -> Result<Self> {
-        let l = Layout::new("batch_norm input", x, bn, flags, reduction)?;
+        let l = Layout::new("batch_norm input", x, bn, flags, summing)?;
         check_shape("batch_norm output", x.shape(), y.shape())?;
         check_shape("batch_norm saved statistics", &saved_shape(l.channels()), saved.shape())?;
         Ok(l)
@@ -314,19 +253,19 @@ pub fn forward_train(
     saved: &Tensor,
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    forward_train_with(gpu, x, bn, saved, y, BnReduction::untimed(gpu, &BnClass::of(x)?))
+    forward_train_with(gpu, x, bn, saved, y, sums::choose(None, gpu, &BnClass::of(x)?))
 }
 
-/// [`forward_train`] with the given reduction.
+/// [`forward_train`] with the given summing of the channel sums.
 pub fn forward_train_with(
     gpu: &Gpu,
     x: &Tensor,
     bn: &BatchNormParams<'_>,
     saved: &Tensor,
     y: &Tensor,
-    reduction: BnReduction,
+    summing: Summing,
 ) -> Result<Vec<Dispatch>> {
-    let l = Layout::with_saved(x, bn, (saved, y), 0, reduction)?;
+    let l = Layout::with_saved(x, bn, (saved, y), 0, summing)?;
     if l.dims[0] * l.dims[2] * l.dims[3] < 2 {
         return Err(Error::Invalid(format!(
             "batch_norm in training mode needs more than one value per channel; input shape {:?}",
@@ -357,7 +296,7 @@ pub fn forward_train_with(
         let (terms, sums) =
             (piece.numel(), l.image_chunks * piece.params.n as usize * piece.params.c as usize);
         let cost = Cost { flops: 3 * terms as u64, bytes: f32_bytes(terms + 2 * sums) };
-        d.push(reduction.partials(gpu, STATS_PARTIALS, &piece.params, &bindings, (sums, cost))?);
+        d.push(summing.launch(gpu, STATS_PARTIALS, &piece.params, &bindings, (sums, cost))?);
     }
     d.push(launch(
         gpu,
@@ -391,7 +330,7 @@ pub fn normalize_relu_train(
     y: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     // The chunking matters only to the statistics, which this pass reads.
-    let l = Layout::with_saved(x, bn, (saved, y), RELU, BnReduction::Chunked)?;
+    let l = Layout::with_saved(x, bn, (saved, y), RELU, Summing::Chunked)?;
     l.pieces(gpu, &[x, y])?.iter().map(|piece| normalize_train(gpu, piece, [x, y], bn, saved)).collect()
 }
 
@@ -410,7 +349,7 @@ fn normalize_train(
 /// Eval-mode forward with the running statistics: one launch, or one per channel slab
 /// when the tensors exceed a binding (each channel is normalised on its own).
 pub fn forward_eval(gpu: &Gpu, x: &Tensor, bn: &BatchNormParams<'_>, y: &Tensor) -> Result<Vec<Dispatch>> {
-    let l = Layout::new("batch_norm input", x, bn, 0, BnReduction::Chunked)?;
+    let l = Layout::new("batch_norm input", x, bn, 0, Summing::Chunked)?;
     check_shape("batch_norm output", x.shape(), y.shape())?;
     let statistics = [Binding::read(17, bn.running_mean), Binding::read(18, bn.running_var)];
     let pieces = l.pieces(gpu, &[x, y])?;
@@ -455,10 +394,10 @@ pub fn backward(
     grad_y: &Tensor,
     grads: &BatchNormGrads<'_>,
 ) -> Result<Vec<Dispatch>> {
-    backward_with(gpu, x, bn, saved, grad_y, grads, BnReduction::untimed(gpu, &BnClass::of(x)?))
+    backward_with(gpu, x, bn, saved, grad_y, grads, sums::choose(None, gpu, &BnClass::of(x)?))
 }
 
-/// [`backward`] with the given reduction.
+/// [`backward`] with the given summing of the channel sums.
 pub fn backward_with(
     gpu: &Gpu,
     x: &Tensor,
@@ -466,9 +405,9 @@ pub fn backward_with(
     saved: &Tensor,
     grad_y: &Tensor,
     grads: &BatchNormGrads<'_>,
-    reduction: BnReduction,
+    summing: Summing,
 ) -> Result<Vec<Dispatch>> {
-    let l = Layout::new("batch_norm input", x, bn, 0, reduction)?;
+    let l = Layout::new("batch_norm input", x, bn, 0, summing)?;
     let (c, chunks) = (l.channels(), l.chunks());
     check_shape("batch_norm saved statistics", &saved_shape(c), saved.shape())?;
     check_shape("batch_norm output gradient", x.shape(), grad_y.shape())?;
@@ -490,7 +429,7 @@ pub fn backward_with(
         let (terms, sums) =
             (piece.numel(), l.image_chunks * piece.params.n as usize * piece.params.c as usize);
         let cost = Cost { flops: 4 * terms as u64, bytes: f32_bytes(2 * terms + 2 * sums) };
-        d.push(reduction.partials(gpu, BACKWARD_PARTIALS, &piece.params, &bindings, (sums, cost))?);
+        d.push(summing.launch(gpu, BACKWARD_PARTIALS, &piece.params, &bindings, (sums, cost))?);
     }
     let mut params = l.params;
     params.flags = if grads.accumulate_params { ACCUMULATE } else { 0 };

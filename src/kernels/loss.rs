@@ -11,16 +11,67 @@
 //! ignored) the loss is 0 and the gradient is 0, never NaN** (PyTorch would give NaN).
 //! Labels at or above the class count are treated as ignored by the kernels;
 //! [`crate::data::image::check_labels`] rejects them on the host before they reach the device.
+//!
+//! The loss sums its pixels in chunks, an invocation or a workgroup tree per chunk
+//! ([`Summing`]): a tuned family ([`LossClass`]).
 
 use super::slabs::{self, Cut, Slab};
+use super::sums::{self, Summing, SumsClass, TREE_WORKGROUP};
+use super::tuning;
 use super::{f32_bytes, launch, scratch, to_u32};
 use crate::error::{check_shape, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
 use crate::tensor::{Binding, DType, Tensor};
 use std::ops::Range;
 
-/// Pixels per invocation when summing the loss.
-const CHUNK_PIXELS: usize = 256;
+/// Pixels per chunk of the loss's sums: 256 for one invocation, or 64 for each of a tree's
+/// invocations.
+fn chunk_pixels(summing: Summing) -> usize {
+    match summing {
+        Summing::Chunked => 256,
+        Summing::Tree => 64 * TREE_WORKGROUP,
+    }
+}
+
+/// What a loss's summing is chosen for: its classes and pixels (N x H x W), the pixels
+/// rounded up to a power of two and capped at [`PROXY_PIXELS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossClass {
+    pub classes: usize,
+    pub pixels: usize,
+}
+
+/// A timing proxy's most pixels: 16 of a tree's chunks.
+pub const PROXY_PIXELS: usize = 1 << 16;
+
+impl LossClass {
+    pub fn of(logits: &Tensor) -> Result<Self> {
+        let [n, k, h, w] = logits.dims4("cross entropy logits")?;
+        Ok(LossClass { classes: k, pixels: (n * h * w).next_power_of_two().min(PROXY_PIXELS) })
+    }
+}
+
+impl SumsClass for LossClass {
+    const FAMILY: &'static str = "loss_sums";
+
+    fn key(&self) -> String {
+        format!("{}x{}", self.classes, self.pixels)
+    }
+
+    /// The logits the forward reads.
+    fn terms(&self) -> usize {
+        self.classes * self.pixels
+    }
+
+    /// A cross entropy's forward (the backward sums nothing) over a proxy of one image of
+    /// the class's pixels.
+    fn time(&self, gpu: &Gpu, summing: Summing) -> Result<f64> {
+        let logits = Tensor::zeros(gpu, &[1, self.classes, 1, self.pixels])?;
+        let labels = Tensor::from_u32(gpu, &[1, 1, self.pixels], &vec![0; self.pixels])?;
+        let ce = CrossEntropy { ignore_label: u32::MAX, class_weight: None, reduction: Reduction::Mean };
+        tuning::time_dispatches(gpu, &ce.forward_with(gpu, &logits, &labels, summing)?.forward)
+    }
+}
 
 crate::gpu::shader_params! {
     struct Params {
@@ -76,6 +127,8 @@ pub struct CrossEntropy<'a> {
 /// The recorded loss: its value and what the backward needs, kept between the passes.
 pub struct LossPass {
     pub forward: Vec<Dispatch>,
+    /// How the forward summed its chunks, for the backward's parameters to match.
+    summing: Summing,
     /// A one-element tensor holding the loss after the forward has run.
     pub loss: Tensor,
     denom: Tensor,
@@ -145,7 +198,8 @@ impl CrossEntropy<'_> {
         }
     }
 
-    fn params(&self, logits: &Tensor, labels: &Tensor, flags: u32) -> Result<Params> {
+    /// The kernels' parameters, with the chunk length of `summing`.
+    fn params(&self, logits: &Tensor, labels: &Tensor, flags: u32, summing: Summing) -> Result<Params> {
         let [n, k, h, w] = logits.dims4("cross entropy logits")?;
         check_shape("cross entropy labels", &[n, h, w], labels.shape())?;
         labels.check_dtype("cross entropy labels", DType::U32)?;
@@ -161,7 +215,7 @@ impl CrossEntropy<'_> {
             n: to_u32("N", n)?,
             classes: to_u32("classes", k)?,
             hw: to_u32("H x W", h * w)?,
-            chunk_len: CHUNK_PIXELS as u32,
+            chunk_len: to_u32("loss chunk length", chunk_pixels(summing))?,
             ignore_label: self.ignore_label,
             flags,
             grad_scale: 1.0,
@@ -175,14 +229,16 @@ impl CrossEntropy<'_> {
         })
     }
 
-    /// The loss's (partial sums, backward) entry points: one pair per kind, each reading
-    /// only the class weights and selection outputs its kind has.
-    fn entries(&self) -> (&'static str, &'static str) {
+    /// The loss's (partial sums: chunked and tree, backward) entry points: one set per
+    /// kind, each reading only the class weights and selection outputs its kind has.
+    fn entries(&self) -> ([&'static str; 2], &'static str) {
         match (self.class_weight.is_some(), self.ohem().is_some()) {
-            (false, false) => ("ce_partials", "ce_backward"),
-            (true, false) => ("ce_partials_weighted", "ce_backward_weighted"),
-            (false, true) => ("ce_partials_ohem", "ce_backward_ohem"),
-            (true, true) => ("ce_partials_weighted_ohem", "ce_backward_weighted_ohem"),
+            (false, false) => (["ce_partials", "ce_partials_tree"], "ce_backward"),
+            (true, false) => (["ce_partials_weighted", "ce_partials_weighted_tree"], "ce_backward_weighted"),
+            (false, true) => (["ce_partials_ohem", "ce_partials_ohem_tree"], "ce_backward_ohem"),
+            (true, true) => {
+                (["ce_partials_weighted_ohem", "ce_partials_weighted_ohem_tree"], "ce_backward_weighted_ohem")
+            }
         }
     }
 
@@ -210,13 +266,26 @@ impl CrossEntropy<'_> {
 
     /// Records the loss of `logits` against `labels`.
     pub fn forward(&self, gpu: &Gpu, logits: &Tensor, labels: &Tensor) -> Result<LossPass> {
-        let mut p = self.params(logits, labels, 0)?;
+        self.forward_with(gpu, logits, labels, sums::choose(None, gpu, &LossClass::of(logits)?))
+    }
+
+    /// [`CrossEntropy::forward`] with the given summing of the pixel chunks.
+    pub fn forward_with(
+        &self,
+        gpu: &Gpu,
+        logits: &Tensor,
+        labels: &Tensor,
+        summing: Summing,
+    ) -> Result<LossPass> {
+        let mut p = self.params(logits, labels, 0, summing)?;
         let [n, _, h, w] = logits.dims4("cross entropy logits")?;
         let hw = h * w;
-        let chunks = n * hw.div_ceil(CHUNK_PIXELS);
+        let image_chunks = hw.div_ceil(chunk_pixels(summing));
+        let chunks = n * image_chunks;
         let partials = scratch(gpu, "loss partials", 2 * chunks)?;
         let pass = LossPass {
             forward: Vec::new(),
+            summing,
             loss: Tensor::empty(gpu, &[1])?,
             denom: Tensor::empty(gpu, &[1])?,
             stats: Tensor::empty(gpu, &[n, hw, 4])?,
@@ -300,9 +369,10 @@ impl CrossEntropy<'_> {
             let mut terms = pixels.term_inputs(self, &pass);
             terms.push(Binding::write(4, &partials));
             let params = images.params(&p);
-            let launched = params.n as usize * hw.div_ceil(CHUNK_PIXELS);
+            let launched = params.n as usize * image_chunks;
             let cost = Cost { flops: 8 * pixels.count() as u64, bytes: f32_bytes(7 * pixels.count()) };
-            forward.push(launch(gpu, Shader::Loss, self.entries().0, &params, &terms, launched, cost)?);
+            let entries = (Shader::Loss, self.entries().0);
+            forward.push(summing.launch(gpu, entries, &params, &terms, (launched, cost))?);
         }
         let finalize =
             [Binding::read(11, &partials), Binding::write(5, &pass.loss), Binding::write(6, &pass.denom)];
@@ -321,7 +391,7 @@ impl CrossEntropy<'_> {
         grad_scale: f32,
         (grad_logits, accumulate): (&Tensor, bool),
     ) -> Result<Vec<Dispatch>> {
-        let mut p = self.params(logits, labels, if accumulate { ACCUMULATE } else { 0 })?;
+        let mut p = self.params(logits, labels, if accumulate { ACCUMULATE } else { 0 }, pass.summing)?;
         p.grad_scale = grad_scale;
         check_shape("cross entropy logits gradient", logits.shape(), grad_logits.shape())?;
         let cover = self.cover(gpu, logits, Some(grad_logits), pass)?;

@@ -15,6 +15,7 @@ pub mod resize;
 pub mod sgd;
 pub(crate) mod slabs;
 pub mod softmax;
+pub mod sums;
 pub mod tuning;
 
 use crate::error::{Error, Result};
@@ -288,14 +289,26 @@ pub fn variants(gpu: &Gpu, tuner: Option<&tuning::Tuner>) -> Vec<KernelVariant> 
             "a 16 x 16 tile per invocation, a workgroup sharing its rows, one element per invocation, or 32 x 32 per workgroup of 64 through workgroup memory; operands read through strides",
             format!("per element below {} multiply-adds", matmul::SMALL_PRODUCT_MACS),
         ),
-        tuned_family::<batch_norm::BnReduction>(
+        tuned_family::<sums::Sums<batch_norm::BnClass>>(
             gpu,
             tuner,
             "training statistics and backward sums per chunk of samples: an invocation summing in order, or a workgroup of 64 meeting in a fixed tree; chunks added in order",
             "chunked".into(),
         ),
+        tuned_family::<sums::Sums<softmax::SoftmaxClass>>(
+            gpu,
+            tuner,
+            "long rows' (max, sum of exp) and backward dots per chunk of a row: an invocation summing in order, or a workgroup of 64 meeting in a fixed tree; chunks merged in order",
+            "chunked".into(),
+        ),
+        tuned_family::<sums::Sums<loss::LossClass>>(
+            gpu,
+            tuner,
+            "cross entropy's sums per chunk of pixels: an invocation of 256 pixels, or a workgroup of 64 over 4096 meeting in a fixed tree; chunks added in order",
+            "chunked".into(),
+        ),
         v(
-            "softmax, losses, other reductions",
+            "other reductions",
             "chunked two-pass sums, blocked and compensated",
             "WGSL has no float atomics; a fixed order keeps results bit-reproducible".into(),
         ),

@@ -48,7 +48,8 @@ pub fn spatial_gather_forward(
 ) -> Result<Vec<Dispatch>> {
     let g = Gather::resolve(aux, feats)?;
     check_shape("spatial gather context", &[g.n, g.c, g.k, 1], context.shape())?;
-    let mut d = softmax::forward(gpu, aux, g.axis(), 1.0, probs)?;
+    let summing = softmax::summing(tuner, gpu, &g.axis());
+    let mut d = softmax::forward_with(gpu, aux, g.axis(), 1.0, probs, summing)?;
     let f = Strided::row_major(g.c, g.hw);
     let p_t = Strided::row_major(g.k, g.hw).t();
     let Some(split) = Slabbed::new(gpu, g.n, g.c, &[Cut::new(feats, 0), Cut::new(context, 0)])? else {
@@ -111,7 +112,9 @@ pub fn spatial_gather_backward(
             d
         }
     };
-    d.extend(softmax::backward(gpu, probs, &grad_probs, g.axis(), 1.0, grad_aux, accumulate_aux)?);
+    let summing = softmax::summing(tuner, gpu, &g.axis());
+    let grad_aux = (grad_aux, accumulate_aux);
+    d.extend(softmax::backward_with(gpu, probs, &grad_probs, g.axis(), 1.0, grad_aux, summing)?);
     Ok(d)
 }
 
@@ -208,13 +211,14 @@ pub fn object_attention_forward(
     check_shape("object attention map", &a.sim_shape(), sim.shape())?;
     check_shape("object attention output", query.shape(), out.shape())?;
     let logits = Tensor::empty_of(gpu, &a.sim_shape(), sim.dtype())?;
+    let summing = softmax::summing(tuner, gpu, &a.axis());
     let q_t = Strided::row_major(a.ch, a.hw).t();
     let kv = Strided::row_major(a.ch, a.k);
     let sim_t = Strided::row_major(a.hw, a.k).t();
     let cuts = [query, key, value, out].map(|t| Cut::new(t, 0));
     let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
         let mut d = product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?;
-        d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
+        d.extend(softmax::forward_with(gpu, &logits, a.axis(), a.scale(), sim, summing)?);
         d.extend(product(gpu, tuner, a.n, (value, kv), (sim, sim_t), out, false)?);
         return Ok(d);
     };
@@ -237,7 +241,7 @@ pub fn object_attention_forward(
             j > 0,
         )?);
     }
-    d.extend(softmax::forward(gpu, &logits, a.axis(), a.scale(), sim)?);
+    d.extend(softmax::forward_with(gpu, &logits, a.axis(), a.scale(), sim, summing)?);
     for (_, slab) in split.each() {
         let [vs, os] = split.views(slab, [value, out])?;
         let kv = Strided::row_major(slab.channels.len(), a.k);
@@ -274,6 +278,8 @@ pub fn object_attention_backward(
     let kv = Strided::row_major(a.ch, a.k);
     let grad_sim = Tensor::empty(gpu, &a.sim_shape())?;
     let grad_logits = Tensor::empty(gpu, &a.sim_shape())?;
+    // The similarity softmax's backward writes the logits' gradient.
+    let (summing, to_logits) = (softmax::summing(tuner, gpu, &a.axis()), (&grad_logits, false));
     let (gv, acc_v) = grads.value;
     let (gq, acc_q) = grads.query;
     let (gk, acc_k) = grads.key;
@@ -284,7 +290,7 @@ pub fn object_attention_backward(
             product(gpu, tuner, a.n, (grad_out, go.t()), (value, kv), &grad_sim, false)?,
         ]
         .concat();
-        d.extend(softmax::backward(gpu, sim, &grad_sim, a.axis(), a.scale(), &grad_logits, false)?);
+        d.extend(softmax::backward_with(gpu, sim, &grad_sim, a.axis(), a.scale(), to_logits, summing)?);
         d.extend(product(gpu, tuner, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
         d.extend(product(gpu, tuner, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
         return Ok(d);
@@ -305,7 +311,7 @@ pub fn object_attention_backward(
         d.extend(product_with(gpu, to_value, 1, (&gos, go), (&sim, s), &gvs, acc_v)?);
         d.extend(product_with(gpu, to_sim, 1, (&gos, go.t()), (&vs, kv), &grad_sim, j > 0)?);
     }
-    d.extend(softmax::backward(gpu, sim, &grad_sim, a.axis(), a.scale(), &grad_logits, false)?);
+    d.extend(softmax::backward_with(gpu, sim, &grad_sim, a.axis(), a.scale(), to_logits, summing)?);
     for (_, slab) in split.each() {
         let [qs, ks, gqs, gks] = split.views(slab, [query, key, gq, gk])?;
         let (go, kv) =

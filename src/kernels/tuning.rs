@@ -6,9 +6,11 @@
 //! ([`ConvForward`]: register tiles of 4 or 16 pixels, which a CPU driver such as lavapipe
 //! runs best, or an implicit GEMM through workgroup memory at two slice depths, which GPUs
 //! reward), its input and weight gradients ([`ConvInputGrad`], [`ConvWeightGrad`]: narrow
-//! or wide register tiles, or GEMMs through workgroup memory) and the matrix product
-//! ([`MatmulKernel`]: register tiles or workgroup-memory tiles). Each says how to time
-//! a variant on a proxy of its class and what to take untimed.
+//! or wide register tiles, or GEMMs through workgroup memory), the matrix product
+//! ([`MatmulKernel`]: register tiles or workgroup-memory tiles) and the chunk sums of
+//! batch norm, softmax and the losses ([`super::sums::Sums`]: an invocation or a workgroup
+//! tree per chunk). Each says how to time a variant on a proxy of its class and what to
+//! take untimed.
 //!
 //! A [`Tuner`] holds the choices; it lives beside the device, not in it. Measuring is a
 //! step of its own ([`Tuner::tune`], driven by `GraphBuilder::tune` and `hrnet-ocr tune`);
@@ -549,7 +551,7 @@ pub fn time_dispatches(gpu: &Gpu, dispatches: &[Dispatch]) -> Result<f64> {
 fn identity(gpu: &Gpu) -> String {
     let i = gpu.info();
     // FNV-1a over the tuned families' shader sources: a fingerprint of the kernels.
-    let kernels = [Shader::Conv2d, Shader::Matmul]
+    let kernels = [Shader::Conv2d, Shader::Matmul, Shader::BatchNorm, Shader::Softmax, Shader::Loss]
         .iter()
         .flat_map(|s| s.source().unwrap_or_default().into_bytes())
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));

@@ -1,6 +1,6 @@
 use crate::common::*;
-use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction, EPS, MOMENTUM};
-use hrnet_ocr::kernels::tuning::Tunable;
+use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, EPS, MOMENTUM};
+use hrnet_ocr::kernels::sums::Summing;
 use hrnet_ocr::Tensor;
 
 const TOL: f64 = 1e-5;
@@ -46,8 +46,8 @@ struct Results {
 }
 
 /// Eval forward (with the initial running statistics), then training forward and backward
-/// with `reduction`'s channel sums.
-fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], reduction: BnReduction) -> Results {
+/// with `summing`'s channel sums.
+fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], summing: Summing) -> Results {
     let gpu = gpu();
     let c = dims[1];
     let (xt, gyt) = (upload(&dims, x), upload(&dims, gy));
@@ -56,7 +56,7 @@ fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], reduction: BnRedu
     let saved = poisoned(&batch_norm::saved_shape(c));
     let bn = layer.params();
     let mut ds = batch_norm::forward_eval(gpu, &xt, &bn, &y_eval).unwrap();
-    ds.extend(batch_norm::forward_train_with(gpu, &xt, &bn, &saved, &y, reduction).unwrap());
+    ds.extend(batch_norm::forward_train_with(gpu, &xt, &bn, &saved, &y, summing).unwrap());
     let grads = BatchNormGrads {
         grad_x: &gx,
         grad_gamma: &ggamma,
@@ -64,7 +64,7 @@ fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], reduction: BnRedu
         accumulate_x: false,
         accumulate_params: false,
     };
-    ds.extend(batch_norm::backward_with(gpu, &xt, &bn, &saved, &gyt, &grads, reduction).unwrap());
+    ds.extend(batch_norm::backward_with(gpu, &xt, &bn, &saved, &gyt, &grads, summing).unwrap());
     gpu.run(&ds).unwrap();
     Results {
         y: download(&y),
@@ -83,11 +83,11 @@ fn batch_norm_matches_pytorch_fixtures() {
     for (case, p) in f.cases() {
         let dims: [usize; 4] = p[..].try_into().expect("n c h w");
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        for &reduction in BnReduction::ALL {
-            assert!(reduction.runs_on(gpu()), "{reduction:?} does not run on the test adapter");
+        for summing in Summing::ALL {
+            assert!(summing.runs_on(gpu()), "{summing:?} does not run on the test adapter");
             let layer = Layer::new(g("weight"), g("bias"), g("running_mean"), g("running_var"));
-            let r = run(dims, g("x"), &layer, g("grad_out"), reduction);
-            let what = |t: &str| format!("{case} {dims:?} {reduction:?} {t}");
+            let r = run(dims, g("x"), &layer, g("grad_out"), summing);
+            let what = |t: &str| format!("{case} {dims:?} {summing:?} {t}");
             assert_close(&what("out"), &r.y, g("out"), TOL);
             assert_close(&what("out_eval"), &r.y_eval, g("out_eval"), TOL);
             assert_close(&what("running_mean"), &r.running_mean, g("running_mean_new"), TOL);
@@ -113,19 +113,19 @@ fn batch_norm_matches_cpu_on_random_shapes() {
         if dims[0] * dims[2] * dims[3] < 3 {
             continue;
         }
-        // Each reduction in turn, the big shapes too.
-        check_random_shape(&mut rng, dims, BnReduction::ALL[(i / 10 + i) % BnReduction::ALL.len()]);
+        // Each summing in turn, the big shapes too.
+        check_random_shape(&mut rng, dims, Summing::ALL[(i / 10 + i) % Summing::ALL.len()]);
     }
     // Images long enough that the tree splits each into several chunks.
     for dims in [[1, 2, 300, 500], [2, 1, 260, 300]] {
-        for &reduction in BnReduction::ALL {
-            check_random_shape(&mut rng, dims, reduction);
+        for summing in Summing::ALL {
+            check_random_shape(&mut rng, dims, summing);
         }
     }
 }
 
 /// A layer of `dims` with random values (channel means far from zero), against the CPU.
-fn check_random_shape(rng: &mut Rng, dims: [usize; 4], reduction: BnReduction) {
+fn check_random_shape(rng: &mut Rng, dims: [usize; 4], summing: Summing) {
     let [n, c, h, w] = dims;
     // Channels with means far from zero test the variance's accuracy.
     let offsets: Vec<f32> = (0..c).map(|_| 20.0 * rng.normal()).collect();
@@ -135,10 +135,10 @@ fn check_random_shape(rng: &mut Rng, dims: [usize; 4], reduction: BnReduction) {
     let mean = rng.normals(c);
     let var: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform() as f32).collect();
     let gy = rng.normals(x.len());
-    let r = run(dims, &x, &Layer::new(&gamma, &beta, &mean, &var), &gy, reduction);
+    let r = run(dims, &x, &Layer::new(&gamma, &beta, &mean, &var), &gy, summing);
     let want = bn_train(&x, dims, &gamma, &beta, &mean, &var);
     let (gx, ggamma, gbeta) = bn_backward(&x, dims, &gamma, &gy);
-    let what = |t: &str| format!("{dims:?} {reduction:?} {t}");
+    let what = |t: &str| format!("{dims:?} {summing:?} {t}");
     assert_close(&what("out"), &r.y, &want.y, TOL);
     assert_close(&what("out_eval"), &r.y_eval, &bn_eval(&x, dims, &gamma, &beta, &mean, &var), TOL);
     // (1 - momentum) * old + momentum * batch mean may cancel far below its terms.

@@ -1,27 +1,30 @@
 use crate::common::*;
 use hrnet_ocr::data::image::check_labels;
 use hrnet_ocr::kernels::loss::{CrossEntropy, Ohem, Reduction};
+use hrnet_ocr::kernels::sums::Summing;
 use hrnet_ocr::Tensor;
 
 const TOL: f64 = 1e-5;
 const IGNORE: u32 = 255;
 
-/// (loss, grad_logits) on the device; the gradient is scaled by `grad_scale`.
+/// (loss, grad_logits) on the device, the pixel chunks summed by `summing`; the gradient
+/// is scaled by `grad_scale`.
 fn run(
     dims: [usize; 4],
     logits: &[f32],
     labels: &[u32],
     weight: Option<&[f32]>,
-    reduction: Reduction,
+    (reduction, summing): (Reduction, Summing),
     grad_scale: f32,
 ) -> (f32, Vec<f32>) {
     let gpu = gpu();
+    assert!(summing.runs_on(gpu), "{summing:?} does not run on the test adapter");
     let [n, k, h, w] = dims;
     let lt = upload(&dims, logits);
     let yt = Tensor::from_u32(gpu, &[n, h, w], labels).unwrap();
     let wt = weight.map(|w| upload(&[k], w));
     let ce = CrossEntropy { ignore_label: IGNORE, class_weight: wt.as_ref(), reduction };
-    let pass = ce.forward(gpu, &lt, &yt).unwrap();
+    let pass = ce.forward_with(gpu, &lt, &yt, summing).unwrap();
     pass.loss.fill(gpu, f32::NAN);
     let grad = poisoned(&dims);
     let backward = ce.backward(gpu, &pass, &lt, &yt, grad_scale, (&grad, false)).unwrap();
@@ -97,8 +100,15 @@ fn cross_entropy_matches_pytorch_fixtures() {
         let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
         let g = |t: &str| format!("{case}.{t}");
         let weight = (p[4] == 1.0).then(|| f.get(&g("weight")));
-        let got = run(dims, f.get(&g("logits")), f.labels(&g("label")), weight, Reduction::Mean, 1.0);
-        check(&format!("{case} {dims:?}"), got, (f.get(&g("loss"))[0], f.get(&g("grad_logits"))));
+        for summing in Summing::ALL {
+            let (logits, labels) = (f.get(&g("logits")), f.labels(&g("label")));
+            let got = run(dims, logits, labels, weight, (Reduction::Mean, summing), 1.0);
+            check(
+                &format!("{case} {dims:?} {summing:?}"),
+                got,
+                (f.get(&g("loss"))[0], f.get(&g("grad_logits"))),
+            );
+        }
     }
 }
 
@@ -111,19 +121,26 @@ fn ohem_matches_pytorch_fixtures() {
         let g = |t: &str| format!("{case}.{t}");
         let weight = (p[6] == 1.0).then(|| f.get(&g("weight")));
         let labels = f.labels(&g("label"));
-        let (l, grad) = run(dims, f.get(&g("logits")), labels, weight, Reduction::Ohem(ohem), 1.0);
-        // The kept set is exactly PyTorch's: the gradient is non-zero at kept pixels only.
-        let [_, k, h, w] = dims;
-        for (px, &kept) in f.get(&g("kept")).iter().enumerate() {
-            let base = (px / (h * w)) * k * h * w + px % (h * w);
-            let touched = (0..k).any(|c| grad[base + c * h * w] != 0.0);
-            assert_eq!(touched, kept == 1.0, "{case}: pixel {px} kept {kept} but gradient touched {touched}");
+        for summing in Summing::ALL {
+            let (l, grad) =
+                run(dims, f.get(&g("logits")), labels, weight, (Reduction::Ohem(ohem), summing), 1.0);
+            // The kept set is exactly PyTorch's: the gradient is non-zero at kept pixels only.
+            let [_, k, h, w] = dims;
+            for (px, &kept) in f.get(&g("kept")).iter().enumerate() {
+                let base = (px / (h * w)) * k * h * w + px % (h * w);
+                let touched = (0..k).any(|c| grad[base + c * h * w] != 0.0);
+                assert_eq!(
+                    touched,
+                    kept == 1.0,
+                    "{case}: pixel {px} kept {kept} but gradient touched {touched}"
+                );
+            }
+            check(
+                &format!("{case} {dims:?} {ohem:?} {summing:?}"),
+                (l, grad),
+                (f.get(&g("loss"))[0], f.get(&g("grad_logits"))),
+            );
         }
-        check(
-            &format!("{case} {dims:?} {ohem:?}"),
-            (l, grad),
-            (f.get(&g("loss"))[0], f.get(&g("grad_logits"))),
-        );
     }
 }
 
@@ -154,15 +171,44 @@ fn losses_match_cpu_on_random_shapes() {
             continue;
         }
         compared_ohem += usize::from(is_ohem);
-        let scale = [1.0, 0.4][i % 2];
-        let got = run(dims, &logits, &labels, weight.as_deref(), reduction, scale);
-        let want = reference(dims, &logits, &labels, weight.as_deref(), reduction, f64::from(scale));
-        check(&format!("{dims:?} {reduction:?} weighted {}", weight.is_some()), got, (want.0, &want.1));
+        // Each summing in turn, with each reduction (i / 3 alternates them).
+        let summing = Summing::ALL[(i / 3) % 2];
+        check_random(dims, (&logits, &labels), weight.as_deref(), (reduction, summing), [1.0, 0.4][i % 2]);
     }
     assert!(
         skipped <= compared_ohem,
         "{skipped} OHEM draws with an unclear boundary, {compared_ohem} compared"
     );
+    // Images long enough that the tree sums each in several chunks (the last one shorter).
+    // OHEM's threshold above every probability keeps every valid pixel, a clear boundary.
+    let all_kept = Reduction::Ohem(Ohem { thresh: 1.5, min_kept: 0 });
+    for reduction in [Reduction::Mean, Reduction::AllPixels, all_kept] {
+        for summing in Summing::ALL {
+            // An odd width: no image is a whole number of chunks.
+            let dims = [2, rng.range(2, 5), rng.range(90, 110), 2 * rng.range(60, 70) + 1];
+            let [n, k, h, w] = dims;
+            let logits: Vec<f32> = rng.normals(n * k * h * w).iter().map(|v| 3.0 * v).collect();
+            let labels: Vec<u32> = (0..n * h * w)
+                .map(|_| if rng.uniform() < 0.2 { IGNORE } else { rng.range(0, k - 1) as u32 })
+                .collect();
+            let weight: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform() as f32).collect();
+            check_random(dims, (&logits, &labels), Some(&weight), (reduction, summing), 0.7);
+        }
+    }
+}
+
+/// The loss and gradient of random logits and labels against the CPU reference.
+fn check_random(
+    dims: [usize; 4],
+    (logits, labels): (&[f32], &[u32]),
+    weight: Option<&[f32]>,
+    (reduction, summing): (Reduction, Summing),
+    scale: f32,
+) {
+    let got = run(dims, logits, labels, weight, (reduction, summing), scale);
+    let want = reference(dims, logits, labels, weight, reduction, f64::from(scale));
+    let what = format!("{dims:?} {reduction:?} {summing:?} weighted {}", weight.is_some());
+    check(&what, got, (want.0, &want.1));
 }
 
 /// Whether no valid pixel's target probability lies within 1e-4 (relative) of the OHEM
@@ -196,9 +242,11 @@ fn all_ignored_gives_zero_loss_and_gradient() {
     for reduction in
         [Reduction::Mean, Reduction::AllPixels, Reduction::Ohem(Ohem { thresh: 0.7, min_kept: 10 })]
     {
-        let (l, grad) = run(dims, &logits, &labels, None, reduction, 1.0);
-        assert_eq!(l, 0.0, "{reduction:?}");
-        assert!(grad.iter().all(|&g| g == 0.0), "{reduction:?}: non-zero gradient");
+        for summing in Summing::ALL {
+            let (l, grad) = run(dims, &logits, &labels, None, (reduction, summing), 1.0);
+            assert_eq!(l, 0.0, "{reduction:?} {summing:?}");
+            assert!(grad.iter().all(|&g| g == 0.0), "{reduction:?} {summing:?}: non-zero gradient");
+        }
     }
 }
 

@@ -6,10 +6,11 @@
 
 use crate::common::*;
 use hrnet_ocr::gpu::Dispatch;
-use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnReduction};
+use hrnet_ocr::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Epilogue, Precision};
 use hrnet_ocr::kernels::dropout::Dropout2d;
 use hrnet_ocr::kernels::ocr::AttentionGrads;
+use hrnet_ocr::kernels::sums::Summing;
 use hrnet_ocr::kernels::tuning::{ConvForward, Tunable};
 use hrnet_ocr::kernels::{concat, elementwise, metrics, ocr, resize};
 use hrnet_ocr::{Gpu, GpuOptions, Tensor};
@@ -219,11 +220,11 @@ fn training_batch_norm_runs_in_channel_slabs_bit_identically() {
         (&[c], &old_params),
         (&[c], &old_params),
     ];
-    for &reduction in BnReduction::ALL {
-        assert!(reduction.runs_on(narrow()), "{reduction:?} does not run on the narrow device");
+    for summing in Summing::ALL {
+        assert!(summing.runs_on(narrow()), "{summing:?} does not run on the narrow device");
         let r = both("training batch norm", &ins, &outs, &|g, i, o| {
             let bn = layer(&i[1..3], &o[0..2]);
-            let mut d = batch_norm::forward_train_with(g, &i[0], &bn, &o[2], &o[3], reduction).unwrap();
+            let mut d = batch_norm::forward_train_with(g, &i[0], &bn, &o[2], &o[3], summing).unwrap();
             let grads = BatchNormGrads {
                 grad_x: &o[4],
                 grad_gamma: &o[5],
@@ -231,10 +232,10 @@ fn training_batch_norm_runs_in_channel_slabs_bit_identically() {
                 accumulate_x: true,
                 accumulate_params: true,
             };
-            d.extend(batch_norm::backward_with(g, &i[0], &bn, &o[2], &i[3], &grads, reduction).unwrap());
+            d.extend(batch_norm::backward_with(g, &i[0], &bn, &o[2], &i[3], &grads, summing).unwrap());
             d
         });
-        assert_same_bits(&format!("training batch norm forward and backward, {reduction:?} sums"), &r);
+        assert_same_bits(&format!("training batch norm forward and backward, {summing:?} sums"), &r);
     }
     let recompute = both("batch norm recompute", &ins, &outs, &|g, i, o| {
         let bn = layer(&i[1..3], &o[0..2]);
@@ -420,25 +421,28 @@ fn matrix_products_run_in_batch_ranges_bit_identically() {
 
 /// Softmax beyond a binding runs in ranges of its outer axis with the whole axis's
 /// chunking: short rows along a middle axis, and long rows summed in chunks (3000 terms:
-/// three), forward and
-/// backward (accumulating), the same bits.
+/// three chunked, one tree), forward and backward (accumulating), the same bits with each
+/// summing.
 #[test]
 fn softmax_runs_in_outer_ranges_bit_identically() {
     use hrnet_ocr::kernels::softmax::{self, Axis};
     let mut rng = Rng::new(seed("softmax_runs_in_outer_ranges"));
     for axis in [Axis { outer: 4, len: 19, inner: 100 }, Axis { outer: 6, len: 3000, inner: 1 }] {
-        let shape = [axis.outer, axis.len, axis.inner];
-        let (x, gy, old) =
-            (rng.normals(numel(&shape)), rng.normals(numel(&shape)), rng.normals(numel(&shape)));
-        let ins: [(&[usize], &[f32]); 2] = [(&shape, &x), (&shape, &gy)];
-        let (poison, acc) = (Init::Poison, Init::Data(old));
-        let outs: [(&[usize], &Init); 2] = [(&shape, &poison), (&shape, &acc)];
-        let r = both("softmax", &ins, &outs, &|g, i, o| {
-            let mut d = softmax::forward(g, &i[0], axis, 0.7, &o[0]).unwrap();
-            d.extend(softmax::backward(g, &o[0], &i[1], axis, 0.7, &o[1], true).unwrap());
-            d
-        });
-        assert_same_bits(&format!("softmax {axis:?}"), &r);
+        for summing in Summing::ALL {
+            assert!(summing.runs_on(narrow()), "{summing:?} does not run on the narrow device");
+            let shape = [axis.outer, axis.len, axis.inner];
+            let (x, gy, old) =
+                (rng.normals(numel(&shape)), rng.normals(numel(&shape)), rng.normals(numel(&shape)));
+            let ins: [(&[usize], &[f32]); 2] = [(&shape, &x), (&shape, &gy)];
+            let (poison, acc) = (Init::Poison, Init::Data(old));
+            let outs: [(&[usize], &Init); 2] = [(&shape, &poison), (&shape, &acc)];
+            let r = both("softmax", &ins, &outs, &|g, i, o| {
+                let mut d = softmax::forward_with(g, &i[0], axis, 0.7, &o[0], summing).unwrap();
+                d.extend(softmax::backward_with(g, &o[0], &i[1], axis, 0.7, (&o[1], true), summing).unwrap());
+                d
+            });
+            assert_same_bits(&format!("softmax {axis:?} {summing:?}"), &r);
+        }
     }
 }
 
@@ -560,7 +564,8 @@ fn the_ocr_operators_run_in_channel_slabs() {
 /// over logits beyond a binding: the passes over the logits run in class slabs of one image,
 /// the per-pixel ones per image; the loss and the gradient (written, then accumulated) are
 /// the same bits as unsplit, since each pixel's sums run in class order however the
-/// classes are cut and the partial sums never span two images.
+/// classes are cut and the partial sums never span two images: with either summing of
+/// them.
 #[test]
 fn cross_entropy_runs_in_class_slabs_bit_identically() {
     use hrnet_ocr::kernels::loss::{CrossEntropy, Ohem, Reduction};
@@ -573,20 +578,22 @@ fn cross_entropy_runs_in_class_slabs_bit_identically() {
     let weights: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform() as f32).collect();
     let accumulated = rng.normals(numel(&X));
     let ohem = Reduction::Ohem(Ohem { thresh: 0.7, min_kept: 100 });
-    for (reduction, weighted) in [
+    let kinds = [
         (Reduction::Mean, false),
         (Reduction::Mean, true),
         (Reduction::AllPixels, true),
         (ohem, false),
         (ohem, true),
-    ] {
-        let what = format!("{reduction:?}, weighted {weighted}");
+    ];
+    for ((reduction, weighted), summing) in kinds.into_iter().flat_map(|k| Summing::ALL.map(|s| (k, s))) {
+        assert!(summing.runs_on(narrow()), "{summing:?} does not run on the narrow device");
+        let what = format!("{reduction:?}, weighted {weighted}, {summing:?} sums");
         let run = |gpu: &Gpu| {
             let lt = Tensor::from_slice(gpu, &X, &logits).unwrap();
             let yt = Tensor::from_u32(gpu, &[n, h, w], &labels).unwrap();
             let wt = Tensor::from_slice(gpu, &[k], &weights).unwrap();
             let ce = CrossEntropy { ignore_label: 255, class_weight: weighted.then_some(&wt), reduction };
-            let pass = ce.forward(gpu, &lt, &yt).unwrap();
+            let pass = ce.forward_with(gpu, &lt, &yt, summing).unwrap();
             pass.loss.fill(gpu, f32::NAN);
             let (fresh, summed) = (
                 Tensor::full(gpu, &X, f32::NAN).unwrap(),

@@ -137,17 +137,26 @@ fn building_a_graph_never_measures_and_tune_does() {
     assert!(text.contains(&chosen[0].1), "cache file: {text}");
     assert_eq!(tuning::choose::<ConvForward>(Some(&tuner), gpu, &class).name(), chosen[0].1);
 
-    // The tiny model's training graph: every tuned family gets its classes.
+    // The tiny model's training graph: every tuned family gets its classes (at 64 x 96 the
+    // gather's softmax over 16 x 24 pixels takes the long rows' chunked path).
     let config = tiny_config();
     let mut g = GraphBuilder::new();
-    let x = g.input("input", &[2, 3, 64, 64], false);
+    let x = g.input("input", &[2, 3, 64, 96], false);
     let m = hrnet_ocr::model::hrnet::build(&mut g, &config, x, 0.0).unwrap();
-    let labels = g.labels("label", &[2, 64, 64]);
+    let labels = g.labels("label", &[2, 64, 96]);
     hrnet_ocr::model::hrnet::add_losses(&mut g, &config, [m.aux, m.out], labels).unwrap();
     g.tune(gpu, &tuner, Mode::Train, &[m.aux, m.out]).unwrap();
     let families: std::collections::BTreeSet<String> =
         tuner.choices().into_iter().map(|(k, _)| k.split(' ').next().unwrap().to_string()).collect();
-    for family in ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight", "matmul"] {
+    for family in [
+        "conv2d_forward",
+        "conv2d_backward_input",
+        "conv2d_backward_weight",
+        "matmul",
+        "batch_norm_sums",
+        "softmax_sums",
+        "loss_sums",
+    ] {
         assert!(families.contains(family), "{family} not tuned: {:?}", tuner.choices());
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -174,4 +183,23 @@ fn a_cached_choice_the_device_cannot_run_is_not_taken() {
     assert!(chosen.runs_on(&small), "{chosen:?} on a device of {} invocations", small.workgroup_size());
     assert_eq!(chosen, ConvForward::default_for(&small));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Each chunk-sums family's timing proxy runs with either summing (tuning times them only
+/// for classes of a million terms and more, which the tests' models do not reach).
+#[test]
+fn every_sums_family_times_either_summing_on_its_proxy() {
+    use hrnet_ocr::kernels::batch_norm::BnClass;
+    use hrnet_ocr::kernels::loss::LossClass;
+    use hrnet_ocr::kernels::softmax::SoftmaxClass;
+    use hrnet_ocr::kernels::sums::{Sums, SumsClass};
+    fn time_each<C: SumsClass>(class: C) {
+        for &variant in Sums::<C>::ALL {
+            let ms = variant.time(gpu(), &class).unwrap_or_else(|e| panic!("{class:?} {variant:?}: {e}"));
+            assert!(ms.is_finite() && ms > 0.0, "{class:?} {variant:?}: {ms} ms");
+        }
+    }
+    time_each(BnClass { channels: 8, samples: 4096 });
+    time_each(SoftmaxClass { rows: 4, len: 4096 });
+    time_each(LossClass { classes: 5, pixels: 1 << 16 });
 }
