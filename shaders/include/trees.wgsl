@@ -45,4 +45,34 @@ fn ${ENTRY}_tree(@builtin(workgroup_id) wid: vec3<u32>,
     }
     if lid == 0u { ${STORE}(idx, tree[0]); }
 }
+
+#if SUBGROUPS
+// The tree again, where the adapter has SUBGROUP (the module composed with SUBGROUPS): the
+// levels at least a subgroup wide through workgroup memory, the rest in subgroup shuffles.
+// Lane i of every subgroup takes slot i and combines it with lane i + half's value, as the
+// tree combines slot i with slot i + half, so whatever the order of invocations in
+// subgroups the result is the tree's to the bit; the subgroup holding invocation 0 stores
+// it.
+@compute @workgroup_size(TREE_SIZE)
+fn ${ENTRY}_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32,
+                     @builtin(subgroup_invocation_id) lane: u32,
+                     @builtin(subgroup_size) width: u32) {
+    let idx = wid.x + wid.y * nwg.x;
+    if idx >= ${COUNT}() { return; }
+    tree[lid] = ${SUMS}(idx, lid, TREE_SIZE);
+    var half = TREE_SIZE / 2u;
+    for (; half >= width; half /= 2u) {
+        workgroupBarrier();
+        if lid < half { tree[lid] = ${COMBINE}(tree[lid], tree[lid + half]); }
+    }
+    workgroupBarrier();
+    var v = tree[lane];
+    for (; half > 0u; half /= 2u) {
+        v = ${COMBINE}(v, subgroupShuffleDown(v, half));
+    }
+    if subgroupAny(lid == 0u) && lane == 0u { ${STORE}(idx, v); }
+}
+#end
 #end

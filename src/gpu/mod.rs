@@ -196,6 +196,11 @@ impl Gpu {
         self.device.features()
     }
 
+    /// Whether the device can run the subgroup shader variants (`SUBGROUP`).
+    pub fn supports_subgroups(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SUBGROUP)
+    }
+
     /// Whether the device can run the f16 shader variants (`SHADER_F16`).
     pub fn supports_f16(&self) -> bool {
         self.device.features().contains(wgpu::Features::SHADER_F16)

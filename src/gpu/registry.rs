@@ -9,12 +9,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Every module the engine builds pipelines from: a kernel file of `shaders/`, composed
-/// (see [`super::compose`]) with the flags its variant sets. The `F16` modules are the
-/// files of half-precision inference composed with `F16`: activations (and the
-/// convolution's packed weights) stored at half, sums at f32.
+/// (see [`super::compose`]) with the flag its variant sets. The `F16` modules are the files
+/// of half-precision inference composed with `F16`: activations (and the convolution's
+/// packed weights) stored at half, sums at f32. The `Subgroups` ones are the reductions'
+/// files composed with `SUBGROUPS`: their trees finish in subgroup shuffles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Shader {
     BatchNorm,
+    BatchNormSubgroups,
     Concat,
     ConcatF16,
     Conv2d,
@@ -23,6 +25,7 @@ pub enum Shader {
     Elementwise,
     ElementwiseF16,
     Loss,
+    LossSubgroups,
     Matmul,
     MatmulF16,
     Metrics,
@@ -33,22 +36,27 @@ pub enum Shader {
     Sgd,
     Softmax,
     SoftmaxF16,
+    SoftmaxSubgroups,
 }
 
-/// Each inference module and its half-precision twin.
-const HALF_TWINS: [(Shader, Shader); 7] = [
-    (Shader::Concat, Shader::ConcatF16),
-    (Shader::Conv2d, Shader::Conv2dF16),
-    (Shader::Elementwise, Shader::ElementwiseF16),
-    (Shader::Matmul, Shader::MatmulF16),
-    (Shader::Metrics, Shader::MetricsF16),
-    (Shader::Resize, Shader::ResizeF16),
-    (Shader::Softmax, Shader::SoftmaxF16),
+/// Each twin module: (the plain module, the twin, the flag it is composed with, its name).
+const TWINS: [(Shader, Shader, &str, &str); 10] = [
+    (Shader::Concat, Shader::ConcatF16, "F16", "concat_f16"),
+    (Shader::Conv2d, Shader::Conv2dF16, "F16", "conv2d_f16"),
+    (Shader::Elementwise, Shader::ElementwiseF16, "F16", "elementwise_f16"),
+    (Shader::Matmul, Shader::MatmulF16, "F16", "matmul_f16"),
+    (Shader::Metrics, Shader::MetricsF16, "F16", "metrics_f16"),
+    (Shader::Resize, Shader::ResizeF16, "F16", "resize_f16"),
+    (Shader::Softmax, Shader::SoftmaxF16, "F16", "softmax_f16"),
+    (Shader::BatchNorm, Shader::BatchNormSubgroups, "SUBGROUPS", "batch_norm_subgroups"),
+    (Shader::Loss, Shader::LossSubgroups, "SUBGROUPS", "loss_subgroups"),
+    (Shader::Softmax, Shader::SoftmaxSubgroups, "SUBGROUPS", "softmax_subgroups"),
 ];
 
 impl Shader {
-    pub const ALL: [Shader; 19] = [
+    pub const ALL: [Shader; 22] = [
         Shader::BatchNorm,
+        Shader::BatchNormSubgroups,
         Shader::Concat,
         Shader::ConcatF16,
         Shader::Conv2d,
@@ -57,6 +65,7 @@ impl Shader {
         Shader::Elementwise,
         Shader::ElementwiseF16,
         Shader::Loss,
+        Shader::LossSubgroups,
         Shader::Matmul,
         Shader::MatmulF16,
         Shader::Metrics,
@@ -67,36 +76,33 @@ impl Shader {
         Shader::Sgd,
         Shader::Softmax,
         Shader::SoftmaxF16,
+        Shader::SoftmaxSubgroups,
     ];
+
+    /// This module's twin composed with `flag`, if it has one.
+    fn twin(self, flag: &str) -> Option<Shader> {
+        TWINS.iter().find(|t| t.0 == self && t.2 == flag).map(|t| t.1)
+    }
 
     /// The module whose activations are stored as `activations` (f32 or f16): this one or
     /// its half-precision twin, or an error naming the module that has no such twin.
     pub fn storing(self, activations: DType) -> Result<Shader> {
         match activations {
-            DType::F16 => {
-                HALF_TWINS.iter().find(|(plain, _)| *plain == self).map(|&(_, half)| half).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "{} has no f16 variant: f16 tensors are for inference",
-                        self.name()
-                    ))
-                })
-            }
+            DType::F16 => self.twin("F16").ok_or_else(|| {
+                Error::Invalid(format!("{} has no f16 variant: f16 tensors are for inference", self.name()))
+            }),
             _ => Ok(self),
         }
     }
 
+    /// The twin whose trees finish in subgroup shuffles, if the module has one.
+    pub fn with_subgroups(self) -> Option<Shader> {
+        self.twin("SUBGROUPS")
+    }
+
     /// The module's name in errors, labels and the tuning cache, e.g. `conv2d_f16`.
     pub fn name(self) -> &'static str {
-        match self {
-            Shader::ConcatF16 => "concat_f16",
-            Shader::Conv2dF16 => "conv2d_f16",
-            Shader::ElementwiseF16 => "elementwise_f16",
-            Shader::MatmulF16 => "matmul_f16",
-            Shader::MetricsF16 => "metrics_f16",
-            Shader::ResizeF16 => "resize_f16",
-            Shader::SoftmaxF16 => "softmax_f16",
-            _ => self.file().0,
-        }
+        TWINS.iter().find(|t| t.1 == self).map_or_else(|| self.file().0, |t| t.3)
     }
 
     /// The kernel file it is composed from: (stem under `shaders/`, text).
@@ -107,33 +113,38 @@ impl Shader {
             };
         }
         match self {
-            Shader::BatchNorm => file!("batch_norm"),
+            Shader::BatchNorm | Shader::BatchNormSubgroups => file!("batch_norm"),
             Shader::Concat | Shader::ConcatF16 => file!("concat"),
             Shader::Conv2d | Shader::Conv2dF16 => file!("conv2d"),
             Shader::Dropout => file!("dropout"),
             Shader::Elementwise | Shader::ElementwiseF16 => file!("elementwise"),
-            Shader::Loss => file!("loss"),
+            Shader::Loss | Shader::LossSubgroups => file!("loss"),
             Shader::Matmul | Shader::MatmulF16 => file!("matmul"),
             Shader::Metrics | Shader::MetricsF16 => file!("metrics"),
             Shader::Reduce => file!("reduce"),
             Shader::Resize | Shader::ResizeF16 => file!("resize"),
             Shader::Sgd => file!("sgd"),
-            Shader::Softmax | Shader::SoftmaxF16 => file!("softmax"),
+            Shader::Softmax | Shader::SoftmaxF16 | Shader::SoftmaxSubgroups => file!("softmax"),
         }
     }
 
-    /// The flags its file is composed with (`#if F16`).
+    /// The flags its file is composed with (`#if F16`, `#if SUBGROUPS`).
     pub fn flags(self) -> &'static [&'static str] {
-        if HALF_TWINS.iter().any(|&(_, half)| half == self) {
-            &["F16"]
-        } else {
-            &[]
+        match TWINS.iter().find(|t| t.1 == self) {
+            Some((_, _, "F16", _)) => &["F16"],
+            Some((_, _, "SUBGROUPS", _)) => &["SUBGROUPS"],
+            _ => &[],
         }
     }
 
     /// Whether its pipelines need the adapter's `SHADER_F16`.
     pub fn needs_f16(self) -> bool {
         self.flags().contains(&"F16")
+    }
+
+    /// Whether its pipelines need the adapter's `SUBGROUP`.
+    pub fn needs_subgroups(self) -> bool {
+        self.flags().contains(&"SUBGROUPS")
     }
 
     /// The composed WGSL source, or an error naming the file and line that do not compose.
@@ -209,11 +220,16 @@ impl PipelineCache {
         if let Some(m) = lock(&self.modules).get(&shader) {
             return Ok(Arc::clone(m));
         }
-        if shader.needs_f16() && !device.features().contains(wgpu::Features::SHADER_F16) {
-            return Err(Error::Invalid(format!(
-                "{} stores f16 and needs SHADER_F16, which the device lacks",
-                shader.name()
-            )));
+        for (needed, feature, name) in [
+            (shader.needs_f16(), wgpu::Features::SHADER_F16, "SHADER_F16"),
+            (shader.needs_subgroups(), wgpu::Features::SUBGROUP, "SUBGROUP"),
+        ] {
+            if needed && !device.features().contains(feature) {
+                return Err(Error::Invalid(format!(
+                    "{} needs {name}, which the device lacks",
+                    shader.name()
+                )));
+            }
         }
         let source = shader.source()?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);

@@ -57,11 +57,13 @@ pub fn saved_shape(channels: usize) -> [usize; 2] {
     [channels, 4]
 }
 
-/// The partial-sums entry points of each pass: chunked, tree.
-const STATS_PARTIALS: (Shader, [&str; 2]) =
-    (Shader::BatchNorm, ["bn_stats_partials", "bn_stats_partials_tree"]);
-const BACKWARD_PARTIALS: (Shader, [&str; 2]) =
-    (Shader::BatchNorm, ["bn_backward_partials", "bn_backward_partials_tree"]);
+/// The partial-sums entry points of each pass: chunked, tree, subgroup.
+const STATS_PARTIALS: (Shader, [&str; 3]) =
+    (Shader::BatchNorm, ["bn_stats_partials", "bn_stats_partials_tree", "bn_stats_partials_subgroup"]);
+const BACKWARD_PARTIALS: (Shader, [&str; 3]) = (
+    Shader::BatchNorm,
+    ["bn_backward_partials", "bn_backward_partials_tree", "bn_backward_partials_subgroup"],
+);
 
 /// Chunks per image for `c` channels of `n` images of `hw` samples summed by `summing`.
 fn image_chunks(summing: Summing, n: usize, c: usize, hw: usize) -> usize {

@@ -29,7 +29,7 @@ use std::ops::Range;
 fn chunk_pixels(summing: Summing) -> usize {
     match summing {
         Summing::Chunked => 256,
-        Summing::Tree => 64 * TREE_WORKGROUP,
+        Summing::Tree | Summing::Subgroup => 64 * TREE_WORKGROUP,
     }
 }
 
@@ -229,16 +229,27 @@ impl CrossEntropy<'_> {
         })
     }
 
-    /// The loss's (partial sums: chunked and tree, backward) entry points: one set per
-    /// kind, each reading only the class weights and selection outputs its kind has.
-    fn entries(&self) -> ([&'static str; 2], &'static str) {
+    /// The loss's (partial sums: chunked, tree and subgroup, backward) entry points: one
+    /// set per kind, each reading only the class weights and selection outputs its kind has.
+    fn entries(&self) -> ([&'static str; 3], &'static str) {
         match (self.class_weight.is_some(), self.ohem().is_some()) {
-            (false, false) => (["ce_partials", "ce_partials_tree"], "ce_backward"),
-            (true, false) => (["ce_partials_weighted", "ce_partials_weighted_tree"], "ce_backward_weighted"),
-            (false, true) => (["ce_partials_ohem", "ce_partials_ohem_tree"], "ce_backward_ohem"),
-            (true, true) => {
-                (["ce_partials_weighted_ohem", "ce_partials_weighted_ohem_tree"], "ce_backward_weighted_ohem")
-            }
+            (false, false) => (["ce_partials", "ce_partials_tree", "ce_partials_subgroup"], "ce_backward"),
+            (true, false) => (
+                ["ce_partials_weighted", "ce_partials_weighted_tree", "ce_partials_weighted_subgroup"],
+                "ce_backward_weighted",
+            ),
+            (false, true) => (
+                ["ce_partials_ohem", "ce_partials_ohem_tree", "ce_partials_ohem_subgroup"],
+                "ce_backward_ohem",
+            ),
+            (true, true) => (
+                [
+                    "ce_partials_weighted_ohem",
+                    "ce_partials_weighted_ohem_tree",
+                    "ce_partials_weighted_ohem_subgroup",
+                ],
+                "ce_backward_weighted_ohem",
+            ),
         }
     }
 

@@ -340,11 +340,12 @@ pub fn variants(gpu: &Gpu, tuner: Option<&tuning::Tuner>) -> Vec<KernelVariant> 
         },
         v(
             "subgroups",
-            "not used",
-            format!(
-                "no kernel uses subgroup operations yet; the adapter {} SUBGROUP",
-                has(wgpu::Features::SUBGROUP)
-            ),
+            if gpu.supports_subgroups() {
+                "the reductions' subgroup summing (the tree finished in shuffles) is a tuned variant"
+            } else {
+                "not used: the subgroup summing runs the workgroup tree (the same bits)"
+            },
+            format!("the adapter {} SUBGROUP", has(wgpu::Features::SUBGROUP)),
         ),
     ]
 }

@@ -217,7 +217,7 @@ fn forward_rows(
     let partial_cost = Cost { flops: 4 * n as u64, bytes: f32_bytes(n) };
     let partials = summing.launch(
         gpu,
-        (shader, ["softmax_partials", "softmax_partials_tree"]),
+        (shader, ["softmax_partials", "softmax_partials_tree", "softmax_partials_subgroup"]),
         &p,
         &[Binding::read(1, x), Binding::write(3, &stats)],
         (chunks * axis.rows(), partial_cost),
@@ -300,7 +300,14 @@ fn backward_rows(
     let dot_cost = Cost { flops: 2 * n as u64, bytes: f32_bytes(2 * n) };
     let partials = summing.launch(
         gpu,
-        (Shader::Softmax, ["softmax_backward_partials", "softmax_backward_partials_tree"]),
+        (
+            Shader::Softmax,
+            [
+                "softmax_backward_partials",
+                "softmax_backward_partials_tree",
+                "softmax_backward_partials_subgroup",
+            ],
+        ),
         &p,
         &bindings,
         (chunks * axis.rows(), dot_cost),

@@ -1,5 +1,6 @@
 //! How the reductions sum each chunk of their terms (`shaders/include/trees.wgsl`): an
-//! invocation per chunk summing in order, or a workgroup per chunk meeting in a fixed tree.
+//! invocation per chunk summing in order, or a workgroup per chunk meeting in a fixed tree
+//! (finished in subgroup shuffles where the adapter has `SUBGROUP`, to the same bits).
 //! Batch norm's channel sums, softmax's long rows and the losses' pixel sums each choose
 //! per shape class: a tuned family ([`Sums`]) of their class ([`SumsClass`]).
 
@@ -19,25 +20,34 @@ pub enum Summing {
     /// A workgroup of 64 per chunk: strided sums meeting in a fixed tree through workgroup
     /// memory, the variant for GPUs.
     Tree,
+    /// The same tree, its levels narrower than a subgroup taken in subgroup shuffles instead
+    /// of through workgroup memory and barriers: bit-identical to `Tree`; needs `SUBGROUP`.
+    Subgroup,
 }
 
 /// Invocations of a tree's workgroup (`trees.wgsl`'s `TREE_SIZE`).
 pub(crate) const TREE_WORKGROUP: usize = 64;
 
 impl Summing {
-    pub const ALL: [Summing; 2] = [Summing::Chunked, Summing::Tree];
+    pub const ALL: [Summing; 3] = [Summing::Chunked, Summing::Tree, Summing::Subgroup];
 
     /// The variant's name in the tuning cache, `info` and the bench.
     pub fn name(self) -> &'static str {
         match self {
             Summing::Chunked => "chunked",
             Summing::Tree => "tree",
+            Summing::Subgroup => "subgroup",
         }
     }
 
-    /// The tree needs 64 invocations a workgroup.
+    /// The trees need 64 invocations a workgroup, the subgroup one `SUBGROUP` too.
     pub fn runs_on(self, gpu: &Gpu) -> bool {
-        self == Summing::Chunked || gpu.workgroup_size() as usize >= TREE_WORKGROUP
+        let tree = gpu.workgroup_size() as usize >= TREE_WORKGROUP;
+        match self {
+            Summing::Chunked => true,
+            Summing::Tree => tree,
+            Summing::Subgroup => tree && gpu.supports_subgroups(),
+        }
     }
 
     /// Chunks to split each of `outputs` reductions of `terms` terms into: enough sums,
@@ -45,27 +55,32 @@ impl Summing {
     pub(crate) fn chunks(self, outputs: usize, terms: usize) -> usize {
         match self {
             Summing::Chunked => reduction_chunks(outputs, terms),
-            Summing::Tree => reduction_chunks(outputs * TREE_WORKGROUP, terms.div_ceil(TREE_WORKGROUP)),
+            Summing::Tree | Summing::Subgroup => {
+                reduction_chunks(outputs * TREE_WORKGROUP, terms.div_ceil(TREE_WORKGROUP))
+            }
         }
     }
 
-    /// The partial-sums pass over `count` chunks: `trees.wgsl`'s entry point `chunked`
-    /// or its `tree` twin (`chunked` + `_tree`) by the variant.
+    /// The partial-sums pass over `count` chunks: `trees.wgsl`'s entry point `chunked`, its
+    /// `tree` twin (`chunked` + `_tree`) or its `subgroup` one (`chunked` + `_subgroup`, in
+    /// the module's subgroup twin) by the variant. Without `SUBGROUP`, or for a module
+    /// without a subgroup twin (the f16 softmax), the subgroup variant runs the tree: the
+    /// same bits.
     pub(crate) fn launch<P: ShaderParams>(
         self,
         gpu: &Gpu,
-        (shader, [chunked, tree]): (Shader, [&'static str; 2]),
+        (shader, [chunked, tree, subgroup]): (Shader, [&'static str; 3]),
         params: &P,
         bindings: &[Binding<'_>],
         (count, cost): (usize, Cost),
     ) -> Result<Dispatch> {
-        match self {
-            Summing::Chunked => launch(gpu, shader, chunked, params, bindings, count, cost),
-            Summing::Tree => {
-                let size = TREE_WORKGROUP as u32;
-                launch_sized(gpu, (shader, tree), size, params, bindings, count * TREE_WORKGROUP, cost)
-            }
-        }
+        let entry = match (self, shader.with_subgroups()) {
+            (Summing::Chunked, _) => return launch(gpu, shader, chunked, params, bindings, count, cost),
+            (Summing::Subgroup, Some(twin)) if gpu.supports_subgroups() => (twin, subgroup),
+            _ => (shader, tree),
+        };
+        let size = TREE_WORKGROUP as u32;
+        launch_sized(gpu, entry, size, params, bindings, count * TREE_WORKGROUP, cost)
     }
 }
 
@@ -88,7 +103,11 @@ pub struct Sums<C>(pub Summing, PhantomData<C>);
 impl<C: SumsClass> Tunable for Sums<C> {
     const FAMILY: &'static str = C::FAMILY;
     type Class = C;
-    const ALL: &'static [Self] = &[Sums(Summing::Chunked, PhantomData), Sums(Summing::Tree, PhantomData)];
+    const ALL: &'static [Self] = &[
+        Sums(Summing::Chunked, PhantomData),
+        Sums(Summing::Tree, PhantomData),
+        Sums(Summing::Subgroup, PhantomData),
+    ];
 
     fn name(self) -> &'static str {
         self.0.name()

@@ -83,7 +83,7 @@ fn batch_norm_matches_pytorch_fixtures() {
     for (case, p) in f.cases() {
         let dims: [usize; 4] = p[..].try_into().expect("n c h w");
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        for summing in Summing::ALL {
+        for summing in summings() {
             assert!(summing.runs_on(gpu()), "{summing:?} does not run on the test adapter");
             let layer = Layer::new(g("weight"), g("bias"), g("running_mean"), g("running_var"));
             let r = run(dims, g("x"), &layer, g("grad_out"), summing);
@@ -114,11 +114,11 @@ fn batch_norm_matches_cpu_on_random_shapes() {
             continue;
         }
         // Each summing in turn, the big shapes too.
-        check_random_shape(&mut rng, dims, Summing::ALL[(i / 10 + i) % Summing::ALL.len()]);
+        check_random_shape(&mut rng, dims, summings()[(i / 10 + i) % summings().len()]);
     }
     // Images long enough that the tree splits each into several chunks.
     for dims in [[1, 2, 300, 500], [2, 1, 260, 300]] {
-        for summing in Summing::ALL {
+        for summing in summings() {
             check_random_shape(&mut rng, dims, summing);
         }
     }
@@ -162,4 +162,33 @@ fn check_random_shape(rng: &mut Rng, dims: [usize; 4], summing: Summing) {
     let terms = channel_terms_norm(&gy, dims, |i, g| g * x_hat(i));
     assert_close_to_terms(&what("grad_weight"), &r.ggamma, &ggamma, terms, TOL);
     assert_close_to_terms(&what("grad_bias"), &r.gbeta, &gbeta, channel_terms_norm(&gy, dims, |_, g| g), TOL);
+}
+
+/// Where the adapter has SUBGROUP, the subgroup summing gives the tree's bits: statistics,
+/// outputs, running statistics and every gradient.
+#[test]
+fn subgroup_summing_gives_the_trees_bits() {
+    if !has_subgroup_summing() {
+        return;
+    }
+    let mut rng = Rng::new(seed("batch_norm_subgroup_bits"));
+    let dims = [2, rng.range(1, 20), rng.range(20, 90), rng.range(20, 90)];
+    let c = dims[1];
+    let (x, gy) = (rng.normals(dims.iter().product()), rng.normals(dims.iter().product()));
+    let (gamma, beta, mean) = (rng.normals(c), rng.normals(c), rng.normals(c));
+    let var: Vec<f32> = rng.normals(c).iter().map(|v| 0.5 + v.abs()).collect();
+    let layer = || Layer::new(&gamma, &beta, &mean, &var);
+    let (tree, subgroup) =
+        (run(dims, &x, &layer(), &gy, Summing::Tree), run(dims, &x, &layer(), &gy, Summing::Subgroup));
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for (what, a, b) in [
+        ("out", &tree.y, &subgroup.y),
+        ("running mean", &tree.running_mean, &subgroup.running_mean),
+        ("running var", &tree.running_var, &subgroup.running_var),
+        ("grad x", &tree.gx, &subgroup.gx),
+        ("grad gamma", &tree.ggamma, &subgroup.ggamma),
+        ("grad beta", &tree.gbeta, &subgroup.gbeta),
+    ] {
+        assert!(bits(a) == bits(b), "{dims:?} {what}: the subgroup summing differs from the tree's");
+    }
 }

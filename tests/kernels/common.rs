@@ -552,3 +552,22 @@ pub fn assert_rounded_to_half(what: &str, got: &[f32], want: &[f32], slack: f32)
         );
     }
 }
+
+/// The reductions' summings the test adapter runs: the chunked sums and the tree always
+/// (every test adapter allows 64 invocations a workgroup), the subgroup tree where it has
+/// SUBGROUP.
+pub fn summings() -> Vec<hrnet_ocr::kernels::sums::Summing> {
+    use hrnet_ocr::kernels::sums::Summing;
+    assert!(Summing::Tree.runs_on(gpu()), "the tree does not run on {}", gpu().describe());
+    Summing::ALL.into_iter().filter(|s| s.runs_on(gpu())).collect()
+}
+
+/// Whether the test adapter runs the subgroup summing; says so when it does not (it then
+/// runs the tree itself, which every test of the tree covers).
+pub fn has_subgroup_summing() -> bool {
+    let has = summings().contains(&hrnet_ocr::kernels::sums::Summing::Subgroup);
+    if !has {
+        eprintln!("{}: no SUBGROUP, the subgroup summing runs the tree itself", gpu().describe());
+    }
+    has
+}

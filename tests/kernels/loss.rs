@@ -100,7 +100,7 @@ fn cross_entropy_matches_pytorch_fixtures() {
         let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
         let g = |t: &str| format!("{case}.{t}");
         let weight = (p[4] == 1.0).then(|| f.get(&g("weight")));
-        for summing in Summing::ALL {
+        for summing in summings() {
             let (logits, labels) = (f.get(&g("logits")), f.labels(&g("label")));
             let got = run(dims, logits, labels, weight, (Reduction::Mean, summing), 1.0);
             check(
@@ -121,7 +121,7 @@ fn ohem_matches_pytorch_fixtures() {
         let g = |t: &str| format!("{case}.{t}");
         let weight = (p[6] == 1.0).then(|| f.get(&g("weight")));
         let labels = f.labels(&g("label"));
-        for summing in Summing::ALL {
+        for summing in summings() {
             let (l, grad) =
                 run(dims, f.get(&g("logits")), labels, weight, (Reduction::Ohem(ohem), summing), 1.0);
             // The kept set is exactly PyTorch's: the gradient is non-zero at kept pixels only.
@@ -172,7 +172,7 @@ fn losses_match_cpu_on_random_shapes() {
         }
         compared_ohem += usize::from(is_ohem);
         // Each summing in turn, with each reduction (i / 3 alternates them).
-        let summing = Summing::ALL[(i / 3) % 2];
+        let summing = summings()[(i / 3) % summings().len()];
         check_random(dims, (&logits, &labels), weight.as_deref(), (reduction, summing), [1.0, 0.4][i % 2]);
     }
     assert!(
@@ -183,15 +183,8 @@ fn losses_match_cpu_on_random_shapes() {
     // OHEM's threshold above every probability keeps every valid pixel, a clear boundary.
     let all_kept = Reduction::Ohem(Ohem { thresh: 1.5, min_kept: 0 });
     for reduction in [Reduction::Mean, Reduction::AllPixels, all_kept] {
-        for summing in Summing::ALL {
-            // An odd width: no image is a whole number of chunks.
-            let dims = [2, rng.range(2, 5), rng.range(90, 110), 2 * rng.range(60, 70) + 1];
-            let [n, k, h, w] = dims;
-            let logits: Vec<f32> = rng.normals(n * k * h * w).iter().map(|v| 3.0 * v).collect();
-            let labels: Vec<u32> = (0..n * h * w)
-                .map(|_| if rng.uniform() < 0.2 { IGNORE } else { rng.range(0, k - 1) as u32 })
-                .collect();
-            let weight: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform() as f32).collect();
+        for summing in summings() {
+            let (dims, logits, labels, weight) = several_tree_chunks(&mut rng);
             check_random(dims, (&logits, &labels), Some(&weight), (reduction, summing), 0.7);
         }
     }
@@ -242,7 +235,7 @@ fn all_ignored_gives_zero_loss_and_gradient() {
     for reduction in
         [Reduction::Mean, Reduction::AllPixels, Reduction::Ohem(Ohem { thresh: 0.7, min_kept: 10 })]
     {
-        for summing in Summing::ALL {
+        for summing in summings() {
             let (l, grad) = run(dims, &logits, &labels, None, (reduction, summing), 1.0);
             assert_eq!(l, 0.0, "{reduction:?} {summing:?}");
             assert!(grad.iter().all(|&g| g == 0.0), "{reduction:?} {summing:?}: non-zero gradient");
@@ -254,4 +247,38 @@ fn all_ignored_gives_zero_loss_and_gradient() {
 fn out_of_range_labels_are_refused_on_the_host() {
     let e = check_labels(&[0, 3, 19, 255], 19, IGNORE).unwrap_err().to_string();
     assert!(e.contains("label 19") && e.contains("pixel 2"), "{e}");
+}
+
+/// Where the adapter has SUBGROUP, the subgroup summing gives the tree's bits: the loss
+/// and its gradient, plain and weighted, over images the tree sums in several chunks.
+#[test]
+fn subgroup_summing_gives_the_trees_bits() {
+    if !has_subgroup_summing() {
+        return;
+    }
+    let (dims, logits, labels, weight) = several_tree_chunks(&mut Rng::new(seed("loss_subgroup_bits")));
+    for (reduction, weight) in [(Reduction::Mean, None), (Reduction::AllPixels, Some(&weight[..]))] {
+        let tree = run(dims, &logits, &labels, weight, (reduction, Summing::Tree), 0.7);
+        let subgroup = run(dims, &logits, &labels, weight, (reduction, Summing::Subgroup), 0.7);
+        assert_eq!(
+            tree.0.to_bits(),
+            subgroup.0.to_bits(),
+            "{reduction:?}: the subgroup loss differs from the tree's"
+        );
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&tree.1) == bits(&subgroup.1), "{reduction:?}: the subgroup gradient differs");
+    }
+}
+
+/// Random logits, labels (a fifth ignored) and class weights of images the tree sums in
+/// several chunks: an odd width, so no image is a whole number of chunks.
+fn several_tree_chunks(rng: &mut Rng) -> ([usize; 4], Vec<f32>, Vec<u32>, Vec<f32>) {
+    let dims = [2, rng.range(2, 5), rng.range(90, 110), 2 * rng.range(60, 70) + 1];
+    let [n, k, h, w] = dims;
+    let logits: Vec<f32> = rng.normals(n * k * h * w).iter().map(|v| 3.0 * v).collect();
+    let labels: Vec<u32> = (0..n * h * w)
+        .map(|_| if rng.uniform() < 0.2 { IGNORE } else { rng.range(0, k - 1) as u32 })
+        .collect();
+    let weight: Vec<f32> = (0..k).map(|_| 0.5 + rng.uniform() as f32).collect();
+    (dims, logits, labels, weight)
 }

@@ -22,7 +22,7 @@ fn softmax_matches_pytorch_fixtures() {
     for (case, p) in f.cases_with("case") {
         let axis = Axis { outer: p[0] as usize, len: p[1] as usize, inner: p[2] as usize };
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        for summing in Summing::ALL {
+        for summing in summings() {
             let (y, gx) = run(g("x"), g("grad_out"), axis, p[3] as f32, summing);
             assert_close(&format!("{case} {axis:?} {summing:?} out"), &y, g("out"), TOL);
             assert_close(&format!("{case} {axis:?} {summing:?} grad_x"), &gx, g("grad_x"), TOL);
@@ -41,12 +41,12 @@ fn softmax_matches_cpu_on_random_shapes_both_axes() {
             Axis { outer: rng.range(1, 4), len: rng.range(200, 9000), inner: rng.range(1, 2) }
         };
         // Each summing in turn over the long rows (i / 2 alternates them).
-        check_random_axis(&mut rng, axis, [1.0, 0.0625, 2.5][i % 3], Summing::ALL[(i / 2) % 2]);
+        check_random_axis(&mut rng, axis, [1.0, 0.0625, 2.5][i % 3], summings()[(i / 2) % summings().len()]);
     }
     // Rows long enough that the tree too splits them: 2 chunks a row (the second shorter)
     // along a middle axis, and 4 chunks a row.
     for axis in [Axis { outer: 1, len: 70_001, inner: 3 }, Axis { outer: 2, len: 200_000, inner: 1 }] {
-        for summing in Summing::ALL {
+        for summing in summings() {
             check_random_axis(&mut rng, axis, 0.5, summing);
         }
     }
@@ -76,7 +76,7 @@ fn check_random_axis(rng: &mut Rng, axis: Axis, scale: f32, summing: Summing) {
 fn softmax_is_stable_for_huge_inputs() {
     let mut rng = Rng::new(seed("softmax_is_stable_for_huge_inputs"));
     for axis in [Axis { outer: 3, len: 19, inner: 7 }, Axis { outer: 2, len: 131_072, inner: 1 }] {
-        for summing in Summing::ALL {
+        for summing in summings() {
             let n = axis.outer * axis.len * axis.inner;
             let x: Vec<f32> =
                 (0..n).map(|_| if rng.coin() { 1e4 } else { -1e4 } * rng.uniform() as f32).collect();
@@ -91,5 +91,27 @@ fn softmax_is_stable_for_huge_inputs() {
             let worst = gx.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
             assert!(worst <= bound, "{what}: gradient off by {worst:e}, bound {bound:e}");
         }
+    }
+}
+
+/// The subgroup summing is the tree finished in subgroup shuffles: where the adapter has
+/// SUBGROUP its results must be the tree's to the bit, forward and backward, on rows the
+/// tree splits and on rows it does not.
+#[test]
+fn subgroup_summing_gives_the_trees_bits() {
+    if !has_subgroup_summing() {
+        return;
+    }
+    let mut rng = Rng::new(seed("softmax_subgroup_bits"));
+    for axis in
+        [Axis { outer: 3, len: rng.range(300, 9000), inner: 2 }, Axis { outer: 1, len: 150_001, inner: 1 }]
+    {
+        let n = axis.outer * axis.len * axis.inner;
+        let (x, gy) = (rng.normals(n), rng.normals(n));
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let (tree, subgroup) =
+            (run(&x, &gy, axis, 1.5, Summing::Tree), run(&x, &gy, axis, 1.5, Summing::Subgroup));
+        assert!(bits(tree.0) == bits(subgroup.0), "{axis:?}: the subgroup softmax differs from the tree's");
+        assert!(bits(tree.1) == bits(subgroup.1), "{axis:?}: the subgroup gradient differs from the tree's");
     }
 }
