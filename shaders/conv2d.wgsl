@@ -315,8 +315,18 @@ struct ForwardStage {
 fn load_forward(s: ForwardStage, k: u32) -> SlicePair {
     var w = vec4<f32>(0.0);
     if s.tile < s.co_tiles { w = packed(k * s.co_tiles + s.tile); }
+    if is_pointwise() {
+        // A plain GEMM: input pixel = output pixel, no tap to work out, nothing outside.
+        let at = vec4<u32>(s.image + k * p.h * p.w) + min(s.q_in, vec4<u32>(p.h * p.w - 1u));
+        return SlicePair(w, vec4<f32>(vec4<Act>(x[at.x], x[at.y], x[at.z], x[at.w])));
+    }
     let tap = k / p.ci;
     return SlicePair(w, gather_x(tap_source(s.q_in, tap / p.kw, tap % p.kw, s.image), (k % p.ci) * p.h * p.w));
+}
+
+// A 1x1 convolution with stride 1 and no padding (uniform: from the parameters).
+fn is_pointwise() -> bool {
+    return p.kh * p.kw == 1u && p.stride_h * p.stride_w == 1u && p.pad_h + p.pad_w == 0u;
 }
 
 // The weight as vec4s of 4 channels of one axis, channels past the last zero:

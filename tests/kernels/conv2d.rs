@@ -300,3 +300,63 @@ fn conv2d_f16_inference_matches_cpu_reference() {
         assert!(err.contains("input") && err.contains("F16"), "{err}");
     }
 }
+
+/// 1x1 convolutions with stride 1 and no padding, which the workgroup-memory forward runs
+/// as a plain GEMM (no taps): every forward variant against the CPU reference, at f32 and,
+/// where the adapter has SHADER_F16, at f16 (the reference rounded to halves).
+#[test]
+fn pointwise_convolutions_match_cpu_reference() {
+    let gpu = gpu();
+    let mut rng = Rng::new(seed("pointwise_convolutions"));
+    for i in 0..8 {
+        let spec =
+            Conv2dSpec { stride: [1, 1], padding: [0, 0], dilation: [rng.range(1, 2), rng.range(1, 2)] };
+        let (h, w) = (rng.range(1, 40), rng.range(1, 40));
+        let d = ConvDims {
+            n: rng.range(1, 3),
+            ci: rng.range(1, 70),
+            h,
+            w,
+            co: rng.range(1, 70),
+            kh: 1,
+            kw: 1,
+            spec,
+        };
+        let x: Vec<f32> =
+            rng.normals(d.x_shape().iter().product()).iter().map(|&v| round_to_half(v)).collect();
+        let wt: Vec<f32> =
+            rng.normals(d.w_shape().iter().product()).iter().map(|&v| round_to_half(v)).collect();
+        let want = d.forward(&x, &wt, None);
+        let weight = upload(&d.w_shape(), &wt);
+        for variant in ConvForward::ALL.iter().copied().filter(|v| v.runs_on(gpu)) {
+            let (xt, y) = (upload(&d.x_shape(), &x), poisoned(&d.y_shape()));
+            let run = conv2d::forward_with(
+                gpu,
+                &d.spec,
+                &xt,
+                &weight,
+                &Default::default(),
+                Precision::F32,
+                variant,
+                &y,
+            );
+            gpu.run(&run.unwrap().into_vec()).unwrap();
+            assert_close(&format!("{} {d:?}", variant.name()), &download(&y), &want, TOL);
+            if gpu.supports_f16() && i % 2 == 0 {
+                let (xt, y) = (upload_half(&d.x_shape(), &x), poisoned_half(&d.y_shape()));
+                let run = conv2d::forward_with(
+                    gpu,
+                    &d.spec,
+                    &xt,
+                    &weight,
+                    &Default::default(),
+                    Precision::F16,
+                    variant,
+                    &y,
+                );
+                gpu.run(&run.unwrap().into_vec()).unwrap();
+                assert_rounded_to_half(&format!("f16 {} {d:?}", variant.name()), &download(&y), &want, 1e-5);
+            }
+        }
+    }
+}
