@@ -19,7 +19,7 @@
 
 use super::conv2d::Precision;
 use crate::error::{Error, Result};
-use crate::gpu::{Dispatch, Gpu, Shader};
+use crate::gpu::{Dispatch, Gpu, Shader, INCLUDES};
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -550,10 +550,14 @@ pub fn time_dispatches(gpu: &Gpu, dispatches: &[Dispatch]) -> Result<f64> {
 /// driver update or any change to the tuned kernels' shaders re-measures.
 fn identity(gpu: &Gpu) -> String {
     let i = gpu.info();
-    // FNV-1a over the tuned families' shader sources: a fingerprint of the kernels.
-    let kernels = [Shader::Conv2d, Shader::Matmul, Shader::BatchNorm, Shader::Softmax, Shader::Loss]
+    // FNV-1a over the tuned families' files as written (every flag's code, the f16 and
+    // subgroup twins' too) and the pieces they include: a fingerprint of the kernels.
+    let files = [Shader::Conv2d, Shader::Matmul, Shader::BatchNorm, Shader::Softmax, Shader::Loss];
+    let kernels = files
         .iter()
-        .flat_map(|s| s.source().unwrap_or_default().into_bytes())
+        .map(|s| s.file().1)
+        .chain(INCLUDES.iter().map(|&(_, text)| text))
+        .flat_map(str::bytes)
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     format!("{}|{:?}|{}|{}|{kernels:016x}", i.name, i.backend, i.driver, i.driver_info)
         .replace(['\t', '\n'], " ")
