@@ -12,6 +12,7 @@ use hrnet_ocr::kernels::dropout::Dropout2d;
 use hrnet_ocr::kernels::ocr::AttentionGrads;
 use hrnet_ocr::kernels::tuning::{ConvForward, Tunable};
 use hrnet_ocr::kernels::{concat, elementwise, metrics, ocr, resize};
+use hrnet_ocr::tensor::DType;
 use hrnet_ocr::{Gpu, GpuOptions, Tensor};
 use std::sync::OnceLock;
 
@@ -38,20 +39,26 @@ enum Init {
     Poison,
 }
 
-/// The outputs of `record` over `inputs` into `outputs` on one device, and how many
-/// dispatches it recorded.
+/// The outputs of `record` over `inputs` into `outputs`, tensors of `dtype` (f32, or f16
+/// for half-precision inference), on one device, and how many dispatches it recorded.
 fn run_on(
     gpu: &Gpu,
+    dtype: DType,
     inputs: &[(&[usize], &[f32])],
     outputs: &[(&[usize], &Init)],
     record: &Record<'_>,
 ) -> (Vec<Vec<f32>>, usize) {
-    let ins: Vec<Tensor> = inputs.iter().map(|(s, d)| Tensor::from_slice(gpu, s, d).unwrap()).collect();
+    let tensor = |shape: &[usize], data: &[f32]| {
+        let t = Tensor::empty_of(gpu, shape, dtype).unwrap();
+        t.write(gpu, data).unwrap();
+        t
+    };
+    let ins: Vec<Tensor> = inputs.iter().map(|(s, d)| tensor(s, d)).collect();
     let outs: Vec<Tensor> = outputs
         .iter()
         .map(|(s, init)| match init {
-            Init::Data(d) => Tensor::from_slice(gpu, s, d).unwrap(),
-            Init::Poison => Tensor::full(gpu, s, f32::NAN).unwrap(),
+            Init::Data(d) => tensor(s, d),
+            Init::Poison => tensor(s, &vec![f32::NAN; numel(s)]),
         })
         .collect();
     let d = record(gpu, &ins, &outs);
@@ -67,8 +74,19 @@ fn both(
     outputs: &[(&[usize], &Init)],
     record: &Record<'_>,
 ) -> [Vec<Vec<f32>>; 2] {
-    let (wide, whole) = run_on(gpu(), inputs, outputs, record);
-    let (narrow, split) = run_on(narrow(), inputs, outputs, record);
+    both_at(DType::F32, what, inputs, outputs, record)
+}
+
+/// [`both`] over tensors of `dtype`.
+fn both_at(
+    dtype: DType,
+    what: &str,
+    inputs: &[(&[usize], &[f32])],
+    outputs: &[(&[usize], &Init)],
+    record: &Record<'_>,
+) -> [Vec<Vec<f32>>; 2] {
+    let (wide, whole) = run_on(gpu(), dtype, inputs, outputs, record);
+    let (narrow, split) = run_on(narrow(), dtype, inputs, outputs, record);
     assert!(split > whole, "{what}: {split} dispatches on the narrow device, {whole} unsplit");
     [wide, narrow]
 }
@@ -611,5 +629,54 @@ fn cross_entropy_runs_in_class_slabs_bit_identically() {
         assert!(split > whole, "{what}: {split} dispatches on the narrow device, {whole} unsplit");
         assert!(wide[0][0].is_finite() && wide[0][0] > 0.0, "{what}: loss {}", wide[0][0]);
         assert_same_bits(&what, &[wide, narrow_out]);
+    }
+}
+
+/// Half-precision inference beyond a binding: f16 tensors (half the bytes, so the slab and
+/// chunk cuts and their alignment are worked out in 2-byte elements) cut into flat chunks
+/// and channel slabs must give the unsplit launch's bits; a convolution over input slabs
+/// keeps its partial sums in its f16 output between slabs, so it differs from the unsplit
+/// one by a half's rounding per slab, no more.
+#[test]
+fn f16_inference_runs_in_slabs_bit_identically() {
+    if !gpu().supports_f16() {
+        eprintln!("{}: no SHADER_F16, no f16 inference to split", gpu().describe());
+        return;
+    }
+    let mut rng = Rng::new(seed("f16_inference_runs_in_slabs"));
+    // 48 KiB at f16 (24 KiB an item): beyond the 16 KiB binding whole and per item.
+    let x = [2, 96, 16, 16];
+    let (a, b) = (rng.normals(numel(&x)), rng.normals(numel(&x)));
+    let (small, cat) = ([2, 48, 8, 8], [2, 96, 16, 16]);
+    let s = rng.normals(numel(&small));
+    let (w, co) = (rng.normals(40 * 96), 40);
+    let y = [2, co, 16, 16];
+    let res = rng.normals(numel(&y));
+    let poison = Init::Poison;
+    let ins: [(&[usize], &[f32]); 4] = [(&x, &a), (&x, &b), (&small, &s), (&y, &res)];
+    let outs: [(&[usize], &Init); 4] = [(&x, &poison), (&cat, &poison), (&y, &poison), (&x, &poison)];
+    for variant in ConvForward::ALL.iter().copied().filter(|v| v.runs_on(narrow())) {
+        let r = both_at(DType::F16, "f16 inference", &ins, &outs, &|g, i, o| {
+            let epilogue = Epilogue { residual: Some(&i[3]), relu: true, ..Default::default() };
+            let (spec, weight) =
+                (Conv2dSpec::square(1, 0, 1), Tensor::from_slice(g, &[co, 96, 1, 1], &w).unwrap());
+            [
+                elementwise::add_relu_forward(g, &i[0], &i[1], &o[0]).unwrap(),
+                concat::copy_channels(g, (&i[0], 0), (&o[1], 0), 48, false).unwrap(),
+                resize::forward(g, &i[2], &o[1], 48, false).unwrap(),
+                conv2d::forward_with(g, &spec, &i[0], &weight, &epilogue, Precision::F16, variant, &o[2])
+                    .unwrap()
+                    .into_vec(),
+                concat::copy_channels(g, (&i[1], 0), (&o[3], 0), 96, false).unwrap(),
+            ]
+            .concat()
+        });
+        let [mut wide, mut narrow] = r;
+        let (conv_wide, conv_narrow) = (wide.remove(2), narrow.remove(2));
+        assert_same_bits("f16 add-relu, resize into a concat, copies", &[wide, narrow]);
+        let what = format!("f16 1x1 conv in input slabs ({})", variant.name());
+        assert!(conv_narrow.iter().all(|v| v.is_finite()), "{what}: unwritten or overflowed");
+        let err = rel_l2(&conv_narrow, &conv_wide);
+        assert!(err < 2e-3, "{what}: {err:.2e} from the unsplit conv, more than a half's rounding");
     }
 }

@@ -35,7 +35,8 @@ pub struct InferArgs {
     /// Run layer by layer and stop at the first NaN or infinity, naming the input, weight or layer (slow)
     #[arg(long)]
     check_numerics: bool,
-    /// Convolution weights at f32, or f16 (needs the adapter's SHADER_F16; falls back to f32)
+    /// Inference at f32, or f16: activations and convolution weights stored at half, sums f32
+    /// (needs the adapter's SHADER_F16; falls back to f32)
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
 }
