@@ -1,7 +1,10 @@
-// Bilinear resize of NCHW maps to an explicit output size, align_corners true or false
-// (PyTorch's source-index rules). The output may be a channel slice of a wider tensor, so
-// HRNet's final concat is written in place by the resizes. The backward is a gather over
-// the output pixels that read each input pixel: deterministic, no atomics.
+// Resampling of NCHW maps to an explicit output size: bilinear resize, align_corners true
+// or false (PyTorch's source-index rules), and adaptive average pooling (PyTorch's
+// AdaptiveAvgPool2d: output cell i of a side covers inputs floor(i * in / out) up to
+// ceil((i + 1) * in / out), so cells overlap when out does not divide in; PPM's pyramid
+// and ASPP's image pooling). The output may be a channel slice of a wider tensor, so
+// HRNet's final concat is written in place by the resizes. The backwards are gathers over
+// the outputs that read each input pixel: deterministic, no atomics.
 
 #if F16
 enable f16;
@@ -72,6 +75,13 @@ fn weight(o: u32, i: u32, len_in: u32, len_out: u32) -> f32 {
     return select(0.0, 1.0 - k.t, k.i0 == i) + select(0.0, k.t, k.i1 == i);
 }
 
+// Pixel idx of a launch over maps of width w and height h: its column, row and (n, c) plane.
+struct Pixel { x: u32, y: u32, plane: u32 }
+
+fn pixel(idx: u32, w: u32, h: u32) -> Pixel {
+    return Pixel(idx % w, (idx / w) % h, idx / (w * h));
+}
+
 fn out_plane(n: u32, ch: u32) -> u32 {
     return ((n * p.out_channels + p.out_offset + ch) * p.ho) * p.wo;
 }
@@ -81,35 +91,77 @@ fn resize_forward(@builtin(global_invocation_id) gid: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = linear_index(gid, nwg);
     if idx >= p.n * p.c * p.ho * p.wo { return; }
-    let ox = idx % p.wo;
-    let oy = (idx / p.wo) % p.ho;
-    let nc = idx / (p.wo * p.ho);
-    let ky = taps(oy, p.h, p.ho);
-    let kx = taps(ox, p.w, p.wo);
-    let plane = nc * p.h * p.w;
+    let o = pixel(idx, p.wo, p.ho);
+    let ky = taps(o.y, p.h, p.ho);
+    let kx = taps(o.x, p.w, p.wo);
+    let plane = o.plane * p.h * p.w;
     let top = mix(f32(x[plane + ky.i0 * p.w + kx.i0]), f32(x[plane + ky.i0 * p.w + kx.i1]), kx.t);
     let bottom = mix(f32(x[plane + ky.i1 * p.w + kx.i0]), f32(x[plane + ky.i1 * p.w + kx.i1]), kx.t);
-    y[out_plane(nc / p.c, nc % p.c) + oy * p.wo + ox] = Act(mix(top, bottom, ky.t));
+    y[out_plane(o.plane / p.c, o.plane % p.c) + o.y * p.wo + o.x] = Act(mix(top, bottom, ky.t));
 }
 
+// The backward of a separable resampling as a gather: input pixel (iy, ix) sums
+// WEIGHT(oy, iy) * WEIGHT(ox, ix) * grad_y over the outputs RANGE says may read it.
+#template gather_backward(ENTRY, RANGE, WEIGHT)
 @compute @workgroup_size(WG)
-fn resize_backward(@builtin(global_invocation_id) gid: vec3<u32>,
-                   @builtin(num_workgroups) nwg: vec3<u32>) {
+fn ${ENTRY}(@builtin(global_invocation_id) gid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = linear_index(gid, nwg);
     if idx >= p.n * p.c * p.h * p.w { return; }
-    let ix = idx % p.w;
-    let iy = (idx / p.w) % p.h;
-    let nc = idx / (p.w * p.h);
-    let plane = out_plane(nc / p.c, nc % p.c);
-    let rows = readers(iy, p.h, p.ho);
-    let cols = readers(ix, p.w, p.wo);
+    let i = pixel(idx, p.w, p.h);
+    let plane = out_plane(i.plane / p.c, i.plane % p.c);
+    let rows = ${RANGE}(i.y, p.h, p.ho);
+    let cols = ${RANGE}(i.x, p.w, p.wo);
     var sum = 0.0;
     for (var oy = rows.x; oy < rows.y; oy++) {
-        let wy = weight(oy, iy, p.h, p.ho);
+        let wy = ${WEIGHT}(oy, i.y, p.h, p.ho);
         if wy == 0.0 { continue; }
         for (var ox = cols.x; ox < cols.y; ox++) {
-            sum += wy * weight(ox, ix, p.w, p.wo) * grad_y[plane + oy * p.wo + ox];
+            sum += wy * ${WEIGHT}(ox, i.x, p.w, p.wo) * grad_y[plane + oy * p.wo + ox];
         }
     }
     grad_x[idx] = select(0.0, grad_x[idx], (p.flags & ACCUMULATE) != 0u) + sum;
 }
+#end
+
+#stamp gather_backward(resize_backward, readers, weight)
+
+// The inputs [start, end) output cell i of a side of `len_out` cells covers.
+fn cell(i: u32, len_in: u32, len_out: u32) -> vec2<u32> {
+    return vec2<u32>((i * len_in) / len_out, ((i + 1u) * len_in + len_out - 1u) / len_out);
+}
+
+// The output cells [first, last) whose range holds input index `j`: cell i starts at or
+// before j exactly when i < (j + 1) * out / in, and ends after j exactly when
+// i >= floor(j * out / in).
+fn cells_over(j: u32, len_in: u32, len_out: u32) -> vec2<u32> {
+    return vec2<u32>((j * len_out) / len_in, min(((j + 1u) * len_out + len_in - 1u) / len_in, len_out));
+}
+
+@compute @workgroup_size(WG)
+fn adaptive_avg_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = linear_index(gid, nwg);
+    if idx >= p.n * p.c * p.ho * p.wo { return; }
+    let o = pixel(idx, p.wo, p.ho);
+    let plane = o.plane * p.h * p.w;
+    let rows = cell(o.y, p.h, p.ho);
+    let cols = cell(o.x, p.w, p.wo);
+    var sum = 0.0;
+    for (var iy = rows.x; iy < rows.y; iy++) {
+        for (var ix = cols.x; ix < cols.y; ix++) {
+            sum += f32(x[plane + iy * p.w + ix]);
+        }
+    }
+    let area = f32((rows.y - rows.x) * (cols.y - cols.x));
+    y[out_plane(o.plane / p.c, o.plane % p.c) + o.y * p.wo + o.x] = Act(sum / area);
+}
+
+// The share of output cell o that each input it covers gets (`cells_over` gives only the
+// cells that cover input i).
+fn cell_weight(o: u32, i: u32, len_in: u32, len_out: u32) -> f32 {
+    let c = cell(o, len_in, len_out);
+    return 1.0 / f32(c.y - c.x);
+}
+
+#stamp gather_backward(adaptive_avg_pool_backward, cells_over, cell_weight)

@@ -358,6 +358,15 @@ fn ocr_head(s: &mut Suite) -> Result<()> {
         s.add("concat", "copy_channels", "18x64x128 into 270 channels", copy, true);
     }
 
+    // PPM's finest pyramid level over the backbone's concat: 270 channels 64x128 -> 6x6.
+    if s.wants(&["adaptive_avg_pool"]) {
+        let (x, cells, gx) = (s.t(&[1, 270, 64, 128], 5)?, s.e(&[1, 270, 6, 6])?, s.e(&[1, 270, 64, 128])?);
+        let pid = "270x64x128 -> 6x6";
+        s.add("adaptive_avg_pool", "forward", pid, resize::adaptive_avg_pool(gpu, &x, &cells, 0)?, true);
+        let backward = resize::adaptive_avg_pool_backward(gpu, &cells, 0, &gx, false)?;
+        s.add("adaptive_avg_pool", "backward", pid, backward, true);
+    }
+
     let (logits, probs, gp) = (s.t(&[1, k, h, w], 3)?, s.e(&[1, k, h, w])?, s.e(&[1, k, h, w])?);
     if s.wants(&["softmax"]) {
         let regions = Axis { outer: h * w, len: k, inner: 1 };

@@ -1,4 +1,6 @@
-//! Bilinear resize to an explicit size, align_corners true or false (`resize.wgsl`).
+//! Resampling to an explicit size (`resize.wgsl`): bilinear resize, align_corners true or
+//! false, and adaptive average pooling (PyTorch's `AdaptiveAvgPool2d`: PPM's pyramid and
+//! ASPP's image pooling).
 
 use super::slabs::{self, Cut};
 use super::{f32_bytes, launch, to_u32};
@@ -24,14 +26,21 @@ crate::gpu::shader_params! {
 
 const ACCUMULATE: u32 = 1;
 
-/// Where a resize writes: `channel_offset..channel_offset + C` of a tensor whose shape is
-/// `[N, out_channels, Ho, Wo]` (the whole tensor when the channel counts agree).
-fn params(x_shape: [usize; 4], out: &Tensor, channel_offset: usize, align_corners: bool) -> Result<Params> {
+/// Where a resize or pooling writes: `channel_offset..channel_offset + C` of a tensor whose
+/// shape is `[N, out_channels, Ho, Wo]` (the whole tensor when the channel counts agree);
+/// errors name `what` (e.g. `resize output`).
+fn params(
+    what: &str,
+    x_shape: [usize; 4],
+    out: &Tensor,
+    channel_offset: usize,
+    align_corners: bool,
+) -> Result<Params> {
     let [n, c, h, w] = x_shape;
-    let [on, oc, ho, wo] = out.dims4("resize output")?;
+    let [on, oc, ho, wo] = out.dims4(what)?;
     if on != n || channel_offset + c > oc {
         return Err(Error::Shape {
-            what: format!("resize output (channels {channel_offset}..{} of it)", channel_offset + c),
+            what: format!("{what} (channels {channel_offset}..{} of it)", channel_offset + c),
             expected: format!("[{n}, >= {}, Ho, Wo]", channel_offset + c),
             actual: format!("{:?}", out.shape()),
         });
@@ -60,8 +69,8 @@ pub fn forward(
     channel_offset: usize,
     align_corners: bool,
 ) -> Result<Vec<Dispatch>> {
-    per_slab(gpu, x, (y, channel_offset), |x, y, offset| {
-        let p = params(x.dims4("resize input")?, y, offset, align_corners)?;
+    per_slab(gpu, "resize", x, (y, channel_offset), |x, y, offset| {
+        let p = params("resize output", x.dims4("resize input")?, y, offset, align_corners)?;
         let out = (p.n * p.c * p.ho * p.wo) as usize;
         let cost = Cost { flops: 6 * out as u64, bytes: (x.numel() + out) as u64 * y.dtype().size() };
         let bindings = [Binding::read(1, x), Binding::write(2, y)];
@@ -78,8 +87,14 @@ pub fn backward(
     align_corners: bool,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    per_slab(gpu, grad_x, (grad_y, channel_offset), |grad_x, grad_y, offset| {
-        let mut p = params(grad_x.dims4("resize input gradient")?, grad_y, offset, align_corners)?;
+    per_slab(gpu, "resize", grad_x, (grad_y, channel_offset), |grad_x, grad_y, offset| {
+        let mut p = params(
+            "resize output gradient",
+            grad_x.dims4("resize input gradient")?,
+            grad_y,
+            offset,
+            align_corners,
+        )?;
         p.flags = if accumulate { ACCUMULATE } else { 0 };
         let out = (p.n * p.c * p.ho * p.wo) as usize;
         let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(grad_x.numel() + out) };
@@ -88,22 +103,68 @@ pub fn backward(
     })
 }
 
+/// `y[:, offset..offset + C] = AdaptiveAvgPool2d(y's height and width)(x)`: each output cell
+/// the mean of the inputs it covers.
+pub fn adaptive_avg_pool(gpu: &Gpu, x: &Tensor, y: &Tensor, channel_offset: usize) -> Result<Vec<Dispatch>> {
+    per_slab(gpu, "adaptive pooling", x, (y, channel_offset), |x, y, offset| {
+        let p = params("adaptive pooling output", x.dims4("adaptive pooling input")?, y, offset, false)?;
+        let cost = Cost { flops: x.numel() as u64, bytes: (x.numel() + y.numel()) as u64 * y.dtype().size() };
+        let bindings = [Binding::read(1, x), Binding::write(2, y)];
+        let cells = (p.n * p.c * p.ho * p.wo) as usize;
+        launch(
+            gpu,
+            Shader::Resize.storing(y.dtype())?,
+            "adaptive_avg_pool_forward",
+            &p,
+            &bindings,
+            cells,
+            cost,
+        )
+    })
+}
+
+/// `grad_x (+)= the backward of [adaptive_avg_pool] from grad_y[:, offset..offset + C]`, a
+/// gather per input pixel over the cells that cover it.
+pub fn adaptive_avg_pool_backward(
+    gpu: &Gpu,
+    grad_y: &Tensor,
+    channel_offset: usize,
+    grad_x: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    per_slab(gpu, "adaptive pooling", grad_x, (grad_y, channel_offset), |grad_x, grad_y, offset| {
+        let mut p = params(
+            "adaptive pooling output gradient",
+            grad_x.dims4("adaptive pooling input gradient")?,
+            grad_y,
+            offset,
+            false,
+        )?;
+        p.flags = if accumulate { ACCUMULATE } else { 0 };
+        let cost =
+            Cost { flops: grad_x.numel() as u64, bytes: f32_bytes(2 * grad_x.numel() + grad_y.numel()) };
+        let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
+        launch(gpu, Shader::Resize, "adaptive_avg_pool_backward", &p, &bindings, grad_x.numel(), cost)
+    })
+}
+
 /// `launch(small, large, offset)` once, or, when a tensor exceeds a binding, once per
-/// channel slab of the small map and its slice of the large one (channels resize
-/// independently, so the slabs give the same result).
+/// channel slab of the small map and its slice of the large one (channels resample
+/// independently, so the slabs give the same result); errors name `what` (`resize`).
 fn per_slab(
     gpu: &Gpu,
+    what: &str,
     small: &Tensor,
     (large, offset): (&Tensor, usize),
     launch: impl Fn(&Tensor, &Tensor, usize) -> Result<Dispatch>,
 ) -> Result<Vec<Dispatch>> {
-    let [n, c, _, _] = small.dims4("resize input")?;
+    let [n, c, _, _] = small.dims4(&format!("{what} input"))?;
     let cuts = [Cut::new(small, 0), Cut::new(large, offset)];
     let Some(slabs) = slabs::split(gpu, n, c, &cuts)? else {
         return Ok(vec![launch(small, large, offset)?]);
     };
     // The whole shapes checked once; each slab's views then agree by construction.
-    params(small.dims4("resize input")?, large, offset, false)?;
+    params(&format!("{what} output"), [n, c, 0, 0], large, offset, false)?;
     let mut d = Vec::new();
     for slab in slabs {
         d.push(launch(&slab.view(gpu, cuts[0])?, &slab.view(gpu, cuts[1])?, 0)?);

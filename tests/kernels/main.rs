@@ -14,6 +14,7 @@ mod loss;
 mod matmul;
 mod model;
 mod ocr;
+mod pool;
 mod resize;
 mod slabs;
 mod softmax;

@@ -680,3 +680,21 @@ fn f16_inference_runs_in_slabs_bit_identically() {
         assert!(err < 2e-3, "{what}: {err:.2e} from the unsplit conv, more than a half's rounding");
     }
 }
+
+#[test]
+fn adaptive_pooling_runs_in_channel_slabs_bit_identically() {
+    let mut rng = Rng::new(seed("adaptive_pooling_runs_in_channel_slabs"));
+    let cells = [2, 24, 3, 5];
+    let (x, gy) = (rng.normals(numel(&X)), rng.normals(numel(&cells)));
+    let (poison, old) = (Init::Poison, Init::Data(rng.normals(numel(&X))));
+    let ins: [(&[usize], &[f32]); 2] = [(&X, &x), (&cells, &gy)];
+    let outs: [(&[usize], &Init); 2] = [(&cells, &poison), (&X, &old)];
+    let r = both("adaptive pooling", &ins, &outs, &|g, i, o| {
+        [
+            resize::adaptive_avg_pool(g, &i[0], &o[0], 0).unwrap(),
+            resize::adaptive_avg_pool_backward(g, &i[1], 0, &o[1], true).unwrap(),
+        ]
+        .concat()
+    });
+    assert_same_bits("adaptive pooling forward and accumulated backward", &r);
+}
