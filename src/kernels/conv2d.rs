@@ -247,12 +247,10 @@ impl Precision {
         }
     }
 
-    /// The shader the forward and its weight packing are built from.
-    fn shader(self) -> Shader {
-        match self {
-            Precision::F32 => Shader::Conv2d,
-            Precision::F16 => Shader::Conv2dF16,
-        }
+    /// The shader the forward and its weight packing are built from: conv2d, or its twin
+    /// storing this precision's activations.
+    fn shader(self) -> Result<Shader> {
+        Shader::Conv2d.storing(self.activations())
     }
 }
 
@@ -501,13 +499,13 @@ fn forward_launch(
                 _ => (4, pixels.div_ceil(4).next_power_of_two().clamp(8, full)),
             };
             let invocations = d.n * d.co.div_ceil(16) * pixels.div_ceil(per * wg) * wg;
-            let entry = (precision.shader(), variant.entry(residual));
+            let entry = (precision.shader()?, variant.entry(residual));
             launch_sized(gpu, entry, wg as u32, &params, &bindings, invocations, cost)?
         }
         Some(slice) => {
             // A workgroup of 64 per (image, 32 channels, 32 pixels).
             let invocations = d.n * d.co.div_ceil(32) * pixels.div_ceil(32) * 64;
-            let entry = (precision.shader(), variant.entry(residual));
+            let entry = (precision.shader()?, variant.entry(residual));
             let tile = [("SLICE", f64::from(slice))];
             launch_tuned(gpu, entry, 64, &tile, &params, &bindings, invocations, cost)?
         }
@@ -644,7 +642,7 @@ fn pack_forward(
         ]);
     }
     let cost = Cost { flops: 0, bytes: f32_bytes(2 * d.weight_len()) };
-    let dispatch = launch(gpu, precision.shader(), epilogue.pack_entry(), params, &bindings, len, cost)?;
+    let dispatch = launch(gpu, precision.shader()?, epilogue.pack_entry(), params, &bindings, len, cost)?;
     Ok(Packed { dispatch, packed })
 }
 

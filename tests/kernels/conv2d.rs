@@ -2,6 +2,7 @@ use crate::common::*;
 use hrnet_ocr::kernels::batch_norm::BatchNormParams;
 use hrnet_ocr::kernels::conv2d::{self, Conv2dSpec, Precision};
 use hrnet_ocr::kernels::tuning::{ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
+use hrnet_ocr::Tensor;
 
 /// Relative L2 tolerance for a single kernel in f32 (DESIGN.md).
 const TOL: f64 = 1e-5;
@@ -329,33 +330,19 @@ fn pointwise_convolutions_match_cpu_reference() {
         let want = d.forward(&x, &wt, None);
         let weight = upload(&d.w_shape(), &wt);
         for variant in ConvForward::ALL.iter().copied().filter(|v| v.runs_on(gpu)) {
-            let (xt, y) = (upload(&d.x_shape(), &x), poisoned(&d.y_shape()));
-            let run = conv2d::forward_with(
-                gpu,
-                &d.spec,
-                &xt,
-                &weight,
-                &Default::default(),
-                Precision::F32,
-                variant,
-                &y,
-            );
-            gpu.run(&run.unwrap().into_vec()).unwrap();
-            assert_close(&format!("{} {d:?}", variant.name()), &download(&y), &want, TOL);
+            let run = |precision: Precision, xt: Tensor, y: Tensor| {
+                let epilogue = Default::default();
+                let launches =
+                    conv2d::forward_with(gpu, &d.spec, &xt, &weight, &epilogue, precision, variant, &y)
+                        .unwrap();
+                gpu.run(&launches.into_vec()).unwrap();
+                download(&y)
+            };
+            let got = run(Precision::F32, upload(&d.x_shape(), &x), poisoned(&d.y_shape()));
+            assert_close(&format!("{} {d:?}", variant.name()), &got, &want, TOL);
             if gpu.supports_f16() && i % 2 == 0 {
-                let (xt, y) = (upload_half(&d.x_shape(), &x), poisoned_half(&d.y_shape()));
-                let run = conv2d::forward_with(
-                    gpu,
-                    &d.spec,
-                    &xt,
-                    &weight,
-                    &Default::default(),
-                    Precision::F16,
-                    variant,
-                    &y,
-                );
-                gpu.run(&run.unwrap().into_vec()).unwrap();
-                assert_rounded_to_half(&format!("f16 {} {d:?}", variant.name()), &download(&y), &want, 1e-5);
+                let got = run(Precision::F16, upload_half(&d.x_shape(), &x), poisoned_half(&d.y_shape()));
+                assert_rounded_to_half(&format!("f16 {} {d:?}", variant.name()), &got, &want, 1e-5);
             }
         }
     }
