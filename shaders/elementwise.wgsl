@@ -1,4 +1,5 @@
-// Elementwise ReLU, add and fused add + ReLU, with their backward passes. Backward entries
+// Elementwise ReLU, add, fused add + ReLU and the scaled add of a learnt scalar, with their
+// backward passes. Backward entries
 // either overwrite or accumulate into the gradient (flag bits), so a tensor read by
 // several nodes sums its gradients without extra add kernels.
 
@@ -24,6 +25,8 @@ const ACCUMULATE_B: u32 = 2u;
 @group(0) @binding(4) var<storage, read> grad_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grad_a: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grad_b: array<f32>;
+// The learnt scalar of scaled_add (one element; a parameter, f32 at either precision).
+@group(0) @binding(7) var<storage, read> gamma: array<f32>;
 
 fn store_grad_a(i: u32, g: f32) {
     grad_a[i] = select(0.0, grad_a[i], (p.flags & ACCUMULATE_A) != 0u) + g;
@@ -89,4 +92,23 @@ fn add_relu_backward(@builtin(global_invocation_id) gid: vec3<u32>,
     let g = select(0.0, grad_out[i], f32(a[i]) > 0.0);
     store_grad_a(i, g);
     store_grad_b(i, g);
+}
+
+// out = gamma * a + b (DANet's attention output scaled by a learnt scalar, plus its input)
+@compute @workgroup_size(WG)
+fn scaled_add_forward(@builtin(global_invocation_id) gid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    out[i] = Act(gamma[0] * f32(a[i]) + f32(b[i]));
+}
+
+// grad_a = gamma * grad_out, grad_b = grad_out (gamma's own gradient is a sum: products)
+@compute @workgroup_size(WG)
+fn scaled_add_backward(@builtin(global_invocation_id) gid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_index(gid, nwg);
+    if i >= p.len { return; }
+    store_grad_a(i, gamma[0] * grad_out[i]);
+    store_grad_b(i, grad_out[i]);
 }

@@ -19,6 +19,7 @@ use crate::kernels::loss::Reduction;
 use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::kernels::tuning::Tuner;
 use crate::tensor::{DType, Tensor};
+pub use ops::SoftmaxAxis;
 use ops::{Backward, Op, Recorded};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -294,13 +295,84 @@ impl GraphBuilder {
 
     /// OCR's pixel-region attention: `value @ softmax_K(query^T @ key / sqrt(KEY))^T`.
     pub fn object_attention(&mut self, query: ValueId, key: ValueId, value: ValueId) -> Result<ValueId> {
-        let [n, ch, h, w] = self.dims4(query)?;
+        let [n, ch, _, _] = self.dims4(query)?;
         let [_, _, k, _] = self.dims4(key)?;
         check_shape("object attention key", &[n, ch, k, 1], self.shape(key))?;
         check_shape("object attention value", &[n, ch, k, 1], self.shape(value))?;
-        let sim = self.activation("attention_map", &[n, h * w, k]);
-        let y = self.activation("object_context", &[n, ch, h, w]);
-        self.ops.push(Op::ObjectAttention { query, key, value, sim, y });
+        self.attention(query, key, value, None)
+    }
+
+    /// `value @ softmax_over_keys(query^T @ key * scale)^T` for a query `[N, CK, H, W]`, keys
+    /// `[N, CK, a, b]` and values `[N, CV, a, b]` (every pixel of `a x b` a key): `[N, CV, H,
+    /// W]`. `scale` `None` is `CK^-0.5`. It keeps the attention map `[N, HW, ab]`.
+    pub fn attention(
+        &mut self,
+        query: ValueId,
+        key: ValueId,
+        value: ValueId,
+        scale: Option<f32>,
+    ) -> Result<ValueId> {
+        let [n, ch, h, w] = self.dims4(query)?;
+        let [_, _, a, b] = self.dims4(key)?;
+        let [_, cv, _, _] = self.dims4(value)?;
+        check_shape("attention key", &[n, ch, a, b], self.shape(key))?;
+        check_shape("attention value", &[n, cv, a, b], self.shape(value))?;
+        let sim = self.activation("attention_map", &[n, h * w, a * b]);
+        let y = self.activation("attention_context", &[n, cv, h, w]);
+        self.ops.push(Op::ObjectAttention { query, key, value, scale, sim, y });
+        Ok(y)
+    }
+
+    /// Adaptive average pooling of `x` `[N, C, H, W]` to `size` cells (PyTorch's
+    /// AdaptiveAvgPool2d: overlapping cells where the size does not divide in).
+    pub fn adaptive_avg_pool(&mut self, x: ValueId, size: [usize; 2]) -> Result<ValueId> {
+        let [n, c, h, w] = self.dims4(x)?;
+        if size[0] == 0 || size[1] == 0 || size[0] > h || size[1] > w {
+            return Err(Error::Invalid(format!(
+                "adaptive pooling of {} ({h}x{w}) to {}x{} cells: each side needs 1 to the input's",
+                self.values[x.0].name, size[0], size[1]
+            )));
+        }
+        let y = self.activation("pool", &[n, c, size[0], size[1]]);
+        self.ops.push(Op::AdaptiveAvgPool { x, y });
+        Ok(y)
+    }
+
+    /// Per image, `op(a) @ op(b)` where each operand `[N, C, H, W]` is its `C x HW` matrix,
+    /// transposed where its flag says; the product `M x P` lands as `[N, M, size]`,
+    /// `size[0] * size[1] == P`.
+    pub fn matmul(&mut self, a: (ValueId, bool), b: (ValueId, bool), size: [usize; 2]) -> Result<ValueId> {
+        let matrix = |g: &Self, (v, t): (ValueId, bool)| -> Result<[usize; 2]> {
+            let [_, c, h, w] = g.dims4(v)?;
+            Ok(if t { [h * w, c] } else { [c, h * w] })
+        };
+        let ([m, k], [kb, p]) = (matrix(self, a)?, matrix(self, b)?);
+        let (n, nb) = (self.shape(a.0)[0], self.shape(b.0)[0]);
+        if k != kb || n != nb || size[0] * size[1] != p {
+            return Err(Error::Invalid(format!(
+                "matmul: {} gives {n} matrices {m}x{k} and {} {nb} of {kb}x{p}; the product {m}x{p} \
+                 cannot land as {}x{}",
+                self.values[a.0 .0].name, self.values[b.0 .0].name, size[0], size[1]
+            )));
+        }
+        let y = self.activation("matmul", &[n, m, size[0], size[1]]);
+        self.ops.push(Op::Product { a, b, y });
+        Ok(y)
+    }
+
+    /// Softmax of `scale * x` over `axis` of `x` `[N, C, H, W]`.
+    pub fn softmax(&mut self, x: ValueId, axis: SoftmaxAxis, scale: f32) -> Result<ValueId> {
+        let shape = self.dims4(x)?.to_vec();
+        let y = self.activation("softmax", &shape);
+        self.ops.push(Op::Softmax { x, y, axis, scale });
+        Ok(y)
+    }
+
+    /// `gamma * a + b` with `gamma` a learnt scalar parameter named `name` (`[1]`).
+    pub fn scaled_add(&mut self, name: &str, a: ValueId, b: ValueId) -> Result<ValueId> {
+        let y = self.binary("scaled_add", a, b)?;
+        let gamma = self.param(name, &[1]);
+        self.ops.push(Op::ScaledAdd { a, gamma, b, y });
         Ok(y)
     }
 
@@ -404,6 +476,31 @@ impl GraphBuilder {
         tensors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         peak.largest = tensors.into_iter().take(6).collect();
         peak
+    }
+
+    /// The FLOPs (two per multiply-add) of the graph's convolutions and matrix products, as
+    /// PyTorch's FlopCounterMode counts them: of the forward pass, and of the backward a
+    /// training graph of `outputs` runs (only what needs a gradient).
+    pub fn flops(&self, outputs: &[ValueId]) -> Flops {
+        let backward = Backward::of(&self.values, &self.ops, outputs, self.recompute);
+        let forward: u64 = self.ops.iter().map(|op| op.forward_macs(&self.values)).sum();
+        let backward_macs: u64 = backward
+            .schedule
+            .iter()
+            .filter_map(|step| match step {
+                ops::BackwardStep::Node(at, _) => {
+                    Some(self.ops[*at].backward_macs(&self.values, &backward.needs))
+                }
+                ops::BackwardStep::Rebuild(_) => None,
+            })
+            .sum();
+        Flops { forward: 2 * forward, backward: 2 * backward_macs }
+    }
+
+    /// How many numbers the graph's parameters hold.
+    pub fn parameter_count(&self) -> u64 {
+        let params = self.values.iter().filter(|v| v.role == Role::Param);
+        params.map(|v| v.shape.iter().product::<usize>() as u64).sum()
     }
 
     /// What a training graph rebuilds in the backward instead of keeping it from the forward
@@ -670,6 +767,13 @@ fn check_finite(gpu: &Gpu, t: &Tensor, what: &str) -> Result<()> {
             t.shape()
         ))),
     }
+}
+
+/// FLOPs of a graph's products (see [`GraphBuilder::flops`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flops {
+    pub forward: u64,
+    pub backward: u64,
 }
 
 /// Device memory of an eval graph.

@@ -7,7 +7,9 @@ use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnClass}
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::{Dropout2d, SeededDispatch};
 use crate::kernels::loss::{CrossEntropy, LossClass, LossPass};
+use crate::kernels::matmul::{product, Strided};
 use crate::kernels::ocr::{self, AttentionGrads};
+use crate::kernels::softmax::{self, Axis};
 use crate::kernels::sums::{self, Summing};
 use crate::kernels::tuning::{self, ConvForward, ConvInputGrad, ConvWeightGrad};
 use crate::kernels::{concat, elementwise, metrics, resize};
@@ -78,11 +80,38 @@ pub(super) enum Op {
         probs: ValueId,
         y: ValueId,
     },
+    /// OCR's pixel-region attention, or a self-attention (keys and values at every pixel):
+    /// the similarity scaled by `scale` (`None`: `KEY^-0.5`).
     ObjectAttention {
         query: ValueId,
         key: ValueId,
         value: ValueId,
+        scale: Option<f32>,
         sim: ValueId,
+        y: ValueId,
+    },
+    AdaptiveAvgPool {
+        x: ValueId,
+        y: ValueId,
+    },
+    /// Per image, `y = op(a) @ op(b)`, each operand `[N, C, H, W]` read as the `C x HW`
+    /// matrix (transposed where its flag says).
+    Product {
+        a: (ValueId, bool),
+        b: (ValueId, bool),
+        y: ValueId,
+    },
+    Softmax {
+        x: ValueId,
+        y: ValueId,
+        axis: SoftmaxAxis,
+        scale: f32,
+    },
+    /// `y = gamma * a + b`, `gamma` a learnt scalar.
+    ScaledAdd {
+        a: ValueId,
+        gamma: ValueId,
+        b: ValueId,
         y: ValueId,
     },
     Dropout {
@@ -116,6 +145,9 @@ impl Op {
             Op::Concat { inputs, y, .. } => (inputs.clone(), Some(*y)),
             Op::SpatialGather { regions, feats, y, .. } => (vec![*regions, *feats], Some(*y)),
             Op::ObjectAttention { query, key, value, y, .. } => (vec![*query, *key, *value], Some(*y)),
+            Op::AdaptiveAvgPool { x, y } | Op::Softmax { x, y, .. } => (vec![*x], Some(*y)),
+            Op::Product { a, b, y } => (vec![a.0, b.0], Some(*y)),
+            Op::ScaledAdd { a, gamma, b, y } => (vec![*a, *gamma, *b], Some(*y)),
             Op::Loss { logits, labels, .. } => (vec![*logits, *labels], None),
         }
     }
@@ -142,9 +174,13 @@ impl Op {
             Op::Relu { y, .. } | Op::AddRelu { y, .. } => vec![*y],
             Op::SpatialGather { feats, probs, .. } => vec![*feats, *probs],
             Op::ObjectAttention { query, key, value, sim, .. } => vec![*query, *key, *value, *sim],
+            Op::Product { a, b, .. } => vec![a.0, b.0],
+            Op::Softmax { y, .. } => vec![*y],
+            Op::ScaledAdd { a, .. } => vec![*a],
             Op::Loss { logits, labels, .. } => vec![*logits, *labels],
             // Shapes only; the dropout mask comes back from its seed.
             Op::Add { .. } | Op::Resize { .. } | Op::Concat { .. } | Op::Dropout { .. } => Vec::new(),
+            Op::AdaptiveAvgPool { .. } => Vec::new(),
             Op::ConvFused { .. } | Op::Argmax { .. } => Vec::new(),
         }
     }
@@ -158,11 +194,54 @@ impl Op {
             Op::Conv2d { x, weight, bias, .. } => {
                 [needed(&[*x]), vec![*weight], bias.iter().copied().collect()].concat()
             }
-            Op::Relu { x, .. } | Op::Resize { x, .. } => needed(&[*x]),
+            Op::Relu { x, .. }
+            | Op::Resize { x, .. }
+            | Op::AdaptiveAvgPool { x, .. }
+            | Op::Softmax { x, .. } => needed(&[*x]),
+            Op::Product { a, b, .. } => needed(&[a.0, b.0]),
             Op::Concat { inputs, .. } => needed(inputs),
             Op::Loss { logits, .. } => vec![*logits],
             Op::ConvFused { .. } | Op::Argmax { .. } => Vec::new(),
             op => op.reads(),
+        }
+    }
+}
+
+impl Op {
+    /// Multiply-adds of the node's products (convolutions and matrix products; what
+    /// PyTorch's FlopCounterMode counts, at two FLOPs each) in its forward pass.
+    pub(super) fn forward_macs(&self, values: &[Value]) -> u64 {
+        let numel = |v: ValueId| values[v.0].shape.iter().product::<usize>() as u64;
+        let dim = |v: ValueId, i: usize| values[v.0].shape[i] as u64;
+        match *self {
+            Op::Conv2d { weight, y, .. } | Op::ConvFused { weight, y, .. } => {
+                numel(y) * (numel(weight) / dim(weight, 0))
+            }
+            // Per image: the context `C x K` over the pixels.
+            Op::SpatialGather { regions, y, .. } => {
+                numel(y) * (numel(regions) / dim(regions, 0) / dim(regions, 1))
+            }
+            // The similarities `HW x K` over the key channels, the output `CV x HW` over the keys.
+            Op::ObjectAttention { query, sim, y, .. } => numel(sim) * dim(query, 1) + numel(y) * dim(sim, 2),
+            Op::Product { a, y, .. } => {
+                let a_cols = numel(a.0) / dim(a.0, 0) / dim(a.0, 1);
+                numel(y) * if a.1 { dim(a.0, 1) } else { a_cols }
+            }
+            _ => 0,
+        }
+    }
+
+    /// Multiply-adds of the products the node's backward runs, `needs` saying which values
+    /// get a gradient: a convolution's weight gradient and, where its input needs one, its
+    /// input gradient; a matrix product's operands that need one; the OCR operators run
+    /// every product of their backward (twice the forward's).
+    pub(super) fn backward_macs(&self, values: &[Value], needs: &[bool]) -> u64 {
+        let forward = self.forward_macs(values);
+        match *self {
+            Op::Conv2d { x, .. } => forward * (1 + u64::from(needs[x.0])),
+            Op::SpatialGather { .. } | Op::ObjectAttention { .. } => 2 * forward,
+            Op::Product { a, b, .. } => forward * (u64::from(needs[a.0 .0]) + u64::from(needs[b.0 .0])),
+            _ => 0,
         }
     }
 }
@@ -440,15 +519,36 @@ impl Graph {
                     self.t(probs),
                     self.t(y),
                 )?,
-                &Op::ObjectAttention { query, key, value, sim, y } => ocr::object_attention_forward(
+                &Op::ObjectAttention { query, key, value, scale, sim, y } => ocr::attention_forward(
                     gpu,
                     self.tuner.as_deref(),
-                    self.t(query),
-                    self.t(key),
-                    self.t(value),
+                    scale,
+                    (self.t(query), self.t(key), self.t(value)),
                     self.t(sim),
                     self.t(y),
                 )?,
+                &Op::AdaptiveAvgPool { x, y } => resize::adaptive_avg_pool(gpu, self.t(x), self.t(y), 0)?,
+                &Op::Product { a, b, y } => {
+                    let (av, bv) = (self.matrix(a), self.matrix(b));
+                    let n = self.values[y.0].shape[0];
+                    product(
+                        gpu,
+                        self.tuner.as_deref(),
+                        n,
+                        (self.t(a.0), av),
+                        (self.t(b.0), bv),
+                        self.t(y),
+                        false,
+                    )?
+                }
+                &Op::Softmax { x, y, axis, scale } => {
+                    let axis = axis.of(&self.values[x.0].shape);
+                    let summing = softmax::summing(self.tuner.as_deref(), gpu, &axis);
+                    softmax::forward_with(gpu, self.t(x), axis, scale, self.t(y), summing)?
+                }
+                &Op::ScaledAdd { a, gamma, b, y } => {
+                    elementwise::scaled_add_forward(gpu, self.t(a), self.t(gamma), self.t(b), self.t(y))?
+                }
                 // In eval, dropout is the identity: a copy (of f16 activations too).
                 &Op::Dropout { x, y, .. } if mode == Mode::Eval => {
                     let channels = self.t(x).dims4("dropout input")?[1];
@@ -645,11 +745,63 @@ impl Graph {
                     (&gf.0, gf.1),
                 )?
             }
-            &Op::ObjectAttention { query, key, value, sim, .. } => {
+            &Op::ObjectAttention { query, key, value, scale, sim, .. } => {
                 let (gq, gk, gv) = (target(query)?, target(key)?, target(value)?);
                 let g = AttentionGrads { query: (&gq.0, gq.1), key: (&gk.0, gk.1), value: (&gv.0, gv.1) };
                 let inputs = (self.kept(query), self.kept(key), self.kept(value));
-                ocr::object_attention_backward(gpu, self.tuner.as_deref(), inputs, self.kept(sim), &gy(), &g)?
+                let (sim, tuner) = (self.kept(sim), self.tuner.as_deref());
+                ocr::attention_backward(gpu, tuner, scale, inputs, sim, &gy(), &g)?
+            }
+            &Op::AdaptiveAvgPool { x, .. } => {
+                if !tg_needs(grads, x) {
+                    return Ok(Vec::new());
+                }
+                let (gx, acc) = target(x)?;
+                resize::adaptive_avg_pool_backward(gpu, &gy(), 0, &gx, acc)?
+            }
+            &Op::Product { a, b, y } => {
+                // c = A @ B: grad A = grad c @ B^T and grad B = A^T @ grad c, each formed in
+                // its operand's stored layout (transposed products where it is read transposed).
+                let (av, bv, cv) = (self.matrix(a), self.matrix(b), self.matrix((y, false)));
+                let (gy, n, tuner) = (gy(), self.values[y.0].shape[0], self.tuner.as_deref());
+                let (at, bt) = (self.kept(a.0), self.kept(b.0));
+                let mut d = Vec::new();
+                if tg_needs(grads, a.0) {
+                    let (ga, acc) = target(a.0)?;
+                    d.extend(match a.1 {
+                        false => product(gpu, tuner, n, (&gy, cv), (bt, bv.t()), &ga, acc)?,
+                        true => product(gpu, tuner, n, (bt, bv), (&gy, cv.t()), &ga, acc)?,
+                    });
+                }
+                if tg_needs(grads, b.0) {
+                    let (gb, acc) = target(b.0)?;
+                    d.extend(match b.1 {
+                        false => product(gpu, tuner, n, (at, av.t()), (&gy, cv), &gb, acc)?,
+                        true => product(gpu, tuner, n, (&gy, cv.t()), (at, av), &gb, acc)?,
+                    });
+                }
+                d
+            }
+            &Op::Softmax { x, y, axis, scale } => {
+                if !tg_needs(grads, x) {
+                    return Ok(Vec::new());
+                }
+                let (gx, acc) = target(x)?;
+                let axis = axis.of(&self.values[x.0].shape);
+                let summing = softmax::summing(self.tuner.as_deref(), gpu, &axis);
+                softmax::backward_with(gpu, self.kept(y), &gy(), axis, scale, (&gx, acc), summing)?
+            }
+            &Op::ScaledAdd { a, gamma, b, .. } => {
+                let (ga, gg, gb) = (target(a)?, target(gamma)?, target(b)?);
+                let inputs = (self.kept(a), self.t(gamma));
+                elementwise::scaled_add_backward(
+                    gpu,
+                    inputs,
+                    &gy(),
+                    (&ga.0, ga.1),
+                    (&gb.0, gb.1),
+                    (&gg.0, gg.1),
+                )?
             }
             &Op::Dropout { x, layer, .. } => {
                 let (gx, accumulate) = target(x)?;
@@ -667,6 +819,38 @@ impl Graph {
                 ce.backward(gpu, pass, self.kept(logits), self.kept(labels), spec.weight, (&gl, acc))?
             }
         })
+    }
+}
+
+/// Which axis of a value `[N, C, H, W]` a softmax node normalises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoftmaxAxis {
+    /// Over the channels of each pixel.
+    Channels,
+    /// Over the pixels (`H x W`) of each channel.
+    Pixels,
+}
+
+impl SoftmaxAxis {
+    fn of(self, shape: &[usize]) -> Axis {
+        let (n, c, hw) = (shape[0], shape[1], shape[2..].iter().product());
+        match self {
+            SoftmaxAxis::Channels => Axis { outer: n, len: c, inner: hw },
+            SoftmaxAxis::Pixels => Axis { outer: n * c, len: hw, inner: 1 },
+        }
+    }
+}
+
+impl Graph {
+    /// Value `v` `[N, C, H, W]` as each image's `C x HW` matrix, transposed if asked.
+    fn matrix(&self, (v, transposed): (ValueId, bool)) -> Strided {
+        let shape = &self.values[v.0].shape;
+        let m = Strided::row_major(shape[1], shape[2..].iter().product());
+        if transposed {
+            m.t()
+        } else {
+            m
+        }
     }
 }
 

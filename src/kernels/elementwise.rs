@@ -1,5 +1,7 @@
-//! ReLU, add and fused add + ReLU, with their backward passes (`elementwise.wgsl`).
+//! ReLU, add, fused add + ReLU and the scaled add of a learnt scalar, with their backward
+//! passes (`elementwise.wgsl`).
 
+use super::matmul::{product, Strided};
 use super::{launch, slabs, to_u32};
 use crate::error::{check_shape, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, Shader};
@@ -32,12 +34,26 @@ fn elementwise(
     reads: &[(u32, &Tensor)],
     writes: &[(u32, &Tensor)],
 ) -> Result<Vec<Dispatch>> {
+    with_scalar(gpu, entry, reads, writes, None)
+}
+
+/// [`elementwise`] with a one-element tensor every launch binds whole (a learnt scalar).
+fn with_scalar(
+    gpu: &Gpu,
+    entry: Entry,
+    reads: &[(u32, &Tensor)],
+    writes: &[(u32, &Tensor)],
+    scalar: Option<(u32, &Tensor)>,
+) -> Result<Vec<Dispatch>> {
+    if let Some((_, t)) = scalar {
+        check_shape(&format!("{} scalar", entry.name), &[1], t.shape())?;
+    }
     let first = reads.first().map(|r| r.1).unwrap_or(writes[0].1);
     for (_, t) in reads.iter().chain(writes) {
         check_shape(entry.name, first.shape(), t.shape())?;
     }
     if !slabs::exceeds_binding(gpu, &[first]) {
-        return Ok(vec![launch_over(gpu, entry, reads, writes)?]);
+        return Ok(vec![launch_over(gpu, entry, reads, writes, scalar)?]);
     }
     let mut d = Vec::new();
     for r in slabs::flat_chunks(gpu, first.numel(), first.dtype().size()) {
@@ -45,7 +61,7 @@ fn elementwise(
             ts.iter().map(|&(i, t)| Ok((i, t.view(gpu, r.start, &[r.len()])?))).collect()
         };
         let (reads, writes) = (chunks(reads)?, chunks(writes)?);
-        d.push(launch_over(gpu, entry, &refs(&reads), &refs(&writes))?);
+        d.push(launch_over(gpu, entry, &refs(&reads), &refs(&writes), scalar)?);
     }
     Ok(d)
 }
@@ -60,6 +76,7 @@ fn launch_over(
     entry: Entry,
     reads: &[(u32, &Tensor)],
     writes: &[(u32, &Tensor)],
+    scalar: Option<(u32, &Tensor)>,
 ) -> Result<Dispatch> {
     let len = writes[0].1.numel();
     let params = Params { len: to_u32("elements", len)?, flags: entry.flags, _pad: [0; 2] };
@@ -67,6 +84,7 @@ fn launch_over(
         .iter()
         .map(|&(i, t)| Binding::read(i, t))
         .chain(writes.iter().map(|&(i, t)| Binding::write(i, t)))
+        .chain(scalar.map(|(i, t)| Binding::read(i, t)))
         .collect();
     let accumulated = writes.len() * usize::from(entry.flags != 0);
     let stored = writes[0].1.dtype();
@@ -139,4 +157,43 @@ pub fn add_relu_backward(
         &[(1, y), (4, grad_y)],
         &[(5, grad_a), (6, grad_b)],
     )
+}
+
+/// `y = gamma * a + b` with `gamma` a learnt scalar `[1]`.
+pub fn scaled_add_forward(
+    gpu: &Gpu,
+    a: &Tensor,
+    gamma: &Tensor,
+    b: &Tensor,
+    y: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    let entry = Entry { name: "scaled_add_forward", flags: 0, flops: 2 };
+    with_scalar(gpu, entry, &[(1, a), (2, b)], &[(3, y)], Some((7, gamma)))
+}
+
+/// The scaled add's backward: `grad_a (+)= gamma * grad_y`, `grad_b (+)= grad_y`, and
+/// `grad_gamma (+)= sum(grad_y * a)`: a dot product per image and channel, then their sum,
+/// both as products (a fixed order, so the same bits every run).
+pub fn scaled_add_backward(
+    gpu: &Gpu,
+    (a, gamma): (&Tensor, &Tensor),
+    grad_y: &Tensor,
+    (grad_a, accumulate_a): (&Tensor, bool),
+    (grad_b, accumulate_b): (&Tensor, bool),
+    (grad_gamma, accumulate_gamma): (&Tensor, bool),
+) -> Result<Vec<Dispatch>> {
+    check_shape("scaled add input", grad_y.shape(), a.shape())?;
+    check_shape("scaled add scalar gradient", &[1], grad_gamma.shape())?;
+    let entry = Entry { name: "scaled_add_backward", flags: flags(accumulate_a, accumulate_b), flops: 1 };
+    let mut d = with_scalar(gpu, entry, &[(4, grad_y)], &[(5, grad_a), (6, grad_b)], Some((7, gamma)))?;
+    let [n, c, h, w] = a.dims4("scaled add input")?;
+    let (rows, len) = (n * c, h * w);
+    let partial = Tensor::empty(gpu, &[rows])?;
+    let ones = Tensor::empty(gpu, &[rows])?;
+    ones.write(gpu, &vec![1.0; rows])?;
+    let row = Strided { rows: 1, cols: len, batch: len, row: len, col: 1 };
+    d.extend(product(gpu, None, rows, (grad_y, row), (a, row.t()), &partial, false)?);
+    let all = Strided::row_major(1, rows);
+    d.extend(product(gpu, None, 1, (&partial, all), (&ones, all.t()), grad_gamma, accumulate_gamma)?);
+    Ok(d)
 }

@@ -9,7 +9,7 @@ use super::slabs::{self, Cut, Slab};
 use super::softmax::{self, Axis};
 use super::tuning;
 use super::tuning::Tuner;
-use crate::error::{check_shape, Result};
+use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::tensor::Tensor;
 
@@ -157,27 +157,35 @@ fn image(gpu: &Gpu, t: &Tensor, item: usize) -> Result<Tensor> {
     Cut::new(t, 0).view(gpu, item, &(0..t.shape()[1]))
 }
 
-/// Sizes of an object attention: query `[n, key, h, w]`, key and value `[n, key, k, 1]`.
+/// Sizes of an attention: query `[n, ch, h, w]`, key `[n, ch, a, b]` and value `[n, cv, a, b]`
+/// (OCR's: `k = a * b` regions `[n, ch, k, 1]`; self-attention's: every pixel), output
+/// `[n, cv, h, w]`.
 #[derive(Clone, Copy, Debug)]
 struct Attention {
     n: usize,
     ch: usize,
+    cv: usize,
     k: usize,
     hw: usize,
+    scale: f32,
 }
 
 impl Attention {
-    fn resolve(query: &Tensor, key: &Tensor, value: &Tensor) -> Result<Self> {
-        let [n, ch, h, w] = query.dims4("object attention query")?;
-        let [_, _, k, _] = key.dims4("object attention key")?;
-        check_shape("object attention key", &[n, ch, k, 1], key.shape())?;
-        check_shape("object attention value", &[n, ch, k, 1], value.shape())?;
-        Ok(Attention { n, ch, k, hw: h * w })
+    /// The sizes, the similarity scaled by `scale` (`None`: OCR's `KEY^-0.5`).
+    fn resolve(query: &Tensor, key: &Tensor, value: &Tensor, scale: Option<f32>) -> Result<Self> {
+        let [n, ch, h, w] = query.dims4("attention query")?;
+        let [_, _, a, b] = key.dims4("attention key")?;
+        let [_, cv, _, _] = value.dims4("attention value")?;
+        check_shape("attention key", &[n, ch, a, b], key.shape())?;
+        check_shape("attention value", &[n, cv, a, b], value.shape())?;
+        let scale = scale.unwrap_or((ch as f32).powf(-0.5));
+        Ok(Attention { n, ch, cv, k: a * b, hw: h * w, scale })
     }
 
-    /// `KEY^-0.5`, the similarity scale.
-    fn scale(&self) -> f32 {
-        (self.ch as f32).powf(-0.5)
+    /// The output's shape, `[n, cv, h, w]` for a query `[n, ch, h, w]`.
+    fn out_shape(&self, query: &Tensor) -> [usize; 4] {
+        let q = query.shape();
+        [self.n, self.cv, q[2], q[3]]
     }
 
     /// Softmax over the regions of each pixel: `sim` is `[n, hw, k]`.
@@ -189,15 +197,30 @@ impl Attention {
     fn sim_shape(&self) -> [usize; 3] {
         [self.n, self.hw, self.k]
     }
+
+    /// Cut per key-channel slab where a tensor exceeds a binding; the slabs cut query, key,
+    /// value and output alike, so only when value and key channels agree.
+    fn slabbed<'g>(&self, gpu: &'g Gpu, tensors: &[&Tensor]) -> Result<Option<Slabbed<'g>>> {
+        let cuts: Vec<Cut<'_>> = tensors.iter().map(|t| Cut::new(t, 0)).collect();
+        if self.cv != self.ch && slabs::split(gpu, self.n, self.ch, &cuts)?.is_some() {
+            return Err(Error::Invalid(format!(
+                "an attention with {} value channels and {} key channels must fit a storage binding \
+                 ({} bytes); only attentions whose value and key channels agree are cut into slabs",
+                self.cv,
+                self.ch,
+                gpu.limits().max_storage_buffer_binding_size
+            )));
+        }
+        Slabbed::new(gpu, self.n, self.ch, &cuts)
+    }
 }
 
 /// The shape of the attention map `sim` an object attention keeps for its backward.
 pub fn attention_map_shape(query: &Tensor, key: &Tensor, value: &Tensor) -> Result<[usize; 3]> {
-    Ok(Attention::resolve(query, key, value)?.sim_shape())
+    Ok(Attention::resolve(query, key, value, None)?.sim_shape())
 }
 
-/// `sim = softmax over regions of (query^T @ key) * KEY^-0.5` (kept for the backward,
-/// `[n, hw, k]`), then `out = value @ sim^T`, `[n, key, h, w]`.
+/// [`attention_forward`] with OCR's similarity scale `KEY^-0.5`.
 pub fn object_attention_forward(
     gpu: &Gpu,
     tuner: Option<&Tuner>,
@@ -207,19 +230,32 @@ pub fn object_attention_forward(
     sim: &Tensor,
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    let a = Attention::resolve(query, key, value)?;
-    check_shape("object attention map", &a.sim_shape(), sim.shape())?;
-    check_shape("object attention output", query.shape(), out.shape())?;
+    attention_forward(gpu, tuner, None, (query, key, value), sim, out)
+}
+
+/// `sim = softmax over regions of (query^T @ key) * scale` (kept for the backward, `[n, hw,
+/// k]`; `scale` `None`: `KEY^-0.5`), then `out = value @ sim^T`, `[n, cv, h, w]`.
+pub fn attention_forward(
+    gpu: &Gpu,
+    tuner: Option<&Tuner>,
+    scale: Option<f32>,
+    (query, key, value): (&Tensor, &Tensor, &Tensor),
+    sim: &Tensor,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    let a = Attention::resolve(query, key, value, scale)?;
+    check_shape("attention map", &a.sim_shape(), sim.shape())?;
+    check_shape("attention output", &a.out_shape(query), out.shape())?;
     let logits = Tensor::empty_of(gpu, &a.sim_shape(), sim.dtype())?;
     let summing = softmax::summing(tuner, gpu, &a.axis());
     let q_t = Strided::row_major(a.ch, a.hw).t();
     let kv = Strided::row_major(a.ch, a.k);
     let sim_t = Strided::row_major(a.hw, a.k).t();
-    let cuts = [query, key, value, out].map(|t| Cut::new(t, 0));
-    let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
+    let Some(split) = a.slabbed(gpu, &[query, key, value, out])? else {
         let mut d = product(gpu, tuner, a.n, (query, q_t), (key, kv), &logits, false)?;
-        d.extend(softmax::forward_with(gpu, &logits, a.axis(), a.scale(), sim, summing)?);
-        d.extend(product(gpu, tuner, a.n, (value, kv), (sim, sim_t), out, false)?);
+        d.extend(softmax::forward_with(gpu, &logits, a.axis(), a.scale, sim, summing)?);
+        let v = Strided::row_major(a.cv, a.k);
+        d.extend(product(gpu, tuner, a.n, (value, v), (sim, sim_t), out, false)?);
         return Ok(d);
     };
     // Per image and key-channel slab: the logits summed over the slabs in order, then the
@@ -241,7 +277,7 @@ pub fn object_attention_forward(
             j > 0,
         )?);
     }
-    d.extend(softmax::forward_with(gpu, &logits, a.axis(), a.scale(), sim, summing)?);
+    d.extend(softmax::forward_with(gpu, &logits, a.axis(), a.scale, sim, summing)?);
     for (_, slab) in split.each() {
         let [vs, os] = split.views(slab, [value, out])?;
         let kv = Strided::row_major(slab.channels.len(), a.k);
@@ -257,25 +293,39 @@ pub struct AttentionGrads<'a> {
     pub value: (&'a Tensor, bool),
 }
 
-/// The object attention's backward to query, key and value, each overwritten or
-/// accumulated as its flag says.
+/// [`attention_backward`] with OCR's similarity scale `KEY^-0.5`.
 pub fn object_attention_backward(
     gpu: &Gpu,
     tuner: Option<&Tuner>,
+    inputs: (&Tensor, &Tensor, &Tensor),
+    sim: &Tensor,
+    grad_out: &Tensor,
+    grads: &AttentionGrads<'_>,
+) -> Result<Vec<Dispatch>> {
+    attention_backward(gpu, tuner, None, inputs, sim, grad_out, grads)
+}
+
+/// The attention's backward to query, key and value, each overwritten or accumulated as its
+/// flag says; `scale` as the forward's.
+pub fn attention_backward(
+    gpu: &Gpu,
+    tuner: Option<&Tuner>,
+    scale: Option<f32>,
     (query, key, value): (&Tensor, &Tensor, &Tensor),
     sim: &Tensor,
     grad_out: &Tensor,
     grads: &AttentionGrads<'_>,
 ) -> Result<Vec<Dispatch>> {
-    let a = Attention::resolve(query, key, value)?;
-    check_shape("object attention map", &a.sim_shape(), sim.shape())?;
-    check_shape("object attention output gradient", query.shape(), grad_out.shape())?;
-    check_shape("object attention query gradient", query.shape(), grads.query.0.shape())?;
-    check_shape("object attention key gradient", key.shape(), grads.key.0.shape())?;
-    check_shape("object attention value gradient", value.shape(), grads.value.0.shape())?;
-    let go = Strided::row_major(a.ch, a.hw);
+    let a = Attention::resolve(query, key, value, scale)?;
+    check_shape("attention map", &a.sim_shape(), sim.shape())?;
+    check_shape("attention output gradient", &a.out_shape(query), grad_out.shape())?;
+    check_shape("attention query gradient", query.shape(), grads.query.0.shape())?;
+    check_shape("attention key gradient", key.shape(), grads.key.0.shape())?;
+    check_shape("attention value gradient", value.shape(), grads.value.0.shape())?;
+    let go = Strided::row_major(a.cv, a.hw);
     let s = Strided::row_major(a.hw, a.k);
-    let kv = Strided::row_major(a.ch, a.k);
+    let (kv, v) = (Strided::row_major(a.ch, a.k), Strided::row_major(a.cv, a.k));
+    let q = Strided::row_major(a.ch, a.hw);
     let grad_sim = Tensor::empty(gpu, &a.sim_shape())?;
     let grad_logits = Tensor::empty(gpu, &a.sim_shape())?;
     // The similarity softmax's backward writes the logits' gradient.
@@ -283,16 +333,15 @@ pub fn object_attention_backward(
     let (gv, acc_v) = grads.value;
     let (gq, acc_q) = grads.query;
     let (gk, acc_k) = grads.key;
-    let cuts = [query, key, value, grad_out, gq, gk, gv].map(|t| Cut::new(t, 0));
-    let Some(split) = Slabbed::new(gpu, a.n, a.ch, &cuts)? else {
+    let Some(split) = a.slabbed(gpu, &[query, key, value, grad_out, gq, gk, gv])? else {
         let mut d = [
             product(gpu, tuner, a.n, (grad_out, go), (sim, s), gv, acc_v)?,
-            product(gpu, tuner, a.n, (grad_out, go.t()), (value, kv), &grad_sim, false)?,
+            product(gpu, tuner, a.n, (grad_out, go.t()), (value, v), &grad_sim, false)?,
         ]
         .concat();
-        d.extend(softmax::backward_with(gpu, sim, &grad_sim, a.axis(), a.scale(), to_logits, summing)?);
+        d.extend(softmax::backward_with(gpu, sim, &grad_sim, a.axis(), a.scale, to_logits, summing)?);
         d.extend(product(gpu, tuner, a.n, (key, kv), (&grad_logits, s.t()), gq, acc_q)?);
-        d.extend(product(gpu, tuner, a.n, (query, go), (&grad_logits, s), gk, acc_k)?);
+        d.extend(product(gpu, tuner, a.n, (query, q), (&grad_logits, s), gk, acc_k)?);
         return Ok(d);
     };
     // Per image and key-channel slab: the value, query and key gradients of the slab
@@ -311,7 +360,7 @@ pub fn object_attention_backward(
         d.extend(product_with(gpu, to_value, 1, (&gos, go), (&sim, s), &gvs, acc_v)?);
         d.extend(product_with(gpu, to_sim, 1, (&gos, go.t()), (&vs, kv), &grad_sim, j > 0)?);
     }
-    d.extend(softmax::backward_with(gpu, sim, &grad_sim, a.axis(), a.scale(), to_logits, summing)?);
+    d.extend(softmax::backward_with(gpu, sim, &grad_sim, a.axis(), a.scale, to_logits, summing)?);
     for (_, slab) in split.each() {
         let [qs, ks, gqs, gks] = split.views(slab, [query, key, gq, gk])?;
         let (go, kv) =

@@ -3,6 +3,7 @@
 //! and a misspelt `NUM_RANCHES`); a key it uses with a wrong type or value is an error
 //! naming the key.
 
+use super::heads::ContextHead;
 use super::yaml::{self, Yaml};
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -63,6 +64,8 @@ pub struct Config {
     pub num_classes: usize,
     pub mid_channels: usize,
     pub key_channels: usize,
+    /// `MODEL.CONTEXT_HEAD` (this engine's key; the official files have none, which is OCR).
+    pub context_head: ContextHead,
     /// `MODEL.ALIGN_CORNERS` of every bilinear resize (always false under
     /// [`Convention::Mmsegmentation`]).
     pub align_corners: bool,
@@ -229,6 +232,7 @@ impl Config {
             num_classes: 19,
             mid_channels: 512,
             key_channels: 256,
+            context_head: ContextHead::Ocr,
             align_corners: true,
             convention: Convention::Official,
             ignore_label: 255,
@@ -308,6 +312,12 @@ impl Config {
             num_classes,
             mid_channels: r.positive("MODEL.OCR.MID_CHANNELS", Some(512))?,
             key_channels: r.positive("MODEL.OCR.KEY_CHANNELS", Some(256))?,
+            context_head: match r.scalar("MODEL.CONTEXT_HEAD")? {
+                None => ContextHead::Ocr,
+                Some(name) => {
+                    ContextHead::parse(name).map_err(|e| r.error("MODEL.CONTEXT_HEAD", &e.to_string()))?
+                }
+            },
             align_corners: r.opt_bool("MODEL.ALIGN_CORNERS")?.unwrap_or(true),
             convention: Convention::Official,
             ignore_label,

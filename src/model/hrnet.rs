@@ -2,6 +2,7 @@
 //! names as parameter names.
 
 use super::config::{Block, Config, Convention};
+use super::heads::{self, HeadDims};
 use crate::error::Result;
 use crate::graph::{GraphBuilder, LossSpec, ValueId};
 use crate::kernels::conv2d::Conv2dSpec;
@@ -19,9 +20,9 @@ pub struct ModelValues {
     pub out: ValueId,
     /// The backbone's concat `[N, Ccat, H/4, W/4]`.
     pub feats: ValueId,
-    /// The gathered region representations `[N, MID, K, 1]`.
-    pub context: ValueId,
-    /// The OCR distribution head's output, before cls_head `[N, MID, H/4, W/4]`.
+    /// OCR's gathered region representations `[N, MID, K, 1]` (other heads have none).
+    pub context: Option<ValueId>,
+    /// The context head's output, before cls_head `[N, MID, H/4, W/4]`.
     pub ocr_feats: ValueId,
 }
 
@@ -192,33 +193,32 @@ impl Builder<'_> {
         self.g.concat(&xs, self.cfg.align_corners)
     }
 
-    /// conv1x1 (no bias) -> BN -> ReLU with the OCR head's `{p}.{i}` / `{p}.{i+1}.0` names.
-    fn conv_bn_relu(&mut self, x: ValueId, p: &str, i: usize, out: usize) -> Result<ValueId> {
-        self.conv_bn(x, (&format!("{p}.{i}"), &format!("{p}.{}.0", i + 1)), 1, out, POINT, true)
-    }
-
+    /// The head: the aux head's soft object regions (supervised by the aux loss whatever the
+    /// head), the context head (`MODEL.CONTEXT_HEAD`), dropout, the classifier.
     fn head(&mut self, feats: ValueId, dropout: f32) -> Result<ModelValues> {
-        let (k, mid, key, ccat) =
-            (self.cfg.num_classes, self.cfg.mid_channels, self.cfg.key_channels, self.channels(feats));
+        let (k, ccat) = (self.cfg.num_classes, self.channels(feats));
         let bias = self.cfg.head_conv_bias();
-        let f = self.g.conv2d("conv3x3_ocr.0", feats, [3, 3], mid, bias, SAME3)?;
-        let f = self.g.batch_norm("conv3x3_ocr.1", f)?;
-        let f = self.g.relu(f);
-        let a = self.g.conv2d("aux_head.0", feats, [1, 1], ccat, bias, POINT)?;
-        let a = self.g.batch_norm("aux_head.1", a)?;
-        let a = self.g.relu(a);
-        let aux = self.g.conv2d("aux_head.3", a, [1, 1], k, true, POINT)?;
-        let context = self.g.spatial_gather(aux, f)?;
-        let ocb = "ocr_distri_head.object_context_block";
-        let q = self.conv_bn_relu(f, &format!("{ocb}.f_pixel"), 0, key)?;
-        let q = self.conv_bn_relu(q, &format!("{ocb}.f_pixel"), 2, key)?;
-        let kk = self.conv_bn_relu(context, &format!("{ocb}.f_object"), 0, key)?;
-        let kk = self.conv_bn_relu(kk, &format!("{ocb}.f_object"), 2, key)?;
-        let v = self.conv_bn_relu(context, &format!("{ocb}.f_down"), 0, key)?;
-        let ctx = self.g.object_attention(q, kk, v)?;
-        let object_context = self.conv_bn_relu(ctx, &format!("{ocb}.f_up"), 0, mid)?;
-        let both = self.g.concat(&[object_context, f], self.cfg.align_corners)?;
-        let y = self.conv_bn_relu(both, "ocr_distri_head.conv_bn_dropout", 0, mid)?;
+        let aux_head = |g: &mut GraphBuilder| -> Result<ValueId> {
+            let a = g.conv2d("aux_head.0", feats, [1, 1], ccat, bias, POINT)?;
+            let a = g.batch_norm("aux_head.1", a)?;
+            let a = g.relu(a);
+            g.conv2d("aux_head.3", a, [1, 1], k, true, POINT)
+        };
+        let dims = HeadDims {
+            mid: self.cfg.mid_channels,
+            key: self.cfg.key_channels,
+            align_corners: self.cfg.align_corners,
+            ocr_bias: bias,
+        };
+        let head = self.cfg.context_head;
+        let (y, aux, context) = if head.reads_regions() {
+            let h = heads::build(self.g, head, feats, aux_head, dims)?;
+            let (aux, context) = h.regions.expect("a head that reads regions exposes them");
+            (h.out, aux, Some(context))
+        } else {
+            let h = heads::build(self.g, head, feats, aux_head, dims)?;
+            (h.out, aux_head(self.g)?, None)
+        };
         let ocr_feats = self.g.dropout2d(y, dropout);
         let out = self.g.conv2d("cls_head", ocr_feats, [1, 1], k, true, POINT)?;
         Ok(ModelValues { aux, out, feats, context, ocr_feats })

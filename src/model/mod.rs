@@ -1,6 +1,7 @@
 //! The HRNet-OCR model: configuration, weights and the graph built from them.
 
 pub mod config;
+pub mod heads;
 pub mod hrnet;
 pub mod mmseg;
 

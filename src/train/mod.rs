@@ -383,14 +383,17 @@ impl<'g> Trainer<'g> {
     }
 }
 
-/// The modules the official `init_weights` leaves at PyTorch's default initialisation.
-pub const DEFAULT_INIT_KEYWORDS: [&str; 3] = ["cls", "aux", "ocr"];
+/// The modules the official `init_weights` leaves at PyTorch's default initialisation: its
+/// `cls`, `aux` and `ocr` modules, and the other context heads (`model::heads`), which take
+/// OCR's place and so its initialisation.
+pub const DEFAULT_INIT_KEYWORDS: [&str; 8] =
+    ["cls", "aux", "ocr", "ppm", "aspp", "self_attention", "danet", "double_attention"];
 
 /// The official fresh start (`init_weights` of `seg_hrnet_ocr.py`; also what benchmarks run
-/// on): outside the modules named `cls`, `aux` or `ocr`, convolution weights ~ N(0, 0.001);
+/// on): outside the modules of [`DEFAULT_INIT_KEYWORDS`], convolution weights ~ N(0, 0.001);
 /// those modules keep PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Convolution
 /// biases everywhere keep that default too; batch norm weights are 1, biases 0, running
-/// means 0 and variances 1.
+/// means 0 and variances 1; DANet's learnt scales 0 (as its paper starts them).
 pub fn initialise(gpu: &Gpu, graph: &Graph) -> Result<()> {
     let params: Vec<(String, Vec<usize>)> =
         graph.parameters().map(|(n, s)| (n.to_string(), s.to_vec())).collect();

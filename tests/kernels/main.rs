@@ -8,6 +8,7 @@ mod elementwise;
 mod errors;
 mod graph;
 mod half;
+mod heads;
 mod infer;
 mod limits;
 mod loss;

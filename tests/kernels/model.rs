@@ -29,7 +29,8 @@ fn build_with(
         let labels = g.labels("label", &ls);
         hrnet::add_losses(&mut g, &cfg, [m.aux, m.out], labels).unwrap();
     }
-    let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
+    let outputs =
+        [m.aux, m.out, m.feats, m.context.expect("the OCR head gathers region representations"), m.ocr_feats];
     let memory = g.plan_memory(&outputs);
     assert!(memory.planned < memory.unshared, "{memory:?}");
     let graph = g.build(gpu(), mode, &outputs).unwrap();

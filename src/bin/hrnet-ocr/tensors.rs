@@ -5,7 +5,7 @@ use crate::model::config_and_weights;
 use clap::Args;
 use hrnet_ocr::data::image::check_labels;
 use hrnet_ocr::gpu::{list_adapters, GpuOptions};
-use hrnet_ocr::graph::{Graph, GraphBuilder, Mode};
+use hrnet_ocr::graph::{Graph, GraphBuilder, Mode, ValueId};
 use hrnet_ocr::model::weights::{self, NamedTensor};
 use hrnet_ocr::model::Config;
 use hrnet_ocr::model::{hrnet, mmseg};
@@ -149,8 +149,9 @@ fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((shape, values.into_iter().map(|v| v as f32).collect()))
 }
 
-/// The model's graph with `weights` loaded; outputs [aux, out, feats, context, ocr_feats].
-/// With `train` (label shape, dropout) the graph also holds the official loss.
+/// The model's graph with `weights` loaded, with the names of its outputs in order: aux,
+/// out, feats, context (OCR's head only), ocr_feats. With `train` (label shape, dropout) the
+/// graph also holds the official loss.
 fn model_graph(
     gpu: &Gpu,
     cfg: &Config,
@@ -158,7 +159,7 @@ fn model_graph(
     input: &[usize],
     train: Option<(&[usize], f32)>,
     report_memory: bool,
-) -> Result<Graph> {
+) -> Result<(Graph, Vec<&'static str>)> {
     let mut g = GraphBuilder::new();
     let x = g.input("input", input, false);
     let dropout = train.map_or(0.0, |(_, d)| d);
@@ -168,14 +169,18 @@ fn model_graph(
         hrnet::add_losses(&mut g, cfg, [m.aux, m.out], labels)?;
     }
     let mode = if train.is_some() { Mode::Train } else { Mode::Eval };
-    let outputs = [m.aux, m.out, m.feats, m.context, m.ocr_feats];
+    let named = [("aux", Some(m.aux)), ("out", Some(m.out)), ("feats", Some(m.feats))]
+        .into_iter()
+        .chain([("context", m.context), ("ocr_feats", Some(m.ocr_feats))]);
+    let (names, outputs): (Vec<&'static str>, Vec<ValueId>) =
+        named.filter_map(|(name, v)| v.map(|v| (name, v))).unzip();
     if report_memory {
         let binding = crate::mib(gpu.limits().max_storage_buffer_binding_size);
         println!("device memory: {} (the adapter binds up to {binding:.1} MiB)", g.plan_memory(&outputs));
     }
     let graph = g.build(gpu, mode, &outputs)?;
     weights::load_into(gpu, &graph, weights, &source.display().to_string())?;
-    Ok(graph)
+    Ok((graph, names))
 }
 
 fn output(gpu: &Gpu, graph: &Graph, names: &[&str]) -> Result<Vec<NamedTensor>> {
@@ -194,7 +199,7 @@ pub fn forward(args: &ForwardArgs) -> Result<()> {
     let (shape, data) = read_input(&args.model.input)?;
     let gpu = Gpu::new()?;
     let weights = (&tensors[..], args.model.weights.as_path());
-    let graph = model_graph(&gpu, &cfg, weights, &shape, None, args.report_memory)?;
+    let (graph, outputs) = model_graph(&gpu, &cfg, weights, &shape, None, args.report_memory)?;
     graph.set(&gpu, "input", &data)?;
     gpu.wait()?;
     let start = std::time::Instant::now();
@@ -210,8 +215,7 @@ pub fn forward(args: &ForwardArgs) -> Result<()> {
         let profile = hrnet_ocr::bench::profile(&gpu, &dispatches.iter().collect::<Vec<_>>())?;
         crate::bench::print_profile(&profile, 12);
     }
-    let names: &[&str] =
-        if args.dump { &["aux", "out", "feats", "context", "ocr_feats"] } else { &["aux", "out"] };
+    let names = if args.dump { &outputs[..] } else { &outputs[..2] };
     let out = output(&gpu, &graph, names)?;
     weights::write_safetensors(&args.output, &out)?;
     println!("wrote {} on {}", names.join(", "), gpu.describe());
@@ -236,7 +240,7 @@ pub fn backward(args: &BackwardArgs) -> Result<()> {
         .map_err(|e| Error::Format { path: shown, what: e.to_string() })?;
     let dropout = if args.no_dropout { 0.0 } else { cfg.head_dropout() };
     let gpu = Gpu::new()?;
-    let mut graph = model_graph(
+    let (mut graph, _) = model_graph(
         &gpu,
         &cfg,
         (&tensors, &args.model.weights),
