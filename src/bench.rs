@@ -14,6 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{total_cost, Cost, Dispatch, Gpu};
+use crate::graph::{Flops, Mode};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams};
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::Dropout2d;
@@ -25,6 +26,7 @@ use crate::kernels::softmax::{self, Axis};
 use crate::kernels::sums::Summing;
 use crate::kernels::tuning::{ConvForward, ConvInputGrad, ConvWeightGrad, Tunable};
 use crate::kernels::{concat, elementwise, metrics, resize};
+use crate::model::heads::{self, ComparisonSize, ContextHead};
 use crate::tensor::{DType, Tensor};
 use std::time::{Duration, Instant};
 
@@ -666,4 +668,79 @@ pub fn profile(gpu: &Gpu, dispatches: &[&Dispatch]) -> Result<Profile> {
     }
     kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     Ok(Profile { device_ms: total_ns / 1e6, dispatches: dispatches.len(), kernels })
+}
+
+/// One head of the context-head comparison (`hrnet-ocr bench --context-heads`).
+#[derive(Clone, Debug)]
+pub struct HeadComparison {
+    pub head: ContextHead,
+    pub params: u64,
+    pub flops: Flops,
+    /// Planned device memory of the forward (eval graph: parameters, input, activations).
+    pub planned_forward: u64,
+    /// Of a forward and backward (training graph: also the activations kept for the
+    /// backward, every gradient; no optimizer state).
+    pub planned_train: u64,
+    /// Mean milliseconds of the forward, and of the forward and backward, when timed.
+    pub forward_ms: Option<f64>,
+    pub train_ms: Option<f64>,
+    /// Why the forward and backward was not timed: batch statistics of a map of one value
+    /// per channel at batch 1 (PPM's and ASPP's pooled branches), which the engine refuses
+    /// as PyTorch does.
+    pub untrainable: Option<String>,
+}
+
+/// Counts, plans and (on `gpu`, when given) times `head` at `size`: the eval forward, and the
+/// training forward with the backward from an output gradient of ones, each three runs after
+/// a warm-up. Parameters are the fresh start's ([`crate::train::initialise`]).
+pub fn compare_context_head(
+    gpu: Option<&Gpu>,
+    head: ContextHead,
+    size: ComparisonSize,
+) -> Result<HeadComparison> {
+    let (g, out) = heads::comparison_graph(head, size)?;
+    let train = g.plan_training_memory(&[out]);
+    let mut row = HeadComparison {
+        head,
+        params: g.parameter_count(),
+        flops: g.flops(&[out]),
+        planned_forward: g.plan_memory(&[out]).planned,
+        planned_train: train.total() - train.momentum,
+        forward_ms: None,
+        train_ms: None,
+        untrainable: None,
+    };
+    let Some(gpu) = gpu else { return Ok(row) };
+    let ([n, c, h, w], _, k) = size.dims();
+    let input =
+        |len: usize| -> Vec<f32> { (0..len).map(|i| (i * 7919 % 2001) as f32 / 1000.0 - 1.0).collect() };
+    for mode in [Mode::Eval, Mode::Train] {
+        let (g, out) = heads::comparison_graph(head, size)?;
+        let graph = match g.build(gpu, mode, &[out]) {
+            Err(Error::Invalid(why))
+                if mode == Mode::Train && why.contains("more than one value per channel") =>
+            {
+                row.untrainable = Some(why);
+                break;
+            }
+            built => built?,
+        };
+        crate::train::initialise(gpu, &graph)?;
+        graph.set(gpu, "x", &input(n * c * h * w))?;
+        if head.reads_regions() {
+            graph.set(gpu, "regions", &input(n * k * h * w))?;
+        }
+        graph.forward(gpu)?;
+        let mut dispatches = graph.forward_dispatches().to_vec();
+        if mode == Mode::Train {
+            graph.output_grad(0)?.fill(gpu, 1.0);
+            dispatches.extend_from_slice(graph.backward_dispatches());
+        }
+        let ms = time(gpu, &dispatches, Duration::ZERO, Duration::ZERO)?.mean_ms;
+        match mode {
+            Mode::Eval => row.forward_ms = Some(ms),
+            Mode::Train => row.train_ms = Some(ms),
+        }
+    }
+    Ok(row)
 }

@@ -272,3 +272,43 @@ impl Head<'_> {
         self.g.add(z, f)
     }
 }
+
+/// The sizes of the paper's complexity comparison: its own (a ResNet-101's output stride 8 on a
+/// 1024x1024 crop: `[1, 2048, 128, 128]` to 512 channels, KEY 256) and one lavapipe runs in
+/// seconds; both with Cityscapes' 19 regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComparisonSize {
+    Small,
+    Paper,
+}
+
+impl ComparisonSize {
+    pub fn name(self) -> &'static str {
+        match self {
+            ComparisonSize::Small => "small",
+            ComparisonSize::Paper => "paper",
+        }
+    }
+
+    /// The input `[1, C, H, W]`, the head's sizes, and the number of regions.
+    pub fn dims(self) -> ([usize; 4], HeadDims, usize) {
+        let (input, mid, key) = match self {
+            ComparisonSize::Small => ([1, 256, 32, 32], 64, 32),
+            ComparisonSize::Paper => ([1, 2048, 128, 128], 512, 256),
+        };
+        (input, HeadDims { mid, key, align_corners: true, ocr_bias: true }, 19)
+    }
+}
+
+/// `head` alone as the comparison runs it: on an input `x` that needs no gradient (a
+/// backbone's output would; the comparison leaves the backbone out) and, for OCR, region
+/// logits `regions` that need one (in the model the aux head computes them). Returns the
+/// builder and the head's output.
+pub fn comparison_graph(head: ContextHead, size: ComparisonSize) -> Result<(GraphBuilder, ValueId)> {
+    let ([n, c, h, w], dims, k) = size.dims();
+    let mut g = GraphBuilder::new();
+    let x = g.input("x", &[n, c, h, w], false);
+    let regions = |g: &mut GraphBuilder| Ok(g.input("regions", &[n, k, h, w], true));
+    let out = build(&mut g, head, x, regions, dims)?.out;
+    Ok((g, out))
+}

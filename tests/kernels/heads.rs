@@ -5,21 +5,16 @@
 
 use crate::common::*;
 use hrnet_ocr::graph::{Graph, GraphBuilder, Mode, ValueId};
-use hrnet_ocr::model::heads::{self, ContextHead, HeadDims};
+use hrnet_ocr::model::heads::{self, ComparisonSize, ContextHead, HeadDims};
 
 const OUT_TOL: f64 = 1e-4;
 const GRAD_TOL: f64 = 1e-3;
 
 /// `head` on an input `x` `[n, cin, h, w]` (and OCR's regions `[n, k, h, w]`), both asking
-/// for gradients as `grads` says; the head's output.
-fn build_head(
-    g: &mut GraphBuilder,
-    head: ContextHead,
-    [n, cin, h, w, mid, key, k]: [usize; 7],
-    grads: [bool; 2],
-) -> ValueId {
-    let x = g.input("x", &[n, cin, h, w], grads[0]);
-    let regions = |g: &mut GraphBuilder| Ok(g.input("regions", &[n, k, h, w], grads[1]));
+/// for gradients; the head's output.
+fn build_head(g: &mut GraphBuilder, head: ContextHead, [n, cin, h, w, mid, key, k]: [usize; 7]) -> ValueId {
+    let x = g.input("x", &[n, cin, h, w], true);
+    let regions = |g: &mut GraphBuilder| Ok(g.input("regions", &[n, k, h, w], true));
     let dims = HeadDims { mid, key, align_corners: true, ocr_bias: true };
     heads::build(g, head, x, regions, dims).unwrap().out
 }
@@ -59,7 +54,7 @@ fn every_context_head_matches_pytorch_forward_and_backward() {
         let dims: Vec<usize> = f.metadata[name].split_whitespace().map(|s| s.parse().unwrap()).collect();
         let dims: [usize; 7] = dims.try_into().unwrap();
         let mut g = GraphBuilder::new();
-        let out = build_head(&mut g, head, dims, [true, true]);
+        let out = build_head(&mut g, head, dims);
         let graph = g.build(gpu(), Mode::Train, &[out]).unwrap();
         let prefix = format!("{name}.param.");
         let in_fixture = f.names().iter().filter(|n| n.starts_with(&prefix)).count();
@@ -114,15 +109,15 @@ fn parameters_and_flops_equal_the_reference_counts_at_both_sizes() {
     let counts = reference_counts();
     assert_eq!(counts.len(), 2 * ContextHead::ALL.len(), "one line per head and size");
     for (head, size, want) in counts {
-        let dims = match size.as_str() {
-            "paper" => [1, 2048, 128, 128, 512, 256, 19],
-            "small" => [1, 256, 32, 32, 64, 32, 19],
+        let size = match size.as_str() {
+            "paper" => ComparisonSize::Paper,
+            "small" => ComparisonSize::Small,
             other => panic!("size {other}"),
         };
-        let mut g = GraphBuilder::new();
-        let out = build_head(&mut g, ContextHead::parse(&head).unwrap(), dims, [false, true]);
+        let head = ContextHead::parse(&head).unwrap();
+        let (g, out) = heads::comparison_graph(head, size).unwrap();
         let flops = g.flops(&[out]);
         let got = [g.parameter_count(), flops.forward, flops.backward];
-        assert_eq!(got, want, "{head} at {size}: [params, forward FLOPs, backward FLOPs]");
+        assert_eq!(got, want, "{head:?} at {size:?}: [params, forward FLOPs, backward FLOPs]");
     }
 }

@@ -4,7 +4,7 @@
 //! adapter or every adapter found.
 
 use crate::segment::PrecisionArg;
-use crate::{model, parse_size};
+use crate::{mib, model, parse_size};
 use clap::Args;
 use hrnet_ocr::bench::{self, KernelCase, Profile, Roofline, Timing};
 use hrnet_ocr::data::augment::Sample;
@@ -14,6 +14,7 @@ use hrnet_ocr::graph::Recompute;
 use hrnet_ocr::graph::{GraphBuilder, Mode};
 use hrnet_ocr::kernels::conv2d::Precision;
 use hrnet_ocr::kernels::tuning::{Tuner, TuningCache};
+use hrnet_ocr::model::heads::{ComparisonSize, ContextHead};
 use hrnet_ocr::model::hrnet;
 use hrnet_ocr::model::Config;
 use hrnet_ocr::train::{initialise, TrainOptions, Trainer};
@@ -78,9 +79,39 @@ pub struct BenchArgs {
     /// same results; bare --recompute means convolutions
     #[arg(long, value_enum, value_name = "WHAT", num_args = 0..=1, default_value = "bn-relu", default_missing_value = "convolutions")]
     recompute: crate::Recompute,
+    /// The OCR paper's comparison of context heads (PPM, ASPP, DANet, self-attention, double
+    /// attention, OCR, none) on one feature map: parameters, FLOPs, planned memory and time,
+    /// forward and forward + backward (with --plan-memory: no device, no times)
+    #[arg(long)]
+    context_heads: bool,
+    /// With --context-heads: the paper's 1x2048x128x128 -> 512, or a small 1x256x32x32 -> 64
+    #[arg(long, value_enum, default_value = "small")]
+    context_size: ContextSize,
+    /// With --context-heads: the PyTorch table of tools/reference/context_heads.py to print
+    /// beside the engine's; its parameter and FLOP counts must equal the engine's
+    #[arg(long, value_name = "FILE")]
+    reference: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ContextSize {
+    Small,
+    Paper,
+}
+
+impl From<ContextSize> for ComparisonSize {
+    fn from(s: ContextSize) -> Self {
+        match s {
+            ContextSize::Small => ComparisonSize::Small,
+            ContextSize::Paper => ComparisonSize::Paper,
+        }
+    }
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.context_heads {
+        return context_heads(args);
+    }
     if args.plan_memory {
         return plan_memory(args);
     }
@@ -597,5 +628,140 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
         Some(path) => println!("cache {}", path.display()),
         None => println!("kept in memory only (HRNET_OCR_TUNING={:?})", tuner.cache()),
     }
+    Ok(())
+}
+
+/// One head's line of the reference table (`tools/reference/context_heads.py complexity`).
+struct ReferenceRow {
+    counts: [u64; 3],
+    seconds: [Option<f64>; 2],
+    peak_bytes: [Option<u64>; 2],
+}
+
+/// The reference table's rows of `size` by head, and its first comment (what made it).
+fn read_reference(
+    path: &std::path::Path,
+    size: ComparisonSize,
+) -> Result<(String, Vec<(String, ReferenceRow)>)> {
+    let shown = path.display().to_string();
+    let bad = |what: String| Error::Format { path: shown.clone(), what };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let source = text.lines().next().and_then(|l| l.strip_prefix("# ")).unwrap_or("").to_string();
+    let mut rows = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() != 9 {
+            return Err(bad(format!("expected 9 columns (head size params flops_forward flops_backward \
+                                    seconds_forward seconds_train peak_bytes_forward peak_bytes_train): {line:?}")));
+        }
+        if cols[1] != size.name() {
+            continue;
+        }
+        let count =
+            |i: usize| cols[i].parse::<u64>().map_err(|_| bad(format!("column {} of {line:?}", i + 1)));
+        let opt = |i: usize| (cols[i] != "-").then_some(cols[i]);
+        let seconds = |i: usize| {
+            opt(i)
+                .map(|v| v.parse::<f64>().map_err(|_| bad(format!("column {} of {line:?}", i + 1))))
+                .transpose()
+        };
+        let bytes = |i: usize| {
+            opt(i)
+                .map(|v| v.parse::<u64>().map_err(|_| bad(format!("column {} of {line:?}", i + 1))))
+                .transpose()
+        };
+        let row = ReferenceRow {
+            counts: [count(2)?, count(3)?, count(4)?],
+            seconds: [seconds(5)?, seconds(6)?],
+            peak_bytes: [bytes(7)?, bytes(8)?],
+        };
+        rows.push((cols[0].to_string(), row));
+    }
+    if rows.is_empty() {
+        return Err(bad(format!("no row of size {}", size.name())));
+    }
+    Ok((source, rows))
+}
+
+fn context_heads(args: &BenchArgs) -> Result<()> {
+    let size = ComparisonSize::from(args.context_size);
+    let ([n, c, h, w], dims, k) = size.dims();
+    let gpu = if args.plan_memory { None } else { Some(Gpu::new()?) };
+    let reference = args.reference.as_deref().map(|p| read_reference(p, size)).transpose()?;
+    let on = gpu.as_ref().map_or("planned only, no device".to_string(), |g| g.describe());
+    println!(
+        "context heads on {n}x{c}x{h}x{w} -> {} channels (KEY {}, {k} regions), {on}",
+        dims.mid, dims.key
+    );
+    println!(
+        "{:<17} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "head", "params", "GFLOPs", "GFLOPs", "MiB", "MiB", "ms", "ms"
+    );
+    println!(
+        "{:<17} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "", "", "fwd", "fwd+bwd", "fwd", "fwd+bwd", "fwd", "fwd+bwd"
+    );
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let mut mismatches = Vec::new();
+    let mut rows = Vec::new();
+    for head in ContextHead::ALL {
+        let r = bench::compare_context_head(gpu.as_ref(), head, size)?;
+        let gflops = |f: u64| f as f64 / 1e9;
+        println!(
+            "{:<17} {:>11} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10}",
+            head.name(),
+            r.params,
+            gflops(r.flops.forward),
+            gflops(r.flops.forward + r.flops.backward),
+            mib(r.planned_forward),
+            mib(r.planned_train),
+            ms(r.forward_ms),
+            ms(r.train_ms)
+        );
+        if let Some((_, table)) = &reference {
+            let counts = [r.params, r.flops.forward, r.flops.backward];
+            match table.iter().find(|(name, _)| name == head.name()) {
+                Some((_, t)) if t.counts == counts => {}
+                Some((_, t)) => {
+                    mismatches.push(format!("{}: engine {counts:?}, reference {:?}", head.name(), t.counts))
+                }
+                None => mismatches.push(format!("{}: not in the reference table", head.name())),
+            }
+        }
+        rows.push(r);
+    }
+    for r in &rows {
+        if let Some(why) = &r.untrainable {
+            println!("{}: forward + backward not timed at batch 1: {why}", r.head.name());
+        }
+    }
+    let Some((source, table)) = reference else { return Ok(()) };
+    println!("\nthe reference ({source}):");
+    println!(
+        "{:<17} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "head", "params", "GFLOPs", "GFLOPs", "MiB", "MiB", "ms", "ms"
+    );
+    for r in &rows {
+        let Some((_, t)) = table.iter().find(|(name, _)| name == r.head.name()) else { continue };
+        let peak = |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.1}", mib(b)));
+        println!(
+            "{:<17} {:>11} {:>9.1} {:>9.1} {:>9} {:>9} {:>10} {:>10}",
+            r.head.name(),
+            t.counts[0],
+            t.counts[1] as f64 / 1e9,
+            (t.counts[1] + t.counts[2]) as f64 / 1e9,
+            peak(t.peak_bytes[0]),
+            peak(t.peak_bytes[1]),
+            ms(t.seconds[0].map(|s| s * 1e3)),
+            ms(t.seconds[1].map(|s| s * 1e3))
+        );
+    }
+    if !mismatches.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the engine's parameter and FLOP counts differ from the reference's: {}",
+            mismatches.join("; ")
+        )));
+    }
+    println!("parameters and FLOPs (forward, backward) equal the reference's for every head");
     Ok(())
 }
