@@ -255,3 +255,23 @@ fn the_reduced_cityscapes_experiment_is_the_official_one_at_w18_small() {
     assert_eq!((c.train.batch_size_per_gpu, c.train.end_epoch, c.dataset.train_crop), (4, 6, [64, 128]));
     assert_eq!((c.lr, c.weight_decay, c.class_weights.is_some()), (0.01, 5e-4, true));
 }
+
+#[test]
+fn model_context_head_selects_the_head_and_defaults_to_ocr() {
+    use hrnet_ocr::model::heads::ContextHead;
+    let text = tiny();
+    assert_eq!(Config::from_yaml(&text, "tiny_ocr.yaml").unwrap().context_head, ContextHead::Ocr);
+    for head in ContextHead::ALL {
+        let with = text.replacen(
+            "MODEL:\n",
+            &format!("MODEL:\n  CONTEXT_HEAD: {}\n", head.name().to_uppercase()),
+            1,
+        );
+        assert_eq!(Config::from_yaml(&with, "head.yaml").unwrap().context_head, head, "{with}");
+    }
+    let bad = text.replacen("MODEL:\n", "MODEL:\n  CONTEXT_HEAD: transformer\n", 1);
+    let e = Config::from_yaml(&bad, "head.yaml").unwrap_err().to_string();
+    for needle in ["head.yaml", "MODEL.CONTEXT_HEAD", "transformer", "ppm", "aspp", "double_attention"] {
+        assert!(e.contains(needle), "{needle} missing from: {e}");
+    }
+}

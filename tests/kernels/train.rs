@@ -348,3 +348,45 @@ fn an_official_training_checkpoint_resumes_with_its_momentum() {
     let e = Checkpoint::from_official(state, training, &[], 5, Default::default()).unwrap_err().to_string();
     assert!(e.contains("2 parameter groups"), "{e}");
 }
+
+/// Every context head (`MODEL.CONTEXT_HEAD`) in the tiny model: training steps on one batch
+/// bring its loss down, the trained weights carry the head's parameters by name, and a
+/// segmenter built from them segments a scene with the head.
+#[test]
+fn every_context_head_trains_and_segments_in_the_model() {
+    use hrnet_ocr::infer::{Segmenter, Strategy};
+    use hrnet_ocr::model::heads::ContextHead;
+    let crop = [64, 64];
+    let mut rng = SplitMix::new(21);
+    let batch: Vec<Sample> = (0..2)
+        .map(|i| {
+            let s = scene(9, i, 96, 96);
+            augment(&s.image, &s.labels, &recipe(crop), &mut rng)
+        })
+        .collect();
+    for head in ContextHead::ALL {
+        let mut cfg = tiny_config();
+        cfg.context_head = head;
+        let mut trainer = Trainer::new(gpu(), cfg.clone(), None, options(2, crop, 12, &[], 1.0)).unwrap();
+        let losses: Vec<f32> = (0..12u32).map(|step| trainer.step(&batch, step).unwrap().loss).collect();
+        assert!(losses.iter().all(|l| l.is_finite()), "{head:?}: {losses:?}");
+        assert!(
+            losses[11] < 0.8 * losses[0],
+            "{head:?}: the loss fell only from {} to {}",
+            losses[0],
+            losses[11]
+        );
+        let weights = trainer.weights().unwrap();
+        let prefix = match head {
+            ContextHead::Ocr => "ocr_distri_head.",
+            ContextHead::None => "conv3x3_ocr.",
+            other => other.name(),
+        };
+        assert!(weights.iter().any(|t| t.name.starts_with(prefix)), "{head:?}: no {prefix} tensor");
+        let s = scene(9, 7, 80, 72);
+        let mut segmenter = Segmenter::new(gpu(), cfg, weights);
+        let seg = segmenter.segment(&s.image, &Strategy::Whole).unwrap();
+        assert_eq!(seg.classes.len(), 80 * 72, "{head:?}");
+        assert!(seg.classes.iter().all(|&c| c < 5), "{head:?}");
+    }
+}
