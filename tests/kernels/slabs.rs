@@ -698,3 +698,37 @@ fn adaptive_pooling_runs_in_channel_slabs_bit_identically() {
     });
     assert_same_bits("adaptive pooling forward and accumulated backward", &r);
 }
+
+#[test]
+fn the_learnt_scale_add_runs_in_flat_chunks_bit_identically() {
+    let mut rng = Rng::new(seed("the_learnt_scale_add_runs_in_flat_chunks"));
+    let (a, b, gy, gamma) =
+        (rng.normals(numel(&X)), rng.normals(numel(&X)), rng.normals(numel(&X)), rng.normals(1));
+    let ins: [(&[usize], &[f32]); 4] = [(&X, &a), (&X, &b), (&X, &gy), (&[1], &gamma)];
+    let (poison, old) = (Init::Poison, Init::Data(rng.normals(1)));
+    let outs: [(&[usize], &Init); 4] = [(&X, &poison), (&X, &poison), (&X, &poison), (&[1], &old)];
+    let r = both("scaled add", &ins, &outs, &|g, i, o| {
+        let mut d = elementwise::scaled_add_forward(g, &i[0], &i[3], &i[1], &o[0]).unwrap();
+        let grads = ((&o[1], false), (&o[2], false), (&o[3], true));
+        d.extend(
+            elementwise::scaled_add_backward(g, (&i[0], &i[3]), &i[2], grads.0, grads.1, grads.2).unwrap(),
+        );
+        d
+    });
+    assert_same_bits("scaled add forward and backward (the scalar's gradient too)", &r);
+}
+
+#[test]
+fn an_attention_whose_value_and_key_widths_differ_is_refused_beyond_a_binding() {
+    // DANet's position attention: keys 2 channels, values 24; the values exceed a binding.
+    let (q, v) = ([1, 2, 16, 16], [1, 24, 16, 16]);
+    let t = |s: &[usize]| Tensor::from_slice(narrow(), s, &vec![0.5; numel(s)]).unwrap();
+    let (query, value, out, sim) = (t(&q), t(&v), t(&v), t(&[1, 256, 256]));
+    let e = ocr::attention_forward(narrow(), None, Some(1.0), (&query, &query, &value), &sim, &out)
+        .err()
+        .expect("refused")
+        .to_string();
+    for needle in ["24 value channels", "2 key channels", &LIMIT.to_string()] {
+        assert!(e.contains(needle), "{needle} missing from: {e}");
+    }
+}

@@ -14,6 +14,8 @@
 #   results.jsonl   every JSON line: kernel cases, model passes (hrnet-ocr and PyTorch)
 #   tests.log       the test executables' output
 #   info.txt        `hrnet-ocr info`
+#   context_heads.txt  `bench --context-heads` (paper size; --quick: small), with the PyTorch
+#                   reference's table beside it where torch imports
 # Exits non-zero when a test or a step failed; everything measured so far is written anyway.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -168,6 +170,21 @@ if "$python" -c 'import torch' 2> /dev/null; then
 fi
 note "$torch_note"
 
+# --- context heads: the OCR paper's comparison, beside the PyTorch reference where torch runs ---
+heads_size=$([[ -n $quick ]] && echo small || echo paper)
+reference=$work/context_heads_$heads_size.txt
+if ! "$python" -c 'import torch' 2> /dev/null; then
+    reference=
+elif ! timeout 300 "$python" "$repo/tools/reference/context_heads.py" complexity --size "$heads_size" --time \
+    --table "$reference" > /dev/null 2> "$work/heads.err"; then
+    tail -5 "$work/heads.err" >&2
+    fail "context_heads.py complexity --size $heads_size"
+    reference=
+fi
+note "bench --context-heads --context-size $heads_size"
+timeout 300 "$bin" bench --context-heads --context-size "$heads_size" ${reference:+--reference "$reference"} \
+    > "$out/context_heads.txt" 2>&1 || fail "bench --context-heads --context-size $heads_size"
+
 # --- summary ----------------------------------------------------------------------------------
 {
     echo "# GPU check$([[ -n $quick ]] && echo ' (quick)')"
@@ -194,6 +211,12 @@ note "$torch_note"
     echo "## Kernels"
     echo
     python3 "$repo/benches/peers/compare.py" "$work/kernels.jsonl" || echo "(no kernel rows)"
+    echo
+    echo "## Context heads ($heads_size)"
+    echo
+    echo '```'
+    cat "$out/context_heads.txt"
+    echo '```'
     echo
     if ((${#failures[@]})); then
         echo "## Failed"
