@@ -27,6 +27,7 @@ fn every_official_config_loads_as_w48_ocr() {
         assert_eq!(c.stages, w48.stages, "{}", f.display());
         assert_eq!((c.mid_channels, c.key_channels, c.align_corners), (512, 256, true), "{}", f.display());
         assert_eq!(c.concat_channels(), 720);
+        assert_eq!(c.context_head, hrnet_ocr::model::heads::ContextHead::Ocr, "{}", f.display());
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         let classes = match name.as_str() {
             n if n.contains("cls59") => 59,
