@@ -684,10 +684,11 @@ pub struct HeadComparison {
     /// Mean milliseconds of the forward, and of the forward and backward, when timed.
     pub forward_ms: Option<f64>,
     pub train_ms: Option<f64>,
-    /// Why the forward and backward was not timed: batch statistics of a map of one value
-    /// per channel at batch 1 (PPM's and ASPP's pooled branches), which the engine refuses
-    /// as PyTorch does.
-    pub untrainable: Option<String>,
+    /// Why a pass was not timed: the error that stopped it (PPM's and ASPP's forward +
+    /// backward at batch 1, whose batch norms would take statistics of one value per
+    /// channel, refused as PyTorch refuses them; an attention map beyond the adapter's
+    /// storage binding).
+    pub not_timed: Vec<String>,
 }
 
 /// Counts, plans and (on `gpu`, when given) times `head` at `size`: the eval forward, and the
@@ -708,39 +709,43 @@ pub fn compare_context_head(
         planned_train: train.total() - train.momentum,
         forward_ms: None,
         train_ms: None,
-        untrainable: None,
+        not_timed: Vec::new(),
     };
     let Some(gpu) = gpu else { return Ok(row) };
-    let ([n, c, h, w], _, k) = size.dims();
-    let input =
-        |len: usize| -> Vec<f32> { (0..len).map(|i| (i * 7919 % 2001) as f32 / 1000.0 - 1.0).collect() };
     for mode in [Mode::Eval, Mode::Train] {
-        let (g, out) = heads::comparison_graph(head, size)?;
-        let graph = match g.build(gpu, mode, &[out]) {
-            Err(Error::Invalid(why))
-                if mode == Mode::Train && why.contains("more than one value per channel") =>
-            {
-                row.untrainable = Some(why);
-                break;
-            }
-            built => built?,
-        };
-        crate::train::initialise(gpu, &graph)?;
-        graph.set(gpu, "x", &input(n * c * h * w))?;
-        if head.reads_regions() {
-            graph.set(gpu, "regions", &input(n * k * h * w))?;
-        }
-        graph.forward(gpu)?;
-        let mut dispatches = graph.forward_dispatches().to_vec();
-        if mode == Mode::Train {
-            graph.output_grad(0)?.fill(gpu, 1.0);
-            dispatches.extend_from_slice(graph.backward_dispatches());
-        }
-        let ms = time(gpu, &dispatches, Duration::ZERO, Duration::ZERO)?.mean_ms;
-        match mode {
-            Mode::Eval => row.forward_ms = Some(ms),
-            Mode::Train => row.train_ms = Some(ms),
+        match time_context_head(gpu, head, size, mode) {
+            Ok(ms) if mode == Mode::Eval => row.forward_ms = Some(ms),
+            Ok(ms) => row.train_ms = Some(ms),
+            Err(e) => row.not_timed.push(format!("{} not timed: {e}", pass_name(mode))),
         }
     }
     Ok(row)
+}
+
+fn pass_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Eval => "forward",
+        Mode::Train => "forward + backward",
+    }
+}
+
+/// Mean milliseconds of `head`'s pass in `mode` at `size` (see [`compare_context_head`]).
+fn time_context_head(gpu: &Gpu, head: ContextHead, size: ComparisonSize, mode: Mode) -> Result<f64> {
+    let ([n, c, h, w], _, k) = size.dims();
+    let input =
+        |len: usize| -> Vec<f32> { (0..len).map(|i| (i * 7919 % 2001) as f32 / 1000.0 - 1.0).collect() };
+    let (g, out) = heads::comparison_graph(head, size)?;
+    let graph = g.build(gpu, mode, &[out])?;
+    crate::train::initialise(gpu, &graph)?;
+    graph.set(gpu, "x", &input(n * c * h * w))?;
+    if head.reads_regions() {
+        graph.set(gpu, "regions", &input(n * k * h * w))?;
+    }
+    graph.forward(gpu)?;
+    let mut dispatches = graph.forward_dispatches().to_vec();
+    if mode == Mode::Train {
+        graph.output_grad(0)?.fill(gpu, 1.0);
+        dispatches.extend_from_slice(graph.backward_dispatches());
+    }
+    Ok(time(gpu, &dispatches, Duration::ZERO, Duration::ZERO)?.mean_ms)
 }

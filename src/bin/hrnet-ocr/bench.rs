@@ -731,8 +731,8 @@ fn context_heads(args: &BenchArgs) -> Result<()> {
         rows.push(r);
     }
     for r in &rows {
-        if let Some(why) = &r.untrainable {
-            println!("{}: forward + backward not timed at batch 1: {why}", r.head.name());
+        for why in &r.not_timed {
+            println!("{}: {why}", r.head.name());
         }
     }
     let Some((source, table)) = reference else { return Ok(()) };
