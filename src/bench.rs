@@ -153,7 +153,7 @@ pub fn roofline(gpu: &Gpu) -> Result<Roofline> {
     let (x, weight) = (filled(gpu, &[1, 64, 128, 128], 4)?, filled(gpu, &[64, 64, 3, 3], 5)?);
     let y = Tensor::empty(gpu, x.shape())?;
     let gemms = vec![
-        mm.forward(gpu, &a, &b, &c)?,
+        mm.forward(gpu, None, &a, &b, &c)?,
         conv2d::forward(gpu, &Conv2dSpec::square(1, 1, 1), &x, &weight, None, &y)?.into_vec(),
     ];
     Ok(Roofline { gbytes_per_s, gflops: best(gemms, |c| c.flops)? })
@@ -396,9 +396,9 @@ fn ocr_head(s: &mut Suite) -> Result<()> {
         for (ta, tb) in [(false, false), (true, true)] {
             let mm = Matmul { batch: 1, m: 512, k: 512, n: 512, trans_a: ta, trans_b: tb };
             let name = format!("512^3 trans_a {ta} trans_b {tb}");
-            s.add("matmul", "forward", &name, mm.forward(gpu, &a, &b, &m)?, false);
-            s.add("matmul", "backward_a", &name, mm.backward_a(gpu, &m, &b, &a, false)?, false);
-            s.add("matmul", "backward_b", &name, mm.backward_b(gpu, &a, &m, &b, false)?, false);
+            s.add("matmul", "forward", &name, mm.forward(gpu, None, &a, &b, &m)?, false);
+            s.add("matmul", "backward_a", &name, mm.backward_a(gpu, None, &m, &b, &a, false)?, false);
+            s.add("matmul", "backward_b", &name, mm.backward_b(gpu, None, &a, &m, &b, false)?, false);
         }
     }
 
@@ -595,10 +595,12 @@ pub fn peer_suite(gpu: &Gpu, shapes: &[PeerShape]) -> Result<Vec<KernelCase>> {
                 let mm = Matmul { batch: 1, m, k, n, trans_a: false, trans_b: false };
                 let (a, b, c) = (s.t(&[m, k], 1)?, s.t(&[k, n], 2)?, s.e(&[m, n])?);
                 let (ga, gb) = (s.e(&[m, k])?, s.e(&[k, n])?);
-                let forward = mm.forward(gpu, &a, &b, &c)?;
-                let backward =
-                    [mm.backward_a(gpu, &c, &b, &ga, false)?, mm.backward_b(gpu, &a, &c, &gb, false)?]
-                        .concat();
+                let forward = mm.forward(gpu, None, &a, &b, &c)?;
+                let backward = [
+                    mm.backward_a(gpu, None, &c, &b, &ga, false)?,
+                    mm.backward_b(gpu, None, &a, &c, &gb, false)?,
+                ]
+                .concat();
                 (forward, backward, false)
             }
             PeerShape::Softmax { rows, len } => {

@@ -7,7 +7,7 @@ use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnClass}
 use crate::kernels::conv2d::{self, Conv2dSpec, Precision};
 use crate::kernels::dropout::{Dropout2d, SeededDispatch};
 use crate::kernels::loss::{CrossEntropy, LossClass, LossPass};
-use crate::kernels::matmul::{product, Strided};
+use crate::kernels::matmul::Matmul;
 use crate::kernels::ocr::{self, AttentionGrads};
 use crate::kernels::softmax::{self, Axis};
 use crate::kernels::sums::{self, Summing};
@@ -223,9 +223,9 @@ impl Op {
             }
             // The similarities `HW x K` over the key channels, the output `CV x HW` over the keys.
             Op::ObjectAttention { query, sim, y, .. } => numel(sim) * dim(query, 1) + numel(y) * dim(sim, 2),
-            Op::Product { a, y, .. } => {
-                let a_cols = numel(a.0) / dim(a.0, 0) / dim(a.0, 1);
-                numel(y) * if a.1 { dim(a.0, 1) } else { a_cols }
+            Op::Product { a, b, .. } => {
+                let mm = product_of(values, a, b);
+                (mm.batch * mm.m * mm.k * mm.n) as u64
             }
             _ => 0,
         }
@@ -529,17 +529,8 @@ impl Graph {
                 )?,
                 &Op::AdaptiveAvgPool { x, y } => resize::adaptive_avg_pool(gpu, self.t(x), self.t(y), 0)?,
                 &Op::Product { a, b, y } => {
-                    let (av, bv) = (self.matrix(a), self.matrix(b));
-                    let n = self.values[y.0].shape[0];
-                    product(
-                        gpu,
-                        self.tuner.as_deref(),
-                        n,
-                        (self.t(a.0), av),
-                        (self.t(b.0), bv),
-                        self.t(y),
-                        false,
-                    )?
+                    let mm = product_of(&self.values, a, b);
+                    mm.forward(gpu, self.tuner.as_deref(), self.t(a.0), self.t(b.0), self.t(y))?
                 }
                 &Op::Softmax { x, y, axis, scale } => {
                     let axis = axis.of(&self.values[x.0].shape);
@@ -759,26 +750,16 @@ impl Graph {
                 let (gx, acc) = target(x)?;
                 resize::adaptive_avg_pool_backward(gpu, &gy(), 0, &gx, acc)?
             }
-            &Op::Product { a, b, y } => {
-                // c = A @ B: grad A = grad c @ B^T and grad B = A^T @ grad c, each formed in
-                // its operand's stored layout (transposed products where it is read transposed).
-                let (av, bv, cv) = (self.matrix(a), self.matrix(b), self.matrix((y, false)));
-                let (gy, n, tuner) = (gy(), self.values[y.0].shape[0], self.tuner.as_deref());
-                let (at, bt) = (self.kept(a.0), self.kept(b.0));
+            &Op::Product { a, b, .. } => {
+                let (mm, tuner, gy) = (product_of(&self.values, a, b), self.tuner.as_deref(), gy());
                 let mut d = Vec::new();
                 if tg_needs(grads, a.0) {
                     let (ga, acc) = target(a.0)?;
-                    d.extend(match a.1 {
-                        false => product(gpu, tuner, n, (&gy, cv), (bt, bv.t()), &ga, acc)?,
-                        true => product(gpu, tuner, n, (bt, bv), (&gy, cv.t()), &ga, acc)?,
-                    });
+                    d.extend(mm.backward_a(gpu, tuner, &gy, self.kept(b.0), &ga, acc)?);
                 }
                 if tg_needs(grads, b.0) {
                     let (gb, acc) = target(b.0)?;
-                    d.extend(match b.1 {
-                        false => product(gpu, tuner, n, (at, av.t()), (&gy, cv), &gb, acc)?,
-                        true => product(gpu, tuner, n, (&gy, cv.t()), (at, av), &gb, acc)?,
-                    });
+                    d.extend(mm.backward_b(gpu, tuner, self.kept(a.0), &gy, &gb, acc)?);
                 }
                 d
             }
@@ -841,17 +822,17 @@ impl SoftmaxAxis {
     }
 }
 
-impl Graph {
-    /// Value `v` `[N, C, H, W]` as each image's `C x HW` matrix, transposed if asked.
-    fn matrix(&self, (v, transposed): (ValueId, bool)) -> Strided {
-        let shape = &self.values[v.0].shape;
-        let m = Strided::row_major(shape[1], shape[2..].iter().product());
-        if transposed {
-            m.t()
-        } else {
-            m
-        }
-    }
+/// A product node's operands `[N, C, H, W]` read as each image's `C x HW` matrix
+/// (transposed where its flag says): `N` products of `M x K` by `K x P`.
+fn product_of(values: &[Value], (a, trans_a): (ValueId, bool), (b, trans_b): (ValueId, bool)) -> Matmul {
+    let matrix = |v: ValueId| {
+        let shape = &values[v.0].shape;
+        (shape[1], shape[2..].iter().product::<usize>())
+    };
+    let ((ar, ac), (br, bc)) = (matrix(a), matrix(b));
+    let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
+    let n = if trans_b { br } else { bc };
+    Matmul { batch: values[a.0].shape[0], m, k, n, trans_a, trans_b }
 }
 
 fn tg_needs(grads: &[Option<Tensor>], v: ValueId) -> bool {

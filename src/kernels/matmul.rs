@@ -318,9 +318,16 @@ impl Matmul {
         Strided::row_major(self.m, self.n)
     }
 
-    /// `c = op(a) @ op(b)`.
-    pub fn forward(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Vec<Dispatch>> {
-        product(gpu, None, self.batch, (a, self.a()), (b, self.b()), c, false)
+    /// `c = op(a) @ op(b)`, each product by `tuner`'s choice ([`product`]).
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        tuner: Option<&Tuner>,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+    ) -> Result<Vec<Dispatch>> {
+        product(gpu, tuner, self.batch, (a, self.a()), (b, self.b()), c, false)
     }
 
     /// `grad_a (+)= grad_c @ op(b)^T`, written in a's stored layout: when a is stored
@@ -328,15 +335,16 @@ impl Matmul {
     pub fn backward_a(
         &self,
         gpu: &Gpu,
+        tuner: Option<&Tuner>,
         grad_c: &Tensor,
         b: &Tensor,
         grad_a: &Tensor,
         accumulate: bool,
     ) -> Result<Vec<Dispatch>> {
         if self.trans_a {
-            product(gpu, None, self.batch, (b, self.b()), (grad_c, self.c().t()), grad_a, accumulate)
+            product(gpu, tuner, self.batch, (b, self.b()), (grad_c, self.c().t()), grad_a, accumulate)
         } else {
-            product(gpu, None, self.batch, (grad_c, self.c()), (b, self.b().t()), grad_a, accumulate)
+            product(gpu, tuner, self.batch, (grad_c, self.c()), (b, self.b().t()), grad_a, accumulate)
         }
     }
 
@@ -345,15 +353,16 @@ impl Matmul {
     pub fn backward_b(
         &self,
         gpu: &Gpu,
+        tuner: Option<&Tuner>,
         a: &Tensor,
         grad_c: &Tensor,
         grad_b: &Tensor,
         accumulate: bool,
     ) -> Result<Vec<Dispatch>> {
         if self.trans_b {
-            product(gpu, None, self.batch, (grad_c, self.c().t()), (a, self.a()), grad_b, accumulate)
+            product(gpu, tuner, self.batch, (grad_c, self.c().t()), (a, self.a()), grad_b, accumulate)
         } else {
-            product(gpu, None, self.batch, (a, self.a().t()), (grad_c, self.c()), grad_b, accumulate)
+            product(gpu, tuner, self.batch, (a, self.a().t()), (grad_c, self.c()), grad_b, accumulate)
         }
     }
 }

@@ -202,7 +202,8 @@ impl Attention {
     /// value and output alike, so only when value and key channels agree.
     fn slabbed<'g>(&self, gpu: &'g Gpu, tensors: &[&Tensor]) -> Result<Option<Slabbed<'g>>> {
         let cuts: Vec<Cut<'_>> = tensors.iter().map(|t| Cut::new(t, 0)).collect();
-        if self.cv != self.ch && slabs::split(gpu, self.n, self.ch, &cuts)?.is_some() {
+        let split = Slabbed::new(gpu, self.n, self.ch, &cuts)?;
+        if split.is_some() && self.cv != self.ch {
             return Err(Error::Invalid(format!(
                 "an attention with {} value channels and {} key channels must fit a storage binding \
                  ({} bytes); only attentions whose value and key channels agree are cut into slabs",
@@ -211,7 +212,7 @@ impl Attention {
                 gpu.limits().max_storage_buffer_binding_size
             )));
         }
-        Slabbed::new(gpu, self.n, self.ch, &cuts)
+        Ok(split)
     }
 }
 

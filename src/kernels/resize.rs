@@ -87,19 +87,10 @@ pub fn backward(
     align_corners: bool,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    per_slab(gpu, "resize", grad_x, (grad_y, channel_offset), |grad_x, grad_y, offset| {
-        let mut p = params(
-            "resize output gradient",
-            grad_x.dims4("resize input gradient")?,
-            grad_y,
-            offset,
-            align_corners,
-        )?;
-        p.flags = if accumulate { ACCUMULATE } else { 0 };
-        let out = (p.n * p.c * p.ho * p.wo) as usize;
-        let cost = Cost { flops: 6 * out as u64, bytes: f32_bytes(grad_x.numel() + out) };
-        let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
-        launch(gpu, Shader::Resize, "resize_backward", &p, &bindings, grad_x.numel(), cost)
+    let gather = Gather { what: "resize", entry: "resize_backward", align_corners, accumulate };
+    gather.launch(gpu, grad_y, channel_offset, grad_x, |grad_x, _, out| Cost {
+        flops: 6 * out as u64,
+        bytes: f32_bytes(grad_x.numel() + out),
     })
 }
 
@@ -132,20 +123,50 @@ pub fn adaptive_avg_pool_backward(
     grad_x: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    per_slab(gpu, "adaptive pooling", grad_x, (grad_y, channel_offset), |grad_x, grad_y, offset| {
-        let mut p = params(
-            "adaptive pooling output gradient",
-            grad_x.dims4("adaptive pooling input gradient")?,
-            grad_y,
-            offset,
-            false,
-        )?;
-        p.flags = if accumulate { ACCUMULATE } else { 0 };
-        let cost =
-            Cost { flops: grad_x.numel() as u64, bytes: f32_bytes(2 * grad_x.numel() + grad_y.numel()) };
-        let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
-        launch(gpu, Shader::Resize, "adaptive_avg_pool_backward", &p, &bindings, grad_x.numel(), cost)
+    let gather = Gather {
+        what: "adaptive pooling",
+        entry: "adaptive_avg_pool_backward",
+        align_corners: false,
+        accumulate,
+    };
+    gather.launch(gpu, grad_y, channel_offset, grad_x, |grad_x, grad_y, _| Cost {
+        flops: grad_x.numel() as u64,
+        bytes: f32_bytes(2 * grad_x.numel() + grad_y.numel()),
     })
+}
+
+/// A backward of `resize.wgsl`'s gather template: its entry, what errors name, and the
+/// launch's flags.
+struct Gather {
+    what: &'static str,
+    entry: &'static str,
+    align_corners: bool,
+    accumulate: bool,
+}
+
+impl Gather {
+    /// `grad_x (+)=` the gather from `grad_y[:, offset..offset + C]`, per channel slab where
+    /// a tensor exceeds a binding; `cost` of each launch's (grad_x, grad_y, output-gradient
+    /// elements read).
+    fn launch(
+        &self,
+        gpu: &Gpu,
+        grad_y: &Tensor,
+        channel_offset: usize,
+        grad_x: &Tensor,
+        cost: impl Fn(&Tensor, &Tensor, usize) -> Cost,
+    ) -> Result<Vec<Dispatch>> {
+        let what = self.what;
+        per_slab(gpu, what, grad_x, (grad_y, channel_offset), |grad_x, grad_y, offset| {
+            let input = grad_x.dims4(&format!("{what} input gradient"))?;
+            let mut p =
+                params(&format!("{what} output gradient"), input, grad_y, offset, self.align_corners)?;
+            p.flags = if self.accumulate { ACCUMULATE } else { 0 };
+            let out = (p.n * p.c * p.ho * p.wo) as usize;
+            let bindings = [Binding::read(3, grad_y), Binding::write(4, grad_x)];
+            launch(gpu, Shader::Resize, self.entry, &p, &bindings, grad_x.numel(), cost(grad_x, grad_y, out))
+        })
+    }
 }
 
 /// `launch(small, large, offset)` once, or, when a tensor exceeds a binding, once per

@@ -145,6 +145,20 @@ impl Head<'_> {
         self.g.conv2d(name, x, [k, k], out, bias, spec)
     }
 
+    /// conv -> BN -> ReLU, the convolution and the batch norm named `names`; the
+    /// convolution `k x k` to `out` channels, with a bias where `bias` says.
+    fn unit(
+        &mut self,
+        x: ValueId,
+        names: [String; 2],
+        (k, out, bias): (usize, usize, bool),
+        spec: Conv2dSpec,
+    ) -> Result<ValueId> {
+        let y = self.conv(&names[0], x, k, out, bias, spec)?;
+        let y = self.g.batch_norm(&names[1], y)?;
+        Ok(self.g.relu(y))
+    }
+
     /// conv (no bias) -> BN -> ReLU, named `{p}.conv` and `{p}.bn`.
     fn conv_bn_relu(
         &mut self,
@@ -154,24 +168,19 @@ impl Head<'_> {
         out: usize,
         spec: Conv2dSpec,
     ) -> Result<ValueId> {
-        let y = self.conv(&format!("{p}.conv"), x, k, out, false, spec)?;
-        let y = self.g.batch_norm(&format!("{p}.bn"), y)?;
-        Ok(self.g.relu(y))
+        self.unit(x, [format!("{p}.conv"), format!("{p}.bn")], (k, out, false), spec)
     }
 
     /// The 3x3 conv -> BN -> ReLU to MID channels every attention head starts from, with
     /// OCR's names (`{p}.0`, `{p}.1`) and bias convention.
     fn reduce(&mut self, x: ValueId, p: &str) -> Result<ValueId> {
-        let f = self.conv(&format!("{p}.0"), x, 3, self.dims.mid, self.dims.ocr_bias, SAME3)?;
-        let f = self.g.batch_norm(&format!("{p}.1"), f)?;
-        Ok(self.g.relu(f))
+        let shape = (3, self.dims.mid, self.dims.ocr_bias);
+        self.unit(x, [format!("{p}.0"), format!("{p}.1")], shape, SAME3)
     }
 
     /// OCR's conv1x1 (no bias) -> BN -> ReLU with the official `{p}.{i}` / `{p}.{i+1}.0` names.
     fn ocr_unit(&mut self, x: ValueId, p: &str, i: usize, out: usize) -> Result<ValueId> {
-        let y = self.conv(&format!("{p}.{i}"), x, 1, out, false, POINT)?;
-        let y = self.g.batch_norm(&format!("{p}.{}.0", i + 1), y)?;
-        Ok(self.g.relu(y))
+        self.unit(x, [format!("{p}.{i}"), format!("{p}.{}.0", i + 1)], (1, out, false), POINT)
     }
 
     /// OCR's object block (ObjectAttentionBlock2D + SpatialOCR_Module's fuse) on pixel

@@ -15,9 +15,9 @@ fn run(mm: &Matmul, a: &[f32], b: &[f32], gc: &[f32], old_a: Option<&[f32]>) -> 
     let ga = old_a.map_or_else(|| poisoned(&a_shape), |o| upload(&a_shape, o));
     let gb = poisoned(&b_shape);
     let ds = [
-        mm.forward(gpu, &at, &bt, &c).unwrap(),
-        mm.backward_a(gpu, &gct, &bt, &ga, old_a.is_some()).unwrap(),
-        mm.backward_b(gpu, &at, &gct, &gb, false).unwrap(),
+        mm.forward(gpu, None, &at, &bt, &c).unwrap(),
+        mm.backward_a(gpu, None, &gct, &bt, &ga, old_a.is_some()).unwrap(),
+        mm.backward_b(gpu, None, &at, &gct, &gb, false).unwrap(),
     ];
     gpu.run(ds.iter().flatten()).unwrap();
     [download(&c), download(&ga), download(&gb)]

@@ -426,9 +426,9 @@ fn matrix_products_run_in_batch_ranges_bit_identically() {
         let outs: [(&[usize], &Init); 3] = [(&c, &poison), (&a, &acc), (&b, &poison)];
         let r = both("matmul", &ins, &outs, &|g, i, o| {
             [
-                mm.forward(g, &i[0], &i[1], &o[0]).unwrap(),
-                mm.backward_a(g, &i[2], &i[1], &o[1], true).unwrap(),
-                mm.backward_b(g, &i[0], &i[2], &o[2], false).unwrap(),
+                mm.forward(g, None, &i[0], &i[1], &o[0]).unwrap(),
+                mm.backward_a(g, None, &i[2], &i[1], &o[1], true).unwrap(),
+                mm.backward_b(g, None, &i[0], &i[2], &o[2], false).unwrap(),
             ]
             .concat()
         });
