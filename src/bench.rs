@@ -424,7 +424,7 @@ fn ocr_head(s: &mut Suite) -> Result<()> {
     }
 
     if s.wants(&["dropout"]) {
-        let drop = Dropout2d { drop: 0.05 };
+        let drop = Dropout2d { drop: 0.05, first_image: 0 };
         let did = "512x64x128";
         s.add(
             "dropout2d",

@@ -26,6 +26,8 @@ pub enum Error {
     Readback(String),
     /// The device reported an error (validation, out of memory, device lost).
     Device(String),
+    /// A collective between data-parallel ranks failed (a rank left, ranks disagree).
+    Collective(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -55,6 +57,7 @@ impl fmt::Display for Error {
                 write!(f, "reading a buffer back from the device failed: {msg}")
             }
             Error::Device(msg) => write!(f, "device error: {msg}"),
+            Error::Collective(msg) => write!(f, "data-parallel collective: {msg}"),
         }
     }
 }

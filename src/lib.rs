@@ -8,6 +8,7 @@
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod formats;

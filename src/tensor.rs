@@ -226,6 +226,11 @@ impl Tensor {
         })
     }
 
+    /// The (buffer, offset, bytes) the tensor's elements occupy, for copies.
+    pub(crate) fn range(&self) -> (&wgpu::Buffer, u64, u64) {
+        (self.buffer(), self.offset, self.words_bytes())
+    }
+
     /// Whether both tensors live in the same device buffer (views included).
     pub fn same_buffer(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.buffer, &other.buffer)
@@ -310,6 +315,6 @@ pub fn read_many(gpu: &Gpu, tensors: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
     for t in tensors {
         t.check_float("read_many")?;
     }
-    let ranges: Vec<_> = tensors.iter().map(|t| (t.buffer(), t.offset, t.words_bytes())).collect();
+    let ranges: Vec<_> = tensors.iter().map(|t| t.range()).collect();
     Ok(read_buffers(gpu, &ranges)?.iter().zip(tensors).map(|(b, t)| t.floats(b)).collect())
 }

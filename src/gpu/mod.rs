@@ -16,7 +16,7 @@ pub(crate) use dispatch::DispatchSpec;
 pub use dispatch::{total_cost, BufferBinding, Cost, DType, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
-pub(crate) use readback::{read_buffer, read_buffers};
+pub(crate) use readback::{read_buffer, read_buffers, Staged};
 pub use registry::{Shader, INCLUDES};
 
 use crate::error::{Error, Result};
@@ -234,6 +234,19 @@ impl Gpu {
         clears: &[(&wgpu::Buffer, u64, u64)],
         dispatches: impl IntoIterator<Item = &'a Dispatch>,
     ) -> Result<()> {
+        self.submit_staged(clears, dispatches, &[]).map(drop)
+    }
+
+    /// Submits `dispatches` (after zeroing the `clears`) and then copies the `reads`
+    /// (buffer, offset, bytes) to a staging buffer, in one command buffer; does not wait.
+    /// The copies are read with [`Staged::read`], which waits for this submission alone,
+    /// so later work may be submitted first and run meanwhile.
+    pub(crate) fn submit_staged<'a>(
+        &self,
+        clears: &[(&wgpu::Buffer, u64, u64)],
+        dispatches: impl IntoIterator<Item = &'a Dispatch>,
+        reads: &[(&wgpu::Buffer, u64, u64)],
+    ) -> Result<Staged> {
         self.check_lost()?;
         let mut encoder = self.device.create_command_encoder(&Default::default());
         for &(buffer, offset, bytes) in clears {
@@ -247,15 +260,17 @@ impl Gpu {
                 labels = (labels.0.or(Some(d.label())), Some(d.label()), labels.2 + 1);
             }
         }
-        self.queue.submit([encoder.finish()]);
-        self.count_submission(false);
+        let staging = readback::stage(self, &mut encoder, reads);
+        let index = self.queue.submit([encoder.finish()]);
+        self.count_submission(!reads.is_empty());
         // An error raised by this submission names the kernels it held.
         self.check_device_error().map_err(|e| match (e, labels) {
             (Error::Device(msg), (Some(first), Some(last), n)) => {
                 Error::Device(format!("{msg} (in a submission of {n} dispatches, {first} .. {last})"))
             }
             (e, _) => e,
-        })
+        })?;
+        Ok(Staged { staging, index })
     }
 
     /// Submits `dispatches` and waits until the device has finished them.

@@ -11,7 +11,25 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, size: u
 /// Copies each (buffer, offset, bytes) range to the host: one staging buffer, one
 /// command buffer, one wait.
 pub(crate) fn read_buffers(gpu: &Gpu, ranges: &[(&wgpu::Buffer, u64, u64)]) -> Result<Vec<Vec<u8>>> {
-    gpu.check_lost()?;
+    gpu.submit_staged(&[], [], ranges)?.read(gpu)
+}
+
+/// Copies of device ranges on their way to the host: the staging buffer (with each
+/// range's length) and the submission that fills it.
+pub(crate) struct Staged {
+    pub(super) staging: Option<(wgpu::Buffer, Vec<u64>)>,
+    pub(super) index: wgpu::SubmissionIndex,
+}
+
+/// Records copies of `ranges` into a new staging buffer (none for no ranges).
+pub(super) fn stage(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    ranges: &[(&wgpu::Buffer, u64, u64)],
+) -> Option<(wgpu::Buffer, Vec<u64>)> {
+    if ranges.is_empty() {
+        return None;
+    }
     let total: u64 = ranges.iter().map(|r| r.2).sum();
     let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
@@ -19,34 +37,43 @@ pub(crate) fn read_buffers(gpu: &Gpu, ranges: &[(&wgpu::Buffer, u64, u64)]) -> R
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let mut encoder = gpu.device.create_command_encoder(&Default::default());
     let mut at = 0;
     for &(buffer, offset, size) in ranges {
         encoder.copy_buffer_to_buffer(buffer, offset, &staging, at, size);
         at += size;
     }
-    gpu.queue.submit([encoder.finish()]);
-    gpu.count_submission(true);
-    let (tx, rx) = std::sync::mpsc::channel();
-    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    gpu.wait()?;
-    rx.recv()
-        .map_err(|_| Error::Readback("the map callback never ran".into()))?
-        .map_err(|e| Error::Readback(e.to_string()))?;
-    let data = {
-        let view = staging.slice(..).get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
-        let mut at = 0;
-        ranges
-            .iter()
-            .map(|r| {
-                let bytes = view[at as usize..(at + r.2) as usize].to_vec();
-                at += r.2;
-                bytes
-            })
-            .collect()
-    };
-    staging.unmap();
-    Ok(data)
+    Some((staging, ranges.iter().map(|r| r.2).collect()))
+}
+
+impl Staged {
+    /// The staged ranges' bytes, once their submission has finished (later submissions may
+    /// still run).
+    pub(crate) fn read(self, gpu: &Gpu) -> Result<Vec<Vec<u8>>> {
+        let Some((staging, sizes)) = self.staging else { return Ok(Vec::new()) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(self.index), timeout: None })
+            .map_err(|e| Error::Device(format!("waiting for the device: {e}")))?;
+        gpu.check_device_error()?;
+        rx.recv()
+            .map_err(|_| Error::Readback("the map callback never ran".into()))?
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let data = {
+            let view = staging.slice(..).get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
+            let mut at = 0;
+            sizes
+                .iter()
+                .map(|&size| {
+                    let bytes = view[at as usize..(at + size) as usize].to_vec();
+                    at += size;
+                    bytes
+                })
+                .collect()
+        };
+        staging.unmap();
+        Ok(data)
+    }
 }

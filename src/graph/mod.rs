@@ -11,6 +11,7 @@ mod fuse;
 mod ops;
 mod plan;
 
+use crate::dist::{Comm, DataParallel};
 use crate::error::{check_shape, Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::conv2d::{Conv2dSpec, Precision};
@@ -20,7 +21,7 @@ use crate::kernels::sgd::{Arena, SgdConfig};
 use crate::kernels::tuning::Tuner;
 use crate::tensor::{DType, Tensor};
 pub use ops::SoftmaxAxis;
-use ops::{Backward, Op, Recorded};
+use ops::{Backward, Op, Recorded, SyncPoint};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -117,6 +118,8 @@ pub struct GraphBuilder {
     precision: Precision,
     /// Whose kernel-variant choices recording takes; none: the untimed defaults.
     tuner: Option<Arc<Tuner>>,
+    /// Training graphs: this rank's place in data-parallel training.
+    parallel: DataParallel,
 }
 
 impl GraphBuilder {
@@ -383,7 +386,7 @@ impl GraphBuilder {
         }
         let shape = self.shape(x).to_vec();
         let y = self.activation("dropout", &shape);
-        self.ops.push(Op::Dropout { x, y, layer: Dropout2d { drop } });
+        self.ops.push(Op::Dropout { x, y, layer: Dropout2d { drop, first_image: 0 } });
         y
     }
 
@@ -544,6 +547,19 @@ impl GraphBuilder {
         Ok(())
     }
 
+    /// Records the graph as rank `rank` of `ranks` training data-parallel on slices of one
+    /// global batch ([`Graph::train_step_across`]): synchronized batch norm, if asked, meets
+    /// the other ranks in each batch norm's forward and backward; dropout masks are those of
+    /// the rank's images within the global batch; the backward hands parameter gradients to
+    /// the all-reduce in buckets as they complete.
+    pub fn data_parallel(&mut self, parallel: DataParallel) -> Result<()> {
+        if parallel.ranks == 0 || parallel.rank >= parallel.ranks {
+            return Err(Error::Invalid(format!("rank {} of {} ranks", parallel.rank, parallel.ranks)));
+        }
+        self.parallel = parallel;
+        Ok(())
+    }
+
     /// Allocates every tensor and records the forward (and, in training, backward) pass.
     /// Eval graphs fuse each conv-BN-(add)-(ReLU) chain into one kernel (see `fuse.rs`).
     pub fn build(mut self, gpu: &Gpu, mode: Mode, outputs: &[ValueId]) -> Result<Graph> {
@@ -593,6 +609,7 @@ impl GraphBuilder {
             weights_touched: AtomicBool::new(true),
             forwarded: AtomicBool::new(false),
             recomputed,
+            parallel: self.parallel,
         };
         for (v, data) in &self.constants {
             graph.t(*v).write(gpu, data)?;
@@ -950,6 +967,8 @@ pub struct Graph {
     /// Training graphs: the values the backward rebuilds, each with the node that rebuilds
     /// it and its buffer.
     recomputed: HashMap<ValueId, (usize, Tensor)>,
+    /// Training graphs: the rank and ranks it was recorded for.
+    parallel: DataParallel,
 }
 
 struct Optimizer {
@@ -1139,6 +1158,44 @@ impl Graph {
         gpu.submit_after_clearing(&self.gradient_arena(), self.step_dispatches())
     }
 
+    /// A training step of rank `comm.rank()` of a data-parallel group, each rank on its
+    /// slice of the global batch ([`GraphBuilder::data_parallel`]): the forward and the
+    /// backward run in segments between their meeting points (synchronized batch norms'
+    /// exchanges, gradient buckets); each bucket's mean over the ranks is taken while the
+    /// device runs the next segment, and written back before the SGD step, which then
+    /// leaves every rank with the same weights.
+    pub fn train_step_across(
+        &mut self,
+        gpu: &Gpu,
+        config: &SgdConfig,
+        lr: f32,
+        comm: &mut Comm,
+    ) -> Result<()> {
+        if self.grads.is_empty() {
+            return Err(Error::Invalid("train_step_across: the graph was built for eval".into()));
+        }
+        if (comm.rank(), comm.ranks()) != (self.parallel.rank, self.parallel.ranks) {
+            return Err(Error::Invalid(format!(
+                "the graph was recorded for rank {} of {}; the collective is rank {} of {}",
+                self.parallel.rank,
+                self.parallel.ranks,
+                comm.rank(),
+                comm.ranks()
+            )));
+        }
+        if self.parallel.ranks == 1 {
+            return self.train_step(gpu, config, lr);
+        }
+        self.prepare_sgd(gpu, config, lr)?;
+        self.forwarded.store(false, Ordering::Release);
+        let arena = self.gradient_arena();
+        let recorded = &self.recorded;
+        run_between(gpu, comm, &recorded.forward, &recorded.forward_syncs, &arena)?;
+        run_between(gpu, comm, &recorded.backward, &recorded.backward_syncs, &[])?;
+        let step = self.optimizer.as_ref().and_then(|o| o.step.as_ref()).map(|(_, d)| d);
+        gpu.submit(step.into_iter().flatten())
+    }
+
     /// The optimizer's dispatches, recorded on first use and set to `lr`.
     fn prepare_sgd(&mut self, gpu: &Gpu, config: &SgdConfig, lr: f32) -> Result<&[Dispatch]> {
         let opt = self.optimizer.as_mut().ok_or_else(|| {
@@ -1212,4 +1269,76 @@ impl Graph {
             self.optimizer.as_ref().and_then(|o| o.step.as_ref()).into_iter().flat_map(|(_, d)| d);
         self.recorded.forward.iter().chain(&self.recorded.backward).chain(optimizer).collect()
     }
+}
+
+/// Runs `dispatches` in segments between the meeting `points` (the `clears` zeroed at the
+/// start): at each, the exchange's tensors and the bucket's gradients are copied back with
+/// the segment; an exchange completes before the next segment starts (its result feeds
+/// it), while a bucket's mean is taken after the next segment is submitted, so the device
+/// runs on meanwhile. A bucket's gradients are final, so writing the mean back at once is
+/// safe: the queue writes it before any later segment runs.
+fn run_between(
+    gpu: &Gpu,
+    comm: &mut Comm,
+    dispatches: &[Dispatch],
+    points: &[SyncPoint],
+    clears: &[(&wgpu::Buffer, u64, u64)],
+) -> Result<()> {
+    let mut start = 0;
+    let mut clears = clears;
+    let mut pending: Option<(PendingBucket, &[Tensor])> = None;
+    for point in points {
+        let exchanged = point.exchange.as_ref().map_or_else(Vec::new, |e| e.reads());
+        let reads: Vec<_> = exchanged.iter().copied().chain(&point.bucket).map(Tensor::range).collect();
+        let staged = gpu.submit_staged(clears, &dispatches[start..point.at], &reads)?;
+        (clears, start) = (&[], point.at);
+        if let Some((bucket, grads)) = pending.take() {
+            reduce_bucket(gpu, comm, bucket.bytes(gpu)?, grads)?;
+        }
+        match &point.exchange {
+            Some(exchange) => {
+                let mut bytes = staged.read(gpu)?;
+                let grads = bytes.split_off(exchanged.len());
+                let read: Vec<Vec<f32>> = bytes.iter().map(|b| bytemuck::pod_collect_to_vec(b)).collect();
+                exchange.apply(gpu, &comm.all_gather_f64(&exchange.local(&read))?)?;
+                pending = Some((PendingBucket::Read(grads), &point.bucket));
+            }
+            None => pending = Some((PendingBucket::Staged(staged), &point.bucket)),
+        }
+    }
+    gpu.submit_after_clearing(clears, &dispatches[start..])?;
+    match pending {
+        Some((bucket, grads)) => reduce_bucket(gpu, comm, bucket.bytes(gpu)?, grads),
+        None => Ok(()),
+    }
+}
+
+/// A bucket's gradients on their way to the host, or there.
+enum PendingBucket {
+    Staged(crate::gpu::Staged),
+    Read(Vec<Vec<u8>>),
+}
+
+impl PendingBucket {
+    fn bytes(self, gpu: &Gpu) -> Result<Vec<Vec<u8>>> {
+        match self {
+            PendingBucket::Staged(staged) => staged.read(gpu),
+            PendingBucket::Read(bytes) => Ok(bytes),
+        }
+    }
+}
+
+/// Replaces each gradient of a bucket by its mean over the ranks.
+fn reduce_bucket(gpu: &Gpu, comm: &mut Comm, bytes: Vec<Vec<u8>>, grads: &[Tensor]) -> Result<()> {
+    if grads.is_empty() {
+        return Ok(());
+    }
+    let mut all: Vec<f32> = bytes.iter().flat_map(|b| bytemuck::pod_collect_to_vec::<u8, f32>(b)).collect();
+    comm.mean_f32(&mut all)?;
+    let mut at = 0;
+    for g in grads {
+        g.write(gpu, &all[at..at + g.numel()])?;
+        at += g.numel();
+    }
+    Ok(())
 }

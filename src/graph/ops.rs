@@ -380,6 +380,26 @@ pub(super) struct Recorded {
     /// Each node's forward dispatches (a range of `forward`) with what it reads and writes,
     /// for the checked forward.
     pub nodes: Vec<NodeRecord>,
+    /// Data-parallel training: where the ranks meet in the forward and in the backward, in
+    /// order.
+    pub forward_syncs: Vec<SyncPoint>,
+    pub backward_syncs: Vec<SyncPoint>,
+}
+
+/// Which pass a meeting point belongs to.
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// A point of a pass where data-parallel ranks meet, after its first `at` dispatches: a
+/// synchronized batch norm's exchange, and the parameter gradients complete by then that
+/// go to the ranks' all-reduce (a bucket; empty while too few bytes are ready).
+pub(super) struct SyncPoint {
+    pub at: usize,
+    pub exchange: Option<batch_norm::Exchange>,
+    pub bucket: Vec<Tensor>,
 }
 
 /// A loss term of the graph: its name, the one-element tensor its value lands in, and its
@@ -474,16 +494,18 @@ impl Graph {
                         Mode::Train => {
                             let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
                             let summing = self.bn_summing(gpu, self.t(x))?;
-                            let d = batch_norm::forward_train_with(
+                            let ranks = self.parallel.ranks;
+                            let pass = batch_norm::forward_train_synced(
                                 gpu,
                                 self.t(x),
                                 &bn,
-                                &saved,
-                                self.t(y),
+                                (&saved, self.t(y)),
                                 summing,
+                                ranks,
                             )?;
                             self.recorded.saved.insert(y, saved);
-                            d
+                            let start = self.recorded.forward.len();
+                            self.synchronized(pass, start, Pass::Forward)
                         }
                     }
                 }
@@ -546,7 +568,7 @@ impl Graph {
                     concat::copy_channels(gpu, (self.t(x), 0), (self.t(y), 0), channels, false)?
                 }
                 &Op::Dropout { x, y, layer } => {
-                    let seeded = layer.forward(gpu, self.t(x), self.t(y), self.seed)?;
+                    let seeded = self.placed(layer, x).forward(gpu, self.t(x), self.t(y), self.seed)?;
                     self.recorded.dropouts.extend(seeded.iter().cloned());
                     seeded.into_iter().map(|s| s.dispatch).collect()
                 }
@@ -579,6 +601,7 @@ impl Graph {
         let grads = std::mem::take(&mut self.grads);
         let written = backward.written_at_start.clone();
         let mut targets = Targets { needs: &backward.needs, written, discard: HashMap::new() };
+        let mut buckets = Buckets::new(&self.values, ops, &grads);
         for step in &backward.schedule {
             let mut d = match step {
                 BackwardStep::Rebuild(v) => self.rebuild(gpu, ops, *v)?,
@@ -588,7 +611,15 @@ impl Graph {
                     self.backward_of(gpu, (*at, op), gy, &grads, &mut targets)?
                 }
             };
+            let start = self.recorded.backward.len();
             self.recorded.backward.append(&mut d);
+            if let (BackwardStep::Node(at, _), true) = (step, self.parallel.ranks > 1) {
+                let span = (start, self.recorded.backward.len());
+                buckets.node_done(&ops[*at], span, &mut self.recorded.backward_syncs);
+            }
+        }
+        if self.parallel.ranks > 1 {
+            buckets.finish(self.recorded.backward.len(), &mut self.recorded.backward_syncs);
         }
         self.grads = grads;
         Ok(())
@@ -616,6 +647,26 @@ impl Graph {
                 self.values[v.0].name
             ))),
         }
+    }
+
+    /// A batch norm pass's dispatches, its exchange kept as a meeting point of the ranks
+    /// when they synchronize batch norm (`start`: where the pass begins in its list).
+    fn synchronized(&mut self, pass: batch_norm::SyncedPass, start: usize, which: Pass) -> Vec<Dispatch> {
+        if self.parallel.synchronizes_batch_norm() {
+            let point =
+                SyncPoint { at: start + pass.exchange_at, exchange: Some(pass.exchange), bucket: Vec::new() };
+            match which {
+                Pass::Forward => self.recorded.forward_syncs.push(point),
+                Pass::Backward => self.recorded.backward_syncs.push(point),
+            }
+        }
+        pass.dispatches
+    }
+
+    /// A dropout layer placed at this rank's slice of the global batch, so each image's
+    /// mask is the one it has on a single device.
+    fn placed(&self, layer: Dropout2d, x: ValueId) -> Dropout2d {
+        Dropout2d { first_image: self.parallel.rank * self.values[x.0].shape[0], ..layer }
     }
 
     /// What the backward reads of value `v`: its forward tensor, or where it was recomputed.
@@ -674,7 +725,7 @@ impl Graph {
                     accumulate_x,
                     accumulate_params,
                 };
-                batch_norm::backward_with(
+                let pass = batch_norm::backward_synced(
                     gpu,
                     self.kept(x),
                     &self.bn_params(op),
@@ -682,7 +733,10 @@ impl Graph {
                     &gy(),
                     &g,
                     self.bn_summing(gpu, self.kept(x))?,
-                )?
+                    self.parallel.ranks,
+                )?;
+                let start = self.recorded.backward.len();
+                self.synchronized(pass, start, Pass::Backward)
             }
             &Op::Relu { x, y } => {
                 if !tg_needs(grads, x) {
@@ -786,6 +840,7 @@ impl Graph {
             }
             &Op::Dropout { x, layer, .. } => {
                 let (gx, accumulate) = target(x)?;
+                let layer = self.placed(layer, x);
                 let seeded = layer.backward(gpu, &gy(), &gx, self.seed, accumulate)?;
                 self.recorded.dropouts.extend(seeded.iter().cloned());
                 seeded.into_iter().map(|s| s.dispatch).collect()
@@ -840,6 +895,66 @@ fn tg_needs(grads: &[Option<Tensor>], v: ValueId) -> bool {
 }
 
 /// Where each backward kernel writes a value's gradient, and whether it accumulates.
+/// Gradient buckets for the ranks' all-reduce, formed as the backward is recorded: a
+/// parameter's gradient joins the open bucket once the last node reading the parameter has
+/// its backward recorded, and the bucket closes once it holds [`BUCKET_BYTES`], at the
+/// node's own batch-norm exchange or at a point of its own after the node (as PyTorch's
+/// DDP buckets); the rest close at the end of the backward.
+struct Buckets {
+    /// Per value: nodes reading it whose backward is still to come (parameters only).
+    readers_left: Vec<usize>,
+    /// The parameters' gradients, by value.
+    params: Vec<Option<Tensor>>,
+    open: Vec<Tensor>,
+    bytes: u64,
+}
+
+/// A gradient bucket's size before it is reduced (DDP's default, 25 MiB).
+pub(super) const BUCKET_BYTES: u64 = 25 << 20;
+
+impl Buckets {
+    fn new(values: &[Value], ops: &[Op], grads: &[Option<Tensor>]) -> Self {
+        let is_param = |v: ValueId| values[v.0].role == Role::Param;
+        let mut readers_left = vec![0; values.len()];
+        for v in ops.iter().flat_map(Op::reads).filter(|&v| is_param(v)) {
+            readers_left[v.0] += 1;
+        }
+        let params =
+            grads.iter().enumerate().map(|(v, g)| g.clone().filter(|_| is_param(ValueId(v)))).collect();
+        Buckets { readers_left, params, open: Vec::new(), bytes: 0 }
+    }
+
+    /// `op`'s backward is recorded as dispatches `start..end` of the backward.
+    fn node_done(&mut self, op: &Op, (start, end): (usize, usize), points: &mut Vec<SyncPoint>) {
+        for v in op.reads() {
+            if self.readers_left[v.0] == 0 {
+                continue;
+            }
+            self.readers_left[v.0] -= 1;
+            if let (0, Some(g)) = (self.readers_left[v.0], self.params[v.0].take()) {
+                self.bytes += g.bytes();
+                self.open.push(g);
+            }
+        }
+        if self.bytes < BUCKET_BYTES {
+            return;
+        }
+        let bucket = std::mem::take(&mut self.open);
+        self.bytes = 0;
+        match points.last_mut() {
+            // The node's batch-norm exchange: its weight and bias gradients are complete there.
+            Some(p) if p.at >= start && p.exchange.is_some() => p.bucket = bucket,
+            _ => points.push(SyncPoint { at: end, exchange: None, bucket }),
+        }
+    }
+
+    /// The last bucket, at the end of the backward: every gradient not yet in one.
+    fn finish(self, end: usize, points: &mut Vec<SyncPoint>) {
+        let bucket = self.open.into_iter().chain(self.params.into_iter().flatten()).collect();
+        points.push(SyncPoint { at: end, exchange: None, bucket });
+    }
+}
+
 struct Targets<'a> {
     needs: &'a [bool],
     written: Vec<bool>,

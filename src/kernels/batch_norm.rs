@@ -180,6 +180,13 @@ impl Layout {
         Ok(l)
     }
 
+    /// The layout of one rank of `ranks` whose statistics are over all their samples.
+    fn across(mut self, ranks: usize) -> Result<Self> {
+        let samples = self.params.layer_samples as usize * ranks;
+        self.params.layer_samples = to_u32("N x H x W over the ranks", samples)?;
+        Ok(self)
+    }
+
     fn numel(&self) -> usize {
         self.dims.iter().product()
     }
@@ -267,8 +274,34 @@ pub fn forward_train_with(
     y: &Tensor,
     summing: Summing,
 ) -> Result<Vec<Dispatch>> {
-    let l = Layout::with_saved(x, bn, (saved, y), 0, summing)?;
-    if l.dims[0] * l.dims[2] * l.dims[3] < 2 {
+    Ok(forward_train_across(gpu, x, bn, (saved, y), summing, 1)?.dispatches)
+}
+
+/// The training forward of one rank of `ranks` whose batch norm normalises with the
+/// statistics of all their batches together (synchronized batch norm): the dispatches of
+/// [`forward_train_with`], with an [`Exchange::Statistics`] between the partial sums and
+/// their finalisation, which then reads the one chunk the exchange wrote.
+pub fn forward_train_synced(
+    gpu: &Gpu,
+    x: &Tensor,
+    bn: &BatchNormParams<'_>,
+    (saved, y): (&Tensor, &Tensor),
+    summing: Summing,
+    ranks: usize,
+) -> Result<SyncedPass> {
+    forward_train_across(gpu, x, bn, (saved, y), summing, ranks)
+}
+
+fn forward_train_across(
+    gpu: &Gpu,
+    x: &Tensor,
+    bn: &BatchNormParams<'_>,
+    (saved, y): (&Tensor, &Tensor),
+    summing: Summing,
+    ranks: usize,
+) -> Result<SyncedPass> {
+    let l = Layout::with_saved(x, bn, (saved, y), 0, summing)?.across(ranks)?;
+    if l.dims[0] * l.dims[2] * l.dims[3] * ranks < 2 {
         return Err(Error::Invalid(format!(
             "batch_norm in training mode needs more than one value per channel; input shape {:?}",
             x.shape()
@@ -300,11 +333,17 @@ pub fn forward_train_with(
         let cost = Cost { flops: 3 * terms as u64, bytes: f32_bytes(terms + 2 * sums) };
         d.push(summing.launch(gpu, STATS_PARTIALS, &piece.params, &bindings, (sums, cost))?);
     }
+    let exchange_at = d.len();
+    // Synchronized: the exchange leaves the global sums as one chunk of the whole layer.
+    let finalize = match ranks {
+        1 => l.params,
+        _ => Params { n: 1, chunk_len: l.params.hw, ..l.params },
+    };
     d.push(launch(
         gpu,
         Shader::BatchNorm,
         "bn_stats_finalize",
-        &l.params,
+        &finalize,
         &[
             Binding::write(4, bn.running_mean),
             Binding::write(5, bn.running_var),
@@ -318,7 +357,9 @@ pub fn forward_train_with(
         d.push(normalize_train(gpu, piece, [x, y], bn, saved)?);
     }
     debug_assert_eq!(numel, pieces.iter().map(Piece::numel).sum::<usize>());
-    Ok(d)
+    let samples = l.dims[0] * l.dims[2] * l.dims[3];
+    let exchange = Exchange::Statistics { partials, saved: saved.clone(), chunks, channels: c, samples };
+    Ok(SyncedPass { dispatches: d, exchange_at, exchange })
 }
 
 /// `y = relu(BN(x))` with the batch statistics a training forward saved: a BN-ReLU output
@@ -409,7 +450,40 @@ pub fn backward_with(
     grads: &BatchNormGrads<'_>,
     summing: Summing,
 ) -> Result<Vec<Dispatch>> {
-    let l = Layout::new("batch_norm input", x, bn, 0, summing)?;
+    Ok(backward_across(gpu, x, bn, saved, grad_y, grads, summing, 1)?.dispatches)
+}
+
+/// The training backward of one rank of `ranks` under synchronized batch norm: the
+/// dispatches of [`backward_with`], with an [`Exchange::GradientSums`] between the channel
+/// sums and the input gradient, which then uses those of the global batch. The weight and
+/// bias gradients stay this rank's own, as PyTorch's `SyncBatchNorm` leaves them for the
+/// gradient all-reduce.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_synced(
+    gpu: &Gpu,
+    x: &Tensor,
+    bn: &BatchNormParams<'_>,
+    saved: &Tensor,
+    grad_y: &Tensor,
+    grads: &BatchNormGrads<'_>,
+    summing: Summing,
+    ranks: usize,
+) -> Result<SyncedPass> {
+    backward_across(gpu, x, bn, saved, grad_y, grads, summing, ranks)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_across(
+    gpu: &Gpu,
+    x: &Tensor,
+    bn: &BatchNormParams<'_>,
+    saved: &Tensor,
+    grad_y: &Tensor,
+    grads: &BatchNormGrads<'_>,
+    summing: Summing,
+    ranks: usize,
+) -> Result<SyncedPass> {
+    let l = Layout::new("batch_norm input", x, bn, 0, summing)?.across(ranks)?;
     let (c, chunks) = (l.channels(), l.chunks());
     check_shape("batch_norm saved statistics", &saved_shape(c), saved.shape())?;
     check_shape("batch_norm output gradient", x.shape(), grad_y.shape())?;
@@ -449,6 +523,7 @@ pub fn backward_with(
         c,
         Cost { flops: (2 * chunks * c) as u64, bytes: f32_bytes(2 * chunks * c + 4 * c) },
     )?);
+    let exchange_at = d.len();
     for piece in &pieces {
         let mut params = piece.params;
         params.flags = if grads.accumulate_x { ACCUMULATE } else { 0 };
@@ -470,5 +545,103 @@ pub fn backward_with(
             Cost { flops: 8 * numel as u64, bytes: f32_bytes(3 * numel + 7 * piece.params.c as usize) },
         )?);
     }
-    Ok(d)
+    Ok(SyncedPass {
+        dispatches: d,
+        exchange_at,
+        exchange: Exchange::GradientSums { sums: grad_sums, channels: c },
+    })
+}
+
+/// A synchronized batch norm pass: its dispatches, and the host exchange that runs after
+/// the first `exchange_at` of them.
+pub struct SyncedPass {
+    pub dispatches: Vec<Dispatch>,
+    pub exchange_at: usize,
+    pub exchange: Exchange,
+}
+
+/// What ranks of a synchronized batch norm exchange between two of its passes: each reads
+/// back [`Exchange::reads`], contributes [`Exchange::local`], and writes back what
+/// [`Exchange::apply`] makes of every rank's contribution (rank order, f64: every rank
+/// writes the same bits).
+#[derive(Clone)]
+pub enum Exchange {
+    /// After the forward's partial sums: this rank's (sum of x - shift, sum of its square)
+    /// per (chunk, channel) and its shift per channel (its first value, `saved`'s third
+    /// lane). Replaced by the global batch's sums relative to rank 0's shift, as one chunk,
+    /// and rank 0's shift.
+    Statistics { partials: Tensor, saved: Tensor, chunks: usize, channels: usize, samples: usize },
+    /// After the backward's channel sums: (sum of grad_y, sum of grad_y * x_hat) per
+    /// channel, replaced by their sums over the ranks.
+    GradientSums { sums: Tensor, channels: usize },
+}
+
+impl Exchange {
+    /// The tensors to read back once the passes before the exchange have run.
+    pub fn reads(&self) -> Vec<&Tensor> {
+        match self {
+            Exchange::Statistics { partials, saved, .. } => vec![partials, saved],
+            Exchange::GradientSums { sums, .. } => vec![sums],
+        }
+    }
+
+    /// This rank's contribution, from what [`Exchange::reads`] read: per channel (shift,
+    /// sum, sum of squares) then the sample count; or per channel the two gradient sums.
+    pub fn local(&self, read: &[Vec<f32>]) -> Vec<f64> {
+        match self {
+            Exchange::Statistics { chunks, channels, samples, .. } => {
+                let (partials, saved) = (&read[0], &read[1]);
+                let mut out = Vec::with_capacity(3 * channels + 1);
+                for ch in 0..*channels {
+                    let sum = |lane: usize| -> f64 {
+                        (0..*chunks).map(|k| f64::from(partials[2 * (k * channels + ch) + lane])).sum()
+                    };
+                    out.extend([f64::from(saved[4 * ch + 2]), sum(0), sum(1)]);
+                }
+                out.push(*samples as f64);
+                out
+            }
+            Exchange::GradientSums { channels, .. } => {
+                read[0][..2 * channels].iter().map(|&v| f64::from(v)).collect()
+            }
+        }
+    }
+
+    /// Writes back the combination of every rank's [`Exchange::local`] (rank order).
+    pub fn apply(&self, gpu: &Gpu, all: &[Vec<f64>]) -> Result<()> {
+        match self {
+            Exchange::Statistics { partials, saved, channels, samples, .. } => {
+                let count: f64 = all.iter().map(|r| r[3 * channels]).sum();
+                if count != (*samples * all.len()) as f64 {
+                    return Err(Error::Invalid(format!(
+                        "synchronized batch norm: the ranks hold {count} samples per channel together, \
+                         not {} ranks x {samples}: every rank must train on the same batch and crop",
+                        all.len()
+                    )));
+                }
+                let mut sums = Vec::with_capacity(2 * channels);
+                let mut stats = Vec::with_capacity(4 * channels);
+                for ch in 0..*channels {
+                    let shift = all[0][3 * ch];
+                    let (mut s1, mut s2) = (0.0, 0.0);
+                    for rank in all {
+                        // Rank r's sums about its own shift, moved to rank 0's.
+                        let (d, n) = (rank[3 * ch] - shift, rank[3 * channels]);
+                        let (r1, r2) = (rank[3 * ch + 1], rank[3 * ch + 2]);
+                        s1 += r1 + n * d;
+                        s2 += r2 + 2.0 * d * r1 + n * d * d;
+                    }
+                    sums.extend([s1 as f32, s2 as f32]);
+                    stats.extend([0.0, 0.0, shift as f32, 0.0]);
+                }
+                partials.view(gpu, 0, &[2 * channels])?.write(gpu, &sums)?;
+                saved.write(gpu, &stats)
+            }
+            Exchange::GradientSums { sums, channels } => {
+                let total: Vec<f32> =
+                    (0..2 * channels).map(|i| all.iter().map(|r| r[i]).sum::<f64>() as f32).collect();
+                sums.write(gpu, &total)
+            }
+        }
+    }
 }

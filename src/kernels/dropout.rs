@@ -44,6 +44,9 @@ pub fn keep(seed: u32, drop: f32, n: usize, channels: usize, c: usize) -> bool {
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout2d {
     pub drop: f32,
+    /// The batch's first image within a larger batch (a data-parallel rank's slice): the
+    /// mask of image n is that of image `first_image + n` of the whole batch.
+    pub first_image: usize,
 }
 
 /// A recorded dropout launch whose seed is rewritten each step (a clone shares the
@@ -122,13 +125,16 @@ impl Dropout2d {
         launch: impl Fn(&Tensor, &Tensor, usize) -> Result<SeededDispatch>,
     ) -> Result<Vec<SeededDispatch>> {
         let [n, c, _, _] = input.dims4("dropout input")?;
+        let first = self.first_image * c;
         let cuts = [Cut::new(input, 0), Cut::new(output, 0)];
         let Some(slabs) = slabs::split(gpu, n, c, &cuts)? else {
-            return Ok(vec![launch(input, output, 0)?]);
+            return Ok(vec![launch(input, output, first)?]);
         };
         slabs
             .iter()
-            .map(|s| launch(&s.view(gpu, cuts[0])?, &s.view(gpu, cuts[1])?, s.item * c + s.channels.start))
+            .map(|s| {
+                launch(&s.view(gpu, cuts[0])?, &s.view(gpu, cuts[1])?, first + s.item * c + s.channels.start)
+            })
             .collect()
     }
 }

@@ -6,6 +6,7 @@ pub mod recipe;
 
 use crate::data::augment::Sample;
 use crate::data::SplitMix;
+use crate::dist::{Comm, CommStats, DataParallel};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::{Graph, GraphBuilder, Mode, Recompute, TrainingMemory, ValueId};
@@ -47,6 +48,9 @@ pub struct TrainOptions {
     /// What the backward rebuilds instead of keeping it from the forward
     /// ([`GraphBuilder::recompute_in_backward`]): less memory, the same results.
     pub recompute: Recompute,
+    /// This trainer's rank in data-parallel training (`batch` is then its slice of the
+    /// global batch), and whether batch norm is synchronized; one rank by default.
+    pub parallel: DataParallel,
 }
 
 impl TrainOptions {
@@ -189,6 +193,7 @@ fn training_graph(config: &Config, options: &TrainOptions) -> Result<(GraphBuild
     let [h, w] = options.crop;
     let mut g = GraphBuilder::new();
     g.recompute_in_backward(options.recompute);
+    g.data_parallel(options.parallel)?;
     let x = g.input("input", &[options.batch, 3, h, w], false);
     let m = hrnet::build(&mut g, config, x, options.dropout)?;
     let labels = g.labels("label", &[options.batch, h, w]);
@@ -213,6 +218,8 @@ pub struct Trainer<'g> {
     config: Config,
     options: TrainOptions,
     step: usize,
+    /// The other ranks, in data-parallel training.
+    comm: Option<Comm>,
 }
 
 impl<'g> Trainer<'g> {
@@ -237,7 +244,7 @@ impl<'g> Trainer<'g> {
             Some(w) => weights::load_into(gpu, &graph, w, "the initial weights")?,
             None => initialise(gpu, &graph)?,
         }
-        Ok(Trainer { gpu, graph, config, options, step: 0 })
+        Ok(Trainer { gpu, graph, config, options, step: 0, comm: None })
     }
 
     /// Loads a pretrained checkpoint over the fresh start ([`weights::load_pretrained`]:
@@ -253,7 +260,32 @@ impl<'g> Trainer<'g> {
         weights::load_pretrained(self.gpu, &self.graph, tensors, source)
     }
 
-    /// One step on `batch` samples (each `crop`-sized): forward, backward, SGD.
+    /// Joins the data-parallel group of `options.parallel` through `comm` (its rank and
+    /// size must match): each later step meets the other ranks.
+    pub fn join(&mut self, comm: Comm) -> Result<()> {
+        let p = self.options.parallel;
+        if (comm.rank(), comm.ranks()) != (p.rank, p.ranks) {
+            return Err(Error::Invalid(format!(
+                "the trainer is rank {} of {}; the collective is rank {} of {}",
+                p.rank,
+                p.ranks,
+                comm.rank(),
+                comm.ranks()
+            )));
+        }
+        self.comm = Some(comm);
+        Ok(())
+    }
+
+    /// The communication figures since the last call (none on one rank).
+    pub fn take_comm_stats(&mut self) -> CommStats {
+        self.comm.as_mut().map(Comm::take_stats).unwrap_or_default()
+    }
+
+    /// One step on `batch` samples (each `crop`-sized): forward, backward, SGD. In
+    /// data-parallel training `batch` is this rank's slice of the global batch, and the
+    /// figures returned are the means over the ranks (the global batch's loss where every
+    /// rank's images have as many labelled pixels).
     pub fn step(&mut self, batch: &[Sample], seed: u32) -> Result<StepStats> {
         let [h, w] = self.options.crop;
         if batch.len() != self.options.batch
@@ -278,8 +310,27 @@ impl<'g> Trainer<'g> {
             weight_decay: self.config.weight_decay,
             nesterov: self.config.nesterov,
         };
-        self.graph.train_step(gpu, &sgd, lr)?;
-        let terms = self.graph.loss_terms(gpu)?;
+        let terms = match (&mut self.comm, self.options.parallel.ranks) {
+            (_, 1) => {
+                self.graph.train_step(gpu, &sgd, lr)?;
+                self.graph.loss_terms(gpu)?
+            }
+            (Some(comm), _) => {
+                comm.check_agreement(&format!("step {} of batch {} at {h}x{w}", self.step, batch.len()))?;
+                self.graph.train_step_across(gpu, &sgd, lr, comm)?;
+                let mut terms = self.graph.loss_terms(gpu)?;
+                let mut values: Vec<f32> = terms.0.iter().map(|t| t.value).collect();
+                comm.mean_f32(&mut values)?;
+                terms.0.iter_mut().zip(values).for_each(|(t, v)| t.value = v);
+                terms
+            }
+            (None, ranks) => {
+                return Err(Error::Invalid(format!(
+                    "the trainer is rank {} of {ranks} but has joined no group (Trainer::join)",
+                    self.options.parallel.rank
+                )))
+            }
+        };
         let stats = StepStats {
             step: self.step,
             loss: terms.total(),

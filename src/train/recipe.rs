@@ -177,6 +177,7 @@ impl RunSettings {
             head_lr_mult: self.head_lr_mult,
             tuning,
             recompute: Recompute::default(),
+            parallel: Default::default(),
         }
     }
 

@@ -192,3 +192,82 @@ fn subgroup_summing_gives_the_trees_bits() {
         assert!(bits(a) == bits(b), "{dims:?} {what}: the subgroup summing differs from the tree's");
     }
 }
+
+/// Synchronized batch norm: two ranks of one image each, their exchanges run on the host,
+/// normalise, update the running statistics and back-propagate as one layer over both
+/// images (the input gradient of each rank's slice; the weight gradients summed).
+#[test]
+fn synchronized_ranks_match_one_layer_over_their_images() {
+    let mut rng = Rng::new(seed("synchronized batch norm"));
+    let (c, h, w) = (12, 17, 23);
+    let dims = [2, c, h, w];
+    let per = c * h * w;
+    // Channels far from zero and of unequal spread: the shifts of the ranks differ a lot.
+    let x: Vec<f32> = (0..2 * per).map(|i| 40.0 * ((i / (h * w)) % c) as f32 + rng.normal() * 3.0).collect();
+    let gy = rng.normals(2 * per);
+    let (gamma, beta, mean) = (rng.normals(c), rng.normals(c), rng.normals(c));
+    let new_layer = || Layer::new(&gamma, &beta, &mean, &vec![1.5; c]);
+    let one = run(dims, &x, &new_layer(), &gy, Summing::Chunked);
+
+    let gpu = gpu();
+    let rank_dims = [1, c, h, w];
+    let layers = [new_layer(), new_layer()];
+    let slice = |v: &[f32], r: usize| v[r * per..(r + 1) * per].to_vec();
+    let xs: Vec<Tensor> = (0..2).map(|r| upload(&rank_dims, &slice(&x, r))).collect();
+    let ys: Vec<Tensor> = (0..2).map(|_| poisoned(&rank_dims)).collect();
+    let saved: Vec<Tensor> = (0..2).map(|_| poisoned(&batch_norm::saved_shape(c))).collect();
+    // Both ranks' passes run up to their exchanges, which then combine both contributions.
+    let exchange = |passes: &[batch_norm::SyncedPass]| {
+        for p in passes {
+            gpu.run(&p.dispatches[..p.exchange_at]).unwrap();
+        }
+        let all: Vec<Vec<f64>> = passes
+            .iter()
+            .map(|p| {
+                let read: Vec<Vec<f32>> = p.exchange.reads().iter().map(|t| download(t)).collect();
+                p.exchange.local(&read)
+            })
+            .collect();
+        for p in passes {
+            p.exchange.apply(gpu, &all).unwrap();
+            gpu.run(&p.dispatches[p.exchange_at..]).unwrap();
+        }
+    };
+    let forward: Vec<_> = (0..2)
+        .map(|r| {
+            let bn = layers[r].params();
+            batch_norm::forward_train_synced(gpu, &xs[r], &bn, (&saved[r], &ys[r]), Summing::Chunked, 2)
+                .unwrap()
+        })
+        .collect();
+    exchange(&forward);
+    let gys: Vec<Tensor> = (0..2).map(|r| upload(&rank_dims, &slice(&gy, r))).collect();
+    let gxs: Vec<Tensor> = (0..2).map(|_| poisoned(&rank_dims)).collect();
+    let ggs: Vec<[Tensor; 2]> = (0..2).map(|_| [poisoned(&[c]), poisoned(&[c])]).collect();
+    let backward: Vec<_> = (0..2)
+        .map(|r| {
+            let grads = BatchNormGrads {
+                grad_x: &gxs[r],
+                grad_gamma: &ggs[r][0],
+                grad_beta: &ggs[r][1],
+                accumulate_x: false,
+                accumulate_params: false,
+            };
+            let bn = layers[r].params();
+            batch_norm::backward_synced(gpu, &xs[r], &bn, &saved[r], &gys[r], &grads, Summing::Chunked, 2)
+                .unwrap()
+        })
+        .collect();
+    exchange(&backward);
+    for r in 0..2 {
+        assert_close(&format!("rank {r} output"), &download(&ys[r]), &slice(&one.y, r), TOL);
+        assert_close(&format!("rank {r} input gradient"), &download(&gxs[r]), &slice(&one.gx, r), TOL);
+        assert_close(&format!("rank {r} running mean"), &download(&layers[r].mean), &one.running_mean, TOL);
+        assert_close(&format!("rank {r} running var"), &download(&layers[r].var), &one.running_var, TOL);
+    }
+    let summed = |i: usize| -> Vec<f32> {
+        download(&ggs[0][i]).iter().zip(download(&ggs[1][i])).map(|(a, b)| a + b).collect()
+    };
+    assert_close("weight gradient over the ranks", &summed(0), &one.ggamma, TOL);
+    assert_close("bias gradient over the ranks", &summed(1), &one.gbeta, TOL);
+}

@@ -15,6 +15,7 @@ mod loss;
 mod matmul;
 mod model;
 mod ocr;
+mod parallel;
 mod pool;
 mod resize;
 mod slabs;

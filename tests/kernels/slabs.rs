@@ -163,7 +163,7 @@ fn resize_and_channel_copies_run_in_channel_slabs_bit_identically() {
 fn dropout_runs_in_channel_slabs_with_the_same_masks() {
     let mut rng = Rng::new(seed("dropout_runs_in_channel_slabs"));
     let (x, gy) = (rng.normals(numel(&X)), rng.normals(numel(&X)));
-    let layer = Dropout2d { drop: 0.5 };
+    let layer = Dropout2d { drop: 0.5, first_image: 0 };
     let (poison, old) = (Init::Poison, Init::Data(rng.normals(numel(&X))));
     let ins: [(&[usize], &[f32]); 2] = [(&X, &x), (&X, &gy)];
     let outs: [(&[usize], &Init); 2] = [(&X, &poison), (&X, &old)];

@@ -28,6 +28,7 @@ fn options(
         head_lr_mult,
         tuning: TuningCache::Memory,
         recompute: Default::default(),
+        parallel: Default::default(),
     }
 }
 

@@ -10,13 +10,37 @@ use hrnet_ocr::{Gpu, GpuOptions, Tensor};
 const TOL: f64 = 1e-5;
 
 fn dropout_run(dims: [usize; 4], drop: f32, seed: u32, x: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    placed_dropout_run(Dropout2d { drop, first_image: 0 }, dims, seed, (x, gy))
+}
+
+fn placed_dropout_run(
+    layer: Dropout2d,
+    dims: [usize; 4],
+    seed: u32,
+    (x, gy): (&[f32], &[f32]),
+) -> (Vec<f32>, Vec<f32>) {
     let gpu = gpu();
-    let layer = Dropout2d { drop };
     let (xt, gyt, y, gx) = (upload(&dims, x), upload(&dims, gy), poisoned(&dims), poisoned(&dims));
     let ds =
         [layer.forward(gpu, &xt, &y, seed).unwrap(), layer.backward(gpu, &gyt, &gx, seed, false).unwrap()];
     gpu.run(ds.iter().flatten().map(|s| &s.dispatch)).unwrap();
     (download(&y), download(&gx))
+}
+
+/// A data-parallel rank's slice of a batch gets the masks its images have in the whole
+/// batch.
+#[test]
+fn dropout_of_a_batch_slice_keeps_its_images_masks() {
+    let mut rng = Rng::new(seed("placed dropout"));
+    let (c, h, w) = (16, 3, 5);
+    let per = c * h * w;
+    let (x, gy) = (rng.normals(3 * per), rng.normals(3 * per));
+    let seed = rng.next_u64() as u32;
+    let whole = dropout_run([3, c, h, w], 0.5, seed, &x, &gy);
+    let layer = Dropout2d { drop: 0.5, first_image: 1 };
+    let (y, gx) = placed_dropout_run(layer, [2, c, h, w], seed, (&x[per..], &gy[per..]));
+    assert_eq!((y.as_slice(), gx.as_slice()), (&whole.0[per..], &whole.1[per..]));
+    assert_ne!(y[..per], whole.0[..per], "the slice took image 0's masks");
 }
 
 #[test]
@@ -56,7 +80,9 @@ fn dropout_rate_is_close_to_p_and_seeds_differ() {
     assert!((dropped - 0.05).abs() < 0.012, "dropped fraction {dropped}");
     let (y2, _) = dropout_run(dims, 0.05, 8, &x, &x);
     assert_ne!(y, y2, "a different seed gives a different mask");
-    assert!(Dropout2d { drop: 1.0 }.forward(gpu(), &upload(&dims, &x), &poisoned(&dims), 1).is_err());
+    assert!(Dropout2d { drop: 1.0, first_image: 0 }
+        .forward(gpu(), &upload(&dims, &x), &poisoned(&dims), 1)
+        .is_err());
 }
 
 /// PyTorch's SGD on the CPU in f64, one parameter tensor.
@@ -205,7 +231,7 @@ fn dropout_reseed_changes_the_recorded_mask() {
     let gpu = gpu();
     let dims = [2, 64, 3, 3];
     let x = vec![1.0f32; 2 * 64 * 9];
-    let layer = Dropout2d { drop: 0.5 };
+    let layer = Dropout2d { drop: 0.5, first_image: 0 };
     let (xt, y) = (upload(&dims, &x), poisoned(&dims));
     let mut seeded = layer.forward(gpu, &xt, &y, 1).unwrap();
     assert_eq!(seeded.len(), 1, "a small dropout is one launch");

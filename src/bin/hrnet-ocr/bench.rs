@@ -377,6 +377,7 @@ fn train_options(cfg: &Config, batch: usize, crop: [usize; 2], recompute: Recomp
         head_lr_mult: 1.0,
         tuning: TuningCache::from_env(),
         recompute,
+        parallel: Default::default(),
     }
 }
 
