@@ -129,6 +129,12 @@ pub struct Batches<'d> {
 impl Batches<'_> {
     /// The augmented samples of step `step`: the next `batch` images of the epoch's order.
     pub fn get(&self, step: usize) -> Result<Vec<Sample>> {
+        self.get_part(step, 0..self.batch)
+    }
+
+    /// The samples `images` of step `step`'s batch (a data-parallel rank's slice), each as
+    /// [`Batches::get`] makes it.
+    pub fn get_part(&self, step: usize, images: std::ops::Range<usize>) -> Result<Vec<Sample>> {
         let n = self.dataset.len().max(1);
         let order = |epoch: usize| -> Vec<usize> {
             let mut order: Vec<usize> = (0..n).collect();
@@ -140,7 +146,7 @@ impl Batches<'_> {
         };
         let mut epoch_order: Option<(usize, Vec<usize>)> = None;
         let per_epoch = (n / self.batch).max(1);
-        (0..self.batch)
+        images
             .map(|i| {
                 let at = step * self.batch + i;
                 let (epoch, pos) = (step / per_epoch, ((step % per_epoch) * self.batch + i) % n);

@@ -17,7 +17,8 @@ pub struct Scene {
 }
 
 /// A finite, indexable set of labelled images.
-pub trait Dataset {
+/// (`Sync`: the ranks of data-parallel training read one set from their threads.)
+pub trait Dataset: Sync {
     /// How many images it holds.
     fn len(&self) -> usize;
 

@@ -35,6 +35,9 @@ pub struct GpuOptions {
     pub backends: Option<wgpu::Backends>,
     /// Case-insensitive substring of the adapter's name (`WGPU_ADAPTER_NAME`).
     pub adapter_name: Option<String>,
+    /// The adapter at this place in order of preference (see [`device_list`]): one device
+    /// of several identical GPUs, for a data-parallel rank. Overrides `adapter_name`.
+    pub adapter_index: Option<usize>,
     /// Caps the storage-buffer binding size below the adapter's (to leave memory to other
     /// work, or to exercise the limit handling on a device with a large limit).
     pub max_storage_binding: Option<u64>,
@@ -52,6 +55,7 @@ impl GpuOptions {
         GpuOptions {
             backends: wgpu::Backends::from_env(),
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+            adapter_index: None,
             max_storage_binding: None,
             max_buffer: None,
             max_workgroup_size: None,
@@ -97,7 +101,17 @@ impl Gpu {
                 native => (wgpu::Backends::PRIMARY, native),
             },
         };
-        let adapter = choose_adapter(adapters, backends, options.adapter_name.as_deref())?;
+        let adapter = match options.adapter_index {
+            Some(i) => {
+                let mut ranked = ranked(adapters);
+                let names: Vec<String> = ranked.iter().map(|a| a.get_info().name).collect();
+                if i >= ranked.len() {
+                    return Err(Error::AdapterNotFound { wanted: format!("device {i}"), available: names });
+                }
+                ranked.swap_remove(i)
+            }
+            None => choose_adapter(adapters, backends, options.adapter_name.as_deref())?,
+        };
         let info = adapter.get_info();
         let features = adapter.features() & OPTIONAL_FEATURES;
         let mut limits = adapter.limits();
@@ -368,6 +382,25 @@ fn no_adapter_hint() -> &'static str {
     } else {
         "Install your GPU's driver (Vulkan or DX12), or check WGPU_BACKEND."
     }
+}
+
+/// The adapters of `adapters` most capable first (discrete GPU, integrated, virtual, CPU;
+/// native backends before GL), ties in the order found.
+fn ranked(mut adapters: Vec<wgpu::Adapter>) -> Vec<wgpu::Adapter> {
+    adapters.sort_by_key(|a| {
+        let i = a.get_info();
+        (device_type_rank(i.device_type), backend_rank(i.backend))
+    });
+    adapters
+}
+
+/// The devices `GpuOptions::adapter_index` counts, in its order: the adapters the default
+/// choice picks among (Vulkan, Metal or DX12; GL only where none of those exists), most
+/// capable first, so device 0 is the default adapter.
+pub fn device_list() -> Vec<wgpu::AdapterInfo> {
+    let native = enumerate(wgpu::Backends::PRIMARY);
+    let adapters = if native.is_empty() { enumerate(wgpu::Backends::SECONDARY) } else { native };
+    ranked(adapters).iter().map(wgpu::Adapter::get_info).collect()
 }
 
 fn choose_adapter(

@@ -34,7 +34,13 @@ pub struct RunSettings {
     pub steps: usize,
     /// Steps of the `TRAIN.EXTRA_EPOCH` phase on `DATASET.EXTRA_TRAIN_SET` (0: none).
     pub extra_steps: usize,
+    /// Images per step on each device (`TRAIN.BATCH_SIZE_PER_GPU`).
     pub batch: usize,
+    /// Data-parallel ranks (devices) the global batch of `devices * batch` is split over.
+    pub devices: usize,
+    /// Whether batch norm's statistics are the global batch's (synchronized) when
+    /// `devices > 1`, or each device's own.
+    pub sync_batch_norm: bool,
     pub crop: [usize; 2],
     /// The procedural scenes' size.
     pub size: [usize; 2],
@@ -58,6 +64,8 @@ impl Default for RunSettings {
             steps: SYNTHETIC_STEPS,
             extra_steps: 0,
             batch: 4,
+            devices: 1,
+            sync_batch_norm: true,
             crop: [64, 64],
             size: [128, 128],
             seed: 1,
@@ -83,6 +91,8 @@ impl RunSettings {
             ("steps", self.steps.to_string()),
             ("extra_steps", self.extra_steps.to_string()),
             ("batch", self.batch.to_string()),
+            ("devices", self.devices.to_string()),
+            ("sync_batch_norm", self.sync_batch_norm.to_string()),
             ("crop", size_text(self.crop)),
             ("size", size_text(self.size)),
             ("seed", self.seed.to_string()),
@@ -113,6 +123,8 @@ impl RunSettings {
             steps: parse(notes, "steps", self.steps)?,
             extra_steps: parse(notes, "extra_steps", self.extra_steps)?,
             batch: parse(notes, "batch", self.batch)?,
+            devices: parse(notes, "devices", self.devices)?,
+            sync_batch_norm: parse(notes, "sync_batch_norm", self.sync_batch_norm)?,
             crop: parse_size(notes, "crop", self.crop)?,
             size: parse_size(notes, "size", self.size)?,
             seed: parse(notes, "seed", self.seed)?,
@@ -146,12 +158,12 @@ impl RunSettings {
     /// partial batch dropped as the official loader does. An epoch without an iteration is
     /// an error naming the counts.
     pub fn with_epochs(mut self, cfg: &Config, images: usize, extra_images: Option<usize>) -> Result<Self> {
+        let global = self.global_batch();
         let iterations = |images: usize, what: &str| {
-            let per_epoch = images / self.batch;
+            let per_epoch = images / global;
             if per_epoch == 0 {
                 return Err(Error::Invalid(format!(
-                    "the {what} has {images} images, fewer than a batch of {}: an epoch would have no iteration",
-                    self.batch
+                    "the {what} has {images} images, fewer than a batch of {global}: an epoch would have no iteration"
                 )));
             }
             Ok(per_epoch)
@@ -181,6 +193,11 @@ impl RunSettings {
         }
     }
 
+    /// Images per step over all devices.
+    pub fn global_batch(&self) -> usize {
+        self.batch * self.devices
+    }
+
     /// Every step of the run, both phases.
     pub fn total_steps(&self) -> usize {
         self.steps + self.extra_steps
@@ -202,11 +219,19 @@ impl RunSettings {
         } else {
             String::new()
         };
+        let batch = match self.devices {
+            1 => self.batch.to_string(),
+            d => format!(
+                "{} ({} on each of {d} devices, batch norm {})",
+                self.global_batch(),
+                self.batch,
+                if self.sync_batch_norm { "synchronized" } else { "per device" }
+            ),
+        };
         format!(
-            "recipe: {} steps of batch {} at {}x{}, SGD LR {} (poly 0.9){extra}, momentum {}, WD {}, \
+            "recipe: {} steps of batch {batch} at {}x{}, SGD LR {} (poly 0.9){extra}, momentum {}, WD {}, \
              nesterov {}; {head}; loss {:.1} x aux + {:.1} x main, {loss}; seed {}",
             self.steps,
-            self.batch,
             self.crop[0],
             self.crop[1],
             cfg.lr,

@@ -6,6 +6,7 @@ use crate::{mib, model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::Batches;
 use hrnet_ocr::data::Dataset;
+use hrnet_ocr::dist::{Comm, DataParallel, LocalGroup};
 use hrnet_ocr::eval::{Evaluation, Scores};
 use hrnet_ocr::formats::pth::{is_pytorch_file, read_official_training};
 use hrnet_ocr::infer::{OfficialTest, Segmenter, Strategy};
@@ -85,10 +86,76 @@ pub struct TrainArgs {
     /// same results; bare --recompute means convolutions
     #[arg(long, value_enum, value_name = "WHAT", num_args = 0..=1, default_value = "bn-relu", default_missing_value = "convolutions")]
     recompute: crate::Recompute,
+    /// Train data-parallel on these devices (indices of `hrnet-ocr info`'s device list, comma
+    /// separated, or `all`): one rank per device, each on its slice of the global batch of
+    /// devices x --batch images; a device listed twice runs two ranks on it. Under mpirun,
+    /// each rank takes the device at its place among the ranks on its machine [default: the
+    /// default adapter; under mpirun, the device numbered by that place]
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+    /// Normalise with each device's own batch statistics instead of synchronizing batch norm
+    /// over the global batch
+    #[arg(long)]
+    per_device_bn: bool,
 }
 
-/// The settings given on the command line, as the texts a checkpoint stores them as.
-fn given(args: &TrainArgs) -> Vec<(&'static str, String)> {
+/// The devices of `--devices`: indices into [`hrnet_ocr::gpu::device_list`].
+fn parse_devices(text: &str) -> Result<Vec<usize>> {
+    let count = hrnet_ocr::gpu::device_list().len();
+    if text == "all" {
+        return Ok((0..count).collect());
+    }
+    text.split(',')
+        .map(|d| match d.trim().parse::<usize>() {
+            Ok(i) if i < count => Ok(i),
+            _ => Err(Error::Invalid(format!(
+                "--devices {text}: {d:?} is not a device (this machine has {count}: 0 to {}; `hrnet-ocr info` lists them)",
+                count.saturating_sub(1)
+            ))),
+        })
+        .collect()
+}
+
+/// Where this process's ranks come from: one device, threads on several, or MPI.
+enum Launch {
+    Devices(Vec<usize>),
+    #[cfg(feature = "mpi")]
+    Mpi(hrnet_ocr::dist::mpi::MpiGroup, usize),
+}
+
+impl Launch {
+    fn of(args: &TrainArgs) -> Result<Self> {
+        let devices = args.devices.as_deref().map(parse_devices).transpose()?;
+        #[cfg(feature = "mpi")]
+        if hrnet_ocr::dist::mpi::MpiGroup::launched() {
+            let group = hrnet_ocr::dist::mpi::MpiGroup::init()?;
+            let local = hrnet_ocr::dist::mpi::MpiGroup::local_rank();
+            let device = match &devices {
+                Some(list) => list[local % list.len()],
+                None => local % hrnet_ocr::gpu::device_list().len().max(1),
+            };
+            return Ok(Launch::Mpi(group, device));
+        }
+        Ok(Launch::Devices(devices.unwrap_or_default()))
+    }
+
+    fn ranks(&self) -> usize {
+        match self {
+            Launch::Devices(d) => d.len().max(1),
+            #[cfg(feature = "mpi")]
+            Launch::Mpi(group, _) => hrnet_ocr::dist::Collective::ranks(group),
+        }
+    }
+}
+
+/// Opens device `index` of the device list (the default adapter when none is named).
+fn open_device(index: Option<usize>) -> Result<Gpu> {
+    Gpu::with_options(&hrnet_ocr::GpuOptions { adapter_index: index, ..hrnet_ocr::GpuOptions::from_env() })
+}
+
+/// The settings given on the command line (`ranks`: the data-parallel ranks of the
+/// launch), as the texts a checkpoint stores them as.
+fn given(args: &TrainArgs, ranks: usize) -> Vec<(&'static str, String)> {
     let size = |s: [usize; 2]| format!("{}x{}", s[0], s[1]);
     let data = match &args.data.data {
         Some(dir) => Some(dir.display().to_string()),
@@ -101,6 +168,8 @@ fn given(args: &TrainArgs) -> Vec<(&'static str, String)> {
         ("split", args.split.clone()),
         ("steps", args.steps.map(|v| v.to_string())),
         ("batch", args.batch.map(|v| v.to_string())),
+        ("devices", args.devices.as_ref().map(|_| ranks.to_string())),
+        ("sync_batch_norm", args.per_device_bn.then(|| "false".to_string())),
         ("crop", args.crop.map(size)),
         ("size", args.size.map(size)),
         ("seed", args.seed.map(|v| v.to_string())),
@@ -122,8 +191,11 @@ fn load_config(name: &str) -> Result<Config> {
 /// The run's settings and config: for a new run, the YAML's recipe with the flags over it
 /// (steps still 0 where they come from epochs); for a resumed one, the checkpoint's, where
 /// a flag that disagrees is an error rather than silently ignored.
-fn resolve(args: &TrainArgs, checkpoint: Option<&Checkpoint>) -> Result<(RunSettings, Config)> {
-    let given = given(args);
+fn resolve(args: &TrainArgs, ranks: usize, checkpoint: Option<&Checkpoint>) -> Result<(RunSettings, Config)> {
+    let mut given = given(args, ranks);
+    if ranks > 1 && !given.iter().any(|(k, _)| *k == "devices") {
+        given.push(("devices", ranks.to_string()));
+    }
     let Some(c) = checkpoint else {
         let name = args.config.clone().unwrap_or_else(|| "bundled".into());
         let cfg = load_config(&name)?;
@@ -154,7 +226,18 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     if checkpoint.is_none() && args.data.data.is_none() && !args.data.synthetic {
         return Err(Error::Invalid("no data: give --data DIR or --synthetic".into()));
     }
-    let (mut s, cfg) = resolve(args, checkpoint.as_ref())?;
+    let launch = Launch::of(args)?;
+    let (mut s, cfg) = resolve(args, launch.ranks(), checkpoint.as_ref())?;
+    if s.devices != launch.ranks() {
+        return Err(Error::Invalid(format!(
+            "the resumed run trained on {} devices (a global batch of {}); resume it on as many \
+             (--devices, or mpirun -np {}), not {}",
+            s.devices,
+            s.global_batch(),
+            s.devices,
+            launch.ranks()
+        )));
+    }
     let synthetic = s.data == "synthetic";
     if synthetic && s.steps == 0 {
         s.steps = SYNTHETIC_STEPS;
@@ -172,7 +255,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         list: (!s.list.is_empty()).then(|| PathBuf::from(&s.list)),
     };
     let (dataset, _) =
-        data.open(&cfg, Set::Train, &s.split, s.seed, s.steps.saturating_mul(s.batch), s.size)?;
+        data.open(&cfg, Set::Train, &s.split, s.seed, s.steps.saturating_mul(s.global_batch()), s.size)?;
     if !dataset.labelled() {
         return Err(Error::Invalid("the training list has no labels (a test split's list)".into()));
     }
@@ -187,7 +270,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             )));
         }
     }
-    let per_epoch = (dataset.len() / s.batch).max(1);
+    let per_epoch = (dataset.len() / s.global_batch()).max(1);
     if let Some((state, training)) = official {
         let (epoch, best) = (training.epoch, training.best_mean_iou);
         let mut notes: HashMap<String, String> =
@@ -200,7 +283,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         let best = best.map(|b| format!(", best mIoU {b}")).unwrap_or_default();
         println!("resuming the official checkpoint after epoch {epoch}: step {}{best}", epoch * per_epoch);
     }
-    let (steps, batch, crop) = (s.total_steps(), s.batch, s.crop);
+    let steps = s.total_steps();
     let options =
         TrainOptions { recompute: args.recompute.into(), ..s.options(&cfg, TuningCache::from_env()) };
     if args.report_memory {
@@ -209,113 +292,232 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let stop = args.stop_after.unwrap_or(steps).min(steps);
     std::fs::create_dir_all(&args.out)
         .map_err(|source| Error::Io { path: args.out.display().to_string(), source })?;
-    let gpu = Gpu::new()?;
-    let mut trainer = match &checkpoint {
-        Some(c) => Trainer::resume(&gpu, cfg.clone(), c, options)?,
-        None => {
-            let initial = args.weights.as_deref().map(initial_weights).transpose()?;
-            let mut trainer = Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?;
-            if let Some(path) = pretrained_path(args, &cfg)? {
-                let report = trainer.load_pretrained(&weights::read(&path)?, &path.display().to_string())?;
-                println!("pretrained start from {}: {report}", path.display());
-            }
-            trainer
-        }
+    let run = Run {
+        args,
+        cfg: &cfg,
+        s: &s,
+        data: &data,
+        dataset: dataset.as_ref(),
+        extra: extra.as_deref(),
+        checkpoint: checkpoint.as_ref(),
+        recipe_text: &recipe_text,
+        options,
+        stop,
+        per_epoch,
     };
-    let recipe = s.augment(&cfg)?;
-    let shuffle = cfg.train.shuffle;
-    let classes = cfg.num_classes;
-    let batches = Batches { dataset: dataset.as_ref(), recipe, seed: s.seed, batch, classes, shuffle };
-    let extra_batches = extra.as_deref().map(|dataset| Batches { dataset, ..batches.clone() });
-    let first = trainer.steps();
-    let mut log = CsvLog::open(&args.out.join("train_log.csv"), TRAIN_LOG_HEADER, first)?;
-    let mut validation = Validation::new(&cfg, &data, &s, per_epoch, &args.out, checkpoint.as_ref(), first)?;
-    let checkpoint_path = args.out.join("checkpoint.safetensors");
-    let progress = progress_bar(steps, first);
-    println!(
-        "training on {} from step {first} to {stop} of {steps}: batch {batch} of {}x{} crops",
-        gpu.describe(),
-        crop[0],
-        crop[1]
-    );
-    println!("{recipe_text}");
-    if args.report_memory {
-        println!("the graph's tensors hold {:.1} MiB", mib(trainer.graph().tensor_bytes()));
-        gpu.reset_peak_memory();
-    }
-    let start = Instant::now();
-    for step in first..stop {
-        let samples = match &extra_batches {
-            Some(extra) if step >= s.steps => extra.get(step - s.steps)?,
-            _ => batches.get(step)?,
-        };
-        let stats = trainer.step(&samples, s.step_seed(step))?;
-        if !stats.loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "the loss became {} at step {}; the last checkpoint is kept. Try a lower TRAIN.LR",
-                stats.loss,
-                step + 1
-            )));
+    let sync_batch_norm = s.sync_batch_norm;
+    let parallel = |rank, ranks| DataParallel { rank, ranks, sync_batch_norm };
+    match launch {
+        Launch::Devices(devices) if devices.len() > 1 => {
+            let ranks = devices.len();
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = LocalGroup::new(ranks)
+                    .into_iter()
+                    .zip(devices)
+                    .enumerate()
+                    .map(|(rank, (group, device))| {
+                        let run = &run;
+                        scope.spawn(move || {
+                            let comm = Comm::new(Box::new(group));
+                            run.rank(open_device(Some(device))?, parallel(rank, ranks), Some(comm))
+                        })
+                    })
+                    .collect();
+                // The first error is the one to report: a rank that failed makes the
+                // others fail in their next exchange.
+                let results: Vec<Result<()>> = threads
+                    .into_iter()
+                    .map(|t| {
+                        t.join().unwrap_or_else(|_| Err(Error::Invalid("a rank's thread panicked".into())))
+                    })
+                    .collect();
+                let first_own =
+                    results.iter().position(|r| matches!(r, Err(e) if !matches!(e, Error::Collective(_))));
+                match first_own.or_else(|| results.iter().position(Result::is_err)) {
+                    Some(i) => results.into_iter().nth(i).expect("an index of the results"),
+                    None => Ok(()),
+                }
+            })
         }
-        let done = step + 1;
-        if args.report_memory && step == first {
-            let (held, peak) = gpu.tensor_memory();
+        Launch::Devices(devices) => run.rank(open_device(devices.first().copied())?, parallel(0, 1), None),
+        #[cfg(feature = "mpi")]
+        Launch::Mpi(group, device) => {
+            let p = parallel(
+                hrnet_ocr::dist::Collective::rank(&group),
+                hrnet_ocr::dist::Collective::ranks(&group),
+            );
+            run.rank(open_device(Some(device))?, p, Some(Comm::new(Box::new(group))))
+        }
+    }
+}
+
+/// Everything a rank of the run needs.
+struct Run<'a> {
+    args: &'a TrainArgs,
+    cfg: &'a Config,
+    s: &'a RunSettings,
+    data: &'a DataArgs,
+    dataset: &'a dyn Dataset,
+    extra: Option<&'a dyn Dataset>,
+    checkpoint: Option<&'a Checkpoint>,
+    recipe_text: &'a str,
+    options: TrainOptions,
+    stop: usize,
+    per_epoch: usize,
+}
+
+impl Run<'_> {
+    /// Trains as one rank: rank 0 (the only rank without data parallelism) logs, validates and
+    /// writes the checkpoints; every rank steps on its slice of each global batch.
+    fn rank(&self, gpu: Gpu, parallel: DataParallel, comm: Option<Comm>) -> Result<()> {
+        let Run { args, cfg, s, data, checkpoint, recipe_text, stop, per_epoch, dataset, extra, .. } = *self;
+        let options = TrainOptions { batch: s.batch, parallel, ..self.options.clone() };
+        let root = parallel.rank == 0;
+        let (steps, batch, crop) = (s.total_steps(), s.global_batch(), s.crop);
+        let mut trainer = match checkpoint {
+            Some(c) => Trainer::resume(&gpu, cfg.clone(), c, options)?,
+            None => {
+                let initial = args.weights.as_deref().map(initial_weights).transpose()?;
+                let mut trainer = Trainer::new(&gpu, cfg.clone(), initial.as_deref(), options)?;
+                if let Some(path) = pretrained_path(args, cfg)? {
+                    let report =
+                        trainer.load_pretrained(&weights::read(&path)?, &path.display().to_string())?;
+                    if root {
+                        println!("pretrained start from {}: {report}", path.display());
+                    }
+                }
+                trainer
+            }
+        };
+        if let Some(comm) = comm {
+            trainer.join(comm)?;
+        }
+        let recipe = s.augment(cfg)?;
+        let shuffle = cfg.train.shuffle;
+        let classes = cfg.num_classes;
+        let batches = Batches { dataset, recipe, seed: s.seed, batch, classes, shuffle };
+        let extra_batches = extra.map(|dataset| Batches { dataset, ..batches.clone() });
+        let first = trainer.steps();
+        let mut log = root
+            .then(|| CsvLog::open(&args.out.join("train_log.csv"), TRAIN_LOG_HEADER, first))
+            .transpose()?;
+        let mut validation = match root {
+            true => Validation::new(cfg, data, s, per_epoch, &args.out, checkpoint, first)?,
+            false => None,
+        };
+        let checkpoint_path = args.out.join("checkpoint.safetensors");
+        let progress = if root { progress_bar(steps, first) } else { ProgressBar::hidden() };
+        if root {
             println!(
+                "training on {} from step {first} to {stop} of {steps}: batch {batch} of {}x{} crops",
+                gpu.describe(),
+                crop[0],
+                crop[1]
+            );
+            println!("{recipe_text}");
+        }
+        if parallel.ranks > 1 {
+            println!("rank {} of {} on {}", parallel.rank, parallel.ranks, gpu.describe());
+        }
+        if args.report_memory && root {
+            println!("the graph's tensors hold {:.1} MiB", mib(trainer.graph().tensor_bytes()));
+            gpu.reset_peak_memory();
+        }
+        let start = Instant::now();
+        let mut communication = 0.0;
+        let slice = parallel.slice(batch);
+        for step in first..stop {
+            let samples = match &extra_batches {
+                Some(extra) if step >= s.steps => extra.get_part(step - s.steps, slice.clone())?,
+                _ => batches.get_part(step, slice.clone())?,
+            };
+            let stats = trainer.step(&samples, s.step_seed(step))?;
+            communication += trainer.take_comm_stats().seconds;
+            if !stats.loss.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "the loss became {} at step {}; the last checkpoint is kept. Try a lower TRAIN.LR",
+                    stats.loss,
+                    step + 1
+                )));
+            }
+            let done = step + 1;
+            let saving = done % args.save_every.max(1) == 0 || done == stop;
+            if !root {
+                continue;
+            }
+            if args.report_memory && step == first {
+                let (held, peak) = gpu.tensor_memory();
+                println!(
                 "after step {done}: tensors {:.1} MiB on the device, high-water mark {:.1} MiB (kernels' scratch included)",
                 mib(held),
                 mib(peak)
             );
-        }
-        let rate = ((done - first) * batch) as f64 / start.elapsed().as_secs_f64();
-        let (loss, aux, main, lr) = (stats.loss, stats.aux_loss, stats.main_loss, stats.lr);
-        log.append(&format!("{done},{loss},{aux},{main},{lr},{rate:.3}"))?;
-        let message = format!(
-            "loss {:.4} (aux {:.4}, main {:.4})  lr {:.5}  {rate:.2} images/s",
-            stats.loss, stats.aux_loss, stats.main_loss, stats.lr
-        );
-        progress.set_position(done as u64);
-        progress.set_message(message.clone());
-        let saving = done % args.save_every.max(1) == 0 || done == stop;
-        if progress.is_hidden() && (done % 10 == 0 || saving) {
-            let eta = start.elapsed().as_secs_f64() / (done - first) as f64 * (stop - done) as f64;
-            println!("step {done}/{steps}  {message}  ETA {eta:.0} s");
-        }
-        if let Some(v) = validation.as_mut().filter(|v| done % v.every == 0 || done == steps) {
-            let scores = v.run(&gpu, &cfg, &trainer)?;
-            let line = format!(
+            }
+            let rate = ((done - first) * batch) as f64 / start.elapsed().as_secs_f64();
+            let (loss, aux, main, lr) = (stats.loss, stats.aux_loss, stats.main_loss, stats.lr);
+            if let Some(log) = log.as_mut() {
+                log.append(&format!("{done},{loss},{aux},{main},{lr},{rate:.3}"))?;
+            }
+            let message = format!(
+                "loss {:.4} (aux {:.4}, main {:.4})  lr {:.5}  {rate:.2} images/s",
+                stats.loss, stats.aux_loss, stats.main_loss, stats.lr
+            );
+            progress.set_position(done as u64);
+            progress.set_message(message.clone());
+            if progress.is_hidden() && (done % 10 == 0 || saving) {
+                let eta = start.elapsed().as_secs_f64() / (done - first) as f64 * (stop - done) as f64;
+                println!("step {done}/{steps}  {message}  ETA {eta:.0} s");
+            }
+            if let Some(v) = validation.as_mut().filter(|v| done % v.every == 0 || done == steps) {
+                let scores = v.run(&gpu, cfg, &trainer)?;
+                let line = format!(
                 "validation at step {done}: mIoU {:.4} (best {:.4}), pixel accuracy {:.4}, mean accuracy {:.4}",
                 scores.mean_iou, v.best, scores.pixel_accuracy, scores.mean_accuracy
             );
-            // A hidden bar (no terminal) prints nothing of its own.
-            if progress.is_hidden() {
-                println!("{line}");
-            } else {
-                progress.println(line);
+                // A hidden bar (no terminal) prints nothing of its own.
+                if progress.is_hidden() {
+                    println!("{line}");
+                } else {
+                    progress.println(line);
+                }
+            }
+            if saving {
+                let mut notes: HashMap<String, String> =
+                    s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                if let Some(v) = &validation {
+                    notes.insert(BEST_KEY.into(), v.best.to_string());
+                }
+                notes.insert(RECIPE_KEY.into(), recipe_text.to_string());
+                trainer.checkpoint(notes)?.save(&checkpoint_path)?;
             }
         }
-        if saving {
-            let mut notes: HashMap<String, String> =
-                s.to_notes().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            if let Some(v) = &validation {
-                notes.insert(BEST_KEY.into(), v.best.to_string());
-            }
-            notes.insert(RECIPE_KEY.into(), recipe_text.clone());
-            trainer.checkpoint(notes)?.save(&checkpoint_path)?;
+        progress.finish_and_clear();
+        let took = start.elapsed().as_secs_f64();
+        if parallel.ranks > 1 && stop > first {
+            let per_step = communication / (stop - first) as f64;
+            println!(
+                "rank {}: communication {:.1} ms per step, {:.1}% of the step",
+                parallel.rank,
+                1e3 * per_step,
+                100.0 * communication / took
+            );
         }
+        if !root {
+            return Ok(());
+        }
+        if trainer.steps() == steps {
+            let path = args.out.join("final.safetensors");
+            weights::write_safetensors(&path, &trainer.weights()?)?;
+            println!("wrote {} after {took:.0} s", path.display());
+        } else {
+            println!(
+                "stopped after step {}; resume with --resume {}",
+                trainer.steps(),
+                checkpoint_path.display()
+            );
+        }
+        Ok(())
     }
-    progress.finish_and_clear();
-    if trainer.steps() == steps {
-        let path = args.out.join("final.safetensors");
-        weights::write_safetensors(&path, &trainer.weights()?)?;
-        println!("wrote {} after {:.0} s", path.display(), start.elapsed().as_secs_f64());
-    } else {
-        println!(
-            "stopped after step {}; resume with --resume {}",
-            trainer.steps(),
-            checkpoint_path.display()
-        );
-    }
-    Ok(())
 }
 
 const TRAIN_LOG_HEADER: &str = "step,loss,aux_loss,main_loss,lr,images_per_second";
