@@ -9,6 +9,7 @@ use clap::Args;
 use hrnet_ocr::bench::{self, KernelCase, Profile, Roofline, Timing};
 use hrnet_ocr::data::augment::Sample;
 use hrnet_ocr::data::SplitMix;
+use hrnet_ocr::dist::{Comm, CommStats, DataParallel, LocalGroup};
 use hrnet_ocr::gpu::list_adapters;
 use hrnet_ocr::graph::Recompute;
 use hrnet_ocr::graph::{GraphBuilder, Mode};
@@ -91,6 +92,14 @@ pub struct BenchArgs {
     /// beside the engine's; its parameter and FLOP counts must equal the engine's
     #[arg(long, value_name = "FILE")]
     reference: Option<PathBuf>,
+    /// The data-parallel training step: the global batch of --batch images split over these
+    /// devices (as `train --devices`: a rank per device, on threads), beside one device at
+    /// the whole batch; each rank's time and communication per step, its share, the scaling
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+    /// With --devices: each device's own batch-norm statistics instead of synchronized ones
+    #[arg(long)]
+    per_device_bn: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -114,6 +123,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     if args.plan_memory {
         return plan_memory(args);
+    }
+    if let Some(devices) = &args.devices {
+        return data_parallel(args, &crate::parse_devices(devices)?);
     }
     let gpus = if args.all_adapters {
         // An adapter that is listed but will not open a device (a GL context on a headless
@@ -549,18 +561,7 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
     let options = train_options(cfg, n, [h, w], args.recompute.into());
     gpu.reset_peak_memory();
     let mut trainer = Trainer::new(gpu, cfg.clone(), None, options)?;
-    let samples: Vec<Sample> = planes
-        .chunks_exact(3 * h * w)
-        .map(|p| Sample {
-            planes: p.to_vec(),
-            labels: (0..h * w).map(|i| (i % cfg.num_classes) as u32).collect(),
-        })
-        .collect();
-    let mut seed = 0;
-    let times = time(args.iters, || {
-        seed += 1;
-        trainer.step(&samples, seed).map(|_| ())
-    })?;
+    let times = time_steps(&mut trainer, &bench_samples(cfg, args), args.iters)?;
     let step = trainer.graph().step_dispatches();
     let profile = gpu.has_timestamps().then(|| bench::profile(gpu, &step)).transpose()?;
     passes.push(Pass { name: "training step", times, dispatches: step.len(), profile });
@@ -574,6 +575,96 @@ fn measure(gpu: &Gpu, cfg: &Config, args: &BenchArgs) -> Result<(Vec<Pass>, f64)
         );
     }
     Ok((passes, memory_mib))
+}
+
+/// The training samples a benchmark steps on: the bench size's random images, labels
+/// cycling through the classes.
+fn bench_samples(cfg: &Config, args: &BenchArgs) -> Vec<Sample> {
+    let [h, w] = args.input.size;
+    let mut rng = SplitMix::new(7);
+    (0..args.input.batch.max(1))
+        .map(|_| Sample {
+            planes: (0..3 * h * w).map(|_| rng.normal()).collect(),
+            labels: (0..h * w).map(|i| (i % cfg.num_classes) as u32).collect(),
+        })
+        .collect()
+}
+
+/// (mean, best) ms of `iters` training steps on `samples` after a warm-up step.
+fn time_steps(trainer: &mut Trainer, samples: &[Sample], iters: usize) -> Result<(f64, f64)> {
+    let mut seed = 0;
+    time(iters, || {
+        seed += 1;
+        trainer.step(samples, seed).map(|_| ())
+    })
+}
+
+/// `bench --devices`: the training step of the global batch on one device, then split over
+/// `devices` (a rank per device on threads, synchronized batch norm unless
+/// `--per-device-bn`): each rank's time per step, communication per step and its share.
+fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
+    let cfg = bench_config(args)?;
+    let [h, w] = args.input.size;
+    let (global, ranks) = (args.input.batch.max(1), devices.len());
+    if global % ranks != 0 {
+        return Err(Error::Invalid(format!("--batch {global} does not split over {ranks} devices")));
+    }
+    let samples = bench_samples(&cfg, args);
+    let recompute = args.recompute.into();
+    let name = args.input.config.as_deref().unwrap_or("the bundled model");
+    println!("{name}, training step of {global}x3x{h}x{w}, ms (mean / best):");
+    let alone = {
+        let gpu = crate::open_device(devices.first().copied())?;
+        let mut one = Trainer::new(&gpu, cfg.clone(), None, train_options(&cfg, global, [h, w], recompute))?;
+        let alone = time_steps(&mut one, &samples, args.iters)?;
+        println!("  one device ({}): {:.1} / {:.1}", gpu.describe(), alone.0, alone.1);
+        alone
+    };
+    let sync_batch_norm = !args.per_device_bn;
+    let results: Vec<Result<((f64, f64), CommStats, String)>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = LocalGroup::new(ranks)
+            .into_iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(rank, (group, &device))| {
+                let (cfg, samples) = (&cfg, &samples);
+                scope.spawn(move || {
+                    let gpu = crate::open_device(Some(device))?;
+                    let parallel = DataParallel { rank, ranks, sync_batch_norm };
+                    let options =
+                        TrainOptions { parallel, ..train_options(cfg, global / ranks, [h, w], recompute) };
+                    let mut trainer = Trainer::new(&gpu, cfg.clone(), None, options)?;
+                    trainer.join(Comm::new(Box::new(group)))?;
+                    let slice = &samples[parallel.slice(global)];
+                    // The warm-up step's communication is left out, as its time is.
+                    trainer.step(slice, 0)?;
+                    trainer.take_comm_stats();
+                    let times = time(args.iters.max(1) - 1, || trainer.step(slice, 1).map(drop))?;
+                    Ok((times, trainer.take_comm_stats(), gpu.describe()))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| Err(Error::Invalid("a rank panicked".into()))))
+            .collect()
+    });
+    let bn = if sync_batch_norm { "synchronized batch norm" } else { "per-device batch norm" };
+    println!("  {ranks} devices, {} images each, {bn}:", global / ranks);
+    for (rank, r) in results.into_iter().enumerate() {
+        let ((mean, best), comm, device) = r?;
+        let steps = args.iters.max(1) as f64;
+        let per_step = 1e3 * comm.seconds / steps;
+        println!(
+            "    rank {rank} ({device}): {mean:.1} / {best:.1}; communication {per_step:.1} ms per step \
+             ({:.1}% of the step, {:.0} exchanges, {:.2} MiB sent); {:.2}x one device's images/s",
+            100.0 * per_step / mean,
+            comm.calls as f64 / steps,
+            crate::mib(comm.bytes) / steps,
+            alone.0 / mean
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args)]

@@ -159,6 +159,31 @@ fn quiet_display_probes() {
 
 /// `H` or `HxW`, as (height, width).
 /// Bytes as MiB, for the memory lines the commands print.
+/// The devices of `--devices`: indices into [`hrnet_ocr::gpu::device_list`].
+pub fn parse_devices(text: &str) -> hrnet_ocr::Result<Vec<usize>> {
+    let count = hrnet_ocr::gpu::device_list().len();
+    if text == "all" {
+        return Ok((0..count).collect());
+    }
+    text.split(',')
+        .map(|d| match d.trim().parse::<usize>() {
+            Ok(i) if i < count => Ok(i),
+            _ => Err(hrnet_ocr::Error::Invalid(format!(
+                "--devices {text}: {d:?} is not a device (this machine has {count}: 0 to {}; `hrnet-ocr info` lists them)",
+                count.saturating_sub(1)
+            ))),
+        })
+        .collect()
+}
+
+/// Opens device `index` of the device list (the default adapter when none is named).
+pub fn open_device(index: Option<usize>) -> hrnet_ocr::Result<hrnet_ocr::Gpu> {
+    hrnet_ocr::Gpu::with_options(&hrnet_ocr::GpuOptions {
+        adapter_index: index,
+        ..hrnet_ocr::GpuOptions::from_env()
+    })
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
 }

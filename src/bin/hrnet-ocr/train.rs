@@ -99,23 +99,6 @@ pub struct TrainArgs {
     per_device_bn: bool,
 }
 
-/// The devices of `--devices`: indices into [`hrnet_ocr::gpu::device_list`].
-fn parse_devices(text: &str) -> Result<Vec<usize>> {
-    let count = hrnet_ocr::gpu::device_list().len();
-    if text == "all" {
-        return Ok((0..count).collect());
-    }
-    text.split(',')
-        .map(|d| match d.trim().parse::<usize>() {
-            Ok(i) if i < count => Ok(i),
-            _ => Err(Error::Invalid(format!(
-                "--devices {text}: {d:?} is not a device (this machine has {count}: 0 to {}; `hrnet-ocr info` lists them)",
-                count.saturating_sub(1)
-            ))),
-        })
-        .collect()
-}
-
 /// Where this process's ranks come from: one device, threads on several, or MPI.
 enum Launch {
     Devices(Vec<usize>),
@@ -125,7 +108,7 @@ enum Launch {
 
 impl Launch {
     fn of(args: &TrainArgs) -> Result<Self> {
-        let devices = args.devices.as_deref().map(parse_devices).transpose()?;
+        let devices = args.devices.as_deref().map(crate::parse_devices).transpose()?;
         #[cfg(feature = "mpi")]
         if hrnet_ocr::dist::mpi::MpiGroup::launched() {
             let group = hrnet_ocr::dist::mpi::MpiGroup::init()?;
@@ -146,11 +129,6 @@ impl Launch {
             Launch::Mpi(group, _) => hrnet_ocr::dist::Collective::ranks(group),
         }
     }
-}
-
-/// Opens device `index` of the device list (the default adapter when none is named).
-fn open_device(index: Option<usize>) -> Result<Gpu> {
-    Gpu::with_options(&hrnet_ocr::GpuOptions { adapter_index: index, ..hrnet_ocr::GpuOptions::from_env() })
 }
 
 /// The settings given on the command line (`ranks`: the data-parallel ranks of the
@@ -319,7 +297,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
                         let run = &run;
                         scope.spawn(move || {
                             let comm = Comm::new(Box::new(group));
-                            run.rank(open_device(Some(device))?, parallel(rank, ranks), Some(comm))
+                            run.rank(crate::open_device(Some(device))?, parallel(rank, ranks), Some(comm))
                         })
                     })
                     .collect();
@@ -339,14 +317,16 @@ pub fn train(args: &TrainArgs) -> Result<()> {
                 }
             })
         }
-        Launch::Devices(devices) => run.rank(open_device(devices.first().copied())?, parallel(0, 1), None),
+        Launch::Devices(devices) => {
+            run.rank(crate::open_device(devices.first().copied())?, parallel(0, 1), None)
+        }
         #[cfg(feature = "mpi")]
         Launch::Mpi(group, device) => {
             let p = parallel(
                 hrnet_ocr::dist::Collective::rank(&group),
                 hrnet_ocr::dist::Collective::ranks(&group),
             );
-            run.rank(open_device(Some(device))?, p, Some(Comm::new(Box::new(group))))
+            run.rank(crate::open_device(Some(device))?, p, Some(Comm::new(Box::new(group))))
         }
     }
 }
