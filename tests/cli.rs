@@ -286,3 +286,39 @@ fn w48_plans_within_the_memory_targets() {
     let (ok, text) = run(&["bench", "--plan-memory", "--recompute", "everything"]);
     assert!(!ok && text.contains("convolutions") && text.contains("bn-relu"), "{text}");
 }
+
+/// `train --devices 0,0`: two ranks on threads (one adapter twice) stop at a checkpoint and
+/// resume to the bytes of the run that went straight through; resuming on another number of
+/// devices, or naming a device that does not exist, is refused with the reason.
+#[test]
+fn data_parallel_training_resumes_exactly_on_as_many_devices() {
+    let (whole, parts) = (scratch("dp-whole"), scratch("dp-parts"));
+    let tiny = fixture("tiny_ocr.yaml");
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--config", &tiny, "--synthetic", "--out", out.to_str().unwrap()];
+        args.extend(["--steps", "3", "--batch", "1", "--size", "96", "--crop", "32", "--save-every", "1"]);
+        args.extend(extra);
+        run(&args)
+    };
+    let (ok, text) = train(&whole, &["--devices", "0,0"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("batch 2 (1 on each of 2 devices, batch norm synchronized)"), "{text}");
+    assert!(text.contains("rank 1: communication"), "{text}");
+    let (ok, text) = train(&parts, &["--devices", "0,0", "--stop-after", "2"]);
+    assert!(ok && text.contains("stopped after step 2"), "{text}");
+    let checkpoint = parts.join("checkpoint.safetensors");
+    let resume = |devices: &[&str]| {
+        let mut args =
+            vec!["train", "--resume", checkpoint.to_str().unwrap(), "--out", parts.to_str().unwrap()];
+        args.extend(devices);
+        run(&args)
+    };
+    let (ok, text) = resume(&[]);
+    assert!(!ok && text.contains("trained on 2 devices") && text.contains("not 1"), "{text}");
+    let (ok, text) = resume(&["--devices", "0,0"]);
+    assert!(ok, "{text}");
+    let read = |dir: &Path| std::fs::read(dir.join("final.safetensors")).unwrap();
+    assert!(read(&whole) == read(&parts), "the resumed run ended with other weights");
+    let (ok, text) = train(&scratch("dp-bad"), &["--devices", "0,7"]);
+    assert!(!ok && text.contains("\"7\" is not a device"), "{text}");
+}

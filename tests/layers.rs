@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     ("gpu", &["gpu"]),
     ("tensor", &["tensor.rs"]),
+    ("dist", &["dist"]),
     ("kernels", &["kernels"]),
     ("graph", &["graph"]),
     ("model", &["model"]),

@@ -22,18 +22,30 @@ pub trait Collective {
     fn all_gather(&mut self, local: &[u8]) -> Result<Vec<u8>>;
 }
 
-/// Which rank of how many, and whether batch norm's statistics are those of the whole
-/// global batch (synchronized) or of each rank's slice.
+/// Which rank of how many, whether batch norm's statistics are those of the whole global
+/// batch (synchronized) or of each rank's slice, and how many bytes of gradients make a
+/// bucket of the all-reduce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataParallel {
     pub rank: usize,
     pub ranks: usize,
     pub sync_batch_norm: bool,
+    pub bucket_bytes: u64,
 }
+
+/// A gradient bucket's size before it is reduced: PyTorch DDP's default, 25 MiB.
+pub const BUCKET_BYTES: u64 = 25 << 20;
 
 impl Default for DataParallel {
     fn default() -> Self {
-        DataParallel { rank: 0, ranks: 1, sync_batch_norm: true }
+        DataParallel { rank: 0, ranks: 1, sync_batch_norm: true, bucket_bytes: BUCKET_BYTES }
+    }
+}
+
+impl DataParallel {
+    /// Rank `rank` of `ranks`, with the default bucket size.
+    pub fn rank(rank: usize, ranks: usize, sync_batch_norm: bool) -> Self {
+        DataParallel { rank, ranks, sync_batch_norm, ..Default::default() }
     }
 }
 

@@ -940,6 +940,17 @@ impl LossTerms {
     }
 }
 
+/// A data-parallel training step's meeting points: synchronized batch norms' exchanges in
+/// the forward and the backward, and gradient buckets (some reduced at an exchange, the rest
+/// at points of their own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeetingPoints {
+    pub forward_exchanges: usize,
+    pub backward_exchanges: usize,
+    pub buckets: usize,
+    pub buckets_at_exchanges: usize,
+}
+
 /// A recorded graph with its tensors.
 pub struct Graph {
     values: Vec<Value>,
@@ -1194,6 +1205,18 @@ impl Graph {
         run_between(gpu, comm, &recorded.backward, &recorded.backward_syncs, &[])?;
         let step = self.optimizer.as_ref().and_then(|o| o.step.as_ref()).map(|(_, d)| d);
         gpu.submit(step.into_iter().flatten())
+    }
+
+    /// Where a data-parallel step meets the other ranks (empty on one rank).
+    pub fn meeting_points(&self) -> MeetingPoints {
+        let backward = &self.recorded.backward_syncs;
+        let buckets = backward.iter().filter(|p| !p.bucket.is_empty());
+        MeetingPoints {
+            forward_exchanges: self.recorded.forward_syncs.len(),
+            backward_exchanges: backward.iter().filter(|p| p.exchange.is_some()).count(),
+            buckets: buckets.clone().count(),
+            buckets_at_exchanges: buckets.filter(|p| p.exchange.is_some()).count(),
+        }
     }
 
     /// The optimizer's dispatches, recorded on first use and set to `lr`.

@@ -1,6 +1,7 @@
 //! The graph's node types and how each records its forward and backward dispatches.
 
 use super::{Graph, LossSpec, Mode, Recompute, Role, Value, ValueId};
+use crate::dist::DataParallel;
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu};
 use crate::kernels::batch_norm::{self, BatchNormGrads, BatchNormParams, BnClass};
@@ -601,7 +602,7 @@ impl Graph {
         let grads = std::mem::take(&mut self.grads);
         let written = backward.written_at_start.clone();
         let mut targets = Targets { needs: &backward.needs, written, discard: HashMap::new() };
-        let mut buckets = Buckets::new(&self.values, ops, &grads);
+        let mut buckets = Buckets::new(&self.values, ops, &grads, self.parallel);
         for step in &backward.schedule {
             let mut d = match step {
                 BackwardStep::Rebuild(v) => self.rebuild(gpu, ops, *v)?,
@@ -897,9 +898,10 @@ fn tg_needs(grads: &[Option<Tensor>], v: ValueId) -> bool {
 /// Where each backward kernel writes a value's gradient, and whether it accumulates.
 /// Gradient buckets for the ranks' all-reduce, formed as the backward is recorded: a
 /// parameter's gradient joins the open bucket once the last node reading the parameter has
-/// its backward recorded, and the bucket closes once it holds [`BUCKET_BYTES`], at the
-/// node's own batch-norm exchange or at a point of its own after the node (as PyTorch's
-/// DDP buckets); the rest close at the end of the backward.
+/// its backward recorded, and the bucket closes once it holds `bucket_bytes` (as PyTorch's
+/// DDP buckets): with synchronized batch norm, at the next batch norm's exchange (the step
+/// stops there anyway); without, at a point of its own after the node. The rest close at the
+/// end of the backward.
 struct Buckets {
     /// Per value: nodes reading it whose backward is still to come (parameters only).
     readers_left: Vec<usize>,
@@ -907,13 +909,13 @@ struct Buckets {
     params: Vec<Option<Tensor>>,
     open: Vec<Tensor>,
     bytes: u64,
+    bucket_bytes: u64,
+    /// Whether the backward has batch-norm exchanges to close buckets at.
+    at_exchanges: bool,
 }
 
-/// A gradient bucket's size before it is reduced (DDP's default, 25 MiB).
-pub(super) const BUCKET_BYTES: u64 = 25 << 20;
-
 impl Buckets {
-    fn new(values: &[Value], ops: &[Op], grads: &[Option<Tensor>]) -> Self {
+    fn new(values: &[Value], ops: &[Op], grads: &[Option<Tensor>], parallel: DataParallel) -> Self {
         let is_param = |v: ValueId| values[v.0].role == Role::Param;
         let mut readers_left = vec![0; values.len()];
         for v in ops.iter().flat_map(Op::reads).filter(|&v| is_param(v)) {
@@ -921,7 +923,14 @@ impl Buckets {
         }
         let params =
             grads.iter().enumerate().map(|(v, g)| g.clone().filter(|_| is_param(ValueId(v)))).collect();
-        Buckets { readers_left, params, open: Vec::new(), bytes: 0 }
+        Buckets {
+            readers_left,
+            params,
+            open: Vec::new(),
+            bytes: 0,
+            bucket_bytes: parallel.bucket_bytes,
+            at_exchanges: parallel.synchronizes_batch_norm(),
+        }
     }
 
     /// `op`'s backward is recorded as dispatches `start..end` of the backward.
@@ -936,16 +945,16 @@ impl Buckets {
                 self.open.push(g);
             }
         }
-        if self.bytes < BUCKET_BYTES {
+        if self.bytes < self.bucket_bytes {
             return;
         }
-        let bucket = std::mem::take(&mut self.open);
-        self.bytes = 0;
         match points.last_mut() {
-            // The node's batch-norm exchange: its weight and bias gradients are complete there.
-            Some(p) if p.at >= start && p.exchange.is_some() => p.bucket = bucket,
-            _ => points.push(SyncPoint { at: end, exchange: None, bucket }),
+            // The node's own exchange: its weight and bias gradients are complete there.
+            Some(p) if p.at >= start && p.exchange.is_some() => p.bucket = std::mem::take(&mut self.open),
+            _ if self.at_exchanges => return,
+            _ => points.push(SyncPoint { at: end, exchange: None, bucket: std::mem::take(&mut self.open) }),
         }
+        self.bytes = 0;
     }
 
     /// The last bucket, at the end of the backward: every gradient not yet in one.

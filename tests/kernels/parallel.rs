@@ -5,6 +5,7 @@
 use crate::common::*;
 use hrnet_ocr::data::augment::Sample;
 use hrnet_ocr::dist::{Comm, DataParallel, LocalGroup};
+use hrnet_ocr::graph::MeetingPoints;
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights::NamedTensor;
 use hrnet_ocr::train::{TrainOptions, Trainer};
@@ -51,6 +52,7 @@ fn batches(seed: u64, images: usize) -> Vec<Vec<Sample>> {
 /// What a run ends with: each step's (loss, aux, main), the last step's gradients (by
 /// parameter name) and the weights and running statistics.
 struct Outcome {
+    points: MeetingPoints,
     losses: Vec<[f32; 3]>,
     grads: Vec<(String, Vec<f32>)>,
     weights: Vec<NamedTensor>,
@@ -81,7 +83,7 @@ fn train(gpu: &Gpu, options: TrainOptions, comm: Option<Comm>, batches: &[Vec<Sa
         .into_iter()
         .map(|n| (n.clone(), trainer.graph().grad(&n).unwrap().to_vec(gpu).unwrap()))
         .collect();
-    Outcome { losses, grads, weights: trainer.weights().unwrap() }
+    Outcome { points: trainer.graph().meeting_points(), losses, grads, weights: trainer.weights().unwrap() }
 }
 
 /// Two ranks on threads, a device each.
@@ -93,7 +95,11 @@ fn two_ranks(sync_batch_norm: bool, batches: &[Vec<Sample>]) -> Vec<Outcome> {
             .map(|(rank, group)| {
                 scope.spawn(move || {
                     let gpu = Gpu::with_options(&GpuOptions::from_env()).unwrap();
-                    let parallel = DataParallel { rank, ranks: 2, sync_batch_norm };
+                    // Small buckets: many are reduced while the backward runs on.
+                    let parallel = DataParallel {
+                        bucket_bytes: 64 << 10,
+                        ..DataParallel::rank(rank, 2, sync_batch_norm)
+                    };
                     train(&gpu, options(1, parallel), Some(Comm::new(Box::new(group))), batches)
                 })
             })
@@ -140,6 +146,12 @@ fn two_ranks_with_synchronized_batch_norm_train_as_one_device_on_both_images() {
     for (rank, outcome) in ranks.iter().enumerate() {
         assert_equivalent(&format!("rank {rank}"), outcome, &one);
     }
+    // Every batch norm met the other rank twice; gradients went in several buckets, at those
+    // exchanges but the last, at the end of the backward.
+    let p = ranks[0].points;
+    assert!(p.forward_exchanges > 20 && p.backward_exchanges == p.forward_exchanges, "{p:?}");
+    assert!(p.buckets > 2 && p.buckets_at_exchanges == p.buckets - 1, "{p:?}");
+    assert_eq!(one.points, MeetingPoints::default());
     // The ranks end bit-identical: the same all-reduced gradients, the same SGD step.
     for (a, b) in ranks[0].weights.iter().zip(&ranks[1].weights) {
         assert_eq!(a.data, b.data, "{} differs between the ranks", a.name);
@@ -155,6 +167,8 @@ fn per_device_batch_norm_statistics_differ_from_the_global_batch() {
     // global batch's, but the ranks still agree on the weights.
     let err = relative_max(&ranks[0].losses[0], &one.losses[0]);
     assert!(err > 1e-4, "per-device statistics gave the global batch's loss ({err:.2e})");
+    let p = ranks[0].points;
+    assert!(p.forward_exchanges + p.backward_exchanges == 0 && p.buckets > 1, "{p:?}");
     // Their running statistics are their own (a checkpoint holds rank 0's).
     for (a, b) in ranks[0].weights.iter().zip(&ranks[1].weights).filter(|(a, _)| !a.name.contains("running_"))
     {

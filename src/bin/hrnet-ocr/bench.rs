@@ -630,7 +630,7 @@ fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
                 let (cfg, samples) = (&cfg, &samples);
                 scope.spawn(move || {
                     let gpu = crate::open_device(Some(device))?;
-                    let parallel = DataParallel { rank, ranks, sync_batch_norm };
+                    let parallel = DataParallel::rank(rank, ranks, sync_batch_norm);
                     let options =
                         TrainOptions { parallel, ..train_options(cfg, global / ranks, [h, w], recompute) };
                     let mut trainer = Trainer::new(&gpu, cfg.clone(), None, options)?;

@@ -157,8 +157,6 @@ fn quiet_display_probes() {
     }
 }
 
-/// `H` or `HxW`, as (height, width).
-/// Bytes as MiB, for the memory lines the commands print.
 /// The devices of `--devices`: indices into [`hrnet_ocr::gpu::device_list`].
 pub fn parse_devices(text: &str) -> hrnet_ocr::Result<Vec<usize>> {
     let count = hrnet_ocr::gpu::device_list().len();
@@ -184,10 +182,12 @@ pub fn open_device(index: Option<usize>) -> hrnet_ocr::Result<hrnet_ocr::Gpu> {
     })
 }
 
+/// Bytes as MiB, for the memory lines the commands print.
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
 }
 
+/// `H` or `HxW`, as (height, width).
 fn parse_size(s: &str) -> Result<[usize; 2], String> {
     let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| n > 0);
     match s.split_once(['x', 'X']) {

@@ -85,6 +85,10 @@ pub fn info() -> Result<()> {
             a.name, a.backend, a.device_type, a.driver, a.driver_info
         );
     }
+    println!("devices for --devices (device 0 is the default adapter):");
+    for (i, a) in hrnet_ocr::gpu::device_list().iter().enumerate() {
+        println!("  {i}: {} | backend {:?}", a.name, a.backend);
+    }
     let gpu = Gpu::with_options(&options)?;
     println!("\nchosen: {}", gpu.describe());
     let l = gpu.limits();

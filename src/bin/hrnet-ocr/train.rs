@@ -284,7 +284,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         per_epoch,
     };
     let sync_batch_norm = s.sync_batch_norm;
-    let parallel = |rank, ranks| DataParallel { rank, ranks, sync_batch_norm };
+    let parallel = |rank, ranks| DataParallel::rank(rank, ranks, sync_batch_norm);
     match launch {
         Launch::Devices(devices) if devices.len() > 1 => {
             let ranks = devices.len();
