@@ -599,6 +599,13 @@ fn time_steps(trainer: &mut Trainer, samples: &[Sample], iters: usize) -> Result
     })
 }
 
+/// What one rank of `bench --devices` measured: (mean, best) ms per step, communication.
+struct RankTiming {
+    times: (f64, f64),
+    comm: CommStats,
+    device: String,
+}
+
 /// `bench --devices`: the training step of the global batch on one device, then split over
 /// `devices` (a rank per device on threads, synchronized batch norm unless
 /// `--per-device-bn`): each rank's time per step, communication per step and its share.
@@ -621,7 +628,7 @@ fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
         alone
     };
     let sync_batch_norm = !args.per_device_bn;
-    let results: Vec<Result<((f64, f64), CommStats, String)>> = std::thread::scope(|scope| {
+    let results: Vec<Result<RankTiming>> = std::thread::scope(|scope| {
         let threads: Vec<_> = LocalGroup::new(ranks)
             .into_iter()
             .zip(devices)
@@ -640,7 +647,7 @@ fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
                     trainer.step(slice, 0)?;
                     trainer.take_comm_stats();
                     let times = time(args.iters.max(1) - 1, || trainer.step(slice, 1).map(drop))?;
-                    Ok((times, trainer.take_comm_stats(), gpu.describe()))
+                    Ok(RankTiming { times, comm: trainer.take_comm_stats(), device: gpu.describe() })
                 })
             })
             .collect();
@@ -652,7 +659,7 @@ fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
     let bn = if sync_batch_norm { "synchronized batch norm" } else { "per-device batch norm" };
     println!("  {ranks} devices, {} images each, {bn}:", global / ranks);
     for (rank, r) in results.into_iter().enumerate() {
-        let ((mean, best), comm, device) = r?;
+        let RankTiming { times: (mean, best), comm, device } = r?;
         let steps = args.iters.max(1) as f64;
         let per_step = 1e3 * comm.seconds / steps;
         println!(
