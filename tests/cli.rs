@@ -289,7 +289,8 @@ fn w48_plans_within_the_memory_targets() {
 
 /// `train --devices 0,0`: two ranks on threads (one adapter twice) stop at a checkpoint and
 /// resume to the bytes of the run that went straight through; resuming on another number of
-/// devices, or naming a device that does not exist, is refused with the reason.
+/// devices, or naming a device that does not exist, is refused with the reason; a rank's
+/// failure ends the run with its error.
 #[test]
 fn data_parallel_training_resumes_exactly_on_as_many_devices() {
     let (whole, parts) = (scratch("dp-whole"), scratch("dp-parts"));
@@ -321,4 +322,9 @@ fn data_parallel_training_resumes_exactly_on_as_many_devices() {
     assert!(read(&whole) == read(&parts), "the resumed run ended with other weights");
     let (ok, text) = train(&scratch("dp-bad"), &["--devices", "0,7"]);
     assert!(!ok && text.contains("\"7\" is not a device"), "{text}");
+    // Rank 0 cannot write its checkpoint: the run ends with that error, not rank 1's wait.
+    let failing = scratch("dp-failing");
+    std::fs::create_dir_all(failing.join("checkpoint.safetensors")).unwrap();
+    let (ok, text) = train(&failing, &["--devices", "0,0"]);
+    assert!(!ok && text.contains("checkpoint.safetensors") && !text.contains("left the group"), "{text}");
 }

@@ -8,6 +8,8 @@
 #     ranks' losses (what the official DDP run minimises) is the global batch's.
 #  3. A run stopped at a checkpoint and resumed under mpirun ends with the bytes of the run
 #     that went straight through.
+#  4. A rank that fails (rank 0 cannot write its checkpoint) ends the whole run with its
+#     error, instead of leaving the other rank waiting in its next exchange.
 # Installs Open MPI and libclang (for the MPI bindings) from the system's packages when
 # missing. Usage: tools/mpi_check.sh [work folder]
 set -euo pipefail
@@ -47,3 +49,15 @@ mpi "${run[@]}" --stop-after 2 --out "$work/resumed"
 mpi train --resume "$work/resumed/checkpoint.safetensors" --out "$work/resumed"
 cmp "$work/mpi/final.safetensors" "$work/resumed/final.safetensors"
 echo "an MPI run resumed from its step-2 checkpoint ends as the run that went straight through"
+
+mkdir -p "$work/failing/checkpoint.safetensors"
+if timeout 300 mpirun --oversubscribe -np 2 "$bin" "${run[@]}" --out "$work/failing" >"$work/failing.log" 2>&1; then
+    echo "a run whose rank 0 cannot write its checkpoint succeeded" >&2
+    exit 1
+fi
+grep -q 'error on rank 0 of 2: .*checkpoint.safetensors' "$work/failing.log" || {
+    echo "the failed run did not name rank 0's error (timed out?):" >&2
+    tail -20 "$work/failing.log" >&2
+    exit 1
+}
+echo "a rank that failed ended the run with its error"

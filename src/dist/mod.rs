@@ -234,32 +234,29 @@ impl Drop for LocalGroup {
 mod tests {
     use super::*;
 
+    /// `f` on each of `ranks` threads with its rank's collective; the results in rank order.
+    fn on_ranks<T: Send + 'static>(ranks: usize, f: fn(&mut Comm) -> T) -> Vec<T> {
+        let threads: Vec<_> = LocalGroup::new(ranks)
+            .into_iter()
+            .map(|g| std::thread::spawn(move || f(&mut Comm::new(Box::new(g)))))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+
     #[test]
     fn threads_gather_in_rank_order_and_average_identically() {
-        let handles: Vec<_> = LocalGroup::new(3)
-            .into_iter()
-            .map(|g| {
-                std::thread::spawn(move || {
-                    let mut comm = Comm::new(Box::new(g));
-                    let r = comm.rank() as f64;
-                    let mut out = Vec::new();
-                    for round in 0..50 {
-                        let all = comm.all_gather_f64(&[r, f64::from(round)]).unwrap();
-                        out.push(all);
-                    }
-                    let mut v = vec![0.1f32 * (comm.rank() as f32 + 1.0), 1e8];
-                    comm.mean_f32(&mut v).unwrap();
-                    (out, v)
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        for (out, v) in &results {
-            for (round, all) in out.iter().enumerate() {
-                assert_eq!(
-                    all,
-                    &vec![vec![0.0, round as f64], vec![1.0, round as f64], vec![2.0, round as f64]]
-                );
+        let results = on_ranks(3, |comm| {
+            let r = comm.rank() as f64;
+            let rounds: Vec<_> =
+                (0..50).map(|round| comm.all_gather_f64(&[r, f64::from(round)]).unwrap()).collect();
+            let mut v = vec![0.1f32 * (comm.rank() as f32 + 1.0), 1e8];
+            comm.mean_f32(&mut v).unwrap();
+            (rounds, v)
+        });
+        for (rounds, v) in &results {
+            for (round, all) in rounds.iter().enumerate() {
+                let want: Vec<Vec<f64>> = (0..3).map(|r| vec![f64::from(r), round as f64]).collect();
+                assert_eq!(all, &want);
             }
             assert_eq!(v[0].to_bits(), (((0.1f32 + 0.2) + 0.3) / 3.0).to_bits());
             assert_eq!(v[1], 1e8);
@@ -278,18 +275,11 @@ mod tests {
 
     #[test]
     fn ranks_at_different_steps_are_named() {
-        let handles: Vec<_> = LocalGroup::new(2)
-            .into_iter()
-            .map(|g| {
-                std::thread::spawn(move || {
-                    let mut comm = Comm::new(Box::new(g));
-                    let what = format!("step {}", 5 + comm.rank());
-                    comm.check_agreement(&what).map_err(|e| e.to_string())
-                })
-            })
-            .collect();
-        for h in handles {
-            let err = h.join().unwrap().unwrap_err();
+        let results = on_ranks(2, |comm| {
+            let what = format!("step {}", 5 + comm.rank());
+            comm.check_agreement(&what).map_err(|e| e.to_string())
+        });
+        for err in results.into_iter().map(Result::unwrap_err) {
             assert!(err.contains("step 5") && err.contains("step 6"), "{err}");
         }
     }

@@ -6,18 +6,35 @@ use super::Collective;
 use crate::error::{Error, Result};
 use mpi::traits::{Communicator, CommunicatorCollectives};
 
-/// This process's rank of `MPI_COMM_WORLD`; MPI is finalised when it is dropped.
-pub struct MpiGroup {
-    world: mpi::topology::SimpleCommunicator,
-    _universe: mpi::environment::Universe,
+/// MPI in this process: initialised by [`Mpi::init`], finalised when dropped. A run keeps
+/// it apart from the ranks' collectives, so that a failed rank can still end the others
+/// ([`Mpi::abort_all`]) after its collective is gone.
+pub struct Mpi {
+    universe: mpi::environment::Universe,
 }
 
-impl MpiGroup {
+/// This process's rank of `MPI_COMM_WORLD`.
+pub struct MpiGroup {
+    world: mpi::topology::SimpleCommunicator,
+}
+
+impl Mpi {
     /// Initialises MPI (once per process).
     pub fn init() -> Result<Self> {
         let universe = mpi::initialize()
             .ok_or_else(|| Error::Collective("MPI was already initialised in this process".into()))?;
-        Ok(MpiGroup { world: universe.world(), _universe: universe })
+        Ok(Mpi { universe })
+    }
+
+    /// The ranks of `MPI_COMM_WORLD`, as this process's collective.
+    pub fn world(&self) -> MpiGroup {
+        MpiGroup { world: self.universe.world() }
+    }
+
+    /// Ends every rank of the run (`MPI_Abort`): a rank that failed would otherwise leave
+    /// the others waiting in their next collective for ever.
+    pub fn abort_all(&self, code: i32) -> ! {
+        self.universe.world().abort(code)
     }
 
     /// Whether this process was started by an MPI launcher (Open MPI's or MPICH's

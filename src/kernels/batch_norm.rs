@@ -274,25 +274,15 @@ pub fn forward_train_with(
     y: &Tensor,
     summing: Summing,
 ) -> Result<Vec<Dispatch>> {
-    Ok(forward_train_across(gpu, x, bn, (saved, y), summing, 1)?.dispatches)
+    Ok(forward_train_synced(gpu, x, bn, (saved, y), summing, 1)?.dispatches)
 }
 
 /// The training forward of one rank of `ranks` whose batch norm normalises with the
 /// statistics of all their batches together (synchronized batch norm): the dispatches of
 /// [`forward_train_with`], with an [`Exchange::Statistics`] between the partial sums and
-/// their finalisation, which then reads the one chunk the exchange wrote.
+/// their finalisation, which then reads the one chunk the exchange wrote. One rank:
+/// exactly [`forward_train_with`]'s dispatches.
 pub fn forward_train_synced(
-    gpu: &Gpu,
-    x: &Tensor,
-    bn: &BatchNormParams<'_>,
-    (saved, y): (&Tensor, &Tensor),
-    summing: Summing,
-    ranks: usize,
-) -> Result<SyncedPass> {
-    forward_train_across(gpu, x, bn, (saved, y), summing, ranks)
-}
-
-fn forward_train_across(
     gpu: &Gpu,
     x: &Tensor,
     bn: &BatchNormParams<'_>,
@@ -450,7 +440,7 @@ pub fn backward_with(
     grads: &BatchNormGrads<'_>,
     summing: Summing,
 ) -> Result<Vec<Dispatch>> {
-    Ok(backward_across(gpu, x, bn, saved, grad_y, grads, summing, 1)?.dispatches)
+    Ok(backward_synced(gpu, x, bn, saved, grad_y, grads, summing, 1)?.dispatches)
 }
 
 /// The training backward of one rank of `ranks` under synchronized batch norm: the
@@ -458,22 +448,13 @@ pub fn backward_with(
 /// sums and the input gradient, which then uses those of the global batch. The weight and
 /// bias gradients stay this rank's own, as PyTorch's `SyncBatchNorm` leaves them for the
 /// gradient all-reduce.
+/// The training backward of one rank of `ranks` under synchronized batch norm: the
+/// dispatches of [`backward_with`], with an [`Exchange::GradientSums`] between the channel
+/// sums and the input gradient, which then uses those of the global batch. The weight and
+/// bias gradients stay this rank's own, as PyTorch's `SyncBatchNorm` leaves them for the
+/// gradient all-reduce. One rank: exactly [`backward_with`]'s dispatches.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_synced(
-    gpu: &Gpu,
-    x: &Tensor,
-    bn: &BatchNormParams<'_>,
-    saved: &Tensor,
-    grad_y: &Tensor,
-    grads: &BatchNormGrads<'_>,
-    summing: Summing,
-    ranks: usize,
-) -> Result<SyncedPass> {
-    backward_across(gpu, x, bn, saved, grad_y, grads, summing, ranks)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn backward_across(
     gpu: &Gpu,
     x: &Tensor,
     bn: &BatchNormParams<'_>,

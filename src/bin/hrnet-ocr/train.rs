@@ -103,21 +103,21 @@ pub struct TrainArgs {
 enum Launch {
     Devices(Vec<usize>),
     #[cfg(feature = "mpi")]
-    Mpi(hrnet_ocr::dist::mpi::MpiGroup, usize),
+    Mpi(hrnet_ocr::dist::mpi::Mpi, usize),
 }
 
 impl Launch {
     fn of(args: &TrainArgs) -> Result<Self> {
         let devices = args.devices.as_deref().map(crate::parse_devices).transpose()?;
         #[cfg(feature = "mpi")]
-        if hrnet_ocr::dist::mpi::MpiGroup::launched() {
-            let group = hrnet_ocr::dist::mpi::MpiGroup::init()?;
-            let local = hrnet_ocr::dist::mpi::MpiGroup::local_rank();
+        if hrnet_ocr::dist::mpi::Mpi::launched() {
+            let mpi = hrnet_ocr::dist::mpi::Mpi::init()?;
+            let local = hrnet_ocr::dist::mpi::Mpi::local_rank();
             let device = match &devices {
                 Some(list) => list[local % list.len()],
                 None => local % hrnet_ocr::gpu::device_list().len().max(1),
             };
-            return Ok(Launch::Mpi(group, device));
+            return Ok(Launch::Mpi(mpi, device));
         }
         Ok(Launch::Devices(devices.unwrap_or_default()))
     }
@@ -126,7 +126,7 @@ impl Launch {
         match self {
             Launch::Devices(d) => d.len().max(1),
             #[cfg(feature = "mpi")]
-            Launch::Mpi(group, _) => hrnet_ocr::dist::Collective::ranks(group),
+            Launch::Mpi(mpi, _) => hrnet_ocr::dist::Collective::ranks(&mpi.world()),
         }
     }
 }
@@ -321,12 +321,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             run.rank(crate::open_device(devices.first().copied())?, parallel(0, 1), None)
         }
         #[cfg(feature = "mpi")]
-        Launch::Mpi(group, device) => {
-            let p = parallel(
-                hrnet_ocr::dist::Collective::rank(&group),
-                hrnet_ocr::dist::Collective::ranks(&group),
-            );
-            run.rank(crate::open_device(Some(device))?, p, Some(Comm::new(Box::new(group))))
+        Launch::Mpi(mpi, device) => {
+            use hrnet_ocr::dist::Collective;
+            let group = mpi.world();
+            let p = parallel(group.rank(), group.ranks());
+            let result = crate::open_device(Some(device))
+                .and_then(|gpu| run.rank(gpu, p, Some(Comm::new(Box::new(group)))));
+            if let (Err(e), true) = (&result, p.ranks > 1) {
+                eprintln!("error on rank {} of {}: {e}", p.rank, p.ranks);
+                mpi.abort_all(1);
+            }
+            result
         }
     }
 }
