@@ -495,14 +495,13 @@ impl Graph {
                         Mode::Train => {
                             let saved = Tensor::empty(gpu, &batch_norm::saved_shape(self.t(x).shape()[1]))?;
                             let summing = self.bn_summing(gpu, self.t(x))?;
-                            let ranks = self.parallel.ranks;
                             let pass = batch_norm::forward_train_synced(
                                 gpu,
                                 self.t(x),
                                 &bn,
                                 (&saved, self.t(y)),
                                 summing,
-                                ranks,
+                                self.batch_norm_ranks(),
                             )?;
                             self.recorded.saved.insert(y, saved);
                             let start = self.recorded.forward.len();
@@ -650,6 +649,16 @@ impl Graph {
         }
     }
 
+    /// The ranks whose samples a batch norm's statistics cover: all, when synchronized;
+    /// else this one alone.
+    fn batch_norm_ranks(&self) -> usize {
+        if self.parallel.synchronizes_batch_norm() {
+            self.parallel.ranks
+        } else {
+            1
+        }
+    }
+
     /// A batch norm pass's dispatches, its exchange kept as a meeting point of the ranks
     /// when they synchronize batch norm (`start`: where the pass begins in its list).
     fn synchronized(&mut self, pass: batch_norm::SyncedPass, start: usize, which: Pass) -> Vec<Dispatch> {
@@ -734,7 +743,7 @@ impl Graph {
                     &gy(),
                     &g,
                     self.bn_summing(gpu, self.kept(x))?,
-                    self.parallel.ranks,
+                    self.batch_norm_ranks(),
                 )?;
                 let start = self.recorded.backward.len();
                 self.synchronized(pass, start, Pass::Backward)

@@ -49,41 +49,43 @@ fn batches(seed: u64, images: usize) -> Vec<Vec<Sample>> {
         .collect()
 }
 
-/// What a run ends with: each step's (loss, aux, main), the last step's gradients (by
-/// parameter name) and the weights and running statistics.
+/// What a run ends with: each step's (loss, aux, main), the first step's gradients (by
+/// parameter name) and weights and running statistics, and the last step's weights.
 struct Outcome {
     points: MeetingPoints,
     losses: Vec<[f32; 3]>,
     grads: Vec<(String, Vec<f32>)>,
+    first_weights: Vec<NamedTensor>,
     weights: Vec<NamedTensor>,
 }
 
 fn train(gpu: &Gpu, options: TrainOptions, comm: Option<Comm>, batches: &[Vec<Sample>]) -> Outcome {
     let slice = options.parallel.slice(batches[0].len());
-    // A rate at which the second step's gradients still depend smoothly on the first
-    // step's update (the config's, ten times that on the head, overshoots and makes them
-    // chaotic: a 1e-6 change of the weights moves them by 5%).
+    // A small rate: one step of the config's (ten times that on the head) overshoots into
+    // weights where a 1e-6 change moves the gradients by 5%.
     let mut cfg = tiny_config();
     cfg.lr = 1e-3;
     let mut trainer = Trainer::new(gpu, cfg, Some(&tiny_weights()), options).unwrap();
     if let Some(comm) = comm {
         trainer.join(comm).unwrap();
     }
-    let losses = batches
-        .iter()
-        .enumerate()
-        .map(|(step, batch)| {
-            let s = trainer.step(&batch[slice.clone()], 7 + step as u32).unwrap();
-            [s.loss, s.aux_loss, s.main_loss]
-        })
-        .collect();
-    let names: Vec<String> = trainer.graph().parameters().map(|(n, _)| n.to_string()).collect();
-    // Read through the trainer's own device (download() reads through the shared one).
-    let grads = names
-        .into_iter()
-        .map(|n| (n.clone(), trainer.graph().grad(&n).unwrap().to_vec(gpu).unwrap()))
-        .collect();
-    Outcome { points: trainer.graph().meeting_points(), losses, grads, weights: trainer.weights().unwrap() }
+    let (mut losses, mut grads, mut first_weights) = (Vec::new(), Vec::new(), Vec::new());
+    for (step, batch) in batches.iter().enumerate() {
+        let s = trainer.step(&batch[slice.clone()], 7 + step as u32).unwrap();
+        losses.push([s.loss, s.aux_loss, s.main_loss]);
+        if step == 0 {
+            let names: Vec<String> = trainer.graph().parameters().map(|(n, _)| n.to_string()).collect();
+            // Read through the trainer's own device (download() reads through the shared one).
+            let graph = trainer.graph();
+            grads = names
+                .into_iter()
+                .map(|n| (n.clone(), graph.grad(&n).unwrap().to_vec(gpu).unwrap()))
+                .collect();
+            first_weights = trainer.weights().unwrap();
+        }
+    }
+    let (points, weights) = (trainer.graph().meeting_points(), trainer.weights().unwrap());
+    Outcome { points, losses, grads, first_weights, weights }
 }
 
 /// Two ranks on threads, a device each.
@@ -118,24 +120,26 @@ fn concatenated(tensors: impl Iterator<Item = Vec<f32>>) -> Vec<f32> {
     tensors.flatten().collect()
 }
 
-/// The ranks' run against one device's. Losses, weights and running statistics agree within
-/// 1e-5. The gradients of this small model at its small crop are ill-conditioned in f32
-/// (batch norms over a few values at the coarsest branch): merely swapping the batch's two
-/// images on one device moves them by 5e-5 to 2e-4 (relative L2, measured), so they are held
-/// to 1e-3; `tests/kernels/batch_norm.rs` holds the synchronized layer itself to 1e-5.
+/// The ranks' run against one device's. The first step's loss agrees within 1e-5, and its
+/// weights and running statistics too; later losses and the last weights within 1e-4. This
+/// small model at its small crop is ill-conditioned in f32 (batch norms over a few values:
+/// the coarsest branch, OCR's object regions): its gradients move with the order of any sum
+/// over the batch, by up to 8e-3 (relative L2) for some batches even when one device merely
+/// takes the batch's two images in the other order. So the first step's gradients are held
+/// to 3e-2: a wrong mean or a missing exchange of the backward sums moves them by 0.1 to 1,
+/// a missing exchange of the statistics moves the loss by more than 1e-4 (the per-device
+/// test); `tests/kernels/batch_norm.rs` holds the synchronized layer itself to 1e-5.
 fn assert_equivalent(what: &str, got: &Outcome, want: &Outcome) {
     for (step, (g, w)) in got.losses.iter().zip(&want.losses).enumerate() {
-        let err = relative_max(g, w);
-        assert!(err <= 1e-5, "{what}: step {step} losses {g:?}, one device {w:?} ({err:.2e})");
+        let (err, tol) = (relative_max(g, w), if step == 0 { 1e-5 } else { 1e-4 });
+        assert!(err <= tol, "{what}: step {step} losses {g:?}, one device {w:?} ({err:.2e})");
     }
     let grads = |o: &Outcome| concatenated(o.grads.iter().map(|(_, g)| g.clone()));
-    assert_close(&format!("{what}: the last step's gradients"), &grads(got), &grads(want), 1e-3);
-    let weights = |o: &Outcome| concatenated(o.weights.iter().map(|w| w.data.clone()));
-    assert_close(&format!("{what}: weights and running statistics"), &weights(got), &weights(want), 1e-5);
-    for (g, w) in got.weights.iter().zip(&want.weights) {
-        assert_eq!(g.name, w.name);
-        assert_close(&format!("{what}: {}", g.name), &g.data, &w.data, 1e-3);
-    }
+    assert_close(&format!("{what}: the first step's gradients"), &grads(got), &grads(want), 3e-2);
+    let all = |w: &[NamedTensor]| concatenated(w.iter().map(|w| w.data.clone()));
+    let first = (all(&got.first_weights), all(&want.first_weights));
+    assert_close(&format!("{what}: weights and running statistics after step 1"), &first.0, &first.1, 1e-5);
+    assert_close(&format!("{what}: the last weights"), &all(&got.weights), &all(&want.weights), 1e-4);
 }
 
 #[test]
@@ -159,7 +163,7 @@ fn two_ranks_with_synchronized_batch_norm_train_as_one_device_on_both_images() {
 }
 
 #[test]
-fn per_device_batch_norm_statistics_differ_from_the_global_batch() {
+fn per_device_batch_norm_trains_each_rank_on_its_own_statistics() {
     let batches = batches(seed("per-device batch norm"), 2);
     let one = train(gpu(), options(2, DataParallel::default()), None, &batches);
     let ranks = two_ranks(false, &batches);
@@ -167,6 +171,27 @@ fn per_device_batch_norm_statistics_differ_from_the_global_batch() {
     // global batch's, but the ranks still agree on the weights.
     let err = relative_max(&ranks[0].losses[0], &one.losses[0]);
     assert!(err > 1e-4, "per-device statistics gave the global batch's loss ({err:.2e})");
+    // The first step is the mean of what one device does with each image alone.
+    let alone: Vec<Outcome> = (0..2)
+        .map(|i| train(gpu(), options(1, DataParallel::default()), None, &[vec![batches[0][i].clone()]]))
+        .collect();
+    let mean = |f: &dyn Fn(&Outcome) -> Vec<f32>| -> Vec<f32> {
+        f(&alone[0]).iter().zip(f(&alone[1])).map(|(a, b)| (a + b) / 2.0).collect()
+    };
+    let loss = |o: &Outcome| o.losses[0].to_vec();
+    let grads = |o: &Outcome| concatenated(o.grads.iter().map(|(_, g)| g.clone()));
+    let err = relative_max(&loss(&ranks[0]), &mean(&loss));
+    assert!(
+        err <= 1e-5,
+        "the ranks' first loss {:?} is not the mean of each image's ({err:.2e})",
+        ranks[0].losses[0]
+    );
+    assert_close(
+        "the first step's gradients against each image's mean",
+        &grads(&ranks[0]),
+        &mean(&grads),
+        3e-2,
+    );
     let p = ranks[0].points;
     assert!(p.forward_exchanges + p.backward_exchanges == 0 && p.buckets > 1, "{p:?}");
     // Their running statistics are their own (a checkpoint holds rank 0's).
