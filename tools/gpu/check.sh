@@ -16,6 +16,8 @@
 #   info.txt        `hrnet-ocr info`
 #   context_heads.txt  `bench --context-heads` (paper size; --quick: small), with the PyTorch
 #                   reference's table beside it where torch imports
+#   data_parallel.txt  `bench --devices`: the training step split over two ranks (devices 0 and
+#                   1, or two ranks on device 0 where there is one) beside one device
 # Exits non-zero when a test or a step failed; everything measured so far is written anyway.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -135,10 +137,12 @@ if [[ -n $quick ]]; then
     kernels_args=(--filter matmul --budget-ms 20)
     w18=(--size 64x128 --batch 1 --iters 1)
     w48=(--size 64x128 --batch 1 --iters 1)
+    parallel=(--size 64x128 --batch 2 --iters 2)
 else
     kernels_args=(--budget-ms 100)
     w18=(--size 512x1024 --batch 2 --iters 3)
     w48=(--size 1024x2048 --batch 1 --iters 3)
+    parallel=(--size 512x1024 --batch 2 --iters 3)
 fi
 run_json "bench --kernels" 240 kernels "$bin" bench --kernels --json "${kernels_args[@]}"
 run_json "bench w18-small-v2 ${w18[*]}" 180 model "$bin" bench --config w18-small-v2 --json "${w18[@]}"
@@ -185,6 +189,13 @@ note "bench --context-heads --context-size $heads_size"
 timeout 300 "$bin" bench --context-heads --context-size "$heads_size" ${reference:+--reference "$reference"} \
     > "$out/context_heads.txt" 2>&1 || fail "bench --context-heads --context-size $heads_size"
 
+# --- data parallel: the training step over two ranks, synchronized batch norm ---------------------
+devices=$(grep -cE '^  [0-9]+: ' "$out/info.txt" || true)
+pair=$([[ ${devices:-0} -ge 2 ]] && echo 0,1 || echo 0,0)
+note "bench --devices $pair ${parallel[*]}"
+timeout 300 "$bin" bench --config w18-small-v2 --devices "$pair" "${parallel[@]}" \
+    > "$out/data_parallel.txt" 2>&1 || fail "bench --devices $pair"
+
 # --- summary ----------------------------------------------------------------------------------
 {
     echo "# GPU check$([[ -n $quick ]] && echo ' (quick)')"
@@ -216,6 +227,12 @@ timeout 300 "$bin" bench --context-heads --context-size "$heads_size" ${referenc
     echo
     echo '```'
     cat "$out/context_heads.txt"
+    echo '```'
+    echo
+    echo "## Data parallel (devices $pair)"
+    echo
+    echo '```'
+    cat "$out/data_parallel.txt"
     echo '```'
     echo
     if ((${#failures[@]})); then

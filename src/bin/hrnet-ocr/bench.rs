@@ -602,7 +602,9 @@ fn time_steps(trainer: &mut Trainer, samples: &[Sample], iters: usize) -> Result
 /// What one rank of `bench --devices` measured: (mean, best) ms per step, communication.
 struct RankTiming {
     times: (f64, f64),
+    /// Over `steps` steps.
     comm: CommStats,
+    steps: usize,
     device: String,
 }
 
@@ -643,11 +645,13 @@ fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
                     let mut trainer = Trainer::new(&gpu, cfg.clone(), None, options)?;
                     trainer.join(Comm::new(Box::new(group)))?;
                     let slice = &samples[parallel.slice(global)];
-                    // The warm-up step's communication is left out, as its time is.
+                    // The first step (variant measurements, pipelines) is left out of both the
+                    // time and the communication; `time` warms up with the second.
                     trainer.step(slice, 0)?;
                     trainer.take_comm_stats();
-                    let times = time(args.iters.max(1) - 1, || trainer.step(slice, 1).map(drop))?;
-                    Ok(RankTiming { times, comm: trainer.take_comm_stats(), device: gpu.describe() })
+                    let times = time(args.iters.max(2) - 1, || trainer.step(slice, 1).map(drop))?;
+                    let steps = args.iters.max(2);
+                    Ok(RankTiming { times, comm: trainer.take_comm_stats(), steps, device: gpu.describe() })
                 })
             })
             .collect();
@@ -659,8 +663,8 @@ fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
     let bn = if sync_batch_norm { "synchronized batch norm" } else { "per-device batch norm" };
     println!("  {ranks} devices, {} images each, {bn}:", global / ranks);
     for (rank, r) in results.into_iter().enumerate() {
-        let RankTiming { times: (mean, best), comm, device } = r?;
-        let steps = args.iters.max(1) as f64;
+        let RankTiming { times: (mean, best), comm, steps, device } = r?;
+        let steps = steps as f64;
         let per_step = 1e3 * comm.seconds / steps;
         println!(
             "    rank {rank} ({device}): {mean:.1} / {best:.1}; communication {per_step:.1} ms per step \
