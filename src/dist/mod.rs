@@ -153,6 +153,27 @@ impl Comm {
     }
 }
 
+/// Runs `rank(r, comm)` for each of `ranks` ranks on a thread of its own, with rank r's
+/// collective, and gives every rank's result, or the error that ended the run: the first
+/// rank's own error rather than the others' failed exchanges with it (a panic is an error).
+pub fn on_threads<T: Send>(ranks: usize, rank: impl Fn(usize, Comm) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> = std::thread::scope(|scope| {
+        let rank = &rank;
+        let threads: Vec<_> = LocalGroup::new(ranks)
+            .into_iter()
+            .enumerate()
+            .map(|(r, group)| scope.spawn(move || rank(r, Comm::new(Box::new(group)))))
+            .collect();
+        let panicked = |r| Error::Invalid(format!("rank {r}'s thread panicked"));
+        threads.into_iter().enumerate().map(|(r, t)| t.join().unwrap_or_else(|_| Err(panicked(r)))).collect()
+    });
+    let own = results.iter().position(|r| matches!(r, Err(e) if !matches!(e, Error::Collective(_))));
+    match own.or_else(|| results.iter().position(Result::is_err)) {
+        Some(failed) => Err(results.into_iter().nth(failed).and_then(Result::err).expect("a failed rank")),
+        None => results.into_iter().collect(),
+    }
+}
+
 /// Ranks as threads of one process: each thread holds one handle (`LocalGroup::new(n)`),
 /// and an all-gather meets in shared memory. A handle dropped while others wait (its thread
 /// failed) makes their calls fail instead of hanging.
@@ -235,12 +256,8 @@ mod tests {
     use super::*;
 
     /// `f` on each of `ranks` threads with its rank's collective; the results in rank order.
-    fn on_ranks<T: Send + 'static>(ranks: usize, f: fn(&mut Comm) -> T) -> Vec<T> {
-        let threads: Vec<_> = LocalGroup::new(ranks)
-            .into_iter()
-            .map(|g| std::thread::spawn(move || f(&mut Comm::new(Box::new(g)))))
-            .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    fn on_ranks<T: Send>(ranks: usize, f: fn(&mut Comm) -> T) -> Vec<T> {
+        on_threads(ranks, |_, mut comm| Ok(f(&mut comm))).unwrap()
     }
 
     #[test]
@@ -261,6 +278,15 @@ mod tests {
             assert_eq!(v[0].to_bits(), (((0.1f32 + 0.2) + 0.3) / 3.0).to_bits());
             assert_eq!(v[1], 1e8);
         }
+    }
+
+    #[test]
+    fn a_failed_rank_s_own_error_is_the_run_s() {
+        let err = on_threads(3, |rank, mut comm| match rank {
+            1 => Err(Error::Invalid("rank 1's own trouble".into())),
+            _ => comm.all_gather_f64(&[1.0]).map(drop),
+        });
+        assert_eq!(err.unwrap_err().to_string(), "rank 1's own trouble");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::common::*;
 use hrnet_ocr::data::augment::Sample;
-use hrnet_ocr::dist::{Comm, DataParallel, LocalGroup};
+use hrnet_ocr::dist::{Comm, DataParallel};
 use hrnet_ocr::graph::MeetingPoints;
 use hrnet_ocr::kernels::tuning::TuningCache;
 use hrnet_ocr::model::weights::NamedTensor;
@@ -90,24 +90,14 @@ fn train(gpu: &Gpu, options: TrainOptions, comm: Option<Comm>, batches: &[Vec<Sa
 
 /// Two ranks on threads, a device each.
 fn two_ranks(sync_batch_norm: bool, batches: &[Vec<Sample>]) -> Vec<Outcome> {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = LocalGroup::new(2)
-            .into_iter()
-            .enumerate()
-            .map(|(rank, group)| {
-                scope.spawn(move || {
-                    let gpu = Gpu::with_options(&GpuOptions::from_env()).unwrap();
-                    // Small buckets: many are reduced while the backward runs on.
-                    let parallel = DataParallel {
-                        bucket_bytes: 64 << 10,
-                        ..DataParallel::rank(rank, 2, sync_batch_norm)
-                    };
-                    train(&gpu, options(1, parallel), Some(Comm::new(Box::new(group))), batches)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    hrnet_ocr::dist::on_threads(2, |rank, comm| {
+        let gpu = Gpu::with_options(&GpuOptions::from_env())?;
+        // Small buckets: many are reduced while the backward runs on.
+        let parallel =
+            DataParallel { bucket_bytes: 64 << 10, ..DataParallel::rank(rank, 2, sync_batch_norm) };
+        Ok(train(&gpu, options(1, parallel), Some(comm), batches))
     })
+    .unwrap()
 }
 
 /// Max |a - b| over the largest |b|, with a floor for all-zero tensors.

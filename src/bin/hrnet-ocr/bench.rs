@@ -9,7 +9,7 @@ use clap::Args;
 use hrnet_ocr::bench::{self, KernelCase, Profile, Roofline, Timing};
 use hrnet_ocr::data::augment::Sample;
 use hrnet_ocr::data::SplitMix;
-use hrnet_ocr::dist::{Comm, CommStats, DataParallel, LocalGroup};
+use hrnet_ocr::dist::{CommStats, DataParallel};
 use hrnet_ocr::gpu::list_adapters;
 use hrnet_ocr::graph::Recompute;
 use hrnet_ocr::graph::{GraphBuilder, Mode};
@@ -630,40 +630,25 @@ fn data_parallel(args: &BenchArgs, devices: &[usize]) -> Result<()> {
         alone
     };
     let sync_batch_norm = !args.per_device_bn;
-    let results: Vec<Result<RankTiming>> = std::thread::scope(|scope| {
-        let threads: Vec<_> = LocalGroup::new(ranks)
-            .into_iter()
-            .zip(devices)
-            .enumerate()
-            .map(|(rank, (group, &device))| {
-                let (cfg, samples) = (&cfg, &samples);
-                scope.spawn(move || {
-                    let gpu = crate::open_device(Some(device))?;
-                    let parallel = DataParallel::rank(rank, ranks, sync_batch_norm);
-                    let options =
-                        TrainOptions { parallel, ..train_options(cfg, global / ranks, [h, w], recompute) };
-                    let mut trainer = Trainer::new(&gpu, cfg.clone(), None, options)?;
-                    trainer.join(Comm::new(Box::new(group)))?;
-                    let slice = &samples[parallel.slice(global)];
-                    // The first step (variant measurements, pipelines) is left out of both the
-                    // time and the communication; `time` warms up with the second.
-                    trainer.step(slice, 0)?;
-                    trainer.take_comm_stats();
-                    let times = time(args.iters.max(2) - 1, || trainer.step(slice, 1).map(drop))?;
-                    let steps = args.iters.max(2);
-                    Ok(RankTiming { times, comm: trainer.take_comm_stats(), steps, device: gpu.describe() })
-                })
-            })
-            .collect();
-        threads
-            .into_iter()
-            .map(|t| t.join().unwrap_or_else(|_| Err(Error::Invalid("a rank panicked".into()))))
-            .collect()
-    });
+    let results = hrnet_ocr::dist::on_threads(ranks, |rank, comm| {
+        let gpu = crate::open_device(Some(devices[rank]))?;
+        let parallel = DataParallel::rank(rank, ranks, sync_batch_norm);
+        let options = TrainOptions { parallel, ..train_options(&cfg, global / ranks, [h, w], recompute) };
+        let mut trainer = Trainer::new(&gpu, cfg.clone(), None, options)?;
+        trainer.join(comm)?;
+        let slice = &samples[parallel.slice(global)];
+        // The first step (variant measurements, pipelines) is left out of both the time and
+        // the communication; `time` warms up with the second.
+        trainer.step(slice, 0)?;
+        trainer.take_comm_stats();
+        let times = time(args.iters.max(2) - 1, || trainer.step(slice, 1).map(drop))?;
+        let steps = args.iters.max(2);
+        Ok(RankTiming { times, comm: trainer.take_comm_stats(), steps, device: gpu.describe() })
+    })?;
     let bn = if sync_batch_norm { "synchronized batch norm" } else { "per-device batch norm" };
     println!("  {ranks} devices, {} images each, {bn}:", global / ranks);
     for (rank, r) in results.into_iter().enumerate() {
-        let RankTiming { times: (mean, best), comm, steps, device } = r?;
+        let RankTiming { times: (mean, best), comm, steps, device } = r;
         let steps = steps as f64;
         let per_step = 1e3 * comm.seconds / steps;
         println!(

@@ -6,7 +6,7 @@ use crate::{mib, model, parse_size};
 use clap::Args;
 use hrnet_ocr::data::augment::Batches;
 use hrnet_ocr::data::Dataset;
-use hrnet_ocr::dist::{Comm, DataParallel, LocalGroup};
+use hrnet_ocr::dist::{Comm, DataParallel};
 use hrnet_ocr::eval::{Evaluation, Scores};
 use hrnet_ocr::formats::pth::{is_pytorch_file, read_official_training};
 use hrnet_ocr::infer::{OfficialTest, Segmenter, Strategy};
@@ -288,34 +288,10 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     match launch {
         Launch::Devices(devices) if devices.len() > 1 => {
             let ranks = devices.len();
-            std::thread::scope(|scope| {
-                let threads: Vec<_> = LocalGroup::new(ranks)
-                    .into_iter()
-                    .zip(devices)
-                    .enumerate()
-                    .map(|(rank, (group, device))| {
-                        let run = &run;
-                        scope.spawn(move || {
-                            let comm = Comm::new(Box::new(group));
-                            run.rank(crate::open_device(Some(device))?, parallel(rank, ranks), Some(comm))
-                        })
-                    })
-                    .collect();
-                // The first error is the one to report: a rank that failed makes the
-                // others fail in their next exchange.
-                let results: Vec<Result<()>> = threads
-                    .into_iter()
-                    .map(|t| {
-                        t.join().unwrap_or_else(|_| Err(Error::Invalid("a rank's thread panicked".into())))
-                    })
-                    .collect();
-                let first_own =
-                    results.iter().position(|r| matches!(r, Err(e) if !matches!(e, Error::Collective(_))));
-                match first_own.or_else(|| results.iter().position(Result::is_err)) {
-                    Some(i) => results.into_iter().nth(i).expect("an index of the results"),
-                    None => Ok(()),
-                }
+            hrnet_ocr::dist::on_threads(ranks, |rank, comm| {
+                run.rank(crate::open_device(Some(devices[rank]))?, parallel(rank, ranks), Some(comm))
             })
+            .map(drop)
         }
         Launch::Devices(devices) => {
             run.rank(crate::open_device(devices.first().copied())?, parallel(0, 1), None)
