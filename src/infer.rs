@@ -6,7 +6,7 @@ use crate::data::image::{normalise, Image};
 use crate::data::official::{long_side_size, Official, TestPreparation};
 use crate::error::{Error, Result};
 use crate::eval::Evaluation;
-use crate::gpu::Gpu;
+use crate::gpu::{block_on, Gpu};
 use crate::graph::{Graph, GraphBuilder, Mode, ValueId};
 use crate::kernels::conv2d::Precision;
 use crate::kernels::resize;
@@ -204,17 +204,25 @@ impl<'g> Segmenter<'g> {
         self.keep_scores = on;
     }
 
-    /// Segments `image`.
+    /// Segments `image`. In a browser, which cannot block, use [`Segmenter::segment_async`].
     pub fn segment(&mut self, image: &Image, strategy: &Strategy) -> Result<Segmentation> {
+        block_on(self.segment_async(image, strategy), "Segmenter::segment_async")
+    }
+
+    /// [`Segmenter::segment`] as a future: every readback of every strategy is awaited.
+    pub async fn segment_async(&mut self, image: &Image, strategy: &Strategy) -> Result<Segmentation> {
         let size = [image.height, image.width];
         let planes = image.normalised();
         if *strategy == Strategy::Whole && self.run(&planes, size)? {
             let (gpu, graph) = (self.gpu, &self.graphs[&size]);
-            let scores = self.keep_scores.then(|| graph.output(FULL_LOGITS).to_vec(gpu)).transpose()?;
-            let classes = graph.output(LABELS).to_vec_u32(gpu)?;
+            let scores = match self.keep_scores {
+                true => Some(graph.output(FULL_LOGITS).read(gpu).await?),
+                false => None,
+            };
+            let classes = graph.output(LABELS).read_u32(gpu).await?;
             return Ok(Segmentation { width: image.width, height: image.height, classes, scores });
         }
-        let scores = self.logits_with(&planes, size, strategy)?;
+        let scores = self.scores(&planes, size, strategy).await?;
         Ok(Segmentation {
             width: image.width,
             height: image.height,
@@ -232,7 +240,7 @@ impl<'g> Segmenter<'g> {
         labels: &[u32],
         evaluation: &mut Evaluation,
     ) -> Result<()> {
-        self.score(image, strategy, labels, evaluation, false).map(drop)
+        block_on(self.score(image, strategy, labels, evaluation, false), "Segmenter::segment_async").map(drop)
     }
 
     /// As [`Segmenter::evaluate`], and returns what was counted: the predicted classes and
@@ -245,11 +253,11 @@ impl<'g> Segmenter<'g> {
         labels: &[u32],
         evaluation: &mut Evaluation,
     ) -> Result<Scored> {
-        self.score(image, strategy, labels, evaluation, true)
+        block_on(self.score(image, strategy, labels, evaluation, true), "Segmenter::segment_async")
     }
 
     /// Counts `image` against `labels`; returns what was counted when `keep` (else empty).
-    fn score(
+    async fn score(
         &mut self,
         image: &Image,
         strategy: &Strategy,
@@ -267,7 +275,7 @@ impl<'g> Segmenter<'g> {
         if *strategy == Strategy::Whole && self.run(&image.normalised(), size)? {
             let prediction = self.graphs[&size].output(LABELS);
             evaluation.add_predicted(self.gpu, prediction, labels)?;
-            let classes = if keep { prediction.to_vec_u32(self.gpu)? } else { Vec::new() };
+            let classes = if keep { prediction.read_u32(self.gpu).await? } else { Vec::new() };
             return Ok(kept(size, classes, labels));
         }
         if let Strategy::Official(test) = strategy {
@@ -275,9 +283,9 @@ impl<'g> Segmenter<'g> {
                 // Image and labels resized and padded together, scored at that size.
                 let (resized, pad) = test.short_side_size(size);
                 let padded = [resized[0] + pad[0], resized[1] + pad[1]];
-                let scaled = self.resize_planes(&image.normalised(), 3, size, resized, false)?;
+                let scaled = self.resize_planes(&image.normalised(), 3, size, resized, false).await?;
                 let planes = pad_planes_with(&scaled, resized, padded, |_| 0.0);
-                let scores = self.official_scales(&planes, padded, test)?;
+                let scores = self.official_scales(&planes, padded, test).await?;
                 let classes = argmax(&scores, self.config.num_classes, padded[0] * padded[1]);
                 let ignore = evaluation.ignore_label();
                 let labels = pad_labels(&resize_nearest(labels, size, resized), resized, padded, ignore);
@@ -285,28 +293,33 @@ impl<'g> Segmenter<'g> {
                 return Ok(kept(padded, classes, &labels));
             }
         }
-        let segmentation = self.segment(image, strategy)?;
+        let segmentation = self.segment_async(image, strategy).await?;
         evaluation.add(self.gpu, &segmentation.classes, labels)?;
         Ok(kept(size, segmentation.classes, labels))
     }
 
     /// The scores `[K, H, W]` of normalised planes `[3, H, W]` under `strategy`.
     pub fn logits_with(&mut self, planes: &[f32], size: [usize; 2], strategy: &Strategy) -> Result<Vec<f32>> {
+        block_on(self.scores(planes, size, strategy), "Segmenter::segment_async")
+    }
+
+    /// [`Segmenter::logits_with`] as a future.
+    async fn scores(&mut self, planes: &[f32], size: [usize; 2], strategy: &Strategy) -> Result<Vec<f32>> {
         if planes.len() != 3 * size[0] * size[1] {
             return Err(Error::Invalid(format!("{} values for 3 planes of {size:?}", planes.len())));
         }
         match strategy {
-            Strategy::Whole => self.logits(planes, size),
-            Strategy::Slide { crop, stride } => self.slide(planes, size, *crop, *stride),
+            Strategy::Whole => self.whole_or_windows(planes, size).await,
+            Strategy::Slide { crop, stride } => self.slide(planes, size, *crop, *stride).await,
             Strategy::MultiScaleFlip { scales, crop, stride } => {
-                self.multi_scale_flip(planes, size, scales, *crop, *stride)
+                self.multi_scale_flip(planes, size, scales, *crop, *stride).await
             }
-            Strategy::Official(test) => self.official(planes, size, test),
+            Strategy::Official(test) => self.official(planes, size, test).await,
         }
     }
 
     /// [`Strategy::Official`]: the summed scores `[K, H, W]`.
-    fn official(&mut self, planes: &[f32], [h, w]: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
+    async fn official(&mut self, planes: &[f32], [h, w]: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
         let k = self.config.num_classes;
         if test.crop.contains(&0) || test.scales.is_empty() {
             return Err(Error::Invalid(format!("an official test needs a crop and scales, got {test:?}")));
@@ -314,27 +327,27 @@ impl<'g> Segmenter<'g> {
         // The image as its dataset class prepares it; the scores come back to the input size.
         let (prepared, size, keep) = match test.preparation {
             TestPreparation::AsIs | TestPreparation::ShortSideWithLabels => {
-                return self.official_scales(planes, [h, w], test)
+                return self.official_scales(planes, [h, w], test).await
             }
             TestPreparation::ResizeToCrop => {
-                (self.resize_planes(planes, 3, [h, w], test.crop, false)?, test.crop, test.crop)
+                (self.resize_planes(planes, 3, [h, w], test.crop, false).await?, test.crop, test.crop)
             }
             TestPreparation::ShortSide { cut_padding } => {
                 let (resized, pad) = test.short_side_size([h, w]);
                 let size = [resized[0] + pad[0], resized[1] + pad[1]];
-                let scaled = self.resize_planes(planes, 3, [h, w], resized, false)?;
+                let scaled = self.resize_planes(planes, 3, [h, w], resized, false).await?;
                 // Padded with the mean colour, which normalises to zero.
                 let padded = pad_planes_with(&scaled, resized, size, |_| 0.0);
                 (padded, size, if cut_padding { resized } else { size })
             }
         };
-        let scores = self.official_scales(&prepared, size, test)?;
+        let scores = self.official_scales(&prepared, size, test).await?;
         let kept = crop_planes(&scores, k, size, [0, 0], keep);
-        self.resize_planes(&kept, k, keep, [h, w], self.config.align_corners)
+        self.resize_planes(&kept, k, keep, [h, w], self.config.align_corners).await
     }
 
     /// The official multi-scale inference over planes already prepared: the summed scores.
-    fn official_scales(
+    async fn official_scales(
         &mut self,
         planes: &[f32],
         [h, w]: [usize; 2],
@@ -344,12 +357,12 @@ impl<'g> Segmenter<'g> {
         let mut total = vec![0.0f32; k * h * w];
         for &scale in &test.scales {
             let size = test.scaled_size([h, w], scale);
-            let scaled = self.resize_planes(planes, 3, [h, w], size, false)?;
+            let scaled = self.resize_planes(planes, 3, [h, w], size, false).await?;
             let scores = match test.dataset {
-                Official::Cityscapes => self.official_cityscapes(&scaled, size, scale, test)?,
-                _ => self.official_padded(&scaled, size, test)?,
+                Official::Cityscapes => self.official_cityscapes(&scaled, size, scale, test).await?,
+                _ => self.official_padded(&scaled, size, test).await?,
             };
-            let back = self.resize_planes(&scores, k, size, [h, w], self.config.align_corners)?;
+            let back = self.resize_planes(&scores, k, size, [h, w], self.config.align_corners).await?;
             total.iter_mut().zip(back).for_each(|(t, v)| *t += v);
         }
         Ok(total)
@@ -358,11 +371,11 @@ impl<'g> Segmenter<'g> {
     /// `exp` of a pass's logits at the size of `planes`, averaged with its horizontal flip's
     /// (the dataset's left and right classes exchanged) when the test flips. The pass must
     /// fit the device: the official test never splits it further.
-    fn official_pass(&mut self, planes: &[f32], size: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
-        let mut logits = self.whole_logits(planes, size)?;
+    async fn official_pass(&mut self, planes: &[f32], size: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
+        let mut logits = self.whole_logits(planes, size).await?;
         if test.flip {
             let k = self.config.num_classes;
-            let mirrored = self.whole_logits(&flip(planes, 3, size), size)?;
+            let mirrored = self.whole_logits(&flip(planes, 3, size), size).await?;
             let mut mirrored = flip(&mirrored, k, size);
             swap_classes(&mut mirrored, k, size[0] * size[1], test.dataset.flip_swaps())?;
             logits.iter_mut().zip(&mirrored).for_each(|(a, b)| *a = (*a + b) * 0.5);
@@ -371,7 +384,7 @@ impl<'g> Segmenter<'g> {
     }
 
     /// The model's logits of one whole pass, or an error when it does not fit the device.
-    fn whole_logits(&mut self, planes: &[f32], size: [usize; 2]) -> Result<Vec<f32>> {
+    async fn whole_logits(&mut self, planes: &[f32], size: [usize; 2]) -> Result<Vec<f32>> {
         if !self.run(planes, size)? {
             return Err(Error::Invalid(format!(
                 "a {}x{} pass of this model needs a tensor larger than the device's largest buffer ({} bytes)",
@@ -380,12 +393,12 @@ impl<'g> Segmenter<'g> {
                 self.gpu.limits().max_buffer_size
             )));
         }
-        self.graphs[&size].output(FULL_LOGITS).to_vec(self.gpu)
+        self.graphs[&size].output(FULL_LOGITS).read(self.gpu).await
     }
 
     /// Cityscapes' `multi_scale_inference`: one pass up to scale 1, else windows of the crop
     /// every crop, shifted back at the border, overlaps averaged.
-    fn official_cityscapes(
+    async fn official_cityscapes(
         &mut self,
         planes: &[f32],
         [h, w]: [usize; 2],
@@ -393,7 +406,7 @@ impl<'g> Segmenter<'g> {
         test: &OfficialTest,
     ) -> Result<Vec<f32>> {
         if scale <= 1.0 {
-            return self.official_pass(planes, [h, w], test);
+            return self.official_pass(planes, [h, w], test).await;
         }
         let [ch, cw] = test.crop;
         let rows = (h.saturating_sub(ch)).div_ceil(ch) + 1;
@@ -405,13 +418,13 @@ impl<'g> Segmenter<'g> {
                 windows.push(([h1.saturating_sub(ch), w1.saturating_sub(cw)], [h1, w1]));
             }
         }
-        self.averaged_windows(planes, [h, w], &windows, None, test)
+        self.averaged_windows(planes, [h, w], &windows, None, test).await
     }
 
     /// The other datasets' `multi_scale_inference`: padded to the crop where smaller, one
     /// pass when the image fits the crop, else windows every two thirds of the crop, the
     /// border windows padded to the crop, overlaps averaged; cut back to the image.
-    fn official_padded(
+    async fn official_padded(
         &mut self,
         planes: &[f32],
         [h, w]: [usize; 2],
@@ -421,7 +434,7 @@ impl<'g> Segmenter<'g> {
         let k = self.config.num_classes;
         if h.max(w) <= ch.min(cw) {
             let padded = pad_planes(planes, [h, w], test.crop);
-            let scores = self.official_pass(&padded, test.crop, test)?;
+            let scores = self.official_pass(&padded, test.crop, test).await?;
             return Ok(crop_planes(&scores, k, test.crop, [0, 0], [h, w]));
         }
         let full = [h.max(ch), w.max(cw)];
@@ -436,13 +449,13 @@ impl<'g> Segmenter<'g> {
                 windows.push(([h0, w0], [(h0 + ch).min(full[0]), (w0 + cw).min(full[1])]));
             }
         }
-        let scores = self.averaged_windows(&padded, full, &windows, Some(test.crop), test)?;
+        let scores = self.averaged_windows(&padded, full, &windows, Some(test.crop), test).await?;
         Ok(crop_planes(&scores, k, full, [0, 0], [h, w]))
     }
 
     /// Scores of `planes` (`[3, h, w]`) from passes over `windows` (`[h0, w0]` to
     /// `[h1, w1]`), each padded to `pad_to` if given, overlaps averaged.
-    fn averaged_windows(
+    async fn averaged_windows(
         &mut self,
         planes: &[f32],
         [h, w]: [usize; 2],
@@ -456,7 +469,7 @@ impl<'g> Segmenter<'g> {
         for &([h0, w0], [h1, w1]) in windows {
             let window = crop_planes(planes, 3, [h, w], [h0, w0], [h1 - h0, w1 - w0]);
             let size = pad_to.unwrap_or([h1 - h0, w1 - w0]);
-            let scores = self.official_pass(&pad_planes(&window, [h1 - h0, w1 - w0], size), size, test)?;
+            let scores = self.official_pass(&pad_planes(&window, [h1 - h0, w1 - w0], size), size, test).await?;
             for c in 0..k {
                 for y in h0..h1 {
                     for x in w0..w1 {
@@ -481,9 +494,14 @@ impl<'g> Segmenter<'g> {
     /// whose tensors would exceed the device's largest buffer is covered by the largest
     /// sliding windows that fit (stride two thirds of a window) instead, with a warning
     /// saying so (the official test refuses such a pass instead).
-    pub fn logits(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
+    pub fn logits(&mut self, planes: &[f32], size: [usize; 2]) -> Result<Vec<f32>> {
+        block_on(self.whole_or_windows(planes, size), "Segmenter::segment_async")
+    }
+
+    /// [`Segmenter::logits`] as a future.
+    async fn whole_or_windows(&mut self, planes: &[f32], [h, w]: [usize; 2]) -> Result<Vec<f32>> {
         if self.run(planes, [h, w])? {
-            return self.graphs[&[h, w]].output(FULL_LOGITS).to_vec(self.gpu);
+            return self.graphs[&[h, w]].output(FULL_LOGITS).read(self.gpu).await;
         }
         let crop = self.fitting_window([h, w])?;
         log::warn!(
@@ -491,7 +509,7 @@ impl<'g> Segmenter<'g> {
             crop[0],
             crop[1]
         );
-        self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1)))
+        self.slide(planes, [h, w], crop, crop.map(|c| (c * 2 / 3).max(1))).await
     }
 
     /// Runs the whole-image graph of `size` on `planes` (building it first if needed),
@@ -570,7 +588,7 @@ impl<'g> Segmenter<'g> {
         Ok(())
     }
 
-    fn slide(
+    async fn slide(
         &mut self,
         planes: &[f32],
         [h, w]: [usize; 2],
@@ -589,7 +607,8 @@ impl<'g> Segmenter<'g> {
             for x0 in window_starts(w, crop[1], stride[1]) {
                 let (ch, cw) = (crop[0].min(h), crop[1].min(w));
                 let window = crop_planes(planes, 3, [h, w], [y0, x0], [ch, cw]);
-                let logits = self.logits(&window, [ch, cw])?;
+                // Boxed: a window too large for the device is itself covered by windows.
+                let logits = Box::pin(self.whole_or_windows(&window, [ch, cw])).await?;
                 for c in 0..k {
                     for y in 0..ch {
                         for x in 0..cw {
@@ -610,7 +629,7 @@ impl<'g> Segmenter<'g> {
         Ok(sum)
     }
 
-    fn multi_scale_flip(
+    async fn multi_scale_flip(
         &mut self,
         planes: &[f32],
         [h, w]: [usize; 2],
@@ -625,25 +644,25 @@ impl<'g> Segmenter<'g> {
         let mut total = vec![0.0f32; k * h * w];
         for &s in scales {
             let size = [((h as f32 * s).round() as usize).max(1), ((w as f32 * s).round() as usize).max(1)];
-            let scaled = self.resize_planes(planes, 3, [h, w], size, self.config.align_corners)?;
-            let run = |this: &mut Self, p: &[f32]| -> Result<Vec<f32>> {
-                if s <= 1.0 {
-                    this.logits(p, size)
-                } else {
-                    this.slide(p, size, crop, stride)
-                }
-            };
-            let plain = run(self, &scaled)?;
-            let flipped = flip(&run(self, &flip(&scaled, 3, size))?, k, size);
+            let scaled = self.resize_planes(planes, 3, [h, w], size, self.config.align_corners).await?;
+            let mut views = Vec::with_capacity(2);
+            for view in [scaled.clone(), flip(&scaled, 3, size)] {
+                views.push(match s <= 1.0 {
+                    true => self.whole_or_windows(&view, size).await?,
+                    false => self.slide(&view, size, crop, stride).await?,
+                });
+            }
+            let flipped = flip(&views[1], k, size);
+            let plain = &views[0];
             let averaged: Vec<f32> = plain.iter().zip(&flipped).map(|(a, b)| ((a + b) / 2.0).exp()).collect();
-            let back = self.resize_planes(&averaged, k, size, [h, w], self.config.align_corners)?;
+            let back = self.resize_planes(&averaged, k, size, [h, w], self.config.align_corners).await?;
             total.iter_mut().zip(back).for_each(|(t, v)| *t += v);
         }
         Ok(total)
     }
 
     /// Bilinear resize of `c` planes on the device.
-    fn resize_planes(
+    async fn resize_planes(
         &self,
         planes: &[f32],
         c: usize,
@@ -658,7 +677,7 @@ impl<'g> Segmenter<'g> {
         let src = Tensor::from_slice(gpu, &[1, c, from[0], from[1]], planes)?;
         let dst = Tensor::empty(gpu, &[1, c, to[0], to[1]])?;
         gpu.run(&resize::forward(gpu, &src, &dst, 0, align_corners)?)?;
-        dst.to_vec(gpu)
+        dst.read(gpu).await
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::error::{fmt_shape, Error, Result};
 pub use crate::gpu::DType;
-use crate::gpu::{read_buffer, read_buffers, BufferBinding, Gpu, PooledBuffer};
+use crate::gpu::{block_on, read_buffers, read_buffers_async, BufferBinding, Gpu, PooledBuffer};
 use crate::half::{f16_to_f32, f32_to_f16};
 use std::sync::Arc;
 
@@ -128,9 +128,15 @@ impl Tensor {
     }
 
     /// Copies a float tensor back to the host as f32 (waits for all submitted work).
+    /// In a browser, which cannot block, use [`Tensor::read`].
     pub fn to_vec(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        self.check_float("to_vec")?;
-        Ok(self.floats(&self.read_bytes(gpu)?))
+        block_on(self.read(gpu), "Tensor::read")
+    }
+
+    /// [`Tensor::to_vec`] as a future.
+    pub async fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.check_float("read")?;
+        Ok(self.floats(&self.read_bytes(gpu).await?))
     }
 
     /// This tensor's elements as f32, from its bytes.
@@ -145,14 +151,19 @@ impl Tensor {
         }
     }
 
-    /// Copies a u32 tensor back to the host.
+    /// Copies a u32 tensor back to the host. In a browser use [`Tensor::read_u32`].
     pub fn to_vec_u32(&self, gpu: &Gpu) -> Result<Vec<u32>> {
-        self.check_dtype("to_vec_u32", DType::U32)?;
-        Ok(bytemuck::cast_slice(&self.read_bytes(gpu)?).to_vec())
+        block_on(self.read_u32(gpu), "Tensor::read_u32")
     }
 
-    fn read_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
-        read_buffer(gpu, self.buffer(), self.offset, self.words_bytes())
+    /// [`Tensor::to_vec_u32`] as a future.
+    pub async fn read_u32(&self, gpu: &Gpu) -> Result<Vec<u32>> {
+        self.check_dtype("read_u32", DType::U32)?;
+        Ok(bytemuck::cast_slice(&self.read_bytes(gpu).await?).to_vec())
+    }
+
+    async fn read_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
+        Ok(read_buffers_async(gpu, &[(self.buffer(), self.offset, self.words_bytes())]).await?.remove(0))
     }
 
     /// Overwrites the contents of a u32 tensor with `data`.

@@ -135,13 +135,14 @@ impl Dispatch {
                 size: NonZeroU64::new(b.size),
             }),
         }));
-        let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(spec.entry),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
+        let (bind_group, error) = super::scoped(&gpu.device, wgpu::ErrorFilter::Validation, || {
+            gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(spec.entry),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = error {
             return Err(Error::Device(format!("binding {}.wgsl:{}: {e}", spec.shader.name(), spec.entry)));
         }
         Ok(Dispatch {

@@ -8,6 +8,7 @@ mod pool;
 mod profiler;
 mod readback;
 mod registry;
+mod wait;
 
 pub use compose::compose;
 pub(crate) use contract::shader_params;
@@ -16,8 +17,9 @@ pub(crate) use dispatch::DispatchSpec;
 pub use dispatch::{total_cost, BufferBinding, Cost, DType, Dispatch, Workgroups};
 pub use pool::PooledBuffer;
 pub use profiler::KernelTiming;
-pub(crate) use readback::{read_buffer, read_buffers, Staged};
+pub(crate) use readback::{read_buffer, read_buffers, read_buffers_async, Staged};
 pub use registry::{Shader, INCLUDES};
+pub(crate) use wait::{block_on, scoped};
 
 use crate::error::{Error, Result};
 use pool::BufferPool;
@@ -94,10 +96,18 @@ impl Gpu {
     /// Without `backends`, GL is probed only when no Vulkan, Metal or DX12 adapter exists:
     /// probing it through EGL is slow and makes some drivers print errors.
     pub fn with_options(options: &GpuOptions) -> Result<Self> {
+        block_on(Self::open(options), "Gpu::open")
+    }
+
+    /// [`Gpu::with_options`] as a future, the form a browser needs: there the adapter is
+    /// the page's WebGPU one (`navigator.gpu`).
+    pub async fn open(options: &GpuOptions) -> Result<Self> {
         let (backends, adapters) = match options.backends {
-            Some(backends) => (backends, enumerate(backends)),
-            None => match enumerate(wgpu::Backends::PRIMARY) {
-                native if native.is_empty() => (wgpu::Backends::all(), enumerate(wgpu::Backends::SECONDARY)),
+            Some(backends) => (backends, adapters_on(backends).await),
+            None => match adapters_on(wgpu::Backends::PRIMARY).await {
+                native if native.is_empty() => {
+                    (wgpu::Backends::all(), adapters_on(wgpu::Backends::SECONDARY).await)
+                }
                 native => (wgpu::Backends::PRIMARY, native),
             },
         };
@@ -127,14 +137,16 @@ impl Gpu {
             limits.max_compute_workgroup_size_x = limits.max_compute_workgroup_size_x.min(cap);
         }
         let workgroup_size = workgroup_size_for(&limits);
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("hrnet-ocr"),
-            required_features: features,
-            // The adapter's own limits: HRNet's tensors outgrow the WebGPU defaults.
-            required_limits: limits,
-            ..Default::default()
-        }))
-        .map_err(|e| Error::RequestDevice(format!("{} ({:?}): {e}", info.name, info.backend)))?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("hrnet-ocr"),
+                required_features: features,
+                // The adapter's own limits: HRNet's tensors outgrow the WebGPU defaults.
+                required_limits: limits,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(format!("{} ({:?}): {e}", info.name, info.backend)))?;
 
         let lost = Arc::new(Mutex::new(None));
         let lost_sink = Arc::clone(&lost);
@@ -360,21 +372,31 @@ impl Gpu {
     }
 }
 
-/// Every adapter on the given backends.
-pub fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+/// Every adapter on the given backends (in a browser, the page's WebGPU adapter, if any).
+async fn adapters_on(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = backends;
     let instance = wgpu::Instance::new(desc);
-    pollster::block_on(instance.enumerate_adapters(backends))
+    instance.enumerate_adapters(backends).await
+}
+
+/// Every adapter on the given backends.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    pollster::block_on(adapters_on(backends))
 }
 
 /// Adapter information for `hrnet-ocr info`: every adapter on the given backends.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn list_adapters(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
     enumerate(backends).iter().map(|a| a.get_info()).collect()
 }
 
 fn no_adapter_hint() -> &'static str {
-    if cfg!(target_os = "linux") {
+    if cfg!(target_arch = "wasm32") {
+        "This browser offers no WebGPU adapter: use a browser with WebGPU enabled (Chrome or \
+         Edge 113+, Safari 26+, Firefox 141+ on Windows), over https or localhost."
+    } else if cfg!(target_os = "linux") {
         "Install a Vulkan driver: on Debian/Ubuntu `apt-get install mesa-vulkan-drivers` gives \
          Mesa's software driver lavapipe, which needs no GPU; with a GPU install its vendor driver."
     } else if cfg!(target_os = "macos") {
@@ -397,6 +419,7 @@ fn ranked(mut adapters: Vec<wgpu::Adapter>) -> Vec<wgpu::Adapter> {
 /// The devices `GpuOptions::adapter_index` counts, in its order: the adapters the default
 /// choice picks among (Vulkan, Metal or DX12; GL only where none of those exists), most
 /// capable first, so device 0 is the default adapter.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn device_list() -> Vec<wgpu::AdapterInfo> {
     let native = enumerate(wgpu::Backends::PRIMARY);
     let adapters = if native.is_empty() { enumerate(wgpu::Backends::SECONDARY) } else { native };

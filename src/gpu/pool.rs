@@ -57,14 +57,15 @@ impl BufferPool {
         let buffer = match reused {
             Some(buffer) => buffer,
             None => {
-                let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("hrnet-ocr tensor"),
-                    size: class,
-                    usage: USAGE,
-                    mapped_at_creation: false,
+                let (buffer, error) = super::scoped(device, wgpu::ErrorFilter::OutOfMemory, || {
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("hrnet-ocr tensor"),
+                        size: class,
+                        usage: USAGE,
+                        mapped_at_creation: false,
+                    })
                 });
-                if let Some(e) = pollster::block_on(scope.pop()) {
+                if let Some(e) = error {
                     lock(&self.idle).lent -= class;
                     return Err(e.to_string());
                 }

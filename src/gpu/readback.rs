@@ -1,5 +1,6 @@
 //! Copies of device buffers back to the host.
 
+use super::wait::{block_on, delivery};
 use super::Gpu;
 use crate::error::{Error, Result};
 
@@ -12,6 +13,14 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, size: u
 /// command buffer, one wait.
 pub(crate) fn read_buffers(gpu: &Gpu, ranges: &[(&wgpu::Buffer, u64, u64)]) -> Result<Vec<Vec<u8>>> {
     gpu.submit_staged(&[], [], ranges)?.read(gpu)
+}
+
+/// [`read_buffers`] without blocking: the browser's form.
+pub(crate) async fn read_buffers_async(
+    gpu: &Gpu,
+    ranges: &[(&wgpu::Buffer, u64, u64)],
+) -> Result<Vec<Vec<u8>>> {
+    gpu.submit_staged(&[], [], ranges)?.read_async(gpu).await
 }
 
 /// Copies of device ranges on their way to the host: the staging buffer (with each
@@ -49,18 +58,22 @@ impl Staged {
     /// The staged ranges' bytes, once their submission has finished (later submissions may
     /// still run).
     pub(crate) fn read(self, gpu: &Gpu) -> Result<Vec<Vec<u8>>> {
+        block_on(self.read_async(gpu), "the async readbacks (Tensor::read)")
+    }
+
+    /// [`Staged::read`] as a future: natively it waits for the submission in place; in a
+    /// browser it resolves when WebGPU has mapped the staging buffer.
+    pub(crate) async fn read_async(self, gpu: &Gpu) -> Result<Vec<Vec<u8>>> {
         let Some((staging, sizes)) = self.staging else { return Ok(Vec::new()) };
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+        let (deliver, mapped) = delivery();
+        staging.slice(..).map_async(wgpu::MapMode::Read, deliver);
+        // Natively the map callback runs inside this poll; WebGPU polls by itself.
         gpu.device
             .poll(wgpu::PollType::Wait { submission_index: Some(self.index), timeout: None })
             .map_err(|e| Error::Device(format!("waiting for the device: {e}")))?;
+        let mapped = mapped.await;
         gpu.check_device_error()?;
-        rx.recv()
-            .map_err(|_| Error::Readback("the map callback never ran".into()))?
-            .map_err(|e| Error::Readback(e.to_string()))?;
+        mapped.map_err(|e| Error::Readback(e.to_string()))?;
         let data = {
             let view = staging.slice(..).get_mapped_range().map_err(|e| Error::Readback(e.to_string()))?;
             let mut at = 0;

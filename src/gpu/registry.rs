@@ -186,19 +186,20 @@ impl PipelineCache {
             return Ok(Arc::clone(p));
         }
         let module = self.module(device, shader)?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants,
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
+        let (pipeline, error) = super::scoped(device, wgpu::ErrorFilter::Validation, || {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            })
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = error {
             return Err(Error::Device(format!("building pipeline {}.wgsl:{entry}: {e}", shader.name())));
         }
         let pipeline = Arc::new(pipeline);
@@ -232,12 +233,13 @@ impl PipelineCache {
             }
         }
         let source = shader.source()?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(shader.name()),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
+        let (module, error) = super::scoped(device, wgpu::ErrorFilter::Validation, || {
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name()),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            })
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = error {
             return Err(Error::Device(format!("compiling {}: {e}", shader.name())));
         }
         let module = Arc::new(module);

@@ -5,12 +5,13 @@ use hrnet_ocr::data::SplitMix;
 use hrnet_ocr::kernels::conv2d::Conv2dSpec;
 use hrnet_ocr::{Gpu, GpuOptions, Tensor};
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::future::Future;
 
 /// One device for the whole test process: every lavapipe device starts its own threads.
 /// No adapter is a failure (with the install hint), never a skip.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn gpu() -> &'static Gpu {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
+    static GPU: std::sync::OnceLock<Gpu> = std::sync::OnceLock::new();
     GPU.get_or_init(|| match Gpu::with_options(&GpuOptions::from_env()) {
         Ok(g) => {
             eprintln!("testing on {}", g.describe());
@@ -18,6 +19,41 @@ pub fn gpu() -> &'static Gpu {
         }
         Err(e) => panic!("{e}"),
     })
+}
+
+/// The page's WebGPU device, opened by [`open_gpu`] (a browser opens it only by awaiting).
+#[cfg(target_arch = "wasm32")]
+pub fn gpu() -> &'static Gpu {
+    BROWSER_GPU.with(|g| *g.get().expect("the browser suite opens the device first (open_gpu)"))
+}
+
+#[cfg(target_arch = "wasm32")]
+thread_local! {
+    static BROWSER_GPU: std::cell::OnceCell<&'static Gpu> = const { std::cell::OnceCell::new() };
+}
+
+/// Opens the test device in a browser, once per page; no adapter fails the test.
+#[cfg(target_arch = "wasm32")]
+pub async fn open_gpu() {
+    if BROWSER_GPU.with(|g| g.get().is_some()) {
+        return;
+    }
+    let gpu = Gpu::open(&GpuOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    wasm_bindgen_test::console_log!("testing on {}", gpu.describe());
+    let gpu: &'static Gpu = Box::leak(Box::new(gpu));
+    BROWSER_GPU.with(|g| g.set(gpu).ok());
+}
+
+/// Runs a test body written once as a future: natively to completion here, in the browser
+/// suite awaited by its harness.
+pub fn block_on(body: impl Future<Output = ()>) {
+    #[cfg(not(target_arch = "wasm32"))]
+    pollster::block_on(body);
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = body;
+        panic!("the browser suite awaits its test bodies");
+    }
 }
 
 /// A file of the tiny test model under `tests/fixtures/model/`.
@@ -94,6 +130,16 @@ pub fn download(t: &Tensor) -> Vec<f32> {
     t.to_vec(gpu()).expect("download")
 }
 
+/// [`download`] as a future, for test bodies that also run in the browser.
+pub async fn fetch(t: &Tensor) -> Vec<f32> {
+    t.read(gpu()).await.expect("download")
+}
+
+/// [`fetch`] of a u32 tensor.
+pub async fn fetch_u32(t: &Tensor) -> Vec<u32> {
+    t.read_u32(gpu()).await.expect("download")
+}
+
 /// Relative L2 error ||got - want|| / ||want|| (absolute when `want` is all zeros).
 pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
@@ -154,7 +200,10 @@ pub struct Fixture {
 impl Fixture {
     pub fn load(file: &str) -> Self {
         let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+        #[cfg(not(target_arch = "wasm32"))]
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        #[cfg(target_arch = "wasm32")]
+        let bytes = crate::embedded_fixture(file).to_vec();
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -6,6 +6,13 @@ const TOL: f64 = 1e-5;
 
 /// The forward and backward with long rows' chunks summed by `summing`.
 fn run(x: &[f32], gy: &[f32], axis: Axis, scale: f32, summing: Summing) -> (Vec<f32>, Vec<f32>) {
+    let mut out = None;
+    block_on(async { out = Some(run_async(x, gy, axis, scale, summing).await) });
+    out.expect("ran")
+}
+
+/// [`run`] as a future.
+async fn run_async(x: &[f32], gy: &[f32], axis: Axis, scale: f32, summing: Summing) -> (Vec<f32>, Vec<f32>) {
     let gpu = gpu();
     assert!(summing.runs_on(gpu), "{summing:?} does not run on the test adapter");
     let shape = [axis.outer, axis.len, axis.inner];
@@ -13,17 +20,22 @@ fn run(x: &[f32], gy: &[f32], axis: Axis, scale: f32, summing: Summing) -> (Vec<
     let mut ds = softmax::forward_with(gpu, &xt, axis, scale, &y, summing).unwrap();
     ds.extend(softmax::backward_with(gpu, &y, &gyt, axis, scale, (&gx, false), summing).unwrap());
     gpu.run(&ds).unwrap();
-    (download(&y), download(&gx))
+    (fetch(&y).await, fetch(&gx).await)
 }
 
 #[test]
 fn softmax_matches_pytorch_fixtures() {
+    block_on(fixture_cases());
+}
+
+/// Every case of `softmax.safetensors`, forward and backward, with every summing.
+pub async fn fixture_cases() {
     let f = Fixture::load("softmax.safetensors");
     for (case, p) in f.cases_with("case") {
         let axis = Axis { outer: p[0] as usize, len: p[1] as usize, inner: p[2] as usize };
         let g = |t: &str| f.get(&format!("{case}.{t}"));
         for summing in summings() {
-            let (y, gx) = run(g("x"), g("grad_out"), axis, p[3] as f32, summing);
+            let (y, gx) = run_async(g("x"), g("grad_out"), axis, p[3] as f32, summing).await;
             assert_close(&format!("{case} {axis:?} {summing:?} out"), &y, g("out"), TOL);
             assert_close(&format!("{case} {axis:?} {summing:?} grad_x"), &gx, g("grad_x"), TOL);
         }
