@@ -209,7 +209,10 @@ impl Gpu {
 
     /// A one-line description such as `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
     pub fn describe(&self) -> String {
-        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+        // A browser's WebGPU often leaves the description empty (only vendor and
+        // architecture, which wgpu does not pass on, are always there).
+        let name = if self.info.name.is_empty() { "unnamed adapter" } else { &self.info.name };
+        format!("{name} ({:?}, {:?})", self.info.backend, self.info.device_type)
     }
 
     /// The limits the device was opened with (the adapter's own).

@@ -47,7 +47,7 @@ struct Results {
 
 /// Eval forward (with the initial running statistics), then training forward and backward
 /// with `summing`'s channel sums.
-fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], summing: Summing) -> Results {
+async fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], summing: Summing) -> Results {
     let gpu = gpu();
     let c = dims[1];
     let (xt, gyt) = (upload(&dims, x), upload(&dims, gy));
@@ -67,18 +67,23 @@ fn run(dims: [usize; 4], x: &[f32], layer: &Layer, gy: &[f32], summing: Summing)
     ds.extend(batch_norm::backward_with(gpu, &xt, &bn, &saved, &gyt, &grads, summing).unwrap());
     gpu.run(&ds).unwrap();
     Results {
-        y: download(&y),
-        running_mean: download(&layer.mean),
-        running_var: download(&layer.var),
-        gx: download(&gx),
-        ggamma: download(&ggamma),
-        gbeta: download(&gbeta),
-        y_eval: download(&y_eval),
+        y: fetch(&y).await,
+        running_mean: fetch(&layer.mean).await,
+        running_var: fetch(&layer.var).await,
+        gx: fetch(&gx).await,
+        ggamma: fetch(&ggamma).await,
+        gbeta: fetch(&gbeta).await,
+        y_eval: fetch(&y_eval).await,
     }
 }
 
 #[test]
 fn batch_norm_matches_pytorch_fixtures() {
+    wait(batch_norm_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`batch_norm_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn batch_norm_matches_pytorch_fixtures_body() {
     let f = Fixture::load("batch_norm.safetensors");
     for (case, p) in f.cases() {
         let dims: [usize; 4] = p[..].try_into().expect("n c h w");
@@ -86,7 +91,7 @@ fn batch_norm_matches_pytorch_fixtures() {
         for summing in summings() {
             assert!(summing.runs_on(gpu()), "{summing:?} does not run on the test adapter");
             let layer = Layer::new(g("weight"), g("bias"), g("running_mean"), g("running_var"));
-            let r = run(dims, g("x"), &layer, g("grad_out"), summing);
+            let r = run(dims, g("x"), &layer, g("grad_out"), summing).await;
             let what = |t: &str| format!("{case} {dims:?} {summing:?} {t}");
             assert_close(&what("out"), &r.y, g("out"), TOL);
             assert_close(&what("out_eval"), &r.y_eval, g("out_eval"), TOL);
@@ -135,7 +140,7 @@ fn check_random_shape(rng: &mut Rng, dims: [usize; 4], summing: Summing) {
     let mean = rng.normals(c);
     let var: Vec<f32> = (0..c).map(|_| 0.5 + rng.uniform() as f32).collect();
     let gy = rng.normals(x.len());
-    let r = run(dims, &x, &Layer::new(&gamma, &beta, &mean, &var), &gy, summing);
+    let r = wait(run(dims, &x, &Layer::new(&gamma, &beta, &mean, &var), &gy, summing));
     let want = bn_train(&x, dims, &gamma, &beta, &mean, &var);
     let (gx, ggamma, gbeta) = bn_backward(&x, dims, &gamma, &gy);
     let what = |t: &str| format!("{dims:?} {summing:?} {t}");
@@ -179,7 +184,7 @@ fn subgroup_summing_gives_the_trees_bits() {
     let var: Vec<f32> = rng.normals(c).iter().map(|v| 0.5 + v.abs()).collect();
     let layer = || Layer::new(&gamma, &beta, &mean, &var);
     let (tree, subgroup) =
-        (run(dims, &x, &layer(), &gy, Summing::Tree), run(dims, &x, &layer(), &gy, Summing::Subgroup));
+        (wait(run(dims, &x, &layer(), &gy, Summing::Tree)), wait(run(dims, &x, &layer(), &gy, Summing::Subgroup)));
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     for (what, a, b) in [
         ("out", &tree.y, &subgroup.y),
@@ -207,7 +212,7 @@ fn synchronized_ranks_match_one_layer_over_their_images() {
     let gy = rng.normals(2 * per);
     let (gamma, beta, mean) = (rng.normals(c), rng.normals(c), rng.normals(c));
     let new_layer = || Layer::new(&gamma, &beta, &mean, &vec![1.5; c]);
-    let one = run(dims, &x, &new_layer(), &gy, Summing::Chunked);
+    let one = wait(run(dims, &x, &new_layer(), &gy, Summing::Chunked));
 
     let gpu = gpu();
     let rank_dims = [1, c, h, w];

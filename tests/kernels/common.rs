@@ -44,15 +44,15 @@ pub async fn open_gpu() {
     BROWSER_GPU.with(|g| g.set(gpu).ok());
 }
 
-/// Runs a test body written once as a future: natively to completion here, in the browser
-/// suite awaited by its harness.
-pub fn block_on(body: impl Future<Output = ()>) {
+/// Awaits a future of a test body written once for both suites: natively it blocks here;
+/// the browser suite awaits the bodies itself, and a blocking wait there fails.
+pub fn wait<T>(body: impl Future<Output = T>) -> T {
     #[cfg(not(target_arch = "wasm32"))]
-    pollster::block_on(body);
+    return pollster::block_on(body);
     #[cfg(target_arch = "wasm32")]
     {
-        let _ = body;
-        panic!("the browser suite awaits its test bodies");
+        drop(body);
+        panic!("a blocking wait in the browser suite: await the test body instead");
     }
 }
 

@@ -19,7 +19,7 @@ type GradTiles = (ConvInputGrad, ConvWeightGrad);
 
 /// Runs forward and all three backward kernels (the gradients in the `tiles` variants),
 /// each into a NaN-poisoned output.
-fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32], tiles: GradTiles) -> Run {
+async fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32], tiles: GradTiles) -> Run {
     let gpu = gpu();
     let (xt, wt, gyt) = (upload(&d.x_shape(), x), upload(&d.w_shape(), w), upload(&d.y_shape(), gy));
     let bt = b.map(|b| upload(&[d.co], b));
@@ -32,11 +32,20 @@ fn run_all(d: &ConvDims, x: &[f32], w: &[f32], b: Option<&[f32]>, gy: &[f32], ti
         ds.extend(conv2d::backward_bias(gpu, &gyt, &gb, false).unwrap());
     }
     gpu.run(&ds).unwrap();
-    Run { y: download(&y), gx: download(&gx), gw: download(&gw), gb: b.map(|_| download(&gb)) }
+    let gb = match b {
+        Some(_) => Some(fetch(&gb).await),
+        None => None,
+    };
+    Run { y: fetch(&y).await, gx: fetch(&gx).await, gw: fetch(&gw).await, gb }
 }
 
 #[test]
 fn conv2d_matches_pytorch_fixtures() {
+    wait(conv2d_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`conv2d_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn conv2d_matches_pytorch_fixtures_body() {
     let f = Fixture::load("conv2d.safetensors");
     for (case, p) in f.cases() {
         let [n, ci, h, w, co, kh, kw, stride, pad, dil, bias] = p[..] else { panic!("{case}: bad metadata") };
@@ -49,7 +58,7 @@ fn conv2d_matches_pytorch_fixtures() {
             (ConvInputGrad::TiledK8, ConvWeightGrad::TiledK8),
             (ConvInputGrad::TiledK16, ConvWeightGrad::TiledK16),
         ] {
-            let r = run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")), tiles);
+            let r = run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")), tiles).await;
             assert_close(&format!("{case} {d:?} out"), &r.y, f.get(&key("out")), TOL);
             assert_close(&format!("{case} grad_x {tiles:?}"), &r.gx, f.get(&key("grad_x")), TOL);
             assert_close(&format!("{case} grad_weight {tiles:?}"), &r.gw, f.get(&key("grad_weight")), TOL);
@@ -97,7 +106,7 @@ fn check_against_cpu(test: &str, shapes: usize, max_hw: usize) {
             ConvInputGrad::ALL[(i + 1) % ConvInputGrad::ALL.len()],
             ConvWeightGrad::ALL[i % ConvWeightGrad::ALL.len()],
         );
-        let r = run_all(&d, &x, &w, b.as_deref(), &gy, tiles);
+        let r = wait(run_all(&d, &x, &w, b.as_deref(), &gy, tiles));
         let d = (d, tiles);
         assert_close(&format!("{d:?} out"), &r.y, &d.0.forward(&x, &w, b.as_deref()), TOL);
         assert_close(&format!("{d:?} grad_x"), &r.gx, &d.0.backward_input(&gy, &w), TOL);

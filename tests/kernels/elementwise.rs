@@ -5,7 +5,7 @@ const TOL: f64 = 1e-5;
 
 /// Forward and backward of relu, add and add_relu; grad_b of add_relu and add accumulate
 /// into `old` so both the overwrite and the accumulate paths run.
-fn check(shape: &[usize], a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec<f32>; 8] {
+async fn check(shape: &[usize], a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec<f32>; 8] {
     let gpu = gpu();
     let (at, bt, gyt) = (upload(shape, a), upload(shape, b), upload(shape, gy));
     let out: Vec<_> = (0..5).map(|_| poisoned(shape)).collect();
@@ -22,7 +22,11 @@ fn check(shape: &[usize], a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec
         elementwise::add_backward(gpu, &gyt, (&add_ga, false), (&add_gb, true)).unwrap(),
     ];
     gpu.run(ds.iter().flatten()).unwrap();
-    [relu_y, add_y, add_relu_y, relu_ga, add_relu_ga, &add_relu_gb, &add_ga, &add_gb].map(download)
+    let mut got = Vec::with_capacity(8);
+    for t in [relu_y, add_y, add_relu_y, relu_ga, add_relu_ga, &add_relu_gb, &add_ga, &add_gb] {
+        got.push(fetch(t).await);
+    }
+    got.try_into().expect("eight outputs")
 }
 
 fn expected(a: &[f32], b: &[f32], gy: &[f32], old: &[f32]) -> [Vec<f32>; 8] {
@@ -55,11 +59,16 @@ const NAMES: [&str; 8] = [
 
 #[test]
 fn elementwise_matches_pytorch_fixtures() {
+    wait(elementwise_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`elementwise_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn elementwise_matches_pytorch_fixtures_body() {
     let f = Fixture::load("elementwise.safetensors");
     for (case, dims) in f.cases() {
         let g = |t: &str| f.get(&format!("{case}.{t}"));
         let zeros = vec![0.0; g("a").len()];
-        let got = check(&dims, g("a"), g("b"), g("grad_out"), &zeros);
+        let got = check(&dims, g("a"), g("b"), g("grad_out"), &zeros).await;
         let want: [&[f32]; 8] = [
             g("relu_out"),
             g("add_out"),
@@ -83,7 +92,7 @@ fn elementwise_matches_cpu_on_random_shapes() {
         let shape = [rng.range(1, 3), rng.range(1, 9), rng.range(1, 33), rng.range(1, 33)];
         let len = shape.iter().product();
         let (a, b, gy, old) = (rng.normals(len), rng.normals(len), rng.normals(len), rng.normals(len));
-        let got = check(&shape, &a, &b, &gy, &old);
+        let got = wait(check(&shape, &a, &b, &gy, &old));
         for ((name, got), want) in NAMES.iter().zip(&got).zip(expected(&a, &b, &gy, &old)) {
             assert_close(&format!("{shape:?} {name}"), got, &want, TOL);
         }

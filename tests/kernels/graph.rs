@@ -41,6 +41,11 @@ const TOL: f64 = 1e-5;
 
 #[test]
 fn residual_block_matches_pytorch_forward_and_every_gradient() {
+    wait(residual_block_matches_pytorch_forward_and_every_gradient_body());
+}
+
+/// The body of [`residual_block_matches_pytorch_forward_and_every_gradient`], also awaited by the browser suite (tests/web.rs).
+pub async fn residual_block_matches_pytorch_forward_and_every_gradient_body() {
     let gpu = gpu();
     let f = Fixture::load("residual_block.safetensors");
     let shape: [usize; 4] = f.shape("x").try_into().unwrap();
@@ -50,17 +55,17 @@ fn residual_block_matches_pytorch_forward_and_every_gradient() {
     graph.forward(gpu).unwrap();
     graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
     graph.backward(gpu).unwrap();
-    assert_close("out", &download(graph.output(0)), f.get("out"), TOL);
+    assert_close("out", &fetch(graph.output(0)).await, f.get("out"), TOL);
     for name in ["x", "conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"] {
         assert_close(
             &format!("grad {name}"),
-            &download(graph.grad(name).unwrap()),
+            &fetch(graph.grad(name).unwrap()).await,
             f.get(&format!("grad.{name}")),
             TOL,
         );
     }
     for name in ["bn1.running_mean", "bn1.running_var"].iter().chain(&BN2_STATS) {
-        assert_close(name, &download(graph.tensor(name).unwrap()), f.get(&format!("new.{name}")), TOL);
+        assert_close(name, &fetch(graph.tensor(name).unwrap()).await, f.get(&format!("new.{name}")), TOL);
     }
     let mut params: Vec<&str> = graph.parameters().map(|(name, _)| name).collect();
     params.sort_unstable();
@@ -69,6 +74,11 @@ fn residual_block_matches_pytorch_forward_and_every_gradient() {
 
 #[test]
 fn parameter_gradients_accumulate_until_zeroed() {
+    wait(parameter_gradients_accumulate_until_zeroed_body());
+}
+
+/// The body of [`parameter_gradients_accumulate_until_zeroed`], also awaited by the browser suite (tests/web.rs).
+pub async fn parameter_gradients_accumulate_until_zeroed_body() {
     let gpu = gpu();
     let f = Fixture::load("residual_block.safetensors");
     let graph = residual_block(f.shape("x").try_into().unwrap(), Mode::Train);
@@ -84,17 +94,17 @@ fn parameter_gradients_accumulate_until_zeroed() {
     graph.backward(gpu).unwrap();
     let twice = |name: &str| f.get(&format!("grad.{name}")).iter().map(|v| 2.0 * v).collect::<Vec<f32>>();
     for name in ["conv1.weight", "bn2.bias"] {
-        assert_close(&format!("twice grad {name}"), &download(graph.grad(name).unwrap()), &twice(name), TOL);
+        assert_close(&format!("twice grad {name}"), &fetch(graph.grad(name).unwrap()).await, &twice(name), TOL);
     }
     // The input's gradient is not a parameter's: each pass overwrites it.
-    assert_close("grad x", &download(graph.grad("x").unwrap()), f.get("grad.x"), TOL);
+    assert_close("grad x", &fetch(graph.grad("x").unwrap()).await, f.get("grad.x"), TOL);
     graph.zero_grads(gpu).unwrap();
     graph.forward(gpu).unwrap();
     graph.output_grad(0).unwrap().write(gpu, f.get("grad_out")).unwrap();
     graph.backward(gpu).unwrap();
     assert_close(
         "grad after zeroing",
-        &download(graph.grad("conv1.weight").unwrap()),
+        &fetch(graph.grad("conv1.weight").unwrap()).await,
         f.get("grad.conv1.weight"),
         TOL,
     );
@@ -102,6 +112,11 @@ fn parameter_gradients_accumulate_until_zeroed() {
 
 #[test]
 fn eval_graph_uses_running_statistics() {
+    wait(eval_graph_uses_running_statistics_body());
+}
+
+/// The body of [`eval_graph_uses_running_statistics`], also awaited by the browser suite (tests/web.rs).
+pub async fn eval_graph_uses_running_statistics_body() {
     let gpu = gpu();
     let f = Fixture::load("residual_block.safetensors");
     let shape: [usize; 4] = f.shape("x").try_into().unwrap();
@@ -127,6 +142,6 @@ fn eval_graph_uses_running_statistics() {
     let h: Vec<f32> = h.iter().map(|v| v.max(0.0)).collect();
     let h = bn(&conv.forward(&h, f.get("conv2.weight"), None), "bn2");
     let want: Vec<f32> = h.iter().zip(f.get("x")).map(|(a, b)| (a + b).max(0.0)).collect();
-    assert_close("eval out", &download(graph.output(0)), &want, TOL);
+    assert_close("eval out", &fetch(graph.output(0)).await, &want, TOL);
     assert!(graph.grad("conv1.weight").is_err(), "an eval graph has no gradients");
 }

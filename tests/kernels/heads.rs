@@ -23,8 +23,8 @@ fn l2(v: &[f32]) -> f64 {
     v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
 }
 
-fn check_grad(graph: &Graph, f: &Fixture, head: &str, name: &str) {
-    let got = download(graph.grad(name).unwrap());
+async fn check_grad(graph: &Graph, f: &Fixture, head: &str, name: &str) {
+    let got = fetch(graph.grad(name).unwrap()).await;
     let want = f.get(&format!("{head}.grad.{name}"));
     // A bias whose gradient is zero in exact arithmetic (DANet's key bias: a softmax over
     // keys ignores what every key adds alike) is held to its weight's gradient's scale.
@@ -48,6 +48,11 @@ fn check_grad(graph: &Graph, f: &Fixture, head: &str, name: &str) {
 
 #[test]
 fn every_context_head_matches_pytorch_forward_and_backward() {
+    wait(every_context_head_matches_pytorch_forward_and_backward_body());
+}
+
+/// The body of [`every_context_head_matches_pytorch_forward_and_backward`], also awaited by the browser suite (tests/web.rs).
+pub async fn every_context_head_matches_pytorch_forward_and_backward_body() {
     let f = Fixture::load("context_heads.safetensors");
     for head in ContextHead::ALL {
         let name = head.name();
@@ -72,19 +77,19 @@ fn every_context_head_matches_pytorch_forward_and_backward() {
         }
         graph.output(0).fill(gpu(), f32::NAN);
         graph.forward(gpu()).unwrap();
-        let got = download(graph.output(0));
+        let got = fetch(graph.output(0)).await;
         let want = f.get(&format!("{name}.out"));
         eprintln!("{name} out: relative L2 error {:.2e}", rel_l2(&got, want));
         assert_close(&format!("{name} out"), &got, want, OUT_TOL);
 
         graph.output_grad(0).unwrap().write(gpu(), f.get(&format!("{name}.grad_out"))).unwrap();
         graph.backward(gpu()).unwrap();
-        check_grad(&graph, &f, name, "x");
+        check_grad(&graph, &f, name, "x").await;
         if head.reads_regions() {
-            check_grad(&graph, &f, name, "regions");
+            check_grad(&graph, &f, name, "regions").await;
         }
         for p in &params {
-            check_grad(&graph, &f, name, p);
+            check_grad(&graph, &f, name, p).await;
         }
     }
 }

@@ -9,7 +9,7 @@ const IGNORE: u32 = 255;
 
 /// (loss, grad_logits) on the device, the pixel chunks summed by `summing`; the gradient
 /// is scaled by `grad_scale`.
-fn run(
+async fn run(
     dims: [usize; 4],
     logits: &[f32],
     labels: &[u32],
@@ -29,7 +29,7 @@ fn run(
     let grad = poisoned(&dims);
     let backward = ce.backward(gpu, &pass, &lt, &yt, grad_scale, (&grad, false)).unwrap();
     gpu.run(pass.forward.iter().chain(&backward)).unwrap();
-    (download(&pass.loss)[0], download(&grad))
+    (fetch(&pass.loss).await[0], fetch(&grad).await)
 }
 
 /// The CPU reference: (loss, grad) for each reduction of the cross entropy, in f64.
@@ -95,6 +95,11 @@ fn check(what: &str, got: (f32, Vec<f32>), want: (f32, &[f32])) {
 
 #[test]
 fn cross_entropy_matches_pytorch_fixtures() {
+    wait(cross_entropy_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`cross_entropy_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn cross_entropy_matches_pytorch_fixtures_body() {
     let f = Fixture::load("losses.safetensors");
     for (case, p) in f.cases_with("ce") {
         let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
@@ -102,7 +107,7 @@ fn cross_entropy_matches_pytorch_fixtures() {
         let weight = (p[4] == 1.0).then(|| f.get(&g("weight")));
         for summing in summings() {
             let (logits, labels) = (f.get(&g("logits")), f.labels(&g("label")));
-            let got = run(dims, logits, labels, weight, (Reduction::Mean, summing), 1.0);
+            let got = run(dims, logits, labels, weight, (Reduction::Mean, summing), 1.0).await;
             check(
                 &format!("{case} {dims:?} {summing:?}"),
                 got,
@@ -114,6 +119,11 @@ fn cross_entropy_matches_pytorch_fixtures() {
 
 #[test]
 fn ohem_matches_pytorch_fixtures() {
+    wait(ohem_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`ohem_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn ohem_matches_pytorch_fixtures_body() {
     let f = Fixture::load("losses.safetensors");
     for (case, p) in f.cases_with("ohem") {
         let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
@@ -123,7 +133,7 @@ fn ohem_matches_pytorch_fixtures() {
         let labels = f.labels(&g("label"));
         for summing in summings() {
             let (l, grad) =
-                run(dims, f.get(&g("logits")), labels, weight, (Reduction::Ohem(ohem), summing), 1.0);
+                run(dims, f.get(&g("logits")), labels, weight, (Reduction::Ohem(ohem), summing), 1.0).await;
             // The kept set is exactly PyTorch's: the gradient is non-zero at kept pixels only.
             let [_, k, h, w] = dims;
             for (px, &kept) in f.get(&g("kept")).iter().enumerate() {
@@ -198,7 +208,7 @@ fn check_random(
     (reduction, summing): (Reduction, Summing),
     scale: f32,
 ) {
-    let got = run(dims, logits, labels, weight, (reduction, summing), scale);
+    let got = wait(run(dims, logits, labels, weight, (reduction, summing), scale));
     let want = reference(dims, logits, labels, weight, reduction, f64::from(scale));
     let what = format!("{dims:?} {reduction:?} {summing:?} weighted {}", weight.is_some());
     check(&what, got, (want.0, &want.1));
@@ -236,7 +246,7 @@ fn all_ignored_gives_zero_loss_and_gradient() {
         [Reduction::Mean, Reduction::AllPixels, Reduction::Ohem(Ohem { thresh: 0.7, min_kept: 10 })]
     {
         for summing in summings() {
-            let (l, grad) = run(dims, &logits, &labels, None, (reduction, summing), 1.0);
+            let (l, grad) = wait(run(dims, &logits, &labels, None, (reduction, summing), 1.0));
             assert_eq!(l, 0.0, "{reduction:?} {summing:?}");
             assert!(grad.iter().all(|&g| g == 0.0), "{reduction:?} {summing:?}: non-zero gradient");
         }
@@ -258,8 +268,8 @@ fn subgroup_summing_gives_the_trees_bits() {
     }
     let (dims, logits, labels, weight) = several_tree_chunks(&mut Rng::new(seed("loss_subgroup_bits")));
     for (reduction, weight) in [(Reduction::Mean, None), (Reduction::AllPixels, Some(&weight[..]))] {
-        let tree = run(dims, &logits, &labels, weight, (reduction, Summing::Tree), 0.7);
-        let subgroup = run(dims, &logits, &labels, weight, (reduction, Summing::Subgroup), 0.7);
+        let tree = wait(run(dims, &logits, &labels, weight, (reduction, Summing::Tree), 0.7));
+        let subgroup = wait(run(dims, &logits, &labels, weight, (reduction, Summing::Subgroup), 0.7));
         assert_eq!(
             tree.0.to_bits(),
             subgroup.0.to_bits(),

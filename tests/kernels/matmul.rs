@@ -5,7 +5,7 @@ use hrnet_ocr::kernels::tuning::Tunable;
 const TOL: f64 = 1e-5;
 
 /// (c, grad_a, grad_b) with grad_a accumulated onto `old_a` when given.
-fn run(mm: &Matmul, a: &[f32], b: &[f32], gc: &[f32], old_a: Option<&[f32]>) -> [Vec<f32>; 3] {
+async fn run(mm: &Matmul, a: &[f32], b: &[f32], gc: &[f32], old_a: Option<&[f32]>) -> [Vec<f32>; 3] {
     let gpu = gpu();
     let a_shape = if mm.trans_a { [mm.batch, mm.k, mm.m] } else { [mm.batch, mm.m, mm.k] };
     let b_shape = if mm.trans_b { [mm.batch, mm.n, mm.k] } else { [mm.batch, mm.k, mm.n] };
@@ -20,7 +20,7 @@ fn run(mm: &Matmul, a: &[f32], b: &[f32], gc: &[f32], old_a: Option<&[f32]>) -> 
         mm.backward_b(gpu, None, &at, &gct, &gb, false).unwrap(),
     ];
     gpu.run(ds.iter().flatten()).unwrap();
-    [download(&c), download(&ga), download(&gb)]
+    [fetch(&c).await, fetch(&ga).await, fetch(&gb).await]
 }
 
 /// The same three products on the CPU, in the operands' stored layouts.
@@ -77,12 +77,17 @@ fn random_product(rng: &mut Rng, i: usize, max_mn: usize) -> Matmul {
 
 #[test]
 fn matmul_matches_pytorch_fixtures() {
+    wait(matmul_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`matmul_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn matmul_matches_pytorch_fixtures_body() {
     let f = Fixture::load("matmul.safetensors");
     for (case, p) in f.cases() {
         let [batch, m, k, n, ta, tb] = p[..] else { panic!("{case}: metadata") };
         let mm = Matmul { batch, m, k, n, trans_a: ta == 1, trans_b: tb == 1 };
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        let [c, ga, gb] = run(&mm, g("a"), g("b"), g("grad_out"), None);
+        let [c, ga, gb] = run(&mm, g("a"), g("b"), g("grad_out"), None).await;
         assert_close(&format!("{case} {mm:?} out"), &c, g("out"), TOL);
         assert_close(&format!("{case} grad_a"), &ga, g("grad_a"), TOL);
         assert_close(&format!("{case} grad_b"), &gb, g("grad_b"), TOL);
@@ -97,7 +102,7 @@ fn matmul_matches_cpu_on_random_shapes_and_transposes() {
         let (a, b) = (rng.normals(mm.batch * mm.m * mm.k), rng.normals(mm.batch * mm.k * mm.n));
         let gc = rng.normals(mm.batch * mm.m * mm.n);
         let old = (i % 3 == 0).then(|| rng.normals(a.len()));
-        let got = run(&mm, &a, &b, &gc, old.as_deref());
+        let got = wait(run(&mm, &a, &b, &gc, old.as_deref()));
         let [c, mut ga, gb] = reference(&mm, &a, &b, &gc);
         if let Some(old) = &old {
             ga.iter_mut().zip(old).for_each(|(g, o)| *g += o);

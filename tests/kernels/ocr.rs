@@ -4,7 +4,7 @@ use hrnet_ocr::kernels::ocr::{self, AttentionGrads};
 const TOL: f64 = 1e-5;
 
 /// Spatial gather: (context, grad_aux, grad_feats).
-fn gather_gpu(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32]) -> [Vec<f32>; 3] {
+async fn gather_gpu(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32]) -> [Vec<f32>; 3] {
     let gpu = gpu();
     let [n, k, c, h, w] = dims;
     let (at, ft, gct) = (upload(&[n, k, h, w], aux), upload(&[n, c, h, w], feats), upload(&[n, c, k, 1], gc));
@@ -15,7 +15,7 @@ fn gather_gpu(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32]) -> [Vec<
         ocr::spatial_gather_backward(gpu, None, &ft, &probs, &gct, (&ga, false), (&gf, false)).unwrap(),
     );
     gpu.run(&ds).unwrap();
-    [download(&ctx), download(&ga), download(&gf)]
+    [fetch(&ctx).await, fetch(&ga).await, fetch(&gf).await]
 }
 
 fn gather_cpu(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32]) -> [Vec<f32>; 3] {
@@ -53,11 +53,16 @@ fn grad_aux_terms_norm(dims: [usize; 5], aux: &[f32], feats: &[f32], gc: &[f32])
 
 #[test]
 fn spatial_gather_matches_pytorch_fixtures() {
+    wait(spatial_gather_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`spatial_gather_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn spatial_gather_matches_pytorch_fixtures_body() {
     let f = Fixture::load("spatial_gather.safetensors");
     for (case, p) in f.cases() {
         let dims: [usize; 5] = p[..].try_into().unwrap();
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        let got = gather_gpu(dims, g("aux"), g("feats"), g("grad_out"));
+        let got = gather_gpu(dims, g("aux"), g("feats"), g("grad_out")).await;
         for (name, (got, want)) in ["out", "grad_aux", "grad_feats"]
             .iter()
             .zip(got.iter().zip(["out", "grad_aux", "grad_feats"].map(g)))
@@ -75,7 +80,7 @@ fn spatial_gather_matches_cpu_on_random_shapes() {
         let [n, k, c, h, w] = dims;
         let aux: Vec<f32> = rng.normals(n * k * h * w).iter().map(|v| 3.0 * v).collect();
         let (feats, gc) = (rng.normals(n * c * h * w), rng.normals(n * c * k));
-        let got = gather_gpu(dims, &aux, &feats, &gc);
+        let got = wait(gather_gpu(dims, &aux, &feats, &gc));
         let want = gather_cpu(dims, &aux, &feats, &gc);
         assert_close(&format!("{dims:?} context"), &got[0], &want[0], TOL);
         assert_close(&format!("{dims:?} grad_feats"), &got[2], &want[2], TOL);
@@ -88,7 +93,7 @@ fn spatial_gather_matches_cpu_on_random_shapes() {
 }
 
 /// Object attention: (out, grad_query, grad_key, grad_value).
-fn attention_gpu(dims: [usize; 5], q: &[f32], key: &[f32], v: &[f32], go: &[f32]) -> [Vec<f32>; 4] {
+async fn attention_gpu(dims: [usize; 5], q: &[f32], key: &[f32], v: &[f32], go: &[f32]) -> [Vec<f32>; 4] {
     let gpu = gpu();
     let [n, ch, k, h, w] = dims;
     let (qs, ks) = ([n, ch, h, w], [n, ch, k, 1]);
@@ -100,7 +105,7 @@ fn attention_gpu(dims: [usize; 5], q: &[f32], key: &[f32], v: &[f32], go: &[f32]
     let grads = AttentionGrads { query: (&gq, false), key: (&gk, false), value: (&gv, false) };
     ds.extend(ocr::object_attention_backward(gpu, None, (&qt, &kt, &vt), &sim, &got, &grads).unwrap());
     gpu.run(&ds).unwrap();
-    [download(&out), download(&gq), download(&gk), download(&gv)]
+    [fetch(&out).await, fetch(&gq).await, fetch(&gk).await, fetch(&gv).await]
 }
 
 fn attention_cpu(dims: [usize; 5], q: &[f32], key: &[f32], v: &[f32], go: &[f32]) -> [Vec<f32>; 4] {
@@ -128,11 +133,16 @@ const ATTENTION: [&str; 4] = ["out", "grad_query", "grad_key", "grad_value"];
 
 #[test]
 fn object_attention_matches_pytorch_fixtures() {
+    wait(object_attention_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`object_attention_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn object_attention_matches_pytorch_fixtures_body() {
     let f = Fixture::load("object_attention.safetensors");
     for (case, p) in f.cases() {
         let dims: [usize; 5] = p[..].try_into().unwrap();
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        let got = attention_gpu(dims, g("query"), g("key"), g("value"), g("grad_out"));
+        let got = attention_gpu(dims, g("query"), g("key"), g("value"), g("grad_out")).await;
         for (name, got) in ATTENTION.iter().zip(&got) {
             assert_close(&format!("{case} {dims:?} {name}"), got, g(name), TOL);
         }
@@ -151,7 +161,7 @@ fn object_attention_matches_cpu_on_random_shapes() {
             rng.normals(n * ch * k),
             rng.normals(n * ch * h * w),
         );
-        let got = attention_gpu(dims, &q, &key, &v, &go);
+        let got = wait(attention_gpu(dims, &q, &key, &v, &go));
         let want = attention_cpu(dims, &q, &key, &v, &go);
         for (name, (got, want)) in ATTENTION.iter().zip(got.iter().zip(&want)) {
             assert_close(&format!("{dims:?} {name}"), got, want, TOL);

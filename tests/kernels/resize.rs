@@ -37,7 +37,7 @@ fn reference(
     (y, gx.into_iter().map(|v| v as f32).collect())
 }
 
-fn run(x: &[f32], gy: &[f32], dims: [usize; 4], out: [usize; 2], align: bool) -> (Vec<f32>, Vec<f32>) {
+async fn run(x: &[f32], gy: &[f32], dims: [usize; 4], out: [usize; 2], align: bool) -> (Vec<f32>, Vec<f32>) {
     let gpu = gpu();
     let [n, c, _, _] = dims;
     let oshape = [n, c, out[0], out[1]];
@@ -47,16 +47,21 @@ fn run(x: &[f32], gy: &[f32], dims: [usize; 4], out: [usize; 2], align: bool) ->
         resize::backward(gpu, &gyt, 0, &gx, align, false).unwrap(),
     ];
     gpu.run(ds.iter().flatten()).unwrap();
-    (download(&y), download(&gx))
+    (fetch(&y).await, fetch(&gx).await)
 }
 
 #[test]
 fn resize_matches_pytorch_fixtures() {
+    wait(resize_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`resize_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn resize_matches_pytorch_fixtures_body() {
     let f = Fixture::load("resize.safetensors");
     for (case, p) in f.cases() {
         let [n, c, h, w, ho, wo, align] = p[..] else { panic!("{case}: metadata") };
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        let (y, gx) = run(g("x"), g("grad_out"), [n, c, h, w], [ho, wo], align == 1);
+        let (y, gx) = run(g("x"), g("grad_out"), [n, c, h, w], [ho, wo], align == 1).await;
         assert_close(&format!("{case} {p:?} out"), &y, g("out"), TOL);
         assert_close(&format!("{case} {p:?} grad_x"), &gx, g("grad_x"), TOL);
     }
@@ -71,7 +76,7 @@ fn resize_matches_cpu_on_random_shapes() {
         let align = i % 2 == 0;
         let x = rng.normals(dims.iter().product());
         let gy = rng.normals(dims[0] * dims[1] * out[0] * out[1]);
-        let (y, gx) = run(&x, &gy, dims, out, align);
+        let (y, gx) = wait(run(&x, &gy, dims, out, align));
         let (want_y, want_gx) = reference(&x, &gy, dims, out, align);
         assert_close(&format!("{dims:?} -> {out:?} align {align} out"), &y, &want_y, TOL);
         assert_close(&format!("{dims:?} -> {out:?} align {align} grad_x"), &gx, &want_gx, TOL);
@@ -162,6 +167,11 @@ fn concat_and_split_round_trip() {
 
 #[test]
 fn concat_matches_pytorch_fixtures() {
+    wait(concat_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`concat_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn concat_matches_pytorch_fixtures_body() {
     let gpu = gpu();
     let f = Fixture::load("concat.safetensors");
     for (case, p) in f.cases() {
@@ -177,9 +187,9 @@ fn concat_matches_pytorch_fixtures() {
             concat::concat_backward(gpu, &gy, &grads.iter().map(|t| (t, false)).collect::<Vec<_>>()).unwrap(),
         );
         gpu.run(&ds).unwrap();
-        assert_close(&format!("{case} out"), &download(&y), &g("out".into()), 0.0);
+        assert_close(&format!("{case} out"), &fetch(&y).await, &g("out".into()), 0.0);
         for (i, grad) in grads.iter().enumerate() {
-            assert_close(&format!("{case} grad_in{i}"), &download(grad), &g(format!("grad_in{i}")), 0.0);
+            assert_close(&format!("{case} grad_in{i}"), &fetch(grad).await, &g(format!("grad_in{i}")), 0.0);
         }
     }
 }

@@ -5,14 +5,7 @@ use hrnet_ocr::kernels::sums::Summing;
 const TOL: f64 = 1e-5;
 
 /// The forward and backward with long rows' chunks summed by `summing`.
-fn run(x: &[f32], gy: &[f32], axis: Axis, scale: f32, summing: Summing) -> (Vec<f32>, Vec<f32>) {
-    let mut out = None;
-    block_on(async { out = Some(run_async(x, gy, axis, scale, summing).await) });
-    out.expect("ran")
-}
-
-/// [`run`] as a future.
-async fn run_async(x: &[f32], gy: &[f32], axis: Axis, scale: f32, summing: Summing) -> (Vec<f32>, Vec<f32>) {
+async fn run(x: &[f32], gy: &[f32], axis: Axis, scale: f32, summing: Summing) -> (Vec<f32>, Vec<f32>) {
     let gpu = gpu();
     assert!(summing.runs_on(gpu), "{summing:?} does not run on the test adapter");
     let shape = [axis.outer, axis.len, axis.inner];
@@ -25,17 +18,17 @@ async fn run_async(x: &[f32], gy: &[f32], axis: Axis, scale: f32, summing: Summi
 
 #[test]
 fn softmax_matches_pytorch_fixtures() {
-    block_on(fixture_cases());
+    wait(softmax_matches_pytorch_fixtures_body());
 }
 
-/// Every case of `softmax.safetensors`, forward and backward, with every summing.
-pub async fn fixture_cases() {
+/// The body of [`softmax_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn softmax_matches_pytorch_fixtures_body() {
     let f = Fixture::load("softmax.safetensors");
     for (case, p) in f.cases_with("case") {
         let axis = Axis { outer: p[0] as usize, len: p[1] as usize, inner: p[2] as usize };
         let g = |t: &str| f.get(&format!("{case}.{t}"));
         for summing in summings() {
-            let (y, gx) = run_async(g("x"), g("grad_out"), axis, p[3] as f32, summing).await;
+            let (y, gx) = run(g("x"), g("grad_out"), axis, p[3] as f32, summing).await;
             assert_close(&format!("{case} {axis:?} {summing:?} out"), &y, g("out"), TOL);
             assert_close(&format!("{case} {axis:?} {summing:?} grad_x"), &gx, g("grad_x"), TOL);
         }
@@ -69,7 +62,7 @@ fn check_random_axis(rng: &mut Rng, axis: Axis, scale: f32, summing: Summing) {
     let n = axis.outer * axis.len * axis.inner;
     let x: Vec<f32> = rng.normals(n).iter().map(|v| 4.0 * v).collect();
     let gy = rng.normals(n);
-    let (y, gx) = run(&x, &gy, axis, scale, summing);
+    let (y, gx) = wait(run(&x, &gy, axis, scale, summing));
     let dims = [axis.outer, axis.len, axis.inner];
     let what = |t: &str| format!("{axis:?} {summing:?} {t}");
     assert_close(&what("out"), &y, &softmax_ref(&x, dims, f64::from(scale)), TOL);
@@ -93,7 +86,7 @@ fn softmax_is_stable_for_huge_inputs() {
             let x: Vec<f32> =
                 (0..n).map(|_| if rng.coin() { 1e4 } else { -1e4 } * rng.uniform() as f32).collect();
             let gy = rng.normals(n);
-            let (y, gx) = run(&x, &gy, axis, 1.0, summing);
+            let (y, gx) = wait(run(&x, &gy, axis, 1.0, summing));
             let dims = [axis.outer, axis.len, axis.inner];
             let what = format!("{axis:?} {summing:?}");
             assert_close(&format!("{what} huge out"), &y, &softmax_ref(&x, dims, 1.0), TOL);
@@ -122,7 +115,7 @@ fn subgroup_summing_gives_the_trees_bits() {
         let (x, gy) = (rng.normals(n), rng.normals(n));
         let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
         let (tree, subgroup) =
-            (run(&x, &gy, axis, 1.5, Summing::Tree), run(&x, &gy, axis, 1.5, Summing::Subgroup));
+            (wait(run(&x, &gy, axis, 1.5, Summing::Tree)), wait(run(&x, &gy, axis, 1.5, Summing::Subgroup)));
         assert!(bits(tree.0) == bits(subgroup.0), "{axis:?}: the subgroup softmax differs from the tree's");
         assert!(bits(tree.1) == bits(subgroup.1), "{axis:?}: the subgroup gradient differs from the tree's");
     }

@@ -9,11 +9,11 @@ use hrnet_ocr::{Gpu, GpuOptions, Tensor};
 
 const TOL: f64 = 1e-5;
 
-fn dropout_run(dims: [usize; 4], drop: f32, seed: u32, x: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    placed_dropout_run(Dropout2d { drop, first_image: 0 }, dims, seed, (x, gy))
+async fn dropout_run(dims: [usize; 4], drop: f32, seed: u32, x: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    placed_dropout_run(Dropout2d { drop, first_image: 0 }, dims, seed, (x, gy)).await
 }
 
-fn placed_dropout_run(
+async fn placed_dropout_run(
     layer: Dropout2d,
     dims: [usize; 4],
     seed: u32,
@@ -24,7 +24,7 @@ fn placed_dropout_run(
     let ds =
         [layer.forward(gpu, &xt, &y, seed).unwrap(), layer.backward(gpu, &gyt, &gx, seed, false).unwrap()];
     gpu.run(ds.iter().flatten().map(|s| &s.dispatch)).unwrap();
-    (download(&y), download(&gx))
+    (fetch(&y).await, fetch(&gx).await)
 }
 
 /// A data-parallel rank's slice of a batch gets the masks its images have in the whole
@@ -36,9 +36,9 @@ fn dropout_of_a_batch_slice_keeps_its_images_masks() {
     let per = c * h * w;
     let (x, gy) = (rng.normals(3 * per), rng.normals(3 * per));
     let seed = rng.next_u64() as u32;
-    let whole = dropout_run([3, c, h, w], 0.5, seed, &x, &gy);
+    let whole = wait(dropout_run([3, c, h, w], 0.5, seed, &x, &gy));
     let layer = Dropout2d { drop: 0.5, first_image: 1 };
-    let (y, gx) = placed_dropout_run(layer, [2, c, h, w], seed, (&x[per..], &gy[per..]));
+    let (y, gx) = wait(placed_dropout_run(layer, [2, c, h, w], seed, (&x[per..], &gy[per..])));
     assert_eq!((y.as_slice(), gx.as_slice()), (&whole.0[per..], &whole.1[per..]));
     assert_ne!(y[..per], whole.0[..per], "the slice took image 0's masks");
 }
@@ -52,7 +52,7 @@ fn dropout_drops_whole_channels_reproducibly_and_matches_cpu() {
         let drop = [0.05, 0.5, 0.0][rng.range(0, 2)];
         let seed = rng.next_u64() as u32;
         let (x, gy) = (rng.normals(n * c * h * w), rng.normals(n * c * h * w));
-        let (y, gx) = dropout_run(dims, drop, seed, &x, &gy);
+        let (y, gx) = wait(dropout_run(dims, drop, seed, &x, &gy));
         let scale = 1.0 / (1.0 - drop);
         let factor = |i: usize| {
             if dropout::keep(seed, drop, i / (c * h * w), c, (i / (h * w)) % c) {
@@ -65,7 +65,7 @@ fn dropout_drops_whole_channels_reproducibly_and_matches_cpu() {
         let want_gx: Vec<f32> = gy.iter().enumerate().map(|(i, g)| g * factor(i)).collect();
         assert_close(&format!("{dims:?} p {drop} forward"), &y, &want_y, TOL);
         assert_close(&format!("{dims:?} p {drop} backward"), &gx, &want_gx, TOL);
-        let again = dropout_run(dims, drop, seed, &x, &gy);
+        let again = wait(dropout_run(dims, drop, seed, &x, &gy));
         assert_eq!(again.0, y, "same seed, same mask");
     }
 }
@@ -74,11 +74,11 @@ fn dropout_drops_whole_channels_reproducibly_and_matches_cpu() {
 fn dropout_rate_is_close_to_p_and_seeds_differ() {
     let dims = [4, 2000, 1, 1];
     let x = vec![1.0f32; 8000];
-    let (y, _) = dropout_run(dims, 0.05, 7, &x, &x);
+    let (y, _) = wait(dropout_run(dims, 0.05, 7, &x, &x));
     let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
     // 8000 Bernoulli(0.05) draws: standard deviation 0.0024; 5 sigma either way.
     assert!((dropped - 0.05).abs() < 0.012, "dropped fraction {dropped}");
-    let (y2, _) = dropout_run(dims, 0.05, 8, &x, &x);
+    let (y2, _) = wait(dropout_run(dims, 0.05, 8, &x, &x));
     assert_ne!(y, y2, "a different seed gives a different mask");
     assert!(Dropout2d { drop: 1.0, first_image: 0 }
         .forward(gpu(), &upload(&dims, &x), &poisoned(&dims), 1)
@@ -97,6 +97,11 @@ fn sgd_ref(p: &mut [f64], buf: &mut [f64], g: &[f32], lr: f64, c: &SgdConfig) {
 
 #[test]
 fn sgd_matches_pytorch_fixtures() {
+    wait(sgd_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`sgd_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn sgd_matches_pytorch_fixtures_body() {
     let gpu = gpu();
     let f = Fixture::load("sgd.safetensors");
     for (case, p) in f.cases_with("case") {
@@ -112,10 +117,10 @@ fn sgd_matches_pytorch_fixtures() {
             arena.set_lr(gpu, &step, &config, g("lr")[t]);
             gpu.run(&step).unwrap();
         }
-        assert_close(&format!("{case} param"), &download(param), g("param_final"), TOL);
+        assert_close(&format!("{case} param"), &fetch(param).await, g("param_final"), TOL);
         // With momentum 0 PyTorch keeps no buffer (the fixture stores zeros); ours is unused.
         if config.momentum != 0.0 {
-            let momentum = download(&arena.momentum_views[0]);
+            let momentum = fetch(&arena.momentum_views[0]).await;
             assert_close(&format!("{case} momentum"), &momentum, g("momentum_final"), TOL);
         }
     }
@@ -168,7 +173,7 @@ fn sgd_updates_every_parameter_of_an_arena_in_one_dispatch_per_chunk() {
     }
 }
 
-fn argmax_and_confusion(dims: [usize; 4], scores: &[f32], labels: &[u32]) -> (Vec<u32>, Vec<u32>) {
+async fn argmax_and_confusion(dims: [usize; 4], scores: &[f32], labels: &[u32]) -> (Vec<u32>, Vec<u32>) {
     let gpu = gpu();
     let [n, k, h, w] = dims;
     let st = upload(&dims, scores);
@@ -182,16 +187,21 @@ fn argmax_and_confusion(dims: [usize; 4], scores: &[f32], labels: &[u32]) -> (Ve
     ];
     gpu.run(ds.iter().flatten()).unwrap();
     assert_eq!(pred.dtype(), DType::U32);
-    (pred.to_vec_u32(gpu).unwrap(), conf.to_vec_u32(gpu).unwrap())
+    (fetch_u32(&pred).await, fetch_u32(&conf).await)
 }
 
 #[test]
 fn argmax_and_confusion_match_pytorch_fixtures_exactly() {
+    wait(argmax_and_confusion_match_pytorch_fixtures_exactly_body());
+}
+
+/// The body of [`argmax_and_confusion_match_pytorch_fixtures_exactly`], also awaited by the browser suite (tests/web.rs).
+pub async fn argmax_and_confusion_match_pytorch_fixtures_exactly_body() {
     let f = Fixture::load("metrics.safetensors");
     for (case, p) in f.cases() {
         let dims: [usize; 4] = p[..].try_into().unwrap();
         let (pred, conf) =
-            argmax_and_confusion(dims, f.get(&format!("{case}.logits")), f.labels(&format!("{case}.label")));
+            argmax_and_confusion(dims, f.get(&format!("{case}.logits")), f.labels(&format!("{case}.label"))).await;
         assert_eq!(pred, f.labels(&format!("{case}.pred")), "{case} argmax");
         // Accumulated twice: every count doubles.
         let want: Vec<u32> = f.labels(&format!("{case}.confusion")).iter().map(|c| 2 * c).collect();
@@ -209,7 +219,7 @@ fn argmax_and_confusion_match_cpu_on_random_shapes() {
         let labels: Vec<u32> = (0..n * h * w)
             .map(|_| if rng.range(0, 9) == 0 { 255 } else { rng.range(0, k - 1) as u32 })
             .collect();
-        let (pred, conf) = argmax_and_confusion(dims, &scores, &labels);
+        let (pred, conf) = wait(argmax_and_confusion(dims, &scores, &labels));
         let mut want_conf = vec![0u32; k * k];
         for px in 0..n * h * w {
             let base = (px / (h * w)) * k * h * w + px % (h * w);
@@ -238,19 +248,24 @@ fn dropout_reseed_changes_the_recorded_mask() {
     let forward = seeded.remove(0);
     forward.reseed(gpu, 2);
     gpu.run([&forward.dispatch]).unwrap();
-    assert_eq!(download(&y), dropout_run(dims, 0.5, 2, &x, &x).0);
-    assert_ne!(download(&y), dropout_run(dims, 0.5, 1, &x, &x).0);
+    assert_eq!(download(&y), wait(dropout_run(dims, 0.5, 2, &x, &x)).0);
+    assert_ne!(download(&y), wait(dropout_run(dims, 0.5, 1, &x, &x)).0);
 }
 
 /// The fixture builds the same counter-based mask in Python from the documented hash.
 #[test]
 fn dropout_matches_pytorch_fixtures() {
+    wait(dropout_matches_pytorch_fixtures_body());
+}
+
+/// The body of [`dropout_matches_pytorch_fixtures`], also awaited by the browser suite (tests/web.rs).
+pub async fn dropout_matches_pytorch_fixtures_body() {
     let f = Fixture::load("dropout.safetensors");
     for (case, p) in f.cases_with("case") {
         let dims = [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize];
         let (seed, drop) = (p[4] as u32, p[5] as f32);
         let g = |t: &str| f.get(&format!("{case}.{t}"));
-        let (y, gx) = dropout_run(dims, drop, seed, g("x"), g("grad_out"));
+        let (y, gx) = dropout_run(dims, drop, seed, g("x"), g("grad_out")).await;
         assert_close(&format!("{case} out"), &y, g("out"), TOL);
         assert_close(&format!("{case} grad_x"), &gx, g("grad_x"), TOL);
         let [n, c, _, _] = dims;
