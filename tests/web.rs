@@ -143,3 +143,59 @@ async fn bundled_model_matches_native_logits() {
     let differing = (0..pixels).filter(|&p| argmax(want, p) != Some(segmentation.classes[p] as usize)).count();
     assert_eq!(differing, 0, "{differing} of {pixels} pixels classed unlike the native engine");
 }
+
+/// Every registered shader the adapter can run (the f16 variants need `shader-f16`, which
+/// the browser may lack), compiled by the browser's own WGSL compiler, and a pipeline of
+/// every entry point: each error names the shader, the entry point and the compiler's
+/// message with its line.
+#[wasm_bindgen_test]
+async fn every_shader_compiles_in_the_browser() {
+    common::open_gpu().await;
+    let gpu = common::gpu();
+    let device = gpu.device();
+    let (mut errors, mut compiled, mut pipelines, mut skipped) = (Vec::new(), 0, 0, Vec::new());
+    for shader in hrnet_ocr::gpu::Shader::ALL {
+        if (shader.needs_f16() && !gpu.supports_f16()) || (shader.needs_subgroups() && !gpu.supports_subgroups()) {
+            skipped.push(shader.name());
+            continue;
+        }
+        let source = shader.source().unwrap();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name()),
+            source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+        });
+        let info = module.get_compilation_info().await;
+        for message in info.messages.iter().filter(|m| m.message_type == wgpu::CompilationMessageType::Error) {
+            let line = message.location.map_or(0, |l| l.line_number);
+            errors.push(format!("{} line {line}: {}", shader.name(), message.message));
+        }
+        if let Some(e) = scope.pop().await {
+            errors.push(format!("{}: {e}", shader.name()));
+            continue;
+        }
+        compiled += 1;
+        let entries = naga::front::wgsl::parse_str(&source).expect("naga parses what the native suite validates");
+        for entry in &entries.entry_points {
+            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let _pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&entry.name),
+                layout: None,
+                module: &module,
+                entry_point: Some(&entry.name),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            match scope.pop().await {
+                Some(e) => errors.push(format!("{}:{}: {e}", shader.name(), entry.name)),
+                None => pipelines += 1,
+            }
+        }
+    }
+    wasm_bindgen_test::console_log!(
+        "{compiled} shaders, {pipelines} pipelines compiled by the browser; features {:?}; not run here: {skipped:?}",
+        gpu.features()
+    );
+    assert!(errors.is_empty(), "the browser's WGSL compiler rejected:\n{}", errors.join("\n"));
+    assert!(compiled >= hrnet_ocr::gpu::Shader::ALL.len() / 2, "only {compiled} shaders ran");
+}
