@@ -15,7 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load("models/procedural.yaml")?;
     let classes = config.num_classes;
     let gpu = Gpu::new()?;
-    let mut segmenter = Segmenter::new(&gpu, config, weights::read(Path::new("models/procedural.safetensors"))?);
+    let mut segmenter =
+        Segmenter::new(&gpu, config, weights::read(Path::new("models/procedural.safetensors"))?);
     segmenter.keep_scores(true);
     let segmentation = segmenter.segment(&image, &Strategy::Whole)?;
     let logits = segmentation.scores.ok_or("the segmenter kept no scores")?;

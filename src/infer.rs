@@ -319,7 +319,12 @@ impl<'g> Segmenter<'g> {
     }
 
     /// [`Strategy::Official`]: the summed scores `[K, H, W]`.
-    async fn official(&mut self, planes: &[f32], [h, w]: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
+    async fn official(
+        &mut self,
+        planes: &[f32],
+        [h, w]: [usize; 2],
+        test: &OfficialTest,
+    ) -> Result<Vec<f32>> {
         let k = self.config.num_classes;
         if test.crop.contains(&0) || test.scales.is_empty() {
             return Err(Error::Invalid(format!("an official test needs a crop and scales, got {test:?}")));
@@ -371,7 +376,12 @@ impl<'g> Segmenter<'g> {
     /// `exp` of a pass's logits at the size of `planes`, averaged with its horizontal flip's
     /// (the dataset's left and right classes exchanged) when the test flips. The pass must
     /// fit the device: the official test never splits it further.
-    async fn official_pass(&mut self, planes: &[f32], size: [usize; 2], test: &OfficialTest) -> Result<Vec<f32>> {
+    async fn official_pass(
+        &mut self,
+        planes: &[f32],
+        size: [usize; 2],
+        test: &OfficialTest,
+    ) -> Result<Vec<f32>> {
         let mut logits = self.whole_logits(planes, size).await?;
         if test.flip {
             let k = self.config.num_classes;
@@ -469,7 +479,8 @@ impl<'g> Segmenter<'g> {
         for &([h0, w0], [h1, w1]) in windows {
             let window = crop_planes(planes, 3, [h, w], [h0, w0], [h1 - h0, w1 - w0]);
             let size = pad_to.unwrap_or([h1 - h0, w1 - w0]);
-            let scores = self.official_pass(&pad_planes(&window, [h1 - h0, w1 - w0], size), size, test).await?;
+            let scores =
+                self.official_pass(&pad_planes(&window, [h1 - h0, w1 - w0], size), size, test).await?;
             for c in 0..k {
                 for y in h0..h1 {
                     for x in w0..w1 {

@@ -7,20 +7,20 @@
 //! --test web` under headless Chromium); natively this file is empty.
 #![cfg(target_arch = "wasm32")]
 
+use hrnet_ocr::images;
 use hrnet_ocr::infer::{Segmenter, Strategy};
 use hrnet_ocr::model::{weights, Config};
-use hrnet_ocr::images;
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
 
 wasm_bindgen_test_configure!(run_in_browser);
 
+#[path = "kernels/batch_norm.rs"]
+#[allow(dead_code, unused_imports)]
+mod batch_norm;
 /// The native suite's modules whose bodies run here; their other tests are native only.
 #[path = "kernels/common.rs"]
 #[allow(dead_code, unused_imports)]
 mod common;
-#[path = "kernels/batch_norm.rs"]
-#[allow(dead_code, unused_imports)]
-mod batch_norm;
 #[path = "kernels/conv2d.rs"]
 #[allow(dead_code, unused_imports)]
 mod conv2d;
@@ -123,7 +123,8 @@ in_browser! {
 #[wasm_bindgen_test]
 async fn bundled_model_matches_native_logits() {
     common::open_gpu().await;
-    let config = Config::from_yaml(include_str!("../models/procedural.yaml"), "models/procedural.yaml").unwrap();
+    let config =
+        Config::from_yaml(include_str!("../models/procedural.yaml"), "models/procedural.yaml").unwrap();
     let weights = weights::from_safetensors_bytes(
         include_bytes!("../models/procedural.safetensors"),
         "models/procedural.safetensors",
@@ -139,8 +140,10 @@ async fn bundled_model_matches_native_logits() {
     let want = native.get("logits");
     common::assert_close("scene logits", &logits, want, 1e-4);
     let pixels = image.width * image.height;
-    let argmax = |l: &[f32], p: usize| (0..classes).max_by(|&a, &b| l[a * pixels + p].total_cmp(&l[b * pixels + p]));
-    let differing = (0..pixels).filter(|&p| argmax(want, p) != Some(segmentation.classes[p] as usize)).count();
+    let argmax =
+        |l: &[f32], p: usize| (0..classes).max_by(|&a, &b| l[a * pixels + p].total_cmp(&l[b * pixels + p]));
+    let differing =
+        (0..pixels).filter(|&p| argmax(want, p) != Some(segmentation.classes[p] as usize)).count();
     assert_eq!(differing, 0, "{differing} of {pixels} pixels classed unlike the native engine");
 }
 
@@ -155,7 +158,9 @@ async fn every_shader_compiles_in_the_browser() {
     let device = gpu.device();
     let (mut errors, mut compiled, mut pipelines, mut skipped) = (Vec::new(), 0, 0, Vec::new());
     for shader in hrnet_ocr::gpu::Shader::ALL {
-        if (shader.needs_f16() && !gpu.supports_f16()) || (shader.needs_subgroups() && !gpu.supports_subgroups()) {
+        if (shader.needs_f16() && !gpu.supports_f16())
+            || (shader.needs_subgroups() && !gpu.supports_subgroups())
+        {
             skipped.push(shader.name());
             continue;
         }
@@ -166,7 +171,8 @@ async fn every_shader_compiles_in_the_browser() {
             source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
         });
         let info = module.get_compilation_info().await;
-        for message in info.messages.iter().filter(|m| m.message_type == wgpu::CompilationMessageType::Error) {
+        for message in info.messages.iter().filter(|m| m.message_type == wgpu::CompilationMessageType::Error)
+        {
             let line = message.location.map_or(0, |l| l.line_number);
             errors.push(format!("{} line {line}: {}", shader.name(), message.message));
         }
@@ -175,7 +181,8 @@ async fn every_shader_compiles_in_the_browser() {
             continue;
         }
         compiled += 1;
-        let entries = naga::front::wgsl::parse_str(&source).expect("naga parses what the native suite validates");
+        let entries =
+            naga::front::wgsl::parse_str(&source).expect("naga parses what the native suite validates");
         for entry in &entries.entry_points {
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let _pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -183,8 +183,10 @@ fn subgroup_summing_gives_the_trees_bits() {
     let (gamma, beta, mean) = (rng.normals(c), rng.normals(c), rng.normals(c));
     let var: Vec<f32> = rng.normals(c).iter().map(|v| 0.5 + v.abs()).collect();
     let layer = || Layer::new(&gamma, &beta, &mean, &var);
-    let (tree, subgroup) =
-        (wait(run(dims, &x, &layer(), &gy, Summing::Tree)), wait(run(dims, &x, &layer(), &gy, Summing::Subgroup)));
+    let (tree, subgroup) = (
+        wait(run(dims, &x, &layer(), &gy, Summing::Tree)),
+        wait(run(dims, &x, &layer(), &gy, Summing::Subgroup)),
+    );
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     for (what, a, b) in [
         ("out", &tree.y, &subgroup.y),

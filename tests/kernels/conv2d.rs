@@ -58,7 +58,8 @@ pub async fn conv2d_matches_pytorch_fixtures_body() {
             (ConvInputGrad::TiledK8, ConvWeightGrad::TiledK8),
             (ConvInputGrad::TiledK16, ConvWeightGrad::TiledK16),
         ] {
-            let r = run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")), tiles).await;
+            let r =
+                run_all(&d, f.get(&key("x")), f.get(&key("weight")), b, f.get(&key("grad_out")), tiles).await;
             assert_close(&format!("{case} {d:?} out"), &r.y, f.get(&key("out")), TOL);
             assert_close(&format!("{case} grad_x {tiles:?}"), &r.gx, f.get(&key("grad_x")), TOL);
             assert_close(&format!("{case} grad_weight {tiles:?}"), &r.gw, f.get(&key("grad_weight")), TOL);

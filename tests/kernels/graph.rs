@@ -94,7 +94,12 @@ pub async fn parameter_gradients_accumulate_until_zeroed_body() {
     graph.backward(gpu).unwrap();
     let twice = |name: &str| f.get(&format!("grad.{name}")).iter().map(|v| 2.0 * v).collect::<Vec<f32>>();
     for name in ["conv1.weight", "bn2.bias"] {
-        assert_close(&format!("twice grad {name}"), &fetch(graph.grad(name).unwrap()).await, &twice(name), TOL);
+        assert_close(
+            &format!("twice grad {name}"),
+            &fetch(graph.grad(name).unwrap()).await,
+            &twice(name),
+            TOL,
+        );
     }
     // The input's gradient is not a parameter's: each pass overwrites it.
     assert_close("grad x", &fetch(graph.grad("x").unwrap()).await, f.get("grad.x"), TOL);

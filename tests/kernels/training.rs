@@ -201,7 +201,8 @@ pub async fn argmax_and_confusion_match_pytorch_fixtures_exactly_body() {
     for (case, p) in f.cases() {
         let dims: [usize; 4] = p[..].try_into().unwrap();
         let (pred, conf) =
-            argmax_and_confusion(dims, f.get(&format!("{case}.logits")), f.labels(&format!("{case}.label"))).await;
+            argmax_and_confusion(dims, f.get(&format!("{case}.logits")), f.labels(&format!("{case}.label")))
+                .await;
         assert_eq!(pred, f.labels(&format!("{case}.pred")), "{case} argmax");
         // Accumulated twice: every count doubles.
         let want: Vec<u32> = f.labels(&format!("{case}.confusion")).iter().map(|c| 2 * c).collect();

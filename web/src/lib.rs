@@ -2,8 +2,8 @@
 //! JavaScript (`web/main.js`) through wasm-bindgen. Everything that waits is awaited:
 //! a page cannot block.
 
-use hrnet_ocr::data::procedural::CLASSES;
 use hrnet_ocr::data::image::Image;
+use hrnet_ocr::data::procedural::CLASSES;
 use hrnet_ocr::infer::{Segmenter, Strategy};
 use hrnet_ocr::model::{weights, Config};
 use hrnet_ocr::{images, Gpu, GpuOptions};
@@ -86,8 +86,9 @@ pub async fn segment(rgba: Vec<u8>, width: usize, height: usize, mode: String) -
     let segmentation = segmenter.segment_async(&image, &strategy).await;
     SEGMENTER.with(|s| *s.borrow_mut() = Some(segmenter));
     let segmentation = segmentation.map_err(js)?;
-    let overlay = images::overlay(&image, &segmentation.classes, &images::palette(CLASSES.len()), OVERLAY_OPACITY)
-        .map_err(js)?;
+    let overlay =
+        images::overlay(&image, &segmentation.classes, &images::palette(CLASSES.len()), OVERLAY_OPACITY)
+            .map_err(js)?;
     Ok(Segmented {
         width,
         height,
