@@ -8,40 +8,30 @@ use std::collections::HashMap;
 use std::future::Future;
 
 /// One device for the whole test process: every lavapipe device starts its own threads.
-/// No adapter is a failure (with the install hint), never a skip.
-#[cfg(not(target_arch = "wasm32"))]
+static GPU: std::sync::OnceLock<Gpu> = std::sync::OnceLock::new();
+
+/// The test device. No adapter is a failure (with the install hint), never a skip.
 pub fn gpu() -> &'static Gpu {
-    static GPU: std::sync::OnceLock<Gpu> = std::sync::OnceLock::new();
-    GPU.get_or_init(|| match Gpu::with_options(&GpuOptions::from_env()) {
+    #[cfg(not(target_arch = "wasm32"))]
+    return GPU.get_or_init(|| match Gpu::with_options(&GpuOptions::from_env()) {
         Ok(g) => {
             eprintln!("testing on {}", g.describe());
             g
         }
         Err(e) => panic!("{e}"),
-    })
+    });
+    #[cfg(target_arch = "wasm32")]
+    GPU.get().expect("the browser suite opens the device first (open_gpu)")
 }
 
-/// The page's WebGPU device, opened by [`open_gpu`] (a browser opens it only by awaiting).
-#[cfg(target_arch = "wasm32")]
-pub fn gpu() -> &'static Gpu {
-    BROWSER_GPU.with(|g| *g.get().expect("the browser suite opens the device first (open_gpu)"))
-}
-
-#[cfg(target_arch = "wasm32")]
-thread_local! {
-    static BROWSER_GPU: std::cell::OnceCell<&'static Gpu> = const { std::cell::OnceCell::new() };
-}
-
-/// Opens the test device in a browser, once per page; no adapter fails the test.
+/// Opens the test device in a browser, where it can only be awaited; once per page.
 #[cfg(target_arch = "wasm32")]
 pub async fn open_gpu() {
-    if BROWSER_GPU.with(|g| g.get().is_some()) {
-        return;
+    if GPU.get().is_none() {
+        let gpu = Gpu::open(&GpuOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        wasm_bindgen_test::console_log!("testing on {}", gpu.describe());
+        let _ = GPU.set(gpu);
     }
-    let gpu = Gpu::open(&GpuOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
-    wasm_bindgen_test::console_log!("testing on {}", gpu.describe());
-    let gpu: &'static Gpu = Box::leak(Box::new(gpu));
-    BROWSER_GPU.with(|g| g.set(gpu).ok());
 }
 
 /// Awaits a future of a test body written once for both suites: natively it blocks here;

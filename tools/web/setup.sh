@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the browser build and its tests need, all from Debian and crates.io: the
 # wasm32 toolchain (Debian's rustc-web and cargo-web with the standard library's source,
-# wasm-ld), Chromium with its WebDriver, and wasm-bindgen's CLI at the version Cargo.lock
+# wasm-ld, clippy), Chromium with its WebDriver, and wasm-bindgen's CLI at the version Cargo.lock
 # pins for the wasm-bindgen crate (the two must match).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 need=()
-for pkg in rustc-web cargo-web rust-web-src lld-19 chromium chromium-driver; do
+for pkg in rustc-web cargo-web rust-web-src rust-web-clippy lld-19 chromium chromium-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
