@@ -5,12 +5,11 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
-# Debian's clippy and rustfmt for the toolchain that builds the wasm (rustup's come first
-# on PATH otherwise).
+# Debian's clippy for the toolchain that builds the wasm (rustup's comes first on PATH
+# otherwise): the engine's wasm32 code, the browser suite and the page's crate.
 PATH=/usr/bin:$PATH $WEB_CARGO clippy --release --no-default-features "${WEB_TARGET[@]}" \
-    --lib --test web -- -D warnings
-PATH=/usr/bin:$PATH $WEB_CARGO clippy --release --manifest-path web/Cargo.toml "${WEB_TARGET[@]}" -- -D warnings
-cargo fmt --manifest-path web/Cargo.toml --check
+    -p hrnet-ocr -p hrnet-ocr-web --lib --test web -- -D warnings
+cargo fmt -p hrnet-ocr-web --check
 tools/web/test.sh
 tools/web/build.sh
 python3 tools/web/page_test.py

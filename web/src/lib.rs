@@ -10,8 +10,8 @@ use hrnet_ocr::{images, Gpu, GpuOptions};
 use std::cell::RefCell;
 use wasm_bindgen::prelude::*;
 
-const CONFIG: &str = include_str!("../../models/procedural.yaml");
-const WEIGHTS: &[u8] = include_bytes!("../../models/procedural.safetensors");
+static CONFIG: &str = include_str!("../../models/procedural.yaml");
+static WEIGHTS: &[u8] = include_bytes!("../../models/procedural.safetensors");
 
 /// Opacity of the class colours over the picture, as `hrnet-ocr segment` draws them.
 const OVERLAY_OPACITY: f32 = 0.5;
