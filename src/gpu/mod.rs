@@ -308,7 +308,8 @@ impl Gpu {
         self.wait()
     }
 
-    /// Blocks until all submitted work has finished.
+    /// Blocks until all submitted work has finished. A browser cannot block: there this
+    /// returns at once, and the next readback (which WebGPU orders after the work) awaits it.
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
